@@ -1,0 +1,3 @@
+from moe_lab.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,109 @@
+"""Lightning callbacks of the training run."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Any, Optional
+
+import lightning as L
+from lightning.pytorch.callbacks import ProgressBar
+
+
+class GracefulStop(L.Callback):
+    """Ctrl-C or SIGTERM: finish the optimizer step in flight, then stop so that `train()` saves a checkpoint.
+
+    A second Ctrl-C aborts at once (KeyboardInterrupt), without a checkpoint.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside some launchers): leave the signal alone
+                pass
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\nmoe-lab: {signal.Signals(signum).name} received: stopping after this step and saving a "
+              "checkpoint (Ctrl-C again to abort without one)", file=sys.stderr, flush=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        if self.received is not None:
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.restore()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class StepProgressBar(ProgressBar):
+    """One bar over optimizer steps with the last logged loss, validation loss, tokens/s and the worst layer's
+    imbalance. It reads the metrics the module already computed at its last log step: no extra device sync."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._enabled = True
+        self.bar = None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from tqdm.auto import tqdm
+
+        interactive = sys.stdout.isatty()
+        self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc="train", unit="step",
+                        dynamic_ncols=True, file=sys.stdout, disable=not (self._enabled and trainer.is_global_zero),
+                        mininterval=0.5 if interactive else 30.0, smoothing=0.1)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.bar is not None and trainer.global_step != self.bar.n:
+            self._refresh(trainer, pl_module)
+
+    # The module logs after the callbacks' on_train_batch_end; show its metrics at the next batch and the end.
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self.bar is not None:
+            self._refresh(trainer, pl_module)
+
+    def _refresh(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        train, val = getattr(pl_module, "last_train_metrics", {}), getattr(pl_module, "last_val_metrics", {})
+        postfix = {}
+        if "train/loss" in train:
+            postfix["loss"] = f"{train['train/loss']:.3f}"
+        if "val/loss" in val:
+            postfix["val"] = f"{val['val/loss']:.3f}"
+        if "train/tokens_per_sec" in train:
+            postfix["tok/s"] = f"{train['train/tokens_per_sec'] / 1e3:.1f}k"
+        imbalance = [v for k, v in train.items() if k.endswith("/imbalance")]
+        if imbalance:
+            postfix["max_imb"] = f"{max(imbalance):.2f}"
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(trainer.global_step - self.bar.n)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.bar is not None:
+            self._refresh(trainer, pl_module)
+            self.bar.close()
+            self.bar = None
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.on_train_end(trainer, pl_module)

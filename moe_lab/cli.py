@@ -1,0 +1,95 @@
+"""`moe-lab`: one console script with subcommands.
+
+`moe-lab train ...` hands everything after `train` to the `@hydra.main` app in `moe_lab/train.py`, so Hydra's
+own flags (-m, --cfg job, --info, --help, -sc) work as they do for any Hydra app. Before that, a preflight
+composes the config the way Hydra will (each value of a sweep included) and validates it, so a mistake is one
+clear message and nothing is written.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+SUBCOMMANDS: dict[str, str] = {
+    "train": "train an MoE language model (a Hydra app: `moe-lab train --help` lists its config groups)",
+}
+
+USAGE = """usage: moe-lab <command> [arguments]
+
+moe-lab: an experiment runner for Mixture-of-Experts language models.
+
+commands:
+{commands}
+
+examples:
+  moe-lab train                                          embedded data, tiny MoE, CPU: a few minutes
+  moe-lab train experts=e16 model.moe.router.top_k=1 capacity=cf1_25 aux_loss=switch_z
+  moe-lab train -m experts=e4,e8 aux_loss=none,switch    a sweep of 4 runs
+  moe-lab train ckpt_path=outputs/DATE/TIME/checkpoints/last.ckpt
+
+Tab completion (bash): eval "$(moe-lab train -sc install=bash)"
+"""
+
+
+def fail(message: str) -> int:
+    print(f"moe-lab: error: {message}", file=sys.stderr)
+    return 2
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-sc", "--shell-completion"):
+        return complete(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        commands = "\n".join(f"  {name:<10} {text}" for name, text in SUBCOMMANDS.items())
+        print(USAGE.format(commands=commands))
+        return 0
+    command, rest = argv[0], argv[1:]
+    handlers: dict[str, Callable[[list[str]], int]] = {"train": train_command}
+    if command not in handlers:
+        return fail(f"unknown command {command!r}; the commands are: {', '.join(SUBCOMMANDS)} (see moe-lab --help)")
+    return handlers[command](rest)
+
+
+def train_command(args: list[str]) -> int:
+    from moe_lab.preflight import preflight
+
+    message = preflight(args)
+    if message is not None:
+        return fail(message)
+    sys.argv = [sys.argv[0]] + args  # Hydra reads its command line from sys.argv
+    from moe_lab.train import hydra_main
+
+    hydra_main()
+    return 0
+
+
+def complete(argv: list[str]) -> int:
+    """Shell completion: Hydra's bash function calls `moe-lab -sc query=bash` with the whole line in COMP_LINE."""
+    line = os.environ.get("COMP_LINE", "")
+    words = line.split()
+    if len(words) >= 2 and words[1] in SUBCOMMANDS and (len(words) > 2 or line.endswith(" ")):
+        # Hydra strips the program name from COMP_LINE; strip the subcommand too, and move the cursor with it.
+        cut = line.index(words[1]) + len(words[1])
+        os.environ["COMP_LINE"] = line[: line.index(words[1])] + line[cut:].lstrip()
+        removed = len(line) - len(os.environ["COMP_LINE"])
+        os.environ["COMP_POINT"] = str(max(int(os.environ.get("COMP_POINT", len(line))) - removed, 0))
+        sys.argv = [sys.argv[0]] + argv
+        from moe_lab.train import hydra_main
+
+        hydra_main()
+        return 0
+    prefix = words[1] if len(words) == 2 and not line.endswith(" ") else ""
+    print(" ".join(name for name in SUBCOMMANDS if name.startswith(prefix)))
+    return 0
+
+
+def entry() -> None:  # pragma: no cover - thin wrapper for `python -m moe_lab`
+    raise SystemExit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    entry()

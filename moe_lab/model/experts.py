@@ -1,0 +1,105 @@
+"""Feed-forward networks: the dense FFN and the bank of routed experts.
+
+Shape legend:
+    R  rows: token slots sorted by expert (the grouped GEMM's ragged dimension)
+    D  d_model
+    E  routed experts
+    F  one expert's hidden width
+    G  1 for plain activations, 2 for gated ones (gate and up projections fused into one matrix)
+
+Expert weights are stored as (E, out, in), so `w.transpose(-2, -1)` is the column-major right operand that
+`torch._grouped_mm` reads without a copy (torchtitan PR 1510), and the gate and up projections of a gated
+activation are one (E, 2F, D) matrix: one grouped GEMM instead of two.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# name -> (activation, gated). Gated ones compute act(x W_gate) * (x W_up) (Shazeer 2020, "GLU Variants").
+ACTIVATIONS = {
+    "swiglu": (F.silu, True),
+    "geglu": (lambda x: F.gelu(x, approximate="tanh"), True),
+    "gelu": (lambda x: F.gelu(x, approximate="tanh"), False),
+    "relu": (F.relu, False),
+}
+
+
+def apply_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
+    """(.., G*F) pre-activations -> (.., F) hidden activations."""
+    act, gated = ACTIVATIONS[activation]
+    if gated:
+        gate, up = h.chunk(2, dim=-1)
+        return act(gate) * up
+    return act(h)
+
+
+class FeedForward(nn.Module):
+    """A dense FFN: the FFN of dense layers, and the shared experts of an MoE layer (DeepSeekMoE)."""
+
+    def __init__(self, d_model: int, hidden: int, activation: str = "swiglu", init_std: float = 0.02,
+                 out_std: float = 0.02):
+        super().__init__()
+        self.activation = activation
+        gated = ACTIVATIONS[activation][1]
+        self.w_in = nn.Linear(d_model, (2 if gated else 1) * hidden, bias=False)  # gate and up fused
+        self.w_out = nn.Linear(hidden, d_model, bias=False)
+        nn.init.normal_(self.w_in.weight, std=init_std)
+        nn.init.normal_(self.w_out.weight, std=out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_out(apply_activation(self.w_in(x), self.activation))
+
+
+def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """Rows x_RI[offs[e-1]:offs[e]] times w_EOI[e]^T, for every expert e, as one grouped GEMM -> (R, O).
+
+    Rows past offs[-1] belong to no group; their output is undefined and callers mask it.
+    """
+    return torch._grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs=offs_E)
+
+
+class GroupedExperts(nn.Module):
+    """E expert FFNs with weights stacked on a leading expert dimension."""
+
+    def __init__(self, num_experts: int, d_model: int, hidden: int, activation: str = "swiglu",
+                 init_std: float = 0.02, out_std: float = 0.02):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation {activation!r} is not known; choose one of {sorted(ACTIVATIONS)}")
+        self.num_experts = num_experts
+        self.hidden = hidden
+        self.activation = activation
+        gated = ACTIVATIONS[activation][1]
+        self.w_in_EGFD = nn.Parameter(torch.empty(num_experts, (2 if gated else 1) * hidden, d_model))
+        self.w_out_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
+        nn.init.normal_(self.w_in_EGFD, std=init_std)
+        nn.init.normal_(self.w_out_EDF, std=out_std)
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        # torch._grouped_mm is not on autocast's cast list: follow autocast by hand, so bf16 runs use bf16 GEMMs.
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type)
+        return x.dtype
+
+    def forward(self, x_RD: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+        """Sorted rows (R, D) and int32 cumulative row counts per expert (E,) -> expert outputs (R, D)."""
+        dtype = self._compute_dtype(x_RD)
+        h_RGF = grouped_mm(x_RD.to(dtype), self.w_in_EGFD.to(dtype), offs_E)
+        a_RF = apply_activation(h_RGF, self.activation)
+        return grouped_mm(a_RF, self.w_out_EDF.to(dtype), offs_E)
+
+    def expert_forward(self, expert: int, x_ND: torch.Tensor) -> torch.Tensor:
+        """One expert on its own tokens, with plain matmuls: the building block of the reference loop."""
+        dtype = self._compute_dtype(x_ND)
+        h = x_ND.to(dtype) @ self.w_in_EGFD[expert].to(dtype).t()
+        return apply_activation(h, self.activation) @ self.w_out_EDF[expert].to(dtype).t()
+
+
+def residual_out_std(init_std: float, n_layers: int) -> float:
+    """GPT-2's scaled init for projections that write into the residual stream."""
+    return init_std / math.sqrt(2 * n_layers)

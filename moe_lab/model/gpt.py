@@ -1,0 +1,194 @@
+"""A decoder-only MoE transformer language model in one readable file.
+
+Notable features:
+    - pre-norm blocks with RMSNorm (Zhang & Sennrich 2019) and rotary position embeddings (Su et al. 2021),
+      in the Llama/Mixtral convention (rotate-half), so the weights map one-to-one onto Hugging Face models;
+    - causal scaled-dot-product attention with optional grouped-query attention;
+    - SwiGLU FFNs (Shazeer 2020), replaced by an MoE layer (`moe.py`) in the layers `ModelConfig` chooses;
+    - the model owns its accounting: parameter counts (total, active per token) and FLOPs per token.
+
+Shape legend: B batch, S sequence, D d_model, H heads, Hkv key/value heads, Dh head dim, V vocab, T = B * S.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moe_lab.model.config import ModelConfig
+from moe_lab.model.experts import FeedForward, residual_out_std
+from moe_lab.model.moe import MoELayer, MoELayerOutput
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, computed in float32 (Zhang & Sennrich 2019)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * x32).to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Cos/sin tables for rotary position embeddings, rotate-half layout (as Llama and Mixtral in HF)."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        freqs_SDh2 = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+        emb_SDh = torch.cat([freqs_SDh2, freqs_SDh2], dim=-1)
+        # Derived from the config, so not saved in checkpoints.
+        self.register_buffer("cos_SDh", emb_SDh.cos(), persistent=False)
+        self.register_buffer("sin_SDh", emb_SDh.sin(), persistent=False)
+
+    def forward(self, q_BHSDh: torch.Tensor, k_BHSDh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        S = q_BHSDh.shape[-2]
+        cos, sin = self.cos_SDh[:S].to(q_BHSDh.dtype), self.sin_SDh[:S].to(q_BHSDh.dtype)
+        return q_BHSDh * cos + _rotate_half(q_BHSDh) * sin, k_BHSDh * cos + _rotate_half(k_BHSDh) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.kv_proj = nn.Linear(cfg.d_model, 2 * cfg.kv_heads * cfg.head_dim, bias=False)  # k and v fused
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        for lin in (self.q_proj, self.kv_proj):
+            nn.init.normal_(lin.weight, std=cfg.init_std)
+        nn.init.normal_(self.o_proj.weight, std=residual_out_std(cfg.init_std, cfg.n_layers))
+
+    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q_BHSDh = self.q_proj(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        kv = self.kv_proj(x_BSD).view(B, S, 2, self.n_kv_heads, self.head_dim)
+        k_BHSDh, v_BHSDh = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, Hkv, S, Dh)
+        q_BHSDh, k_BHSDh = self.rope(q_BHSDh, k_BHSDh)
+        y_BHSDh = F.scaled_dot_product_attention(
+            q_BHSDh, k_BHSDh, v_BHSDh, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.o_proj(y_BHSDh.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block whose FFN is dense or MoE."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = CausalSelfAttention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        out_std = residual_out_std(cfg.init_std, cfg.n_layers)
+        self.is_moe = cfg.is_moe_layer(layer)
+        if self.is_moe:
+            self.ffn = MoELayer(cfg.d_model, cfg.moe, init_std=cfg.init_std, out_std=out_std)
+        else:
+            self.ffn = FeedForward(cfg.d_model, cfg.ffn_hidden, "swiglu", cfg.init_std, out_std)
+
+    def forward(self, x_BSD: torch.Tensor, token_ids_BS: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, Optional[MoELayerOutput]]:
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
+        h_BSD = self.ffn_norm(x_BSD)
+        if self.is_moe:
+            f_BSD, moe_out = self.ffn(h_BSD, token_ids_BS)
+        else:
+            f_BSD, moe_out = self.ffn(h_BSD), None
+        return x_BSD + f_BSD, moe_out
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor  # (B, S, V)
+    loss: Optional[torch.Tensor] = None  # cross-entropy, when targets are given
+    aux_loss: Optional[torch.Tensor] = None  # weighted load-balance + z losses (averaged over MoE layers)
+    load_balance_loss: Optional[torch.Tensor] = None  # unweighted, mean over MoE layers
+    z_loss: Optional[torch.Tensor] = None  # unweighted, mean over MoE layers
+    moe: dict[int, MoELayerOutput] = field(default_factory=dict)  # block index -> that layer's statistics
+
+
+class MoETransformer(nn.Module):
+    """Token ids (B, S) -> next-token logits (B, S, V), plus the MoE layers' losses and statistics."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("ModelConfig.vocab_size must be set (the trainer fills it from the tokenizer)")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, std=cfg.init_std)
+        nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [block.layer for block in self.blocks if block.is_moe]
+
+    def forward(self, token_ids_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None) -> LMOutput:
+        B, S = token_ids_BS.shape
+        if S > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        x_BSD = self.embed(token_ids_BS)
+        moe: dict[int, MoELayerOutput] = {}
+        for block in self.blocks:
+            x_BSD, moe_out = block(x_BSD, token_ids_BS)
+            if moe_out is not None:
+                moe[block.layer] = moe_out
+        logits_BSV = self.lm_head(self.norm(x_BSD))
+        out = LMOutput(logits=logits_BSV, moe=moe)
+        if targets_BS is not None:
+            out.loss = F.cross_entropy(logits_BSV.float().view(B * S, -1), targets_BS.reshape(B * S))
+        if moe:
+            weights = self.cfg.moe.aux_loss
+            out.load_balance_loss = torch.stack([m.load_balance_loss for m in moe.values()]).mean()
+            out.z_loss = torch.stack([m.z_loss for m in moe.values()]).mean()
+            out.aux_loss = weights.load_balance * out.load_balance_loss + weights.z_loss * out.z_loss
+        return out
+
+    # ----------------------------------------------------------------------------------------------------
+    # Accounting
+
+    def num_params(self) -> dict[str, int]:
+        """Parameter counts: total, embedding, routed experts, and active per token (what a token multiplies by).
+
+        active = every matmul weight a token passes through: attention, router, dense and shared FFNs, the top_k
+        routed experts it chooses, and the output head; the embedding lookup is not a matmul and is left out.
+        """
+        total = sum(p.numel() for p in self.parameters())
+        embedding = self.embed.weight.numel()
+        routed = sum(b.ffn.experts.w_in_EGFD.numel() + b.ffn.experts.w_out_EDF.numel()
+                     for b in self.blocks if b.is_moe)
+        routed_active = sum(
+            (b.ffn.experts.w_in_EGFD.numel() + b.ffn.experts.w_out_EDF.numel()) * b.ffn.top_k // b.ffn.num_experts
+            for b in self.blocks if b.is_moe
+        )
+        norms = sum(p.numel() for n, p in self.named_parameters() if n.endswith("norm.weight"))
+        tied = embedding if self.cfg.tie_embeddings else 0
+        # Tied embeddings are counted once in `total` (parameters() deduplicates) but still used by the head.
+        active = total - embedding - routed + routed_active - norms + tied
+        return {"total": total, "embedding": embedding, "routed_experts": routed, "active": active}
+
+    def flops_per_token(self, seq_len: int) -> int:
+        """Training FLOPs per token: 6 * active parameters + attention, as PaLM Appendix B (12 * L * H * Dh * S)."""
+        cfg = self.cfg
+        attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+        return 6 * self.num_params()["active"] + attention

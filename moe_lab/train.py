@@ -1,0 +1,291 @@
+"""`moe-lab train`: a plain `train(cfg)` that tests can call, and the thin `@hydra.main` entry around it."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from moe_lab.callbacks import GracefulStop, StepProgressBar
+from moe_lab.config import ConfigError, RunConfig, UserError, config_dir, validate
+from moe_lab.data.datamodule import LMDataModule
+from moe_lab.lightning_module import MoELanguageModel, model_config
+
+log = logging.getLogger("moe_lab")
+
+RUN_MARKERS = ("checkpoints", "metrics.csv", "summary.json")
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def quiet_lightning() -> None:
+    """Drop Lightning's advertising and known-harmless warnings from the terminal; keep everything else."""
+    noise = ("💡 Tip", "TPU available", "HPU available", "`Trainer.fit` stopped")
+
+    class DropNoise(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith(noise)
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        target = logging.getLogger(name)
+        if not any(isinstance(f, DropNoise) for f in target.filters):
+            target.addFilter(DropNoise())
+        for handler in target.handlers:
+            if not any(isinstance(f, DropNoise) for f in handler.filters):
+                handler.addFilter(DropNoise())
+    warnings.filterwarnings("ignore", message=r".*Experiment logs directory .* exists and is not empty.*")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+    warnings.filterwarnings("ignore", message=r".*The dirpath has changed from.*")
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train one model as `cfg` says; returns the run summary (final metrics and where things are)."""
+    run = validate(cfg)
+    quiet_lightning()
+    output_dir = Path(run.paths.output_dir).expanduser().resolve()
+    refuse_used_run_dir(output_dir)
+    ckpt_path = check_resume(run)
+    started = time.time()
+    L.seed_everything(run.seed, workers=True, verbose=False)
+
+    data = LMDataModule(run.data, run.tokenizer, run.paths.cache_dir, run.seed)
+    data.prepare_data()
+    data.setup("fit")  # data errors surface here, before a model or trainer exists
+    model_cfg = run.model
+    if model_cfg.vocab_size is None:
+        model_cfg.vocab_size = math.ceil(data.vocab_size / 64) * 64  # padded for fast matmuls (nanoGPT)
+    elif model_cfg.vocab_size < data.vocab_size:
+        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+                          f"{data.vocab_size}; set it to null to follow the tokenizer")
+    module = MoELanguageModel(model=dataclasses.asdict(model_cfg), optim=dataclasses.asdict(run.optim),
+                              domain_names=data.domain_names)
+
+    ckpt_dir = output_dir / "checkpoints"
+    stop = GracefulStop()
+    periodic = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
+                               every_n_train_steps=run.checkpoint.every_n_steps, save_top_k=run.checkpoint.keep,
+                               monitor="step", mode="max", save_last=True)
+    trainer = L.Trainer(**run.trainer, logger=build_loggers(run, cfg, output_dir), callbacks=[periodic, stop, StepProgressBar()],
+                        default_root_dir=str(output_dir), max_epochs=-1, check_val_every_n_epoch=None,
+                        use_distributed_sampler=False)
+    print_header(run, module, data, output_dir)
+
+    if ckpt_path is None:
+        trainer.validate(module, datamodule=data, verbose=False)  # the untrained model's val/loss, at step 0
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    if stop.received is None and module.last_val_step != trainer.global_step:
+        trainer.validate(module, datamodule=data, verbose=False)  # every run ends with a val/loss
+    last = ckpt_dir / "last.ckpt"
+    trainer.save_checkpoint(last, weights_only=False)
+
+    summary = {
+        "status": "interrupted" if stop.received is not None else "finished",
+        "step": trainer.global_step,
+        "seconds": round(time.time() - started, 1),
+        **{k: v for k, v in module.last_val_metrics.items()},
+        "initial_val_loss": module.first_val_loss,
+        **{k: v for k, v in module.last_train_metrics.items() if not k.startswith("moe/")},
+        "params": module.model.num_params(),
+        "output_dir": str(output_dir),
+        "checkpoint": str(last),
+        "metrics_csv": str(output_dir / "metrics.csv"),
+    }
+    write_summary(summary, module, output_dir)
+    for logger in trainer.loggers:
+        logger.finalize("success" if stop.received is None else "aborted")
+    if stop.received is not None:
+        raise Interrupted(stop.received)
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks before any work
+
+
+def refuse_used_run_dir(output_dir: Path) -> None:
+    used = [m for m in RUN_MARKERS if (output_dir / m).exists()]
+    if used:
+        raise UserError(f"{output_dir} already holds a run ({', '.join(used)}); moe-lab never writes over one. "
+                        "Choose a new directory (hydra.run.dir=...), or resume that run with "
+                        f"ckpt_path={output_dir / 'checkpoints' / 'last.ckpt'} (which writes to a new directory)")
+
+
+def check_resume(run: RunConfig) -> Optional[str]:
+    """The checkpoint to resume from, after checking it exists and holds the same model."""
+    if run.ckpt_path is None:
+        return None
+    path = Path(run.ckpt_path).expanduser()
+    if not path.is_file():
+        raise UserError(f"ckpt_path={run.ckpt_path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:
+        raise UserError(f"ckpt_path={run.ckpt_path} is not a readable checkpoint ({type(e).__name__}: {e})") from None
+    saved = (ckpt.get("hyper_parameters") or {}).get("model")
+    if saved is None:
+        raise UserError(f"ckpt_path={run.ckpt_path} was not written by moe-lab (it has no model settings)")
+    saved_cfg = dataclasses.asdict(model_config(saved))
+    wanted = dataclasses.asdict(run.model)
+    if wanted.get("vocab_size") is None:
+        wanted["vocab_size"] = saved_cfg.get("vocab_size")
+    differences = _differences(saved_cfg, wanted, "model")
+    if differences:
+        raise UserError("the checkpoint's model differs from the configured one: " + "; ".join(differences[:5])
+                        + ". Resume with the overrides of the original run (see its .hydra/overrides.yaml)")
+    return str(path)
+
+
+def _differences(a: Any, b: Any, prefix: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _differences(a.get(key), b.get(key), f"{prefix}.{key}")
+        return out
+    return [] if a == b else [f"{prefix} is {a!r} in the checkpoint but {b!r} here"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loggers
+
+
+def run_name(run: RunConfig) -> str:
+    if run.run_name:
+        return run.run_name
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "paths."))]
+    except ValueError:  # not inside a Hydra job
+        overrides = []
+    return ",".join(overrides) or "defaults"
+
+
+def sweep_group() -> Optional[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        if hc.mode.name == "MULTIRUN":
+            return Path(hc.sweep.dir).name
+    except ValueError:
+        pass
+    return None
+
+
+def wandb_has_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        import netrc
+
+        path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+        return path.exists() and netrc.netrc(str(path)).authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def build_loggers(run: RunConfig, cfg: DictConfig, output_dir: Path) -> list:
+    loggers = []
+    resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    resolved.pop("hydra", None)
+    for name, node in run.logger.items():
+        node = dict(node)
+        target = node["_target_"]
+        if target.endswith("WandbLogger"):
+            node.setdefault("name", None)
+            node["name"] = node["name"] or run_name(run)
+            node["group"] = node.get("group") or sweep_group()
+            mode = os.environ.get("WANDB_MODE")
+            if not node.get("offline") and mode not in ("offline", "disabled") and not wandb_has_credentials():
+                node["offline"] = True
+                rank_zero_only(print)(
+                    "moe-lab: W&B has no credentials (WANDB_API_KEY or ~/.netrc): logging offline to "
+                    f"{output_dir / 'wandb'}; upload later with `wandb sync {output_dir / 'wandb'}/offline-run-*`",
+                    file=sys.stderr)
+        if target.endswith("TensorBoardLogger"):
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise UserError("logger=tensorboard needs the tensorboard package: pip install 'moe-lab[tensorboard]'"
+                                ) from None
+        logger = hydra.utils.instantiate(node)
+        if not target.endswith("CSVLogger"):
+            logger.log_hyperparams(resolved)  # the resolved Hydra config is the run config
+        loggers.append(logger)
+    return loggers
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Printing
+
+
+@rank_zero_only
+def print_header(run: RunConfig, module: MoELanguageModel, data: LMDataModule, output_dir: Path) -> None:
+    p = module.model.num_params()
+    moe = run.model.moe
+    kind = (f"MoE {moe.num_experts} experts, top-{moe.router['top_k']} ({moe.router['name']}), "
+            f"capacity {moe.capacity_factor or 'dropless'}, layers {module.moe_layers}" if moe.enabled else "dense")
+    print(f"moe-lab: model {run.model.name}: {p['total'] / 1e6:.2f}M parameters, {p['active'] / 1e6:.2f}M active "
+          f"per token; {kind}", flush=True)
+    print(f"moe-lab: data {run.data.source}: {len(data.train_blocks or [])} train / {len(data.val_blocks)} val blocks "
+          f"of {run.data.seq_len} tokens, domains {data.domain_names}; run directory {output_dir}", flush=True)
+
+
+@rank_zero_only
+def write_summary(summary: dict, module: MoELanguageModel, output_dir: Path) -> None:
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    m = module.last_train_metrics
+    lines = [f"\nmoe-lab: run {summary['status']} at step {summary['step']} in {summary['seconds']:.0f}s"]
+    if "val/loss" in summary:
+        first = summary.get("initial_val_loss")
+        start = f" (step 0: {first:.4f})" if first is not None else ""
+        lines.append(f"  val/loss    {summary['val/loss']:.4f}{start}   val/ppl {summary['val/ppl']:.2f}")
+    if "train/loss" in m:
+        lines.append(f"  train/loss  {m['train/loss']:.4f}   tokens/s {m['train/tokens_per_sec']:.0f}")
+    if module.moe_layers and "train/aux/load_balance" in m:
+        lines.append("  layer  imbalance  dropped  entropy  busiest expert")
+        for layer in module.moe_layers:
+            loads = [m[f"moe/layer{layer}/expert{e}/load"] for e in range(module.num_experts)]
+            top = max(range(len(loads)), key=loads.__getitem__)
+            lines.append(f"  {layer:>5}  {m[f'moe/layer{layer}/imbalance']:>9.2f}  "
+                         f"{m[f'moe/layer{layer}/dropped_frac']:>7.1%}  {m[f'moe/layer{layer}/entropy']:>7.3f}  "
+                         f"#{top} ({loads[top]:.1%})")
+    lines.append(f"  checkpoint  {summary['checkpoint']}")
+    lines.append(f"  metrics     {summary['metrics_csv']}")
+    lines.append(f"  resume      moe-lab train ckpt_path={summary['checkpoint']}")
+    print("\n".join(lines), flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Hydra entry
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def hydra_main(cfg: DictConfig) -> Optional[float]:
+    """Returns the final validation loss, the value Hydra sweepers minimise."""
+    try:
+        summary = train(cfg)
+    except UserError as e:
+        print(f"moe-lab: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except Interrupted as e:
+        raise SystemExit(128 + e.signum) from None
+    return summary.get("val/loss")
