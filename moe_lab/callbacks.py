@@ -10,19 +10,30 @@ import lightning as L
 from lightning.pytorch.callbacks import ProgressBar
 
 
+class StopRequested(Exception):
+    """Raised at an optimizer-step boundary after Ctrl-C or SIGTERM, once the checkpoint is written."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class GracefulStop(L.Callback):
-    """Ctrl-C or SIGTERM: finish the optimizer step in flight, then stop so that `train()` saves a checkpoint.
+    """Ctrl-C or SIGTERM: finish the optimizer step in flight, save `last.ckpt`, then stop (no more validation).
 
     A second Ctrl-C aborts at once (KeyboardInterrupt), without a checkpoint.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self) -> None:
+    def __init__(self, last_checkpoint: str) -> None:
+        self.last_checkpoint = last_checkpoint
         self.received: Optional[int] = None
         self._previous: dict[int, Any] = {}
+        self._last_step: Optional[int] = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
         for sig in self.SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -37,8 +48,11 @@ class GracefulStop(L.Callback):
               "checkpoint (Ctrl-C again to abort without one)", file=sys.stderr, flush=True)
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
-        if self.received is not None:
-            trainer.should_stop = True
+        stepped = trainer.global_step != self._last_step  # an optimizer step just finished (not mid-accumulation)
+        self._last_step = trainer.global_step
+        if self.received is not None and stepped:
+            trainer.save_checkpoint(self.last_checkpoint, weights_only=False)
+            raise StopRequested(self.received)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.restore()

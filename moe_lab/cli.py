@@ -49,15 +49,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     handlers: dict[str, Callable[[list[str]], int]] = {"train": train_command}
+    if command not in handlers and launched_worker():
+        # A data-parallel worker that Lightning started by re-running this process's command line, which Hydra
+        # holds without the subcommand: it is the same `train` run (rank 0 already checked the command line).
+        return train_command(argv, check=False)
     if command not in handlers:
         return fail(f"unknown command {command!r}; the commands are: {', '.join(SUBCOMMANDS)} (see moe-lab --help)")
     return handlers[command](rest)
 
 
-def train_command(args: list[str]) -> int:
+def launched_worker() -> bool:
+    """True in a process that a distributed launcher started as rank > 0 of a run."""
+    return any(os.environ.get(var, "0") not in ("", "0") for var in ("LOCAL_RANK", "RANK", "NODE_RANK"))
+
+
+def train_command(args: list[str], check: bool = True) -> int:
     from moe_lab.preflight import preflight
 
-    message = preflight(args)
+    message = preflight(args) if check else None
     if message is not None:
         return fail(message)
     sys.argv = [sys.argv[0]] + args  # Hydra reads its command line from sys.argv

@@ -19,7 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from moe_lab.model.config import ModelConfig
 from moe_lab.model.experts import ACTIVATIONS
-from moe_lab.model.routers import ROUTERS, router_config
+from moe_lab.model.routers import ROUTERS
 
 
 class UserError(Exception):
@@ -189,10 +189,16 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
     model_values = _plain(cfg, "model") or {}
     router_values = (model_values.get("moe") or {}).pop("router", None) or {"name": "topk"}
     model = typed_config(model_values, ModelConfig, "model")
-    try:  # the router's keys are checked against the registered router class's own Config
-        model.moe.router = dataclasses.asdict(router_config(router_values))
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e)) from None
+    # The router's keys are checked against the Config of the router class its name selects.
+    router_name = router_values.get("name", "topk")
+    if router_name not in ROUTERS:
+        raise ConfigError(f"model.moe.router.name={router_name!r} is not a router; the routers are {sorted(ROUTERS)}"
+                          " (router=NAME picks one)")
+    try:
+        model.moe.router = dataclasses.asdict(typed_config(router_values, ROUTERS[router_name].Config,
+                                                           "model.moe.router"))
+    except ConfigError as e:
+        raise ConfigError(f"{e} (for router={router_name})") from None
 
     run = RunConfig(
         model=model,
@@ -222,7 +228,8 @@ def _check_semantics(run: RunConfig) -> None:
     for key in ("d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
         need(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} must be at least 1")
     need(m.d_model % m.n_heads == 0, f"model.d_model={m.d_model} must be divisible by model.n_heads={m.n_heads}")
-    need(m.head_dim % 2 == 0, f"head dim d_model/n_heads={m.head_dim} must be even for rotary embeddings")
+    need(m.head_dim % 2 == 0, f"model.d_model={m.d_model} / model.n_heads={m.n_heads} gives head dim {m.head_dim}; "
+                              "rotary embeddings need an even head dim")
     need(m.n_heads % m.kv_heads == 0,
          f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads}")
     if m.vocab_size is not None:

@@ -63,8 +63,15 @@ def check(parsed) -> None:
                 cfg = _compose(compose, name, combo, base)
                 run = validate(cfg)
                 _check_inputs(run)
-            multirun = parsed.multirun or OmegaConf.select(base, "hydra.mode") == "MULTIRUN" or len(combos) > 1
-            _check_output_dir(base, multirun)
+            multirun = parsed.multirun or OmegaConf.select(base, "hydra.mode") == "MULTIRUN"
+            sweeps = [o.input_line for o in parsed_overrides if o.is_sweep_override()]
+            if sweeps and not multirun:
+                raise UserError(f"{sweeps[0]} is a sweep: add -m (--multirun) to run one job per value, or write "
+                                "a list value in brackets ([1,2])")
+            from moe_lab.cli import launched_worker
+
+            if not launched_worker():  # workers share the directory rank 0 made
+                _check_output_dir(base, multirun)
     finally:
         GlobalHydra.instance().clear()
 
@@ -117,6 +124,14 @@ def _compose(compose, name: str, overrides: list[str], base: Optional[DictConfig
     except MissingConfigException as e:
         raise UserError(_missing_option_message(e)) from None
     except (ConfigCompositionException, OverrideParseException) as e:
+        if base is None:  # the keys a bad key could have been: those of the config its group choices make
+            choices = [o for o in overrides if "=" in o and "." not in o.split("=")[0]]
+            for attempt in (choices, []):
+                try:
+                    base = compose(config_name=name, overrides=attempt, return_hydra_config=True)
+                    break
+                except Exception:
+                    continue
         raise UserError(_override_message(e, base)) from None
     except Exception as e:  # OmegaConf errors from interpolations and the like
         raise UserError(_first_line(e)) from None
@@ -139,7 +154,8 @@ def _missing_option_message(e) -> str:
 def _override_message(e, base: Optional[DictConfig]) -> str:
     text = str(e)
     first = _first_line(e)
-    if first.startswith("Could not override '") and "not in struct" in text:
+    causes = text + "".join(str(c) for c in _causes(e))
+    if first.startswith("Could not override '") and "not in struct" in causes:
         key = first.split("'")[1]
         parent, _, leaf = key.rpartition(".")
         allowed = None
@@ -149,13 +165,23 @@ def _override_message(e, base: Optional[DictConfig]) -> str:
                 allowed = sorted(k for k in node.keys() if k != "hydra")
         if allowed is not None:
             where = parent or "the top level"
-            return f"{key} is not a setting; the settings of {where} are: {allowed}"
+            hint = {"trainer": "; add other Lightning Trainer arguments with +trainer.NAME=VALUE",
+                    "data": "; the other data options (data=embedded, text, hf) have settings of their own"}
+            return f"{key} is not a setting; the settings of {where} are: {allowed}{hint.get(parent, '')}"
         return f"{key} is not a setting (add it with +{key}=... only if you mean to)"
     if "Could not override" in first or "Could not append" in first:
         cause = e.__cause__
         reason = _first_line(cause) if cause is not None else ""
         return f"{first.rstrip('.')}: {reason}".rstrip(": ")
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _causes(e: BaseException) -> list[BaseException]:
+    out, seen = [], set()
+    while (e := e.__cause__ or e.__context__) is not None and id(e) not in seen:
+        seen.add(id(e))
+        out.append(e)
+    return out
 
 
 def _check_inputs(run) -> None:

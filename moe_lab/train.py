@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from moe_lab.callbacks import GracefulStop, StepProgressBar
+from moe_lab.callbacks import GracefulStop, StepProgressBar, StopRequested
 from moe_lab.config import ConfigError, RunConfig, UserError, config_dir, validate
 from moe_lab.data.datamodule import LMDataModule
 from moe_lab.lightning_module import MoELanguageModel, model_config
@@ -54,6 +54,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*Experiment logs directory .* exists and is not empty.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
     warnings.filterwarnings("ignore", message=r".*The dirpath has changed from.*")
+    # Validation sums are all-reduced by the module itself before they are logged.
+    warnings.filterwarnings("ignore", message=r".*It is recommended to use `self.log\('val/.*sync_dist=True.*")
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -61,7 +63,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run = validate(cfg)
     quiet_lightning()
     output_dir = Path(run.paths.output_dir).expanduser().resolve()
-    refuse_used_run_dir(output_dir)
+    from moe_lab.cli import launched_worker
+
+    if not launched_worker():  # data-parallel workers share the directory rank 0 made
+        refuse_used_run_dir(output_dir)
     ckpt_path = check_resume(run)
     started = time.time()
     L.seed_everything(run.seed, workers=True, verbose=False)
@@ -79,7 +84,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                               domain_names=data.domain_names)
 
     ckpt_dir = output_dir / "checkpoints"
-    stop = GracefulStop()
+    last = ckpt_dir / "last.ckpt"
+    stop = GracefulStop(str(last))
     periodic = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                                every_n_train_steps=run.checkpoint.every_n_steps, save_top_k=run.checkpoint.keep,
                                monitor="step", mode="max", save_last=True)
@@ -90,17 +96,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     if ckpt_path is None:
         trainer.validate(module, datamodule=data, verbose=False)  # the untrained model's val/loss, at step 0
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    if stop.received is None and module.last_val_step != trainer.global_step:
-        trainer.validate(module, datamodule=data, verbose=False)  # every run ends with a val/loss
-    last = ckpt_dir / "last.ckpt"
-    trainer.save_checkpoint(last, weights_only=False)
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    except StopRequested:
+        pass  # Ctrl-C or SIGTERM: GracefulStop saved last.ckpt at the step boundary
+    if stop.received is None:
+        if module.last_val_step != trainer.global_step:
+            trainer.validate(module, datamodule=data, verbose=False)  # every run ends with a val/loss
+        trainer.save_checkpoint(last, weights_only=False)
 
     summary = {
-        "status": "interrupted" if stop.received is not None else "finished",
+        "status": "finished" if stop.received is None else "interrupted",
         "step": trainer.global_step,
         "seconds": round(time.time() - started, 1),
         **{k: v for k, v in module.last_val_metrics.items()},
+        "val_step": module.last_val_step,
         "initial_val_loss": module.first_val_loss,
         **{k: v for k, v in module.last_train_metrics.items() if not k.startswith("moe/")},
         "params": module.model.num_params(),
@@ -110,7 +120,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     write_summary(summary, module, output_dir)
     for logger in trainer.loggers:
-        logger.finalize("success" if stop.received is None else "aborted")
+        logger.finalize("success" if stop.received is None else "failed")
     if stop.received is not None:
         raise Interrupted(stop.received)
     return summary
@@ -256,8 +266,9 @@ def write_summary(summary: dict, module: MoELanguageModel, output_dir: Path) -> 
     lines = [f"\nmoe-lab: run {summary['status']} at step {summary['step']} in {summary['seconds']:.0f}s"]
     if "val/loss" in summary:
         first = summary.get("initial_val_loss")
-        start = f" (step 0: {first:.4f})" if first is not None else ""
-        lines.append(f"  val/loss    {summary['val/loss']:.4f}{start}   val/ppl {summary['val/ppl']:.2f}")
+        start = f"; untrained {first:.4f}" if first is not None else ""
+        lines.append(f"  val/loss    {summary['val/loss']:.4f} (step {summary['val_step']}{start})   "
+                     f"val/ppl {summary['val/ppl']:.2f}")
     if "train/loss" in m:
         lines.append(f"  train/loss  {m['train/loss']:.4f}   tokens/s {m['train/tokens_per_sec']:.0f}")
     if module.moe_layers and "train/aux/load_balance" in m:

@@ -109,7 +109,7 @@ def load_documents(cfg: DataConfig):
         raise DataError(f"data.domain_column={cfg.domain_column!r} is not a column; its columns are {columns}")
     if cfg.max_documents is not None:
         ds = ds.take(cfg.max_documents) if cfg.streaming else ds.select(range(min(cfg.max_documents, len(ds))))
-    default_domain = Path(cfg.path).stem if cfg.source == "text" else (cfg.name or "data").split("/")[-1]
+    default_domain = "text" if cfg.source == "text" else (cfg.name or "data").split("/")[-1]
 
     def to_text_domain(batch: dict) -> dict:
         texts = [t if isinstance(t, str) else "" if t is None else str(t) for t in batch[cfg.text_column]]

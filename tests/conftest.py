@@ -1,0 +1,75 @@
+"""Shared fixtures: compose the real `conf/train.yaml` with small, fast settings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from moe_lab.config import config_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough that a training step takes tens of milliseconds on one CPU core.
+FAST = [
+    "model.d_model=64", "model.n_heads=2", "model.ffn_hidden=128", "model.n_layers=2", "model.max_seq_len=128",
+    "data.seq_len=64", "data.batch_size=8", "++data.max_chars_per_domain=30000", "data.max_val_blocks=16",
+    "trainer.max_steps=12", "trainer.val_check_interval=6", "trainer.log_every_n_steps=3",
+    "optim.warmup_steps=2", "optim.lr=3e-3", "checkpoint.every_n_steps=6",
+]
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    torch.set_num_threads(2)
+    yield
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One tokenised-data cache for the whole session (as users get one across runs)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def compose_cfg(overrides: list[str], output_dir: Path | None = None, cache: Path | None = None, fast: bool = True):
+    """The config `moe-lab train OVERRIDES` would run, with outputs in `output_dir`."""
+    extra = list(FAST) if fast else []
+    if output_dir is not None:
+        extra.append(f"paths.output_dir={output_dir}")
+    if cache is not None:
+        extra.append(f"paths.cache_dir={cache}")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=extra + list(overrides))
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path, cache_dir):
+    def make(*overrides: str, name: str = "run", fast: bool = True):
+        return compose_cfg(list(overrides), output_dir=tmp_path / name, cache=cache_dir, fast=fast)
+
+    return make
+
+
+def moe_lab_script() -> str:
+    """The installed console script (the same environment as the tests)."""
+    script = Path(sys.executable).parent / "moe-lab"
+    if not script.exists():
+        pytest.skip("moe-lab is not installed in this environment (pip install -e '.[test]')")
+    return str(script)
+
+
+def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 600):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", ""),
+           **(env_extra or {})}
+    env.pop("WANDB_API_KEY", None)
+    return subprocess.run([moe_lab_script(), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)

@@ -1,0 +1,154 @@
+"""The installed `moe-lab` console script, run as a user runs it: in a subprocess, from another directory."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import FAST, REPO, moe_lab_script, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def fast_args(cache_dir: Path) -> list[str]:
+    return FAST + [f"paths.cache_dir={cache_dir}"]
+
+
+def val_losses(run_dir: Path) -> dict[int, float]:
+    with open(run_dir / "metrics.csv") as f:
+        return {int(r["step"]): float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")}
+
+
+def test_help_lists_subcommands_and_groups(tmp_path):
+    top = run_cli(["--help"], cwd=tmp_path)
+    assert top.returncode == 0 and "train" in top.stdout
+    train_help = run_cli(["train", "--help"], cwd=tmp_path)
+    assert train_help.returncode == 0
+    for group in ("model", "router", "experts", "capacity", "aux_loss", "data", "trainer", "logger", "experiment"):
+        assert f"{group}:" in train_help.stdout, group
+    unknown = run_cli(["tran"], cwd=tmp_path)
+    assert unknown.returncode == 2 and "unknown command 'tran'" in unknown.stderr
+
+
+def test_installed_script_finds_its_configs(tmp_path):
+    info = run_cli(["train", "--info", "searchpath"], cwd=tmp_path)
+    assert info.returncode == 0
+    assert str(REPO / "conf") in info.stdout or "moe_lab/conf" in info.stdout
+    cfg = run_cli(["train", "--cfg", "job", "experts=e16"], cwd=tmp_path)
+    assert cfg.returncode == 0 and yaml.safe_load(cfg.stdout)["model"]["moe"]["num_experts"] == 16
+
+
+def test_train_with_overrides_from_the_issue(tmp_path, cache_dir):
+    overrides = ["experts=e16", "router=topk", "model.moe.router.top_k=1", "capacity=cf1_25", "aux_loss=switch_z"]
+    run_dir = tmp_path / "run"
+    result = run_cli(["train", *overrides, *fast_args(cache_dir), f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "moe-lab: run finished at step 12" in result.stdout
+    losses = val_losses(run_dir)
+    assert losses[12] < losses[0] - 0.5
+    saved = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    assert saved["model"]["moe"]["num_experts"] == 16 and saved["model"]["moe"]["router"]["top_k"] == 1
+    assert saved["model"]["moe"]["capacity_factor"] == 1.25
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert json.loads((run_dir / "summary.json").read_text())["val/loss"] == pytest.approx(losses[12])
+    assert "Traceback" not in result.stderr
+
+
+def test_multirun_two_jobs(tmp_path, cache_dir):
+    sweep = tmp_path / "sweep"
+    result = run_cli(["train", "-m", "experts=e4,e8", *fast_args(cache_dir), "trainer.max_steps=4",
+                      "trainer.val_check_interval=4", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for job, experts in ((0, 4), (1, 8)):
+        saved = yaml.safe_load((sweep / str(job) / ".hydra" / "config.yaml").read_text())
+        assert saved["model"]["moe"]["num_experts"] == experts
+        assert json.loads((sweep / str(job) / "summary.json").read_text())["status"] == "finished"
+
+
+def test_bad_input_is_one_message_and_writes_nothing(tmp_path):
+    for args, expected in ((["model.moe.router.top_k=9"], "must be in 1..num_experts"),
+                           (["experts=e99"], "is not an option"),
+                           (["model.moe.foo=1"], "is not a setting"),
+                           (["data=text", "data.path=missing.txt"], "no such file")):
+        result = run_cli(["train", *args], cwd=tmp_path)
+        assert result.returncode == 2, (args, result.stderr)
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("moe-lab: error:") and expected in lines[0], result.stderr
+        assert not (tmp_path / "outputs").exists()
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = [moe_lab_script(), "train", *fast_args(cache_dir), "trainer.max_steps=100000",
+            "trainer.log_every_n_steps=1", "trainer.val_check_interval=100000", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait until training is under way
+            metrics = run_dir / "metrics.csv"
+            if metrics.exists() and "train/loss" in metrics.read_text() or proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "SIGTERM received" in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["step"] > 0
+    resumed = run_cli(["train", *fast_args(cache_dir), f"trainer.max_steps={summary['step'] + 2}",
+                       f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={tmp_path / 'resumed'}"],
+                      cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["step"] == summary["step"] + 2
+
+
+def test_wandb_without_credentials_runs_offline(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    result = run_cli(["train", "logger=wandb", *fast_args(cache_dir), "trainer.max_steps=3",
+                      f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                     env_extra={"WANDB_MODE": "", "HOME": str(tmp_path), "WANDB_DIR": str(run_dir)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "logging offline" in result.stderr
+    assert list((run_dir / "wandb").glob("offline-run-*"))
+    assert (run_dir / "metrics.csv").is_file()
+
+
+def test_shell_completion(tmp_path):
+    env = {"COMP_LINE": "moe-lab train exp", "COMP_POINT": str(len("moe-lab train exp"))}
+    result = run_cli(["-sc", "query=bash"], cwd=tmp_path, env_extra=env)
+    assert result.returncode == 0 and "experts=" in result.stdout and "experiment=" in result.stdout
+    env = {"COMP_LINE": "moe-lab tr", "COMP_POINT": "10"}
+    assert run_cli(["-sc", "query=bash"], cwd=tmp_path, env_extra=env).stdout.split() == ["train"]
+
+
+def test_wheel_carries_the_configs(tmp_path):
+    """A non-editable install has no conf/ beside the package: the wheel must carry it (style-anchors.md 5)."""
+    pytest.importorskip("hatchling")
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(wheel_dir), str(REPO)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                                *map(str, wheel_dir.glob("*.whl"))], capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    shown = subprocess.run([sys.executable, "-m", "moe_lab", "train", "--cfg", "job", "experts=e4"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert yaml.safe_load(shown.stdout)["model"]["moe"]["num_experts"] == 4
+    where = subprocess.run([sys.executable, "-c", "from moe_lab.config import config_dir; print(config_dir())"],
+                           cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert where.stdout.strip() == str(target / "moe_lab" / "conf")

@@ -1,0 +1,189 @@
+"""Every option of every config group composes, validates and instantiates; every bad input gets one clear error."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from moe_lab.config import ConfigError, config_dir, validate
+from moe_lab.lightning_module import MoELanguageModel
+from moe_lab.model import MoETransformer
+from moe_lab.preflight import preflight
+
+CONF = Path(config_dir())
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_the_contracted_groups_and_options_exist():
+    assert {"model", "router", "experts", "capacity", "aux_loss", "data", "trainer", "logger", "experiment",
+            "hparams_search"} <= set(GROUPS)
+    assert {"tiny", "dense_tiny", "small", "base"} <= set(options("model"))
+    assert "topk" in options("router")
+    assert {"e4", "e8", "e16", "e64_fine", "dense"} <= set(options("experts"))
+    assert {"dropless", "cf1_0", "cf1_25", "cf2_0"} <= set(options("capacity"))
+    assert {"none", "switch", "z", "switch_z"} <= set(options("aux_loss"))
+    assert {"cpu", "gpu", "ddp"} <= set(options("trainer"))
+    assert {"csv", "wandb", "tensorboard"} <= set(options("logger"))
+
+
+def test_defaults(make_cfg):
+    cfg = make_cfg(fast=False)
+    run = validate(cfg)
+    assert run.model.moe.num_experts == 8 and run.model.moe.router == {"name": "topk", "top_k": 2, "normalize": True}
+    assert run.model.moe.capacity_factor == 1.25 and run.model.moe.eval_capacity_factor == 2.0
+    assert (run.model.moe.aux_loss.load_balance, run.model.moe.aux_loss.z_loss) == (1e-2, 1e-3)
+    assert run.model.moe.expert_hidden == run.model.ffn_hidden  # interpolated from the model preset
+    assert run.seed == 1234 and run.data.source == "embedded" and run.trainer["accelerator"] == "cpu"
+
+
+def build_model(run) -> MoETransformer:
+    cfg = run.model
+    cfg.vocab_size = 320
+    return MoETransformer(cfg)
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in ["model", "router", "experts", "capacity", "aux_loss"]
+                                          for o in options(g)])
+def test_every_model_option_instantiates_and_runs(make_cfg, group, option):
+    cfg = make_cfg(f"{group}={option}", fast=False)
+    run = validate(cfg)
+    if group == "model" and option in ("small", "base"):  # keep the test small: shrink depth and width
+        run.model.n_layers, run.model.d_model, run.model.n_heads, run.model.n_kv_heads = 2, 64, 4, None
+        run.model.ffn_hidden = 128
+        run.model.moe.expert_hidden = 64
+    model = build_model(run)
+    out = model(torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16)))
+    assert torch.isfinite(out.loss)
+    if option == "dense" or option == "dense_tiny":
+        assert model.moe_layers == []
+    if option == "e64_fine":
+        assert run.model.moe.num_experts == 64 and run.model.moe.router["top_k"] == 8
+        assert run.model.moe.expert_hidden == run.model.ffn_hidden // 8
+
+
+@pytest.mark.parametrize("option", options("trainer"))
+def test_every_trainer_option_instantiates(make_cfg, option):
+    run = validate(make_cfg(f"trainer={option}", fast=False))
+    if option == "gpu" and not torch.cuda.is_available():
+        pytest.skip("no GPU here; trainer=gpu composed and validated")
+    if option == "ddp":
+        run.trainer["accelerator"] = "cpu"
+    trainer = L.Trainer(**run.trainer, logger=False, enable_checkpointing=False, max_epochs=-1,
+                        check_val_every_n_epoch=None, use_distributed_sampler=False)
+    assert trainer.max_steps == run.trainer["max_steps"]
+
+
+@pytest.mark.parametrize("option", options("logger"))
+def test_every_logger_option_instantiates(make_cfg, tmp_path, monkeypatch, option):
+    pytest.importorskip("tensorboard") if option == "tensorboard" else None
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    run = validate(make_cfg(f"logger={option}", f"paths.output_dir={tmp_path}"))
+    loggers = [instantiate(node) for node in run.logger.values()]
+    assert {type(lg).__name__ for lg in loggers} >= {"CSVLogger"}
+
+
+@pytest.mark.parametrize("option", options("data"))
+def test_every_data_option_composes(make_cfg, option, tmp_path):
+    extra = {"text": [f"data.path={tmp_path}/*.txt"], "hf": ["data.name=json"]}.get(option, [])
+    run = validate(make_cfg(f"data={option}", *extra))
+    assert run.data.source == option
+
+
+@pytest.mark.parametrize("option", options("experiment"))
+def test_every_experiment_composes(make_cfg, option):
+    run = validate(make_cfg(f"experiment={option}", fast=False))
+    assert run.run_name == option
+    build_model(run)
+
+
+@pytest.mark.parametrize("option", options("hparams_search"))
+def test_every_hparams_search_composes(make_cfg, option):
+    from moe_lab.config import ConfigError  # noqa: F401
+
+    cfg = make_cfg(f"hparams_search={option}")
+    validate(cfg)
+
+
+def test_command_line_wins_over_experiment(make_cfg):
+    run = validate(make_cfg("experiment=switch_e16", "experts=e8", fast=False))
+    assert run.model.moe.num_experts == 8 and run.model.moe.router["top_k"] == 1
+
+
+def test_lightning_module_checkpoint_hparams_are_plain(make_cfg):
+    run = validate(make_cfg())
+    run.model.vocab_size = 320
+    module = MoELanguageModel(model=dataclasses.asdict(run.model), optim=dataclasses.asdict(run.optim))
+    json.dumps(dict(module.hparams))  # plain data only: no pickled objects in checkpoints
+
+
+# --------------------------------------------------------------------------------------------------------
+# Bad input: one message that names the key and what is allowed, before anything runs or is written
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["model.moe.router.top_k=9"], "model.moe.router.top_k=9 must be in 1..num_experts (8)"),
+    (["model.moe.router.top_k=0"], "must be in 1..num_experts"),
+    (["model.moe.capacity_factor=0"], "model.moe.capacity_factor=0.0 must be > 0"),
+    (["model.moe.eval_capacity_factor=-1"], "model.moe.eval_capacity_factor=-1.0 must be > 0"),
+    (["model.moe.num_experts=0"], "model.moe.num_experts=0 must be at least 1"),
+    (["data.seq_len=1024"], "data.seq_len=1024 is longer than the model's maximum model.max_seq_len=512"),
+    (["+model.moe.foo=1"], "model.moe.foo is not a setting; the settings of model.moe are: ['activation'"),
+    (["+model.moe.router.normalise=true"], "model.moe.router.normalise is not a setting; the settings of "
+                                           "model.moe.router are: ['name', 'normalize', 'top_k']"),
+    (["+fooo=1"], "'fooo' is not a setting; the top-level settings are"),
+    (["+trainer.foo=1"], "trainer.foo is not a Lightning Trainer argument"),
+    (["model.moe.router.top_k=abc"], "model.moe.router.top_k: Value 'abc'"),
+    (["model.moe.expert_hidden=30"], "must be a multiple of 8"),
+    (["data=text"], "data=text needs a file"),
+])
+def test_validate_rejects_bad_input(make_cfg, overrides, expected):
+    with pytest.raises(ConfigError) as e:
+        validate(make_cfg(*overrides, fast=False))
+    assert expected in str(e.value)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["model.moe.foo=1"], "model.moe.foo is not a setting; the settings of model.moe are: ['activation'"),
+    (["experts=e99"], "experts=e99 is not an option; the options of experts are: dense, e16, e4, e64_fine, e8"),
+    (["router=nope"], "router=nope is not an option; the options of router are: topk"),
+    (["model.moe.router.top_k=9"], "model.moe.router.top_k=9 must be in 1..num_experts (8)"),
+    (["-m", "experts=e4,e99"], "experts=e99 is not an option"),
+    (["-m", "model.moe.router.top_k=1,9"], "model.moe.router.top_k=9 must be in 1..num_experts"),
+    (["model.moe.router.top_k=1,2"], "is a sweep: add -m"),
+    (["data=text", "data.path=/no/such/*.txt"], "data.path=/no/such/*.txt: no such file"),
+    (["ckpt_path=/no/such.ckpt"], "ckpt_path=/no/such.ckpt: no such checkpoint file"),
+    (["trainer.max_steps=0"], "trainer.max_steps=0 must be a positive number"),
+])
+def test_preflight_messages(args, expected):
+    message = preflight(args)
+    assert message is not None and expected in message, message
+    assert "\n" not in message  # one line, not a traceback
+
+
+def test_preflight_passes_good_input_and_show_only_flags():
+    assert preflight(["experts=e16", "model.moe.router.top_k=1", "capacity=cf1_25", "aux_loss=switch_z"]) is None
+    assert preflight(["-m", "experts=e4,e8", "aux_loss=none,switch"]) is None
+    assert preflight(["--cfg", "job", "experts=e99"]) is None  # Hydra reports it; nothing runs
+
+
+def test_preflight_refuses_a_used_run_directory(tmp_path):
+    used = tmp_path / "run"
+    (used / "checkpoints").mkdir(parents=True)
+    message = preflight([f"hydra.run.dir={used}"])
+    assert message is not None and "already holds a run" in message
+    sweep = tmp_path / "sweep"
+    (sweep / "0").mkdir(parents=True)
+    message = preflight(["-m", "experts=e4,e8", f"hydra.sweep.dir={sweep}"])
+    assert message is not None and "already holds runs" in message

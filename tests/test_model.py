@@ -1,0 +1,116 @@
+"""Auxiliary losses on hand-computed examples, the transformer's causality and its parameter accounting."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moe_lab.model import ModelConfig, MoEConfig, MoETransformer
+from moe_lab.model.losses import load_balance_loss, router_z_loss
+
+
+def test_load_balance_loss_hand_computed():
+    # 2 experts, 2 tokens, top-1: token 0 -> expert 0, token 1 -> expert 1.
+    probs = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+    counts = torch.tensor([1, 1])
+    # f = [0.5, 0.5], P = [0.55, 0.45]: 2 * (0.5 * 0.55 + 0.5 * 0.45) = 1.0
+    assert load_balance_loss(probs, counts).item() == pytest.approx(1.0)
+    # Both tokens on expert 0: f = [1, 0] -> 2 * 0.55 = 1.1
+    assert load_balance_loss(probs, torch.tensor([2, 0])).item() == pytest.approx(1.1)
+    # Collapsed routing with confident probabilities tends to E.
+    assert load_balance_loss(torch.tensor([[1.0, 0.0, 0.0, 0.0]] * 3), torch.tensor([3, 0, 0, 0])).item() == 4.0
+
+
+def test_load_balance_loss_counts_top_k_slots():
+    # top-2 over 4 experts, 2 tokens: slots {0,1} and {0,2} -> f = [2, 1, 1, 0] / 4
+    probs = torch.full((2, 4), 0.25)
+    assert load_balance_loss(probs, torch.tensor([2, 1, 1, 0])).item() == pytest.approx(4 * 0.25 * 1.0)
+
+
+def test_load_balance_loss_gradient_flows_through_probabilities_only():
+    logits = torch.randn(5, 3, requires_grad=True)
+    counts = torch.tensor([3.0, 1.0, 1.0], requires_grad=True)
+    load_balance_loss(logits.softmax(-1), counts).backward()
+    assert logits.grad.abs().sum() > 0
+    assert counts.grad is None
+
+
+def test_z_loss_hand_computed():
+    # logsumexp([0, 0]) = log 2; logsumexp([log 3, 0]) = log 4
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    assert router_z_loss(logits).item() == pytest.approx((math.log(2) ** 2 + math.log(4) ** 2) / 2)
+
+
+def tiny_config(**moe) -> ModelConfig:
+    return ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, ffn_hidden=64, max_seq_len=64,
+                       moe=MoEConfig(num_experts=4, expert_hidden=32, **moe))
+
+
+def test_aux_losses_are_averaged_over_layers_not_concatenated():
+    torch.manual_seed(0)
+    model = MoETransformer(tiny_config(capacity_factor=None))
+    out = model(torch.randint(0, 64, (2, 16)))
+    per_layer = [out.moe[layer].load_balance_loss for layer in model.moe_layers]
+    assert len(per_layer) == 3
+    assert out.load_balance_loss.item() == pytest.approx(torch.stack(per_layer).mean().item())
+    weights = model.cfg.moe.aux_loss
+    expected = weights.load_balance * out.load_balance_loss + weights.z_loss * out.z_loss
+    assert out.aux_loss.item() == pytest.approx(expected.item())
+
+
+def test_moe_layer_placement():
+    cfg = tiny_config()
+    cfg.n_layers = 6
+    cfg.moe.first_dense_layers = 1
+    cfg.moe.every_n_layers = 2
+    assert cfg.moe_layers == [1, 3, 5]
+    model = MoETransformer(cfg)
+    assert model.moe_layers == [1, 3, 5]
+    cfg.moe.enabled = False
+    assert MoETransformer(cfg).moe_layers == []
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2])
+def test_dropless_model_is_causal(n_kv_heads):
+    """Changing token t never changes the logits before t (dropless routing: no token competes for capacity)."""
+    torch.manual_seed(0)
+    cfg = tiny_config(capacity_factor=None, eval_capacity_factor=None)
+    cfg.n_kv_heads = n_kv_heads
+    model = MoETransformer(cfg).eval()
+    ids = torch.randint(0, 64, (2, 24))
+    t = 13
+    changed = ids.clone()
+    changed[:, t] = (changed[:, t] + 1) % 64
+    a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=1e-6)
+    assert (a[:, t:] - b[:, t:]).abs().max() > 1e-4
+
+
+def test_parameter_accounting():
+    torch.manual_seed(0)
+    dense_cfg = tiny_config()
+    dense_cfg.moe.enabled = False
+    dense = MoETransformer(dense_cfg)
+    counts = dense.num_params()
+    norms = sum(p.numel() for n, p in dense.named_parameters() if n.endswith("norm.weight"))
+    assert counts["routed_experts"] == 0
+    assert counts["active"] == counts["total"] - counts["embedding"] - norms
+
+    moe = MoETransformer(tiny_config(router={"name": "topk", "top_k": 2, "normalize": True}))
+    c = moe.num_params()
+    per_expert = sum(b.ffn.experts.w_in_EGFD[0].numel() + b.ffn.experts.w_out_EDF[0].numel() for b in moe.blocks)
+    assert c["routed_experts"] == 4 * per_expert
+    # Active = everything a token multiplies by: the experts' share is top_k / num_experts.
+    non_expert = c["total"] - c["routed_experts"] - c["embedding"] - norms
+    assert c["active"] == non_expert + 2 * per_expert
+    # 6N + attention (PaLM appendix B)
+    cfg = moe.cfg
+    assert moe.flops_per_token(32) == 6 * c["active"] + 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * 32
+
+
+def test_sequence_longer_than_max_is_rejected():
+    model = MoETransformer(tiny_config())
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 65, dtype=torch.long))

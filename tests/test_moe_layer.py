@@ -1,0 +1,143 @@
+"""The MoE layer: the grouped path against the per-expert loop oracle, capacity, drops, dense-mixture limit."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from moe_lab.model import MoEConfig, MoELayer, expert_capacity
+from moe_lab.model.moe import build_dispatch
+
+D = 32
+
+
+def make_layer(num_experts=8, top_k=2, capacity_factor=None, hidden=48, activation="swiglu", num_shared=0,
+               normalize=True, seed=0) -> MoELayer:
+    torch.manual_seed(seed)
+    cfg = MoEConfig(num_experts=num_experts, expert_hidden=hidden, activation=activation, num_shared=num_shared,
+                    capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor,
+                    router={"name": "topk", "top_k": top_k, "normalize": normalize})
+    return MoELayer(D, cfg)
+
+
+def run(layer: MoELayer, x: torch.Tensor, grad: torch.Tensor, implementation: str):
+    layer.cfg.implementation = implementation
+    layer.zero_grad()
+    x = x.detach().clone().requires_grad_(True)
+    y, out = layer(x)
+    (y * grad).sum().backward()
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}, out
+
+
+@pytest.mark.parametrize("top_k,capacity_factor", [(1, None), (2, None), (2, 1.0), (2, 0.5), (4, 0.75), (8, None)])
+@pytest.mark.parametrize("activation,num_shared", [("swiglu", 0), ("gelu", 1)])
+def test_grouped_equals_loop_oracle(top_k, capacity_factor, activation, num_shared):
+    layer = make_layer(top_k=top_k, capacity_factor=capacity_factor, activation=activation, num_shared=num_shared)
+    x = torch.randn(3, 40, D)
+    grad = torch.randn(3, 40, D)
+    y_g, gx_g, gw_g, out_g = run(layer, x, grad, "grouped")
+    y_l, gx_l, gw_l, out_l = run(layer, x, grad, "loop")
+    torch.testing.assert_close(y_g, y_l, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx_g, gx_l, rtol=1e-5, atol=1e-6)
+    for name in gw_l:
+        torch.testing.assert_close(gw_g[name], gw_l[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert torch.equal(out_g.tokens_per_expert_E, out_l.tokens_per_expert_E)
+    assert out_g.dropped_slots.item() == out_l.dropped_slots.item()
+    if capacity_factor is not None and capacity_factor < 1:
+        assert out_g.dropped_slots.item() > 0  # the case really drops
+
+
+def test_gradients_reach_router_and_every_used_expert():
+    layer = make_layer(top_k=2, capacity_factor=None)
+    y, out = layer(torch.randn(2, 64, D))
+    (y.square().sum() + out.load_balance_loss + out.z_loss).backward()
+    assert layer.router.gate_ED.grad.abs().sum() > 0
+    used = out.tokens_per_expert_E > 0
+    per_expert = layer.experts.w_in_EGFD.grad.abs().sum(dim=(1, 2))
+    assert torch.all(per_expert[used] > 0)
+
+
+def test_top_k_equal_to_num_experts_is_the_dense_softmax_mixture():
+    """With every expert chosen and no capacity limit, MoE = sum_e softmax(gate)_e * FFN_e(x) (Jacobs et al. 1991)."""
+    layer = make_layer(num_experts=4, top_k=4, capacity_factor=None, normalize=False)
+    x = torch.randn(2, 10, D)
+    y, _ = layer(x)
+    x_TD = x.reshape(-1, D)
+    probs_TE = torch.softmax(x_TD @ layer.router.gate_ED.t(), dim=-1)
+    dense = sum(probs_TE[:, e:e + 1] * layer.experts.expert_forward(e, x_TD) for e in range(4))
+    torch.testing.assert_close(y.reshape(-1, D), dense, rtol=1e-5, atol=1e-6)
+
+
+def test_capacity_formula():
+    # ceil(cf * T * K / E)
+    assert expert_capacity(1.25, 100, 2, 8) == math.ceil(1.25 * 100 * 2 / 8) == 32
+    assert expert_capacity(1.0, 7, 1, 2) == 4
+    assert expert_capacity(None, 100, 2, 8) is None
+
+
+def test_dispatch_on_hand_built_routing():
+    # 6 tokens, top-2, 3 experts. k-major priority: all first choices (tokens 0..5) before second choices.
+    expert_ids_TK = torch.tensor([[0, 1], [0, 2], [0, 1], [1, 0], [0, 2], [2, 0]])
+    d = build_dispatch(expert_ids_TK, num_experts=3, capacity=3)
+    # Routed slots per expert: expert 0 is chosen first by tokens 0,1,2,4 and second by tokens 3,5.
+    assert d.tokens_per_expert_E.tolist() == [6, 3, 3]
+    # Expert 0 keeps its 3 highest-priority slots: first choices of tokens 0, 1, 2; drops 3 slots.
+    assert d.dropped_slots.item() == 3
+    assert d.offs_E.tolist() == [3, 6, 9]
+    T = 6
+    kept_rows = d.row_slot_R[: d.offs_E[-1]]
+    kept = [(int(s) % T, int(s) // T) for s in kept_rows]  # (token, choice)
+    assert kept[:3] == [(0, 0), (1, 0), (2, 0)]  # expert 0
+    assert sorted(kept[3:6]) == [(0, 1), (2, 1), (3, 0)]  # expert 1
+    assert sorted(kept[6:9]) == [(1, 1), (4, 1), (5, 0)]  # expert 2
+    dropped = sorted((int(s) % T, int(s) // T) for s in d.row_slot_R[d.offs_E[-1]:])
+    assert dropped == [(3, 1), (4, 0), (5, 1)]
+    # slot_row is the inverse permutation of row_slot
+    assert torch.equal(d.row_slot_R[d.slot_row_N], torch.arange(12))
+
+
+def test_dropped_tokens_get_zero_expert_output():
+    """Capacity 1 per expert: only each expert's first token is computed; the rest get exactly zero."""
+    layer = make_layer(num_experts=2, top_k=1, capacity_factor=None)
+    x = torch.randn(1, 8, D)
+    layer.cfg.capacity_factor = 2 / 8  # capacity = ceil(0.25 * 8 * 1 / 2) = 1
+    y, out = layer(x)
+    ids = layer.router(x.reshape(-1, D)).expert_ids_TK[:, 0]
+    first = {int(ids.tolist().index(e)) for e in set(ids.tolist())}
+    for t in range(8):
+        if t in first:
+            assert y[0, t].abs().sum() > 0
+        else:
+            assert torch.all(y[0, t] == 0)
+    assert out.dropped_slots.item() == 8 - len(first)
+
+
+def test_eval_mode_uses_eval_capacity_factor():
+    layer = make_layer(num_experts=4, top_k=2, capacity_factor=0.5)
+    layer.cfg.eval_capacity_factor = None  # dropless at evaluation
+    x = torch.randn(2, 32, D)
+    _, train_out = layer.train()(x)
+    _, eval_out = layer.eval()(x)
+    assert train_out.dropped_slots.item() > 0
+    assert eval_out.dropped_slots.item() == 0
+
+
+def test_statistics_are_detached_and_consistent():
+    layer = make_layer(num_experts=8, top_k=2, capacity_factor=1.0)
+    x = torch.randn(4, 16, D)
+    _, out = layer(x)
+    assert out.tokens_per_expert_E.sum().item() == 4 * 16 * 2
+    assert not out.tokens_per_expert_E.requires_grad and not out.router_entropy.requires_grad
+    assert 0 <= out.router_entropy.item() <= math.log(8) + 1e-6
+    assert out.load_balance_loss.requires_grad and out.z_loss.requires_grad
+
+
+def test_layer_is_deterministic_and_copyable():
+    layer = make_layer(capacity_factor=1.25)
+    x = torch.randn(2, 16, D)
+    y1, _ = layer(x)
+    y2, _ = copy.deepcopy(layer)(x)
+    assert torch.equal(y1, y2)

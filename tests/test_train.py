@@ -1,0 +1,88 @@
+"""`train(cfg)` end to end in-process: metrics on disk, loss going down, exact resume, run-directory safety."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from moe_lab.config import UserError
+from moe_lab.train import train
+
+
+def read_metrics(run_dir) -> list[dict]:
+    with open(run_dir / "metrics.csv") as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+def series(rows, key) -> dict[int, float]:
+    return {int(r["step"]): r[key] for r in rows if key in r}
+
+
+def test_train_writes_metrics_checkpoints_and_summary(make_cfg, tmp_path):
+    summary = train(make_cfg(name="run"))
+    run_dir = tmp_path / "run"
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert (run_dir / "checkpoints" / "step000006.ckpt").is_file()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
+    rows = read_metrics(run_dir)
+    val = series(rows, "val/loss")
+    assert sorted(val) == [0, 6, 12]  # before training, every val_check_interval, and at the end
+    assert val[12] < val[0] - 0.5
+    assert summary["val/loss"] == pytest.approx(val[12]) and summary["initial_val_loss"] == pytest.approx(val[0])
+    assert summary["val/ppl"] == pytest.approx(math.exp(val[12]))
+    train_loss = series(rows, "train/loss")
+    assert sorted(train_loss) == [3, 6, 9, 12] and train_loss[12] < train_loss[3]
+    last = [r for r in rows if "train/loss" in r][-1]
+    for key in ("train/aux/load_balance", "train/aux/z_loss", "train/tokens_per_sec", "train/lr",
+                "val/loss/code", "val/loss/math"):
+        assert key in last or key in rows[-1], key
+    for layer in (0, 1):
+        loads = [last[f"moe/layer{layer}/expert{e}/load"] for e in range(8)]
+        assert sum(loads) == pytest.approx(1.0, abs=1e-5)
+        assert last[f"moe/layer{layer}/imbalance"] == pytest.approx(max(loads) * 8, rel=1e-5)
+        assert 0 <= last[f"moe/layer{layer}/dropped_frac"] < 1
+        assert 0 < last[f"moe/layer{layer}/entropy"] <= math.log(8) + 1e-6
+
+
+def test_dense_baseline_trains(make_cfg, tmp_path):
+    summary = train(make_cfg("experts=dense", name="dense"))
+    assert summary["val/loss"] < summary["initial_val_loss"]
+    header = (tmp_path / "dense" / "metrics.csv").read_text().splitlines()[0]
+    assert "moe/" not in header and "train/aux" not in header
+
+
+def test_resume_continues_the_same_loss_curve(make_cfg, tmp_path):
+    common = ["trainer.log_every_n_steps=1", "trainer.max_steps=8", "checkpoint.every_n_steps=4",
+              "checkpoint.keep=-1"]
+    train(make_cfg(*common, name="full"))
+    train(make_cfg(*common, f"ckpt_path={tmp_path / 'full' / 'checkpoints' / 'step000004.ckpt'}", name="resumed"))
+    full = series(read_metrics(tmp_path / "full"), "train/loss")
+    resumed = series(read_metrics(tmp_path / "resumed"), "train/loss")
+    assert sorted(resumed) == [5, 6, 7, 8]
+    for step in resumed:
+        assert resumed[step] == full[step], step  # step for step, bit for bit on CPU
+    final_full = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    final_resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    for name in final_full:
+        assert torch.equal(final_full[name], final_resumed[name]), name
+
+
+def test_a_used_run_directory_is_never_overwritten(make_cfg, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.ckpt").write_text("precious")
+    with pytest.raises(UserError, match="already holds a run"):
+        train(make_cfg(name="run"))
+    assert (run_dir / "checkpoints" / "last.ckpt").read_text() == "precious"
+
+
+def test_resume_with_a_different_model_is_refused(make_cfg, tmp_path):
+    train(make_cfg("trainer.max_steps=2", name="small"))
+    ckpt = tmp_path / "small" / "checkpoints" / "last.ckpt"
+    with pytest.raises(UserError, match="model.moe.num_experts is 8 in the checkpoint but 4 here"):
+        train(make_cfg("experts=e4", f"ckpt_path={ckpt}", name="other"))
+    assert not (tmp_path / "other").exists()
