@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Callable, Optional
 
 SUBCOMMANDS: dict[str, str] = {

@@ -16,7 +16,6 @@ Logged at every validation: val/loss, val/ppl, val/loss/{domain}.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from typing import Any, Optional
@@ -72,14 +71,17 @@ class MoELanguageModel(L.LightningModule):
         return loss
 
     def _reset_train_window(self) -> None:
-        self._window: Optional[dict[str, torch.Tensor]] = None
+        self._window: Optional[dict[str, torch.Tensor]] = None  # on-device sums over the window
+        self._window_micro_batches = 0
+        self._window_tokens = 0  # this rank's
         self._window_start = time.perf_counter()
         self._window_eval_seconds = 0.0
 
     def _accumulate(self, out, num_tokens: int) -> None:
         """Add this micro-batch's losses and routing statistics to the on-device window sums."""
-        stats = {"ce": out.loss.detach(), "micro_batches": torch.ones((), device=out.loss.device),
-                 "tokens": torch.tensor(float(num_tokens), device=out.loss.device)}
+        self._window_micro_batches += 1
+        self._window_tokens += num_tokens
+        stats = {"ce": out.loss.detach()}
         if out.moe:
             layers = [out.moe[layer] for layer in self.moe_layers]
             stats.update(
@@ -111,22 +113,25 @@ class MoELanguageModel(L.LightningModule):
         """Reduce the window over ranks, then turn sums into the logged metrics (one sync for all of them)."""
         keys = sorted(self._window)
         flat = torch.cat([self._window[k].reshape(-1).float() for k in keys])
-        if self.trainer.world_size > 1:
+        world = self.trainer.world_size
+        if world > 1:
             flat = self.trainer.strategy.reduce(flat, reduce_op="sum")
+        flat = flat.cpu()  # the one synchronisation of the window
         values, offset = {}, 0
         for k in keys:
             n = self._window[k].numel()
-            values[k] = flat[offset:offset + n].view_as(self._window[k]).cpu()
+            values[k] = flat[offset:offset + n].view_as(self._window[k])
             offset += n
-        world = self.trainer.world_size
-        micro = values["micro_batches"].item()  # summed over ranks
+        micro = self._window_micro_batches * world  # every rank runs the same number of micro-batches
+        tokens = self._window_tokens * world
         seconds = max(time.perf_counter() - self._window_start - self._window_eval_seconds, 1e-9)
+        tokens_per_micro_batch = self._window_tokens / self._window_micro_batches
         metrics = {
             "train/loss": values["ce"].item() / micro,
             "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
-            "train/tokens_per_sec": values["tokens"].item() / seconds,
+            "train/tokens_per_sec": tokens / seconds,
             "train/tokens": float(self.global_step * self.trainer.accumulate_grad_batches * world
-                                  * values["tokens"].item() / micro),
+                                  * tokens_per_micro_batch),
         }
         if "counts_LE" in values:
             metrics["train/aux/load_balance"] = values["lb_L"].mean().item() / micro
@@ -224,9 +229,3 @@ def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float
         return (step + 1) / warmup
     progress = min((step - warmup) / max(total - warmup, 1), 1.0)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def model_summary(cfg: ModelConfig, model: MoETransformer, seq_len: int) -> dict[str, Any]:
-    counts = model.num_params()
-    return {**{f"params/{k}": v for k, v in counts.items()}, "flops_per_token": model.flops_per_token(seq_len),
-            "moe_layers": model.moe_layers, **{"model": dataclasses.asdict(cfg)}}

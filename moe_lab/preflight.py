@@ -7,7 +7,6 @@ directory that already holds a run, a missing data path and a checkpoint that do
 
 from __future__ import annotations
 
-import itertools
 import os
 from pathlib import Path
 from typing import Optional

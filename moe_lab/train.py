@@ -216,7 +216,7 @@ def build_loggers(run: RunConfig, cfg: DictConfig, output_dir: Path) -> list:
     loggers = []
     resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     resolved.pop("hydra", None)
-    for name, node in run.logger.items():
+    for node in run.logger.values():
         node = dict(node)
         target = node["_target_"]
         if target.endswith("WandbLogger"):
@@ -255,8 +255,9 @@ def print_header(run: RunConfig, module: MoELanguageModel, data: LMDataModule, o
             f"capacity {moe.capacity_factor or 'dropless'}, layers {module.moe_layers}" if moe.enabled else "dense")
     print(f"moe-lab: model {run.model.name}: {p['total'] / 1e6:.2f}M parameters, {p['active'] / 1e6:.2f}M active "
           f"per token; {kind}", flush=True)
-    print(f"moe-lab: data {run.data.source}: {len(data.train_blocks or [])} train / {len(data.val_blocks)} val blocks "
-          f"of {run.data.seq_len} tokens, domains {data.domain_names}; run directory {output_dir}", flush=True)
+    train = "streamed" if data.train_blocks is None else str(len(data.train_blocks))
+    print(f"moe-lab: data {run.data.source}: {train} train / {len(data.val_blocks)} val blocks of {run.data.seq_len} "
+          f"tokens, domains {data.domain_names}; run directory {output_dir}", flush=True)
 
 
 @rank_zero_only

@@ -10,7 +10,6 @@ import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from moe_lab.config import ConfigError, config_dir, validate
 from moe_lab.lightning_module import MoELanguageModel

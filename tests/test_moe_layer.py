@@ -141,3 +141,20 @@ def test_layer_is_deterministic_and_copyable():
     y1, _ = layer(x)
     y2, _ = copy.deepcopy(layer)(x)
     assert torch.equal(y1, y2)
+
+
+def test_bf16_autocast_runs_the_experts_in_bf16_and_keeps_the_router_in_float32():
+    """The path a GPU run takes (trainer=gpu, bf16-mixed), here on CPU autocast."""
+    layer = make_layer(top_k=2, capacity_factor=1.25)
+    x = torch.randn(2, 32, D)
+    reference, _ = layer(x)
+    seen = {}
+    hook = layer.experts.register_forward_hook(lambda m, args, out: seen.update(dtype=out.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routing = layer.router(x.reshape(-1, D))
+        y, _ = layer(x)
+    hook.remove()
+    assert routing.logits_TE.dtype == torch.float32 and routing.weights_TK.dtype == torch.float32
+    assert seen["dtype"] == torch.bfloat16
+    assert y.dtype == x.dtype
+    torch.testing.assert_close(y, reference, rtol=0.1, atol=0.05)
