@@ -180,16 +180,15 @@ def _escape_interpolations(value: Any) -> Any:
     return value.replace("${", "\\${") if isinstance(value, str) else value
 
 
-def validate(cfg: DictConfig | dict) -> RunConfig:
-    """Typed, checked view of a composed config. Raises ConfigError naming the key and what is allowed."""
-    for key in cfg:
-        if key != "hydra" and key not in TOP_LEVEL_KEYS:
-            raise ConfigError(f"'{key}' is not a setting; the top-level settings are: {TOP_LEVEL_KEYS}")
+def model_config(values: dict) -> ModelConfig:
+    """A checked ModelConfig from its plain form (a composed `model` node, or the copy inside a checkpoint).
 
-    model_values = _plain(cfg, "model") or {}
-    router_values = (model_values.get("moe") or {}).pop("router", None) or {"name": "topk"}
-    model = typed_config(model_values, ModelConfig, "model")
-    # The router's keys are checked against the Config of the router class its name selects.
+    The router's keys are checked against the Config of the router class its `name` selects.
+    """
+    values = dict(values)
+    moe = dict(values.get("moe") or {})
+    router_values = moe.pop("router", None) or {"name": "topk"}
+    model = typed_config({**values, "moe": moe}, ModelConfig, "model")
     router_name = router_values.get("name", "topk")
     if router_name not in ROUTERS:
         raise ConfigError(f"model.moe.router.name={router_name!r} is not a router; the routers are {sorted(ROUTERS)}"
@@ -199,7 +198,16 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
                                                            "model.moe.router"))
     except ConfigError as e:
         raise ConfigError(f"{e} (for router={router_name})") from None
+    return model
 
+
+def validate(cfg: DictConfig | dict) -> RunConfig:
+    """Typed, checked view of a composed config. Raises ConfigError naming the key and what is allowed."""
+    for key in cfg:
+        if key != "hydra" and key not in TOP_LEVEL_KEYS:
+            raise ConfigError(f"'{key}' is not a setting; the top-level settings are: {TOP_LEVEL_KEYS}")
+
+    model = model_config(_plain(cfg, "model") or {})
     run = RunConfig(
         model=model,
         data=typed_config(_plain(cfg, "data"), DataConfig, "data"),

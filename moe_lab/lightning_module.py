@@ -24,20 +24,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from moe_lab.config import OptimConfig, typed_config
-from moe_lab.model import ModelConfig, MoETransformer
-
-
-def model_config(values: dict) -> ModelConfig:
-    """A ModelConfig from its dict form (as stored in checkpoints)."""
-    values = dict(values)
-    moe = dict(values.get("moe") or {})
-    router = moe.pop("router", None)
-    values["moe"] = moe
-    cfg = typed_config(values, ModelConfig, "model")
-    if router is not None:
-        cfg.moe.router = dict(router)
-    return cfg
+from moe_lab.config import OptimConfig, model_config
+from moe_lab.model import MoETransformer
 
 
 class MoELanguageModel(L.LightningModule):

@@ -21,9 +21,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from moe_lab.callbacks import GracefulStop, StepProgressBar, StopRequested
-from moe_lab.config import ConfigError, RunConfig, UserError, config_dir, validate
+from moe_lab.config import ConfigError, RunConfig, UserError, config_dir, model_config, validate
 from moe_lab.data.datamodule import LMDataModule
-from moe_lab.lightning_module import MoELanguageModel, model_config
+from moe_lab.lightning_module import MoELanguageModel
 
 log = logging.getLogger("moe_lab")
 
