@@ -245,8 +245,17 @@ def _check_semantics(run: RunConfig) -> None:
 
     need(moe.num_experts >= 1, f"model.moe.num_experts={moe.num_experts} must be at least 1 "
                                "(for a dense model use experts=dense or model=dense_tiny)")
-    need(1 <= router["top_k"] <= moe.num_experts,
-         f"model.moe.router.top_k={router['top_k']} must be in 1..num_experts ({moe.num_experts})")
+    router_cls = ROUTERS[router["name"]]
+    try:
+        router_cls.check(router_cls.Config(**router), moe.num_experts)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _check_aux_losses(router_cls, router, moe.aux_loss)
+    need(moe.drop_policy in ("position", "probability"),
+         f"model.moe.drop_policy={moe.drop_policy!r}; choose position or probability")
+    need(moe.min_capacity >= 0, f"model.moe.min_capacity={moe.min_capacity} must be >= 0")
+    need(not moe.shared_gate or moe.num_shared > 0,
+         "model.moe.shared_gate=true gates the shared experts, but model.moe.num_shared is 0")
     for key in ("capacity_factor", "eval_capacity_factor"):
         value = getattr(moe, key)
         need(value is None or (math.isfinite(value) and value > 0),
@@ -266,8 +275,6 @@ def _check_semantics(run: RunConfig) -> None:
          f"model.moe.implementation={moe.implementation!r}; choose grouped or loop")
     need(not moe.enabled or m.moe_layers, "no layer is MoE with these settings: lower model.moe.first_dense_layers "
                                           "or set experts=dense for a dense model")
-    for key in ("load_balance", "z_loss"):
-        need(getattr(moe.aux_loss, key) >= 0, f"model.moe.aux_loss.{key} must be >= 0")
 
     need(d.source in DATA_SOURCES, f"data.source={d.source!r}; choose one of {DATA_SOURCES}")
     need(d.seq_len >= 1, f"data.seq_len={d.seq_len} must be at least 1")
@@ -300,6 +307,25 @@ def _check_semantics(run: RunConfig) -> None:
     for name, logger in run.logger.items():
         need(isinstance(logger, dict) and "_target_" in logger,
              f"logger.{name} must be a logger config with a _target_ (see conf/logger/)")
+
+
+def _check_aux_losses(router_cls: type, router: dict, aux: Any) -> None:
+    """Aux-loss weights the router can use: a loss a router cannot have is an error, not a silent no-op."""
+    weights = aux.weights()
+    for name, weight in weights.items():
+        if weight < 0:
+            raise ConfigError(f"model.moe.aux_loss.{name}={weight} must be >= 0")
+    used = sorted(name for name, weight in weights.items() if weight > 0)
+    name = router["name"]
+    if not router_cls.has_gate and used:
+        raise ConfigError(f"router={name} has no learned gate, so no router loss applies, but aux_loss weights "
+                          f"{used} are set: add aux_loss=none")
+    if weights["seq_load_balance"] > 0 and name == "expert_choice":
+        raise ConfigError("aux_loss.seq_load_balance needs token-choice routing; router=expert_choice is balanced "
+                          "by construction: use aux_loss=none or z")
+    if weights["load"] > 0 and name != "noisy_topk":
+        raise ConfigError(f"model.moe.aux_loss.load (Shazeer's smooth load) needs router=noisy_topk, not {name}; "
+                          "set model.moe.aux_loss.load=0 or use router=noisy_topk")
 
 
 def _check_trainer(trainer: dict) -> None:

@@ -5,12 +5,13 @@ host-device synchronisation per interval, not per layer per step), summed over d
 accumulation steps, so a logged load means the same at any world size.
 
 Logged every `trainer.log_every_n_steps` optimizer steps (averages over the steps since the last log):
-    train/loss, train/aux/load_balance, train/aux/z_loss, train/lr, train/tokens_per_sec, train/tokens
+    train/loss, train/aux/{name} (each aux loss the router has, unweighted, mean over MoE layers), train/lr,
+    train/tokens_per_sec, train/tokens
     moe/layer{L}/expert{E}/load   fraction of layer L's routed token slots that chose expert E (sums to 1)
     moe/layer{L}/dropped_frac     fraction of layer L's token slots dropped by the capacity limit
     moe/layer{L}/imbalance        max load / mean load (1 = perfectly balanced, E = one expert takes all)
     moe/layer{L}/entropy          mean per-token entropy of the router probabilities, in nats
-    moe/layer{L}/aux/load_balance, moe/layer{L}/aux/z_loss
+    moe/layer{L}/aux/{name}       each aux loss of layer L (load_balance, z_loss, and the weighted others)
 Logged at every validation: val/loss, val/ppl, val/loss/{domain}.
 """
 
@@ -76,9 +77,9 @@ class MoELanguageModel(L.LightningModule):
                 counts_LE=torch.stack([m.tokens_per_expert_E for m in layers]),
                 dropped_L=torch.stack([m.dropped_slots for m in layers]),
                 entropy_L=torch.stack([m.router_entropy for m in layers]),
-                lb_L=torch.stack([m.load_balance_loss.detach() for m in layers]),
-                z_L=torch.stack([m.z_loss.detach() for m in layers]),
             )
+            for name in layers[0].losses:
+                stats[f"aux/{name}"] = torch.stack([m.losses[name].detach() for m in layers])
         if self._window is None:
             self._window = stats
         else:
@@ -121,9 +122,10 @@ class MoELanguageModel(L.LightningModule):
             "train/tokens": float(self.global_step * self.trainer.accumulate_grad_batches * world
                                   * tokens_per_micro_batch),
         }
+        aux = {k: v / micro for k, v in values.items() if k.startswith("aux/")}  # per-layer means over the window
+        for key, per_layer in aux.items():
+            metrics[f"train/{key}"] = per_layer.mean().item()
         if "counts_LE" in values:
-            metrics["train/aux/load_balance"] = values["lb_L"].mean().item() / micro
-            metrics["train/aux/z_loss"] = values["z_L"].mean().item() / micro
             slots_L = values["counts_LE"].sum(-1)
             load_LE = values["counts_LE"] / slots_L.clamp(min=1)[:, None]
             for i, layer in enumerate(self.moe_layers):
@@ -133,8 +135,8 @@ class MoELanguageModel(L.LightningModule):
                 metrics[f"{prefix}/dropped_frac"] = (values["dropped_L"][i] / slots_L[i].clamp(min=1)).item()
                 metrics[f"{prefix}/imbalance"] = (load_LE[i].max() * self.num_experts).item()
                 metrics[f"{prefix}/entropy"] = values["entropy_L"][i].item() / micro
-                metrics[f"{prefix}/aux/load_balance"] = values["lb_L"][i].item() / micro
-                metrics[f"{prefix}/aux/z_loss"] = values["z_L"][i].item() / micro
+                for key, per_layer in aux.items():
+                    metrics[f"{prefix}/{key}"] = per_layer[i].item()
         return metrics
 
     # ----------------------------------------------------------------------------------------------------
@@ -178,6 +180,17 @@ class MoELanguageModel(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------------
     # Optimisation
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Aux-loss-free routers move their bias once per optimizer step, from the counts of the whole global
+        batch: every micro-batch since the last step (gradient accumulation), summed over data-parallel ranks."""
+        reduce = None
+        if self.trainer.world_size > 1:
+            def reduce(t):
+                return self.trainer.strategy.reduce(t, reduce_op="sum")
+        for module in self.model.modules():
+            if hasattr(module, "update_bias"):
+                module.update_bias(reduce)
 
     def configure_optimizers(self):
         cfg = self.optim_cfg

@@ -39,7 +39,9 @@ def test_the_contracted_groups_and_options_exist():
 def test_defaults(make_cfg):
     cfg = make_cfg(fast=False)
     run = validate(cfg)
-    assert run.model.moe.num_experts == 8 and run.model.moe.router == {"name": "topk", "top_k": 2, "normalize": True}
+    assert run.model.moe.num_experts == 8
+    assert run.model.moe.router == {"name": "topk", "top_k": 2, "normalize": True, "score": "softmax",
+                                    "num_groups": 1, "topk_groups": 1, "scaling_factor": 1.0}
     assert run.model.moe.capacity_factor == 1.25 and run.model.moe.eval_capacity_factor == 2.0
     assert (run.model.moe.aux_loss.load_balance, run.model.moe.aux_loss.z_loss) == (1e-2, 1e-3)
     assert run.model.moe.expert_hidden == run.model.ffn_hidden  # interpolated from the model preset
@@ -52,10 +54,14 @@ def build_model(run) -> MoETransformer:
     return MoETransformer(cfg)
 
 
+# Options that only make sense together with another choice.
+PARTNER = {("aux_loss", "cv"): ["router=noisy_topk"], ("router", "hash"): ["aux_loss=none"]}
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g in ["model", "router", "experts", "capacity", "aux_loss"]
                                           for o in options(g)])
 def test_every_model_option_instantiates_and_runs(make_cfg, group, option):
-    cfg = make_cfg(f"{group}={option}", fast=False)
+    cfg = make_cfg(f"{group}={option}", *PARTNER.get((group, option), []), fast=False)
     run = validate(cfg)
     if group == "model" and option in ("small", "base"):  # keep the test small: shrink depth and width
         run.model.n_layers, run.model.d_model, run.model.n_heads, run.model.n_kv_heads = 2, 64, 4, None
@@ -69,6 +75,9 @@ def test_every_model_option_instantiates_and_runs(make_cfg, group, option):
     if option == "e64_fine":
         assert run.model.moe.num_experts == 64 and run.model.moe.router["top_k"] == 8
         assert run.model.moe.expert_hidden == run.model.ffn_hidden // 8
+    if group == "aux_loss" and option != "none":
+        weighted = {k for k, v in run.model.moe.aux_loss.weights().items() if v > 0}
+        assert weighted <= set(out.aux_losses) and out.aux_loss is not None
 
 
 @pytest.mark.parametrize("option", options("trainer"))
@@ -140,7 +149,16 @@ def test_lightning_module_checkpoint_hparams_are_plain(make_cfg):
     (["data.seq_len=1024"], "data.seq_len=1024 is longer than the model's maximum model.max_seq_len=512"),
     (["+model.moe.foo=1"], "model.moe.foo is not a setting; the settings of model.moe are: ['activation'"),
     (["+model.moe.router.normalise=true"], "model.moe.router.normalise is not a setting; the settings of "
-                                           "model.moe.router are: ['name', 'normalize', 'top_k']"),
+                                           "model.moe.router are: ['name', 'normalize', 'num_groups'"),
+    (["router=switch", "model.moe.router.top_k=2"], "router=switch sends each token to one expert"),
+    (["router=hash"], "router=hash has no learned gate, so no router loss applies"),
+    (["aux_loss=cv"], "model.moe.aux_loss.load (Shazeer's smooth load) needs router=noisy_topk"),
+    (["router=expert_choice", "aux_loss=seq"], "aux_loss.seq_load_balance needs token-choice routing"),
+    (["router=hierarchical", "model.moe.router.num_groups=3"], "num_groups=3 must be at least 2 and divide"),
+    (["model.moe.router.num_groups=3"], "model.moe.router.num_groups=3 must divide num_experts (8)"),
+    (["model.moe.router.score=tanh"], "model.moe.router.score='tanh'; choose softmax or sigmoid"),
+    (["model.moe.drop_policy=random"], "model.moe.drop_policy='random'; choose position or probability"),
+    (["model.moe.shared_gate=true"], "model.moe.shared_gate=true gates the shared experts"),
     (["+fooo=1"], "'fooo' is not a setting; the top-level settings are"),
     (["+trainer.foo=1"], "trainer.foo is not a Lightning Trainer argument"),
     (["model.moe.router.top_k=abc"], "model.moe.router.top_k: Value 'abc'"),
@@ -155,8 +173,8 @@ def test_validate_rejects_bad_input(make_cfg, overrides, expected):
 
 @pytest.mark.parametrize("args,expected", [
     (["model.moe.foo=1"], "model.moe.foo is not a setting; the settings of model.moe are: ['activation'"),
-    (["experts=e99"], "experts=e99 is not an option; the options of experts are: dense, e16, e4, e64_fine, e8"),
-    (["router=nope"], "router=nope is not an option; the options of router are: topk"),
+    (["experts=e99"], "experts=e99 is not an option; the options of experts are: dense, e16, e4, e64_fine, e64_fine_shared, e8"),
+    (["router=nope"], "router=nope is not an option; the options of router are: aux_free, expert_choice"),
     (["model.moe.router.top_k=9"], "model.moe.router.top_k=9 must be in 1..num_experts (8)"),
     (["-m", "experts=e4,e99"], "experts=e99 is not an option"),
     (["-m", "model.moe.router.top_k=1,9"], "model.moe.router.top_k=9 must be in 1..num_experts"),

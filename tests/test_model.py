@@ -52,11 +52,11 @@ def test_aux_losses_are_averaged_over_layers_not_concatenated():
     torch.manual_seed(0)
     model = MoETransformer(tiny_config(capacity_factor=None))
     out = model(torch.randint(0, 64, (2, 16)))
-    per_layer = [out.moe[layer].load_balance_loss for layer in model.moe_layers]
+    per_layer = [out.moe[layer].losses["load_balance"] for layer in model.moe_layers]
     assert len(per_layer) == 3
-    assert out.load_balance_loss.item() == pytest.approx(torch.stack(per_layer).mean().item())
+    assert out.aux_losses["load_balance"].item() == pytest.approx(torch.stack(per_layer).mean().item())
     weights = model.cfg.moe.aux_loss
-    expected = weights.load_balance * out.load_balance_loss + weights.z_loss * out.z_loss
+    expected = weights.load_balance * out.aux_losses["load_balance"] + weights.z_loss * out.aux_losses["z_loss"]
     assert out.aux_loss.item() == pytest.approx(expected.item())
 
 

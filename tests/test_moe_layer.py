@@ -53,7 +53,7 @@ def test_grouped_equals_loop_oracle(top_k, capacity_factor, activation, num_shar
 def test_gradients_reach_router_and_every_used_expert():
     layer = make_layer(top_k=2, capacity_factor=None)
     y, out = layer(torch.randn(2, 64, D))
-    (y.square().sum() + out.load_balance_loss + out.z_loss).backward()
+    (y.square().sum() + out.losses["load_balance"] + out.losses["z_loss"]).backward()
     assert layer.router.gate_ED.grad.abs().sum() > 0
     used = out.tokens_per_expert_E > 0
     per_expert = layer.experts.w_in_EGFD.grad.abs().sum(dim=(1, 2))
@@ -132,7 +132,7 @@ def test_statistics_are_detached_and_consistent():
     assert out.tokens_per_expert_E.sum().item() == 4 * 16 * 2
     assert not out.tokens_per_expert_E.requires_grad and not out.router_entropy.requires_grad
     assert 0 <= out.router_entropy.item() <= math.log(8) + 1e-6
-    assert out.load_balance_loss.requires_grad and out.z_loss.requires_grad
+    assert out.losses["load_balance"].requires_grad and out.losses["z_loss"].requires_grad
 
 
 def test_layer_is_deterministic_and_copyable():

@@ -13,17 +13,30 @@ from typing import Any, Optional
 
 @dataclass
 class AuxLossConfig:
-    """Weights of the auxiliary router losses, added to the cross-entropy.
+    """Weights of the auxiliary router losses, added to the cross-entropy (0 = off).
 
     Each loss is computed per MoE layer and averaged over layers (never over concatenated layers: that hides
-    per-layer imbalance, see transformers issue 31464).
+    per-layer imbalance, see transformers issue 31464). The formulas and papers are in `moe_lab/model/losses.py`.
     """
 
-    # Switch/GShard load-balancing loss E * sum_i f_i * P_i (Fedus et al. 2021). 1e-2 is the value the Switch
-    # Transformer paper, Megatron-Core and OLMoE recommend.
+    # Switch/GShard load-balancing loss E * sum_i f_i * P_i over the micro-batch (Fedus et al. 2021). 1e-2 is the
+    # value the Switch Transformer paper, Megatron-Core and OLMoE use.
     load_balance: float = 1e-2
+    # The same loss within each sequence, averaged over sequences (DeepSeek-V2/V3).
+    seq_load_balance: float = 0.0
+    # The same loss with expert counts summed over all data-parallel ranks (Qiu et al. 2025, global-batch balance).
+    global_load_balance: float = 0.0
     # Router z-loss mean(logsumexp(logits)^2) (Zoph et al. 2022, ST-MoE). Keeps router logits small; 1e-3 as ST-MoE.
     z_loss: float = 1e-3
+    # Shazeer et al. 2017: CV^2 of the per-expert sum of gate weights ("importance"), and of the smooth expected
+    # load of noisy top-k gating ("load"; needs router=noisy_topk). The paper used 0.1 for both.
+    importance: float = 0.0
+    load: float = 0.0
+
+    def weights(self) -> dict[str, float]:
+        return {"load_balance": self.load_balance, "seq_load_balance": self.seq_load_balance,
+                "global_load_balance": self.global_load_balance, "z_loss": self.z_loss,
+                "importance": self.importance, "load": self.load}
 
 
 @dataclass
@@ -46,6 +59,13 @@ class MoEConfig:
     capacity_factor: Optional[float] = 1.25
     # Capacity factor in eval mode (validation). Switch and ST-MoE evaluate with a larger one (2.0). null = dropless.
     eval_capacity_factor: Optional[float] = 2.0
+    # Which slots an over-full expert keeps: position (every token's first choice before any second choice, then
+    # earlier tokens first: GShard) or probability (the highest router weights first: Megatron-Core's default).
+    drop_policy: str = "position"
+    # Capacity is at least this many slots per expert (DeepSpeed's min_capacity), so tiny batches do not drop.
+    min_capacity: int = 0
+    # Gate the shared experts' output by sigmoid(x w) (Qwen2-MoE); false adds it as is (DeepSeekMoE).
+    shared_gate: bool = False
     # Every n-th layer is MoE (1 = all; 2 = every other, as GShard/Switch); counted after the first dense layers.
     every_n_layers: int = 1
     # The first k layers stay dense (DeepSeek-V3 `first_k_dense_replace`): early layers route poorly.

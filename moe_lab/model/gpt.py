@@ -97,7 +97,8 @@ class Block(nn.Module):
         out_std = residual_out_std(cfg.init_std, cfg.n_layers)
         self.is_moe = cfg.is_moe_layer(layer)
         if self.is_moe:
-            self.ffn = MoELayer(cfg.d_model, cfg.moe, init_std=cfg.init_std, out_std=out_std)
+            self.ffn = MoELayer(cfg.d_model, cfg.moe, init_std=cfg.init_std, out_std=out_std,
+                                vocab_size=cfg.vocab_size)
         else:
             self.ffn = FeedForward(cfg.d_model, cfg.ffn_hidden, "swiglu", cfg.init_std, out_std)
 
@@ -116,9 +117,8 @@ class Block(nn.Module):
 class LMOutput:
     logits: torch.Tensor  # (B, S, V)
     loss: Optional[torch.Tensor] = None  # cross-entropy, when targets are given
-    aux_loss: Optional[torch.Tensor] = None  # weighted load-balance + z losses (averaged over MoE layers)
-    load_balance_loss: Optional[torch.Tensor] = None  # unweighted, mean over MoE layers
-    z_loss: Optional[torch.Tensor] = None  # unweighted, mean over MoE layers
+    aux_loss: Optional[torch.Tensor] = None  # sum of weight * (aux loss averaged over MoE layers)
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted, each averaged over MoE layers
     moe: dict[int, MoELayerOutput] = field(default_factory=dict)  # block index -> that layer's statistics
 
 
@@ -158,10 +158,11 @@ class MoETransformer(nn.Module):
         if targets_BS is not None:
             out.loss = F.cross_entropy(logits_BSV.float().view(B * S, -1), targets_BS.reshape(B * S))
         if moe:
-            weights = self.cfg.moe.aux_loss
-            out.load_balance_loss = torch.stack([m.load_balance_loss for m in moe.values()]).mean()
-            out.z_loss = torch.stack([m.z_loss for m in moe.values()]).mean()
-            out.aux_loss = weights.load_balance * out.load_balance_loss + weights.z_loss * out.z_loss
+            names = next(iter(moe.values())).losses.keys()
+            out.aux_losses = {n: torch.stack([m.losses[n] for m in moe.values()]).mean() for n in names}
+            weights = self.cfg.moe.aux_loss.weights()
+            weighted = [weights[n] * loss for n, loss in out.aux_losses.items() if weights[n] > 0]
+            out.aux_loss = torch.stack(weighted).sum() if weighted else None
         return out
 
     # ----------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""Auxiliary router losses, one MoE layer at a time.
+"""Auxiliary router losses, one MoE layer at a time. Each returns an unweighted scalar; the weights are
+`model.moe.aux_loss.*` and the model averages each loss over its MoE layers (never over concatenated layers).
 
-Shape legend: T tokens, E experts.
+Shape legend: T tokens, B sequences, S positions, E experts, K experts per token.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import torch
 def load_balance_loss(probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
     """Switch/GShard load-balancing loss `E * sum_i f_i * P_i` (Fedus et al. 2021, eq. 4; Lepikhin et al. 2020).
 
-    f_i is the fraction of the layer's routed token slots that chose expert i (T * top_k slots, counted before
-    capacity drops; not differentiable), P_i the mean router probability of expert i. It equals 1 when routing
-    is uniform and grows to E when one expert takes everything. `probs_TE` must already be probabilities:
-    applying softmax to them again is the double-softmax bug of transformers issue 45120.
+    f_i is the fraction of the routed token slots that chose expert i (counted before capacity drops; not
+    differentiable), P_i the mean router probability of expert i. It equals 1 when routing is uniform and grows to E
+    when one expert takes everything. `probs_TE` must already be probabilities: a softmax applied to them again is
+    the double-softmax bug of transformers issue 45120 (it flattens P and weakens the loss).
     """
     num_experts = probs_TE.shape[-1]
     f_E = tokens_per_expert_E.float() / tokens_per_expert_E.sum().clamp(min=1)
@@ -22,6 +23,48 @@ def load_balance_loss(probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor)
     return num_experts * (f_E.detach() * p_E).sum()
 
 
+def sequence_load_balance_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Sequence-wise balance loss (DeepSeek-V2 eq. 21; DeepSeek-V3 eq. 17-20): the Switch loss within each sequence,
+    averaged over sequences, so no single sequence can pile onto few experts. 1 when uniform, like the Switch loss."""
+    T, E = probs_TE.shape
+    K = expert_ids_TK.shape[1]
+    S = T // batch_size
+    counts_BE = torch.zeros(batch_size, E, device=probs_TE.device)
+    counts_BE.scatter_add_(1, expert_ids_TK.reshape(batch_size, S * K),
+                           torch.ones(batch_size, S * K, device=probs_TE.device))
+    f_BE = counts_BE * E / (K * S)
+    p_BE = probs_TE.float().view(batch_size, S, E).mean(dim=1)
+    return (f_BE.detach() * p_BE).sum(-1).mean()
+
+
+def global_load_balance_loss(probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+    """Global-batch balance loss (Qiu et al. 2025, arXiv 2501.11873; Megatron `global_aux_loss`): the Switch loss with
+    f counted over every data-parallel rank's tokens, so experts may specialise per micro-batch while staying
+    balanced over the global batch. Without torch.distributed it equals the Switch loss."""
+    counts_E = tokens_per_expert_E.detach().float().clone()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts_E)
+    return load_balance_loss(probs_TE, counts_E)
+
+
 def router_z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
     """Router z-loss `mean_t logsumexp(logits_t)^2` (Zoph et al. 2022, ST-MoE eq. 5): keeps logits small."""
     return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+def cv_squared(x_E: torch.Tensor) -> torch.Tensor:
+    """Squared coefficient of variation, variance / mean^2 (population variance, as Shazeer et al.'s code)."""
+    x_E = x_E.float()
+    return x_E.var(unbiased=False) / (x_E.mean().square() + 1e-10)
+
+
+def importance_loss(weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Shazeer et al. 2017 eq. 6-7: CV(Importance)^2, Importance_i = sum of gate weights expert i gets over the batch."""
+    importance_E = torch.zeros(num_experts, device=weights_TK.device, dtype=torch.float32)
+    importance_E = importance_E.scatter_add(0, expert_ids_TK.reshape(-1), weights_TK.reshape(-1).float())
+    return cv_squared(importance_E)
+
+
+def load_loss(load_estimate_E: torch.Tensor) -> torch.Tensor:
+    """Shazeer et al. 2017 eq. 10-11: CV(Load)^2 of the smooth load estimator of noisy top-k gating."""
+    return cv_squared(load_estimate_E)

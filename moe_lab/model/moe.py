@@ -2,21 +2,21 @@
 
 Shape legend:
     B  batch           S  sequence          T  tokens = B * S
-    D  d_model         E  routed experts    K  experts per token (top_k)
+    D  d_model         E  routed experts    K  experts per token (top_k)       C  tokens per expert
     N  token slots = K * T, ordered k-major: slot n is token n % T's (n // T)-th choice, so every token's
        first choice comes before any token's second choice (GShard's priority for capacity)
     R  rows of the expert input, = N: the slots sorted by expert, kept slots first, dropped ones after
 
 The fast path has no Python loop over tokens or experts and no host-device synchronisation: counts are a
-scatter-add, offsets a cumsum, the permutation one stable argsort, and capacity a comparison, so the layer
-runs the same on CPU and GPU and under `torch.compile`. `implementation="loop"` is the plain per-expert
-reference the tests hold the fast path to.
+scatter-add, offsets a cumsum, the permutation one stable argsort (two for the probability drop policy), and
+capacity a comparison, so the layer runs the same on CPU and GPU and under `torch.compile`.
+`implementation="loop"` is the plain per-expert reference the tests hold the fast path to.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -24,7 +24,8 @@ import torch.nn as nn
 
 from moe_lab.model.config import MoEConfig
 from moe_lab.model.experts import FeedForward, GroupedExperts
-from moe_lab.model.losses import load_balance_loss, router_z_loss
+from moe_lab.model.losses import (global_load_balance_loss, importance_loss, load_balance_loss, load_loss,
+                                  router_z_loss, sequence_load_balance_loss)
 from moe_lab.model.routers import RouterOutput, build_router
 
 
@@ -32,18 +33,19 @@ from moe_lab.model.routers import RouterOutput, build_router
 class MoELayerOutput:
     """Per-layer losses (with gradients) and routing statistics (detached, still on device: no sync)."""
 
-    load_balance_loss: torch.Tensor  # scalar
-    z_loss: torch.Tensor  # scalar
-    tokens_per_expert_E: torch.Tensor  # float32, routed token slots per expert, before capacity drops
-    dropped_slots: torch.Tensor  # float32 scalar, token slots that overflowed their expert's capacity
-    router_entropy: torch.Tensor  # float32 scalar, mean per-token entropy of the router's probabilities (nats)
+    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted aux losses, by name
+    tokens_per_expert_E: Optional[torch.Tensor] = None  # float32, routed token slots per expert, before drops
+    dropped_slots: Optional[torch.Tensor] = None  # float32 scalar, slots that overflowed capacity / went unrouted
+    router_entropy: Optional[torch.Tensor] = None  # float32 scalar, mean per-token entropy of router probs (nats)
 
 
-def expert_capacity(capacity_factor: Optional[float], num_tokens: int, top_k: int, num_experts: int) -> Optional[int]:
-    """Token slots one expert may take: ceil(cf * T * K / E) (Switch Transformer); None = dropless."""
+def expert_capacity(capacity_factor: Optional[float], num_tokens: int, top_k: int, num_experts: int,
+                    min_capacity: int = 0) -> Optional[int]:
+    """Token slots one expert may take: ceil(cf * T * K / E) (Switch Transformer), at least min_capacity; None =
+    dropless."""
     if capacity_factor is None:
         return None
-    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
+    return max(math.ceil(capacity_factor * num_tokens * top_k / num_experts), min_capacity)
 
 
 @dataclass
@@ -58,16 +60,24 @@ class Dispatch:
     dropped_slots: torch.Tensor  # int64 scalar
 
 
-def build_dispatch(expert_ids_TK: torch.Tensor, num_experts: int, capacity: Optional[int]) -> Dispatch:
-    """Sort token slots by expert (stable, so priority order survives) and apply the capacity limit."""
-    num_tokens, top_k = expert_ids_TK.shape
+def build_dispatch(expert_ids_TK: torch.Tensor, num_experts: int, capacity: Optional[int],
+                   priority_TK: Optional[torch.Tensor] = None) -> Dispatch:
+    """Sort token slots by expert and apply the capacity limit.
+
+    Within an expert, slots keep k-major order (drop policy "position"), or, given `priority_TK`, the highest
+    priority first (drop policy "probability"); over capacity, the last ones are dropped.
+    """
     device = expert_ids_TK.device
     expert_N = expert_ids_TK.t().reshape(-1)  # (K, T) -> (N,): k-major priority order
     num_slots = expert_N.numel()
     # Histogram by scatter-add: torch.bincount would synchronise with the host to learn max(input).
     tokens_per_expert_E = torch.zeros(num_experts, dtype=torch.int64, device=device)
     tokens_per_expert_E.scatter_add_(0, expert_N, torch.ones_like(expert_N))
-    order_N = torch.argsort(expert_N, stable=True)  # slots grouped by expert, priority order within each
+    if priority_TK is None:
+        order_N = torch.argsort(expert_N, stable=True)  # grouped by expert, k-major order within each
+    else:
+        by_priority_N = torch.argsort(-priority_TK.t().reshape(-1), stable=True)
+        order_N = by_priority_N[torch.argsort(expert_N[by_priority_N], stable=True)]
     arange_N = torch.arange(num_slots, device=device)
 
     if capacity is None or capacity >= num_slots:
@@ -96,13 +106,14 @@ def build_dispatch(expert_ids_TK: torch.Tensor, num_experts: int, capacity: Opti
 
 
 class MoELayer(nn.Module):
-    """A Mixture-of-Experts FFN (Shazeer et al. 2017), token-choice routing, optional shared experts."""
+    """A Mixture-of-Experts FFN (Shazeer et al. 2017) with any registered router and optional shared experts."""
 
-    def __init__(self, d_model: int, cfg: MoEConfig, init_std: float = 0.02, out_std: float = 0.02):
+    def __init__(self, d_model: int, cfg: MoEConfig, init_std: float = 0.02, out_std: float = 0.02,
+                 vocab_size: Optional[int] = None):
         super().__init__()
         self.cfg = cfg
         self.num_experts = cfg.num_experts
-        self.router = build_router(d_model, cfg.num_experts, cfg.router, init_std=init_std)
+        self.router = build_router(d_model, cfg.num_experts, cfg.router, init_std=init_std, vocab_size=vocab_size)
         self.top_k = self.router.top_k
         self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.expert_hidden, cfg.activation,
                                       init_std=init_std, out_std=out_std)
@@ -110,40 +121,77 @@ class MoELayer(nn.Module):
             FeedForward(d_model, cfg.num_shared * cfg.expert_hidden, cfg.activation, init_std, out_std)
             if cfg.num_shared > 0 else None
         )
+        self.shared_gate = nn.Linear(d_model, 1, bias=False) if self.shared is not None and cfg.shared_gate else None
+        if self.shared_gate is not None:
+            nn.init.normal_(self.shared_gate.weight, std=init_std)
+
+    @property
+    def capacity_factor(self) -> Optional[float]:
+        return self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
 
     def capacity(self, num_tokens: int) -> Optional[int]:
-        factor = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
-        return expert_capacity(factor, num_tokens, self.top_k, self.num_experts)
+        if not self.router.uses_capacity:
+            return None
+        return expert_capacity(self.capacity_factor, num_tokens, self.top_k, self.num_experts, self.cfg.min_capacity)
 
     def forward(self, x_BSD: torch.Tensor, token_ids_BS: Optional[torch.Tensor] = None
                 ) -> tuple[torch.Tensor, MoELayerOutput]:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         token_ids_T = token_ids_BS.reshape(B * S) if token_ids_BS is not None else None
-        routing = self.router(x_TD, token_ids_T)
-        capacity = self.capacity(B * S)
-        if self.cfg.implementation == "loop":
-            y_TD, tokens_per_expert_E, dropped = self._forward_loop(x_TD, routing, capacity)
+        if hasattr(self.router, "capacity_factor"):  # expert choice: its capacity is the layer's
+            self.router.capacity_factor = self.capacity_factor or 1.0
+        routing = self.router(x_TD, token_ids_T, batch_size=B)
+        if routing.token_ids_EC is not None:
+            y_TD, tokens_per_expert_E, dropped = self._forward_expert_choice(x_TD, routing)
+        elif self.cfg.implementation == "loop":
+            y_TD, tokens_per_expert_E, dropped = self._forward_loop(x_TD, routing, self.capacity(B * S))
         else:
-            y_TD, tokens_per_expert_E, dropped = self._forward_grouped(x_TD, routing, capacity)
+            y_TD, tokens_per_expert_E, dropped = self._forward_grouped(x_TD, routing, self.capacity(B * S))
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+            shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            y_TD = y_TD + shared_TD
 
+        out = MoELayerOutput(losses=self._losses(routing, tokens_per_expert_E, B),
+                             tokens_per_expert_E=tokens_per_expert_E.detach().float(),
+                             dropped_slots=dropped.detach().float())
         with torch.no_grad():
-            entropy = torch.special.entr(routing.probs_TE).sum(-1).mean()
-        out = MoELayerOutput(
-            load_balance_loss=load_balance_loss(routing.probs_TE, tokens_per_expert_E),
-            z_loss=router_z_loss(routing.logits_TE),
-            tokens_per_expert_E=tokens_per_expert_E.detach().float(),
-            dropped_slots=dropped.detach().float(),
-            router_entropy=entropy,
-        )
+            out.router_entropy = (torch.special.entr(routing.probs_TE).sum(-1).mean() if routing.probs_TE is not None
+                                  else torch.zeros((), device=x_TD.device))
         return y_TD.view(B, S, D), out
+
+    def _losses(self, routing: RouterOutput, tokens_per_expert_E: torch.Tensor, batch_size: int
+                ) -> dict[str, torch.Tensor]:
+        """The unweighted aux losses this router supports: the Switch loss and z-loss always (they are logged),
+        the others only when weighted (validation rejects a weight on a loss the router cannot have)."""
+        if routing.probs_TE is None:  # no learned gate (hash routing): nothing to balance by gradient
+            return {}
+        weights = self.cfg.aux_loss
+        losses = {"load_balance": load_balance_loss(routing.probs_TE, tokens_per_expert_E),
+                  "z_loss": routing.z_loss if routing.z_loss is not None else router_z_loss(routing.logits_TE)}
+        if weights.seq_load_balance > 0:
+            losses["seq_load_balance"] = sequence_load_balance_loss(routing.probs_TE, routing.expert_ids_TK,
+                                                                    batch_size)
+        if weights.global_load_balance > 0:
+            losses["global_load_balance"] = global_load_balance_loss(routing.probs_TE, tokens_per_expert_E)
+        if weights.importance > 0:
+            ids, w = ((routing.expert_ids_TK, routing.weights_TK) if routing.expert_ids_TK is not None
+                      else (torch.arange(self.num_experts, device=routing.weights_EC.device)[:, None]
+                            .expand_as(routing.weights_EC), routing.weights_EC))
+            losses["importance"] = importance_loss(w, ids, self.num_experts)
+        if weights.load > 0 and routing.load_estimate_E is not None:
+            losses["load"] = load_loss(routing.load_estimate_E)
+        return losses
+
+    def _priority(self, routing: RouterOutput) -> Optional[torch.Tensor]:
+        return routing.weights_TK if self.cfg.drop_policy == "probability" else None
 
     def _forward_grouped(self, x_TD: torch.Tensor, routing: RouterOutput, capacity: Optional[int]):
         T, D = x_TD.shape
         K = routing.expert_ids_TK.shape[1]
-        dispatch = build_dispatch(routing.expert_ids_TK, self.num_experts, capacity)
+        dispatch = build_dispatch(routing.expert_ids_TK, self.num_experts, capacity, self._priority(routing))
         x_RD = x_TD[dispatch.row_slot_R % T]  # gather: slot n holds token n % T
         if dispatch.row_kept_R is not None:
             # Rows past the last group are never computed; zeroing them also stops their (undefined) gradients.
@@ -156,15 +204,33 @@ class MoELayer(nn.Module):
         y_TD = (y_KTD * weights_KT1).sum(dim=0)
         return y_TD.to(x_TD.dtype), dispatch.tokens_per_expert_E, dispatch.dropped_slots
 
+    def _forward_expert_choice(self, x_TD: torch.Tensor, routing: RouterOutput):
+        """Each expert's chosen tokens are already its group of rows (C each): gather, grouped GEMM, scatter-add."""
+        T, D = x_TD.shape
+        E, C = routing.token_ids_EC.shape
+        token_R = routing.token_ids_EC.reshape(-1)
+        offs_E = torch.arange(1, E + 1, device=x_TD.device, dtype=torch.int32) * C
+        y_RD = self.experts(x_TD[token_R], offs_E)
+        weighted_RD = (y_RD * routing.weights_EC.reshape(-1, 1).to(y_RD.dtype)).to(x_TD.dtype)
+        y_TD = torch.zeros_like(x_TD).index_add(0, token_R, weighted_RD)
+        tokens_per_expert_E = torch.full((E,), C, dtype=torch.int64, device=x_TD.device)
+        # Slots a token-choice top-k would have used, left unrouted: tokens no expert chose, times top_k.
+        chosen_T = torch.zeros(T, dtype=torch.bool, device=x_TD.device).index_fill(0, token_R, True)
+        dropped = (~chosen_T).sum() * self.top_k
+        return y_TD, tokens_per_expert_E, dropped
+
     def _forward_loop(self, x_TD: torch.Tensor, routing: RouterOutput, capacity: Optional[int]):
         """Reference implementation: one expert at a time, boolean masks, no permutation tricks."""
         T, D = x_TD.shape
         expert_KT = routing.expert_ids_TK.t()
+        weight_KT = routing.weights_TK.t()
         y_TD = torch.zeros_like(x_TD)
         tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.int64, device=x_TD.device)
         dropped = torch.zeros((), dtype=torch.int64, device=x_TD.device)
         for expert in range(self.num_experts):
             slots = (expert_KT == expert).reshape(-1).nonzero().squeeze(-1)  # k-major priority order
+            if self.cfg.drop_policy == "probability":
+                slots = slots[torch.argsort(-weight_KT.reshape(-1)[slots], stable=True)]
             tokens_per_expert[expert] = slots.numel()
             if capacity is not None and slots.numel() > capacity:
                 dropped += slots.numel() - capacity

@@ -1,19 +1,33 @@
 """Routers: which experts see which tokens, and with what weight.
 
 Shape legend (suffixes on tensor names):
-    T  tokens in the layer's input (batch * sequence, flattened)
-    D  d_model
-    E  routed experts
-    K  experts chosen per token (top_k)
+    T  tokens in the layer's input (batch * sequence, flattened, batch-major)
+    B  sequences in the batch           S  positions per sequence
+    D  d_model                           E  routed experts
+    K  experts chosen per token          C  tokens chosen per expert (expert choice)
+    G  expert groups                     V  vocabulary
 
 A router is a small module with a nested `Config` dataclass, registered by name with `@register_router`.
-Adding a router is one class here (or in a module that imports `register_router`) plus one `conf/router/NAME.yaml`
-whose `name` is the registered name. The router computes in float32 whatever the autocast dtype, as every
-production MoE does (Megatron-Core, DeepSpeed, HF): bf16 logits make top-k choices noisy.
+Adding one is a class here plus a `conf/router/NAME.yaml` whose `name` is the registered name. Routers compute in
+float32 whatever the autocast dtype, as every production MoE does (Megatron-Core, DeepSpeed, HF): bf16 logits make
+top-k choices noisy.
+
+| router          | paper                                         | routes by                 |
+|-----------------|-----------------------------------------------|---------------------------|
+| topk            | GShard (Lepikhin et al. 2020), Mixtral 2024   | token choice              |
+| noisy_topk      | Shazeer et al. 2017                           | token choice              |
+| switch          | Switch Transformer (Fedus et al. 2021)        | token choice, top-1       |
+| expert_choice   | Zhou et al. 2022                              | expert choice             |
+| hash            | Hash Layers (Roller et al. 2021)              | token id, no learned gate |
+| sinkhorn        | BASE (Lewis et al. 2021), S-BASE (Clark 2022) | balanced assignment       |
+| aux_free        | DeepSeek-V3 (2024), Wang et al. 2024          | token choice + bias       |
+| soft            | Jacobs, Jordan, Nowlan & Hinton 1991          | every expert, softmax mix |
+| hierarchical    | Jordan & Jacobs 1994                          | two-level gating          |
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, ClassVar, Optional
 
@@ -24,12 +38,21 @@ import torch.nn.functional as F
 
 @dataclass
 class RouterOutput:
-    """What the MoE layer needs from a router. Token-choice routers fill every field."""
+    """What the MoE layer needs from a router.
 
-    expert_ids_TK: torch.Tensor  # int64, the experts each token chose, best first
-    weights_TK: torch.Tensor  # float32, the weights that combine those experts' outputs
-    logits_TE: torch.Tensor  # float32, raw gate logits (router z-loss)
-    probs_TE: torch.Tensor  # float32, probabilities over all experts (load-balance loss, entropy)
+    Token-choice routers fill expert_ids_TK and weights_TK; expert-choice routers fill token_ids_EC and weights_EC.
+    probs_TE is a distribution over all experts per token (it sums to one) for the load-balancing losses and the
+    entropy metric; logits_TE feeds the z-loss. Routers without a learned gate leave both None.
+    """
+
+    expert_ids_TK: Optional[torch.Tensor] = None  # int64, the experts each token chose
+    weights_TK: Optional[torch.Tensor] = None  # float32, the weights combining those experts' outputs
+    token_ids_EC: Optional[torch.Tensor] = None  # int64, the tokens each expert chose
+    weights_EC: Optional[torch.Tensor] = None  # float32
+    probs_TE: Optional[torch.Tensor] = None  # float32
+    logits_TE: Optional[torch.Tensor] = None  # float32
+    z_loss: Optional[torch.Tensor] = None  # set by routers whose z-loss is not logsumexp(logits_TE)^2
+    load_estimate_E: Optional[torch.Tensor] = None  # Shazeer's smooth, differentiable load (noisy_topk)
 
 
 @dataclass
@@ -38,7 +61,7 @@ class RouterConfig:
 
     # Registered router name (the file name in conf/router/).
     name: str = "topk"
-    # Experts per token.
+    # Experts per token (expert choice: the average number of experts per token).
     top_k: int = 2
 
 
@@ -46,7 +69,7 @@ ROUTERS: dict[str, type["Router"]] = {}
 
 
 def register_router(name: str) -> Callable[[type["Router"]], type["Router"]]:
-    """Class decorator: make a router selectable as `router=NAME`."""
+    """Class decorator: make a router selectable as `router=NAME` (`model.moe.router.name=NAME`)."""
 
     def wrap(cls: type["Router"]) -> type["Router"]:
         if name in ROUTERS:
@@ -67,57 +90,533 @@ def router_config(node: dict) -> RouterConfig:
     return ROUTERS[name].Config(**node)
 
 
+def normalized_sigmoid(logits_TE: torch.Tensor) -> torch.Tensor:
+    """sigmoid(l_i) / sum_j sigmoid(l_j), computed as softmax(logsigmoid(l)): no epsilon to exploit.
+
+    With `s / (s.sum() + eps)` a router can push every sigmoid below eps and drive the load-balancing loss under
+    its minimum of 1 (Megatron-LM issue 1545, OLMo-core PR 255). In log space there is no eps and no underflow.
+    """
+    return F.logsigmoid(logits_TE).softmax(dim=-1)
+
+
 class Router(nn.Module):
     """Base class: a linear gate from d_model to E logits, kept in float32."""
 
     Config: ClassVar[type[RouterConfig]] = RouterConfig
     registered_name: ClassVar[str] = ""
+    # Eval-mode routing of a token depends on no later token (given dropless capacity): the causality test holds it.
+    causal: ClassVar[bool] = True
+    # Learned parameters that gradients must reach.
+    has_gate: ClassVar[bool] = True
+    # Takes part in the capacity limit of model.moe.capacity_factor.
+    uses_capacity: ClassVar[bool] = True
+    # Hugging Face architectures whose eval-mode routing equals this router's (export --format hf).
+    hf_formats: ClassVar[tuple[str, ...]] = ()
 
-    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, init_std: float = 0.02):
-        super().__init__()
+    @classmethod
+    def check(cls, cfg: RouterConfig, num_experts: int) -> None:
+        """Raise ValueError naming the setting if this router cannot run with these settings."""
         if not 1 <= cfg.top_k <= num_experts:
             raise ValueError(f"model.moe.router.top_k={cfg.top_k} must be in 1..num_experts ({num_experts})")
+
+    @classmethod
+    def experts_per_token(cls, cfg: RouterConfig, num_experts: int) -> int:
+        return cfg.top_k
+
+    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, init_std: float = 0.02,
+                 vocab_size: Optional[int] = None):
+        super().__init__()
+        self.check(cfg, num_experts)
         self.cfg = cfg
         self.num_experts = num_experts
-        self.top_k = cfg.top_k
-        # (E, D): stored in float32 even under bf16 autocast; the routing math never leaves float32.
-        self.gate_ED = nn.Parameter(torch.empty(num_experts, d_model))
-        nn.init.normal_(self.gate_ED, std=init_std)
+        self.top_k = self.experts_per_token(cfg, num_experts)
+        if self.has_gate:
+            # (E, D): stored in float32 even under bf16 autocast; the routing math never leaves float32.
+            self.gate_ED = nn.Parameter(torch.empty(num_experts, d_model))
+            nn.init.normal_(self.gate_ED, std=init_std)
 
-    def gate_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+    def gate_logits(self, x_TD: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Float32 logits (T, E), computed outside autocast."""
+        weight = self.gate_ED if weight is None else weight
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
-            return F.linear(x_TD.float(), self.gate_ED.float())
+            return F.linear(x_TD.float(), weight.float())
 
-    def forward(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor] = None) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor] = None,
+                batch_size: int = 1) -> RouterOutput:
         raise NotImplementedError
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Token choice: softmax or sigmoid scores, top-k
 
 
 @dataclass
 class TopKRouterConfig(RouterConfig):
     # Renormalise the k chosen weights to sum to 1 (Mixtral does; Qwen-MoE's default does not).
     normalize: bool = True
+    # softmax over all experts (GShard, Mixtral) or an independent sigmoid per expert (DeepSeek-V3).
+    score: str = "softmax"
+    # Group-limited routing (DeepSeek-V3 device/node-limited routing): experts form num_groups groups; a token
+    # first keeps the topk_groups groups with the highest sum of their top-2 scores, then picks top_k inside them.
+    num_groups: int = 1
+    topk_groups: int = 1
+    # Multiplies the combine weights (DeepSeek-V3's routed_scaling_factor, 2.5 for 256 experts).
+    scaling_factor: float = 1.0
+
+
+def scores_of(logits_TE: torch.Tensor, score: str) -> torch.Tensor:
+    return logits_TE.softmax(dim=-1) if score == "softmax" else torch.sigmoid(logits_TE)
+
+
+def probs_of(logits_TE: torch.Tensor, score: str) -> torch.Tensor:
+    """A distribution over experts for the aux losses: the softmax, or the normalised sigmoid."""
+    return logits_TE.softmax(dim=-1) if score == "softmax" else normalized_sigmoid(logits_TE)
+
+
+def limit_to_groups(choice_TE: torch.Tensor, num_groups: int, topk_groups: int) -> torch.Tensor:
+    """Mask (to -inf) every expert outside each token's topk_groups best groups (DeepSeek-V3 eq. 12-13)."""
+    T, E = choice_TE.shape
+    grouped_TGE = choice_TE.view(T, num_groups, E // num_groups)
+    per_group = min(2, E // num_groups)
+    group_score_TG = grouped_TGE.topk(per_group, dim=-1).values.sum(-1)
+    keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
+    keep_TG.scatter_(1, group_score_TG.topk(topk_groups, dim=-1).indices, True)
+    return grouped_TGE.masked_fill(~keep_TG[:, :, None], float("-inf")).view(T, E)
 
 
 @register_router("topk")
 class TopKRouter(Router):
-    """Softmax over all experts, then the top-k (GShard, Lepikhin et al. 2020; Mixtral, Jiang et al. 2024).
+    """Scores over all experts, then the top-k (GShard, Lepikhin et al. 2020; Mixtral, Jiang et al. 2024).
 
-    The softmax is taken over all E experts before the top-k, so the load-balance loss sees a distribution
-    over every expert; `normalize` then rescales the k chosen weights to sum to one.
+    Softmax scores are taken over all E experts before the top-k, so the load-balance loss sees a distribution over
+    every expert; `normalize` rescales the k chosen weights to sum to one. `score=sigmoid`, `num_groups` and
+    `topk_groups` give DeepSeek-V3's routing (without its bias: that is `router=aux_free`).
     """
 
     Config = TopKRouterConfig
+    hf_formats = ("mixtral", "qwen2_moe", "qwen3_moe")
 
-    def forward(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor] = None) -> RouterOutput:
-        logits_TE = self.gate_logits(x_TD)
-        probs_TE = logits_TE.softmax(dim=-1)
-        weights_TK, expert_ids_TK = probs_TE.topk(self.top_k, dim=-1)
+    @classmethod
+    def check(cls, cfg: TopKRouterConfig, num_experts: int) -> None:
+        super().check(cfg, num_experts)
+        if cfg.score not in ("softmax", "sigmoid"):
+            raise ValueError(f"model.moe.router.score={cfg.score!r}; choose softmax or sigmoid")
+        if cfg.num_groups < 1 or num_experts % cfg.num_groups:
+            raise ValueError(f"model.moe.router.num_groups={cfg.num_groups} must divide num_experts ({num_experts})")
+        if not 1 <= cfg.topk_groups <= cfg.num_groups:
+            raise ValueError(f"model.moe.router.topk_groups={cfg.topk_groups} must be in 1..num_groups "
+                             f"({cfg.num_groups})")
+        if cfg.top_k > cfg.topk_groups * (num_experts // cfg.num_groups):
+            raise ValueError(f"model.moe.router.top_k={cfg.top_k} is more than the {cfg.topk_groups} kept groups "
+                             f"hold ({cfg.topk_groups * (num_experts // cfg.num_groups)} experts)")
+
+    def select(self, choice_TE: torch.Tensor) -> torch.Tensor:
+        """The top-k experts of each token under `choice_TE`, within its best groups when routing is grouped."""
+        if self.cfg.num_groups > 1:
+            choice_TE = limit_to_groups(choice_TE, self.cfg.num_groups, self.cfg.topk_groups)
+        return choice_TE.topk(self.top_k, dim=-1).indices
+
+    def combine_weights(self, scores_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> torch.Tensor:
+        weights_TK = scores_TE.gather(1, expert_ids_TK)
         if self.cfg.normalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        return RouterOutput(expert_ids_TK, weights_TK, logits_TE, probs_TE)
+        return weights_TK * self.cfg.scaling_factor
+
+    def forward(self, x_TD, token_ids_T=None, batch_size=1) -> RouterOutput:
+        logits_TE = self.gate_logits(x_TD)
+        scores_TE = scores_of(logits_TE, self.cfg.score)
+        expert_ids_TK = self.select(scores_TE)
+        return RouterOutput(expert_ids_TK=expert_ids_TK, weights_TK=self.combine_weights(scores_TE, expert_ids_TK),
+                            probs_TE=probs_of(logits_TE, self.cfg.score), logits_TE=logits_TE)
 
 
-def build_router(d_model: int, num_experts: int, node: dict, init_std: float = 0.02) -> Router:
+# ------------------------------------------------------------------------------------------------------------
+# Noisy top-k (Shazeer et al. 2017)
+
+
+@dataclass
+class NoisyTopKRouterConfig(RouterConfig):
+    # Floor of the learned noise scale softplus(x W_noise) (numerical safety of the load estimator).
+    min_noise_std: float = 1e-2
+
+
+@register_router("noisy_topk")
+class NoisyTopKRouter(Router):
+    """Noisy top-k gating (Shazeer et al. 2017, "Outrageously Large Neural Networks", eq. 3-5).
+
+    H(x)_i = (x W_g)_i + N(0, 1) * softplus((x W_noise)_i) in training, (x W_g)_i in evaluation; the gate is
+    softmax(KeepTopK(H, k)). The learned, input-dependent noise spreads load while the router is uncertain, and makes
+    the expected load a smooth function of the gates (`load_estimate_E`, for `aux_loss=cv`). Deterministic in eval.
+    """
+
+    Config = NoisyTopKRouterConfig
+    hf_formats = ("mixtral", "qwen3_moe")  # eval: softmax over the top-k logits = renormalised softmax top-k
+
+    def __init__(self, d_model, num_experts, cfg, init_std=0.02, vocab_size=None):
+        super().__init__(d_model, num_experts, cfg, init_std, vocab_size)
+        # Zero init as the paper: training starts with a noise std of softplus(0) = 0.69.
+        self.noise_ED = nn.Parameter(torch.zeros(num_experts, d_model))
+
+    def forward(self, x_TD, token_ids_T=None, batch_size=1) -> RouterOutput:
+        logits_TE = self.gate_logits(x_TD)
+        out = RouterOutput(logits_TE=logits_TE, probs_TE=logits_TE.softmax(-1))
+        if self.training:
+            noise_std_TE = F.softplus(self.gate_logits(x_TD, self.noise_ED)) + self.cfg.min_noise_std
+            noisy_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
+            out.load_estimate_E = self._load_estimate(logits_TE, noisy_TE, noise_std_TE)
+            out.probs_TE = noisy_TE.softmax(-1)
+        else:
+            noisy_TE = logits_TE
+        top_TK = noisy_TE.topk(self.top_k, dim=-1)
+        out.expert_ids_TK, out.weights_TK = top_TK.indices, top_TK.values.softmax(dim=-1)
+        return out
+
+    def _load_estimate(self, clean_TE, noisy_TE, noise_std_TE) -> torch.Tensor:
+        """Sum over tokens of P(expert i stays in the top-k when only its own noise is redrawn) (eq. 8-9)."""
+        k = self.top_k
+        if k == self.num_experts:
+            return torch.full((self.num_experts,), float(clean_TE.shape[0]), device=clean_TE.device)
+        top_TK1 = noisy_TE.topk(k + 1, dim=-1).values
+        in_top_TE = noisy_TE >= top_TK1[:, k - 1:k]
+        # Threshold to beat: the k-th largest of the others = (k+1)-th if i is in the top-k, else the k-th.
+        threshold_TE = torch.where(in_top_TE, top_TK1[:, k:k + 1], top_TK1[:, k - 1:k])
+        normal = torch.distributions.Normal(0.0, 1.0)
+        return normal.cdf((clean_TE - threshold_TE) / noise_std_TE).sum(0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Switch (Fedus et al. 2021)
+
+
+@dataclass
+class SwitchRouterConfig(RouterConfig):
+    top_k: int = 1
+    # Multiplicative input jitter x * U(1 - eps, 1 + eps) in training (Switch Transformer section 2.4).
+    jitter_eps: float = 1e-2
+
+
+@register_router("switch")
+class SwitchRouter(Router):
+    """Switch routing (Fedus et al. 2021): each token goes to its single most probable expert, weighted by that
+    probability (not renormalised), with multiplicative input jitter in training for exploration. Known for
+    simplicity and speed at scale, and for needing a capacity factor and the load-balancing loss."""
+
+    Config = SwitchRouterConfig
+    hf_formats = ("qwen3_moe", "qwen2_moe")  # top-1 softmax without renormalisation
+
+    @classmethod
+    def check(cls, cfg: SwitchRouterConfig, num_experts: int) -> None:
+        if cfg.top_k != 1:
+            raise ValueError(f"router=switch sends each token to one expert; model.moe.router.top_k={cfg.top_k} "
+                             "must be 1 (use router=topk for k > 1)")
+        if not 0 <= cfg.jitter_eps < 1:
+            raise ValueError(f"model.moe.router.jitter_eps={cfg.jitter_eps} must be in [0, 1)")
+
+    def forward(self, x_TD, token_ids_T=None, batch_size=1) -> RouterOutput:
+        if self.training and self.cfg.jitter_eps > 0:
+            eps = self.cfg.jitter_eps
+            x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
+        logits_TE = self.gate_logits(x_TD)
+        probs_TE = logits_TE.softmax(dim=-1)
+        weights_TK, expert_ids_TK = probs_TE.max(dim=-1, keepdim=True)
+        return RouterOutput(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK, probs_TE=probs_TE,
+                            logits_TE=logits_TE)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Expert choice (Zhou et al. 2022)
+
+
+@dataclass
+class ExpertChoiceRouterConfig(RouterConfig):
+    # false: each expert picks its top-capacity tokens among all tokens of the batch, as the paper. That reads
+    # every position of a sequence, so a token's routing depends on later tokens: an LM trained this way sees the
+    # future through routing and its validation loss is optimistic.
+    # true: each expert picks among the tokens at the same position of the batch's sequences (one batch slice
+    # per position), so no token's routing depends on a later position of any sequence.
+    causal: bool = False
+
+
+@register_router("expert_choice")
+class ExpertChoiceRouter(Router):
+    """Expert-choice routing (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing").
+
+    Each expert takes exactly its capacity C = ceil(capacity_factor * T * top_k / E) tokens, the ones with the highest
+    softmax affinity for it, so load is perfectly balanced by construction and no aux loss is needed; a token may get
+    any number of experts, none included (then only the residual carries it). `top_k` is the average number of
+    experts per token. NOT causal with `causal=false` (the paper's setting): experts choose across all positions.
+    `causal=true` chooses within each position's slice of the batch instead (capacity per expert and position =
+    ceil(capacity_factor * B * top_k / E)); its routing then depends on the batch size.
+    """
+
+    Config = ExpertChoiceRouterConfig
+    causal = False  # the paper's setting; with cfg.causal=True the instance is causal (see router_is_causal)
+    uses_capacity = False  # it is capacity: every expert takes exactly C tokens
+
+    def __init__(self, d_model, num_experts, cfg, init_std=0.02, vocab_size=None):
+        super().__init__(d_model, num_experts, cfg, init_std, vocab_size)
+        self.capacity_factor = 1.0  # set by the MoE layer from model.moe.capacity_factor / eval_capacity_factor
+
+    def forward(self, x_TD, token_ids_T=None, batch_size=1) -> RouterOutput:
+        T, E = x_TD.shape[0], self.num_experts
+        logits_TE = self.gate_logits(x_TD)
+        probs_TE = logits_TE.softmax(dim=-1)
+        if self.cfg.causal:
+            B, S = batch_size, T // batch_size
+            capacity = min(B, math.ceil(self.capacity_factor * B * self.top_k / E))
+            probs_SEB = probs_TE.view(B, S, E).permute(1, 2, 0)
+            top = probs_SEB.topk(capacity, dim=-1)  # each expert, at each position, picks among the B sequences
+            positions_S11 = torch.arange(S, device=x_TD.device).view(S, 1, 1)
+            token_ids_SEC = top.indices * S + positions_S11  # (sequence, position) -> flat token index
+            token_ids_EC = token_ids_SEC.permute(1, 0, 2).reshape(E, S * capacity)
+            weights_EC = top.values.permute(1, 0, 2).reshape(E, S * capacity)
+        else:
+            capacity = min(T, math.ceil(self.capacity_factor * T * self.top_k / E))
+            top = probs_TE.t().topk(capacity, dim=-1)
+            token_ids_EC, weights_EC = top.indices, top.values
+        return RouterOutput(token_ids_EC=token_ids_EC, weights_EC=weights_EC, probs_TE=probs_TE, logits_TE=logits_TE)
+
+
+def router_is_causal(router: Router) -> bool:
+    return router.causal or bool(getattr(router.cfg, "causal", False))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Hash (Roller et al. 2021)
+
+
+@dataclass
+class HashRouterConfig(RouterConfig):
+    top_k: int = 1
+    # Seed of the random hash table: expert = table[token id] (one table per k).
+    hash_seed: int = 0
+
+
+@register_router("hash")
+class HashRouter(Router):
+    """Hash layers (Roller et al. 2021, "Hash Layers For Large Sparse Models"): each token id is sent to fixed,
+    random experts, one per hash function, weighted equally. No learned gate, so no router loss and nothing to
+    collapse; load follows the token frequencies. A pure function of the token id."""
+
+    Config = HashRouterConfig
+    has_gate = False
+
+    def __init__(self, d_model, num_experts, cfg, init_std=0.02, vocab_size=None):
+        super().__init__(d_model, num_experts, cfg, init_std, vocab_size)
+        if vocab_size is None:
+            raise ValueError("router=hash needs the vocabulary size")
+        generator = torch.Generator().manual_seed(cfg.hash_seed)
+        # Saved with the model, so a checkpoint routes the same tokens the same way whatever the RNG does later.
+        self.register_buffer("table_VK", torch.randint(0, num_experts, (vocab_size, self.top_k), generator=generator))
+
+    def forward(self, x_TD, token_ids_T=None, batch_size=1) -> RouterOutput:
+        if token_ids_T is None:
+            raise ValueError("router=hash routes by token id; call the layer with token ids")
+        expert_ids_TK = self.table_VK[token_ids_T]
+        weights_TK = torch.full(expert_ids_TK.shape, 1.0 / self.top_k, device=x_TD.device)
+        return RouterOutput(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sinkhorn balanced assignment (BASE, S-BASE)
+
+
+@dataclass
+class SinkhornRouterConfig(RouterConfig):
+    top_k: int = 1
+    # Sinkhorn-Knopp normalisation rounds (Megatron-Core's S-BASE router stops at a tolerance; a fixed count keeps
+    # the layer free of host synchronisation).
+    iterations: int = 10
+
+
+def sinkhorn(logits_TE: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Scale exp(logits) so every token's row sums to 1 and every expert's column to T / E (Cuturi 2013)."""
+    T, E = logits_TE.shape
+    log_p = logits_TE - logits_TE.logsumexp(dim=-1, keepdim=True)
+    for _ in range(iterations):  # a fixed, small number of rounds: a loop over iterations, not tokens
+        log_p = log_p - log_p.logsumexp(dim=0, keepdim=True) + math.log(T / E)
+        log_p = log_p - log_p.logsumexp(dim=1, keepdim=True)
+    return log_p.exp()
+
+
+@register_router("sinkhorn")
+class SinkhornRouter(Router):
+    """Balanced assignment (BASE layers, Lewis et al. 2021; Sinkhorn-based S-BASE, Clark et al. 2022).
+
+    In training, tokens are assigned to experts by top-k of the Sinkhorn-balanced affinity matrix, whose columns all
+    carry T/E tokens' worth of mass: near-perfect balance without an aux loss. The combine weights are the
+    router's own softmax probabilities, so the gate still learns. In evaluation it is plain softmax top-k (causal);
+    in training the balancing couples all tokens of the batch, as a capacity limit does.
+    """
+
+    Config = SinkhornRouterConfig
+    hf_formats = ("qwen3_moe", "qwen2_moe")
+
+    def forward(self, x_TD, token_ids_T=None, batch_size=1) -> RouterOutput:
+        logits_TE = self.gate_logits(x_TD)
+        probs_TE = logits_TE.softmax(dim=-1)
+        if self.training:
+            with torch.no_grad():
+                expert_ids_TK = sinkhorn(logits_TE, self.cfg.iterations).topk(self.top_k, dim=-1).indices
+        else:
+            expert_ids_TK = probs_TE.topk(self.top_k, dim=-1).indices
+        return RouterOutput(expert_ids_TK=expert_ids_TK, weights_TK=probs_TE.gather(1, expert_ids_TK),
+                            probs_TE=probs_TE, logits_TE=logits_TE)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Aux-loss-free balancing (DeepSeek-V3)
+
+
+@dataclass
+class AuxFreeRouterConfig(RouterConfig):
+    # Bias step per optimizer step: b += rate * sign(mean load - load) (DeepSeek-V3's gamma = 1e-3).
+    bias_update_rate: float = 1e-3
+    # Renormalise the k chosen sigmoid scores (DeepSeek-V3 does).
+    normalize: bool = True
+    scaling_factor: float = 1.0
+
+
+@register_router("aux_free")
+class AuxFreeRouter(Router):
+    """Auxiliary-loss-free load balancing (DeepSeek-V3 technical report 2024, section 2.1.2; Wang et al. 2024).
+
+    Sigmoid affinities; a per-expert bias is added only to choose experts (top-k of score + bias), never to weight
+    them. After each optimizer step, `update_bias` moves the bias by rate * sign(mean load - load), with the counts
+    summed over the whole global batch: every data-parallel rank and every gradient-accumulation step since the last
+    update. Balance without an aux-loss gradient interfering with the language-modelling one.
+    """
+
+    Config = AuxFreeRouterConfig
+
+    def __init__(self, d_model, num_experts, cfg, init_std=0.02, vocab_size=None):
+        super().__init__(d_model, num_experts, cfg, init_std, vocab_size)
+        self.register_buffer("bias_E", torch.zeros(num_experts))  # float32, saved in checkpoints
+        # Routed token slots per expert since the last update (training only); not saved: an update empties it.
+        self.register_buffer("pending_counts_E", torch.zeros(num_experts), persistent=False)
+
+    def forward(self, x_TD, token_ids_T=None, batch_size=1) -> RouterOutput:
+        logits_TE = self.gate_logits(x_TD)
+        scores_TE = torch.sigmoid(logits_TE)
+        expert_ids_TK = (scores_TE + self.bias_E).topk(self.top_k, dim=-1).indices
+        weights_TK = scores_TE.gather(1, expert_ids_TK)
+        if self.cfg.normalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        if self.training:
+            with torch.no_grad():
+                self.pending_counts_E.scatter_add_(0, expert_ids_TK.reshape(-1),
+                                                   torch.ones(expert_ids_TK.numel(), device=x_TD.device))
+        return RouterOutput(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK * self.cfg.scaling_factor,
+                            probs_TE=normalized_sigmoid(logits_TE), logits_TE=logits_TE)
+
+    @torch.no_grad()
+    def update_bias(self, all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+        """One bias step from the counts of the whole global batch; `all_reduce` sums them over ranks."""
+        counts_E = self.pending_counts_E.clone()
+        if all_reduce is not None:
+            counts_E = all_reduce(counts_E)
+        if counts_E.sum() > 0:  # only after a training step routed tokens
+            self.bias_E += self.cfg.bias_update_rate * torch.sign(counts_E.mean() - counts_E)
+        self.pending_counts_E.zero_()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The dense soft mixture (Jacobs et al. 1991)
+
+
+@dataclass
+class SoftRouterConfig(RouterConfig):
+    top_k: int = 0  # ignored: every expert is used
+
+
+@register_router("soft")
+class SoftMixtureRouter(Router):
+    """Adaptive mixtures of local experts (Jacobs, Jordan, Nowlan & Hinton 1991), where MoE began: every expert
+    runs on every token and the gate's softmax weights combine them. The historical baseline: dense compute (E
+    times a top-1 MoE), no routing decisions, no drops. Slow by nature."""
+
+    Config = SoftRouterConfig
+    uses_capacity = False
+    hf_formats = ("mixtral", "qwen3_moe")  # top-k = E, and the weights already sum to one
+
+    @classmethod
+    def check(cls, cfg: SoftRouterConfig, num_experts: int) -> None:
+        pass
+
+    @classmethod
+    def experts_per_token(cls, cfg: SoftRouterConfig, num_experts: int) -> int:
+        return num_experts
+
+    def forward(self, x_TD, token_ids_T=None, batch_size=1) -> RouterOutput:
+        logits_TE = self.gate_logits(x_TD)
+        probs_TE = logits_TE.softmax(dim=-1)
+        expert_ids_TK = torch.arange(self.num_experts, device=x_TD.device).expand(x_TD.shape[0], -1)
+        return RouterOutput(expert_ids_TK=expert_ids_TK, weights_TK=probs_TE, probs_TE=probs_TE, logits_TE=logits_TE)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Hierarchical mixtures (Jordan & Jacobs 1994)
+
+
+@dataclass
+class HierarchicalRouterConfig(RouterConfig):
+    # Experts per token inside each chosen group (top_k) times chosen groups (group_top_k) = experts per token.
+    top_k: int = 1
+    num_groups: int = 2
+    group_top_k: int = 1
+    # Renormalise the chosen joint weights p(group) * p(expert | group) to sum to 1.
+    normalize: bool = True
+
+
+@register_router("hierarchical")
+class HierarchicalRouter(Router):
+    """Hierarchical mixtures of experts (Jordan & Jacobs 1994): a gate picks among groups of experts, a second gate
+    picks within the group. Here both levels are sparse: the top group_top_k groups, then the top_k experts of each,
+    weighted by p(group) * p(expert | group). A tree-structured router with far fewer logits per decision."""
+
+    Config = HierarchicalRouterConfig
+
+    @classmethod
+    def check(cls, cfg: HierarchicalRouterConfig, num_experts: int) -> None:
+        if cfg.num_groups < 2 or num_experts % cfg.num_groups:
+            raise ValueError(f"model.moe.router.num_groups={cfg.num_groups} must be at least 2 and divide "
+                             f"num_experts ({num_experts})")
+        if not 1 <= cfg.group_top_k <= cfg.num_groups:
+            raise ValueError(f"model.moe.router.group_top_k={cfg.group_top_k} must be in 1..num_groups "
+                             f"({cfg.num_groups})")
+        if not 1 <= cfg.top_k <= num_experts // cfg.num_groups:
+            raise ValueError(f"model.moe.router.top_k={cfg.top_k} must be in 1..experts per group "
+                             f"({num_experts // cfg.num_groups})")
+
+    @classmethod
+    def experts_per_token(cls, cfg: HierarchicalRouterConfig, num_experts: int) -> int:
+        return cfg.top_k * cfg.group_top_k
+
+    def __init__(self, d_model, num_experts, cfg, init_std=0.02, vocab_size=None):
+        super().__init__(d_model, num_experts, cfg, init_std, vocab_size)
+        self.group_gate_GD = nn.Parameter(torch.empty(cfg.num_groups, d_model))
+        nn.init.normal_(self.group_gate_GD, std=init_std)
+
+    def forward(self, x_TD, token_ids_T=None, batch_size=1) -> RouterOutput:
+        G, Eg = self.cfg.num_groups, self.num_experts // self.cfg.num_groups
+        group_logits_TG = self.gate_logits(x_TD, self.group_gate_GD)
+        expert_logits_TGe = self.gate_logits(x_TD).view(-1, G, Eg)  # the within-group gates
+        p_group_TG = group_logits_TG.softmax(-1)
+        p_within_TGe = expert_logits_TGe.softmax(-1)
+        joint_TE = (p_group_TG[:, :, None] * p_within_TGe).flatten(1)  # a distribution over all E experts
+        groups_Tg = p_group_TG.topk(self.cfg.group_top_k, dim=-1).indices
+        within_Tgk = p_within_TGe.gather(1, groups_Tg[:, :, None].expand(-1, -1, Eg)).topk(self.cfg.top_k, -1).indices
+        expert_ids_TK = (groups_Tg[:, :, None] * Eg + within_Tgk).flatten(1)
+        weights_TK = joint_TE.gather(1, expert_ids_TK)
+        if self.cfg.normalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        z_loss = (torch.logsumexp(group_logits_TG, -1).square().mean()
+                  + torch.logsumexp(expert_logits_TGe, -1).square().mean()) / 2
+        return RouterOutput(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK, probs_TE=joint_TE,
+                            logits_TE=joint_TE.log(), z_loss=z_loss)
+
+
+def build_router(d_model: int, num_experts: int, node: dict, init_std: float = 0.02,
+                 vocab_size: Optional[int] = None) -> Router:
     cfg = router_config(node)
-    return ROUTERS[cfg.name](d_model, num_experts, cfg, init_std=init_std)
+    return ROUTERS[cfg.name](d_model, num_experts, cfg, init_std=init_std, vocab_size=vocab_size)
