@@ -15,11 +15,11 @@ D = 32
 
 
 def make_layer(num_experts=8, top_k=2, capacity_factor=None, hidden=48, activation="swiglu", num_shared=0,
-               normalize=True, seed=0) -> MoELayer:
+               normalize=True, seed=0, **moe) -> MoELayer:
     torch.manual_seed(seed)
     cfg = MoEConfig(num_experts=num_experts, expert_hidden=hidden, activation=activation, num_shared=num_shared,
                     capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor,
-                    router={"name": "topk", "top_k": top_k, "normalize": normalize})
+                    router={"name": "topk", "top_k": top_k, "normalize": normalize}, **moe)
     return MoELayer(D, cfg)
 
 
@@ -33,9 +33,10 @@ def run(layer: MoELayer, x: torch.Tensor, grad: torch.Tensor, implementation: st
 
 
 @pytest.mark.parametrize("top_k,capacity_factor", [(1, None), (2, None), (2, 1.0), (2, 0.5), (4, 0.75), (8, None)])
-@pytest.mark.parametrize("activation,num_shared", [("swiglu", 0), ("gelu", 1)])
-def test_grouped_equals_loop_oracle(top_k, capacity_factor, activation, num_shared):
-    layer = make_layer(top_k=top_k, capacity_factor=capacity_factor, activation=activation, num_shared=num_shared)
+@pytest.mark.parametrize("activation,num_shared,drop_policy", [("swiglu", 0, "position"), ("gelu", 1, "probability")])
+def test_grouped_equals_loop_oracle(top_k, capacity_factor, activation, num_shared, drop_policy):
+    layer = make_layer(top_k=top_k, capacity_factor=capacity_factor, activation=activation, num_shared=num_shared,
+                       drop_policy=drop_policy, shared_gate=num_shared > 0)
     x = torch.randn(3, 40, D)
     grad = torch.randn(3, 40, D)
     y_g, gx_g, gw_g, out_g = run(layer, x, grad, "grouped")
@@ -158,3 +159,30 @@ def test_bf16_autocast_runs_the_experts_in_bf16_and_keeps_the_router_in_float32(
     assert seen["dtype"] == torch.bfloat16
     assert y.dtype == x.dtype
     torch.testing.assert_close(y, reference, rtol=0.1, atol=0.05)
+
+
+def test_probability_drop_policy_keeps_the_highest_weights():
+    expert_ids_TK = torch.tensor([[0], [0], [0], [1]])
+    weights_TK = torch.tensor([[0.2], [0.9], [0.5], [0.7]])
+    d = build_dispatch(expert_ids_TK, num_experts=2, capacity=2, priority_TK=weights_TK)
+    kept = sorted(int(s) for s in d.row_slot_R[: d.offs_E[0]])
+    assert kept == [1, 2]  # expert 0 keeps tokens with weights 0.9 and 0.5; position policy would keep 0 and 1
+    assert sorted(int(s) for s in build_dispatch(expert_ids_TK, 2, 2).row_slot_R[:2]) == [0, 1]
+
+
+def test_min_capacity():
+    assert expert_capacity(0.1, 16, 1, 8, min_capacity=4) == 4
+    assert expert_capacity(2.0, 64, 2, 8, min_capacity=4) == 32
+
+
+def test_shared_expert_gate():
+    """Qwen2-MoE: y = routed(x) + sigmoid(x w) * shared(x)."""
+    layer = make_layer(num_shared=1, shared_gate=True)
+    x_TD = torch.randn(8, D)
+    y, _ = layer(x_TD.view(1, 8, D))
+    gate = torch.sigmoid(layer.shared_gate(x_TD))
+    shared = layer.shared(x_TD)
+    layer.shared = None  # only the routed experts remain
+    routed, _ = layer(x_TD.view(1, 8, D))
+    torch.testing.assert_close(y.view(8, D), routed.view(8, D) + gate * shared, rtol=1e-5, atol=1e-6)
+    assert torch.all(gate > 0) and torch.all(gate < 1)

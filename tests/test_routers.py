@@ -1,0 +1,296 @@
+"""Each router's defining property, gradients to its parameters, and causality where a router claims it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from moe_lab.model import AuxLossConfig, ModelConfig, MoEConfig, MoELayer, MoETransformer
+from moe_lab.model.losses import load_balance_loss
+from moe_lab.model.routers import (ROUTERS, AuxFreeRouter, RouterConfig, normalized_sigmoid, router_config,
+                                   router_is_causal, sinkhorn)
+
+D, E = 32, 8
+ALL = sorted(ROUTERS)
+CAUSAL_CONFIGS = [{"name": n} for n in ALL if ROUTERS[n].causal] + [{"name": "expert_choice", "causal": True}]
+
+
+def make_router(node: dict, num_experts: int = E, seed: int = 0, vocab_size: int = 64):
+    torch.manual_seed(seed)
+    cfg = router_config(node)
+    return ROUTERS[cfg.name](D, num_experts, cfg, vocab_size=vocab_size)
+
+
+def make_layer(node: dict, capacity_factor=None, seed=0, **moe) -> MoELayer:
+    torch.manual_seed(seed)
+    cfg = MoEConfig(num_experts=E, expert_hidden=32, capacity_factor=capacity_factor,
+                    eval_capacity_factor=capacity_factor, router=node, **moe)
+    return MoELayer(D, cfg, vocab_size=64)
+
+
+def test_every_registered_router_has_a_config_file_and_a_paper():
+    from pathlib import Path
+
+    from moe_lab.config import config_dir
+
+    names = {}
+    for path in Path(config_dir(), "router").glob("*.yaml"):
+        text = path.read_text()
+        names[path.stem] = [line.split(":")[1].strip() for line in text.splitlines() if line.startswith("name:")][0]
+    assert set(names.values()) == set(ROUTERS)
+    for cls in ROUTERS.values():
+        assert cls.__doc__ and any(str(year) in cls.__doc__ for year in range(1990, 2026)), cls.__name__
+
+
+# -- defining properties -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("capacity_factor", [1.0, 2.0, 0.5])
+def test_expert_choice_gives_every_expert_exactly_its_capacity(capacity_factor):
+    router = make_router({"name": "expert_choice", "top_k": 2})
+    router.capacity_factor = capacity_factor
+    T = 96
+    out = router(torch.randn(T, D))
+    capacity = math.ceil(capacity_factor * T * 2 / E)
+    assert out.token_ids_EC.shape == (E, capacity)
+    for e in range(E):  # each expert: exactly `capacity` distinct tokens, its highest-affinity ones
+        chosen = out.token_ids_EC[e]
+        assert chosen.unique().numel() == capacity
+        assert torch.all(out.probs_TE[chosen, e].min() >= out.probs_TE[:, e].topk(capacity).values.min())
+    layer = make_layer({"name": "expert_choice", "top_k": 2}, capacity_factor=capacity_factor)
+    _, stats = layer(torch.randn(4, 24, D))
+    assert stats.tokens_per_expert_E.tolist() == [capacity] * E
+
+
+def test_causal_expert_choice_chooses_within_each_position():
+    router = make_router({"name": "expert_choice", "top_k": 2, "causal": True})
+    B, S = 8, 5
+    out = router(torch.randn(B * S, D), batch_size=B)
+    capacity = math.ceil(1.0 * B * 2 / E)
+    assert out.token_ids_EC.shape == (E, S * capacity)
+    positions = out.token_ids_EC % S
+    for e in range(E):
+        assert torch.bincount(positions[e], minlength=S).tolist() == [capacity] * S
+
+
+def test_expert_choice_layer_equals_a_per_expert_loop():
+    layer = make_layer({"name": "expert_choice", "top_k": 2}, capacity_factor=1.0)
+    x = torch.randn(2, 16, D)
+    y, _ = layer(x)
+    x_TD = x.reshape(-1, D)
+    routing = layer.router(x_TD)
+    expected = torch.zeros_like(x_TD)
+    for e in range(E):
+        tokens = routing.token_ids_EC[e]
+        expected[tokens] += routing.weights_EC[e, :, None] * layer.experts.expert_forward(e, x_TD[tokens])
+    torch.testing.assert_close(y.reshape(-1, D), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_hash_routing_is_a_pure_function_of_the_token_id():
+    router = make_router({"name": "hash", "top_k": 2})
+    ids = torch.randint(0, 64, (200,))
+    first = router(torch.randn(200, D), ids).expert_ids_TK
+    second = router(torch.randn(200, D) * 10, ids).expert_ids_TK  # other hidden states, same ids
+    assert torch.equal(first, second)
+    for token in ids.unique():  # the same id always goes to the same experts
+        rows = first[ids == token]
+        assert torch.all(rows == rows[0])
+    again = make_router({"name": "hash", "top_k": 2}, seed=123)  # the table depends on hash_seed, not the RNG
+    assert torch.equal(again(torch.randn(200, D), ids).expert_ids_TK, first)
+    assert not any(p.requires_grad for p in router.parameters())
+
+
+def test_sinkhorn_assignments_are_balanced():
+    torch.manual_seed(0)
+    T = 512
+    logits = torch.randn(T, E) + torch.linspace(0, 4, E)  # strongly prefers the last experts
+    greedy = torch.bincount(logits.argmax(-1), minlength=E).float()
+    balanced = torch.bincount(sinkhorn(logits, 10).argmax(-1), minlength=E).float()
+    assert greedy.max() / greedy.mean() > 3
+    assert balanced.max() / balanced.mean() < 1.25
+    router = make_router({"name": "sinkhorn", "top_k": 1})
+    router.gate_ED.data += torch.randn(E, D)  # a skewed gate
+    x = torch.randn(T, D)
+    counts = torch.bincount(router(x).expert_ids_TK.reshape(-1), minlength=E).float()
+    assert counts.max() / counts.mean() < 1.25
+    router.eval()  # evaluation is plain top-k
+    assert torch.equal(router(x).expert_ids_TK, router(x).probs_TE.topk(1).indices)
+
+
+def imbalance(counts: torch.Tensor) -> float:
+    return (counts.max() / counts.mean()).item()
+
+
+def test_aux_free_bias_balances_a_skewed_router_without_any_loss():
+    router = make_router({"name": "aux_free", "top_k": 2, "bias_update_rate": 0.003})
+    router.gate_ED.data[0] += 0.5  # expert 0 wins far too often
+    torch.manual_seed(1)
+    per_step, late_counts = [], torch.zeros(E)
+    for step in range(600):  # a synthetic stream; no loss, no gradient: only the bias moves
+        ids = router(torch.randn(256, D) + 0.5).expert_ids_TK
+        counts = torch.bincount(ids.reshape(-1), minlength=E).float()
+        per_step.append(imbalance(counts))
+        if step >= 500:
+            late_counts += counts
+        router.update_bias()
+    assert per_step[0] > 2.5  # expert 0 took every token at first
+    assert sum(per_step[-50:]) / 50 < 1.4  # per-step imbalance near 1 (sign updates oscillate by one step)
+    assert imbalance(late_counts) < 1.05  # over many steps the load is uniform
+    assert router.bias_E[0] < 0  # the favoured expert was pushed down
+
+
+def test_aux_free_update_is_correct_under_gradient_accumulation_and_data_parallelism():
+    a = make_router({"name": "aux_free", "top_k": 2})
+    b = make_router({"name": "aux_free", "top_k": 2})
+    x1, x2 = torch.randn(64, D), torch.randn(64, D)
+    a(x1), a(x2)  # two micro-batches, one optimizer step
+    a.update_bias()
+    b(torch.cat([x1, x2]))  # one batch holding both
+    b.update_bias()
+    assert torch.equal(a.bias_E, b.bias_E)
+    # Two data-parallel ranks: each sees one half; the update must use the sum, as one rank seeing both would.
+    ranks = [make_router({"name": "aux_free", "top_k": 2}) for _ in range(2)]
+    for rank, x in zip(ranks, (x1, x2)):
+        rank(x)
+    pending = [r.pending_counts_E.clone() for r in ranks]
+    for rank in ranks:
+        rank.update_bias(all_reduce=lambda t: pending[0] + pending[1])
+    assert torch.equal(ranks[0].bias_E, b.bias_E) and torch.equal(ranks[1].bias_E, b.bias_E)
+    # The bias chooses experts but never weights them.
+    out = b(x1)
+    scores = torch.sigmoid(x1 @ b.gate_ED.t()).gather(1, out.expert_ids_TK)
+    torch.testing.assert_close(out.weights_TK, scores / scores.sum(-1, keepdim=True))
+    before = b.pending_counts_E.clone()
+    b.eval()
+    b(x1)
+    assert torch.equal(b.pending_counts_E, before)  # evaluation does not count
+
+
+@pytest.mark.parametrize("node", [{"name": "noisy_topk"}, {"name": "switch", "jitter_eps": 0.1}])
+def test_noisy_and_jitter_routers_are_deterministic_in_eval(node):
+    router = make_router(node)
+    x = torch.randn(128, D)
+    router.train()
+    assert not torch.equal(router(x).weights_TK, router(x).weights_TK)  # noise in training
+    router.eval()
+    a, b = router(x), router(x)
+    assert torch.equal(a.expert_ids_TK, b.expert_ids_TK) and torch.equal(a.weights_TK, b.weights_TK)
+
+
+def test_noisy_topk_load_estimate_is_differentiable_and_sums_to_k_tokens():
+    router = make_router({"name": "noisy_topk", "top_k": 2})
+    out = router(torch.randn(400, D))
+    assert out.load_estimate_E.requires_grad
+    # Expected number of experts per token is k: the estimator's total is close to k * T.
+    assert out.load_estimate_E.sum().item() == pytest.approx(2 * 400, rel=0.15)
+    out.load_estimate_E.sum().backward()
+    assert router.noise_ED.grad.abs().sum() > 0
+
+
+def test_soft_mixture_is_the_dense_mixture():
+    layer = make_layer({"name": "soft"})
+    x = torch.randn(2, 10, D)
+    y, stats = layer(x)
+    x_TD = x.reshape(-1, D)
+    probs = torch.softmax(x_TD @ layer.router.gate_ED.t(), dim=-1)
+    dense = sum(probs[:, e:e + 1] * layer.experts.expert_forward(e, x_TD) for e in range(E))
+    torch.testing.assert_close(y.reshape(-1, D), dense, rtol=1e-5, atol=1e-6)
+    assert stats.tokens_per_expert_E.tolist() == [20.0] * E and stats.dropped_slots.item() == 0
+
+
+def test_hierarchical_routes_inside_the_chosen_groups():
+    router = make_router({"name": "hierarchical", "num_groups": 4, "group_top_k": 2, "top_k": 1})
+    out = router(torch.randn(100, D))
+    assert out.expert_ids_TK.shape == (100, 2)
+    group_probs = torch.softmax(torch.randn(1), 0)  # noqa: F841 - shapes only below
+    groups = out.expert_ids_TK // (E // 4)
+    assert torch.all(groups[:, 0] != groups[:, 1])  # one expert from each of two distinct groups
+    torch.testing.assert_close(out.probs_TE.sum(-1), torch.ones(100))
+    torch.testing.assert_close(out.weights_TK.sum(-1), torch.ones(100))
+
+
+def test_group_limited_topk_stays_within_topk_groups():
+    router = make_router({"name": "topk", "top_k": 3, "score": "sigmoid", "num_groups": 4, "topk_groups": 2})
+    ids = router(torch.randn(200, D)).expert_ids_TK
+    groups_used = [len(set((row // 2).tolist())) for row in ids]
+    assert max(groups_used) <= 2
+
+
+def test_sigmoid_normaliser_cannot_be_exploited():
+    """Megatron-LM issue 1545: with s / (sum s + 1e-20) a router pushing every sigmoid under 1e-20 gets an aux loss
+    below its minimum of 1. The log-space normaliser keeps a proper distribution however small the sigmoids."""
+    logits = torch.full((16, E), -80.0) + torch.randn(16, E) * 0.01  # sigmoid ~ 1e-35
+    probs = normalized_sigmoid(logits)
+    torch.testing.assert_close(probs.sum(-1), torch.ones(16))
+    balanced_counts = torch.full((E,), 4.0)
+    assert load_balance_loss(probs, balanced_counts).item() == pytest.approx(1.0, abs=1e-3)
+    eps_version = torch.sigmoid(logits) / (torch.sigmoid(logits).sum(-1, keepdim=True) + 1e-20)
+    assert load_balance_loss(eps_version, balanced_counts).item() < 0.01  # what the guard prevents
+
+
+def test_load_balance_loss_is_not_flattened_by_a_second_softmax():
+    """transformers issue 45120: softmax applied to probabilities flattens P, so a collapsed router looks balanced."""
+    layer = make_layer({"name": "topk", "top_k": 1})
+    layer.router.gate_ED.data.zero_()
+    layer.router.gate_ED.data[0] = 5.0  # every token to expert 0 with probability ~1
+    _, stats = layer(torch.ones(1, 64, D))
+    assert stats.losses["load_balance"].item() == pytest.approx(E, rel=1e-3)
+
+
+# -- gradients and causality ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_gradients_reach_every_router_parameter(name):
+    node = {"name": name, **({"top_k": 1} if name in ("switch", "hash", "sinkhorn") else {})}
+    layer = make_layer(node, capacity_factor=None if name != "expert_choice" else 1.0,
+                       aux_loss=AuxLossConfig(importance=0.1, load=0.1 if name == "noisy_topk" else 0.0))
+    x = torch.randn(2, 32, D)
+    y, stats = layer(x, torch.randint(0, 64, (2, 32)))
+    (y.square().mean() + sum(stats.losses.values(), torch.zeros(()))).backward()
+    params = list(layer.router.named_parameters())
+    assert bool(params) == ROUTERS[name].has_gate
+    for pname, p in params:
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+
+
+def tiny_model(node: dict) -> MoETransformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, d_model=D, n_layers=2, n_heads=4, ffn_hidden=64, max_seq_len=64,
+                      moe=MoEConfig(num_experts=E, expert_hidden=32, capacity_factor=None,
+                                    eval_capacity_factor=None, router=node))
+    return MoETransformer(cfg).eval()
+
+
+@pytest.mark.parametrize("node", CAUSAL_CONFIGS, ids=lambda n: "-".join(str(v) for v in n.values()))
+def test_changing_token_t_never_changes_earlier_logits(node):
+    model = tiny_model(node)
+    assert all(router_is_causal(b.ffn.router) for b in model.blocks)
+    ids = torch.randint(0, 64, (4, 20))
+    t = 11
+    changed = ids.clone()
+    changed[:, t] = (changed[:, t] + 7) % 64
+    a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=1e-6)
+    assert (a[:, t:] - b[:, t:]).abs().max() > 1e-5
+
+
+def test_paper_expert_choice_is_not_causal():
+    """The documented caveat, checked: experts choosing across positions let later tokens change earlier outputs."""
+    model = tiny_model({"name": "expert_choice"})
+    assert not router_is_causal(model.blocks[0].ffn.router)
+    torch.manual_seed(0)
+    leaked = False
+    for _ in range(5):
+        ids = torch.randint(0, 64, (2, 20))
+        changed = ids.clone()
+        changed[:, 15:] = torch.randint(0, 64, (2, 5))
+        leaked |= bool((model(ids).logits[:, :15] - model(changed).logits[:, :15]).abs().max() > 1e-5)
+    assert leaked
+
+
+def test_router_config_base_keys():
+    assert {"name", "top_k"} <= set(RouterConfig.__dataclass_fields__)
+    assert isinstance(make_router({"name": "aux_free"}), AuxFreeRouter)
