@@ -1,3 +1,13 @@
 """moe-lab: an experiment runner for Mixture-of-Experts language models (Lightning + Hydra)."""
 
 __version__ = "0.1.0"
+
+
+def load_model(ckpt_path, map_location="cpu"):
+    """The model of a moe-lab checkpoint in eval mode: `load_model(path)(token_ids_BT)` -> logits (B, T, vocab)."""
+    from moe_lab.export import load_model as _load
+
+    return _load(ckpt_path, map_location=map_location)
+
+
+__all__ = ["load_model", "__version__"]

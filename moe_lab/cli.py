@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 SUBCOMMANDS: dict[str, str] = {
     "train": "train an MoE language model (a Hydra app: `moe-lab train --help` lists its config groups)",
+    "export": "write a checkpoint as a Hugging Face transformers model: moe-lab export CKPT --format hf OUT_DIR",
 }
 
 USAGE = """usage: moe-lab <command> [arguments]
@@ -28,6 +29,7 @@ examples:
   moe-lab train experts=e16 model.moe.router.top_k=1 capacity=cf1_25 aux_loss=switch_z
   moe-lab train -m experts=e4,e8 aux_loss=none,switch    a sweep of 4 runs
   moe-lab train ckpt_path=outputs/DATE/TIME/checkpoints/last.ckpt
+  moe-lab export outputs/DATE/TIME/checkpoints/last.ckpt --format hf hf_model/
 
 Tab completion (bash): eval "$(moe-lab train -sc install=bash)"
 """
@@ -47,7 +49,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(USAGE.format(commands=commands))
         return 0
     command, rest = argv[0], argv[1:]
-    handlers: dict[str, Callable[[list[str]], int]] = {"train": train_command}
+    handlers: dict[str, Callable[[list[str]], int]] = {"train": train_command, "export": export_command}
     if command not in handlers and launched_worker():
         # A data-parallel worker that Lightning started by re-running this process's command line, which Hydra
         # holds without the subcommand: it is the same `train` run (rank 0 already checked the command line).
@@ -72,6 +74,32 @@ def train_command(args: list[str], check: bool = True) -> int:
     from moe_lab.train import hydra_main
 
     hydra_main()
+    return 0
+
+
+def export_command(args: list[str]) -> int:
+    import argparse
+
+    from moe_lab.config import UserError
+
+    parser = argparse.ArgumentParser(
+        prog="moe-lab export", description="Write a moe-lab checkpoint in another ecosystem's format. --format hf: "
+        "a transformers model (Mixtral or Qwen2-MoE, chosen from the router and experts) and its tokenizer, "
+        "loadable with AutoModelForCausalLM.from_pretrained(OUT_DIR).")
+    parser.add_argument("checkpoint", help="a moe-lab checkpoint, e.g. outputs/DATE/TIME/checkpoints/last.ckpt")
+    parser.add_argument("out_dir", help="a new (or empty) directory")
+    parser.add_argument("--format", required=True, choices=["hf"], help="hf: Hugging Face transformers")
+    parsed = parser.parse_args(args)
+    try:
+        from moe_lab.export import export_hf
+
+        result = export_hf(parsed.checkpoint, parsed.out_dir)
+    except UserError as e:
+        return fail(str(e))
+    note = "" if result["dropless"] else (" (Hugging Face models are dropless; moe-lab's own evaluation drops tokens "
+                                          "past eval_capacity_factor, so logits agree wherever none is dropped)")
+    print(f"moe-lab: wrote {result['architecture']} to {result['out_dir']}{note}\n"
+          f"  AutoModelForCausalLM.from_pretrained({result['out_dir']!r})")
     return 0
 
 

@@ -30,7 +30,8 @@ from moe_lab.model import MoETransformer
 
 
 class MoELanguageModel(L.LightningModule):
-    def __init__(self, model: dict, optim: dict, domain_names: Optional[list[str]] = None):
+    def __init__(self, model: dict, optim: dict, domain_names: Optional[list[str]] = None,
+                 tokenizer: Optional[dict] = None):
         super().__init__()
         # Plain dicts only: checkpoints then load without pickled objects (lightning-hydra-template's pitfall).
         self.save_hyperparameters()

@@ -24,6 +24,7 @@ from moe_lab.callbacks import GracefulStop, StepProgressBar, StopRequested
 from moe_lab.config import ConfigError, RunConfig, UserError, config_dir, model_config, validate
 from moe_lab.data.datamodule import LMDataModule
 from moe_lab.lightning_module import MoELanguageModel
+from moe_lab.model.routers import router_is_causal
 
 log = logging.getLogger("moe_lab")
 
@@ -81,7 +82,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                           f"{data.vocab_size}; set it to null to follow the tokenizer")
     module = MoELanguageModel(model=dataclasses.asdict(model_cfg), optim=dataclasses.asdict(run.optim),
-                              domain_names=data.domain_names)
+                              domain_names=data.domain_names, tokenizer=dataclasses.asdict(run.tokenizer))
 
     ckpt_dir = output_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
@@ -255,6 +256,10 @@ def print_header(run: RunConfig, module: MoELanguageModel, data: LMDataModule, o
             f"capacity {moe.capacity_factor or 'dropless'}, layers {module.moe_layers}" if moe.enabled else "dense")
     print(f"moe-lab: model {run.model.name}: {p['total'] / 1e6:.2f}M parameters, {p['active'] / 1e6:.2f}M active "
           f"per token; {kind}", flush=True)
+    if moe.enabled and not all(router_is_causal(module.model.blocks[layer].ffn.router) for layer in module.moe_layers):
+        print(f"moe-lab: warning: router={moe.router['name']} is not causal (experts choose among all positions): "
+              "the model sees later tokens through routing, so its val/loss is optimistic. "
+              "router=expert_choice_causal is the causal variant", file=sys.stderr, flush=True)
     train = "streamed" if data.train_blocks is None else str(len(data.train_blocks))
     print(f"moe-lab: data {run.data.source}: {train} train / {len(data.val_blocks)} val blocks of {run.data.seq_len} "
           f"tokens, domains {data.domain_names}; run directory {output_dir}", flush=True)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from moe_lab.config import UserError
+from moe_lab.config import UserError, config_dir
 from moe_lab.train import train
 
 
@@ -86,3 +87,36 @@ def test_resume_with_a_different_model_is_refused(make_cfg, tmp_path):
     with pytest.raises(UserError, match="model.moe.num_experts is 8 in the checkpoint but 4 here"):
         train(make_cfg("experts=e4", f"ckpt_path={ckpt}", name="other"))
     assert not (tmp_path / "other").exists()
+
+
+ROUTER_OPTIONS = sorted(p.stem for p in (Path(config_dir()) / "router").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("option", ROUTER_OPTIONS)
+def test_every_router_trains(make_cfg, tmp_path, option):
+    extra = ["aux_loss=none"] if option == "hash" else []
+    summary = train(make_cfg(f"router={option}", *extra, "trainer.max_steps=6", "trainer.val_check_interval=6",
+                             name=option))
+    assert summary["val/loss"] < summary["initial_val_loss"]
+    header = (tmp_path / option / "metrics.csv").read_text().splitlines()[0]
+    assert "moe/layer0/expert0/load" in header and "moe/layer1/imbalance" in header
+
+
+def test_aux_free_bias_moves_once_per_optimizer_step_under_accumulation(make_cfg, tmp_path, monkeypatch):
+    from moe_lab.model.routers import AuxFreeRouter
+
+    seen = []  # the routed slots each bias update was computed from
+    original = AuxFreeRouter.update_bias
+
+    def counting(self, all_reduce=None):
+        seen.append(self.pending_counts_E.sum().item())
+        return original(self, all_reduce)
+
+    monkeypatch.setattr(AuxFreeRouter, "update_bias", counting)
+    train(make_cfg("router=aux_free", "aux_loss=none", "trainer.accumulate_grad_batches=2", "trainer.max_steps=5",
+                   "trainer.val_check_interval=10", name="af"))
+    micro_batch_slots = 8 * 64 * 2  # data.batch_size * data.seq_len * top_k
+    assert seen == [2 * micro_batch_slots] * (5 * 2)  # 5 optimizer steps x 2 MoE layers, each over 2 micro-batches
+    state = torch.load(tmp_path / "af" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    steps = state["model.blocks.0.ffn.router.bias_E"] / 1e-3
+    assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 5 and steps.abs().sum() > 0

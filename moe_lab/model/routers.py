@@ -110,8 +110,6 @@ class Router(nn.Module):
     has_gate: ClassVar[bool] = True
     # Takes part in the capacity limit of model.moe.capacity_factor.
     uses_capacity: ClassVar[bool] = True
-    # Hugging Face architectures whose eval-mode routing equals this router's (export --format hf).
-    hf_formats: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def check(cls, cfg: RouterConfig, num_experts: int) -> None:
@@ -122,6 +120,12 @@ class Router(nn.Module):
     @classmethod
     def experts_per_token(cls, cfg: RouterConfig, num_experts: int) -> int:
         return cfg.top_k
+
+    @classmethod
+    def hf_routing(cls, cfg: RouterConfig, num_experts: int) -> Optional[dict]:
+        """Eval-mode routing as Hugging Face's softmax top-k block expresses it ({"top_k", "norm_topk_prob"}), or
+        None when no Hugging Face MoE routes this way (export --format hf then refuses the model)."""
+        return None
 
     def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, init_std: float = 0.02,
                  vocab_size: Optional[int] = None):
@@ -194,7 +198,12 @@ class TopKRouter(Router):
     """
 
     Config = TopKRouterConfig
-    hf_formats = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+    @classmethod
+    def hf_routing(cls, cfg: TopKRouterConfig, num_experts: int) -> Optional[dict]:
+        if cfg.score != "softmax" or cfg.num_groups > 1 or cfg.scaling_factor != 1.0:
+            return None  # sigmoid, group-limited or scaled routing: DeepSeek-V3 in HF, whose attention is MLA
+        return {"top_k": cfg.top_k, "norm_topk_prob": cfg.normalize}
 
     @classmethod
     def check(cls, cfg: TopKRouterConfig, num_experts: int) -> None:
@@ -250,7 +259,11 @@ class NoisyTopKRouter(Router):
     """
 
     Config = NoisyTopKRouterConfig
-    hf_formats = ("mixtral", "qwen3_moe")  # eval: softmax over the top-k logits = renormalised softmax top-k
+
+    @classmethod
+    def hf_routing(cls, cfg: NoisyTopKRouterConfig, num_experts: int) -> Optional[dict]:
+        # Evaluation: softmax over the top-k clean logits = the renormalised softmax top-k.
+        return {"top_k": cfg.top_k, "norm_topk_prob": True}
 
     def __init__(self, d_model, num_experts, cfg, init_std=0.02, vocab_size=None):
         super().__init__(d_model, num_experts, cfg, init_std, vocab_size)
@@ -302,7 +315,10 @@ class SwitchRouter(Router):
     simplicity and speed at scale, and for needing a capacity factor and the load-balancing loss."""
 
     Config = SwitchRouterConfig
-    hf_formats = ("qwen3_moe", "qwen2_moe")  # top-1 softmax without renormalisation
+
+    @classmethod
+    def hf_routing(cls, cfg: SwitchRouterConfig, num_experts: int) -> Optional[dict]:
+        return {"top_k": 1, "norm_topk_prob": False}  # the top-1 probability, not renormalised
 
     @classmethod
     def check(cls, cfg: SwitchRouterConfig, num_experts: int) -> None:
@@ -450,7 +466,10 @@ class SinkhornRouter(Router):
     """
 
     Config = SinkhornRouterConfig
-    hf_formats = ("qwen3_moe", "qwen2_moe")
+
+    @classmethod
+    def hf_routing(cls, cfg: SinkhornRouterConfig, num_experts: int) -> Optional[dict]:
+        return {"top_k": cfg.top_k, "norm_topk_prob": False}  # evaluation: softmax top-k
 
     def forward(self, x_TD, token_ids_T=None, batch_size=1) -> RouterOutput:
         logits_TE = self.gate_logits(x_TD)
@@ -537,7 +556,10 @@ class SoftMixtureRouter(Router):
 
     Config = SoftRouterConfig
     uses_capacity = False
-    hf_formats = ("mixtral", "qwen3_moe")  # top-k = E, and the weights already sum to one
+
+    @classmethod
+    def hf_routing(cls, cfg: SoftRouterConfig, num_experts: int) -> Optional[dict]:
+        return {"top_k": num_experts, "norm_topk_prob": True}  # all experts; the weights already sum to one
 
     @classmethod
     def check(cls, cfg: SoftRouterConfig, num_experts: int) -> None:

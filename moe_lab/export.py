@@ -1,0 +1,221 @@
+"""Checkpoints out of moe-lab: `load_model` for notebooks, and export to Hugging Face transformers.
+
+`moe-lab export CKPT --format hf OUT_DIR` writes a model `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)`
+loads, and its tokenizer. The architecture follows the router and experts:
+    Mixtral     softmax top-k with weights renormalised to sum to 1, every layer MoE, no shared expert;
+    Qwen2-MoE   otherwise: weights not renormalised, dense layers (mlp_only_layers), a sigmoid-gated shared expert.
+Both are dropless: moe-lab's own evaluation drops tokens only past `eval_capacity_factor`, so logits agree whenever
+no token is dropped (always with `capacity=dropless`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_lab.config import UserError
+from moe_lab.model import ModelConfig, MoETransformer
+from moe_lab.model.routers import ROUTERS, router_config
+
+FORMATS = ("hf",)
+HF_ARCHITECTURES = ("mixtral", "qwen2_moe")
+
+
+class ExportError(UserError):
+    pass
+
+
+def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu"):
+    """The trained model of a moe-lab checkpoint, in eval mode: `load_model(p)(ids_BT)` -> logits (B, T, V)."""
+    from moe_lab.lightning_module import MoELanguageModel
+
+    path = Path(ckpt_path).expanduser()
+    if not path.is_file():
+        raise UserError(f"{ckpt_path}: no such checkpoint file")
+    module = MoELanguageModel.load_from_checkpoint(str(path), map_location=map_location, weights_only=False)
+    return module.eval()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Which Hugging Face architecture
+
+
+def exportable_routers() -> list[str]:
+    return sorted(n for n, cls in ROUTERS.items() if cls.hf_routing(cls.Config(), 8) is not None)
+
+
+def hf_architecture(cfg: ModelConfig) -> tuple[str, dict]:
+    """("mixtral" | "qwen2_moe", routing) for this model, or ExportError saying why none fits."""
+    moe = cfg.moe
+    if not moe.enabled:
+        raise ExportError("a dense model (experts=dense) is not an MoE; export supports MoE models "
+                          f"({', '.join(HF_ARCHITECTURES)})")
+    router = router_config(moe.router)
+    routing = ROUTERS[router.name].hf_routing(router, moe.num_experts)
+    if routing is None:
+        raise ExportError(
+            f"router={router.name} ({_describe(moe.router)}) has no Hugging Face equivalent. Export writes Mixtral or "
+            f"Qwen2-MoE, whose routing is softmax top-k: routers {exportable_routers()} (topk with score=softmax, "
+            "one group and scaling_factor=1)")
+    if moe.activation not in ("swiglu", "geglu"):
+        raise ExportError(f"model.moe.activation={moe.activation}: Hugging Face MoE experts are gated "
+                          "(swiglu or geglu)")
+    if moe.num_shared and not moe.shared_gate:
+        raise ExportError("shared experts without a gate (DeepSeekMoE) have no Hugging Face equivalent with this "
+                          "attention; Qwen2-MoE gates its shared expert: train with model.moe.shared_gate=true")
+    every_layer = len(cfg.moe_layers) == cfg.n_layers
+    if routing["norm_topk_prob"] and every_layer and not moe.num_shared:
+        return "mixtral", routing
+    return "qwen2_moe", routing
+
+
+def _describe(router: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in router.items() if k != "name")
+
+
+def hf_config(cfg: ModelConfig, architecture: str, routing: dict, eos_id: int):
+    from transformers import MixtralConfig, Qwen2MoeConfig
+
+    moe = cfg.moe
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+                  num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
+                  max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                  hidden_act="silu" if moe.activation == "swiglu" else "gelu_pytorch_tanh",
+                  tie_word_embeddings=cfg.tie_embeddings, num_experts_per_tok=routing["top_k"],
+                  eos_token_id=eos_id, bos_token_id=None, pad_token_id=None, initializer_range=cfg.init_std,
+                  output_router_logits=False, torch_dtype="float32")
+    if architecture == "mixtral":
+        return MixtralConfig(intermediate_size=moe.expert_hidden, num_local_experts=moe.num_experts,
+                             sliding_window=None, **common)
+    dense_layers = [layer for layer in range(cfg.n_layers) if not cfg.is_moe_layer(layer)]
+    return Qwen2MoeConfig(intermediate_size=cfg.ffn_hidden, moe_intermediate_size=moe.expert_hidden,
+                          shared_expert_intermediate_size=moe.num_shared * moe.expert_hidden,
+                          num_experts=moe.num_experts, norm_topk_prob=routing["norm_topk_prob"],
+                          decoder_sparse_step=1, mlp_only_layers=dense_layers, qkv_bias=False,
+                          use_sliding_window=False, **common)
+
+
+def hf_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
+    """moe-lab's weights under Hugging Face's names (Mixtral and Qwen2-MoE share them where they overlap)."""
+    cfg = model.cfg
+    kv = cfg.kv_heads * cfg.head_dim
+    out = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
+           "lm_head.weight": model.lm_head.weight}
+    for i, block in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = block.attn_norm.weight
+        out[p + "post_attention_layernorm.weight"] = block.ffn_norm.weight
+        out[p + "self_attn.q_proj.weight"] = block.attn.q_proj.weight
+        k, v = block.attn.kv_proj.weight.split([kv, kv], dim=0)  # kv_proj rows: (k | v) x heads x head dim
+        out[p + "self_attn.k_proj.weight"], out[p + "self_attn.v_proj.weight"] = k, v
+        out[p + "self_attn.o_proj.weight"] = block.attn.o_proj.weight
+        ffn = block.ffn
+        if block.is_moe:
+            out[p + "mlp.gate.weight"] = ffn.router.gate_ED
+            out[p + "mlp.experts.gate_up_proj"] = ffn.experts.w_in_EGFD  # (E, 2F, D): gate rows, then up rows
+            out[p + "mlp.experts.down_proj"] = ffn.experts.w_out_EDF
+            if ffn.shared is not None:
+                _dense(out, p + "mlp.shared_expert.", ffn.shared)
+                out[p + "mlp.shared_expert_gate.weight"] = ffn.shared_gate.weight
+        else:
+            _dense(out, p + "mlp.", ffn)
+    return {k: v.detach().float().contiguous() for k, v in out.items()}
+
+
+def _dense(out: dict, prefix: str, ffn) -> None:
+    gate, up = ffn.w_in.weight.chunk(2, dim=0)
+    out[prefix + "gate_proj.weight"], out[prefix + "up_proj.weight"] = gate, up
+    out[prefix + "down_proj.weight"] = ffn.w_out.weight
+
+
+def to_hf(model: MoETransformer, eos_id: int):
+    """A transformers model (float32, eval mode) with moe-lab's weights."""
+    from transformers import MixtralForCausalLM, Qwen2MoeForCausalLM
+
+    architecture, routing = hf_architecture(model.cfg)
+    config = hf_config(model.cfg, architecture, routing, eos_id)
+    cls = MixtralForCausalLM if architecture == "mixtral" else Qwen2MoeForCausalLM
+    with warnings.catch_warnings():  # a width-0 shared expert warns that initialising it does nothing
+        warnings.filterwarnings("ignore", message=".*zero-element tensors.*")
+        hf = cls(config)
+    state = hf_state_dict(model)
+    missing = {k: v for k, v in hf.state_dict().items() if k not in state}
+    # Qwen2-MoE always builds a shared expert; a model without one exports it at width 0 (it adds nothing).
+    for name, tensor in missing.items():
+        if tensor.numel() and "shared_expert" not in name:
+            raise ExportError(f"no moe-lab weight for {name}")
+        state[name] = torch.zeros_like(tensor)
+    hf.load_state_dict(state, strict=True)
+    return hf.eval()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def byte_tokenizer_json():
+    """moe-lab's byte tokenizer as a `tokenizers.Tokenizer`: byte b is token b, <|endoftext|> is 256."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    alphabet = ByteLevel.alphabet()  # the 256 printable stand-ins ByteLevel maps bytes to
+    byte_to_char = _bytes_to_unicode()
+    assert sorted(byte_to_char.values()) == sorted(alphabet)
+    vocab = {byte_to_char[b]: b for b in range(256)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    return tok
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable-character map, which `tokenizers`' ByteLevel uses."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars, n = printable[:], 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def hf_tokenizer(tokenizer_cfg: dict[str, Any]):
+    """A transformers fast tokenizer equal to the one the model was trained with."""
+    from transformers import PreTrainedTokenizerFast
+
+    from moe_lab.config import TokenizerConfig
+    from moe_lab.data.tokenizer import HFTokenizer
+
+    name = (tokenizer_cfg or {}).get("name")
+    if name is None:
+        tok, eos = byte_tokenizer_json(), "<|endoftext|>"
+    else:
+        loaded = HFTokenizer(**dataclasses.asdict(TokenizerConfig(**tokenizer_cfg)))
+        tok, eos = loaded._tok, loaded._tok.id_to_token(loaded.eos_id)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out} exists and is not empty; moe-lab never writes over files: choose a new directory")
+    module = load_model(ckpt_path)
+    tokenizer = hf_tokenizer(module.hparams.get("tokenizer"))
+    model = to_hf(module.model, eos_id=tokenizer.eos_token_id)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    moe = module.model_cfg.moe
+    return {"architecture": type(model).__name__, "out_dir": str(out), "dropless": moe.eval_capacity_factor is None}

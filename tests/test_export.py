@@ -1,0 +1,75 @@
+"""Export to Hugging Face transformers: logits equal moe-lab's own, tokenizer round trip, clear refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moe_lab
+from moe_lab.config import UserError
+from moe_lab.export import ExportError, export_hf
+from moe_lab.train import train
+
+transformers = pytest.importorskip("transformers")
+
+# Dropless, so that moe-lab's evaluation routes exactly as Hugging Face's dropless blocks.
+COMMON = ["capacity=dropless", "trainer.max_steps=3", "trainer.val_check_interval=3", "model.n_layers=3"]
+
+
+def trained(make_cfg, tmp_path, *overrides, name="run"):
+    train(make_cfg(*COMMON, *overrides, name=name))
+    return tmp_path / name / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.parametrize("overrides,architecture", [
+    ([], "MixtralForCausalLM"),  # softmax top-2, renormalised, every layer MoE
+    (["model.moe.router.normalize=false", "model.moe.num_shared=1", "model.moe.shared_gate=true",
+      "model.moe.first_dense_layers=1", "model.n_kv_heads=1"], "Qwen2MoeForCausalLM"),
+    (["router=switch"], "Qwen2MoeForCausalLM"),
+    (["router=soft", "experts=e4"], "MixtralForCausalLM"),
+])
+def test_exported_logits_equal_moe_labs(make_cfg, tmp_path, overrides, architecture):
+    ckpt = trained(make_cfg, tmp_path, *overrides)
+    out = tmp_path / "hf"
+    result = export_hf(ckpt, out)
+    assert result["architecture"] == architecture
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ours = moe_lab.load_model(ckpt)
+    ids = torch.randint(0, 257, (2, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), rtol=0, atol=1e-4)
+
+
+def test_load_model_for_notebooks(make_cfg, tmp_path):
+    model = moe_lab.load_model(trained(make_cfg, tmp_path))
+    assert not model.training
+    ids = torch.randint(0, 257, (3, 17))
+    assert model(ids).shape == (3, 17, 320)
+
+
+def test_exported_tokenizer_is_the_byte_tokenizer(make_cfg, tmp_path):
+    export_hf(trained(make_cfg, tmp_path), tmp_path / "hf")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    text = "déf f(x):\n    return 2 * x  # ünïcode ✓"
+    ids = tok(text).input_ids
+    assert ids == list(text.encode("utf-8"))
+    assert tok.decode(ids) == text and tok.eos_token_id == 256
+
+
+def test_routers_without_an_equivalent_are_refused_naming_the_formats(make_cfg, tmp_path):
+    ckpt = trained(make_cfg, tmp_path, "router=hash", "aux_loss=none")
+    with pytest.raises(ExportError, match=r"router=hash .* has no Hugging Face equivalent. Export writes Mixtral or "
+                                          r"Qwen2-MoE, whose routing is softmax top-k: routers \['noisy_topk'"):
+        export_hf(ckpt, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_never_writes_over_files(make_cfg, tmp_path):
+    ckpt = trained(make_cfg, tmp_path)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not empty"):
+        export_hf(ckpt, tmp_path / "hf")
+    assert (tmp_path / "hf" / "notes.txt").read_text() == "mine"
+    with pytest.raises(UserError, match="no such checkpoint"):
+        export_hf(tmp_path / "missing.ckpt", tmp_path / "other")
