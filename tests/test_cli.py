@@ -152,3 +152,16 @@ def test_wheel_carries_the_configs(tmp_path):
     where = subprocess.run([sys.executable, "-c", "from moe_lab.config import config_dir; print(config_dir())"],
                            cwd=tmp_path, env=env, capture_output=True, text=True)
     assert where.stdout.strip() == str(target / "moe_lab" / "conf")
+
+
+def test_export_command(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    trained = run_cli(["train", *fast_args(cache_dir), "capacity=dropless", "trainer.max_steps=2",
+                       f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    ckpt = str(run_dir / "checkpoints" / "last.ckpt")
+    exported = run_cli(["export", ckpt, "--format", "hf", str(tmp_path / "hf")], cwd=tmp_path)
+    assert exported.returncode == 0 and "wrote MixtralForCausalLM" in exported.stdout, exported.stderr
+    assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
+    again = run_cli(["export", ckpt, "--format", "hf", str(tmp_path / "hf")], cwd=tmp_path)
+    assert again.returncode == 2 and again.stderr.startswith("moe-lab: error:") and "not empty" in again.stderr

@@ -50,9 +50,8 @@ def test_every_registered_router_has_a_config_file_and_a_paper():
 @pytest.mark.parametrize("capacity_factor", [1.0, 2.0, 0.5])
 def test_expert_choice_gives_every_expert_exactly_its_capacity(capacity_factor):
     router = make_router({"name": "expert_choice", "top_k": 2})
-    router.capacity_factor = capacity_factor
     T = 96
-    out = router(torch.randn(T, D))
+    out = router(torch.randn(T, D), capacity_factor=capacity_factor)
     capacity = math.ceil(capacity_factor * T * 2 / E)
     assert out.token_ids_EC.shape == (E, capacity)
     for e in range(E):  # each expert: exactly `capacity` distinct tokens, its highest-affinity ones

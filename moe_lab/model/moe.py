@@ -139,9 +139,7 @@ class MoELayer(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         token_ids_T = token_ids_BS.reshape(B * S) if token_ids_BS is not None else None
-        if hasattr(self.router, "capacity_factor"):  # expert choice: its capacity is the layer's
-            self.router.capacity_factor = self.capacity_factor or 1.0
-        routing = self.router(x_TD, token_ids_T, batch_size=B)
+        routing = self.router(x_TD, token_ids_T, batch_size=B, capacity_factor=self.capacity_factor)
         if routing.token_ids_EC is not None:
             y_TD, tokens_per_expert_E, dropped = self._forward_expert_choice(x_TD, routing)
         elif self.cfg.implementation == "loop":

@@ -145,8 +145,10 @@ class Router(nn.Module):
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return F.linear(x_TD.float(), weight.float())
 
-    def forward(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor] = None,
-                batch_size: int = 1) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor] = None, batch_size: int = 1,
+                capacity_factor: Optional[float] = None) -> RouterOutput:
+        """Route T tokens. `token_ids_T` is for routers that route by id; `batch_size` splits T into sequences;
+        `capacity_factor` is the layer's current one (training or eval), for routers that are capacity."""
         raise NotImplementedError
 
 
@@ -231,7 +233,7 @@ class TopKRouter(Router):
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         return weights_TK * self.cfg.scaling_factor
 
-    def forward(self, x_TD, token_ids_T=None, batch_size=1) -> RouterOutput:
+    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> RouterOutput:
         logits_TE = self.gate_logits(x_TD)
         scores_TE = scores_of(logits_TE, self.cfg.score)
         expert_ids_TK = self.select(scores_TE)
@@ -270,7 +272,7 @@ class NoisyTopKRouter(Router):
         # Zero init as the paper: training starts with a noise std of softplus(0) = 0.69.
         self.noise_ED = nn.Parameter(torch.zeros(num_experts, d_model))
 
-    def forward(self, x_TD, token_ids_T=None, batch_size=1) -> RouterOutput:
+    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> RouterOutput:
         logits_TE = self.gate_logits(x_TD)
         out = RouterOutput(logits_TE=logits_TE, probs_TE=logits_TE.softmax(-1))
         if self.training:
@@ -328,7 +330,7 @@ class SwitchRouter(Router):
         if not 0 <= cfg.jitter_eps < 1:
             raise ValueError(f"model.moe.router.jitter_eps={cfg.jitter_eps} must be in [0, 1)")
 
-    def forward(self, x_TD, token_ids_T=None, batch_size=1) -> RouterOutput:
+    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> RouterOutput:
         if self.training and self.cfg.jitter_eps > 0:
             eps = self.cfg.jitter_eps
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
@@ -369,17 +371,14 @@ class ExpertChoiceRouter(Router):
     causal = False  # the paper's setting; with cfg.causal=True the instance is causal (see router_is_causal)
     uses_capacity = False  # it is capacity: every expert takes exactly C tokens
 
-    def __init__(self, d_model, num_experts, cfg, init_std=0.02, vocab_size=None):
-        super().__init__(d_model, num_experts, cfg, init_std, vocab_size)
-        self.capacity_factor = 1.0  # set by the MoE layer from model.moe.capacity_factor / eval_capacity_factor
-
-    def forward(self, x_TD, token_ids_T=None, batch_size=1) -> RouterOutput:
+    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> RouterOutput:
         T, E = x_TD.shape[0], self.num_experts
+        capacity_factor = capacity_factor or 1.0  # dropless has no meaning here: one fair share per expert
         logits_TE = self.gate_logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         if self.cfg.causal:
             B, S = batch_size, T // batch_size
-            capacity = min(B, math.ceil(self.capacity_factor * B * self.top_k / E))
+            capacity = min(B, math.ceil(capacity_factor * B * self.top_k / E))
             probs_SEB = probs_TE.view(B, S, E).permute(1, 2, 0)
             top = probs_SEB.topk(capacity, dim=-1)  # each expert, at each position, picks among the B sequences
             positions_S11 = torch.arange(S, device=x_TD.device).view(S, 1, 1)
@@ -387,7 +386,7 @@ class ExpertChoiceRouter(Router):
             token_ids_EC = token_ids_SEC.permute(1, 0, 2).reshape(E, S * capacity)
             weights_EC = top.values.permute(1, 0, 2).reshape(E, S * capacity)
         else:
-            capacity = min(T, math.ceil(self.capacity_factor * T * self.top_k / E))
+            capacity = min(T, math.ceil(capacity_factor * T * self.top_k / E))
             top = probs_TE.t().topk(capacity, dim=-1)
             token_ids_EC, weights_EC = top.indices, top.values
         return RouterOutput(token_ids_EC=token_ids_EC, weights_EC=weights_EC, probs_TE=probs_TE, logits_TE=logits_TE)
@@ -425,7 +424,7 @@ class HashRouter(Router):
         # Saved with the model, so a checkpoint routes the same tokens the same way whatever the RNG does later.
         self.register_buffer("table_VK", torch.randint(0, num_experts, (vocab_size, self.top_k), generator=generator))
 
-    def forward(self, x_TD, token_ids_T=None, batch_size=1) -> RouterOutput:
+    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> RouterOutput:
         if token_ids_T is None:
             raise ValueError("router=hash routes by token id; call the layer with token ids")
         expert_ids_TK = self.table_VK[token_ids_T]
@@ -471,7 +470,7 @@ class SinkhornRouter(Router):
     def hf_routing(cls, cfg: SinkhornRouterConfig, num_experts: int) -> Optional[dict]:
         return {"top_k": cfg.top_k, "norm_topk_prob": False}  # evaluation: softmax top-k
 
-    def forward(self, x_TD, token_ids_T=None, batch_size=1) -> RouterOutput:
+    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> RouterOutput:
         logits_TE = self.gate_logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         if self.training:
@@ -514,7 +513,7 @@ class AuxFreeRouter(Router):
         # Routed token slots per expert since the last update (training only); not saved: an update empties it.
         self.register_buffer("pending_counts_E", torch.zeros(num_experts), persistent=False)
 
-    def forward(self, x_TD, token_ids_T=None, batch_size=1) -> RouterOutput:
+    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> RouterOutput:
         logits_TE = self.gate_logits(x_TD)
         scores_TE = torch.sigmoid(logits_TE)
         expert_ids_TK = (scores_TE + self.bias_E).topk(self.top_k, dim=-1).indices
@@ -569,7 +568,7 @@ class SoftMixtureRouter(Router):
     def experts_per_token(cls, cfg: SoftRouterConfig, num_experts: int) -> int:
         return num_experts
 
-    def forward(self, x_TD, token_ids_T=None, batch_size=1) -> RouterOutput:
+    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> RouterOutput:
         logits_TE = self.gate_logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         expert_ids_TK = torch.arange(self.num_experts, device=x_TD.device).expand(x_TD.shape[0], -1)
@@ -619,7 +618,7 @@ class HierarchicalRouter(Router):
         self.group_gate_GD = nn.Parameter(torch.empty(cfg.num_groups, d_model))
         nn.init.normal_(self.group_gate_GD, std=init_std)
 
-    def forward(self, x_TD, token_ids_T=None, batch_size=1) -> RouterOutput:
+    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> RouterOutput:
         G, Eg = self.cfg.num_groups, self.num_experts // self.cfg.num_groups
         group_logits_TG = self.gate_logits(x_TD, self.group_gate_GD)
         expert_logits_TGe = self.gate_logits(x_TD).view(-1, G, Eg)  # the within-group gates
