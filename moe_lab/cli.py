@@ -15,6 +15,7 @@ from typing import Callable, Optional
 SUBCOMMANDS: dict[str, str] = {
     "train": "train an MoE language model (a Hydra app: `moe-lab train --help` lists its config groups)",
     "export": "write a checkpoint as a Hugging Face transformers model: moe-lab export CKPT --format hf OUT_DIR",
+    "dashboard": "an HTML page of a run or sweep: moe-lab dashboard PATH [-o report.html] [--live]",
 }
 
 USAGE = """usage: moe-lab <command> [arguments]
@@ -49,7 +50,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(USAGE.format(commands=commands))
         return 0
     command, rest = argv[0], argv[1:]
-    handlers: dict[str, Callable[[list[str]], int]] = {"train": train_command, "export": export_command}
+    handlers: dict[str, Callable[[list[str]], int]] = {"train": train_command, "export": export_command,
+                                                       "dashboard": dashboard_command}
     if command not in handlers and launched_worker():
         # A data-parallel worker that Lightning started by re-running this process's command line, which Hydra
         # holds without the subcommand: it is the same `train` run (rank 0 already checked the command line).
@@ -100,6 +102,34 @@ def export_command(args: list[str]) -> int:
                                           "past eval_capacity_factor, so logits agree wherever none is dropped)")
     print(f"moe-lab: wrote {result['architecture']} to {result['out_dir']}{note}\n"
           f"  AutoModelForCausalLM.from_pretrained({result['out_dir']!r})")
+    return 0
+
+
+def dashboard_command(args: list[str]) -> int:
+    import argparse
+
+    from moe_lab.config import UserError
+
+    parser = argparse.ArgumentParser(
+        prog="moe-lab dashboard", description="Write one self-contained HTML page (no network needed to open it) "
+        "for a run directory (loss, expert load over time, balance, specialisation by domain) or a sweep directory "
+        "(runs side by side, a table sorted by validation loss).")
+    parser.add_argument("path", help="a run directory (outputs/DATE/TIME) or a sweep (outputs/multirun/DATE/TIME)")
+    parser.add_argument("-o", "--output", help="the HTML file to write (default: PATH/dashboard.html)")
+    parser.add_argument("--live", action="store_true", help="keep rewriting the page while a run or sweep goes on; "
+                        "the open page reloads itself")
+    parser.add_argument("--interval", type=int, default=30, help="seconds between --live updates (default 30)")
+    parsed = parser.parse_args(args)
+    from moe_lab.dashboard import live, write_dashboard
+
+    try:
+        if parsed.live:
+            live(Path(parsed.path), Path(parsed.output) if parsed.output else None, max(parsed.interval, 2))
+            return 0
+        out = write_dashboard(parsed.path, parsed.output)
+    except UserError as e:
+        return fail(str(e))
+    print(f"moe-lab: wrote {out}")
     return 0
 
 

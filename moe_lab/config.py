@@ -98,6 +98,16 @@ class CheckpointConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Observability settings beyond trainer.log_every_n_steps (see moe_lab/observe.py)."""
+
+    # W&B: per-layer expert-load heatmaps (experts x time) and the load table, every n optimizer steps.
+    image_every_n_steps: int = 100
+    # Write dashboard.html (moe-lab dashboard) into the run directory when the run ends.
+    dashboard: bool = True
+
+
+@dataclass
 class PathsConfig:
     output_dir: str = "."
     # Tokenised-data cache; datasets' own cache holds the raw data.
@@ -113,6 +123,7 @@ class RunConfig:
     tokenizer: TokenizerConfig
     optim: OptimConfig
     checkpoint: CheckpointConfig
+    metrics: MetricsConfig
     paths: PathsConfig
     trainer: dict
     logger: dict
@@ -214,6 +225,7 @@ def validate(cfg: DictConfig | dict) -> RunConfig:
         tokenizer=typed_config(_plain(cfg, "tokenizer"), TokenizerConfig, "tokenizer"),
         optim=typed_config(_plain(cfg, "optim"), OptimConfig, "optim"),
         checkpoint=typed_config(_plain(cfg, "checkpoint"), CheckpointConfig, "checkpoint"),
+        metrics=typed_config(_plain(cfg, "metrics"), MetricsConfig, "metrics"),
         paths=typed_config(_plain(cfg, "paths"), PathsConfig, "paths"),
         trainer=_plain(cfg, "trainer") or {},
         logger=_plain(cfg, "logger") or {},
@@ -302,6 +314,7 @@ def _check_semantics(run: RunConfig) -> None:
     need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     need(run.checkpoint.every_n_steps >= 1, "checkpoint.every_n_steps must be at least 1")
+    need(run.metrics.image_every_n_steps >= 1, "metrics.image_every_n_steps must be at least 1")
 
     _check_trainer(run.trainer)
     for name, logger in run.logger.items():

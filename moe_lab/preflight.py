@@ -146,6 +146,8 @@ def _missing_option_message(e) -> str:
             group = line.split("'")[1]
     if group and options:
         wanted = lines[0].split("'")[-2] if "'" in lines[0] else lines[0]
+        if wanted == "hydra/sweeper/optuna":
+            return "hparams_search=optuna needs the Hydra Optuna sweeper: pip install 'moe-lab[sweeps]'"
         return f"{wanted.replace('/', '=', 1)} is not an option; the options of {group} are: {', '.join(options)}"
     return " ".join(lines)
 

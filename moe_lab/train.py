@@ -25,10 +25,15 @@ from moe_lab.config import ConfigError, RunConfig, UserError, config_dir, model_
 from moe_lab.data.datamodule import LMDataModule
 from moe_lab.lightning_module import MoELanguageModel
 from moe_lab.model.routers import router_is_causal
+from moe_lab.observe import Diverged, RoutingMetrics
 
 log = logging.getLogger("moe_lab")
 
 RUN_MARKERS = ("checkpoints", "metrics.csv", "summary.json")
+
+
+class JobFailed(Exception):
+    """A sweep job that failed for a reason moe-lab explains (bad input, divergence): one line, no traceback."""
 
 
 class Interrupted(Exception):
@@ -90,41 +95,60 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     periodic = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                                every_n_train_steps=run.checkpoint.every_n_steps, save_top_k=run.checkpoint.keep,
                                monitor="step", mode="max", save_last=True)
-    trainer = L.Trainer(**run.trainer, logger=build_loggers(run, cfg, output_dir), callbacks=[periodic, stop, StepProgressBar()],
-                        default_root_dir=str(output_dir), max_epochs=-1, check_val_every_n_epoch=None,
-                        use_distributed_sampler=False)
-    print_header(run, module, data, output_dir)
-
-    if ckpt_path is None:
-        trainer.validate(module, datamodule=data, verbose=False)  # the untrained model's val/loss, at step 0
+    routing = RoutingMetrics(data.domain_names, module.model.flops_per_token(run.data.seq_len), output_dir,
+                             image_every_n_steps=run.metrics.image_every_n_steps)
+    loggers = build_loggers(run, cfg, output_dir)
     try:
-        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-    except StopRequested:
-        pass  # Ctrl-C or SIGTERM: GracefulStop saved last.ckpt at the step boundary
-    if stop.received is None:
-        if module.last_val_step != trainer.global_step:
-            trainer.validate(module, datamodule=data, verbose=False)  # every run ends with a val/loss
-        trainer.save_checkpoint(last, weights_only=False)
+        # RoutingMetrics before the progress bar, so the bar shows the metrics of the step just logged.
+        trainer = L.Trainer(**run.trainer, logger=loggers, callbacks=[periodic, stop, routing, StepProgressBar()],
+                            default_root_dir=str(output_dir), max_epochs=-1, check_val_every_n_epoch=None,
+                            use_distributed_sampler=False)
+        print_header(run, module, data, output_dir)
 
-    summary = {
-        "status": "finished" if stop.received is None else "interrupted",
-        "step": trainer.global_step,
-        "seconds": round(time.time() - started, 1),
-        **{k: v for k, v in module.last_val_metrics.items()},
-        "val_step": module.last_val_step,
-        "initial_val_loss": module.first_val_loss,
-        **{k: v for k, v in module.last_train_metrics.items() if not k.startswith("moe/")},
-        "params": module.model.num_params(),
-        "output_dir": str(output_dir),
-        "checkpoint": str(last),
-        "metrics_csv": str(output_dir / "metrics.csv"),
-    }
-    write_summary(summary, module, output_dir)
-    for logger in trainer.loggers:
-        logger.finalize("success" if stop.received is None else "failed")
+        if ckpt_path is None:
+            trainer.validate(module, datamodule=data, verbose=False)  # the untrained model's val/loss, at step 0
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        except StopRequested:
+            pass  # Ctrl-C or SIGTERM: GracefulStop saved last.ckpt at the step boundary
+        if stop.received is None:
+            if module.last_val_step != trainer.global_step:
+                trainer.validate(module, datamodule=data, verbose=False)  # every run ends with a val/loss
+            trainer.save_checkpoint(last, weights_only=False)
+
+        summary = {
+            "status": "finished" if stop.received is None else "interrupted",
+            "step": trainer.global_step,
+            "seconds": round(time.time() - started, 1),
+            **module.last_val_metrics,
+            "val_step": module.last_val_step,
+            "initial_val_loss": module.first_val_loss,
+            # Run-level figures only; per-layer and per-expert ones are in metrics.csv and routing.jsonl.
+            **{k: v for k, v in module.last_train_metrics.items() if not k.startswith("moe/layer")},
+            "params": module.model.num_params(),
+            "output_dir": str(output_dir),
+            "checkpoint": str(last),
+            "metrics_csv": str(output_dir / "metrics.csv"),
+        }
+        for logger in trainer.loggers:
+            logger.finalize("success" if stop.received is None else "failed")
+        if trainer.is_global_zero:
+            save_summary(summary, output_dir)
+            if run.metrics.dashboard:  # after summary.json and the flushed metrics.csv, which it reads
+                summary["dashboard"] = str(write_run_dashboard(output_dir))
+                save_summary(summary, output_dir)
+        print_summary(summary, module)
+    finally:
+        finish_wandb(loggers)
     if stop.received is not None:
         raise Interrupted(stop.received)
     return summary
+
+
+def write_run_dashboard(output_dir: Path) -> Path:
+    from moe_lab.dashboard import write_dashboard
+
+    return write_dashboard(output_dir, output_dir / "dashboard.html")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -183,10 +207,15 @@ def run_name(run: RunConfig) -> str:
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "paths."))]
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(NOT_IN_NAME)]
     except ValueError:  # not inside a Hydra job
         overrides = []
-    return ",".join(overrides) or "defaults"
+    name = ",".join(overrides) or "defaults"
+    return name if len(name) <= 128 else name[:125] + "..."
+
+
+# Overrides that change where and how a run is recorded, not the experiment: left out of run names.
+NOT_IN_NAME = ("hydra.", "paths.", "logger", "trainer.", "metrics.", "checkpoint.", "run_name")
 
 
 def sweep_group() -> Optional[str]:
@@ -220,28 +249,55 @@ def build_loggers(run: RunConfig, cfg: DictConfig, output_dir: Path) -> list:
     for node in run.logger.values():
         node = dict(node)
         target = node["_target_"]
-        if target.endswith("WandbLogger"):
-            node.setdefault("name", None)
-            node["name"] = node["name"] or run_name(run)
-            node["group"] = node.get("group") or sweep_group()
-            mode = os.environ.get("WANDB_MODE")
-            if not node.get("offline") and mode not in ("offline", "disabled") and not wandb_has_credentials():
-                node["offline"] = True
-                rank_zero_only(print)(
-                    "moe-lab: W&B has no credentials (WANDB_API_KEY or ~/.netrc): logging offline to "
-                    f"{output_dir / 'wandb'}; upload later with `wandb sync {output_dir / 'wandb'}/offline-run-*`",
-                    file=sys.stderr)
         if target.endswith("TensorBoardLogger"):
             try:
                 import tensorboard  # noqa: F401
             except ImportError:
                 raise UserError("logger=tensorboard needs the tensorboard package: pip install 'moe-lab[tensorboard]'"
                                 ) from None
-        logger = hydra.utils.instantiate(node)
+        logger = (build_wandb_logger(node, run, output_dir) if target.endswith("WandbLogger")
+                  else hydra.utils.instantiate(node))
         if not target.endswith("CSVLogger"):
             logger.log_hyperparams(resolved)  # the resolved Hydra config is the run config
         loggers.append(logger)
     return loggers
+
+
+def build_wandb_logger(node: dict, run: RunConfig, output_dir: Path):
+    """A WandbLogger named after the overrides and grouped by sweep. Without credentials, or when the server cannot
+    be reached, it logs offline (said once); a run never fails for W&B's sake."""
+    node = {**node, "name": node.get("name") or run_name(run), "group": node.get("group") or sweep_group()}
+    where = output_dir / "wandb"
+    offline_note = f"logging offline to {where}; upload later with `wandb sync {where}/offline-run-*`"
+    online = not node.get("offline") and os.environ.get("WANDB_MODE") not in ("offline", "disabled")
+    if online and not wandb_has_credentials():
+        rank_zero_only(print)(f"moe-lab: W&B has no credentials (WANDB_API_KEY or ~/.netrc): {offline_note}",
+                              file=sys.stderr)
+        node["offline"], node["mode"], online = True, "offline", False
+    logger = hydra.utils.instantiate(node)
+    if online:
+        try:
+            logger.experiment  # noqa: B018 - starts the run now, so a dead network shows here, not mid-training
+        except Exception as e:  # wandb.errors.CommError and kin
+            import wandb
+
+            if wandb.run is not None:  # a half-started run
+                wandb.finish(exit_code=1)
+            reason = str(e).splitlines()[0][:200]
+            rank_zero_only(print)(f"moe-lab: W&B could not reach its server ({reason}): {offline_note}",
+                                  file=sys.stderr)
+            # mode= reaches wandb.init directly: the WANDB_MODE that offline=True sets is ignored by then.
+            logger = hydra.utils.instantiate({**node, "offline": True, "mode": "offline"})
+    return logger
+
+
+def finish_wandb(loggers: list) -> None:
+    """Close the W&B run, so the next job of a sweep starts a run of its own (lightning-hydra-template issue 289)."""
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,9 +321,12 @@ def print_header(run: RunConfig, module: MoELanguageModel, data: LMDataModule, o
           f"tokens, domains {data.domain_names}; run directory {output_dir}", flush=True)
 
 
-@rank_zero_only
-def write_summary(summary: dict, module: MoELanguageModel, output_dir: Path) -> None:
+def save_summary(summary: dict, output_dir: Path) -> None:
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+@rank_zero_only
+def print_summary(summary: dict, module: MoELanguageModel) -> None:
     m = module.last_train_metrics
     lines = [f"\nmoe-lab: run {summary['status']} at step {summary['step']} in {summary['seconds']:.0f}s"]
     if "val/loss" in summary:
@@ -277,14 +336,20 @@ def write_summary(summary: dict, module: MoELanguageModel, output_dir: Path) -> 
                      f"val/ppl {summary['val/ppl']:.2f}")
     if "train/loss" in m:
         lines.append(f"  train/loss  {m['train/loss']:.4f}   tokens/s {m['train/tokens_per_sec']:.0f}")
-    if module.moe_layers and "train/aux/load_balance" in m:
-        lines.append("  layer  imbalance  dropped  entropy  busiest expert")
+    if module.moe_layers and f"moe/layer{module.moe_layers[0]}/imbalance" in m:
+        special = f"moe/layer{module.moe_layers[0]}/specialization" in m
+        lines.append("  layer  imbalance  dropped  dead  entropy/logE" + ("  specialization" if special else "")
+                     + "  busiest expert")
         for layer in module.moe_layers:
-            loads = [m[f"moe/layer{layer}/expert{e}/load"] for e in range(module.num_experts)]
+            p = f"moe/layer{layer}/"
+            loads = [m[f"{p}expert{e}/load"] for e in range(module.num_experts)]
             top = max(range(len(loads)), key=loads.__getitem__)
-            lines.append(f"  {layer:>5}  {m[f'moe/layer{layer}/imbalance']:>9.2f}  "
-                         f"{m[f'moe/layer{layer}/dropped_frac']:>7.1%}  {m[f'moe/layer{layer}/entropy']:>7.3f}  "
-                         f"#{top} ({loads[top]:.1%})")
+            lines.append(f"  {layer:>5}  {m[p + 'imbalance']:>9.2f}  {m[p + 'dropped_frac']:>7.1%}  "
+                         f"{m[p + 'dead_experts']:>4.0f}  {m[p + 'entropy_norm']:>12.3f}"
+                         + (f"  {m[p + 'specialization']:>14.3f}" if special else "")
+                         + f"  #{top} ({loads[top]:.1%})")
+    if "dashboard" in summary:
+        lines.append(f"  dashboard   {summary['dashboard']}")
     lines.append(f"  checkpoint  {summary['checkpoint']}")
     lines.append(f"  metrics     {summary['metrics_csv']}")
     lines.append(f"  resume      moe-lab train ckpt_path={summary['checkpoint']}")
@@ -298,11 +363,18 @@ def write_summary(summary: dict, module: MoELanguageModel, output_dir: Path) -> 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def hydra_main(cfg: DictConfig) -> Optional[float]:
     """Returns the final validation loss, the value Hydra sweepers minimise."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         summary = train(cfg)
-    except UserError as e:
+    except (UserError, Diverged) as e:
+        if sweeping:  # a failed job: the sweeper carries on or stops (Optuna: max_failure_rate)
+            log.error("moe-lab: job failed: %s", e)
+            raise JobFailed(str(e)) from None
         print(f"moe-lab: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(2 if isinstance(e, UserError) else 1) from None
     except Interrupted as e:
         raise SystemExit(128 + e.signum) from None
     return summary.get("val/loss")

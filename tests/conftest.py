@@ -68,8 +68,25 @@ def moe_lab_script() -> str:
 
 
 def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 600):
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", ""),
-           **(env_extra or {})}
-    env.pop("WANDB_API_KEY", None)
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}  # never a developer's real key
+    env.update({"PYTHONUNBUFFERED": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", ""), **(env_extra or {})})
     return subprocess.run([moe_lab_script(), *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def sweep_dir(tmp_path_factory, cache_dir) -> Path:
+    """A 4-job sweep run by the installed script, as the issue's `moe-lab train -m experts=e4,e8 ...` (shared by the
+    sweep and dashboard tests; slow)."""
+    root = tmp_path_factory.mktemp("sweep")
+    sweep = root / "sweep"
+    result = run_cli(["train", "-m", "experts=e4,e8", "aux_loss=none,switch", *FAST, f"paths.cache_dir={cache_dir}",
+                      "trainer.max_steps=9", "trainer.val_check_interval=9", f"hydra.sweep.dir={sweep}"], cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return sweep
+
+
+def chromium() -> str | None:
+    import shutil
+
+    return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)

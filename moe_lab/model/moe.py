@@ -37,6 +37,10 @@ class MoELayerOutput:
     tokens_per_expert_E: Optional[torch.Tensor] = None  # float32, routed token slots per expert, before drops
     dropped_slots: Optional[torch.Tensor] = None  # float32 scalar, slots that overflowed capacity / went unrouted
     router_entropy: Optional[torch.Tensor] = None  # float32 scalar, mean per-token entropy of router probs (nats)
+    topk_mass: Optional[torch.Tensor] = None  # float32 scalar, mean router probability mass of a token's experts
+    # Every routing decision (slot n: expert_N[n] took token_N[n]), before capacity: for expert x domain tables.
+    expert_N: Optional[torch.Tensor] = None
+    token_N: Optional[torch.Tensor] = None
 
 
 def expert_capacity(capacity_factor: Optional[float], num_tokens: int, top_k: int, num_experts: int,
@@ -156,9 +160,23 @@ class MoELayer(nn.Module):
                              tokens_per_expert_E=tokens_per_expert_E.detach().float(),
                              dropped_slots=dropped.detach().float())
         with torch.no_grad():
-            out.router_entropy = (torch.special.entr(routing.probs_TE).sum(-1).mean() if routing.probs_TE is not None
-                                  else torch.zeros((), device=x_TD.device))
+            out.expert_N, out.token_N = self._assignment(routing, B * S)
+            if routing.probs_TE is not None:
+                out.router_entropy = torch.special.entr(routing.probs_TE).sum(-1).mean()
+                chosen_N = routing.probs_TE[out.token_N, out.expert_N]
+                out.topk_mass = torch.zeros(B * S, device=x_TD.device).index_add_(0, out.token_N, chosen_N).mean()
+            else:  # a fixed table: no distribution over experts
+                out.router_entropy = torch.zeros((), device=x_TD.device)
         return y_TD.view(B, S, D), out
+
+    def _assignment(self, routing: RouterOutput, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(expert_N, token_N) of every routing decision, k-major for token choice, expert-major for expert choice."""
+        if routing.token_ids_EC is not None:
+            E, C = routing.token_ids_EC.shape
+            expert_N = torch.arange(E, device=routing.token_ids_EC.device).repeat_interleave(C)
+            return expert_N, routing.token_ids_EC.reshape(-1)
+        expert_N = routing.expert_ids_TK.t().reshape(-1)
+        return expert_N, torch.arange(expert_N.numel(), device=expert_N.device) % num_tokens
 
     def _losses(self, routing: RouterOutput, tokens_per_expert_E: torch.Tensor, batch_size: int
                 ) -> dict[str, torch.Tensor]:

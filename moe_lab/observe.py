@@ -1,0 +1,323 @@
+"""What the experts did: routing statistics per MoE layer, aggregated over a logging window, over gradient-accumulation
+steps and over data-parallel ranks, logged as scalars, written to `routing.jsonl`, and drawn for W&B.
+
+Cheap by construction: every micro-batch adds its per-layer counts to on-device sums (no host-device synchronisation);
+once per logging window the sums are all-reduced and copied to the host in one transfer.
+
+Logged every `trainer.log_every_n_steps` optimizer steps (L = block index, E = expert):
+    train/loss, train/aux/{name}, train/lr, train/tokens_per_sec, train/tokens, train/mfu (known GPUs only)
+    moe/layer{L}/expert{E}/load   share of layer L's routed token slots that chose expert E (sums to 1)
+    moe/layer{L}/imbalance        max load / mean load (1 = balanced; E = one expert takes all)
+    moe/layer{L}/maxvio           imbalance - 1 (DeepSeek's MaxVio)
+    moe/layer{L}/cv               coefficient of variation of the loads (std / mean)
+    moe/layer{L}/dropped_frac     share of token slots over capacity (expert choice: tokens no expert took)
+    moe/layer{L}/dead_experts     experts that got no token in the window
+    moe/layer{L}/entropy          mean per-token entropy of the router probabilities (nats); entropy_norm = / log E
+    moe/layer{L}/topk_mass        mean router probability held by a token's chosen experts
+    moe/layer{L}/domain_mi        mutual information between expert and data domain (nats), labelled data only
+    moe/layer{L}/specialization   domain_mi / H(domain): 0 = experts ignore the domain, 1 = an expert per domain
+    moe/layer{L}/aux/{name}       each aux loss of the layer
+    moe/max_imbalance, moe/mean_imbalance, moe/dropped_frac, moe/dead_experts, moe/specialization   over layers
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import numpy as np
+import torch
+
+# Dense (no 2:4 sparsity) tensor-core peaks in FLOP/s, from the vendors' data sheets. A device not listed gets no
+# MFU: a guessed peak would be a wrong number that looks right.
+PEAK_FLOPS = {  # name fragment of torch.cuda.get_device_name() -> {"bf16": ..., "tf32": ...}
+    "H100 PCIe": {"bf16": 756e12, "tf32": 378e12},
+    "H100 NVL": {"bf16": 835e12, "tf32": 418e12},
+    "H100": {"bf16": 989e12, "tf32": 494e12},  # SXM
+    "H200": {"bf16": 989e12, "tf32": 494e12},
+    "H800": {"bf16": 989e12, "tf32": 494e12},
+    "B200": {"bf16": 2.25e15, "tf32": 1.1e15},
+    "A100": {"bf16": 312e12, "tf32": 156e12},
+    "A800": {"bf16": 312e12, "tf32": 156e12},
+    "L40S": {"bf16": 362e12, "tf32": 183e12},
+    "L4": {"bf16": 121e12, "tf32": 60e12},
+    "A10G": {"bf16": 70e12, "tf32": 35e12},
+    "RTX 4090": {"bf16": 165e12, "tf32": 82.6e12},
+}
+
+
+def peak_flops(device: torch.device, precision: str) -> Optional[float]:
+    """Peak FLOP/s of one device at the trainer's precision, or None when unknown (CPU, unlisted GPU, pure fp32)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    precision = str(precision)
+    if precision.startswith(("bf16", "16")):
+        kind = "bf16"
+    elif torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
+        kind = "tf32"
+    else:
+        return None
+    for fragment, peaks in PEAK_FLOPS.items():
+        if fragment in name:
+            return peaks[kind]
+    return None
+
+
+def load_statistics(counts_E: np.ndarray) -> dict[str, float]:
+    """Balance of one layer's expert counts."""
+    total = counts_E.sum()
+    load = counts_E / max(total, 1)
+    mean = load.mean()
+    return {"imbalance": float(load.max() / mean) if mean > 0 else 0.0,
+            "maxvio": float(load.max() / mean - 1) if mean > 0 else 0.0,
+            "cv": float(load.std() / mean) if mean > 0 else 0.0,
+            "dead_experts": float((counts_E == 0).sum())}
+
+
+def mutual_information(counts_ED: np.ndarray) -> tuple[float, float]:
+    """(I(expert; domain) in nats, I / H(domain)) from a table of routing decisions per expert and domain."""
+    total = counts_ED.sum()
+    if total == 0 or counts_ED.shape[1] < 2:
+        return 0.0, 0.0
+    p = counts_ED / total
+    p_e, p_d = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
+    nz = p > 0
+    mi = float((p[nz] * np.log(p[nz] / (p_e @ p_d)[nz])).sum())
+    h_d = float(-(p_d[p_d > 0] * np.log(p_d[p_d > 0])).sum())
+    return mi, (mi / h_d if h_d > 0 else 0.0)
+
+
+# A 9-stop viridis, for heatmaps drawn without a plotting library.
+_VIRIDIS = np.array([[68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141], [39, 173, 129],
+                     [92, 200, 99], [170, 220, 50], [253, 231, 37]], dtype=np.float64)
+
+
+def heatmap_rgb(matrix: np.ndarray, vmin: float, vmax: float, cell: int = 12) -> np.ndarray:
+    """A (rows, cols) matrix as a uint8 RGB image, each cell `cell` pixels square, viridis colours."""
+    x = np.clip((matrix - vmin) / max(vmax - vmin, 1e-12), 0, 1) * (len(_VIRIDIS) - 1)
+    lo = np.floor(x).astype(int)
+    hi = np.minimum(lo + 1, len(_VIRIDIS) - 1)
+    frac = (x - lo)[..., None]
+    rgb = (_VIRIDIS[lo] * (1 - frac) + _VIRIDIS[hi] * frac).astype(np.uint8)
+    return np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)
+
+
+class RoutingMetrics(L.Callback):
+    """Aggregates the per-micro-batch statistics that `training_step` returns, and logs them once per window."""
+
+    def __init__(self, domain_names: list[str], flops_per_token: int, output_dir: Optional[Path] = None,
+                 image_every_n_steps: int = 100):
+        self.domain_names = list(domain_names)
+        self.flops_per_token = flops_per_token
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.image_every_n_steps = image_every_n_steps
+        self.history: list[dict] = []  # per log step: {"step", "load": (L, E)} for heatmaps over time
+        self.load_rows: list[list] = []  # (step, layer, expert, load) for a W&B table
+        self._peak: Optional[float] = None
+        self._reset()
+
+    # -- accumulation ---------------------------------------------------------------------------------------
+
+    def _reset(self) -> None:
+        self._sums: Optional[dict[str, torch.Tensor]] = None
+        self._micro_batches = 0
+        self._tokens = 0
+        self._started = time.perf_counter()
+        self._paused = 0.0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
+        self._peak = peak_flops(pl_module.device, trainer.precision)
+        self._reset()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if isinstance(outputs, dict) and "stats" in outputs:
+            self._accumulate(outputs["stats"], batch, pl_module.moe_layers)
+        if trainer.global_step == self._last_step:
+            return  # still accumulating gradients
+        self._last_step = trainer.global_step
+        if trainer.global_step % trainer.log_every_n_steps == 0 and self._sums is not None:
+            self._log(trainer, pl_module)
+
+    def _accumulate(self, stats: dict, batch: dict, moe_layers: list[int]) -> None:
+        ids = batch["input_ids"]
+        self._micro_batches += 1
+        self._tokens += ids[:, :-1].numel()
+        sums = {"ce": stats["ce"]}
+        layers = [stats["moe"][layer] for layer in moe_layers]
+        if layers:
+            sums["counts_LE"] = torch.stack([m.tokens_per_expert_E for m in layers])
+            sums["dropped_L"] = torch.stack([m.dropped_slots for m in layers])
+            sums["entropy_L"] = torch.stack([m.router_entropy for m in layers])
+            if layers[0].topk_mass is not None:
+                sums["topk_mass_L"] = torch.stack([m.topk_mass for m in layers])
+            for name in layers[0].losses:
+                sums[f"aux/{name}"] = torch.stack([m.losses[name].detach() for m in layers])
+            if "domain" in batch and len(self.domain_names) > 1:
+                sums["domain_LED"] = self._domain_counts(layers, batch["domain"], ids.shape[1] - 1)
+        if self._sums is None:
+            self._sums = sums
+        else:
+            for key, value in sums.items():
+                self._sums[key] = self._sums[key] + value
+
+    def _domain_counts(self, layers: list, domain_B: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """(L, E, domains) routing decisions per expert and data domain, counted on the device."""
+        num_domains = len(self.domain_names)
+        domain_T = domain_B.repeat_interleave(seq_len)
+        out = []
+        for m in layers:
+            num_experts = m.tokens_per_expert_E.numel()
+            flat_N = m.expert_N * num_domains + domain_T[m.token_N]
+            counts = torch.zeros(num_experts * num_domains, device=flat_N.device)
+            out.append(counts.scatter_add_(0, flat_N, torch.ones_like(flat_N, dtype=counts.dtype)))
+        return torch.stack(out).view(len(layers), -1, num_domains)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._paused_at = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if hasattr(self, "_paused_at"):  # keep validation out of the training window's tokens/s
+            self._paused += time.perf_counter() - self._paused_at
+
+    # -- the logging step -------------------------------------------------------------------------------------
+
+    def _reduce(self, trainer: L.Trainer) -> dict[str, np.ndarray]:
+        keys = sorted(self._sums)
+        flat = torch.cat([self._sums[k].reshape(-1).float() for k in keys])
+        if trainer.world_size > 1:
+            flat = trainer.strategy.reduce(flat, reduce_op="sum")
+        flat = flat.cpu().numpy()  # the one synchronisation of the window
+        values, offset = {}, 0
+        for k in keys:
+            n = self._sums[k].numel()
+            values[k] = flat[offset:offset + n].reshape(tuple(self._sums[k].shape))
+            offset += n
+        return values
+
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        values = self._reduce(trainer)
+        step, world = trainer.global_step, trainer.world_size
+        micro = self._micro_batches * world  # every rank runs the same number of micro-batches
+        seconds = max(time.perf_counter() - self._started - self._paused, 1e-9)
+        tokens_per_sec = self._tokens * world / seconds
+        metrics = {
+            "train/loss": float(values["ce"]) / micro,
+            "train/lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "train/tokens_per_sec": tokens_per_sec,
+            "train/tokens": float(step * trainer.accumulate_grad_batches * world * self._tokens / self._micro_batches),
+        }
+        if self._peak is not None:
+            metrics["train/mfu"] = tokens_per_sec * self.flops_per_token / (self._peak * world)
+        aux = {k: v / micro for k, v in values.items() if k.startswith("aux/")}
+        for key, per_layer in aux.items():
+            metrics[f"train/{key}"] = float(per_layer.mean())
+        record = {"step": step, "domains": self.domain_names, "layers": []}
+        if "counts_LE" in values:
+            self._layer_metrics(pl_module.moe_layers, values, aux, micro, metrics, record)
+        if not math.isfinite(metrics["train/loss"]):
+            raise Diverged(f"training diverged: train/loss is {metrics['train/loss']} at step {step}")
+        pl_module.last_train_metrics = metrics
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        if trainer.is_global_zero and record["layers"]:
+            self._write(record)
+            self._draw(trainer, step)
+        self._reset()
+
+    def _layer_metrics(self, layers: list[int], values: dict, aux: dict, micro: int, metrics: dict,
+                       record: dict) -> None:
+        counts_LE = values["counts_LE"]
+        num_experts = counts_LE.shape[1]
+        per_layer: dict[str, list[float]] = {"imbalance": [], "dropped_frac": [], "dead_experts": [],
+                                             "specialization": [], "entropy_norm": []}
+        loads = []
+        for i, layer in enumerate(layers):
+            prefix = f"moe/layer{layer}"
+            slots = max(counts_LE[i].sum(), 1)
+            load_E = counts_LE[i] / slots
+            loads.append(load_E)
+            for e in range(num_experts):
+                metrics[f"{prefix}/expert{e}/load"] = float(load_E[e])
+            stats = load_statistics(counts_LE[i])
+            stats["dropped_frac"] = float(values["dropped_L"][i] / slots)
+            stats["entropy"] = float(values["entropy_L"][i] / micro)
+            stats["entropy_norm"] = stats["entropy"] / math.log(num_experts) if num_experts > 1 else 0.0
+            if "topk_mass_L" in values:
+                stats["topk_mass"] = float(values["topk_mass_L"][i] / micro)
+            layer_record = {"layer": layer, "load": load_E.round(6).tolist()}
+            if "domain_LED" in values:
+                stats["domain_mi"], stats["specialization"] = mutual_information(values["domain_LED"][i])
+                layer_record["domain_counts"] = values["domain_LED"][i].astype(int).tolist()
+            for key, value in stats.items():
+                metrics[f"{prefix}/{key}"] = value
+                if key in per_layer:
+                    per_layer[key].append(value)
+            for key, value in aux.items():
+                metrics[f"{prefix}/{key}"] = float(value[i])
+            record["layers"].append(layer_record)
+            self.load_rows.extend([record["step"], layer, e, float(load_E[e])] for e in range(num_experts))
+        metrics["moe/max_imbalance"] = max(per_layer["imbalance"])
+        metrics["moe/mean_imbalance"] = float(np.mean(per_layer["imbalance"]))
+        metrics["moe/dropped_frac"] = float(np.mean(per_layer["dropped_frac"]))
+        metrics["moe/dead_experts"] = float(np.sum(per_layer["dead_experts"]))
+        metrics["moe/entropy_norm"] = float(np.mean(per_layer["entropy_norm"]))
+        if per_layer["specialization"]:
+            metrics["moe/specialization"] = float(np.mean(per_layer["specialization"]))
+        self.history.append({"step": record["step"], "layers": list(layers), "load": np.stack(loads),
+                             "domain_counts": {r["layer"]: np.asarray(r["domain_counts"], dtype=float)
+                                               for r in record["layers"] if "domain_counts" in r}})
+
+    def _write(self, record: dict) -> None:
+        if self.output_dir is None:
+            return
+        with open(self.output_dir / "routing.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _draw(self, trainer: L.Trainer, step: int) -> None:
+        """Every image_every_n_steps: per layer, experts x time load heatmaps and the W&B load table."""
+        wandb_loggers = [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
+        if not wandb_loggers or step % self.image_every_n_steps != 0:
+            return
+        self.log_wandb_media(wandb_loggers, step)
+
+    def log_wandb_media(self, wandb_loggers: list, step: int) -> None:
+        import wandb
+
+        loads = np.stack([h["load"] for h in self.history])  # (time, L, E)
+        num_experts = loads.shape[2]
+        images = {}
+        for i, layer in enumerate(self.history[-1]["layers"]):
+            # Rows = experts, columns = log steps; the colour scale runs from 0 to twice the fair share 1/E.
+            image = heatmap_rgb(loads[:, i, :].T, 0.0, 2.0 / num_experts)
+            images[f"moe/heatmap/layer{layer}"] = wandb.Image(
+                image, caption=f"layer {layer}: expert load (rows) over log steps up to {step} (columns); "
+                               f"yellow = 2/E, the fair share 1/E is mid-scale")
+        for layer, counts_ED in self.history[-1]["domain_counts"].items():
+            # Rows = domains, columns = experts: the share of each domain's tokens each expert took this window.
+            share_DE = (counts_ED / np.maximum(counts_ED.sum(0, keepdims=True), 1)).T
+            images[f"moe/domains/layer{layer}"] = wandb.Image(
+                heatmap_rgb(share_DE, 0.0, min(1.0, 3.0 / num_experts), cell=24),
+                caption=f"layer {layer} at step {step}: rows = domains {self.domain_names}, columns = experts; "
+                        "colour = share of the domain's tokens the expert took")
+        for lg in wandb_loggers:
+            lg.experiment.log({**images, "moe/load_table": wandb.Table(
+                columns=["step", "layer", "expert", "load"], data=[list(r) for r in self.load_rows])},
+                commit=False)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The final heatmaps and table, unless the last logging step has just drawn them."""
+        wandb_loggers = [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
+        drawn = self.history and self.history[-1]["step"] % self.image_every_n_steps == 0
+        if wandb_loggers and self.history and trainer.is_global_zero and not drawn:
+            self.log_wandb_media(wandb_loggers, trainer.global_step)
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite: the job fails (a sweep's max_failure_rate decides what follows)."""

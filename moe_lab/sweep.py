@@ -1,0 +1,181 @@
+"""Reading run directories back, and the sweep summary Hydra writes when a multirun ends.
+
+A run directory holds `.hydra/overrides.yaml`, `metrics.csv`, `routing.jsonl` and `summary.json`; a sweep directory
+holds one run directory per job (`0/`, `1/`, ...) and Hydra's `multirun.yaml`. `sweep_summary.csv` gathers each
+job's final metrics and overrides, sorted by validation loss.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+
+SUMMARY_COLUMNS = ["job", "status", "val/loss", "initial_val_loss", "train/loss", "moe/mean_imbalance",
+                   "moe/max_imbalance", "moe/dropped_frac", "moe/dead_experts", "moe/specialization",
+                   "train/tokens_per_sec", "train/mfu", "step", "seconds", "overrides", "run_dir"]
+
+
+@dataclass
+class RunRecord:
+    path: Path
+    overrides: list[str] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    metrics: list[dict[str, float]] = field(default_factory=list)  # metrics.csv rows
+    routing: list[dict] = field(default_factory=list)  # routing.jsonl lines
+
+    @property
+    def status(self) -> str:
+        if self.summary:
+            return self.summary.get("status", "finished")
+        return "failed" if (self.path / "error.txt").exists() else "running"
+
+    @property
+    def error(self) -> str:
+        path = self.path / "error.txt"
+        return path.read_text().strip() if path.exists() else ""
+
+    @property
+    def job(self) -> str:
+        return self.path.name
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        rows = [(int(r["step"]), r[key]) for r in self.metrics if key in r]
+        return [s for s, _ in rows], [v for _, v in rows]
+
+    def final(self, key: str) -> Optional[float]:
+        if key in self.summary and isinstance(self.summary[key], (int, float)):
+            return float(self.summary[key])
+        _, values = self.series(key)
+        return values[-1] if values else None
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "metrics.csv").exists() or (path / "summary.json").exists() or (path / ".hydra").is_dir()
+
+
+def is_sweep_dir(path: Path) -> bool:
+    return (path / "multirun.yaml").exists() or any(is_run_dir(p) for p in path.iterdir() if p.is_dir())
+
+
+def read_run(path: Path) -> RunRecord:
+    record = RunRecord(path=path)
+    overrides = path / ".hydra" / "overrides.yaml"
+    if overrides.exists():
+        record.overrides = [str(o) for o in (yaml.safe_load(overrides.read_text()) or [])]
+    if (path / "summary.json").exists():
+        record.summary = json.loads((path / "summary.json").read_text())
+    if (path / "metrics.csv").exists():
+        with open(path / "metrics.csv") as f:
+            for row in csv.DictReader(f):
+                parsed = {}
+                for k, v in row.items():
+                    if v not in ("", None):
+                        try:
+                            parsed[k] = float(v)
+                        except ValueError:
+                            pass
+                if "step" in parsed:
+                    record.metrics.append(parsed)
+    if (path / "routing.jsonl").exists():
+        record.routing = [json.loads(line) for line in (path / "routing.jsonl").read_text().splitlines() if line]
+    return record
+
+
+def sweep_runs(path: Path) -> list[RunRecord]:
+    jobs = [p for p in path.iterdir() if p.is_dir() and is_run_dir(p)]
+    jobs.sort(key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+    return [read_run(p) for p in jobs]
+
+
+def swept_keys(runs: list[RunRecord]) -> list[str]:
+    """Override keys whose values differ between the runs (the sweep's axes), in command-line order."""
+    values: dict[str, set] = {}
+    order: list[str] = []
+    for run in runs:
+        for o in run.overrides:
+            key, _, value = o.partition("=")
+            if key.startswith("hydra."):
+                continue
+            if key not in values:
+                values[key] = set()
+                order.append(key)
+            values[key].add(value)
+    return [k for k in order if len(values[k]) > 1 or any(k not in dict(_split(r)) for r in runs)]
+
+
+def _split(run: RunRecord) -> list[tuple[str, str]]:
+    return [tuple(o.partition("=")[::2]) for o in run.overrides]
+
+
+def label(run: RunRecord, keys: list[str]) -> str:
+    given = dict(_split(run))
+    parts = [f"{k}={given[k]}" for k in keys if k in given]
+    return ", ".join(parts) or run.job
+
+
+def summary_rows(runs: list[RunRecord]) -> list[dict[str, Any]]:
+    rows = []
+    for run in runs:
+        row: dict[str, Any] = {"job": run.job, "status": run.status, "overrides": " ".join(run.overrides),
+                               "run_dir": str(run.path)}
+        for key in SUMMARY_COLUMNS:
+            if key not in row:
+                value = run.final(key)
+                row[key] = value if value is not None else ""
+        rows.append(row)
+    # Finished runs by validation loss; then interrupted, running and failed ones (their figures are the last seen).
+    order = {"finished": 0, "interrupted": 1, "running": 2, "failed": 3}
+    rows.sort(key=lambda r: (order.get(r["status"], 4), not isinstance(r["val/loss"], float)
+                             or math.isnan(r["val/loss"]), r["val/loss"] if isinstance(r["val/loss"], float) else 0.0))
+    return rows
+
+
+def write_sweep_summary(sweep_dir: Path) -> Path:
+    """sweep_summary.csv: one row per job, best validation loss first, failed jobs last."""
+    rows = summary_rows(sweep_runs(sweep_dir))
+    out = sweep_dir / "sweep_summary.csv"
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    return out
+
+
+class SweepSummary(Callback):
+    """Hydra callback (conf/hydra/default.yaml). After every job of a multirun, failed ones included, it rewrites
+    sweep_summary.csv (a failed job also leaves its reason in error.txt); when the multirun ends, it writes the sweep
+    dashboard. A sweeper that stops on a failure (Hydra's basic sweeper raises once its batch is done) still leaves
+    a complete summary behind."""
+
+
+    def on_job_end(self, config, job_return, **kwargs: Any) -> None:
+        from hydra.core.utils import JobStatus
+
+        if job_return.status == JobStatus.FAILED:
+            error = job_return._return_value
+            output_dir = Path(config.hydra.runtime.output_dir)
+            if output_dir.is_dir():
+                (output_dir / "error.txt").write_text(f"{type(error).__name__}: {error}\n")
+        if config.hydra.mode == RunMode.MULTIRUN and Path(config.hydra.sweep.dir).is_dir():
+            write_sweep_summary(Path(config.hydra.sweep.dir))
+
+    def on_multirun_end(self, config, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        out = write_sweep_summary(sweep_dir)
+        message = f"moe-lab: sweep summary {out}"
+        if OmegaConf.select(config, "metrics.dashboard", default=True):
+            from moe_lab.dashboard import write_dashboard
+
+            message += f"\n  dashboard {write_dashboard(sweep_dir, sweep_dir / 'dashboard.html')}"
+        print(message, flush=True)

@@ -1,0 +1,91 @@
+"""`moe-lab dashboard`: a self-contained page that renders in headless Chromium without console errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, chromium, run_cli
+from moe_lab.dashboard import DashboardError, write_dashboard
+from moe_lab.train import train
+
+ARTIFACTS = REPO / "tests" / "artifacts"
+
+
+def assert_self_contained(page: str) -> None:
+    assert not re.search(r"<script[^>]+src=", page)  # plotly.js and the data are inlined
+    assert not re.search(r"<link[^>]+href=\"?https?:", page)
+    assert page.count("Plotly.newPlot") >= 3
+
+
+def test_run_page(make_cfg, tmp_path):
+    train(make_cfg("metrics.dashboard=false", name="run"))
+    out = write_dashboard(tmp_path / "run")
+    page = out.read_text()
+    assert out == tmp_path / "run" / "dashboard.html"
+    assert_self_contained(page)
+    for title in ("Loss", "Expert load over time", "Balance, drops, entropy and specialisation",
+                  "Which experts take which domain", "Throughput"):
+        assert f"<h2>{title}</h2>" in page, title
+    assert '"code"' in page and '"math"' in page  # the domains of the expert x domain tables
+
+
+def test_never_writes_over_a_foreign_file(make_cfg, tmp_path):
+    train(make_cfg("metrics.dashboard=false", name="run"))
+    mine = tmp_path / "notes.html"
+    mine.write_text("<html>my notes</html>")
+    with pytest.raises(DashboardError, match="was not written by moe-lab"):
+        write_dashboard(tmp_path / "run", mine)
+    assert mine.read_text() == "<html>my notes</html>"
+    write_dashboard(tmp_path / "run", tmp_path / "report.html")
+    write_dashboard(tmp_path / "run", tmp_path / "report.html")  # its own page it may refresh
+    with pytest.raises(DashboardError, match="neither a run directory"):
+        write_dashboard(tmp_path / "run" / "checkpoints")
+
+
+def render(page: Path, screenshot: Path) -> tuple[str, str]:
+    """(DOM after scripts ran, Chromium's console log) of a page in headless Chromium."""
+    binary = chromium()
+    if binary is None:
+        if os.environ.get("MOE_LAB_REQUIRE_CHROMIUM"):
+            pytest.fail("Chromium is required here (MOE_LAB_REQUIRE_CHROMIUM) but not installed")
+        pytest.skip("headless Chromium is not installed (apt-get install chromium)")
+    flags = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+             f"--user-data-dir={screenshot.parent / ('profile-' + screenshot.stem)}", "--enable-logging=stderr",
+             "--v=0", "--virtual-time-budget=15000", "--window-size=1400,3400"]
+    dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=180)
+    shot = subprocess.run([*flags, f"--screenshot={screenshot}", page.as_uri()], capture_output=True, text=True,
+                          timeout=180)
+    assert shot.returncode == 0 and screenshot.stat().st_size > 50_000, shot.stderr[-2000:]
+    return dom.stdout, dom.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which", ["sweep", "run"])
+def test_pages_render_in_headless_chromium(sweep_dir, which):
+    page = sweep_dir / "dashboard.html" if which == "sweep" else sweep_dir / "0" / "dashboard.html"
+    ARTIFACTS.mkdir(exist_ok=True)
+    dom, log = render(page, ARTIFACTS / f"dashboard_{which}.png")
+    console = [line for line in log.splitlines() if ":CONSOLE" in line]
+    assert not console, console  # no JavaScript errors or warnings
+    source = page.read_text()
+    figures = source.count('class="plotly-graph-div"')
+    assert figures >= (4 if which == "sweep" else 5)
+    assert dom.count("js-plotly-plot") >= figures  # every figure was drawn by plotly.js
+    assert dom.count('class="main-svg"') >= figures
+    if which == "sweep":
+        assert "Runs, best validation loss first" in dom and "Which experts specialised in which domain" in dom
+
+
+@pytest.mark.slow
+def test_dashboard_command(sweep_dir, tmp_path):
+    result = run_cli(["dashboard", str(sweep_dir), "-o", str(tmp_path / "report.html")], cwd=tmp_path)
+    assert result.returncode == 0 and "wrote" in result.stdout, result.stderr
+    assert_self_contained((tmp_path / "report.html").read_text())
+    missing = run_cli(["dashboard", str(tmp_path / "nope")], cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.startswith("moe-lab: error:") and "no such directory" in missing.stderr

@@ -1,0 +1,70 @@
+"""Routing statistics: the formulas on hand-made examples, and what a run logs and writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from moe_lab.observe import heatmap_rgb, load_statistics, mutual_information, peak_flops
+from moe_lab.train import train
+
+
+def test_load_statistics():
+    stats = load_statistics(np.array([30.0, 10.0, 0.0, 40.0]))
+    assert stats["imbalance"] == pytest.approx(0.5 / 0.25)
+    assert stats["maxvio"] == pytest.approx(1.0)
+    assert stats["cv"] == pytest.approx(np.std([0.375, 0.125, 0, 0.5]) / 0.25)
+    assert stats["dead_experts"] == 1
+    assert load_statistics(np.full(8, 5.0))["imbalance"] == 1.0
+
+
+def test_mutual_information():
+    # Each expert takes exactly one domain: I = H(domain) = log 2, normalised 1.
+    mi, norm = mutual_information(np.array([[50.0, 0.0], [0.0, 50.0]]))
+    assert mi == pytest.approx(math.log(2)) and norm == pytest.approx(1.0)
+    # Experts ignore the domain: I = 0.
+    assert mutual_information(np.array([[20.0, 10.0], [40.0, 20.0]]))[0] == pytest.approx(0.0, abs=1e-12)
+    # Hand-computed: p = [[.4, .1], [.1, .4]].
+    p = np.array([[0.4, 0.1], [0.1, 0.4]])
+    expected = sum(p[i, j] * math.log(p[i, j] / 0.25) for i in range(2) for j in range(2))
+    assert mutual_information(p * 100)[0] == pytest.approx(expected)
+
+
+def test_heatmap_and_peak_flops():
+    image = heatmap_rgb(np.array([[0.0, 1.0], [0.5, 0.25]]), 0.0, 1.0, cell=3)
+    assert image.shape == (6, 6, 3) and image.dtype == np.uint8
+    assert tuple(image[0, 0]) == (68, 1, 84) and tuple(image[0, 5]) == (253, 231, 37)  # viridis ends
+    assert peak_flops(torch.device("cpu"), "32-true") is None  # never a guess
+
+
+def test_a_run_logs_and_writes_routing_statistics(make_cfg, tmp_path):
+    train(make_cfg(name="run"))
+    run_dir = tmp_path / "run"
+    rows = [r for r in csv.DictReader(open(run_dir / "metrics.csv")) if r.get("train/loss")]
+    last = {k: float(v) for k, v in rows[-1].items() if v}
+    for layer in (0, 1):
+        p = f"moe/layer{layer}/"
+        for key in ("imbalance", "maxvio", "cv", "dropped_frac", "dead_experts", "entropy", "entropy_norm",
+                    "topk_mass", "domain_mi", "specialization", "aux/load_balance", "aux/z_loss"):
+            assert p + key in last, p + key
+        assert last[p + "maxvio"] == pytest.approx(last[p + "imbalance"] - 1)
+        assert last[p + "entropy_norm"] == pytest.approx(last[p + "entropy"] / math.log(8))
+        assert 0 < last[p + "topk_mass"] <= 1 and 0 <= last[p + "specialization"] <= 1
+    assert last["moe/max_imbalance"] == max(last["moe/layer0/imbalance"], last["moe/layer1/imbalance"])
+    records = [json.loads(line) for line in (run_dir / "routing.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [3, 6, 9, 12] and records[0]["domains"] == ["code", "docs", "math"]
+    final = records[-1]["layers"][0]
+    assert sum(final["load"]) == pytest.approx(1.0, abs=1e-4)
+    for e in range(8):
+        assert final["load"][e] == pytest.approx(last[f"moe/layer0/expert{e}/load"], abs=1e-5)
+    # The expert x domain table counts every routing decision of the window: 3 steps x 8 x 64 tokens x top-2.
+    assert np.asarray(final["domain_counts"]).sum() == 3 * 8 * 64 * 2
+    mi, norm = mutual_information(np.asarray(final["domain_counts"], dtype=float))
+    assert norm == pytest.approx(last["moe/layer0/specialization"], abs=1e-6)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "moe/max_imbalance" in summary and not any(k.startswith("moe/layer") for k in summary)
