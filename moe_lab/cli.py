@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 SUBCOMMANDS: dict[str, str] = {

@@ -172,7 +172,7 @@ def domain_figure(run: RunRecord, layers: Optional[list[int]] = None, name: str 
     cols = min(len(tables), 2)
     rows = math.ceil(len(tables) / cols)
     fig = _subplots(rows, cols, titles, height=90 + 60 * len(domains) * rows + 90 * rows, vertical_spacing=0.3 / rows)
-    for i, (layer, table) in enumerate(tables):
+    for i, (_layer, table) in enumerate(tables):
         share_DE = (table / np.maximum(table.sum(0, keepdims=True), 1)).T  # p(expert | domain)
         num_experts = share_DE.shape[1]
         fig.add_trace(go.Heatmap(

@@ -8,7 +8,7 @@ val/loss, val/ppl, val/loss/{domain}.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Optional
 
 import lightning as L
 import torch

@@ -89,3 +89,25 @@ def test_dashboard_command(sweep_dir, tmp_path):
     assert_self_contained((tmp_path / "report.html").read_text())
     missing = run_cli(["dashboard", str(tmp_path / "nope")], cwd=tmp_path)
     assert missing.returncode == 2 and missing.stderr.startswith("moe-lab: error:") and "no such directory" in missing.stderr
+
+
+@pytest.mark.slow
+def test_live_dashboard_reloads_until_stopped(sweep_dir, tmp_path):
+    import signal
+    import time
+
+    from conftest import moe_lab_script
+
+    out = tmp_path / "live.html"
+    proc = subprocess.Popen([moe_lab_script(), "dashboard", str(sweep_dir / "1"), "--live", "--interval", "2", "-o",
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 90
+        while not out.exists() and time.time() < deadline:
+            time.sleep(0.5)
+        assert 'http-equiv="refresh" content="2"' in out.read_text()  # the open page reloads itself
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and 'http-equiv="refresh"' not in out.read_text()  # the final page stays put
