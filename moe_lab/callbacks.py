@@ -7,6 +7,7 @@ import sys
 from typing import Any, Optional
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ProgressBar
 
 
@@ -50,6 +51,11 @@ class GracefulStop(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         stepped = trainer.global_step != self._last_step  # an optimizer step just finished (not mid-accumulation)
         self._last_step = trainer.global_step
+        if stepped and trainer.world_size > 1:
+            # Every rank stops at the same step, or the ones still training would wait forever in a collective.
+            flag = torch.tensor([0 if self.received is None else self.received], device=trainer.strategy.root_device)
+            stop = int(trainer.strategy.reduce(flag, reduce_op="max").item())
+            self.received = stop or None
         if self.received is not None and stepped:
             trainer.save_checkpoint(self.last_checkpoint, weights_only=False)
             raise StopRequested(self.received)

@@ -62,9 +62,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     return handlers[command](rest)
 
 
+RANK_VARIABLES = ("LOCAL_RANK", "RANK", "NODE_RANK", "SLURM_PROCID")  # Lightning, torchrun, SLURM (srun)
+
+
 def launched_worker() -> bool:
     """True in a process that a distributed launcher started as rank > 0 of a run."""
-    return any(os.environ.get(var, "0") not in ("", "0") for var in ("LOCAL_RANK", "RANK", "NODE_RANK"))
+    return any(os.environ.get(var, "0") not in ("", "0") for var in RANK_VARIABLES)
+
+
+def externally_launched() -> bool:
+    """True when torchrun or SLURM started every rank at once (so other ranks may be writing the run directory)."""
+    return any(var in os.environ for var in ("RANK", "SLURM_PROCID"))
 
 
 def train_command(args: list[str], check: bool = True) -> int:

@@ -263,6 +263,7 @@ def _check_semantics(run: RunConfig) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _check_aux_losses(router_cls, router, moe.aux_loss)
+    _check_expert_parallel(run, router_cls)
     need(moe.drop_policy in ("position", "probability"),
          f"model.moe.drop_policy={moe.drop_policy!r}; choose position or probability")
     need(moe.min_capacity >= 0, f"model.moe.min_capacity={moe.min_capacity} must be >= 0")
@@ -320,6 +321,33 @@ def _check_semantics(run: RunConfig) -> None:
     for name, logger in run.logger.items():
         need(isinstance(logger, dict) and "_target_" in logger,
              f"logger.{name} must be a logger config with a _target_ (see conf/logger/)")
+
+
+def _check_expert_parallel(run: "RunConfig", router_cls: type) -> None:
+    moe, ep = run.model.moe, run.model.moe.expert_parallel
+    if ep < 1:
+        raise ConfigError(f"model.moe.expert_parallel={ep} must be at least 1")
+    if ep == 1 or not moe.enabled:
+        return
+    if moe.num_experts % ep:
+        raise ConfigError(f"model.moe.expert_parallel={ep} must divide model.moe.num_experts={moe.num_experts}: "
+                          "every rank of an expert-parallel group holds the same number of experts")
+    if router_cls.registered_name == "expert_choice":
+        raise ConfigError("router=expert_choice cannot be expert-parallel: each expert chooses among all tokens of "
+                          "its group, which needs every rank's router scores and activations on the expert's rank "
+                          "(an all-gather), not the all-to-all token exchange moe-lab's expert parallelism is; "
+                          "use model.moe.expert_parallel=1 (data parallel) or a token-choice router")
+    if moe.implementation != "grouped":
+        raise ConfigError("model.moe.implementation=loop is the single-device reference; expert parallelism runs the "
+                          "grouped path")
+    strategy = str(run.trainer.get("strategy", ""))
+    if not strategy.startswith("ddp") or "spawn" in strategy or "notebook" in strategy:
+        raise ConfigError(f"model.moe.expert_parallel={ep} needs several processes: add trainer=ddp "
+                          f"(with trainer.devices and trainer.num_nodes making a world size divisible by {ep})")
+    devices, nodes = run.trainer.get("devices"), run.trainer.get("num_nodes", 1)
+    if isinstance(devices, int) and isinstance(nodes, int) and (devices * nodes) % ep:
+        raise ConfigError(f"model.moe.expert_parallel={ep} must divide the world size trainer.devices x "
+                          f"trainer.num_nodes = {devices} x {nodes} = {devices * nodes}")
 
 
 def _check_aux_losses(router_cls: type, router: dict, aux: Any) -> None:

@@ -208,7 +208,11 @@ def _check_output_dir(base: DictConfig, multirun: bool) -> None:
             raise UserError(f"the sweep directory {directory} already holds runs; moe-lab never writes over them. "
                             "Choose another with hydra.sweep.dir=...")
         return
-    used = [m for m in (*RUN_MARKERS, ".hydra") if (directory / m).exists()]
+    from moe_lab.cli import externally_launched
+
+    # Under torchrun or SLURM the other ranks start with this one, and their Hydra may already have made .hydra.
+    markers = RUN_MARKERS if externally_launched() else (*RUN_MARKERS, ".hydra")
+    used = [m for m in markers if (directory / m).exists()]
     if used:
         raise UserError(f"{directory} already holds a run ({', '.join(used)}); moe-lab never writes over one. "
                         "Choose a new directory with hydra.run.dir=..., or resume it with "

@@ -60,6 +60,8 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*Experiment logs directory .* exists and is not empty.*")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
     warnings.filterwarnings("ignore", message=r".*The dirpath has changed from.*")
+    # moe-lab's DDP keeps broadcast_buffers=False on purpose (see moe_lab/parallel.py:make_ddp_strategy).
+    warnings.filterwarnings("ignore", message=r".*`broadcast_buffers` is deprecated.*")
     # Validation sums are all-reduced by the module itself before they are logged.
     warnings.filterwarnings("ignore", message=r".*It is recommended to use `self.log\('val/.*sync_dist=True.*")
 
@@ -100,9 +102,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = build_loggers(run, cfg, output_dir)
     try:
         # RoutingMetrics before the progress bar, so the bar shows the metrics of the step just logged.
-        trainer = L.Trainer(**run.trainer, logger=loggers, callbacks=[periodic, stop, routing, StepProgressBar()],
-                            default_root_dir=str(output_dir), max_epochs=-1, check_val_every_n_epoch=None,
-                            use_distributed_sampler=False)
+        trainer = L.Trainer(**trainer_arguments(run), logger=loggers,
+                            callbacks=[periodic, stop, routing, StepProgressBar()], default_root_dir=str(output_dir),
+                            max_epochs=-1, check_val_every_n_epoch=None, use_distributed_sampler=False)
+        ep = run.model.moe.expert_parallel
+        if trainer.world_size % ep:
+            raise ConfigError(f"model.moe.expert_parallel={ep} must divide the world size {trainer.world_size} "
+                              "(trainer.devices x trainer.num_nodes)")
         print_header(run, module, data, output_dir)
 
         if ckpt_path is None:
@@ -145,6 +151,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def trainer_arguments(run: RunConfig) -> dict:
+    """The trainer config, with `strategy: ddp` made moe-lab's DDP (expert shards left out of DDP's all-reduce)."""
+    args = dict(run.trainer)
+    strategy = args.get("strategy")
+    if isinstance(strategy, str) and strategy in ("ddp", "ddp_find_unused_parameters_true"):
+        from moe_lab.parallel import make_ddp_strategy
+
+        args["strategy"] = make_ddp_strategy(find_unused_parameters=strategy.endswith("true"))
+    return args
+
+
 def write_run_dashboard(output_dir: Path) -> Path:
     from moe_lab.dashboard import write_dashboard
 
@@ -179,6 +196,9 @@ def check_resume(run: RunConfig) -> Optional[str]:
         raise UserError(f"ckpt_path={run.ckpt_path} was not written by moe-lab (it has no model settings)")
     saved_cfg = dataclasses.asdict(model_config(saved))
     wanted = dataclasses.asdict(run.model)
+    for layout in ("expert_parallel", "implementation"):  # how the model is laid out, not what it is
+        saved_cfg["moe"].pop(layout, None)
+        wanted["moe"].pop(layout, None)
     if wanted.get("vocab_size") is None:
         wanted["vocab_size"] = saved_cfg.get("vocab_size")
     differences = _differences(saved_cfg, wanted, "model")

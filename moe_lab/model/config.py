@@ -70,6 +70,10 @@ class MoEConfig:
     every_n_layers: int = 1
     # The first k layers stay dense (DeepSeek-V3 `first_k_dense_replace`): early layers route poorly.
     first_dense_layers: int = 0
+    # Expert parallelism: the experts of every MoE layer are split over this many ranks (an EP group), and tokens
+    # travel to their experts' rank with all-to-all. 1 = every rank holds every expert. Must divide num_experts and
+    # the world size; needs trainer=ddp. A layout, not a model setting: checkpoints load under any value.
+    expert_parallel: int = 1
     # grouped: sort tokens by expert and run all experts as one grouped GEMM (torch._grouped_mm).
     # loop: a plain per-expert loop; slow, kept as the reference oracle for tests and benchmarks.
     implementation: str = "grouped"

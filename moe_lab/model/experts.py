@@ -80,6 +80,35 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w_in_EGFD, std=init_std)
         nn.init.normal_(self.w_out_EDF, std=out_std)
 
+    # ---- expert parallelism: this module may hold a contiguous shard [first, first + num_experts) of the experts
+
+    def shard(self, ep_rank: int, ep_size: int, group) -> None:
+        """Keep only this rank's experts. state_dict() still returns every expert (gathered over `group`), and
+        load_state_dict() takes every expert and keeps this rank's, so checkpoints do not depend on the layout."""
+        if getattr(self, "ep_group", None) is not None:
+            return
+        self.full_num_experts, self.num_experts = self.num_experts, self.num_experts // ep_size
+        self.first_expert = ep_rank * self.num_experts
+        local = slice(self.first_expert, self.first_expert + self.num_experts)
+        self.w_in_EGFD = nn.Parameter(self.w_in_EGFD.data[local].clone())
+        self.w_out_EDF = nn.Parameter(self.w_out_EDF.data[local].clone())
+        self.ep_group = group
+        self._register_state_dict_hook(GroupedExperts._gather_shards)
+        self._register_load_state_dict_pre_hook(self._keep_own_shard)
+
+    @staticmethod
+    def _gather_shards(module: "GroupedExperts", state_dict: dict, prefix: str, local_metadata) -> None:
+        from moe_lab.parallel import all_gather
+
+        for name in ("w_in_EGFD", "w_out_EDF"):
+            state_dict[prefix + name] = all_gather(state_dict[prefix + name].detach(), module.ep_group).flatten(0, 1)
+
+    def _keep_own_shard(self, state_dict: dict, prefix: str, *args) -> None:
+        for name in ("w_in_EGFD", "w_out_EDF"):
+            tensor = state_dict.get(prefix + name)
+            if tensor is not None and tensor.shape[0] == self.full_num_experts:
+                state_dict[prefix + name] = tensor[self.first_expert:self.first_expert + self.num_experts]
+
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         # torch._grouped_mm is not on autocast's cast list: follow autocast by hand, so bf16 runs use bf16 GEMMs.
         if torch.is_autocast_enabled(x.device.type):

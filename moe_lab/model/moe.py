@@ -128,6 +128,13 @@ class MoELayer(nn.Module):
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if self.shared is not None and cfg.shared_gate else None
         if self.shared_gate is not None:
             nn.init.normal_(self.shared_gate.weight, std=init_std)
+        self.ep = None  # ExpertParallelGroups once shard_experts() ran
+
+    def shard_experts(self, groups) -> None:
+        """Expert parallelism: keep this rank's E / P experts; tokens reach them by all-to-all (moe_lab/parallel.py)."""
+        if groups.ep_size > 1 and self.ep is None:
+            self.experts.shard(groups.ep_rank, groups.ep_size, groups.ep_group)
+            self.ep = groups
 
     @property
     def capacity_factor(self) -> Optional[float]:
@@ -146,6 +153,9 @@ class MoELayer(nn.Module):
         routing = self.router(x_TD, token_ids_T, batch_size=B, capacity_factor=self.capacity_factor)
         if routing.token_ids_EC is not None:
             y_TD, tokens_per_expert_E, dropped = self._forward_expert_choice(x_TD, routing)
+        elif self.ep is not None:
+            capacity = self.capacity(B * S * self.ep.ep_size)  # per expert, over the whole EP group's tokens
+            y_TD, tokens_per_expert_E, dropped = self._forward_expert_parallel(x_TD, routing, capacity)
         elif self.cfg.implementation == "loop":
             y_TD, tokens_per_expert_E, dropped = self._forward_loop(x_TD, routing, self.capacity(B * S))
         else:
@@ -219,6 +229,64 @@ class MoELayer(nn.Module):
         weights_KT1 = routing.weights_TK.t().unsqueeze(-1).to(y_KTD.dtype)
         y_TD = (y_KTD * weights_KT1).sum(dim=0)
         return y_TD.to(x_TD.dtype), dispatch.tokens_per_expert_E, dispatch.dropped_slots
+
+    def _forward_expert_parallel(self, x_TD: torch.Tensor, routing: RouterOutput, capacity: Optional[int]):
+        """Token choice with the experts spread over an EP group of P ranks (El = E / P experts each).
+
+        Capacity is per expert over the group's tokens, and which slots it keeps is decided exactly as one device
+        holding the whole group's batch (rank-major token order) would: the routing of the group is all-gathered and
+        `build_dispatch` runs on it. Kept slots travel to their expert's rank by all-to-all (row counts first), run
+        through the local experts as one grouped GEMM, and come back the same way.
+        """
+        from moe_lab.parallel import all_gather, all_to_all
+
+        groups = self.ep
+        group, P, rank = groups.ep_group, groups.ep_size, groups.ep_rank
+        T, D = x_TD.shape
+        K = routing.expert_ids_TK.shape[1]
+        E = self.num_experts
+        El = E // P
+        expert_N = routing.expert_ids_TK.t().reshape(-1)  # k-major local slots
+        N = expert_N.numel()
+        tokens_per_expert_E = torch.zeros(E, dtype=torch.int64, device=x_TD.device)
+        tokens_per_expert_E.scatter_add_(0, expert_N, torch.ones_like(expert_N))
+        if capacity is None:
+            keep_N = torch.ones(N, dtype=torch.bool, device=x_TD.device)
+        else:
+            ids_PTK = all_gather(routing.expert_ids_TK, group)
+            priority = self._priority(routing)
+            priority_PTK = all_gather(priority, group) if priority is not None else None
+            group_dispatch = build_dispatch(ids_PTK.reshape(P * T, K), E, capacity,
+                                            priority_PTK.reshape(P * T, K) if priority_PTK is not None else None)
+            keep_G = torch.ones(K * P * T, dtype=torch.bool, device=x_TD.device)
+            if group_dispatch.row_kept_R is not None:
+                keep_G = keep_G.scatter(0, group_dispatch.row_slot_R, group_dispatch.row_kept_R)
+            # Local slot (k, t) is slot k * (P * T) + rank * T + t of the group's k-major order.
+            local_G = (torch.arange(K, device=x_TD.device)[:, None] * (P * T) + rank * T
+                       + torch.arange(T, device=x_TD.device)[None, :]).reshape(-1)
+            keep_N = keep_G[local_G]
+        kept_E = torch.zeros(E, dtype=torch.int64, device=x_TD.device).scatter_add_(0, expert_N, keep_N.long())
+        # Row counts first: recv_PEl[s, e] = rows rank s sends to this rank's local expert e.
+        recv_PEl = torch.empty(P, El, dtype=torch.int64, device=x_TD.device)
+        torch.distributed.all_to_all_single(recv_PEl, kept_E.view(P, El).contiguous(), group=group)
+        # all_to_all takes its split sizes on the host: the one synchronisation of the layer.
+        splits = torch.cat([kept_E.view(P, El).sum(1), recv_PEl.sum(1)]).tolist()
+        send_splits, recv_splits = splits[:P], splits[P:]
+        # Kept slots sorted by expert: grouped by destination rank, then by local expert, priority order inside.
+        send_S = torch.argsort(torch.where(keep_N, expert_N, E), stable=True)[:sum(send_splits)]
+        x_recv = all_to_all(x_TD[send_S % T], recv_splits, send_splits, group)
+        # Received rows come grouped by source rank; regroup them by local expert for the grouped GEMM.
+        expert_of_row = torch.repeat_interleave(torch.arange(El, device=x_TD.device).repeat(P), recv_PEl.reshape(-1),
+                                                output_size=x_recv.shape[0])
+        by_expert = torch.argsort(expert_of_row, stable=True)
+        y_rows = self.experts(x_recv[by_expert], torch.cumsum(recv_PEl.sum(0), 0).to(torch.int32))
+        back = torch.empty_like(by_expert).scatter_(0, by_expert, torch.arange(len(by_expert), device=x_TD.device))
+        y_send = all_to_all(y_rows[back], send_splits, recv_splits, group)
+        y_ND = torch.zeros(N, D, dtype=y_send.dtype, device=x_TD.device).index_copy(0, send_S, y_send)
+        weights_KT1 = routing.weights_TK.t().unsqueeze(-1).to(y_ND.dtype)
+        y_TD = (y_ND.view(K, T, D) * weights_KT1).sum(dim=0)
+        dropped = N - keep_N.sum()
+        return y_TD.to(x_TD.dtype), tokens_per_expert_E, dropped
 
     def _forward_expert_choice(self, x_TD: torch.Tensor, routing: RouterOutput):
         """Each expert's chosen tokens are already its group of rows (C each): gather, grouped GEMM, scatter-add."""
