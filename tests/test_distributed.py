@@ -102,3 +102,19 @@ def test_capacity_under_expert_parallelism_is_as_on_one_device(runs):
     dropped_one, dropped_ep = series(runs["one_cf"], "moe/dropped_frac"), series(runs["ep2_cf"], "moe/dropped_frac")
     assert max(dropped_one.values()) > 0.01  # the case really drops
     assert_same(dropped_one, dropped_ep)
+
+
+def test_load_model_and_export_read_an_expert_parallel_checkpoint(runs, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import moe_lab
+    from moe_lab.export import export_hf
+
+    ckpt = runs["ep2"] / "checkpoints" / "last.ckpt"
+    model = moe_lab.load_model(ckpt)
+    ids = torch.randint(0, 257, (2, 24))
+    logits = model(ids)
+    assert logits.shape == (2, 24, 320) and torch.isfinite(logits).all()
+    export_hf(ckpt, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=0, atol=1e-4)
