@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, str] = {
     "train": "train an MoE language model (a Hydra app: `moe-lab train --help` lists its config groups)",
     "export": "write a checkpoint as a Hugging Face transformers model: moe-lab export CKPT --format hf OUT_DIR",
     "dashboard": "an HTML page of a run or sweep: moe-lab dashboard PATH [-o report.html] [--live]",
+    "bench": "time the MoE layer and training steps: moe-lab bench [--compare] (see moe-lab bench --help)",
 }
 
 USAGE = """usage: moe-lab <command> [arguments]
@@ -52,7 +53,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     handlers: dict[str, Callable[[list[str]], int]] = {"train": train_command, "export": export_command,
-                                                       "dashboard": dashboard_command}
+                                                       "dashboard": dashboard_command, "bench": bench_command}
     if command not in handlers and launched_worker():
         # A data-parallel worker that Lightning started by re-running this process's command line, which Hydra
         # holds without the subcommand: it is the same `train` run (rank 0 already checked the command line).
@@ -139,6 +140,34 @@ def dashboard_command(args: list[str]) -> int:
     except UserError as e:
         return fail(str(e))
     print(f"moe-lab: wrote {out}")
+    return 0
+
+
+def bench_command(args: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="moe-lab bench", description="Time the MoE layer (forward, forward + backward, activation memory) over "
+        "a grid of shapes, and whole training steps of model presets (tokens/s, MFU on known GPUs). Prints a table "
+        "and writes bench.json and bench.csv.")
+    parser.add_argument("--compare", action="store_true", help="also time transformers' Mixtral block (eager and "
+                        "grouped_mm experts) on the same weights and a dense SwiGLU of equal active parameters, and "
+                        "print the target ratios")
+    parser.add_argument("--loop", action="store_true", help="also time moe-lab's per-expert reference loop")
+    parser.add_argument("--capacity", action="store_true", help="also time capacity-limited cases (cf 1.25)")
+    parser.add_argument("--no-steps", action="store_true", help="skip the whole-training-step timings")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", help="directory for bench.json and bench.csv (default benchmarks/results/DATE_TIME)")
+    parsed = parser.parse_args(args)
+    parsed.argv = args
+    from moe_lab.bench import run
+
+    run(parsed)
     return 0
 
 
