@@ -26,6 +26,7 @@ from moe_lab.data.datamodule import LMDataModule
 from moe_lab.lightning_module import MoELanguageModel
 from moe_lab.model.routers import router_is_causal
 from moe_lab.observe import Diverged, RoutingMetrics
+from moe_lab.runtime import retain_freed_memory
 
 log = logging.getLogger("moe_lab")
 
@@ -70,6 +71,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Train one model as `cfg` says; returns the run summary (final metrics and where things are)."""
     run = validate(cfg)
     quiet_lightning()
+    retain_freed_memory()  # CPU steps reuse freed memory instead of page-faulting it back (moe_lab/runtime.py)
     output_dir = Path(run.paths.output_dir).expanduser().resolve()
     from moe_lab.cli import launched_worker
 

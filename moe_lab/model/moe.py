@@ -57,7 +57,6 @@ class Dispatch:
     """Where every token slot goes: built once per layer call, used to gather inputs and scatter outputs."""
 
     row_slot_R: torch.Tensor  # int64, the slot in each row of the expert input
-    slot_row_N: torch.Tensor  # int64, inverse permutation: the row of each slot
     offs_E: torch.Tensor  # int32, cumulative rows per expert (the grouped GEMM's group ends)
     tokens_per_expert_E: torch.Tensor  # int64, routed slots per expert before capacity
     row_kept_R: Optional[torch.Tensor]  # bool, rows under capacity; None when dropless (all kept)
@@ -105,8 +104,7 @@ def build_dispatch(expert_ids_TK: torch.Tensor, num_experts: int, capacity: Opti
         offs_E = torch.cumsum(kept_E, 0).to(torch.int32)
         row_kept_R = arange_N < num_kept
         dropped = num_slots - num_kept
-    slot_row_N = torch.empty_like(row_slot_R).scatter_(0, row_slot_R, arange_N)
-    return Dispatch(row_slot_R, slot_row_N, offs_E, tokens_per_expert_E, row_kept_R, dropped)
+    return Dispatch(row_slot_R, offs_E, tokens_per_expert_E, row_kept_R, dropped)
 
 
 class MoELayer(nn.Module):
@@ -215,20 +213,23 @@ class MoELayer(nn.Module):
         return routing.weights_TK if self.cfg.drop_policy == "probability" else None
 
     def _forward_grouped(self, x_TD: torch.Tensor, routing: RouterOutput, capacity: Optional[int]):
+        """One gather of the token rows in expert order, the grouped experts (routing weights applied inside), and
+        one scatter-add back to the tokens: two (N, D) buffers forward and two backward, nothing else that size."""
         T, D = x_TD.shape
-        K = routing.expert_ids_TK.shape[1]
         dispatch = build_dispatch(routing.expert_ids_TK, self.num_experts, capacity, self._priority(routing))
-        x_RD = x_TD[dispatch.row_slot_R % T]  # gather: slot n holds token n % T
+        token_R = dispatch.row_slot_R % T  # slot n holds token n % T
+        weight_R = routing.weights_TK.t().reshape(-1).index_select(0, dispatch.row_slot_R)
+        x_src = x_TD
         if dispatch.row_kept_R is not None:
-            # Rows past the last group are never computed; zeroing them also stops their (undefined) gradients.
-            x_RD = torch.where(dispatch.row_kept_R[:, None], x_RD, 0.0)
-        y_RD = self.experts(x_RD, dispatch.offs_E)
-        if dispatch.row_kept_R is not None:
-            y_RD = torch.where(dispatch.row_kept_R[:, None], y_RD, 0.0)  # dropped slots: FFN output zero
-        y_KTD = y_RD[dispatch.slot_row_N].view(K, T, D)  # back to slot order (one gather, no atomics)
-        weights_KT1 = routing.weights_TK.t().unsqueeze(-1).to(y_KTD.dtype)
-        y_TD = (y_KTD * weights_KT1).sum(dim=0)
-        return y_TD.to(x_TD.dtype), dispatch.tokens_per_expert_E, dispatch.dropped_slots
+            # Dropped slots read a zero row and write to a spare row T that is discarded, with weight 0: the grouped
+            # GEMM leaves rows past its last group undefined, and this keeps them away from outputs and gradients.
+            token_R = torch.where(dispatch.row_kept_R, token_R, T)
+            weight_R = torch.where(dispatch.row_kept_R, weight_R, 0.0)
+            x_src = torch.cat([x_TD, x_TD.new_zeros(1, D)])
+        x_RD = x_src.index_select(0, token_R)  # gather (backward: index_add)
+        y_RD = self.experts(x_RD, dispatch.offs_E, weight_R)
+        y_TD = y_RD.new_zeros(x_src.shape[0], D).index_add(0, token_R, y_RD)  # combine the k choices of each token
+        return y_TD[:T].to(x_TD.dtype), dispatch.tokens_per_expert_E, dispatch.dropped_slots
 
     def _forward_expert_parallel(self, x_TD: torch.Tensor, routing: RouterOutput, capacity: Optional[int]):
         """Token choice with the experts spread over an EP group of P ranks (El = E / P experts each).
@@ -282,9 +283,8 @@ class MoELayer(nn.Module):
         y_rows = self.experts(x_recv[by_expert], torch.cumsum(recv_PEl.sum(0), 0).to(torch.int32))
         back = torch.empty_like(by_expert).scatter_(0, by_expert, torch.arange(len(by_expert), device=x_TD.device))
         y_send = all_to_all(y_rows[back], send_splits, recv_splits, group)
-        y_ND = torch.zeros(N, D, dtype=y_send.dtype, device=x_TD.device).index_copy(0, send_S, y_send)
-        weights_KT1 = routing.weights_TK.t().unsqueeze(-1).to(y_ND.dtype)
-        y_TD = (y_ND.view(K, T, D) * weights_KT1).sum(dim=0)
+        weight_S = routing.weights_TK.t().reshape(-1).index_select(0, send_S).to(y_send.dtype)
+        y_TD = y_send.new_zeros(T, D).index_add(0, send_S % T, y_send * weight_S[:, None])
         dropped = N - keep_N.sum()
         return y_TD.to(x_TD.dtype), tokens_per_expert_E, dropped
 
