@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import platform
 import statistics
 import time
@@ -27,7 +26,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn as nn
 
 
 @dataclass
@@ -204,7 +202,6 @@ def time_case(case: Case, device: torch.device, dtype: torch.dtype, compare: boo
         saved = saved_for_backward_mb(lambda: forward(x_req))
         results.append(Result(case.name, name, case.tokens, case.d_model, case.num_experts, case.top_k,
                               case.expert_hidden, case.capacity_factor, forward_ms, backward_ms, saved, peak))
-        del module
     return results
 
 
