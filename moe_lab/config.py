@@ -383,9 +383,6 @@ def _check_trainer(trainer: dict) -> None:
         raise ConfigError(f"trainer.max_steps={max_steps} must be a positive number of optimizer steps")
 
 
-def router_names() -> list[str]:
-    return sorted(ROUTERS)
-
 
 def config_dir() -> str:
     """Absolute path of the Hydra configs: `conf/` beside the package in a source checkout or editable install,

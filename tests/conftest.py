@@ -90,3 +90,13 @@ def chromium() -> str | None:
     import shutil
 
     return next((p for p in (shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")) if p), None)
+
+
+def assert_causal(model, batch: int, seq: int, t: int, vocab: int = 64) -> None:
+    """Changing token t never changes the logits before t, and does change some logit at or after t."""
+    ids = torch.randint(0, vocab, (batch, seq))
+    changed = ids.clone()
+    changed[:, t] = (changed[:, t] + 7) % vocab
+    a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=1e-6)
+    assert (a[:, t:] - b[:, t:]).abs().max() > 1e-5
