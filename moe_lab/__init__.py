@@ -4,8 +4,9 @@ __version__ = "0.1.0"
 
 
 def load_model(ckpt_path, map_location="cpu"):
-    """The model of a moe-lab checkpoint in eval mode: `load_model(path)(token_ids_BT)` -> logits (B, T, vocab)."""
-    from moe_lab.export import load_model as _load
+    """The model of a moe-lab checkpoint in eval mode: `load_model(path)(token_ids_BT)` -> logits (B, T, vocab).
+    (Imported on call, so `import moe_lab` stays light.)"""
+    from moe_lab.training.checkpoint import load_model as _load
 
     return _load(ckpt_path, map_location=map_location)
 

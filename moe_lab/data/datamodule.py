@@ -12,6 +12,7 @@ and each data-parallel rank takes its own slice of that global batch.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -27,9 +28,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from moe_lab.config import DataConfig, TokenizerConfig, UserError
+from moe_lab.data.config import DataConfig, HFDataConfig, TextDataConfig, TokenizerConfig
 from moe_lab.data.embedded import embedded_documents
 from moe_lab.data.tokenizer import build_tokenizer
+from moe_lab.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +39,6 @@ CACHE_VERSION = 1
 TEXT_BUILDERS = {".txt": "text", ".md": "text", ".text": "text", ".json": "json", ".jsonl": "json",
                  ".parquet": "parquet", ".csv": "csv"}
 SPLIT_SEED = 0  # the validation split does not move with the training seed, so runs stay comparable
-
-
-class DataError(UserError):
-    pass
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -102,13 +100,14 @@ def load_documents(cfg: DataConfig):
     else:
         ds = _load_dataset(cfg.name, cfg.subset, split=cfg.split, revision=cfg.revision,
                            data_files=cfg.data_files, streaming=cfg.streaming)
+    streaming = isinstance(cfg, HFDataConfig) and cfg.streaming
     columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
     if cfg.text_column not in columns:
         raise DataError(f"data.text_column={cfg.text_column!r} is not a column of the data; its columns are {columns}")
     if cfg.domain_column is not None and cfg.domain_column not in columns:
         raise DataError(f"data.domain_column={cfg.domain_column!r} is not a column; its columns are {columns}")
     if cfg.max_documents is not None:
-        ds = ds.take(cfg.max_documents) if cfg.streaming else ds.select(range(min(cfg.max_documents, len(ds))))
+        ds = ds.take(cfg.max_documents) if streaming else ds.select(range(min(cfg.max_documents, len(ds))))
     default_domain = "text" if cfg.source == "text" else (cfg.name or "data").split("/")[-1]
 
     def to_text_domain(batch: dict) -> dict:
@@ -168,7 +167,11 @@ def pack_stream(documents: Iterator[dict], tokenizer, block_len: int) -> Iterato
 
 
 class BlockDataset(Dataset):
-    """The blocks `index` selects from a (memory-mapped) block array, fetched a whole batch at a time."""
+    """The blocks `index` selects from a (memory-mapped) block array, fetched a whole batch at a time.
+
+    A position p < 0 stands for block -1 - p as padding: it is fetched, and marked `valid` False, so that every rank
+    of a data-parallel run takes part in the same number of validation steps.
+    """
 
     def __init__(self, input_ids: np.ndarray, domains: np.ndarray, index: Optional[np.ndarray] = None):
         self.input_ids, self.domains = input_ids, domains
@@ -181,9 +184,23 @@ class BlockDataset(Dataset):
         return self.__getitems__([i])
 
     def __getitems__(self, positions) -> dict:
-        rows = self.index[np.asarray(positions)]
+        positions = np.asarray(positions)
+        valid = positions >= 0
+        rows = self.index[np.where(valid, positions, -1 - positions)]
         return {"input_ids": torch.from_numpy(np.asarray(self.input_ids[rows], dtype=np.int64)),
-                "domain": torch.from_numpy(np.asarray(self.domains[rows], dtype=np.int64))}
+                "domain": torch.from_numpy(np.asarray(self.domains[rows], dtype=np.int64)),
+                "valid": torch.from_numpy(valid)}
+
+
+def validation_batches(num_blocks: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    """This rank's validation batches. The batches are fixed (consecutive blocks, batch_size each) whatever the world
+    size, so a capacity limit sees the same micro-batches on any layout; rank r takes batches r, r + W, ...; ranks
+    with fewer batches get padding batches (negative positions), so every rank runs the same number of steps."""
+    batches = [list(range(i, min(i + batch_size, num_blocks))) for i in range(0, num_blocks, batch_size)]
+    mine = batches[rank::world_size]
+    steps = math.ceil(len(batches) / world_size)
+    padding = [[-1 - p for p in batches[0]]] * (steps - len(mine))
+    return mine + padding
 
 
 def _identity(batch):
@@ -269,6 +286,7 @@ class LMDataModule(L.LightningDataModule):
         self.cache_dir = Path(os.path.expanduser(cache_dir))
         self.tokenizer = build_tokenizer(tokenizer)
         self.block_len = data.seq_len + 1  # inputs and targets shifted by one
+        self.streaming = isinstance(data, HFDataConfig) and data.streaming
         self.domain_names: list[str] = []
         self.train_blocks: Optional[BlockDataset] = None
         self.val_blocks: Optional[BlockDataset] = None
@@ -280,18 +298,18 @@ class LMDataModule(L.LightningDataModule):
     # -- building and caching ------------------------------------------------------------------------------
 
     def cache_key(self) -> str:
+        """Everything that shapes the packed blocks: the source's own settings (less batching and splitting), the
+        tokenizer and the block length."""
+        import sys
+
         c = self.cfg
-        parts = {"v": CACHE_VERSION, "source": c.source, "tokenizer": self.tokenizer.fingerprint,
-                 "block_len": self.block_len, "text_column": c.text_column, "domain_column": c.domain_column,
-                 "max_documents": c.max_documents}
+        shaping = {k: v for k, v in dataclasses.asdict(c).items()
+                   if k not in ("seq_len", "batch_size", "val_fraction", "max_val_blocks", "num_workers", "streaming")}
+        parts = {"v": CACHE_VERSION, **shaping, "tokenizer": self.tokenizer.fingerprint, "block_len": self.block_len}
         if c.source == "embedded":
-            import sys
-            parts.update(domains=c.domains, max_chars=c.max_chars_per_domain, python=sys.version)
-        elif c.source == "text":
+            parts["python"] = sys.version
+        elif isinstance(c, TextDataConfig):
             parts["files"] = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in resolve_text_files(c.path)]
-        else:
-            parts.update(name=c.name, subset=c.subset, split=c.split, revision=c.revision,
-                         data_files=str(c.data_files))
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
     def _cache_path(self) -> Path:
@@ -299,7 +317,7 @@ class LMDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Tokenise and pack once (rank 0); later runs load the cached blocks."""
-        if self.cfg.streaming:
+        if self.streaming:
             return
         path = self._cache_path()
         if (path / "done").exists():
@@ -331,13 +349,14 @@ class LMDataModule(L.LightningDataModule):
 
     def _describe(self) -> str:
         c = self.cfg
-        return {"embedded": f"embedded corpus {c.domains}", "text": f"data.path={c.path}"}.get(
-            c.source, f"data.name={c.name}")
+        if c.source == "embedded":
+            return f"embedded corpus {c.domains}"
+        return f"data.path={c.path}" if isinstance(c, TextDataConfig) else f"data.name={c.name}"
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.train_blocks is not None or getattr(self, "_stream", None) is not None:
             return
-        if self.cfg.streaming:
+        if self.streaming:
             self._setup_streaming()
             return
         self.prepare_data()
@@ -383,7 +402,7 @@ class LMDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world_size = self._position()
-        if self.cfg.streaming:
+        if self.streaming:
             seed = self.seed
 
             def documents(epoch: int):
@@ -400,8 +419,7 @@ class LMDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         rank, world_size = self._position()
-        shard = np.arange(rank, len(self.val_blocks), world_size)  # each rank its share; sums are reduced by the module
-        batches = [shard[i:i + self.cfg.batch_size].tolist() for i in range(0, len(shard), self.cfg.batch_size)]
+        batches = validation_batches(len(self.val_blocks), self.cfg.batch_size, rank, world_size)
         return DataLoader(self.val_blocks, batch_sampler=batches, collate_fn=_identity, num_workers=0)
 
 

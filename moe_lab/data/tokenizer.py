@@ -12,7 +12,8 @@ from typing import Optional
 
 import numpy as np
 
-from moe_lab.config import TokenizerConfig, UserError
+from moe_lab.data.config import TokenizerConfig
+from moe_lab.errors import UserError
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 

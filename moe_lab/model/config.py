@@ -1,14 +1,18 @@
-"""Configuration dataclasses for the MoE language model.
+"""Configuration dataclasses of the MoE language model: the one place where the model's defaults live.
 
-These are the schemas behind `conf/model/*.yaml`, `conf/experts/`, `conf/capacity/` and `conf/aux_loss/`.
-The YAML files hold values; these classes hold types, defaults and the reasons for them. `conf/router/*.yaml`
-is checked against the `Config` of the router class it names (see `moe_lab/model/routers.py`).
+They are the schemas behind `conf/model/`, `conf/experts/`, `conf/capacity/`, `conf/aux_loss/` and (through each
+router's own Config in `routers.py`) `conf/router/`; the YAML files there hold only what an option changes. `check()`
+raises ValueError naming the offending `model.*` key, for the configuration check to report.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
+
+from moe_lab.model.experts import ACTIVATIONS
+from moe_lab.model.routers import ROUTERS, RouterConfig, router_config
 
 
 @dataclass
@@ -41,21 +45,27 @@ class AuxLossConfig:
 
 @dataclass
 class MoEConfig:
-    """Mixture-of-Experts settings: which layers are MoE, the experts, the router, capacity and aux losses."""
+    """Mixture-of-Experts settings: which layers are MoE, the experts, the router, capacity and aux losses.
+
+    Capacity, drops, the Switch loss and every per-batch statistic are defined per micro-batch of one rank (GShard's
+    "group"), whatever the parallel layout: `expert_parallel` changes where experts live, never the math.
+    """
 
     # false makes every FFN dense: the dense baseline (`experts=dense` or `model=dense_tiny`).
     enabled: bool = True
     # Routed experts per MoE layer.
     num_experts: int = 8
-    # Hidden width of one expert's FFN. A top-k MoE with expert_hidden = ffn_hidden / k has the active
-    # parameters of the dense model; fine-grained experts (DeepSeekMoE) split one FFN into many narrow ones.
-    expert_hidden: int = 256
+    # Hidden width of one expert's FFN. A top-k MoE with expert_hidden = ffn_hidden / k has the active parameters
+    # of the dense model; fine-grained experts (DeepSeekMoE) split one FFN into many narrow ones. The default is
+    # the full width of the default model's FFN (experts=e8: eight full-width experts).
+    expert_hidden: int = 384
     # Shared experts that every token passes through (DeepSeekMoE, Qwen-MoE), each of width expert_hidden.
     num_shared: int = 0
     # Expert FFN: swiglu (Shazeer 2020, what Mixtral/DeepSeek/Qwen use), geglu, gelu or relu (non-gated).
     activation: str = "swiglu"
-    # Tokens an expert may take, as a multiple of its fair share: capacity = ceil(cf * tokens * top_k / E).
-    # Overflowing token slots are dropped (their FFN output is zero; the residual carries them). null = dropless.
+    # Token slots an expert may take from one micro-batch, as a multiple of its fair share:
+    # capacity = ceil(cf * tokens * top_k / E). Overflowing slots are dropped (their FFN output is zero; the
+    # residual carries them). null = dropless. 1.25 as the Switch Transformer.
     capacity_factor: Optional[float] = 1.25
     # Capacity factor in eval mode (validation). Switch and ST-MoE evaluate with a larger one (2.0). null = dropless.
     eval_capacity_factor: Optional[float] = 2.0
@@ -70,21 +80,27 @@ class MoEConfig:
     every_n_layers: int = 1
     # The first k layers stay dense (DeepSeek-V3 `first_k_dense_replace`): early layers route poorly.
     first_dense_layers: int = 0
-    # Expert parallelism: the experts of every MoE layer are split over this many ranks (an EP group), and tokens
-    # travel to their experts' rank with all-to-all. 1 = every rank holds every expert. Must divide num_experts and
-    # the world size; needs trainer=ddp. A layout, not a model setting: checkpoints load under any value.
+    # Expert parallelism: the experts of every MoE layer are split over this many ranks (an EP group), and token
+    # slots travel to their experts' rank with all-to-all. 1 = every rank holds every expert. Must divide
+    # num_experts and the world size; needs trainer=ddp. A layout, not a model setting: the math is the same at any
+    # value and checkpoints load under any value.
     expert_parallel: int = 1
-    # grouped: sort tokens by expert and run all experts as one grouped GEMM (torch._grouped_mm).
+    # grouped: sort token slots by expert and run all experts as one grouped GEMM (torch._grouped_mm).
     # loop: a plain per-expert loop; slow, kept as the reference oracle for tests and benchmarks.
     implementation: str = "grouped"
-    # The router: a node whose `name` selects a registered class; its other keys are that class's Config.
-    router: Any = field(default_factory=lambda: {"name": "topk", "top_k": 2, "normalize": True})
+    # The router: `name` selects a registered router class (moe_lab/model/routers.py), the other keys are that
+    # class's Config. `router=NAME` on the command line picks a router with its settings.
+    router: RouterConfig = field(default_factory=RouterConfig)
     aux_loss: AuxLossConfig = field(default_factory=AuxLossConfig)
 
 
 @dataclass
 class ModelConfig:
-    """Decoder-only transformer backbone (RMSNorm, RoPE, causal attention, SwiGLU FFN) with MoE FFNs."""
+    """Decoder-only transformer backbone (RMSNorm, RoPE, causal attention, SwiGLU FFN) with MoE FFNs.
+
+    The defaults are the `tiny` preset: about 5M parameters (1.5M active per token), which trains in minutes on two
+    CPU cores.
+    """
 
     # Preset name, recorded for run names and dashboards.
     name: str = "tiny"
@@ -98,8 +114,8 @@ class ModelConfig:
     n_heads: int = 4
     # Key/value heads for grouped-query attention (Ainslie et al. 2023); null = n_heads (multi-head attention).
     n_kv_heads: Optional[int] = None
-    # Hidden width of the dense SwiGLU FFN (dense layers and the dense baseline).
-    ffn_hidden: int = 512
+    # Hidden width of the dense SwiGLU FFN (dense layers and the dense baseline): 3 x d_model, a multiple of 64.
+    ffn_hidden: int = 384
     # Longest sequence the model accepts; sets the RoPE table size.
     max_seq_len: int = 512
     # RoPE base frequency (Su et al. 2021); 10000 as in the original paper and Llama-2.
@@ -130,3 +146,75 @@ class ModelConfig:
     @property
     def moe_layers(self) -> list[int]:
         return [layer for layer in range(self.n_layers) if self.is_moe_layer(layer)]
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
+        """The model config from its plain-dict form (what a checkpoint stores); ValueError names an unknown key."""
+        values = dict(values)
+        moe = dict(values.pop("moe", None) or {})
+        router = router_config(moe.pop("router", None) or RouterConfig())
+        aux = _build(AuxLossConfig, moe.pop("aux_loss", None) or {}, "model.moe.aux_loss")
+        return _build(cls, {**values, "moe": _build(MoEConfig, {**moe, "router": router, "aux_loss": aux},
+                                                    "model.moe")}, "model")
+
+    def check(self) -> None:
+        """Raise ValueError naming the first setting this model cannot be built with."""
+
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ValueError(message)
+
+        moe = self.moe
+        for key in ("d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
+            need(getattr(self, key) >= 1, f"model.{key}={getattr(self, key)} must be at least 1")
+        need(self.d_model % self.n_heads == 0,
+             f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
+        need(self.head_dim % 2 == 0, f"model.d_model={self.d_model} / model.n_heads={self.n_heads} gives head dim "
+                                     f"{self.head_dim}; rotary embeddings need an even head dim")
+        need(self.n_kv_heads is None or (self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0),
+             f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}")
+        need(self.vocab_size is None or self.vocab_size >= 1,
+             f"model.vocab_size={self.vocab_size} must be at least 1 (or null for the tokenizer's)")
+        need(moe.num_experts >= 1, f"model.moe.num_experts={moe.num_experts} must be at least 1 "
+                                   "(for a dense model use experts=dense or model=dense_tiny)")
+        router = router_config(moe.router)
+        ROUTERS[router.name].check(router, moe.num_experts)
+        need(moe.drop_policy in ("position", "probability"),
+             f"model.moe.drop_policy={moe.drop_policy!r}; choose position or probability")
+        need(moe.min_capacity >= 0, f"model.moe.min_capacity={moe.min_capacity} must be >= 0")
+        need(not moe.shared_gate or moe.num_shared > 0,
+             "model.moe.shared_gate=true gates the shared experts, but model.moe.num_shared is 0")
+        for key in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(moe, key)
+            need(value is None or (value == value and abs(value) != float("inf") and value > 0),
+                 f"model.moe.{key}={value} must be > 0 (or null for dropless routing)")
+        need(moe.expert_hidden >= 1, f"model.moe.expert_hidden={moe.expert_hidden} must be at least 1")
+        # torch._grouped_mm needs 16-byte-aligned row strides: multiples of 8 elements cover bf16 and float32.
+        for key, value in (("model.d_model", self.d_model), ("model.moe.expert_hidden", moe.expert_hidden)):
+            need(not moe.enabled or value % 8 == 0,
+                 f"{key}={value} must be a multiple of 8 (the grouped GEMM needs 16-byte-aligned rows)")
+        need(moe.num_shared >= 0, f"model.moe.num_shared={moe.num_shared} must be >= 0")
+        need(moe.activation in ACTIVATIONS,
+             f"model.moe.activation={moe.activation!r} is not known; choose one of {sorted(ACTIVATIONS)}")
+        need(moe.every_n_layers >= 1, f"model.moe.every_n_layers={moe.every_n_layers} must be at least 1")
+        need(0 <= moe.first_dense_layers <= self.n_layers,
+             f"model.moe.first_dense_layers={moe.first_dense_layers} must be in 0..n_layers ({self.n_layers})")
+        need(moe.implementation in ("grouped", "loop"),
+             f"model.moe.implementation={moe.implementation!r}; choose grouped or loop")
+        need(not moe.enabled or bool(self.moe_layers), "no layer is MoE with these settings: lower "
+             "model.moe.first_dense_layers or set experts=dense for a dense model")
+        need(moe.expert_parallel >= 1, f"model.moe.expert_parallel={moe.expert_parallel} must be at least 1")
+        if moe.enabled and moe.expert_parallel > 1:
+            need(moe.num_experts % moe.expert_parallel == 0,
+                 f"model.moe.expert_parallel={moe.expert_parallel} must divide model.moe.num_experts="
+                 f"{moe.num_experts}: every rank of an expert-parallel group holds the same number of experts")
+            need(moe.implementation == "grouped", "model.moe.implementation=loop is the single-device reference; "
+                                                  "expert parallelism runs the grouped path")
+
+
+def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
+    keys = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - keys)
+    if unknown:
+        raise ValueError(f"{prefix}.{unknown[0]} is not a setting; the settings of {prefix} are {sorted(keys)}")
+    return cls(**values)

@@ -103,7 +103,9 @@ class GroupedExperts(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} is not known; choose one of {sorted(ACTIVATIONS)}")
-        self.num_experts = num_experts
+        self.num_experts = num_experts  # experts held here (a slice of them under expert parallelism)
+        self.total_experts = num_experts
+        self.first_expert = 0
         self.hidden = hidden
         self.activation = activation
         gated = ACTIVATIONS[activation][1]
@@ -112,34 +114,16 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.w_in_EGFD, std=init_std)
         nn.init.normal_(self.w_out_EDF, std=out_std)
 
-    # ---- expert parallelism: this module may hold a contiguous shard [first, first + num_experts) of the experts
+    def keep_experts(self, first: int, count: int) -> None:
+        """Expert parallelism: keep experts [first, first + count) of the bank; the others live on other ranks.
+        `first_expert` and `total_experts` say which slice this is (checkpoints always hold every expert)."""
+        self.w_in_EGFD = nn.Parameter(self.w_in_EGFD.data[first:first + count].clone())
+        self.w_out_EDF = nn.Parameter(self.w_out_EDF.data[first:first + count].clone())
+        self.first_expert, self.num_experts = first, count
 
-    def shard(self, ep_rank: int, ep_size: int, group) -> None:
-        """Keep only this rank's experts. state_dict() still returns every expert (gathered over `group`), and
-        load_state_dict() takes every expert and keeps this rank's, so checkpoints do not depend on the layout."""
-        if getattr(self, "ep_group", None) is not None:
-            return
-        self.full_num_experts, self.num_experts = self.num_experts, self.num_experts // ep_size
-        self.first_expert = ep_rank * self.num_experts
-        local = slice(self.first_expert, self.first_expert + self.num_experts)
-        self.w_in_EGFD = nn.Parameter(self.w_in_EGFD.data[local].clone())
-        self.w_out_EDF = nn.Parameter(self.w_out_EDF.data[local].clone())
-        self.ep_group = group
-        self._register_state_dict_hook(GroupedExperts._gather_shards)
-        self._register_load_state_dict_pre_hook(self._keep_own_shard)
-
-    @staticmethod
-    def _gather_shards(module: "GroupedExperts", state_dict: dict, prefix: str, local_metadata) -> None:
-        from moe_lab.parallel import all_gather
-
-        for name in ("w_in_EGFD", "w_out_EDF"):
-            state_dict[prefix + name] = all_gather(state_dict[prefix + name].detach(), module.ep_group).flatten(0, 1)
-
-    def _keep_own_shard(self, state_dict: dict, prefix: str, *args) -> None:
-        for name in ("w_in_EGFD", "w_out_EDF"):
-            tensor = state_dict.get(prefix + name)
-            if tensor is not None and tensor.shape[0] == self.full_num_experts:
-                state_dict[prefix + name] = tensor[self.first_expert:self.first_expert + self.num_experts]
+    @property
+    def is_sharded(self) -> bool:
+        return self.num_experts != self.total_experts
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         # torch._grouped_mm is not on autocast's cast list: follow autocast by hand, so bf16 runs use bf16 GEMMs.

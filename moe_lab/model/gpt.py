@@ -143,6 +143,20 @@ class MoETransformer(nn.Module):
     def moe_layers(self) -> list[int]:
         return [block.layer for block in self.blocks if block.is_moe]
 
+    def moe_modules(self) -> list[MoELayer]:
+        return [block.ffn for block in self.blocks if block.is_moe]
+
+    def use_expert_parallel(self, group: Optional[torch.distributed.ProcessGroup], rank: int, size: int) -> None:
+        """Expert parallelism over `group` (this process is `rank` of `size`): every MoE layer keeps its share of the
+        experts and reaches the others by all-to-all. The model computes the same function as before."""
+        for layer in self.moe_modules():
+            layer.use_expert_parallel(group, rank, size)
+
+    def after_optimizer_step(self, all_reduce=None) -> None:
+        """Once per optimizer step: routers that learn outside the gradient (aux-loss-free bias) take their step."""
+        for layer in self.moe_modules():
+            layer.router.after_optimizer_step(all_reduce)
+
     def forward(self, token_ids_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None) -> LMOutput:
         B, S = token_ids_BS.shape
         if S > self.cfg.max_seq_len:
@@ -176,12 +190,13 @@ class MoETransformer(nn.Module):
         """
         total = sum(p.numel() for p in self.parameters())
         embedding = self.embed.weight.numel()
-        routed = sum(b.ffn.experts.w_in_EGFD.numel() + b.ffn.experts.w_out_EDF.numel()
-                     for b in self.blocks if b.is_moe)
-        routed_active = sum(
-            (b.ffn.experts.w_in_EGFD.numel() + b.ffn.experts.w_out_EDF.numel()) * b.ffn.top_k // b.ffn.num_experts
-            for b in self.blocks if b.is_moe
-        )
+        routed = routed_active = 0
+        for layer in self.moe_modules():
+            experts = layer.experts  # under expert parallelism a rank holds a slice; count every expert
+            per_expert = (experts.w_in_EGFD.numel() + experts.w_out_EDF.numel()) // experts.num_experts
+            total += per_expert * (experts.total_experts - experts.num_experts)
+            routed += per_expert * experts.total_experts
+            routed_active += per_expert * layer.top_k
         norms = sum(p.numel() for n, p in self.named_parameters() if n.endswith("norm.weight"))
         tied = embedding if self.cfg.tie_embeddings else 0
         # Tied embeddings are counted once in `total` (parameters() deduplicates) but still used by the head.

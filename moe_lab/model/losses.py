@@ -1,7 +1,7 @@
 """Auxiliary router losses, one MoE layer at a time. Each returns an unweighted scalar; the weights are
 `model.moe.aux_loss.*` and the model averages each loss over its MoE layers (never over concatenated layers).
 
-Shape legend: T tokens, B sequences, S positions, E experts, K experts per token.
+Shape legend: T tokens, B sequences, S positions, E experts, K experts per token, N routing slots.
 """
 
 from __future__ import annotations
@@ -23,16 +23,17 @@ def load_balance_loss(probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor)
     return num_experts * (f_E.detach() * p_E).sum()
 
 
-def sequence_load_balance_loss(probs_TE: torch.Tensor, expert_ids_TK: torch.Tensor, batch_size: int) -> torch.Tensor:
+def sequence_load_balance_loss(probs_TE: torch.Tensor, expert_N: torch.Tensor, token_N: torch.Tensor,
+                                batch_size: int) -> torch.Tensor:
     """Sequence-wise balance loss (DeepSeek-V2 eq. 21; DeepSeek-V3 eq. 17-20): the Switch loss within each sequence,
-    averaged over sequences, so no single sequence can pile onto few experts. 1 when uniform, like the Switch loss."""
+    averaged over sequences, so no single sequence can pile onto few experts. 1 when uniform, like the Switch loss.
+    `expert_N`, `token_N` are the routing slots (token n's expert); tokens are batch-major, S per sequence."""
     T, E = probs_TE.shape
-    K = expert_ids_TK.shape[1]
     S = T // batch_size
-    counts_BE = torch.zeros(batch_size, E, device=probs_TE.device)
-    counts_BE.scatter_add_(1, expert_ids_TK.reshape(batch_size, S * K),
-                           torch.ones(batch_size, S * K, device=probs_TE.device))
-    f_BE = counts_BE * E / (K * S)
+    slots_per_sequence = expert_N.numel() / batch_size  # K * S
+    counts_BE = torch.zeros(batch_size * E, device=probs_TE.device)
+    counts_BE.scatter_add_(0, (token_N // S) * E + expert_N, torch.ones(expert_N.numel(), device=probs_TE.device))
+    f_BE = counts_BE.view(batch_size, E) * E / slots_per_sequence
     p_BE = probs_TE.float().view(batch_size, S, E).mean(dim=1)
     return (f_BE.detach() * p_BE).sum(-1).mean()
 
@@ -58,10 +59,11 @@ def cv_squared(x_E: torch.Tensor) -> torch.Tensor:
     return x_E.var(unbiased=False) / (x_E.mean().square() + 1e-10)
 
 
-def importance_loss(weights_TK: torch.Tensor, expert_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Shazeer et al. 2017 eq. 6-7: CV(Importance)^2, Importance_i = sum of gate weights expert i gets over the batch."""
-    importance_E = torch.zeros(num_experts, device=weights_TK.device, dtype=torch.float32)
-    importance_E = importance_E.scatter_add(0, expert_ids_TK.reshape(-1), weights_TK.reshape(-1).float())
+def importance_loss(weight_N: torch.Tensor, expert_N: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Shazeer et al. 2017 eq. 6-7: CV(Importance)^2, Importance_i = sum of gate weights expert i gets over the batch
+    (`weight_N`, `expert_N`: the routing slots)."""
+    importance_E = torch.zeros(num_experts, device=weight_N.device, dtype=torch.float32)
+    importance_E = importance_E.scatter_add(0, expert_N, weight_N.float())
     return cv_squared(importance_E)
 
 

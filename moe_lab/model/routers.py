@@ -6,11 +6,23 @@ Shape legend (suffixes on tensor names):
     D  d_model                           E  routed experts
     K  experts chosen per token          C  tokens chosen per expert (expert choice)
     G  expert groups                     V  vocabulary
+    N  routing slots: one (token, expert, weight) decision each
 
-A router is a small module with a nested `Config` dataclass, registered by name with `@register_router`.
-Adding one is a class here plus a `conf/router/NAME.yaml` whose `name` is the registered name. Routers compute in
-float32 whatever the autocast dtype, as every production MoE does (Megatron-Core, DeepSpeed, HF): bf16 logits make
-top-k choices noisy.
+A router turns the layer's input into a `Routing`: a list of slots, each sending one token to one expert with one
+weight. Token-choice routers make K slots per token, ordered k-major (slot n is token n % T's (n // T)-th choice, so
+every token's first choice comes before any token's second choice: GShard's priority when capacity runs out);
+expert-choice routers make C slots per expert, expert-major. The MoE layer never asks which kind of router it has:
+capacity, dispatch, combine and the statistics all read slots.
+
+A router is a small module with a nested `Config` dataclass, registered by name with `@register_router`. Adding one
+is a class here plus a `conf/router/NAME.yaml` whose `name` is the registered name. What a router can do is declared
+by class-level capability flags, which the configuration checks read (never the router's name):
+    has_gate       learned gate parameters: gradients reach them, router losses apply
+    uses_capacity  the layer's capacity factor limits its slots (expert choice *is* a capacity: False)
+    token_choice   K slots per token (the sequence-wise balance loss needs it)
+    smooth_load    gives Shazeer's differentiable load estimate (aux_loss.load needs it)
+and by the instance property `causal`. Routers compute in float32 whatever the autocast dtype, as every production
+MoE does (Megatron-Core, DeepSpeed, HF): bf16 logits make top-k choices noisy.
 
 | router          | paper                                         | routes by                 |
 |-----------------|-----------------------------------------------|---------------------------|
@@ -27,9 +39,10 @@ top-k choices noisy.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -37,29 +50,78 @@ import torch.nn.functional as F
 
 
 @dataclass
-class RouterOutput:
-    """What the MoE layer needs from a router.
+class Routing:
+    """A router's decisions, as slots: slot n sends token `token_N[n]` to expert `expert_N[n]` with weight
+    `weight_N[n]`.
 
-    Token-choice routers fill expert_ids_TK and weights_TK; expert-choice routers fill token_ids_EC and weights_EC.
-    probs_TE is a distribution over all experts per token (it sums to one) for the load-balancing losses and the
-    entropy metric; logits_TE feeds the z-loss. Routers without a learned gate leave both None.
+    `probs_TE` is a distribution over all experts per token (it sums to one), for the load-balancing losses and the
+    entropy metric; `logits_TE` feeds the z-loss. Routers without a learned gate leave both None.
     """
 
-    expert_ids_TK: Optional[torch.Tensor] = None  # int64, the experts each token chose
-    weights_TK: Optional[torch.Tensor] = None  # float32, the weights combining those experts' outputs
-    token_ids_EC: Optional[torch.Tensor] = None  # int64, the tokens each expert chose
-    weights_EC: Optional[torch.Tensor] = None  # float32
+    expert_N: torch.Tensor  # int64
+    token_N: torch.Tensor  # int64
+    weight_N: torch.Tensor  # float32, the weight combining this expert's output into the token's
+    num_tokens: int  # T
+    num_experts: int  # E
+    # "token": K slots per token, k-major (token choice); "expert": C slots per expert, expert-major (expert choice).
+    slots_by: str = "token"
     probs_TE: Optional[torch.Tensor] = None  # float32
     logits_TE: Optional[torch.Tensor] = None  # float32
     z_loss: Optional[torch.Tensor] = None  # set by routers whose z-loss is not logsumexp(logits_TE)^2
     load_estimate_E: Optional[torch.Tensor] = None  # Shazeer's smooth, differentiable load (noisy_topk)
+    unrouted_slots: Optional[torch.Tensor] = None  # expert choice: slots a token-choice top-k would have had
+
+    @classmethod
+    def from_token_choice(cls, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int,
+                          **extras: Any) -> "Routing":
+        """Each token's K choices (T, K) as k-major slots."""
+        T, K = expert_ids_TK.shape
+        token_N = torch.arange(T, device=expert_ids_TK.device).repeat(K)
+        return cls(expert_ids_TK.t().reshape(-1), token_N, weights_TK.t().reshape(-1), T, num_experts, "token",
+                   **extras)
+
+    @classmethod
+    def from_expert_choice(cls, token_ids_EC: torch.Tensor, weights_EC: torch.Tensor, num_tokens: int,
+                           **extras: Any) -> "Routing":
+        """Each expert's C chosen tokens (E, C) as expert-major slots."""
+        E, C = token_ids_EC.shape
+        expert_N = torch.arange(E, device=token_ids_EC.device).repeat_interleave(C)
+        return cls(expert_N, token_ids_EC.reshape(-1), weights_EC.reshape(-1), num_tokens, E, "expert", **extras)
+
+    # Views for reading a routing as the papers draw it.
+
+    @property
+    def expert_ids_TK(self) -> torch.Tensor:
+        """(T, K) experts of each token (token choice)."""
+        self._need("token")
+        return self.expert_N.view(-1, self.num_tokens).t()
+
+    @property
+    def weights_TK(self) -> torch.Tensor:
+        self._need("token")
+        return self.weight_N.view(-1, self.num_tokens).t()
+
+    @property
+    def token_ids_EC(self) -> torch.Tensor:
+        """(E, C) tokens of each expert (expert choice)."""
+        self._need("expert")
+        return self.token_N.view(self.num_experts, -1)
+
+    @property
+    def weights_EC(self) -> torch.Tensor:
+        self._need("expert")
+        return self.weight_N.view(self.num_experts, -1)
+
+    def _need(self, slots_by: str) -> None:
+        if self.slots_by != slots_by:
+            raise ValueError(f"this routing has slots by {self.slots_by}, not by {slots_by}")
 
 
 @dataclass
 class RouterConfig:
-    """Keys every router accepts."""
+    """Keys every router accepts; each router's Config adds its own."""
 
-    # Registered router name (the file name in conf/router/).
+    # Registered router name (the `name` in conf/router/*.yaml).
     name: str = "topk"
     # Experts per token (expert choice: the average number of experts per token).
     top_k: int = 2
@@ -81,13 +143,25 @@ def register_router(name: str) -> Callable[[type["Router"]], type["Router"]]:
     return wrap
 
 
-def router_config(node: dict) -> RouterConfig:
-    """The Config dataclass of the router a (validated) config node names."""
-    node = dict(node)
-    name = node.get("name", "topk")
+def router_config(node: RouterConfig | Mapping[str, Any]) -> RouterConfig:
+    """The Config of the router that `node` names, filled with that router's defaults.
+
+    `node` is a RouterConfig (the base class holds only the shared keys) or its plain-dict form, as checkpoints store
+    it. Raises ValueError naming an unknown router or a key that router does not have.
+    """
+    values = dataclasses.asdict(node) if dataclasses.is_dataclass(node) else dict(node)
+    name = values.get("name", "topk")
     if name not in ROUTERS:
-        raise ValueError(f"model.moe.router.name={name!r} is not a router; choose one of {sorted(ROUTERS)}")
-    return ROUTERS[name].Config(**node)
+        raise ValueError(f"model.moe.router.name={name!r} is not a router; the routers are {sorted(ROUTERS)} "
+                         "(router=NAME picks one)")
+    cls = ROUTERS[name].Config
+    if type(node) is cls:
+        return node
+    keys = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(keys))
+    if unknown:
+        raise ValueError(f"model.moe.router.{unknown[0]} is not a setting of router={name}; its settings are {keys}")
+    return cls(**values)
 
 
 def normalized_sigmoid(logits_TE: torch.Tensor) -> torch.Tensor:
@@ -104,12 +178,10 @@ class Router(nn.Module):
 
     Config: ClassVar[type[RouterConfig]] = RouterConfig
     registered_name: ClassVar[str] = ""
-    # Eval-mode routing of a token depends on no later token (given dropless capacity): the causality test holds it.
-    causal: ClassVar[bool] = True
-    # Learned parameters that gradients must reach.
     has_gate: ClassVar[bool] = True
-    # Takes part in the capacity limit of model.moe.capacity_factor.
     uses_capacity: ClassVar[bool] = True
+    token_choice: ClassVar[bool] = True
+    smooth_load: ClassVar[bool] = False
 
     @classmethod
     def check(cls, cfg: RouterConfig, num_experts: int) -> None:
@@ -120,12 +192,6 @@ class Router(nn.Module):
     @classmethod
     def experts_per_token(cls, cfg: RouterConfig, num_experts: int) -> int:
         return cfg.top_k
-
-    @classmethod
-    def hf_routing(cls, cfg: RouterConfig, num_experts: int) -> Optional[dict]:
-        """Eval-mode routing as Hugging Face's softmax top-k block expresses it ({"top_k", "norm_topk_prob"}), or
-        None when no Hugging Face MoE routes this way (export --format hf then refuses the model)."""
-        return None
 
     def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, init_std: float = 0.02,
                  vocab_size: Optional[int] = None):
@@ -139,6 +205,12 @@ class Router(nn.Module):
             self.gate_ED = nn.Parameter(torch.empty(num_experts, d_model))
             nn.init.normal_(self.gate_ED, std=init_std)
 
+    @property
+    def causal(self) -> bool:
+        """Eval-mode routing of a token depends on no later token (given dropless capacity): the causality test
+        holds every router that says so."""
+        return True
+
     def gate_logits(self, x_TD: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Float32 logits (T, E), computed outside autocast."""
         weight = self.gate_ED if weight is None else weight
@@ -146,10 +218,14 @@ class Router(nn.Module):
             return F.linear(x_TD.float(), weight.float())
 
     def forward(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor] = None, batch_size: int = 1,
-                capacity_factor: Optional[float] = None) -> RouterOutput:
+                capacity_factor: Optional[float] = None) -> Routing:
         """Route T tokens. `token_ids_T` is for routers that route by id; `batch_size` splits T into sequences;
-        `capacity_factor` is the layer's current one (training or eval), for routers that are capacity."""
+        `capacity_factor` is the layer's current one (training or eval), for routers that are a capacity."""
         raise NotImplementedError
+
+    def after_optimizer_step(self, all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
+        """Called once per optimizer step; `all_reduce` sums a tensor over data-parallel ranks. Most routers learn
+        by gradient only and do nothing here."""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -158,6 +234,7 @@ class Router(nn.Module):
 
 @dataclass
 class TopKRouterConfig(RouterConfig):
+    name: str = "topk"
     # Renormalise the k chosen weights to sum to 1 (Mixtral does; Qwen-MoE's default does not).
     normalize: bool = True
     # softmax over all experts (GShard, Mixtral) or an independent sigmoid per expert (DeepSeek-V3).
@@ -202,12 +279,6 @@ class TopKRouter(Router):
     Config = TopKRouterConfig
 
     @classmethod
-    def hf_routing(cls, cfg: TopKRouterConfig, num_experts: int) -> Optional[dict]:
-        if cfg.score != "softmax" or cfg.num_groups > 1 or cfg.scaling_factor != 1.0:
-            return None  # sigmoid, group-limited or scaled routing: DeepSeek-V3 in HF, whose attention is MLA
-        return {"top_k": cfg.top_k, "norm_topk_prob": cfg.normalize}
-
-    @classmethod
     def check(cls, cfg: TopKRouterConfig, num_experts: int) -> None:
         super().check(cfg, num_experts)
         if cfg.score not in ("softmax", "sigmoid"):
@@ -233,12 +304,13 @@ class TopKRouter(Router):
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         return weights_TK * self.cfg.scaling_factor
 
-    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> RouterOutput:
+    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> Routing:
         logits_TE = self.gate_logits(x_TD)
         scores_TE = scores_of(logits_TE, self.cfg.score)
         expert_ids_TK = self.select(scores_TE)
-        return RouterOutput(expert_ids_TK=expert_ids_TK, weights_TK=self.combine_weights(scores_TE, expert_ids_TK),
-                            probs_TE=probs_of(logits_TE, self.cfg.score), logits_TE=logits_TE)
+        return Routing.from_token_choice(expert_ids_TK, self.combine_weights(scores_TE, expert_ids_TK),
+                                         self.num_experts, probs_TE=probs_of(logits_TE, self.cfg.score),
+                                         logits_TE=logits_TE)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -247,6 +319,7 @@ class TopKRouter(Router):
 
 @dataclass
 class NoisyTopKRouterConfig(RouterConfig):
+    name: str = "noisy_topk"
     # Floor of the learned noise scale softplus(x W_noise) (numerical safety of the load estimator).
     min_noise_std: float = 1e-2
 
@@ -261,30 +334,26 @@ class NoisyTopKRouter(Router):
     """
 
     Config = NoisyTopKRouterConfig
-
-    @classmethod
-    def hf_routing(cls, cfg: NoisyTopKRouterConfig, num_experts: int) -> Optional[dict]:
-        # Evaluation: softmax over the top-k clean logits = the renormalised softmax top-k.
-        return {"top_k": cfg.top_k, "norm_topk_prob": True}
+    smooth_load = True
 
     def __init__(self, d_model, num_experts, cfg, init_std=0.02, vocab_size=None):
         super().__init__(d_model, num_experts, cfg, init_std, vocab_size)
         # Zero init as the paper: training starts with a noise std of softplus(0) = 0.69.
         self.noise_ED = nn.Parameter(torch.zeros(num_experts, d_model))
 
-    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> RouterOutput:
+    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> Routing:
         logits_TE = self.gate_logits(x_TD)
-        out = RouterOutput(logits_TE=logits_TE, probs_TE=logits_TE.softmax(-1))
+        probs_TE, load_estimate_E = logits_TE.softmax(-1), None
         if self.training:
             noise_std_TE = F.softplus(self.gate_logits(x_TD, self.noise_ED)) + self.cfg.min_noise_std
             noisy_TE = logits_TE + torch.randn_like(logits_TE) * noise_std_TE
-            out.load_estimate_E = self._load_estimate(logits_TE, noisy_TE, noise_std_TE)
-            out.probs_TE = noisy_TE.softmax(-1)
+            load_estimate_E = self._load_estimate(logits_TE, noisy_TE, noise_std_TE)
+            probs_TE = noisy_TE.softmax(-1)
         else:
             noisy_TE = logits_TE
         top_TK = noisy_TE.topk(self.top_k, dim=-1)
-        out.expert_ids_TK, out.weights_TK = top_TK.indices, top_TK.values.softmax(dim=-1)
-        return out
+        return Routing.from_token_choice(top_TK.indices, top_TK.values.softmax(dim=-1), self.num_experts,
+                                         probs_TE=probs_TE, logits_TE=logits_TE, load_estimate_E=load_estimate_E)
 
     def _load_estimate(self, clean_TE, noisy_TE, noise_std_TE) -> torch.Tensor:
         """Sum over tokens of P(expert i stays in the top-k when only its own noise is redrawn) (eq. 8-9)."""
@@ -305,6 +374,7 @@ class NoisyTopKRouter(Router):
 
 @dataclass
 class SwitchRouterConfig(RouterConfig):
+    name: str = "switch"
     top_k: int = 1
     # Multiplicative input jitter x * U(1 - eps, 1 + eps) in training (Switch Transformer section 2.4).
     jitter_eps: float = 1e-2
@@ -319,10 +389,6 @@ class SwitchRouter(Router):
     Config = SwitchRouterConfig
 
     @classmethod
-    def hf_routing(cls, cfg: SwitchRouterConfig, num_experts: int) -> Optional[dict]:
-        return {"top_k": 1, "norm_topk_prob": False}  # the top-1 probability, not renormalised
-
-    @classmethod
     def check(cls, cfg: SwitchRouterConfig, num_experts: int) -> None:
         if cfg.top_k != 1:
             raise ValueError(f"router=switch sends each token to one expert; model.moe.router.top_k={cfg.top_k} "
@@ -330,15 +396,15 @@ class SwitchRouter(Router):
         if not 0 <= cfg.jitter_eps < 1:
             raise ValueError(f"model.moe.router.jitter_eps={cfg.jitter_eps} must be in [0, 1)")
 
-    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> RouterOutput:
+    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> Routing:
         if self.training and self.cfg.jitter_eps > 0:
             eps = self.cfg.jitter_eps
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
         logits_TE = self.gate_logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         weights_TK, expert_ids_TK = probs_TE.max(dim=-1, keepdim=True)
-        return RouterOutput(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK, probs_TE=probs_TE,
-                            logits_TE=logits_TE)
+        return Routing.from_token_choice(expert_ids_TK, weights_TK, self.num_experts, probs_TE=probs_TE,
+                                         logits_TE=logits_TE)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -347,6 +413,7 @@ class SwitchRouter(Router):
 
 @dataclass
 class ExpertChoiceRouterConfig(RouterConfig):
+    name: str = "expert_choice"
     # false: each expert picks its top-capacity tokens among all tokens of the batch, as the paper. That reads
     # every position of a sequence, so a token's routing depends on later tokens: an LM trained this way sees the
     # future through routing and its validation loss is optimistic.
@@ -359,19 +426,23 @@ class ExpertChoiceRouterConfig(RouterConfig):
 class ExpertChoiceRouter(Router):
     """Expert-choice routing (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing").
 
-    Each expert takes exactly its capacity C = ceil(capacity_factor * T * top_k / E) tokens, the ones with the highest
-    softmax affinity for it, so load is perfectly balanced by construction and no aux loss is needed; a token may get
-    any number of experts, none included (then only the residual carries it). `top_k` is the average number of
-    experts per token. NOT causal with `causal=false` (the paper's setting): experts choose across all positions.
-    `causal=true` chooses within each position's slice of the batch instead (capacity per expert and position =
-    ceil(capacity_factor * B * top_k / E)); its routing then depends on the batch size.
+    Each expert takes exactly its capacity C = ceil(capacity_factor * T * top_k / E) tokens of the micro-batch, the
+    ones with the highest softmax affinity for it, so load is perfectly balanced by construction and no aux loss is
+    needed; a token may get any number of experts, none included (then only the residual carries it). `top_k` is the
+    average number of experts per token. NOT causal with `causal=false` (the paper's setting): experts choose across
+    all positions. `causal=true` chooses within each position's slice of the batch instead (capacity per expert and
+    position = ceil(capacity_factor * B * top_k / E)); its routing then depends on the batch size.
     """
 
     Config = ExpertChoiceRouterConfig
-    causal = False  # the paper's setting; with cfg.causal=True the instance is causal (see router_is_causal)
-    uses_capacity = False  # it is capacity: every expert takes exactly C tokens
+    uses_capacity = False  # it is a capacity: every expert takes exactly C tokens
+    token_choice = False
 
-    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> RouterOutput:
+    @property
+    def causal(self) -> bool:
+        return self.cfg.causal
+
+    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> Routing:
         T, E = x_TD.shape[0], self.num_experts
         capacity_factor = capacity_factor or 1.0  # dropless has no meaning here: one fair share per expert
         logits_TE = self.gate_logits(x_TD)
@@ -389,11 +460,10 @@ class ExpertChoiceRouter(Router):
             capacity = min(T, math.ceil(capacity_factor * T * self.top_k / E))
             top = probs_TE.t().topk(capacity, dim=-1)
             token_ids_EC, weights_EC = top.indices, top.values
-        return RouterOutput(token_ids_EC=token_ids_EC, weights_EC=weights_EC, probs_TE=probs_TE, logits_TE=logits_TE)
-
-
-def router_is_causal(router: Router) -> bool:
-    return router.causal or bool(getattr(router.cfg, "causal", False))
+        # Slots a token-choice top-k would have used, left unrouted: tokens no expert chose, times top_k.
+        chosen_T = torch.zeros(T, dtype=torch.bool, device=x_TD.device).index_fill(0, token_ids_EC.reshape(-1), True)
+        return Routing.from_expert_choice(token_ids_EC, weights_EC, T, probs_TE=probs_TE, logits_TE=logits_TE,
+                                          unrouted_slots=(~chosen_T).sum() * self.top_k)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -402,6 +472,7 @@ def router_is_causal(router: Router) -> bool:
 
 @dataclass
 class HashRouterConfig(RouterConfig):
+    name: str = "hash"
     top_k: int = 1
     # Seed of the random hash table: expert = table[token id] (one table per k).
     hash_seed: int = 0
@@ -424,12 +495,12 @@ class HashRouter(Router):
         # Saved with the model, so a checkpoint routes the same tokens the same way whatever the RNG does later.
         self.register_buffer("table_VK", torch.randint(0, num_experts, (vocab_size, self.top_k), generator=generator))
 
-    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> RouterOutput:
+    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> Routing:
         if token_ids_T is None:
             raise ValueError("router=hash routes by token id; call the layer with token ids")
         expert_ids_TK = self.table_VK[token_ids_T]
         weights_TK = torch.full(expert_ids_TK.shape, 1.0 / self.top_k, device=x_TD.device)
-        return RouterOutput(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK)
+        return Routing.from_token_choice(expert_ids_TK, weights_TK, self.num_experts)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -438,6 +509,7 @@ class HashRouter(Router):
 
 @dataclass
 class SinkhornRouterConfig(RouterConfig):
+    name: str = "sinkhorn"
     top_k: int = 1
     # Sinkhorn-Knopp normalisation rounds (Megatron-Core's S-BASE router stops at a tolerance; a fixed count keeps
     # the layer free of host synchronisation).
@@ -467,7 +539,7 @@ class SinkhornRouter(Router):
     In training, tokens are assigned to experts by top-k of the Sinkhorn-balanced affinity matrix, whose columns all
     carry T/E tokens' worth of mass: near-perfect balance without an aux loss. The combine weights are the
     router's own softmax probabilities, so the gate still learns. In evaluation it is plain softmax top-k (causal);
-    in training the balancing couples all tokens of the batch, as a capacity limit does.
+    in training the balancing couples all tokens of the micro-batch, as a capacity limit does.
     """
 
     Config = SinkhornRouterConfig
@@ -479,11 +551,7 @@ class SinkhornRouter(Router):
             raise ValueError(f"router=sinkhorn needs temperature > 0 and iterations >= 1 (got {cfg.temperature}, "
                              f"{cfg.iterations})")
 
-    @classmethod
-    def hf_routing(cls, cfg: SinkhornRouterConfig, num_experts: int) -> Optional[dict]:
-        return {"top_k": cfg.top_k, "norm_topk_prob": False}  # evaluation: softmax top-k
-
-    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> RouterOutput:
+    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> Routing:
         logits_TE = self.gate_logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         if self.training:
@@ -493,8 +561,8 @@ class SinkhornRouter(Router):
                 expert_ids_TK = balanced_TE.topk(self.top_k, dim=-1).indices
         else:
             expert_ids_TK = probs_TE.topk(self.top_k, dim=-1).indices
-        return RouterOutput(expert_ids_TK=expert_ids_TK, weights_TK=probs_TE.gather(1, expert_ids_TK),
-                            probs_TE=probs_TE, logits_TE=logits_TE)
+        return Routing.from_token_choice(expert_ids_TK, probs_TE.gather(1, expert_ids_TK), self.num_experts,
+                                         probs_TE=probs_TE, logits_TE=logits_TE)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -503,6 +571,7 @@ class SinkhornRouter(Router):
 
 @dataclass
 class AuxFreeRouterConfig(RouterConfig):
+    name: str = "aux_free"
     # Bias step per optimizer step: b += rate * sign(mean load - load) (DeepSeek-V3's gamma = 1e-3).
     bias_update_rate: float = 1e-3
     # Renormalise the k chosen sigmoid scores (DeepSeek-V3 does).
@@ -528,7 +597,7 @@ class AuxFreeRouter(Router):
         # Routed token slots per expert since the last update (training only); not saved: an update empties it.
         self.register_buffer("pending_counts_E", torch.zeros(num_experts), persistent=False)
 
-    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> RouterOutput:
+    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> Routing:
         logits_TE = self.gate_logits(x_TD)
         scores_TE = torch.sigmoid(logits_TE)
         expert_ids_TK = (scores_TE + self.bias_E).topk(self.top_k, dim=-1).indices
@@ -539,8 +608,11 @@ class AuxFreeRouter(Router):
             with torch.no_grad():
                 self.pending_counts_E.scatter_add_(0, expert_ids_TK.reshape(-1),
                                                    torch.ones(expert_ids_TK.numel(), device=x_TD.device))
-        return RouterOutput(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK * self.cfg.scaling_factor,
-                            probs_TE=normalized_sigmoid(logits_TE), logits_TE=logits_TE)
+        return Routing.from_token_choice(expert_ids_TK, weights_TK * self.cfg.scaling_factor, self.num_experts,
+                                         probs_TE=normalized_sigmoid(logits_TE), logits_TE=logits_TE)
+
+    def after_optimizer_step(self, all_reduce=None) -> None:
+        self.update_bias(all_reduce)
 
     @torch.no_grad()
     def update_bias(self, all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
@@ -559,6 +631,7 @@ class AuxFreeRouter(Router):
 
 @dataclass
 class SoftRouterConfig(RouterConfig):
+    name: str = "soft"
     top_k: int = 0  # ignored: every expert is used
 
 
@@ -572,10 +645,6 @@ class SoftMixtureRouter(Router):
     uses_capacity = False
 
     @classmethod
-    def hf_routing(cls, cfg: SoftRouterConfig, num_experts: int) -> Optional[dict]:
-        return {"top_k": num_experts, "norm_topk_prob": True}  # all experts; the weights already sum to one
-
-    @classmethod
     def check(cls, cfg: SoftRouterConfig, num_experts: int) -> None:
         pass
 
@@ -583,11 +652,12 @@ class SoftMixtureRouter(Router):
     def experts_per_token(cls, cfg: SoftRouterConfig, num_experts: int) -> int:
         return num_experts
 
-    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> RouterOutput:
+    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> Routing:
         logits_TE = self.gate_logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         expert_ids_TK = torch.arange(self.num_experts, device=x_TD.device).expand(x_TD.shape[0], -1)
-        return RouterOutput(expert_ids_TK=expert_ids_TK, weights_TK=probs_TE, probs_TE=probs_TE, logits_TE=logits_TE)
+        return Routing.from_token_choice(expert_ids_TK, probs_TE, self.num_experts, probs_TE=probs_TE,
+                                         logits_TE=logits_TE)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -596,6 +666,7 @@ class SoftMixtureRouter(Router):
 
 @dataclass
 class HierarchicalRouterConfig(RouterConfig):
+    name: str = "hierarchical"
     # Experts per token inside each chosen group (top_k) times chosen groups (group_top_k) = experts per token.
     top_k: int = 1
     num_groups: int = 2
@@ -633,7 +704,7 @@ class HierarchicalRouter(Router):
         self.group_gate_GD = nn.Parameter(torch.empty(cfg.num_groups, d_model))
         nn.init.normal_(self.group_gate_GD, std=init_std)
 
-    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> RouterOutput:
+    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> Routing:
         G, Eg = self.cfg.num_groups, self.num_experts // self.cfg.num_groups
         group_logits_TG = self.gate_logits(x_TD, self.group_gate_GD)
         expert_logits_TGe = self.gate_logits(x_TD).view(-1, G, Eg)  # the within-group gates
@@ -648,11 +719,11 @@ class HierarchicalRouter(Router):
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         z_loss = (torch.logsumexp(group_logits_TG, -1).square().mean()
                   + torch.logsumexp(expert_logits_TGe, -1).square().mean()) / 2
-        return RouterOutput(expert_ids_TK=expert_ids_TK, weights_TK=weights_TK, probs_TE=joint_TE,
-                            logits_TE=joint_TE.log(), z_loss=z_loss)
+        return Routing.from_token_choice(expert_ids_TK, weights_TK, self.num_experts, probs_TE=joint_TE,
+                                         logits_TE=joint_TE.log(), z_loss=z_loss)
 
 
-def build_router(d_model: int, num_experts: int, node: dict, init_std: float = 0.02,
+def build_router(d_model: int, num_experts: int, cfg: RouterConfig | Mapping[str, Any], init_std: float = 0.02,
                  vocab_size: Optional[int] = None) -> Router:
-    cfg = router_config(node)
+    cfg = router_config(cfg)
     return ROUTERS[cfg.name](d_model, num_experts, cfg, init_std=init_std, vocab_size=vocab_size)

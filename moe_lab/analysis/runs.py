@@ -1,4 +1,4 @@
-"""Reading run directories back, and the sweep summary Hydra writes when a multirun ends.
+"""Reading run directories back, and the sweep summary (`sweep_summary.csv`).
 
 A run directory holds `.hydra/overrides.yaml`, `metrics.csv`, `routing.jsonl` and `summary.json`; a sweep directory
 holds one run directory per job (`0/`, `1/`, ...) and Hydra's `multirun.yaml`. `sweep_summary.csv` gathers each
@@ -15,9 +15,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from omegaconf import OmegaConf
-from hydra.experimental.callback import Callback
-from hydra.types import RunMode
 
 SUMMARY_COLUMNS = ["job", "status", "val/loss", "initial_val_loss", "train/loss", "moe/mean_imbalance",
                    "moe/max_imbalance", "moe/dropped_frac", "moe/dead_experts", "moe/specialization",
@@ -148,34 +145,3 @@ def write_sweep_summary(sweep_dir: Path) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return out
-
-
-class SweepSummary(Callback):
-    """Hydra callback (conf/hydra/default.yaml). After every job of a multirun, failed ones included, it rewrites
-    sweep_summary.csv (a failed job also leaves its reason in error.txt); when the multirun ends, it writes the sweep
-    dashboard. A sweeper that stops on a failure (Hydra's basic sweeper raises once its batch is done) still leaves
-    a complete summary behind."""
-
-
-    def on_job_end(self, config, job_return, **kwargs: Any) -> None:
-        from hydra.core.utils import JobStatus
-
-        if job_return.status == JobStatus.FAILED:
-            error = job_return._return_value
-            output_dir = Path(config.hydra.runtime.output_dir)
-            if output_dir.is_dir():
-                (output_dir / "error.txt").write_text(f"{type(error).__name__}: {error}\n")
-        if config.hydra.mode == RunMode.MULTIRUN and Path(config.hydra.sweep.dir).is_dir():
-            write_sweep_summary(Path(config.hydra.sweep.dir))
-
-    def on_multirun_end(self, config, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        if not sweep_dir.is_dir():
-            return
-        out = write_sweep_summary(sweep_dir)
-        message = f"moe-lab: sweep summary {out}"
-        if OmegaConf.select(config, "metrics.dashboard", default=True):
-            from moe_lab.dashboard import write_dashboard
-
-            message += f"\n  dashboard {write_dashboard(sweep_dir, sweep_dir / 'dashboard.html')}"
-        print(message, flush=True)

@@ -126,11 +126,12 @@ def saved_for_backward_mb(fn: Callable[[], torch.Tensor]) -> float:
 
 def moe_layer(case: Case, implementation: str, device: torch.device, dtype: torch.dtype):
     from moe_lab.model import MoEConfig, MoELayer
+    from moe_lab.model.routers import TopKRouterConfig
 
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=case.num_experts, expert_hidden=case.expert_hidden,
                     capacity_factor=case.capacity_factor, eval_capacity_factor=case.capacity_factor,
-                    implementation=implementation, router={"name": "topk", "top_k": case.top_k, "normalize": True})
+                    implementation=implementation, router=TopKRouterConfig(top_k=case.top_k, normalize=True))
     return MoELayer(case.d_model, cfg).to(device=device, dtype=dtype)
 
 
@@ -215,18 +216,16 @@ def time_training_step(preset: str, experts: Optional[str], batch_size: int, seq
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from moe_lab.config import config_dir, model_config
     from moe_lab.model import MoETransformer
-    from moe_lab.observe import peak_flops
+    from moe_lab.training.metrics import peak_flops
+    from moe_lab.training.schemas import config_dir, validate
 
     overrides = [f"model={preset}"] + ([f"experts={experts}"] if experts else [])
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+        cfg = compose(config_name="train", overrides=overrides + ["paths.output_dir=."])
     GlobalHydra.instance().clear()
-    from omegaconf import OmegaConf
-
-    model_cfg = model_config(OmegaConf.to_container(cfg.model, resolve=True))
+    model_cfg = validate(cfg).model
     model_cfg.vocab_size = 320
     torch.manual_seed(0)
     model = MoETransformer(model_cfg).to(device)
@@ -310,7 +309,7 @@ def print_table(results: list[Result], steps: list[dict], checks: list[tuple]) -
 
 
 def run(args) -> dict:
-    from moe_lab.runtime import retain_freed_memory
+    from moe_lab.training.runtime import retain_freed_memory
 
     retain_freed_memory()  # as `moe-lab train` does
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -1,11 +1,12 @@
-"""Checkpoints out of moe-lab: `load_model` for notebooks, and export to Hugging Face transformers.
+"""Checkpoints out of moe-lab: export to Hugging Face transformers.
 
 `moe-lab export CKPT --format hf OUT_DIR` writes a model `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)`
 loads, and its tokenizer. The architecture follows the router and experts:
     Mixtral     softmax top-k with weights renormalised to sum to 1, every layer MoE, no shared expert;
     Qwen2-MoE   otherwise: weights not renormalised, dense layers (mlp_only_layers), a sigmoid-gated shared expert.
 Both are dropless: moe-lab's own evaluation drops tokens only past `eval_capacity_factor`, so logits agree whenever
-no token is dropped (always with `capacity=dropless`).
+no token is dropped (always with `capacity=dropless`). Which moe-lab routers a Hugging Face MoE block can express is
+decided here (`hf_routing`), not by the routers.
 """
 
 from __future__ import annotations
@@ -13,39 +14,45 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from moe_lab.config import UserError
+from moe_lab.data.config import TokenizerConfig
+from moe_lab.errors import ExportError
 from moe_lab.model import ModelConfig, MoETransformer
-from moe_lab.model.routers import ROUTERS, router_config
+from moe_lab.model.routers import ROUTERS, RouterConfig, router_config
+from moe_lab.training.checkpoint import load_model
 
 FORMATS = ("hf",)
 HF_ARCHITECTURES = ("mixtral", "qwen2_moe")
-
-
-class ExportError(UserError):
-    pass
-
-
-def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu"):
-    """The trained model of a moe-lab checkpoint, in eval mode: `load_model(p)(ids_BT)` -> logits (B, T, V)."""
-    from moe_lab.lightning_module import MoELanguageModel
-
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise UserError(f"{ckpt_path}: no such checkpoint file")
-    module = MoELanguageModel.load_from_checkpoint(str(path), map_location=map_location, weights_only=False)
-    return module.eval()
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Which Hugging Face architecture
 
 
+def hf_routing(router: RouterConfig, num_experts: int) -> Optional[dict]:
+    """Eval-mode routing of a moe-lab router as Hugging Face's softmax top-k MoE block expresses it
+    ({"top_k", "norm_topk_prob"}), or None when no Hugging Face MoE routes this way."""
+    name = router.name
+    if name == "topk":
+        if router.score != "softmax" or router.num_groups > 1 or router.scaling_factor != 1.0:
+            return None  # sigmoid, group-limited or scaled routing: DeepSeek-V3 in HF, whose attention is MLA
+        return {"top_k": router.top_k, "norm_topk_prob": router.normalize}
+    if name == "noisy_topk":  # evaluation: softmax over the top-k clean logits = the renormalised softmax top-k
+        return {"top_k": router.top_k, "norm_topk_prob": True}
+    if name == "switch":  # the top-1 probability, not renormalised
+        return {"top_k": 1, "norm_topk_prob": False}
+    if name == "sinkhorn":  # evaluation: softmax top-k
+        return {"top_k": router.top_k, "norm_topk_prob": False}
+    if name == "soft":  # all experts; the weights already sum to one
+        return {"top_k": num_experts, "norm_topk_prob": True}
+    return None  # expert choice, hash, aux-free bias, hierarchical gates: no Hugging Face block routes this way
+
+
 def exportable_routers() -> list[str]:
-    return sorted(n for n, cls in ROUTERS.items() if cls.hf_routing(cls.Config(), 8) is not None)
+    return sorted(n for n, cls in ROUTERS.items() if hf_routing(cls.Config(), 8) is not None)
 
 
 def hf_architecture(cfg: ModelConfig) -> tuple[str, dict]:
@@ -55,10 +62,10 @@ def hf_architecture(cfg: ModelConfig) -> tuple[str, dict]:
         raise ExportError("a dense model (experts=dense) is not an MoE; export supports MoE models "
                           f"({', '.join(HF_ARCHITECTURES)})")
     router = router_config(moe.router)
-    routing = ROUTERS[router.name].hf_routing(router, moe.num_experts)
+    routing = hf_routing(router, moe.num_experts)
     if routing is None:
         raise ExportError(
-            f"router={router.name} ({_describe(moe.router)}) has no Hugging Face equivalent. Export writes Mixtral or "
+            f"router={router.name} ({_describe(router)}) has no Hugging Face equivalent. Export writes Mixtral or "
             f"Qwen2-MoE, whose routing is softmax top-k: routers {exportable_routers()} (topk with score=softmax, "
             "one group and scaling_factor=1)")
     if moe.activation not in ("swiglu", "geglu"):
@@ -73,8 +80,8 @@ def hf_architecture(cfg: ModelConfig) -> tuple[str, dict]:
     return "qwen2_moe", routing
 
 
-def _describe(router: dict) -> str:
-    return ", ".join(f"{k}={v}" for k, v in router.items() if k != "name")
+def _describe(router: RouterConfig) -> str:
+    return ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(router).items() if k != "name")
 
 
 def hf_config(cfg: ModelConfig, architecture: str, routing: dict, eos_id: int):
@@ -191,7 +198,6 @@ def hf_tokenizer(tokenizer_cfg: dict[str, Any]):
     """A transformers fast tokenizer equal to the one the model was trained with."""
     from transformers import PreTrainedTokenizerFast
 
-    from moe_lab.config import TokenizerConfig
     from moe_lab.data.tokenizer import HFTokenizer
 
     name = (tokenizer_cfg or {}).get("name")

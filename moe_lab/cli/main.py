@@ -1,6 +1,6 @@
 """`moe-lab`: one console script with subcommands.
 
-`moe-lab train ...` hands everything after `train` to the `@hydra.main` app in `moe_lab/train.py`, so Hydra's
+`moe-lab train ...` hands everything after `train` to the `@hydra.main` app in `moe_lab/cli/hydra_app.py`, so Hydra's
 own flags (-m, --cfg job, --info, --help, -sc) work as they do for any Hydra app. Before that, a preflight
 composes the config the way Hydra will (each value of a sweep included) and validates it, so a mistake is one
 clear message and nothing is written.
@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
+
+from moe_lab.training.run_dir import launched_worker
 
 SUBCOMMANDS: dict[str, str] = {
     "train": "train an MoE language model (a Hydra app: `moe-lab train --help` lists its config groups)",
@@ -63,27 +65,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     return handlers[command](rest)
 
 
-RANK_VARIABLES = ("LOCAL_RANK", "RANK", "NODE_RANK", "SLURM_PROCID")  # Lightning, torchrun, SLURM (srun)
-
-
-def launched_worker() -> bool:
-    """True in a process that a distributed launcher started as rank > 0 of a run."""
-    return any(os.environ.get(var, "0") not in ("", "0") for var in RANK_VARIABLES)
-
-
-def externally_launched() -> bool:
-    """True when torchrun or SLURM started every rank at once (so other ranks may be writing the run directory)."""
-    return any(var in os.environ for var in ("RANK", "SLURM_PROCID"))
-
-
 def train_command(args: list[str], check: bool = True) -> int:
-    from moe_lab.preflight import preflight
+    from moe_lab.cli.preflight import preflight
 
     message = preflight(args) if check else None
     if message is not None:
         return fail(message)
     sys.argv = [sys.argv[0]] + args  # Hydra reads its command line from sys.argv
-    from moe_lab.train import hydra_main
+    from moe_lab.cli.hydra_app import hydra_main
 
     hydra_main()
     return 0
@@ -92,7 +81,7 @@ def train_command(args: list[str], check: bool = True) -> int:
 def export_command(args: list[str]) -> int:
     import argparse
 
-    from moe_lab.config import UserError
+    from moe_lab.errors import UserError
 
     parser = argparse.ArgumentParser(
         prog="moe-lab export", description="Write a moe-lab checkpoint in another ecosystem's format. --format hf: "
@@ -103,7 +92,7 @@ def export_command(args: list[str]) -> int:
     parser.add_argument("--format", required=True, choices=["hf"], help="hf: Hugging Face transformers")
     parsed = parser.parse_args(args)
     try:
-        from moe_lab.export import export_hf
+        from moe_lab.tools.export import export_hf
 
         result = export_hf(parsed.checkpoint, parsed.out_dir)
     except UserError as e:
@@ -118,7 +107,7 @@ def export_command(args: list[str]) -> int:
 def dashboard_command(args: list[str]) -> int:
     import argparse
 
-    from moe_lab.config import UserError
+    from moe_lab.errors import UserError
 
     parser = argparse.ArgumentParser(
         prog="moe-lab dashboard", description="Write one self-contained HTML page (no network needed to open it) "
@@ -130,7 +119,7 @@ def dashboard_command(args: list[str]) -> int:
                         "the open page reloads itself")
     parser.add_argument("--interval", type=int, default=30, help="seconds between --live updates (default 30)")
     parsed = parser.parse_args(args)
-    from moe_lab.dashboard import live, write_dashboard
+    from moe_lab.analysis.dashboard import live, write_dashboard
 
     try:
         if parsed.live:
@@ -165,7 +154,7 @@ def bench_command(args: list[str]) -> int:
     parser.add_argument("--out", help="directory for bench.json and bench.csv (default benchmarks/results/DATE_TIME)")
     parsed = parser.parse_args(args)
     parsed.argv = args
-    from moe_lab.bench import run
+    from moe_lab.tools.bench import run
 
     run(parsed)
     return 0
@@ -182,7 +171,7 @@ def complete(argv: list[str]) -> int:
         removed = len(line) - len(os.environ["COMP_LINE"])
         os.environ["COMP_POINT"] = str(max(int(os.environ.get("COMP_POINT", len(line))) - removed, 0))
         sys.argv = [sys.argv[0]] + argv
-        from moe_lab.train import hydra_main
+        from moe_lab.cli.hydra_app import hydra_main
 
         hydra_main()
         return 0

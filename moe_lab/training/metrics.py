@@ -31,84 +31,37 @@ from typing import Any, Optional
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.throughput import Throughput, get_available_flops
 
-# Dense (no 2:4 sparsity) tensor-core peaks in FLOP/s, from the vendors' data sheets. A device not listed gets no
-# MFU: a guessed peak would be a wrong number that looks right.
-PEAK_FLOPS = {  # name fragment of torch.cuda.get_device_name() -> {"bf16": ..., "tf32": ...}
-    "H100 PCIe": {"bf16": 756e12, "tf32": 378e12},
-    "H100 NVL": {"bf16": 835e12, "tf32": 418e12},
-    "H100": {"bf16": 989e12, "tf32": 494e12},  # SXM
-    "H200": {"bf16": 989e12, "tf32": 494e12},
-    "H800": {"bf16": 989e12, "tf32": 494e12},
-    "B200": {"bf16": 2.25e15, "tf32": 1.1e15},
-    "A100": {"bf16": 312e12, "tf32": 156e12},
-    "A800": {"bf16": 312e12, "tf32": 156e12},
-    "L40S": {"bf16": 362e12, "tf32": 183e12},
-    "L4": {"bf16": 121e12, "tf32": 60e12},
-    "A10G": {"bf16": 70e12, "tf32": 35e12},
-    "RTX 4090": {"bf16": 165e12, "tf32": 82.6e12},
-}
+from moe_lab.analysis.stats import load_statistics, mutual_information
+
+# The compute dtype of a Lightning precision setting, for the device's peak FLOP/s.
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.float32, "64": torch.float64}
 
 
 def peak_flops(device: torch.device, precision: str) -> Optional[float]:
-    """Peak FLOP/s of one device at the trainer's precision, or None when unknown (CPU, unlisted GPU, pure fp32)."""
-    if device.type != "cuda":
+    """Peak FLOP/s of one device at the trainer's precision, from Lightning's table of GPUs
+    (`lightning.fabric.utilities.throughput.get_available_flops`), or None where it has no figure (CPUs, unlisted
+    GPUs): MFU is never computed from a guessed peak."""
+    if device.type not in ("cuda", "xla"):
         return None
-    name = torch.cuda.get_device_name(device)
-    precision = str(precision)
-    if precision.startswith(("bf16", "16")):
-        kind = "bf16"
-    elif torch.backends.cuda.matmul.allow_tf32 or torch.get_float32_matmul_precision() != "highest":
-        kind = "tf32"
-    else:
-        return None
-    for fragment, peaks in PEAK_FLOPS.items():
-        if fragment in name:
-            return peaks[kind]
-    return None
-
-
-def load_statistics(counts_E: np.ndarray) -> dict[str, float]:
-    """Balance of one layer's expert counts."""
-    total = counts_E.sum()
-    load = counts_E / max(total, 1)
-    mean = load.mean()
-    return {"imbalance": float(load.max() / mean) if mean > 0 else 0.0,
-            "maxvio": float(load.max() / mean - 1) if mean > 0 else 0.0,
-            "cv": float(load.std() / mean) if mean > 0 else 0.0,
-            "dead_experts": float((counts_E == 0).sum())}
-
-
-def mutual_information(counts_ED: np.ndarray) -> tuple[float, float]:
-    """(I(expert; domain) in nats, I / H(domain)) from a table of routing decisions per expert and domain."""
-    total = counts_ED.sum()
-    if total == 0 or counts_ED.shape[1] < 2:
-        return 0.0, 0.0
-    p = counts_ED / total
-    p_e, p_d = p.sum(1, keepdims=True), p.sum(0, keepdims=True)
-    nz = p > 0
-    mi = float((p[nz] * np.log(p[nz] / (p_e @ p_d)[nz])).sum())
-    h_d = float(-(p_d[p_d > 0] * np.log(p_d[p_d > 0])).sum())
-    return mi, (mi / h_d if h_d > 0 else 0.0)
-
-
-# A 9-stop viridis, for heatmaps drawn without a plotting library.
-_VIRIDIS = np.array([[68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141], [39, 173, 129],
-                     [92, 200, 99], [170, 220, 50], [253, 231, 37]], dtype=np.float64)
+    dtype = PRECISION_DTYPES.get(str(precision).split("-")[0], torch.float32)
+    return get_available_flops(device, dtype)
 
 
 def heatmap_rgb(matrix: np.ndarray, vmin: float, vmax: float, cell: int = 12) -> np.ndarray:
-    """A (rows, cols) matrix as a uint8 RGB image, each cell `cell` pixels square, viridis colours."""
-    x = np.clip((matrix - vmin) / max(vmax - vmin, 1e-12), 0, 1) * (len(_VIRIDIS) - 1)
-    lo = np.floor(x).astype(int)
-    hi = np.minimum(lo + 1, len(_VIRIDIS) - 1)
-    frac = (x - lo)[..., None]
-    rgb = (_VIRIDIS[lo] * (1 - frac) + _VIRIDIS[hi] * frac).astype(np.uint8)
+    """A (rows, cols) matrix as a uint8 RGB image, each cell `cell` pixels square, in plotly's Viridis colour scale."""
+    from plotly.colors import sample_colorscale, unlabel_rgb
+
+    x = np.clip((np.asarray(matrix, dtype=np.float64) - vmin) / max(vmax - vmin, 1e-12), 0, 1)
+    colours = sample_colorscale("Viridis", x.reshape(-1).tolist(), colortype="rgb")
+    rgb = np.rint(np.asarray([unlabel_rgb(c) for c in colours])).astype(np.uint8).reshape(*x.shape, 3)
     return np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)
 
 
 class RoutingMetrics(L.Callback):
     """Aggregates the per-micro-batch statistics that `training_step` returns, and logs them once per window."""
+
 
     def __init__(self, domain_names: list[str], flops_per_token: int, output_dir: Optional[Path] = None,
                  image_every_n_steps: int = 100):
@@ -126,6 +79,7 @@ class RoutingMetrics(L.Callback):
     def _reset(self) -> None:
         self._sums: Optional[dict[str, torch.Tensor]] = None
         self._micro_batches = 0
+        self._samples = 0
         self._tokens = 0
         self._started = time.perf_counter()
         self._paused = 0.0
@@ -148,6 +102,7 @@ class RoutingMetrics(L.Callback):
     def _accumulate(self, stats: dict, batch: dict, moe_layers: list[int]) -> None:
         ids = batch["input_ids"]
         self._micro_batches += 1
+        self._samples += ids.shape[0]
         self._tokens += ids[:, :-1].numel()
         sums = {"ce": stats["ce"]}
         layers = [stats["moe"][layer] for layer in moe_layers]
@@ -206,15 +161,20 @@ class RoutingMetrics(L.Callback):
         step, world = trainer.global_step, trainer.world_size
         micro = self._micro_batches * world  # every rank runs the same number of micro-batches
         seconds = max(time.perf_counter() - self._started - self._paused, 1e-9)
-        tokens_per_sec = self._tokens * world / seconds
+        # Lightning's throughput arithmetic over this window (two points: its start and now), per device.
+        throughput = Throughput(available_flops=self._peak, world_size=world, window_size=2)
+        throughput.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)
+        throughput.update(time=seconds, batches=self._micro_batches, samples=self._samples, lengths=self._tokens,
+                          flops=self._tokens * self.flops_per_token)
+        window = throughput.compute()
         metrics = {
             "train/loss": float(values["ce"]) / micro,
             "train/lr": trainer.optimizers[0].param_groups[0]["lr"],
-            "train/tokens_per_sec": tokens_per_sec,
+            "train/tokens_per_sec": window["device/items_per_sec"] * world,
             "train/tokens": float(step * trainer.accumulate_grad_batches * world * self._tokens / self._micro_batches),
         }
-        if self._peak is not None:
-            metrics["train/mfu"] = tokens_per_sec * self.flops_per_token / (self._peak * world)
+        if "device/mfu" in window:
+            metrics["train/mfu"] = window["device/mfu"]
         aux = {k: v / micro for k, v in values.items() if k.startswith("aux/")}
         for key, per_layer in aux.items():
             metrics[f"train/{key}"] = float(per_layer.mean())

@@ -1,0 +1,183 @@
+"""`moe-lab dashboard PATH [-o report.html] [--live]`: one self-contained HTML page for a run or a sweep.
+
+A run page shows the loss curves, each MoE layer's expert load over time, balance, drops, entropy and
+specialisation curves, and which experts take which data domain. A sweep page puts the runs side by side: a table of
+final metrics sorted by validation loss with each run's overrides, bars of loss, balance and specialisation, curves
+overlaid, and each run's expert x domain table. The figures are in `figures.py`, the pages are Jinja2 templates in
+`templates/`; plotly's JavaScript and all data are inlined, so a page opens with no network.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from moe_lab.analysis import figures
+from moe_lab.analysis.runs import (RunRecord, is_run_dir, is_sweep_dir, label, read_run, summary_rows, sweep_runs,
+                                   swept_keys)
+from moe_lab.analysis.stats import mutual_information
+from moe_lab.errors import DashboardError
+
+GENERATOR = '<meta name="generator" content="moe-lab dashboard">'
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+# The sweep table's columns and their number formats.
+SWEEP_COLUMNS = [("val/loss", ".4f"), ("initial_val_loss", ".3f"), ("moe/mean_imbalance", ".2f"),
+                 ("moe/max_imbalance", ".2f"), ("moe/dropped_frac", ".1%"), ("moe/dead_experts", ".0f"),
+                 ("moe/specialization", ".3f"), ("train/tokens_per_sec", ",.0f")]
+
+
+def _environment():
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+
+    return Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]),
+                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+
+
+def _render(template: str, **context) -> str:
+    from markupsafe import Markup
+    from plotly.offline import get_plotlyjs
+
+    return _environment().get_template(template).render(plotly_js=Markup(get_plotlyjs()),
+                                                        generated=f"{datetime.now():%Y-%m-%d %H:%M}", **context)
+
+
+def _html(fig) -> str:
+    from markupsafe import Markup
+
+    return Markup(figures.to_html(fig))
+
+
+def _fmt(value: Optional[float], spec: str = ".4f") -> str:
+    if value is None or value == "" or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return format(value, spec)
+
+
+def run_page(run: RunRecord, refresh: Optional[int] = None) -> str:
+    s = run.summary
+    overrides = " ".join(run.overrides) or "defaults"
+    params = s.get("params", {})
+    tokens_per_sec = run.series("train/tokens_per_sec")[1]
+    mfu = run.final("train/mfu")
+    cards = [
+        ("validation loss", _fmt(run.final("val/loss")), f"untrained: {_fmt(s.get('initial_val_loss'))}"),
+        ("training loss", _fmt(run.final("train/loss")),
+         f"step {s.get('step', run.series('train/loss')[0][-1:] or '?')}"),
+        ("tokens / s", _fmt(float(np.median(tokens_per_sec)) if tokens_per_sec else None, ",.0f"),
+         f"MFU {_fmt(100 * mfu, '.1f')}%" if mfu else "median over windows"),
+        ("worst layer imbalance", _fmt(run.final("moe/max_imbalance"), ".2f"),
+         f"mean over layers {_fmt(run.final('moe/mean_imbalance'), '.2f')}"),
+        ("dropped slots", _fmt(run.final("moe/dropped_frac"), ".1%"),
+         f"dead experts: {_fmt(run.final('moe/dead_experts'), '.0f')}"),
+        ("specialisation", _fmt(run.final("moe/specialization"), ".3f"), "I(expert; domain) / H(domain)"),
+        ("parameters", f"{params.get('total', 0) / 1e6:.1f}M" if params else "n/a",
+         f"{params.get('active', 0) / 1e6:.1f}M active per token" if params else ""),
+    ]
+    drawn = {"loss": _html(figures.loss_figure(run)), "load": _html(figures.load_heatmaps(run)),
+             "balance": _html(figures.balance_figure(run)), "domains": _html(figures.domain_figure(run)),
+             "throughput": _html(figures.throughput_figure(run))}
+    return _render("run.html.j2", title=f"moe-lab run: {overrides}", path=str(run.path), status=run.status,
+                   overrides=overrides, cards=cards, figures=drawn, refresh=refresh)
+
+
+def sweep_page(sweep_dir: Path, runs: list[RunRecord], refresh: Optional[int] = None) -> str:
+    keys = swept_keys(runs)
+    labels = [label(run, keys) for run in runs]
+    by_job = {run.job: (run, name) for run, name in zip(runs, labels)}
+    rows = summary_rows(runs)
+    done = [r for r in rows if isinstance(r["val/loss"], float)]
+    best_loss = done[0]["job"] if done else None
+    balanced = [r for r in done if isinstance(r["moe/mean_imbalance"], float)]
+    best_balance = min(balanced, key=lambda r: r["moe/mean_imbalance"])["job"] if balanced else None
+    special = [r for r in done if isinstance(r["moe/specialization"], float)]
+    most_special = max(special, key=lambda r: r["moe/specialization"])["job"] if special else None
+
+    def name_of(job: Optional[str]) -> str:
+        return by_job[job][1] if job in by_job else ""
+
+    cards = [
+        ("runs", str(len(runs)), f"{sum(r['status'] == 'finished' for r in rows)} finished, "
+                                 f"{sum(r['status'] == 'failed' for r in rows)} failed"),
+        ("best validation loss", _fmt(done[0]["val/loss"]) if done else "n/a", name_of(best_loss)),
+        ("best balanced", _fmt(min(r["moe/mean_imbalance"] for r in balanced) if balanced else None, ".2f"),
+         name_of(best_balance)),
+        ("most specialised", _fmt(max(r["moe/specialization"] for r in special) if special else None, ".3f"),
+         name_of(most_special)),
+    ]
+    table = []
+    for r in rows:
+        run = by_job[r["job"]][0]
+        cells = [{"text": _fmt(r[c], spec),
+                  "good": (c == "moe/mean_imbalance" and r["job"] == best_balance)
+                  or (c == "val/loss" and r["job"] == best_loss)} for c, spec in SWEEP_COLUMNS]
+        table.append({"job": r["job"], "label": name_of(r["job"]), "cells": cells, "status": r["status"],
+                      "error": run.error, "overrides": r["overrides"].split(), "best": r["job"] == best_loss,
+                      "page": f"{r['job']}/dashboard.html" if (run.path / "dashboard.html").exists() else ""})
+    domain_parts = []
+    for run, name in zip(runs, labels):
+        layers = figures.moe_layers(run)
+        scored = [(mutual_information(t)[1], layer) for layer in layers
+                  if (t := figures.domain_table(run, layer)) is not None]
+        if not scored:
+            continue
+        fig = figures.domain_figure(run, [max(scored)[1]], name=name)
+        if fig is not None:
+            fig.update_layout(height=220 + 40 * len(figures.domains_of(run)))
+            domain_parts.append(_html(fig))
+    drawn = {"bars": _html(figures.sweep_bars(runs, labels)), "curves": _html(figures.sweep_curves(runs, labels)),
+             "domains": domain_parts}
+    return _render("sweep.html.j2", title=f"moe-lab sweep: {sweep_dir.name}", path=str(sweep_dir), swept=keys,
+                   cards=cards, columns=[c for c, _ in SWEEP_COLUMNS], rows=table, figures=drawn, refresh=refresh)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_dashboard(path: Path | str, out: Optional[Path | str] = None, refresh: Optional[int] = None) -> Path:
+    """Write the dashboard of a run or sweep directory; returns the file written."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise DashboardError(f"{path}: no such directory (give a run directory such as outputs/DATE/TIME, or a "
+                             "sweep directory such as outputs/multirun/DATE/TIME)")
+    out = Path(out).expanduser() if out is not None else path / "dashboard.html"
+    if out.exists() and GENERATOR not in out.read_text(errors="ignore")[:20000]:
+        raise DashboardError(f"{out} exists and was not written by moe-lab dashboard; moe-lab never writes over "
+                             "files: choose another path with -o")
+    if is_run_dir(path) and (path / "metrics.csv").exists():
+        page = run_page(read_run(path), refresh)
+    elif is_sweep_dir(path):
+        runs = sweep_runs(path)
+        if not runs:
+            raise DashboardError(f"{path} holds no runs yet")
+        page = sweep_page(path, runs, refresh)
+    else:
+        raise DashboardError(f"{path} is neither a run directory (with metrics.csv) nor a sweep directory "
+                             "(with job directories 0/, 1/, ...)")
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(out)  # atomic: a browser refreshing a live page never reads half a file
+    return out
+
+
+def live(path: Path, out: Optional[Path], interval: int) -> None:  # pragma: no cover - runs until Ctrl-C
+    """Rewrite the dashboard every `interval` seconds; the page reloads itself as often."""
+    target = None
+    try:
+        while True:
+            try:
+                target = write_dashboard(path, out, refresh=interval)
+                print(f"\rmoe-lab: dashboard {target} updated {datetime.now():%H:%M:%S} (Ctrl-C to stop)",
+                      end="", flush=True)
+            except DashboardError as e:
+                print(f"\rmoe-lab: waiting: {e}", end="", flush=True)
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        if target is not None:
+            write_dashboard(path, out)  # a final page that no longer reloads
+        print()

@@ -1,0 +1,229 @@
+"""The dashboards' figures (plotly) and the run data they draw: loss curves, expert load over time, balance, drops,
+entropy and specialisation per layer, expert x domain tables, throughput, and the side-by-side sweep figures."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+
+from moe_lab.analysis.runs import RunRecord
+from moe_lab.analysis.stats import mutual_information
+
+PALETTE = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#EECA3B", "#B279A2", "#FF9DA6", "#9D755D",
+           "#BAB0AC"]
+PLOT_CONFIG = {"displaylogo": False, "responsive": True}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Data helpers
+
+
+def moe_layers(run: RunRecord) -> list[int]:
+    if run.routing:
+        return [layer["layer"] for layer in run.routing[-1]["layers"]]
+    keys = {k for row in run.metrics for k in row if k.startswith("moe/layer") and k.endswith("/imbalance")}
+    return sorted(int(k.split("/")[1][5:]) for k in keys)
+
+
+def load_over_time(run: RunRecord, layer: int) -> tuple[list[int], np.ndarray]:
+    """(steps, loads (experts, steps)) of one layer."""
+    steps, loads = [], []
+    for record in run.routing:
+        for entry in record["layers"]:
+            if entry["layer"] == layer:
+                steps.append(record["step"])
+                loads.append(entry["load"])
+    return steps, np.asarray(loads).T if loads else np.zeros((0, 0))
+
+
+def domain_table(run: RunRecord, layer: int, tail: float = 0.25) -> Optional[np.ndarray]:
+    """(experts, domains) routing counts of one layer, summed over the last `tail` of the logged windows."""
+    records = [r for r in run.routing if any("domain_counts" in e for e in r["layers"])]
+    if not records:
+        return None
+    keep = records[-max(1, int(math.ceil(len(records) * tail))):]
+    total = None
+    for record in keep:
+        for entry in record["layers"]:
+            if entry["layer"] == layer and "domain_counts" in entry:
+                counts = np.asarray(entry["domain_counts"], dtype=float)
+                total = counts if total is None else total + counts
+    return total
+
+
+def domains_of(run: RunRecord) -> list[str]:
+    return run.routing[-1].get("domains", []) if run.routing else []
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Figures
+
+
+def _figure(**layout):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    fig.update_layout(template="plotly_white", margin=dict(l=60, r=20, t=40, b=50), height=360,
+                      font=dict(family="-apple-system, Segoe UI, Helvetica, Arial, sans-serif", size=12),
+                      legend=dict(orientation="h", y=-0.2), **layout)
+    return fig
+
+
+def _subplots(rows: int, cols: int, titles: list[str], height: int, **kwargs):
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=titles, **kwargs)
+    fig.update_layout(template="plotly_white", margin=dict(l=60, r=20, t=50, b=40), height=height,
+                      font=dict(family="-apple-system, Segoe UI, Helvetica, Arial, sans-serif", size=12),
+                      legend=dict(orientation="h", y=-0.08))
+    return fig
+
+
+def loss_figure(run: RunRecord):
+    import plotly.graph_objects as go
+
+    fig = _figure(title="Loss (nats per token)", xaxis_title="optimizer step", yaxis_title="cross-entropy")
+    steps, values = run.series("train/loss")
+    fig.add_trace(go.Scatter(x=steps, y=values, name="train", line=dict(color=PALETTE[0])))
+    steps, values = run.series("val/loss")
+    fig.add_trace(go.Scatter(x=steps, y=values, name="validation", mode="lines+markers",
+                             line=dict(color=PALETTE[1], width=3)))
+    domain_keys = sorted({k for row in run.metrics for k in row if k.startswith("val/loss/")})
+    for i, key in enumerate(domain_keys):
+        steps, values = run.series(key)
+        fig.add_trace(go.Scatter(x=steps, y=values, name=f"validation: {key.split('/')[-1]}", mode="lines",
+                                 line=dict(dash="dot", color=PALETTE[(i + 2) % len(PALETTE)])))
+    return fig
+
+
+def load_heatmaps(run: RunRecord):
+    import plotly.graph_objects as go
+
+    layers = moe_layers(run)
+    if not layers:
+        return None
+    fig = _subplots(len(layers), 1, [f"layer {layer}" for layer in layers], height=110 + 150 * len(layers),
+                    shared_xaxes=True, vertical_spacing=0.25 / len(layers))
+    for i, layer in enumerate(layers):
+        steps, loads = load_over_time(run, layer)
+        if loads.size == 0:
+            continue
+        num_experts = loads.shape[0]
+        fig.add_trace(go.Heatmap(
+            z=loads, x=steps, y=[f"E{e}" for e in range(num_experts)], zmin=0, zmax=2.0 / num_experts,
+            colorscale="Viridis", showscale=i == 0,
+            colorbar=dict(title="share of<br>tokens", tickformat=".0%"),
+            hovertemplate="step %{x}<br>expert %{y}<br>load %{z:.1%}<extra></extra>"), row=i + 1, col=1)
+    fig.update_xaxes(title_text="optimizer step", row=len(layers), col=1)
+    return fig
+
+
+def balance_figure(run: RunRecord):
+    import plotly.graph_objects as go
+
+    layers = moe_layers(run)
+    if not layers:
+        return None
+    panels = [("imbalance", "max load / mean load (1 = balanced)"), ("dropped_frac", "dropped token slots"),
+              ("entropy_norm", "router entropy / log E"), ("specialization", "specialisation: I(expert; domain)/H(domain)")]
+    fig = _subplots(2, 2, [title for _, title in panels], height=620, vertical_spacing=0.16)
+    for i, layer in enumerate(layers):
+        color = PALETTE[i % len(PALETTE)]
+        for j, (key, _) in enumerate(panels):
+            steps, values = run.series(f"moe/layer{layer}/{key}")
+            fig.add_trace(go.Scatter(x=steps, y=values, name=f"layer {layer}", legendgroup=f"layer{layer}",
+                                     showlegend=j == 0, line=dict(color=color)), row=j // 2 + 1, col=j % 2 + 1)
+    fig.update_yaxes(tickformat=".0%", row=1, col=2)
+    return fig
+
+
+def domain_figure(run: RunRecord, layers: Optional[list[int]] = None, name: str = ""):
+    """Per layer: p(expert | domain), the share of each domain's tokens that each expert takes."""
+    import plotly.graph_objects as go
+
+    domains = domains_of(run)
+    layers = layers if layers is not None else moe_layers(run)
+    tables = [(layer, domain_table(run, layer)) for layer in layers]
+    tables = [(layer, t) for layer, t in tables if t is not None]
+    if not tables or len(domains) < 2:
+        return None
+    titles = []
+    for layer, t in tables:
+        titles.append(f"{name + ': ' if name else ''}layer {layer}, specialisation {mutual_information(t)[1]:.2f}")
+    cols = min(len(tables), 2)
+    rows = math.ceil(len(tables) / cols)
+    fig = _subplots(rows, cols, titles, height=90 + 60 * len(domains) * rows + 90 * rows, vertical_spacing=0.3 / rows)
+    for i, (_layer, table) in enumerate(tables):
+        share_DE = (table / np.maximum(table.sum(0, keepdims=True), 1)).T  # p(expert | domain)
+        num_experts = share_DE.shape[1]
+        fig.add_trace(go.Heatmap(
+            z=share_DE, x=[f"E{e}" for e in range(num_experts)], y=domains, zmin=0, zmax=min(1.0, 3.0 / num_experts),
+            colorscale="Blues", showscale=i == 0, colorbar=dict(title="share of the<br>domain's tokens", tickformat=".0%"),
+            text=np.round(share_DE * 100).astype(int).astype(str) if num_experts <= 16 else None,
+            texttemplate="%{text}%" if num_experts <= 16 else None,
+            hovertemplate="domain %{y}<br>expert %{x}<br>%{z:.1%} of the domain's tokens<extra></extra>"),
+            row=i // cols + 1, col=i % cols + 1)
+    return fig
+
+
+def throughput_figure(run: RunRecord):
+    import plotly.graph_objects as go
+
+    steps, values = run.series("train/tokens_per_sec")
+    if not steps:
+        return None
+    fig = _figure(title="Throughput", xaxis_title="optimizer step", yaxis_title="tokens / s (all devices)")
+    fig.add_trace(go.Scatter(x=steps, y=values, name="tokens/s", line=dict(color=PALETTE[4])))
+    steps, values = run.series("train/mfu")
+    if steps:
+        fig.add_trace(go.Scatter(x=steps, y=[100 * v for v in values], name="MFU %", yaxis="y2",
+                                 line=dict(color=PALETTE[5])))
+        fig.update_layout(yaxis2=dict(title="MFU %", overlaying="y", side="right"))
+    return fig
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Sweep figures
+
+
+def sweep_bars(runs: list[RunRecord], labels: list[str]):
+    import plotly.graph_objects as go
+
+    panels = [("val/loss", "final validation loss (lower is better)"),
+              ("moe/mean_imbalance", "mean max/mean load over layers (1 = balanced)"),
+              ("moe/specialization", "specialisation (0-1)")]
+    fig = _subplots(1, 3, [t for _, t in panels], height=120 + 34 * len(runs) + 120, horizontal_spacing=0.16)
+    for j, (key, _) in enumerate(panels):
+        values = [run.final(key) for run in runs]
+        fig.add_trace(go.Bar(y=labels, x=[v if v is not None else 0 for v in values], orientation="h",
+                             marker_color=[PALETTE[i % len(PALETTE)] for i in range(len(runs))], showlegend=False,
+                             text=[f"{v:.3f}" if v is not None else "n/a" for v in values], textposition="auto",
+                             hovertemplate="%{y}<br>%{x:.4f}<extra></extra>"), row=1, col=j + 1)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_yaxes(showticklabels=False, col=2)
+    fig.update_yaxes(showticklabels=False, col=3)
+    return fig
+
+
+def sweep_curves(runs: list[RunRecord], labels: list[str]):
+    import plotly.graph_objects as go
+
+    panels = [("val/loss", "validation loss"), ("train/loss", "training loss"),
+              ("moe/max_imbalance", "worst layer's max/mean load"), ("moe/dropped_frac", "dropped token slots")]
+    fig = _subplots(2, 2, [t for _, t in panels], height=640, vertical_spacing=0.16)
+    for i, (run, name) in enumerate(zip(runs, labels)):
+        color = PALETTE[i % len(PALETTE)]
+        for j, (key, _) in enumerate(panels):
+            steps, values = run.series(key)
+            fig.add_trace(go.Scatter(x=steps, y=values, name=name, legendgroup=name, showlegend=j == 0,
+                                     mode="lines+markers" if key == "val/loss" else "lines", line=dict(color=color)),
+                          row=j // 2 + 1, col=j % 2 + 1)
+    fig.update_yaxes(tickformat=".0%", row=2, col=2)
+    return fig
+
+
+def to_html(fig) -> str:
+    """A figure as an HTML fragment (plotly.js itself is inlined once per page by the template)."""
+    return fig.to_html(full_html=False, include_plotlyjs=False, config=PLOT_CONFIG) if fig is not None else ""

@@ -1,0 +1,40 @@
+"""Hydra callbacks of `moe-lab train` (registered in conf/hydra/default.yaml)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import OmegaConf
+
+from moe_lab.analysis.dashboard import write_dashboard
+from moe_lab.analysis.runs import write_sweep_summary
+
+
+class SweepSummary(Callback):
+    """After every job of a multirun, failed ones included, rewrite sweep_summary.csv (a failed job also leaves its
+    reason in error.txt); when the multirun ends, write the sweep dashboard. A sweeper that stops on a failure
+    (Hydra's basic sweeper raises once its batch is done) still leaves a complete summary behind."""
+
+    def on_job_end(self, config, job_return, **kwargs: Any) -> None:
+        from hydra.core.utils import JobStatus
+
+        if job_return.status == JobStatus.FAILED:
+            error = job_return._return_value
+            output_dir = Path(config.hydra.runtime.output_dir)
+            if output_dir.is_dir():
+                (output_dir / "error.txt").write_text(f"{type(error).__name__}: {error}\n")
+        if config.hydra.mode == RunMode.MULTIRUN and Path(config.hydra.sweep.dir).is_dir():
+            write_sweep_summary(Path(config.hydra.sweep.dir))
+
+    def on_multirun_end(self, config, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if not sweep_dir.is_dir():
+            return
+        out = write_sweep_summary(sweep_dir)
+        message = f"moe-lab: sweep summary {out}"
+        if OmegaConf.select(config, "metrics.dashboard", default=True):
+            message += f"\n  dashboard {write_dashboard(sweep_dir, sweep_dir / 'dashboard.html')}"
+        print(message, flush=True)

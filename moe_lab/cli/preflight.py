@@ -1,0 +1,219 @@
+"""Check a `moe-lab train` command line before Hydra runs it: nothing is read, trained or written on a mistake.
+
+The check uses Hydra's public API only. It parses the overrides with Hydra's override grammar, checks every
+GROUP=OPTION against the options Hydra's config loader lists and every KEY=VALUE against the keys of the composed
+schema, then composes the config exactly as Hydra will (`hydra.compose`, same config directory, same overrides), once
+per value of every swept parameter, and validates each composition (`moe_lab.training.schemas.validate`). It also
+refuses a run directory that already holds a run, a missing data path and a checkpoint that does not fit the model.
+Every message is built from structured data (option lists, schema keys, OmegaConf's `full_key`), never by parsing
+the text of Hydra's errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from moe_lab.cli.hydra_args import hydra_arguments, shows_only
+from moe_lab.errors import UserError
+from moe_lab.training.run_dir import externally_launched, launched_worker, refuse_used_run_dir, refuse_used_sweep_dir
+from moe_lab.training.schemas import config_dir, omegaconf_message, validate
+
+# Hints after "X is not a setting" for the nodes whose keys are not all in the schema.
+KEY_HINTS = {"trainer": "; add other Lightning Trainer arguments with +trainer.NAME=VALUE",
+             "data": "; the other data options (data=embedded, text, hf) have settings of their own"}
+
+
+def preflight(args: list[str]) -> Optional[str]:
+    """None if the command line is fine, else the one message to show."""
+    try:
+        parsed = hydra_arguments().parse_args(args)
+    except SystemExit:  # argparse already printed its usage error
+        return "could not parse the command line (see above)"
+    if shows_only(parsed):
+        return None  # Hydra shows something and runs nothing
+    try:
+        check(parsed)
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def check(parsed: argparse.Namespace) -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.utils import setup_globals
+    from hydra.errors import HydraException
+
+    setup_globals()  # the ${now:...} resolver of the run directory
+    conf = os.path.abspath(parsed.config_path) if parsed.config_path else config_dir()
+    name = parsed.config_name or "train"
+    overrides = list(parsed.overrides)
+    if parsed.config_dir:
+        overrides.append(f"hydra.searchpath=[file://{os.path.abspath(parsed.config_dir)}]")
+    parser = OverridesParser.create()
+    try:
+        given = parser.parse_overrides(overrides)
+    except HydraException as e:
+        raise UserError(f"could not parse the overrides: {_first_line(e)}") from None
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=conf, version_base="1.3"):
+            loader = GlobalHydra.instance().config_loader()
+            groups = GroupIndex(loader)
+            groups.check(given)
+            base = _compose(compose, name, first_of_each_sweep([o for o in given if groups.is_group(o)]))
+            # Sweeps configured in a file (hparams_search/*.yaml: hydra.sweeper.params) count like command-line ones.
+            params = OmegaConf.select(base, "hydra.sweeper.params", default=None) or {}
+            keys_given = {o.key_or_group for o in given}
+            from_file = parser.parse_overrides([f"{k}={v}" for k, v in params.items() if k not in keys_given])
+            groups.check(from_file)
+            everything = list(given) + from_file
+            base = _compose(compose, name, first_of_each_sweep([o for o in everything if groups.is_group(o)]))
+            for o in everything:
+                if not groups.is_group(o):
+                    check_key(o, base)
+            composed = [_compose(compose, name, variant) for variant in variants(everything)]
+            for cfg in composed:
+                run = validate(_with_stand_in_output_dir(cfg))
+                _check_inputs(run)
+            multirun = parsed.multirun or OmegaConf.select(composed[0], "hydra.mode") == "MULTIRUN"
+            sweeps = [o.input_line for o in given if o.is_sweep_override()]
+            if sweeps and not multirun:
+                raise UserError(f"{sweeps[0]} is a sweep: add -m (--multirun) to run one job per value, or write "
+                                "a list value in brackets ([1,2])")
+            if not launched_worker():  # workers share the directory rank 0 made
+                _check_output_dir(composed[0], multirun)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+class GroupIndex:
+    """Hydra's config groups and their options, from its config loader."""
+
+    def __init__(self, loader: Any):
+        self.loader = loader
+
+    def is_group(self, o: Any) -> bool:
+        parent, _, leaf = o.key_or_group.rpartition("/")
+        return leaf in self.loader.list_groups(parent)
+
+    def check(self, overrides: list) -> None:
+        """Every GROUP=OPTION names an option of the group."""
+        for o in overrides:
+            if not self.is_group(o) or o.is_delete():
+                continue
+            options = self.loader.get_group_options(o.key_or_group)
+            for value in option_values(o):
+                if value not in options and value != "null":
+                    raise UserError(f"{o.key_or_group}={value} is not an option; the options of {o.key_or_group} "
+                                    f"are: {', '.join(options)}")
+
+
+def option_values(o: Any) -> list[str]:
+    if o.is_sweep_override():
+        return list(o.sweep_string_iterator()) if o.is_discrete_sweep() else []
+    return [o.get_value_element_as_str()]
+
+
+def check_key(o: Any, base: DictConfig) -> None:
+    """KEY=VALUE names a setting the composed schema has (`+KEY=...` adds one on purpose: validate() judges it)."""
+    if o.is_add() or o.is_force_add() or o.is_delete():
+        return
+    key = o.key_or_group
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(base, parent, default=None) if parent else base
+    if isinstance(node, DictConfig) and leaf in node:
+        return
+    while parent and not isinstance(node, DictConfig):  # the deepest node that exists
+        parent = parent.rpartition(".")[0]
+        node = OmegaConf.select(base, parent, default=None) if parent else base
+    allowed = sorted(k for k in node.keys() if k != "hydra") if isinstance(node, DictConfig) else []
+    where = parent or "the top level"
+    raise UserError(f"{key} is not a setting; the settings of {where} are: {allowed}{KEY_HINTS.get(parent, '')}")
+
+
+def first_of_each_sweep(overrides: list) -> list[str]:
+    out = []
+    for o in overrides:
+        if o.is_sweep_override():
+            if not o.is_discrete_sweep():
+                continue  # interval() sweeps belong to sweepers such as Optuna; checked by their bounds there
+            out.append(f"{o.get_key_element()}={next(iter(o.sweep_string_iterator()))}")
+        else:
+            out.append(o.input_line)
+    return out
+
+
+def variants(overrides: list) -> list[list[str]]:
+    """Every swept value at least once: the first value of all sweeps, then each other value in turn."""
+    first = first_of_each_sweep(overrides)
+    out = [first]
+    for o in overrides:
+        if o.is_sweep_override() and o.is_discrete_sweep():
+            key = o.get_key_element() + "="
+            for value in list(o.sweep_string_iterator())[1:]:
+                out.append([x for x in first if not x.startswith(key)] + [key + value])
+    return out
+
+
+def _compose(compose, name: str, overrides: list[str]) -> DictConfig:
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return compose(config_name=name, overrides=overrides, return_hydra_config=True)
+    except MissingConfigException as e:
+        missing = str(e.missing_cfg_file or "")
+        if missing.startswith("hydra/sweeper/optuna"):
+            raise UserError("hparams_search=optuna needs the Hydra Optuna sweeper: pip install 'moe-lab[sweeps]'"
+                            ) from None
+        raise UserError(f"{missing or 'a config'} is missing: {_first_line(e)}") from None
+    except Exception as e:  # composition: OmegaConf's error (with its key) is the cause
+        cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+        if isinstance(cause, OmegaConfBaseException):
+            raise UserError(omegaconf_message(cause)) from None
+        raise UserError(_first_line(e)) from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _with_stand_in_output_dir(cfg: DictConfig) -> DictConfig:
+    """paths.output_dir is the directory Hydra makes for the job, which exists only once the job runs; a stand-in
+    lets the rest of the config be checked."""
+    if OmegaConf.is_interpolation(cfg.paths, "output_dir"):
+        cfg = cfg.copy()
+        cfg.paths.output_dir = "."
+    return cfg
+
+
+def _check_inputs(run) -> None:
+    """Inputs that can be checked cheaply: the data path and the checkpoint to resume."""
+    from moe_lab.data.datamodule import resolve_text_files
+    from moe_lab.training.checkpoint import check_resume
+
+    if run.data.source == "text":
+        resolve_text_files(run.data.path)
+    check_resume(run.ckpt_path, run.model)
+
+
+def _check_output_dir(base: DictConfig, multirun: bool) -> None:
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    try:
+        directory = Path(str(OmegaConf.select(base, key, throw_on_resolution_failure=True)))
+    except Exception:
+        return  # depends on values only a running job has; train() checks again inside the job
+    if multirun:
+        refuse_used_sweep_dir(directory)
+    else:
+        # Under torchrun or SLURM the other ranks start with this one, and their Hydra may already have made .hydra.
+        refuse_used_run_dir(directory, hydra_made=not externally_launched())

@@ -1,0 +1,178 @@
+"""Token dispatch: which routing slots each expert processes, and moving their rows there and back.
+
+Shape legend:
+    T  tokens of this rank's micro-batch      D  d_model
+    E  routed experts (all of them)           El experts held by this rank (E / P)
+    N  routing slots (see routers.py)         R  rows of an expert input: slots sorted by expert
+    P  ranks of an expert-parallel group
+
+Three steps, each independent of where the experts live:
+    1. `plan_dispatch`: capacity and order. Slots are sorted by expert (a stable sort, so each expert's slots keep
+       the router's priority order); an expert keeps at most `capacity` of them and the rest are dropped. Capacity is
+       computed from this rank's micro-batch alone (GShard's "group"; Megatron-Core and DeepSpeed drop before
+       dispatch the same way), so which slots are kept never depends on how the experts are spread over ranks.
+    2. `dispatcher.dispatch`: the kept rows of this rank's experts, grouped by expert, with their routing weights.
+    3. `dispatcher.combine`: expert outputs back to their tokens, summed over each token's slots.
+
+`LocalDispatcher` is one gather and one scatter-add on this device. `AllToAllDispatcher` (expert parallelism) sends
+each kept row to the rank holding its expert and brings the output back, with `all_to_all` over the expert-parallel
+group. Both present the experts with the same rows in the same order, so a layer computes the same function at any
+expert-parallel size. Neither has a Python loop over tokens or experts; the local path has no host-device
+synchronisation at all, the all-to-all path one (its split sizes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from moe_lab.model.routers import Routing
+
+
+@dataclass
+class DispatchPlan:
+    """Where every routing slot goes; built once per layer call."""
+
+    row_slot_R: torch.Tensor  # int64 (N,), the slot of each row: grouped by expert, kept rows first, dropped after
+    kept_E: torch.Tensor  # int64 (E,), kept slots per expert
+    offs_E: torch.Tensor  # int32 (E,), cumulative kept rows per expert (the grouped GEMM's group ends)
+    tokens_per_expert_E: torch.Tensor  # int64 (E,), routed slots per expert before capacity
+    row_kept_R: Optional[torch.Tensor]  # bool (N,), rows under capacity; None when nothing can be dropped
+    dropped_slots: torch.Tensor  # int64 scalar
+
+
+def plan_dispatch(expert_N: torch.Tensor, num_experts: int, capacity: Optional[int],
+                  priority_N: Optional[torch.Tensor] = None) -> DispatchPlan:
+    """Sort slots by expert and apply the capacity limit (None = dropless).
+
+    Within an expert, slots keep their order (the router's: k-major for token choice, GShard's "position" policy),
+    or, given `priority_N`, the highest priority first (the "probability" policy); over capacity, the last are
+    dropped.
+    """
+    device = expert_N.device
+    num_slots = expert_N.numel()
+    # Histogram by scatter-add: torch.bincount would synchronise with the host to learn max(input).
+    tokens_per_expert_E = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    tokens_per_expert_E.scatter_add_(0, expert_N, torch.ones_like(expert_N))
+    if priority_N is None:
+        order_N = torch.argsort(expert_N, stable=True)
+    else:
+        by_priority_N = torch.argsort(-priority_N, stable=True)
+        order_N = by_priority_N[torch.argsort(expert_N[by_priority_N], stable=True)]
+
+    if capacity is None or capacity >= num_slots:
+        return DispatchPlan(order_N, tokens_per_expert_E, torch.cumsum(tokens_per_expert_E, 0).to(torch.int32),
+                            tokens_per_expert_E, None, torch.zeros((), dtype=torch.int64, device=device))
+    arange_N = torch.arange(num_slots, device=device)
+    sorted_expert_N = expert_N[order_N]
+    starts_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
+    position_N = arange_N - starts_E[sorted_expert_N]  # place in the expert's queue
+    keep_N = position_N < capacity
+    kept_E = tokens_per_expert_E.clamp(max=capacity)
+    kept_starts_E = torch.cumsum(kept_E, 0) - kept_E
+    num_kept = kept_E.sum()
+    # Kept slots go to their expert's block of rows; dropped slots are parked after all kept rows, where the grouped
+    # GEMM (which stops at offs[-1]) never reads them.
+    dropped_rank_N = torch.cumsum(~keep_N, 0) - 1
+    dest_N = torch.where(keep_N, kept_starts_E[sorted_expert_N] + position_N, num_kept + dropped_rank_N)
+    row_slot_R = torch.empty_like(order_N).scatter_(0, dest_N, order_N)
+    return DispatchPlan(row_slot_R, kept_E, torch.cumsum(kept_E, 0).to(torch.int32), tokens_per_expert_E,
+                        arange_N < num_kept, num_slots - num_kept)
+
+
+@dataclass
+class ExpertRows:
+    """The rows this rank's experts process: inputs grouped by local expert, their routing weights (applied inside
+    the experts), the group ends, and what `combine` needs to send the outputs home."""
+
+    x_RD: torch.Tensor
+    weight_R: torch.Tensor
+    offs_El: torch.Tensor  # int32, cumulative rows per local expert
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+class LocalDispatcher:
+    """Every expert on this device: one gather of the token rows in expert order, one scatter-add back."""
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, plan: DispatchPlan) -> ExpertRows:
+        T, D = x_TD.shape
+        token_R = routing.token_N.index_select(0, plan.row_slot_R)
+        weight_R = routing.weight_N.index_select(0, plan.row_slot_R)
+        x_src = x_TD
+        if plan.row_kept_R is not None:
+            # Dropped rows read a zero row and write to a spare row T that is discarded, with weight 0: the grouped
+            # GEMM leaves rows past its last group undefined, and this keeps them away from outputs and gradients.
+            token_R = torch.where(plan.row_kept_R, token_R, T)
+            weight_R = torch.where(plan.row_kept_R, weight_R, 0.0)
+            x_src = torch.cat([x_TD, x_TD.new_zeros(1, D)])
+        x_RD = x_src.index_select(0, token_R)  # gather (backward: index_add)
+        return ExpertRows(x_RD, weight_R, plan.offs_E, {"token_R": token_R, "rows_out": x_src.shape[0], "T": T})
+
+    def combine(self, y_RD: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
+        s = rows.state
+        y_TD = y_RD.new_zeros(s["rows_out"], y_RD.shape[1]).index_add(0, s["token_R"], y_RD)  # sum each token's slots
+        return y_TD[: s["T"]]
+
+
+class AllToAllDispatcher:
+    """Expert parallelism: this rank holds experts [rank * El, (rank + 1) * El) of an expert-parallel group of P
+    ranks. Kept rows travel to their expert's rank with all_to_all (row counts exchanged first), run through the
+    local experts as one grouped GEMM, and come back the same way."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup], rank: int, size: int, num_experts: int):
+        self.group, self.rank, self.size = group, rank, size
+        self.local_experts = num_experts // size
+
+    def dispatch(self, x_TD: torch.Tensor, routing: Routing, plan: DispatchPlan) -> ExpertRows:
+        P, El = self.size, self.local_experts
+        # Kept rows come first in the plan, grouped by expert, so they are already grouped by destination rank.
+        send_PEl = plan.kept_E.view(P, El).contiguous()
+        recv_PEl = torch.empty_like(send_PEl)  # recv_PEl[s, e]: rows rank s sends to this rank's local expert e
+        dist.all_to_all_single(recv_PEl, send_PEl, group=self.group)
+        # all_to_all takes its split sizes on the host: the one synchronisation of the layer.
+        splits = torch.cat([send_PEl.sum(1), recv_PEl.sum(1)]).tolist()
+        send_splits, recv_splits = splits[:P], splits[P:]
+        kept_rows = plan.row_slot_R[: sum(send_splits)]
+        token_S = routing.token_N.index_select(0, kept_rows)
+        x_recv = all_to_all(x_TD.index_select(0, token_S), recv_splits, send_splits, self.group)
+        w_recv = all_to_all(routing.weight_N.index_select(0, kept_rows), recv_splits, send_splits, self.group)
+        # Received rows come grouped by source rank, then local expert; regroup them by local expert.
+        expert_of_row = torch.repeat_interleave(torch.arange(El, device=x_TD.device).repeat(P), recv_PEl.reshape(-1),
+                                                output_size=x_recv.shape[0])
+        by_expert = torch.argsort(expert_of_row, stable=True)
+        offs_El = torch.cumsum(recv_PEl.sum(0), 0).to(torch.int32)
+        state = {"by_expert": by_expert, "token_S": token_S, "T": x_TD.shape[0], "send": send_splits,
+                 "recv": recv_splits}
+        return ExpertRows(x_recv.index_select(0, by_expert), w_recv.index_select(0, by_expert), offs_El, state)
+
+    def combine(self, y_RD: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
+        s = rows.state
+        y_recv = torch.empty_like(y_RD).index_copy(0, s["by_expert"], y_RD)  # back to the order rows arrived in
+        y_send = all_to_all(y_recv, s["send"], s["recv"], self.group)
+        return y_send.new_zeros(s["T"], y_send.shape[1]).index_add(0, s["token_S"], y_send)
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; the backward pass sends the gradients back the way they came."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        out_splits, in_splits = ctx.splits
+        back = grad.new_empty((sum(in_splits), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return back, None, None, None
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """Rows x[:in_splits[0]] go to rank 0 of `group`, the next in_splits[1] to rank 1, ...; differentiable."""
+    return _AllToAll.apply(x, out_splits, in_splits, group)

@@ -1,0 +1,87 @@
+"""Reading moe-lab checkpoints: as data, never as code.
+
+Every checkpoint moe-lab reads goes through `read_checkpoint`, which unpickles with `torch.load(weights_only=True)`
+(tensors, numbers, strings, lists and dicts only: a file cannot run code) and turns every failure into one
+CheckpointError line. Lightning's own resume (`trainer.fit(ckpt_path=...)`) is given `weights_only=True` too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from moe_lab.errors import CheckpointError
+from moe_lab.model import ModelConfig
+from moe_lab.training.module import MoELanguageModel
+
+# A model's layout, not what it computes: a checkpoint resumes under any value of these.
+LAYOUT_KEYS = ("expert_parallel", "implementation")
+
+
+def read_checkpoint(path: str | Path, setting: Optional[str] = None) -> dict[str, Any]:
+    """The contents of a moe-lab checkpoint file, on the CPU. CheckpointError if it is missing, unreadable or was
+    not written by moe-lab; `setting` (e.g. ckpt_path) names where the path came from in the message."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise CheckpointError(f"{setting + '=' if setting else ''}{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a pickle with code in it, a truncated or foreign file, ...
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable moe-lab checkpoint ({type(e).__name__}: {reason})") from None
+    if not isinstance(ckpt, dict) or not isinstance((ckpt.get("hyper_parameters") or {}).get("model"), dict):
+        raise CheckpointError(f"{path} was not written by moe-lab (it has no model settings)")
+    return ckpt
+
+
+def checkpoint_model_config(ckpt: dict[str, Any], path: str | Path) -> ModelConfig:
+    try:
+        return ModelConfig.from_dict(ckpt["hyper_parameters"]["model"])
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: its model settings are not moe-lab's ({e})") from None
+
+
+def check_resume(ckpt_path: Optional[str], model: ModelConfig) -> Optional[str]:
+    """The checkpoint to resume from, after checking that it is moe-lab's and holds the configured model."""
+    if ckpt_path is None:
+        return None
+    ckpt = read_checkpoint(ckpt_path, setting="ckpt_path")
+    saved = dataclasses.asdict(checkpoint_model_config(ckpt, ckpt_path))
+    wanted = dataclasses.asdict(model)
+    for layout in LAYOUT_KEYS:
+        saved["moe"].pop(layout, None)
+        wanted["moe"].pop(layout, None)
+    if wanted.get("vocab_size") is None:
+        wanted["vocab_size"] = saved.get("vocab_size")
+    differences = _differences(saved, wanted, "model")
+    if differences:
+        raise CheckpointError("the checkpoint's model differs from the configured one: " + "; ".join(differences[:5])
+                              + ". Resume with the overrides of the original run (see its .hydra/overrides.yaml)")
+    return str(Path(ckpt_path).expanduser())
+
+
+def _differences(a: Any, b: Any, prefix: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += _differences(a.get(key), b.get(key), f"{prefix}.{key}")
+        return out
+    return [] if a == b else [f"{prefix} is {a!r} in the checkpoint but {b!r} here"]
+
+
+def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu"):
+    """The trained model of a moe-lab checkpoint, in eval mode: `load_model(p)(ids_BT)` -> logits (B, T, V). Its
+    `hparams` hold the run's model, optimizer and tokenizer settings."""
+    ckpt = read_checkpoint(ckpt_path)
+    hparams = ckpt["hyper_parameters"]
+    module = MoELanguageModel(model=checkpoint_model_config(ckpt, ckpt_path), optim=hparams.get("optim") or {},
+                              domain_names=hparams.get("domain_names"), tokenizer=hparams.get("tokenizer"))
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{ckpt_path}: its weights do not fit its model settings ({str(e).splitlines()[0]})"
+                              ) from None
+    return module.to(map_location).eval()

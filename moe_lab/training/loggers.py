@@ -1,0 +1,117 @@
+"""Loggers of a run: the CSV logger always, W&B and TensorBoard on request (`conf/logger/`).
+
+W&B runs are named after the command-line overrides that define the experiment and grouped by sweep. Without
+credentials for the configured server (`wandb.login(prompt=False)`, which reads WANDB_API_KEY and ~/.netrc for
+WANDB_BASE_URL, self-hosted servers included), or when the server cannot be reached, W&B logs offline and says so
+once: a run never fails or waits for W&B's sake.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from moe_lab.errors import UserError
+from moe_lab.training.schemas import TrainConfig
+
+# Overrides that change where and how a run is recorded, not the experiment: left out of run names.
+NOT_IN_NAME = ("hydra.", "paths.", "logger", "trainer.", "metrics.", "checkpoint.", "run_name")
+
+
+def run_name(run: TrainConfig) -> str:
+    if run.run_name:
+        return run.run_name
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = [o for o in HydraConfig.get().overrides.task if not o.lstrip("+~").startswith(NOT_IN_NAME)]
+    except ValueError:  # not inside a Hydra job
+        overrides = []
+    name = ",".join(overrides) or "defaults"
+    return name if len(name) <= 128 else name[:125] + "..."
+
+
+def sweep_group() -> Optional[str]:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        if hc.mode.name == "MULTIRUN":
+            return Path(hc.sweep.dir).name
+    except ValueError:
+        pass
+    return None
+
+
+def wandb_has_credentials() -> bool:
+    """Whether W&B has an API key for its configured server, asked without a prompt and without contacting it."""
+    import wandb
+
+    try:
+        return bool(wandb.login(prompt=False, verify=False))
+    except Exception:  # a malformed netrc, an unusable host setting: no usable credentials
+        return False
+
+
+def build_loggers(run: TrainConfig, cfg: DictConfig | dict, output_dir: Path) -> list:
+    loggers = []
+    resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    resolved.pop("hydra", None)
+    for node in run.logger.values():
+        node = dict(node)
+        target = node["_target_"]
+        if target.endswith("TensorBoardLogger"):
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise UserError("logger=tensorboard needs the tensorboard package: pip install 'moe-lab[tensorboard]'"
+                                ) from None
+        logger = (build_wandb_logger(node, run, output_dir) if target.endswith("WandbLogger")
+                  else hydra.utils.instantiate(node))
+        if not target.endswith("CSVLogger"):
+            logger.log_hyperparams(resolved)  # the resolved Hydra config is the run config
+        loggers.append(logger)
+    return loggers
+
+
+def build_wandb_logger(node: dict[str, Any], run: TrainConfig, output_dir: Path):
+    """A WandbLogger named after the overrides and grouped by sweep; offline (said once) without credentials or
+    server."""
+    node = {**node, "name": node.get("name") or run_name(run), "group": node.get("group") or sweep_group()}
+    where = output_dir / "wandb"
+    offline_note = f"logging offline to {where}; upload later with `wandb sync {where}/offline-run-*`"
+    online = not node.get("offline") and os.environ.get("WANDB_MODE") not in ("offline", "disabled")
+    if online and not wandb_has_credentials():
+        rank_zero_only(print)(f"moe-lab: W&B has no credentials (WANDB_API_KEY or ~/.netrc): {offline_note}",
+                              file=sys.stderr)
+        node["offline"], node["mode"], online = True, "offline", False
+    logger = hydra.utils.instantiate(node)
+    if online:
+        try:
+            logger.experiment  # noqa: B018 - starts the run now, so a dead network shows here, not mid-training
+        except Exception as e:  # wandb.errors.CommError and kin
+            import wandb
+
+            if wandb.run is not None:  # a half-started run
+                wandb.finish(exit_code=1)
+            reason = str(e).splitlines()[0][:200]
+            rank_zero_only(print)(f"moe-lab: W&B could not reach its server ({reason}): {offline_note}",
+                                  file=sys.stderr)
+            # mode= reaches wandb.init directly: the WANDB_MODE that offline=True sets is ignored by then.
+            logger = hydra.utils.instantiate({**node, "offline": True, "mode": "offline"})
+    return logger
+
+
+def finish_wandb(loggers: list) -> None:
+    """Close the W&B run, so the next job of a sweep starts a run of its own (lightning-hydra-template issue 289)."""
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()

@@ -1,0 +1,155 @@
+"""The LightningModule: cross-entropy + weighted router losses, AdamW, warm-up + cosine, validation per domain.
+
+Training metrics (losses, throughput, expert load and specialisation) are aggregated and logged by
+`moe_lab.training.metrics.RoutingMetrics` from the statistics `training_step` returns. Logged at every validation:
+val/loss, val/ppl, val/loss/{domain}. Distributed concerns (expert parallelism, its gradients, clipping and
+checkpoints) belong to `moe_lab.training.strategy.MoEDDPStrategy`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from moe_lab.model import ModelConfig, MoETransformer
+from moe_lab.training.schemas import OptimConfig
+from moe_lab.training.strategy import MoEDDPStrategy
+
+
+class MoELanguageModel(L.LightningModule):
+    def __init__(self, model: ModelConfig | dict, optim: OptimConfig | dict, domain_names: Optional[list[str]] = None,
+                 tokenizer: Optional[dict] = None):
+        super().__init__()
+        self.model_cfg = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(model)
+        self.optim_cfg = optim if isinstance(optim, OptimConfig) else OptimConfig(**optim)
+        self.domain_names = list(domain_names or ["all"])
+        # Plain data only, so a checkpoint loads with torch.load(weights_only=True) and holds no pickled objects.
+        self.save_hyperparameters({"model": dataclasses.asdict(self.model_cfg),
+                                   "optim": dataclasses.asdict(self.optim_cfg), "domain_names": self.domain_names,
+                                   "tokenizer": dict(tokenizer or {})})
+        self.model = MoETransformer(self.model_cfg)
+        self.moe_layers = self.model.moe_layers
+        self.num_experts = self.model_cfg.moe.num_experts
+        self.last_train_metrics: dict[str, float] = {}  # set by metrics.RoutingMetrics at every log step
+        self.last_val_metrics: dict[str, float] = {}
+        self.last_val_step = -1
+        self.first_val_loss: Optional[float] = None
+
+    def forward(self, token_ids_BS: torch.Tensor) -> torch.Tensor:
+        return self.model(token_ids_BS).logits
+
+    # ----------------------------------------------------------------------------------------------------
+    # Training
+
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
+        ids = batch["input_ids"]
+        out = self.model(ids[:, :-1], ids[:, 1:])
+        loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+        # Routing statistics for `RoutingMetrics`, detached and still on the device (no sync here).
+        return {"loss": loss, "stats": {"ce": out.loss.detach(), "moe": out.moe}}
+
+    # ----------------------------------------------------------------------------------------------------
+    # Validation
+
+    def on_validation_epoch_start(self) -> None:
+        n = len(self.domain_names)
+        self._val_sums = torch.zeros(2, n, device=self.device, dtype=torch.float64)  # loss sum, tokens
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        ids, domain_B = batch["input_ids"], batch["domain"]
+        logits_BSV = self.model(ids[:, :-1]).logits
+        targets_BS = ids[:, 1:]
+        loss_BS = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten(), reduction="none")
+        valid_B = batch["valid"].double() if "valid" in batch else torch.ones_like(domain_B, dtype=torch.float64)
+        loss_B = loss_BS.view_as(targets_BS).sum(-1).double() * valid_B  # padding blocks count for nothing
+        self._val_sums[0].index_add_(0, domain_B, loss_B)
+        self._val_sums[1].index_add_(0, domain_B, valid_B * targets_BS.shape[1])
+
+    def on_validation_epoch_end(self) -> None:
+        sums = self._val_sums
+        if self.trainer.world_size > 1:
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        sums = sums.cpu()
+        loss = (sums[0].sum() / sums[1].sum().clamp(min=1)).item()
+        metrics = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+        for i, name in enumerate(self.domain_names):
+            if sums[1, i] > 0:
+                metrics[f"val/loss/{name}"] = (sums[0, i] / sums[1, i]).item()
+        # Straight to the loggers at the optimizer step just taken (Lightning's own step lags one batch behind
+        # inside fit); self.log keeps val/loss in callback_metrics for checkpoint monitors.
+        self.log_dict(metrics, logger=False, sync_dist=False)  # already reduced
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
+        self.last_val_metrics = metrics
+        self.last_val_step = self.global_step
+        if self.first_val_loss is None:
+            self.first_val_loss = loss
+
+    # ----------------------------------------------------------------------------------------------------
+    # Optimisation
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Aux-loss-free routers move their bias once per optimizer step, from the counts of the whole global batch:
+        every micro-batch since the last step (gradient accumulation), summed over all ranks."""
+        reduce = None
+        if self.trainer.world_size > 1:
+            def reduce(t: torch.Tensor) -> torch.Tensor:
+                return self.trainer.strategy.reduce(t, reduce_op="sum")
+        self.model.after_optimizer_step(reduce)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by the norm of the whole model; under expert parallelism the strategy computes it over the shards."""
+        strategy = self.trainer.strategy
+        if (isinstance(strategy, MoEDDPStrategy) and strategy.groups is not None and gradient_clip_val
+                and gradient_clip_algorithm != "value"):
+            strategy.clip_gradients_by_global_norm(list(self.parameters()), gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def parameter_groups(self) -> list[list[torch.nn.Parameter]]:
+        """[decay, no decay]: weight decay on matrices only (nanoGPT)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [[p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]]
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        decay, no_decay = self.parameter_groups()
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+        total = max(self.trainer.max_steps, 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_multiplier(step, cfg.warmup_steps, total, cfg.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ----------------------------------------------------------------------------------------------------
+    # Checkpoints: random-number state travels with the weights, so a resumed run draws the same numbers.
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["moe_lab_rng"] = rng
+        checkpoint["moe_lab_first_val_loss"] = self.first_val_loss
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        rng = checkpoint.get("moe_lab_rng")
+        if rng is not None:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])
+        self.first_val_loss = checkpoint.get("moe_lab_first_val_loss")
+
+
+def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to `min_ratio` at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

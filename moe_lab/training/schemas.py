@@ -1,0 +1,248 @@
+"""The run configuration: schemas of everything `conf/train.yaml` composes, registered with Hydra, and the check that
+runs before any work starts.
+
+Every default lives in one dataclass: the model's in `moe_lab/model/config.py` (each router's in its Config in
+`moe_lab/model/routers.py`), the data sources' in `moe_lab/data/config.py`, the rest here. `register_configs()`
+stores them in Hydra's ConfigStore: `train_schema` heads the defaults list of `conf/train.yaml`, and every router and
+data option extends the schema of its kind (`schema/router/NAME`, `schema/data/SOURCE`), so a key an option does not
+have, or a value of the wrong type, fails when Hydra composes the config. `validate(cfg)` turns a composed config into
+these dataclasses and checks what types cannot (ranges and combinations), raising one ConfigError naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from moe_lab.data.config import SOURCES, DataConfig, TokenizerConfig
+from moe_lab.errors import ConfigError
+from moe_lab.model.config import ModelConfig
+from moe_lab.model.routers import ROUTERS, router_config
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with decoupled weight decay on matrices only, linear warm-up then cosine decay (`conf/optim/`)."""
+
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 50
+    # The cosine decays to lr * min_lr_ratio at trainer.max_steps.
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class CheckpointConfig:
+    # A periodic checkpoint every n optimizer steps (checkpoints/step{N}.ckpt), besides checkpoints/last.ckpt.
+    every_n_steps: int = 500
+    # How many periodic checkpoints to keep (-1 = all).
+    keep: int = 2
+
+
+@dataclass
+class MetricsConfig:
+    """Observability settings beyond trainer.log_every_n_steps (see moe_lab/training/metrics.py)."""
+
+    # W&B: per-layer expert-load heatmaps (experts x time) and the load table, every n optimizer steps.
+    image_every_n_steps: int = 100
+    # Write dashboard.html (moe-lab dashboard) into the run directory when the run ends.
+    dashboard: bool = True
+
+
+@dataclass
+class PathsConfig:
+    # The run directory Hydra makes (outputs/DATE/TIME, or a sweep's job directory; hydra.run.dir=... names one).
+    output_dir: str = "${hydra:runtime.output_dir}"
+    # Tokenised-data cache ($MOE_LAB_CACHE, else ~/.cache/moe_lab); datasets' own cache holds the raw data.
+    cache_dir: str = "${oc.env:MOE_LAB_CACHE,'~/.cache/moe_lab'}"
+
+
+@dataclass
+class TrainConfig:
+    """The typed view of a composed `conf/train.yaml`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # The base schema; the data=... option types it as its source's class.
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    # Lightning Trainer arguments (conf/trainer/), passed as they are.
+    trainer: dict[str, Any] = field(default_factory=dict)
+    # Loggers (conf/logger/): name -> a node with the logger's _target_.
+    logger: dict[str, Any] = field(default_factory=dict)
+    # Seeds Python, NumPy and torch (weights and data order).
+    seed: int = 1234
+    # Resume: the path of a checkpoint (e.g. outputs/2026-01-01/12-00-00/checkpoints/last.ckpt).
+    ckpt_path: Optional[str] = None
+    # Run name for loggers; null = built from the command-line overrides.
+    run_name: Optional[str] = None
+
+
+# Keys train() sets itself; users set them through other settings.
+RESERVED_TRAINER_KEYS = {"callbacks": "logger=... and checkpoint.*", "logger": "logger=...",
+                         "default_root_dir": "hydra.run.dir", "use_distributed_sampler": "(always false)",
+                         "check_val_every_n_epoch": "trainer.val_check_interval", "max_epochs": "trainer.max_steps"}
+
+
+def register_configs() -> None:
+    """Put the schemas in Hydra's ConfigStore (idempotent): before any composition of conf/."""
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    for name, router in ROUTERS.items():
+        store.store(group="schema/router", name=name, node=router.Config)
+    for source, cls in SOURCES.items():
+        store.store(group="schema/data", name=source, node=cls)
+
+
+def config_dir() -> str:
+    """Absolute path of the Hydra configs, with the schemas registered: `conf/` beside the package in a source
+    checkout or editable install, `moe_lab/conf/` inside an installed wheel. Absolute, because Hydra turns a relative
+    `config_path` into a module path that breaks behind a console script (hydra issue 2125)."""
+    register_configs()
+    package = Path(__file__).resolve().parents[1]
+    for candidate in (package.parent / "conf", package / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"moe-lab's configs (conf/train.yaml) are missing next to {package}; reinstall moe-lab")
+
+
+# `${idiv:a,b}`: integer division in YAML, e.g. fine-grained experts `expert_hidden: ${idiv:${..ffn_hidden},8}`.
+if not OmegaConf.has_resolver("idiv"):
+    OmegaConf.register_new_resolver("idiv", lambda a, b: int(a) // int(b))
+register_configs()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate(cfg: DictConfig) -> TrainConfig:
+    """The typed, checked run config of a composed `conf/train.yaml` (its `hydra` node, if any, is ignored).
+    Raises ConfigError naming the key and what is allowed."""
+    node = cfg.copy()
+    if "hydra" in node:
+        with open_dict(node):
+            del node["hydra"]
+    _refuse_extra_keys(node, "")
+    try:
+        run = OmegaConf.to_object(node)
+    except OmegaConfBaseException as e:
+        raise ConfigError(omegaconf_message(e)) from None
+    if not isinstance(run, TrainConfig):
+        raise ConfigError("the config was not composed with moe-lab's schema (conf/train.yaml starts with "
+                          "train_schema); compose it from moe_lab.training.schemas.config_dir()")
+    try:
+        run.model.moe.router = router_config(run.model.moe.router)
+        run.model.check()
+        run.data.check(run.model.max_seq_len)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _check_router_losses(run)
+    _check_expert_parallel(run)
+    _check_training(run)
+    return run
+
+
+def omegaconf_message(e: OmegaConfBaseException) -> str:
+    """One line from an OmegaConf error's structured fields (the key and the reason), not from its text dump."""
+    key = getattr(e, "full_key", None) or getattr(e, "key", None)
+    reason = str(getattr(e, "msg", None) or e).split("\n")[0]
+    return f"{key}: {reason}" if key else reason
+
+
+def _refuse_extra_keys(node: DictConfig, prefix: str) -> None:
+    """Keys added with +key=... that the schema does not have (`trainer` and `logger` are open by design)."""
+    typed = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(typed):
+        fields = [f.name for f in dataclasses.fields(typed)]
+        for key in node.keys():
+            if key not in fields:
+                where = prefix.rstrip(".") or "the top level"
+                raise ConfigError(f"{prefix}{key} is not a setting; the settings of {where} are: {sorted(fields)}"
+                                  if prefix else f"'{key}' is not a setting; the top-level settings are: {fields}")
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            _refuse_extra_keys(child, f"{prefix}{key}.")
+
+
+def _check_router_losses(run: TrainConfig) -> None:
+    """Aux-loss weights the router can use (its capability flags decide): a loss a router cannot have is an error,
+    not a silent no-op."""
+    moe = run.model.moe
+    router = ROUTERS[moe.router.name]
+    weights = moe.aux_loss.weights()
+    for name, weight in weights.items():
+        if weight < 0:
+            raise ConfigError(f"model.moe.aux_loss.{name}={weight} must be >= 0")
+    used = sorted(name for name, weight in weights.items() if weight > 0)
+    if not moe.enabled:
+        return
+    if not router.has_gate and used:
+        raise ConfigError(f"router={moe.router.name} has no learned gate, so no router loss applies, but aux_loss "
+                          f"weights {used} are set: add aux_loss=none")
+    if weights["seq_load_balance"] > 0 and not router.token_choice:
+        raise ConfigError(f"aux_loss.seq_load_balance needs token-choice routing; router={moe.router.name} is "
+                          "balanced by construction: use aux_loss=none or z")
+    if weights["load"] > 0 and not router.smooth_load:
+        smooth = sorted(n for n, r in ROUTERS.items() if r.smooth_load)
+        raise ConfigError(f"model.moe.aux_loss.load (Shazeer's smooth load) needs router={' or '.join(smooth)}, not "
+                          f"{moe.router.name}; set model.moe.aux_loss.load=0 or use router={smooth[0]}")
+
+
+def _check_expert_parallel(run: TrainConfig) -> None:
+    ep = run.model.moe.expert_parallel
+    if ep == 1 or not run.model.moe.enabled:
+        return
+    strategy = str(run.trainer.get("strategy", ""))
+    if not strategy.startswith("ddp") or "spawn" in strategy or "notebook" in strategy:
+        raise ConfigError(f"model.moe.expert_parallel={ep} needs several processes: add trainer=ddp "
+                          f"(with trainer.devices and trainer.num_nodes making a world size divisible by {ep})")
+    devices, nodes = run.trainer.get("devices"), run.trainer.get("num_nodes", 1)
+    if isinstance(devices, int) and isinstance(nodes, int) and (devices * nodes) % ep:
+        raise ConfigError(f"model.moe.expert_parallel={ep} must divide the world size trainer.devices x "
+                          f"trainer.num_nodes = {devices} x {nodes} = {devices * nodes}")
+
+
+def _check_training(run: TrainConfig) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    o = run.optim
+    need(o.lr > 0, f"optim.lr={o.lr} must be > 0")
+    need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas={o.betas} must be two values in [0, 1)")
+    need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    need(run.checkpoint.every_n_steps >= 1, "checkpoint.every_n_steps must be at least 1")
+    need(run.metrics.image_every_n_steps >= 1, "metrics.image_every_n_steps must be at least 1")
+    _check_trainer(run.trainer)
+    for name, logger in run.logger.items():
+        need(isinstance(logger, dict) and "_target_" in logger,
+             f"logger.{name} must be a logger config with a _target_ (see conf/logger/)")
+
+
+def _check_trainer(trainer: dict) -> None:
+    from lightning.pytorch import Trainer
+
+    allowed = [p for p in inspect.signature(Trainer.__init__).parameters if p != "self"]
+    for key in trainer:
+        if key in RESERVED_TRAINER_KEYS:
+            raise ConfigError(f"trainer.{key} is set by moe-lab; use {RESERVED_TRAINER_KEYS[key]} instead")
+        if key not in allowed:
+            raise ConfigError(f"trainer.{key} is not a Lightning Trainer argument; they are: {sorted(allowed)}")
+    max_steps = trainer.get("max_steps", -1)
+    if not isinstance(max_steps, int) or max_steps < 1:
+        raise ConfigError(f"trainer.max_steps={max_steps} must be a positive number of optimizer steps")

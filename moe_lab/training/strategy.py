@@ -1,0 +1,220 @@
+"""moe-lab's distributed strategy: Lightning's DDP, plus everything expert parallelism needs.
+
+With `model.moe.expert_parallel = P` on W ranks, consecutive ranks form expert-parallel (EP) groups of P; each rank
+of an EP group holds E / P of every MoE layer's experts, and token rows travel to their experts' rank and back by
+all-to-all (`moe_lab/model/dispatch.py`). Ranks that hold the same experts (one per EP group, W / P of them) form an
+expert-data-parallel (EDP) group.
+
+    W = 8, P = 4:   EP groups [0 1 2 3] [4 5 6 7]       EDP groups [0 4] [1 5] [2 6] [3 7]
+
+This strategy owns all of it:
+    - the process groups, built once per process, and the sharding of the experts before DDP and the optimizer exist;
+    - gradients: DDP averages the dense and router gradients over all W ranks and is told to leave the expert shards
+      alone; an expert shard's gradient already holds the sum over its EP group's tokens (the all-to-all's backward
+      brought it home), so it is summed over the EDP group and divided by W: the same mean-over-ranks loss as DDP's;
+    - clipping by the norm of the whole model (dense gradients are equal on every rank, expert shards are summed over
+      the EP group), so every rank scales by the same factor;
+    - checkpoints that do not depend on the layout: saving gathers every expert and its Adam moments, loading keeps
+      this rank's slice, so a checkpoint written under any P resumes or evaluates under any other.
+Without expert parallelism it is Lightning's DDP with `broadcast_buffers=False` (moe-lab's buffers are constant or
+updated identically on every rank; aux-free routers keep per-rank counts in one between optimizer steps).
+
+Shape legend: E experts, El = E / P experts per rank, P ranks per EP group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Mapping, Optional
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
+
+from moe_lab.model.experts import GroupedExperts
+
+EXPERT_WEIGHTS = ("w_in_EGFD", "w_out_EDF")
+
+
+@dataclass(frozen=True)
+class ExpertParallelGroups:
+    """The named process groups of expert parallelism, built once per process."""
+
+    ep_size: int  # P: ranks sharing one copy of the experts
+    ep_rank: int  # this rank's place in its EP group: it holds experts [ep_rank * El, (ep_rank + 1) * El)
+    ep_group: Optional[dist.ProcessGroup]  # this rank's EP group (token exchange, expert gathers)
+    edp_group: Optional[dist.ProcessGroup]  # ranks holding the same experts (expert-gradient sums)
+    edp_size: int
+    world_size: int
+
+
+_GROUPS: dict[int, ExpertParallelGroups] = {}
+
+
+def expert_parallel_groups(ep_size: int) -> ExpertParallelGroups:
+    """The EP and EDP groups of this process (built on first use; every rank must call in the same order)."""
+    if ep_size in _GROUPS:
+        return _GROUPS[ep_size]
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % ep_size:
+        raise ValueError(f"model.moe.expert_parallel={ep_size} must divide the world size {world} "
+                         "(trainer.devices x trainer.num_nodes)")
+    ep_group = edp_group = None
+    for start in range(0, world, ep_size):  # every rank creates every group, as torch.distributed requires
+        ranks = list(range(start, start + ep_size))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            ep_group = group
+    for offset in range(ep_size):
+        ranks = list(range(offset, world, ep_size))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            edp_group = group
+    _GROUPS[ep_size] = ExpertParallelGroups(ep_size=ep_size, ep_rank=rank % ep_size, ep_group=ep_group,
+                                            edp_group=edp_group, edp_size=world // ep_size, world_size=world)
+    return _GROUPS[ep_size]
+
+
+def all_gather(x: torch.Tensor, group) -> torch.Tensor:
+    """(P, *x.shape): x from every rank of `group`, in rank order (not differentiable)."""
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.stack(parts)
+
+
+class MoEDDPStrategy(DDPStrategy):
+    """Lightning's DDP with expert parallelism (see the module docstring). `expert_parallel=1` is plain DDP."""
+
+    def __init__(self, expert_parallel: int = 1, **kwargs: Any):
+        kwargs.setdefault("broadcast_buffers", False)
+        super().__init__(**kwargs)
+        self.expert_parallel = expert_parallel
+        self.groups: Optional[ExpertParallelGroups] = None
+
+    # -- setup: shard the experts before DDP wraps the model and the optimizer sees its parameters --------------
+
+    def setup(self, trainer) -> None:
+        if self.expert_parallel > 1 and self.groups is None:
+            self.groups = expert_parallel_groups(self.expert_parallel)
+            module = self.lightning_module
+            module.model.use_expert_parallel(self.groups.ep_group, self.groups.ep_rank, self.groups.ep_size)
+            # DDP (and Lightning's state sync outside fit) broadcasts rank 0's parameters: never the expert shards.
+            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+                module, [name for name, _, _ in self._expert_shards()])
+        super().setup(trainer)
+
+    def _expert_shards(self) -> Iterator[tuple[str, torch.nn.Parameter, GroupedExperts]]:
+        """(state-dict name, parameter, its expert bank) of every expert weight held as a slice."""
+        for prefix, module in self.lightning_module.named_modules():
+            if isinstance(module, GroupedExperts) and module.is_sharded:
+                for weight in EXPERT_WEIGHTS:
+                    yield f"{prefix}.{weight}", getattr(module, weight), module
+
+    # -- gradients ----------------------------------------------------------------------------------------------
+
+    def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
+        """Expert gradients are reduced right after the backward pass (the closure), before the
+        on_before_optimizer_step hooks and gradient clipping see them."""
+        if self.groups is None:
+            return super().optimizer_step(optimizer, closure, model, **kwargs)
+
+        def closure_then_reduce() -> Any:
+            result = closure()
+            self.reduce_expert_gradients()
+            return result
+
+        return super().optimizer_step(optimizer, closure_then_reduce, model, **kwargs)
+
+    def reduce_expert_gradients(self) -> None:
+        groups = self.groups
+        for _, param, _ in self._expert_shards():
+            if param.grad is not None:
+                if groups.edp_size > 1:
+                    dist.all_reduce(param.grad, group=groups.edp_group)
+                param.grad.div_(groups.world_size)
+
+    def clip_gradients_by_global_norm(self, parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+        """torch.nn.utils.clip_grad_norm_ over the whole model, expert shards included: every rank computes the
+        same norm and scales the same way. Returns the norm."""
+        experts = {id(param) for _, param, _ in self._expert_shards()}
+        with_grad = [p for p in parameters if p.grad is not None]
+        zero = torch.zeros((), device=self.root_device)
+        dense_sq = sum((p.grad.float().square().sum() for p in with_grad if id(p) not in experts), zero)
+        expert_sq = sum((p.grad.float().square().sum() for p in with_grad if id(p) in experts), zero)
+        if self.groups is not None:
+            dist.all_reduce(expert_sq, group=self.groups.ep_group)
+        total = (dense_sq + expert_sq).sqrt()
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch.nn.utils.clip_grad_norm_
+        for p in with_grad:
+            p.grad.mul_(scale)
+        return total
+
+    # -- checkpoints hold every expert, whatever the layout ------------------------------------------------------
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        state = super().lightning_module_state_dict()
+        for name, _, _ in self._expert_shards():  # a collective: every rank takes part
+            state[name] = all_gather(state[name].detach(), self.groups.ep_group).flatten(0, 1)
+        return state
+
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        if self.groups is not None:
+            state = dict(checkpoint["state_dict"])
+            for name, _, experts in self._expert_shards():
+                state[name] = _own_slice(state[name], experts)
+            checkpoint = {**checkpoint, "state_dict": state}
+        super().load_model_state_dict(checkpoint, strict=strict)
+
+    def optimizer_state(self, optimizer) -> dict[str, Any]:
+        """Adam's moments of expert shards, gathered to every expert."""
+        state = super().optimizer_state(optimizer)
+        if self.groups is None:
+            return state
+        slots = self._optimizer_slots(optimizer)
+        per_param = dict(state["state"])
+        for _, param, experts in self._expert_shards():
+            slot = slots.get(id(param))
+            if slot in per_param:  # a new dict: optimizer.state_dict() shares its per-parameter dicts
+                per_param[slot] = {key: all_gather(value, self.groups.ep_group).flatten(0, 1)
+                                   if _per_expert(value, experts.num_experts) else value
+                                   for key, value in per_param[slot].items()}
+        return {**state, "state": per_param}
+
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        if self.groups is not None:
+            states = []
+            for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"]):
+                slots = self._optimizer_slots(optimizer)
+                per_param = dict(saved["state"])
+                for _, param, experts in self._expert_shards():
+                    slot = slots.get(id(param))
+                    if slot in per_param:
+                        per_param[slot] = {key: _own_slice(value, experts)
+                                           if _per_expert(value, experts.total_experts) else value
+                                           for key, value in per_param[slot].items()}
+                states.append({**saved, "state": per_param})
+            checkpoint = {**checkpoint, "optimizer_states": states}
+        super().load_optimizer_state_dict(checkpoint)
+
+    @staticmethod
+    def _optimizer_slots(optimizer) -> dict[int, int]:
+        """id(parameter) -> its number in optimizer.state_dict(): parameters are numbered group by group."""
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return {id(p): i for i, p in enumerate(params)}
+
+
+def _per_expert(value: Any, num_experts: int) -> bool:
+    return torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == num_experts
+
+
+def _own_slice(tensor: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
+    """This rank's experts of a tensor that holds every expert (a tensor already sliced is returned as it is)."""
+    if tensor.shape[0] != experts.total_experts:
+        return tensor
+    return tensor[experts.first_expert:experts.first_expert + experts.num_experts].clone()
+
+
+def make_strategy(name: str, expert_parallel: int) -> MoEDDPStrategy:
+    """moe-lab's strategy for `trainer.strategy: ddp` (or ddp_find_unused_parameters_true)."""
+    return MoEDDPStrategy(expert_parallel=expert_parallel, find_unused_parameters=name.endswith("true"))

@@ -1,0 +1,186 @@
+"""`train(cfg)`: one training run from a composed config, as a plain function (the command line's Hydra app and the
+tests both call it). It returns the run summary: final metrics and where everything is."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+
+from moe_lab.analysis.dashboard import write_dashboard
+from moe_lab.data.datamodule import LMDataModule
+from moe_lab.errors import ConfigError
+from moe_lab.training.callbacks import GracefulStop, StepProgressBar, StopRequested
+from moe_lab.training.checkpoint import check_resume
+from moe_lab.training.loggers import build_loggers, finish_wandb
+from moe_lab.training.metrics import RoutingMetrics
+from moe_lab.training.module import MoELanguageModel
+from moe_lab.training.run_dir import launched_worker, refuse_used_run_dir
+from moe_lab.training.runtime import quiet_lightning, retain_freed_memory
+from moe_lab.training.schemas import TrainConfig, validate
+from moe_lab.training.strategy import make_strategy
+
+
+class Interrupted(Exception):
+    """Ctrl-C or SIGTERM stopped the run after saving a checkpoint; the process exits with 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train one model as `cfg` says; returns the run summary (final metrics and where things are)."""
+    run = validate(cfg)
+    quiet_lightning()
+    retain_freed_memory()  # CPU steps reuse freed memory instead of page-faulting it back (training/runtime.py)
+    output_dir = Path(run.paths.output_dir).expanduser().resolve()
+    if not launched_worker():  # data-parallel workers share the directory rank 0 made
+        refuse_used_run_dir(output_dir)
+    ckpt_path = check_resume(run.ckpt_path, run.model)
+    started = time.time()
+    L.seed_everything(run.seed, workers=True, verbose=False)
+
+    data = LMDataModule(run.data, run.tokenizer, run.paths.cache_dir, run.seed)
+    data.prepare_data()
+    data.setup("fit")  # data errors surface here, before a model or trainer exists
+    model_cfg = run.model
+    if model_cfg.vocab_size is None:
+        model_cfg.vocab_size = math.ceil(data.vocab_size / 64) * 64  # padded for fast matmuls (nanoGPT)
+    elif model_cfg.vocab_size < data.vocab_size:
+        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+                          f"{data.vocab_size}; set it to null to follow the tokenizer")
+    module = MoELanguageModel(model=model_cfg, optim=run.optim, domain_names=data.domain_names,
+                              tokenizer={"name": run.tokenizer.name, "eos_token": run.tokenizer.eos_token})
+
+    ckpt_dir = output_dir / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    stop = GracefulStop(str(last))
+    periodic = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
+                               every_n_train_steps=run.checkpoint.every_n_steps, save_top_k=run.checkpoint.keep,
+                               monitor="step", mode="max", save_last=True)
+    routing = RoutingMetrics(data.domain_names, module.model.flops_per_token(run.data.seq_len), output_dir,
+                             image_every_n_steps=run.metrics.image_every_n_steps)
+    loggers = build_loggers(run, cfg, output_dir)
+    try:
+        # RoutingMetrics before the progress bar, so the bar shows the metrics of the step just logged.
+        trainer = L.Trainer(**trainer_arguments(run), logger=loggers,
+                            callbacks=[periodic, stop, routing, StepProgressBar()], default_root_dir=str(output_dir),
+                            max_epochs=-1, check_val_every_n_epoch=None, use_distributed_sampler=False)
+        ep = run.model.moe.expert_parallel
+        if trainer.world_size % ep:
+            raise ConfigError(f"model.moe.expert_parallel={ep} must divide the world size {trainer.world_size} "
+                              "(trainer.devices x trainer.num_nodes)")
+        print_header(run, module, data, output_dir)
+
+        if ckpt_path is None:
+            trainer.validate(module, datamodule=data, verbose=False)  # the untrained model's val/loss, at step 0
+        try:
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+        except StopRequested:
+            pass  # Ctrl-C or SIGTERM: GracefulStop saved last.ckpt at the step boundary
+        if stop.received is None:
+            if module.last_val_step != trainer.global_step:
+                trainer.validate(module, datamodule=data, verbose=False)  # every run ends with a val/loss
+            trainer.save_checkpoint(last, weights_only=False)
+
+        summary = {
+            "status": "finished" if stop.received is None else "interrupted",
+            "step": trainer.global_step,
+            "seconds": round(time.time() - started, 1),
+            **module.last_val_metrics,
+            "val_step": module.last_val_step,
+            "initial_val_loss": module.first_val_loss,
+            # Run-level figures only; per-layer and per-expert ones are in metrics.csv and routing.jsonl.
+            **{k: v for k, v in module.last_train_metrics.items() if not k.startswith("moe/layer")},
+            "params": module.model.num_params(),
+            "output_dir": str(output_dir),
+            "checkpoint": str(last),
+            "metrics_csv": str(output_dir / "metrics.csv"),
+        }
+        for logger in trainer.loggers:
+            logger.finalize("success" if stop.received is None else "failed")
+        if trainer.is_global_zero:
+            save_summary(summary, output_dir)
+            if run.metrics.dashboard:  # after summary.json and the flushed metrics.csv, which it reads
+                summary["dashboard"] = str(write_dashboard(output_dir, output_dir / "dashboard.html"))
+                save_summary(summary, output_dir)
+        print_summary(summary, module)
+    finally:
+        finish_wandb(loggers)
+    if stop.received is not None:
+        raise Interrupted(stop.received)
+    return summary
+
+
+def trainer_arguments(run: TrainConfig) -> dict:
+    """The trainer config, with `strategy: ddp` made moe-lab's DDP (which owns expert parallelism)."""
+    args = dict(run.trainer)
+    strategy = args.get("strategy")
+    if isinstance(strategy, str) and strategy in ("ddp", "ddp_find_unused_parameters_true"):
+        args["strategy"] = make_strategy(strategy, run.model.moe.expert_parallel if run.model.moe.enabled else 1)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Printing
+
+
+@rank_zero_only
+def print_header(run: TrainConfig, module: MoELanguageModel, data: LMDataModule, output_dir: Path) -> None:
+    p = module.model.num_params()
+    moe = run.model.moe
+    kind = (f"MoE {moe.num_experts} experts, top-{moe.router.top_k} ({moe.router.name}), "
+            f"capacity {moe.capacity_factor or 'dropless'}, layers {module.moe_layers}" if moe.enabled else "dense")
+    print(f"moe-lab: model {run.model.name}: {p['total'] / 1e6:.2f}M parameters, {p['active'] / 1e6:.2f}M active "
+          f"per token; {kind}", flush=True)
+    if moe.enabled and not all(layer.router.causal for layer in module.model.moe_modules()):
+        print(f"moe-lab: warning: router={moe.router.name} is not causal (experts choose among all positions): "
+              "the model sees later tokens through routing, so its val/loss is optimistic. "
+              "router=expert_choice_causal is the causal variant", file=sys.stderr, flush=True)
+    train = "streamed" if data.train_blocks is None else str(len(data.train_blocks))
+    print(f"moe-lab: data {run.data.source}: {train} train / {len(data.val_blocks)} val blocks of {run.data.seq_len} "
+          f"tokens, domains {data.domain_names}; run directory {output_dir}", flush=True)
+
+
+def save_summary(summary: dict, output_dir: Path) -> None:
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+@rank_zero_only
+def print_summary(summary: dict, module: MoELanguageModel) -> None:
+    m = module.last_train_metrics
+    lines = [f"\nmoe-lab: run {summary['status']} at step {summary['step']} in {summary['seconds']:.0f}s"]
+    if "val/loss" in summary:
+        first = summary.get("initial_val_loss")
+        start = f"; untrained {first:.4f}" if first is not None else ""
+        lines.append(f"  val/loss    {summary['val/loss']:.4f} (step {summary['val_step']}{start})   "
+                     f"val/ppl {summary['val/ppl']:.2f}")
+    if "train/loss" in m:
+        lines.append(f"  train/loss  {m['train/loss']:.4f}   tokens/s {m['train/tokens_per_sec']:.0f}")
+    if module.moe_layers and f"moe/layer{module.moe_layers[0]}/imbalance" in m:
+        special = f"moe/layer{module.moe_layers[0]}/specialization" in m
+        lines.append("  layer  imbalance  dropped  dead  entropy/logE" + ("  specialization" if special else "")
+                     + "  busiest expert")
+        for layer in module.moe_layers:
+            p = f"moe/layer{layer}/"
+            loads = [m[f"{p}expert{e}/load"] for e in range(module.num_experts)]
+            top = max(range(len(loads)), key=loads.__getitem__)
+            lines.append(f"  {layer:>5}  {m[p + 'imbalance']:>9.2f}  {m[p + 'dropped_frac']:>7.1%}  "
+                         f"{m[p + 'dead_experts']:>4.0f}  {m[p + 'entropy_norm']:>12.3f}"
+                         + (f"  {m[p + 'specialization']:>14.3f}" if special else "")
+                         + f"  #{top} ({loads[top]:.1%})")
+    if "dashboard" in summary:
+        lines.append(f"  dashboard   {summary['dashboard']}")
+    lines.append(f"  checkpoint  {summary['checkpoint']}")
+    lines.append(f"  metrics     {summary['metrics_csv']}")
+    lines.append(f"  resume      moe-lab train ckpt_path={summary['checkpoint']}")
+    print("\n".join(lines), flush=True)
