@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from moe_lab.config import config_dir
+from moe_lab.training.schemas import config_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

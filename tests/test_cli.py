@@ -149,7 +149,7 @@ def test_wheel_carries_the_configs(tmp_path):
                            env=env, capture_output=True, text=True)
     assert shown.returncode == 0, shown.stderr
     assert yaml.safe_load(shown.stdout)["model"]["moe"]["num_experts"] == 4
-    where = subprocess.run([sys.executable, "-c", "from moe_lab.config import config_dir; print(config_dir())"],
+    where = subprocess.run([sys.executable, "-c", "from moe_lab.training.schemas import config_dir; print(config_dir())"],
                            cwd=tmp_path, env=env, capture_output=True, text=True)
     assert where.stdout.strip() == str(target / "moe_lab" / "conf")
 

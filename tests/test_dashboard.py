@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, chromium, run_cli
-from moe_lab.dashboard import DashboardError, write_dashboard
-from moe_lab.train import train
+from moe_lab.analysis.dashboard import write_dashboard
+from moe_lab.errors import DashboardError
+from moe_lab.training.train import train
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 

@@ -9,16 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from moe_lab.config import DataConfig, TokenizerConfig
 from moe_lab.data import datamodule as dm_module
-from moe_lab.data.datamodule import DataError, LMDataModule, ResumableBatchSampler, split_blocks
+from moe_lab.data.config import EmbeddedDataConfig, HFDataConfig, TextDataConfig, TokenizerConfig
+from moe_lab.data.datamodule import LMDataModule, ResumableBatchSampler, split_blocks, validation_batches
+from moe_lab.errors import DataError
 from moe_lab.data.tokenizer import ByteTokenizer, HFTokenizer
 
 SMALL = dict(seq_len=32, batch_size=4, max_val_blocks=8)
 
 
-def module(tmp_path, tokenizer=None, **data) -> LMDataModule:
-    cfg = DataConfig(**{**SMALL, **data})
+def module(tmp_path, tokenizer=None, source="embedded", **data) -> LMDataModule:
+    schema = {"embedded": EmbeddedDataConfig, "text": TextDataConfig, "hf": HFDataConfig}[source]
+    cfg = schema(**{**SMALL, **data})
     dm = LMDataModule(cfg, tokenizer or TokenizerConfig(), str(tmp_path / "cache"), seed=0)
     dm.setup("fit")
     return dm
@@ -133,6 +135,26 @@ def test_ranks_split_the_global_batch():
         assert halves[0].batch(i) + halves[1].batch(i) == single.batch(i)
 
 
+@pytest.mark.parametrize("num_blocks,batch_size", [(16, 4), (18, 4), (5, 8), (3, 1)])
+def test_validation_micro_batches_do_not_depend_on_the_world_size(num_blocks, batch_size):
+    """Capacity limits make a batch's output depend on which blocks share it, so every world size must see the same
+    validation micro-batches; ranks with fewer get padding batches (negative positions), never a hang."""
+    one = validation_batches(num_blocks, batch_size, rank=0, world_size=1)
+    for world in (2, 3, 4):
+        per_rank = [validation_batches(num_blocks, batch_size, r, world) for r in range(world)]
+        assert len({len(b) for b in per_rank}) == 1  # the same number of steps on every rank
+        real = [b for rank in per_rank for b in rank if min(b) >= 0]
+        padding = [b for rank in per_rank for b in rank if max(b) < 0]
+        assert sorted(real) == sorted(one) and len(real) + len(padding) == len(per_rank[0]) * world
+
+
+def test_padding_blocks_are_marked_invalid(tmp_path):
+    dm = module(tmp_path, source="embedded", max_chars_per_domain=20_000)
+    batch = dm.val_blocks.__getitems__([0, 1, -1, -2])
+    assert batch["valid"].tolist() == [True, True, False, False]
+    assert torch.equal(batch["input_ids"][2:], batch["input_ids"][:2])  # padding repeats real blocks
+
+
 def test_validation_split_per_domain():
     domains = np.array([0] * 100 + [1] * 10 + [2] * 1)
     train, val = split_blocks(domains, 0.1, max_val_blocks=1000)
@@ -173,7 +195,7 @@ def test_missing_text_column(tmp_path):
 
 
 def test_unknown_tokenizer_file(tmp_path):
-    from moe_lab.config import UserError
+    from moe_lab.errors import UserError
 
     with pytest.raises(UserError, match="no such file"):
         HFTokenizer(str(tmp_path / "nope" / "tokenizer.json"))

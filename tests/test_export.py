@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import moe_lab
-from moe_lab.config import UserError
-from moe_lab.export import ExportError, export_hf
-from moe_lab.train import train
+from moe_lab.errors import ExportError, UserError
+from moe_lab.tools.export import export_hf
+from moe_lab.training.train import train
 
 transformers = pytest.importorskip("transformers")
 

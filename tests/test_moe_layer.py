@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from moe_lab.model import MoEConfig, MoELayer, expert_capacity
-from moe_lab.model.moe import build_dispatch
+from moe_lab.model.dispatch import plan_dispatch
+
+
+def build_dispatch(expert_ids_TK, num_experts, capacity, priority_TK=None):
+    """The plan of a token-choice routing given as (T, K) choices (slots k-major, as the routers make them)."""
+    priority_N = priority_TK.t().reshape(-1) if priority_TK is not None else None
+    return plan_dispatch(expert_ids_TK.t().reshape(-1), num_experts, capacity, priority_N)
 
 D = 32
 

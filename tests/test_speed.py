@@ -69,7 +69,7 @@ def test_compiled_layer_on_gpu():
 
 
 def test_retain_freed_memory_is_idempotent():
-    from moe_lab.runtime import retain_freed_memory
+    from moe_lab.training.runtime import retain_freed_memory
 
     first = retain_freed_memory()
     assert retain_freed_memory() == first
@@ -79,7 +79,7 @@ def test_retain_freed_memory_is_idempotent():
 
 def test_bench_quick_compare(tmp_path):
     pytest.importorskip("transformers")
-    from moe_lab.bench import run
+    from moe_lab.tools.bench import run
 
     args = SimpleNamespace(device="cpu", threads=None, dtype="float32", capacity=False, quick=True, compare=True,
                            loop=True, warmup=1, repeats=2, no_steps=False, out=str(tmp_path), argv=["--quick"])

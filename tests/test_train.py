@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_lab.config import UserError, config_dir
-from moe_lab.train import train
+from moe_lab.errors import UserError
+from moe_lab.training.schemas import config_dir
+from moe_lab.training.train import train
 
 
 def read_metrics(run_dir) -> list[dict]:

@@ -65,17 +65,18 @@ def check(parsed: argparse.Namespace) -> None:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=conf, version_base="1.3"):
-            loader = GlobalHydra.instance().config_loader()
-            groups = GroupIndex(loader)
+            search_path = [o for o in overrides if o.startswith("hydra.searchpath=")]
+            groups = GroupIndex(GlobalHydra.instance().config_loader(), name, search_path)
             groups.check(given)
-            base = _compose(compose, name, first_of_each_sweep([o for o in given if groups.is_group(o)]))
+            base = _compose(compose, name, search_path + first_of_each_sweep([o for o in given if groups.is_group(o)]))
             # Sweeps configured in a file (hparams_search/*.yaml: hydra.sweeper.params) count like command-line ones.
             params = OmegaConf.select(base, "hydra.sweeper.params", default=None) or {}
             keys_given = {o.key_or_group for o in given}
             from_file = parser.parse_overrides([f"{k}={v}" for k, v in params.items() if k not in keys_given])
             groups.check(from_file)
             everything = list(given) + from_file
-            base = _compose(compose, name, first_of_each_sweep([o for o in everything if groups.is_group(o)]))
+            base = _compose(compose, name,
+                            search_path + first_of_each_sweep([o for o in everything if groups.is_group(o)]))
             for o in everything:
                 if not groups.is_group(o):
                     check_key(o, base)
@@ -95,21 +96,32 @@ def check(parsed: argparse.Namespace) -> None:
 
 
 class GroupIndex:
-    """Hydra's config groups and their options, from its config loader."""
+    """Hydra's config groups and their options, from its config loader (with any --config-dir search path)."""
 
-    def __init__(self, loader: Any):
-        self.loader = loader
+    def __init__(self, loader: Any, config_name: str, search_path: list[str]):
+        self.loader, self.config_name, self.search_path = loader, config_name, search_path
+        self._known: dict[tuple, list[str]] = {}
+
+    def options(self, group: str, kind: Any = None) -> list[str]:
+        from hydra.core.object_type import ObjectType
+
+        kind = kind or ObjectType.CONFIG
+        if (group, kind) not in self._known:
+            self._known[group, kind] = self.loader.get_group_options(group, kind, self.config_name, self.search_path)
+        return self._known[group, kind]
 
     def is_group(self, o: Any) -> bool:
+        from hydra.core.object_type import ObjectType
+
         parent, _, leaf = o.key_or_group.rpartition("/")
-        return leaf in self.loader.list_groups(parent)
+        return leaf in self.options(parent, ObjectType.GROUP)
 
     def check(self, overrides: list) -> None:
         """Every GROUP=OPTION names an option of the group."""
         for o in overrides:
             if not self.is_group(o) or o.is_delete():
                 continue
-            options = self.loader.get_group_options(o.key_or_group)
+            options = self.options(o.key_or_group)
             for value in option_values(o):
                 if value not in options and value != "null":
                     raise UserError(f"{o.key_or_group}={value} is not an option; the options of {o.key_or_group} "

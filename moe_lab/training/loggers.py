@@ -84,6 +84,8 @@ def build_wandb_logger(node: dict[str, Any], run: TrainConfig, output_dir: Path)
     """A WandbLogger named after the overrides and grouped by sweep; offline (said once) without credentials or
     server."""
     node = {**node, "name": node.get("name") or run_name(run), "group": node.get("group") or sweep_group()}
+    if os.environ.get("WANDB_MODE") == "":  # empty means unset; wandb's settings reject it
+        del os.environ["WANDB_MODE"]
     where = output_dir / "wandb"
     offline_note = f"logging offline to {where}; upload later with `wandb sync {where}/offline-run-*`"
     online = not node.get("offline") and os.environ.get("WANDB_MODE") not in ("offline", "disabled")

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from moe_lab.observe import heatmap_rgb, load_statistics, mutual_information, peak_flops
-from moe_lab.train import train
+from moe_lab.analysis.stats import load_statistics, mutual_information
+from moe_lab.training.metrics import heatmap_rgb, peak_flops
+from moe_lab.training.train import train
 
 
 def test_load_statistics():
