@@ -23,6 +23,7 @@ from moe_lab.training.train import train
 def main(plan_file: str) -> None:
     torch.set_num_threads(1)
     for run in json.loads(Path(plan_file).read_text()):
+        torch.use_deterministic_algorithms(False)  # as a fresh process starts; trainer.deterministic=true sets it
         GlobalHydra.instance().clear()
         with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
             cfg = compose(config_name="train", overrides=[*run["overrides"], f"paths.output_dir={run['dir']}"])

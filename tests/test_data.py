@@ -121,9 +121,9 @@ def test_hf_tokenizer_from_local_file(tmp_path):
 def test_sampler_is_a_pure_function_of_the_batch_index():
     full = ResumableBatchSampler(50, 4, seed=3)
     it = iter(full)
-    batches = [next(it) for _ in range(30)]  # crosses epoch boundaries (50 blocks / 4 per batch)
+    batches = [next(it).blocks for _ in range(30)]  # crosses epoch boundaries (50 blocks / 4 per batch)
     resumed = iter(ResumableBatchSampler(50, 4, seed=3, start=lambda: 17))
-    assert [next(resumed) for _ in range(13)] == batches[17:]
+    assert [next(resumed).blocks for _ in range(13)] == batches[17:]
     epoch0 = sum(batches[:12], []) + batches[12][:2]
     assert sorted(epoch0) == list(range(50))  # each epoch is a permutation of all blocks
 
@@ -133,6 +133,14 @@ def test_ranks_split_the_global_batch():
     halves = [ResumableBatchSampler(40, 4, seed=1, rank=r, world_size=2) for r in (0, 1)]
     for i in range(12):
         assert halves[0].batch(i) + halves[1].batch(i) == single.batch(i)
+    # A micro-batch's stream index is its place in the stream, whatever the world size: rank r's i-th micro-batch of
+    # 4 blocks is the (2i + r)-th micro-batch of 4 that one process would draw.
+    one_process = iter(ResumableBatchSampler(40, 4, seed=1))
+    alone = [next(one_process) for _ in range(8)]
+    ranks = [iter(h) for h in halves]
+    for i in range(4):
+        for r in (0, 1):
+            assert next(ranks[r]) == alone[2 * i + r]
 
 
 @pytest.mark.parametrize("num_blocks,batch_size", [(16, 4), (18, 4), (5, 8), (3, 1)])

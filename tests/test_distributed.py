@@ -2,7 +2,9 @@
 
 (a) For every router (all of them support expert parallelism) and every capacity option, and for the other settings
     below: `model.moe.expert_parallel=2` equals `expert_parallel=1` on the same 2 ranks, step for step: losses,
-    expert loads, drops, validation loss, and the final parameters and optimizer state.
+    expert loads, drops, validation loss, and the final parameters and optimizer state. With
+    trainer.deterministic=true the two are bit for bit equal; the default (one grouped GEMM over every source rank's
+    rows) differs by float rounding in the expert weight gradients, checked with a tolerance on a few settings.
 (b) For every setting defined per micro-batch (all of the above but aux_loss=global): 2 data-parallel ranks equal
     1 process that accumulates the same two micro-batches (trainer.accumulate_grad_batches=2), capacity and drops
     included.
@@ -36,6 +38,7 @@ COMMON = [*FAST, f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1", "c
 # The same micro-batches of 4 sequences: one per rank and step on 2 ranks, or two per step on one process.
 TWO_RANKS = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=4",
              f"trainer.val_check_interval={STEPS}"]
+DETERMINISTIC = ["+trainer.deterministic=true"]
 ONE_PROCESS = ["data.batch_size=4", "trainer.accumulate_grad_batches=2", f"trainer.val_check_interval={2 * STEPS}"]
 
 ROUTERS = sorted(p.stem for p in (Path(config_dir()) / "router").glob("*.yaml"))
@@ -52,6 +55,10 @@ PER_MICRO_BATCH = {
     "first_dense_layer": ["model.n_layers=3", "model.moe.first_dense_layers=1"],
 }
 GLOBAL = {"global_balance": ["aux_loss=global", "capacity=cf1_0"]}  # counts over all ranks: (a) only
+# The fast (default) path of expert parallelism, compared up to float rounding. Not the paper's expert choice: each
+# expert takes its top C of all 256 tokens, so a rounding difference flips near-ties (measured: parameters 0.5-3%
+# apart after 4 steps, losses within 2e-6); it is held bit for bit in deterministic mode instead.
+FAST_PATH = ["topk-cf1_25", "fine_grained_e64", "global_balance", "expert_choice_causal-cf1_0"]
 TOL = 1e-5
 
 
@@ -79,13 +86,17 @@ def finish(proc: subprocess.Popen, log: Path, timeout: int = 1200) -> None:
 def runs(tmp_path_factory, cache_dir) -> Path:
     root = tmp_path_factory.mktemp("layouts")
     common = [*COMMON, f"paths.cache_dir={cache_dir}"]
-    ddp = [{"dir": str(root / f"{name}-ep{ep}"), "overrides": [*common, *TWO_RANKS, *overrides,
+    settings = {**PER_MICRO_BATCH, **GLOBAL}
+    ddp = [{"dir": str(root / f"{name}-ep{ep}"), "overrides": [*common, *TWO_RANKS, *DETERMINISTIC, *overrides,
                                                                  f"model.moe.expert_parallel={ep}"]}
-           for name, overrides in {**PER_MICRO_BATCH, **GLOBAL}.items() for ep in (1, 2)]
+           for name, overrides in settings.items() for ep in (1, 2)]
+    ddp += [{"dir": str(root / f"{name}-fast-ep{ep}"), "overrides": [*common, *TWO_RANKS, *settings[name],
+                                                                       f"model.moe.expert_parallel={ep}"]}
+            for name in FAST_PATH for ep in (1, 2)]
     # Resume the default setting's expert-parallel run at step 2, under expert parallelism.
     ddp.append({"dir": str(root / "resumed-ep2"), "overrides": [
-        *common, *TWO_RANKS, "model.moe.expert_parallel=2", f"ckpt_path={root / 'topk-cf1_25-ep2' / 'checkpoints'}"
-        "/step000002.ckpt"]})
+        *common, *TWO_RANKS, *DETERMINISTIC, "model.moe.expert_parallel=2",
+        f"ckpt_path={root / 'topk-cf1_25-ep2' / 'checkpoints' / 'step000002.ckpt'}"]})
     one = [{"dir": str(root / f"{name}-one"), "overrides": [*common, *ONE_PROCESS, *overrides]}
            for name, overrides in PER_MICRO_BATCH.items()]
     procs = [(run_plan(ddp, root / "ddp.json", ranks=2), root / "ddp.log"),
@@ -115,7 +126,7 @@ def metrics(run: Path) -> dict[str, dict[int, float]]:
 COMPARED = ("train/loss", "val/loss", "moe/dropped_frac", "moe/max_imbalance", "train/aux/", "/load", "/dropped_frac")
 
 
-def assert_same_curves(a: Path, b: Path) -> None:
+def assert_same_curves(a: Path, b: Path, tol: float = 0.0) -> None:
     ma, mb = metrics(a), metrics(b)
     keys = [k for k in ma if k.startswith(COMPARED) or k.endswith(COMPARED)]
     assert "train/loss" in keys and any(k.endswith("/load") for k in keys)
@@ -124,33 +135,41 @@ def assert_same_curves(a: Path, b: Path) -> None:
         common_steps = sorted(set(ma[key]) & set(mb.get(key, {})))
         assert common_steps, (key, sorted(ma[key]), sorted(mb.get(key, {})))
         for step in common_steps:
-            assert abs(ma[key][step] - mb[key][step]) <= TOL, (key, step, ma[key][step], mb[key][step])
+            assert abs(ma[key][step] - mb[key][step]) <= tol, (key, step, ma[key][step], mb[key][step])
 
 
-def assert_close_to_scale(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
-    """Equal up to float rounding, relative to the tensor's own scale (Adam's second moments are ~1e-8)."""
+def assert_close_to_scale(a: torch.Tensor, b: torch.Tensor, name: str, rel: float) -> None:
+    """Equal up to `rel` of the tensor's own scale (Adam's second moments are ~1e-8); rel=0: bit for bit."""
     assert a.shape == b.shape, name
     scale = max(a.abs().max().item(), 1e-30)
-    assert (a.double() - b.double()).abs().max().item() <= 1e-4 * scale, (name, scale)
+    assert (a.double() - b.double()).abs().max().item() <= rel * scale, (name, scale)
 
 
-def assert_same_final_state(a: Path, b: Path) -> None:
+def assert_same_final_state(a: Path, b: Path, rel: float = 0.0) -> None:
     ca = torch.load(a / "checkpoints" / "last.ckpt", weights_only=True)
     cb = torch.load(b / "checkpoints" / "last.ckpt", weights_only=True)
     assert ca["state_dict"].keys() == cb["state_dict"].keys()  # every expert, whatever the layout
     for name, tensor in ca["state_dict"].items():
-        assert_close_to_scale(tensor, cb["state_dict"][name], name)
+        assert_close_to_scale(tensor, cb["state_dict"][name], name, rel)
     sa, sb = ca["optimizer_states"][0]["state"], cb["optimizer_states"][0]["state"]
     assert sa.keys() == sb.keys() and sa
     for slot, state in sa.items():
         for key in ("exp_avg", "exp_avg_sq"):
-            assert_close_to_scale(state[key], sb[slot][key], f"optimizer slot {slot} {key}")
+            assert_close_to_scale(state[key], sb[slot][key], f"optimizer slot {slot} {key}", rel)
 
 
 @pytest.mark.parametrize("name", [*PER_MICRO_BATCH, *GLOBAL])
-def test_a_expert_parallel_equals_data_parallel(runs, name):
+def test_a_expert_parallel_equals_data_parallel_bit_for_bit(runs, name):
     assert_same_curves(runs / f"{name}-ep1", runs / f"{name}-ep2")
     assert_same_final_state(runs / f"{name}-ep1", runs / f"{name}-ep2")
+
+
+@pytest.mark.parametrize("name", FAST_PATH)
+def test_a_fast_expert_parallel_equals_data_parallel_up_to_rounding(runs, name):
+    """One grouped GEMM over all source ranks' rows sums each expert's weight gradient in another order: float
+    rounding (about 1e-7 relative per step), not different math."""
+    assert_same_curves(runs / f"{name}-fast-ep1", runs / f"{name}-fast-ep2", tol=TOL)
+    assert_same_final_state(runs / f"{name}-fast-ep1", runs / f"{name}-fast-ep2", rel=1e-3)
 
 
 @pytest.mark.parametrize("name", list(PER_MICRO_BATCH))

@@ -8,11 +8,13 @@ clear message and nothing is written.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
 from typing import Callable, Optional
 
+from moe_lab.errors import UserError
 from moe_lab.training.run_dir import launched_worker
 
 SUBCOMMANDS: dict[str, str] = {
@@ -79,10 +81,6 @@ def train_command(args: list[str], check: bool = True) -> int:
 
 
 def export_command(args: list[str]) -> int:
-    import argparse
-
-    from moe_lab.errors import UserError
-
     parser = argparse.ArgumentParser(
         prog="moe-lab export", description="Write a moe-lab checkpoint in another ecosystem's format. --format hf: "
         "a transformers model (Mixtral or Qwen2-MoE, chosen from the router and experts) and its tokenizer, "
@@ -105,10 +103,6 @@ def export_command(args: list[str]) -> int:
 
 
 def dashboard_command(args: list[str]) -> int:
-    import argparse
-
-    from moe_lab.errors import UserError
-
     parser = argparse.ArgumentParser(
         prog="moe-lab dashboard", description="Write one self-contained HTML page (no network needed to open it) "
         "for a run directory (loss, expert load over time, balance, specialisation by domain) or a sweep directory "
@@ -133,8 +127,6 @@ def dashboard_command(args: list[str]) -> int:
 
 
 def bench_command(args: list[str]) -> int:
-    import argparse
-
     parser = argparse.ArgumentParser(
         prog="moe-lab bench", description="Time the MoE layer (forward, forward + backward, activation memory) over "
         "a grid of shapes, and whole training steps of model presets (tokens/s, MFU on known GPUs). Prints a table "

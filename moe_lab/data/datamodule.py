@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
 import lightning as L
 import numpy as np
@@ -166,11 +166,21 @@ def pack_stream(documents: Iterator[dict], tokenizer, block_len: int) -> Iterato
 # Sampling
 
 
+class MicroBatch(NamedTuple):
+    """A training micro-batch as the sampler hands it to the dataset: its place in the stream of micro-batches (the
+    same whatever the world size and accumulation, so per-micro-batch randomness can be seeded from it) and its
+    blocks."""
+
+    index: int
+    blocks: list[int]
+
+
 class BlockDataset(Dataset):
     """The blocks `index` selects from a (memory-mapped) block array, fetched a whole batch at a time.
 
     A position p < 0 stands for block -1 - p as padding: it is fetched, and marked `valid` False, so that every rank
-    of a data-parallel run takes part in the same number of validation steps.
+    of a data-parallel run takes part in the same number of validation steps. A training batch comes as a
+    `MicroBatch` and carries its stream index as "micro_batch".
     """
 
     def __init__(self, input_ids: np.ndarray, domains: np.ndarray, index: Optional[np.ndarray] = None):
@@ -184,12 +194,16 @@ class BlockDataset(Dataset):
         return self.__getitems__([i])
 
     def __getitems__(self, positions) -> dict:
+        extra = {}
+        if isinstance(positions, MicroBatch):
+            extra["micro_batch"] = positions.index
+            positions = positions.blocks
         positions = np.asarray(positions)
         valid = positions >= 0
         rows = self.index[np.where(valid, positions, -1 - positions)]
         return {"input_ids": torch.from_numpy(np.asarray(self.input_ids[rows], dtype=np.int64)),
                 "domain": torch.from_numpy(np.asarray(self.domains[rows], dtype=np.int64)),
-                "valid": torch.from_numpy(valid)}
+                "valid": torch.from_numpy(valid), **extra}
 
 
 def validation_batches(num_blocks: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
@@ -231,10 +245,11 @@ class ResumableBatchSampler:
         epochs, offsets = positions // self.num_blocks, positions % self.num_blocks
         return [int(self._perm(int(e))[o]) for e, o in zip(epochs, offsets)]
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[MicroBatch]:
         i = self.start()
         while True:
-            yield self.batch(i)
+            # Rank r's i-th micro-batch holds positions [(i * W + r) * B, ...) of the stream: its stream index.
+            yield MicroBatch(i * self.world_size + self.rank, self.batch(i))
             i += 1
 
 
@@ -271,7 +286,8 @@ class StreamingBlocks(IterableDataset):
             domains.append(self.domain_ids.setdefault(domain, len(self.domain_ids)))
             if len(ids) == self.batch_size:
                 yield {"input_ids": torch.from_numpy(np.stack(ids).astype(np.int64)),
-                       "domain": torch.tensor(domains, dtype=torch.int64)}
+                       "domain": torch.tensor(domains, dtype=torch.int64),
+                       "micro_batch": (n // global_batch) * self.world_size + self.rank}
                 ids, domains = [], []
 
 

@@ -28,6 +28,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 
 from moe_lab.model.routers import Routing
 
@@ -86,12 +87,14 @@ def plan_dispatch(expert_N: torch.Tensor, num_experts: int, capacity: Optional[i
 @dataclass
 class ExpertRows:
     """The rows this rank's experts process: inputs grouped by local expert, their routing weights (applied inside
-    the experts), the group ends, and what `combine` needs to send the outputs home."""
+    the experts), the group ends, and what `combine` needs to send the outputs home. With `parts`, the experts run
+    once per part (rows [start, end), its own group ends): the all-to-all dispatcher's deterministic mode."""
 
     x_RD: torch.Tensor
     weight_R: torch.Tensor
-    offs_El: torch.Tensor  # int32, cumulative rows per local expert
+    offs_El: Optional[torch.Tensor]  # int32, cumulative rows per local expert
     state: dict[str, Any] = field(default_factory=dict)
+    parts: Optional[list[tuple[int, int, torch.Tensor]]] = None
 
 
 class LocalDispatcher:
@@ -139,40 +142,33 @@ class AllToAllDispatcher:
         token_S = routing.token_N.index_select(0, kept_rows)
         x_recv = all_to_all(x_TD.index_select(0, token_S), recv_splits, send_splits, self.group)
         w_recv = all_to_all(routing.weight_N.index_select(0, kept_rows), recv_splits, send_splits, self.group)
-        # Received rows come grouped by source rank, then local expert; regroup them by local expert.
+        state = {"token_S": token_S, "T": x_TD.shape[0], "send": send_splits, "recv": recv_splits}
+        if torch.are_deterministic_algorithms_enabled():
+            # Rows arrive grouped by source rank, then local expert. Running the experts once per source rank
+            # computes every weight gradient as the sum of per-rank GEMMs, in the order data-parallel ranks sum
+            # them: bit for bit what one rank holding every expert would compute (trainer.deterministic=true).
+            ends = torch.cumsum(recv_PEl, 1).to(torch.int32)
+            starts = [sum(recv_splits[:s]) for s in range(P)]
+            parts = [(starts[s], starts[s] + recv_splits[s], ends[s]) for s in range(P) if recv_splits[s]]
+            return ExpertRows(x_recv, w_recv, None, state, parts)
+        # One grouped GEMM: regroup the received rows by local expert.
         expert_of_row = torch.repeat_interleave(torch.arange(El, device=x_TD.device).repeat(P), recv_PEl.reshape(-1),
                                                 output_size=x_recv.shape[0])
         by_expert = torch.argsort(expert_of_row, stable=True)
         offs_El = torch.cumsum(recv_PEl.sum(0), 0).to(torch.int32)
-        state = {"by_expert": by_expert, "token_S": token_S, "T": x_TD.shape[0], "send": send_splits,
-                 "recv": recv_splits}
+        state["by_expert"] = by_expert
         return ExpertRows(x_recv.index_select(0, by_expert), w_recv.index_select(0, by_expert), offs_El, state)
 
     def combine(self, y_RD: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
         s = rows.state
-        y_recv = torch.empty_like(y_RD).index_copy(0, s["by_expert"], y_RD)  # back to the order rows arrived in
-        y_send = all_to_all(y_recv, s["send"], s["recv"], self.group)
+        if "by_expert" in s:  # back to the order the rows arrived in
+            y_RD = torch.empty_like(y_RD).index_copy(0, s["by_expert"], y_RD)
+        y_send = all_to_all(y_RD, s["send"], s["recv"], self.group)
         return y_send.new_zeros(s["T"], y_send.shape[1]).index_add(0, s["token_S"], y_send)
 
 
-class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with uneven splits; the backward pass sends the gradients back the way they came."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        out = x.new_empty((sum(out_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        out_splits, in_splits = ctx.splits
-        back = grad.new_empty((sum(in_splits), *grad.shape[1:]))
-        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return back, None, None, None
-
-
 def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    """Rows x[:in_splits[0]] go to rank 0 of `group`, the next in_splits[1] to rank 1, ...; differentiable."""
-    return _AllToAll.apply(x, out_splits, in_splits, group)
+    """Rows x[:in_splits[0]] go to rank 0 of `group`, the next in_splits[1] to rank 1, ...; differentiable (the
+    backward pass sends the gradients back the way they came: torch.distributed.nn's all_to_all_single)."""
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    return dist_nn.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)

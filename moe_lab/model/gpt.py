@@ -146,6 +146,11 @@ class MoETransformer(nn.Module):
     def moe_modules(self) -> list[MoELayer]:
         return [block.ffn for block in self.blocks if block.is_moe]
 
+    @property
+    def stochastic_routing(self) -> bool:
+        """Some router draws random numbers in training (noisy top-k, Switch jitter)."""
+        return any(layer.router.stochastic for layer in self.moe_modules())
+
     def use_expert_parallel(self, group: Optional[torch.distributed.ProcessGroup], rank: int, size: int) -> None:
         """Expert parallelism over `group` (this process is `rank` of `size`): every MoE layer keeps its share of the
         experts and reaches the others by all-to-all. The model computes the same function as before."""

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from moe_lab.model.config import MoEConfig
-from moe_lab.model.dispatch import AllToAllDispatcher, LocalDispatcher, plan_dispatch
+from moe_lab.model.dispatch import AllToAllDispatcher, ExpertRows, LocalDispatcher, plan_dispatch
 from moe_lab.model.experts import FeedForward, GroupedExperts
 from moe_lab.model.losses import (global_load_balance_loss, importance_loss, load_balance_loss, load_loss,
                                   router_z_loss, sequence_load_balance_loss)
@@ -102,7 +102,7 @@ class MoELayer(nn.Module):
             priority_N = routing.weight_N if self.cfg.drop_policy == "probability" else None
             plan = plan_dispatch(routing.expert_N, self.num_experts, self.capacity(B * S), priority_N)
             rows = self.dispatcher.dispatch(x_TD, routing, plan)
-            y_RD = self.experts(rows.x_RD, rows.offs_El, rows.weight_R)
+            y_RD = self._experts(rows)
             y_TD = self.dispatcher.combine(y_RD, rows).to(x_TD.dtype)
             tokens_per_expert_E, dropped = plan.tokens_per_expert_E, plan.dropped_slots
         if self.shared is not None:
@@ -126,6 +126,14 @@ class MoELayer(nn.Module):
             else:  # a fixed table: no distribution over experts
                 out.router_entropy = torch.zeros((), device=x_TD.device)
         return y_TD.view(B, S, D), out
+
+    def _experts(self, rows: ExpertRows) -> torch.Tensor:
+        if rows.parts is None:
+            return self.experts(rows.x_RD, rows.offs_El, rows.weight_R)
+        if not rows.parts:  # no rank sent this rank a row
+            return rows.x_RD.new_zeros(rows.x_RD.shape)
+        return torch.cat([self.experts(rows.x_RD[start:end], offs_El, rows.weight_R[start:end])
+                          for start, end, offs_El in rows.parts])
 
     def _losses(self, routing: Routing, tokens_per_expert_E: torch.Tensor, batch_size: int
                 ) -> dict[str, torch.Tensor]:

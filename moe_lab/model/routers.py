@@ -21,7 +21,7 @@ by class-level capability flags, which the configuration checks read (never the 
     uses_capacity  the layer's capacity factor limits its slots (expert choice *is* a capacity: False)
     token_choice   K slots per token (the sequence-wise balance loss needs it)
     smooth_load    gives Shazeer's differentiable load estimate (aux_loss.load needs it)
-and by the instance property `causal`. Routers compute in float32 whatever the autocast dtype, as every production
+and by the instance properties `causal` and `stochastic` (draws random numbers in training). Routers compute in float32 whatever the autocast dtype, as every production
 MoE does (Megatron-Core, DeepSpeed, HF): bf16 logits make top-k choices noisy.
 
 | router          | paper                                         | routes by                 |
@@ -211,6 +211,11 @@ class Router(nn.Module):
         holds every router that says so."""
         return True
 
+    @property
+    def stochastic(self) -> bool:
+        """Draws random numbers in training (the trainer seeds them per micro-batch, see training/module.py)."""
+        return False
+
     def gate_logits(self, x_TD: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Float32 logits (T, E), computed outside autocast."""
         weight = self.gate_ED if weight is None else weight
@@ -336,6 +341,10 @@ class NoisyTopKRouter(Router):
     Config = NoisyTopKRouterConfig
     smooth_load = True
 
+    @property
+    def stochastic(self) -> bool:
+        return True
+
     def __init__(self, d_model, num_experts, cfg, init_std=0.02, vocab_size=None):
         super().__init__(d_model, num_experts, cfg, init_std, vocab_size)
         # Zero init as the paper: training starts with a noise std of softplus(0) = 0.69.
@@ -387,6 +396,10 @@ class SwitchRouter(Router):
     simplicity and speed at scale, and for needing a capacity factor and the load-balancing loss."""
 
     Config = SwitchRouterConfig
+
+    @property
+    def stochastic(self) -> bool:
+        return self.cfg.jitter_eps > 0
 
     @classmethod
     def check(cls, cfg: SwitchRouterConfig, num_experts: int) -> None:

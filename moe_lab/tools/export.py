@@ -166,32 +166,19 @@ def to_hf(model: MoETransformer, eos_id: int):
 
 
 def byte_tokenizer_json():
-    """moe-lab's byte tokenizer as a `tokenizers.Tokenizer`: byte b is token b, <|endoftext|> is 256."""
+    """moe-lab's byte tokenizer as a `tokenizers.Tokenizer`: byte b is token b, <|endoftext|> is 256. ByteLevel
+    pre-tokenisation maps each byte to a printable stand-in (GPT-2's reversible map); the vocabulary lists them in
+    byte order, so token ids are the bytes themselves."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    alphabet = ByteLevel.alphabet()  # the 256 printable stand-ins ByteLevel maps bytes to
-    byte_to_char = _bytes_to_unicode()
-    assert sorted(byte_to_char.values()) == sorted(alphabet)
+    byte_to_char = bytes_to_unicode()
     vocab = {byte_to_char[b]: b for b in range(256)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<|endoftext|>"])
     return tok
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable-character map, which `tokenizers`' ByteLevel uses."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
-    chars, n = printable[:], 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            chars.append(256 + n)
-            n += 1
-    return dict(zip(printable, map(chr, chars)))
 
 
 def hf_tokenizer(tokenizer_cfg: dict[str, Any]):

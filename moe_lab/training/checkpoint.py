@@ -78,7 +78,8 @@ def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu"):
     ckpt = read_checkpoint(ckpt_path)
     hparams = ckpt["hyper_parameters"]
     module = MoELanguageModel(model=checkpoint_model_config(ckpt, ckpt_path), optim=hparams.get("optim") or {},
-                              domain_names=hparams.get("domain_names"), tokenizer=hparams.get("tokenizer"))
+                              domain_names=hparams.get("domain_names"), tokenizer=hparams.get("tokenizer"),
+                              seed=hparams.get("seed", 0))
     try:
         module.load_state_dict(ckpt["state_dict"])
     except (KeyError, RuntimeError) as e:

@@ -5,7 +5,7 @@ Cheap by construction: every micro-batch adds its per-layer counts to on-device 
 once per logging window the sums are all-reduced and copied to the host in one transfer.
 
 Logged every `trainer.log_every_n_steps` optimizer steps (L = block index, E = expert):
-    train/loss, train/aux/{name}, train/lr, train/tokens_per_sec, train/tokens, train/mfu (known GPUs only)
+    train/loss, train/aux/{name}, train/lr, train/tokens_per_sec, train/tokens, train/mfu (GPUs in Lightning's table)
     moe/layer{L}/expert{E}/load   share of layer L's routed token slots that chose expert E (sums to 1)
     moe/layer{L}/imbalance        max load / mean load (1 = balanced; E = one expert takes all)
     moe/layer{L}/maxvio           imbalance - 1 (DeepSeek's MaxVio)
@@ -61,7 +61,6 @@ def heatmap_rgb(matrix: np.ndarray, vmin: float, vmax: float, cell: int = 12) ->
 
 class RoutingMetrics(L.Callback):
     """Aggregates the per-micro-batch statistics that `training_step` returns, and logs them once per window."""
-
 
     def __init__(self, domain_names: list[str], flops_per_token: int, output_dir: Optional[Path] = None,
                  image_every_n_steps: int = 100):

@@ -8,30 +8,33 @@ checkpoints) belong to `moe_lab.training.strategy.MoEDDPStrategy`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from moe_lab.model import ModelConfig, MoETransformer
 from moe_lab.training.schemas import OptimConfig
-from moe_lab.training.strategy import MoEDDPStrategy
+from moe_lab.training.strategy import MoEDDPStrategy, clip_grad_norm_
 
 
 class MoELanguageModel(L.LightningModule):
     def __init__(self, model: ModelConfig | dict, optim: OptimConfig | dict, domain_names: Optional[list[str]] = None,
-                 tokenizer: Optional[dict] = None):
+                 tokenizer: Optional[dict] = None, seed: int = 0):
         super().__init__()
+        self.seed = seed
         self.model_cfg = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(model)
         self.optim_cfg = optim if isinstance(optim, OptimConfig) else OptimConfig(**optim)
         self.domain_names = list(domain_names or ["all"])
         # Plain data only, so a checkpoint loads with torch.load(weights_only=True) and holds no pickled objects.
         self.save_hyperparameters({"model": dataclasses.asdict(self.model_cfg),
                                    "optim": dataclasses.asdict(self.optim_cfg), "domain_names": self.domain_names,
-                                   "tokenizer": dict(tokenizer or {})})
+                                   "tokenizer": dict(tokenizer or {}), "seed": seed})
         self.model = MoETransformer(self.model_cfg)
         self.moe_layers = self.model.moe_layers
         self.num_experts = self.model_cfg.moe.num_experts
@@ -48,10 +51,25 @@ class MoELanguageModel(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         ids = batch["input_ids"]
-        out = self.model(ids[:, :-1], ids[:, 1:])
+        with self.micro_batch_rng(batch.get("micro_batch")):
+            out = self.model(ids[:, :-1], ids[:, 1:])
         loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
         # Routing statistics for `RoutingMetrics`, detached and still on the device (no sync here).
         return {"loss": loss, "stats": {"ce": out.loss.detach(), "moe": out.moe}}
+
+    @contextlib.contextmanager
+    def micro_batch_rng(self, index: Optional[int]) -> Iterator[None]:
+        """Routers that draw noise in training (noisy top-k, Switch jitter) draw it from a generator seeded by (seed,
+        the micro-batch's place in the data stream): the same micro-batch gets the same noise whichever rank or
+        accumulation step computes it, so the noise never depends on the parallel layout (and two ranks never draw
+        the same noise). The process's own random stream is left as it was."""
+        if index is None or not self.model.stochastic_routing:
+            yield
+            return
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, int(index)]).generate_state(1)[0]))
+            yield
 
     # ----------------------------------------------------------------------------------------------------
     # Validation
@@ -103,13 +121,12 @@ class MoELanguageModel(L.LightningModule):
         self.model.after_optimizer_step(reduce)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip by the norm of the whole model; under expert parallelism the strategy computes it over the shards."""
+        """Clip by the norm of the whole model, computed the same way at any layout (expert shards included)."""
+        if not gradient_clip_val or gradient_clip_algorithm == "value":
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         strategy = self.trainer.strategy
-        if (isinstance(strategy, MoEDDPStrategy) and strategy.groups is not None and gradient_clip_val
-                and gradient_clip_algorithm != "value"):
-            strategy.clip_gradients_by_global_norm(list(self.parameters()), gradient_clip_val)
-            return
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        groups = strategy.groups if isinstance(strategy, MoEDDPStrategy) else None
+        clip_grad_norm_(self, gradient_clip_val, groups.ep_group if groups is not None else None)
 
     def parameter_groups(self) -> list[list[torch.nn.Parameter]]:
         """[decay, no decay]: weight decay on matrices only (nanoGPT)."""

@@ -12,8 +12,8 @@ This strategy owns all of it:
     - gradients: DDP averages the dense and router gradients over all W ranks and is told to leave the expert shards
       alone; an expert shard's gradient already holds the sum over its EP group's tokens (the all-to-all's backward
       brought it home), so it is summed over the EDP group and divided by W: the same mean-over-ranks loss as DDP's;
-    - clipping by the norm of the whole model (dense gradients are equal on every rank, expert shards are summed over
-      the EP group), so every rank scales by the same factor;
+    - clipping by the norm of the whole model, computed the same way at any layout (`clip_grad_norm_`), so every
+      rank of every layout scales by the same factor;
     - checkpoints that do not depend on the layout: saving gathers every expert and its Adam moments, loading keeps
       this rank's slice, so a checkpoint written under any P resumes or evaluates under any other.
 Without expert parallelism it is Lightning's DDP with `broadcast_buffers=False` (moe-lab's buffers are constant or
@@ -77,9 +77,42 @@ def expert_parallel_groups(ep_size: int) -> ExpertParallelGroups:
 
 def all_gather(x: torch.Tensor, group) -> torch.Tensor:
     """(P, *x.shape): x from every rank of `group`, in rank order (not differentiable)."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.stack(parts)
+    size = dist.get_world_size(group)
+    x = x.contiguous().reshape(-1) if x.ndim == 0 else x.contiguous()
+    out = x.new_empty((size * x.shape[0], *x.shape[1:]))  # the ranks' tensors concatenated along the first dim
+    dist.all_gather_into_tensor(out, x, group=group)
+    return out.view(size, *x.shape)
+
+
+def clip_grad_norm_(module: torch.nn.Module, max_norm: float,
+                    ep_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Scale every gradient of `module` so their global L2 norm is at most `max_norm` (as
+    torch.nn.utils.clip_grad_norm_), with the norm computed the same way, bit for bit, at any expert-parallel size:
+    an expert weight's squared norm is the sum of its per-expert squared norms, and under expert parallelism (where
+    a rank holds a slice of the experts) those are gathered from the `ep_group` first, so every rank of every layout
+    sums the same numbers in the same order and scales by the same factor. Returns the norm."""
+    terms, grads, seen = [], [], set()
+    for sub in module.modules():
+        for name, param in sub.named_parameters(recurse=False):
+            if param.grad is None or id(param) in seen:  # a tied weight counts once
+                continue
+            seen.add(id(param))
+            grads.append(param.grad)
+            g = param.grad.float()
+            if isinstance(sub, GroupedExperts) and name in EXPERT_WEIGHTS:
+                per_expert = g.flatten(1).square().sum(1)
+                if sub.is_sharded:
+                    per_expert = all_gather(per_expert, ep_group).flatten()
+                terms.append(per_expert.sum())
+            else:
+                terms.append(g.square().sum())
+    if not terms:
+        return torch.zeros(())
+    total = torch.stack(terms).sum().sqrt()
+    scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch.nn.utils.clip_grad_norm_
+    for grad in grads:
+        grad.mul_(scale)
+    return total
 
 
 class MoEDDPStrategy(DDPStrategy):
@@ -132,22 +165,6 @@ class MoEDDPStrategy(DDPStrategy):
                 if groups.edp_size > 1:
                     dist.all_reduce(param.grad, group=groups.edp_group)
                 param.grad.div_(groups.world_size)
-
-    def clip_gradients_by_global_norm(self, parameters: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-        """torch.nn.utils.clip_grad_norm_ over the whole model, expert shards included: every rank computes the
-        same norm and scales the same way. Returns the norm."""
-        experts = {id(param) for _, param, _ in self._expert_shards()}
-        with_grad = [p for p in parameters if p.grad is not None]
-        zero = torch.zeros((), device=self.root_device)
-        dense_sq = sum((p.grad.float().square().sum() for p in with_grad if id(p) not in experts), zero)
-        expert_sq = sum((p.grad.float().square().sum() for p in with_grad if id(p) in experts), zero)
-        if self.groups is not None:
-            dist.all_reduce(expert_sq, group=self.groups.ep_group)
-        total = (dense_sq + expert_sq).sqrt()
-        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)  # as torch.nn.utils.clip_grad_norm_
-        for p in with_grad:
-            p.grad.mul_(scale)
-        return total
 
     # -- checkpoints hold every expert, whatever the layout ------------------------------------------------------
 

@@ -59,7 +59,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
                           f"{data.vocab_size}; set it to null to follow the tokenizer")
     module = MoELanguageModel(model=model_cfg, optim=run.optim, domain_names=data.domain_names,
-                              tokenizer={"name": run.tokenizer.name, "eos_token": run.tokenizer.eos_token})
+                              tokenizer={"name": run.tokenizer.name, "eos_token": run.tokenizer.eos_token},
+                              seed=run.seed)
 
     ckpt_dir = output_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
