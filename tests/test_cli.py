@@ -165,3 +165,19 @@ def test_export_command(tmp_path, cache_dir):
     assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "tokenizer.json").is_file()
     again = run_cli(["export", ckpt, "--format", "hf", str(tmp_path / "hf")], cwd=tmp_path)
     assert again.returncode == 2 and again.stderr.startswith("moe-lab: error:") and "not empty" in again.stderr
+
+
+def test_moe_lab_reads_hydra_flags_as_hydra_does(tmp_path):
+    """cli/hydra_args.py declares Hydra's flags (Hydra keeps its parser private): they must be the flags Hydra
+    itself lists, so a new Hydra flag fails here instead of being read as an override."""
+    import re
+
+    from moe_lab.cli.hydra_args import hydra_arguments
+
+    shown = run_cli(["train", "--hydra-help"], cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    flags_section = shown.stdout.split("== Flags ==")[1].split("== Configuration groups ==")[0]
+    hydra_flags = {flag for line in flags_section.splitlines()
+                   if (m := re.match(r"^(-[\w-]+(?:,-[\w-]+)*) :", line)) for flag in m.group(1).split(",")}
+    ours = {flag for action in hydra_arguments()._actions for flag in action.option_strings}
+    assert hydra_flags and ours == hydra_flags
