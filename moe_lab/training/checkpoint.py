@@ -25,8 +25,14 @@ def read_checkpoint(path: str | Path, setting: Optional[str] = None) -> dict[str
     """The contents of a moe-lab checkpoint file, on the CPU. CheckpointError if it is missing, unreadable or was
     not written by moe-lab; `setting` (e.g. ckpt_path) names where the path came from in the message."""
     file = Path(path).expanduser()
+    where = f"{setting + '=' if setting else ''}{path}"
+    if file.is_dir():
+        raise CheckpointError(f"{where} is a directory; give a checkpoint file, e.g. {file / 'checkpoints' / 'last.ckpt'}"
+                              if (file / "checkpoints" / "last.ckpt").is_file() else
+                              f"{where} is a directory; give a checkpoint file (.ckpt)")
     if not file.is_file():
-        raise CheckpointError(f"{setting + '=' if setting else ''}{path}: no such checkpoint file")
+        raise CheckpointError(f"{where}: no such checkpoint file" + (" (a link that leads nowhere)"
+                                                                       if file.is_symlink() else ""))
     try:
         ckpt = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a pickle with code in it, a truncated or foreign file, ...
