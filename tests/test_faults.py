@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,7 @@ def real_checkpoint(tmp_path_factory, cache_dir) -> Path:
     from conftest import compose_cfg
 
     root = tmp_path_factory.mktemp("real")
-    train(compose_cfg(["trainer.max_steps=2", "capacity=dropless", "metrics.dashboard=false"], output_dir=root / "run",
+    train(compose_cfg(["trainer.max_steps=3", "capacity=dropless", "metrics.dashboard=false"], output_dir=root / "run",
                       cache=cache_dir))
     return root / "run" / "checkpoints" / "last.ckpt"
 
@@ -117,3 +118,126 @@ def test_hf_export_writes_safetensors(real_checkpoint, tmp_path):
     export_hf(real_checkpoint, tmp_path / "hf")
     assert (tmp_path / "hf" / "model.safetensors").is_file()  # weights that cannot execute, as the field ships them
     assert not list((tmp_path / "hf").glob("*.bin"))
+
+
+# -- bad settings and output locations: one line before anything runs ----------------------------------------
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0 must be a positive whole number"),
+    (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 must be a positive whole number"),
+    (["trainer.val_check_interval=0"], "trainer.val_check_interval=0 must be a number of training batches"),
+])
+def test_trainer_values_that_fail_mid_training_are_refused_up_front(args, expected):
+    from moe_lab.cli.preflight import preflight
+
+    message = preflight(args)
+    assert message is not None and expected in message and "\n" not in message
+
+
+def test_a_run_directory_that_is_a_file_is_refused(tmp_path):
+    from moe_lab.cli.preflight import preflight
+
+    (tmp_path / "taken").write_text("my notes")
+    assert "is a file, not a directory" in preflight([f"hydra.run.dir={tmp_path / 'taken'}"])
+    assert "is a file" in preflight([f"hydra.run.dir={tmp_path / 'taken' / 'run'}"])
+    assert "is a file" in preflight(["-m", "experts=e4,e8", f"hydra.sweep.dir={tmp_path / 'taken'}"])
+    assert (tmp_path / "taken").read_text() == "my notes"
+
+
+def test_an_unwritable_output_location_is_refused(tmp_path, monkeypatch):
+    """Root ignores file modes, so the refusal of a read-only place is checked through what os.access reports."""
+    import os
+
+    from moe_lab.cli.preflight import preflight
+
+    (tmp_path / "readonly").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path / "readonly"
+                        else real_access(p, mode))
+    message = preflight([f"hydra.run.dir={tmp_path / 'readonly' / 'run'}"])
+    assert message is not None and "cannot write in" in message and "permission denied" in message
+    assert not (tmp_path / "readonly" / "run").exists()
+
+
+# -- damaged run directories: the dashboard says which file --------------------------------------------------
+
+
+@pytest.fixture
+def run_dir(real_checkpoint, tmp_path) -> Path:
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(real_checkpoint.parents[1], copy, ignore=shutil.ignore_patterns("checkpoints", "dashboard.html"))
+    return copy
+
+
+def test_a_cut_off_last_routing_line_is_skipped(run_dir):
+    from moe_lab.analysis.dashboard import write_dashboard
+
+    text = (run_dir / "routing.jsonl").read_text()
+    (run_dir / "routing.jsonl").write_text(text + text.splitlines()[-1][:40])  # a line still being written
+    assert write_dashboard(run_dir).is_file()
+
+
+@pytest.mark.parametrize("damage,expected", [
+    ("binary_metrics", "metrics.csv is damaged"),
+    ("corrupt_summary", "summary.json is damaged"),
+    ("summary_not_an_object", "summary.json is damaged"),
+    ("corrupt_routing_line", "routing.jsonl is damaged (line 1 is not JSON)"),
+])
+def test_damaged_run_files_are_named(run_dir, damage, expected):
+    from moe_lab.analysis.dashboard import write_dashboard
+    from moe_lab.errors import DashboardError
+
+    if damage == "binary_metrics":
+        (run_dir / "metrics.csv").write_bytes(bytes(range(256)) * 4)
+    elif damage == "corrupt_summary":
+        (run_dir / "summary.json").write_text('{"status": "fini')
+    elif damage == "summary_not_an_object":
+        (run_dir / "summary.json").write_text("[1, 2]")
+    else:
+        (run_dir / "routing.jsonl").write_text("{not json\n" + (run_dir / "routing.jsonl").read_text())
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    with pytest.raises(DashboardError, match=re.escape(expected)):
+        write_dashboard(run_dir)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+
+
+def test_dashboard_output_into_a_missing_folder(run_dir, tmp_path):
+    from moe_lab.analysis.dashboard import write_dashboard
+    from moe_lab.errors import DashboardError
+
+    with pytest.raises(DashboardError, match="does not exist"):
+        write_dashboard(run_dir, tmp_path / "nowhere" / "page.html")
+    with pytest.raises(DashboardError, match="is a directory"):
+        write_dashboard(run_dir, tmp_path)
+    assert not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.slow
+def test_dashboard_of_a_damaged_run_is_one_line(run_dir, tmp_path):
+    (run_dir / "metrics.csv").write_bytes(b"\x00\xff" * 100)
+    assert "metrics.csv is damaged" in one_error_line(run_cli(["dashboard", str(run_dir)], cwd=tmp_path))
+
+
+def test_export_to_a_file_is_refused(real_checkpoint, tmp_path):
+    pytest.importorskip("transformers")
+    from moe_lab.errors import ExportError
+    from moe_lab.tools.export import export_hf
+
+    (tmp_path / "out").write_text("mine")
+    with pytest.raises(ExportError, match="is a file"):
+        export_hf(real_checkpoint, tmp_path / "out")
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,expected", [
+    (["bench", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (["bench", "--repeats", "0"], "--repeats must be at least 1"),
+    (["export", "x.ckpt"], "the following arguments are required"),
+    (["dashboard"], "the following arguments are required: path"),
+])
+def test_subcommand_argument_errors_are_one_line(tmp_path, args, expected):
+    assert expected in one_error_line(run_cli(args, cwd=tmp_path))

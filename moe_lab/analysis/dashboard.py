@@ -146,6 +146,10 @@ def write_dashboard(path: Path | str, out: Optional[Path | str] = None, refresh:
         raise DashboardError(f"{path}: no such directory (give a run directory such as outputs/DATE/TIME, or a "
                              "sweep directory such as outputs/multirun/DATE/TIME)")
     out = Path(out).expanduser() if out is not None else path / "dashboard.html"
+    if not out.parent.is_dir():
+        raise DashboardError(f"-o {out}: the folder {out.parent} does not exist; create it or choose another path")
+    if out.is_dir():
+        raise DashboardError(f"-o {out} is a directory; give the HTML file to write, e.g. {out / 'dashboard.html'}")
     if out.exists() and GENERATOR not in out.read_text(errors="ignore")[:20000]:
         raise DashboardError(f"{out} exists and was not written by moe-lab dashboard; moe-lab never writes over "
                              "files: choose another path with -o")
@@ -159,10 +163,28 @@ def write_dashboard(path: Path | str, out: Optional[Path | str] = None, refresh:
     else:
         raise DashboardError(f"{path} is neither a run directory (with metrics.csv) nor a sweep directory "
                              "(with job directories 0/, 1/, ...)")
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)  # atomic: a browser refreshing a live page never reads half a file
+    try:
+        write_atomically(out, page)  # a browser refreshing a live page never reads half a file
+    except OSError as e:
+        raise DashboardError(f"cannot write {out} ({e.strerror})") from None
     return out
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to a temporary file in the same folder, flush it to disk, then rename it over `path`."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def live(path: Path, out: Optional[Path], interval: int) -> None:  # pragma: no cover - runs until Ctrl-C

@@ -8,6 +8,7 @@ job's final metrics and overrides, sorted by validation loss.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+
+from moe_lab.errors import DashboardError
 
 SUMMARY_COLUMNS = ["job", "status", "val/loss", "initial_val_loss", "train/loss", "moe/mean_imbalance",
                    "moe/max_imbalance", "moe/dropped_frac", "moe/dead_experts", "moe/specialization",
@@ -64,27 +67,67 @@ def is_sweep_dir(path: Path) -> bool:
 
 
 def read_run(path: Path) -> RunRecord:
+    """A run directory's files. A running or killed run may leave a cut-off last line in routing.jsonl: it is
+    skipped. Any other damage is a DashboardError naming the file."""
     record = RunRecord(path=path)
     overrides = path / ".hydra" / "overrides.yaml"
     if overrides.exists():
-        record.overrides = [str(o) for o in (yaml.safe_load(overrides.read_text()) or [])]
+        loaded = _read(overrides, lambda text: yaml.safe_load(text) or [])
+        if not isinstance(loaded, list):
+            raise DashboardError(f"{overrides} is damaged (not a list of overrides); restore or delete it")
+        record.overrides = [str(o) for o in loaded]
     if (path / "summary.json").exists():
-        record.summary = json.loads((path / "summary.json").read_text())
+        summary = _read(path / "summary.json", json.loads)
+        if not isinstance(summary, dict):
+            raise DashboardError(f"{path / 'summary.json'} is damaged (not a JSON object); restore or delete it")
+        record.summary = summary
     if (path / "metrics.csv").exists():
-        with open(path / "metrics.csv") as f:
-            for row in csv.DictReader(f):
-                parsed = {}
-                for k, v in row.items():
-                    if v not in ("", None):
-                        try:
-                            parsed[k] = float(v)
-                        except ValueError:
-                            pass
-                if "step" in parsed:
-                    record.metrics.append(parsed)
+        record.metrics = _read(path / "metrics.csv", _metric_rows)
     if (path / "routing.jsonl").exists():
-        record.routing = [json.loads(line) for line in (path / "routing.jsonl").read_text().splitlines() if line]
+        record.routing = _read(path / "routing.jsonl", _routing_records)
     return record
+
+
+def _read(file: Path, parse):
+    try:
+        return parse(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise DashboardError(f"{file} is damaged (not UTF-8 text); restore or delete it") from None
+    except (ValueError, yaml.YAMLError, csv.Error) as e:
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise DashboardError(f"{file} is damaged ({reason}); restore or delete it") from None
+    except OSError as e:
+        raise DashboardError(f"{file} cannot be read ({e.strerror})") from None
+
+
+def _metric_rows(text: str) -> list[dict[str, float]]:
+    if "\x00" in text:
+        raise ValueError("it holds binary data")
+    rows = []
+    for row in csv.DictReader(io.StringIO(text)):
+        parsed = {}
+        for k, v in row.items():
+            if k is not None and v not in ("", None):
+                try:
+                    parsed[k] = float(v)
+                except (TypeError, ValueError):
+                    pass
+        if "step" in parsed:
+            rows.append(parsed)
+    return rows
+
+
+def _routing_records(text: str) -> list[dict]:
+    lines = [line for line in text.split("\n") if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1 and not text.endswith("\n"):
+                break  # the last line of a run that is still writing, or was killed mid-write
+            raise ValueError(f"line {i + 1} is not JSON") from None
+    return records
 
 
 def sweep_runs(path: Path) -> list[RunRecord]:

@@ -47,6 +47,13 @@ def fail(message: str) -> int:
     return 2
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with moe-lab's one-line errors: `moe-lab: error: ...`, exit 2."""
+
+    def error(self, message: str):
+        raise SystemExit(fail(f"{self.prog}: {message} (see {self.prog} --help)"))
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-sc", "--shell-completion"):
@@ -81,7 +88,7 @@ def train_command(args: list[str], check: bool = True) -> int:
 
 
 def export_command(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="moe-lab export", description="Write a moe-lab checkpoint in another ecosystem's format. --format hf: "
         "a transformers model (Mixtral or Qwen2-MoE, chosen from the router and experts) and its tokenizer, "
         "loadable with AutoModelForCausalLM.from_pretrained(OUT_DIR).")
@@ -103,7 +110,7 @@ def export_command(args: list[str]) -> int:
 
 
 def dashboard_command(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="moe-lab dashboard", description="Write one self-contained HTML page (no network needed to open it) "
         "for a run directory (loss, expert load over time, balance, specialisation by domain) or a sweep directory "
         "(runs side by side, a table sorted by validation loss).")
@@ -127,7 +134,7 @@ def dashboard_command(args: list[str]) -> int:
 
 
 def bench_command(args: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="moe-lab bench", description="Time the MoE layer (forward, forward + backward, activation memory) over "
         "a grid of shapes, and whole training steps of model presets (tokens/s, MFU on known GPUs). Prints a table "
         "and writes bench.json and bench.csv.")
@@ -138,7 +145,7 @@ def bench_command(args: list[str]) -> int:
     parser.add_argument("--capacity", action="store_true", help="also time capacity-limited cases (cf 1.25)")
     parser.add_argument("--no-steps", action="store_true", help="skip the whole-training-step timings")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--warmup", type=int, default=3)
@@ -146,6 +153,13 @@ def bench_command(args: list[str]) -> int:
     parser.add_argument("--out", help="directory for bench.json and bench.csv (default benchmarks/results/DATE_TIME)")
     parsed = parser.parse_args(args)
     parsed.argv = args
+    if parsed.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            return fail("moe-lab bench --device cuda: no CUDA device is available here; use --device cpu")
+    if (parsed.threads is not None and parsed.threads < 1) or parsed.repeats < 1 or parsed.warmup < 0:
+        return fail("moe-lab bench: --threads and --repeats must be at least 1, --warmup at least 0")
     from moe_lab.tools.bench import run
 
     run(parsed)

@@ -202,6 +202,10 @@ def hf_tokenizer(tokenizer_cfg: dict[str, Any]):
 
 def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
     out = Path(out_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} is a file; export writes a directory: choose a new directory")
+    if not out.parent.exists() or not out.parent.is_dir():
+        raise ExportError(f"{out.parent} does not exist or is not a directory; create it or choose another path")
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty; moe-lab never writes over files: choose a new directory")
     module = load_model(ckpt_path)

@@ -246,3 +246,13 @@ def _check_trainer(trainer: dict) -> None:
     max_steps = trainer.get("max_steps", -1)
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ConfigError(f"trainer.max_steps={max_steps} must be a positive number of optimizer steps")
+    for key, what in (("log_every_n_steps", "optimizer steps between logged metrics"),
+                      ("accumulate_grad_batches", "micro-batches per optimizer step")):
+        value = trainer.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"trainer.{key}={value} must be a positive whole number ({what})")
+    interval = trainer.get("val_check_interval", 1.0)
+    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0
+                                 or (isinstance(interval, float) and interval > 1)):
+        raise ConfigError(f"trainer.val_check_interval={interval} must be a number of training batches (an integer "
+                          "> 0) or a fraction of an epoch in (0, 1]")
