@@ -27,3 +27,9 @@ class DashboardError(UserError):
 
 class ExportError(UserError):
     """A model that has no equivalent in the requested format, or an output that moe-lab will not write over."""
+
+
+class Diverged(Exception):
+    """Not a user's mistake but the run's outcome: the loss or the weights became NaN or infinite. The run stops, no
+    checkpoint with non-finite weights is written, and the process exits non-zero (a sweep's max_failure_rate decides
+    what follows)."""

@@ -241,3 +241,161 @@ def test_export_to_a_file_is_refused(real_checkpoint, tmp_path):
 ])
 def test_subcommand_argument_errors_are_one_line(tmp_path, args, expected):
     assert expected in one_error_line(run_cli(args, cwd=tmp_path))
+
+
+# -- divergence: caught at any step, never saved, reported with the last good checkpoint ----------------------
+
+
+def test_divergence_at_a_step_that_logs_nothing(make_cfg, tmp_path):
+    from moe_lab.errors import Diverged
+
+    with pytest.raises(Diverged, match="the last good checkpoint is|no checkpoint was written") as e:
+        train(make_cfg("optim.lr=1e4", "optim.warmup_steps=0", "trainer.max_steps=6", "trainer.log_every_n_steps=10",
+                       "trainer.val_check_interval=100", "checkpoint.every_n_steps=2", name="run"))
+    run_dir = tmp_path / "run"
+    summary = json.loads((run_dir / "summary.json").read_text())  # valid JSON: no NaN in it
+    assert summary["status"] == "diverged" and "NaN or infinite" in summary["error"]
+    for ckpt in (run_dir / "checkpoints").glob("*.ckpt"):  # every checkpoint on disk has finite weights
+        state = torch.load(ckpt, weights_only=True)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in state.values()), ckpt.name
+    if summary["checkpoint"] is not None:
+        assert Path(summary["checkpoint"]).is_file() and summary["checkpoint"] in str(e.value)
+
+
+def test_a_nonfinite_validation_loss_is_divergence(make_cfg, tmp_path, monkeypatch):
+    from moe_lab.errors import Diverged
+    from moe_lab.training.module import MoELanguageModel
+
+    real = MoELanguageModel.validation_step
+
+    def poisoned(self, batch, batch_idx):
+        real(self, batch, batch_idx)
+        if self.global_step >= 3:
+            self._val_sums[0, 0] = float("nan")
+
+    monkeypatch.setattr(MoELanguageModel, "validation_step", poisoned)
+    with pytest.raises(Diverged, match="val/loss is nan at step 3"):
+        train(make_cfg("trainer.max_steps=6", "trainer.val_check_interval=3", name="run"))
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "diverged"
+
+
+@pytest.mark.slow
+def test_diverged_run_exits_non_zero_with_one_line(tmp_path, cache_dir):
+    result = run_cli(["train", *FAST, f"paths.cache_dir={cache_dir}", "optim.lr=1e4", "optim.warmup_steps=0",
+                      "trainer.max_steps=6", "trainer.log_every_n_steps=10", f"hydra.run.dir={tmp_path / 'run'}"],
+                     cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("moe-lab: error:")]
+    assert len(errors) == 1 and "training diverged" in errors[0] and "Traceback" not in result.stderr
+    json.loads((tmp_path / "run" / "summary.json").read_text())
+
+
+# -- checkpoint writes are atomic in the checkpoint's own folder -----------------------------------------------
+
+
+KILL_DURING_SAVE = """
+import os, signal, sys, torch
+from moe_lab.training.checkpoint import AtomicCheckpointIO
+real_save = torch.save
+def dies_half_way(obj, f, *args, **kwargs):
+    f.write(b"x" * 100_000)  # part of the bytes are out when the process is killed
+    f.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+torch.save = dies_half_way
+AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(3)}}, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("existing", [True, False])
+def test_a_save_killed_mid_write_leaves_the_previous_checkpoint_whole(tmp_path, existing):
+    """The temp dir stands on another filesystem here (TMPDIR is elsewhere); the save writes beside the checkpoint
+    and renames, so a SIGKILL mid-write leaves last.ckpt as it was (or absent), never cut short."""
+    import os
+    import subprocess
+    import sys
+
+    from moe_lab.training.checkpoint import AtomicCheckpointIO
+
+    ckpt_dir, other_tmp = tmp_path / "checkpoints", tmp_path / "elsewhere"
+    ckpt_dir.mkdir()
+    other_tmp.mkdir()
+    last = ckpt_dir / "last.ckpt"
+    if existing:
+        AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, last)
+    before = last.read_bytes() if existing else None
+    killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(last)], capture_output=True,
+                            env={**os.environ, "TMPDIR": str(other_tmp)})
+    assert killed.returncode == -9
+    if existing:
+        assert last.read_bytes() == before
+        assert torch.equal(torch.load(last, weights_only=True)["state_dict"]["w"], torch.zeros(3))
+    else:
+        assert not last.exists()
+    assert not list(other_tmp.iterdir())  # nothing was written to the other filesystem
+    leftovers = list(ckpt_dir.glob(".last.ckpt.*.tmp"))  # a kill leaves its partial temp file beside the checkpoint
+    assert len(leftovers) == 1 and leftovers[0].stat().st_size == 100_000
+
+
+def test_a_failed_save_removes_its_temp_file(tmp_path, monkeypatch):
+    from moe_lab.training.checkpoint import AtomicCheckpointIO
+
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"w": torch.zeros(3)}, tmp_path / "last.ckpt")
+
+    def fails(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", fails)
+    with pytest.raises(OSError):
+        io.save_checkpoint({"w": torch.ones(3)}, tmp_path / "last.ckpt")
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    monkeypatch.undo()
+    assert torch.equal(torch.load(tmp_path / "last.ckpt", weights_only=True)["w"], torch.zeros(3))
+
+
+# -- a stop between log steps keeps its steps in the curve -------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_between_log_steps_leaves_no_hole_in_the_joined_curve(tmp_path, cache_dir):
+    import csv
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import moe_lab_script
+
+    def logged_steps(run: Path) -> list[int]:
+        with open(run / "metrics.csv") as f:
+            return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+    run_dir = tmp_path / "run"
+    args = [moe_lab_script(), "train", *FAST, f"paths.cache_dir={cache_dir}", "trainer.max_steps=100000",
+            "trainer.log_every_n_steps=7", "trainer.val_check_interval=100000", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:  # until some steps are logged
+            if (run_dir / "routing.jsonl").exists():
+                break
+            time.sleep(0.2)
+        time.sleep(1.3)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    stopped_at = json.loads((run_dir / "summary.json").read_text())["step"]
+    first = logged_steps(run_dir)
+    assert first[-1] == stopped_at  # the steps since the last log step were logged at the stop
+    resumed = tmp_path / "resumed"
+    result = run_cli(["train", *FAST, f"paths.cache_dir={cache_dir}", f"trainer.max_steps={stopped_at + 10}",
+                      "trainer.log_every_n_steps=7", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+                      f"hydra.run.dir={resumed}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    second = logged_steps(resumed)
+    assert second[0] > stopped_at and second[-1] == stopped_at + 10
+    windows = [b - a for a, b in zip([0, *first, *second], [*first, *second])]
+    assert all(0 < w <= 7 for w in windows), (first, second)  # every step belongs to a logged window

@@ -19,7 +19,7 @@ import numpy as np
 
 from moe_lab.analysis import figures
 from moe_lab.analysis.runs import (RunRecord, is_run_dir, is_sweep_dir, label, read_run, summary_rows, sweep_runs,
-                                   swept_keys)
+                                   swept_keys, write_atomically)
 from moe_lab.analysis.stats import mutual_information
 from moe_lab.errors import DashboardError
 
@@ -168,23 +168,6 @@ def write_dashboard(path: Path | str, out: Optional[Path | str] = None, refresh:
     except OSError as e:
         raise DashboardError(f"cannot write {out} ({e.strerror})") from None
     return out
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """Write `text` to a temporary file in the same folder, flush it to disk, then rename it over `path`."""
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def live(path: Path, out: Optional[Path], interval: int) -> None:  # pragma: no cover - runs until Ctrl-C

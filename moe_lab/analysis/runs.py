@@ -11,6 +11,8 @@ import csv
 import io
 import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -188,3 +190,17 @@ def write_sweep_summary(sweep_dir: Path) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return out
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to a temporary file in the same folder, flush it to disk, then rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -10,7 +10,7 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig
 
-from moe_lab.errors import UserError
+from moe_lab.errors import Diverged, UserError
 from moe_lab.training.schemas import config_dir
 
 log = logging.getLogger("moe_lab")
@@ -26,7 +26,6 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from moe_lab.training.metrics import Diverged
     from moe_lab.training.train import Interrupted, train
 
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
@@ -27,8 +27,10 @@ class GracefulStop(L.Callback):
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, last_checkpoint: str) -> None:
+    def __init__(self, last_checkpoint: str, before_save: Optional[Callable[[L.Trainer, L.LightningModule], None]] = None
+                 ) -> None:
         self.last_checkpoint = last_checkpoint
+        self.before_save = before_save  # e.g. log the steps since the last log step
         self.received: Optional[int] = None
         self._previous: dict[int, Any] = {}
         self._last_step: Optional[int] = None
@@ -57,6 +59,8 @@ class GracefulStop(L.Callback):
             stop = int(trainer.strategy.reduce(flag, reduce_op="max").item())
             self.received = stop or None
         if self.received is not None and stepped:
+            if self.before_save is not None:
+                self.before_save(trainer, trainer.lightning_module)
             trainer.save_checkpoint(self.last_checkpoint, weights_only=False)
             raise StopRequested(self.received)
 

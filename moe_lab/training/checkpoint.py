@@ -1,17 +1,22 @@
-"""Reading moe-lab checkpoints: as data, never as code.
+"""moe-lab checkpoints: read as data, never as code, and written so that a crash never leaves a broken one.
 
 Every checkpoint moe-lab reads goes through `read_checkpoint`, which unpickles with `torch.load(weights_only=True)`
 (tensors, numbers, strings, lists and dicts only: a file cannot run code) and turns every failure into one
 CheckpointError line. Lightning's own resume (`trainer.fit(ckpt_path=...)`) is given `weights_only=True` too.
+Every checkpoint moe-lab writes goes through `AtomicCheckpointIO`: a temporary file in the checkpoint's own folder,
+flushed to disk, then renamed over the old file, so a kill during a save leaves the previous checkpoint whole.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from moe_lab.errors import CheckpointError
 from moe_lab.model import ModelConfig
@@ -92,3 +97,33 @@ def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu"):
         raise CheckpointError(f"{ckpt_path}: its weights do not fit its model settings ({str(e).splitlines()[0]})"
                               ) from None
     return module.to(map_location).eval()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made atomic on any filesystem layout: the bytes go to a temporary file beside
+    the checkpoint (never in the system's temp dir, which may be another filesystem, where a rename is a copy), are
+    fsync'ed, and replace the old file in one rename. `last_saved` is the newest checkpoint written whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_saved: Optional[Path] = None
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        self.last_saved = path

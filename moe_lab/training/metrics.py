@@ -34,6 +34,7 @@ import torch
 from lightning.fabric.utilities.throughput import Throughput, get_available_flops
 
 from moe_lab.analysis.stats import load_statistics, mutual_information
+from moe_lab.errors import Diverged
 
 # The compute dtype of a Lightning precision setting, for the device's peak FLOP/s.
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.float32, "64": torch.float64}
@@ -71,6 +72,7 @@ class RoutingMetrics(L.Callback):
         self.history: list[dict] = []  # per log step: {"step", "load": (L, E)} for heatmaps over time
         self.load_rows: list[list] = []  # (step, layer, expert, load) for a W&B table
         self._peak: Optional[float] = None
+        self._window_start = 0  # the step the current window follows
         self._reset()
 
     # -- accumulation ---------------------------------------------------------------------------------------
@@ -84,7 +86,7 @@ class RoutingMetrics(L.Callback):
         self._paused = 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last_step = trainer.global_step
+        self._last_step = self._window_start = trainer.global_step
         self._peak = peak_flops(pl_module.device, trainer.precision)
         self._reset()
 
@@ -103,7 +105,7 @@ class RoutingMetrics(L.Callback):
         self._micro_batches += 1
         self._samples += ids.shape[0]
         self._tokens += ids[:, :-1].numel()
-        sums = {"ce": stats["ce"]}
+        sums = {"ce": stats["ce"], "nonfinite": stats["nonfinite"]}
         layers = [stats["moe"][layer] for layer in moe_layers]
         if layers:
             sums["counts_LE"] = torch.stack([m.tokens_per_expert_E for m in layers])
@@ -180,15 +182,22 @@ class RoutingMetrics(L.Callback):
         record = {"step": step, "domains": self.domain_names, "layers": []}
         if "counts_LE" in values:
             self._layer_metrics(pl_module.moe_layers, values, aux, micro, metrics, record)
-        if not math.isfinite(metrics["train/loss"]):
-            raise Diverged(f"training diverged: train/loss is {metrics['train/loss']} at step {step}")
+        if values["nonfinite"] > 0 or not math.isfinite(metrics["train/loss"]):
+            raise Diverged(f"training diverged: the loss became NaN or infinite between steps "
+                           f"{self._window_start + 1} and {step}")
         pl_module.last_train_metrics = metrics
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         if trainer.is_global_zero and record["layers"]:
             self._write(record)
             self._draw(trainer, step)
+        self._window_start = step
         self._reset()
+
+    def flush(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Log the steps since the last log step now: a run stopped between log steps keeps them in its curve."""
+        if self._sums is not None and trainer.global_step > self._window_start:
+            self._log(trainer, pl_module)
 
     def _layer_metrics(self, layers: list[int], values: dict, aux: dict, micro: int, metrics: dict,
                        record: dict) -> None:
@@ -271,12 +280,9 @@ class RoutingMetrics(L.Callback):
                 commit=False)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """The final heatmaps and table, unless the last logging step has just drawn them."""
+        """The steps since the last log step, then the final heatmaps and table (unless just drawn)."""
+        self.flush(trainer, pl_module)
         wandb_loggers = [lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger"]
         drawn = self.history and self.history[-1]["step"] % self.image_every_n_steps == 0
         if wandb_loggers and self.history and trainer.is_global_zero and not drawn:
             self.log_wandb_media(wandb_loggers, trainer.global_step)
-
-
-class Diverged(RuntimeError):
-    """The training loss became NaN or infinite: the job fails (a sweep's max_failure_rate decides what follows)."""

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moe_lab.errors import Diverged
 from moe_lab.model import ModelConfig, MoETransformer
 from moe_lab.training.schemas import OptimConfig
 from moe_lab.training.strategy import MoEDDPStrategy, clip_grad_norm_
@@ -42,6 +43,9 @@ class MoELanguageModel(L.LightningModule):
         self.last_val_metrics: dict[str, float] = {}
         self.last_val_step = -1
         self.first_val_loss: Optional[float] = None
+        # Micro-batches whose loss was NaN or infinite, counted on the device (no sync per step); read where a sync
+        # happens anyway: every log step (RoutingMetrics) and every checkpoint save (on_save_checkpoint).
+        self.nonfinite_losses: Optional[torch.Tensor] = None
 
     def forward(self, token_ids_BS: torch.Tensor) -> torch.Tensor:
         return self.model(token_ids_BS).logits
@@ -54,8 +58,10 @@ class MoELanguageModel(L.LightningModule):
         with self.micro_batch_rng(batch.get("micro_batch")):
             out = self.model(ids[:, :-1], ids[:, 1:])
         loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+        bad = (~torch.isfinite(loss.detach())).float()
+        self.nonfinite_losses = bad if self.nonfinite_losses is None else self.nonfinite_losses + bad
         # Routing statistics for `RoutingMetrics`, detached and still on the device (no sync here).
-        return {"loss": loss, "stats": {"ce": out.loss.detach(), "moe": out.moe}}
+        return {"loss": loss, "stats": {"ce": out.loss.detach(), "nonfinite": bad, "moe": out.moe}}
 
     @contextlib.contextmanager
     def micro_batch_rng(self, index: Optional[int]) -> Iterator[None]:
@@ -94,6 +100,8 @@ class MoELanguageModel(L.LightningModule):
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
         sums = sums.cpu()
         loss = (sums[0].sum() / sums[1].sum().clamp(min=1)).item()
+        if not math.isfinite(loss):
+            raise Diverged(f"training diverged: val/loss is {loss} at step {self.global_step}")
         metrics = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
         for i, name in enumerate(self.domain_names):
             if sums[1, i] > 0:
@@ -149,11 +157,25 @@ class MoELanguageModel(L.LightningModule):
     # Checkpoints: random-number state travels with the weights, so a resumed run draws the same numbers.
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.refuse_nonfinite_weights()
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint["moe_lab_rng"] = rng
         checkpoint["moe_lab_first_val_loss"] = self.first_val_loss
+
+    def refuse_nonfinite_weights(self) -> None:
+        """Diverged (on every rank alike) if a training loss since the start was NaN or infinite or a weight is: a
+        checkpoint with such weights is never written, so the last one on disk stays the last good one."""
+        bad = torch.zeros((), device=self.device)
+        if self.nonfinite_losses is not None:
+            bad = bad + self.nonfinite_losses
+        for p in self.parameters():
+            bad = bad + (~torch.isfinite(p.detach())).any().float()
+        if self.trainer.world_size > 1:
+            bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
+        if bad.item() > 0:
+            raise Diverged(f"training diverged by step {self.global_step}: a loss or a weight became NaN or infinite")
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         rng = checkpoint.get("moe_lab_rng")

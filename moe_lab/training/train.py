@@ -16,10 +16,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from moe_lab.analysis.dashboard import write_dashboard
+from moe_lab.analysis.runs import write_atomically
 from moe_lab.data.datamodule import LMDataModule
-from moe_lab.errors import ConfigError
+from moe_lab.errors import ConfigError, Diverged
 from moe_lab.training.callbacks import GracefulStop, StepProgressBar, StopRequested
-from moe_lab.training.checkpoint import check_resume
+from moe_lab.training.checkpoint import AtomicCheckpointIO, check_resume
 from moe_lab.training.loggers import build_loggers, finish_wandb
 from moe_lab.training.metrics import RoutingMetrics
 from moe_lab.training.module import MoELanguageModel
@@ -64,17 +65,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     ckpt_dir = output_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
-    stop = GracefulStop(str(last))
     periodic = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                                every_n_train_steps=run.checkpoint.every_n_steps, save_top_k=run.checkpoint.keep,
                                monitor="step", mode="max", save_last=True)
     routing = RoutingMetrics(data.domain_names, module.model.flops_per_token(run.data.seq_len), output_dir,
                              image_every_n_steps=run.metrics.image_every_n_steps)
+    stop = GracefulStop(str(last), before_save=routing.flush)
+    checkpoint_io = AtomicCheckpointIO()
     loggers = build_loggers(run, cfg, output_dir)
     try:
-        # RoutingMetrics before the progress bar, so the bar shows the metrics of the step just logged.
-        trainer = L.Trainer(**trainer_arguments(run), logger=loggers,
-                            callbacks=[periodic, stop, routing, StepProgressBar()], default_root_dir=str(output_dir),
+        # RoutingMetrics before GracefulStop (a stop logs the steps since the last log step first) and before the
+        # progress bar (which shows the metrics of the step just logged).
+        trainer = L.Trainer(**trainer_arguments(run), logger=loggers, plugins=[checkpoint_io],
+                            callbacks=[periodic, routing, stop, StepProgressBar()], default_root_dir=str(output_dir),
                             max_epochs=-1, check_val_every_n_epoch=None, use_distributed_sampler=False)
         ep = run.model.moe.expert_parallel
         if trainer.world_size % ep:
@@ -82,16 +85,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                               "(trainer.devices x trainer.num_nodes)")
         print_header(run, module, data, output_dir)
 
-        if ckpt_path is None:
-            trainer.validate(module, datamodule=data, verbose=False)  # the untrained model's val/loss, at step 0
         try:
-            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-        except StopRequested:
-            pass  # Ctrl-C or SIGTERM: GracefulStop saved last.ckpt at the step boundary
-        if stop.received is None:
-            if module.last_val_step != trainer.global_step:
-                trainer.validate(module, datamodule=data, verbose=False)  # every run ends with a val/loss
-            trainer.save_checkpoint(last, weights_only=False)
+            if ckpt_path is None:
+                trainer.validate(module, datamodule=data, verbose=False)  # the untrained model's val/loss, at step 0
+            try:
+                trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+            except StopRequested:
+                pass  # Ctrl-C or SIGTERM: GracefulStop saved last.ckpt at the step boundary
+            if stop.received is None:
+                if module.last_val_step != trainer.global_step:
+                    trainer.validate(module, datamodule=data, verbose=False)  # every run ends with a val/loss
+                trainer.save_checkpoint(last, weights_only=False)
+        except Diverged as e:
+            kept = checkpoint_io.last_saved
+            where = (f"; the last good checkpoint is {kept}" if kept is not None
+                     else "; no checkpoint was written (none had finite weights yet)")
+            for logger in trainer.loggers:
+                logger.finalize("failed")  # the rows logged so far reach metrics.csv
+            if trainer.is_global_zero:
+                save_summary({"status": "diverged", "step": trainer.global_step, "error": str(e),
+                              "seconds": round(time.time() - started, 1), **module.last_val_metrics,
+                              "checkpoint": str(kept) if kept is not None else None,
+                              "metrics_csv": str(output_dir / "metrics.csv")}, output_dir)
+            raise Diverged(f"{e}{where}") from None
 
         summary = {
             "status": "finished" if stop.received is None else "interrupted",
@@ -153,7 +169,19 @@ def print_header(run: TrainConfig, module: MoELanguageModel, data: LMDataModule,
 
 
 def save_summary(summary: dict, output_dir: Path) -> None:
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    """summary.json, always valid JSON (NaN and infinities become null), written atomically."""
+    write_atomically(output_dir / "summary.json", json.dumps(_finite(summary), indent=2, default=str,
+                                                             allow_nan=False) + "\n")
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 @rank_zero_only
