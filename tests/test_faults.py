@@ -399,3 +399,91 @@ def test_sigterm_between_log_steps_leaves_no_hole_in_the_joined_curve(tmp_path, 
     assert second[0] > stopped_at and second[-1] == stopped_at + 10
     windows = [b - a for a, b in zip([0, *first, *second], [*first, *second])]
     assert all(0 < w <= 7 for w in windows), (first, second)  # every step belongs to a logged window
+
+
+# -- one run per directory, even when two start at once ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_runs_started_into_one_directory_at_once(tmp_path, cache_dir):
+    import subprocess
+
+    from conftest import moe_lab_script
+
+    run_dir = tmp_path / "shared"
+    args = [moe_lab_script(), "train", *FAST, f"paths.cache_dir={cache_dir}", "trainer.max_steps=6",
+            "trainer.log_every_n_steps=1", f"hydra.run.dir={run_dir}"]
+    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 2], [r[2][-1500:] for r in results]
+    refused = next(err for code, _, err in results if code == 2)
+    lines = [line for line in refused.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("moe-lab: error:") and "already" in lines[0] + " taken"
+    with open(run_dir / "metrics.csv") as f:  # one run's rows, once each
+        steps = [int(r["step"]) for r in __import__("csv").DictReader(f) if r.get("train/loss")]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["last.ckpt", "step000006.ckpt"]
+
+
+def test_claiming_a_directory_is_exclusive(tmp_path):
+    import os
+
+    from moe_lab.training.run_dir import CLAIM, claim_run_dir
+
+    claim_run_dir(tmp_path / "run")
+    claim_run_dir(tmp_path / "run")  # this process's own claim stands
+    (tmp_path / "run" / CLAIM).write_text(f"{os.getpid() + 1}\n")  # another process's claim
+    with pytest.raises(UserError, match="already holds a run"):
+        claim_run_dir(tmp_path / "run")
+
+
+# -- pre-emption before the first step, and data errors before any directory ----------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_during_the_first_validation(tmp_path, cache_dir):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import moe_lab_script
+
+    run_dir = tmp_path / "run"
+    args = [moe_lab_script(), "train", *FAST, f"paths.cache_dir={cache_dir}", "data.val_fraction=0.5",
+            "data.max_val_blocks=1000", "trainer.max_steps=50", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # the header is printed just before the untrained model is validated
+            if line.startswith("moe-lab: data "):
+                break
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    if summary["step"] == 0:  # stopped in the validation: nothing trained, said in one line, nothing saved
+        assert "SIGTERM before the first training step: nothing was trained" in err
+        assert not (run_dir / "checkpoints").exists()
+    else:  # the validation was over: the first step boundary saved a resumable checkpoint
+        assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == summary["step"]
+    assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_a_data_error_is_found_before_any_directory_is_made(tmp_path, cache_dir):
+    (tmp_path / "corpus.txt").write_bytes(bytes(range(128, 256)) * 40)  # not UTF-8
+    run_dir = tmp_path / "run"
+    args = ["train", *[a for a in FAST if "max_chars" not in a], f"paths.cache_dir={cache_dir}", "data=text",
+            f"data.path={tmp_path / 'corpus.txt'}", f"hydra.run.dir={run_dir}"]
+    assert "UTF-8" in one_error_line(run_cli(args, cwd=tmp_path))
+    assert not run_dir.exists()
+    (tmp_path / "corpus.txt").write_text("def f(x):\n    return x + 1\n" * 2000)  # the corrected data
+    result = run_cli([*args[:-1], f"hydra.run.dir={run_dir}", "trainer.max_steps=2"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]

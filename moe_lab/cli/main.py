@@ -77,7 +77,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 def train_command(args: list[str], check: bool = True) -> int:
     from moe_lab.cli.preflight import preflight
 
-    message = preflight(args) if check else None
+    message = preflight(args, claim=True) if check else None
     if message is not None:
         return fail(message)
     sys.argv = [sys.argv[0]] + args  # Hydra reads its command line from sys.argv

@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe_lab.cli.hydra_args import hydra_arguments, shows_only
 from moe_lab.errors import UserError
-from moe_lab.training.run_dir import externally_launched, launched_worker, refuse_used_run_dir, refuse_used_sweep_dir
+from moe_lab.training.run_dir import (claim_run_dir, externally_launched, launched_worker, refuse_used_run_dir,
+                                      refuse_used_sweep_dir)
 from moe_lab.training.schemas import config_dir, omegaconf_message, validate
 
 # Hints after "X is not a setting" for the nodes whose keys are not all in the schema.
@@ -28,8 +29,9 @@ KEY_HINTS = {"trainer": "; add other Lightning Trainer arguments with +trainer.N
              "data": "; the other data options (data=embedded, text, hf) have settings of their own"}
 
 
-def preflight(args: list[str]) -> Optional[str]:
-    """None if the command line is fine, else the one message to show."""
+def preflight(args: list[str], claim: bool = False) -> Optional[str]:
+    """None if the command line is fine, else the one message to show. With `claim`, the run (or sweep) directory is
+    then claimed for this process (moe_lab.training.run_dir.claim_run_dir), before Hydra writes into it."""
     try:
         parsed = hydra_arguments().parse_args(args)
     except SystemExit:  # argparse already printed its usage error
@@ -37,13 +39,19 @@ def preflight(args: list[str]) -> Optional[str]:
     if shows_only(parsed):
         return None  # Hydra shows something and runs nothing
     try:
-        check(parsed)
+        target = check(parsed)
+        if claim and target is not None:
+            directory, multirun = target
+            claim_run_dir(directory, hydra_made=not externally_launched(),
+                          setting="hydra.sweep.dir" if multirun else "hydra.run.dir")
     except UserError as e:
         return str(e)
     return None
 
 
-def check(parsed: argparse.Namespace) -> None:
+def check(parsed: argparse.Namespace) -> Optional[tuple[Path, bool]]:
+    """Raises UserError on a mistake; returns the run directory (or the sweep directory, and True) when it is known
+    before the job runs."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -90,7 +98,8 @@ def check(parsed: argparse.Namespace) -> None:
                 raise UserError(f"{sweeps[0]} is a sweep: add -m (--multirun) to run one job per value, or write "
                                 "a list value in brackets ([1,2])")
             if not launched_worker():  # workers share the directory rank 0 made
-                _check_output_dir(composed[0], multirun)
+                return _check_output_dir(composed[0], multirun)
+            return None
     finally:
         GlobalHydra.instance().clear()
 
@@ -209,23 +218,39 @@ def _with_stand_in_output_dir(cfg: DictConfig) -> DictConfig:
 
 
 def _check_inputs(run) -> None:
-    """Inputs that can be checked cheaply: the data path and the checkpoint to resume."""
-    from moe_lab.data.datamodule import resolve_text_files
+    """Inputs the run would trip over later: the data (read, tokenised and cached now, as the run will find it: a data
+    problem is found before a run directory exists) and the checkpoint to resume."""
+    from moe_lab.data.datamodule import LMDataModule
     from moe_lab.training.checkpoint import check_resume
 
-    if run.data.source == "text":
-        resolve_text_files(run.data.path)
+    import datasets
+
     check_resume(run.ckpt_path, run.model)
+    data = LMDataModule(run.data, run.tokenizer, run.paths.cache_dir, run.seed)
+    if not data.is_cached():
+        print(f"moe-lab: reading and tokenising the data ({data.describe()}); cached for later runs", flush=True)
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a data error stays one line
+    try:
+        data.prepare_data()
+        data.setup("fit")
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
+    if run.model.vocab_size is not None and run.model.vocab_size < data.vocab_size:
+        raise UserError(f"model.vocab_size={run.model.vocab_size} is smaller than the tokenizer's {data.vocab_size}; "
+                        "set it to null to follow the tokenizer")
 
 
-def _check_output_dir(base: DictConfig, multirun: bool) -> None:
+def _check_output_dir(base: DictConfig, multirun: bool) -> Optional[tuple[Path, bool]]:
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     try:
         directory = Path(str(OmegaConf.select(base, key, throw_on_resolution_failure=True)))
     except Exception:
-        return  # depends on values only a running job has; train() checks again inside the job
+        return None  # depends on values only a running job has; train() checks again inside the job
     if multirun:
         refuse_used_sweep_dir(directory)
     else:
         # Under torchrun or SLURM the other ranks start with this one, and their Hydra may already have made .hydra.
         refuse_used_run_dir(directory, hydra_made=not externally_launched())
+    return directory, multirun

@@ -340,14 +340,14 @@ class LMDataModule(L.LightningDataModule):
             return
         docs = load_documents(self.cfg)
         if len(docs) == 0:
-            raise DataError(f"the dataset has no documents ({self._describe()})")
-        log.info("tokenising %d documents (%s) into blocks of %d tokens", len(docs), self._describe(), self.block_len)
+            raise DataError(f"the dataset has no documents ({self.describe()})")
+        log.info("tokenising %d documents (%s) into blocks of %d tokens", len(docs), self.describe(), self.block_len)
         tokenizer, block_len = self.tokenizer, self.block_len
         blocks = docs.map(lambda b: pack_documents(b["text"], b["domain"], tokenizer, block_len), batched=True,
                           batch_size=512, remove_columns=docs.column_names)
         if len(blocks) == 0:
             raise DataError(f"the data holds fewer tokens than one block of data.seq_len + 1 = {block_len} "
-                            f"({self._describe()}); add text or lower data.seq_len")
+                            f"({self.describe()}); add text or lower data.seq_len")
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -363,7 +363,11 @@ class LMDataModule(L.LightningDataModule):
         else:
             tmp.rename(path)
 
-    def _describe(self) -> str:
+    def is_cached(self) -> bool:
+        """Whether the blocks are already tokenised and cached (a stream is never cached)."""
+        return not self.streaming and (self._cache_path() / "done").exists()
+
+    def describe(self) -> str:
         c = self.cfg
         if c.source == "embedded":
             return f"embedded corpus {c.domains}"
@@ -398,7 +402,7 @@ class LMDataModule(L.LightningDataModule):
             if len(val) >= self.cfg.max_val_blocks:
                 break
         if len(val) == 0:
-            raise DataError(f"the stream holds fewer tokens than one block of {self.block_len} ({self._describe()})")
+            raise DataError(f"the stream holds fewer tokens than one block of {self.block_len} ({self.describe()})")
         self.domain_names = sorted({d for _, d in val})
         ids = {d: i for i, d in enumerate(self.domain_names)}
         self.val_blocks = BlockDataset(np.stack([b for b, _ in val]), np.asarray([ids[d] for _, d in val]))

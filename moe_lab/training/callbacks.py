@@ -22,6 +22,10 @@ class StopRequested(Exception):
 class GracefulStop(L.Callback):
     """Ctrl-C or SIGTERM: finish the optimizer step in flight, save `last.ckpt`, then stop (no more validation).
 
+    The handler is installed before any work (`install()`, at the top of `train()`), and again whenever Lightning has
+    put its own in place (at the start of fit, validation and training), so a pre-emption is moe-lab's to handle at
+    any moment: while the data is prepared or the untrained model is validated, the run stops before its first step
+    (nothing trained, nothing saved, said in one line); later, at the next optimizer-step boundary with a checkpoint.
     A second Ctrl-C aborts at once (KeyboardInterrupt), without a checkpoint.
     """
 
@@ -35,13 +39,32 @@ class GracefulStop(L.Callback):
         self._previous: dict[int, Any] = {}
         self._last_step: Optional[int] = None
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._last_step = trainer.global_step
+    def install(self) -> None:
+        """Make this callback's handler the one for Ctrl-C and SIGTERM (remembering the first one it replaced)."""
         for sig in self.SIGNALS:
             try:
-                self._previous[sig] = signal.signal(sig, self._handle)
+                previous = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. inside some launchers): leave the signal alone
-                pass
+                continue
+            if previous != self._handle:
+                self._previous.setdefault(sig, previous)
+
+    # Lightning registers its own SIGTERM handler (which ends validation with exit code 0) when fit or validate
+    # starts: put ours back, alone.
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.install()
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.install()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_step = trainer.global_step
+        self.install()
+
+    def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        """The validation of the untrained model (trainer.validate, before fit) stops at once: nothing to save."""
+        if self.received is not None and not trainer.training and trainer.state.fn == "validate":
+            raise StopRequested(self.received)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None and signum == signal.SIGINT:
@@ -64,13 +87,8 @@ class GracefulStop(L.Callback):
             trainer.save_checkpoint(self.last_checkpoint, weights_only=False)
             raise StopRequested(self.received)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.restore()
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self.restore()
-
     def restore(self) -> None:
+        """Put back the handlers `install()` replaced (train() calls it when the run ends, however it ends)."""
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

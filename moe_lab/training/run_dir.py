@@ -7,8 +7,10 @@ from pathlib import Path
 
 from moe_lab.errors import UserError
 
+# The file by which a process claims a run (or sweep) directory; it holds the claiming process's id.
+CLAIM = ".moe-lab-run"
 # What a run leaves behind: a directory holding any of these is used.
-RUN_MARKERS = ("checkpoints", "metrics.csv", "summary.json")
+RUN_MARKERS = (CLAIM, "checkpoints", "metrics.csv", "summary.json")
 # Set by the launchers that start the ranks of a run: Lightning, torchrun, SLURM (srun).
 RANK_VARIABLES = ("LOCAL_RANK", "RANK", "NODE_RANK", "SLURM_PROCID")
 
@@ -57,3 +59,38 @@ def refuse_used_sweep_dir(directory: Path) -> None:
     if directory.is_dir() and any(directory.iterdir()):
         raise UserError(f"the sweep directory {directory} already holds runs; moe-lab never writes over them. "
                         "Choose another with hydra.sweep.dir=...")
+
+
+def claimed_by_this_process(directory: Path) -> bool:
+    try:
+        return (Path(directory) / CLAIM).read_text().strip() == str(os.getpid())
+    except OSError:
+        return False
+
+
+def claim_run_dir(directory: Path, hydra_made: bool = False, setting: str = "hydra.run.dir") -> None:
+    """Make `directory` this process's, atomically: the exclusive create of its claim file means that of two runs
+    started into one directory at once exactly one gets it, and the other a UserError, before either writes a
+    thing. A directory this process already claimed (its pre-flight check did) is kept; a used one is refused."""
+    directory = Path(directory)
+    if claimed_by_this_process(directory):
+        return
+    if setting == "hydra.sweep.dir":
+        refuse_used_sweep_dir(directory)
+    else:
+        refuse_used_run_dir(directory, hydra_made=hydra_made)
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(directory / CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        raise UserError(f"{directory} was just taken by another moe-lab run started at the same time; moe-lab never "
+                        f"writes two runs into one directory. Choose another with {setting}=...") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()}\n")
+
+
+def release_run_dir(directory: Path) -> None:
+    """Give back a directory this process claimed but wrote nothing into (a run that failed before its first
+    output), so the corrected command can use it."""
+    if claimed_by_this_process(directory):
+        (Path(directory) / CLAIM).unlink(missing_ok=True)

@@ -8,7 +8,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -18,13 +18,13 @@ from omegaconf import DictConfig
 from moe_lab.analysis.dashboard import write_dashboard
 from moe_lab.analysis.runs import write_atomically
 from moe_lab.data.datamodule import LMDataModule
-from moe_lab.errors import ConfigError, Diverged
+from moe_lab.errors import ConfigError, Diverged, UserError
 from moe_lab.training.callbacks import GracefulStop, StepProgressBar, StopRequested
 from moe_lab.training.checkpoint import AtomicCheckpointIO, check_resume
 from moe_lab.training.loggers import build_loggers, finish_wandb
 from moe_lab.training.metrics import RoutingMetrics
 from moe_lab.training.module import MoELanguageModel
-from moe_lab.training.run_dir import launched_worker, refuse_used_run_dir
+from moe_lab.training.run_dir import claim_run_dir, launched_worker, release_run_dir
 from moe_lab.training.runtime import quiet_lightning, retain_freed_memory
 from moe_lab.training.schemas import TrainConfig, validate
 from moe_lab.training.strategy import make_strategy
@@ -44,15 +44,32 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     quiet_lightning()
     retain_freed_memory()  # CPU steps reuse freed memory instead of page-faulting it back (training/runtime.py)
     output_dir = Path(run.paths.output_dir).expanduser().resolve()
-    if not launched_worker():  # data-parallel workers share the directory rank 0 made
-        refuse_used_run_dir(output_dir)
     ckpt_path = check_resume(run.ckpt_path, run.model)
+    if not launched_worker():  # data-parallel workers share the directory rank 0 claimed
+        claim_run_dir(output_dir)
+    # Ctrl-C and SIGTERM are moe-lab's from here on, whatever the run is doing when they come.
+    stop = GracefulStop(str(output_dir / "checkpoints" / "last.ckpt"))
+    stop.install()
+    try:
+        return _train(run, cfg, output_dir, ckpt_path, stop)
+    finally:
+        stop.restore()
+
+
+def _train(run: TrainConfig, cfg: DictConfig, output_dir: Path, ckpt_path: Optional[str], stop: GracefulStop
+           ) -> dict[str, Any]:
     started = time.time()
     L.seed_everything(run.seed, workers=True, verbose=False)
 
     data = LMDataModule(run.data, run.tokenizer, run.paths.cache_dir, run.seed)
-    data.prepare_data()
-    data.setup("fit")  # data errors surface here, before a model or trainer exists
+    try:
+        data.prepare_data()
+        data.setup("fit")  # data errors surface here, before a model or trainer exists
+    except UserError:
+        release_run_dir(output_dir)  # nothing was written: the corrected command may use the directory
+        raise
+    if stop.received is not None:
+        stopped_before_training(stop.received, output_dir)
     model_cfg = run.model
     if model_cfg.vocab_size is None:
         model_cfg.vocab_size = math.ceil(data.vocab_size / 64) * 64  # padded for fast matmuls (nanoGPT)
@@ -70,7 +87,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                monitor="step", mode="max", save_last=True)
     routing = RoutingMetrics(data.domain_names, module.model.flops_per_token(run.data.seq_len), output_dir,
                              image_every_n_steps=run.metrics.image_every_n_steps)
-    stop = GracefulStop(str(last), before_save=routing.flush)
+    stop.before_save = routing.flush
     checkpoint_io = AtomicCheckpointIO()
     loggers = build_loggers(run, cfg, output_dir)
     try:
@@ -87,7 +104,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         try:
             if ckpt_path is None:
-                trainer.validate(module, datamodule=data, verbose=False)  # the untrained model's val/loss, at step 0
+                try:  # the untrained model's val/loss, at step 0
+                    trainer.validate(module, datamodule=data, verbose=False)
+                except StopRequested as e:
+                    stopped_before_training(e.signum, output_dir, loggers)
+            if stop.received is not None and ckpt_path is None:
+                stopped_before_training(stop.received, output_dir, loggers)
             try:
                 trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
             except StopRequested:
@@ -136,6 +158,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if stop.received is not None:
         raise Interrupted(stop.received)
     return summary
+
+
+def stopped_before_training(signum: int, output_dir: Path, loggers: Optional[list] = None) -> None:
+    """Ctrl-C or SIGTERM before the first optimizer step: say so in one line, leave a summary, exit 128 + signum."""
+    import signal
+
+    name = signal.Signals(signum).name
+    for logger in loggers or []:
+        logger.finalize("failed")
+    if not launched_worker():
+        save_summary({"status": "interrupted", "step": 0, "checkpoint": None,
+                      "error": f"{name} before the first training step: nothing was trained"}, output_dir)
+        print(f"moe-lab: {name} before the first training step: nothing was trained and no checkpoint was written; "
+              f"run the same command again with a new hydra.run.dir", file=sys.stderr, flush=True)
+    raise Interrupted(signum)
 
 
 def trainer_arguments(run: TrainConfig) -> dict:
