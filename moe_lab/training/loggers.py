@@ -49,6 +49,21 @@ def sweep_group() -> Optional[str]:
     return None
 
 
+def wandb_server_reachable(timeout: float = 3.0) -> tuple[bool, str]:
+    """(reachable, reason): a TCP connection to the W&B server (WANDB_BASE_URL, else the public one), so a dead or
+    absent server costs seconds here rather than wandb.init's 90-second timeout."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout):
+            return True, ""
+    except OSError as e:
+        return False, f"{url.hostname}:{port}: {e.strerror or type(e).__name__}"
+
+
 def wandb_has_credentials() -> bool:
     """Whether W&B has an API key for its configured server, asked without a prompt and without contacting it."""
     import wandb
@@ -93,6 +108,12 @@ def build_wandb_logger(node: dict[str, Any], run: TrainConfig, output_dir: Path)
         rank_zero_only(print)(f"moe-lab: W&B has no credentials (WANDB_API_KEY or ~/.netrc): {offline_note}",
                               file=sys.stderr)
         node["offline"], node["mode"], online = True, "offline", False
+    if online:
+        reachable, reason = wandb_server_reachable()
+        if not reachable:
+            rank_zero_only(print)(f"moe-lab: W&B could not reach its server ({reason}): {offline_note}",
+                                  file=sys.stderr)
+            node["offline"], node["mode"], online = True, "offline", False
     logger = hydra.utils.instantiate(node)
     if online:
         try:
