@@ -334,6 +334,23 @@ def test_a_save_killed_mid_write_leaves_the_previous_checkpoint_whole(tmp_path, 
     assert not list(other_tmp.iterdir())  # nothing was written to the other filesystem
     leftovers = list(ckpt_dir.glob(".last.ckpt.*.tmp"))  # a kill leaves its partial temp file beside the checkpoint
     assert len(leftovers) == 1 and leftovers[0].stat().st_size == 100_000
+    from moe_lab.training.checkpoint import remove_stale_partial_saves
+
+    assert remove_stale_partial_saves(last) == leftovers  # a resume from here clears it (its writer is dead)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == (["last.ckpt"] if existing else [])
+
+
+def test_partial_saves_of_a_live_run_are_left_alone(tmp_path):
+    import os
+
+    from moe_lab.training.checkpoint import remove_stale_partial_saves
+    from moe_lab.training.run_dir import CLAIM
+
+    (tmp_path / "checkpoints").mkdir()
+    partial = tmp_path / "checkpoints" / ".last.ckpt.abc.tmp"
+    partial.write_bytes(b"x")
+    (tmp_path / CLAIM).write_text(f"{os.getppid()}\n")  # a live process owns the run
+    assert remove_stale_partial_saves(tmp_path / "checkpoints" / "last.ckpt") == [] and partial.exists()
 
 
 def test_a_failed_save_removes_its_temp_file(tmp_path, monkeypatch):

@@ -36,9 +36,13 @@ class RunRecord:
 
     @property
     def status(self) -> str:
+        """finished, interrupted, diverged or running; "failed" for a sweep job that failed (its error.txt says
+        why, a diverged job's included)."""
+        if (self.path / "error.txt").exists():
+            return "failed"
         if self.summary:
             return self.summary.get("status", "finished")
-        return "failed" if (self.path / "error.txt").exists() else "running"
+        return "running"
 
     @property
     def error(self) -> str:
@@ -175,7 +179,7 @@ def summary_rows(runs: list[RunRecord]) -> list[dict[str, Any]]:
                 row[key] = value if value is not None else ""
         rows.append(row)
     # Finished runs by validation loss; then interrupted, running and failed ones (their figures are the last seen).
-    order = {"finished": 0, "interrupted": 1, "running": 2, "failed": 3}
+    order = {"finished": 0, "interrupted": 1, "running": 2, "diverged": 3, "failed": 3}
     rows.sort(key=lambda r: (order.get(r["status"], 4), not isinstance(r["val/loss"], float)
                              or math.isnan(r["val/loss"]), r["val/loss"] if isinstance(r["val/loss"], float) else 0.0))
     return rows

@@ -127,3 +127,27 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         finally:
             os.close(directory)
         self.last_saved = path
+
+
+def remove_stale_partial_saves(ckpt_file: str | Path) -> list[Path]:
+    """Delete the partial writes a killed save left beside `ckpt_file` (AtomicCheckpointIO's `.NAME.*.tmp` files),
+    unless the process that claimed that run directory is still alive. Called when a run resumes from it."""
+    from moe_lab.training.run_dir import CLAIM
+
+    folder = Path(ckpt_file).expanduser().parent
+    try:
+        owner = int((folder.parent / CLAIM).read_text().strip())
+    except (OSError, ValueError):
+        owner = None
+    if owner is not None and owner != os.getpid():
+        try:
+            os.kill(owner, 0)
+            return []  # the run that owns the folder may still be writing
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # alive, another user's
+            return []
+    stale = sorted(folder.glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale

@@ -20,7 +20,7 @@ from moe_lab.analysis.runs import write_atomically
 from moe_lab.data.datamodule import LMDataModule
 from moe_lab.errors import ConfigError, Diverged, UserError
 from moe_lab.training.callbacks import GracefulStop, StepProgressBar, StopRequested
-from moe_lab.training.checkpoint import AtomicCheckpointIO, check_resume
+from moe_lab.training.checkpoint import AtomicCheckpointIO, check_resume, remove_stale_partial_saves
 from moe_lab.training.loggers import build_loggers, finish_wandb
 from moe_lab.training.metrics import RoutingMetrics
 from moe_lab.training.module import MoELanguageModel
@@ -47,6 +47,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ckpt_path = check_resume(run.ckpt_path, run.model)
     if not launched_worker():  # data-parallel workers share the directory rank 0 claimed
         claim_run_dir(output_dir)
+        if ckpt_path is not None:
+            remove_stale_partial_saves(ckpt_path)  # what a save killed mid-write left beside the checkpoint
     # Ctrl-C and SIGTERM are moe-lab's from here on, whatever the run is doing when they come.
     stop = GracefulStop(str(output_dir / "checkpoints" / "last.ckpt"))
     stop.install()
