@@ -31,8 +31,8 @@ class GracefulStop(L.Callback):
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, last_checkpoint: str, before_save: Optional[Callable[[L.Trainer, L.LightningModule], None]] = None
-                 ) -> None:
+    def __init__(self, last_checkpoint: str,
+                 before_save: Optional[Callable[[L.Trainer, L.LightningModule], None]] = None) -> None:
         self.last_checkpoint = last_checkpoint
         self.before_save = before_save  # e.g. log the steps since the last log step
         self.received: Optional[int] = None

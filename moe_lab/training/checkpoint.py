@@ -32,9 +32,9 @@ def read_checkpoint(path: str | Path, setting: Optional[str] = None) -> dict[str
     file = Path(path).expanduser()
     where = f"{setting + '=' if setting else ''}{path}"
     if file.is_dir():
-        raise CheckpointError(f"{where} is a directory; give a checkpoint file, e.g. {file / 'checkpoints' / 'last.ckpt'}"
-                              if (file / "checkpoints" / "last.ckpt").is_file() else
-                              f"{where} is a directory; give a checkpoint file (.ckpt)")
+        inside = file / "checkpoints" / "last.ckpt"
+        raise CheckpointError(f"{where} is a directory; give a checkpoint file"
+                              + (f", e.g. {inside}" if inside.is_file() else " (.ckpt)"))
     if not file.is_file():
         raise CheckpointError(f"{where}: no such checkpoint file" + (" (a link that leads nowhere)"
                                                                        if file.is_symlink() else ""))
