@@ -181,3 +181,27 @@ def test_moe_lab_reads_hydra_flags_as_hydra_does(tmp_path):
                    if (m := re.match(r"^(-[\w-]+(?:,-[\w-]+)*) :", line)) for flag in m.group(1).split(",")}
     ours = {flag for action in hydra_arguments()._actions for flag in action.option_strings}
     assert hydra_flags and ours == hydra_flags
+
+
+def test_a_killed_run_keeps_its_curves(tmp_path, cache_dir):
+    """Every logged row is on disk by the next log step: a run killed outright (SIGKILL: no handler, no flush at
+    exit) still has the rows of every step it logged, and a live dashboard sees them while it runs."""
+    run_dir = tmp_path / "run"
+    args = [moe_lab_script(), "train", *fast_args(cache_dir), "trainer.max_steps=100000", "trainer.log_every_n_steps=2",
+            "trainer.val_check_interval=100000", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            routing = run_dir / "routing.jsonl"
+            if routing.exists() and len(routing.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.2)
+        proc.kill()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    logged = [json.loads(line)["step"] for line in (run_dir / "routing.jsonl").read_text().splitlines()[:3]]
+    with open(run_dir / "metrics.csv") as f:
+        rows = {int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")}
+    assert set(logged) <= rows, (logged, sorted(rows))

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.slow
 
 STEPS = 4
 COMMON = [*FAST, f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=2",
-          "checkpoint.keep=-1", "metrics.dashboard=false"]
+          "checkpoint.keep=-1", "metrics.dashboard=false", "threads=1"]
 # The same micro-batches of 4 sequences: one per rank and step on 2 ranks, or two per step on one process.
 TWO_RANKS = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=4",
              f"trainer.val_check_interval={STEPS}"]

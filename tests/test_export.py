@@ -73,3 +73,24 @@ def test_export_never_writes_over_files(make_cfg, tmp_path):
     assert (tmp_path / "hf" / "notes.txt").read_text() == "mine"
     with pytest.raises(UserError, match="no such checkpoint"):
         export_hf(tmp_path / "missing.ckpt", tmp_path / "other")
+
+
+def test_load_model_is_dropless_and_causal_for_inference(make_cfg, tmp_path):
+    """Trained with a capacity limit (the default cf1_25, eval 2.0): for inference, load_model routes every token, so
+    a token's logits depend neither on later tokens nor on the other sequences of the batch, and equal the export's."""
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    train(make_cfg("trainer.max_steps=3", "trainer.val_check_interval=3", "model.n_layers=3", name="run"))
+    model = moe_lab.load_model(ckpt)
+    assert model.model_cfg.moe.eval_capacity_factor is None
+    assert moe_lab.load_model(ckpt, capacity="checkpoint").model_cfg.moe.eval_capacity_factor == 2.0
+    torch.manual_seed(0)
+    prompt = torch.randint(0, 257, (1, 40))
+    longer = torch.cat([prompt, torch.randint(0, 257, (1, 24))], dim=1)
+    batch = torch.cat([prompt, torch.randint(0, 257, (7, 40))])
+    with torch.no_grad():
+        alone = model(prompt)
+        torch.testing.assert_close(model(longer)[:, :40], alone, rtol=0, atol=1e-5)  # later tokens change nothing
+        torch.testing.assert_close(model(batch)[:1], alone, rtol=0, atol=1e-5)  # neither do other sequences
+        export_hf(ckpt, tmp_path / "hf")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        torch.testing.assert_close(hf(batch).logits, model(batch), rtol=0, atol=1e-4)

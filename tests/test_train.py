@@ -121,3 +121,17 @@ def test_aux_free_bias_moves_once_per_optimizer_step_under_accumulation(make_cfg
     state = torch.load(tmp_path / "af" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     steps = state["model.blocks.0.ffn.router.bias_E"] / 1e-3
     assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 5 and steps.abs().sum() > 0
+
+
+def test_threads_follow_the_cpus_this_process_may_use(make_cfg, tmp_path):
+    import os
+
+    from moe_lab.training.runtime import cpu_threads
+
+    available = len(os.sched_getaffinity(0))
+    assert cpu_threads() == available and cpu_threads(3) == 3
+    assert cpu_threads(None, processes=available) == 1 and cpu_threads(None, processes=4 * available) == 1
+    summary = train(make_cfg("threads=1", "trainer.max_steps=3", name="run"))
+    assert torch.get_num_threads() == 1
+    # The run's average speed is reported beside the last window's.
+    assert summary["tokens_per_sec_run"] > 0 and summary["train/tokens_per_sec"] > 0

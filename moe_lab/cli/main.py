@@ -102,9 +102,7 @@ def export_command(args: list[str]) -> int:
         result = export_hf(parsed.checkpoint, parsed.out_dir)
     except UserError as e:
         return fail(str(e))
-    note = "" if result["dropless"] else (" (Hugging Face models are dropless; moe-lab's own evaluation drops tokens "
-                                          "past eval_capacity_factor, so logits agree wherever none is dropped)")
-    print(f"moe-lab: wrote {result['architecture']} to {result['out_dir']}{note}\n"
+    print(f"moe-lab: wrote {result['architecture']} to {result['out_dir']} (dropless, as moe_lab.load_model)\n"
           f"  AutoModelForCausalLM.from_pretrained({result['out_dir']!r})")
     return 0
 

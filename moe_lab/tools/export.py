@@ -4,8 +4,7 @@
 loads, and its tokenizer. The architecture follows the router and experts:
     Mixtral     softmax top-k with weights renormalised to sum to 1, every layer MoE, no shared expert;
     Qwen2-MoE   otherwise: weights not renormalised, dense layers (mlp_only_layers), a sigmoid-gated shared expert.
-Both are dropless: moe-lab's own evaluation drops tokens only past `eval_capacity_factor`, so logits agree whenever
-no token is dropped (always with `capacity=dropless`). Which moe-lab routers a Hugging Face MoE block can express is
+Both are dropless, as `moe_lab.load_model` is by default, so their logits equal moe-lab's. Which moe-lab routers a Hugging Face MoE block can express is
 decided here (`hf_routing`), not by the routers.
 """
 
@@ -214,5 +213,4 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    moe = module.model_cfg.moe
-    return {"architecture": type(model).__name__, "out_dir": str(out), "dropless": moe.eval_capacity_factor is None}
+    return {"architecture": type(model).__name__, "out_dir": str(out)}

@@ -19,7 +19,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from moe_lab.errors import CheckpointError
-from moe_lab.model import ModelConfig
+from moe_lab.model import ROUTERS, ModelConfig
 from moe_lab.training.module import MoELanguageModel
 
 # A model's layout, not what it computes: a checkpoint resumes under any value of these.
@@ -83,12 +83,23 @@ def _differences(a: Any, b: Any, prefix: str) -> list[str]:
     return [] if a == b else [f"{prefix} is {a!r} in the checkpoint but {b!r} here"]
 
 
-def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu"):
+def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu", capacity: str = "dropless"):
     """The trained model of a moe-lab checkpoint, in eval mode: `load_model(p)(ids_BT)` -> logits (B, T, V). Its
-    `hparams` hold the run's model, optimizer and tokenizer settings."""
+    `hparams` hold the run's model, optimizer and tokenizer settings.
+
+    `capacity="dropless"` (the default) routes every token to its experts, as inference should: a token's logits do
+    not depend on the other tokens of the batch or on later positions (with a causal router), and they equal the
+    Hugging Face export's. `capacity="checkpoint"` keeps the run's `eval_capacity_factor`, as its validation did.
+    Expert choice is a capacity by nature and keeps its factor either way.
+    """
+    if capacity not in ("dropless", "checkpoint"):
+        raise ValueError(f"capacity={capacity!r}; choose 'dropless' or 'checkpoint'")
     ckpt = read_checkpoint(ckpt_path)
     hparams = ckpt["hyper_parameters"]
-    module = MoELanguageModel(model=checkpoint_model_config(ckpt, ckpt_path), optim=hparams.get("optim") or {},
+    model_cfg = checkpoint_model_config(ckpt, ckpt_path)
+    if capacity == "dropless" and ROUTERS[model_cfg.moe.router.name].uses_capacity:
+        model_cfg.moe.eval_capacity_factor = None
+    module = MoELanguageModel(model=model_cfg, optim=hparams.get("optim") or {},
                               domain_names=hparams.get("domain_names"), tokenizer=hparams.get("tokenizer"),
                               seed=hparams.get("seed", 0))
     try:

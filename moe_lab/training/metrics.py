@@ -73,6 +73,7 @@ class RoutingMetrics(L.Callback):
         self.load_rows: list[list] = []  # (step, layer, expert, load) for a W&B table
         self._peak: Optional[float] = None
         self._window_start = 0  # the step the current window follows
+        self._run_tokens, self._run_seconds = 0, 0.0  # over the whole run (validation excluded), all devices
         self._reset()
 
     # -- accumulation ---------------------------------------------------------------------------------------
@@ -168,6 +169,8 @@ class RoutingMetrics(L.Callback):
         throughput.update(time=seconds, batches=self._micro_batches, samples=self._samples, lengths=self._tokens,
                           flops=self._tokens * self.flops_per_token)
         window = throughput.compute()
+        self._run_tokens += self._tokens * world
+        self._run_seconds += seconds
         metrics = {
             "train/loss": float(values["ce"]) / micro,
             "train/lr": trainer.optimizers[0].param_groups[0]["lr"],
@@ -193,6 +196,11 @@ class RoutingMetrics(L.Callback):
             self._draw(trainer, step)
         self._window_start = step
         self._reset()
+
+    @property
+    def run_tokens_per_sec(self) -> Optional[float]:
+        """Training tokens per second over the whole run so far (all devices, validation excluded)."""
+        return self._run_tokens / self._run_seconds if self._run_seconds > 0 else None
 
     def flush(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Log the steps since the last log step now: a run stopped between log steps keeps them in its curve."""

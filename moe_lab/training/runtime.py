@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import Optional
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -56,3 +57,15 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*`broadcast_buffers` is deprecated.*")
     # Validation sums are all-reduced by the module itself before they are logged.
     warnings.filterwarnings("ignore", message=r".*It is recommended to use `self.log\('val/.*sync_dist=True.*")
+
+
+def cpu_threads(setting: Optional[int] = None, processes: int = 1) -> int:
+    """Intra-op threads for a training process: `setting`, or the CPUs this process may run on (its affinity, which
+    a scheduler or container may set below the machine's count) divided among the `processes` on this machine."""
+    if setting:
+        return setting
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        available = os.cpu_count() or 1
+    return max(1, available // max(processes, 1))

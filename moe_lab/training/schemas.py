@@ -84,6 +84,9 @@ class TrainConfig:
     logger: dict[str, Any] = field(default_factory=dict)
     # Seeds Python, NumPy and torch (weights and data order).
     seed: int = 1234
+    # Intra-op CPU threads of each training process; null = the CPUs this process may run on
+    # (os.sched_getaffinity), shared among the processes a data-parallel run starts on this machine.
+    threads: Optional[int] = None
     # Resume: the path of a checkpoint (e.g. outputs/2026-01-01/12-00-00/checkpoints/last.ckpt).
     ckpt_path: Optional[str] = None
     # Run name for loggers; null = built from the command-line overrides.
@@ -227,6 +230,8 @@ def _check_training(run: TrainConfig) -> None:
     need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     need(run.checkpoint.every_n_steps >= 1, "checkpoint.every_n_steps must be at least 1")
+    need(run.threads is None or run.threads >= 1, f"threads={run.threads} must be at least 1 (or null: the CPUs this "
+                                                  "process may use)")
     need(run.metrics.image_every_n_steps >= 1, "metrics.image_every_n_steps must be at least 1")
     _check_trainer(run.trainer)
     for name, logger in run.logger.items():

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
@@ -25,7 +26,7 @@ from moe_lab.training.loggers import build_loggers, finish_wandb
 from moe_lab.training.metrics import RoutingMetrics
 from moe_lab.training.module import MoELanguageModel
 from moe_lab.training.run_dir import claim_run_dir, launched_worker, release_run_dir
-from moe_lab.training.runtime import quiet_lightning, retain_freed_memory
+from moe_lab.training.runtime import cpu_threads, quiet_lightning, retain_freed_memory
 from moe_lab.training.schemas import TrainConfig, validate
 from moe_lab.training.strategy import make_strategy
 
@@ -43,6 +44,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     run = validate(cfg)
     quiet_lightning()
     retain_freed_memory()  # CPU steps reuse freed memory instead of page-faulting it back (training/runtime.py)
+    devices = run.trainer.get("devices")
+    data_parallel = str(run.trainer.get("strategy", "")).startswith("ddp") and isinstance(devices, int)
+    torch.set_num_threads(cpu_threads(run.threads, devices if data_parallel else 1))
     output_dir = Path(run.paths.output_dir).expanduser().resolve()
     ckpt_path = check_resume(run.ckpt_path, run.model)
     if not launched_worker():  # data-parallel workers share the directory rank 0 claimed
@@ -142,6 +146,7 @@ def _train(run: TrainConfig, cfg: DictConfig, output_dir: Path, ckpt_path: Optio
             "initial_val_loss": module.first_val_loss,
             # Run-level figures only; per-layer and per-expert ones are in metrics.csv and routing.jsonl.
             **{k: v for k, v in module.last_train_metrics.items() if not k.startswith("moe/layer")},
+            "tokens_per_sec_run": routing.run_tokens_per_sec,
             "params": module.model.num_params(),
             "output_dir": str(output_dir),
             "checkpoint": str(last),
@@ -233,7 +238,10 @@ def print_summary(summary: dict, module: MoELanguageModel) -> None:
         lines.append(f"  val/loss    {summary['val/loss']:.4f} (step {summary['val_step']}{start})   "
                      f"val/ppl {summary['val/ppl']:.2f}")
     if "train/loss" in m:
-        lines.append(f"  train/loss  {m['train/loss']:.4f}   tokens/s {m['train/tokens_per_sec']:.0f}")
+        average = summary.get("tokens_per_sec_run")
+        speed = (f"{average:.0f} (run average; last window {m['train/tokens_per_sec']:.0f})" if average
+                 else f"{m['train/tokens_per_sec']:.0f}")
+        lines.append(f"  train/loss  {m['train/loss']:.4f}   tokens/s {speed}")
     if module.moe_layers and f"moe/layer{module.moe_layers[0]}/imbalance" in m:
         special = f"moe/layer{module.moe_layers[0]}/specialization" in m
         lines.append("  layer  imbalance  dropped  dead  entropy/logE" + ("  specialization" if special else "")
