@@ -135,6 +135,16 @@ def test_trainer_values_that_fail_mid_training_are_refused_up_front(args, expect
     assert message is not None and expected in message and "\n" not in message
 
 
+def test_a_gpu_trainer_without_a_gpu_is_refused_up_front(tmp_path):
+    from moe_lab.cli.preflight import preflight
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible here")
+    message = preflight(["trainer=gpu", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert message is not None and "needs a CUDA GPU and none is visible" in message
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_directory_that_is_a_file_is_refused(tmp_path):
     from moe_lab.cli.preflight import preflight
 

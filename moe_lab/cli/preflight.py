@@ -225,6 +225,13 @@ def _check_inputs(run) -> None:
 
     import datasets
 
+    accelerator = str(run.trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"trainer.accelerator={accelerator} (trainer=gpu) needs a CUDA GPU and none is visible "
+                            "here; use trainer=cpu, or trainer=ddp trainer.accelerator=cpu")
     check_resume(run.ckpt_path, run.model)
     data = LMDataModule(run.data, run.tokenizer, run.paths.cache_dir, run.seed)
     if not data.is_cached():

@@ -94,7 +94,9 @@ def hf_config(cfg: ModelConfig, architecture: str, routing: dict, eos_id: int):
                   hidden_act="silu" if moe.activation == "swiglu" else "gelu_pytorch_tanh",
                   tie_word_embeddings=cfg.tie_embeddings, num_experts_per_tok=routing["top_k"],
                   eos_token_id=eos_id, bos_token_id=None, pad_token_id=None, initializer_range=cfg.init_std,
-                  output_router_logits=False, torch_dtype="float32")
+                  output_router_logits=False, torch_dtype="float32",
+                  # The Switch load-balancing weight (HF's load_balancing_loss_func); HF has no z-loss.
+                  router_aux_loss_coef=moe.aux_loss.load_balance)
     if architecture == "mixtral":
         return MixtralConfig(intermediate_size=moe.expert_hidden, num_local_experts=moe.num_experts,
                              sliding_window=None, **common)
