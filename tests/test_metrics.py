@@ -21,7 +21,14 @@ def test_load_statistics():
     assert stats["maxvio"] == pytest.approx(1.0)
     assert stats["cv"] == pytest.approx(np.std([0.375, 0.125, 0, 0.5]) / 0.25)
     assert stats["dead_experts"] == 1
+    assert stats["min_load"] == 0.0 and stats["starved_experts"] == 1
     assert load_statistics(np.full(8, 5.0))["imbalance"] == 1.0
+    # Three experts with 1% of the slots each are alive (no dead expert) but starved: max/mean cannot tell.
+    starving = load_statistics(np.array([97.0, 1.0, 1.0, 1.0]))
+    assert starving["dead_experts"] == 0 and starving["starved_experts"] == 3
+    assert starving["min_load"] == pytest.approx(0.01 / 0.25)
+    balanced = load_statistics(np.array([24.0, 26.0, 25.0, 25.0]))
+    assert balanced["starved_experts"] == 0 and balanced["min_load"] == pytest.approx(0.96)
 
 
 def test_mutual_information():
@@ -50,13 +57,16 @@ def test_a_run_logs_and_writes_routing_statistics(make_cfg, tmp_path):
     last = {k: float(v) for k, v in rows[-1].items() if v}
     for layer in (0, 1):
         p = f"moe/layer{layer}/"
-        for key in ("imbalance", "maxvio", "cv", "dropped_frac", "dead_experts", "entropy", "entropy_norm",
-                    "topk_mass", "domain_mi", "specialization", "aux/load_balance", "aux/z_loss"):
+        for key in ("imbalance", "maxvio", "cv", "dropped_frac", "dead_experts", "min_load", "starved_experts",
+                    "entropy", "entropy_norm", "topk_mass", "domain_mi", "specialization", "aux/load_balance",
+                    "aux/z_loss"):
             assert p + key in last, p + key
         assert last[p + "maxvio"] == pytest.approx(last[p + "imbalance"] - 1)
         assert last[p + "entropy_norm"] == pytest.approx(last[p + "entropy"] / math.log(8))
         assert 0 < last[p + "topk_mass"] <= 1 and 0 <= last[p + "specialization"] <= 1
     assert last["moe/max_imbalance"] == max(last["moe/layer0/imbalance"], last["moe/layer1/imbalance"])
+    assert last["moe/min_load"] == min(last["moe/layer0/min_load"], last["moe/layer1/min_load"])
+    assert last["moe/starved_experts"] == last["moe/layer0/starved_experts"] + last["moe/layer1/starved_experts"]
     records = [json.loads(line) for line in (run_dir / "routing.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [3, 6, 9, 12] and records[0]["domains"] == ["code", "docs", "math"]
     final = records[-1]["layers"][0]
@@ -68,4 +78,5 @@ def test_a_run_logs_and_writes_routing_statistics(make_cfg, tmp_path):
     mi, norm = mutual_information(np.asarray(final["domain_counts"], dtype=float))
     assert norm == pytest.approx(last["moe/layer0/specialization"], abs=1e-6)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert "moe/max_imbalance" in summary and not any(k.startswith("moe/layer") for k in summary)
+    assert "moe/max_imbalance" in summary and "moe/starved_experts" in summary and "moe/min_load" in summary
+    assert not any(k.startswith("moe/layer") for k in summary)

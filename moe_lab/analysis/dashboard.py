@@ -27,7 +27,8 @@ GENERATOR = '<meta name="generator" content="moe-lab dashboard">'
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # The sweep table's columns and their number formats.
 SWEEP_COLUMNS = [("val/loss", ".4f"), ("initial_val_loss", ".3f"), ("moe/mean_imbalance", ".2f"),
-                 ("moe/max_imbalance", ".2f"), ("moe/dropped_frac", ".1%"), ("moe/dead_experts", ".0f"),
+                 ("moe/max_imbalance", ".2f"), ("moe/min_load", ".2f"), ("moe/dropped_frac", ".1%"),
+                 ("moe/dead_experts", ".0f"), ("moe/starved_experts", ".0f"),
                  ("moe/specialization", ".3f"), ("train/tokens_per_sec", ",.0f")]
 
 
@@ -73,7 +74,8 @@ def run_page(run: RunRecord, refresh: Optional[int] = None) -> str:
         ("worst layer imbalance", _fmt(run.final("moe/max_imbalance"), ".2f"),
          f"mean over layers {_fmt(run.final('moe/mean_imbalance'), '.2f')}"),
         ("dropped slots", _fmt(run.final("moe/dropped_frac"), ".1%"),
-         f"dead experts: {_fmt(run.final('moe/dead_experts'), '.0f')}"),
+         f"dead experts: {_fmt(run.final('moe/dead_experts'), '.0f')}, starved (< 10% of the fair share): "
+         f"{_fmt(run.final('moe/starved_experts'), '.0f')}"),
         ("specialisation", _fmt(run.final("moe/specialization"), ".3f"), "I(expert; domain) / H(domain)"),
         ("parameters", f"{params.get('total', 0) / 1e6:.1f}M" if params else "n/a",
          f"{params.get('active', 0) / 1e6:.1f}M active per token" if params else ""),
@@ -114,7 +116,10 @@ def sweep_page(sweep_dir: Path, runs: list[RunRecord], refresh: Optional[int] = 
         run = by_job[r["job"]][0]
         cells = [{"text": _fmt(r[c], spec),
                   "good": (c == "moe/mean_imbalance" and r["job"] == best_balance)
-                  or (c == "val/loss" and r["job"] == best_loss)} for c, spec in SWEEP_COLUMNS]
+                  or (c == "val/loss" and r["job"] == best_loss),
+                  # Starving or collapsing routing is flagged on every run, not only the best ones.
+                  "bad": (c in ("moe/dead_experts", "moe/starved_experts") and isinstance(r[c], float) and r[c] > 0)
+                  or (c == "moe/min_load" and isinstance(r[c], float) and r[c] < 0.1)} for c, spec in SWEEP_COLUMNS]
         table.append({"job": r["job"], "label": name_of(r["job"]), "cells": cells, "status": r["status"],
                       "error": run.error, "overrides": r["overrides"].split(), "best": r["job"] == best_loss,
                       "page": f"{r['job']}/dashboard.html" if (run.path / "dashboard.html").exists() else ""})

@@ -22,7 +22,8 @@ import yaml
 from moe_lab.errors import DashboardError
 
 SUMMARY_COLUMNS = ["job", "status", "val/loss", "initial_val_loss", "train/loss", "moe/mean_imbalance",
-                   "moe/max_imbalance", "moe/dropped_frac", "moe/dead_experts", "moe/specialization",
+                   "moe/max_imbalance", "moe/min_load", "moe/dropped_frac", "moe/dead_experts",
+                   "moe/starved_experts", "moe/specialization",
                    "train/tokens_per_sec", "train/mfu", "step", "seconds", "overrides", "run_dir"]
 
 

@@ -12,12 +12,15 @@ Logged every `trainer.log_every_n_steps` optimizer steps (L = block index, E = e
     moe/layer{L}/cv               coefficient of variation of the loads (std / mean)
     moe/layer{L}/dropped_frac     share of token slots over capacity (expert choice: tokens no expert took)
     moe/layer{L}/dead_experts     experts that got no token in the window
+    moe/layer{L}/min_load         the least loaded expert's load over the fair share 1/E (0 = starving, 1 = balanced)
+    moe/layer{L}/starved_experts  experts under 10% of the fair share (alive, but barely used)
     moe/layer{L}/entropy          mean per-token entropy of the router probabilities (nats); entropy_norm = / log E
     moe/layer{L}/topk_mass        mean router probability held by a token's chosen experts
     moe/layer{L}/domain_mi        mutual information between expert and data domain (nats), labelled data only
     moe/layer{L}/specialization   domain_mi / H(domain): 0 = experts ignore the domain, 1 = an expert per domain
     moe/layer{L}/aux/{name}       each aux loss of the layer
-    moe/max_imbalance, moe/mean_imbalance, moe/dropped_frac, moe/dead_experts, moe/specialization   over layers
+    moe/max_imbalance, moe/mean_imbalance, moe/dropped_frac, moe/dead_experts, moe/starved_experts (sums),
+    moe/min_load (minimum), moe/specialization                                                    over layers
 """
 
 from __future__ import annotations
@@ -212,6 +215,7 @@ class RoutingMetrics(L.Callback):
         counts_LE = values["counts_LE"]
         num_experts = counts_LE.shape[1]
         per_layer: dict[str, list[float]] = {"imbalance": [], "dropped_frac": [], "dead_experts": [],
+                                             "starved_experts": [], "min_load": [],
                                              "specialization": [], "entropy_norm": []}
         loads = []
         for i, layer in enumerate(layers):
@@ -243,6 +247,8 @@ class RoutingMetrics(L.Callback):
         metrics["moe/mean_imbalance"] = float(np.mean(per_layer["imbalance"]))
         metrics["moe/dropped_frac"] = float(np.mean(per_layer["dropped_frac"]))
         metrics["moe/dead_experts"] = float(np.sum(per_layer["dead_experts"]))
+        metrics["moe/starved_experts"] = float(np.sum(per_layer["starved_experts"]))
+        metrics["moe/min_load"] = float(np.min(per_layer["min_load"]))
         metrics["moe/entropy_norm"] = float(np.mean(per_layer["entropy_norm"]))
         if per_layer["specialization"]:
             metrics["moe/specialization"] = float(np.mean(per_layer["specialization"]))

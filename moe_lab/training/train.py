@@ -244,14 +244,15 @@ def print_summary(summary: dict, module: MoELanguageModel) -> None:
         lines.append(f"  train/loss  {m['train/loss']:.4f}   tokens/s {speed}")
     if module.moe_layers and f"moe/layer{module.moe_layers[0]}/imbalance" in m:
         special = f"moe/layer{module.moe_layers[0]}/specialization" in m
-        lines.append("  layer  imbalance  dropped  dead  entropy/logE" + ("  specialization" if special else "")
-                     + "  busiest expert")
+        lines.append("  layer  imbalance  min load  dropped  dead  starved  entropy/logE"
+                     + ("  specialization" if special else "") + "  busiest expert")
         for layer in module.moe_layers:
             p = f"moe/layer{layer}/"
             loads = [m[f"{p}expert{e}/load"] for e in range(module.num_experts)]
             top = max(range(len(loads)), key=loads.__getitem__)
-            lines.append(f"  {layer:>5}  {m[p + 'imbalance']:>9.2f}  {m[p + 'dropped_frac']:>7.1%}  "
-                         f"{m[p + 'dead_experts']:>4.0f}  {m[p + 'entropy_norm']:>12.3f}"
+            lines.append(f"  {layer:>5}  {m[p + 'imbalance']:>9.2f}  {m[p + 'min_load']:>8.2f}  "
+                         f"{m[p + 'dropped_frac']:>7.1%}  {m[p + 'dead_experts']:>4.0f}  {m[p + 'starved_experts']:>7.0f}  "
+                         f"{m[p + 'entropy_norm']:>12.3f}"
                          + (f"  {m[p + 'specialization']:>14.3f}" if special else "")
                          + f"  #{top} ({loads[top]:.1%})")
     if "dashboard" in summary:
