@@ -15,7 +15,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, BinaryIO, Callable, Optional
 
 import yaml
 
@@ -197,15 +197,25 @@ def write_sweep_summary(sweep_dir: Path) -> Path:
     return out
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Write `text` to a temporary file in the same folder, flush it to disk, then rename it over `path`."""
+def write_atomically(path: Path, content: str | Callable[[BinaryIO], None]) -> None:
+    """Write `content` (text, or a function that writes bytes to a file) to a temporary file in the same folder,
+    flush it to disk, rename it over `path`, and flush the rename: a kill at any moment leaves the old file whole.
+    (The temp file lives beside `path`: in the system's temp dir, possibly another filesystem, a rename is a copy.)"""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

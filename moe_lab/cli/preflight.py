@@ -40,10 +40,16 @@ def preflight(args: list[str], claim: bool = False) -> Optional[str]:
         return None  # Hydra shows something and runs nothing
     try:
         target = check(parsed)
-        if claim and target is not None:
+        if target is not None:
             directory, multirun = target
-            claim_run_dir(directory, hydra_made=not externally_launched(),
-                          setting="hydra.sweep.dir" if multirun else "hydra.run.dir")
+            # Under torchrun or SLURM the other ranks start with this one, and their Hydra may have made .hydra.
+            hydra_made = not externally_launched()
+            if claim:  # refuses a used directory, then takes it
+                claim_run_dir(directory, hydra_made, setting="hydra.sweep.dir" if multirun else "hydra.run.dir")
+            elif multirun:
+                refuse_used_sweep_dir(directory)
+            else:
+                refuse_used_run_dir(directory, hydra_made=hydra_made)
     except UserError as e:
         return str(e)
     return None
@@ -51,7 +57,7 @@ def preflight(args: list[str], claim: bool = False) -> Optional[str]:
 
 def check(parsed: argparse.Namespace) -> Optional[tuple[Path, bool]]:
     """Raises UserError on a mistake; returns the run directory (or the sweep directory, and True) when it is known
-    before the job runs."""
+    before the job runs, for preflight() to refuse or claim."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -98,7 +104,7 @@ def check(parsed: argparse.Namespace) -> Optional[tuple[Path, bool]]:
                 raise UserError(f"{sweeps[0]} is a sweep: add -m (--multirun) to run one job per value, or write "
                                 "a list value in brackets ([1,2])")
             if not launched_worker():  # workers share the directory rank 0 made
-                return _check_output_dir(composed[0], multirun)
+                return _output_dir(composed[0], multirun)
             return None
     finally:
         GlobalHydra.instance().clear()
@@ -249,15 +255,10 @@ def _check_inputs(run) -> None:
                         "set it to null to follow the tokenizer")
 
 
-def _check_output_dir(base: DictConfig, multirun: bool) -> Optional[tuple[Path, bool]]:
+def _output_dir(base: DictConfig, multirun: bool) -> Optional[tuple[Path, bool]]:
+    """The run (or sweep) directory Hydra will use, when it is known before the job runs."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     try:
-        directory = Path(str(OmegaConf.select(base, key, throw_on_resolution_failure=True)))
+        return Path(str(OmegaConf.select(base, key, throw_on_resolution_failure=True))), multirun
     except Exception:
-        return None  # depends on values only a running job has; train() checks again inside the job
-    if multirun:
-        refuse_used_sweep_dir(directory)
-    else:
-        # Under torchrun or SLURM the other ranks start with this one, and their Hydra may already have made .hydra.
-        refuse_used_run_dir(directory, hydra_made=not externally_launched())
-    return directory, multirun
+        return None  # depends on values only a running job has; train() checks and claims inside the job
