@@ -108,11 +108,20 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, cache_dir):
     assert "SIGTERM received" in err
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["step"] > 0
-    resumed = run_cli(["train", *fast_args(cache_dir), f"trainer.max_steps={summary['step'] + 2}",
+    # Resuming needs only the checkpoint (and here a new step budget): the run's overrides come with it.
+    resumed = run_cli(["train", f"trainer.max_steps={summary['step'] + 2}",
                        f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={tmp_path / 'resumed'}"],
                       cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from step {summary['step']} of {run_dir}" in resumed.stderr
     assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["step"] == summary["step"] + 2
+    config = yaml.safe_load((tmp_path / "resumed" / ".hydra" / "config.yaml").read_text())
+    assert config["model"]["d_model"] == 64 and config["paths"]["cache_dir"] == str(cache_dir)
+    # The finished resumed run: nothing to do, said before anything is written.
+    again = run_cli(["train", f"ckpt_path={tmp_path / 'resumed' / 'checkpoints' / 'last.ckpt'}",
+                     f"hydra.run.dir={tmp_path / 'again'}"], cwd=tmp_path)
+    assert again.returncode == 2 and "moe-lab: error: nothing to do:" in again.stderr, again.stderr[-2000:]
+    assert not (tmp_path / "again").exists()
 
 
 def test_wandb_without_credentials_runs_offline(tmp_path, cache_dir):

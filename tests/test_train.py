@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from moe_lab.analysis.dashboard import write_dashboard
+from moe_lab.analysis.runs import read_run
 from moe_lab.errors import UserError
 from moe_lab.training.schemas import config_dir
 from moe_lab.training.train import train
@@ -71,6 +73,62 @@ def test_resume_continues_the_same_loss_curve(make_cfg, tmp_path):
     final_resumed = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
     for name in final_full:
         assert torch.equal(final_full[name], final_resumed[name]), name
+    # The final periodic checkpoint is the final checkpoint: last.ckpt links to it instead of copying it.
+    last = tmp_path / "full" / "checkpoints" / "last.ckpt"
+    assert last.is_symlink() and last.resolve() == (tmp_path / "full" / "checkpoints" / "step000008.ckpt").resolve()
+    # The resumed run's own files start at step 5; its dashboard data starts at step 0, from the run it continues.
+    record = read_run(tmp_path / "resumed")
+    steps, losses = record.series("train/loss")
+    assert steps == list(range(1, 9)) and losses == [full[s] for s in steps]
+    assert record.series("val/loss")[0][0] == 0 and record.earlier == [(tmp_path / "full", 4)]
+    assert [r["step"] for r in record.routing] == list(range(1, 9))
+    assert record.summary["initial_val_loss"] == json.loads((tmp_path / "full" / "summary.json").read_text())[
+        "initial_val_loss"]
+    page = write_dashboard(tmp_path / "resumed").read_text()
+    assert "resumed: the curves start in the runs it continues" in page
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_do(make_cfg, tmp_path):
+    train(make_cfg("trainer.max_steps=2", name="done"))
+    ckpt = tmp_path / "done" / "checkpoints" / "last.ckpt"
+    with pytest.raises(UserError, match="nothing to do: .* is at step 2 and trainer.max_steps=2.*trainer.max_steps=4"):
+        train(make_cfg("trainer.max_steps=2", f"ckpt_path={ckpt}", name="again"))
+    assert not (tmp_path / "again").exists()
+
+
+def test_a_resumed_run_whose_first_run_is_gone_says_so(make_cfg, tmp_path):
+    import shutil
+
+    train(make_cfg("trainer.max_steps=2", name="first"))
+    kept = tmp_path / "kept.ckpt"
+    shutil.copy(tmp_path / "first" / "checkpoints" / "last.ckpt", kept)
+    shutil.rmtree(tmp_path / "first")
+    train(make_cfg("trainer.max_steps=4", f"ckpt_path={kept}", name="second"))
+    record = read_run(tmp_path / "second")
+    assert record.earlier == [] and "steps 0-2 were trained by" in record.gap and "gone" in record.gap
+    assert record.series("train/loss")[0][0] == 3
+
+
+def test_resume_inherits_the_overrides_saved_in_the_checkpoint(make_cfg, tmp_path, monkeypatch):
+    from moe_lab.cli.preflight import with_checkpoint_overrides
+    from moe_lab.training import train as train_module
+    from moe_lab.training.checkpoint import inherited
+
+    saved = ["experts=e4", "trainer.max_steps=2", "+trainer.deterministic=true", "hydra.run.dir=somewhere"]
+    monkeypatch.setattr(train_module, "command_line_overrides", lambda: [o for o in saved if inherited(o)])
+    train(make_cfg("experts=e4", "trainer.max_steps=2", name="first"))
+    ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    args = with_checkpoint_overrides(["-m", f"ckpt_path={ckpt}", "trainer.max_steps=6", "seed=3"])
+    assert args == ["-m", "experts=e4", "+trainer.deterministic=true", f"ckpt_path={ckpt}", "trainer.max_steps=6",
+                    "seed=3"]
+    assert with_checkpoint_overrides(["experts=e8"]) == ["experts=e8"]  # not a resume: untouched
+    # A checkpoint from before overrides were saved: the .hydra/overrides.yaml of the run that holds it.
+    loaded = torch.load(ckpt, weights_only=True)
+    del loaded["moe_lab_run"]
+    torch.save(loaded, ckpt)
+    (tmp_path / "first" / ".hydra").mkdir()
+    (tmp_path / "first" / ".hydra" / "overrides.yaml").write_text("- experts=e4\n- ckpt_path=x\n")
+    assert with_checkpoint_overrides([f"ckpt_path={ckpt}"]) == ["experts=e4", f"ckpt_path={ckpt}"]
 
 
 def test_a_used_run_directory_is_never_overwritten(make_cfg, tmp_path):

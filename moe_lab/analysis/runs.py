@@ -1,6 +1,7 @@
 """Reading run directories back, and the sweep summary (`sweep_summary.csv`).
 
-A run directory holds `.hydra/overrides.yaml`, `metrics.csv`, `routing.jsonl` and `summary.json`; a sweep directory
+A run directory holds `.hydra/overrides.yaml`, `metrics.csv`, `routing.jsonl` and `summary.json` (and, for a run
+resumed from a checkpoint, `resumed_from.json`, which names the run before it); a sweep directory
 holds one run directory per job (`0/`, `1/`, ...) and Hydra's `multirun.yaml`. `sweep_summary.csv` gathers each
 job's final metrics and overrides, sorted by validation loss.
 """
@@ -12,6 +13,7 @@ import io
 import json
 import math
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,7 @@ SUMMARY_COLUMNS = ["job", "status", "val/loss", "initial_val_loss", "train/loss"
                    "moe/max_imbalance", "moe/min_load", "moe/dropped_frac", "moe/dead_experts",
                    "moe/starved_experts", "moe/specialization",
                    "train/tokens_per_sec", "train/mfu", "step", "seconds", "overrides", "run_dir"]
+RESUMED_FROM = "resumed_from.json"
 
 
 @dataclass
@@ -34,6 +37,11 @@ class RunRecord:
     summary: dict[str, Any] = field(default_factory=dict)
     metrics: list[dict[str, float]] = field(default_factory=list)  # metrics.csv rows
     routing: list[dict] = field(default_factory=list)  # routing.jsonl lines
+    # A resumed run's metrics and routing start with those of the runs before it, up to the step each resumed
+    # from; `earlier` names those runs (oldest first) and `gap` what could not be read.
+    earlier: list[tuple[Path, int]] = field(default_factory=list)
+    gap: str = ""
+    name: str = ""  # how pages name the run (default: its directory's name)
 
     @property
     def status(self) -> str:
@@ -52,7 +60,7 @@ class RunRecord:
 
     @property
     def job(self) -> str:
-        return self.path.name
+        return self.name or self.path.name
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         rows = [(int(r["step"]), r[key]) for r in self.metrics if key in r]
@@ -73,9 +81,10 @@ def is_sweep_dir(path: Path) -> bool:
     return (path / "multirun.yaml").exists() or any(is_run_dir(p) for p in path.iterdir() if p.is_dir())
 
 
-def read_run(path: Path) -> RunRecord:
-    """A run directory's files. A running or killed run may leave a cut-off last line in routing.jsonl: it is
-    skipped. Any other damage is a DashboardError naming the file."""
+def read_run(path: Path, _seen: Optional[set] = None) -> RunRecord:
+    """A run directory's files, with the curves of the runs it was resumed from before its own. A running or killed
+    run may leave a cut-off last line in routing.jsonl: it is skipped. Any other damage is a DashboardError naming
+    the file."""
     record = RunRecord(path=path)
     overrides = path / ".hydra" / "overrides.yaml"
     if overrides.exists():
@@ -92,7 +101,32 @@ def read_run(path: Path) -> RunRecord:
         record.metrics = _read(path / "metrics.csv", _metric_rows)
     if (path / "routing.jsonl").exists():
         record.routing = _read(path / "routing.jsonl", _routing_records)
+    if (path / RESUMED_FROM).exists():
+        _prepend_earlier(record, _read(path / RESUMED_FROM, json.loads), _seen or set())
     return record
+
+
+def _prepend_earlier(record: RunRecord, origin: Any, seen: set) -> None:
+    """Put the curves of the run that `record` was resumed from (its resumed_from.json: step and run_dir) in front
+    of its own, up to the step it resumed from; recursively, for a run resumed more than once."""
+    if not isinstance(origin, dict) or not isinstance(origin.get("step"), int):
+        raise DashboardError(f"{record.path / RESUMED_FROM} is damaged (no step); restore or delete it")
+    step, earlier_dir = origin["step"], origin.get("run_dir")
+    where = Path(earlier_dir) if isinstance(earlier_dir, str) else None
+    seen = seen | {record.path.resolve()}
+    if where is None or not is_run_dir(where) or where.resolve() in seen:
+        record.gap = (f"steps 0-{step} were trained by {earlier_dir or 'a run whose directory is unknown'}, "
+                      "which is gone: its curves are missing here")
+        return
+    earlier = read_run(where, seen)
+    record.earlier = earlier.earlier + [(where, step)]
+    record.gap = earlier.gap
+    record.metrics = [r for r in earlier.metrics if r["step"] <= step] + record.metrics
+    record.routing = [r for r in earlier.routing if r.get("step", 0) <= step] + record.routing
+    if record.summary and record.summary.get("initial_val_loss") is None:
+        initial = earlier.summary.get("initial_val_loss")
+        if initial is not None:
+            record.summary["initial_val_loss"] = initial
 
 
 def _read(file: Path, parse):
@@ -190,10 +224,11 @@ def write_sweep_summary(sweep_dir: Path) -> Path:
     """sweep_summary.csv: one row per job, best validation loss first, failed jobs last."""
     rows = summary_rows(sweep_runs(sweep_dir))
     out = sweep_dir / "sweep_summary.csv"
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=SUMMARY_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(out, text.getvalue())
     return out
 
 
@@ -203,6 +238,14 @@ def write_atomically(path: Path, content: str | Callable[[BinaryIO], None]) -> N
     (The temp file lives beside `path`: in the system's temp dir, possibly another filesystem, a rename is a copy.)"""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file private (0600); give it the mode any other new file would have (or the old one's).
+        umask = os.umask(0)
+        os.umask(umask)
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            mode = 0o666 & ~umask
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             if callable(content):
                 content(f)

@@ -75,8 +75,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def train_command(args: list[str], check: bool = True) -> int:
-    from moe_lab.cli.preflight import preflight
+    from moe_lab.cli.preflight import preflight, with_checkpoint_overrides
 
+    if check:
+        try:
+            args = with_checkpoint_overrides(args)
+        except UserError as e:
+            return fail(str(e))
     message = preflight(args, claim=True) if check else None
     if message is not None:
         return fail(message)

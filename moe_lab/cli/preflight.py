@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -53,6 +54,37 @@ def preflight(args: list[str], claim: bool = False) -> Optional[str]:
     except UserError as e:
         return str(e)
     return None
+
+
+def with_checkpoint_overrides(args: list[str]) -> list[str]:
+    """`moe-lab train ckpt_path=CKPT [overrides]` resumes the run that wrote CKPT: that run's overrides (saved in the
+    checkpoint) come first, and those given on this command line replace them key by key. Other command lines are
+    returned as they are. Raises UserError if CKPT cannot be read."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    from moe_lab.training.checkpoint import checkpoint_origin
+
+    try:
+        parsed = hydra_arguments().parse_args(args)
+        given = OverridesParser.create().parse_overrides(list(parsed.overrides))
+    except (SystemExit, HydraException):
+        return args  # preflight reports it
+    resume = [o for o in given if o.key_or_group == "ckpt_path" and not o.is_sweep_override() and not o.is_delete()]
+    if not resume or resume[-1].value() in (None, "null"):
+        return args
+    ckpt_path = str(resume[-1].value())
+    origin = checkpoint_origin(ckpt_path)
+    keys = {o.key_or_group for o in given}
+    inherited = [o.input_line for o in OverridesParser.create().parse_overrides(origin.overrides)
+                 if o.key_or_group not in keys]
+    if inherited:
+        print(f"moe-lab: resuming from step {origin.step} of {origin.run_dir or ckpt_path} with its overrides: "
+              f"{' '.join(inherited)}", file=sys.stderr, flush=True)
+    rest = list(args)
+    for word in parsed.overrides:  # the flags stay where they were; all overrides go last
+        rest.remove(word)
+    return rest + inherited + list(parsed.overrides)
 
 
 def check(parsed: argparse.Namespace) -> Optional[tuple[Path, bool]]:
@@ -238,7 +270,7 @@ def _check_inputs(run) -> None:
         if not torch.cuda.is_available():
             raise UserError(f"trainer.accelerator={accelerator} (trainer=gpu) needs a CUDA GPU and none is visible "
                             "here; use trainer=cpu, or trainer=ddp trainer.accelerator=cpu")
-    check_resume(run.ckpt_path, run.model)
+    check_resume(run.ckpt_path, run.model, run.trainer.get("max_steps"))
     data = LMDataModule(run.data, run.tokenizer, run.paths.cache_dir, run.seed)
     if not data.is_cached():
         print(f"moe-lab: reading and tokenising the data ({data.describe()}); cached for later runs", flush=True)

@@ -55,8 +55,9 @@ def checkpoint_model_config(ckpt: dict[str, Any], path: str | Path) -> ModelConf
         raise CheckpointError(f"{path}: its model settings are not moe-lab's ({e})") from None
 
 
-def check_resume(ckpt_path: Optional[str], model: ModelConfig) -> Optional[str]:
-    """The checkpoint to resume from, after checking that it is moe-lab's and holds the configured model."""
+def check_resume(ckpt_path: Optional[str], model: ModelConfig, max_steps: Optional[int] = None) -> Optional[str]:
+    """The checkpoint to resume from, after checking that it is moe-lab's, holds the configured model and has
+    training left to do (its step is below `max_steps`, the configured trainer.max_steps)."""
     if ckpt_path is None:
         return None
     ckpt = read_checkpoint(ckpt_path, setting="ckpt_path")
@@ -70,8 +71,57 @@ def check_resume(ckpt_path: Optional[str], model: ModelConfig) -> Optional[str]:
     differences = _differences(saved, wanted, "model")
     if differences:
         raise CheckpointError("the checkpoint's model differs from the configured one: " + "; ".join(differences[:5])
-                              + ". Resume with the overrides of the original run (see its .hydra/overrides.yaml)")
+                              + ". A resumed run keeps its model: drop the overrides that change it")
+    step = int(ckpt.get("global_step", 0))
+    if max_steps is not None and max_steps >= 0 and step >= max_steps:
+        raise CheckpointError(f"nothing to do: {ckpt_path} is at step {step} and trainer.max_steps={max_steps}, so "
+                              f"the run is already finished; to train on, raise it, e.g. moe-lab train "
+                              f"ckpt_path={ckpt_path} trainer.max_steps={max(2 * step, step + 1)}")
     return str(Path(ckpt_path).expanduser())
+
+
+# Overrides that say where a run starts or writes, not what it is: a resumed run does not inherit them.
+NOT_INHERITED = ("ckpt_path", "hydra.")
+
+
+def inherited(override: str) -> bool:
+    key = override.lstrip("+~").partition("=")[0]
+    return not any(key == k or (k.endswith(".") and key.startswith(k)) for k in NOT_INHERITED)
+
+
+@dataclasses.dataclass
+class CheckpointOrigin:
+    """Where a checkpoint came from: its optimizer step, the command-line overrides of the run that wrote it (what a
+    resumed run inherits) and that run's directory (None if it is gone)."""
+
+    step: int
+    overrides: list[str]
+    run_dir: Optional[Path]
+
+
+def checkpoint_origin(ckpt_path: str | Path) -> CheckpointOrigin:
+    """The origin of a checkpoint. Checkpoints written before moe-lab saved its overrides fall back to the
+    `.hydra/overrides.yaml` of the run directory that holds them."""
+    import yaml
+
+    from moe_lab.analysis.runs import is_run_dir
+
+    ckpt = read_checkpoint(ckpt_path, setting="ckpt_path")
+    run = ckpt.get("moe_lab_run") if isinstance(ckpt.get("moe_lab_run"), dict) else {}
+    run_dir = Path(run["run_dir"]) if isinstance(run.get("run_dir"), str) else None
+    holder = Path(ckpt_path).expanduser().absolute().parent.parent  # RUN/checkpoints/last.ckpt
+    if (run_dir is None or not run_dir.is_dir()) and is_run_dir(holder):
+        run_dir = holder  # the run directory was moved with its checkpoints
+    if run_dir is not None and not run_dir.is_dir():
+        run_dir = None
+    overrides = run.get("overrides")
+    if not isinstance(overrides, list) and run_dir is not None and (run_dir / ".hydra" / "overrides.yaml").is_file():
+        try:
+            overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
+        except (OSError, yaml.YAMLError, UnicodeDecodeError):
+            overrides = None
+    overrides = [str(o) for o in overrides if inherited(str(o))] if isinstance(overrides, list) else []
+    return CheckpointOrigin(step=int(ckpt.get("global_step", 0)), overrides=overrides, run_dir=run_dir)
 
 
 def _differences(a: Any, b: Any, prefix: str) -> list[str]:

@@ -43,6 +43,9 @@ class MoELanguageModel(L.LightningModule):
         self.last_val_metrics: dict[str, float] = {}
         self.last_val_step = -1
         self.first_val_loss: Optional[float] = None
+        # Where the run came from, saved in every checkpoint so that resuming needs only ckpt_path: the command
+        # line's overrides and the run directory (set by training/train.py).
+        self.provenance: dict[str, Any] = {}
         # Micro-batches whose loss was NaN or infinite, counted on the device (no sync per step); read where a sync
         # happens anyway: every log step (RoutingMetrics) and every checkpoint save (on_save_checkpoint).
         self.nonfinite_losses: Optional[torch.Tensor] = None
@@ -163,6 +166,7 @@ class MoELanguageModel(L.LightningModule):
             rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint["moe_lab_rng"] = rng
         checkpoint["moe_lab_first_val_loss"] = self.first_val_loss
+        checkpoint["moe_lab_run"] = dict(self.provenance)
 
     def refuse_nonfinite_weights(self) -> None:
         """Diverged (on every rank alike) if a training loss since the start was NaN or infinite or a weight is: a

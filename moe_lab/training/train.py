@@ -17,11 +17,12 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from moe_lab.analysis.dashboard import write_dashboard
-from moe_lab.analysis.runs import write_atomically
+from moe_lab.analysis.runs import RESUMED_FROM, write_atomically
 from moe_lab.data.datamodule import LMDataModule
 from moe_lab.errors import ConfigError, Diverged, UserError
 from moe_lab.training.callbacks import GracefulStop, StepProgressBar, StopRequested
-from moe_lab.training.checkpoint import AtomicCheckpointIO, check_resume, remove_stale_partial_saves
+from moe_lab.training.checkpoint import (AtomicCheckpointIO, check_resume, checkpoint_origin, inherited,
+                                        remove_stale_partial_saves)
 from moe_lab.training.loggers import build_loggers, finish_wandb
 from moe_lab.training.metrics import RoutingMetrics
 from moe_lab.training.module import MoELanguageModel
@@ -48,7 +49,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     data_parallel = str(run.trainer.get("strategy", "")).startswith("ddp") and isinstance(devices, int)
     torch.set_num_threads(cpu_threads(run.threads, devices if data_parallel else 1))
     output_dir = Path(run.paths.output_dir).expanduser().resolve()
-    ckpt_path = check_resume(run.ckpt_path, run.model)
+    ckpt_path = check_resume(run.ckpt_path, run.model, run.trainer.get("max_steps"))
     if not launched_worker():  # data-parallel workers share the directory rank 0 claimed
         claim_run_dir(output_dir)
         if ckpt_path is not None:
@@ -85,12 +86,15 @@ def _train(run: TrainConfig, cfg: DictConfig, output_dir: Path, ckpt_path: Optio
     module = MoELanguageModel(model=model_cfg, optim=run.optim, domain_names=data.domain_names,
                               tokenizer={"name": run.tokenizer.name, "eos_token": run.tokenizer.eos_token},
                               seed=run.seed)
+    module.provenance = {"overrides": command_line_overrides(), "run_dir": str(output_dir)}
+    if ckpt_path is not None and not launched_worker():
+        record_resume(ckpt_path, output_dir)
 
     ckpt_dir = output_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
     periodic = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                                every_n_train_steps=run.checkpoint.every_n_steps, save_top_k=run.checkpoint.keep,
-                               monitor="step", mode="max", save_last=True)
+                               monitor="step", mode="max", save_last="link")
     routing = RoutingMetrics(data.domain_names, module.model.flops_per_token(run.data.seq_len), output_dir,
                              image_every_n_steps=run.metrics.image_every_n_steps)
     stop.before_save = routing.flush
@@ -123,7 +127,8 @@ def _train(run: TrainConfig, cfg: DictConfig, output_dir: Path, ckpt_path: Optio
             if stop.received is None:
                 if module.last_val_step != trainer.global_step:
                     trainer.validate(module, datamodule=data, verbose=False)  # every run ends with a val/loss
-                trainer.save_checkpoint(last, weights_only=False)
+                if not saved_at(periodic, last, trainer.global_step):
+                    trainer.save_checkpoint(last, weights_only=False)
         except Diverged as e:
             kept = checkpoint_io.last_saved
             where = (f"; the last good checkpoint is {kept}" if kept is not None
@@ -180,6 +185,32 @@ def stopped_before_training(signum: int, output_dir: Path, loggers: Optional[lis
         print(f"moe-lab: {name} before the first training step: nothing was trained and no checkpoint was written; "
               f"run the same command again with a new hydra.run.dir", file=sys.stderr, flush=True)
     raise Interrupted(signum)
+
+
+def saved_at(periodic: ModelCheckpoint, last: Path, step: int) -> bool:
+    """Whether last.ckpt is already a link to the periodic checkpoint of `step` (save_last="link"): then it is the
+    final checkpoint, and saving it again would write a second copy of the same weights."""
+    score = periodic.best_model_score
+    return last.is_symlink() and last.exists() and score is not None and int(score) == step
+
+
+def command_line_overrides() -> list[str]:
+    """The overrides this run was started with (Hydra's task overrides), less those a resumed run does not inherit;
+    [] when train() is called without Hydra's command line."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [str(o) for o in HydraConfig.get().overrides.task if inherited(str(o))]
+
+
+def record_resume(ckpt_path: str, output_dir: Path) -> None:
+    """resumed_from.json: the checkpoint, its step and the run that wrote it, so this run's dashboard can show the
+    curves from step 0 (analysis/runs.py follows the chain)."""
+    origin = checkpoint_origin(ckpt_path)
+    write_atomically(output_dir / RESUMED_FROM, json.dumps({
+        "checkpoint": str(Path(ckpt_path).absolute()), "step": origin.step,
+        "run_dir": str(origin.run_dir) if origin.run_dir is not None else None}, indent=2) + "\n")
 
 
 def trainer_arguments(run: TrainConfig) -> dict:
