@@ -83,6 +83,7 @@ def sweep_dir(tmp_path_factory, cache_dir) -> Path:
     result = run_cli(["train", "-m", "experts=e4,e8", "aux_loss=none,switch", *FAST, f"paths.cache_dir={cache_dir}",
                       "trainer.max_steps=9", "trainer.val_check_interval=9", f"hydra.sweep.dir={sweep}"], cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
+    (root / "stdout.txt").write_text(result.stdout)  # what the sweep printed, for the tests that read it
     return sweep
 
 

@@ -100,8 +100,10 @@ def test_live_dashboard_reloads_until_stopped(sweep_dir, tmp_path):
     from conftest import moe_lab_script
 
     out = tmp_path / "live.html"
+    # Started as a non-interactive shell starts a background job: with SIGINT ignored. It stops on SIGINT anyway.
     proc = subprocess.Popen([moe_lab_script(), "dashboard", str(sweep_dir / "1"), "--live", "--interval", "2", "-o",
-                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     try:
         deadline = time.time() + 90
         while not out.exists() and time.time() < deadline:
@@ -112,3 +114,25 @@ def test_live_dashboard_reloads_until_stopped(sweep_dir, tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 0 and 'http-equiv="refresh"' not in out.read_text()  # the final page stays put
+
+
+@pytest.mark.slow
+def test_comparing_runs_of_different_sweeps(sweep_dir, make_cfg, tmp_path):
+    """`moe-lab dashboard RUN1 RUN2 ...`: runs of a sweep and a lone run on one page, and the ranking printed."""
+    train(make_cfg("experts=e4", "trainer.max_steps=9", "trainer.val_check_interval=9", name="lone"))
+    result = run_cli(["dashboard", str(sweep_dir / "0"), str(sweep_dir / "3"), str(tmp_path / "lone"), "-o",
+                      str(tmp_path / "compare.html")], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    page = (tmp_path / "compare.html").read_text()
+    assert_self_contained(page)
+    assert "moe-lab comparison: 3 runs" in page and "Runs, best validation loss first" in page
+    assert os.path.relpath(sweep_dir / "0" / "dashboard.html", tmp_path) in page  # each run's own page, linked
+    table = result.stdout.splitlines()
+    assert table[0].split()[:3] == ["#", "run", "val/loss"] and [line.split()[0] for line in table[1:4]] == ["1", "2", "3"]
+    assert table[4] == f"moe-lab: wrote {tmp_path / 'compare.html'}"
+    # A sweep directory counts as all its runs, each once; the default output is in the current directory.
+    again = run_cli(["dashboard", str(sweep_dir), str(sweep_dir / "0"), str(tmp_path / "lone")], cwd=tmp_path)
+    assert again.returncode == 0 and (tmp_path / "moe-lab-comparison.html").is_file(), again.stderr[-2000:]
+    assert len([line for line in again.stdout.splitlines() if line[:1].isdigit()]) == 5
+    missing = run_cli(["dashboard", str(sweep_dir / "0"), str(tmp_path / "nope")], cwd=tmp_path)
+    assert missing.returncode == 2 and "no such directory" in missing.stderr

@@ -29,6 +29,13 @@ def test_basic_sweep_writes_a_summary_sorted_by_validation_loss(sweep_dir):
         assert float(r["moe/mean_imbalance"]) >= 1 and 0 <= float(r["moe/specialization"]) <= 1
         assert (sweep_dir / r["job"] / "dashboard.html").is_file()
     assert (sweep_dir / "dashboard.html").is_file()
+    # The end of the sweep prints the same ranking in the terminal.
+    printed = (sweep_dir.parent / "stdout.txt").read_text()
+    table = printed.split("best validation loss first ('!': dead or starved experts)\n")[1].splitlines()
+    assert table[0].split()[:4] == ["#", "run", "val/loss", "imbalance"]
+    for rank, (line, row) in enumerate(zip(table[1:5], rows), 1):
+        assert line.split()[0] == str(rank) and f"{float(row['val/loss']):.4f}" in line, (line, row)
+        assert "experts=" in line and "aux_loss=" in line and line.rstrip().endswith("finished")
 
 
 def test_optuna_study_survives_a_diverged_trial(tmp_path, cache_dir):
@@ -58,5 +65,6 @@ def test_shipped_optuna_search(tmp_path, cache_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_summary(sweep)
     assert len(rows) == 2 and all(r["status"] == "finished" for r in rows)
+    assert "alembic" not in result.stdout + result.stderr  # the in-memory study's storage says nothing
     for r in rows:  # each trial drew its own values for the searched parameters
         assert "optim.lr=" in r["overrides"] and "model.moe.router.top_k=" in r["overrides"]

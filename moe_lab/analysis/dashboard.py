@@ -10,16 +10,18 @@ overlaid, and each run's expert x domain table. The figures are in `figures.py`,
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
 from moe_lab.analysis import figures
-from moe_lab.analysis.runs import (RunRecord, is_run_dir, is_sweep_dir, label, read_run, summary_rows, sweep_runs,
-                                   swept_keys, write_atomically)
+from moe_lab.analysis.runs import (RunRecord, gather_runs, is_run_dir, is_sweep_dir, labels, read_run, summary_rows,
+                                   sweep_runs, swept_keys, write_atomically)
 from moe_lab.analysis.stats import mutual_information
 from moe_lab.errors import DashboardError
 
@@ -88,10 +90,13 @@ def run_page(run: RunRecord, refresh: Optional[int] = None) -> str:
                    overrides=overrides, cards=cards, figures=drawn, refresh=refresh, lineage=lineage, gap=run.gap)
 
 
-def sweep_page(sweep_dir: Path, runs: list[RunRecord], refresh: Optional[int] = None) -> str:
+def sweep_page(sweep_dir: Path, runs: list[RunRecord], refresh: Optional[int] = None, links_from: Optional[Path] = None,
+               title: Optional[str] = None) -> str:
+    """The side-by-side page of a sweep's runs, or of any runs (`moe-lab dashboard RUN1 RUN2 ...`); each run's own
+    page is linked relative to `links_from`, the folder the page is written to (default: the sweep directory)."""
     keys = swept_keys(runs)
-    labels = [label(run, keys) for run in runs]
-    by_job = {run.job: (run, name) for run, name in zip(runs, labels)}
+    names = labels(runs)
+    by_job = {run.job: (run, name) for run, name in zip(runs, names)}
     rows = summary_rows(runs)
     done = [r for r in rows if isinstance(r["val/loss"], float)]
     best_loss = done[0]["job"] if done else None
@@ -99,6 +104,7 @@ def sweep_page(sweep_dir: Path, runs: list[RunRecord], refresh: Optional[int] = 
     best_balance = min(balanced, key=lambda r: r["moe/mean_imbalance"])["job"] if balanced else None
     special = [r for r in done if isinstance(r["moe/specialization"], float)]
     most_special = max(special, key=lambda r: r["moe/specialization"])["job"] if special else None
+    links_from = links_from or sweep_dir
 
     def name_of(job: Optional[str]) -> str:
         return by_job[job][1] if job in by_job else ""
@@ -123,9 +129,10 @@ def sweep_page(sweep_dir: Path, runs: list[RunRecord], refresh: Optional[int] = 
                   or (c == "moe/min_load" and isinstance(r[c], float) and r[c] < 0.1)} for c, spec in SWEEP_COLUMNS]
         table.append({"job": r["job"], "label": name_of(r["job"]), "cells": cells, "status": r["status"],
                       "error": run.error, "overrides": r["overrides"].split(), "best": r["job"] == best_loss,
-                      "page": f"{r['job']}/dashboard.html" if (run.path / "dashboard.html").exists() else ""})
+                      "page": os.path.relpath(run.path / "dashboard.html", links_from)
+                      if (run.path / "dashboard.html").exists() else ""})
     domain_parts = []
-    for run, name in zip(runs, labels):
+    for run, name in zip(runs, names):
         layers = figures.moe_layers(run)
         scored = [(mutual_information(t)[1], layer) for layer in layers
                   if (t := figures.domain_table(run, layer)) is not None]
@@ -135,9 +142,9 @@ def sweep_page(sweep_dir: Path, runs: list[RunRecord], refresh: Optional[int] = 
         if fig is not None:
             fig.update_layout(height=220 + 40 * len(figures.domains_of(run)))
             domain_parts.append(_html(fig))
-    drawn = {"bars": _html(figures.sweep_bars(runs, labels)), "curves": _html(figures.sweep_curves(runs, labels)),
+    drawn = {"bars": _html(figures.sweep_bars(runs, names)), "curves": _html(figures.sweep_curves(runs, names)),
              "domains": domain_parts}
-    return _render("sweep.html.j2", title=f"moe-lab sweep: {sweep_dir.name}", path=str(sweep_dir), swept=keys,
+    return _render("sweep.html.j2", title=title or f"moe-lab sweep: {sweep_dir.name}", path=str(sweep_dir), swept=keys,
                    cards=cards, columns=[c for c, _ in SWEEP_COLUMNS], rows=table, figures=drawn, refresh=refresh)
 
 
@@ -151,7 +158,32 @@ def write_dashboard(path: Path | str, out: Optional[Path | str] = None, refresh:
     if not path.is_dir():
         raise DashboardError(f"{path}: no such directory (give a run directory such as outputs/DATE/TIME, or a "
                              "sweep directory such as outputs/multirun/DATE/TIME)")
-    out = Path(out).expanduser() if out is not None else path / "dashboard.html"
+    out = _checked_output(Path(out).expanduser() if out is not None else path / "dashboard.html")
+    if is_run_dir(path) and (path / "metrics.csv").exists():
+        page = run_page(read_run(path), refresh)
+    elif is_sweep_dir(path):
+        runs = sweep_runs(path)
+        if not runs:
+            raise DashboardError(f"{path} holds no runs yet")
+        page = sweep_page(path, runs, refresh, links_from=out.parent)
+    else:
+        raise DashboardError(f"{path} is neither a run directory (with metrics.csv) nor a sweep directory "
+                             "(with job directories 0/, 1/, ...)")
+    return _write(out, page)
+
+
+def write_comparison(paths: list[Path | str], out: Path | str, refresh: Optional[int] = None) -> tuple[Path, list]:
+    """The side-by-side page of any run directories (a sweep directory counts as all its runs), as a sweep's page;
+    returns the file written and the runs, in the order the page ranks them."""
+    out = _checked_output(Path(out).expanduser())
+    runs = gather_runs([Path(p).expanduser() for p in paths])
+    common = Path(os.path.commonpath([run.path for run in runs]))
+    page = sweep_page(common, runs, refresh, links_from=out.parent,
+                      title=f"moe-lab comparison: {len(runs)} runs")
+    return _write(out, page), runs
+
+
+def _checked_output(out: Path) -> Path:
     if not out.parent.is_dir():
         raise DashboardError(f"-o {out}: the folder {out.parent} does not exist; create it or choose another path")
     if out.is_dir():
@@ -159,16 +191,10 @@ def write_dashboard(path: Path | str, out: Optional[Path | str] = None, refresh:
     if out.exists() and GENERATOR not in out.read_text(errors="ignore")[:20000]:
         raise DashboardError(f"{out} exists and was not written by moe-lab dashboard; moe-lab never writes over "
                              "files: choose another path with -o")
-    if is_run_dir(path) and (path / "metrics.csv").exists():
-        page = run_page(read_run(path), refresh)
-    elif is_sweep_dir(path):
-        runs = sweep_runs(path)
-        if not runs:
-            raise DashboardError(f"{path} holds no runs yet")
-        page = sweep_page(path, runs, refresh)
-    else:
-        raise DashboardError(f"{path} is neither a run directory (with metrics.csv) nor a sweep directory "
-                             "(with job directories 0/, 1/, ...)")
+    return out
+
+
+def _write(out: Path, page: str) -> Path:
     try:
         write_atomically(out, page)  # a browser refreshing a live page never reads half a file
     except OSError as e:
@@ -176,13 +202,19 @@ def write_dashboard(path: Path | str, out: Optional[Path | str] = None, refresh:
     return out
 
 
-def live(path: Path, out: Optional[Path], interval: int) -> None:  # pragma: no cover - runs until Ctrl-C
-    """Rewrite the dashboard every `interval` seconds; the page reloads itself as often."""
+def live(write: Callable[[Optional[int]], Path], interval: int) -> None:  # pragma: no cover - runs until stopped
+    """Call `write(refresh)` every `interval` seconds (the page reloads itself as often) until Ctrl-C or SIGTERM,
+    then write a final page that no longer reloads. The handlers are installed here: a process started in the
+    background by a non-interactive shell inherits SIGINT ignored, and would otherwise never stop on it."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     target = None
     try:
         while True:
             try:
-                target = write_dashboard(path, out, refresh=interval)
+                target = write(interval)
                 print(f"\rmoe-lab: dashboard {target} updated {datetime.now():%H:%M:%S} (Ctrl-C to stop)",
                       end="", flush=True)
             except DashboardError as e:
@@ -190,5 +222,8 @@ def live(path: Path, out: Optional[Path], interval: int) -> None:  # pragma: no 
             time.sleep(interval)
     except KeyboardInterrupt:
         if target is not None:
-            write_dashboard(path, out)  # a final page that no longer reloads
+            write(None)  # a final page that no longer reloads
         print()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

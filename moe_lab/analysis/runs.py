@@ -177,6 +177,32 @@ def sweep_runs(path: Path) -> list[RunRecord]:
     return [read_run(p) for p in jobs]
 
 
+def gather_runs(paths: list[Path]) -> list[RunRecord]:
+    """The runs of any mix of run and sweep directories (a sweep gives all its jobs), each once, named by its path
+    below the folder the paths share (`multirun/A/0`, `multirun/B/3`), so runs of different sweeps never collide."""
+    found: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            raise DashboardError(f"{path}: no such directory (give run directories such as outputs/DATE/TIME, or "
+                                 "sweep directories such as outputs/multirun/DATE/TIME)")
+        if is_run_dir(path) and (path / "metrics.csv").exists():
+            found.append(path)
+        elif is_sweep_dir(path):
+            found += [run.path for run in sweep_runs(path)]
+        else:
+            raise DashboardError(f"{path} is neither a run directory (with metrics.csv) nor a sweep directory")
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    if not unique:
+        raise DashboardError("the directories hold no runs yet")
+    base = Path(os.path.commonpath(unique)) if len(unique) > 1 else unique[0].parent
+    if base in unique:
+        base = base.parent
+    runs = [read_run(p) for p in unique]
+    for run in runs:
+        run.name = str(run.path.relative_to(base))
+    return runs
+
+
 def swept_keys(runs: list[RunRecord]) -> list[str]:
     """Override keys whose values differ between the runs (the sweep's axes), in command-line order."""
     values: dict[str, set] = {}
@@ -201,6 +227,40 @@ def label(run: RunRecord, keys: list[str]) -> str:
     given = dict(_split(run))
     parts = [f"{k}={given[k]}" for k in keys if k in given]
     return ", ".join(parts) or run.job
+
+
+def labels(runs: list[RunRecord]) -> list[str]:
+    """One distinct name per run, from the overrides that differ between them (the job's name where they tie)."""
+    keys = swept_keys(runs)
+    names = [label(run, keys) for run in runs]
+    return [f"{name} ({run.job})" if names.count(name) > 1 else name for name, run in zip(names, runs)]
+
+
+# The ranked table printed in the terminal at the end of a sweep and by `moe-lab dashboard RUN1 RUN2 ...`.
+TABLE_COLUMNS = [("val/loss", "val/loss", ".4f"), ("moe/mean_imbalance", "imbalance", ".2f"),
+                 ("moe/min_load", "min load", ".2f"), ("moe/dropped_frac", "dropped", ".1%"),
+                 ("moe/dead_experts", "dead", ".0f"), ("moe/starved_experts", "starved", ".0f"),
+                 ("moe/specialization", "special.", ".3f"), ("train/tokens_per_sec", "tokens/s", ",.0f")]
+
+
+def ranked_table(runs: list[RunRecord]) -> str:
+    """The runs as a plain-text table, best validation loss first (summary_rows' order): rank, run, final metrics,
+    status, with a '!' after dead or starved expert counts."""
+    names = dict(zip((run.job for run in runs), labels(runs)))
+    header = ["#", "run"] + [title for _, title, _ in TABLE_COLUMNS] + ["status"]
+    body = []
+    for rank, row in enumerate(summary_rows(runs), 1):
+        cells = [str(rank), names[row["job"]]]
+        for key, _, spec in TABLE_COLUMNS:
+            value = row[key]
+            text = format(value, spec) if isinstance(value, float) and not math.isnan(value) else "n/a"
+            flagged = key in ("moe/dead_experts", "moe/starved_experts") and isinstance(value, float) and value > 0
+            cells.append(text + ("!" if flagged else ""))
+        body.append(cells + [row["status"]])
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i in (1, len(header) - 1) else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in [header] + body]
+    return "\n".join(lines)
 
 
 def summary_rows(runs: list[RunRecord]) -> list[dict[str, Any]]:

@@ -10,12 +10,12 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from moe_lab.analysis.dashboard import write_dashboard
-from moe_lab.analysis.runs import write_sweep_summary
+from moe_lab.analysis.runs import ranked_table, sweep_runs, write_sweep_summary
 
 
 class SweepSummary(Callback):
     """After every job of a multirun, failed ones included, rewrite sweep_summary.csv (a failed job also leaves its
-    reason in error.txt); when the multirun ends, write the sweep dashboard. A sweeper that stops on a failure
+    reason in error.txt); when the multirun ends, print the runs ranked by validation loss and write the sweep dashboard. A sweeper that stops on a failure
     (Hydra's basic sweeper raises once its batch is done) still leaves a complete summary behind."""
 
     def on_job_end(self, config, job_return, **kwargs: Any) -> None:
@@ -34,7 +34,10 @@ class SweepSummary(Callback):
         if not sweep_dir.is_dir():
             return
         out = write_sweep_summary(sweep_dir)
-        message = f"moe-lab: sweep summary {out}"
+        runs = sweep_runs(sweep_dir)
+        message = (f"\nmoe-lab: sweep of {len(runs)} runs, best validation loss first "
+                   f"('!': dead or starved experts)\n{ranked_table(runs)}\n" if runs else "")
+        message += f"moe-lab: sweep summary {out}"
         if OmegaConf.select(config, "metrics.dashboard", default=True):
             message += f"\n  dashboard {write_dashboard(sweep_dir, sweep_dir / 'dashboard.html')}"
         print(message, flush=True)

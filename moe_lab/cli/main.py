@@ -20,7 +20,7 @@ from moe_lab.training.run_dir import launched_worker
 SUBCOMMANDS: dict[str, str] = {
     "train": "train an MoE language model (a Hydra app: `moe-lab train --help` lists its config groups)",
     "export": "write a checkpoint as a Hugging Face transformers model: moe-lab export CKPT --format hf OUT_DIR",
-    "dashboard": "an HTML page of a run or sweep: moe-lab dashboard PATH [-o report.html] [--live]",
+    "dashboard": "an HTML page of a run, a sweep, or runs side by side: moe-lab dashboard PATH [PATH ...] [--live]",
     "bench": "time the MoE layer and training steps: moe-lab bench [--compare] (see moe-lab bench --help)",
 }
 
@@ -40,6 +40,9 @@ examples:
 
 Tab completion (bash): eval "$(moe-lab train -sc install=bash)"
 """
+
+
+COMPARISON = "moe-lab-comparison.html"  # where `moe-lab dashboard RUN1 RUN2 ...` writes by default
 
 
 def fail(message: str) -> int:
@@ -115,21 +118,36 @@ def export_command(args: list[str]) -> int:
 def dashboard_command(args: list[str]) -> int:
     parser = ArgumentParser(
         prog="moe-lab dashboard", description="Write one self-contained HTML page (no network needed to open it) "
-        "for a run directory (loss, expert load over time, balance, specialisation by domain) or a sweep directory "
-        "(runs side by side, a table sorted by validation loss).")
-    parser.add_argument("path", help="a run directory (outputs/DATE/TIME) or a sweep (outputs/multirun/DATE/TIME)")
-    parser.add_argument("-o", "--output", help="the HTML file to write (default: PATH/dashboard.html)")
+        "for a run directory (loss, expert load over time, balance, specialisation by domain), a sweep directory, or "
+        "any set of run and sweep directories side by side (a table ranked by validation loss, bars, curves; the "
+        "table is also printed).")
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="a run directory (outputs/DATE/TIME) or a sweep (outputs/multirun/DATE/TIME); several "
+                             "of either for a comparison")
+    parser.add_argument("-o", "--output", help="the HTML file to write (default: PATH/dashboard.html; for several "
+                        f"paths, {COMPARISON} in the current directory)")
     parser.add_argument("--live", action="store_true", help="keep rewriting the page while a run or sweep goes on; "
                         "the open page reloads itself")
     parser.add_argument("--interval", type=int, default=30, help="seconds between --live updates (default 30)")
     parsed = parser.parse_args(args)
-    from moe_lab.analysis.dashboard import live, write_dashboard
+    from moe_lab.analysis.dashboard import live, write_comparison, write_dashboard
+    from moe_lab.analysis.runs import ranked_table
 
+    if len(parsed.paths) == 1:
+        def write(refresh):
+            return write_dashboard(parsed.paths[0], parsed.output, refresh=refresh)
+    else:
+        def write(refresh):
+            return write_comparison(parsed.paths, parsed.output or COMPARISON, refresh=refresh)[0]
     try:
         if parsed.live:
-            live(Path(parsed.path), Path(parsed.output) if parsed.output else None, max(parsed.interval, 2))
+            live(write, max(parsed.interval, 2))
             return 0
-        out = write_dashboard(parsed.path, parsed.output)
+        if len(parsed.paths) == 1:
+            out = write(None)
+        else:
+            out, runs = write_comparison(parsed.paths, parsed.output or COMPARISON)
+            print(ranked_table(runs))
     except UserError as e:
         return fail(str(e))
     print(f"moe-lab: wrote {out}")
