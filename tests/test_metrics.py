@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from moe_lab.analysis.stats import load_statistics, mutual_information
-from moe_lab.training.metrics import heatmap_rgb, peak_flops
+from moe_lab.analysis.figures import load_ratio_heatmap
+from moe_lab.training.metrics import peak_flops
 from moe_lab.training.train import train
 
 
@@ -44,9 +45,14 @@ def test_mutual_information():
 
 
 def test_heatmap_and_peak_flops():
-    image = heatmap_rgb(np.array([[0.0, 1.0], [0.5, 0.25]]), 0.0, 1.0, cell=3)
-    assert image.shape == (6, 6, 3) and image.dtype == np.uint8
-    assert tuple(image[0, 0]) == (68, 1, 84) and tuple(image[0, 5]) == (253, 231, 37)  # viridis ends
+    # Load over time on a log scale around the fair share: 94% and 26% of 8 experts' slots look different (a
+    # linear scale capped at 2/E = 25% drew both at its top), a dead expert sits at the bottom, 1/E in the middle.
+    trace = load_ratio_heatmap([10, 20], np.array([[0.94, 0.26], [0.125, 0.0]] + [[0.0, 0.1]] * 6))
+    z = np.asarray(trace.z)
+    assert (trace.zmin, trace.zmid, trace.zmax) == (-3, 0, 3)
+    assert z[0, 0] == pytest.approx(np.log2(0.94 * 8)) and z[0, 1] == pytest.approx(np.log2(0.26 * 8))
+    assert z[0, 0] - z[0, 1] > 1.5 and z[1, 0] == 0 and z[1, 1] == -3
+    assert list(trace.colorbar.ticktext) == ["1/8x", "1/4x", "1/2x", "1x", "2x", "4x", "8x"]
     assert peak_flops(torch.device("cpu"), "32-true") is None  # never a guess
 
 

@@ -47,10 +47,19 @@ def test_offline_run_reads_back(tmp_path, cache_dir):
     keys = keys_of(of_type(records, "history"))
     for key in ("train/loss", "val/loss", "moe/layer0/expert3/load", "moe/layer1/imbalance", "train/tokens_per_sec"):
         assert key in keys, key
-    assert any(k.startswith("moe/heatmap/layer0") for k in keys) and any(k.startswith("moe/load_table") for k in keys)
-    images = list((wandb_dir / "files" / "media" / "images" / "moe" / "heatmap").glob("layer*.png"))
-    assert len(images) >= 2
-    assert list((wandb_dir / "files" / "media" / "images" / "moe" / "domains").glob("layer*.png"))
+    assert {"moe/heatmap/_type", "moe/domains/_type", "moe/load_table/_type"} <= keys
+    # Figures, not pixel grids: axes with titles, and a colour bar that reads in multiples of the fair share.
+    heatmaps = sorted((wandb_dir / "files" / "media" / "plotly" / "moe").glob("heatmap_*.plotly.json"))
+    assert len(heatmaps) >= 2
+    figure = json.loads(heatmaps[-1].read_text())
+    traces = figure["data"]
+    assert [t["type"] for t in traces] == ["heatmap", "heatmap"] and traces[0]["showscale"]
+    assert traces[0]["colorbar"]["ticktext"][0] == "1/4x" and traces[0]["colorbar"]["ticktext"][-1] == "4x"
+    assert figure["layout"]["xaxis2"]["title"]["text"] == "optimizer step"
+    assert figure["layout"]["yaxis"]["title"]["text"] == "expert"
+    domains = json.loads(next((wandb_dir / "files" / "media" / "plotly" / "moe").glob("domains_*.plotly.json"))
+                         .read_text())
+    assert domains["data"][0]["y"] == ["code", "docs", "math"] and domains["data"][0]["showscale"]
     table = json.loads(next((wandb_dir / "files" / "media" / "table" / "moe").glob("load_table*.json")).read_text())
     assert table["columns"] == ["step", "layer", "expert", "load"] and len(table["data"]) == 2 * 2 * 4
     assert of_type(records, "exit")  # wandb.finish() closed the run

@@ -27,11 +27,12 @@ from moe_lab.errors import DashboardError
 
 GENERATOR = '<meta name="generator" content="moe-lab dashboard">'
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-# The sweep table's columns and their number formats.
-SWEEP_COLUMNS = [("val/loss", ".4f"), ("initial_val_loss", ".3f"), ("moe/mean_imbalance", ".2f"),
-                 ("moe/max_imbalance", ".2f"), ("moe/min_load", ".2f"), ("moe/dropped_frac", ".1%"),
-                 ("moe/dead_experts", ".0f"), ("moe/starved_experts", ".0f"),
-                 ("moe/specialization", ".3f"), ("train/tokens_per_sec", ",.0f")]
+# The sweep table's columns: metric, short header (the metric's name is its tooltip), number format.
+SWEEP_COLUMNS = [("val/loss", "val loss", ".4f"), ("initial_val_loss", "untrained", ".3f"),
+                 ("moe/mean_imbalance", "mean imbalance", ".2f"), ("moe/max_imbalance", "worst imbalance", ".2f"),
+                 ("moe/min_load", "min load", ".2f"), ("moe/dropped_frac", "dropped", ".1%"),
+                 ("moe/dead_experts", "dead", ".0f"), ("moe/starved_experts", "starved", ".0f"),
+                 ("moe/specialization", "special&shy;isation", ".3f"), ("train/tokens_per_sec", "tokens/s", ",.0f")]
 
 
 def _environment():
@@ -105,6 +106,7 @@ def sweep_page(sweep_dir: Path, runs: list[RunRecord], refresh: Optional[int] = 
     special = [r for r in done if isinstance(r["moe/specialization"], float)]
     most_special = max(special, key=lambda r: r["moe/specialization"])["job"] if special else None
     links_from = links_from or sweep_dir
+    from markupsafe import Markup
 
     def name_of(job: Optional[str]) -> str:
         return by_job[job][1] if job in by_job else ""
@@ -126,7 +128,7 @@ def sweep_page(sweep_dir: Path, runs: list[RunRecord], refresh: Optional[int] = 
                   or (c == "val/loss" and r["job"] == best_loss),
                   # Starving or collapsing routing is flagged on every run, not only the best ones.
                   "bad": (c in ("moe/dead_experts", "moe/starved_experts") and isinstance(r[c], float) and r[c] > 0)
-                  or (c == "moe/min_load" and isinstance(r[c], float) and r[c] < 0.1)} for c, spec in SWEEP_COLUMNS]
+                  or (c == "moe/min_load" and isinstance(r[c], float) and r[c] < 0.1)} for c, _, spec in SWEEP_COLUMNS]
         table.append({"job": r["job"], "label": name_of(r["job"]), "cells": cells, "status": r["status"],
                       "error": run.error, "overrides": r["overrides"].split(), "best": r["job"] == best_loss,
                       "page": os.path.relpath(run.path / "dashboard.html", links_from)
@@ -140,12 +142,12 @@ def sweep_page(sweep_dir: Path, runs: list[RunRecord], refresh: Optional[int] = 
             continue
         fig = figures.domain_figure(run, [max(scored)[1]], name=name)
         if fig is not None:
-            fig.update_layout(height=220 + 40 * len(figures.domains_of(run)))
+            fig.update_layout(height=fig.layout.margin.t + 170 + 40 * len(figures.domains_of(run)))
             domain_parts.append(_html(fig))
     drawn = {"bars": _html(figures.sweep_bars(runs, names)), "curves": _html(figures.sweep_curves(runs, names)),
              "domains": domain_parts}
     return _render("sweep.html.j2", title=title or f"moe-lab sweep: {sweep_dir.name}", path=str(sweep_dir), swept=keys,
-                   cards=cards, columns=[c for c, _ in SWEEP_COLUMNS], rows=table, figures=drawn, refresh=refresh)
+                   cards=cards, columns=[(c, Markup(header)) for c, header, _ in SWEEP_COLUMNS], rows=table, figures=drawn, refresh=refresh)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -57,6 +57,17 @@ def domains_of(run: RunRecord) -> list[str]:
     return run.routing[-1].get("domains", []) if run.routing else []
 
 
+def wrap(text: str, width: int) -> list[str]:
+    """`text` in lines of about `width` characters, broken after the commas and spaces between overrides."""
+    lines, line = [], ""
+    for word in text.replace(", ", ",\0").replace(" ", " \0").split("\0"):
+        if line and len(line) + len(word) > width:
+            lines.append(line.rstrip())
+            line = ""
+        line += word
+    return lines + [line.rstrip()] if line else lines
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Figures
 
@@ -98,26 +109,49 @@ def loss_figure(run: RunRecord):
     return fig
 
 
-def load_heatmaps(run: RunRecord):
+def load_ratio_heatmap(steps: list[int], loads_ES: np.ndarray, showscale: bool = True):
+    """One layer's expert load over time as a heatmap trace: rows = experts, columns = logged steps.
+
+    The colour is log2(load / fair share) on a diverging scale centred on the fair share 1/E (white): red experts
+    take more than their share, blue ones less, up to E times (one expert takes everything) and down to 1/E of it
+    (darkest blue, dead experts included). A linear scale that tops out at 2/E shows 94% and 26% alike."""
     import plotly.graph_objects as go
 
-    layers = moe_layers(run)
-    if not layers:
-        return None
+    num_experts = loads_ES.shape[0]
+    reach = max(math.log2(num_experts), 1.0)
+    ratio_ES = np.clip(loads_ES * num_experts, 2.0 ** -reach, None)
+    ticks = list(range(-math.floor(reach), math.floor(reach) + 1))
+    return go.Heatmap(
+        z=np.log2(ratio_ES), x=steps, y=[f"E{e}" for e in range(num_experts)], zmin=-reach, zmax=reach, zmid=0,
+        colorscale="RdBu_r", showscale=showscale, customdata=loads_ES * num_experts,
+        colorbar=dict(title="load /<br>fair share", tickvals=ticks,
+                      ticktext=[f"{2 ** t:g}x" if t >= 0 else f"1/{2 ** -t:g}x" for t in ticks]),
+        hovertemplate="step %{x}<br>expert %{y}<br>%{customdata:.2f}x the fair share<extra></extra>")
+
+
+def load_over_time_figure(layers: list[int], steps: list[int], loads_TLE: np.ndarray, title: str = ""):
+    """Every MoE layer's expert load over time (loads_TLE: logged steps x layers x experts, shares of the layer's
+    routed slots), one heatmap per layer with shared step axis and one colour bar."""
     fig = _subplots(len(layers), 1, [f"layer {layer}" for layer in layers], height=110 + 150 * len(layers),
                     shared_xaxes=True, vertical_spacing=0.25 / len(layers))
-    for i, layer in enumerate(layers):
-        steps, loads = load_over_time(run, layer)
-        if loads.size == 0:
-            continue
-        num_experts = loads.shape[0]
-        fig.add_trace(go.Heatmap(
-            z=loads, x=steps, y=[f"E{e}" for e in range(num_experts)], zmin=0, zmax=2.0 / num_experts,
-            colorscale="Viridis", showscale=i == 0,
-            colorbar=dict(title="share of<br>tokens", tickformat=".0%"),
-            hovertemplate="step %{x}<br>expert %{y}<br>load %{z:.1%}<extra></extra>"), row=i + 1, col=1)
+    for i, _layer in enumerate(layers):
+        fig.add_trace(load_ratio_heatmap(steps, loads_TLE[:, i, :].T, showscale=i == 0), row=i + 1, col=1)
     fig.update_xaxes(title_text="optimizer step", row=len(layers), col=1)
+    fig.update_yaxes(title_text="expert")
+    if title:
+        fig.update_layout(title=title, margin=dict(t=80))
     return fig
+
+
+def load_heatmaps(run: RunRecord):
+    layers = moe_layers(run)
+    series = [load_over_time(run, layer) for layer in layers]
+    if not layers or any(loads.size == 0 for _, loads in series):
+        return None
+    steps = series[0][0]
+    if any(len(s) != len(steps) for s, _ in series):
+        return None
+    return load_over_time_figure(layers, steps, np.stack([loads.T for _, loads in series], axis=1))
 
 
 def balance_figure(run: RunRecord):
@@ -141,20 +175,29 @@ def balance_figure(run: RunRecord):
 
 def domain_figure(run: RunRecord, layers: Optional[list[int]] = None, name: str = ""):
     """Per layer: p(expert | domain), the share of each domain's tokens that each expert takes."""
-    import plotly.graph_objects as go
-
     domains = domains_of(run)
     layers = layers if layers is not None else moe_layers(run)
     tables = [(layer, domain_table(run, layer)) for layer in layers]
     tables = [(layer, t) for layer, t in tables if t is not None]
     if not tables or len(domains) < 2:
         return None
-    titles = []
-    for layer, t in tables:
-        titles.append(f"{name + ': ' if name else ''}layer {layer}, specialisation {mutual_information(t)[1]:.2f}")
+    return domain_share_figure(tables, domains, name)
+
+
+def domain_share_figure(tables: list[tuple[int, np.ndarray]], domains: list[str], name: str = ""):
+    """(layer, routing counts (experts, domains)) tables as heatmaps of p(expert | domain): rows = domains,
+    columns = experts, the title of each giving the layer's specialisation I(expert; domain) / H(domain)."""
+    import plotly.graph_objects as go
+
+    titles = [f"layer {layer}, specialisation {mutual_information(t)[1]:.2f}" for layer, t in tables]
     cols = min(len(tables), 2)
     rows = math.ceil(len(tables) / cols)
     fig = _subplots(rows, cols, titles, height=90 + 60 * len(domains) * rows + 90 * rows, vertical_spacing=0.3 / rows)
+    fig.update_annotations(font_size=12)
+    if name:  # the run's name above its tables, left-aligned and wrapped: a long one is never cut off
+        lines = wrap(name, 60)
+        fig.update_layout(title=dict(text="<br>".join(lines), x=0, xanchor="left", font_size=13),
+                          margin=dict(t=50 + 18 * len(lines)), height=fig.layout.height + 18 * len(lines))
     for i, (_layer, table) in enumerate(tables):
         share_DE = (table / np.maximum(table.sum(0, keepdims=True), 1)).T  # p(expert | domain)
         num_experts = share_DE.shape[1]
@@ -165,6 +208,7 @@ def domain_figure(run: RunRecord, layers: Optional[list[int]] = None, name: str 
             texttemplate="%{text}%" if num_experts <= 16 else None,
             hovertemplate="domain %{y}<br>expert %{x}<br>%{z:.1%} of the domain's tokens<extra></extra>"),
             row=i // cols + 1, col=i % cols + 1)
+    fig.update_xaxes(title_text="expert", row=rows)
     return fig
 
 

@@ -53,16 +53,6 @@ def peak_flops(device: torch.device, precision: str) -> Optional[float]:
     return get_available_flops(device, dtype)
 
 
-def heatmap_rgb(matrix: np.ndarray, vmin: float, vmax: float, cell: int = 12) -> np.ndarray:
-    """A (rows, cols) matrix as a uint8 RGB image, each cell `cell` pixels square, in plotly's Viridis colour scale."""
-    from plotly.colors import sample_colorscale, unlabel_rgb
-
-    x = np.clip((np.asarray(matrix, dtype=np.float64) - vmin) / max(vmax - vmin, 1e-12), 0, 1)
-    colours = sample_colorscale("Viridis", x.reshape(-1).tolist(), colortype="rgb")
-    rgb = np.rint(np.asarray([unlabel_rgb(c) for c in colours])).astype(np.uint8).reshape(*x.shape, 3)
-    return np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)
-
-
 class RoutingMetrics(L.Callback):
     """Aggregates the per-micro-batch statistics that `training_step` returns, and logs them once per window."""
 
@@ -270,26 +260,23 @@ class RoutingMetrics(L.Callback):
         self.log_wandb_media(wandb_loggers, step)
 
     def log_wandb_media(self, wandb_loggers: list, step: int) -> None:
+        """Plotly figures (axes, labels, colour bars; interactive in W&B): each layer's expert load over the logged
+        steps, and the expert x domain shares of the latest window; plus the long-format load table."""
         import wandb
 
-        loads = np.stack([h["load"] for h in self.history])  # (time, L, E)
-        num_experts = loads.shape[2]
-        images = {}
-        for i, layer in enumerate(self.history[-1]["layers"]):
-            # Rows = experts, columns = log steps; the colour scale runs from 0 to twice the fair share 1/E.
-            image = heatmap_rgb(loads[:, i, :].T, 0.0, 2.0 / num_experts)
-            images[f"moe/heatmap/layer{layer}"] = wandb.Image(
-                image, caption=f"layer {layer}: expert load (rows) over log steps up to {step} (columns); "
-                               f"yellow = 2/E, the fair share 1/E is mid-scale")
-        for layer, counts_ED in self.history[-1]["domain_counts"].items():
-            # Rows = domains, columns = experts: the share of each domain's tokens each expert took this window.
-            share_DE = (counts_ED / np.maximum(counts_ED.sum(0, keepdims=True), 1)).T
-            images[f"moe/domains/layer{layer}"] = wandb.Image(
-                heatmap_rgb(share_DE, 0.0, min(1.0, 3.0 / num_experts), cell=24),
-                caption=f"layer {layer} at step {step}: rows = domains {self.domain_names}, columns = experts; "
-                        "colour = share of the domain's tokens the expert took")
+        from moe_lab.analysis.figures import domain_share_figure, load_over_time_figure
+
+        layers = self.history[-1]["layers"]
+        steps = [h["step"] for h in self.history]
+        loads_TLE = np.stack([h["load"] for h in self.history])
+        media = {"moe/heatmap": wandb.Plotly(load_over_time_figure(
+            layers, steps, loads_TLE, title=f"Expert load over time, up to step {step}"))}
+        tables = sorted(self.history[-1]["domain_counts"].items())
+        if tables and len(self.domain_names) > 1:
+            media["moe/domains"] = wandb.Plotly(domain_share_figure(
+                tables, self.domain_names, name=f"Share of each domain's tokens per expert, step {step}"))
         for lg in wandb_loggers:
-            lg.experiment.log({**images, "moe/load_table": wandb.Table(
+            lg.experiment.log({**media, "moe/load_table": wandb.Table(
                 columns=["step", "layer", "expert", "load"], data=[list(r) for r in self.load_rows])},
                 commit=False)
 
