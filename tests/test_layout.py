@@ -144,6 +144,17 @@ def test_reading_results_never_imports_torch():
     assert result.stdout.strip() == "[]"
 
 
+def test_composing_a_config_never_imports_torch():
+    """Shell completion and `--cfg job` compose configs only: the Hydra app, the schemas and the model's settings load
+    without torch (a TAB that waited for torch's import took seconds)."""
+    code = ("import sys, moe_lab.cli.hydra_app, moe_lab.training.schemas, moe_lab.model.config; "
+            "from moe_lab.model import ModelConfig, RouterConfig; "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
 def test_readme_layout_section_matches_the_tree():
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("## How the code is laid out"):]

@@ -63,8 +63,6 @@ def with_checkpoint_overrides(args: list[str]) -> list[str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
-    from moe_lab.training.checkpoint import checkpoint_origin
-
     try:
         parsed = hydra_arguments().parse_args(args)
         given = OverridesParser.create().parse_overrides(list(parsed.overrides))
@@ -73,6 +71,8 @@ def with_checkpoint_overrides(args: list[str]) -> list[str]:
     resume = [o for o in given if o.key_or_group == "ckpt_path" and not o.is_sweep_override() and not o.is_delete()]
     if not resume or resume[-1].value() in (None, "null"):
         return args
+    from moe_lab.training.checkpoint import checkpoint_origin  # torch and Lightning: only for a resume
+
     ckpt_path = str(resume[-1].value())
     origin = checkpoint_origin(ckpt_path)
     keys = {o.key_or_group for o in given}

@@ -1,7 +1,7 @@
 """Configuration dataclasses of the MoE language model: the one place where the model's defaults live.
 
 They are the schemas behind `conf/model/`, `conf/experts/`, `conf/capacity/`, `conf/aux_loss/` and (through each
-router's own Config in `routers.py`) `conf/router/`; the YAML files there hold only what an option changes. `check()`
+router's own Config in `router_configs.py`) `conf/router/`; the YAML files there hold only what an option changes. `check()`
 raises ValueError naming the offending `model.*` key, for the configuration check to report.
 """
 
@@ -11,8 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-from moe_lab.model.experts import ACTIVATIONS
-from moe_lab.model.routers import ROUTERS, RouterConfig, router_config
+from moe_lab.model.router_configs import RouterConfig, router_config
 
 
 @dataclass
@@ -177,6 +176,9 @@ class ModelConfig:
              f"model.vocab_size={self.vocab_size} must be at least 1 (or null for the tokenizer's)")
         need(moe.num_experts >= 1, f"model.moe.num_experts={moe.num_experts} must be at least 1 "
                                    "(for a dense model use experts=dense or model=dense_tiny)")
+        from moe_lab.model.experts import ACTIVATIONS  # torch: only when a config is checked, not to compose one
+        from moe_lab.model.routers import ROUTERS
+
         router = router_config(moe.router)
         ROUTERS[router.name].check(router, moe.num_experts)
         need(moe.drop_policy in ("position", "probability"),

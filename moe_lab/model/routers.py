@@ -14,8 +14,9 @@ every token's first choice comes before any token's second choice: GShard's prio
 expert-choice routers make C slots per expert, expert-major. The MoE layer never asks which kind of router it has:
 capacity, dispatch, combine and the statistics all read slots.
 
-A router is a small module with a nested `Config` dataclass, registered by name with `@register_router`. Adding one
-is a class here plus a `conf/router/NAME.yaml` whose `name` is the registered name. What a router can do is declared
+A router is a small module with a `Config` dataclass (in `router_configs.py`, which needs no torch), registered by
+name with `@register_router`. Adding one is a class here, its Config there, and a `conf/router/NAME.yaml` whose `name`
+is the registered name. What a router can do is declared
 by class-level capability flags, which the configuration checks read (never the router's name):
     has_gate       learned gate parameters: gradients reach them, router losses apply
     uses_capacity  the layer's capacity factor limits its slots (expert choice *is* a capacity: False)
@@ -47,6 +48,11 @@ from typing import Any, Callable, ClassVar, Mapping, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from moe_lab.model.router_configs import (ROUTER_CONFIGS, AuxFreeRouterConfig, ExpertChoiceRouterConfig,
+                                          HashRouterConfig, HierarchicalRouterConfig, NoisyTopKRouterConfig,
+                                          RouterConfig, SinkhornRouterConfig, SoftRouterConfig, SwitchRouterConfig,
+                                          TopKRouterConfig, router_config)
 
 
 @dataclass
@@ -117,16 +123,6 @@ class Routing:
             raise ValueError(f"this routing has slots by {self.slots_by}, not by {slots_by}")
 
 
-@dataclass
-class RouterConfig:
-    """Keys every router accepts; each router's Config adds its own."""
-
-    # Registered router name (the `name` in conf/router/*.yaml).
-    name: str = "topk"
-    # Experts per token (expert choice: the average number of experts per token).
-    top_k: int = 2
-
-
 ROUTERS: dict[str, type["Router"]] = {}
 
 
@@ -136,32 +132,16 @@ def register_router(name: str) -> Callable[[type["Router"]], type["Router"]]:
     def wrap(cls: type["Router"]) -> type["Router"]:
         if name in ROUTERS:
             raise ValueError(f"router {name!r} is registered twice ({ROUTERS[name].__name__} and {cls.__name__})")
+        known = ROUTER_CONFIGS.get(name)
+        if known is not None and known is not cls.Config:
+            raise ValueError(f"router {name!r}: its Config {cls.Config.__name__} is not the registered "
+                             f"{known.__name__}")
+        ROUTER_CONFIGS[name] = cls.Config  # a router defined outside moe-lab brings its settings along
         ROUTERS[name] = cls
         cls.registered_name = name
         return cls
 
     return wrap
-
-
-def router_config(node: RouterConfig | Mapping[str, Any]) -> RouterConfig:
-    """The Config of the router that `node` names, filled with that router's defaults.
-
-    `node` is a RouterConfig (the base class holds only the shared keys) or its plain-dict form, as checkpoints store
-    it. Raises ValueError naming an unknown router or a key that router does not have.
-    """
-    values = dataclasses.asdict(node) if dataclasses.is_dataclass(node) else dict(node)
-    name = values.get("name", "topk")
-    if name not in ROUTERS:
-        raise ValueError(f"model.moe.router.name={name!r} is not a router; the routers are {sorted(ROUTERS)} "
-                         "(router=NAME picks one)")
-    cls = ROUTERS[name].Config
-    if type(node) is cls:
-        return node
-    keys = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(keys))
-    if unknown:
-        raise ValueError(f"model.moe.router.{unknown[0]} is not a setting of router={name}; its settings are {keys}")
-    return cls(**values)
 
 
 def normalized_sigmoid(logits_TE: torch.Tensor) -> torch.Tensor:
@@ -237,20 +217,6 @@ class Router(nn.Module):
 # Token choice: softmax or sigmoid scores, top-k
 
 
-@dataclass
-class TopKRouterConfig(RouterConfig):
-    name: str = "topk"
-    # Renormalise the k chosen weights to sum to 1 (Mixtral does; Qwen-MoE's default does not).
-    normalize: bool = True
-    # softmax over all experts (GShard, Mixtral) or an independent sigmoid per expert (DeepSeek-V3).
-    score: str = "softmax"
-    # Group-limited routing (DeepSeek-V3 device/node-limited routing): experts form num_groups groups; a token
-    # first keeps the topk_groups groups with the highest sum of their top-2 scores, then picks top_k inside them.
-    num_groups: int = 1
-    topk_groups: int = 1
-    # Multiplies the combine weights (DeepSeek-V3's routed_scaling_factor, 2.5 for 256 experts).
-    scaling_factor: float = 1.0
-
 
 def scores_of(logits_TE: torch.Tensor, score: str) -> torch.Tensor:
     return logits_TE.softmax(dim=-1) if score == "softmax" else torch.sigmoid(logits_TE)
@@ -322,12 +288,6 @@ class TopKRouter(Router):
 # Noisy top-k (Shazeer et al. 2017)
 
 
-@dataclass
-class NoisyTopKRouterConfig(RouterConfig):
-    name: str = "noisy_topk"
-    # Floor of the learned noise scale softplus(x W_noise) (numerical safety of the load estimator).
-    min_noise_std: float = 1e-2
-
 
 @register_router("noisy_topk")
 class NoisyTopKRouter(Router):
@@ -381,13 +341,6 @@ class NoisyTopKRouter(Router):
 # Switch (Fedus et al. 2021)
 
 
-@dataclass
-class SwitchRouterConfig(RouterConfig):
-    name: str = "switch"
-    top_k: int = 1
-    # Multiplicative input jitter x * U(1 - eps, 1 + eps) in training (Switch Transformer section 2.4).
-    jitter_eps: float = 1e-2
-
 
 @register_router("switch")
 class SwitchRouter(Router):
@@ -423,16 +376,6 @@ class SwitchRouter(Router):
 # ------------------------------------------------------------------------------------------------------------
 # Expert choice (Zhou et al. 2022)
 
-
-@dataclass
-class ExpertChoiceRouterConfig(RouterConfig):
-    name: str = "expert_choice"
-    # false: each expert picks its top-capacity tokens among all tokens of the batch, as the paper. That reads
-    # every position of a sequence, so a token's routing depends on later tokens: an LM trained this way sees the
-    # future through routing and its validation loss is optimistic.
-    # true: each expert picks among the tokens at the same position of the batch's sequences (one batch slice
-    # per position), so no token's routing depends on a later position of any sequence.
-    causal: bool = False
 
 
 @register_router("expert_choice")
@@ -483,13 +426,6 @@ class ExpertChoiceRouter(Router):
 # Hash (Roller et al. 2021)
 
 
-@dataclass
-class HashRouterConfig(RouterConfig):
-    name: str = "hash"
-    top_k: int = 1
-    # Seed of the random hash table: expert = table[token id] (one table per k).
-    hash_seed: int = 0
-
 
 @register_router("hash")
 class HashRouter(Router):
@@ -519,20 +455,6 @@ class HashRouter(Router):
 # ------------------------------------------------------------------------------------------------------------
 # Sinkhorn balanced assignment (BASE, S-BASE)
 
-
-@dataclass
-class SinkhornRouterConfig(RouterConfig):
-    name: str = "sinkhorn"
-    top_k: int = 1
-    # Sinkhorn-Knopp normalisation rounds (Megatron-Core's S-BASE router stops at a tolerance; a fixed count keeps
-    # the layer free of host synchronisation).
-    iterations: int = 20
-    # Entropy regularisation of the transport problem, relative to the spread of the logits: the affinities are
-    # logits / (std(logits) * temperature). With the raw logits (temperature 1 on an unnormalised scale) the balanced
-    # matrix's rows stay soft and their argmax drifts back to the favourite experts: max/mean load 1.4-2.1 measured
-    # on a trained tiny model. 0.1 gives 1.04-1.3 there and on skewed random gates; lower is closer to BASE's hard
-    # linear assignment but needs more iterations.
-    temperature: float = 0.1
 
 
 def sinkhorn(logits_TE: torch.Tensor, iterations: int) -> torch.Tensor:
@@ -581,15 +503,6 @@ class SinkhornRouter(Router):
 # ------------------------------------------------------------------------------------------------------------
 # Aux-loss-free balancing (DeepSeek-V3)
 
-
-@dataclass
-class AuxFreeRouterConfig(RouterConfig):
-    name: str = "aux_free"
-    # Bias step per optimizer step: b += rate * sign(mean load - load) (DeepSeek-V3's gamma = 1e-3).
-    bias_update_rate: float = 1e-3
-    # Renormalise the k chosen sigmoid scores (DeepSeek-V3 does).
-    normalize: bool = True
-    scaling_factor: float = 1.0
 
 
 @register_router("aux_free")
@@ -642,11 +555,6 @@ class AuxFreeRouter(Router):
 # The dense soft mixture (Jacobs et al. 1991)
 
 
-@dataclass
-class SoftRouterConfig(RouterConfig):
-    name: str = "soft"
-    top_k: int = 0  # ignored: every expert is used
-
 
 @register_router("soft")
 class SoftMixtureRouter(Router):
@@ -676,16 +584,6 @@ class SoftMixtureRouter(Router):
 # ------------------------------------------------------------------------------------------------------------
 # Hierarchical mixtures (Jordan & Jacobs 1994)
 
-
-@dataclass
-class HierarchicalRouterConfig(RouterConfig):
-    name: str = "hierarchical"
-    # Experts per token inside each chosen group (top_k) times chosen groups (group_top_k) = experts per token.
-    top_k: int = 1
-    num_groups: int = 2
-    group_top_k: int = 1
-    # Renormalise the chosen joint weights p(group) * p(expert | group) to sum to 1.
-    normalize: bool = True
 
 
 @register_router("hierarchical")

@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from moe_lab.data.config import SOURCES, DataConfig, TokenizerConfig
 from moe_lab.errors import ConfigError
 from moe_lab.model.config import ModelConfig
-from moe_lab.model.routers import ROUTERS, router_config
+from moe_lab.model.router_configs import ROUTER_CONFIGS, router_config
 
 
 @dataclass
@@ -103,8 +103,8 @@ def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore (idempotent): before any composition of conf/."""
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
-    for name, router in ROUTERS.items():
-        store.store(group="schema/router", name=name, node=router.Config)
+    for name, options in ROUTER_CONFIGS.items():
+        store.store(group="schema/router", name=name, node=options)
     for source, cls in SOURCES.items():
         store.store(group="schema/data", name=source, node=cls)
 
@@ -184,6 +184,8 @@ def _refuse_extra_keys(node: DictConfig, prefix: str) -> None:
 def _check_router_losses(run: TrainConfig) -> None:
     """Aux-loss weights the router can use (its capability flags decide): a loss a router cannot have is an error,
     not a silent no-op."""
+    from moe_lab.model.routers import ROUTERS  # torch: imported when a run is validated, never to compose one
+
     moe = run.model.moe
     router = ROUTERS[moe.router.name]
     weights = moe.aux_loss.weights()
