@@ -29,6 +29,10 @@ class ExportError(UserError):
     """A model that has no equivalent in the requested format, or an output that moe-lab will not write over."""
 
 
+class ModelImportError(UserError):
+    """A model moe-lab cannot import exactly, or an output it will not write over."""
+
+
 class Diverged(Exception):
     """Not a user's mistake but the run's outcome: the loss or the weights became NaN or infinite. The run stops, no
     checkpoint with non-finite weights is written, and the process exits non-zero (a sweep's max_failure_rate decides

@@ -19,6 +19,7 @@ from moe_lab.training.run_dir import launched_worker
 
 SUBCOMMANDS: dict[str, str] = {
     "train": "train an MoE language model (a Hydra app: `moe-lab train --help` lists its config groups)",
+    "import": "read a Hugging Face MoE (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): moe-lab import HF_DIR_OR_HUB_ID OUT_DIR",
     "export": "write a checkpoint as a Hugging Face transformers model: moe-lab export CKPT --format hf OUT_DIR",
     "dashboard": "an HTML page of a run, a sweep, or runs side by side: moe-lab dashboard PATH [PATH ...] [--live]",
     "bench": "time the MoE layer and training steps: moe-lab bench [--compare] (see moe-lab bench --help)",
@@ -66,7 +67,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(USAGE.format(commands=commands))
         return 0
     command, rest = argv[0], argv[1:]
-    handlers: dict[str, Callable[[list[str]], int]] = {"train": train_command, "export": export_command,
+    handlers: dict[str, Callable[[list[str]], int]] = {"train": train_command, "import": import_command,
+                                                       "export": export_command,
                                                        "dashboard": dashboard_command, "bench": bench_command}
     if command not in handlers and launched_worker():
         # A data-parallel worker that Lightning started by re-running this process's command line, which Hydra
@@ -92,6 +94,29 @@ def train_command(args: list[str], check: bool = True) -> int:
     from moe_lab.cli.hydra_app import hydra_main
 
     hydra_main()
+    return 0
+
+
+def import_command(args: list[str]) -> int:
+    parser = ArgumentParser(
+        prog="moe-lab import", description="Turn a Hugging Face transformers MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE, "
+        "OLMoE) into a moe-lab checkpoint: OUT_DIR/model.ckpt and OUT_DIR/tokenizer/. It loads with "
+        "moe_lab.load_model, generates, evaluates, and fine-tunes with moe-lab train ckpt_path=OUT_DIR/model.ckpt. "
+        "A part moe-lab cannot represent is refused, never approximated.")
+    parser.add_argument("source", help="a directory written by save_pretrained, or a Hugging Face hub id")
+    parser.add_argument("out_dir", help="a new (or empty) directory")
+    parsed = parser.parse_args(args)
+    try:
+        from moe_lab.tools.hf_import import import_hf
+
+        result = import_hf(parsed.source, parsed.out_dir)
+    except UserError as e:
+        return fail(str(e))
+    print(f"moe-lab: imported {result['family']} ({result['total'] / 1e6:.1f}M parameters, "
+          f"{result['active'] / 1e6:.1f}M active per token; {result['layers']} layers, {result['experts']} experts, "
+          f"top-{result['top_k']}) to {result['checkpoint']}\n"
+          f"  generate   moe-lab generate {result['checkpoint']} --prompt \"...\"\n"
+          f"  fine-tune  moe-lab train ckpt_path={result['checkpoint']} data=text data.path=...")
     return 0
 
 

@@ -78,7 +78,10 @@ def with_checkpoint_overrides(args: list[str]) -> list[str]:
     keys = {o.key_or_group for o in given}
     inherited = [o.input_line for o in OverridesParser.create().parse_overrides(origin.overrides)
                  if o.key_or_group not in keys]
-    if inherited:
+    if origin.imported:
+        print(f"moe-lab: fine-tuning {origin.imported} (imported): a new run from its weights, with its model and "
+              "tokenizer settings", file=sys.stderr, flush=True)
+    elif inherited:
         print(f"moe-lab: resuming from step {origin.step} of {origin.run_dir or ckpt_path} with its overrides: "
               f"{' '.join(inherited)}", file=sys.stderr, flush=True)
     rest = list(args)

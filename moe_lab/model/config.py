@@ -73,6 +73,9 @@ class MoEConfig:
     drop_policy: str = "position"
     # Capacity is at least this many slots per expert (DeepSpeed's min_capacity), so tiny batches do not drop.
     min_capacity: int = 0
+    # Total hidden width of the shared experts; null = num_shared * expert_hidden. Qwen2-MoE's one shared expert is
+    # wider than a routed one (5632 against 1408 in Qwen1.5-MoE-A2.7B).
+    shared_hidden: Optional[int] = None
     # Gate the shared experts' output by sigmoid(x w) (Qwen2-MoE); false adds it as is (DeepSeekMoE).
     shared_gate: bool = False
     # Every n-th layer is MoE (1 = all; 2 = every other, as GShard/Switch); counted after the first dense layers.
@@ -91,6 +94,11 @@ class MoEConfig:
     # class's Config. `router=NAME` on the command line picks a router with its settings.
     router: RouterConfig = field(default_factory=RouterConfig)
     aux_loss: AuxLossConfig = field(default_factory=AuxLossConfig)
+
+    @property
+    def shared_width(self) -> int:
+        """Total hidden width of the shared experts (0: none)."""
+        return (self.shared_hidden or self.num_shared * self.expert_hidden) if self.num_shared else 0
 
 
 @dataclass
@@ -113,6 +121,14 @@ class ModelConfig:
     n_heads: int = 4
     # Key/value heads for grouped-query attention (Ainslie et al. 2023); null = n_heads (multi-head attention).
     n_kv_heads: Optional[int] = None
+    # Width of one attention head; null = d_model / n_heads. Qwen3-MoE sets it apart (128 with d_model 2048, 32 heads).
+    head_size: Optional[int] = None
+    # Biases on the query, key and value projections (Qwen2-MoE); none elsewhere.
+    qkv_bias: bool = False
+    # RMSNorm on queries and keys before RoPE: null (none: Llama, Mixtral), "head" (over each head's dims: Qwen3-MoE)
+    # or "full" (over all heads' dims of the projection: OLMoE). It keeps attention logits from growing (Dehghani
+    # et al. 2023; OLMoE section 4.1).
+    qk_norm: Optional[str] = None
     # Hidden width of the dense SwiGLU FFN (dense layers and the dense baseline): 3 x d_model, a multiple of 64.
     ffn_hidden: int = 384
     # Longest sequence the model accepts; sets the RoPE table size.
@@ -130,7 +146,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.head_size or self.d_model // self.n_heads
 
     @property
     def kv_heads(self) -> int:
@@ -166,8 +182,10 @@ class ModelConfig:
         moe = self.moe
         for key in ("d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
             need(getattr(self, key) >= 1, f"model.{key}={getattr(self, key)} must be at least 1")
-        need(self.d_model % self.n_heads == 0,
-             f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
+        need(self.head_size is not None or self.d_model % self.n_heads == 0,
+             f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads} (or set model.head_size)")
+        need(self.head_size is None or self.head_size >= 2, f"model.head_size={self.head_size} must be at least 2")
+        need(self.qk_norm in (None, "head", "full"), f"model.qk_norm={self.qk_norm!r}; choose null, head or full")
         need(self.head_dim % 2 == 0, f"model.d_model={self.d_model} / model.n_heads={self.n_heads} gives head dim "
                                      f"{self.head_dim}; rotary embeddings need an even head dim")
         need(self.n_kv_heads is None or (self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0),
@@ -196,6 +214,8 @@ class ModelConfig:
             need(not moe.enabled or value % 8 == 0,
                  f"{key}={value} must be a multiple of 8 (the grouped GEMM needs 16-byte-aligned rows)")
         need(moe.num_shared >= 0, f"model.moe.num_shared={moe.num_shared} must be >= 0")
+        need(moe.shared_hidden is None or (moe.shared_hidden >= 1 and moe.num_shared >= 1),
+             f"model.moe.shared_hidden={moe.shared_hidden} must be at least 1, with model.moe.num_shared >= 1")
         need(moe.activation in ACTIVATIONS,
              f"model.moe.activation={moe.activation!r} is not known; choose one of {sorted(ACTIVATIONS)}")
         need(moe.every_n_layers >= 1, f"model.moe.every_n_layers={moe.every_n_layers} must be at least 1")

@@ -50,9 +50,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_SDh", emb_SDh.cos(), persistent=False)
         self.register_buffer("sin_SDh", emb_SDh.sin(), persistent=False)
 
-    def forward(self, q_BHSDh: torch.Tensor, k_BHSDh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        S = q_BHSDh.shape[-2]
-        cos, sin = self.cos_SDh[:S].to(q_BHSDh.dtype), self.sin_SDh[:S].to(q_BHSDh.dtype)
+    def forward(self, q_BHSDh: torch.Tensor, k_BHSDh: torch.Tensor, positions_BS: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotate by position: 0..S-1, or `positions_BS` (generation: after a cache, or behind left padding)."""
+        if positions_BS is None:
+            S = q_BHSDh.shape[-2]
+            cos, sin = self.cos_SDh[:S], self.sin_SDh[:S]
+        else:
+            cos, sin = self.cos_SDh[positions_BS].unsqueeze(1), self.sin_SDh[positions_BS].unsqueeze(1)  # (B,1,S,Dh)
+        cos, sin = cos.to(q_BHSDh.dtype), sin.to(q_BHSDh.dtype)
         return q_BHSDh * cos + _rotate_half(q_BHSDh) * sin, k_BHSDh * cos + _rotate_half(k_BHSDh) * sin
 
 
@@ -61,27 +67,80 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], dim=-1)
 
 
+class KVCache:
+    """Keys and values of the positions seen so far, for generation: per layer (B, Hkv, capacity, Dh) tensors
+    filled left to right, and which of those positions are real tokens (left padding is not)."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, device: torch.device, dtype: torch.dtype):
+        shape = (batch, cfg.kv_heads, capacity, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.valid_BC = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.seen_B = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens so far, per sequence
+        self.length = 0  # positions filled
+
+    def append(self, layer: int, k_BHSDh: torch.Tensor, v_BHSDh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new keys and values at the next positions; returns all of them so far."""
+        S = k_BHSDh.shape[2]
+        end = self.length + S
+        if end > self.k[layer].shape[2]:
+            raise ValueError(f"the KV cache holds {self.k[layer].shape[2]} positions; {end} are needed")
+        self.k[layer][:, :, self.length:end] = k_BHSDh
+        self.v[layer][:, :, self.length:end] = v_BHSDh
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
-        self.kv_proj = nn.Linear(cfg.d_model, 2 * cfg.kv_heads * cfg.head_dim, bias=False)  # k and v fused
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.kv_proj = nn.Linear(cfg.d_model, 2 * cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)  # k and v fused
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # QK-norm: over each head (Qwen3-MoE) or over the whole projection (OLMoE), before RoPE.
+        self.qk_norm = cfg.qk_norm
+        q_width, k_width = ((cfg.head_dim, cfg.head_dim) if cfg.qk_norm == "head"
+                            else (cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim))
+        self.q_norm = RMSNorm(q_width, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_width, cfg.norm_eps) if cfg.qk_norm else None
         for lin in (self.q_proj, self.kv_proj):
             nn.init.normal_(lin.weight, std=cfg.init_std)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
         nn.init.normal_(self.o_proj.weight, std=residual_out_std(cfg.init_std, cfg.n_layers))
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, positions_BS: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
+        """Causal attention over the sequence; with a `cache` (generation), over the cached positions too, at
+        `positions_BS`, skipping the cache's padding."""
         B, S, _ = x_BSD.shape
-        q_BHSDh = self.q_proj(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        kv = self.kv_proj(x_BSD).view(B, S, 2, self.n_kv_heads, self.head_dim)
-        k_BHSDh, v_BHSDh = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (B, Hkv, S, Dh)
-        q_BHSDh, k_BHSDh = self.rope(q_BHSDh, k_BHSDh)
-        y_BHSDh = F.scaled_dot_product_attention(
-            q_BHSDh, k_BHSDh, v_BHSDh, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        q_BSX = self.q_proj(x_BSD)
+        k_BSX, v_BSX = self.kv_proj(x_BSD).chunk(2, dim=-1)
+        if self.qk_norm == "full":
+            q_BSX, k_BSX = self.q_norm(q_BSX), self.k_norm(k_BSX)
+        q_BSHDh = q_BSX.view(B, S, self.n_heads, self.head_dim)
+        k_BSHDh = k_BSX.view(B, S, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q_BSHDh, k_BSHDh = self.q_norm(q_BSHDh), self.k_norm(k_BSHDh)
+        q_BHSDh, k_BHSDh = q_BSHDh.transpose(1, 2), k_BSHDh.transpose(1, 2)
+        v_BHSDh = v_BSX.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_BHSDh, k_BHSDh = self.rope(q_BHSDh, k_BHSDh, positions_BS)
+        gqa = self.n_kv_heads != self.n_heads
+        if cache is None:
+            y_BHSDh = F.scaled_dot_product_attention(q_BHSDh, k_BHSDh, v_BHSDh, is_causal=True, enable_gqa=gqa)
+        else:
+            k_BHCDh, v_BHCDh = cache.append(layer, k_BHSDh, v_BHSDh)
+            C = k_BHCDh.shape[2]
+            # Query i (cache position start + i) sees the real cached positions up to its own (and itself, so a
+            # padding query never sees nothing).
+            start = C - S
+            query_C = torch.arange(start, C, device=x_BSD.device)
+            key_C = torch.arange(C, device=x_BSD.device)
+            allowed_BSC = (key_C[None, :] <= query_C[:, None])[None] & cache.valid_BC[:, None, :C]
+            allowed_BSC = allowed_BSC | (key_C[None, :] == query_C[:, None])[None]
+            y_BHSDh = F.scaled_dot_product_attention(q_BHSDh, k_BHCDh, v_BHCDh, attn_mask=allowed_BSC[:, None],
+                                                     enable_gqa=gqa)
         return self.o_proj(y_BHSDh.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
 
@@ -102,9 +161,10 @@ class Block(nn.Module):
         else:
             self.ffn = FeedForward(cfg.d_model, cfg.ffn_hidden, "swiglu", cfg.init_std, out_std)
 
-    def forward(self, x_BSD: torch.Tensor, token_ids_BS: Optional[torch.Tensor] = None
+    def forward(self, x_BSD: torch.Tensor, token_ids_BS: Optional[torch.Tensor] = None,
+                positions_BS: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None
                 ) -> tuple[torch.Tensor, Optional[MoELayerOutput]]:
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD))
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions_BS, cache, self.layer)
         h_BSD = self.ffn_norm(x_BSD)
         if self.is_moe:
             f_BSD, moe_out = self.ffn(h_BSD, token_ids_BS)
@@ -162,16 +222,29 @@ class MoETransformer(nn.Module):
         for layer in self.moe_modules():
             layer.router.after_optimizer_step(all_reduce)
 
-    def forward(self, token_ids_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None) -> LMOutput:
+    def forward(self, token_ids_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None, valid_BS: Optional[torch.Tensor] = None) -> LMOutput:
+        """Logits of every position. Generation passes a `cache`, which this call extends by S positions, and which
+        of the new tokens are real (`valid_BS`; False = left padding, which no token attends to and which takes no
+        position); training and evaluation pass neither."""
         B, S = token_ids_BS.shape
-        if S > self.cfg.max_seq_len:
-            raise ValueError(f"sequence length {S} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        end = S if cache is None else cache.length + S
+        if end > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {end} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        positions_BS = None
+        if cache is not None:
+            valid_BS = torch.ones_like(token_ids_BS, dtype=torch.bool) if valid_BS is None else valid_BS
+            positions_BS = (cache.seen_B[:, None] + valid_BS.cumsum(1) - 1).clamp(min=0)
+            cache.valid_BC[:, cache.length:end] = valid_BS
+            cache.seen_B += valid_BS.sum(1)
         x_BSD = self.embed(token_ids_BS)
         moe: dict[int, MoELayerOutput] = {}
         for block in self.blocks:
-            x_BSD, moe_out = block(x_BSD, token_ids_BS)
+            x_BSD, moe_out = block(x_BSD, token_ids_BS, positions_BS, cache)
             if moe_out is not None:
                 moe[block.layer] = moe_out
+        if cache is not None:
+            cache.length = end
         logits_BSV = self.lm_head(self.norm(x_BSD))
         out = LMOutput(logits=logits_BSV, moe=moe)
         if targets_BS is not None:

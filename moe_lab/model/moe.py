@@ -65,7 +65,7 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.expert_hidden, cfg.activation,
                                       init_std=init_std, out_std=out_std)
         self.shared = (
-            FeedForward(d_model, cfg.num_shared * cfg.expert_hidden, cfg.activation, init_std, out_std)
+            FeedForward(d_model, cfg.shared_width, cfg.activation, init_std, out_std)
             if cfg.num_shared > 0 else None
         )
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if self.shared is not None and cfg.shared_gate else None

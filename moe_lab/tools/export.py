@@ -1,9 +1,12 @@
 """Checkpoints out of moe-lab: export to Hugging Face transformers.
 
 `moe-lab export CKPT --format hf OUT_DIR` writes a model `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)`
-loads, and its tokenizer. The architecture follows the router and experts:
-    Mixtral     softmax top-k with weights renormalised to sum to 1, every layer MoE, no shared expert;
-    Qwen2-MoE   otherwise: weights not renormalised, dense layers (mlp_only_layers), a sigmoid-gated shared expert.
+loads, and its tokenizer. The architecture follows the attention, then the router and experts:
+    Qwen3-MoE   q/k RMSNorm per head (model.qk_norm=head; imported Qwen3-MoE models);
+    OLMoE       q/k RMSNorm over the projection (model.qk_norm=full; imported OLMoE models);
+    Mixtral     softmax top-k with weights renormalised to sum to 1, every layer MoE, no shared expert, no biases;
+    Qwen2-MoE   otherwise: weights not renormalised, dense layers (mlp_only_layers), a sigmoid-gated shared expert,
+                q/k/v biases.
 Both are dropless, as `moe_lab.load_model` is by default, so their logits equal moe-lab's. Which moe-lab routers a Hugging Face MoE block can express is
 decided here (`hf_routing`), not by the routers.
 """
@@ -24,7 +27,7 @@ from moe_lab.model.routers import ROUTERS, RouterConfig, router_config
 from moe_lab.training.checkpoint import load_model
 
 FORMATS = ("hf",)
-HF_ARCHITECTURES = ("mixtral", "qwen2_moe")
+HF_ARCHITECTURES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -55,7 +58,8 @@ def exportable_routers() -> list[str]:
 
 
 def hf_architecture(cfg: ModelConfig) -> tuple[str, dict]:
-    """("mixtral" | "qwen2_moe", routing) for this model, or ExportError saying why none fits."""
+    """("mixtral" | "qwen2_moe" | "qwen3_moe" | "olmoe", routing) for this model, or ExportError saying why none
+    fits. The attention decides first (q/k norm per head: Qwen3-MoE; over the projection: OLMoE), then the MoE."""
     moe = cfg.moe
     if not moe.enabled:
         raise ExportError("a dense model (experts=dense) is not an MoE; export supports MoE models "
@@ -64,9 +68,9 @@ def hf_architecture(cfg: ModelConfig) -> tuple[str, dict]:
     routing = hf_routing(router, moe.num_experts)
     if routing is None:
         raise ExportError(
-            f"router={router.name} ({_describe(router)}) has no Hugging Face equivalent. Export writes Mixtral or "
-            f"Qwen2-MoE, whose routing is softmax top-k: routers {exportable_routers()} (topk with score=softmax, "
-            "one group and scaling_factor=1)")
+            f"router={router.name} ({_describe(router)}) has no Hugging Face equivalent. Export writes Mixtral, "
+            f"Qwen2-MoE, Qwen3-MoE or OLMoE, whose routing is softmax top-k: routers {exportable_routers()} (topk "
+            "with score=softmax, one group and scaling_factor=1)")
     if moe.activation not in ("swiglu", "geglu"):
         raise ExportError(f"model.moe.activation={moe.activation}: Hugging Face MoE experts are gated "
                           "(swiglu or geglu)")
@@ -74,7 +78,16 @@ def hf_architecture(cfg: ModelConfig) -> tuple[str, dict]:
         raise ExportError("shared experts without a gate (DeepSeekMoE) have no Hugging Face equivalent with this "
                           "attention; Qwen2-MoE gates its shared expert: train with model.moe.shared_gate=true")
     every_layer = len(cfg.moe_layers) == cfg.n_layers
-    if routing["norm_topk_prob"] and every_layer and not moe.num_shared:
+    if cfg.qk_norm is not None:
+        family = "qwen3_moe" if cfg.qk_norm == "head" else "olmoe"
+        for present, what in ((moe.num_shared, "shared experts"), (cfg.qkv_bias, "q/k/v biases"),
+                              (family == "olmoe" and not every_layer, "dense layers"),
+                              (family == "olmoe" and cfg.head_size not in (None, cfg.d_model // cfg.n_heads),
+                               "a head size other than d_model / n_heads")):
+            if present:
+                raise ExportError(f"model.qk_norm={cfg.qk_norm} is {family} attention, and {family} has no {what}")
+        return family, routing
+    if routing["norm_topk_prob"] and every_layer and not moe.num_shared and not cfg.qkv_bias:
         return "mixtral", routing
     return "qwen2_moe", routing
 
@@ -84,7 +97,7 @@ def _describe(router: RouterConfig) -> str:
 
 
 def hf_config(cfg: ModelConfig, architecture: str, routing: dict, eos_id: int):
-    from transformers import MixtralConfig, Qwen2MoeConfig
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     moe = cfg.moe
     common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
@@ -100,11 +113,19 @@ def hf_config(cfg: ModelConfig, architecture: str, routing: dict, eos_id: int):
     if architecture == "mixtral":
         return MixtralConfig(intermediate_size=moe.expert_hidden, num_local_experts=moe.num_experts,
                              sliding_window=None, **common)
+    if architecture == "olmoe":
+        return OlmoeConfig(intermediate_size=moe.expert_hidden, num_experts=moe.num_experts,
+                           norm_topk_prob=routing["norm_topk_prob"], attention_bias=False, clip_qkv=None, **common)
     dense_layers = [layer for layer in range(cfg.n_layers) if not cfg.is_moe_layer(layer)]
+    if architecture == "qwen3_moe":
+        return Qwen3MoeConfig(intermediate_size=cfg.ffn_hidden, moe_intermediate_size=moe.expert_hidden,
+                              num_experts=moe.num_experts, norm_topk_prob=routing["norm_topk_prob"],
+                              decoder_sparse_step=1, mlp_only_layers=dense_layers, attention_bias=False,
+                              use_sliding_window=False, **common)
     return Qwen2MoeConfig(intermediate_size=cfg.ffn_hidden, moe_intermediate_size=moe.expert_hidden,
-                          shared_expert_intermediate_size=moe.num_shared * moe.expert_hidden,
+                          shared_expert_intermediate_size=moe.shared_width,
                           num_experts=moe.num_experts, norm_topk_prob=routing["norm_topk_prob"],
-                          decoder_sparse_step=1, mlp_only_layers=dense_layers, qkv_bias=False,
+                          decoder_sparse_step=1, mlp_only_layers=dense_layers, qkv_bias=cfg.qkv_bias,
                           use_sliding_window=False, **common)
 
 
@@ -121,6 +142,13 @@ def hf_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
         out[p + "self_attn.q_proj.weight"] = block.attn.q_proj.weight
         k, v = block.attn.kv_proj.weight.split([kv, kv], dim=0)  # kv_proj rows: (k | v) x heads x head dim
         out[p + "self_attn.k_proj.weight"], out[p + "self_attn.v_proj.weight"] = k, v
+        if cfg.qkv_bias:
+            out[p + "self_attn.q_proj.bias"] = block.attn.q_proj.bias
+            k, v = block.attn.kv_proj.bias.split([kv, kv], dim=0)
+            out[p + "self_attn.k_proj.bias"], out[p + "self_attn.v_proj.bias"] = k, v
+        if cfg.qk_norm:
+            out[p + "self_attn.q_norm.weight"] = block.attn.q_norm.weight
+            out[p + "self_attn.k_norm.weight"] = block.attn.k_norm.weight
         out[p + "self_attn.o_proj.weight"] = block.attn.o_proj.weight
         ffn = block.ffn
         if block.is_moe:
@@ -143,14 +171,13 @@ def _dense(out: dict, prefix: str, ffn) -> None:
 
 def to_hf(model: MoETransformer, eos_id: int):
     """A transformers model (float32, eval mode) with moe-lab's weights."""
-    from transformers import MixtralForCausalLM, Qwen2MoeForCausalLM
+    from transformers import AutoModelForCausalLM
 
     architecture, routing = hf_architecture(model.cfg)
     config = hf_config(model.cfg, architecture, routing, eos_id)
-    cls = MixtralForCausalLM if architecture == "mixtral" else Qwen2MoeForCausalLM
     with warnings.catch_warnings():  # a width-0 shared expert warns that initialising it does nothing
         warnings.filterwarnings("ignore", message=".*zero-element tensors.*")
-        hf = cls(config)
+        hf = AutoModelForCausalLM.from_config(config)
     state = hf_state_dict(model)
     missing = {k: v for k, v in hf.state_dict().items() if k not in state}
     # Qwen2-MoE always builds a shared expert; a model without one exports it at width 0 (it adds nothing).

@@ -80,6 +80,21 @@ def check_resume(ckpt_path: Optional[str], model: ModelConfig, max_steps: Option
     return str(Path(ckpt_path).expanduser())
 
 
+def holds_training_state(ckpt_path: str | Path) -> bool:
+    """Whether a checkpoint can resume training (optimizer state, loop counters), as moe-lab's runs write them; an
+    imported model (`moe-lab import`) holds weights only, and a run from it starts at step 0 with a fresh optimizer."""
+    return "optimizer_states" in read_checkpoint(ckpt_path, setting="ckpt_path")
+
+
+def load_weights(module: MoELanguageModel, ckpt_path: str | Path) -> None:
+    """Put a checkpoint's weights into `module` (a fine-tuning run's start)."""
+    try:
+        module.load_state_dict(read_checkpoint(ckpt_path, setting="ckpt_path")["state_dict"])
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{ckpt_path}: its weights do not fit its model settings ({str(e).splitlines()[0]})"
+                              ) from None
+
+
 # Overrides that say where a run starts or writes, not what it is: a resumed run does not inherit them.
 NOT_INHERITED = ("ckpt_path", "hydra.")
 
@@ -97,6 +112,7 @@ class CheckpointOrigin:
     step: int
     overrides: list[str]
     run_dir: Optional[Path]
+    imported: Optional[str] = None  # the Hugging Face model it was imported from (`moe-lab import`)
 
 
 def checkpoint_origin(ckpt_path: str | Path) -> CheckpointOrigin:
@@ -121,7 +137,9 @@ def checkpoint_origin(ckpt_path: str | Path) -> CheckpointOrigin:
         except (OSError, yaml.YAMLError, UnicodeDecodeError):
             overrides = None
     overrides = [str(o) for o in overrides if inherited(str(o))] if isinstance(overrides, list) else []
-    return CheckpointOrigin(step=int(ckpt.get("global_step", 0)), overrides=overrides, run_dir=run_dir)
+    imported = ckpt.get("moe_lab_imported") if isinstance(ckpt.get("moe_lab_imported"), dict) else {}
+    return CheckpointOrigin(step=int(ckpt.get("global_step", 0)), overrides=overrides, run_dir=run_dir,
+                            imported=str(imported["source"]) if imported.get("source") else None)
 
 
 def _differences(a: Any, b: Any, prefix: str) -> list[str]:

@@ -21,8 +21,8 @@ from moe_lab.analysis.runs import RESUMED_FROM, write_atomically
 from moe_lab.data.datamodule import LMDataModule
 from moe_lab.errors import ConfigError, Diverged, UserError
 from moe_lab.training.callbacks import GracefulStop, StepProgressBar, StopRequested
-from moe_lab.training.checkpoint import (AtomicCheckpointIO, check_resume, checkpoint_origin, inherited,
-                                        remove_stale_partial_saves)
+from moe_lab.training.checkpoint import (AtomicCheckpointIO, check_resume, checkpoint_origin, holds_training_state,
+                                        inherited, load_weights, remove_stale_partial_saves)
 from moe_lab.training.loggers import build_loggers, finish_wandb
 from moe_lab.training.metrics import RoutingMetrics
 from moe_lab.training.module import MoELanguageModel
@@ -50,6 +50,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     torch.set_num_threads(cpu_threads(run.threads, devices if data_parallel else 1))
     output_dir = Path(run.paths.output_dir).expanduser().resolve()
     ckpt_path = check_resume(run.ckpt_path, run.model, run.trainer.get("max_steps"))
+    init_from = None
+    if ckpt_path is not None and not holds_training_state(ckpt_path):
+        init_from, ckpt_path = ckpt_path, None  # an imported model: a new run from its weights (fine-tuning)
     if not launched_worker():  # data-parallel workers share the directory rank 0 claimed
         claim_run_dir(output_dir)
         if ckpt_path is not None:
@@ -58,13 +61,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     stop = GracefulStop(str(output_dir / "checkpoints" / "last.ckpt"))
     stop.install()
     try:
-        return _train(run, cfg, output_dir, ckpt_path, stop)
+        return _train(run, cfg, output_dir, ckpt_path, stop, init_from)
     finally:
         stop.restore()
 
 
-def _train(run: TrainConfig, cfg: DictConfig, output_dir: Path, ckpt_path: Optional[str], stop: GracefulStop
-           ) -> dict[str, Any]:
+def _train(run: TrainConfig, cfg: DictConfig, output_dir: Path, ckpt_path: Optional[str], stop: GracefulStop,
+           init_from: Optional[str] = None) -> dict[str, Any]:
     started = time.time()
     L.seed_everything(run.seed, workers=True, verbose=False)
 
@@ -86,6 +89,8 @@ def _train(run: TrainConfig, cfg: DictConfig, output_dir: Path, ckpt_path: Optio
     module = MoELanguageModel(model=model_cfg, optim=run.optim, domain_names=data.domain_names,
                               tokenizer={"name": run.tokenizer.name, "eos_token": run.tokenizer.eos_token},
                               seed=run.seed)
+    if init_from is not None:
+        load_weights(module, init_from)
     module.provenance = {"overrides": command_line_overrides(), "run_dir": str(output_dir)}
     if ckpt_path is not None and not launched_worker():
         record_resume(ckpt_path, output_dir)

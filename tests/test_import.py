@@ -1,0 +1,154 @@
+"""`moe-lab import`: Hugging Face MoE models into moe-lab, exactly or not at all.
+
+The models are tiny random ones built offline with transformers' own config classes and saved with save_pretrained,
+so the import reads them the way it reads a downloaded one (`from_pretrained` on a directory)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+from moe_lab.errors import UserError
+from moe_lab.training.checkpoint import load_model
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 320  # the byte tokenizer's 257 tokens fit
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+              max_position_embeddings=128, eos_token_id=256, bos_token_id=None, pad_token_id=None)
+
+
+def hf_config(family: str, **extra):
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    if family == "mixtral":
+        return MixtralConfig(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, **COMMON, **extra)
+    if family == "qwen2_moe":  # a dense first layer, a wider shared expert, q/k/v biases, unnormalised weights
+        return Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                              num_experts=4, num_experts_per_tok=2, **{"mlp_only_layers": [0], **COMMON, **extra})
+    if family == "qwen3_moe":  # an explicit head_dim unlike hidden_size / heads, per-head q/k norms
+        return Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+                              head_dim=16, norm_topk_prob=True, **COMMON, **extra)
+    return OlmoeConfig(intermediate_size=16, num_experts=4, num_experts_per_tok=2, **COMMON, **extra)
+
+
+def save_hf_model(family: str, path: Path, **extra):
+    """A random transformers model of `family` (norms and biases off their init too) and moe-lab's byte tokenizer,
+    saved as a downloaded model would be."""
+    from transformers import AutoModelForCausalLM
+
+    from moe_lab.tools.export import hf_tokenizer
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config(family, **extra)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    model.save_pretrained(path)
+    hf_tokenizer({}).save_pretrained(path)
+    return model
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_imported_logits_equal_transformers(family, tmp_path):
+    from moe_lab.tools.export import export_hf
+    from moe_lab.tools.hf_import import import_hf
+
+    hf = save_hf_model(family, tmp_path / "hf")
+    result = import_hf(str(tmp_path / "hf"), tmp_path / "imported")
+    assert result["family"] == family
+    module = load_model(result["checkpoint"])
+    ids = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = module(ids), hf(ids).logits
+    error = float((ours - theirs).abs().max() / theirs.abs().max())
+    assert error < 1e-5, (family, error)  # float32 rounding, nothing more
+    assert (tmp_path / "imported" / "tokenizer" / "tokenizer.json").is_file()
+
+    # import -> export -> import is the identity: same settings, same weights bit for bit.
+    export_hf(result["checkpoint"], tmp_path / "exported")
+    exported = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert exported["model_type"] == family
+    again = import_hf(str(tmp_path / "exported"), tmp_path / "again")
+    first = torch.load(result["checkpoint"], weights_only=True)
+    second = torch.load(again["checkpoint"], weights_only=True)
+    assert first["hyper_parameters"]["model"] == second["hyper_parameters"]["model"]
+    assert first["state_dict"].keys() == second["state_dict"].keys()
+    for name, tensor in first["state_dict"].items():
+        assert torch.equal(tensor, second["state_dict"][name]), name
+
+
+@pytest.mark.parametrize("family, extra, part", [
+    ("mixtral", {"sliding_window": 64}, "sliding-window attention"),
+    ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 64}, "sliding-window attention"),
+    ("olmoe", {"clip_qkv": 8.0}, "clipping of q, k and v"),
+    ("qwen3_moe", {"attention_bias": True}, "attention_bias=true"),
+    ("mixtral", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "scaled RoPE"),
+    ("qwen2_moe", {"mlp_only_layers": [2]}, "MoE layers [0, 1] of 3"),
+    ("mixtral", {"hidden_act": "relu"}, "hidden_act=relu"),
+])
+def test_a_part_moe_lab_cannot_represent_is_refused(family, extra, part, tmp_path):
+    from moe_lab.tools.hf_import import import_hf
+
+    save_hf_model(family, tmp_path / "hf", **extra)
+    with pytest.raises(UserError, match="has no moe-lab equivalent") as caught:
+        import_hf(str(tmp_path / "hf"), tmp_path / "out")
+    message = str(caught.value)
+    assert part in message and "\n" not in message
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_other_architectures_are_named(tmp_path):
+    from transformers import DeepseekV3Config, LlamaConfig
+
+    from moe_lab.tools.hf_import import import_hf
+
+    for config, expected in ((DeepseekV3Config(**COMMON, n_routed_experts=4, num_experts_per_tok=2,
+                                               moe_intermediate_size=16, intermediate_size=48),
+                              "multi-head latent attention"),
+                             (LlamaConfig(**COMMON, intermediate_size=48), "model_type='llama' cannot be imported")):
+        folder = tmp_path / config.model_type
+        config.save_pretrained(folder)
+        with pytest.raises(UserError, match=expected):
+            import_hf(str(folder), tmp_path / "out")
+    with pytest.raises(UserError, match="could not read the config of"):
+        import_hf(str(tmp_path / "missing"), tmp_path / "out")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="never writes over files"):
+        import_hf(str(tmp_path / "mixtral"), tmp_path / "full")
+
+
+@pytest.mark.slow
+def test_fine_tuning_an_imported_model_starts_from_its_weights(tmp_path, cache_dir):
+    """`moe-lab train ckpt_path=IMPORTED` with no model settings: the checkpoint brings the model and tokenizer; the
+    run starts at step 0 from the imported weights with a fresh optimizer."""
+    save_hf_model("qwen3_moe", tmp_path / "hf")
+    imported = run_cli(["import", str(tmp_path / "hf"), str(tmp_path / "imported")], cwd=tmp_path)
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    assert "imported qwen3_moe" in imported.stdout
+    ckpt = tmp_path / "imported" / "model.ckpt"
+    data = ["data.seq_len=64", "data.batch_size=4", "++data.max_chars_per_domain=20000", "data.max_val_blocks=4",
+            f"paths.cache_dir={cache_dir}"]
+    run = tmp_path / "tuned"
+    result = run_cli(["train", f"ckpt_path={ckpt}", *data, "trainer.max_steps=1", "trainer.val_check_interval=1",
+                      "optim.warmup_steps=0", "optim.lr=1e-4", f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "fine-tuning" in result.stderr and "run finished at step 1" in result.stdout
+    start = torch.load(ckpt, weights_only=True)["state_dict"]
+    tuned = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    moved = max(float((tuned[k] - v).abs().max()) for k, v in start.items())
+    assert 0 < moved < 1e-3  # one small step away from the imported weights, not a fresh init (std 0.02)
+    # A model setting given on top is refused: fine-tuning keeps the imported model.
+    refused = run_cli(["train", f"ckpt_path={ckpt}", *data, "model.n_layers=2", f"hydra.run.dir={tmp_path / 'x'}"],
+                      cwd=tmp_path)
+    assert refused.returncode == 2 and "model.n_layers is 3 in the checkpoint but 2 here" in refused.stderr
+
+
+def test_import_help_names_the_families(tmp_path):
+    result = run_cli(["import", "--help"], cwd=REPO)
+    assert result.returncode == 0 and "Qwen3-MoE" in result.stdout and "OLMoE" in result.stdout
