@@ -22,6 +22,7 @@ SUBCOMMANDS: dict[str, str] = {
     "import": "read a Hugging Face MoE (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): moe-lab import HF_DIR_OR_HUB_ID OUT_DIR",
     "export": "write a checkpoint as a Hugging Face transformers model: moe-lab export CKPT --format hf OUT_DIR",
     "dashboard": "an HTML page of a run, a sweep, or runs side by side: moe-lab dashboard PATH [PATH ...] [--live]",
+    "generate": "text from a checkpoint or Hugging Face MoE: moe-lab generate CKPT_OR_HF_DIR --prompt \"def \"",
     "bench": "time the MoE layer and training steps: moe-lab bench [--compare] (see moe-lab bench --help)",
 }
 
@@ -69,7 +70,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     command, rest = argv[0], argv[1:]
     handlers: dict[str, Callable[[list[str]], int]] = {"train": train_command, "import": import_command,
                                                        "export": export_command,
-                                                       "dashboard": dashboard_command, "bench": bench_command}
+                                                       "dashboard": dashboard_command, "bench": bench_command,
+                                                       "generate": generate_command}
     if command not in handlers and launched_worker():
         # A data-parallel worker that Lightning started by re-running this process's command line, which Hydra
         # holds without the subcommand: it is the same `train` run (rank 0 already checked the command line).
@@ -176,6 +178,92 @@ def dashboard_command(args: list[str]) -> int:
     except UserError as e:
         return fail(str(e))
     print(f"moe-lab: wrote {out}")
+    return 0
+
+
+def generate_command(args: list[str]) -> int:
+    parser = ArgumentParser(
+        prog="moe-lab generate", description="Continue prompts with a moe-lab checkpoint or a Hugging Face MoE "
+        "(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; a directory or a hub id), with a KV cache; dropless routing. "
+        "Greedy by default; --temperature > 0 samples.")
+    parser.add_argument("source", help="a moe-lab checkpoint (.ckpt) or a Hugging Face model directory or hub id")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several, batched)")
+    parser.add_argument("--prompt-file", help="a text file of prompts, one per line (write \\n for a newline "
+                        "inside a prompt)")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens "
+                        "whose probability reaches p (1 = all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--show-experts", type=int, metavar="LAYER", help="colour every token by the expert of "
+                        "highest weight it went to in this MoE layer (terminal and --html)")
+    parser.add_argument("--html", help="with --show-experts: the HTML snippet to write (default "
+                        "moe-lab-experts.html)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parsed = parser.parse_args(args)
+    try:
+        return _generate(parsed)
+    except UserError as e:
+        return fail(str(e))
+
+
+def _generate(parsed: argparse.Namespace) -> int:
+    prompts = list(parsed.prompt)
+    if parsed.prompt_file:
+        try:
+            lines = Path(parsed.prompt_file).expanduser().read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--prompt-file {parsed.prompt_file}: cannot be read ({e})") from None
+        prompts += [line.replace("\\n", "\n") for line in lines if line.strip()]
+    if not prompts:
+        raise UserError("no prompt: give --prompt TEXT (repeatable) or --prompt-file FILE")
+    if parsed.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {parsed.max_new_tokens} must be at least 1")
+    html_out = Path(parsed.html or "moe-lab-experts.html").expanduser() if parsed.show_experts is not None else None
+    if html_out is not None and html_out.exists() and "moe-lab-experts" not in html_out.read_text(errors="ignore"):
+        raise UserError(f"--html {html_out} exists and was not written by moe-lab generate; moe-lab never writes "
+                        "over files: choose another path")
+    if parsed.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+    from moe_lab.tools.generate import (Sampling, coloured_html, coloured_terminal, generate, load_for_inference,
+                                        stream_writer, token_pieces)
+
+    model, tokenizer, described = load_for_inference(parsed.source)
+    model = model.to(parsed.device)
+    if parsed.show_experts is not None and parsed.show_experts not in model.moe_layers:
+        raise UserError(f"--show-experts {parsed.show_experts} is not an MoE layer; the MoE layers are "
+                        f"{model.moe_layers}")
+    ids = [tokenizer.encode_prompt(p) for p in prompts]
+    sampling = Sampling(parsed.temperature, parsed.top_k, parsed.top_p, parsed.seed)
+    sampling.check()
+    print(f"moe-lab: {described}; {'greedy' if sampling.temperature == 0 else 'sampling'}, up to "
+          f"{parsed.max_new_tokens} new tokens", file=sys.stderr, flush=True)
+    single = len(prompts) == 1
+    if single:
+        print(tokenizer.decode(ids[0]), end="", flush=True)
+    results = generate(model, ids, parsed.max_new_tokens, sampling, eos_id=getattr(tokenizer, "eos_id", None),
+                       show_layer=parsed.show_experts,
+                       on_token=stream_writer(tokenizer, ids[0]) if single else None)
+    if single:
+        print()
+    else:
+        for i, r in enumerate(results):
+            print(f"[{i}] {tokenizer.decode(r.prompt_ids + r.new_ids)}")
+    if parsed.show_experts is not None:
+        from moe_lab.analysis.runs import write_atomically
+
+        rows = []
+        for r in results:
+            pieces = token_pieces(tokenizer, r.prompt_ids + r.new_ids)
+            rows.append((pieces, r.experts, len(r.prompt_ids)))
+            print(f"\nlayer {parsed.show_experts}, expert of highest weight per token:\n"
+                  + coloured_terminal(pieces, r.experts, colour=sys.stdout.isatty()))
+        write_atomically(html_out, coloured_html(rows, parsed.show_experts, model.cfg.moe.num_experts))
+        print(f"moe-lab: wrote {html_out}", file=sys.stderr)
     return 0
 
 

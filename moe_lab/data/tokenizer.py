@@ -32,6 +32,9 @@ class ByteTokenizer:
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [self.encode(t) for t in texts]
 
+    def encode_prompt(self, text: str) -> list[int]:
+        return [int(i) for i in self.encode(text)]
+
     def decode(self, ids) -> str:
         return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
 
@@ -78,6 +81,10 @@ class HFTokenizer:
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [np.asarray(e.ids, dtype=np.int32) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt as the model's own tokenizer frames one (a beginning-of-text token, where it adds one)."""
+        return list(self._tok.encode(text, add_special_tokens=True).ids)
 
     def decode(self, ids) -> str:
         return self._tok.decode([int(i) for i in ids])

@@ -41,6 +41,16 @@ class MoELayerOutput:
     # Every routing decision (slot n: expert_N[n] took token_N[n]), before capacity: for expert x domain tables.
     expert_N: Optional[torch.Tensor] = None
     token_N: Optional[torch.Tensor] = None
+    weight_N: Optional[torch.Tensor] = None  # each slot's combine weight
+
+    def top_expert_T(self, num_tokens: int) -> torch.Tensor:
+        """Each token's expert of highest weight (-1: no expert took it), e.g. to colour text by routing."""
+        best_T = torch.full((num_tokens,), float("-inf"), device=self.weight_N.device)
+        best_T.scatter_reduce_(0, self.token_N, self.weight_N.float(), reduce="amax")
+        top = self.weight_N.float() == best_T[self.token_N]
+        expert_T = torch.full((num_tokens,), -1, dtype=torch.long, device=self.expert_N.device)
+        expert_T[self.token_N[top]] = self.expert_N[top]
+        return expert_T
 
 
 def expert_capacity(capacity_factor: Optional[float], num_tokens: int, top_k: int, num_experts: int,
@@ -116,7 +126,7 @@ class MoELayer(nn.Module):
         out = MoELayerOutput(losses=self._losses(routing, tokens_per_expert_E, B),
                              tokens_per_expert_E=tokens_per_expert_E.detach().float(),
                              dropped_slots=dropped.detach().float(), expert_N=routing.expert_N.detach(),
-                             token_N=routing.token_N.detach())
+                             token_N=routing.token_N.detach(), weight_N=routing.weight_N.detach())
         with torch.no_grad():
             if routing.probs_TE is not None:
                 probs_TE = routing.probs_TE.detach()
