@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, str] = {
     "export": "write a checkpoint as a Hugging Face transformers model: moe-lab export CKPT --format hf OUT_DIR",
     "dashboard": "an HTML page of a run, a sweep, or runs side by side: moe-lab dashboard PATH [PATH ...] [--live]",
     "generate": "text from a checkpoint or Hugging Face MoE: moe-lab generate CKPT_OR_HF_DIR --prompt \"def \"",
+    "eval": "loss, perplexity, bits per byte and routing on some data: moe-lab eval CKPT_OR_HF_DIR [data=...]",
     "bench": "time the MoE layer and training steps: moe-lab bench [--compare] (see moe-lab bench --help)",
 }
 
@@ -71,7 +72,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     handlers: dict[str, Callable[[list[str]], int]] = {"train": train_command, "import": import_command,
                                                        "export": export_command,
                                                        "dashboard": dashboard_command, "bench": bench_command,
-                                                       "generate": generate_command}
+                                                       "generate": generate_command, "eval": eval_command}
     if command not in handlers and launched_worker():
         # A data-parallel worker that Lightning started by re-running this process's command line, which Hydra
         # holds without the subcommand: it is the same `train` run (rank 0 already checked the command line).
@@ -264,6 +265,93 @@ def _generate(parsed: argparse.Namespace) -> int:
                   + coloured_terminal(pieces, r.experts, colour=sys.stdout.isatty()))
         write_atomically(html_out, coloured_html(rows, parsed.show_experts, model.cfg.moe.num_experts))
         print(f"moe-lab: wrote {html_out}", file=sys.stderr)
+    return 0
+
+
+def eval_command(args: list[str]) -> int:
+    parser = ArgumentParser(
+        prog="moe-lab eval", description="Evaluate a moe-lab checkpoint or a Hugging Face MoE on data: loss, "
+        "perplexity and bits per byte, overall and per domain, and per MoE layer the routing statistics training "
+        "logs (load, imbalance, drops, dead and starved experts, specialisation). The data settings are moe-lab "
+        "train's (data=embedded|text|hf, data.KEY=VALUE; default: the embedded corpus); the held-out split of "
+        "the packed blocks is evaluated, tokenised with the model's tokenizer.")
+    parser.add_argument("source", help="a moe-lab checkpoint (.ckpt) or a Hugging Face model directory or hub id")
+    parser.add_argument("overrides", nargs="*", help="data=..., data.KEY=VALUE, paths.cache_dir=...")
+    parser.add_argument("--max-batches", type=int, help="evaluate at most this many batches")
+    parser.add_argument("--capacity", choices=["dropless", "checkpoint"], default="dropless",
+                        help="dropless (default: every token reaches its experts, as at inference) or the "
+                        "checkpoint's eval capacity factor (as its validation ran)")
+    parser.add_argument("--json", help="also write the report as JSON to this file")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parsed = parser.parse_args(args)
+    try:
+        return _evaluate(parsed)
+    except UserError as e:
+        return fail(str(e))
+
+
+def _evaluate(parsed: argparse.Namespace) -> int:
+    import json
+
+    from moe_lab.cli.preflight import compose_checked
+
+    cfg = compose_checked(list(parsed.overrides), ("data", "paths.cache_dir"), "moe-lab eval",
+                          "data=OPTION, data.KEY=VALUE and paths.cache_dir=DIR")
+    json_out = Path(parsed.json).expanduser() if parsed.json else None
+    if json_out is not None and (json_out.is_dir() or not json_out.parent.is_dir()):
+        raise UserError(f"--json {json_out}: give a file in an existing folder")
+    if parsed.max_batches is not None and parsed.max_batches < 1:
+        raise UserError(f"--max-batches {parsed.max_batches} must be at least 1")
+    if parsed.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+    from omegaconf import OmegaConf
+
+    from moe_lab.data.config import TokenizerConfig
+    from moe_lab.data.datamodule import LMDataModule
+    from moe_lab.tools.evaluate import evaluate, format_report
+    from moe_lab.tools.generate import load_for_inference
+    from moe_lab.training.schemas import validate
+
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    cfg.pop("hydra", None)
+    cfg.paths.output_dir = "."  # eval writes no run directory
+    run = validate(cfg)
+    model, tokenizer, described = load_for_inference(parsed.source, capacity=parsed.capacity)
+    model = model.to(parsed.device)
+    # The model's own tokenizer (end-of-text token included): the blocks are packed as its training packed them.
+    tokenizer_cfg = (TokenizerConfig() if tokenizer.name == "bytes"
+                     else TokenizerConfig(name=tokenizer.name, eos_token=tokenizer.eos_token))
+    data = LMDataModule(run.data, tokenizer_cfg, run.paths.cache_dir, run.seed)
+    data.prepare_data()
+    data.setup("fit")
+    if data.vocab_size > model.cfg.vocab_size:
+        raise UserError(f"the tokenizer has {data.vocab_size} tokens but the model only {model.cfg.vocab_size}")
+    print(f"moe-lab: evaluating {described} on {data.describe()}: {len(data.val_blocks)} held-out blocks of "
+          f"{run.data.seq_len} tokens; {parsed.capacity}", file=sys.stderr, flush=True)
+    from torch.utils.data import DataLoader
+
+    from moe_lab.data.datamodule import validation_batches
+
+    batches = validation_batches(len(data.val_blocks), run.data.batch_size, 0, 1)
+    if parsed.max_batches is not None and parsed.max_batches < len(batches):
+        # Evenly spaced over the held-out blocks, which are grouped by domain: every domain is seen.
+        import numpy as np
+
+        batches = [batches[i] for i in np.unique(np.linspace(0, len(batches) - 1, parsed.max_batches).round()
+                                                 .astype(int))]
+    loader = DataLoader(data.val_blocks, batch_sampler=batches, collate_fn=lambda b: b, num_workers=0)
+    report = evaluate(model, loader, tokenizer, data.domain_names)
+    report = {"source": parsed.source, "data": data.describe(), "capacity": parsed.capacity, **report}
+    print(format_report(report))
+    if json_out is not None:
+        from moe_lab.analysis.runs import write_atomically
+
+        write_atomically(json_out, json.dumps(report, indent=2) + "\n")
+        print(f"moe-lab: wrote {json_out}", file=sys.stderr)
     return 0
 
 

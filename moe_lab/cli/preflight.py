@@ -145,6 +145,41 @@ def check(parsed: argparse.Namespace) -> Optional[tuple[Path, bool]]:
         GlobalHydra.instance().clear()
 
 
+def compose_checked(overrides: list[str], allowed: tuple[str, ...], command: str, takes: str) -> DictConfig:
+    """The composed `train` config with `overrides`, for commands that take some of its settings (`moe-lab eval
+    data=...`): each override must start with one of `allowed` (a group or key prefix), and is checked as `moe-lab
+    train` checks it (options, keys); UserError otherwise, saying what the command `takes`."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.utils import setup_globals
+    from hydra.errors import HydraException
+
+    setup_globals()
+    try:
+        given = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise UserError(f"could not parse the overrides: {_first_line(e)}") from None
+    for o in given:
+        key = o.key_or_group
+        if o.is_sweep_override():
+            raise UserError(f"{o.input_line} is a sweep; {command} takes one value per setting")
+        if not any(key == a or key.startswith(a + ".") for a in allowed):
+            raise UserError(f"{key} is not a setting of {command}; it takes {takes}")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            groups = GroupIndex(GlobalHydra.instance().config_loader(), "train", [])
+            groups.check(given)
+            base = _compose(compose, "train", [o.input_line for o in given if groups.is_group(o)])
+            for o in given:
+                if not groups.is_group(o):
+                    check_key(o, base)
+            return _compose(compose, "train", list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
 class GroupIndex:
     """Hydra's config groups and their options, from its config loader (with any --config-dir search path)."""
 

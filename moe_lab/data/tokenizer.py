@@ -82,6 +82,10 @@ class HFTokenizer:
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [np.asarray(e.ids, dtype=np.int32) for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
+    @property
+    def eos_token(self) -> str:
+        return self._tok.id_to_token(self.eos_id)
+
     def encode_prompt(self, text: str) -> list[int]:
         """A prompt as the model's own tokenizer frames one (a beginning-of-text token, where it adds one)."""
         return list(self._tok.encode(text, add_special_tokens=True).ids)

@@ -123,13 +123,16 @@ def generate(model: MoETransformer, prompts: list[list[int]], max_new_tokens: in
 # Loading a model to generate with
 
 
-def load_for_inference(source: str) -> tuple[MoETransformer, Any, str]:
-    """(model, tokenizer, description) of a moe-lab checkpoint or a Hugging Face MoE (directory or hub id)."""
+def load_for_inference(source: str, capacity: str = "dropless") -> tuple[MoETransformer, Any, str]:
+    """(model, tokenizer, description) of a moe-lab checkpoint or a Hugging Face MoE (directory or hub id), in eval
+    mode; dropless unless `capacity="checkpoint"` (a moe-lab checkpoint's eval capacity factor)."""
     path = Path(source).expanduser()
+    if not path.exists() and (source.endswith(".ckpt") or path.is_absolute() or source.startswith((".", "~"))):
+        raise UserError(f"{source}: no such checkpoint file or model directory")
     if path.is_file():
         from moe_lab.training.checkpoint import load_model
 
-        module = load_model(path)
+        module = load_model(path, capacity=capacity)
         tokenizer = checkpoint_tokenizer(path, module.hparams.get("tokenizer") or {})
         return module.model, tokenizer, f"{path} ({module.model.cfg.name})"
     from transformers import AutoModelForCausalLM
@@ -143,10 +146,13 @@ def load_for_inference(source: str) -> tuple[MoETransformer, Any, str]:
     model = build_model(hf)
     folder = path if path.is_dir() else Path(_load(lambda: __import__("huggingface_hub").snapshot_download(
         source, allow_patterns=["tokenizer*", "*.json"]), source, "tokenizer"))
+    from tokenizers import Tokenizer
+
     eos = hf_config.eos_token_id if isinstance(hf_config.eos_token_id, int) else None
-    tokenizer = HFTokenizer(str(folder))
-    if eos is not None:
-        tokenizer.eos_id = eos
+    if not (folder / "tokenizer.json").is_file():
+        raise UserError(f"{source} has no tokenizer.json (a slow tokenizer); moe-lab reads fast tokenizers only")
+    eos_token = Tokenizer.from_file(str(folder / "tokenizer.json")).id_to_token(eos) if eos is not None else None
+    tokenizer = HFTokenizer(str(folder), eos_token)
     return model, tokenizer, f"{source} ({hf_config.model_type})"
 
 

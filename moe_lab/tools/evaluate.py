@@ -1,0 +1,116 @@
+"""`moe-lab eval CKPT_OR_HF_DIR [data=...]`: language-modelling quality and routing of a model on some data.
+
+The data are read, tokenised with the model's own tokenizer and packed into blocks exactly as training does
+(`moe_lab/data`), and the held-out split is evaluated (the blocks a moe-lab run validated on, for the same data).
+Reported, overall and per data domain: cross-entropy (nats per token), perplexity, and bits per byte (the
+cross-entropy of a block over the UTF-8 bytes its target tokens decode to: comparable across tokenizers, as the
+Pile and OLMo papers report it). Per MoE layer: the load of every expert, max/mean imbalance, the least loaded
+expert's share of the fair load, dead and starved experts, dropped slots, and specialisation (I(expert; domain) /
+H(domain)), the statistics training logs. Inference is dropless unless `--capacity checkpoint`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from moe_lab.analysis.stats import load_statistics, mutual_information
+from moe_lab.model import MoETransformer
+
+
+@torch.no_grad()
+def evaluate(model: MoETransformer, batches, tokenizer: Any, domain_names: list[str],
+             max_batches: Optional[int] = None) -> dict[str, Any]:
+    """Loss, perplexity and bits per byte per domain, and routing statistics per MoE layer, over `batches` (dicts of
+    input_ids (B, S + 1), domain (B,), valid (B,), as the validation loader gives them)."""
+    model.eval()
+    device = next(model.parameters()).device
+    D = len(domain_names)
+    nats_D, tokens_D, bytes_D = np.zeros(D), np.zeros(D), np.zeros(D)
+    E = model.cfg.moe.num_experts
+    layers = model.moe_layers
+    slots_LE = np.zeros((len(layers), E))
+    dropped_L = np.zeros(len(layers))
+    domain_LED = np.zeros((len(layers), E, D))
+    for n, batch in enumerate(batches):
+        if max_batches is not None and n >= max_batches:
+            break
+        keep = batch["valid"].bool()
+        ids_BS1 = batch["input_ids"][keep].to(device)
+        domain_B = batch["domain"][keep]
+        if len(ids_BS1) == 0:
+            continue
+        out = model(ids_BS1[:, :-1])
+        targets_BS = ids_BS1[:, 1:]
+        B, S = targets_BS.shape
+        loss_B = F.cross_entropy(out.logits.float().flatten(0, 1), targets_BS.flatten(),
+                                 reduction="none").view(B, S).sum(-1).double().cpu().numpy()
+        for b in range(B):
+            d = int(domain_B[b])
+            nats_D[d] += loss_B[b]
+            tokens_D[d] += S
+            bytes_D[d] += len(tokenizer.decode(targets_BS[b].tolist()).encode("utf-8"))
+        token_domain_T = domain_B.repeat_interleave(S).numpy()
+        for i, layer in enumerate(layers):
+            stats = out.moe[layer]
+            slots_LE[i] += stats.tokens_per_expert_E.cpu().numpy()
+            dropped_L[i] += float(stats.dropped_slots)
+            experts = stats.expert_N.cpu().numpy()
+            domains = token_domain_T[stats.token_N.cpu().numpy()]
+            np.add.at(domain_LED[i], (experts, domains), 1)
+    return _report(domain_names, nats_D, tokens_D, bytes_D, layers, slots_LE, dropped_L, domain_LED)
+
+
+def _report(domain_names, nats_D, tokens_D, bytes_D, layers, slots_LE, dropped_L, domain_LED) -> dict[str, Any]:
+    def quality(nats: float, tokens: float, nbytes: float) -> dict[str, float]:
+        loss = nats / max(tokens, 1)
+        return {"loss": loss, "ppl": math.exp(min(loss, 700)), "bits_per_byte": nats / math.log(2) / max(nbytes, 1),
+                "tokens": int(tokens), "bytes": int(nbytes)}
+
+    report: dict[str, Any] = {
+        "overall": quality(nats_D.sum(), tokens_D.sum(), bytes_D.sum()),
+        "domains": {name: quality(nats_D[d], tokens_D[d], bytes_D[d])
+                    for d, name in enumerate(domain_names) if tokens_D[d] > 0},
+        "layers": {},
+    }
+    for i, layer in enumerate(layers):
+        total = slots_LE[i].sum()
+        entry = {"load": (slots_LE[i] / max(total, 1)).tolist(), **load_statistics(slots_LE[i]),
+                 "dropped_frac": float(dropped_L[i] / max(total, 1))}
+        if len(domain_names) > 1:
+            entry["specialization"] = mutual_information(domain_LED[i])[1]
+            entry["domain_counts"] = domain_LED[i].tolist()
+        report["layers"][str(layer)] = entry
+    if layers:
+        entries = list(report["layers"].values())
+        report["moe"] = {"mean_imbalance": float(np.mean([e["imbalance"] for e in entries])),
+                         "max_imbalance": float(np.max([e["imbalance"] for e in entries])),
+                         "min_load": float(np.min([e["min_load"] for e in entries])),
+                         "dead_experts": float(np.sum([e["dead_experts"] for e in entries])),
+                         "starved_experts": float(np.sum([e["starved_experts"] for e in entries])),
+                         "dropped_frac": float(np.mean([e["dropped_frac"] for e in entries]))}
+        if all("specialization" in e for e in entries):
+            report["moe"]["specialization"] = float(np.mean([e["specialization"] for e in entries]))
+    return report
+
+
+def format_report(report: dict[str, Any]) -> str:
+    lines = ["  domain        loss     ppl  bits/byte    tokens"]
+    rows = [("all", report["overall"])] + list(report["domains"].items())
+    for name, q in rows:
+        lines.append(f"  {name:<10} {q['loss']:>7.4f} {q['ppl']:>7.2f} {q['bits_per_byte']:>10.4f} {q['tokens']:>9,}")
+    if report["layers"]:
+        special = all("specialization" in e for e in report["layers"].values())
+        lines.append("  layer  imbalance  min load  dropped  dead  starved" + ("  specialization" if special else "")
+                     + "  busiest expert")
+        for layer, e in report["layers"].items():
+            top = int(np.argmax(e["load"]))
+            lines.append(f"  {layer:>5}  {e['imbalance']:>9.2f}  {e['min_load']:>8.2f}  {e['dropped_frac']:>7.1%}  "
+                         f"{e['dead_experts']:>4.0f}  {e['starved_experts']:>7.0f}"
+                         + (f"  {e['specialization']:>14.3f}" if special else "")
+                         + f"  #{top} ({e['load'][top]:.1%})")
+    return "\n".join(lines)
