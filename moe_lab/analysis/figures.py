@@ -60,7 +60,7 @@ def domains_of(run: RunRecord) -> list[str]:
 def wrap(text: str, width: int) -> list[str]:
     """`text` in lines of about `width` characters, broken after the commas and spaces between overrides."""
     lines, line = [], ""
-    for word in text.replace(", ", ",\0").replace(" ", " \0").split("\0"):
+    for word in text.replace(", ", ", \0").replace(" ", " \0").split("\0"):
         if line and len(line) + len(word) > width:
             lines.append(line.rstrip())
             line = ""
