@@ -297,7 +297,8 @@ def _check_inputs(run) -> None:
     """Inputs the run would trip over later: the data (read, tokenised and cached now, as the run will find it: a data
     problem is found before a run directory exists) and the checkpoint to resume."""
     from moe_lab.data.datamodule import LMDataModule
-    from moe_lab.training.checkpoint import check_resume
+    from moe_lab.training.checkpoint import check_resume, holds_training_state
+    from moe_lab.training.upcycle import apply_upcycling
 
     import datasets
 
@@ -308,6 +309,8 @@ def _check_inputs(run) -> None:
         if not torch.cuda.is_available():
             raise UserError(f"trainer.accelerator={accelerator} (trainer=gpu) needs a CUDA GPU and none is visible "
                             "here; use trainer=cpu, or trainer=ddp trainer.accelerator=cpu")
+    resuming = run.ckpt_path is not None and holds_training_state(run.ckpt_path)
+    apply_upcycling(run, run.ckpt_path if resuming else None)  # the dense model's backbone and tokenizer
     check_resume(run.ckpt_path, run.model, run.trainer.get("max_steps"))
     data = LMDataModule(run.data, run.tokenizer, run.paths.cache_dir, run.seed)
     if not data.is_cached():

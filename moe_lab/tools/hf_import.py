@@ -29,6 +29,7 @@ from moe_lab.errors import ModelImportError, UserError
 from moe_lab.model import ModelConfig, MoETransformer
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+DENSE_FAMILIES = ("llama", "qwen2", "qwen3")  # read for upcycling (model.init_from)
 CHECKPOINT = "model.ckpt"
 
 
@@ -36,9 +37,15 @@ CHECKPOINT = "model.ckpt"
 # Settings
 
 
-def model_config(hf: Any) -> ModelConfig:
-    """The moe-lab settings of a transformers config, or ModelImportError naming the part that has no equivalent."""
+def model_config(hf: Any, dense: bool = False) -> ModelConfig:
+    """The moe-lab settings of a transformers config, or ModelImportError naming the part that has no equivalent.
+    With `dense`, the dense families (Llama, Qwen2, Qwen3) instead of the MoE ones."""
     family = getattr(hf, "model_type", None)
+    if dense:
+        if family not in DENSE_FAMILIES:
+            raise ModelImportError(f"model_type={family!r} is not a dense model moe-lab upcycles; the families are "
+                                   f"{', '.join(DENSE_FAMILIES)} (or a moe-lab checkpoint of an experts=dense run)")
+        return _dense_config(hf, family)
     if family in ("deepseek_v3", "deepseek_v2"):
         raise ModelImportError(f"{family} is not supported yet: moe-lab has no multi-head latent attention "
                                "(q_lora_rank, kv_lora_rank); its sigmoid group-limited router, shared experts and "
@@ -99,6 +106,36 @@ def model_config(hf: Any) -> ModelConfig:
     })
     if family == "olmoe" and cfg.head_dim * n_heads != d_model:
         refuse(True, "a head_dim other than hidden_size / num_attention_heads (OLMoE's q/k norms span hidden_size)")
+    try:
+        cfg.check()
+    except ValueError as e:
+        raise ModelImportError(f"{family}: {e}") from None
+    return cfg
+
+
+def _dense_config(hf: Any, family: str) -> ModelConfig:
+    get = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
+    rope = get("rope_parameters") or get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    for bad, part in ((rope_type not in (None, "default"), f"scaled RoPE (rope_type={rope_type})"),
+                      (bool(get("use_sliding_window", False)), "sliding-window attention"),
+                      (family != "qwen2" and bool(get("attention_bias", False)), "attention biases"),
+                      (bool(get("mlp_bias", False)), "FFN biases"),
+                      (get("hidden_act") != "silu", f"hidden_act={get('hidden_act')}")):
+        if bad:
+            raise ModelImportError(f"{family}: {part} has no moe-lab equivalent; the model was not read")
+    theta = rope.get("rope_theta") if isinstance(rope, dict) and rope.get("rope_theta") else get("rope_theta", 1e4)
+    d_model, n_heads = get("hidden_size"), get("num_attention_heads")
+    head_dim = get("head_dim") or d_model // n_heads
+    cfg = ModelConfig.from_dict({
+        "name": family, "vocab_size": get("vocab_size"), "d_model": d_model, "n_layers": get("num_hidden_layers"),
+        "n_heads": n_heads, "n_kv_heads": get("num_key_value_heads") or n_heads,
+        "head_size": head_dim if head_dim * n_heads != d_model else None, "qkv_bias": family == "qwen2",
+        "qk_norm": "head" if family == "qwen3" else None, "ffn_hidden": get("intermediate_size"),
+        "max_seq_len": get("max_position_embeddings"), "rope_theta": float(theta), "norm_eps": get("rms_norm_eps"),
+        "init_std": get("initializer_range", 0.02), "tie_embeddings": bool(get("tie_word_embeddings", False)),
+        "moe": {"enabled": False},
+    })
     try:
         cfg.check()
     except ValueError as e:

@@ -166,7 +166,8 @@ class RoutingMetrics(L.Callback):
         self._run_seconds += seconds
         metrics = {
             "train/loss": float(values["ce"]) / micro,
-            "train/lr": trainer.optimizers[0].param_groups[0]["lr"],
+            "train/lr": trainer.optimizers[0].param_groups[0]["lr"] / trainer.optimizers[0].param_groups[0].get(
+                "lr_mult", 1.0),
             "train/tokens_per_sec": window["device/items_per_sec"] * world,
             "train/tokens": float(step * trainer.accumulate_grad_batches * world * self._tokens / self._micro_batches),
         }

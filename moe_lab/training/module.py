@@ -37,6 +37,9 @@ class MoELanguageModel(L.LightningModule):
                                    "optim": dataclasses.asdict(self.optim_cfg), "domain_names": self.domain_names,
                                    "tokenizer": dict(tokenizer or {}), "seed": seed})
         self.model = MoETransformer(self.model_cfg)
+        for name, p in self.named_parameters():  # fine-tuning: frozen parts never get a gradient
+            if part_of(name) in self.optim_cfg.freeze:
+                p.requires_grad_(False)
         self.moe_layers = self.model.moe_layers
         self.num_experts = self.model_cfg.moe.num_experts
         self.last_train_metrics: dict[str, float] = {}  # set by metrics.RoutingMetrics at every log step
@@ -139,16 +142,31 @@ class MoELanguageModel(L.LightningModule):
         groups = strategy.groups if isinstance(strategy, MoEDDPStrategy) else None
         clip_grad_norm_(self, gradient_clip_val, groups.ep_group if groups is not None else None)
 
-    def parameter_groups(self) -> list[list[torch.nn.Parameter]]:
-        """[decay, no decay]: weight decay on matrices only (nanoGPT)."""
-        params = [p for p in self.parameters() if p.requires_grad]
-        return [[p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]]
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """AdamW's parameter groups: weight decay on matrices only (nanoGPT), and one group per learning-rate
+        multiplier (optim.lr_mult); frozen parts (optim.freeze) are in none. Each group records its `lr_mult`."""
+        groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                mult = float(self.optim_cfg.lr_mult.get(part_of(name), 1.0))
+                groups.setdefault((p.ndim >= 2, mult), []).append(p)
+        ordered = sorted(groups, key=lambda key: (key[1] != 1.0, not key[0], key[1]))  # the base group first
+        return [{"params": groups[key], "weight_decay": self.optim_cfg.weight_decay if key[0] else 0.0,
+                 "lr": self.optim_cfg.lr * key[1], "lr_mult": key[1]} for key in ordered]
+
+    def parts(self) -> dict[str, dict[str, Any]]:
+        """Parameters per part of the model, and whether each trains and at what learning-rate multiplier."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, p in self.named_parameters():
+            part = out.setdefault(part_of(name), {"params": 0, "frozen": False,
+                                                  "lr_mult": float(self.optim_cfg.lr_mult.get(part_of(name), 1.0))})
+            part["params"] += p.numel()
+            part["frozen"] = part_of(name) in self.optim_cfg.freeze
+        return out
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
-        decay, no_decay = self.parameter_groups()
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = self.parameter_groups()
         fused = self.device.type == "cuda"
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
         total = max(self.trainer.max_steps, 1)
@@ -188,6 +206,26 @@ class MoELanguageModel(L.LightningModule):
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(rng["cuda"])
         self.first_val_loss = checkpoint.get("moe_lab_first_val_loss")
+
+
+def part_of(name: str) -> str:
+    """The part of the model (one of schemas.PARTS) a parameter, named as in named_parameters(), belongs to."""
+    name = name.removeprefix("model.")
+    if name.startswith("embed."):
+        return "embeddings"
+    if name.startswith("lm_head."):
+        return "head"
+    if ".attn." in name:
+        return "attention"  # the q/k norms included
+    if name.endswith("norm.weight"):
+        return "norms"
+    if ".ffn.router." in name:
+        return "router"
+    if ".ffn.experts." in name:
+        return "experts"
+    if ".ffn.shared" in name:
+        return "shared_experts"  # and their gate
+    return "dense_ffn"
 
 
 def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:

@@ -27,6 +27,10 @@ from moe_lab.model.config import ModelConfig
 from moe_lab.model.router_configs import ROUTER_CONFIGS, router_config
 
 
+# The parts of the model that optim.freeze and optim.lr_mult name (training/module.py: part_of).
+PARTS = ("embeddings", "head", "attention", "norms", "router", "experts", "shared_experts", "dense_ffn")
+
+
 @dataclass
 class OptimConfig:
     """AdamW with decoupled weight decay on matrices only, linear warm-up then cosine decay (`conf/optim/`)."""
@@ -38,6 +42,23 @@ class OptimConfig:
     warmup_steps: int = 50
     # The cosine decays to lr * min_lr_ratio at trainer.max_steps.
     min_lr_ratio: float = 0.1
+    # Parts of the model that do not train (fine-tuning): any of embeddings, head, attention, norms, router, experts,
+    # shared_experts, dense_ffn (PARTS below). E.g. optim.freeze=[router].
+    freeze: list[str] = field(default_factory=list)
+    # Learning-rate multipliers per part, e.g. optim.lr_mult.router=0.1 (parts not named keep 1).
+    lr_mult: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class UpcycleConfig:
+    """How model.init_from's dense FFNs become experts (`conf/upcycle/`; moe_lab/model/upcycle.py)."""
+
+    # copy (sparse upcycling), granular (fine-grained shards) or drop (Drop-Upcycling); null = no upcycling.
+    method: Optional[str] = None
+    # granular: the dense FFN is cut into this many shards (experts are FFN / granularity wide).
+    granularity: int = 2
+    # drop: the share of each expert's hidden units re-initialised (Nakamura et al. 2025 found 0.5 best).
+    drop_ratio: float = 0.5
 
 
 @dataclass
@@ -78,6 +99,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     # Lightning Trainer arguments (conf/trainer/), passed as they are.
     trainer: dict[str, Any] = field(default_factory=dict)
     # Loggers (conf/logger/): name -> a node with the logger's _target_.
@@ -231,6 +253,20 @@ def _check_training(run: TrainConfig) -> None:
     need(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), f"optim.betas={o.betas} must be two values in [0, 1)")
     need(o.warmup_steps >= 0, f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     need(0 <= o.min_lr_ratio <= 1, f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    parts = PARTS
+    for key, named in (("optim.freeze", list(o.freeze)), ("optim.lr_mult", list(o.lr_mult))):
+        for part in named:
+            need(part in parts, f"{key}: {part!r} is not a part of the model; the parts are {', '.join(parts)}")
+    for part, mult in o.lr_mult.items():
+        need(mult >= 0, f"optim.lr_mult.{part}={mult} must be >= 0")
+    u = run.upcycle
+    need(u.method in (None, "copy", "granular", "drop"), f"upcycle.method={u.method!r}; choose copy, granular or drop "
+                                                         "(upcycle=copy|granular|drop)")
+    need((u.method is None) == (run.model.init_from is None),
+         "model.init_from names the dense model to upcycle and upcycle=copy|granular|drop says how: give both"
+         if u.method is None else f"upcycle={u.method} needs model.init_from=DENSE_CHECKPOINT_OR_HF_MODEL")
+    need(u.granularity >= 1, f"upcycle.granularity={u.granularity} must be at least 1")
+    need(0 <= u.drop_ratio <= 1, f"upcycle.drop_ratio={u.drop_ratio} must be in [0, 1]")
     need(run.checkpoint.every_n_steps >= 1, "checkpoint.every_n_steps must be at least 1")
     need(run.threads is None or run.threads >= 1, f"threads={run.threads} must be at least 1 (or null: the CPUs this "
                                                   "process may use)")

@@ -8,7 +8,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
@@ -30,6 +30,7 @@ from moe_lab.training.run_dir import claim_run_dir, launched_worker, release_run
 from moe_lab.training.runtime import cpu_threads, quiet_lightning, retain_freed_memory
 from moe_lab.training.schemas import TrainConfig, validate
 from moe_lab.training.strategy import make_strategy
+from moe_lab.training.upcycle import apply_upcycling
 
 
 class Interrupted(Exception):
@@ -49,6 +50,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     data_parallel = str(run.trainer.get("strategy", "")).startswith("ddp") and isinstance(devices, int)
     torch.set_num_threads(cpu_threads(run.threads, devices if data_parallel else 1))
     output_dir = Path(run.paths.output_dir).expanduser().resolve()
+    resuming = run.ckpt_path is not None and holds_training_state(run.ckpt_path)
+    upcycled_weights = apply_upcycling(run, run.ckpt_path if resuming else None)  # model.init_from: settings
     ckpt_path = check_resume(run.ckpt_path, run.model, run.trainer.get("max_steps"))
     init_from = None
     if ckpt_path is not None and not holds_training_state(ckpt_path):
@@ -61,13 +64,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     stop = GracefulStop(str(output_dir / "checkpoints" / "last.ckpt"))
     stop.install()
     try:
-        return _train(run, cfg, output_dir, ckpt_path, stop, init_from)
+        return _train(run, cfg, output_dir, ckpt_path, stop, init_from, upcycled_weights)
     finally:
         stop.restore()
 
 
 def _train(run: TrainConfig, cfg: DictConfig, output_dir: Path, ckpt_path: Optional[str], stop: GracefulStop,
-           init_from: Optional[str] = None) -> dict[str, Any]:
+           init_from: Optional[str] = None, upcycled_weights: Optional[Callable[[], dict]] = None
+           ) -> dict[str, Any]:
     started = time.time()
     L.seed_everything(run.seed, workers=True, verbose=False)
 
@@ -91,6 +95,11 @@ def _train(run: TrainConfig, cfg: DictConfig, output_dir: Path, ckpt_path: Optio
                               seed=run.seed)
     if init_from is not None:
         load_weights(module, init_from)
+    if upcycled_weights is not None:
+        module.model.load_state_dict(upcycled_weights())
+        if not launched_worker():
+            print(f"moe-lab: upcycled {run.model.init_from} ({run.upcycle.method}): experts of "
+                  f"{run.model.moe.expert_hidden} hidden units from its FFNs of {run.model.ffn_hidden}", flush=True)
     module.provenance = {"overrides": command_line_overrides(), "run_dir": str(output_dir)}
     if ckpt_path is not None and not launched_worker():
         record_resume(ckpt_path, output_dir)
@@ -158,6 +167,9 @@ def _train(run: TrainConfig, cfg: DictConfig, output_dir: Path, ckpt_path: Optio
             **{k: v for k, v in module.last_train_metrics.items() if not k.startswith("moe/layer")},
             "tokens_per_sec_run": routing.run_tokens_per_sec,
             "params": module.model.num_params(),
+            "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
+            "frozen": [name for name, part in module.parts().items() if part["frozen"]],
+            "lr_mult": {k: float(v) for k, v in run.optim.lr_mult.items()},
             "output_dir": str(output_dir),
             "checkpoint": str(last),
             "metrics_csv": str(output_dir / "metrics.csv"),
@@ -243,6 +255,14 @@ def print_header(run: TrainConfig, module: MoELanguageModel, data: LMDataModule,
         print(f"moe-lab: warning: router={moe.router.name} is not causal (experts choose among all positions): "
               "the model sees later tokens through routing, so its val/loss is optimistic. "
               "router=expert_choice_causal is the causal variant", file=sys.stderr, flush=True)
+    parts = module.parts()
+    frozen = [f"{name} ({part['params'] / 1e6:.2f}M)" for name, part in parts.items() if part["frozen"]]
+    scaled = [f"{name} x{part['lr_mult']:g}" for name, part in parts.items()
+              if part["lr_mult"] != 1.0 and not part["frozen"]]
+    if frozen or scaled:
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        print(f"moe-lab: fine-tuning {trainable / 1e6:.2f}M of {p['total'] / 1e6:.2f}M parameters; frozen: "
+              f"{', '.join(frozen) or 'none'}; learning rate: {', '.join(scaled) or 'x1 everywhere'}", flush=True)
     train = "streamed" if data.train_blocks is None else str(len(data.train_blocks))
     print(f"moe-lab: data {run.data.source}: {train} train / {len(data.val_blocks)} val blocks of {run.data.seq_len} "
           f"tokens, domains {data.domain_names}; run directory {output_dir}", flush=True)

@@ -1,0 +1,82 @@
+"""`model.init_from=DENSE upcycle=copy|granular|drop`: an MoE run that starts from a dense model.
+
+The dense model is a moe-lab checkpoint of an `experts=dense` run or a Hugging Face Llama, Qwen2 or Qwen3 (a
+directory or a hub id). Its backbone settings (widths, heads, vocabulary, attention variant) and its tokenizer replace
+the configured ones; the MoE settings (experts, router, capacity, aux losses) stay the command line's, with experts as
+wide as the dense FFN (divided by upcycle.granularity). The weights are made in `moe_lab/model/upcycle.py`. A resumed
+upcycled run takes its backbone from its own checkpoint, so the dense source may be gone by then.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from moe_lab.data.config import TokenizerConfig
+from moe_lab.errors import ConfigError
+from moe_lab.model import ModelConfig
+from moe_lab.model.upcycle import moe_settings, upcycled_state_dict
+from moe_lab.training.checkpoint import checkpoint_model_config, read_checkpoint
+
+
+def dense_source(init_from: str) -> tuple[ModelConfig, Optional[dict], Any]:
+    """(settings, tokenizer settings, a function giving the weights) of the dense model `init_from` names."""
+    path = Path(init_from).expanduser()
+    if path.is_file():
+        ckpt = read_checkpoint(path, setting="model.init_from")
+        cfg = checkpoint_model_config(ckpt, path)
+        state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        return cfg, ckpt["hyper_parameters"].get("tokenizer") or {}, lambda: state
+    if not path.exists() and (init_from.endswith(".ckpt") or path.is_absolute() or init_from.startswith((".", "~"))):
+        raise ConfigError(f"model.init_from={init_from}: no such checkpoint file or model directory")
+    from moe_lab.tools.hf_import import _load, model_config, state_dict
+
+    hf_config = _load(lambda: __import__("transformers").AutoConfig.from_pretrained(init_from), init_from, "config")
+    cfg = model_config(hf_config, dense=True)
+
+    def weights() -> dict[str, torch.Tensor]:
+        hf = _load(lambda: __import__("transformers").AutoModelForCausalLM.from_pretrained(
+            init_from, dtype=torch.float32), init_from, "weights")
+        return state_dict(hf.state_dict(), cfg)
+
+    eos = hf_config.eos_token_id if isinstance(hf_config.eos_token_id, int) else None
+    return cfg, {"name": init_from, "eos_token": _token_name(init_from, eos)}, weights
+
+
+def _token_name(source: str, token_id: Optional[int]) -> Optional[str]:
+    if token_id is None:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source).convert_ids_to_tokens(token_id)
+
+
+def apply_upcycling(run: Any, resume_from: Optional[str] = None) -> Optional[Any]:
+    """Make `run.model` the upcycled model's settings and `run.tokenizer` the dense model's tokenizer (in place).
+    Returns a function giving the upcycled weights, or None when resuming (the checkpoint has them) or not
+    upcycling. ConfigError names what does not fit."""
+    if run.model.init_from is None:
+        return None
+    if resume_from is not None:
+        # The run's own checkpoint holds the upcycled settings; the command line's MoE settings are checked against
+        # them by check_resume (only the experts' width comes from the checkpoint: the dense FFN's / granularity).
+        ckpt = read_checkpoint(resume_from, "ckpt_path")
+        saved = checkpoint_model_config(ckpt, resume_from)
+        run.model = dataclasses.replace(saved, moe=dataclasses.replace(
+            run.model.moe, enabled=True, expert_hidden=saved.moe.expert_hidden), init_from=run.model.init_from)
+        tokenizer = ckpt["hyper_parameters"].get("tokenizer") or {}
+        run.tokenizer = TokenizerConfig(**{k: tokenizer.get(k) for k in ("name", "eos_token")})
+        return None
+    dense, tokenizer, weights = dense_source(run.model.init_from)
+    method, granularity = run.upcycle.method, run.upcycle.granularity
+    try:
+        settings = moe_settings(dense, run.model, method, granularity)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    run.model = settings
+    run.tokenizer = TokenizerConfig(**{k: tokenizer.get(k) for k in ("name", "eos_token")})
+    seed, ratio = run.seed, run.upcycle.drop_ratio
+    return lambda: upcycled_state_dict(weights(), dense, settings, method, granularity, ratio, seed)
