@@ -83,7 +83,7 @@ def test_sampling_controls():
 def test_greedy_output_equals_transformers_generate(family, tmp_path):
     from test_import import save_hf_model
 
-    from moe_lab.tools.hf_import import build_model
+    from moe_lab.interop.huggingface import build_model
 
     hf = save_hf_model(family, tmp_path / "hf")
     model = build_model(hf)

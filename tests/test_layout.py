@@ -23,9 +23,10 @@ ALLOWED = {
     "model": set(),
     "data": {"errors"},
     "analysis": {"errors"},
-    "training": {"model", "data", "analysis", "errors"},
-    "tools": {"training", "model", "data", "errors"},
-    "cli": {"training", "tools", "analysis", "data", "model", "errors"},
+    "interop": {"model", "errors"},
+    "training": {"model", "data", "analysis", "interop", "errors"},
+    "tools": {"training", "model", "data", "analysis", "interop", "errors"},
+    "cli": {"training", "tools", "analysis", "data", "model", "interop", "errors"},
     "": {"training"},  # moe_lab/__init__.py: load_model
     "__main__": {"cli"},  # python -m moe_lab
 }
@@ -73,7 +74,7 @@ def test_the_tree_has_one_folder_per_concern():
     top_level = sorted(p.name for p in PACKAGE.iterdir() if p.suffix == ".py")
     assert top_level == ["__init__.py", "__main__.py", "errors.py"]
     folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__")
-    assert folders == ["analysis", "cli", "data", "model", "tools", "training"]
+    assert folders == ["analysis", "cli", "data", "interop", "model", "tools", "training"]
 
 
 def test_no_import_cycles():

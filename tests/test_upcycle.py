@@ -105,7 +105,7 @@ def test_an_upcycled_run_starts_at_the_dense_runs_loss(make_cfg, tmp_path):
 
 def test_upcycling_a_hugging_face_dense_model(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from moe_lab.tools.hf_import import model_config, state_dict
+    from moe_lab.interop.huggingface import model_config, state_dict
 
     torch.manual_seed(0)
     config = transformers.Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

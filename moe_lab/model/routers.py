@@ -40,7 +40,6 @@ MoE does (Megatron-Core, DeepSpeed, HF): bf16 logits make top-k choices noisy.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping, Optional

@@ -128,11 +128,10 @@ class MoELanguageModel(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         """Aux-loss-free routers move their bias once per optimizer step, from the counts of the whole global batch:
         every micro-batch since the last step (gradient accumulation), summed over all ranks."""
-        reduce = None
-        if self.trainer.world_size > 1:
-            def reduce(t: torch.Tensor) -> torch.Tensor:
-                return self.trainer.strategy.reduce(t, reduce_op="sum")
-        self.model.after_optimizer_step(reduce)
+        def reduce(t: torch.Tensor) -> torch.Tensor:
+            return self.trainer.strategy.reduce(t, reduce_op="sum")
+
+        self.model.after_optimizer_step(reduce if self.trainer.world_size > 1 else None)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip by the norm of the whole model, computed the same way at any layout (expert shards included)."""

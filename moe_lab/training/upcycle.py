@@ -32,13 +32,13 @@ def dense_source(init_from: str) -> tuple[ModelConfig, Optional[dict], Any]:
         return cfg, ckpt["hyper_parameters"].get("tokenizer") or {}, lambda: state
     if not path.exists() and (init_from.endswith(".ckpt") or path.is_absolute() or init_from.startswith((".", "~"))):
         raise ConfigError(f"model.init_from={init_from}: no such checkpoint file or model directory")
-    from moe_lab.tools.hf_import import _load, model_config, state_dict
+    from moe_lab.interop.huggingface import load_hf, model_config, state_dict
 
-    hf_config = _load(lambda: __import__("transformers").AutoConfig.from_pretrained(init_from), init_from, "config")
+    hf_config = load_hf(lambda: __import__("transformers").AutoConfig.from_pretrained(init_from), init_from, "config")
     cfg = model_config(hf_config, dense=True)
 
     def weights() -> dict[str, torch.Tensor]:
-        hf = _load(lambda: __import__("transformers").AutoModelForCausalLM.from_pretrained(
+        hf = load_hf(lambda: __import__("transformers").AutoModelForCausalLM.from_pretrained(
             init_from, dtype=torch.float32), init_from, "weights")
         return state_dict(hf.state_dict(), cfg)
 

@@ -1,0 +1,1 @@
+"""Other ecosystems' formats: Hugging Face transformers settings and weights, both ways (`huggingface.py`)."""

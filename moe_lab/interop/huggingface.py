@@ -1,0 +1,419 @@
+"""Hugging Face transformers <-> moe-lab: settings and weights, both ways.
+
+Into moe-lab (`model_config`, `state_dict`, `build_model`): Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE, and for
+upcycling the dense Llama, Qwen2 and Qwen3. A setting moe-lab cannot represent is refused with one line naming it
+(ModelImportError), before any weight is read: a model is never loaded approximately.
+Out of moe-lab (`hf_architecture`, `hf_config`, `hf_state_dict`, `to_hf`): the architecture follows the attention,
+then the router and experts:
+    Qwen3-MoE   q/k RMSNorm per head (model.qk_norm=head);
+    OLMoE       q/k RMSNorm over the projection (model.qk_norm=full);
+    Mixtral     softmax top-k with weights renormalised to sum to 1, every layer MoE, no shared expert, no biases;
+    Qwen2-MoE   otherwise: weights not renormalised, dense layers (mlp_only_layers), a sigmoid-gated shared expert,
+                q/k/v biases.
+Which moe-lab routers a Hugging Face MoE block can express is decided here (`hf_routing`), not by the routers.
+The commands around these (files, tokenizers) are `moe_lab/tools/hf_import.py` and `moe_lab/tools/export.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Optional
+
+import torch
+
+from moe_lab.errors import ExportError, ModelImportError, UserError
+from moe_lab.model import ModelConfig, MoETransformer
+from moe_lab.model.router_configs import ROUTER_CONFIGS, RouterConfig, router_config
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+DENSE_FAMILIES = ("llama", "qwen2", "qwen3")  # read for upcycling (model.init_from)
+HF_ARCHITECTURES = FAMILIES
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Into moe-lab: settings
+
+
+def model_config(hf: Any, dense: bool = False) -> ModelConfig:
+    """The moe-lab settings of a transformers config, or ModelImportError naming the part that has no equivalent.
+    With `dense`, the dense families (Llama, Qwen2, Qwen3) instead of the MoE ones."""
+    family = getattr(hf, "model_type", None)
+    if dense:
+        if family not in DENSE_FAMILIES:
+            raise ModelImportError(f"model_type={family!r} is not a dense model moe-lab upcycles; the families are "
+                                   f"{', '.join(DENSE_FAMILIES)} (or a moe-lab checkpoint of an experts=dense run)")
+        return _dense_config(hf, family)
+    if family in ("deepseek_v3", "deepseek_v2"):
+        raise ModelImportError(f"{family} is not supported yet: moe-lab has no multi-head latent attention "
+                               "(q_lora_rank, kv_lora_rank); its sigmoid group-limited router, shared experts and "
+                               "first dense layers are supported (router=topk score=sigmoid num_groups=...)")
+    if family not in FAMILIES:
+        raise ModelImportError(f"model_type={family!r} cannot be imported; the families moe-lab imports are "
+                               f"{', '.join(FAMILIES)}")
+
+    def refuse(condition: bool, part: str) -> None:
+        if condition:
+            raise ModelImportError(f"{family}: {part} has no moe-lab equivalent; the model was not imported")
+
+    get = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
+    rope = get("rope_parameters") or get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    refuse(rope_type not in (None, "default"), f"scaled RoPE (rope_type={rope_type})")
+    theta = rope.get("rope_theta") if isinstance(rope, dict) and rope.get("rope_theta") else get("rope_theta", 1e4)
+    refuse(family == "mixtral" and get("sliding_window") is not None,
+           f"sliding-window attention (sliding_window={get('sliding_window')})")
+    refuse(bool(get("use_sliding_window", False)), "sliding-window attention (use_sliding_window=true)")
+    refuse(get("clip_qkv") is not None, f"clipping of q, k and v (clip_qkv={get('clip_qkv')})")
+    refuse(bool(get("attention_bias", False)), "attention_bias=true (a bias on the output projection)")
+    activation = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu"}.get(get("hidden_act"))
+    refuse(activation is None, f"hidden_act={get('hidden_act')} (moe-lab's gated experts use silu or tanh-gelu)")
+
+    n_layers, d_model, n_heads = get("num_hidden_layers"), get("hidden_size"), get("num_attention_heads")
+    head_dim = get("head_dim") or d_model // n_heads
+    num_experts = get("num_local_experts") or get("num_experts")
+    expert_hidden = get("moe_intermediate_size") if family.startswith("qwen") else get("intermediate_size")
+    sparse_step = get("decoder_sparse_step", 1) or 1
+    dense_only = set(get("mlp_only_layers", None) or [])
+    moe_layers = [layer for layer in range(n_layers)
+                  if layer not in dense_only and (layer + 1) % sparse_step == 0]
+    first_dense, every = _layer_pattern(moe_layers, n_layers)
+    refuse(first_dense is None, f"MoE layers {moe_layers} of {n_layers} (mlp_only_layers={sorted(dense_only)}, "
+                                f"decoder_sparse_step={sparse_step}): moe-lab places them as first_dense_layers "
+                                "then every_n_layers")
+    shared = (get("shared_expert_intermediate_size", 0) or 0) if family == "qwen2_moe" else 0
+    cfg = ModelConfig.from_dict({
+        "name": family, "vocab_size": get("vocab_size"), "d_model": d_model, "n_layers": n_layers,
+        "n_heads": n_heads, "n_kv_heads": get("num_key_value_heads") or n_heads,
+        "head_size": head_dim if head_dim * n_heads != d_model else None,
+        "qkv_bias": bool(get("qkv_bias", True)) if family == "qwen2_moe" else False,
+        "qk_norm": {"qwen3_moe": "head", "olmoe": "full"}.get(family),
+        "ffn_hidden": get("intermediate_size"), "max_seq_len": get("max_position_embeddings"),
+        "rope_theta": float(theta), "norm_eps": get("rms_norm_eps"), "init_std": get("initializer_range", 0.02),
+        "tie_embeddings": bool(get("tie_word_embeddings", False)),
+        "moe": {
+            "num_experts": num_experts, "expert_hidden": expert_hidden, "activation": activation,
+            "num_shared": 1 if shared else 0, "shared_hidden": shared or None, "shared_gate": bool(shared),
+            # Published MoEs route every token (no capacity): import them dropless in training and evaluation.
+            "capacity_factor": None, "eval_capacity_factor": None,
+            "first_dense_layers": first_dense, "every_n_layers": every,
+            "router": {"name": "topk", "top_k": get("num_experts_per_tok"), "score": "softmax",
+                       "normalize": True if family == "mixtral" else bool(get("norm_topk_prob", False))},
+            "aux_loss": {"load_balance": float(get("router_aux_loss_coef", 0.0) or 0.0), "z_loss": 0.0},
+        },
+    })
+    if family == "olmoe" and cfg.head_dim * n_heads != d_model:
+        refuse(True, "a head_dim other than hidden_size / num_attention_heads (OLMoE's q/k norms span hidden_size)")
+    try:
+        cfg.check()
+    except ValueError as e:
+        raise ModelImportError(f"{family}: {e}") from None
+    return cfg
+
+
+def _dense_config(hf: Any, family: str) -> ModelConfig:
+    get = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
+    rope = get("rope_parameters") or get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    for bad, part in ((rope_type not in (None, "default"), f"scaled RoPE (rope_type={rope_type})"),
+                      (bool(get("use_sliding_window", False)), "sliding-window attention"),
+                      (family != "qwen2" and bool(get("attention_bias", False)), "attention biases"),
+                      (bool(get("mlp_bias", False)), "FFN biases"),
+                      (get("hidden_act") != "silu", f"hidden_act={get('hidden_act')}")):
+        if bad:
+            raise ModelImportError(f"{family}: {part} has no moe-lab equivalent; the model was not read")
+    theta = rope.get("rope_theta") if isinstance(rope, dict) and rope.get("rope_theta") else get("rope_theta", 1e4)
+    d_model, n_heads = get("hidden_size"), get("num_attention_heads")
+    head_dim = get("head_dim") or d_model // n_heads
+    cfg = ModelConfig.from_dict({
+        "name": family, "vocab_size": get("vocab_size"), "d_model": d_model, "n_layers": get("num_hidden_layers"),
+        "n_heads": n_heads, "n_kv_heads": get("num_key_value_heads") or n_heads,
+        "head_size": head_dim if head_dim * n_heads != d_model else None, "qkv_bias": family == "qwen2",
+        "qk_norm": "head" if family == "qwen3" else None, "ffn_hidden": get("intermediate_size"),
+        "max_seq_len": get("max_position_embeddings"), "rope_theta": float(theta), "norm_eps": get("rms_norm_eps"),
+        "init_std": get("initializer_range", 0.02), "tie_embeddings": bool(get("tie_word_embeddings", False)),
+        "moe": {"enabled": False},
+    })
+    try:
+        cfg.check()
+    except ValueError as e:
+        raise ModelImportError(f"{family}: {e}") from None
+    return cfg
+
+
+def _layer_pattern(moe_layers: list[int], n_layers: int) -> tuple[Optional[int], int]:
+    """(first_dense_layers, every_n_layers) that give exactly these MoE layers, or (None, 1)."""
+    if not moe_layers:
+        return None, 1
+    first = moe_layers[0]
+    gaps = {b - a for a, b in zip(moe_layers, moe_layers[1:])}
+    every = gaps.pop() if len(gaps) == 1 else (max(n_layers - first, 1) if not gaps else 0)
+    if every and list(range(first, n_layers, every)) == moe_layers:
+        return first, every
+    return None, 1
+
+
+def model_overrides(cfg: ModelConfig, tokenizer: Optional[dict] = None) -> list[str]:
+    """The command-line overrides that compose exactly this model (and tokenizer): what an imported checkpoint
+    carries, so that `moe-lab train ckpt_path=...` needs no retyping."""
+    from omegaconf import OmegaConf
+
+    def literal(value: Any) -> str:
+        if value is None:
+            return "null"
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (int, float)):
+            return repr(value)
+        return "'" + str(value).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+    out = [f"router={cfg.moe.router.name}"]
+    flat = OmegaConf.to_container(OmegaConf.create({"model": dataclasses.asdict(cfg)}))
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                out.append(f"{prefix}{key}={literal(value)}")
+
+    walk(flat, "")
+    for key, value in (tokenizer or {}).items():
+        out.append(f"tokenizer.{key}={literal(value)}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Weights
+
+
+def state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A transformers MoE state dict (the fused-experts layout `from_pretrained` gives) under moe-lab's names."""
+    taken: set[str] = set()
+
+    def take(name: str) -> torch.Tensor:
+        if name not in hf_state:
+            raise ModelImportError(f"the model has no weight {name}; it does not match its config")
+        taken.add(name)
+        return hf_state[name].float()
+
+    out = {"embed.weight": take("model.embed_tokens.weight"), "norm.weight": take("model.norm.weight")}
+    out["lm_head.weight"] = out["embed.weight"] if cfg.tie_embeddings else take("lm_head.weight")
+    if cfg.tie_embeddings:
+        taken.add("lm_head.weight")
+    for i in range(cfg.n_layers):
+        p, q = f"model.layers.{i}.", f"blocks.{i}."
+        out[q + "attn_norm.weight"] = take(p + "input_layernorm.weight")
+        out[q + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
+        out[q + "attn.q_proj.weight"] = take(p + "self_attn.q_proj.weight")
+        out[q + "attn.kv_proj.weight"] = torch.cat([take(p + "self_attn.k_proj.weight"),
+                                                    take(p + "self_attn.v_proj.weight")])
+        if cfg.qkv_bias:
+            out[q + "attn.q_proj.bias"] = take(p + "self_attn.q_proj.bias")
+            out[q + "attn.kv_proj.bias"] = torch.cat([take(p + "self_attn.k_proj.bias"),
+                                                      take(p + "self_attn.v_proj.bias")])
+        out[q + "attn.o_proj.weight"] = take(p + "self_attn.o_proj.weight")
+        if cfg.qk_norm:
+            out[q + "attn.q_norm.weight"] = take(p + "self_attn.q_norm.weight")
+            out[q + "attn.k_norm.weight"] = take(p + "self_attn.k_norm.weight")
+        if cfg.is_moe_layer(i):
+            out[q + "ffn.router.gate_ED"] = take(p + "mlp.gate.weight")
+            out[q + "ffn.experts.w_in_EGFD"] = take(p + "mlp.experts.gate_up_proj")  # (E, 2F, D): gate, then up
+            out[q + "ffn.experts.w_out_EDF"] = take(p + "mlp.experts.down_proj")
+            if cfg.moe.num_shared:
+                _dense_in(out, take, p + "mlp.shared_expert.", q + "ffn.shared.")
+                out[q + "ffn.shared_gate.weight"] = take(p + "mlp.shared_expert_gate.weight")
+        else:
+            _dense_in(out, take, p + "mlp.", q + "ffn.")
+    left = sorted(k for k in hf_state if k not in taken and hf_state[k].numel())
+    if left:
+        raise ModelImportError(f"the model has weights moe-lab would not use ({', '.join(left[:3])}"
+                               f"{', ...' if len(left) > 3 else ''}): it is not loaded approximately")
+    return out
+
+
+def _dense_in(out: dict, take, hf_prefix: str, prefix: str) -> None:
+    out[prefix + "w_in.weight"] = torch.cat([take(hf_prefix + "gate_proj.weight"), take(hf_prefix + "up_proj.weight")])
+    out[prefix + "w_out.weight"] = take(hf_prefix + "down_proj.weight")
+
+
+def build_model(hf_model: Any) -> MoETransformer:
+    """The moe-lab model equal to a loaded transformers model (float32, eval mode)."""
+    cfg = model_config(hf_model.config)
+    model = MoETransformer(cfg)
+    weights = state_dict(hf_model.state_dict(), cfg)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ModelImportError(f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.eval()
+
+
+def load_hf(read, source: str, what: str):
+    try:
+        return read()
+    except UserError:
+        raise
+    except Exception as e:  # a missing directory, no network for a hub id, a damaged file
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise ModelImportError(f"could not read the {what} of {source} ({type(e).__name__}: {reason}); give a "
+                               "local directory written by save_pretrained or a Hugging Face hub id") from None
+
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Out of moe-lab
+
+
+def hf_routing(router: RouterConfig, num_experts: int) -> Optional[dict]:
+    """Eval-mode routing of a moe-lab router as Hugging Face's softmax top-k MoE block expresses it
+    ({"top_k", "norm_topk_prob"}), or None when no Hugging Face MoE routes this way."""
+    name = router.name
+    if name == "topk":
+        if router.score != "softmax" or router.num_groups > 1 or router.scaling_factor != 1.0:
+            return None  # sigmoid, group-limited or scaled routing: DeepSeek-V3 in HF, whose attention is MLA
+        return {"top_k": router.top_k, "norm_topk_prob": router.normalize}
+    if name == "noisy_topk":  # evaluation: softmax over the top-k clean logits = the renormalised softmax top-k
+        return {"top_k": router.top_k, "norm_topk_prob": True}
+    if name == "switch":  # the top-1 probability, not renormalised
+        return {"top_k": 1, "norm_topk_prob": False}
+    if name == "sinkhorn":  # evaluation: softmax top-k
+        return {"top_k": router.top_k, "norm_topk_prob": False}
+    if name == "soft":  # all experts; the weights already sum to one
+        return {"top_k": num_experts, "norm_topk_prob": True}
+    return None  # expert choice, hash, aux-free bias, hierarchical gates: no Hugging Face block routes this way
+
+
+def exportable_routers() -> list[str]:
+    return sorted(n for n, options in ROUTER_CONFIGS.items() if hf_routing(options(), 8) is not None)
+
+
+def hf_architecture(cfg: ModelConfig) -> tuple[str, dict]:
+    """("mixtral" | "qwen2_moe" | "qwen3_moe" | "olmoe", routing) for this model, or ExportError saying why none
+    fits. The attention decides first (q/k norm per head: Qwen3-MoE; over the projection: OLMoE), then the MoE."""
+    moe = cfg.moe
+    if not moe.enabled:
+        raise ExportError("a dense model (experts=dense) is not an MoE; export supports MoE models "
+                          f"({', '.join(HF_ARCHITECTURES)})")
+    router = router_config(moe.router)
+    routing = hf_routing(router, moe.num_experts)
+    if routing is None:
+        raise ExportError(
+            f"router={router.name} ({_describe(router)}) has no Hugging Face equivalent. Export writes Mixtral, "
+            f"Qwen2-MoE, Qwen3-MoE or OLMoE, whose routing is softmax top-k: routers {exportable_routers()} (topk "
+            "with score=softmax, one group and scaling_factor=1)")
+    if moe.activation not in ("swiglu", "geglu"):
+        raise ExportError(f"model.moe.activation={moe.activation}: Hugging Face MoE experts are gated "
+                          "(swiglu or geglu)")
+    if moe.num_shared and not moe.shared_gate:
+        raise ExportError("shared experts without a gate (DeepSeekMoE) have no Hugging Face equivalent with this "
+                          "attention; Qwen2-MoE gates its shared expert: train with model.moe.shared_gate=true")
+    every_layer = len(cfg.moe_layers) == cfg.n_layers
+    if cfg.qk_norm is not None:
+        family = "qwen3_moe" if cfg.qk_norm == "head" else "olmoe"
+        for present, what in ((moe.num_shared, "shared experts"), (cfg.qkv_bias, "q/k/v biases"),
+                              (family == "olmoe" and not every_layer, "dense layers"),
+                              (family == "olmoe" and cfg.head_size not in (None, cfg.d_model // cfg.n_heads),
+                               "a head size other than d_model / n_heads")):
+            if present:
+                raise ExportError(f"model.qk_norm={cfg.qk_norm} is {family} attention, and {family} has no {what}")
+        return family, routing
+    if routing["norm_topk_prob"] and every_layer and not moe.num_shared and not cfg.qkv_bias:
+        return "mixtral", routing
+    return "qwen2_moe", routing
+
+
+def _describe(router: RouterConfig) -> str:
+    return ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(router).items() if k != "name")
+
+
+def hf_config(cfg: ModelConfig, architecture: str, routing: dict, eos_id: int):
+    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    moe = cfg.moe
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+                  num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
+                  max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
+                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                  hidden_act="silu" if moe.activation == "swiglu" else "gelu_pytorch_tanh",
+                  tie_word_embeddings=cfg.tie_embeddings, num_experts_per_tok=routing["top_k"],
+                  eos_token_id=eos_id, bos_token_id=None, pad_token_id=None, initializer_range=cfg.init_std,
+                  output_router_logits=False, torch_dtype="float32",
+                  # The Switch load-balancing weight (HF's load_balancing_loss_func); HF has no z-loss.
+                  router_aux_loss_coef=moe.aux_loss.load_balance)
+    if architecture == "mixtral":
+        return MixtralConfig(intermediate_size=moe.expert_hidden, num_local_experts=moe.num_experts,
+                             sliding_window=None, **common)
+    if architecture == "olmoe":
+        return OlmoeConfig(intermediate_size=moe.expert_hidden, num_experts=moe.num_experts,
+                           norm_topk_prob=routing["norm_topk_prob"], attention_bias=False, clip_qkv=None, **common)
+    dense_layers = [layer for layer in range(cfg.n_layers) if not cfg.is_moe_layer(layer)]
+    if architecture == "qwen3_moe":
+        return Qwen3MoeConfig(intermediate_size=cfg.ffn_hidden, moe_intermediate_size=moe.expert_hidden,
+                              num_experts=moe.num_experts, norm_topk_prob=routing["norm_topk_prob"],
+                              decoder_sparse_step=1, mlp_only_layers=dense_layers, attention_bias=False,
+                              use_sliding_window=False, **common)
+    return Qwen2MoeConfig(intermediate_size=cfg.ffn_hidden, moe_intermediate_size=moe.expert_hidden,
+                          shared_expert_intermediate_size=moe.shared_width,
+                          num_experts=moe.num_experts, norm_topk_prob=routing["norm_topk_prob"],
+                          decoder_sparse_step=1, mlp_only_layers=dense_layers, qkv_bias=cfg.qkv_bias,
+                          use_sliding_window=False, **common)
+
+
+def hf_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
+    """moe-lab's weights under Hugging Face's names (Mixtral and Qwen2-MoE share them where they overlap)."""
+    cfg = model.cfg
+    kv = cfg.kv_heads * cfg.head_dim
+    out = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
+           "lm_head.weight": model.lm_head.weight}
+    for i, block in enumerate(model.blocks):
+        p = f"model.layers.{i}."
+        out[p + "input_layernorm.weight"] = block.attn_norm.weight
+        out[p + "post_attention_layernorm.weight"] = block.ffn_norm.weight
+        out[p + "self_attn.q_proj.weight"] = block.attn.q_proj.weight
+        k, v = block.attn.kv_proj.weight.split([kv, kv], dim=0)  # kv_proj rows: (k | v) x heads x head dim
+        out[p + "self_attn.k_proj.weight"], out[p + "self_attn.v_proj.weight"] = k, v
+        if cfg.qkv_bias:
+            out[p + "self_attn.q_proj.bias"] = block.attn.q_proj.bias
+            k, v = block.attn.kv_proj.bias.split([kv, kv], dim=0)
+            out[p + "self_attn.k_proj.bias"], out[p + "self_attn.v_proj.bias"] = k, v
+        if cfg.qk_norm:
+            out[p + "self_attn.q_norm.weight"] = block.attn.q_norm.weight
+            out[p + "self_attn.k_norm.weight"] = block.attn.k_norm.weight
+        out[p + "self_attn.o_proj.weight"] = block.attn.o_proj.weight
+        ffn = block.ffn
+        if block.is_moe:
+            out[p + "mlp.gate.weight"] = ffn.router.gate_ED
+            out[p + "mlp.experts.gate_up_proj"] = ffn.experts.w_in_EGFD  # (E, 2F, D): gate rows, then up rows
+            out[p + "mlp.experts.down_proj"] = ffn.experts.w_out_EDF
+            if ffn.shared is not None:
+                _dense(out, p + "mlp.shared_expert.", ffn.shared)
+                out[p + "mlp.shared_expert_gate.weight"] = ffn.shared_gate.weight
+        else:
+            _dense(out, p + "mlp.", ffn)
+    return {k: v.detach().float().contiguous() for k, v in out.items()}
+
+
+def _dense(out: dict, prefix: str, ffn) -> None:
+    gate, up = ffn.w_in.weight.chunk(2, dim=0)
+    out[prefix + "gate_proj.weight"], out[prefix + "up_proj.weight"] = gate, up
+    out[prefix + "down_proj.weight"] = ffn.w_out.weight
+
+
+def to_hf(model: MoETransformer, eos_id: int):
+    """A transformers model (float32, eval mode) with moe-lab's weights."""
+    from transformers import AutoModelForCausalLM
+
+    architecture, routing = hf_architecture(model.cfg)
+    config = hf_config(model.cfg, architecture, routing, eos_id)
+    with warnings.catch_warnings():  # a width-0 shared expert warns that initialising it does nothing
+        warnings.filterwarnings("ignore", message=".*zero-element tensors.*")
+        hf = AutoModelForCausalLM.from_config(config)
+    state = hf_state_dict(model)
+    missing = {k: v for k, v in hf.state_dict().items() if k not in state}
+    # Qwen2-MoE always builds a shared expert; a model without one exports it at width 0 (it adds nothing).
+    for name, tensor in missing.items():
+        if tensor.numel() and "shared_expert" not in name:
+            raise ExportError(f"no moe-lab weight for {name}")
+        state[name] = torch.zeros_like(tensor)
+    hf.load_state_dict(state, strict=True)
+    return hf.eval()
