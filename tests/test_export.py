@@ -58,8 +58,9 @@ def test_exported_tokenizer_is_the_byte_tokenizer(make_cfg, tmp_path):
 
 def test_routers_without_an_equivalent_are_refused_naming_the_formats(make_cfg, tmp_path):
     ckpt = trained(make_cfg, tmp_path, "router=hash", "aux_loss=none")
-    with pytest.raises(ExportError, match=r"router=hash .* has no Hugging Face equivalent. Export writes Mixtral or "
-                                          r"Qwen2-MoE, whose routing is softmax top-k: routers \['noisy_topk'"):
+    with pytest.raises(ExportError, match=r"router=hash .* has no Hugging Face equivalent. Export writes Mixtral, "
+                                          r"Qwen2-MoE, Qwen3-MoE or OLMoE, whose routing is softmax top-k: routers "
+                                          r"\['noisy_topk'"):
         export_hf(ckpt, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 

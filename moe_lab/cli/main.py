@@ -40,6 +40,10 @@ examples:
   moe-lab train -m experts=e4,e8 aux_loss=none,switch    a sweep of 4 runs
   moe-lab train ckpt_path=outputs/DATE/TIME/checkpoints/last.ckpt
   moe-lab export outputs/DATE/TIME/checkpoints/last.ckpt --format hf hf_model/
+  moe-lab import allenai/OLMoE-1B-7B-0924 olmoe/               a Hugging Face MoE as a moe-lab checkpoint
+  moe-lab generate olmoe/model.ckpt --prompt "def " --show-experts 3
+  moe-lab eval outputs/DATE/TIME/checkpoints/last.ckpt data=text data.path=notes.txt
+  moe-lab train model.init_from=DENSE.ckpt upcycle=copy experts=e8   sparse upcycling of a dense run
 
 Tab completion (bash): eval "$(moe-lab train -sc install=bash)"
 """
