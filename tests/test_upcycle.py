@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch
 from moe_lab.errors import UserError
 from moe_lab.model import ModelConfig, MoETransformer
 from moe_lab.model.upcycle import moe_settings, upcycled_state_dict
+from moe_lab.training.schemas import config_dir, validate
 from moe_lab.training.train import train
 
 
@@ -158,3 +160,25 @@ def test_lr_multipliers_make_parameter_groups():
     assert sum(len(g["params"]) for g in groups) == len(list(module.parameters()))
     assert json.dumps(module.parts())  # plain data, for the summary
     assert dataclasses.is_dataclass(module.optim_cfg)
+
+
+@pytest.fixture(scope="module")
+def dense_checkpoint(tmp_path_factory, cache_dir) -> str:
+    from conftest import compose_cfg
+
+    out = tmp_path_factory.mktemp("dense")
+    return train(compose_cfg(["experts=dense", "trainer.max_steps=1", "metrics.dashboard=false"], out / "run",
+                             cache_dir))["checkpoint"]
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (Path(config_dir()) / "upcycle").glob("*.yaml")))
+def test_every_upcycle_option_composes_and_applies(make_cfg, dense_checkpoint, option):
+    from moe_lab.training.upcycle import apply_upcycling
+
+    run = validate(make_cfg(f"model.init_from={dense_checkpoint}", f"upcycle={option}", "experts=e4",
+                            "model.moe.router.top_k=2"))
+    weights = apply_upcycling(run)
+    assert run.model.moe.enabled and run.model.d_model == 64 and run.upcycle.method == option
+    assert run.model.moe.expert_hidden == 128 // (2 if option == "granular" else 1)
+    model = MoETransformer(run.model)
+    model.load_state_dict(weights())
