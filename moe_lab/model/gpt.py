@@ -91,13 +91,14 @@ class KVCache:
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, rope: Optional[RotaryEmbedding] = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.kv_proj = nn.Linear(cfg.d_model, 2 * cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)  # k and v fused
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # One table for the whole model (an imported model's 128k positions take 134 MB; not once per layer).
+        self.rope = rope if rope is not None else RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         # QK-norm: over each head (Qwen3-MoE) or over the whole projection (OLMoE), before RoPE.
         self.qk_norm = cfg.qk_norm
         q_width, k_width = ((cfg.head_dim, cfg.head_dim) if cfg.qk_norm == "head"
@@ -147,11 +148,11 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block whose FFN is dense or MoE."""
 
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, rope: Optional[RotaryEmbedding] = None):
         super().__init__()
         self.layer = layer
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, rope)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         out_std = residual_out_std(cfg.init_std, cfg.n_layers)
         self.is_moe = cfg.is_moe_layer(layer)
@@ -191,7 +192,8 @@ class MoETransformer(nn.Module):
             raise ValueError("ModelConfig.vocab_size must be set (the trainer fills it from the tokenizer)")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
+        rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)  # shared by every layer
+        self.blocks = nn.ModuleList(Block(cfg, layer, rope) for layer in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         nn.init.normal_(self.embed.weight, std=cfg.init_std)
