@@ -99,6 +99,10 @@ def test_an_upcycled_run_starts_at_the_dense_runs_loss(make_cfg, tmp_path):
     saved = torch.load(up["checkpoint"], weights_only=True)["hyper_parameters"]["model"]
     assert saved["moe"]["enabled"] and saved["moe"]["expert_hidden"] == saved["ffn_hidden"] == 128
     assert saved["d_model"] == 64 and saved["init_from"] == ckpt
+    # Without upcycle=: a warm start of the same model (here the dense one), from its weights, at step 0.
+    warm = train(make_cfg(f"model.init_from={ckpt}", "trainer.max_steps=2", "metrics.dashboard=false", name="warm"))
+    assert warm["initial_val_loss"] == pytest.approx(dense["val/loss"], rel=1e-6) and warm["step"] == 2
+    assert not torch.load(warm["checkpoint"], weights_only=True)["hyper_parameters"]["model"]["moe"]["enabled"]
     with pytest.raises(UserError, match="upcycle=copy needs model.init_from"):
         train(make_cfg("upcycle=copy", name="x"))
     with pytest.raises(UserError, match="already an MoE"):

@@ -143,9 +143,9 @@ class ModelConfig:
     # Share the token embedding with the output head (GPT-2 does; Mixtral and Qwen-MoE do not).
     tie_embeddings: bool = False
     moe: MoEConfig = field(default_factory=MoEConfig)
-    # A dense model to upcycle into this MoE (a moe-lab checkpoint of an experts=dense run, or a Hugging Face Llama,
-    # Qwen2 or Qwen3 directory or hub id), with `upcycle=copy|granular|drop`: its backbone replaces the backbone
-    # settings above and its FFNs become the experts (moe_lab/model/upcycle.py). null = train from scratch.
+    # A model to start from (a moe-lab checkpoint, or a Hugging Face directory or hub id): alone, a warm start with
+    # its settings and weights; with `upcycle=copy|granular|drop` a dense model whose backbone replaces the backbone
+    # settings above and whose FFNs become the experts (moe_lab/model/upcycle.py). null = train from scratch.
     init_from: Optional[str] = None
 
     @property

@@ -262,9 +262,8 @@ def _check_training(run: TrainConfig) -> None:
     u = run.upcycle
     need(u.method in (None, "copy", "granular", "drop"), f"upcycle.method={u.method!r}; choose copy, granular or drop "
                                                          "(upcycle=copy|granular|drop)")
-    need((u.method is None) == (run.model.init_from is None),
-         "model.init_from names the dense model to upcycle and upcycle=copy|granular|drop says how: give both"
-         if u.method is None else f"upcycle={u.method} needs model.init_from=DENSE_CHECKPOINT_OR_HF_MODEL")
+    need(u.method is None or run.model.init_from is not None,
+         f"upcycle={u.method} needs model.init_from=DENSE_CHECKPOINT_OR_HF_MODEL (the dense model to upcycle)")
     need(u.granularity >= 1, f"upcycle.granularity={u.granularity} must be at least 1")
     need(0 <= u.drop_ratio <= 1, f"upcycle.drop_ratio={u.drop_ratio} must be in [0, 1]")
     need(run.checkpoint.every_n_steps >= 1, "checkpoint.every_n_steps must be at least 1")

@@ -97,9 +97,12 @@ def _train(run: TrainConfig, cfg: DictConfig, output_dir: Path, ckpt_path: Optio
         load_weights(module, init_from)
     if upcycled_weights is not None:
         module.model.load_state_dict(upcycled_weights())
-        if not launched_worker():
+        if not launched_worker() and run.upcycle.method is not None:
             print(f"moe-lab: upcycled {run.model.init_from} ({run.upcycle.method}): experts of "
                   f"{run.model.moe.expert_hidden} hidden units from its FFNs of {run.model.ffn_hidden}", flush=True)
+        elif not launched_worker():
+            print(f"moe-lab: starting from the weights of {run.model.init_from} (a new run: step 0, fresh optimizer)",
+                  flush=True)
     module.provenance = {"overrides": command_line_overrides(), "run_dir": str(output_dir)}
     if ckpt_path is not None and not launched_worker():
         record_resume(ckpt_path, output_dir)

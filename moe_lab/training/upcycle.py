@@ -1,6 +1,8 @@
-"""`model.init_from=DENSE upcycle=copy|granular|drop`: an MoE run that starts from a dense model.
+"""`model.init_from=MODEL`: a run that starts from another model's weights, with a fresh optimizer at step 0.
 
-The dense model is a moe-lab checkpoint of an `experts=dense` run or a Hugging Face Llama, Qwen2 or Qwen3 (a
+Without `upcycle=`, it is a warm start: the run's model is MODEL's (a moe-lab checkpoint of any run, or a Hugging
+Face model moe-lab reads), settings, weights and tokenizer, e.g. to continue a model on other data or with another
+schedule. With `upcycle=copy|granular|drop` it is upcycling, and MODEL is dense: the dense model is a moe-lab checkpoint of an `experts=dense` run or a Hugging Face Llama, Qwen2 or Qwen3 (a
 directory or a hub id). Its backbone settings (widths, heads, vocabulary, attention variant) and its tokenizer replace
 the configured ones; the MoE settings (experts, router, capacity, aux losses) stay the command line's, with experts as
 wide as the dense FFN (divided by upcycle.granularity). The weights are made in `moe_lab/model/upcycle.py`. A resumed
@@ -22,8 +24,9 @@ from moe_lab.model.upcycle import moe_settings, upcycled_state_dict
 from moe_lab.training.checkpoint import checkpoint_model_config, read_checkpoint
 
 
-def dense_source(init_from: str) -> tuple[ModelConfig, Optional[dict], Any]:
-    """(settings, tokenizer settings, a function giving the weights) of the dense model `init_from` names."""
+def model_source(init_from: str, dense: bool) -> tuple[ModelConfig, Optional[dict], Any]:
+    """(settings, tokenizer settings, a function giving the weights) of the model `init_from` names (with `dense`,
+    a Hugging Face model is read as one of the dense families)."""
     path = Path(init_from).expanduser()
     if path.is_file():
         ckpt = read_checkpoint(path, setting="model.init_from")
@@ -35,7 +38,7 @@ def dense_source(init_from: str) -> tuple[ModelConfig, Optional[dict], Any]:
     from moe_lab.interop.huggingface import load_hf, model_config, state_dict
 
     hf_config = load_hf(lambda: __import__("transformers").AutoConfig.from_pretrained(init_from), init_from, "config")
-    cfg = model_config(hf_config, dense=True)
+    cfg = model_config(hf_config, dense=dense)
 
     def weights() -> dict[str, torch.Tensor]:
         hf = load_hf(lambda: __import__("transformers").AutoModelForCausalLM.from_pretrained(
@@ -55,28 +58,34 @@ def _token_name(source: str, token_id: Optional[int]) -> Optional[str]:
 
 
 def apply_upcycling(run: Any, resume_from: Optional[str] = None) -> Optional[Any]:
-    """Make `run.model` the upcycled model's settings and `run.tokenizer` the dense model's tokenizer (in place).
-    Returns a function giving the upcycled weights, or None when resuming (the checkpoint has them) or not
-    upcycling. ConfigError names what does not fit."""
+    """For `model.init_from`: make `run.model` the settings of the model the run starts from (upcycled, or the
+    source's own for a warm start) and `run.tokenizer` the source's (in place). Returns a function giving the starting
+    weights, or None when resuming (the checkpoint has them) or without init_from. ConfigError names what does not
+    fit."""
     if run.model.init_from is None:
         return None
+    method = run.upcycle.method
     if resume_from is not None:
-        # The run's own checkpoint holds the upcycled settings; the command line's MoE settings are checked against
-        # them by check_resume (only the experts' width comes from the checkpoint: the dense FFN's / granularity).
+        # The run's own checkpoint holds the settings it started with; the command line's MoE settings are checked
+        # against them by check_resume (upcycling: only the experts' width comes from the checkpoint).
         ckpt = read_checkpoint(resume_from, "ckpt_path")
         saved = checkpoint_model_config(ckpt, resume_from)
-        run.model = dataclasses.replace(saved, moe=dataclasses.replace(
-            run.model.moe, enabled=True, expert_hidden=saved.moe.expert_hidden), init_from=run.model.init_from)
+        moe = saved.moe if method is None else dataclasses.replace(run.model.moe, enabled=True,
+                                                                   expert_hidden=saved.moe.expert_hidden)
+        run.model = dataclasses.replace(saved, moe=moe, init_from=run.model.init_from)
         tokenizer = ckpt["hyper_parameters"].get("tokenizer") or {}
         run.tokenizer = TokenizerConfig(**{k: tokenizer.get(k) for k in ("name", "eos_token")})
         return None
-    dense, tokenizer, weights = dense_source(run.model.init_from)
-    method, granularity = run.upcycle.method, run.upcycle.granularity
+    source, tokenizer, weights = model_source(run.model.init_from, dense=method is not None)
+    run.tokenizer = TokenizerConfig(**{k: tokenizer.get(k) for k in ("name", "eos_token")})
+    if method is None:  # a warm start: the source's model as it is
+        run.model = dataclasses.replace(source, init_from=run.model.init_from)
+        return weights
+    granularity = run.upcycle.granularity
     try:
-        settings = moe_settings(dense, run.model, method, granularity)
+        settings = moe_settings(source, run.model, method, granularity)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     run.model = settings
-    run.tokenizer = TokenizerConfig(**{k: tokenizer.get(k) for k in ("name", "eos_token")})
     seed, ratio = run.seed, run.upcycle.drop_ratio
-    return lambda: upcycled_state_dict(weights(), dense, settings, method, granularity, ratio, seed)
+    return lambda: upcycled_state_dict(weights(), source, settings, method, granularity, ratio, seed)
