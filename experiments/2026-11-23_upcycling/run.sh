@@ -14,4 +14,7 @@ moe-lab train model.init_from=dense250/checkpoints/last.ckpt upcycle=drop expert
     hydra.run.dir=drop
 moe-lab train model.init_from=dense250/checkpoints/last.ckpt upcycle=granular experts=e16 \
     model.moe.router.top_k=4 trainer.max_steps=250 $common hydra.run.dir=granular
-moe-lab dashboard dense500 scratch500 copy drop granular -o upcycling.html
+# The control: the dense model continued with the same re-warmed schedule as the upcycled runs (a warm start).
+moe-lab train model.init_from=dense250/checkpoints/last.ckpt trainer.max_steps=250 trainer.val_check_interval=50 \
+    hydra.run.dir=dense_rewarm
+moe-lab dashboard dense500 dense_rewarm scratch500 copy drop granular -o upcycling.html

@@ -28,7 +28,7 @@ from moe_lab.errors import DashboardError
 GENERATOR = '<meta name="generator" content="moe-lab dashboard">'
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # The sweep table's columns: metric, short header (the metric's name is its tooltip), number format.
-SWEEP_COLUMNS = [("val/loss", "val loss", ".4f"), ("initial_val_loss", "untrained", ".3f"),
+SWEEP_COLUMNS = [("val/loss", "val loss", ".4f"), ("initial_val_loss", "at step 0", ".3f"),
                  ("moe/mean_imbalance", "mean imbalance", ".2f"), ("moe/max_imbalance", "worst imbalance", ".2f"),
                  ("moe/min_load", "min load", ".2f"), ("moe/dropped_frac", "dropped", ".1%"),
                  ("moe/dead_experts", "dead", ".0f"), ("moe/starved_experts", "starved", ".0f"),
@@ -69,7 +69,7 @@ def run_page(run: RunRecord, refresh: Optional[int] = None) -> str:
     tokens_per_sec = run.series("train/tokens_per_sec")[1]
     mfu = run.final("train/mfu")
     cards = [
-        ("validation loss", _fmt(run.final("val/loss")), f"untrained: {_fmt(s.get('initial_val_loss'))}"),
+        ("validation loss", _fmt(run.final("val/loss")), f"at step 0: {_fmt(s.get('initial_val_loss'))}"),
         ("training loss", _fmt(run.final("train/loss")),
          f"step {s.get('step', run.series('train/loss')[0][-1:] or '?')}"),
         ("tokens / s", _fmt(float(np.median(tokens_per_sec)) if tokens_per_sec else None, ",.0f"),

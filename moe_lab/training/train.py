@@ -293,7 +293,7 @@ def print_summary(summary: dict, module: MoELanguageModel) -> None:
     lines = [f"\nmoe-lab: run {summary['status']} at step {summary['step']} in {summary['seconds']:.0f}s"]
     if "val/loss" in summary:
         first = summary.get("initial_val_loss")
-        start = f"; untrained {first:.4f}" if first is not None else ""
+        start = f"; at step 0 {first:.4f}" if first is not None else ""
         lines.append(f"  val/loss    {summary['val/loss']:.4f} (step {summary['val_step']}{start})   "
                      f"val/ppl {summary['val/ppl']:.2f}")
     if "train/loss" in m:
