@@ -103,11 +103,6 @@ def runs(tmp_path_factory, cache_dir) -> Path:
              (run_plan(one, root / "one.json", ranks=1), root / "one.log")]
     for proc, log in procs:
         finish(proc, log)
-    # The expert-parallel checkpoint in one process (expert_parallel=1): validation only, at its final step.
-    evaluate = [{"dir": str(root / "ep2-in-one"), "overrides": [
-        *common, "data.batch_size=4", "capacity=cf1_25", f"ckpt_path={root / 'topk-cf1_25-ep2' / 'checkpoints'}"
-        "/last.ckpt"]}]
-    finish(run_plan(evaluate, root / "evaluate.json", ranks=1), root / "evaluate.log")
     return root
 
 
@@ -184,9 +179,16 @@ def test_capacity_really_drops_in_the_compared_runs(runs):
     assert max(metrics(runs / "topk-dropless-ep2")["moe/dropped_frac"].values()) == 0
 
 
-def test_c_expert_parallel_checkpoint_in_one_process_gives_the_same_validation_loss(runs):
+def test_c_expert_parallel_checkpoint_in_one_process_gives_the_same_validation_loss(runs, cache_dir, tmp_path):
+    """`moe-lab eval` of the expert_parallel=2 checkpoint, in one process, with the run's eval capacity factor."""
+    from moe_lab.cli.main import main
+
     final = metrics(runs / "topk-cf1_25-ep2")["val/loss"][STEPS]
-    assert abs(metrics(runs / "ep2-in-one")["val/loss"][STEPS] - final) <= TOL
+    data = [o for o in FAST if o.startswith(("data.", "++data."))]
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(runs / "topk-cf1_25-ep2" / "checkpoints" / "last.ckpt"), *data, "data.batch_size=4",
+                 f"paths.cache_dir={cache_dir}", "--capacity", "checkpoint", "--json", str(out)]) == 0
+    assert abs(json.loads(out.read_text())["overall"]["loss"] - final) <= TOL
 
 
 def test_resuming_under_expert_parallelism_continues_the_loss_curve(runs):

@@ -247,7 +247,10 @@ def test_export_to_a_file_is_refused(real_checkpoint, tmp_path):
     (["bench", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
     (["bench", "--repeats", "0"], "--repeats must be at least 1"),
     (["export", "x.ckpt"], "the following arguments are required"),
-    (["dashboard"], "the following arguments are required: path"),
+    (["dashboard"], "the following arguments are required: PATH"),
+    (["import", "x"], "the following arguments are required: out_dir"),
+    (["generate", "x.ckpt", "--top-p", "x"], "argument --top-p: invalid float value"),
+    (["eval"], "the following arguments are required: source"),
 ])
 def test_subcommand_argument_errors_are_one_line(tmp_path, args, expected):
     assert expected in one_error_line(run_cli(args, cwd=tmp_path))
