@@ -143,6 +143,14 @@ def test_fine_tuning_an_imported_model_starts_from_its_weights(tmp_path, cache_d
     tuned = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     moved = max(float((tuned[k] - v).abs().max()) for k, v in start.items())
     assert 0 < moved < 1e-3  # one small step away from the imported weights, not a fresh init (std 0.02)
+    # A moved import finds its own tokenizer.
+    from moe_lab.training.checkpoint import checkpoint_origin
+
+    (tmp_path / "imported").rename(tmp_path / "moved")
+    origin = checkpoint_origin(tmp_path / "moved" / "model.ckpt")
+    assert f"tokenizer.name='{tmp_path / 'moved' / 'tokenizer'}'" in origin.overrides
+    assert origin.imported == str(tmp_path / "hf")
+    (tmp_path / "moved").rename(tmp_path / "imported")
     # A model setting given on top is refused: fine-tuning keeps the imported model.
     refused = run_cli(["train", f"ckpt_path={ckpt}", *data, "model.n_layers=2", f"hydra.run.dir={tmp_path / 'x'}"],
                       cwd=tmp_path)

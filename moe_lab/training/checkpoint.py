@@ -138,6 +138,9 @@ def checkpoint_origin(ckpt_path: str | Path) -> CheckpointOrigin:
             overrides = None
     overrides = [str(o) for o in overrides if inherited(str(o))] if isinstance(overrides, list) else []
     imported = ckpt.get("moe_lab_imported") if isinstance(ckpt.get("moe_lab_imported"), dict) else {}
+    beside = Path(ckpt_path).expanduser().absolute().parent / "tokenizer"
+    if imported and (beside / "tokenizer.json").is_file():  # an import that was moved finds its own tokenizer
+        overrides = [o for o in overrides if not o.startswith("tokenizer.name=")] + [f"tokenizer.name='{beside}'"]
     return CheckpointOrigin(step=int(ckpt.get("global_step", 0)), overrides=overrides, run_dir=run_dir,
                             imported=str(imported["source"]) if imported.get("source") else None)
 
