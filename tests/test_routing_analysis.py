@@ -1,0 +1,93 @@
+"""The routing analyses on cases whose answers are known without running them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moe_lab.analysis.routing import (RoutingCounts, coactivation, domain_shares, drops_by_position,
+                                      layer_transitions, repeat_rates, saturation, vocab_specialisation)
+from moe_lab.analysis.stats import mutual_information
+
+rng = np.random.default_rng(0)
+L, B, S, E, V, D = 2, 6, 16, 4, 32, 2
+
+
+def counts_of(experts_LBSK, tokens_BS, domain_B, dropped=None, top_k=None) -> RoutingCounts:
+    counts = RoutingCounts(L, E, top_k or experts_LBSK.shape[-1], V, D, S)
+    next_BS = np.roll(tokens_BS, -1, axis=1)
+    counts.add(experts_LBSK, tokens_BS, next_BS, domain_B, dropped)
+    return counts
+
+
+def test_a_router_that_hashes_token_ids_is_fully_vocabulary_specialised():
+    tokens = rng.integers(0, V, (B, S))
+    experts = np.broadcast_to((tokens * 7 % E)[None, :, :, None], (L, B, S, 1)).copy()  # expert = f(token id)
+    counts = counts_of(experts, tokens, rng.integers(0, D, B))
+    share, mean, favourite = vocab_specialisation(counts.input_LVE, top_k=1)
+    seen = ~np.isnan(share[0])
+    assert np.all(share[:, seen] == 1.0) and np.all(mean == 1.0)
+    assert np.array_equal(favourite[0][seen], (np.arange(V) * 7 % E)[seen])
+    # Random routing of many occurrences: about k/E.
+    many = rng.integers(0, V, (B * 50, S))
+    random = rng.integers(0, E, (L, B * 50, S, 1))
+    c = RoutingCounts(L, E, 1, V, D, S)
+    c.add(random, many, many, rng.integers(0, D, B * 50))
+    assert abs(vocab_specialisation(c.input_LVE, 1)[1][0] - 1 / E) < 0.06
+
+
+def test_a_router_that_follows_the_domain_is_fully_domain_specialised():
+    domain = np.array([0, 1, 0, 1, 0, 1])
+    experts = np.broadcast_to(np.where(domain == 0, 1, 3)[None, :, None, None], (L, B, S, 1)).copy()
+    counts = counts_of(experts, rng.integers(0, V, (B, S)), domain)
+    shares = domain_shares(counts)
+    assert shares[0, 1, 0] == 1.0 and shares[0, 3, 1] == 1.0 and shares[0, 0].sum() == 0
+    assert mutual_information(counts.domain_LED[0])[1] == pytest.approx(1.0)
+
+
+def test_top1_routing_has_no_coactivation_off_the_diagonal_and_top2_pairs_are_counted_both_ways():
+    experts = rng.integers(0, E, (L, B, S, 1))
+    co = coactivation(counts_of(experts, rng.integers(0, V, (B, S)), rng.integers(0, D, B)))
+    assert np.all(co[0] == np.diag(np.diag(co[0]))) and set(np.diag(co[0])) <= {0.0, 1.0}
+    # Top-2, every token choosing (0, 1) or (2, 3) or (0, 2) in equal parts: P(1 | 0) = 1/2, P(0 | 1) = 1, ...
+    choices = np.array([[0, 1], [2, 3], [0, 2]])
+    experts = np.broadcast_to(choices[np.arange(B * S) % 3].reshape(1, B, S, 2), (L, B, S, 2)).copy()
+    co = coactivation(counts_of(experts, rng.integers(0, V, (B, S)), rng.integers(0, D, B)))
+    assert co[0, 0, 1] == pytest.approx(0.5) and co[0, 1, 0] == 1.0 and co[0, 0, 2] == pytest.approx(0.5)
+    assert co[0, 2, 3] == pytest.approx(0.5) and co[0, 3, 2] == 1.0 and co[0, 1, 3] == 0.0
+
+
+def test_layer_transitions_follow_a_fixed_mapping():
+    first = rng.integers(0, E, (B, S))
+    experts = np.stack([first, (first + 1) % E])[..., None]  # layer 1 = layer 0's expert + 1
+    t = layer_transitions(counts_of(experts, rng.integers(0, V, (B, S)), rng.integers(0, D, B)))
+    for i in range(E):
+        if t[0, i].sum():
+            assert t[0, i, (i + 1) % E] == 1.0
+
+
+def test_repeat_rate_of_a_hand_made_routing():
+    # Every sequence routes its tokens 0,0,1,1,2,2,...: 8 of the 15 consecutive pairs of 16 tokens repeat.
+    pattern = (np.arange(S) // 2) % E
+    experts = np.broadcast_to(pattern[None, None, :, None], (L, B, S, 1)).copy()
+    rates = repeat_rates(counts_of(experts, rng.integers(0, V, (B, S)), rng.integers(0, D, B)))
+    assert rates["top1"][0] == pytest.approx(8 / 15) and rates["topk"][0] == pytest.approx(8 / 15)
+    assert 0.15 < rates["top1_chance"][0] < 0.4  # 4 experts used equally: chance about 1/4
+
+
+def test_drops_by_position_of_a_hand_made_drop_pattern():
+    experts = rng.integers(0, E, (L, B, S, 2))
+    dropped = np.zeros((L, B, S, 2), dtype=bool)
+    dropped[:, :, S // 2:, 1] = True  # the second choice of every token in the second half
+    dropped[1, :3, -1, 0] = True  # and, in layer 1, the first choice of the last token of half the sequences
+    curve = drops_by_position(counts_of(experts, rng.integers(0, V, (B, S)), rng.integers(0, D, B), dropped))
+    assert np.all(curve[:, : S // 2] == 0) and np.all(curve[0, S // 2:] == 0.5)
+    assert curve[1, -1] == pytest.approx((B + 3) / (2 * B))
+
+
+def test_saturation_of_identical_and_of_unrelated_routers():
+    chosen = np.stack([rng.permutation(8)[:2] for _ in range(2000)])
+    assert saturation(chosen, chosen) == (1.0, 1.0)
+    other = np.stack([rng.permutation(8)[:2] for _ in range(2000)])
+    top1, topk = saturation(chosen, other)
+    assert abs(top1 - 1 / 8) < 0.03 and abs(topk - 2 / 8) < 0.03  # chance: k/E
