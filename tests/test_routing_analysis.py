@@ -91,3 +91,29 @@ def test_saturation_of_identical_and_of_unrelated_routers():
     other = np.stack([rng.permutation(8)[:2] for _ in range(2000)])
     top1, topk = saturation(chosen, other)
     assert abs(top1 - 1 / 8) < 0.03 and abs(topk - 2 / 8) < 0.03  # chance: k/E
+
+
+def test_analyze_command_on_a_hash_routed_checkpoint(make_cfg, tmp_path, cache_dir, capsys):
+    """End to end, known answers: hash routing is a function of the token id (vocabulary specialisation 1 in every
+    layer), and a checkpoint compared with itself is saturated (1)."""
+    import json
+
+    from conftest import FAST
+    from moe_lab.cli.main import main
+    from moe_lab.training.train import train
+
+    ckpt = train(make_cfg("router=hash", "aux_loss=none", "trainer.max_steps=2", "metrics.dashboard=false",
+                          name="hash"))["checkpoint"]
+    data = [o for o in FAST if o.startswith(("data.", "++data."))]
+    out = tmp_path / "analysis.json"
+    assert main(["analyze", ckpt, ckpt, *data, f"paths.cache_dir={cache_dir}", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["layers"]) == {"0", "1"} and report["top_k"] == 1
+    for layer in report["layers"].values():
+        assert layer["vocab_specialisation_input"] == 1.0
+        assert layer["saturation"] == [{"top1": 1.0, "topk": 1.0}]
+        assert abs(sum(sum(col) for col in zip(*layer["domain_shares"])) - len(report["domains"])) < 1e-9
+        assert len(layer["drops_by_position"]) == 64
+    assert "vocab spec." in capsys.readouterr().out
+    assert main(["analyze", *data]) == 2
+    assert main(["analyze", ckpt, "model.d_model=8"]) == 2

@@ -147,7 +147,8 @@ def sweep_page(sweep_dir: Path, runs: list[RunRecord], refresh: Optional[int] = 
     drawn = {"bars": _html(figures.sweep_bars(runs, names)), "curves": _html(figures.sweep_curves(runs, names)),
              "domains": domain_parts}
     return _render("sweep.html.j2", title=title or f"moe-lab sweep: {sweep_dir.name}", path=str(sweep_dir), swept=keys,
-                   cards=cards, columns=[(c, Markup(header)) for c, header, _ in SWEEP_COLUMNS], rows=table, figures=drawn, refresh=refresh)
+                   cards=cards, columns=[(c, Markup(header)) for c, header, _ in SWEEP_COLUMNS], rows=table,
+                   figures=drawn, refresh=refresh)
 
 
 # ------------------------------------------------------------------------------------------------------------

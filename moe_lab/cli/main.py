@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, str] = {
     "dashboard": "an HTML page of a run, a sweep, or runs side by side: moe-lab dashboard PATH [PATH ...] [--live]",
     "generate": "text from a checkpoint or Hugging Face MoE: moe-lab generate CKPT_OR_HF_DIR --prompt \"def \"",
     "eval": "loss, perplexity, bits per byte and routing on some data: moe-lab eval CKPT_OR_HF_DIR [data=...]",
+    "analyze": "routing analyses (specialisation, co-activation, repeats, drops, saturation): moe-lab analyze CKPT",
     "bench": "time the MoE layer and training steps: moe-lab bench [--compare] (see moe-lab bench --help)",
 }
 
@@ -76,7 +77,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     handlers: dict[str, Callable[[list[str]], int]] = {"train": train_command, "import": import_command,
                                                        "export": export_command,
                                                        "dashboard": dashboard_command, "bench": bench_command,
-                                                       "generate": generate_command, "eval": eval_command}
+                                                       "generate": generate_command, "eval": eval_command,
+                                                       "analyze": analyze_command}
     if command not in handlers and launched_worker():
         # A data-parallel worker that Lightning started by re-running this process's command line, which Hydra
         # holds without the subcommand: it is the same `train` run (rank 0 already checked the command line).
@@ -311,43 +313,14 @@ def _evaluate(parsed: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
-    from omegaconf import OmegaConf
-
-    from moe_lab.data.config import TokenizerConfig
-    from moe_lab.data.datamodule import LMDataModule
     from moe_lab.tools.evaluate import evaluate, format_report
     from moe_lab.tools.generate import load_for_inference
-    from moe_lab.training.schemas import validate
 
-    cfg = cfg.copy()
-    OmegaConf.set_struct(cfg, False)
-    cfg.pop("hydra", None)
-    cfg.paths.output_dir = "."  # eval writes no run directory
-    run = validate(cfg)
     model, tokenizer, described = load_for_inference(parsed.source, capacity=parsed.capacity)
     model = model.to(parsed.device)
-    # The model's own tokenizer (end-of-text token included): the blocks are packed as its training packed them.
-    tokenizer_cfg = (TokenizerConfig() if tokenizer.name == "bytes"
-                     else TokenizerConfig(name=tokenizer.name, eos_token=tokenizer.eos_token))
-    data = LMDataModule(run.data, tokenizer_cfg, run.paths.cache_dir, run.seed)
-    data.prepare_data()
-    data.setup("fit")
-    if data.vocab_size > model.cfg.vocab_size:
-        raise UserError(f"the tokenizer has {data.vocab_size} tokens but the model only {model.cfg.vocab_size}")
+    run, data, loader = held_out_data(cfg, tokenizer, model.cfg.vocab_size, parsed.max_batches)
     print(f"moe-lab: evaluating {described} on {data.describe()}: {len(data.val_blocks)} held-out blocks of "
           f"{run.data.seq_len} tokens; {parsed.capacity}", file=sys.stderr, flush=True)
-    from torch.utils.data import DataLoader
-
-    from moe_lab.data.datamodule import validation_batches
-
-    batches = validation_batches(len(data.val_blocks), run.data.batch_size, 0, 1)
-    if parsed.max_batches is not None and parsed.max_batches < len(batches):
-        # Evenly spaced over the held-out blocks, which are grouped by domain: every domain is seen.
-        import numpy as np
-
-        batches = [batches[i] for i in np.unique(np.linspace(0, len(batches) - 1, parsed.max_batches).round()
-                                                 .astype(int))]
-    loader = DataLoader(data.val_blocks, batch_sampler=batches, collate_fn=lambda b: b, num_workers=0)
     report = evaluate(model, loader, tokenizer, data.domain_names)
     report = {"source": parsed.source, "data": data.describe(), "capacity": parsed.capacity, **report}
     print(format_report(report))
@@ -357,6 +330,108 @@ def _evaluate(parsed: argparse.Namespace) -> int:
         write_atomically(json_out, json.dumps(report, indent=2) + "\n")
         print(f"moe-lab: wrote {json_out}", file=sys.stderr)
     return 0
+
+
+def analyze_command(args: list[str]) -> int:
+    parser = ArgumentParser(
+        prog="moe-lab analyze", description="The routing analyses MoE papers publish, on a checkpoint and data: domain "
+        "and vocabulary specialisation (with the random-routing baseline), expert co-activation within a layer and "
+        "transitions between layers, the repeat rate of consecutive tokens against chance, drops by position, and, "
+        "given several checkpoints of one run (oldest first), router saturation against the last. The data settings "
+        "are moe-lab train's (default: the embedded corpus); the held-out blocks are analysed.")
+    parser.add_argument("sources", nargs="+", metavar="CKPT_OR_SETTING",
+                        help="moe-lab checkpoints or Hugging Face models (the last is analysed), then data=..., "
+                        "data.KEY=VALUE, paths.cache_dir=...")
+    parser.add_argument("--max-batches", type=int, help="analyse at most this many batches")
+    parser.add_argument("--capacity", choices=["dropless", "checkpoint"], default="checkpoint",
+                        help="checkpoint (default: the run's eval capacity factor, so drops by position are the "
+                        "run's) or dropless")
+    parser.add_argument("--json", default="moe-lab-analysis.json", help="the report's file (default %(default)s)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parsed = parser.parse_args(args)
+    try:
+        return _analyze(parsed)
+    except UserError as e:
+        return fail(str(e))
+
+
+def _analyze(parsed: argparse.Namespace) -> int:
+    import json
+
+    from moe_lab.cli.preflight import compose_checked
+
+    sources = [a for a in parsed.sources if "=" not in a]
+    overrides = [a for a in parsed.sources if "=" in a]
+    if not sources:
+        raise UserError("no checkpoint: give CKPT [CKPT ...] before the data settings")
+    cfg = compose_checked(overrides, ("data", "paths.cache_dir"), "moe-lab analyze",
+                          "data=OPTION, data.KEY=VALUE and paths.cache_dir=DIR")
+    json_out = Path(parsed.json).expanduser()
+    if json_out.is_dir() or not json_out.parent.is_dir():
+        raise UserError(f"--json {json_out}: give a file in an existing folder")
+    if parsed.max_batches is not None and parsed.max_batches < 1:
+        raise UserError(f"--max-batches {parsed.max_batches} must be at least 1")
+    from moe_lab.tools.analyze import analyze, check_analysable, format_summary, summary
+    from moe_lab.tools.generate import load_for_inference
+
+    loaded = [load_for_inference(source, capacity=parsed.capacity) for source in sources]
+    models = [model.to(parsed.device).eval() for model, _, _ in loaded]
+    final, tokenizer, described = models[-1], loaded[-1][1], loaded[-1][2]
+    check_analysable(final)
+    for model, source in zip(models[:-1], sources[:-1]):
+        if model.moe_layers != final.moe_layers or model.cfg.moe.num_experts != final.cfg.moe.num_experts:
+            raise UserError(f"{source} has other MoE layers or experts than {sources[-1]}: saturation compares "
+                            "checkpoints of one run")
+    run, data, loader = held_out_data(cfg, tokenizer, final.cfg.vocab_size, parsed.max_batches)
+    print(f"moe-lab: analysing {described} on {data.describe()}: {len(loader.batch_sampler)} batches of "
+          f"{run.data.batch_size} x {run.data.seq_len} tokens", file=sys.stderr, flush=True)
+
+    def progress(done: int, tokens: int) -> None:
+        print(f"\rmoe-lab: {done}/{len(loader.batch_sampler)} batches, {tokens:,} tokens", end="", file=sys.stderr,
+              flush=True)
+
+    result = analyze(models, loader, final.cfg.vocab_size, len(data.domain_names), run.data.seq_len,
+                     progress=progress)
+    print(file=sys.stderr)
+    report = {"sources": sources, "data": data.describe(), "capacity": parsed.capacity,
+              **summary(result, data.domain_names, final.moe_layers, decode=tokenizer.decode)}
+    print(format_summary(report))
+    from moe_lab.analysis.runs import write_atomically
+
+    write_atomically(json_out, json.dumps(report, indent=2) + "\n")
+    print(f"moe-lab: wrote {json_out}", file=sys.stderr)
+    return 0
+
+
+def held_out_data(cfg, tokenizer, vocab_size: int, max_batches: Optional[int]):
+    """(run settings, data module, loader) of the held-out blocks of the composed data settings, tokenised with the
+    model's own tokenizer; at most `max_batches` batches, evenly spaced (the blocks are grouped by domain)."""
+    import numpy as np
+    from omegaconf import OmegaConf
+    from torch.utils.data import DataLoader
+
+    from moe_lab.data.config import TokenizerConfig
+    from moe_lab.data.datamodule import LMDataModule, validation_batches
+    from moe_lab.training.schemas import validate
+
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    cfg.pop("hydra", None)
+    cfg.paths.output_dir = "."  # these commands write no run directory
+    run = validate(cfg)
+    # The model's own tokenizer (end-of-text token included): the blocks are packed as its training packed them.
+    tokenizer_cfg = (TokenizerConfig() if tokenizer.name == "bytes"
+                     else TokenizerConfig(name=tokenizer.name, eos_token=tokenizer.eos_token))
+    data = LMDataModule(run.data, tokenizer_cfg, run.paths.cache_dir, run.seed)
+    data.prepare_data()
+    data.setup("fit")
+    if data.vocab_size > vocab_size:
+        raise UserError(f"the tokenizer has {data.vocab_size} tokens but the model only {vocab_size}")
+    batches = validation_batches(len(data.val_blocks), run.data.batch_size, 0, 1)
+    if max_batches is not None and max_batches < len(batches):
+        picked = np.unique(np.linspace(0, len(batches) - 1, max_batches).round().astype(int))
+        batches = [batches[i] for i in picked]
+    return run, data, DataLoader(data.val_blocks, batch_sampler=batches, collate_fn=lambda b: b, num_workers=0)
 
 
 def bench_command(args: list[str]) -> int:

@@ -42,6 +42,17 @@ class MoELayerOutput:
     expert_N: Optional[torch.Tensor] = None
     token_N: Optional[torch.Tensor] = None
     weight_N: Optional[torch.Tensor] = None  # each slot's combine weight
+    # The dispatch plan's rows (grouped path), for `slot_kept_N`: computed only when asked (analyses).
+    row_slot_R: Optional[torch.Tensor] = None
+    row_kept_R: Optional[torch.Tensor] = None
+
+    def slot_kept_N(self) -> Optional[torch.Tensor]:
+        """Which routing slots were kept under capacity (None: nothing could be dropped)."""
+        if self.row_kept_R is None:
+            return None
+        kept_N = torch.empty_like(self.row_kept_R)
+        kept_N[self.row_slot_R] = self.row_kept_R
+        return kept_N
 
     def top_expert_T(self, num_tokens: int) -> torch.Tensor:
         """Each token's expert of highest weight (-1: no expert took it), e.g. to colour text by routing."""
@@ -106,6 +117,7 @@ class MoELayer(nn.Module):
         x_TD = x_BSD.reshape(B * S, D)
         token_ids_T = token_ids_BS.reshape(B * S) if token_ids_BS is not None else None
         routing = self.router(x_TD, token_ids_T, batch_size=B, capacity_factor=self.capacity_factor)
+        rows_kept = (None, None)
         if self.cfg.implementation == "loop":
             y_TD, tokens_per_expert_E, dropped = self._forward_loop(x_TD, routing, self.capacity(B * S))
         else:
@@ -115,6 +127,7 @@ class MoELayer(nn.Module):
             y_RD = self._experts(rows)
             y_TD = self.dispatcher.combine(y_RD, rows).to(x_TD.dtype)
             tokens_per_expert_E, dropped = plan.tokens_per_expert_E, plan.dropped_slots
+            rows_kept = (plan.row_slot_R, plan.row_kept_R)
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
             if self.shared_gate is not None:
@@ -126,7 +139,8 @@ class MoELayer(nn.Module):
         out = MoELayerOutput(losses=self._losses(routing, tokens_per_expert_E, B),
                              tokens_per_expert_E=tokens_per_expert_E.detach().float(),
                              dropped_slots=dropped.detach().float(), expert_N=routing.expert_N.detach(),
-                             token_N=routing.token_N.detach(), weight_N=routing.weight_N.detach())
+                             token_N=routing.token_N.detach(), weight_N=routing.weight_N.detach(),
+                             row_slot_R=rows_kept[0], row_kept_R=rows_kept[1])
         with torch.no_grad():
             if routing.probs_TE is not None:
                 probs_TE = routing.probs_TE.detach()
