@@ -105,9 +105,11 @@ def test_analyze_command_on_a_hash_routed_checkpoint(make_cfg, tmp_path, cache_d
     ckpt = train(make_cfg("router=hash", "aux_loss=none", "trainer.max_steps=2", "metrics.dashboard=false",
                           name="hash"))["checkpoint"]
     data = [o for o in FAST if o.startswith(("data.", "++data."))]
-    out = tmp_path / "analysis.json"
-    assert main(["analyze", ckpt, ckpt, *data, f"paths.cache_dir={cache_dir}", "--json", str(out)]) == 0
-    report = json.loads(out.read_text())
+    page = tmp_path / "analysis.html"
+    assert main(["analyze", ckpt, ckpt, *data, f"paths.cache_dir={cache_dir}", "-o", str(page)]) == 0
+    report = json.loads((tmp_path / "analysis.json").read_text())
+    html = page.read_text()
+    assert "Domain specialisation" in html and "Expert co-activation" in html and html.count("Plotly.newPlot") >= 5
     assert set(report["layers"]) == {"0", "1"} and report["top_k"] == 1
     for layer in report["layers"].values():
         assert layer["vocab_specialisation_input"] == 1.0
@@ -117,3 +119,21 @@ def test_analyze_command_on_a_hash_routed_checkpoint(make_cfg, tmp_path, cache_d
     assert "vocab spec." in capsys.readouterr().out
     assert main(["analyze", *data]) == 2
     assert main(["analyze", ckpt, "model.d_model=8"]) == 2
+
+
+@pytest.mark.slow
+def test_the_analysis_page_renders_in_headless_chromium(make_cfg, tmp_path, cache_dir):
+    from conftest import FAST
+    from moe_lab.cli.main import main
+    from moe_lab.training.train import train
+    from test_dashboard import ARTIFACTS, render
+
+    ckpt = train(make_cfg("trainer.max_steps=4", "metrics.dashboard=false", name="run"))["checkpoint"]
+    data = [o for o in FAST if o.startswith(("data.", "++data."))]
+    page = tmp_path / "analysis.html"
+    assert main(["analyze", ckpt, *data, f"paths.cache_dir={cache_dir}", "-o", str(page)]) == 0
+    ARTIFACTS.mkdir(exist_ok=True)
+    dom, log = render(page, ARTIFACTS / "analysis.png")
+    assert not [line for line in log.splitlines() if ":CONSOLE" in line]
+    figures = page.read_text().count('class="plotly-graph-div"')
+    assert figures >= 5 and dom.count("js-plotly-plot") >= figures

@@ -151,6 +151,37 @@ def sweep_page(sweep_dir: Path, runs: list[RunRecord], refresh: Optional[int] = 
                    figures=drawn, refresh=refresh)
 
 
+def analysis_page(report: dict) -> str:
+    """The page of a `moe-lab analyze` report (its plain data: the page can be rebuilt from the JSON alone)."""
+    layers = list(report["layers"].values())
+    mean = lambda key: float(np.mean([e[key] for e in layers]))  # noqa: E731
+    cards = [("tokens analysed", f"{report['tokens']:,}", f"top-{report['top_k']} of {report['num_experts']} experts"),
+             ("vocabulary specialisation", _fmt(mean("vocab_specialisation_input"), ".3f"),
+              f"mean over layers; random routing {report['uniform_share']:.3f}"),
+             ("domain specialisation", _fmt(mean("domain_specialisation"), ".3f"), "I(expert; domain) / H(domain)"),
+             ("repeat rate, top-1", _fmt(mean("repeat_top1"), ".1%"), f"chance {mean('repeat_top1_chance'):.1%}")]
+    keys = list(report["layers"])
+    tokens = [{"layer": key, "experts": [[repr(t["text"])[1:-1] if t["text"] is not None else str(t["token"])
+                                          for t in report["layers"][key]["expert_tokens"][str(e)]]
+                                         for e in range(report["num_experts"])]}
+              for key in dict.fromkeys([keys[0], keys[-1]])]
+    drawn = {"domains": _html(figures.analysis_domain_figure(report)),
+             "summary": _html(figures.analysis_summary_figure(report)),
+             "coactivation": _html(figures.analysis_matrix_figure(report, "coactivation", "layer {layer}",
+                                                                  "expert j", "expert i")),
+             "transitions": _html(figures.analysis_matrix_figure(report, "next_layer_transitions",
+                                                                 "layer {layer} -> next MoE layer", "next layer's",
+                                                                 "this layer's")),
+             "position": _html(figures.analysis_position_figure(report))}
+    return _render("analysis.html.j2", title="moe-lab analyze: routing", sources=report["sources"],
+                   data=report["data"], capacity=report["capacity"], cards=cards, tokens=tokens, figures=drawn,
+                   refresh=None)
+
+
+def write_analysis_page(report: dict, out: Path | str) -> Path:
+    return _write(_checked_output(Path(out).expanduser()), analysis_page(report))
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Writing
 

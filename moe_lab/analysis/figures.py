@@ -271,3 +271,99 @@ def sweep_curves(runs: list[RunRecord], labels: list[str]):
 def to_html(fig) -> str:
     """A figure as an HTML fragment (plotly.js itself is inlined once per page by the template)."""
     return fig.to_html(full_html=False, include_plotlyjs=False, config=PLOT_CONFIG) if fig is not None else ""
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Routing analyses (moe-lab analyze): figures from the report's plain data
+
+
+def _layer_grid(layers: list[str], titles: list[str], height_per_row: int, cols: int = 2):
+    rows = math.ceil(len(layers) / cols)
+    return _subplots(rows, min(cols, len(layers)), titles, height=80 + height_per_row * rows,
+                     vertical_spacing=0.35 / max(rows, 1)), rows
+
+
+def analysis_domain_figure(report: dict):
+    """Per layer: each expert's share of each domain's tokens over the uniform share k/E (log scale, white = k/E)."""
+    import plotly.graph_objects as go
+
+    layers, domains, uniform = list(report["layers"]), report["domains"], report["uniform_share"]
+    if len(domains) < 2:
+        return None
+    fig, _ = _layer_grid(layers, [f"layer {l}, specialisation {report['layers'][l]['domain_specialisation']:.2f}"
+                                  for l in layers], 60 * len(domains) + 90)
+    for i, layer in enumerate(layers):
+        share_ED = np.asarray(report["layers"][layer]["domain_shares"])
+        ratio_DE = np.log2(np.clip(share_ED.T / uniform, 1 / 8, 8))
+        fig.add_trace(go.Heatmap(z=ratio_DE, x=[f"E{e}" for e in range(share_ED.shape[0])], y=domains, zmin=-3,
+                                 zmax=3, zmid=0, colorscale="RdBu_r", showscale=i == 0, customdata=share_ED.T,
+                                 colorbar=dict(title="share /<br>uniform k/E", tickvals=[-3, -2, -1, 0, 1, 2, 3],
+                                               ticktext=["1/8x", "1/4x", "1/2x", "1x", "2x", "4x", "8x"]),
+                                 hovertemplate="domain %{y}<br>expert %{x}<br>%{customdata:.1%} of the domain's "
+                                               "tokens<extra></extra>"), row=i // 2 + 1, col=i % 2 + 1)
+    return fig
+
+
+def analysis_summary_figure(report: dict):
+    """Per layer: vocabulary specialisation (input and next token) against random routing, and the repeat rate of
+    consecutive tokens against chance."""
+    import plotly.graph_objects as go
+
+    layers = [f"layer {l}" for l in report["layers"]]
+    entries = list(report["layers"].values())
+    fig = _subplots(1, 2, ["vocabulary specialisation (dashed: random routing)",
+                           "consecutive tokens sharing an expert (hollow: chance)"], height=380)
+    for j, (key, name) in enumerate((("vocab_specialisation_input", "input token"),
+                                     ("vocab_specialisation_next", "next token"))):
+        fig.add_trace(go.Bar(x=layers, y=[e[key] for e in entries], name=name, marker_color=PALETTE[j]), row=1, col=1)
+    fig.add_hline(y=report["uniform_share"], line_dash="dash", line_color="#52606d", row=1, col=1)
+    for j, (key, name) in enumerate((("repeat_top1", "same first choice"), ("repeat_topk", "a top-k expert shared"))):
+        fig.add_trace(go.Bar(x=layers, y=[e[key] for e in entries], name=name, marker_color=PALETTE[2 + j]),
+                      row=1, col=2)
+        fig.add_trace(go.Bar(x=layers, y=[e[key + "_chance"] for e in entries], name=f"{name}, chance",
+                             marker=dict(color="rgba(0,0,0,0)", line=dict(color=PALETTE[2 + j], width=2))),
+                      row=1, col=2)
+    fig.update_layout(barmode="group")
+    fig.update_yaxes(range=[0, 1], tickformat=".0%")
+    return fig
+
+
+def analysis_matrix_figure(report: dict, key: str, title: str, x_label: str, y_label: str):
+    """Per layer, an experts x experts matrix of the report (co-activation, next-layer transitions)."""
+    import plotly.graph_objects as go
+
+    layers = [l for l, e in report["layers"].items() if e.get(key) is not None]
+    if not layers:
+        return None
+    fig, _ = _layer_grid(layers, [title.format(layer=l) for l in layers], 320)
+    for i, layer in enumerate(layers):
+        matrix = np.asarray(report["layers"][layer][key])
+        fig.add_trace(go.Heatmap(z=matrix, x=[f"E{e}" for e in range(matrix.shape[1])],
+                                 y=[f"E{e}" for e in range(matrix.shape[0])], zmin=0, zmax=1, colorscale="Blues",
+                                 showscale=i == 0, colorbar=dict(title="probability", tickformat=".0%"),
+                                 hovertemplate=f"{y_label} %{{y}}<br>{x_label} %{{x}}<br>%{{z:.1%}}<extra></extra>"),
+                      row=i // 2 + 1, col=i % 2 + 1)
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
+def analysis_position_figure(report: dict):
+    """Dropped share of token slots by position, per layer; and router saturation per checkpoint, per layer."""
+    import plotly.graph_objects as go
+
+    saturated = any(e["saturation"] for e in report["layers"].values())
+    fig = _subplots(1, 2 if saturated else 1, ["dropped token slots by position in the sequence"]
+                    + (["router saturation: top-k agreement with the last checkpoint"] if saturated else []),
+                    height=380)
+    for i, (layer, e) in enumerate(report["layers"].items()):
+        color = PALETTE[i % len(PALETTE)]
+        fig.add_trace(go.Scatter(y=e["drops_by_position"], name=f"layer {layer}", legendgroup=layer,
+                                 line=dict(color=color)), row=1, col=1)
+        if saturated:
+            names = [str(s) for s in report["sources"][:-1]]
+            fig.add_trace(go.Scatter(x=names, y=[s["topk"] for s in e["saturation"]], name=f"layer {layer}",
+                                     legendgroup=layer, showlegend=False, mode="lines+markers",
+                                     line=dict(color=color)), row=1, col=2)
+    fig.update_xaxes(title_text="position", row=1, col=1)
+    fig.update_yaxes(tickformat=".0%")
+    return fig

@@ -346,7 +346,8 @@ def analyze_command(args: list[str]) -> int:
     parser.add_argument("--capacity", choices=["dropless", "checkpoint"], default="checkpoint",
                         help="checkpoint (default: the run's eval capacity factor, so drops by position are the "
                         "run's) or dropless")
-    parser.add_argument("--json", default="moe-lab-analysis.json", help="the report's file (default %(default)s)")
+    parser.add_argument("-o", "--output", default="moe-lab-analysis.html", help="the report's page (default "
+                        "%(default)s); the same data goes to the .json beside it")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parsed = parser.parse_args(args)
     try:
@@ -366,11 +367,17 @@ def _analyze(parsed: argparse.Namespace) -> int:
         raise UserError("no checkpoint: give CKPT [CKPT ...] before the data settings")
     cfg = compose_checked(overrides, ("data", "paths.cache_dir"), "moe-lab analyze",
                           "data=OPTION, data.KEY=VALUE and paths.cache_dir=DIR")
-    json_out = Path(parsed.json).expanduser()
-    if json_out.is_dir() or not json_out.parent.is_dir():
-        raise UserError(f"--json {json_out}: give a file in an existing folder")
+    page_out = Path(parsed.output).expanduser()
+    json_out = page_out.with_suffix(".json")
+    if page_out.is_dir() or not page_out.parent.is_dir():
+        raise UserError(f"-o {page_out}: give a file in an existing folder")
     if parsed.max_batches is not None and parsed.max_batches < 1:
         raise UserError(f"--max-batches {parsed.max_batches} must be at least 1")
+    from moe_lab.analysis.dashboard import _checked_output
+
+    _checked_output(page_out)  # refuses a file moe-lab did not write, before any work
+    if json_out.exists() and "\"vocab_specialisation_input\"" not in json_out.read_text(errors="ignore")[:100000]:
+        raise UserError(f"{json_out} exists and was not written by moe-lab analyze; choose another -o")
     from moe_lab.tools.analyze import analyze, check_analysable, format_summary, summary
     from moe_lab.tools.generate import load_for_inference
 
@@ -398,8 +405,10 @@ def _analyze(parsed: argparse.Namespace) -> int:
     print(format_summary(report))
     from moe_lab.analysis.runs import write_atomically
 
+    from moe_lab.analysis.dashboard import write_analysis_page
+
     write_atomically(json_out, json.dumps(report, indent=2) + "\n")
-    print(f"moe-lab: wrote {json_out}", file=sys.stderr)
+    print(f"moe-lab: wrote {write_analysis_page(report, page_out)} and {json_out}", file=sys.stderr)
     return 0
 
 
