@@ -106,7 +106,9 @@ def test_analyze_command_on_a_hash_routed_checkpoint(make_cfg, tmp_path, cache_d
                           name="hash"))["checkpoint"]
     data = [o for o in FAST if o.startswith(("data.", "++data."))]
     page = tmp_path / "analysis.html"
-    assert main(["analyze", ckpt, ckpt, *data, f"paths.cache_dir={cache_dir}", "-o", str(page)]) == 0
+    trace = tmp_path / "trace.parquet"
+    assert main(["analyze", ckpt, ckpt, *data, f"paths.cache_dir={cache_dir}", "-o", str(page), "--trace",
+                 str(trace)]) == 0
     report = json.loads((tmp_path / "analysis.json").read_text())
     html = page.read_text()
     assert "Domain specialisation" in html and "Expert co-activation" in html and html.count("Plotly.newPlot") >= 5
@@ -117,6 +119,18 @@ def test_analyze_command_on_a_hash_routed_checkpoint(make_cfg, tmp_path, cache_d
         assert abs(sum(sum(col) for col in zip(*layer["domain_shares"])) - len(report["domains"])) < 1e-9
         assert len(layer["drops_by_position"]) == 64
     assert "vocab spec." in capsys.readouterr().out
+    # The trace: one row per token; hash routing makes each token id's expert the same wherever it occurs.
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(trace).to_pydict()
+    assert len(table["token"]) == report["tokens"] and set(table["domain"]) <= set(report["domains"])
+    by_token = {}
+    for token, experts, weights in zip(table["token"], table["layer0_experts"], table["layer0_weights"]):
+        by_token.setdefault(token, set()).add(experts[0])
+        assert len(experts) == len(weights) == 1
+    assert all(len(experts) == 1 for experts in by_token.values())
+    assert main(["analyze", ckpt, *data, f"paths.cache_dir={cache_dir}", "-o", str(page), "--trace",
+                 str(trace)]) == 2  # never written over
     assert main(["analyze", *data]) == 2
     assert main(["analyze", ckpt, "model.d_model=8"]) == 2
 

@@ -348,6 +348,8 @@ def analyze_command(args: list[str]) -> int:
                         "run's) or dropless")
     parser.add_argument("-o", "--output", default="moe-lab-analysis.html", help="the report's page (default "
                         "%(default)s); the same data goes to the .json beside it")
+    parser.add_argument("--trace", help="also write every token's routing (id, domain, position; experts, weights "
+                        "and drops per layer) to this Parquet file, for pandas, polars or duckdb")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parsed = parser.parse_args(args)
     try:
@@ -376,6 +378,10 @@ def _analyze(parsed: argparse.Namespace) -> int:
     from moe_lab.analysis.dashboard import _checked_output
 
     _checked_output(page_out)  # refuses a file moe-lab did not write, before any work
+    trace_path = Path(parsed.trace).expanduser() if parsed.trace else None
+    if trace_path is not None and (trace_path.exists() or not trace_path.parent.is_dir()):
+        raise UserError(f"--trace {trace_path}: give a new file in an existing folder (moe-lab never writes over "
+                        "files)")
     if json_out.exists() and "\"vocab_specialisation_input\"" not in json_out.read_text(errors="ignore")[:100000]:
         raise UserError(f"{json_out} exists and was not written by moe-lab analyze; choose another -o")
     from moe_lab.tools.analyze import analyze, check_analysable, format_summary, summary
@@ -397,8 +403,17 @@ def _analyze(parsed: argparse.Namespace) -> int:
         print(f"\rmoe-lab: {done}/{len(loader.batch_sampler)} batches, {tokens:,} tokens", end="", file=sys.stderr,
               flush=True)
 
-    result = analyze(models, loader, final.cfg.vocab_size, len(data.domain_names), run.data.seq_len,
-                     progress=progress)
+    trace = None
+    if trace_path is not None:
+        from moe_lab.tools.analyze import TraceWriter
+
+        trace = TraceWriter(trace_path, final.moe_layers, data.domain_names)
+    try:
+        result = analyze(models, loader, final.cfg.vocab_size, len(data.domain_names), run.data.seq_len,
+                         progress=progress, trace=trace)
+    finally:
+        if trace is not None:
+            trace.close()
     print(file=sys.stderr)
     report = {"sources": sources, "data": data.describe(), "capacity": parsed.capacity,
               **summary(result, data.domain_names, final.moe_layers, decode=tokenizer.decode)}

@@ -21,17 +21,59 @@ from moe_lab.errors import UserError
 from moe_lab.model import MoETransformer
 
 
-def layer_choices(model: MoETransformer, out: Any, B: int, S: int) -> tuple[np.ndarray, np.ndarray]:
-    """(experts (L, B, S, K), dropped (L, B, S, K)) of one forward: each token's top-k, first choice first."""
-    experts, dropped = [], []
+def layer_choices(model: MoETransformer, out: Any, B: int, S: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(experts, dropped, weights), each (L, B, S, K), of one forward: each token's top-k, first choice first."""
+    experts, dropped, weights = [], [], []
     for layer, moe in zip(model.moe_layers, model.moe_modules()):
         stats = out.moe[layer]
         K = moe.top_k
         experts.append(stats.expert_N.view(K, B * S).T.reshape(B, S, K).cpu().numpy())
+        weights.append(stats.weight_N.float().view(K, B * S).T.reshape(B, S, K).cpu().numpy())
         kept = stats.slot_kept_N()
         dropped.append(np.zeros((B, S, K), dtype=bool) if kept is None
                        else (~kept).view(K, B * S).T.reshape(B, S, K).cpu().numpy())
-    return np.stack(experts), np.stack(dropped)
+    return np.stack(experts), np.stack(dropped), np.stack(weights)
+
+
+class TraceWriter:
+    """`--trace FILE.parquet`: one row per token (sequence, position, token id, next token id, domain) and, per MoE
+    layer, its experts (first choice first), their weights and which were dropped; written batch by batch (row
+    groups), so memory stays bounded. pandas, polars and duckdb read it as is."""
+
+    def __init__(self, path, layers: list[int], domain_names: list[str]):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        self.pa, self.layers, self.domain_names = pa, layers, domain_names
+        fields = [pa.field("sequence", pa.int64()), pa.field("position", pa.int32()), pa.field("token", pa.int32()),
+                  pa.field("next_token", pa.int32()), pa.field("domain", pa.string())]
+        for layer in layers:
+            fields += [pa.field(f"layer{layer}_experts", pa.list_(pa.int16())),
+                       pa.field(f"layer{layer}_weights", pa.list_(pa.float32())),
+                       pa.field(f"layer{layer}_dropped", pa.list_(pa.bool_()))]
+        self.schema = pa.schema(fields)
+        self.writer = pq.ParquetWriter(str(path), self.schema)
+        self.sequences = 0
+
+    def write(self, inputs_BS: np.ndarray, targets_BS: np.ndarray, domain_B: np.ndarray, experts_LBSK: np.ndarray,
+              dropped_LBSK: np.ndarray, weights_LBSK: np.ndarray) -> None:
+        pa = self.pa
+        B, S = inputs_BS.shape
+        K = experts_LBSK.shape[-1]
+        columns = [pa.array(np.repeat(np.arange(self.sequences, self.sequences + B), S)),
+                   pa.array(np.tile(np.arange(S, dtype=np.int32), B)),
+                   pa.array(inputs_BS.reshape(-1).astype(np.int32)), pa.array(targets_BS.reshape(-1).astype(np.int32)),
+                   pa.array([self.domain_names[d] for d in np.repeat(domain_B, S)])]
+        offsets = pa.array(np.arange(0, B * S * K + 1, K, dtype=np.int32))
+        for l in range(len(self.layers)):
+            columns += [pa.ListArray.from_arrays(offsets, pa.array(experts_LBSK[l].reshape(-1).astype(np.int16))),
+                        pa.ListArray.from_arrays(offsets, pa.array(weights_LBSK[l].reshape(-1).astype(np.float32))),
+                        pa.ListArray.from_arrays(offsets, pa.array(dropped_LBSK[l].reshape(-1)))]
+        self.writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
+        self.sequences += B
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def check_analysable(model: MoETransformer) -> None:
@@ -46,7 +88,7 @@ def check_analysable(model: MoETransformer) -> None:
 
 @torch.no_grad()
 def analyze(models: list[MoETransformer], batches: Iterable[dict], vocab_size: int, num_domains: int, seq_len: int,
-            max_batches: Optional[int] = None, progress=None) -> dict[str, Any]:
+            max_batches: Optional[int] = None, progress=None, trace: Optional[TraceWriter] = None) -> dict[str, Any]:
     """The analyses of the last model over `batches`, and the saturation of each earlier model against it."""
     final = models[-1]
     check_analysable(final)
@@ -63,10 +105,12 @@ def analyze(models: list[MoETransformer], batches: Iterable[dict], vocab_size: i
             continue
         inputs, targets = ids[:, :-1], ids[:, 1:]
         B, S = inputs.shape
-        experts, dropped = layer_choices(final, final(inputs), B, S)
+        experts, dropped, weights = layer_choices(final, final(inputs), B, S)
         counts.add(experts, inputs.numpy(), targets.numpy(), batch["domain"][keep].numpy(), dropped)
+        if trace is not None:
+            trace.write(inputs.numpy(), targets.numpy(), batch["domain"][keep].numpy(), experts, dropped, weights)
         for i, earlier in enumerate(models[:-1]):
-            mine, _ = layer_choices(earlier, earlier(inputs), B, S)
+            mine = layer_choices(earlier, earlier(inputs), B, S)[0]
             for l in range(len(final.moe_layers)):
                 top1, topk = saturation(mine[l].reshape(B * S, -1), experts[l].reshape(B * S, -1))
                 agree[i, l] += np.array([top1, topk]) * B * S
