@@ -57,7 +57,8 @@ def build_model(run) -> MoETransformer:
 
 
 # Options that only make sense together with another choice.
-PARTNER = {("aux_loss", "cv"): ["router=noisy_topk"], ("router", "hash"): ["aux_loss=none"]}
+PARTNER = {("aux_loss", "cv"): ["router=noisy_topk"], ("router", "hash"): ["aux_loss=none"],
+           ("router", "domain_oracle"): ["aux_loss=none"]}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in ["model", "router", "experts", "capacity", "aux_loss"]
@@ -70,7 +71,7 @@ def test_every_model_option_instantiates_and_runs(make_cfg, group, option):
         run.model.ffn_hidden = 128
         run.model.moe.expert_hidden = 64
     model = build_model(run)
-    out = model(torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16)))
+    out = model(torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16)), domain_B=torch.tensor([0, 1]))
     assert torch.isfinite(out.loss)
     if option == "dense" or option == "dense_tiny":
         assert model.moe_layers == []
@@ -176,7 +177,8 @@ def test_validate_rejects_bad_input(make_cfg, overrides, expected):
 @pytest.mark.parametrize("args,expected", [
     (["model.moe.foo=1"], "model.moe.foo is not a setting; the settings of model.moe are: ['activation'"),
     (["experts=e99"], "experts=e99 is not an option; the options of experts are: dense, e16, e4, e64_fine, e64_fine_shared, e8"),
-    (["router=nope"], "router=nope is not an option; the options of router are: aux_free, expert_choice"),
+    (["router=nope"], "router=nope is not an option; the options of router are: aux_free, domain_oracle, "
+                      "expert_choice"),
     (["model.moe.router.top_k=9"], "model.moe.router.top_k=9 must be in 1..num_experts (8)"),
     (["-m", "experts=e4,e99"], "experts=e99 is not an option"),
     (["-m", "model.moe.router.top_k=1,9"], "model.moe.router.top_k=9 must be in 1..num_experts"),

@@ -44,7 +44,7 @@ ONE_PROCESS = ["data.batch_size=4", "trainer.accumulate_grad_batches=2", f"train
 ROUTERS = sorted(p.stem for p in (Path(config_dir()) / "router").glob("*.yaml"))
 CAPACITIES = sorted(p.stem for p in (Path(config_dir()) / "capacity").glob("*.yaml"))
 PER_MICRO_BATCH = {
-    **{f"{router}-{capacity}": [f"router={router}", f"capacity={capacity}", *(["aux_loss=none"] * (router == "hash"))]
+    **{f"{router}-{capacity}": [f"router={router}", f"capacity={capacity}", *(["aux_loss=none"] * (router in ("hash", "domain_oracle")))]
        for router in ROUTERS for capacity in CAPACITIES},
     "seq_z": ["aux_loss=seq_z"],
     "cv": ["router=noisy_topk", "aux_loss=cv"],

@@ -14,7 +14,7 @@ from moe_lab.model.routers import ROUTERS, AuxFreeRouter, RouterConfig, normaliz
 
 D, E = 32, 8
 ALL = sorted(ROUTERS)
-CAUSAL_CONFIGS = ([{"name": n} for n in ALL if n != "expert_choice"]  # every router but the paper's expert choice
+CAUSAL_CONFIGS = ([{"name": n} for n in ALL if n not in ("expert_choice", "domain_oracle")]  # every router but the paper's expert choice
                   + [{"name": "expert_choice", "causal": True}])
 
 
@@ -247,7 +247,8 @@ def test_gradients_reach_every_router_parameter(name):
     layer = make_layer(node, capacity_factor=None if name != "expert_choice" else 1.0,
                        aux_loss=AuxLossConfig(importance=0.1, load=0.1 if name == "noisy_topk" else 0.0))
     x = torch.randn(2, 32, D)
-    y, stats = layer(x, torch.randint(0, 64, (2, 32)))
+    domain = torch.tensor([0, 1]) if ROUTERS[name].needs_domain else None
+    y, stats = layer(x, torch.randint(0, 64, (2, 32)), domain)
     (y.square().mean() + sum(stats.losses.values(), torch.zeros(()))).backward()
     params = list(layer.router.named_parameters())
     assert bool(params) == ROUTERS[name].has_gate
@@ -287,3 +288,15 @@ def test_paper_expert_choice_is_not_causal():
 def test_router_config_base_keys():
     assert {"name", "top_k"} <= set(RouterConfig.__dataclass_fields__)
     assert isinstance(make_router({"name": "aux_free"}), AuxFreeRouter)
+
+
+def test_the_domain_oracle_routes_by_domain_and_needs_it():
+    layer = make_layer({"name": "domain_oracle", "top_k": 2}, capacity_factor=None)
+    x = torch.randn(3, 10, D)
+    _, stats = layer(x, None, torch.tensor([0, 1, 2]))
+    experts_TK = stats.expert_N.view(2, 30).T
+    for b, domain in enumerate([0, 1, 2]):
+        assert experts_TK[b * 10:(b + 1) * 10].tolist() == [[(2 * domain) % E, (2 * domain + 1) % E]] * 10
+    assert torch.allclose(stats.weight_N, torch.full((60,), 0.5))
+    with pytest.raises(ValueError, match="needs the data's domain labels"):
+        layer(x)

@@ -151,3 +151,21 @@ def test_the_analysis_page_renders_in_headless_chromium(make_cfg, tmp_path, cach
     assert not [line for line in log.splitlines() if ":CONSOLE" in line]
     figures = page.read_text().count('class="plotly-graph-div"')
     assert figures >= 5 and dom.count("js-plotly-plot") >= figures
+
+
+def test_the_domain_oracle_is_fully_domain_specialised(make_cfg, tmp_path, cache_dir):
+    import json
+
+    from conftest import FAST
+    from moe_lab.cli.main import main
+    from moe_lab.training.train import train
+
+    ckpt = train(make_cfg("router=domain_oracle", "aux_loss=none", "trainer.max_steps=2", "metrics.dashboard=false",
+                          name="oracle"))["checkpoint"]
+    data = [o for o in FAST if o.startswith(("data.", "++data."))]
+    assert main(["analyze", ckpt, *data, f"paths.cache_dir={cache_dir}", "-o", str(tmp_path / "a.html")]) == 0
+    report = json.loads((tmp_path / "a.json").read_text())
+    for layer in report["layers"].values():
+        assert layer["domain_specialisation"] == pytest.approx(1.0)
+        shares = np.asarray(layer["domain_shares"])  # (E, D): domain d's tokens all at expert d
+        assert np.array_equal(shares[:3], np.eye(3)) and shares[3:].sum() == 0

@@ -163,12 +163,12 @@ class Block(nn.Module):
             self.ffn = FeedForward(cfg.d_model, cfg.ffn_hidden, "swiglu", cfg.init_std, out_std)
 
     def forward(self, x_BSD: torch.Tensor, token_ids_BS: Optional[torch.Tensor] = None,
-                positions_BS: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None
-                ) -> tuple[torch.Tensor, Optional[MoELayerOutput]]:
+                positions_BS: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
+                domain_B: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[MoELayerOutput]]:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions_BS, cache, self.layer)
         h_BSD = self.ffn_norm(x_BSD)
         if self.is_moe:
-            f_BSD, moe_out = self.ffn(h_BSD, token_ids_BS)
+            f_BSD, moe_out = self.ffn(h_BSD, token_ids_BS, domain_B)
         else:
             f_BSD, moe_out = self.ffn(h_BSD), None
         return x_BSD + f_BSD, moe_out
@@ -225,10 +225,12 @@ class MoETransformer(nn.Module):
             layer.router.after_optimizer_step(all_reduce)
 
     def forward(self, token_ids_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, valid_BS: Optional[torch.Tensor] = None) -> LMOutput:
+                cache: Optional[KVCache] = None, valid_BS: Optional[torch.Tensor] = None,
+                domain_B: Optional[torch.Tensor] = None) -> LMOutput:
         """Logits of every position. Generation passes a `cache`, which this call extends by S positions, and which
         of the new tokens are real (`valid_BS`; False = left padding, which no token attends to and which takes no
-        position); training and evaluation pass neither."""
+        position); training and evaluation pass neither. `domain_B` is each sequence's data domain, for routers that
+        route by it (router=domain_oracle)."""
         B, S = token_ids_BS.shape
         end = S if cache is None else cache.length + S
         if end > self.cfg.max_seq_len:
@@ -242,7 +244,7 @@ class MoETransformer(nn.Module):
         x_BSD = self.embed(token_ids_BS)
         moe: dict[int, MoELayerOutput] = {}
         for block in self.blocks:
-            x_BSD, moe_out = block(x_BSD, token_ids_BS, positions_BS, cache)
+            x_BSD, moe_out = block(x_BSD, token_ids_BS, positions_BS, cache, domain_B)
             if moe_out is not None:
                 moe[block.layer] = moe_out
         if cache is not None:

@@ -111,12 +111,17 @@ class MoELayer(nn.Module):
             return None
         return expert_capacity(self.capacity_factor, num_tokens, self.top_k, self.num_experts, self.cfg.min_capacity)
 
-    def forward(self, x_BSD: torch.Tensor, token_ids_BS: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, MoELayerOutput]:
+    def forward(self, x_BSD: torch.Tensor, token_ids_BS: Optional[torch.Tensor] = None,
+                domain_B: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, MoELayerOutput]:
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         token_ids_T = token_ids_BS.reshape(B * S) if token_ids_BS is not None else None
-        routing = self.router(x_TD, token_ids_T, batch_size=B, capacity_factor=self.capacity_factor)
+        extra = {}
+        if self.router.needs_domain:  # the oracle routes by each sequence's domain label
+            if domain_B is None:
+                raise ValueError(f"router={self.router.registered_name} needs the data's domain labels (domain_B)")
+            extra["domain_T"] = domain_B.repeat_interleave(S)
+        routing = self.router(x_TD, token_ids_T, batch_size=B, capacity_factor=self.capacity_factor, **extra)
         rows_kept = (None, None)
         if self.cfg.implementation == "loop":
             y_TD, tokens_per_expert_E, dropped = self._forward_loop(x_TD, routing, self.capacity(B * S))

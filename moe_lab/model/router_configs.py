@@ -71,6 +71,13 @@ class HashRouterConfig(RouterConfig):
 
 
 @dataclass
+class DomainOracleConfig(RouterConfig):
+    name: str = "domain_oracle"
+    # Experts per token, all of the token's domain: domain d takes experts (d k + j) mod E, j < k.
+    top_k: int = 1
+
+
+@dataclass
 class SinkhornRouterConfig(RouterConfig):
     name: str = "sinkhorn"
     top_k: int = 1
@@ -116,7 +123,7 @@ class HierarchicalRouterConfig(RouterConfig):
 ROUTER_CONFIGS: dict[str, type[RouterConfig]] = {
     cls.name: cls for cls in (TopKRouterConfig, NoisyTopKRouterConfig, SwitchRouterConfig, ExpertChoiceRouterConfig,
                               HashRouterConfig, SinkhornRouterConfig, AuxFreeRouterConfig, SoftRouterConfig,
-                              HierarchicalRouterConfig)}
+                              HierarchicalRouterConfig, DomainOracleConfig)}
 
 
 def router_config(node: RouterConfig | Mapping[str, Any]) -> RouterConfig:

@@ -22,6 +22,7 @@ by class-level capability flags, which the configuration checks read (never the 
     uses_capacity  the layer's capacity factor limits its slots (expert choice *is* a capacity: False)
     token_choice   K slots per token (the sequence-wise balance loss needs it)
     smooth_load    gives Shazeer's differentiable load estimate (aux_loss.load needs it)
+    needs_domain   routes by the data's domain label (the layer passes it as domain_T)
 and by the instance properties `causal` and `stochastic` (draws random numbers in training). Routers compute in float32 whatever the autocast dtype, as every production
 MoE does (Megatron-Core, DeepSpeed, HF): bf16 logits make top-k choices noisy.
 
@@ -36,6 +37,7 @@ MoE does (Megatron-Core, DeepSpeed, HF): bf16 logits make top-k choices noisy.
 | aux_free        | DeepSeek-V3 (2024), Wang et al. 2024          | token choice + bias       |
 | soft            | Jacobs, Jordan, Nowlan & Hinton 1991          | every expert, softmax mix |
 | hierarchical    | Jordan & Jacobs 1994                          | two-level gating          |
+| domain_oracle   | DEMix (Gururangan et al. 2022), as an oracle  | the data's domain label   |
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_lab.model.router_configs import (ROUTER_CONFIGS, AuxFreeRouterConfig, ExpertChoiceRouterConfig,
+from moe_lab.model.router_configs import (ROUTER_CONFIGS, AuxFreeRouterConfig, DomainOracleConfig,
+                                          ExpertChoiceRouterConfig,
                                           HashRouterConfig, HierarchicalRouterConfig, NoisyTopKRouterConfig,
                                           RouterConfig, SinkhornRouterConfig, SoftRouterConfig, SwitchRouterConfig,
                                           TopKRouterConfig, router_config)
@@ -161,6 +164,7 @@ class Router(nn.Module):
     uses_capacity: ClassVar[bool] = True
     token_choice: ClassVar[bool] = True
     smooth_load: ClassVar[bool] = False
+    needs_domain: ClassVar[bool] = False
 
     @classmethod
     def check(cls, cfg: RouterConfig, num_experts: int) -> None:
@@ -447,6 +451,27 @@ class HashRouter(Router):
         if token_ids_T is None:
             raise ValueError("router=hash routes by token id; call the layer with token ids")
         expert_ids_TK = self.table_VK[token_ids_T]
+        weights_TK = torch.full(expert_ids_TK.shape, 1.0 / self.top_k, device=x_TD.device)
+        return Routing.from_token_choice(expert_ids_TK, weights_TK, self.num_experts)
+
+
+@register_router("domain_oracle")
+class DomainOracleRouter(Router):
+    """The specialisation upper bound: every token goes to the experts of its data domain (domain d to experts
+    (d k + j) mod E, j < k, weighted equally), as DEMix layers route by domain (Gururangan et al. 2022) and as the
+    oracle router of the MoE Routing Testbed. No learned gate and
+    no router loss (aux_loss=none); it needs the domain label, so it trains and evaluates on labelled data but cannot
+    generate. A study puts a learned router beside it."""
+
+    Config = DomainOracleConfig
+    has_gate = False
+    needs_domain = True
+
+    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None, domain_T=None) -> Routing:
+        if domain_T is None:
+            raise ValueError("router=domain_oracle routes by the data's domain label; call the model with domain_B")
+        k = torch.arange(self.top_k, device=x_TD.device)
+        expert_ids_TK = (domain_T.to(x_TD.device)[:, None] * self.top_k + k[None, :]) % self.num_experts
         weights_TK = torch.full(expert_ids_TK.shape, 1.0 / self.top_k, device=x_TD.device)
         return Routing.from_token_choice(expert_ids_TK, weights_TK, self.num_experts)
 

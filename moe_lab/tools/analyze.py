@@ -105,12 +105,13 @@ def analyze(models: list[MoETransformer], batches: Iterable[dict], vocab_size: i
             continue
         inputs, targets = ids[:, :-1], ids[:, 1:]
         B, S = inputs.shape
-        experts, dropped, weights = layer_choices(final, final(inputs), B, S)
+        domain_B = batch["domain"][keep]
+        experts, dropped, weights = layer_choices(final, final(inputs, domain_B=domain_B), B, S)
         counts.add(experts, inputs.numpy(), targets.numpy(), batch["domain"][keep].numpy(), dropped)
         if trace is not None:
             trace.write(inputs.numpy(), targets.numpy(), batch["domain"][keep].numpy(), experts, dropped, weights)
         for i, earlier in enumerate(models[:-1]):
-            mine = layer_choices(earlier, earlier(inputs), B, S)[0]
+            mine = layer_choices(earlier, earlier(inputs, domain_B=domain_B), B, S)[0]
             for l in range(len(final.moe_layers)):
                 top1, topk = saturation(mine[l].reshape(B * S, -1), experts[l].reshape(B * S, -1))
                 agree[i, l] += np.array([top1, topk]) * B * S

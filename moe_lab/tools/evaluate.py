@@ -44,7 +44,7 @@ def evaluate(model: MoETransformer, batches, tokenizer: Any, domain_names: list[
         domain_B = batch["domain"][keep]
         if len(ids_BS1) == 0:
             continue
-        out = model(ids_BS1[:, :-1])
+        out = model(ids_BS1[:, :-1], domain_B=domain_B.to(device))
         targets_BS = ids_BS1[:, 1:]
         B, S = targets_BS.shape
         loss_B = F.cross_entropy(out.logits.float().flatten(0, 1), targets_BS.flatten(),

@@ -76,6 +76,10 @@ def generate(model: MoETransformer, prompts: list[list[int]], max_new_tokens: in
     """Continue each prompt by up to `max_new_tokens` tokens (stopping at `eos_id`). `on_token(i, token)` is called
     as each token of prompt i is chosen (streaming)."""
     sampling.check()
+    oracle = [m.router.registered_name for m in model.moe_modules() if m.router.needs_domain]
+    if oracle:
+        raise UserError(f"router={oracle[0]} routes by the data's domain label, which a prompt does not have: it "
+                        "cannot generate")
     if any(not p for p in prompts):
         raise UserError("a prompt is empty (it has no tokens); give some text")
     model.eval()

@@ -62,7 +62,7 @@ class MoELanguageModel(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         ids = batch["input_ids"]
         with self.micro_batch_rng(batch.get("micro_batch")):
-            out = self.model(ids[:, :-1], ids[:, 1:])
+            out = self.model(ids[:, :-1], ids[:, 1:], domain_B=batch.get("domain"))
         loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
         bad = (~torch.isfinite(loss.detach())).float()
         self.nonfinite_losses = bad if self.nonfinite_losses is None else self.nonfinite_losses + bad
@@ -92,7 +92,7 @@ class MoELanguageModel(L.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         ids, domain_B = batch["input_ids"], batch["domain"]
-        logits_BSV = self.model(ids[:, :-1]).logits
+        logits_BSV = self.model(ids[:, :-1], domain_B=domain_B).logits
         targets_BS = ids[:, 1:]
         loss_BS = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten(), reduction="none")
         valid_B = batch["valid"].double() if "valid" in batch else torch.ones_like(domain_B, dtype=torch.float64)
