@@ -231,11 +231,7 @@ def _generate(parsed: argparse.Namespace) -> int:
     if html_out is not None and html_out.exists() and "moe-lab-experts" not in html_out.read_text(errors="ignore"):
         raise UserError(f"--html {html_out} exists and was not written by moe-lab generate; moe-lab never writes "
                         "over files: choose another path")
-    if parsed.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+    check_device(parsed.device)
     from moe_lab.tools.generate import (Sampling, coloured_html, coloured_terminal, generate, load_for_inference,
                                         stream_writer, token_pieces)
 
@@ -308,11 +304,7 @@ def _evaluate(parsed: argparse.Namespace) -> int:
         raise UserError(f"--json {json_out}: give a file in an existing folder")
     if parsed.max_batches is not None and parsed.max_batches < 1:
         raise UserError(f"--max-batches {parsed.max_batches} must be at least 1")
-    if parsed.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+    check_device(parsed.device)
     from moe_lab.tools.evaluate import evaluate, format_report
     from moe_lab.tools.generate import load_for_inference
 
@@ -375,6 +367,7 @@ def _analyze(parsed: argparse.Namespace) -> int:
         raise UserError(f"-o {page_out}: give a file in an existing folder")
     if parsed.max_batches is not None and parsed.max_batches < 1:
         raise UserError(f"--max-batches {parsed.max_batches} must be at least 1")
+    check_device(parsed.device)
     from moe_lab.analysis.dashboard import _checked_output
 
     _checked_output(page_out)  # refuses a file moe-lab did not write, before any work
@@ -425,6 +418,15 @@ def _analyze(parsed: argparse.Namespace) -> int:
     write_atomically(json_out, json.dumps(report, indent=2) + "\n")
     print(f"moe-lab: wrote {write_analysis_page(report, page_out)} and {json_out}", file=sys.stderr)
     return 0
+
+
+def check_device(device: str) -> None:
+    """--device cuda needs a CUDA device (generate, eval, analyze)."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
 
 
 def held_out_data(cfg, tokenizer, vocab_size: int, max_batches: Optional[int]):
