@@ -54,6 +54,8 @@ PER_MICRO_BATCH = {
     "fine_grained_e64": ["experts=e64_fine", "capacity=cf1_0"],
     "first_dense_layer": ["model.n_layers=3", "model.moe.first_dense_layers=1"],
 }
+# The default setting also runs the routing analyses at every validation: their counts are summed over ranks.
+PER_MICRO_BATCH["topk-cf1_25"] = [*PER_MICRO_BATCH["topk-cf1_25"], "metrics.analysis_every_n_steps=2"]
 GLOBAL = {"global_balance": ["aux_loss=global", "capacity=cf1_0"]}  # counts over all ranks: (a) only
 # The fast (default) path of expert parallelism, compared up to float rounding. Not the paper's expert choice: each
 # expert takes its top C of all 256 tokens, so a rounding difference flips near-ties (measured: parameters 0.5-3%
@@ -118,7 +120,8 @@ def metrics(run: Path) -> dict[str, dict[int, float]]:
 
 
 # Logged series that must agree between layouts (throughput, timing and the running token count may not).
-COMPARED = ("train/loss", "val/loss", "moe/dropped_frac", "moe/max_imbalance", "train/aux/", "/load", "/dropped_frac")
+COMPARED = ("train/loss", "val/loss", "moe/dropped_frac", "moe/max_imbalance", "train/aux/", "/load", "/dropped_frac",
+            "/vocab_specialisation", "/repeat_top1", "/max_coactivation")
 
 
 def assert_same_curves(a: Path, b: Path, tol: float = 0.0) -> None:
@@ -171,6 +174,14 @@ def test_a_fast_expert_parallel_equals_data_parallel_up_to_rounding(runs, name):
 def test_b_two_ranks_equal_one_process_accumulating_the_same_micro_batches(runs, name):
     assert_same_curves(runs / f"{name}-ep1", runs / f"{name}-one")
     assert_same_final_state(runs / f"{name}-ep1", runs / f"{name}-one")
+
+
+def test_routing_analyses_are_compared_across_layouts(runs):
+    """The analyses of metrics.analysis_every_n_steps are among the curves compared above (summed over ranks)."""
+    for run in ("topk-cf1_25-ep1", "topk-cf1_25-ep2", "topk-cf1_25-one"):
+        logged = metrics(runs / run)
+        assert sorted(logged["analysis/layer1/repeat_top1"]) == [0, STEPS], run
+        assert 0 < logged["analysis/layer0/vocab_specialisation"][STEPS] <= 1
 
 
 def test_capacity_really_drops_in_the_compared_runs(runs):

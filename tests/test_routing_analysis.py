@@ -108,7 +108,7 @@ def test_analyze_command_on_a_hash_routed_checkpoint(make_cfg, tmp_path, cache_d
     page = tmp_path / "analysis.html"
     trace = tmp_path / "trace.parquet"
     assert main(["analyze", ckpt, ckpt, *data, f"paths.cache_dir={cache_dir}", "-o", str(page), "--trace",
-                 str(trace)]) == 0
+                 str(trace), "--capacity-factor", "0.5", "--capacity-factor", "100"]) == 0
     report = json.loads((tmp_path / "analysis.json").read_text())
     html = page.read_text()
     assert "Domain specialisation" in html and "Expert co-activation" in html and html.count("Plotly.newPlot") >= 5
@@ -129,6 +129,40 @@ def test_analyze_command_on_a_hash_routed_checkpoint(make_cfg, tmp_path, cache_d
         by_token.setdefault(token, set()).add(experts[0])
         assert len(experts) == len(weights) == 1
     assert all(len(experts) == 1 for experts in by_token.values())
+    # Drops under --capacity-factor 0.5, by hand from the trace: hash routing does not depend on what earlier layers
+    # dropped, so each batch of 8 sequences (the last one shorter) keeps, per expert, its first ceil(0.5 * T / E)
+    # tokens in batch order; 100 leaves room for every token.
+    E, S = report["num_experts"], 64
+    experts = np.array([e[0] for e in table["layer0_experts"]]).reshape(-1, S)
+    dropped_S = np.zeros(S)
+    for start in range(0, len(experts), 8):
+        batch = experts[start:start + 8].reshape(-1)
+        capacity = int(np.ceil(0.5 * batch.size / E))
+        for expert in range(E):
+            where = np.flatnonzero(batch == expert)
+            np.add.at(dropped_S, where[capacity:] % S, 1)
+    for layer in report["layers"].values():
+        assert layer["drops_by_position_at"]["0.5"] == pytest.approx(dropped_S / len(experts))
+        assert layer["drops_by_position_at"]["100.0"] == [0.0] * S
+    # The tables beside the page: long format, one row per layer x domain x expert and so on.
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "analysis.layers.csv")))
+    assert [r["layer"] for r in rows] == ["0", "1"] and float(rows[0]["vocab_specialisation_input"]) == 1.0
+    shares = list(csv.DictReader(open(tmp_path / "analysis.domain_shares.csv")))
+    assert len(shares) == 2 * len(report["domains"]) * E
+    drops = list(csv.DictReader(open(tmp_path / "analysis.drops_by_position.csv")))
+    assert {r["capacity_factor"] for r in drops} == {"checkpoint", "0.5", "100.0"} and len(drops) == 2 * 3 * S
+    saturated = list(csv.DictReader(open(tmp_path / "analysis.saturation.csv")))
+    assert [(r["step"], r["top1"]) for r in saturated] == [("2", "1.0")] * 2
+    assert report["steps"] == [2, 2]
+    # Refused before any work: another program's CSV at a table's name; an impossible capacity factor.
+    other = tmp_path / "other.coactivation.csv"
+    other.write_text("mine\n")
+    assert main(["analyze", ckpt, *data, f"paths.cache_dir={cache_dir}", "-o", str(tmp_path / "other.html")]) == 2
+    assert other.read_text() == "mine\n" and not (tmp_path / "other.json").exists()
+    assert main(["analyze", ckpt, *data, "-o", str(tmp_path / "x.html"), "--capacity-factor", "0"]) == 2
+    assert "positive number" in capsys.readouterr().err
     assert main(["analyze", ckpt, *data, f"paths.cache_dir={cache_dir}", "-o", str(page), "--trace",
                  str(trace)]) == 2  # never written over
     assert main(["analyze", *data]) == 2
@@ -169,3 +203,40 @@ def test_the_domain_oracle_is_fully_domain_specialised(make_cfg, tmp_path, cache
         assert layer["domain_specialisation"] == pytest.approx(1.0)
         shares = np.asarray(layer["domain_shares"])  # (E, D): domain d's tokens all at expert d
         assert np.array_equal(shares[:3], np.eye(3)) and shares[3:].sum() == 0
+
+
+def test_analyses_during_training_are_logged_and_agree_with_the_command(make_cfg, tmp_path, cache_dir):
+    """metrics.analysis_every_n_steps: hash routing logs vocabulary specialisation 1 and (top-1) no co-activation at
+    every analysed validation (steps 0, 6, 12), the run dashboard draws them, and the last ones equal what `moe-lab
+    analyze` computes on the final checkpoint with the run's capacity (the same validation blocks and batches)."""
+    import json
+
+    from conftest import FAST
+    from moe_lab.analysis.runs import read_run
+    from moe_lab.cli.main import main
+    from moe_lab.training.train import train
+
+    summary = train(make_cfg("router=hash", "aux_loss=none", "metrics.analysis_every_n_steps=5", name="hash"))
+    run = read_run(tmp_path / "hash")
+    steps, values = run.series("analysis/layer0/vocab_specialisation")
+    assert steps == [0, 6, 12] and values == [1.0, 1.0, 1.0]  # due at the first validation after steps 5 and 10
+    assert run.series("analysis/layer1/max_coactivation")[1] == [0.0, 0.0, 0.0]
+    assert run.series("analysis/random_baseline")[1] == [1 / 8] * 3  # top-1 of 8 experts
+    assert "Routing analyses over training" in (tmp_path / "hash" / "dashboard.html").read_text()
+    data = [o for o in FAST if o.startswith(("data.", "++data."))]
+    assert main(["analyze", summary["checkpoint"], *data, f"paths.cache_dir={cache_dir}", "-o",
+                 str(tmp_path / "a.html")]) == 0
+    report = json.loads((tmp_path / "a.json").read_text())
+    for layer, e in report["layers"].items():
+        assert run.final(f"analysis/layer{layer}/repeat_top1") == pytest.approx(e["repeat_top1"], abs=1e-12)
+        assert run.final(f"analysis/layer{layer}/repeat_top1_chance") == pytest.approx(e["repeat_top1_chance"],
+                                                                                       abs=1e-12)
+
+
+@pytest.mark.parametrize("setting", ["model=dense_tiny", "router=expert_choice"])
+def test_analyses_during_training_refuse_routers_without_a_top_k_list(make_cfg, setting):
+    from moe_lab.errors import UserError
+    from moe_lab.training.train import train
+
+    with pytest.raises(UserError, match="analysis_every_n_steps"):
+        train(make_cfg(setting, "metrics.analysis_every_n_steps=5"))

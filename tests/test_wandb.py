@@ -85,3 +85,32 @@ def test_unreachable_server_falls_back_to_offline(tmp_path, cache_dir):
     assert (run_dir / "summary.json").is_file()
     keys = keys_of(of_type(read_records(next(offline_run(run_dir).glob("run-*.wandb"))), "history"))
     assert "train/loss" in keys
+
+
+def test_analyze_logs_its_tables_and_figures_to_an_offline_run(tmp_path, cache_dir):
+    """`moe-lab analyze ... logger=wandb`: one run of job type analyze with a table per analysis and the page's
+    figures, offline without credentials (said once)."""
+    run_dir = tmp_path / "run"
+    env = {"WANDB_MODE": "", "HOME": str(tmp_path), "NETRC": str(tmp_path / "none")}
+    assert run_cli(["train", "experts=e4", *FAST, f"paths.cache_dir={cache_dir}", "trainer.max_steps=3",
+                    "metrics.dashboard=false", f"hydra.run.dir={run_dir}"], cwd=tmp_path, env_extra=env).returncode == 0
+    data = [o for o in FAST if o.startswith(("data.", "++data."))]
+    out = tmp_path / "report"
+    out.mkdir()
+    result = run_cli(["analyze", str(run_dir / "checkpoints" / "last.ckpt"), *data, f"paths.cache_dir={cache_dir}",
+                      "logger=wandb", "logger.wandb.project=routing", "-o", str(out / "analysis.html")], cwd=tmp_path,
+                     env_extra=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("logging offline") == 1 and "logged to W&B" in result.stderr
+    records = read_records(next(offline_run(out).glob("run-*.wandb")))
+    run = of_type(records, "run")[0]
+    assert run.job_type == "analyze" and run.project == "routing" and run.display_name.startswith("analyze ")
+    keys = keys_of(of_type(records, "history"))
+    for table in ("layers", "domain_shares", "expert_tokens", "coactivation", "transitions", "drops_by_position",
+                  "saturation"):
+        assert f"analysis/{table}/_type" in keys, table
+    for figure in ("domains", "summary", "coactivation", "position"):
+        assert f"analysis/figure/{figure}/_type" in keys, figure
+    table = json.loads(next((offline_run(out) / "files" / "media" / "table" / "analysis").glob("layers_*.table.json"))
+                       .read_text())
+    assert table["columns"][0] == "layer" and [row[0] for row in table["data"]] == [0, 1]

@@ -85,7 +85,8 @@ def run_page(run: RunRecord, refresh: Optional[int] = None) -> str:
     ]
     drawn = {"loss": _html(figures.loss_figure(run)), "load": _html(figures.load_heatmaps(run)),
              "balance": _html(figures.balance_figure(run)), "domains": _html(figures.domain_figure(run)),
-             "throughput": _html(figures.throughput_figure(run))}
+             "throughput": _html(figures.throughput_figure(run)),
+             "analysis": _html(figures.analysis_over_time_figure(run))}
     lineage = [f"steps to {step}: {path}" for path, step in run.earlier]
     return _render("run.html.j2", title=f"moe-lab run: {overrides}", path=str(run.path), status=run.status,
                    overrides=overrides, cards=cards, figures=drawn, refresh=refresh, lineage=lineage, gap=run.gap)

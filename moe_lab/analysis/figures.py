@@ -173,6 +173,38 @@ def balance_figure(run: RunRecord):
     return fig
 
 
+def analysis_over_time_figure(run: RunRecord):
+    """`metrics.analysis_every_n_steps`: per layer, vocabulary specialisation (dotted: random routing's k/E), the
+    top-1 repeat rate of consecutive tokens (dotted: chance) and the largest co-activation, over training."""
+    import plotly.graph_objects as go
+
+    layers = sorted({int(k.split("/")[1][5:]) for row in run.metrics for k in row
+                     if k.startswith("analysis/layer") and k.endswith("/vocab_specialisation")})
+    if not layers:
+        return None
+    panels = [("vocab_specialisation", "random_baseline", "vocabulary specialisation (dotted: random routing)"),
+              ("repeat_top1", "repeat_top1_chance", "consecutive tokens, same first choice (dotted: chance)"),
+              ("max_coactivation", None, "largest P(expert j | expert i), i != j")]
+    fig = _subplots(1, 3, [title for *_, title in panels], height=400)
+    for i, layer in enumerate(layers):
+        color = PALETTE[i % len(PALETTE)]
+        for j, (key, reference, _) in enumerate(panels):
+            steps, values = run.series(f"analysis/layer{layer}/{key}")
+            fig.add_trace(go.Scatter(x=steps, y=values, name=f"layer {layer}", legendgroup=f"layer{layer}",
+                                     showlegend=j == 0, mode="lines+markers", line=dict(color=color)),
+                          row=1, col=j + 1)
+            shared = reference == "random_baseline"  # one line for all layers, in grey
+            if reference is None or (shared and i > 0):
+                continue
+            steps, values = run.series(f"analysis/{reference}" if shared else f"analysis/layer{layer}/{reference}")
+            fig.add_trace(go.Scatter(x=steps, y=values, name="random routing" if shared else f"layer {layer}, chance",
+                                     legendgroup=f"layer{layer}", showlegend=False,
+                                     line=dict(color="#888" if shared else color, dash="dot")), row=1, col=j + 1)
+    fig.update_xaxes(title_text="optimizer step")
+    fig.update_yaxes(tickformat=".0%")
+    return fig
+
+
 def domain_figure(run: RunRecord, layers: Optional[list[int]] = None, name: str = ""):
     """Per layer: p(expert | domain), the share of each domain's tokens that each expert takes."""
     domains = domains_of(run)
@@ -348,22 +380,36 @@ def analysis_matrix_figure(report: dict, key: str, title: str, x_label: str, y_l
 
 
 def analysis_position_figure(report: dict):
-    """Dropped share of token slots by position, per layer; and router saturation per checkpoint, per layer."""
+    """Dropped share of token slots by position, per layer (solid: the analysed capacity; dotted: each
+    --capacity-factor); and router saturation per checkpoint, per layer (solid: top-k, dotted: top-1), by training
+    step when the checkpoints say it."""
     import plotly.graph_objects as go
 
     saturated = any(e["saturation"] for e in report["layers"].values())
     fig = _subplots(1, 2 if saturated else 1, ["dropped token slots by position in the sequence"]
-                    + (["router saturation: top-k agreement with the last checkpoint"] if saturated else []),
+                    + (["router saturation: agreement with the last checkpoint"] if saturated else []),
                     height=380)
+    steps = report.get("steps") or []
+    by_step = saturated and len(steps) == len(report["sources"]) and all(s is not None for s in steps)
     for i, (layer, e) in enumerate(report["layers"].items()):
         color = PALETTE[i % len(PALETTE)]
         fig.add_trace(go.Scatter(y=e["drops_by_position"], name=f"layer {layer}", legendgroup=layer,
                                  line=dict(color=color)), row=1, col=1)
+        for factor, curve in e.get("drops_by_position_at", {}).items():
+            fig.add_trace(go.Scatter(y=curve, name=f"layer {layer}, capacity {factor}", legendgroup=layer,
+                                     line=dict(color=color, dash="dot")), row=1, col=1)
         if saturated:
-            names = [str(s) for s in report["sources"][:-1]]
-            fig.add_trace(go.Scatter(x=names, y=[s["topk"] for s in e["saturation"]], name=f"layer {layer}",
-                                     legendgroup=layer, showlegend=False, mode="lines+markers",
-                                     line=dict(color=color)), row=1, col=2)
+            x = steps[:-1] if by_step else [str(s) for s in report["sources"][:-1]]
+            for key, dash in (("topk", None), ("top1", "dot")):
+                fig.add_trace(go.Scatter(x=x, y=[s[key] for s in e["saturation"]], name=f"layer {layer} {key}",
+                                         legendgroup=layer, showlegend=False, mode="lines+markers",
+                                         line=dict(color=color, dash=dash),
+                                         hovertemplate=f"layer {layer}, {key}: %{{y:.1%}}<extra></extra>"),
+                              row=1, col=2)
     fig.update_xaxes(title_text="position", row=1, col=1)
+    fig.update_layout(legend=dict(y=-0.22), margin=dict(b=70))  # below the axis titles
+    if saturated:
+        fig.update_xaxes(title_text="training step (solid: top-k, dotted: top-1)" if by_step
+                         else "checkpoint (solid: top-k, dotted: top-1)", row=1, col=2)
     fig.update_yaxes(tickformat=".0%")
     return fig

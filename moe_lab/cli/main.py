@@ -333,13 +333,18 @@ def analyze_command(args: list[str]) -> int:
         "are moe-lab train's (default: the embedded corpus); the held-out blocks are analysed.")
     parser.add_argument("sources", nargs="+", metavar="CKPT_OR_SETTING",
                         help="moe-lab checkpoints or Hugging Face models (the last is analysed), then data=..., "
-                        "data.KEY=VALUE, paths.cache_dir=...")
+                        "data.KEY=VALUE, paths.cache_dir=..., and logger=wandb (logger.wandb.KEY=VALUE) to log the "
+                        "results to a W&B run too")
     parser.add_argument("--max-batches", type=int, help="analyse at most this many batches")
     parser.add_argument("--capacity", choices=["dropless", "checkpoint"], default="checkpoint",
                         help="checkpoint (default: the run's eval capacity factor, so drops by position are the "
                         "run's) or dropless")
+    parser.add_argument("--capacity-factor", type=float, action="append", default=[], metavar="F",
+                        help="also measure drops by position under capacity factor F (repeat for several)")
     parser.add_argument("-o", "--output", default="moe-lab-analysis.html", help="the report's page (default "
-                        "%(default)s); the same data goes to the .json beside it")
+                        "%(default)s); the same data goes to the .json beside it, and as tables to "
+                        "PAGE.TABLE.csv files (layers, domain_shares, expert_tokens, coactivation, transitions, "
+                        "drops_by_position, saturation)")
     parser.add_argument("--trace", help="also write every token's routing (id, domain, position; experts, weights "
                         "and drops per layer) to this Parquet file, for pandas, polars or duckdb")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -359,8 +364,8 @@ def _analyze(parsed: argparse.Namespace) -> int:
     overrides = [a for a in parsed.sources if "=" in a]
     if not sources:
         raise UserError("no checkpoint: give CKPT [CKPT ...] before the data settings")
-    cfg = compose_checked(overrides, ("data", "paths.cache_dir"), "moe-lab analyze",
-                          "data=OPTION, data.KEY=VALUE and paths.cache_dir=DIR")
+    cfg = compose_checked(overrides, ("data", "paths.cache_dir", "logger"), "moe-lab analyze",
+                          "data=OPTION, data.KEY=VALUE, paths.cache_dir=DIR and logger=wandb")
     page_out = Path(parsed.output).expanduser()
     json_out = page_out.with_suffix(".json")
     if page_out.is_dir() or not page_out.parent.is_dir():
@@ -377,13 +382,23 @@ def _analyze(parsed: argparse.Namespace) -> int:
                         "files)")
     if json_out.exists() and "\"vocab_specialisation_input\"" not in json_out.read_text(errors="ignore")[:100000]:
         raise UserError(f"{json_out} exists and was not written by moe-lab analyze; choose another -o")
-    from moe_lab.tools.analyze import analyze, check_analysable, format_summary, summary
+    from moe_lab.tools.analyze import (analyze, check_analysable, check_capacity_factors, check_csv_outputs,
+                                       format_summary, summary)
     from moe_lab.tools.generate import load_for_inference
+
+    check_csv_outputs(page_out)
+    wandb_node = None
+    if "wandb" in cfg.logger:
+        from omegaconf import OmegaConf
+
+        wandb_node = OmegaConf.to_container(cfg.logger.wandb, resolve=False)
+        wandb_node.pop("save_dir", None)  # the run's directory; an analysis logs beside its page
 
     loaded = [load_for_inference(source, capacity=parsed.capacity) for source in sources]
     models = [model.to(parsed.device).eval() for model, _, _ in loaded]
     final, tokenizer, described = models[-1], loaded[-1][1], loaded[-1][2]
     check_analysable(final)
+    check_capacity_factors(final, parsed.capacity_factor)
     for model, source in zip(models[:-1], sources[:-1]):
         if model.moe_layers != final.moe_layers or model.cfg.moe.num_experts != final.cfg.moe.num_experts:
             raise UserError(f"{source} has other MoE layers or experts than {sources[-1]}: saturation compares "
@@ -403,7 +418,7 @@ def _analyze(parsed: argparse.Namespace) -> int:
         trace = TraceWriter(trace_path, final.moe_layers, data.domain_names)
     try:
         result = analyze(models, loader, final.cfg.vocab_size, len(data.domain_names), run.data.seq_len,
-                         progress=progress, trace=trace)
+                         progress=progress, trace=trace, capacity_factors=parsed.capacity_factor)
     finally:
         if trace is not None:
             trace.close()
@@ -416,7 +431,14 @@ def _analyze(parsed: argparse.Namespace) -> int:
     from moe_lab.analysis.dashboard import write_analysis_page
 
     write_atomically(json_out, json.dumps(report, indent=2) + "\n")
-    print(f"moe-lab: wrote {write_analysis_page(report, page_out)} and {json_out}", file=sys.stderr)
+    from moe_lab.tools.analyze import csv_paths, log_to_wandb, write_csv_tables
+
+    write_csv_tables(report, page_out)
+    print(f"moe-lab: wrote {write_analysis_page(report, page_out)}, {json_out} and the tables "
+          f"{page_out.parent / (page_out.stem + '.*.csv')} ({', '.join(csv_paths(page_out))})", file=sys.stderr)
+    if wandb_node is not None:
+        print(f"moe-lab: logged to W&B: {log_to_wandb(report, wandb_node, page_out.parent, f'analyze {sources[-1]}')}",
+              file=sys.stderr)
     return 0
 
 

@@ -191,6 +191,8 @@ class MoETransformer(nn.Module):
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be set (the trainer fills it from the tokenizer)")
         self.cfg = cfg
+        # Optimizer steps of the checkpoint the weights came from, when loaded from one (analyses plot by it).
+        self.checkpoint_step: Optional[int] = None
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)  # shared by every layer
         self.blocks = nn.ModuleList(Block(cfg, layer, rope) for layer in range(cfg.n_layers))

@@ -54,6 +54,11 @@ class MoELayerOutput:
         kept_N[self.row_slot_R] = self.row_kept_R
         return kept_N
 
+    def per_token(self, values_N: torch.Tensor, top_k: int) -> torch.Tensor:
+        """(T, K) of a per-slot tensor of a token-choice router, whose slots are choice-major (slot n = k * T + t):
+        each token's values, first choice first."""
+        return values_N.view(top_k, -1).T
+
     def top_expert_T(self, num_tokens: int) -> torch.Tensor:
         """Each token's expert of highest weight (-1: no expert took it), e.g. to colour text by routing."""
         best_T = torch.full((num_tokens,), float("-inf"), device=self.weight_N.device)

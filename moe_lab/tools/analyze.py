@@ -9,7 +9,10 @@ token's top-k list, which expert-choice and soft routers do not have.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -19,20 +22,7 @@ from moe_lab.analysis.routing import (RoutingCounts, coactivation, domain_shares
 from moe_lab.analysis.stats import mutual_information
 from moe_lab.errors import UserError
 from moe_lab.model import MoETransformer
-
-
-def layer_choices(model: MoETransformer, out: Any, B: int, S: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(experts, dropped, weights), each (L, B, S, K), of one forward: each token's top-k, first choice first."""
-    experts, dropped, weights = [], [], []
-    for layer, moe in zip(model.moe_layers, model.moe_modules()):
-        stats = out.moe[layer]
-        K = moe.top_k
-        experts.append(stats.expert_N.view(K, B * S).T.reshape(B, S, K).cpu().numpy())
-        weights.append(stats.weight_N.float().view(K, B * S).T.reshape(B, S, K).cpu().numpy())
-        kept = stats.slot_kept_N()
-        dropped.append(np.zeros((B, S, K), dtype=bool) if kept is None
-                       else (~kept).view(K, B * S).T.reshape(B, S, K).cpu().numpy())
-    return np.stack(experts), np.stack(dropped), np.stack(weights)
+from moe_lab.training.routing_analysis import layer_choices
 
 
 class TraceWriter:
@@ -86,12 +76,40 @@ def check_analysable(model: MoETransformer) -> None:
                             "hierarchical)")
 
 
+@contextlib.contextmanager
+def eval_capacity(model: MoETransformer, capacity_factor: Optional[float]) -> Iterator[None]:
+    """The model's MoE layers evaluate under another capacity factor (None: dropless) inside the block."""
+    settings = {id(moe.cfg): moe.cfg for moe in model.moe_modules()}
+    before = {key: cfg.eval_capacity_factor for key, cfg in settings.items()}
+    try:
+        for cfg in settings.values():
+            cfg.eval_capacity_factor = capacity_factor
+        yield
+    finally:
+        for key, cfg in settings.items():
+            cfg.eval_capacity_factor = before[key]
+
+
+def check_capacity_factors(model: MoETransformer, capacity_factors: Sequence[float]) -> None:
+    for factor in capacity_factors:
+        if not factor > 0:
+            raise UserError(f"--capacity-factor {factor}: a capacity factor is a positive number (1.0: an expert takes "
+                            "its fair share of token slots)")
+    if capacity_factors and not all(moe.router.uses_capacity for moe in model.moe_modules()):
+        raise UserError(f"--capacity-factor: router={model.moe_modules()[0].router.registered_name} has no capacity "
+                        "limit to vary")
+
+
 @torch.no_grad()
 def analyze(models: list[MoETransformer], batches: Iterable[dict], vocab_size: int, num_domains: int, seq_len: int,
-            max_batches: Optional[int] = None, progress=None, trace: Optional[TraceWriter] = None) -> dict[str, Any]:
-    """The analyses of the last model over `batches`, and the saturation of each earlier model against it."""
+            max_batches: Optional[int] = None, progress=None, trace: Optional[TraceWriter] = None,
+            capacity_factors: Sequence[float] = ()) -> dict[str, Any]:
+    """The analyses of the last model over `batches`, the saturation of each earlier model against it, and the
+    drops by position of the last model under each of `capacity_factors` (besides its own setting)."""
     final = models[-1]
     check_analysable(final)
+    check_capacity_factors(final, capacity_factors)
+    dropped_FLS = np.zeros((len(capacity_factors), len(final.moe_layers), seq_len), dtype=np.int64)
     counts = RoutingCounts(len(final.moe_layers), final.cfg.moe.num_experts, final.moe_modules()[0].top_k,
                            vocab_size, num_domains, seq_len)
     agree = np.zeros((len(models) - 1, len(final.moe_layers), 2))
@@ -110,6 +128,10 @@ def analyze(models: list[MoETransformer], batches: Iterable[dict], vocab_size: i
         counts.add(experts, inputs.numpy(), targets.numpy(), batch["domain"][keep].numpy(), dropped)
         if trace is not None:
             trace.write(inputs.numpy(), targets.numpy(), batch["domain"][keep].numpy(), experts, dropped, weights)
+        for f, factor in enumerate(capacity_factors):
+            with eval_capacity(final, factor):
+                dropped_LBSK = layer_choices(final, final(inputs, domain_B=domain_B), B, S)[1]
+            dropped_FLS[f, :, :S] += dropped_LBSK.sum(axis=(1, 3))
         for i, earlier in enumerate(models[:-1]):
             mine = layer_choices(earlier, earlier(inputs, domain_B=domain_B), B, S)[0]
             for l in range(len(final.moe_layers)):
@@ -120,7 +142,10 @@ def analyze(models: list[MoETransformer], batches: Iterable[dict], vocab_size: i
             progress(n + 1, tokens)
     if tokens == 0:
         raise UserError("no data to analyse")
-    return {"counts": counts, "saturation": agree / tokens, "tokens": tokens}
+    drops_at = {float(factor): dropped_FLS[f] / np.maximum(counts.slots_LS, 1)
+                for f, factor in enumerate(capacity_factors)}
+    return {"counts": counts, "saturation": agree / tokens, "tokens": tokens, "drops_at": drops_at,
+            "steps": [model.checkpoint_step for model in models]}
 
 
 def summary(result: dict[str, Any], domain_names: list[str], layers: list[int], decode=None, top_tokens: int = 5
@@ -136,7 +161,7 @@ def summary(result: dict[str, Any], domain_names: list[str], layers: list[int], 
     repeats = repeat_rates(counts)
     drops = drops_by_position(counts)
     out: dict[str, Any] = {"tokens": result["tokens"], "top_k": k, "num_experts": E, "uniform_share": k / E,
-                           "domains": domain_names, "layers": {}}
+                           "domains": domain_names, "steps": result.get("steps"), "layers": {}}
     for l, layer in enumerate(layers):
         experts_tokens = {}
         for e in range(E):  # the tokens most specialised in expert e (seen at least 5 times)
@@ -153,6 +178,7 @@ def summary(result: dict[str, Any], domain_names: list[str], layers: list[int], 
             "repeat_top1": float(repeats["top1"][l]), "repeat_top1_chance": float(repeats["top1_chance"][l]),
             "repeat_topk": float(repeats["topk"][l]), "repeat_topk_chance": float(repeats["topk_chance"][l]),
             "drops_by_position": drops[l].tolist(),
+            "drops_by_position_at": {str(f): d[l].tolist() for f, d in result.get("drops_at", {}).items()},
             "saturation": [{"top1": float(s[l, 0]), "topk": float(s[l, 1])} for s in result["saturation"]],
         }
     return out
@@ -175,3 +201,120 @@ def format_summary(report: dict[str, Any]) -> str:
             line += "  " + ", ".join(f"{s['top1']:.2f} / {s['topk']:.2f}" for s in e["saturation"])
         lines.append(line)
     return "\n".join(lines)
+
+
+def analysis_tables(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The report as long tables (one row per layer, per layer x domain x expert, ...), for CSV files and W&B
+    tables: the shape pandas and plotting libraries read as they are."""
+    layers = report["layers"]
+    steps = report.get("steps") or [None] * len(report["sources"])
+    tables: dict[str, list[dict[str, Any]]] = {name: [] for name in ANALYSIS_TABLES}
+    for layer, e in layers.items():
+        drops = e["drops_by_position"]
+        tables["layers"].append({
+            "layer": int(layer), "domain_specialisation": e["domain_specialisation"],
+            "vocab_specialisation_input": e["vocab_specialisation_input"],
+            "vocab_specialisation_next": e["vocab_specialisation_next"], "vocab_random_baseline": e["vocab_random_baseline"],
+            "repeat_top1": e["repeat_top1"], "repeat_top1_chance": e["repeat_top1_chance"], "repeat_topk": e["repeat_topk"],
+            "repeat_topk_chance": e["repeat_topk_chance"], "dropped_share": float(np.mean(drops)) if drops else 0.0})
+        for d, domain in enumerate(report["domains"]):
+            for x, share in enumerate(row[d] for row in e["domain_shares"]):
+                tables["domain_shares"].append({"layer": int(layer), "domain": domain, "expert": x, "share": share,
+                                                "uniform_share": report["uniform_share"]})
+        for x, best in e["expert_tokens"].items():
+            for rank, t in enumerate(best):
+                tables["expert_tokens"].append({"layer": int(layer), "expert": int(x), "rank": rank + 1,
+                                                "token": t["token"], "text": t["text"], "share": t["share"]})
+        for name, key in (("coactivation", "coactivation"), ("transitions", "next_layer_transitions")):
+            for i, row in enumerate(e[key] or []):
+                for j, p in enumerate(row):
+                    tables[name].append({"layer": int(layer), "expert_i": i, "expert_j": j, "probability": p})
+        curves = {"checkpoint": drops, **e.get("drops_by_position_at", {})}
+        for factor, curve in curves.items():
+            for position, share in enumerate(curve):
+                tables["drops_by_position"].append({"layer": int(layer), "capacity_factor": factor,
+                                                    "position": position, "dropped_share": share})
+        for source, step, s in zip(report["sources"], steps, e["saturation"]):
+            tables["saturation"].append({"layer": int(layer), "checkpoint": str(source), "step": step,
+                                         "top1": s["top1"], "topk": s["topk"]})
+    return tables
+
+
+# Their columns, in order (the CSV headers; an existing file with another header was not written by moe-lab).
+ANALYSIS_TABLES = {
+    "layers": ["layer", "domain_specialisation", "vocab_specialisation_input", "vocab_specialisation_next",
+               "vocab_random_baseline", "repeat_top1", "repeat_top1_chance", "repeat_topk", "repeat_topk_chance",
+               "dropped_share"],
+    "domain_shares": ["layer", "domain", "expert", "share", "uniform_share"],
+    "expert_tokens": ["layer", "expert", "rank", "token", "text", "share"],
+    "coactivation": ["layer", "expert_i", "expert_j", "probability"],
+    "transitions": ["layer", "expert_i", "expert_j", "probability"],
+    "drops_by_position": ["layer", "capacity_factor", "position", "dropped_share"],
+    "saturation": ["layer", "checkpoint", "step", "top1", "topk"],
+}
+
+
+def csv_paths(page: Path) -> dict[str, Path]:
+    """The CSV files beside a report's page: PAGE_STEM.TABLE.csv."""
+    return {name: page.with_name(f"{page.stem}.{name}.csv") for name in ANALYSIS_TABLES}
+
+
+def check_csv_outputs(page: Path) -> None:
+    """Refuses to replace a CSV file that moe-lab analyze did not write (its header says), before any work."""
+    for name, path in csv_paths(page).items():
+        if path.exists():
+            with open(path, errors="ignore") as f:
+                header = f.readline().strip()
+            if header != ",".join(ANALYSIS_TABLES[name]):
+                raise UserError(f"{path} exists and was not written by moe-lab analyze; choose another -o")
+
+
+def write_csv_tables(report: dict[str, Any], page: Path) -> list[Path]:
+    import csv
+    import io
+
+    from moe_lab.analysis.runs import write_atomically
+
+    written = []
+    for (name, rows), path in zip(analysis_tables(report).items(), csv_paths(page).values()):
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=ANALYSIS_TABLES[name], lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        write_atomically(path, text.getvalue())
+        written.append(path)
+    return written
+
+
+def log_to_wandb(report: dict[str, Any], node: dict[str, Any], folder: Path, name: str) -> str:
+    """One W&B run (job_type "analyze") holding the report: a table per analysis, the page's figures, the summary
+    numbers per layer. Offline (said once) without credentials or server, as training does. Returns where it went."""
+    import wandb
+
+    from moe_lab.analysis import figures
+    from moe_lab.training.loggers import wandb_online
+
+    where = folder / "wandb"
+    online = wandb_online(node, f"logging offline to {where}; upload later with `wandb sync {where}/offline-run-*`")
+    mode = "online" if online else "disabled" if os.environ.get("WANDB_MODE") == "disabled" else "offline"
+    run = wandb.init(project=node.get("project") or "moe-lab", entity=node.get("entity"), name=node.get("name") or name,
+                     group=node.get("group"), tags=list(node.get("tags") or []), job_type="analyze", dir=str(folder),
+                     mode=mode, config={"sources": [str(s) for s in report["sources"]], "data": report["data"],
+                                        "capacity": report["capacity"], "tokens": report["tokens"]},
+                     reinit="finish_previous")
+    try:
+        for table, rows in analysis_tables(report).items():
+            columns = ANALYSIS_TABLES[table]
+            run.log({f"analysis/{table}": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])})
+        drawn = {"domains": figures.analysis_domain_figure(report), "summary": figures.analysis_summary_figure(report),
+                 "coactivation": figures.analysis_matrix_figure(report, "coactivation", "layer {layer}", "expert j",
+                                                                "expert i"),
+                 "position": figures.analysis_position_figure(report)}
+        run.log({f"analysis/figure/{key}": wandb.Plotly(fig) for key, fig in drawn.items()})
+        for layer, e in report["layers"].items():
+            for key in ("domain_specialisation", "vocab_specialisation_input", "vocab_specialisation_next",
+                        "repeat_top1", "repeat_topk"):
+                run.summary[f"analysis/{key}/layer{layer}"] = e[key]
+        return run.dir if mode == "online" else f"{where} ({mode})"
+    finally:
+        run.finish()

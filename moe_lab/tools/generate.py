@@ -137,6 +137,7 @@ def load_for_inference(source: str, capacity: str = "dropless") -> tuple[MoETran
         from moe_lab.training.checkpoint import load_model
 
         module = load_model(path, capacity=capacity)
+        module.model.checkpoint_step = module.checkpoint_step
         tokenizer = checkpoint_tokenizer(path, module.hparams.get("tokenizer") or {})
         return module.model, tokenizer, f"{path} ({module.model.cfg.name})"
     from transformers import AutoModelForCausalLM

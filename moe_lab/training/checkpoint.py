@@ -178,6 +178,7 @@ def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu", 
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(f"{ckpt_path}: its weights do not fit its model settings ({str(e).splitlines()[0]})"
                               ) from None
+    module.checkpoint_step = ckpt.get("global_step")  # the optimizer steps it was trained for (analyses plot by it)
     return module.to(map_location).eval()
 
 

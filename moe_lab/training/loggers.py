@@ -95,25 +95,38 @@ def build_loggers(run: TrainConfig, cfg: DictConfig | dict, output_dir: Path) ->
     return loggers
 
 
+def wandb_told_offline(node: dict[str, Any]) -> bool:
+    """The user asked for no online run: `offline: true`, or WANDB_MODE offline or disabled."""
+    return bool(node.get("offline")) or os.environ.get("WANDB_MODE") in ("offline", "disabled")
+
+
+def wandb_online(node: dict[str, Any], offline_note: str) -> bool:
+    """Whether W&B should log online: not asked to be offline (`offline: true`, WANDB_MODE), has credentials and can
+    reach its server; when it cannot, says why once, followed by `offline_note`."""
+    if os.environ.get("WANDB_MODE") == "":  # empty means unset; wandb's settings reject it
+        del os.environ["WANDB_MODE"]
+    if wandb_told_offline(node):
+        return False
+    if not wandb_has_credentials():
+        rank_zero_only(print)(f"moe-lab: W&B has no credentials (WANDB_API_KEY or ~/.netrc): {offline_note}",
+                              file=sys.stderr)
+        return False
+    reachable, reason = wandb_server_reachable()
+    if not reachable:
+        rank_zero_only(print)(f"moe-lab: W&B could not reach its server ({reason}): {offline_note}", file=sys.stderr)
+        return False
+    return True
+
+
 def build_wandb_logger(node: dict[str, Any], run: TrainConfig, output_dir: Path):
     """A WandbLogger named after the overrides and grouped by sweep; offline (said once) without credentials or
     server."""
     node = {**node, "name": node.get("name") or run_name(run), "group": node.get("group") or sweep_group()}
-    if os.environ.get("WANDB_MODE") == "":  # empty means unset; wandb's settings reject it
-        del os.environ["WANDB_MODE"]
     where = output_dir / "wandb"
     offline_note = f"logging offline to {where}; upload later with `wandb sync {where}/offline-run-*`"
-    online = not node.get("offline") and os.environ.get("WANDB_MODE") not in ("offline", "disabled")
-    if online and not wandb_has_credentials():
-        rank_zero_only(print)(f"moe-lab: W&B has no credentials (WANDB_API_KEY or ~/.netrc): {offline_note}",
-                              file=sys.stderr)
-        node["offline"], node["mode"], online = True, "offline", False
-    if online:
-        reachable, reason = wandb_server_reachable()
-        if not reachable:
-            rank_zero_only(print)(f"moe-lab: W&B could not reach its server ({reason}): {offline_note}",
-                                  file=sys.stderr)
-            node["offline"], node["mode"], online = True, "offline", False
+    online = wandb_online(node, offline_note)
+    if not online and not wandb_told_offline(node):  # mode= reaches wandb.init; WANDB_MODE may say otherwise
+        node["offline"], node["mode"] = True, "offline"
     logger = hydra.utils.instantiate(node)
     if online:
         try:

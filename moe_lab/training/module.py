@@ -49,6 +49,7 @@ class MoELanguageModel(L.LightningModule):
         # Where the run came from, saved in every checkpoint so that resuming needs only ckpt_path: the command
         # line's overrides and the run directory (set by training/train.py).
         self.provenance: dict[str, Any] = {}
+        self.checkpoint_step: Optional[int] = None  # the step of the checkpoint it was loaded from (load_model)
         # Micro-batches whose loss was NaN or infinite, counted on the device (no sync per step); read where a sync
         # happens anyway: every log step (RoutingMetrics) and every checkpoint save (on_save_checkpoint).
         self.nonfinite_losses: Optional[torch.Tensor] = None
@@ -90,15 +91,17 @@ class MoELanguageModel(L.LightningModule):
         n = len(self.domain_names)
         self._val_sums = torch.zeros(2, n, device=self.device, dtype=torch.float64)  # loss sum, tokens
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int) -> Any:
         ids, domain_B = batch["input_ids"], batch["domain"]
-        logits_BSV = self.model(ids[:, :-1], domain_B=domain_B).logits
+        out = self.model(ids[:, :-1], domain_B=domain_B)
+        logits_BSV = out.logits
         targets_BS = ids[:, 1:]
         loss_BS = F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS.flatten(), reduction="none")
         valid_B = batch["valid"].double() if "valid" in batch else torch.ones_like(domain_B, dtype=torch.float64)
         loss_B = loss_BS.view_as(targets_BS).sum(-1).double() * valid_B  # padding blocks count for nothing
         self._val_sums[0].index_add_(0, domain_B, loss_B)
         self._val_sums[1].index_add_(0, domain_B, valid_B * targets_BS.shape[1])
+        return out  # its routing statistics, for callbacks (routing_analysis.RoutingAnalysis)
 
     def on_validation_epoch_end(self) -> None:
         sums = self._val_sums

@@ -75,6 +75,10 @@ class MetricsConfig:
 
     # W&B: per-layer expert-load heatmaps (experts x time) and the load table, every n optimizer steps.
     image_every_n_steps: int = 100
+    # The cheap routing analyses of `moe-lab analyze` (vocabulary specialisation, repeat rate, co-activation) on the
+    # validation data, at the first validation at or after every n optimizer steps, at step 0 and at the end; 0 = off
+    # (it costs a pass of NumPy counting per analysed validation). See moe_lab/training/routing_analysis.py.
+    analysis_every_n_steps: int = 0
     # Write dashboard.html (moe-lab dashboard) into the run directory when the run ends.
     dashboard: bool = True
 
@@ -270,6 +274,7 @@ def _check_training(run: TrainConfig) -> None:
     need(run.threads is None or run.threads >= 1, f"threads={run.threads} must be at least 1 (or null: the CPUs this "
                                                   "process may use)")
     need(run.metrics.image_every_n_steps >= 1, "metrics.image_every_n_steps must be at least 1")
+    need(run.metrics.analysis_every_n_steps >= 0, "metrics.analysis_every_n_steps must be 0 (off) or a number of steps")
     _check_trainer(run.trainer)
     for name, logger in run.logger.items():
         need(isinstance(logger, dict) and "_target_" in logger,

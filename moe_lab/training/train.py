@@ -115,13 +115,19 @@ def _train(run: TrainConfig, cfg: DictConfig, output_dir: Path, ckpt_path: Optio
     routing = RoutingMetrics(data.domain_names, module.model.flops_per_token(run.data.seq_len), output_dir,
                              image_every_n_steps=run.metrics.image_every_n_steps)
     stop.before_save = routing.flush
+    callbacks = [periodic, routing, stop, StepProgressBar()]
+    if run.metrics.analysis_every_n_steps:
+        from moe_lab.training.routing_analysis import RoutingAnalysis, check_analysable
+
+        check_analysable(module.model)
+        callbacks.insert(2, RoutingAnalysis(run.metrics.analysis_every_n_steps, run.trainer.get("max_steps", -1)))
     checkpoint_io = AtomicCheckpointIO()
     loggers = build_loggers(run, cfg, output_dir)
     try:
         # RoutingMetrics before GracefulStop (a stop logs the steps since the last log step first) and before the
         # progress bar (which shows the metrics of the step just logged).
         trainer = L.Trainer(**trainer_arguments(run), logger=loggers, plugins=[checkpoint_io],
-                            callbacks=[periodic, routing, stop, StepProgressBar()], default_root_dir=str(output_dir),
+                            callbacks=callbacks, default_root_dir=str(output_dir),
                             max_epochs=-1, check_val_every_n_epoch=None, use_distributed_sampler=False)
         ep = run.model.moe.expert_parallel
         if trainer.world_size % ep:
