@@ -240,3 +240,27 @@ def test_analyses_during_training_refuse_routers_without_a_top_k_list(make_cfg, 
 
     with pytest.raises(UserError, match="analysis_every_n_steps"):
         train(make_cfg(setting, "metrics.analysis_every_n_steps=5"))
+
+
+def test_analyze_a_hugging_face_model_directory(tmp_path, cache_dir):
+    """An imported architecture's routing, straight from its Hugging Face directory (here a tiny random OLMoE, top-2
+    of its experts in every layer): the analyses' invariants hold (domain shares sum to k per domain, co-activation's
+    diagonal is 1 for used experts)."""
+    import json
+
+    from conftest import FAST
+    from moe_lab.cli.main import main
+    from test_import import save_hf_model
+
+    save_hf_model("olmoe", tmp_path / "hf")
+    data = [o for o in FAST if o.startswith(("data.", "++data."))]
+    assert main(["analyze", str(tmp_path / "hf"), *data, f"paths.cache_dir={cache_dir}", "--max-batches", "2", "-o",
+                 str(tmp_path / "a.html")]) == 0
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert report["steps"] == [None] and report["tokens"] > 0 and report["tokens"] % 64 == 0
+    for layer in report["layers"].values():
+        shares = np.asarray(layer["domain_shares"])
+        assert np.allclose(shares.sum(0)[shares.sum(0) > 0], report["top_k"])
+        co = np.asarray(layer["coactivation"])
+        used = co.diagonal() > 0
+        assert np.allclose(co.diagonal()[used], 1.0) and report["top_k"] == 2
