@@ -22,7 +22,8 @@ import numpy as np
 from moe_lab.analysis import figures
 from moe_lab.analysis.runs import (RunRecord, gather_runs, is_run_dir, is_sweep_dir, labels, read_run, summary_rows,
                                    sweep_runs, swept_keys, write_atomically)
-from moe_lab.analysis.stats import mutual_information
+from moe_lab.analysis.seeds import GROUP_METRICS, differences, has_seed_groups, ranked_groups, seed_groups
+from moe_lab.analysis.stats import CONFIDENCE, mutual_information
 from moe_lab.errors import DashboardError
 
 GENERATOR = '<meta name="generator" content="moe-lab dashboard">'
@@ -145,11 +146,42 @@ def sweep_page(sweep_dir: Path, runs: list[RunRecord], refresh: Optional[int] = 
         if fig is not None:
             fig.update_layout(height=fig.layout.margin.t + 170 + 40 * len(figures.domains_of(run)))
             domain_parts.append(_html(fig))
-    drawn = {"bars": _html(figures.sweep_bars(runs, names)), "curves": _html(figures.sweep_curves(runs, names)),
-             "domains": domain_parts}
+    groups = seed_groups(runs)
+    grouped = None
+    if has_seed_groups(groups):  # seeds repeated: means with intervals, error bars and bands instead of single runs
+        ranked = ranked_groups(groups)
+        grouped = {"rows": [_group_row(r) for r in ranked], "columns": [t for _, t, _ in GROUP_METRICS[1:]],
+                   "differences": [_difference_text(d) for d in differences(ranked)],
+                   "overlap": any(r.overlaps for r in ranked), "confidence": int(round(CONFIDENCE * 100))}
+        drawn = {"bars": _html(figures.group_bars(ranked)), "curves": _html(figures.group_curves(ranked))}
+        best = ranked[0] if ranked else None
+        cards[1] = ("best mean validation loss", _fmt(best.interval["mean"]) if best else "n/a",
+                    (f"{best.group.name}" + (f" (not separated from #{', #'.join(map(str, best.overlaps))})"
+                                             if best.overlaps else "")) if best else "")
+    else:
+        drawn = {"bars": _html(figures.sweep_bars(runs, names)), "curves": _html(figures.sweep_curves(runs, names))}
+    drawn["domains"] = domain_parts
     return _render("sweep.html.j2", title=title or f"moe-lab sweep: {sweep_dir.name}", path=str(sweep_dir), swept=keys,
                    cards=cards, columns=[(c, Markup(header)) for c, header, _ in SWEEP_COLUMNS], rows=table,
-                   figures=drawn, refresh=refresh)
+                   figures=drawn, refresh=refresh, grouped=grouped)
+
+
+def _group_row(r) -> dict:
+    i = r.interval
+    cells = []
+    for key, _, spec in GROUP_METRICS[1:]:
+        mean = r.group.interval(key)["mean"]
+        cells.append({"text": _fmt(mean, spec), "bad": key in ("moe/dead_experts", "moe/starved_experts")
+                      and math.isfinite(mean) and mean > 0})
+    return {"rank": r.rank_text, "name": r.group.name, "runs": f"{len(r.group.finished)}/{len(r.group.runs)}",
+            "seeds": ", ".join(r.group.seeds), "loss": f"{_fmt(i['mean'])} [{_fmt(i['low'])}, {_fmt(i['high'])}]",
+            "std": _fmt(i["std"]), "cells": cells, "overlaps": ", ".join(f"#{o}" for o in r.overlaps)}
+
+
+def _difference_text(d: dict) -> str:
+    verdict = "separated" if d["separated"] else "not separated: the interval contains 0"
+    return (f"#{d['a'].rank} {d['a'].group.name} minus #{d['b'].rank} {d['b'].group.name}: {_fmt(d['diff'], '+.4f')} "
+            f"[{_fmt(d['low'], '+.4f')}, {_fmt(d['high'], '+.4f')}], p = {_fmt(d['p'], '.3g')} ({verdict})")
 
 
 def analysis_page(report: dict) -> str:

@@ -300,6 +300,74 @@ def sweep_curves(runs: list[RunRecord], labels: list[str]):
     return fig
 
 
+def group_bars(ranked: list):
+    """Seed groups (`seeds.ranked_groups`), best first: the mean of each metric with its 95% interval as an error bar,
+    and every seed's run as a point on it."""
+    import plotly.graph_objects as go
+
+    panels = [("val/loss", "final validation loss, mean and 95% CI"),
+              ("moe/mean_imbalance", "mean max/mean load (1 = balanced)"),
+              ("moe/specialization", "specialisation (0-1)")]
+    names = [f"#{r.rank_text} {r.group.name}" for r in ranked]
+    fig = _subplots(1, 3, [t for _, t in panels], height=160 + 40 * len(ranked) + 80, horizontal_spacing=0.16)
+    for j, (key, _) in enumerate(panels):
+        intervals = [r.group.interval(key) for r in ranked]
+        means = [i["mean"] if math.isfinite(i["mean"]) else 0 for i in intervals]
+        halves = [i["half"] if math.isfinite(i["half"]) else 0 for i in intervals]
+        fig.add_trace(go.Bar(y=names, x=means, orientation="h", showlegend=False,
+                             marker_color=[PALETTE[i % len(PALETTE)] for i in range(len(ranked))], opacity=0.75,
+                             error_x=dict(type="data", array=halves, visible=True, color="#333", thickness=1.5),
+                             customdata=[[i["n"], i["std"]] for i in intervals],
+                             hovertemplate="%{y}<br>mean %{x:.4f} over %{customdata[0]} seeds, std "
+                                           "%{customdata[1]:.4f}<extra></extra>"), row=1, col=j + 1)
+        seeds_y = [name for r, name in zip(ranked, names) for _ in r.group.values(key)]
+        seeds_x = [v for r in ranked for v in r.group.values(key)]
+        fig.add_trace(go.Scatter(y=seeds_y, x=seeds_x, mode="markers", showlegend=False,
+                                 marker=dict(color="#222", size=6, symbol="circle-open"),
+                                 hovertemplate="%{y}<br>one seed: %{x:.4f}<extra></extra>"), row=1, col=j + 1)
+        if key == "val/loss" and means:  # zoom to the runs: bars from 0 would hide differences of 0.01
+            lows = [v for r in ranked for v in r.group.values(key)] + [m - h for m, h in zip(means, halves)]
+            highs = [v for r in ranked for v in r.group.values(key)] + [m + h for m, h in zip(means, halves)]
+            pad = 0.15 * max(max(highs) - min(lows), 1e-3)
+            fig.update_xaxes(range=[min(lows) - pad, max(highs) + pad], row=1, col=1)
+    fig.update_yaxes(autorange="reversed")
+    fig.update_yaxes(showticklabels=False, col=2)
+    fig.update_yaxes(showticklabels=False, col=3)
+    return fig
+
+
+def group_curves(ranked: list):
+    """Seed groups' curves: the mean over seeds at each step the runs share, with a band of the 95% t interval."""
+    import plotly.graph_objects as go
+
+    from moe_lab.analysis.stats import mean_interval
+
+    panels = [("val/loss", "validation loss"), ("train/loss", "training loss"),
+              ("moe/max_imbalance", "worst layer's max/mean load"), ("moe/dropped_frac", "dropped token slots")]
+    fig = _subplots(2, 2, [t for _, t in panels], height=640, vertical_spacing=0.16)
+    for i, r in enumerate(ranked):
+        color = PALETTE[i % len(PALETTE)]
+        name = f"#{r.rank_text} {r.group.name}"
+        for j, (key, _) in enumerate(panels):
+            series = [dict(zip(*run.series(key))) for run in r.group.finished]
+            if not series or not all(series):
+                continue
+            steps = sorted(set.intersection(*(set(s) for s in series)))
+            stats = [mean_interval([s[step] for s in series]) for step in steps]
+            mean = [st["mean"] for st in stats]
+            cell = dict(row=j // 2 + 1, col=j % 2 + 1)
+            if len(series) > 1:
+                fig.add_trace(go.Scatter(x=steps + steps[::-1], y=[st["high"] for st in stats]
+                                         + [st["low"] for st in stats][::-1], fill="toself", fillcolor=color,
+                                         opacity=0.2, mode="lines", line=dict(width=0), hoverinfo="skip", showlegend=False,
+                                         legendgroup=name), **cell)
+            fig.add_trace(go.Scatter(x=steps, y=mean, name=name, legendgroup=name, showlegend=j == 0,
+                                     mode="lines+markers" if key == "val/loss" else "lines", line=dict(color=color),
+                                     hovertemplate=f"{name}<br>step %{{x}}: mean %{{y:.4f}}<extra></extra>"), **cell)
+    fig.update_yaxes(tickformat=".0%", row=2, col=2)
+    return fig
+
+
 def to_html(fig) -> str:
     """A figure as an HTML fragment (plotly.js itself is inlined once per page by the template)."""
     return fig.to_html(full_html=False, include_plotlyjs=False, config=PLOT_CONFIG) if fig is not None else ""

@@ -1,8 +1,10 @@
-"""Statistics of expert routing, computed from counts (NumPy only: reading results never needs torch).
+"""Statistics of expert routing from counts, and of metrics over seeds (NumPy and SciPy: reading results never needs torch).
 
     load_statistics      balance of one layer's per-expert counts: max/mean (imbalance), MaxVio, CV, dead and
                          starved experts, the least loaded expert's share of its fair load
     mutual_information   I(expert; domain) from an experts x domains table, and its share of H(domain)
+    mean_interval        mean, standard deviation and t interval of a metric over seeds; difference_interval:
+                         two groups' difference with Welch's interval and p-value (SciPy)
 """
 
 from __future__ import annotations
@@ -44,3 +46,49 @@ def mutual_information(counts_ED: np.ndarray) -> tuple[float, float]:
     mi = float((p[nz] * np.log(p[nz] / (p_e @ p_d)[nz])).sum())
     h_d = float(-(p_d[p_d > 0] * np.log(p_d[p_d > 0])).sum())
     return mi, (mi / h_d if h_d > 0 else 0.0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Seeds: is a difference real? (t intervals over runs that differ only in their seed)
+
+CONFIDENCE = 0.95
+
+
+def mean_interval(values, confidence: float = CONFIDENCE) -> dict[str, float]:
+    """n, mean, sample standard deviation and the t interval of the mean (Student's t with n - 1 degrees of freedom;
+    `half` is its half-width). One value has no spread: std and the interval are NaN."""
+    from scipy import stats
+
+    x = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=np.float64)
+    n = len(x)
+    mean = float(x.mean()) if n else float("nan")
+    if n < 2:
+        return {"n": n, "mean": mean, "std": float("nan"), "low": float("nan"), "high": float("nan"),
+                "half": float("nan")}
+    std = float(x.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * std / np.sqrt(n))
+    return {"n": n, "mean": mean, "std": std, "low": mean - half, "high": mean + half, "half": half}
+
+
+def difference_interval(a, b, confidence: float = CONFIDENCE) -> dict[str, float]:
+    """mean(a) - mean(b) with Welch's t interval (unequal variances) and the two-sided p-value of Welch's t-test
+    (scipy.stats.ttest_ind, equal_var=False). NaN where a group has fewer than two values."""
+    from scipy import stats
+
+    a = np.asarray([v for v in a if v is not None and np.isfinite(v)], dtype=np.float64)
+    b = np.asarray([v for v in b if v is not None and np.isfinite(v)], dtype=np.float64)
+    diff = float(a.mean() - b.mean()) if len(a) and len(b) else float("nan")
+    if len(a) < 2 or len(b) < 2:
+        return {"diff": diff, "low": float("nan"), "high": float("nan"), "p": float("nan")}
+    if a.std() == 0 and b.std() == 0:  # no spread at all (identical runs): the difference is exact
+        return {"diff": diff, "low": diff, "high": diff, "p": 0.0 if diff != 0 else 1.0}
+    result = stats.ttest_ind(a, b, equal_var=False)
+    interval = result.confidence_interval(confidence)
+    return {"diff": diff, "low": float(interval.low), "high": float(interval.high), "p": float(result.pvalue)}
+
+
+def intervals_overlap(a: dict[str, float], b: dict[str, float]) -> bool:
+    """Whether two `mean_interval`s overlap (or either has no interval: then nothing separates them)."""
+    if not (np.isfinite(a["half"]) and np.isfinite(b["half"])):
+        return True
+    return a["low"] <= b["high"] and b["low"] <= a["high"]

@@ -11,12 +11,14 @@ from omegaconf import OmegaConf
 
 from moe_lab.analysis.dashboard import write_dashboard
 from moe_lab.analysis.runs import ranked_table, sweep_runs, write_sweep_summary
+from moe_lab.analysis.seeds import group_table, has_seed_groups, seed_groups, write_group_summary
 
 
 class SweepSummary(Callback):
     """After every job of a multirun, failed ones included, rewrite sweep_summary.csv (a failed job also leaves its
-    reason in error.txt); when the multirun ends, print the runs ranked by validation loss and write the sweep dashboard. A sweeper that stops on a failure
-    (Hydra's basic sweeper raises once its batch is done) still leaves a complete summary behind."""
+    reason in error.txt) and, when seeds repeat, sweep_groups.csv; when the multirun ends, print the runs ranked by
+    validation loss (and the seed groups with their intervals) and write the sweep dashboard. A sweeper that stops on
+    a failure (Hydra's basic sweeper raises once its batch is done) still leaves a complete summary behind."""
 
     def on_job_end(self, config, job_return, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
@@ -27,7 +29,9 @@ class SweepSummary(Callback):
             if output_dir.is_dir():
                 (output_dir / "error.txt").write_text(f"{type(error).__name__}: {error}\n")
         if config.hydra.mode == RunMode.MULTIRUN and Path(config.hydra.sweep.dir).is_dir():
-            write_sweep_summary(Path(config.hydra.sweep.dir))
+            sweep_dir = Path(config.hydra.sweep.dir)
+            write_sweep_summary(sweep_dir)
+            write_group_summary(sweep_dir, sweep_runs(sweep_dir))
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -37,6 +41,11 @@ class SweepSummary(Callback):
         runs = sweep_runs(sweep_dir)
         message = (f"\nmoe-lab: sweep of {len(runs)} runs, best validation loss first "
                    f"('!': dead or starved experts)\n{ranked_table(runs)}\n" if runs else "")
+        groups = seed_groups(runs)
+        if has_seed_groups(groups):
+            message += (f"\nmoe-lab: {len(groups)} configurations over seeds, best mean validation loss first\n"
+                        f"{group_table(groups)}\n")
+            out = f"{out} and {write_group_summary(sweep_dir, runs)}"
         message += f"moe-lab: sweep summary {out}"
         if OmegaConf.select(config, "metrics.dashboard", default=True):
             message += f"\n  dashboard {write_dashboard(sweep_dir, sweep_dir / 'dashboard.html')}"

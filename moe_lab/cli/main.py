@@ -93,7 +93,7 @@ def train_command(args: list[str], check: bool = True) -> int:
 
     if check:
         try:
-            args = with_checkpoint_overrides(args)
+            args = with_checkpoint_overrides(expand_seeds(args))
         except UserError as e:
             return fail(str(e))
     message = preflight(args, claim=True) if check else None
@@ -104,6 +104,34 @@ def train_command(args: list[str], check: bool = True) -> int:
 
     hydra_main()
     return 0
+
+
+def expand_seeds(args: list[str]) -> list[str]:
+    """`seeds=N`: the same sweep over N seeds, `seed=S,S+1,...` from the given seed (default: the config's), as a
+    multirun: `moe-lab train experts=e8,e16 seeds=3` = `moe-lab train -m experts=e8,e16 seed=1234,1235,1236`."""
+    given = [a for a in args if a.startswith("seeds=")]
+    if not given:
+        return args
+    if len(given) > 1:
+        raise UserError("seeds= is given more than once")
+    count = given[0].partition("=")[2]
+    if not count.isdigit() or int(count) < 1:
+        raise UserError(f"{given[0]}: give the number of seeds, e.g. seeds=3 (or seed=1,2,3 for chosen ones)")
+    seed_args = [a for a in args if a.startswith("seed=")]
+    if len(seed_args) > 1 or any("," in a or "(" in a for a in seed_args):
+        raise UserError(f"{given[0]} and {' '.join(seed_args)}: give seeds=N (N seeds from seed=S) or a list "
+                        "seed=1,2,3, not both")
+    start = seed_args[0].partition("=")[2] if seed_args else None
+    if start is None:
+        from moe_lab.training.schemas import TrainConfig
+
+        start = str(TrainConfig.seed)
+    if not start.lstrip("-").isdigit():
+        raise UserError(f"seed={start} must be an integer to count {given[0]} from")
+    seeds = ",".join(str(int(start) + i) for i in range(int(count)))
+    rest = [a for a in args if a not in given and a not in seed_args]
+    multirun = [] if any(a in ("-m", "--multirun") for a in rest) else ["-m"]
+    return multirun + rest + [f"seed={seeds}"]
 
 
 def import_command(args: list[str]) -> int:
@@ -179,9 +207,17 @@ def dashboard_command(args: list[str]) -> int:
             return 0
         if len(parsed.paths) == 1:
             out = write(None)
+            from moe_lab.analysis.runs import is_sweep_dir, sweep_runs
+
+            runs = sweep_runs(Path(parsed.paths[0])) if is_sweep_dir(Path(parsed.paths[0])) else []
         else:
             out, runs = write_comparison(parsed.paths, parsed.output or COMPARISON)
             print(ranked_table(runs))
+        from moe_lab.analysis.seeds import group_table, has_seed_groups, seed_groups
+
+        groups = seed_groups(runs)
+        if has_seed_groups(groups):
+            print(f"{len(groups)} configurations over seeds, best mean validation loss first:\n{group_table(groups)}")
     except UserError as e:
         return fail(str(e))
     print(f"moe-lab: wrote {out}")

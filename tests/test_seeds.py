@@ -1,0 +1,110 @@
+"""Seeds as a sweep axis: groups of runs that differ only in their seed, their intervals, and when two
+configurations are (not) told apart. Known answers are computed by hand from textbook quantiles."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+
+from moe_lab.analysis.runs import RunRecord
+from moe_lab.analysis.seeds import group_table, has_seed_groups, ranked_groups, seed_groups
+from moe_lab.analysis.stats import difference_interval, intervals_overlap, mean_interval
+
+T_975 = {2: 4.302653, 3: 3.182446, 4: 2.776445, 5: 2.570582}  # Student's t, 97.5% quantile, by degrees of freedom (tables)
+
+
+def test_mean_interval_of_known_values():
+    i = mean_interval([1.0, 2.0, 3.0])
+    assert i["n"] == 3 and i["mean"] == 2.0 and i["std"] == pytest.approx(1.0)
+    assert i["half"] == pytest.approx(T_975[2] / math.sqrt(3), rel=1e-6)
+    assert (i["low"], i["high"]) == pytest.approx((2 - i["half"], 2 + i["half"]))
+    one = mean_interval([1.5])
+    assert one["mean"] == 1.5 and math.isnan(one["half"])
+    assert intervals_overlap(one, i)  # no interval: nothing separates them
+
+
+def test_welch_difference_by_hand():
+    a, b = [1.0, 1.2, 1.4, 1.6], [2.0, 2.1, 2.2]
+    d = difference_interval(a, b)
+    va, vb = 0.2 ** 2 * 5 / 3, 0.1 ** 2  # sample variances
+    se = math.sqrt(va / 4 + vb / 3)
+    dof = (va / 4 + vb / 3) ** 2 / ((va / 4) ** 2 / 3 + (vb / 3) ** 2 / 2)  # Welch-Satterthwaite
+    assert dof == pytest.approx(0.02 ** 2 / (0.04 / 432 + 0.0001 / 18), rel=1e-9)  # 4.075
+    assert d["diff"] == pytest.approx(1.3 - 2.1)
+    from scipy import stats
+
+    half = stats.t.ppf(0.975, dof) * se
+    assert (d["low"], d["high"]) == pytest.approx((d["diff"] - half, d["diff"] + half))
+    assert T_975[5] < stats.t.ppf(0.975, dof) < T_975[4]  # between the tabled quantiles of 5 and 4 dof
+    assert d["p"] < 0.01
+
+
+def fake_run(tmp_path: Path, name: str, overrides: list[str], loss: float, status: str = "finished") -> RunRecord:
+    (tmp_path / name).mkdir(parents=True, exist_ok=True)
+    return RunRecord(tmp_path / name, overrides=overrides, summary={"status": status, "val/loss": loss,
+                                                                     "moe/mean_imbalance": 1.2})
+
+
+def test_groups_rank_and_say_which_are_not_separated(tmp_path):
+    runs = []
+    values = {"experts=e4": [2.00, 2.01, 2.02], "experts=e8": [1.90, 1.91, 1.92], "experts=e16": [1.92, 1.93, 1.94]}
+    for config, losses in values.items():
+        for seed, loss in enumerate(losses, 1):
+            runs.append(fake_run(tmp_path, f"{config}-{seed}", [config, f"seed={seed}", "trainer.max_steps=9"], loss))
+    runs.append(fake_run(tmp_path, "e4-failed", ["experts=e4", "seed=4", "trainer.max_steps=9"], 9.0, "failed"))
+    groups = seed_groups(runs)
+    assert has_seed_groups(groups) and [g.name for g in groups] == ["experts=e4", "experts=e8", "experts=e16"]
+    assert groups[0].seeds == ["1", "2", "3", "4"] and len(groups[0].finished) == 3
+    ranked = ranked_groups(groups)
+    assert [(r.group.name, r.rank_text) for r in ranked] == [("experts=e8", "1="), ("experts=e16", "2="),
+                                                              ("experts=e4", "3")]
+    assert ranked[0].overlaps == [2] and ranked[2].overlaps == []
+    assert ranked[2].interval["mean"] == pytest.approx(2.01)  # the failed seed is not counted
+    table = group_table(groups)
+    assert "3/4" in table and "not separated: the interval contains 0" in table and "'='" in table
+    assert "#2 - #3" in table and "(separated)" in table
+
+
+def test_one_run_per_configuration_is_not_a_seed_group(tmp_path):
+    runs = [fake_run(tmp_path, "a", ["experts=e4"], 2.0), fake_run(tmp_path, "b", ["experts=e8"], 1.9)]
+    assert not has_seed_groups(seed_groups(runs))
+
+
+def test_seeds_shorthand_expands_to_a_multirun():
+    from moe_lab.cli.main import expand_seeds
+    from moe_lab.errors import UserError
+
+    assert expand_seeds(["experts=e4,e8", "seeds=3"]) == ["-m", "experts=e4,e8", "seed=1234,1235,1236"]
+    assert expand_seeds(["-m", "seed=7", "seeds=2"]) == ["-m", "seed=7,8"]
+    assert expand_seeds(["experts=e4"]) == ["experts=e4"]
+    for bad in (["seeds=0"], ["seeds=x"], ["seeds=2", "seed=1,2"], ["seeds=2", "seeds=3"]):
+        with pytest.raises(UserError):
+            expand_seeds(bad)
+
+
+@pytest.mark.slow
+def test_a_seed_sweep_prints_groups_and_draws_error_bars(tmp_path, cache_dir):
+    from conftest import FAST, run_cli
+    from test_dashboard import ARTIFACTS, render
+
+    sweep = tmp_path / "sweep"
+    result = run_cli(["train", "experts=e4,e8", "seeds=2", *FAST, f"paths.cache_dir={cache_dir}",
+                      "trainer.max_steps=4", "trainer.val_check_interval=2", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 configurations over seeds" in result.stdout and "val/loss [95% CI]" in result.stdout
+    rows = list(csv.DictReader(open(sweep / "sweep_groups.csv")))
+    assert sorted(r["group"] for r in rows) == ["experts=e4", "experts=e8"]
+    assert all(r["finished"] == "2" and r["seeds"] == "1234 1235" for r in rows)
+    for r in rows:
+        assert float(r["val/loss:ci_low"]) <= float(r["val/loss:mean"]) <= float(r["val/loss:ci_high"])
+    page = (sweep / "dashboard.html").read_text()
+    assert "Configurations over seeds" in page and '"error_x"' in page and '"fill":"toself"' in page
+    ARTIFACTS.mkdir(exist_ok=True)
+    _, log = render(sweep / "dashboard.html", ARTIFACTS / "dashboard_seeds.png")
+    assert not [line for line in log.splitlines() if ":CONSOLE" in line]
+    # moe-lab dashboard prints the same groups for the sweep.
+    again = run_cli(["dashboard", str(sweep), "-o", str(tmp_path / "again.html")], cwd=tmp_path)
+    assert again.returncode == 0 and "2 configurations over seeds" in again.stdout
