@@ -359,8 +359,8 @@ def group_curves(ranked: list):
             if len(series) > 1:
                 fig.add_trace(go.Scatter(x=steps + steps[::-1], y=[st["high"] for st in stats]
                                          + [st["low"] for st in stats][::-1], fill="toself", fillcolor=color,
-                                         opacity=0.2, mode="lines", line=dict(width=0), hoverinfo="skip", showlegend=False,
-                                         legendgroup=name), **cell)
+                                         opacity=0.2, mode="lines", line=dict(width=0), hoverinfo="skip",
+                                         showlegend=False, legendgroup=name), **cell)
             fig.add_trace(go.Scatter(x=steps, y=mean, name=name, legendgroup=name, showlegend=j == 0,
                                      mode="lines+markers" if key == "val/loss" else "lines", line=dict(color=color),
                                      hovertemplate=f"{name}<br>step %{{x}}: mean %{{y:.4f}}<extra></extra>"), **cell)

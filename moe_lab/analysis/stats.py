@@ -1,4 +1,4 @@
-"""Statistics of expert routing from counts, and of metrics over seeds (NumPy and SciPy: reading results never needs torch).
+"""Statistics of expert routing from counts, and of metrics over seeds (NumPy and SciPy; never torch).
 
     load_statistics      balance of one layer's per-expert counts: max/mean (imbalance), MaxVio, CV, dead and
                          starved experts, the least loaded expert's share of its fair load

@@ -214,8 +214,9 @@ def analysis_tables(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
         tables["layers"].append({
             "layer": int(layer), "domain_specialisation": e["domain_specialisation"],
             "vocab_specialisation_input": e["vocab_specialisation_input"],
-            "vocab_specialisation_next": e["vocab_specialisation_next"], "vocab_random_baseline": e["vocab_random_baseline"],
-            "repeat_top1": e["repeat_top1"], "repeat_top1_chance": e["repeat_top1_chance"], "repeat_topk": e["repeat_topk"],
+            "vocab_specialisation_next": e["vocab_specialisation_next"],
+            "vocab_random_baseline": e["vocab_random_baseline"], "repeat_top1": e["repeat_top1"],
+            "repeat_top1_chance": e["repeat_top1_chance"], "repeat_topk": e["repeat_topk"],
             "repeat_topk_chance": e["repeat_topk_chance"], "dropped_share": float(np.mean(drops)) if drops else 0.0})
         for d, domain in enumerate(report["domains"]):
             for x, share in enumerate(row[d] for row in e["domain_shares"]):
