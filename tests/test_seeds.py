@@ -13,7 +13,8 @@ from moe_lab.analysis.runs import RunRecord
 from moe_lab.analysis.seeds import group_table, has_seed_groups, ranked_groups, seed_groups
 from moe_lab.analysis.stats import difference_interval, intervals_overlap, mean_interval
 
-T_975 = {2: 4.302653, 3: 3.182446, 4: 2.776445, 5: 2.570582}  # Student's t, 97.5% quantile, by degrees of freedom (tables)
+# Student's t, 97.5% quantile, by degrees of freedom (from tables)
+T_975 = {2: 4.302653, 3: 3.182446, 4: 2.776445, 5: 2.570582}
 
 
 def test_mean_interval_of_known_values():
