@@ -192,6 +192,13 @@ def test_moe_lab_reads_hydra_flags_as_hydra_does(tmp_path):
     assert hydra_flags and ours == hydra_flags
 
 
+def test_two_hydra_modes_at_once_are_one_error_line(tmp_path):
+    """Hydra raises a bare ValueError for -m with --cfg; moe-lab says what to do instead."""
+    shown = run_cli(["train", "-m", "seed=1,2", "--cfg", "job"], cwd=tmp_path)
+    assert shown.returncode == 2 and "Traceback" not in shown.stderr
+    assert shown.stderr.strip().splitlines()[-1].startswith("moe-lab: error: -m and --cfg cannot go together")
+
+
 def test_a_killed_run_keeps_its_curves(tmp_path, cache_dir):
     """Every logged row is on disk by the next log step: a run killed outright (SIGKILL: no handler, no flush at
     exit) still has the rows of every step it logged, and a live dashboard sees them while it runs."""

@@ -37,6 +37,11 @@ def preflight(args: list[str], claim: bool = False) -> Optional[str]:
         parsed = hydra_arguments().parse_args(args)
     except SystemExit:  # argparse already printed its usage error
         return "could not parse the command line (see above)"
+    modes = [flag for flag, on in (("--run", parsed.run), ("-m", parsed.multirun), ("--cfg", parsed.cfg),
+                                   ("--info", parsed.info), ("-sc", parsed.shell_completion)) if on]
+    if len(modes) > 1:  # Hydra would raise a bare ValueError
+        return (f"{' and '.join(modes)} cannot go together: Hydra runs, sweeps, shows the config or completes, one at "
+                "a time (drop -m to see a sweep's first config with --cfg job)")
     if shows_only(parsed):
         return None  # Hydra shows something and runs nothing
     try:
