@@ -30,9 +30,9 @@ def main() -> None:
     ranked = ranked_groups(seed_groups(gather_runs([Path(p) for p in args.paths])))
     import plotly.graph_objects as go
 
-    metrics = [("val/loss", "final validation loss: mean, 95% CI, seeds")] + [
+    metrics = [("val/loss", "final val/loss (95% CI, seeds)")] + [
         (m, m) for m in (args.metric or ["moe/mean_imbalance"])]
-    fig = figures._subplots(1, len(metrics) + 1, [t for _, t in metrics] + ["validation loss over training"],
+    fig = figures._subplots(1, len(metrics) + 1, [t for _, t in metrics] + ["val/loss over training"],
                             height=120 + 60 * len(ranked) + 120, horizontal_spacing=0.12)
     names = [f"#{r.rank_text} {r.group.name}" for r in ranked]
     for j, (key, _) in enumerate(metrics):
