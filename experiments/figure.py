@@ -60,16 +60,22 @@ def main() -> None:
         fig.update_yaxes(range=[min(ys) - pad, max(ys) + pad], row=1, col=len(metrics) + 1)
         fig.update_xaxes(range=[0.8 * min(xs), 1.02 * max(xs)], row=1, col=len(metrics) + 1)
     fig.update_xaxes(title_text="optimizer step", row=1, col=len(metrics) + 1)
+    fig.update_layout(margin=dict(l=220, r=20, t=50, b=50))
+    write_png(fig, Path(args.output), args.width)
+
+
+def write_png(fig, out: Path, width: int) -> None:
+    """A plotly figure as a PNG, drawn by headless Chromium."""
     html = Path(tempfile.mkdtemp()) / "figure.html"
-    fig.update_layout(width=args.width, margin=dict(l=220, r=20, t=50, b=50))
+    fig.update_layout(width=width)
     fig.write_html(html, include_plotlyjs=True, full_html=True, config={"displayModeBar": False})
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if chromium is None:
-        raise SystemExit("figure.py needs headless Chromium to write a PNG")
+        raise SystemExit("writing a PNG needs headless Chromium (apt-get install chromium)")
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--window-size={args.width + 20},{fig.layout.height + 20}", "--virtual-time-budget=10000",
-                    f"--screenshot={Path(args.output).resolve()}", html.as_uri()], check=True, capture_output=True)
-    print(f"wrote {args.output}")
+                    f"--window-size={width + 20},{fig.layout.height + 20}", "--virtual-time-budget=10000",
+                    f"--screenshot={out.resolve()}", html.as_uri()], check=True, capture_output=True)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

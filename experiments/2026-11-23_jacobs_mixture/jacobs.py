@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--criterion", type=float, default=0.95)
     parser.add_argument("--max-epochs", type=int, default=300)
     parser.add_argument("-o", "--output", default="results.json")
+    parser.add_argument("--figure", help="also draw the epochs per learner into this PNG (needs headless Chromium)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     sizes = {name: sum(p.numel() for p in make().parameters()) for name, make in LEARNERS.items()}
@@ -150,6 +151,27 @@ def main() -> None:
               f"where both reached), median ratio {ratio:.2f}")
     Path(args.output).write_text(json.dumps({"criterion": args.criterion, "max_epochs": args.max_epochs,
                                              "seeds": args.seeds, "results": results}, indent=2) + "\n")
+    if args.figure:
+        draw(results, args)
+
+
+def draw(results: dict, args) -> None:
+    import sys
+
+    import plotly.graph_objects as go
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from figure import write_png
+
+    fig = go.Figure()
+    for name, r in results.items():
+        epochs = [e if math.isfinite(e) else args.max_epochs for e in r["epochs"]]
+        fig.add_trace(go.Box(y=epochs, name=f"{name} ({r['parameters']} parameters)", boxpoints="all", jitter=0.4,
+                             pointpos=0))
+    fig.update_layout(title=f"epochs to {args.criterion:.0%} held-out accuracy, {args.seeds} seeds per learner "
+                      f"(a seed that never reached it is drawn at {args.max_epochs})", yaxis_title="epochs",
+                      template="plotly_white", height=420, showlegend=False, margin=dict(l=60, r=20, t=60, b=40))
+    write_png(fig, Path(args.figure), 900)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
 #     they are not there: about 30 minutes).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-python "$here/jacobs.py" --seeds 20 -o results.json
+python "$here/jacobs.py" --seeds 20 -o results.json --figure jacobs.png
 runs=${RUNS:-../2026-11-23_moe_vs_dense/sweep}
 if [ ! -f "$runs/sweep_summary.csv" ]; then
   mkdir -p "$(dirname "$runs")" && (cd "$(dirname "$runs")" && bash "$here/../2026-11-23_moe_vs_dense/run.sh")
