@@ -43,6 +43,18 @@ def test_welch_difference_by_hand():
     assert d["p"] < 0.01
 
 
+def test_paired_difference_by_hand():
+    """Pairs (1.0, 0.9), (2.0, 1.88), (3.0, 2.92): differences 0.10, 0.12, 0.08, mean 0.10, std 0.02; the seeds' large
+    spread (1 to 3) cancels, which Welch's test cannot see."""
+    from moe_lab.analysis.stats import paired_difference_interval
+
+    d = paired_difference_interval([1.0, 2.0, 3.0], [0.9, 1.88, 2.92])
+    half = T_975[2] * 0.02 / math.sqrt(3)
+    assert d["n"] == 3 and d["diff"] == pytest.approx(0.1)
+    assert (d["low"], d["high"]) == pytest.approx((0.1 - half, 0.1 + half))
+    assert d["low"] > 0 and difference_interval([1.0, 2.0, 3.0], [0.9, 1.88, 2.92])["low"] < 0
+
+
 def fake_run(tmp_path: Path, name: str, overrides: list[str], loss: float, status: str = "finished") -> RunRecord:
     (tmp_path / name).mkdir(parents=True, exist_ok=True)
     return RunRecord(tmp_path / name, overrides=overrides, summary={"status": status, "val/loss": loss,
@@ -67,6 +79,8 @@ def test_groups_rank_and_say_which_are_not_separated(tmp_path):
     table = group_table(groups)
     assert "3/4" in table and "not separated: the interval contains 0" in table and "'='" in table
     assert "#2 - #3" in table and "(separated)" in table
+    assert table.count("paired by seed") == 2  # the groups share seeds 1-3 (e4's failed seed 4 is not counted)
+    assert "over 3 seeds" in table
 
 
 def test_one_run_per_configuration_is_not_a_seed_group(tmp_path):

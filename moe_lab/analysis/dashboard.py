@@ -180,8 +180,14 @@ def _group_row(r) -> dict:
 
 def _difference_text(d: dict) -> str:
     verdict = "separated" if d["separated"] else "not separated: the interval contains 0"
-    return (f"#{d['a'].rank} {d['a'].group.name} minus #{d['b'].rank} {d['b'].group.name}: {_fmt(d['diff'], '+.4f')} "
+    text = (f"#{d['a'].rank} {d['a'].group.name} minus #{d['b'].rank} {d['b'].group.name}: {_fmt(d['diff'], '+.4f')} "
             f"[{_fmt(d['low'], '+.4f')}, {_fmt(d['high'], '+.4f')}], p = {_fmt(d['p'], '.3g')} ({verdict})")
+    if d["paired"]:
+        p = d["paired"]
+        text += (f"; paired by seed: {_fmt(p['diff'], '+.4f')} [{_fmt(p['low'], '+.4f')}, {_fmt(p['high'], '+.4f')}] "
+                 f"over {p['n']} seeds, p = {_fmt(p['p'], '.3g')} "
+                 f"({'separated' if d['paired_separated'] else 'not separated'})")
+    return text
 
 
 def analysis_page(report: dict) -> str:

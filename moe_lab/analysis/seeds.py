@@ -4,7 +4,9 @@
 they become one group per configuration. Each metric gets the mean over the group's finished runs, the sample
 standard deviation and the 95% t interval of the mean (`stats.mean_interval`); groups are ranked by mean validation
 loss, and a group whose interval overlaps another's is marked, because these seeds do not establish their order.
-Neighbours in the ranking get their difference with Welch's interval and p-value (`stats.difference_interval`).
+Neighbours in the ranking get their difference with Welch's interval and p-value (`stats.difference_interval`) and,
+when they share seeds, the paired interval over those seeds (`stats.paired_difference_interval`): a seed fixes the
+initial weights and the data order, so pairing cancels the seed's own luck.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from moe_lab.analysis.runs import RunRecord, swept_keys, write_atomically
-from moe_lab.analysis.stats import CONFIDENCE, difference_interval, intervals_overlap, mean_interval
+from moe_lab.analysis.stats import (CONFIDENCE, difference_interval, intervals_overlap, mean_interval,
+                                    paired_difference_interval)
 
 SEED_KEY = "seed"
 RANK_KEY = "val/loss"  # lower is better
@@ -52,6 +55,15 @@ class RunGroup:
         """The metric's final value in each finished run (runs without it left out)."""
         values = [run.final(key) for run in self.finished]
         return [v for v in values if v is not None and math.isfinite(v)]
+
+    def by_seed(self, key: str) -> dict[str, float]:
+        """The metric's final value per seed, finished runs only."""
+        out = {}
+        for run, seed in zip(self.runs, self.seeds):
+            value = run.final(key) if run.status == "finished" else None
+            if value is not None and math.isfinite(value):
+                out[seed] = value
+        return out
 
     def interval(self, key: str) -> dict[str, float]:
         return mean_interval(self.values(key))
@@ -101,12 +113,23 @@ def ranked_groups(groups: list[RunGroup]) -> list[RankedGroup]:
     return ranked
 
 
+def _separated(d: dict[str, float]) -> bool:
+    return math.isfinite(d["low"]) and (d["low"] > 0 or d["high"] < 0)
+
+
 def differences(ranked: list[RankedGroup]) -> list[dict[str, Any]]:
-    """Each group against the next in the ranking: the difference of mean validation loss with Welch's interval."""
+    """Each group against the next in the ranking: the difference of mean validation loss with Welch's interval,
+    and, where the two share seeds (a seed fixes the initial weights and the data order), the paired interval over
+    those seeds."""
     out = []
     for a, b in zip(ranked, ranked[1:]):
         d = difference_interval(a.group.values(RANK_KEY), b.group.values(RANK_KEY))
-        out.append({"a": a, "b": b, **d, "separated": math.isfinite(d["low"]) and (d["low"] > 0 or d["high"] < 0)})
+        mine, theirs = a.group.by_seed(RANK_KEY), b.group.by_seed(RANK_KEY)
+        shared = [seed for seed in mine if seed in theirs]
+        paired = (paired_difference_interval([mine[s] for s in shared], [theirs[s] for s in shared])
+                  if len(shared) >= 2 else None)
+        out.append({"a": a, "b": b, **d, "separated": _separated(d), "paired": paired,
+                    "paired_separated": paired is not None and _separated(paired)})
     return out
 
 
@@ -147,12 +170,19 @@ def group_table(groups: list[RunGroup]) -> str:
             verdict = "separated" if d["separated"] else "not separated: the interval contains 0"
             lines.append(f"  #{d['a'].rank} - #{d['b'].rank}: {_number(d['diff'], '+.4f')} "
                          f"[{_number(d['low'], '+.4f')}, {_number(d['high'], '+.4f')}], p = {_number(d['p'], '.3g')} "
-                         f"({verdict})")
+                         f"({verdict})" + (f"; paired by seed: {_paired_text(d)}" if d["paired"] else ""))
     if any(r.overlaps for r in ranked):
         lines.append(f"'=': its {pct}% interval overlaps another group's; these seeds do not establish that order")
     if any(len(g.finished) < 2 for g in groups if g.finished):
         lines.append("n/a: a group with one finished run has no interval; add seeds (seed=1,2,3 or seeds=3)")
     return "\n".join(lines)
+
+
+def _paired_text(d: dict[str, Any]) -> str:
+    p = d["paired"]
+    verdict = "separated" if d["paired_separated"] else "not separated"
+    return (f"{_number(p['diff'], '+.4f')} [{_number(p['low'], '+.4f')}, {_number(p['high'], '+.4f')}] over "
+            f"{p['n']} seeds, p = {_number(p['p'], '.3g')} ({verdict})")
 
 
 def _runs_text(group: RunGroup) -> str:

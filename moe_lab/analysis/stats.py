@@ -4,7 +4,8 @@
                          starved experts, the least loaded expert's share of its fair load
     mutual_information   I(expert; domain) from an experts x domains table, and its share of H(domain)
     mean_interval        mean, standard deviation and t interval of a metric over seeds; difference_interval:
-                         two groups' difference with Welch's interval and p-value (SciPy)
+                         two groups' difference with Welch's interval and p-value; paired_difference_interval: the
+                         same over runs paired by seed (SciPy)
 """
 
 from __future__ import annotations
@@ -85,6 +86,26 @@ def difference_interval(a, b, confidence: float = CONFIDENCE) -> dict[str, float
     result = stats.ttest_ind(a, b, equal_var=False)
     interval = result.confidence_interval(confidence)
     return {"diff": diff, "low": float(interval.low), "high": float(interval.high), "p": float(result.pvalue)}
+
+
+def paired_difference_interval(a, b, confidence: float = CONFIDENCE) -> dict[str, float]:
+    """mean(a - b) over pairs (the same seed: the same initial weights and data order in both configurations) with
+    the paired t interval and p-value (scipy.stats.ttest_rel): the seed's own luck cancels, so a consistent
+    difference shows with fewer seeds than Welch's test needs. NaN with fewer than two pairs."""
+    from scipy import stats
+
+    pairs = np.asarray([(x, y) for x, y in zip(a, b) if x is not None and y is not None and np.isfinite(x)
+                        and np.isfinite(y)], dtype=np.float64).reshape(-1, 2)
+    n = len(pairs)
+    diff = float((pairs[:, 0] - pairs[:, 1]).mean()) if n else float("nan")
+    if n < 2:
+        return {"n": n, "diff": diff, "low": float("nan"), "high": float("nan"), "p": float("nan")}
+    d = pairs[:, 0] - pairs[:, 1]
+    if np.ptp(d) <= 1e-12 * max(1.0, float(np.abs(d).max())):  # the same difference in every pair (to rounding)
+        return {"n": n, "diff": diff, "low": diff, "high": diff, "p": 0.0 if diff != 0 else 1.0}
+    result = stats.ttest_rel(pairs[:, 0], pairs[:, 1])
+    interval = result.confidence_interval(confidence)
+    return {"n": n, "diff": diff, "low": float(interval.low), "high": float(interval.high), "p": float(result.pvalue)}
 
 
 def intervals_overlap(a: dict[str, float], b: dict[str, float]) -> bool:
