@@ -14,3 +14,4 @@ for sweep in learned oracle; do
   done
 done
 moe-lab dashboard learned oracle -o domain_specialisation.html
+python "$(dirname "$0")/summarise.py" learned oracle -o summary.json
