@@ -22,7 +22,8 @@ import numpy as np
 from moe_lab.analysis import figures
 from moe_lab.analysis.runs import (RunRecord, gather_runs, is_run_dir, is_sweep_dir, labels, read_run, summary_rows,
                                    sweep_runs, swept_keys, write_atomically)
-from moe_lab.analysis.seeds import GROUP_METRICS, differences, has_seed_groups, ranked_groups, seed_groups
+from moe_lab.analysis.seeds import (GROUP_METRICS, difference_text, differences, has_seed_groups, ranked_groups,
+                                   seed_groups)
 from moe_lab.analysis.stats import CONFIDENCE, mutual_information
 from moe_lab.errors import DashboardError
 
@@ -179,15 +180,7 @@ def _group_row(r) -> dict:
 
 
 def _difference_text(d: dict) -> str:
-    verdict = "separated" if d["separated"] else "not separated: the interval contains 0"
-    text = (f"#{d['a'].rank} {d['a'].group.name} minus #{d['b'].rank} {d['b'].group.name}: {_fmt(d['diff'], '+.4f')} "
-            f"[{_fmt(d['low'], '+.4f')}, {_fmt(d['high'], '+.4f')}], p = {_fmt(d['p'], '.3g')} ({verdict})")
-    if d["paired"]:
-        p = d["paired"]
-        text += (f"; paired by seed: {_fmt(p['diff'], '+.4f')} [{_fmt(p['low'], '+.4f')}, {_fmt(p['high'], '+.4f')}] "
-                 f"over {p['n']} seeds, p = {_fmt(p['p'], '.3g')} "
-                 f"({'separated' if d['paired_separated'] else 'not separated'})")
-    return text
+    return f"#{d['a'].rank} {d['a'].group.name} minus #{d['b'].rank} {d['b'].group.name}: {difference_text(d)}"
 
 
 def analysis_page(report: dict) -> str:

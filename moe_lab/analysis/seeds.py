@@ -167,15 +167,20 @@ def group_table(groups: list[RunGroup]) -> str:
     if diffs:
         lines.append(f"differences in mean val/loss, each group against the next (Welch's t, {pct}% CI):")
         for d in diffs:
-            verdict = "separated" if d["separated"] else "not separated: the interval contains 0"
-            lines.append(f"  #{d['a'].rank} - #{d['b'].rank}: {_number(d['diff'], '+.4f')} "
-                         f"[{_number(d['low'], '+.4f')}, {_number(d['high'], '+.4f')}], p = {_number(d['p'], '.3g')} "
-                         f"({verdict})" + (f"; paired by seed: {_paired_text(d)}" if d["paired"] else ""))
+            lines.append(f"  #{d['a'].rank} - #{d['b'].rank}: {difference_text(d)}")
     if any(r.overlaps for r in ranked):
         lines.append(f"'=': its {pct}% interval overlaps another group's; these seeds do not establish that order")
     if any(len(g.finished) < 2 for g in groups if g.finished):
         lines.append("n/a: a group with one finished run has no interval; add seeds (seed=1,2,3 or seeds=3)")
     return "\n".join(lines)
+
+
+def difference_text(d: dict[str, Any]) -> str:
+    """One entry of `differences` in words: Welch's interval and p-value, and the paired one where there is one."""
+    verdict = "separated" if d["separated"] else "not separated: the interval contains 0"
+    return (f"{_number(d['diff'], '+.4f')} [{_number(d['low'], '+.4f')}, {_number(d['high'], '+.4f')}], "
+            f"p = {_number(d['p'], '.3g')} ({verdict})"
+            + (f"; paired by seed: {_paired_text(d)}" if d["paired"] else ""))
 
 
 def _paired_text(d: dict[str, Any]) -> str:
