@@ -88,13 +88,41 @@ def plan_dispatch(expert_N: torch.Tensor, num_experts: int, capacity: Optional[i
 class ExpertRows:
     """The rows this rank's experts process: inputs grouped by local expert, their routing weights (applied inside
     the experts), the group ends, and what `combine` needs to send the outputs home. With `parts`, the experts run
-    once per part (rows [start, end), its own group ends): the all-to-all dispatcher's deterministic mode."""
+    once per part (rows [start, end), its own group ends): the all-to-all dispatcher's deterministic mode.
 
-    x_RD: torch.Tensor
+    The rows are given as a source and an index (row r is source_SD[index_R[r]]) so that the experts gather them
+    inside their first GEMM and autograd keeps the source (S rows) rather than the R = top_k x S gathered ones."""
+
+    source_SD: torch.Tensor
     weight_R: torch.Tensor
     offs_El: Optional[torch.Tensor]  # int32, cumulative rows per local expert
     state: dict[str, Any] = field(default_factory=dict)
     parts: Optional[list[tuple[int, int, torch.Tensor]]] = None
+    index_R: Optional[torch.Tensor] = None  # int64; None: the source is the rows, in order
+
+    @property
+    def x_RD(self) -> torch.Tensor:
+        return self.source_SD if self.index_R is None else self.source_SD.index_select(0, self.index_R)
+
+
+class _ScatterAddRows(torch.autograd.Function):
+    """out (S, D) = zeros, out[index_R[r]] += y_RD[r]: `index_add`, whose autograd keeps the whole source y_RD only to
+    know its shape; this keeps the index alone (backward is a gather of the output gradient)."""
+
+    @staticmethod
+    def forward(ctx, y_RD: torch.Tensor, index_R: torch.Tensor, rows_out: int) -> torch.Tensor:
+        ctx.save_for_backward(index_R)
+        return y_RD.new_zeros(rows_out, y_RD.shape[1]).index_add_(0, index_R, y_RD)
+
+    @staticmethod
+    def backward(ctx, grad_SD: torch.Tensor):
+        (index_R,) = ctx.saved_tensors
+        return grad_SD.index_select(0, index_R), None, None
+
+
+def scatter_add_rows(y_RD: torch.Tensor, index_R: torch.Tensor, rows_out: int) -> torch.Tensor:
+    """Sum rows of y_RD into rows_out output rows by index (each token's slots into the token)."""
+    return _ScatterAddRows.apply(y_RD, index_R, rows_out)
 
 
 class LocalDispatcher:
@@ -111,12 +139,13 @@ class LocalDispatcher:
             token_R = torch.where(plan.row_kept_R, token_R, T)
             weight_R = torch.where(plan.row_kept_R, weight_R, 0.0)
             x_src = torch.cat([x_TD, x_TD.new_zeros(1, D)])
-        x_RD = x_src.index_select(0, token_R)  # gather (backward: index_add)
-        return ExpertRows(x_RD, weight_R, plan.offs_E, {"token_R": token_R, "rows_out": x_src.shape[0], "T": T})
+        # The experts gather rows x_src[token_R] inside their first GEMM (backward: index_add).
+        return ExpertRows(x_src, weight_R, plan.offs_E, {"token_R": token_R, "rows_out": x_src.shape[0], "T": T},
+                          index_R=token_R)
 
     def combine(self, y_RD: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
         s = rows.state
-        y_TD = y_RD.new_zeros(s["rows_out"], y_RD.shape[1]).index_add(0, s["token_R"], y_RD)  # sum each token's slots
+        y_TD = scatter_add_rows(y_RD, s["token_R"], s["rows_out"])  # sum each token's slots
         return y_TD[: s["T"]]
 
 
@@ -157,14 +186,14 @@ class AllToAllDispatcher:
         by_expert = torch.argsort(expert_of_row, stable=True)
         offs_El = torch.cumsum(recv_PEl.sum(0), 0).to(torch.int32)
         state["by_expert"] = by_expert
-        return ExpertRows(x_recv.index_select(0, by_expert), w_recv.index_select(0, by_expert), offs_El, state)
+        return ExpertRows(x_recv, w_recv.index_select(0, by_expert), offs_El, state, index_R=by_expert)
 
     def combine(self, y_RD: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
         s = rows.state
         if "by_expert" in s:  # back to the order the rows arrived in
             y_RD = torch.empty_like(y_RD).index_copy(0, s["by_expert"], y_RD)
         y_send = all_to_all(y_RD, s["send"], s["recv"], self.group)
-        return y_send.new_zeros(s["T"], y_send.shape[1]).index_add(0, s["token_S"], y_send)
+        return scatter_add_rows(y_send, s["token_S"], s["T"])
 
 
 def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:

@@ -95,6 +95,42 @@ def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) ->
     return torch._grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs=offs_E)
 
 
+class _GatherGroupedMM(torch.autograd.Function):
+    """grouped_mm(src_SI[index_R], w_EOI, offs_E) without keeping the gathered rows for backward.
+
+    Autograd of gather-then-GEMM keeps the gathered (R, I) rows, top_k copies of every token, for the weight
+    gradient; this keeps the source (S rows, usually already kept by the router's GEMM) and the index, and gathers
+    the rows again in backward: one copy of R x I numbers instead of R x I of activation memory."""
+
+    @staticmethod
+    def forward(ctx, src_SI: torch.Tensor, index_R: torch.Tensor, w_EOI: torch.Tensor,
+                offs_E: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(src_SI, index_R, w_EOI, offs_E)
+        return grouped_mm(src_SI.index_select(0, index_R), w_EOI, offs_E)
+
+    @staticmethod
+    def backward(ctx, grad_RO: torch.Tensor):
+        src_SI, index_R, w_EOI, offs_E = ctx.saved_tensors
+        grad_RO = grad_RO.contiguous()
+        grad_src = grad_w = None
+        if ctx.needs_input_grad[0]:
+            # (R, O) x (E, O, I) per group -> (R, I); rows past offs[-1] are undefined, and belong to dropped slots,
+            # which the dispatcher points at a spare zero row of the source whose gradient is discarded.
+            grad_RI = torch._grouped_mm(grad_RO, w_EOI, offs=offs_E)
+            grad_src = torch.zeros_like(src_SI).index_add_(0, index_R, grad_RI)
+        if ctx.needs_input_grad[2]:
+            # (O, R) x (R, I), groups along R -> (E, O, I); rows past offs[-1] are outside every group.
+            grad_w = torch._grouped_mm(grad_RO.t(), src_SI.index_select(0, index_R), offs=offs_E)
+        return grad_src, None, grad_w, None
+
+
+def gather_grouped_mm(src_SI: torch.Tensor, index_R: torch.Tensor, w_EOI: torch.Tensor,
+                      offs_E: torch.Tensor) -> torch.Tensor:
+    """Rows src_SI[index_R], grouped by expert, times w_EOI[e]^T -> (R, O), keeping only src and index for
+    backward (see _GatherGroupedMM)."""
+    return _GatherGroupedMM.apply(src_SI, index_R, w_EOI, offs_E)
+
+
 class GroupedExperts(nn.Module):
     """E expert FFNs with weights stacked on a leading expert dimension."""
 
@@ -131,12 +167,19 @@ class GroupedExperts(nn.Module):
             return torch.get_autocast_dtype(x.device.type)
         return x.dtype
 
-    def forward(self, x_RD: torch.Tensor, offs_E: torch.Tensor, scale_R: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x_RD: torch.Tensor, offs_E: torch.Tensor, scale_R: Optional[torch.Tensor] = None,
+                index_R: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Sorted rows (R, D) and int32 cumulative row counts per expert (E,) -> expert outputs (R, D), each row
         multiplied by scale_R (the routing weights) if given: applied to the hidden activations when those are
-        narrower than the output (fine-grained experts), else to the output, whichever touches fewer numbers."""
+        narrower than the output (fine-grained experts), else to the output, whichever touches fewer numbers.
+
+        With index_R, x_RD is the source (S, D) of the rows and row r is x_RD[index_R[r]]: gathered inside the
+        first GEMM, so the R gathered rows are not kept for backward."""
         dtype = self._compute_dtype(x_RD)
-        h_RGF = grouped_mm(x_RD.to(dtype), self.w_in_EGFD.to(dtype), offs_E)
+        if index_R is None:
+            h_RGF = grouped_mm(x_RD.to(dtype), self.w_in_EGFD.to(dtype), offs_E)
+        else:
+            h_RGF = gather_grouped_mm(x_RD.to(dtype), index_R, self.w_in_EGFD.to(dtype), offs_E)
         scale_R = scale_R.to(dtype) if scale_R is not None else None
         scale_hidden = scale_R is not None and self.hidden <= x_RD.shape[1]
         if self.activation == "swiglu":

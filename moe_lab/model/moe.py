@@ -163,13 +163,13 @@ class MoELayer(nn.Module):
 
     def _experts(self, rows: ExpertRows) -> torch.Tensor:
         if rows.parts is None:
-            return self.experts(rows.x_RD, rows.offs_El, rows.weight_R)
+            return self.experts(rows.source_SD, rows.offs_El, rows.weight_R, index_R=rows.index_R)
         if not rows.parts:  # no rank sent this rank a row: run the experts on no rows all the same, so that the
             # backward pass reaches this rank's all-to-alls as it reaches the others' (a detached zero tensor here
             # left the other ranks waiting in backward: a deadlock whenever one rank's experts got no token).
             offs_El = torch.zeros(self.experts.num_experts, dtype=torch.int32, device=rows.x_RD.device)
             return self.experts(rows.x_RD, offs_El, rows.weight_R)
-        return torch.cat([self.experts(rows.x_RD[start:end], offs_El, rows.weight_R[start:end])
+        return torch.cat([self.experts(rows.source_SD[start:end], offs_El, rows.weight_R[start:end])
                           for start, end, offs_El in rows.parts])
 
     def _losses(self, routing: Routing, tokens_per_expert_E: torch.Tensor, batch_size: int

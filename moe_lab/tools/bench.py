@@ -6,11 +6,13 @@ median (synchronising the device), and records the activation memory saved for t
 allocated memory on a GPU). Implementations:
     grouped       moe-lab's layer: sort-based dispatch, torch._grouped_mm
     loop          moe-lab's per-expert reference (the test oracle)
-    hf_eager      transformers' MixtralSparseMoeBlock with eager experts, on the same weights (--compare)
-    hf_grouped    the same block with transformers' grouped_mm experts (--compare)
+    hf_eager, hf_grouped, torchtitan, olmo_core
+                  the peers' MoE layers on the same weights (--compare; bench_peers.py), each checked to compute
+                  moe-lab's output and input gradient before it is timed, or listed as not timed with the reason
     dense         a dense SwiGLU FFN with the MoE's active parameters: hidden = top_k x expert width (--compare)
 It also times whole training steps (forward, backward, AdamW) of model presets, with tokens/s and, on GPUs in
-moe-lab's peak table, MFU from 6 x active parameters + attention FLOPs per token.
+moe-lab's peak table, MFU from 6 x active parameters + attention FLOPs per token; and with --compare, a whole
+dropless model against the same weights exported to transformers. Ratios against the targets close the table.
 """
 
 from __future__ import annotations
@@ -101,15 +103,18 @@ def median_ms(fn: Callable[[], None], device: torch.device, warmup: int, repeats
     return statistics.median(times)
 
 
-def saved_for_backward_mb(fn: Callable[[], torch.Tensor]) -> float:
-    """Bytes of the tensors autograd keeps for the backward pass of fn() (the activation memory), in MB."""
+def saved_for_backward_mb(fn: Callable[[], torch.Tensor], module: Optional[torch.nn.Module] = None) -> float:
+    """MB of the tensors autograd keeps for the backward pass of fn(): the activation memory. A tensor sharing its
+    storage with one of `module`'s parameters is not counted (a GEMM keeps its weight operand, a view of the
+    parameter: that memory is the model's, whatever the layer keeps)."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()} if module is not None else set()
     total = 0
     seen = set()
 
     def pack(t: torch.Tensor):
         nonlocal total
         key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        if key not in seen:
+        if key not in seen and key[0] not in params:
             seen.add(key)
             total += t.untyped_storage().nbytes()
         return t
@@ -135,54 +140,53 @@ def moe_layer(case: Case, implementation: str, device: torch.device, dtype: torc
     return MoELayer(case.d_model, cfg).to(device=device, dtype=dtype)
 
 
-def hf_block(layer, case: Case, experts_implementation: str, device: torch.device, dtype: torch.dtype):
-    """transformers' Mixtral block (softmax top-k, renormalised: the same routing) holding `layer`'s weights."""
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
-
-    config = MixtralConfig(hidden_size=case.d_model, intermediate_size=case.expert_hidden,
-                           num_local_experts=case.num_experts, num_experts_per_tok=case.top_k, router_jitter_noise=0.0)
-    config._experts_implementation = experts_implementation
-    block = MixtralSparseMoeBlock(config).to(device=device, dtype=dtype)
-    with torch.no_grad():
-        block.gate.weight.copy_(layer.router.gate_ED)
-        block.experts.gate_up_proj.copy_(layer.experts.w_in_EGFD)
-        block.experts.down_proj.copy_(layer.experts.w_out_EDF)
-    return block
-
-
-def implementations(case: Case, device: torch.device, dtype: torch.dtype, compare: bool, with_loop: bool):
-    """name -> (module, forward(x) -> y): every implementation of a case, on the same weights."""
+def implementations(case: Case, device: torch.device, dtype: torch.dtype, compare: bool, with_loop: bool,
+                    x: torch.Tensor, grad: torch.Tensor, not_timed: list[dict]):
+    """name -> (module, forward(x) -> y, note): every implementation of a case, on the same weights. A peer is
+    checked against moe-lab's layer on (x, grad) first; one that cannot run or computes something else goes to
+    `not_timed` with the reason instead."""
     from moe_lab.model.experts import FeedForward
+    from moe_lab.tools import bench_peers
 
     grouped = moe_layer(case, "grouped", device, dtype)
-    impls = {"grouped": (grouped, lambda x: grouped(x)[0])}
+    reference = lambda t: grouped(t)[0]  # noqa: E731
+    impls = {"grouped": (grouped, reference, "")}
     if with_loop:
         loop = moe_layer(case, "loop", device, dtype)
         loop.load_state_dict(grouped.state_dict())
-        impls["loop"] = (loop, lambda x: loop(x)[0])
-    if compare and case.capacity_factor is None:  # Hugging Face blocks are dropless
-        for name, kind in (("hf_eager", "eager"), ("hf_grouped", "grouped_mm")):
+        impls["loop"] = (loop, lambda t: loop(t)[0], "")
+    if compare and case.capacity_factor is None:  # the peers' layers are dropless
+        for name, build in bench_peers.PEERS.items():
             try:
-                block = hf_block(grouped, case, kind, device, dtype)
-            except Exception as e:  # transformers missing or too old: say so in the table
-                print(f"moe-lab bench: {name} unavailable ({type(e).__name__}: {e})")
+                module = build(grouped, case, device, dtype)
+                same = bench_peers.check_same_math(reference, module, x, grad, name in bench_peers.COMPUTES_IN_BF16)
+            except Exception as e:  # not installed, or cannot run on this device: the table says why
+                reason = str(e) if isinstance(e, bench_peers.PeerUnavailable) else f"{type(e).__name__}: {e}"
+                hint = bench_peers.KNOWN_LIMITS.get((name, device.type))
+                not_timed.append({"case": case.name, "impl": name,
+                                  "reason": reason.strip() + (f" ({hint})" if hint else "")})
                 continue
-            impls[name] = (block, block)
+            if not same.ok:
+                hint = bench_peers.KNOWN_LIMITS.get((name, f"{device.type}-{dtype}"))
+                not_timed.append({"case": case.name, "impl": name, "reason": f"computes something else: {same}"
+                                  + (f" ({hint})" if hint else "")})
+                continue
+            impls[name] = (module, module, str(same))
     if compare:
         torch.manual_seed(0)
         dense = FeedForward(case.d_model, case.dense_hidden).to(device=device, dtype=dtype)
-        impls["dense"] = (dense, dense)
+        impls["dense"] = (dense, dense, "")
     return impls
 
 
 def time_case(case: Case, device: torch.device, dtype: torch.dtype, compare: bool, with_loop: bool, warmup: int,
-              repeats: int) -> list[Result]:
+              repeats: int, not_timed: list[dict]) -> list[Result]:
     results = []
     torch.manual_seed(1)
     x = torch.randn(1, case.tokens, case.d_model, device=device, dtype=dtype)
     grad = torch.randn_like(x)
-    for name, (module, forward) in implementations(case, device, dtype, compare, with_loop).items():
+    impls = implementations(case, device, dtype, compare, with_loop, x, grad, not_timed)
+    for name, (module, forward, same_math) in impls.items():
         module.train()
         x_req = x.clone().requires_grad_(True)
 
@@ -200,9 +204,10 @@ def time_case(case: Case, device: torch.device, dtype: torch.dtype, compare: boo
         forward_ms = median_ms(fwd, device, warmup, repeats)
         backward_ms = median_ms(fwd_bwd, device, warmup, repeats)
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-        saved = saved_for_backward_mb(lambda: forward(x_req))
+        saved = saved_for_backward_mb(lambda: forward(x_req), module)
         results.append(Result(case.name, name, case.tokens, case.d_model, case.num_experts, case.top_k,
-                              case.expert_hidden, case.capacity_factor, forward_ms, backward_ms, saved, peak))
+                              case.expert_hidden, case.capacity_factor, forward_ms, backward_ms, saved, peak,
+                              {"same_math": same_math} if same_math else {}))
     return results
 
 
@@ -210,23 +215,29 @@ def time_case(case: Case, device: torch.device, dtype: torch.dtype, compare: boo
 # Whole training steps
 
 
-def time_training_step(preset: str, experts: Optional[str], batch_size: int, seq_len: int, device: torch.device,
-                       precision: str, warmup: int, repeats: int) -> dict:
-    """Tokens/s of forward + backward + AdamW for a model preset (config composed from conf/ as `moe-lab train`)."""
+def compose_model(preset: str, overrides: list[str]):
+    """The model config of a preset, composed from conf/ as `moe-lab train` does (vocabulary of 320 tokens)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from moe_lab.model import MoETransformer
-    from moe_lab.training.metrics import peak_flops
     from moe_lab.training.schemas import config_dir, validate
 
-    overrides = [f"model={preset}"] + ([f"experts={experts}"] if experts else [])
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides + ["paths.output_dir=."])
+        cfg = compose(config_name="train", overrides=[f"model={preset}"] + overrides + ["paths.output_dir=."])
     GlobalHydra.instance().clear()
     model_cfg = validate(cfg).model
     model_cfg.vocab_size = 320
+    return model_cfg
+
+
+def time_training_step(preset: str, experts: Optional[str], batch_size: int, seq_len: int, device: torch.device,
+                       precision: str, warmup: int, repeats: int) -> dict:
+    """Tokens/s of forward + backward + AdamW for a model preset (config composed from conf/ as `moe-lab train`)."""
+    from moe_lab.model import MoETransformer
+    from moe_lab.training.metrics import peak_flops
+
+    model_cfg = compose_model(preset, [f"experts={experts}"] if experts else [])
     torch.manual_seed(0)
     model = MoETransformer(model_cfg).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -252,6 +263,67 @@ def time_training_step(preset: str, experts: Optional[str], batch_size: int, seq
             "mfu": tokens_per_sec * flops / peak if peak else None}
 
 
+def time_whole_model_vs_hf(preset: str, experts: Optional[str], batch_size: int, seq_len: int, device: torch.device,
+                           warmup: int, repeats: int) -> dict:
+    """A training step (forward, backward with the load-balancing loss, AdamW) of a dropless moe-lab model and of
+    the same model exported to transformers (`to_hf`, the weights of `moe-lab export --format hf`), float32.
+
+    Both compute the same logits (checked first: relative L2 error, bar 1e-4); each adds its own load-balancing
+    loss at the same weight (transformers' `load_balancing_loss_func` with output_router_logits; moe-lab's Switch
+    loss and z-loss as configured)."""
+    import torch.nn.functional as F
+
+    from moe_lab.interop.huggingface import to_hf
+    from moe_lab.model import MoETransformer
+
+    overrides = ([f"experts={experts}"] if experts else []) + ["model.moe.capacity_factor=null",
+                                                              "model.moe.eval_capacity_factor=null"]
+    model_cfg = compose_model(preset, overrides)
+    torch.manual_seed(0)
+    model = MoETransformer(model_cfg).to(device)
+    hf = to_hf(model, eos_id=0).to(device)
+    hf.config.output_router_logits = True
+    ids = torch.randint(0, 256, (batch_size, seq_len + 1), device=device)
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    with torch.no_grad():
+        model.eval()
+        ours = model(inputs).logits
+        theirs = hf(input_ids=inputs).logits
+        error = ((ours - theirs).norm() / ours.norm()).item()
+    if error > 1e-4:
+        return {"preset": preset, "not_timed": f"the exported model computes other logits (relative error {error:.1e})"}
+    model.train()
+    hf.train()
+
+    def moe_lab_step(optimizer):
+        def step():
+            out = model(inputs, targets)
+            loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    def hf_step(optimizer):
+        def step():
+            out = hf(input_ids=inputs)
+            loss = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten()) + out.aux_loss * \
+                hf.config.router_aux_loss_coef
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    times = {}
+    for name, module, make in (("moe-lab", model, moe_lab_step), ("transformers", hf, hf_step)):
+        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-6, fused=device.type == "cuda")
+        times[name] = median_ms(make(optimizer), device, warmup, repeats)
+    return {"preset": preset + (f" experts={experts}" if experts else "") + " dropless",
+            "architecture": type(hf).__name__, "batch": batch_size, "seq_len": seq_len, "logits_error": error,
+            "moe_lab_ms": times["moe-lab"], "transformers_ms": times["transformers"],
+            "speedup": times["transformers"] / times["moe-lab"]}
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Report
 
@@ -264,20 +336,44 @@ def machine() -> dict:
     return info
 
 
-def ratios(results: list[Result]) -> list[tuple[str, str, float, str]]:
-    """(case, comparison, ratio, target) for the targets of the speed issue (forward + backward)."""
-    by = {(r.case, r.impl): r.forward_backward_ms for r in results}
+PEER_NAMES = ("hf_eager", "hf_grouped", "torchtitan", "olmo_core")
+# Forward + backward speed-up over the fastest peer that ran, per case (the speed issue's bars).
+PEER_SPEEDUP_TARGETS = {"E8-top2": 1.3, "E64-top8": 1.5, "E128-top8": 1.5}
+# moe-lab's time over a dense SwiGLU of equal active parameters (the first speed issue's bars).
+DENSE_TIME_TARGETS = {"E8-top2": 1.25, "E64-top8": 1.5}
+DENSE_MEMORY_TARGET = 1.6  # activation memory of the MoE layer over the dense FFN of equal active parameters
+WHOLE_MODEL_TARGET = 1.3  # whole-model training step, speed-up over transformers on the same weights
+TRAINING_STEP_TARGET = 0.9  # tokens/s of the default MoE over the dense model of equal active parameters
+
+
+def ratios(results: list[Result], steps: list[dict] = (), whole_models: list[dict] = ()
+           ) -> list[tuple[str, str, float, str, bool]]:
+    """(case, comparison, ratio, target, met) for the targets of the speed issues."""
+    by = {(r.case, r.impl): r for r in results}
     out = []
-    targets = {"E8-top2": (1.0, 1.25), "E64-top8": (2.5, 1.5), "E128-top8": (2.5, None)}
-    for case, (speedup_target, dense_target) in targets.items():
-        if (case, "grouped") not in by:
+
+    def add(case, what, value, bar, higher_is_better):
+        met = value >= bar if higher_is_better else value <= bar
+        out.append((case, what, value, (">= " if higher_is_better else "<= ") + f"{bar}x", met))
+
+    for case in dict.fromkeys(r.case for r in results):
+        ours = by.get((case, "grouped"))
+        if ours is None or case.startswith("scale-"):
             continue
-        if (case, "hf_eager") in by:
-            out.append((case, "speed-up over HF eager Mixtral block", by[(case, "hf_eager")] / by[(case, "grouped")],
-                        f">= {speedup_target}x"))
-        if (case, "dense") in by:
-            out.append((case, "time / dense SwiGLU of equal active params", by[(case, "grouped")] / by[(case, "dense")],
-                        f"<= {dense_target}x" if dense_target else "(no target)"))
+        peers = [by[(case, p)] for p in PEER_NAMES if (case, p) in by]
+        if peers and case in PEER_SPEEDUP_TARGETS:
+            best = min(peers, key=lambda r: r.forward_backward_ms)
+            add(case, f"speed-up over the fastest peer ({best.impl})",
+                best.forward_backward_ms / ours.forward_backward_ms, PEER_SPEEDUP_TARGETS[case], True)
+            least = min(peers, key=lambda r: r.saved_mb)
+            add(case, f"activation memory / the least peer's ({least.impl})", ours.saved_mb / least.saved_mb,
+                1.0, False)
+        dense = by.get((case, "dense"))
+        if dense is not None:
+            if case in DENSE_TIME_TARGETS:
+                add(case, "time / dense SwiGLU of equal active params",
+                    ours.forward_backward_ms / dense.forward_backward_ms, DENSE_TIME_TARGETS[case], False)
+            add(case, "activation memory / dense SwiGLU", ours.saved_mb / dense.saved_mb, DENSE_MEMORY_TARGET, False)
     families: dict[str, list[Result]] = {}
     for r in results:
         if r.case.startswith("scale-") and r.impl == "grouped":
@@ -285,27 +381,48 @@ def ratios(results: list[Result]) -> list[tuple[str, str, float, str]]:
     for family, rows in families.items():
         rows.sort(key=lambda r: r.num_experts)
         if len(rows) >= 2:
-            out.append((f"{family}: E{rows[0].num_experts} -> E{rows[-1].num_experts}",
-                        f"time ratio ({rows[0].tokens} tokens, top-{rows[0].top_k}, width {rows[0].expert_hidden})",
-                        rows[-1].forward_backward_ms / rows[0].forward_backward_ms, "<= 1.2x"))
+            add(f"{family}: E{rows[0].num_experts} -> E{rows[-1].num_experts}",
+                f"time ratio ({rows[0].tokens} tokens, top-{rows[0].top_k}, width {rows[0].expert_hidden})",
+                rows[-1].forward_backward_ms / rows[0].forward_backward_ms, 1.2, False)
+    for w in whole_models:
+        if "speedup" in w:
+            add(w["preset"], f"whole-model step, speed-up over transformers ({w['architecture']})", w["speedup"],
+                WHOLE_MODEL_TARGET, True)
+    moe = next((s for s in steps if s["preset"] == "tiny"), None)
+    dense = next((s for s in steps if s["preset"] == "dense_tiny"), None)
+    if moe and dense:
+        add("tiny vs dense_tiny", "training step tokens/s, MoE / dense of equal active",
+            moe["tokens_per_sec"] / dense["tokens_per_sec"], TRAINING_STEP_TARGET, True)
     return out
 
 
-def print_table(results: list[Result], steps: list[dict], checks: list[tuple]) -> None:
-    print(f"\n{'case':<22} {'impl':<11} {'fwd ms':>9} {'fwd+bwd ms':>11} {'saved MB':>9} {'peak MB':>9}")
+def print_table(results: list[Result], steps: list[dict], checks: list[tuple], not_timed: list[dict] = (),
+                whole_models: list[dict] = ()) -> None:
+    print(f"\n{'case':<22} {'impl':<11} {'fwd ms':>9} {'fwd+bwd ms':>11} {'saved MB':>9} {'peak MB':>9}  same math")
     for r in results:
         peak = f"{r.peak_mb:9.0f}" if r.peak_mb is not None else f"{'-':>9}"
-        print(f"{r.case:<22} {r.impl:<11} {r.forward_ms:9.2f} {r.forward_backward_ms:11.2f} {r.saved_mb:9.1f} {peak}")
+        print(f"{r.case:<22} {r.impl:<11} {r.forward_ms:9.2f} {r.forward_backward_ms:11.2f} {r.saved_mb:9.1f} {peak}"
+              f"  {r.extra.get('same_math', '')}")
+    for n in not_timed:
+        print(f"{n['case']:<22} {n['impl']:<11} not timed: {n['reason']}")
     if steps:
         print(f"\n{'training step':<28} {'batch x seq':>12} {'ms':>9} {'tokens/s':>10} {'active params':>14} {'MFU':>6}")
         for s in steps:
             mfu = f"{100 * s['mfu']:5.1f}%" if s["mfu"] is not None else f"{'-':>6}"
             print(f"{s['preset']:<28} {s['batch']:>5} x {s['seq_len']:<4} {s['step_ms']:9.1f} "
                   f"{s['tokens_per_sec']:10.0f} {s['params_active'] / 1e6:13.2f}M {mfu}")
+    if whole_models:
+        print(f"\n{'whole model (train step)':<34} {'moe-lab ms':>11} {'transformers ms':>16}  logits error")
+        for w in whole_models:
+            if "not_timed" in w:
+                print(f"{w['preset']:<34} not timed: {w['not_timed']}")
+            else:
+                print(f"{w['preset']:<34} {w['moe_lab_ms']:11.1f} {w['transformers_ms']:16.1f}  "
+                      f"{w['logits_error']:.1e} ({w['architecture']}, {w['batch']} x {w['seq_len']})")
     if checks:
-        print(f"\n{'case':<26} {'ratio (forward + backward)':<48} {'measured':>9}  target")
-        for case, what, value, target in checks:
-            print(f"{case:<26} {what:<48} {value:8.2f}x  {target}")
+        print(f"\n{'case':<26} {'ratio':<58} {'measured':>9}  target")
+        for case, what, value, target, met in checks:
+            print(f"{case:<26} {what:<58} {value:8.2f}x  {target:<8} {'met' if met else 'NOT MET'}")
 
 
 def run(args) -> dict:
@@ -322,10 +439,11 @@ def run(args) -> dict:
                  for c in cases[:3]]
     started = time.time()
     results: list[Result] = []
+    not_timed: list[dict] = []
     for case in cases:
         with_loop = args.loop and case.num_experts <= 64 and case.tokens <= 4096
         results.extend(time_case(case, device, dtype, args.compare and not case.name.startswith("scale"), with_loop,
-                                 args.warmup, args.repeats))
+                                 args.warmup, args.repeats, not_timed))
         print(f"moe-lab bench: {case.name} done ({time.time() - started:.0f}s)", flush=True)
     steps = []
     if not args.no_steps:
@@ -337,12 +455,24 @@ def run(args) -> dict:
         for preset, experts in presets:
             steps.append(time_training_step(preset, experts, batch, seq, device,
                                             "bf16" if device.type == "cuda" else "fp32", args.warmup, args.repeats))
-    checks = ratios(results)
-    print_table(results, steps, checks)
+    whole_models = []
+    if args.compare and not args.no_steps:
+        shapes = [("tiny", "e8"), ("tiny", "e64_fine")] if device.type == "cpu" else [("small", None)]
+        batch, seq = (8, 256) if device.type == "cpu" else (16, 1024)
+        if args.quick:
+            shapes, batch, seq = [("tiny", None)], 2, 64
+        for preset, experts in shapes:
+            try:
+                whole_models.append(time_whole_model_vs_hf(preset, experts, batch, seq, device, args.warmup,
+                                                           args.repeats))
+            except ImportError as e:
+                whole_models.append({"preset": preset, "not_timed": f"transformers is not installed ({e})"})
+    checks = ratios(results, steps, whole_models)
+    print_table(results, steps, checks, not_timed, whole_models)
     report = {"machine": machine(), "device": str(device), "dtype": args.dtype, "seconds": round(time.time() - started, 1),
               "command": "moe-lab bench " + " ".join(args.argv), "cases": [asdict(r) for r in results],
-              "training_steps": steps, "ratios": [dict(zip(("case", "comparison", "ratio", "target"), c))
-                                                  for c in checks]}
+              "training_steps": steps, "whole_models": whole_models, "not_timed": not_timed,
+              "ratios": [dict(zip(("case", "comparison", "ratio", "target", "met"), c)) for c in checks]}
     out = Path(args.out or f"benchmarks/results/{datetime.now():%Y-%m-%d_%H-%M-%S}").expanduser()
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
