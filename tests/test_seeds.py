@@ -83,6 +83,15 @@ def test_groups_rank_and_say_which_are_not_separated(tmp_path):
     assert "over 3 seeds" in table
 
 
+def test_group_names_show_overrides_as_typed(tmp_path):
+    """Hydra records a swept `${seed}` interpolation escaped (`$\\{seed\\}`); the group's name shows what was typed."""
+    runs = [fake_run(tmp_path, f"{kind}-{seed}", overrides + [f"seed={seed}"], 1.8 + 0.01 * seed)
+            for seed in (1, 2) for kind, overrides in
+            (("up", [r"model.init_from=dense/$\{seed\}/last.ckpt", "upcycle=copy"]), ("scratch", ["upcycle=none"]))]
+    names = {g.name for g in seed_groups(runs)}
+    assert "model.init_from=dense/${seed}/last.ckpt, upcycle=copy" in names
+
+
 def test_one_run_per_configuration_is_not_a_seed_group(tmp_path):
     runs = [fake_run(tmp_path, "a", ["experts=e4"], 2.0), fake_run(tmp_path, "b", ["experts=e8"], 1.9)]
     assert not has_seed_groups(seed_groups(runs))

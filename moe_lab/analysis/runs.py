@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import re
 import stat
 import tempfile
 from dataclasses import dataclass, field
@@ -223,9 +224,15 @@ def _split(run: RunRecord) -> list[tuple[str, str]]:
     return [tuple(o.partition("=")[::2]) for o in run.overrides]
 
 
+def unescape_override(value: str) -> str:
+    """An override value as the user typed it: Hydra records a swept value with its grammar's escapes
+    (`dense/$\\{seed\\}/...` for `dense/${seed}/...`)."""
+    return re.sub(r"\\([\\()\[\]{}:=, ])", r"\1", value)
+
+
 def label(run: RunRecord, keys: list[str]) -> str:
     given = dict(_split(run))
-    parts = [f"{k}={given[k]}" for k in keys if k in given]
+    parts = [f"{k}={unescape_override(given[k])}" for k in keys if k in given]
     return ", ".join(parts) or run.job
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from moe_lab.analysis.runs import RunRecord, swept_keys, write_atomically
+from moe_lab.analysis.runs import RunRecord, swept_keys, unescape_override, write_atomically
 from moe_lab.analysis.stats import (CONFIDENCE, difference_interval, intervals_overlap, mean_interval,
                                     paired_difference_interval)
 
@@ -80,7 +80,7 @@ def seed_groups(runs: list[RunRecord]) -> list[RunGroup]:
     groups = []
     for members in order.values():
         given = dict(o.partition("=")[::2] for o in members[0].overrides)
-        name = ", ".join(f"{k}={given[k]}" for k in keys if k in given) or "the defaults"
+        name = ", ".join(f"{k}={unescape_override(given[k])}" for k in keys if k in given) or "the defaults"
         groups.append(RunGroup(name, members))
     return groups
 

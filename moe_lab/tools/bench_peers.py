@@ -79,6 +79,12 @@ def torchtitan_moe(layer, case, device: torch.device, dtype: torch.dtype) -> nn.
                                             top_k=K, score_func="softmax", route_norm=True),
         load_balance_coeff=None)
     moe = config.build().to(device=device, dtype=dtype)
+    if device.type == "cpu" and dtype != torch.float32:
+        # torchtitan computes the gate under torch.autocast(dtype=float32), which CPU autocast does not support (it
+        # warns and runs the gate in bfloat16, whose scores pick other experts on near-ties). Do here what that
+        # autocast does on a GPU: the gate's matmul in float32.
+        gate = moe.router.gate
+        gate.forward = lambda x, gate=gate: torch.nn.functional.linear(x.float(), gate.weight.float())
     experts = moe.routed_experts.inner_experts
     gate_up = layer.experts.w_in_EGFD
     with torch.no_grad():
@@ -123,9 +129,6 @@ PEERS: dict[str, Callable[..., nn.Module]] = {
 KNOWN_LIMITS: dict[tuple[str, str], str] = {
     ("olmo_core", "cpu"): "OLMo-core's MoE layers gather and scatter tokens with Triton kernels (olmo_core.kernels.moe), "
                           "and Triton has no CPU driver; its v2 experts require the token counts on a CUDA device",
-    ("torchtitan", "cpu-torch.bfloat16"): "torchtitan computes its router in float32 under torch.autocast, which "
-                                          "CPU autocast does not support: on CPU its router runs in bfloat16 and "
-                                          "picks other experts on near-ties",
 }
 
 # Peers whose expert GEMMs run in bfloat16 whatever the input dtype (compared at bfloat16's tolerance).
