@@ -523,9 +523,11 @@ def bench_command(args: list[str]) -> int:
         prog="moe-lab bench", description="Time the MoE layer (forward, forward + backward, activation memory) over "
         "a grid of shapes, and whole training steps of model presets (tokens/s, MFU on known GPUs). Prints a table "
         "and writes bench.json and bench.csv.")
-    parser.add_argument("--compare", action="store_true", help="also time transformers' Mixtral block (eager and "
-                        "grouped_mm experts) on the same weights and a dense SwiGLU of equal active parameters, and "
-                        "print the target ratios")
+    parser.add_argument("--compare", action="store_true", help="also time the peers' MoE layers on the same weights "
+                        "(transformers' Mixtral block with eager and grouped_mm experts, torchtitan, OLMo-core: "
+                        "pip install -e '.[bench-peers]'; each is checked to compute the same output first, or listed "
+                        "with why it was not timed), a dense SwiGLU of equal active parameters, and a whole model "
+                        "against its transformers export; print the target ratios")
     parser.add_argument("--loop", action="store_true", help="also time moe-lab's per-expert reference loop")
     parser.add_argument("--capacity", action="store_true", help="also time capacity-limited cases (cf 1.25)")
     parser.add_argument("--no-steps", action="store_true", help="skip the whole-training-step timings")
