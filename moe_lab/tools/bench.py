@@ -346,9 +346,11 @@ WHOLE_MODEL_TARGET = 1.3  # whole-model training step, speed-up over transformer
 TRAINING_STEP_TARGET = 0.9  # tokens/s of the default MoE over the dense model of equal active parameters
 
 
-def ratios(results: list[Result], steps: list[dict] = (), whole_models: list[dict] = ()
-           ) -> list[tuple[str, str, float, str, bool]]:
-    """(case, comparison, ratio, target, met) for the targets of the speed issues."""
+def ratios(results: list[Result], steps: list[dict] = (), whole_models: list[dict] = (), dtype: str = "float32"
+           ) -> list[tuple[str, str, float, str, Optional[bool]]]:
+    """(case, comparison, ratio, target, met) for the targets of the speed issues (met None: no target)."""
+    from moe_lab.tools.bench_peers import COMPUTES_IN_BF16
+
     by = {(r.case, r.impl): r for r in results}
     out = []
 
@@ -361,10 +363,17 @@ def ratios(results: list[Result], steps: list[dict] = (), whole_models: list[dic
         if ours is None or case.startswith("scale-"):
             continue
         peers = [by[(case, p)] for p in PEER_NAMES if (case, p) in by]
-        if peers and case in PEER_SPEEDUP_TARGETS:
-            best = min(peers, key=lambda r: r.forward_backward_ms)
+        # A peer that runs its GEMMs in bfloat16 in a float32 bench does cheaper math: it is shown, but the target
+        # is against the fastest peer computing at moe-lab's precision.
+        lower = [r for r in peers if r.impl in COMPUTES_IN_BF16 and dtype == "float32"]
+        same = [r for r in peers if r not in lower]
+        if same and case in PEER_SPEEDUP_TARGETS:
+            best = min(same, key=lambda r: r.forward_backward_ms)
             add(case, f"speed-up over the fastest peer ({best.impl})",
                 best.forward_backward_ms / ours.forward_backward_ms, PEER_SPEEDUP_TARGETS[case], True)
+        for r in lower:
+            out.append((case, f"speed-up over {r.impl} (its expert GEMMs in bf16)",
+                        r.forward_backward_ms / ours.forward_backward_ms, "(no target)", None))
             least = min(peers, key=lambda r: r.saved_mb)
             add(case, f"activation memory / the least peer's ({least.impl})", ours.saved_mb / least.saved_mb,
                 1.0, False)
@@ -422,7 +431,8 @@ def print_table(results: list[Result], steps: list[dict], checks: list[tuple], n
     if checks:
         print(f"\n{'case':<26} {'ratio':<58} {'measured':>9}  target")
         for case, what, value, target, met in checks:
-            print(f"{case:<26} {what:<58} {value:8.2f}x  {target:<8} {'met' if met else 'NOT MET'}")
+            verdict = "" if met is None else "met" if met else "NOT MET"
+            print(f"{case:<26} {what:<58} {value:8.2f}x  {target:<8} {verdict}")
 
 
 def run(args) -> dict:
@@ -451,7 +461,7 @@ def run(args) -> dict:
             ("small", None), ("base", None), ("base", "dense")]
         batch, seq = (8, 256) if device.type == "cpu" else (16, 1024)
         if args.quick:
-            presets, batch, seq = [("tiny", None)], 2, 64
+            presets, batch, seq = [("tiny", None), ("dense_tiny", None)], 2, 64
         for preset, experts in presets:
             steps.append(time_training_step(preset, experts, batch, seq, device,
                                             "bf16" if device.type == "cuda" else "fp32", args.warmup, args.repeats))
@@ -467,7 +477,7 @@ def run(args) -> dict:
                                                            args.repeats))
             except ImportError as e:
                 whole_models.append({"preset": preset, "not_timed": f"transformers is not installed ({e})"})
-    checks = ratios(results, steps, whole_models)
+    checks = ratios(results, steps, whole_models, args.dtype)
     print_table(results, steps, checks, not_timed, whole_models)
     report = {"machine": machine(), "device": str(device), "dtype": args.dtype, "seconds": round(time.time() - started, 1),
               "command": "moe-lab bench " + " ".join(args.argv), "cases": [asdict(r) for r in results],
