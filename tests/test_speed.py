@@ -94,6 +94,7 @@ def test_bench_quick_compare(tmp_path):
     assert {"time / dense SwiGLU of equal active params", "activation memory / dense SwiGLU",
             "training step tokens/s, MoE / dense of equal active"} <= comparisons
     assert any(c.startswith("speed-up over the fastest peer (hf_") for c in comparisons)
+    assert any(c.startswith("activation memory / the least peer's (hf_") for c in comparisons)
     assert all(isinstance(r["met"], bool) for r in saved["ratios"] if r["target"] != "(no target)")
     # every peer is either timed (after the same-math check) or listed with the reason it was not
     for case in ("E8-top2", "E64-top8"):

@@ -17,6 +17,7 @@ dropless model against the same weights exported to transformers. Ratios against
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import platform
@@ -167,9 +168,7 @@ def implementations(case: Case, device: torch.device, dtype: torch.dtype, compar
                                   "reason": reason.strip() + (f" ({hint})" if hint else "")})
                 continue
             if not same.ok:
-                hint = bench_peers.KNOWN_LIMITS.get((name, f"{device.type}-{dtype}"))
-                not_timed.append({"case": case.name, "impl": name, "reason": f"computes something else: {same}"
-                                  + (f" ({hint})" if hint else "")})
+                not_timed.append({"case": case.name, "impl": name, "reason": f"computes something else: {same}"})
                 continue
             impls[name] = (module, module, str(same))
     if compare:
@@ -231,6 +230,20 @@ def compose_model(preset: str, overrides: list[str]):
     return model_cfg
 
 
+def moe_lab_step(model, inputs: torch.Tensor, targets: torch.Tensor, optimizer,
+                 autocast=contextlib.nullcontext()) -> Callable[[], None]:
+    """One training step of a moe-lab model as `moe-lab train` takes it: loss plus the weighted aux losses,
+    backward, optimizer step."""
+    def step():
+        with autocast:
+            out = model(inputs, targets)
+            loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
 def time_training_step(preset: str, experts: Optional[str], batch_size: int, seq_len: int, device: torch.device,
                        precision: str, warmup: int, repeats: int) -> dict:
     """Tokens/s of forward + backward + AdamW for a model preset (config composed from conf/ as `moe-lab train`)."""
@@ -243,16 +256,7 @@ def time_training_step(preset: str, experts: Optional[str], batch_size: int, seq
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     ids = torch.randint(0, 256, (batch_size, seq_len + 1), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-
-    def step():
-        with autocast:
-            out = model(ids[:, :-1], ids[:, 1:])
-            loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    ms = median_ms(step, device, warmup, repeats)
+    ms = median_ms(moe_lab_step(model, ids[:, :-1], ids[:, 1:], optimizer, autocast), device, warmup, repeats)
     tokens_per_sec = batch_size * seq_len / (ms / 1e3)
     flops = model.flops_per_token(seq_len)
     peak = peak_flops(device, "bf16-mixed" if precision == "bf16" else "32-true")
@@ -295,15 +299,6 @@ def time_whole_model_vs_hf(preset: str, experts: Optional[str], batch_size: int,
     model.train()
     hf.train()
 
-    def moe_lab_step(optimizer):
-        def step():
-            out = model(inputs, targets)
-            loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return step
-
     def hf_step(optimizer):
         def step():
             out = hf(input_ids=inputs)
@@ -315,7 +310,8 @@ def time_whole_model_vs_hf(preset: str, experts: Optional[str], batch_size: int,
         return step
 
     times = {}
-    for name, module, make in (("moe-lab", model, moe_lab_step), ("transformers", hf, hf_step)):
+    for name, module, make in (("moe-lab", model, lambda opt: moe_lab_step(model, inputs, targets, opt)),
+                               ("transformers", hf, hf_step)):
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-6, fused=device.type == "cuda")
         times[name] = median_ms(make(optimizer), device, warmup, repeats)
     return {"preset": preset + (f" experts={experts}" if experts else "") + " dropless",
@@ -374,6 +370,7 @@ def ratios(results: list[Result], steps: list[dict] = (), whole_models: list[dic
         for r in lower:
             out.append((case, f"speed-up over {r.impl} (its expert GEMMs in bf16)",
                         r.forward_backward_ms / ours.forward_backward_ms, "(no target)", None))
+        if peers:
             least = min(peers, key=lambda r: r.saved_mb)
             add(case, f"activation memory / the least peer's ({least.impl})", ours.saved_mb / least.saved_mb,
                 1.0, False)
