@@ -347,23 +347,25 @@ def test_a_save_killed_mid_write_leaves_the_previous_checkpoint_whole(tmp_path, 
     assert not list(other_tmp.iterdir())  # nothing was written to the other filesystem
     leftovers = list(ckpt_dir.glob(".last.ckpt.*.tmp"))  # a kill leaves its partial temp file beside the checkpoint
     assert len(leftovers) == 1 and leftovers[0].stat().st_size == 100_000
-    from moe_lab.training.checkpoint import remove_stale_partial_saves
+    from moe_lab.files import remove_stale_temp_files
 
-    assert remove_stale_partial_saves(last) == leftovers  # a resume from here clears it (its writer is dead)
+    assert remove_stale_temp_files(ckpt_dir) == leftovers  # the next start or write here clears it (writer dead)
     assert sorted(p.name for p in ckpt_dir.iterdir()) == (["last.ckpt"] if existing else [])
 
 
-def test_partial_saves_of_a_live_run_are_left_alone(tmp_path):
+def test_partial_saves_of_a_live_writer_and_files_of_others_are_left_alone(tmp_path):
     import os
 
-    from moe_lab.training.checkpoint import remove_stale_partial_saves
-    from moe_lab.training.run_dir import CLAIM
+    from moe_lab.files import _HOST, remove_stale_temp_files, write_atomically
 
-    (tmp_path / "checkpoints").mkdir()
-    partial = tmp_path / "checkpoints" / ".last.ckpt.abc.tmp"
-    partial.write_bytes(b"x")
-    (tmp_path / CLAIM).write_text(f"{os.getppid()}\n")  # a live process owns the run
-    assert remove_stale_partial_saves(tmp_path / "checkpoints" / "last.ckpt") == [] and partial.exists()
+    live = tmp_path / f".last.ckpt.moe-lab-{_HOST}-{os.getppid()}-abc.tmp"  # a live process is writing it
+    elsewhere = tmp_path / ".last.ckpt.moe-lab-otherhost-999999999-abc.tmp"  # another host on a shared filesystem
+    foreign = tmp_path / ".notes.txt.abc.tmp"  # not moe-lab's naming
+    for path in (live, elsewhere, foreign):
+        path.write_bytes(b"x")
+    write_atomically(tmp_path / "summary.json", "{}")
+    assert remove_stale_temp_files(tmp_path) == []
+    assert live.exists() and elsewhere.exists() and foreign.exists()
 
 
 def test_a_failed_save_removes_its_temp_file(tmp_path, monkeypatch):

@@ -18,15 +18,20 @@ PACKAGE = REPO / "moe_lab"
 
 # Which concerns each concern may import (besides itself). Data flows one way:
 # cli -> training/tools -> data, model, analysis -> errors.
+# The leaf modules (errors, files, memory) import only the standard library (and memory errors); the model imports
+# none of them.
+LEAVES = {"errors", "files", "memory"}
 ALLOWED = {
     "errors": set(),
+    "files": set(),
+    "memory": {"errors"},
     "model": set(),
-    "data": {"errors"},
-    "analysis": {"errors"},
-    "interop": {"model", "errors"},
-    "training": {"model", "data", "analysis", "interop", "errors"},
-    "tools": {"training", "model", "data", "analysis", "interop", "errors"},
-    "cli": {"training", "tools", "analysis", "data", "model", "interop", "errors"},
+    "data": LEAVES,
+    "analysis": LEAVES,
+    "interop": {"model"} | LEAVES,
+    "training": {"model", "data", "analysis", "interop"} | LEAVES,
+    "tools": {"training", "model", "data", "analysis", "interop"} | LEAVES,
+    "cli": {"training", "tools", "analysis", "data", "model", "interop"} | LEAVES,
     "": {"training"},  # moe_lab/__init__.py: load_model
     "__main__": {"cli"},  # python -m moe_lab
 }
@@ -72,7 +77,11 @@ def concern(module: str) -> str:
 
 def test_the_tree_has_one_folder_per_concern():
     top_level = sorted(p.name for p in PACKAGE.iterdir() if p.suffix == ".py")
-    assert top_level == ["__init__.py", "__main__.py", "errors.py"]
+    # Leaf modules every package may use (standard library only): errors, atomic files and digests, memory.
+    assert top_level == ["__init__.py", "__main__.py", "errors.py", "files.py", "memory.py"]
+    for leaf in ("errors", "files", "memory"):
+        assert set(imports_of(PACKAGE / f"{leaf}.py")) <= {"moe_lab.errors"}, leaf
+        assert not third_party_imports(PACKAGE / f"{leaf}.py"), leaf
     folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__")
     assert folders == ["analysis", "cli", "data", "interop", "model", "tools", "training"]
 

@@ -110,12 +110,12 @@ def test_a_resumed_run_whose_first_run_is_gone_says_so(make_cfg, tmp_path):
 
 
 def test_resume_inherits_the_overrides_saved_in_the_checkpoint(make_cfg, tmp_path, monkeypatch):
-    from moe_lab.cli.preflight import with_checkpoint_overrides
+    from moe_lab.cli.inherited import with_checkpoint_overrides
     from moe_lab.training import train as train_module
-    from moe_lab.training.checkpoint import inherited
+    from moe_lab.training.checkpoint import saved as is_saved
 
     saved = ["experts=e4", "trainer.max_steps=2", "+trainer.deterministic=true", "hydra.run.dir=somewhere"]
-    monkeypatch.setattr(train_module, "command_line_overrides", lambda: [o for o in saved if inherited(o)])
+    monkeypatch.setattr(train_module, "command_line_overrides", lambda: [o for o in saved if is_saved(o)])
     train(make_cfg("experts=e4", "trainer.max_steps=2", name="first"))
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
     args = with_checkpoint_overrides(["-m", f"ckpt_path={ckpt}", "trainer.max_steps=6", "seed=3"])

@@ -21,7 +21,8 @@ import numpy as np
 
 from moe_lab.analysis import figures
 from moe_lab.analysis.runs import (RunRecord, gather_runs, is_run_dir, is_sweep_dir, labels, read_run, summary_rows,
-                                   sweep_runs, swept_keys, write_atomically)
+                                   sweep_runs, swept_keys)
+from moe_lab.files import write_atomically
 from moe_lab.analysis.seeds import (GROUP_METRICS, difference_text, differences, has_seed_groups, ranked_groups,
                                    seed_groups)
 from moe_lab.analysis.stats import CONFIDENCE, mutual_information

@@ -14,15 +14,14 @@ import json
 import math
 import os
 import re
-import stat
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Optional
+from typing import Any, Optional
 
 import yaml
 
 from moe_lab.errors import DashboardError
+from moe_lab.files import write_atomically
 
 SUMMARY_COLUMNS = ["job", "status", "val/loss", "initial_val_loss", "train/loss", "moe/mean_imbalance",
                    "moe/max_imbalance", "moe/min_load", "moe/dropped_frac", "moe/dead_experts",
@@ -297,35 +296,3 @@ def write_sweep_summary(sweep_dir: Path) -> Path:
     writer.writerows(rows)
     write_atomically(out, text.getvalue())
     return out
-
-
-def write_atomically(path: Path, content: str | Callable[[BinaryIO], None]) -> None:
-    """Write `content` (text, or a function that writes bytes to a file) to a temporary file in the same folder,
-    flush it to disk, rename it over `path`, and flush the rename: a kill at any moment leaves the old file whole.
-    (The temp file lives beside `path`: in the system's temp dir, possibly another filesystem, a rename is a copy.)"""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp makes the file private (0600); give it the mode any other new file would have (or the old one's).
-        umask = os.umask(0)
-        os.umask(umask)
-        try:
-            mode = stat.S_IMODE(os.stat(path).st_mode)
-        except OSError:
-            mode = 0o666 & ~umask
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            if callable(content):
-                content(f)
-            else:
-                f.write(content.encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from moe_lab.analysis.runs import RunRecord, swept_keys, unescape_override, write_atomically
+from moe_lab.analysis.runs import RunRecord, swept_keys, unescape_override
+from moe_lab.files import write_atomically
 from moe_lab.analysis.stats import (CONFIDENCE, difference_interval, intervals_overlap, mean_interval,
                                     paired_difference_interval)
 

@@ -89,7 +89,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def train_command(args: list[str], check: bool = True) -> int:
-    from moe_lab.cli.preflight import preflight, with_checkpoint_overrides
+    from moe_lab.cli.inherited import with_checkpoint_overrides
+    from moe_lab.cli.preflight import preflight
 
     if check:
         try:
@@ -293,7 +294,7 @@ def _generate(parsed: argparse.Namespace) -> int:
         for i, r in enumerate(results):
             print(f"[{i}] {tokenizer.decode(r.prompt_ids + r.new_ids)}")
     if parsed.show_experts is not None:
-        from moe_lab.analysis.runs import write_atomically
+        from moe_lab.files import write_atomically
 
         rows = []
         for r in results:
@@ -353,7 +354,7 @@ def _evaluate(parsed: argparse.Namespace) -> int:
     report = {"source": parsed.source, "data": data.describe(), "capacity": parsed.capacity, **report}
     print(format_report(report))
     if json_out is not None:
-        from moe_lab.analysis.runs import write_atomically
+        from moe_lab.files import write_atomically
 
         write_atomically(json_out, json.dumps(report, indent=2) + "\n")
         print(f"moe-lab: wrote {json_out}", file=sys.stderr)
@@ -462,7 +463,7 @@ def _analyze(parsed: argparse.Namespace) -> int:
     report = {"sources": sources, "data": data.describe(), "capacity": parsed.capacity,
               **summary(result, data.domain_names, final.moe_layers, decode=tokenizer.decode)}
     print(format_summary(report))
-    from moe_lab.analysis.runs import write_atomically
+    from moe_lab.files import write_atomically
 
     from moe_lab.analysis.dashboard import write_analysis_page
 

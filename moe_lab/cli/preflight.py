@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -42,6 +41,10 @@ def preflight(args: list[str], claim: bool = False) -> Optional[str]:
     if len(modes) > 1:  # Hydra would raise a bare ValueError
         return (f"{' and '.join(modes)} cannot go together: Hydra runs, sweeps, shows the config or completes, one at "
                 "a time (drop -m to see a sweep's first config with --cfg job)")
+    if parsed.experimental_rerun:
+        return ("--experimental-rerun unpickles a run's .hydra/config.pickle, and a pickle can run code; moe-lab does "
+                "not read one. Rerun with the run's overrides instead: moe-lab train $(cat RUN/.hydra/overrides.yaml "
+                "| sed 's/^- //'), or resume it with ckpt_path=RUN/checkpoints/last.ckpt")
     if shows_only(parsed):
         return None  # Hydra shows something and runs nothing
     try:
@@ -59,40 +62,6 @@ def preflight(args: list[str], claim: bool = False) -> Optional[str]:
     except UserError as e:
         return str(e)
     return None
-
-
-def with_checkpoint_overrides(args: list[str]) -> list[str]:
-    """`moe-lab train ckpt_path=CKPT [overrides]` resumes the run that wrote CKPT: that run's overrides (saved in the
-    checkpoint) come first, and those given on this command line replace them key by key. Other command lines are
-    returned as they are. Raises UserError if CKPT cannot be read."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        parsed = hydra_arguments().parse_args(args)
-        given = OverridesParser.create().parse_overrides(list(parsed.overrides))
-    except (SystemExit, HydraException):
-        return args  # preflight reports it
-    resume = [o for o in given if o.key_or_group == "ckpt_path" and not o.is_sweep_override() and not o.is_delete()]
-    if not resume or resume[-1].value() in (None, "null"):
-        return args
-    from moe_lab.training.checkpoint import checkpoint_origin  # torch and Lightning: only for a resume
-
-    ckpt_path = str(resume[-1].value())
-    origin = checkpoint_origin(ckpt_path)
-    keys = {o.key_or_group for o in given}
-    inherited = [o.input_line for o in OverridesParser.create().parse_overrides(origin.overrides)
-                 if o.key_or_group not in keys]
-    if origin.imported:
-        print(f"moe-lab: fine-tuning {origin.imported} (imported): a new run from its weights, with its model and "
-              "tokenizer settings", file=sys.stderr, flush=True)
-    elif inherited:
-        print(f"moe-lab: resuming from step {origin.step} of {origin.run_dir or ckpt_path} with its overrides: "
-              f"{' '.join(inherited)}", file=sys.stderr, flush=True)
-    rest = list(args)
-    for word in parsed.overrides:  # the flags stay where they were; all overrides go last
-        rest.remove(word)
-    return rest + inherited + list(parsed.overrides)
 
 
 def check(parsed: argparse.Namespace) -> Optional[tuple[Path, bool]]:

@@ -54,9 +54,12 @@ class HFTokenizer:
                     raise UserError(f"tokenizer.name={name}: no such file {path}")
                 self._tok = Tokenizer.from_file(str(path))
                 digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-            else:
-                self._tok = Tokenizer.from_pretrained(name)
-                digest = hashlib.sha256(self._tok.to_str().encode()).hexdigest()[:16]
+            else:  # a hub id: its tokenizer.json alone (a file of data; nothing in it runs)
+                from huggingface_hub import hf_hub_download
+
+                path = Path(hf_hub_download(name, "tokenizer.json"))
+                self._tok = Tokenizer.from_file(str(path))
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
         except UserError:
             raise
         except Exception as e:

@@ -35,22 +35,75 @@ HF_ARCHITECTURES = FAMILIES
 # Into moe-lab: settings
 
 
+def read_hf_config(source: str, dense: bool = False) -> tuple[Any, ModelConfig]:
+    """(transformers config, moe-lab settings) of a model directory or hub id. Two refusals come before
+    transformers reads anything: a config.json whose `model_type` is not a family moe-lab reads (so custom code that
+    its `auto_map` names is never imported, and transformers never asks whether to run it), and a model too large
+    for this machine's memory. Every transformers call passes trust_remote_code=False besides."""
+    from transformers import AutoConfig
+
+    raw = _raw_config(source)
+    check_family(raw.get("model_type"), dense, custom_code=raw.get("auto_map"), source=source)
+    hf = load_hf(lambda: AutoConfig.from_pretrained(source, trust_remote_code=False), source, "config")
+    cfg = model_config(hf, dense=dense)
+    from moe_lab.memory import check_fits
+
+    check_fits(cfg, 8, f"reading {source} (its weights through transformers, then as moe-lab's)",
+               "Its config.json's sizes are not those of a model this machine can load.")
+    return hf, cfg
+
+
+def _raw_config(source: str) -> dict:
+    """config.json of a model directory (read as JSON) or of a hub id (downloaded alone: no code, no weights)."""
+    import json
+    from pathlib import Path
+
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        file = folder / "config.json"
+        if not file.is_file():
+            raise ModelImportError(f"{source} has no config.json: give a directory written by save_pretrained")
+    else:
+        file = Path(load_hf(lambda: __import__("huggingface_hub").hf_hub_download(source, "config.json"), source,
+                            "config"))
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelImportError(f"{file} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]}); restore it"
+                               ) from None
+    if not isinstance(raw, dict):
+        raise ModelImportError(f"{file} is damaged (not a JSON object); restore it")
+    return raw
+
+
+def check_family(family: Any, dense: bool = False, custom_code: Any = None, source: str = "") -> None:
+    """ModelImportError unless `family` (a config's model_type) is one moe-lab reads: the MoE families, or with
+    `dense` the dense ones it upcycles. A config naming custom code (`auto_map`) is said to be refused for it."""
+    where = f"{source}: " if source else ""
+    code = (f" and names its own code (auto_map: {', '.join(sorted(custom_code))[:120]}), which moe-lab never runs"
+            if isinstance(custom_code, dict) and custom_code else "")
+    if dense:
+        if family not in DENSE_FAMILIES:
+            raise ModelImportError(f"{where}model_type={family!r}{code} is not a dense model moe-lab upcycles; the "
+                                   f"families are {', '.join(DENSE_FAMILIES)} (or a moe-lab checkpoint of an "
+                                   "experts=dense run)")
+        return
+    if family in ("deepseek_v3", "deepseek_v2"):
+        raise ModelImportError(f"{where}{family} is not supported yet: moe-lab has no multi-head latent attention "
+                               "(q_lora_rank, kv_lora_rank); its sigmoid group-limited router, shared experts and "
+                               "first dense layers are supported (router=topk score=sigmoid num_groups=...)")
+    if family not in FAMILIES:
+        raise ModelImportError(f"{where}model_type={family!r}{code} cannot be imported; the families moe-lab imports "
+                               f"are {', '.join(FAMILIES)}")
+
+
 def model_config(hf: Any, dense: bool = False) -> ModelConfig:
     """The moe-lab settings of a transformers config, or ModelImportError naming the part that has no equivalent.
     With `dense`, the dense families (Llama, Qwen2, Qwen3) instead of the MoE ones."""
     family = getattr(hf, "model_type", None)
+    check_family(family, dense)
     if dense:
-        if family not in DENSE_FAMILIES:
-            raise ModelImportError(f"model_type={family!r} is not a dense model moe-lab upcycles; the families are "
-                                   f"{', '.join(DENSE_FAMILIES)} (or a moe-lab checkpoint of an experts=dense run)")
         return _dense_config(hf, family)
-    if family in ("deepseek_v3", "deepseek_v2"):
-        raise ModelImportError(f"{family} is not supported yet: moe-lab has no multi-head latent attention "
-                               "(q_lora_rank, kv_lora_rank); its sigmoid group-limited router, shared experts and "
-                               "first dense layers are supported (router=topk score=sigmoid num_groups=...)")
-    if family not in FAMILIES:
-        raise ModelImportError(f"model_type={family!r} cannot be imported; the families moe-lab imports are "
-                               f"{', '.join(FAMILIES)}")
 
     def refuse(condition: bool, part: str) -> None:
         if condition:
@@ -407,7 +460,7 @@ def to_hf(model: MoETransformer, eos_id: int):
     config = hf_config(model.cfg, architecture, routing, eos_id)
     with warnings.catch_warnings():  # a width-0 shared expert warns that initialising it does nothing
         warnings.filterwarnings("ignore", message=".*zero-element tensors.*")
-        hf = AutoModelForCausalLM.from_config(config)
+        hf = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     state = hf_state_dict(model)
     missing = {k: v for k, v in hf.state_dict().items() if k not in state}
     # Qwen2-MoE always builds a shared expert; a model without one exports it at width 0 (it adds nothing).

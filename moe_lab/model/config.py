@@ -166,6 +166,34 @@ class ModelConfig:
     def moe_layers(self) -> list[int]:
         return [layer for layer in range(self.n_layers) if self.is_moe_layer(layer)]
 
+    def size_estimate(self) -> tuple[int, int]:
+        """(parameters, buffer elements) of the model these settings build, from the settings alone: what lets a
+        command refuse a model that cannot fit in memory before it builds one (an absurd `num_hidden_layers` would
+        otherwise hang while a million blocks are made). The parameters are exactly `MoETransformer.num_params()
+        ["total"]` for routers whose only weight is the gate (topk, switch, sinkhorn, soft, ...); noisy top-k's noise
+        weights and hierarchical gating's group gate add a little, routers without a gate (hash, domain oracle) have
+        one row per expert less. An unset vocab_size counts as 0."""
+        d, heads, head_dim, kv = self.d_model, self.n_heads, self.head_dim, self.kv_heads
+        vocab = self.vocab_size or 0
+        attention = d * heads * head_dim + d * 2 * kv * head_dim + heads * head_dim * d + 2 * d  # + its two norms
+        if self.qkv_bias:
+            attention += heads * head_dim + 2 * kv * head_dim
+        if self.qk_norm == "head":
+            attention += 2 * head_dim
+        elif self.qk_norm == "full":
+            attention += (heads + kv) * head_dim
+        moe = self.moe
+        gated = 3 if moe.activation in ("swiglu", "geglu") else 2
+        dense_ffn = 3 * d * self.ffn_hidden
+        moe_ffn = moe.num_experts * (gated * d * moe.expert_hidden + d)  # experts and the gate's rows
+        if moe.num_shared:
+            moe_ffn += gated * d * moe.shared_width + (d if moe.shared_gate else 0)
+        moe_layers = len(self.moe_layers)
+        params = (vocab * d * (1 if self.tie_embeddings else 2) + d + self.n_layers * attention
+                  + moe_layers * moe_ffn + (self.n_layers - moe_layers) * dense_ffn)
+        rope_tables = 2 * self.max_seq_len * head_dim
+        return params, rope_tables
+
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "ModelConfig":
         """The model config from its plain-dict form (what a checkpoint stores); ValueError names an unknown key."""

@@ -274,7 +274,7 @@ def write_csv_tables(report: dict[str, Any], page: Path) -> list[Path]:
     import csv
     import io
 
-    from moe_lab.analysis.runs import write_atomically
+    from moe_lab.files import write_atomically
 
     written = []
     for (name, rows), path in zip(analysis_tables(report).items(), csv_paths(page).values()):

@@ -143,11 +143,11 @@ def load_for_inference(source: str, capacity: str = "dropless") -> tuple[MoETran
     from transformers import AutoModelForCausalLM
 
     from moe_lab.data.tokenizer import HFTokenizer
-    from moe_lab.interop.huggingface import build_model, load_hf, model_config
+    from moe_lab.interop.huggingface import build_model, load_hf, read_hf_config
 
-    hf_config = load_hf(lambda: __import__("transformers").AutoConfig.from_pretrained(source), source, "config")
-    model_config(hf_config)  # refuses what it cannot represent before reading weights
-    hf = load_hf(lambda: AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32), source, "weights")
+    hf_config, _ = read_hf_config(source)  # refuses what it cannot represent (or would run code) before reading weights
+    hf = load_hf(lambda: AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=False),
+                 source, "weights")
     model = build_model(hf)
     folder = path if path.is_dir() else Path(load_hf(lambda: __import__("huggingface_hub").snapshot_download(
         source, allow_patterns=["tokenizer*", "*.json"]), source, "tokenizer"))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from moe_lab.errors import ModelImportError
-from moe_lab.interop.huggingface import build_model, load_hf, model_config, model_overrides
+from moe_lab.interop.huggingface import build_model, load_hf, model_overrides, read_hf_config
 
 CHECKPOINT = "model.ckpt"
 
@@ -28,7 +28,7 @@ CHECKPOINT = "model.ckpt"
 
 def import_hf(source: str, out_dir: str | Path) -> dict[str, Any]:
     """Read a transformers MoE (a local directory or a hub id) and write OUT_DIR/model.ckpt and OUT_DIR/tokenizer/."""
-    from moe_lab.analysis.runs import write_atomically
+    from moe_lab.files import write_atomically
 
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -36,12 +36,12 @@ def import_hf(source: str, out_dir: str | Path) -> dict[str, Any]:
                                "choose a new directory")
     if not out.parent.is_dir():
         raise ModelImportError(f"{out.parent} does not exist; create it or choose another path")
-    hf_config = load_hf(lambda: __import__("transformers").AutoConfig.from_pretrained(source), source, "config")
-    cfg = model_config(hf_config)  # refuses before any weight is read
+    hf_config, cfg = read_hf_config(source)  # refuses before any weight (or code) is read
     hf_model = load_hf(lambda: __import__("transformers").AutoModelForCausalLM.from_pretrained(
-        source, dtype=torch.float32), source, "weights")
+        source, dtype=torch.float32, trust_remote_code=False), source, "weights")
     model = build_model(hf_model)
-    tokenizer = load_hf(lambda: __import__("transformers").AutoTokenizer.from_pretrained(source), source, "tokenizer")
+    tokenizer = load_hf(lambda: __import__("transformers").AutoTokenizer.from_pretrained(
+        source, trust_remote_code=False), source, "tokenizer")
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = out / "tokenizer"
     tokenizer.save_pretrained(tokenizer_dir)

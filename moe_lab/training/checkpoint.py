@@ -10,14 +10,14 @@ flushed to disk, then renamed over the old file, so a kill during a save leaves 
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from moe_lab.analysis.runs import write_atomically
+from moe_lab.files import write_atomically
+from moe_lab.memory import check_fits
 from moe_lab.errors import CheckpointError
 from moe_lab.model import ROUTERS, ModelConfig
 from moe_lab.training.module import MoELanguageModel
@@ -95,13 +95,19 @@ def load_weights(module: MoELanguageModel, ckpt_path: str | Path) -> None:
                               ) from None
 
 
-# Overrides that say where a run starts or writes, not what it is: a resumed run does not inherit them.
-NOT_INHERITED = ("ckpt_path", "hydra.")
+# Overrides that say where a run starts or writes, not what it is: a resumed run does not inherit them. A checkpoint
+# saves none of them, nor any other hydra.* override; an older run's .hydra/overrides.yaml may hold them.
+WHERE_KEYS = ("ckpt_path", "hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir")
 
 
-def inherited(override: str) -> bool:
-    key = override.lstrip("+~").partition("=")[0]
-    return not any(key == k or (k.endswith(".") and key.startswith(k)) for k in NOT_INHERITED)
+def _key(override: str) -> str:
+    return override.lstrip("+~").partition("=")[0]
+
+
+def saved(override: str) -> bool:
+    """Whether a run saves this command-line override in its checkpoints (for a resume to inherit)."""
+    key = _key(override)
+    return key != "ckpt_path" and not key.startswith(("hydra.", "hydra/"))
 
 
 @dataclasses.dataclass
@@ -113,6 +119,7 @@ class CheckpointOrigin:
     overrides: list[str]
     run_dir: Optional[Path]
     imported: Optional[str] = None  # the Hugging Face model it was imported from (`moe-lab import`)
+    source: str = ""  # the file the overrides were read from (the checkpoint, or its run's .hydra/overrides.yaml)
 
 
 def checkpoint_origin(ckpt_path: str | Path) -> CheckpointOrigin:
@@ -130,19 +137,23 @@ def checkpoint_origin(ckpt_path: str | Path) -> CheckpointOrigin:
         run_dir = holder  # the run directory was moved with its checkpoints
     if run_dir is not None and not run_dir.is_dir():
         run_dir = None
-    overrides = run.get("overrides")
+    overrides, source = run.get("overrides"), str(ckpt_path)
     if not isinstance(overrides, list) and run_dir is not None and (run_dir / ".hydra" / "overrides.yaml").is_file():
+        source = str(run_dir / ".hydra" / "overrides.yaml")
         try:
             overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text())
-        except (OSError, yaml.YAMLError, UnicodeDecodeError):
-            overrides = None
-    overrides = [str(o) for o in overrides if inherited(str(o))] if isinstance(overrides, list) else []
+        except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{source} is damaged ({type(e).__name__}); restore or delete it") from None
+    if overrides is not None and not (isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)):
+        raise CheckpointError(f"{source}: its saved overrides are not a list of strings; the file is damaged or was "
+                              "not written by moe-lab")
+    overrides = [o for o in overrides or [] if _key(o) not in WHERE_KEYS]
     imported = ckpt.get("moe_lab_imported") if isinstance(ckpt.get("moe_lab_imported"), dict) else {}
     beside = Path(ckpt_path).expanduser().absolute().parent / "tokenizer"
     if imported and (beside / "tokenizer.json").is_file():  # an import that was moved finds its own tokenizer
         overrides = [o for o in overrides if not o.startswith("tokenizer.name=")] + [f"tokenizer.name='{beside}'"]
     return CheckpointOrigin(step=int(ckpt.get("global_step", 0)), overrides=overrides, run_dir=run_dir,
-                            imported=str(imported["source"]) if imported.get("source") else None)
+                            imported=str(imported["source"]) if imported.get("source") else None, source=source)
 
 
 def _differences(a: Any, b: Any, prefix: str) -> list[str]:
@@ -168,6 +179,8 @@ def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu", 
     ckpt = read_checkpoint(ckpt_path)
     hparams = ckpt["hyper_parameters"]
     model_cfg = checkpoint_model_config(ckpt, ckpt_path)
+    check_fits(model_cfg, 4, f"loading {ckpt_path}", "Its saved model settings are not those of a model this machine "
+               "can hold.")
     if capacity == "dropless" and ROUTERS[model_cfg.moe.router.name].uses_capacity:
         model_cfg.moe.eval_capacity_factor = None
     module = MoELanguageModel(model=model_cfg, optim=hparams.get("optim") or {},
@@ -196,27 +209,3 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, lambda f: torch.save(checkpoint, f))
         self.last_saved = path
-
-
-def remove_stale_partial_saves(ckpt_file: str | Path) -> list[Path]:
-    """Delete the partial writes a killed save left beside `ckpt_file` (AtomicCheckpointIO's `.NAME.*.tmp` files),
-    unless the process that claimed that run directory is still alive. Called when a run resumes from it."""
-    from moe_lab.training.run_dir import CLAIM
-
-    folder = Path(ckpt_file).expanduser().parent
-    try:
-        owner = int((folder.parent / CLAIM).read_text().strip())
-    except (OSError, ValueError):
-        owner = None
-    if owner is not None and owner != os.getpid():
-        try:
-            os.kill(owner, 0)
-            return []  # the run that owns the folder may still be writing
-        except ProcessLookupError:
-            pass
-        except PermissionError:  # alive, another user's
-            return []
-    stale = sorted(folder.glob(".*.tmp"))
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale

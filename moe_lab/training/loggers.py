@@ -13,12 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-import hydra
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from moe_lab.errors import UserError
-from moe_lab.training.schemas import TrainConfig
+from moe_lab.training.schemas import LOGGER_CLASSES, TrainConfig
 
 # Overrides that change where and how a run is recorded, not the experiment: left out of run names.
 NOT_IN_NAME = ("hydra.", "paths.", "logger", "trainer.", "metrics.", "checkpoint.", "run_name")
@@ -88,11 +87,23 @@ def build_loggers(run: TrainConfig, cfg: DictConfig | dict, output_dir: Path) ->
                 raise UserError("logger=tensorboard needs the tensorboard package: pip install 'moe-lab[tensorboard]'"
                                 ) from None
         logger = (build_wandb_logger(node, run, output_dir) if target.endswith("WandbLogger")
-                  else hydra.utils.instantiate(node))
+                  else build_logger(node))
         if not target.endswith("CSVLogger"):
             logger.log_hyperparams(resolved)  # the resolved Hydra config is the run config
         loggers.append(logger)
     return loggers
+
+
+def build_logger(node: dict[str, Any]):
+    """The logger a config node describes, built from the classes moe-lab knows (schemas.LOGGER_CLASSES, checked by
+    validate) with the node's plain settings: no other callable is reached, whatever the node names."""
+    import lightning.pytorch.loggers as loggers
+
+    target = node["_target_"]
+    if target not in LOGGER_CLASSES:
+        raise UserError(f"logger _target_={target}: moe-lab builds only {', '.join(LOGGER_CLASSES)}")
+    cls = getattr(loggers, target.rpartition(".")[2])
+    return cls(**{k: v for k, v in node.items() if k != "_target_"})
 
 
 def wandb_told_offline(node: dict[str, Any]) -> bool:
@@ -127,7 +138,7 @@ def build_wandb_logger(node: dict[str, Any], run: TrainConfig, output_dir: Path)
     online = wandb_online(node, offline_note)
     if not online and not wandb_told_offline(node):  # mode= reaches wandb.init; WANDB_MODE may say otherwise
         node["offline"], node["mode"] = True, "offline"
-    logger = hydra.utils.instantiate(node)
+    logger = build_logger(node)
     if online:
         try:
             logger.experiment  # noqa: B018 - starts the run now, so a dead network shows here, not mid-training
@@ -140,7 +151,7 @@ def build_wandb_logger(node: dict[str, Any], run: TrainConfig, output_dir: Path)
             rank_zero_only(print)(f"moe-lab: W&B could not reach its server ({reason}): {offline_note}",
                                   file=sys.stderr)
             # mode= reaches wandb.init directly: the WANDB_MODE that offline=True sets is ignored by then.
-            logger = hydra.utils.instantiate({**node, "offline": True, "mode": "offline"})
+            logger = build_logger({**node, "offline": True, "mode": "offline"})
     return logger
 
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from moe_lab.data.config import SOURCES, DataConfig, TokenizerConfig
-from moe_lab.errors import ConfigError
+from moe_lab.errors import ConfigError, UserError
 from moe_lab.model.config import ModelConfig
 from moe_lab.model.router_configs import ROUTER_CONFIGS, router_config
 
@@ -119,6 +119,10 @@ class TrainConfig:
     run_name: Optional[str] = None
 
 
+# The loggers a run can have (conf/logger/): moe-lab builds these classes and no other, whatever a config names.
+LOGGER_CLASSES = ("lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.TensorBoardLogger",
+                  "lightning.pytorch.loggers.WandbLogger")
+
 # Keys train() sets itself; users set them through other settings.
 RESERVED_TRAINER_KEYS = {"callbacks": "logger=... and checkpoint.*", "logger": "logger=...",
                          "default_root_dir": "hydra.run.dir", "use_distributed_sampler": "(always false)",
@@ -181,7 +185,26 @@ def validate(cfg: DictConfig) -> TrainConfig:
     _check_router_losses(run)
     _check_expert_parallel(run)
     _check_training(run)
+    check_training_memory(run)
     return run
+
+
+def check_training_memory(run: TrainConfig) -> None:
+    """ConfigError unless the model fits in this machine's memory as training holds it: on the CPU weights,
+    gradients and AdamW's two moments (16 bytes a parameter); on a GPU the weights are built here first (4 bytes)."""
+    from moe_lab.memory import check_fits
+
+    accelerator = str(run.trainer.get("accelerator", "cpu"))
+    if accelerator == "auto":
+        import torch
+
+        accelerator = "gpu" if torch.cuda.is_available() else "cpu"
+    on_cpu = accelerator == "cpu"
+    try:
+        check_fits(run.model, 16 if on_cpu else 4, "training this model" + (" on the CPU" if on_cpu else ""),
+                   "Lower the sizes (model=tiny is the default preset).")
+    except UserError as e:
+        raise ConfigError(str(e)) from None
 
 
 def omegaconf_message(e: OmegaConfBaseException) -> str:
@@ -279,12 +302,24 @@ def _check_training(run: TrainConfig) -> None:
     for name, logger in run.logger.items():
         need(isinstance(logger, dict) and "_target_" in logger,
              f"logger.{name} must be a logger config with a _target_ (see conf/logger/)")
+        need(logger["_target_"] in LOGGER_CLASSES, f"logger.{name}._target_={logger['_target_']}: moe-lab builds only "
+             f"its own loggers ({', '.join(LOGGER_CLASSES)}); choose one with logger=csv|wandb|tensorboard")
+        for key, value in logger.items():
+            need(key == "_target_" or not key.startswith("_"), f"logger.{name}.{key}: a _key_ of Hydra's "
+                 "instantiate has no place in a logger's settings")
+            need(_plain_value(value), f"logger.{name}.{key} must be a plain value (a number, string, boolean, null "
+                 "or list of those)")
+
+
+def lightning_trainer_arguments() -> list[str]:
+    """The arguments of Lightning's Trainer (what trainer.KEY may set)."""
+    from lightning.pytorch import Trainer
+
+    return [p for p in inspect.signature(Trainer.__init__).parameters if p != "self"]
 
 
 def _check_trainer(trainer: dict) -> None:
-    from lightning.pytorch import Trainer
-
-    allowed = [p for p in inspect.signature(Trainer.__init__).parameters if p != "self"]
+    allowed = lightning_trainer_arguments()
     for key in trainer:
         if key in RESERVED_TRAINER_KEYS:
             raise ConfigError(f"trainer.{key} is set by moe-lab; use {RESERVED_TRAINER_KEYS[key]} instead")
@@ -303,3 +338,9 @@ def _check_trainer(trainer: dict) -> None:
                                  or (isinstance(interval, float) and interval > 1)):
         raise ConfigError(f"trainer.val_check_interval={interval} must be a number of training batches (an integer "
                           "> 0) or a fraction of an epoch in (0, 1]")
+
+
+def _plain_value(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(_plain_value(v) and not isinstance(v, (list, tuple)) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))

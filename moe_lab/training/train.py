@@ -17,12 +17,13 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from moe_lab.analysis.dashboard import write_dashboard
-from moe_lab.analysis.runs import RESUMED_FROM, write_atomically
+from moe_lab.analysis.runs import RESUMED_FROM
+from moe_lab.files import remove_stale_temp_files, write_atomically
 from moe_lab.data.datamodule import LMDataModule
 from moe_lab.errors import ConfigError, Diverged, UserError
 from moe_lab.training.callbacks import GracefulStop, StepProgressBar, StopRequested
 from moe_lab.training.checkpoint import (AtomicCheckpointIO, check_resume, checkpoint_origin, holds_training_state,
-                                        inherited, load_weights, remove_stale_partial_saves)
+                                        load_weights, saved)
 from moe_lab.training.loggers import build_loggers, finish_wandb
 from moe_lab.training.metrics import RoutingMetrics
 from moe_lab.training.module import MoELanguageModel
@@ -59,7 +60,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if not launched_worker():  # data-parallel workers share the directory rank 0 claimed
         claim_run_dir(output_dir)
         if ckpt_path is not None:
-            remove_stale_partial_saves(ckpt_path)  # what a save killed mid-write left beside the checkpoint
+            remove_stale_temp_files(Path(ckpt_path).parent)  # what a save killed mid-write left beside it
     # Ctrl-C and SIGTERM are moe-lab's from here on, whatever the run is doing when they come.
     stop = GracefulStop(str(output_dir / "checkpoints" / "last.ckpt"))
     stop.install()
@@ -227,7 +228,7 @@ def command_line_overrides() -> list[str]:
 
     if not HydraConfig.initialized():
         return []
-    return [str(o) for o in HydraConfig.get().overrides.task if inherited(str(o))]
+    return [str(o) for o in HydraConfig.get().overrides.task if saved(str(o))]
 
 
 def record_resume(ckpt_path: str, output_dir: Path) -> None:

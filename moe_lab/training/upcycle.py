@@ -22,6 +22,7 @@ from moe_lab.errors import ConfigError
 from moe_lab.model import ModelConfig
 from moe_lab.model.upcycle import moe_settings, upcycled_state_dict
 from moe_lab.training.checkpoint import checkpoint_model_config, read_checkpoint
+from moe_lab.training.schemas import check_training_memory
 
 
 def model_source(init_from: str, dense: bool) -> tuple[ModelConfig, Optional[dict], Any]:
@@ -35,14 +36,13 @@ def model_source(init_from: str, dense: bool) -> tuple[ModelConfig, Optional[dic
         return cfg, ckpt["hyper_parameters"].get("tokenizer") or {}, lambda: state
     if not path.exists() and (init_from.endswith(".ckpt") or path.is_absolute() or init_from.startswith((".", "~"))):
         raise ConfigError(f"model.init_from={init_from}: no such checkpoint file or model directory")
-    from moe_lab.interop.huggingface import load_hf, model_config, state_dict
+    from moe_lab.interop.huggingface import load_hf, read_hf_config, state_dict
 
-    hf_config = load_hf(lambda: __import__("transformers").AutoConfig.from_pretrained(init_from), init_from, "config")
-    cfg = model_config(hf_config, dense=dense)
+    hf_config, cfg = read_hf_config(init_from, dense=dense)
 
     def weights() -> dict[str, torch.Tensor]:
         hf = load_hf(lambda: __import__("transformers").AutoModelForCausalLM.from_pretrained(
-            init_from, dtype=torch.float32), init_from, "weights")
+            init_from, dtype=torch.float32, trust_remote_code=False), init_from, "weights")
         return state_dict(hf.state_dict(), cfg)
 
     eos = hf_config.eos_token_id if isinstance(hf_config.eos_token_id, int) else None
@@ -54,7 +54,7 @@ def _token_name(source: str, token_id: Optional[int]) -> Optional[str]:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source).convert_ids_to_tokens(token_id)
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=False).convert_ids_to_tokens(token_id)
 
 
 def apply_upcycling(run: Any, resume_from: Optional[str] = None) -> Optional[Any]:
@@ -80,6 +80,7 @@ def apply_upcycling(run: Any, resume_from: Optional[str] = None) -> Optional[Any
     run.tokenizer = TokenizerConfig(**{k: tokenizer.get(k) for k in ("name", "eos_token")})
     if method is None:  # a warm start: the source's model as it is
         run.model = dataclasses.replace(source, init_from=run.model.init_from)
+        check_training_memory(run)
         return weights
     granularity = run.upcycle.granularity
     try:
@@ -87,5 +88,6 @@ def apply_upcycling(run: Any, resume_from: Optional[str] = None) -> Optional[Any
     except ValueError as e:
         raise ConfigError(str(e)) from None
     run.model = settings
+    check_training_memory(run)
     seed, ratio = run.seed, run.upcycle.drop_ratio
     return lambda: upcycled_state_dict(weights(), source, settings, method, granularity, ratio, seed)

@@ -1,0 +1,109 @@
+"""Files moe-lab writes and reads back: atomic writes, the clean-up of what a killed write left, content digests.
+
+A leaf module (standard library only), shared by training, analysis and the tools.
+
+- `write_atomically`: a temporary file in the target's own folder, fsync'ed, renamed over the target, the rename
+  fsync'ed: a kill at any moment leaves the old file whole. The temporary file's name says who wrote it
+  (`.NAME.moe-lab-HOST-PID-RANDOM.tmp`), so that
+- `remove_stale_temp_files` can delete, at the next write in that folder, the partial files of writers that are gone
+  (killed mid-save, SIGKILL or power loss), and never one that a live process is still writing.
+- `file_digest` / `files_digest`: SHA-256 of the bytes, the key of every cache of data read from files (a file
+  rewritten with its old size and time, as `cp -p`, `rsync -t` and `tar` do, is still new content).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import socket
+import stat
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterable
+
+_HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
+_TEMP = re.compile(r"^\..+\.moe-lab-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[^.]+\.tmp$")
+
+
+def write_atomically(path: Path, content: str | bytes | Callable[[BinaryIO], None]) -> None:
+    """Write `content` (text, bytes, or a function that writes bytes to a file) to `path` atomically (see above)."""
+    path = Path(path)
+    remove_stale_temp_files(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.moe-lab-{_HOST}-{os.getpid()}-",
+                               suffix=".tmp")
+    try:
+        # mkstemp makes the file private (0600); give it the mode any other new file would have (or the old one's).
+        umask = os.umask(0)
+        os.umask(umask)
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            mode = 0o666 & ~umask
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode("utf-8") if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Delete the temporary files of moe-lab writers on this host that are no longer running (a save killed
+    mid-write); a live writer's, another host's (a shared filesystem) and every file moe-lab did not name are
+    kept. Returns what was removed."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        match = _TEMP.match(name)
+        if match is None or match["host"] != _HOST or _alive(int(match["pid"])):
+            continue
+        try:
+            (Path(folder) / name).unlink()
+            removed.append(Path(folder) / name)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 (hex) of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def files_digest(paths: Iterable[str | Path]) -> str:
+    """SHA-256 (hex) of the bytes of several files, in the order given (their names do not count)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(file_digest(path).encode())
+    return digest.hexdigest()
