@@ -285,7 +285,7 @@ def _check_inputs(run) -> None:
                             "here; use trainer=cpu, or trainer=ddp trainer.accelerator=cpu")
     resuming = run.ckpt_path is not None and holds_training_state(run.ckpt_path)
     apply_upcycling(run, run.ckpt_path if resuming else None)  # the dense model's backbone and tokenizer
-    check_resume(run.ckpt_path, run.model, run.trainer.get("max_steps"))
+    check_resume(run.ckpt_path, run.model, run.trainer.get("max_steps"), run.tokenizer)
     data = LMDataModule(run.data, run.tokenizer, run.paths.cache_dir, run.seed)
     if not data.is_cached():
         print(f"moe-lab: reading and tokenising the data ({data.describe()}); cached for later runs", flush=True)

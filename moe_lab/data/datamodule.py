@@ -32,10 +32,11 @@ from moe_lab.data.config import DataConfig, HFDataConfig, TextDataConfig, Tokeni
 from moe_lab.data.embedded import embedded_documents
 from moe_lab.data.tokenizer import build_tokenizer
 from moe_lab.errors import DataError
+from moe_lab.files import files_digest
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: local files keyed on their content, not their size and time
 TEXT_BUILDERS = {".txt": "text", ".md": "text", ".text": "text", ".json": "json", ".jsonl": "json",
                  ".parquet": "parquet", ".csv": "csv"}
 SPLIT_SEED = 0  # the validation split does not move with the training seed, so runs stay comparable
@@ -86,20 +87,35 @@ def _load_dataset(*args, **kwargs):
                         ) from None
 
 
-def load_documents(cfg: DataConfig):
-    """A `datasets.Dataset` (or IterableDataset when streaming) with columns text and domain (str)."""
+def local_data_files(cfg: DataConfig) -> list[str]:
+    """The local files the data is read from: data=text's, and data=hf's data_files where they name local files."""
+    if isinstance(cfg, TextDataConfig):
+        return resolve_text_files(cfg.path)
+    if isinstance(cfg, HFDataConfig) and cfg.data_files is not None:
+        named = cfg.data_files.values() if isinstance(cfg.data_files, dict) else [cfg.data_files]
+        paths = [p for item in named for p in ([item] if isinstance(item, str) else list(item))]
+        return sorted({f for p in paths for f in glob.glob(os.path.expanduser(str(p)), recursive=True)
+                       if os.path.isfile(f)})
+    return []
+
+
+def load_documents(cfg: DataConfig, datasets_cache: Optional[Path] = None):
+    """A `datasets.Dataset` (or IterableDataset when streaming) with columns text and domain (str). `datasets_cache`
+    is where `datasets` keeps what it builds from local files: a folder per content digest, because its own cache
+    is keyed on path and modification time (a file rewritten with its old time would read as the old text)."""
     import datasets
 
+    cache = {"cache_dir": str(datasets_cache)} if datasets_cache is not None else {}
     if cfg.source == "embedded":
         return datasets.Dataset.from_list(list(embedded_documents(cfg.domains, cfg.max_chars_per_domain)))
     if cfg.source == "text":
         files = resolve_text_files(cfg.path)
         builder = TEXT_BUILDERS[Path(files[0]).suffix]
         kwargs = {"sample_by": "document"} if builder == "text" else {}
-        ds = _load_dataset(builder, data_files=files, split="train", **kwargs)
+        ds = _load_dataset(builder, data_files=files, split="train", **kwargs, **cache)
     else:
         ds = _load_dataset(cfg.name, cfg.subset, split=cfg.split, revision=cfg.revision,
-                           data_files=cfg.data_files, streaming=cfg.streaming)
+                           data_files=cfg.data_files, streaming=cfg.streaming, **cache)
     streaming = isinstance(cfg, HFDataConfig) and cfg.streaming
     columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
     if cfg.text_column not in columns:
@@ -324,9 +340,24 @@ class LMDataModule(L.LightningDataModule):
         parts = {"v": CACHE_VERSION, **shaping, "tokenizer": self.tokenizer.fingerprint, "block_len": self.block_len}
         if c.source == "embedded":
             parts["python"] = sys.version
-        elif isinstance(c, TextDataConfig):
-            parts["files"] = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in resolve_text_files(c.path)]
+        if self.content_digest() is not None:
+            parts["files"] = self.content_digest()
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+    def content_digest(self) -> Optional[str]:
+        """SHA-256 of the bytes of the local files the data is read from (None when it reads none), computed once:
+        what keys the caches, never a file's path, size or time."""
+        if not hasattr(self, "_content_digest"):
+            files = local_data_files(self.cfg)
+            try:
+                self._content_digest = files_digest(files) if files else None
+            except OSError as e:
+                raise DataError(f"cannot read {e.filename}: {e.strerror}") from None
+        return self._content_digest
+
+    def _datasets_cache(self) -> Optional[Path]:
+        digest = self.content_digest()
+        return self.cache_dir / "datasets" / digest[:20] if digest is not None else None
 
     def _cache_path(self) -> Path:
         return self.cache_dir / "blocks" / self.cache_key()
@@ -338,7 +369,7 @@ class LMDataModule(L.LightningDataModule):
         path = self._cache_path()
         if (path / "done").exists():
             return
-        docs = load_documents(self.cfg)
+        docs = load_documents(self.cfg, self._datasets_cache())
         if len(docs) == 0:
             raise DataError(f"the dataset has no documents ({self.describe()})")
         log.info("tokenising %d documents (%s) into blocks of %d tokens", len(docs), self.describe(), self.block_len)
@@ -394,7 +425,7 @@ class LMDataModule(L.LightningDataModule):
                  len(self.val_blocks), self.block_len, self.domain_names)
 
     def _setup_streaming(self) -> None:
-        docs = load_documents(self.cfg)
+        docs = load_documents(self.cfg, self._datasets_cache())
         self._stream = docs
         val = []
         for block, domain in pack_stream(iter(docs), self.tokenizer, self.block_len):

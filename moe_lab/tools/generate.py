@@ -134,7 +134,7 @@ def load_for_inference(source: str, capacity: str = "dropless") -> tuple[MoETran
     if not path.exists() and (source.endswith(".ckpt") or path.is_absolute() or source.startswith((".", "~"))):
         raise UserError(f"{source}: no such checkpoint file or model directory")
     if path.is_file():
-        from moe_lab.training.checkpoint import load_model
+        from moe_lab.training.checkpoint import checkpoint_tokenizer, load_model
 
         module = load_model(path, capacity=capacity)
         module.model.checkpoint_step = module.checkpoint_step
@@ -159,18 +159,6 @@ def load_for_inference(source: str, capacity: str = "dropless") -> tuple[MoETran
     eos_token = Tokenizer.from_file(str(folder / "tokenizer.json")).id_to_token(eos) if eos is not None else None
     tokenizer = HFTokenizer(str(folder), eos_token)
     return model, tokenizer, f"{source} ({hf_config.model_type})"
-
-
-def checkpoint_tokenizer(ckpt: Path, settings: dict):
-    """The tokenizer a checkpoint was trained with; an imported checkpoint's `tokenizer/` folder beside it first
-    (so a moved import still finds its own)."""
-    from moe_lab.data.config import TokenizerConfig
-    from moe_lab.data.tokenizer import HFTokenizer, build_tokenizer
-
-    beside = ckpt.parent / "tokenizer"
-    if settings.get("name") and (beside / "tokenizer.json").is_file():
-        return HFTokenizer(str(beside), settings.get("eos_token"))
-    return build_tokenizer(TokenizerConfig(**settings))
 
 
 # ------------------------------------------------------------------------------------------------------------

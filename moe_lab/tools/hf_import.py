@@ -17,7 +17,9 @@ from typing import Any
 import torch
 
 from moe_lab.errors import ModelImportError
+from moe_lab.data.tokenizer import HFTokenizer
 from moe_lab.interop.huggingface import build_model, load_hf, model_overrides, read_hf_config
+from moe_lab.training.checkpoint import tokenizer_identity
 
 CHECKPOINT = "model.ckpt"
 
@@ -57,7 +59,8 @@ def import_hf(source: str, out_dir: str | Path) -> dict[str, Any]:
         "global_step": 0, "epoch": 0,
         "moe_lab_imported": {"source": str(source), "family": cfg.name,
                              "transformers_class": type(hf_model).__name__},
-        "moe_lab_run": {"overrides": model_overrides(cfg, tok), "run_dir": None},
+        "moe_lab_run": {"overrides": model_overrides(cfg, tok), "run_dir": None,
+                        "tokenizer": tokenizer_identity(HFTokenizer(str(tokenizer_dir), eos))},
     }
     path = out / CHECKPOINT
     write_atomically(path, lambda f: torch.save(ckpt, f))

@@ -18,7 +18,9 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from moe_lab.files import write_atomically
 from moe_lab.memory import check_fits
-from moe_lab.errors import CheckpointError
+from moe_lab.data.config import TokenizerConfig
+from moe_lab.data.tokenizer import HFTokenizer, build_tokenizer
+from moe_lab.errors import CheckpointError, UserError
 from moe_lab.model import ROUTERS, ModelConfig
 from moe_lab.training.module import MoELanguageModel
 
@@ -55,12 +57,16 @@ def checkpoint_model_config(ckpt: dict[str, Any], path: str | Path) -> ModelConf
         raise CheckpointError(f"{path}: its model settings are not moe-lab's ({e})") from None
 
 
-def check_resume(ckpt_path: Optional[str], model: ModelConfig, max_steps: Optional[int] = None) -> Optional[str]:
-    """The checkpoint to resume from, after checking that it is moe-lab's, holds the configured model and has
+def check_resume(ckpt_path: Optional[str], model: ModelConfig, max_steps: Optional[int] = None,
+                 tokenizer: Optional[TokenizerConfig] = None) -> Optional[str]:
+    """The checkpoint to resume from, after checking that it is moe-lab's, holds the configured model and tokenizer
+    (a tokenizer is part of the model: other token ids would land on embeddings learned for others) and has
     training left to do (its step is below `max_steps`, the configured trainer.max_steps)."""
     if ckpt_path is None:
         return None
     ckpt = read_checkpoint(ckpt_path, setting="ckpt_path")
+    if tokenizer is not None:
+        _check_tokenizer(ckpt, ckpt_path, tokenizer)
     saved = dataclasses.asdict(checkpoint_model_config(ckpt, ckpt_path))
     wanted = dataclasses.asdict(model)
     for layout in LAYOUT_KEYS:
@@ -78,6 +84,41 @@ def check_resume(ckpt_path: Optional[str], model: ModelConfig, max_steps: Option
                               f"the run is already finished; to train on, raise it, e.g. moe-lab train "
                               f"ckpt_path={ckpt_path} trainer.max_steps={max(2 * step, step + 1)}")
     return str(Path(ckpt_path).expanduser())
+
+
+def _check_tokenizer(ckpt: dict[str, Any], ckpt_path: str, tokenizer: TokenizerConfig) -> None:
+    """CheckpointError unless `tokenizer` is the checkpoint's: the same vocabulary (compared by the tokenizer file's
+    content, so a moved tokenizer.json is the same tokenizer) and the same end-of-document token."""
+    settings = ckpt["hyper_parameters"].get("tokenizer") or {}
+    saved = (ckpt.get("moe_lab_run") or {}).get("tokenizer")
+    if not isinstance(saved, str):  # older checkpoints: the identity of the tokenizer they name
+        try:
+            saved = tokenizer_identity(checkpoint_tokenizer(Path(ckpt_path).expanduser(), settings))
+        except UserError:
+            return  # the tokenizer it was trained with is gone; the configured one is all there is
+    if tokenizer_identity(build_tokenizer(tokenizer)) == saved:
+        return
+    here = {"name": tokenizer.name, "eos_token": tokenizer.eos_token}
+    differences = [f"tokenizer.{k} is {settings.get(k)!r} in the checkpoint but {here[k]!r} here" for k in here
+                   if settings.get(k) != here[k]] or [f"tokenizer.name {tokenizer.name!r} has other contents than the "
+                                                      "tokenizer the checkpoint was trained with"]
+    raise CheckpointError("the checkpoint's tokenizer differs from the configured one: " + "; ".join(differences)
+                          + ". A resumed run keeps its tokenizer (other token ids would land on embeddings learned for "
+                          "others): drop the tokenizer overrides")
+
+
+def tokenizer_identity(tokenizer: Any) -> str:
+    """What makes two tokenizers the same for a model: their vocabulary file's content and end-of-document id."""
+    return f"{tokenizer.fingerprint}:{tokenizer.eos_id}"
+
+
+def checkpoint_tokenizer(ckpt: Path, settings: dict):
+    """The tokenizer a checkpoint was trained with; an imported checkpoint's `tokenizer/` folder beside it first
+    (so a moved import still finds its own)."""
+    beside = ckpt.parent / "tokenizer"
+    if settings.get("name") and (beside / "tokenizer.json").is_file():
+        return HFTokenizer(str(beside), settings.get("eos_token"))
+    return build_tokenizer(TokenizerConfig(**{k: settings.get(k) for k in ("name", "eos_token")}))
 
 
 def holds_training_state(ckpt_path: str | Path) -> bool:
@@ -119,6 +160,7 @@ class CheckpointOrigin:
     overrides: list[str]
     run_dir: Optional[Path]
     imported: Optional[str] = None  # the Hugging Face model it was imported from (`moe-lab import`)
+    data: Optional[str] = None  # the cache key (content digest and settings) of the data it was trained on
     source: str = ""  # the file the overrides were read from (the checkpoint, or its run's .hydra/overrides.yaml)
 
 
@@ -153,7 +195,8 @@ def checkpoint_origin(ckpt_path: str | Path) -> CheckpointOrigin:
     if imported and (beside / "tokenizer.json").is_file():  # an import that was moved finds its own tokenizer
         overrides = [o for o in overrides if not o.startswith("tokenizer.name=")] + [f"tokenizer.name='{beside}'"]
     return CheckpointOrigin(step=int(ckpt.get("global_step", 0)), overrides=overrides, run_dir=run_dir,
-                            imported=str(imported["source"]) if imported.get("source") else None, source=source)
+                            imported=str(imported["source"]) if imported.get("source") else None, source=source,
+                            data=run.get("data") if isinstance(run.get("data"), str) else None)
 
 
 def _differences(a: Any, b: Any, prefix: str) -> list[str]:

@@ -22,7 +22,7 @@ from moe_lab.files import remove_stale_temp_files, write_atomically
 from moe_lab.data.datamodule import LMDataModule
 from moe_lab.errors import ConfigError, Diverged, UserError
 from moe_lab.training.callbacks import GracefulStop, StepProgressBar, StopRequested
-from moe_lab.training.checkpoint import (AtomicCheckpointIO, check_resume, checkpoint_origin, holds_training_state,
+from moe_lab.training.checkpoint import (AtomicCheckpointIO, check_resume, tokenizer_identity, checkpoint_origin, holds_training_state,
                                         load_weights, saved)
 from moe_lab.training.loggers import build_loggers, finish_wandb
 from moe_lab.training.metrics import RoutingMetrics
@@ -53,7 +53,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(run.paths.output_dir).expanduser().resolve()
     resuming = run.ckpt_path is not None and holds_training_state(run.ckpt_path)
     upcycled_weights = apply_upcycling(run, run.ckpt_path if resuming else None)  # model.init_from: settings
-    ckpt_path = check_resume(run.ckpt_path, run.model, run.trainer.get("max_steps"))
+    ckpt_path = check_resume(run.ckpt_path, run.model, run.trainer.get("max_steps"), run.tokenizer)
     init_from = None
     if ckpt_path is not None and not holds_training_state(ckpt_path):
         init_from, ckpt_path = ckpt_path, None  # an imported model: a new run from its weights (fine-tuning)
@@ -104,9 +104,15 @@ def _train(run: TrainConfig, cfg: DictConfig, output_dir: Path, ckpt_path: Optio
         elif not launched_worker():
             print(f"moe-lab: starting from the weights of {run.model.init_from} (a new run: step 0, fresh optimizer)",
                   flush=True)
-    module.provenance = {"overrides": command_line_overrides(), "run_dir": str(output_dir)}
+    module.provenance = {"overrides": command_line_overrides(), "run_dir": str(output_dir),
+                         "data": data.cache_key(), "tokenizer": tokenizer_identity(data.tokenizer)}
     if ckpt_path is not None and not launched_worker():
         record_resume(ckpt_path, output_dir)
+        trained_on = checkpoint_origin(ckpt_path).data
+        if trained_on is not None and trained_on != data.cache_key():
+            print(f"moe-lab: note: {ckpt_path} was trained on other data than {data.describe()} gives now (its "
+                  "content or its settings differ): the resumed run continues on the data as it is now",
+                  file=sys.stderr, flush=True)
 
     ckpt_dir = output_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
