@@ -519,3 +519,43 @@ def test_a_data_error_is_found_before_any_directory_is_made(tmp_path, cache_dir)
     (tmp_path / "corpus.txt").write_text("def f(x):\n    return x + 1\n" * 2000)  # the corrected data
     result = run_cli([*args[:-1], f"hydra.run.dir={run_dir}", "trainer.max_steps=2"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+# -- checksums and broken weights ---------------------------------------------------------------------------------
+
+
+def _flip_one_bit_of_a_weight(ckpt: Path, out: Path) -> None:
+    """One bit of one weight flipped in the file's bytes, everything else as written."""
+    data = bytearray(ckpt.read_bytes())
+    loaded = torch.load(ckpt, weights_only=True)
+    weight = loaded["state_dict"]["model.embed.weight"]
+    needle = weight.reshape(-1)[:16].numpy().tobytes()
+    at = data.find(needle)
+    assert at > 0
+    data[at + 5] ^= 0x01
+    out.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_a_weight_is_found_on_load(real_checkpoint, tmp_path, capsys):
+    from moe_lab.cli.main import main
+
+    _flip_one_bit_of_a_weight(real_checkpoint, tmp_path / "flipped.ckpt")
+    assert not torch.equal(torch.load(tmp_path / "flipped.ckpt", weights_only=True)["state_dict"]["model.embed.weight"],
+                           torch.load(real_checkpoint, weights_only=True)["state_dict"]["model.embed.weight"])
+    with pytest.raises(CheckpointError, match="flipped.ckpt is damaged: its weights do not match the checksum"):
+        moe_lab.load_model(tmp_path / "flipped.ckpt")
+    assert main(["generate", str(tmp_path / "flipped.ckpt"), "--prompt", "x"]) == 2
+    assert "do not match the checksum" in capsys.readouterr().err
+    moe_lab.load_model(real_checkpoint)  # the good one loads
+
+
+def test_a_checkpoint_with_nan_weights_is_not_exported(real_checkpoint, tmp_path):
+    from moe_lab.training.checkpoint import with_checksum
+    from moe_lab.tools.export import export_hf
+
+    ckpt = torch.load(real_checkpoint, weights_only=True)
+    ckpt["state_dict"]["model.blocks.0.attn.q_proj.weight"][0, 0] = float("nan")
+    torch.save(with_checksum(ckpt), tmp_path / "nan.ckpt")  # a checksum that matches: the NaN was saved as such
+    with pytest.raises(UserError, match="NaN or infinite values .*blocks.0.attn.q_proj.weight"):
+        export_hf(tmp_path / "nan.ckpt", tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

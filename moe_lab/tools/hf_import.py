@@ -19,7 +19,7 @@ import torch
 from moe_lab.errors import ModelImportError
 from moe_lab.data.tokenizer import HFTokenizer
 from moe_lab.interop.huggingface import build_model, load_hf, model_overrides, read_hf_config
-from moe_lab.training.checkpoint import tokenizer_identity
+from moe_lab.training.checkpoint import tokenizer_identity, with_checksum
 
 CHECKPOINT = "model.ckpt"
 
@@ -63,7 +63,7 @@ def import_hf(source: str, out_dir: str | Path) -> dict[str, Any]:
                         "tokenizer": tokenizer_identity(HFTokenizer(str(tokenizer_dir), eos))},
     }
     path = out / CHECKPOINT
-    write_atomically(path, lambda f: torch.save(ckpt, f))
+    write_atomically(path, lambda f: torch.save(with_checksum(ckpt), f))
     params = model.num_params()
     return {"family": cfg.name, "checkpoint": str(path), "total": params["total"], "active": params["active"],
             "layers": cfg.n_layers, "experts": cfg.moe.num_experts, "top_k": cfg.moe.router.top_k}

@@ -47,7 +47,50 @@ def read_checkpoint(path: str | Path, setting: Optional[str] = None) -> dict[str
         raise CheckpointError(f"{path} is not a readable moe-lab checkpoint ({type(e).__name__}: {reason})") from None
     if not isinstance(ckpt, dict) or not isinstance((ckpt.get("hyper_parameters") or {}).get("model"), dict):
         raise CheckpointError(f"{path} was not written by moe-lab (it has no model settings)")
+    _verify_checksum(ckpt, file, path)
     return ckpt
+
+
+CHECKSUM = "moe_lab_checksum"  # SHA-256 of the weights, written with every checkpoint moe-lab saves
+_verified: dict[tuple, str] = {}  # files already verified in this process, by identity and state
+
+
+def weights_checksum(state_dict: dict[str, Any]) -> str:
+    """SHA-256 over the weights' names, dtypes, shapes and bytes, in name order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name]
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def with_checksum(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint with the checksum of its weights added (what AtomicCheckpointIO and the importer write)."""
+    if isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint[CHECKSUM] = {"sha256": weights_checksum(checkpoint["state_dict"])}
+    return checkpoint
+
+
+def _verify_checksum(ckpt: dict[str, Any], file: Path, path: str | Path) -> None:
+    """CheckpointError when the weights differ from the checksum saved with them (a flipped bit, a cut copy).
+    Checkpoints written before moe-lab saved checksums have none and are read as they are."""
+    saved = (ckpt.get(CHECKSUM) or {}).get("sha256") if isinstance(ckpt.get(CHECKSUM), dict) else None
+    if saved is None or not isinstance(ckpt.get("state_dict"), dict):
+        return
+    stat = file.stat()
+    identity = (str(file.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if _verified.get(identity) == saved:
+        return
+    if weights_checksum(ckpt["state_dict"]) != saved:
+        raise CheckpointError(f"{path} is damaged: its weights do not match the checksum saved with them (a flipped "
+                              "bit, or a copy cut short); restore it from a good copy")
+    _verified[identity] = saved
 
 
 def checkpoint_model_config(ckpt: dict[str, Any], path: str | Path) -> ModelConfig:
@@ -250,5 +293,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, lambda f: torch.save(checkpoint, f))
+        write_atomically(path, lambda f: torch.save(with_checksum(checkpoint), f))
         self.last_saved = path
