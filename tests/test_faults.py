@@ -195,6 +195,8 @@ def test_a_cut_off_last_routing_line_is_skipped(run_dir):
     ("corrupt_summary", "summary.json is damaged"),
     ("summary_not_an_object", "summary.json is damaged"),
     ("corrupt_routing_line", "routing.jsonl is damaged (line 1 is not JSON)"),
+    ("routing_line_without_layers", "routing.jsonl is damaged (line 1 is not a routing record: no list of 'layers')"),
+    ("routing_layer_of_wrong_shape", "routing.jsonl is damaged (line 2 is not a routing record: a layer without"),
 ])
 def test_damaged_run_files_are_named(run_dir, damage, expected):
     from moe_lab.analysis.dashboard import write_dashboard
@@ -206,6 +208,11 @@ def test_damaged_run_files_are_named(run_dir, damage, expected):
         (run_dir / "summary.json").write_text('{"status": "fini')
     elif damage == "summary_not_an_object":
         (run_dir / "summary.json").write_text("[1, 2]")
+    elif damage == "routing_line_without_layers":
+        (run_dir / "routing.jsonl").write_text('{"step": 3}\n' + (run_dir / "routing.jsonl").read_text())
+    elif damage == "routing_layer_of_wrong_shape":
+        first = (run_dir / "routing.jsonl").read_text().splitlines()[0]
+        (run_dir / "routing.jsonl").write_text(f'{first}\n{{"step": 4, "layers": [{{"layer": 0, "load": "x"}}]}}\n')
     else:
         (run_dir / "routing.jsonl").write_text("{not json\n" + (run_dir / "routing.jsonl").read_text())
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
@@ -559,3 +566,52 @@ def test_a_checkpoint_with_nan_weights_is_not_exported(real_checkpoint, tmp_path
     with pytest.raises(UserError, match="NaN or infinite values .*blocks.0.attn.q_proj.weight"):
         export_hf(tmp_path / "nan.ckpt", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+# -- one line for each of these, before any work ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["train", "checkpoint.keep=-5"], "checkpoint.keep=-5 must be -1"),
+    (["train", "model.norm_eps=-1"], "model.norm_eps=-1.0 must be a positive number"),
+    (["train", "model.rope_theta=0"], "model.rope_theta=0.0 must be a positive number"),
+    (["train", "optim.eps=0"], "optim.eps=0.0 must be > 0"),
+    (["train", "router=soft", "model.moe.router.top_k=3"], "router=soft sends every token to all"),
+    (["dashboard", ".", "--live", "--interval", "0"], "--interval 0 must be at least 1"),
+    (["dashboard", ".", "--live", "--interval", "-5"], "--interval -5 must be at least 1"),
+])
+def test_bad_values_are_one_line_before_any_work(args, expected, tmp_path, capsys, monkeypatch):
+    from moe_lab.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    extra = [f"hydra.run.dir={tmp_path / 'run'}", *FAST] if args[0] == "train" else []
+    code = main(args + [a for a in extra if a.split("=")[0] not in " ".join(args)])
+    err = capsys.readouterr().err
+    assert code == 2 and expected in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_generate_html_into_a_directory_and_a_prompt_past_the_context(real_checkpoint, tmp_path, capsys):
+    from moe_lab.cli.main import main
+
+    assert main(["generate", str(real_checkpoint), "--prompt", "x", "--show-experts", "0", "--html",
+                 str(tmp_path)]) == 2
+    assert "give a file in an existing folder" in capsys.readouterr().err
+    long = "y" * 600  # the checkpoint's context is 128 tokens (FAST)
+    assert main(["generate", str(real_checkpoint), "--prompt", long]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing streamed before the error line
+    assert "leaves no room for a new token" in captured.err and captured.err.count("\n") == 1
+
+
+def test_bench_out_that_holds_results_is_refused_before_the_benchmark(tmp_path, capsys):
+    from moe_lab.cli.main import main
+
+    (tmp_path / "file").write_text("mine")
+    assert main(["bench", "--quick", "--out", str(tmp_path / "file")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "bench.json").write_text("{}")
+    assert main(["bench", "--quick", "--out", str(tmp_path / "old")]) == 2
+    assert "already holds a benchmark" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "mine" and (tmp_path / "old" / "bench.json").read_text() == "{}"

@@ -163,12 +163,40 @@ def _routing_records(text: str) -> list[dict]:
     records = []
     for i, line in enumerate(lines):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
             if i == len(lines) - 1 and not text.endswith("\n"):
                 break  # the last line of a run that is still writing, or was killed mid-write
             raise ValueError(f"line {i + 1} is not JSON") from None
+        problem = _routing_shape(record)
+        if problem:
+            raise ValueError(f"line {i + 1} is not a routing record: {problem}")
+        records.append(record)
     return records
+
+
+def _routing_shape(record: Any) -> str:
+    """What is wrong with a routing.jsonl record's shape ('' if nothing): {"step": int, "layers": [{"layer": int,
+    "load": [numbers], "domain_counts": [[numbers]]?}], "domains": [str]?}, as training/metrics.py writes it."""
+    def numbers(value: Any) -> bool:
+        return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if not isinstance(record.get("step"), int):
+        return "no integer 'step'"
+    if not isinstance(record.get("layers"), list):
+        return "no list of 'layers'"
+    for entry in record["layers"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("layer"), int) or not numbers(entry.get("load")):
+            return "a layer without an integer 'layer' and a list of numbers 'load'"
+        counts = entry.get("domain_counts")
+        if counts is not None and not (isinstance(counts, list) and all(numbers(row) for row in counts)):
+            return "'domain_counts' is not a table of numbers"
+    if "domains" in record and not (isinstance(record["domains"], list)
+                                    and all(isinstance(d, str) for d in record["domains"])):
+        return "'domains' is not a list of names"
+    return ""
 
 
 def sweep_runs(path: Path) -> list[RunRecord]:

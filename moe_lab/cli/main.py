@@ -193,6 +193,8 @@ def dashboard_command(args: list[str]) -> int:
                         "the open page reloads itself")
     parser.add_argument("--interval", type=int, default=30, help="seconds between --live updates (default 30)")
     parsed = parser.parse_args(args)
+    if parsed.interval < 1:
+        return fail(f"moe-lab dashboard: --interval {parsed.interval} must be at least 1 second")
     from moe_lab.analysis.dashboard import live, write_comparison, write_dashboard
     from moe_lab.analysis.runs import ranked_table
 
@@ -204,7 +206,7 @@ def dashboard_command(args: list[str]) -> int:
             return write_comparison(parsed.paths, parsed.output or COMPARISON, refresh=refresh)[0]
     try:
         if parsed.live:
-            live(write, max(parsed.interval, 2))
+            live(write, parsed.interval)
             return 0
         if len(parsed.paths) == 1:
             out = write(None)
@@ -265,12 +267,14 @@ def _generate(parsed: argparse.Namespace) -> int:
     if parsed.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens {parsed.max_new_tokens} must be at least 1")
     html_out = Path(parsed.html or "moe-lab-experts.html").expanduser() if parsed.show_experts is not None else None
+    if html_out is not None and (html_out.is_dir() or not html_out.parent.is_dir()):
+        raise UserError(f"--html {html_out}: give a file in an existing folder")
     if html_out is not None and html_out.exists() and "moe-lab-experts" not in html_out.read_text(errors="ignore"):
         raise UserError(f"--html {html_out} exists and was not written by moe-lab generate; moe-lab never writes "
                         "over files: choose another path")
     check_device(parsed.device)
-    from moe_lab.tools.generate import (Sampling, coloured_html, coloured_terminal, generate, load_for_inference,
-                                        stream_writer, token_pieces)
+    from moe_lab.tools.generate import (Sampling, check_prompts, coloured_html, coloured_terminal, generate,
+                                        load_for_inference, stream_writer, token_pieces)
 
     model, tokenizer, described = load_for_inference(parsed.source)
     model = model.to(parsed.device)
@@ -278,6 +282,7 @@ def _generate(parsed: argparse.Namespace) -> int:
         raise UserError(f"--show-experts {parsed.show_experts} is not an MoE layer; the MoE layers are "
                         f"{model.moe_layers}")
     ids = [tokenizer.encode_prompt(p) for p in prompts]
+    check_prompts(model, ids)  # before anything is printed: an error line never ends a half-printed prompt
     sampling = Sampling(parsed.temperature, parsed.top_k, parsed.top_p, parsed.seed)
     sampling.check()
     print(f"moe-lab: {described}; {'greedy' if sampling.temperature == 0 else 'sampling'}, up to "
@@ -548,6 +553,13 @@ def bench_command(args: list[str]) -> int:
             return fail("moe-lab bench --device cuda: no CUDA device is available here; use --device cpu")
     if (parsed.threads is not None and parsed.threads < 1) or parsed.repeats < 1 or parsed.warmup < 0:
         return fail("moe-lab bench: --threads and --repeats must be at least 1, --warmup at least 0")
+    if parsed.out is not None:
+        out = Path(parsed.out).expanduser()
+        if out.exists() and not out.is_dir():
+            return fail(f"moe-lab bench: --out {out} is a file; give a directory (new, or without bench.json)")
+        if (out / "bench.json").exists() or (out / "bench.csv").exists():
+            return fail(f"moe-lab bench: --out {out} already holds a benchmark (bench.json); moe-lab never writes "
+                        "over results: choose a new directory")
     from moe_lab.tools.bench import run
 
     run(parsed)

@@ -217,6 +217,9 @@ class ModelConfig:
         need(self.head_size is not None or self.d_model % self.n_heads == 0,
              f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads} (or set model.head_size)")
         need(self.head_size is None or self.head_size >= 2, f"model.head_size={self.head_size} must be at least 2")
+        for key in ("norm_eps", "rope_theta", "init_std"):
+            value = getattr(self, key)
+            need(value == value and 0 < value < float("inf"), f"model.{key}={value} must be a positive number")
         need(self.qk_norm in (None, "head", "full"), f"model.qk_norm={self.qk_norm!r}; choose null, head or full")
         need(self.head_dim % 2 == 0, f"model.d_model={self.d_model} / model.n_heads={self.n_heads} gives head dim "
                                      f"{self.head_dim}; rotary embeddings need an even head dim")

@@ -591,7 +591,9 @@ class SoftMixtureRouter(Router):
 
     @classmethod
     def check(cls, cfg: SoftRouterConfig, num_experts: int) -> None:
-        pass
+        if cfg.top_k not in (0, num_experts):  # a setting this router would ignore is an error, never a no-op
+            raise ValueError(f"router=soft sends every token to all {num_experts} experts; "
+                             f"model.moe.router.top_k={cfg.top_k} would be ignored: drop it (or use router=topk)")
 
     @classmethod
     def experts_per_token(cls, cfg: SoftRouterConfig, num_experts: int) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import platform
 import statistics
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
+from moe_lab.files import write_atomically
 
 
 @dataclass
@@ -482,14 +485,15 @@ def run(args) -> dict:
               "ratios": [dict(zip(("case", "comparison", "ratio", "target", "met"), c)) for c in checks]}
     out = Path(args.out or f"benchmarks/results/{datetime.now():%Y-%m-%d_%H-%M-%S}").expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    with open(out / "bench.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[k for k in asdict(results[0]) if k != "extra"])
-        writer.writeheader()
-        for r in results:
-            row = asdict(r)
-            row.pop("extra")
-            writer.writerow(row)
+    write_atomically(out / "bench.json", json.dumps(report, indent=2) + "\n")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=[k for k in asdict(results[0]) if k != "extra"])
+    writer.writeheader()
+    for r in results:
+        row = asdict(r)
+        row.pop("extra")
+        writer.writerow(row)
+    write_atomically(out / "bench.csv", table.getvalue())
     print(f"\nmoe-lab bench: {len(results)} timings in {report['seconds']:.0f}s on {device} "
           f"({torch.get_num_threads()} threads); wrote {out}/bench.json and bench.csv")
     return report

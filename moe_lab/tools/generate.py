@@ -69,6 +69,21 @@ def next_tokens(logits_BV: torch.Tensor, sampling: Sampling, generator: torch.Ge
     return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
 
 
+def check_prompts(model: MoETransformer, prompts: list[list[int]]) -> None:
+    """UserError unless the model can continue these prompts: a router that needs a domain label cannot, an empty
+    prompt or one that fills the model's context leaves nothing to do."""
+    oracle = [m.router.registered_name for m in model.moe_modules() if m.router.needs_domain]
+    if oracle:
+        raise UserError(f"router={oracle[0]} routes by the data's domain label, which a prompt does not have: it "
+                        "cannot generate")
+    if any(not p for p in prompts):
+        raise UserError("a prompt is empty (it has no tokens); give some text")
+    longest = max(len(p) for p in prompts)
+    if longest >= model.cfg.max_seq_len:
+        raise UserError(f"the longest prompt has {longest} tokens and the model's context is "
+                        f"{model.cfg.max_seq_len}: it leaves no room for a new token; shorten the prompt")
+
+
 @torch.no_grad()
 def generate(model: MoETransformer, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling,
              eos_id: Optional[int] = None, show_layer: Optional[int] = None,
@@ -76,19 +91,11 @@ def generate(model: MoETransformer, prompts: list[list[int]], max_new_tokens: in
     """Continue each prompt by up to `max_new_tokens` tokens (stopping at `eos_id`). `on_token(i, token)` is called
     as each token of prompt i is chosen (streaming)."""
     sampling.check()
-    oracle = [m.router.registered_name for m in model.moe_modules() if m.router.needs_domain]
-    if oracle:
-        raise UserError(f"router={oracle[0]} routes by the data's domain label, which a prompt does not have: it "
-                        "cannot generate")
-    if any(not p for p in prompts):
-        raise UserError("a prompt is empty (it has no tokens); give some text")
+    check_prompts(model, prompts)
     model.eval()
     device = next(model.parameters()).device
     B, longest = len(prompts), max(len(p) for p in prompts)
-    room = model.cfg.max_seq_len - longest
-    if room < 1:
-        raise UserError(f"the longest prompt has {longest} tokens; the model takes at most {model.cfg.max_seq_len}")
-    max_new_tokens = min(max_new_tokens, room)
+    max_new_tokens = min(max_new_tokens, model.cfg.max_seq_len - longest)
     ids_BS = torch.zeros(B, longest, dtype=torch.long, device=device)
     valid_BS = torch.zeros(B, longest, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):  # left padding: every prompt ends at the same position

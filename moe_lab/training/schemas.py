@@ -294,6 +294,10 @@ def _check_training(run: TrainConfig) -> None:
     need(u.granularity >= 1, f"upcycle.granularity={u.granularity} must be at least 1")
     need(0 <= u.drop_ratio <= 1, f"upcycle.drop_ratio={u.drop_ratio} must be in [0, 1]")
     need(run.checkpoint.every_n_steps >= 1, "checkpoint.every_n_steps must be at least 1")
+    need(run.checkpoint.keep >= -1, f"checkpoint.keep={run.checkpoint.keep} must be -1 (keep all), 0 (only last.ckpt) "
+                                    "or a number of periodic checkpoints to keep")
+    need(o.eps > 0, f"optim.eps={o.eps} must be > 0")
+    need(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
     need(run.threads is None or run.threads >= 1, f"threads={run.threads} must be at least 1 (or null: the CPUs this "
                                                   "process may use)")
     need(run.metrics.image_every_n_steps >= 1, "metrics.image_every_n_steps must be at least 1")
