@@ -33,7 +33,16 @@ class ModelImportError(UserError):
     """A model moe-lab cannot import exactly, or an output it will not write over."""
 
 
-class Diverged(Exception):
+class RunFailed(Exception):
+    """Not a user's mistake but what happened to the run (divergence, a full disk): one line, exit code 1, and a
+    summary.json that says so."""
+
+
+class DiskFull(RunFailed):
+    """A write failed for want of space; the last checkpoint written whole is named."""
+
+
+class Diverged(RunFailed):
     """Not a user's mistake but the run's outcome: the loss or the weights became NaN or infinite. The run stops, no
     checkpoint with non-finite weights is written, and the process exits non-zero (a sweep's max_failure_rate decides
     what follows)."""

@@ -124,6 +124,35 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, cache_dir):
     assert not (tmp_path / "again").exists()
 
 
+@pytest.mark.slow
+def test_two_ctrl_c_abort_with_exit_130_and_a_summary(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = [moe_lab_script(), "train", *fast_args(cache_dir), "trainer.max_steps=100000",
+            "trainer.log_every_n_steps=1", "trainer.val_check_interval=100000", f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait until training is under way
+            metrics = run_dir / "metrics.csv"
+            if metrics.exists() and "train/loss" in metrics.read_text() or proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
+    assert "Traceback" not in err
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # The first Ctrl-C's checkpoint may have been written before the second came: either way the summary says so.
+    assert summary["status"] in ("aborted", "interrupted"), summary
+    if summary["status"] == "aborted":
+        assert "aborted at step" in err
+
+
 def test_wandb_without_credentials_runs_offline(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     result = run_cli(["train", "logger=wandb", *fast_args(cache_dir), "trainer.max_steps=3",

@@ -615,3 +615,25 @@ def test_bench_out_that_holds_results_is_refused_before_the_benchmark(tmp_path, 
     assert main(["bench", "--quick", "--out", str(tmp_path / "old")]) == 2
     assert "already holds a benchmark" in capsys.readouterr().err
     assert (tmp_path / "file").read_text() == "mine" and (tmp_path / "old" / "bench.json").read_text() == "{}"
+
+
+def test_a_full_disk_at_the_final_save_names_the_last_good_checkpoint(make_cfg, tmp_path, monkeypatch):
+    import errno
+
+    from moe_lab.errors import DiskFull
+    from moe_lab.training.checkpoint import AtomicCheckpointIO
+
+    real_save = AtomicCheckpointIO.save_checkpoint
+
+    def full_after_the_first(self, checkpoint, path, storage_options=None):
+        if self.last_saved is not None:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(self, checkpoint, path, storage_options)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", full_after_the_first)
+    with pytest.raises(DiskFull, match="the disk is full .* at step 12; the last checkpoint written whole is "
+                                       ".*step000006.ckpt"):
+        train(make_cfg("metrics.dashboard=false", name="run"))
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["checkpoint"].endswith("step000006.ckpt")
+    assert "disk full" in summary["error"]

@@ -1,5 +1,5 @@
 """The thin `@hydra.main` around `moe_lab.training.train.train(cfg)`: Hydra's flags, sweeps and run directories,
-and the exit codes of a run (2: a user's mistake, 1: divergence, 128 + signal: Ctrl-C or SIGTERM)."""
+and the exit codes of a run (2: a user's mistake, 1: divergence or a full disk, 128 + signal: Ctrl-C or SIGTERM)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig
 
-from moe_lab.errors import Diverged, UserError
+from moe_lab.errors import RunFailed, UserError
 from moe_lab.training.schemas import config_dir
 
 log = logging.getLogger("moe_lab")
@@ -31,12 +31,15 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         summary = train(cfg)
-    except (UserError, Diverged) as e:
+    except (UserError, RunFailed) as e:
         if sweeping:  # a failed job: the sweeper carries on or stops (Optuna: max_failure_rate)
             log.error("moe-lab: job failed: %s", e)
             raise JobFailed(str(e)) from None
         print(f"moe-lab: error: {e}", file=sys.stderr)
         raise SystemExit(2 if isinstance(e, UserError) else 1) from None
     except Interrupted as e:
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the process is ending: a late Ctrl-C prints no traceback
         raise SystemExit(128 + e.signum) from None
     return summary.get("val/loss")

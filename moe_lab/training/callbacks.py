@@ -19,6 +19,11 @@ class StopRequested(Exception):
         self.signum = signum
 
 
+class AbortRequested(Exception):
+    """A second Ctrl-C: stop now, without a checkpoint. An Exception, not KeyboardInterrupt, so that Lightning tears
+    the run down and hands it back (on KeyboardInterrupt it exits the process with code 1 itself)."""
+
+
 class GracefulStop(L.Callback):
     """Ctrl-C or SIGTERM: finish the optimizer step in flight, save `last.ckpt`, then stop (no more validation).
 
@@ -26,7 +31,7 @@ class GracefulStop(L.Callback):
     put its own in place (at the start of fit, validation and training), so a pre-emption is moe-lab's to handle at
     any moment: while the data is prepared or the untrained model is validated, the run stops before its first step
     (nothing trained, nothing saved, said in one line); later, at the next optimizer-step boundary with a checkpoint.
-    A second Ctrl-C aborts at once (KeyboardInterrupt), without a checkpoint.
+    A second Ctrl-C aborts at once (AbortRequested), without a checkpoint: the run exits 130 with a summary.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -68,7 +73,7 @@ class GracefulStop(L.Callback):
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            raise AbortRequested("Ctrl-C twice")
         self.received = signum
         print(f"\nmoe-lab: {signal.Signals(signum).name} received: stopping after this step and saving a "
               "checkpoint (Ctrl-C again to abort without one)", file=sys.stderr, flush=True)

@@ -3,8 +3,10 @@ tests both call it). It returns the run summary: final metrics and where everyth
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -20,8 +22,8 @@ from moe_lab.analysis.dashboard import write_dashboard
 from moe_lab.analysis.runs import RESUMED_FROM
 from moe_lab.files import remove_stale_temp_files, write_atomically
 from moe_lab.data.datamodule import LMDataModule
-from moe_lab.errors import ConfigError, Diverged, UserError
-from moe_lab.training.callbacks import GracefulStop, StepProgressBar, StopRequested
+from moe_lab.errors import ConfigError, DiskFull, Diverged, UserError
+from moe_lab.training.callbacks import AbortRequested, GracefulStop, StepProgressBar, StopRequested
 from moe_lab.training.checkpoint import (AtomicCheckpointIO, check_resume, tokenizer_identity, checkpoint_origin, holds_training_state,
                                         load_weights, saved)
 from moe_lab.training.loggers import build_loggers, finish_wandb
@@ -66,6 +68,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     stop.install()
     try:
         return _train(run, cfg, output_dir, ckpt_path, stop, init_from, upcycled_weights)
+    except AbortRequested:  # Ctrl-C twice outside the training loop (data preparation, the final writes)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the few lines below are not cut short by a third
+        last = output_dir / "checkpoints" / "last.ckpt"
+        if not launched_worker() and not (output_dir / "summary.json").exists():
+            save_summary({"status": "aborted", "error": "Ctrl-C twice",
+                          "checkpoint": str(last) if last.exists() else None}, output_dir)
+        print("moe-lab: aborted (Ctrl-C twice)" + (f"; the last checkpoint is {last}" if last.exists() else ""),
+              file=sys.stderr, flush=True)
+        raise Interrupted(signal.SIGINT) from None
     finally:
         stop.restore()
 
@@ -159,6 +170,34 @@ def _train(run: TrainConfig, cfg: DictConfig, output_dir: Path, ckpt_path: Optio
                     trainer.validate(module, datamodule=data, verbose=False)  # every run ends with a val/loss
                 if not saved_at(periodic, last, trainer.global_step):
                     trainer.save_checkpoint(last, weights_only=False)
+        except AbortRequested:
+            kept = checkpoint_io.last_saved
+            for logger in trainer.loggers:
+                logger.finalize("failed")
+            if trainer.is_global_zero:
+                save_summary({"status": "aborted", "step": trainer.global_step, "error": "Ctrl-C twice: aborted "
+                              "without a checkpoint", "seconds": round(time.time() - started, 1),
+                              "checkpoint": str(kept) if kept is not None else None,
+                              "metrics_csv": str(output_dir / "metrics.csv")}, output_dir)
+            print(f"moe-lab: aborted at step {trainer.global_step} (Ctrl-C twice) without a checkpoint"
+                  + (f"; the last one written is {kept}" if kept is not None else ""), file=sys.stderr, flush=True)
+            raise Interrupted(signal.SIGINT) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            kept = checkpoint_io.last_saved
+            where = (f"the last checkpoint written whole is {kept}" if kept is not None
+                     else "no checkpoint was written whole")
+            try:
+                save_summary({"status": "failed", "step": trainer.global_step, "error": f"disk full: {e}",
+                              "checkpoint": str(kept) if kept is not None else None,
+                              "metrics_csv": str(output_dir / "metrics.csv")}, output_dir)
+            except OSError:
+                where += " (summary.json could not be written either)"
+            raise DiskFull(f"the disk is full ({e.filename or output_dir}: {e.strerror}) at step "
+                           f"{trainer.global_step}; {where}. Free some space, then resume with "
+                           f"ckpt_path={kept}" if kept is not None else
+                           f"the disk is full ({e.filename or output_dir}: {e.strerror}); {where}") from None
         except Diverged as e:
             kept = checkpoint_io.last_saved
             where = (f"; the last good checkpoint is {kept}" if kept is not None
