@@ -637,3 +637,19 @@ def test_a_full_disk_at_the_final_save_names_the_last_good_checkpoint(make_cfg, 
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["checkpoint"].endswith("step000006.ckpt")
     assert "disk full" in summary["error"]
+
+
+def test_a_failed_jobs_row_shows_no_loss_it_never_reached(tmp_path):
+    import csv
+
+    from moe_lab.analysis.runs import write_sweep_summary
+
+    for job, summary in (("0", {"status": "finished", "step": 9, "val_step": 9, "val/loss": 2.0}),
+                         ("1", {"status": "diverged", "step": 7, "val_step": 0, "val/loss": 5.5})):
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+        (tmp_path / job / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "1" / "error.txt").write_text("Diverged: loss is nan at step 7\n")
+    rows = {r["job"]: r for r in csv.DictReader(open(write_sweep_summary(tmp_path)))}
+    assert rows["0"]["val/loss"] == "2.0" and rows["1"]["val/loss"] == ""  # not step 0's 5.5
+    assert rows["1"]["status"] == "failed" and rows["1"]["step"] == "7.0"

@@ -306,6 +306,8 @@ def summary_rows(runs: list[RunRecord]) -> list[dict[str, Any]]:
             if key not in row:
                 value = run.final(key)
                 row[key] = value if value is not None else ""
+        if run.status != "finished" and run.summary.get("val_step") != run.summary.get("step"):
+            row["val/loss"] = ""  # its last validation is not its final state (often step 0's): no final loss
         rows.append(row)
     # Finished runs by validation loss; then interrupted, running and failed ones (their figures are the last seen).
     order = {"finished": 0, "interrupted": 1, "running": 2, "diverged": 3, "failed": 3}

@@ -41,5 +41,11 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
         import signal
 
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the process is ending: a late Ctrl-C prints no traceback
+        if sweeping:  # Hydra calls no callback on an exit: the summary lists the stopped job with its checkpoint
+            from pathlib import Path
+
+            from moe_lab.analysis.runs import write_sweep_summary
+
+            write_sweep_summary(Path(HydraConfig.get().sweep.dir))
         raise SystemExit(128 + e.signum) from None
     return summary.get("val/loss")
