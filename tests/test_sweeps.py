@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -68,3 +70,83 @@ def test_shipped_optuna_search(tmp_path, cache_dir):
     assert "alembic" not in result.stdout + result.stderr  # the in-memory study's storage says nothing
     for r in rows:  # each trial drew its own values for the searched parameters
         assert "optim.lr=" in r["overrides"] and "model.moe.router.top_k=" in r["overrides"]
+
+
+def _sweep_args(cache_dir, sweep, *extra):
+    return ["train", "-m", *[a for a in FAST if not a.startswith("trainer.log_every")], "trainer.log_every_n_steps=1",
+            f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}", *extra]
+
+
+def test_a_failed_job_is_one_line_and_the_sweep_goes_on(tmp_path, cache_dir):
+    sweep = tmp_path / "sweep"
+    result = run_cli(_sweep_args(cache_dir, sweep, "optim.lr=1e6,3e-3", "trainer.max_steps=6"), cwd=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Error executing job" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("moe-lab:")]
+    assert lines[0].startswith("moe-lab: job 0 failed: training diverged")
+    assert lines[-1].startswith("moe-lab: error: 1 of 2 jobs failed (job 0")
+    rows = {r["job"]: r for r in read_summary(sweep)}
+    assert rows["1"]["status"] == "finished" and rows["0"]["status"] == "failed"
+    assert rows["0"]["val/loss"] == "" and "diverged" in rows["0"]["error"]
+    assert "sweep of 2 runs" in result.stdout  # the end-of-sweep table was printed
+
+
+def test_a_stopped_sweep_lists_every_job_and_the_same_command_continues_it(tmp_path, cache_dir):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    sweep = tmp_path / "sweep"
+    args = _sweep_args(cache_dir, sweep, "seed=1,2,3", "trainer.max_steps=24", "trainer.val_check_interval=24")
+    script = str(Path(sys.executable).parent / "moe-lab")
+    proc = subprocess.Popen([script, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:  # job 1 is training
+            metrics = sweep / "1" / "metrics.csv"
+            if metrics.exists() and metrics.read_text().count("\n") >= 8:
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    rows = {r["job"]: r for r in read_summary(sweep)}
+    assert rows["0"]["status"] == "finished"
+    assert rows["1"]["status"] == "interrupted" and rows["1"]["checkpoint"].endswith("last.ckpt")
+    assert rows["1"]["val/loss"] == "" and 0 < float(rows["1"]["step"]) < 24
+    assert rows["2"]["status"] == "not started" and "seed=3" in rows["2"]["overrides"]
+    stopped_at = int(float(rows["1"]["step"]))
+    finished_0 = (sweep / "0" / "summary.json").read_text()
+
+    again = run_cli(args, cwd=tmp_path)  # the same command: continues the sweep
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "continuing the sweep" in again.stderr and "1 resumes from step" in again.stderr
+    assert (sweep / "0" / "summary.json").read_text() == finished_0  # kept, not run again
+    rows = {r["job"]: r for r in read_summary(sweep)}
+    assert [rows[j]["status"] for j in "012"] == ["finished"] * 3
+    assert (sweep / ".attempts" / "1-1" / "checkpoints" / "last.ckpt").exists()  # the earlier attempt is kept
+    resumed = json.loads((sweep / "1" / "resumed_from.json").read_text())
+    assert resumed["step"] == stopped_at and resumed["run_dir"] == str(sweep / ".attempts" / "1-1")
+    # The resumed job computed what one uninterrupted run computes (CPU, same seed): the same final weights.
+    straight = tmp_path / "straight"
+    plain = run_cli(_sweep_args(cache_dir, straight, "seed=2", "trainer.max_steps=24",
+                                "trainer.val_check_interval=24"), cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    a = torch.load(sweep / "1" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(straight / "0" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_a_sweep_directory_of_another_command_is_refused(tmp_path, cache_dir):
+    sweep = tmp_path / "sweep"
+    first = run_cli(_sweep_args(cache_dir, sweep, "seed=1,2", "trainer.max_steps=2"), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    other = run_cli(_sweep_args(cache_dir, sweep, "seed=5,6", "trainer.max_steps=2"), cwd=tmp_path)
+    assert other.returncode == 2 and "already holds runs of another command" in other.stderr

@@ -26,7 +26,8 @@ from moe_lab.files import write_atomically
 SUMMARY_COLUMNS = ["job", "status", "val/loss", "initial_val_loss", "train/loss", "moe/mean_imbalance",
                    "moe/max_imbalance", "moe/min_load", "moe/dropped_frac", "moe/dead_experts",
                    "moe/starved_experts", "moe/specialization",
-                   "train/tokens_per_sec", "train/mfu", "step", "seconds", "overrides", "run_dir"]
+                   "train/tokens_per_sec", "train/mfu", "step", "seconds", "overrides", "run_dir", "checkpoint",
+                   "error"]
 RESUMED_FROM = "resumed_from.json"
 
 
@@ -308,6 +309,9 @@ def summary_rows(runs: list[RunRecord]) -> list[dict[str, Any]]:
                 row[key] = value if value is not None else ""
         if run.status != "finished" and run.summary.get("val_step") != run.summary.get("step"):
             row["val/loss"] = ""  # its last validation is not its final state (often step 0's): no final loss
+        row["checkpoint"] = str(run.summary.get("checkpoint") or "")
+        row["error"] = (run.error or str(run.summary.get("error") or "")).splitlines()[0] if (
+            run.error or run.summary.get("error")) else ""
         rows.append(row)
     # Finished runs by validation loss; then interrupted, running and failed ones (their figures are the last seen).
     order = {"finished": 0, "interrupted": 1, "running": 2, "diverged": 3, "failed": 3}
@@ -316,9 +320,10 @@ def summary_rows(runs: list[RunRecord]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_sweep_summary(sweep_dir: Path) -> Path:
-    """sweep_summary.csv: one row per job, best validation loss first, failed jobs last."""
-    rows = summary_rows(sweep_runs(sweep_dir))
+def write_sweep_summary(sweep_dir: Path, not_started: tuple[dict, ...] | list[dict] = ()) -> Path:
+    """sweep_summary.csv: one row per job, best validation loss first, then stopped, failed and (given by the
+    caller, who knows the sweep's plan) not-started jobs, each with its state, step, checkpoint and error."""
+    rows = summary_rows(sweep_runs(sweep_dir)) + [{k: row.get(k, "") for k in SUMMARY_COLUMNS} for row in not_started]
     out = sweep_dir / "sweep_summary.csv"
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=SUMMARY_COLUMNS)

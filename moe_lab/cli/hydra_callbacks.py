@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from omegaconf import OmegaConf
 from moe_lab.analysis.dashboard import write_dashboard
 from moe_lab.analysis.runs import ranked_table, sweep_runs, write_sweep_summary
 from moe_lab.analysis.seeds import group_table, has_seed_groups, seed_groups, write_group_summary
+from moe_lab.cli.sweeps import not_started_rows
+from moe_lab.files import write_atomically
 
 
 class SweepSummary(Callback):
@@ -23,21 +26,29 @@ class SweepSummary(Callback):
     def on_job_end(self, config, job_return, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
 
+        from moe_lab.cli.hydra_app import JobFailed
+
         if job_return.status == JobStatus.FAILED:
             error = job_return._return_value
             output_dir = Path(config.hydra.runtime.output_dir)
             if output_dir.is_dir():
-                (output_dir / "error.txt").write_text(f"{type(error).__name__}: {error}\n")
+                write_atomically(output_dir / "error.txt", f"{type(error).__name__}: {error}\n")
+            basic = str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).endswith("BasicSweeper")
+            if isinstance(error, JobFailed) and basic:
+                # A failure moe-lab explains: one line, and the sweep goes on (Hydra's basic sweeper would stop
+                # after this batch with its traceback); the process exits 1 at the end if any job failed.
+                print(f"moe-lab: job {config.hydra.job.num} failed: {error}", file=sys.stderr, flush=True)
+                job_return.status, job_return.return_value = JobStatus.COMPLETED, None
         if config.hydra.mode == RunMode.MULTIRUN and Path(config.hydra.sweep.dir).is_dir():
             sweep_dir = Path(config.hydra.sweep.dir)
-            write_sweep_summary(sweep_dir)
+            write_sweep_summary(sweep_dir, not_started_rows(sweep_dir))
             write_group_summary(sweep_dir, sweep_runs(sweep_dir))
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        out = write_sweep_summary(sweep_dir)
+        out = write_sweep_summary(sweep_dir, not_started_rows(sweep_dir))
         runs = sweep_runs(sweep_dir)
         message = (f"\nmoe-lab: sweep of {len(runs)} runs, best validation loss first "
                    f"('!': dead or starved experts)\n{ranked_table(runs)}\n" if runs else "")
@@ -50,3 +61,9 @@ class SweepSummary(Callback):
         if OmegaConf.select(config, "metrics.dashboard", default=True):
             message += f"\n  dashboard {write_dashboard(sweep_dir, sweep_dir / 'dashboard.html')}"
         print(message, flush=True)
+        failed = [run.job for run in runs if run.status in ("failed", "diverged", "aborted")]
+        if failed:
+            print(f"moe-lab: error: {len(failed)} of {len(runs)} jobs failed (job {', '.join(failed)}; the reason is "
+                  f"in each job's error.txt); the same command again continues the sweep", file=sys.stderr,
+                  flush=True)
+            raise SystemExit(1)

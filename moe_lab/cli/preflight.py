@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,8 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe_lab.cli.hydra_args import hydra_arguments, shows_only
 from moe_lab.errors import UserError
-from moe_lab.training.run_dir import (claim_run_dir, externally_launched, launched_worker, refuse_used_run_dir,
-                                      refuse_used_sweep_dir)
+from moe_lab.cli.sweeps import continue_sweep, same_sweep
+from moe_lab.training.run_dir import (CLAIM, claim_run_dir, externally_launched, launched_worker,
+                                      refuse_used_run_dir, refuse_used_sweep_dir)
 from moe_lab.training.schemas import config_dir, omegaconf_message, validate
 
 # Hints after "X is not a setting" for the nodes whose keys are not all in the schema.
@@ -53,9 +55,13 @@ def preflight(args: list[str], claim: bool = False) -> Optional[str]:
             directory, multirun = target
             # Under torchrun or SLURM the other ranks start with this one, and their Hydra may have made .hydra.
             hydra_made = not externally_launched()
+            continuing = (multirun and directory.is_dir() and any(directory.iterdir())
+                          and same_sweep(directory, list(parsed.overrides)))
             if claim:  # refuses a used directory, then takes it
+                if continuing:  # the same sweep again: it continues (cli/sweeps.py)
+                    print(continue_sweep(directory, CLAIM), file=sys.stderr, flush=True)
                 claim_run_dir(directory, hydra_made, setting="hydra.sweep.dir" if multirun else "hydra.run.dir")
-            elif multirun:
+            elif multirun and not continuing:
                 refuse_used_sweep_dir(directory)
             else:
                 refuse_used_run_dir(directory, hydra_made=hydra_made)

@@ -217,9 +217,10 @@ def checkpoint_origin(ckpt_path: str | Path) -> CheckpointOrigin:
     ckpt = read_checkpoint(ckpt_path, setting="ckpt_path")
     run = ckpt.get("moe_lab_run") if isinstance(ckpt.get("moe_lab_run"), dict) else {}
     run_dir = Path(run["run_dir"]) if isinstance(run.get("run_dir"), str) else None
-    holder = Path(ckpt_path).expanduser().absolute().parent.parent  # RUN/checkpoints/last.ckpt
-    if (run_dir is None or not run_dir.is_dir()) and is_run_dir(holder):
-        run_dir = holder  # the run directory was moved with its checkpoints
+    file = Path(ckpt_path).expanduser().absolute()
+    holder = file.parent.parent  # RUN/checkpoints/last.ckpt
+    if file.parent.name == "checkpoints" and is_run_dir(holder):
+        run_dir = holder  # the run that holds it, wherever it was moved (a continued sweep's .attempts/N-K)
     if run_dir is not None and not run_dir.is_dir():
         run_dir = None
     overrides, source = run.get("overrides"), str(ckpt_path)

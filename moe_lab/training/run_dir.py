@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from moe_lab.errors import UserError
 
@@ -11,6 +12,9 @@ from moe_lab.errors import UserError
 CLAIM = ".moe-lab-run"
 # What a run leaves behind: a directory holding any of these is used.
 RUN_MARKERS = (CLAIM, "checkpoints", "metrics.csv", "summary.json")
+# Inside a sweep directory: the earlier runs of jobs that did not finish, moved there when the sweep is continued
+# (cli/sweeps.py), as JOB-K; the job's next run resumes from the newest.
+ATTEMPTS = ".attempts"
 # Set by the launchers that start the ranks of a run: Lightning, torchrun, SLURM (srun).
 RANK_VARIABLES = ("LOCAL_RANK", "RANK", "NODE_RANK", "SLURM_PROCID")
 
@@ -57,8 +61,9 @@ def check_writable(directory: Path, setting: str = "hydra.run.dir") -> None:
 def refuse_used_sweep_dir(directory: Path) -> None:
     check_writable(directory, "hydra.sweep.dir")
     if directory.is_dir() and any(directory.iterdir()):
-        raise UserError(f"the sweep directory {directory} already holds runs; moe-lab never writes over them. "
-                        "Choose another with hydra.sweep.dir=...")
+        raise UserError(f"the sweep directory {directory} already holds runs of another command; moe-lab never "
+                        "writes over them (the same command again continues its sweep). Choose another with "
+                        "hydra.sweep.dir=...")
 
 
 def claimed_by_this_process(directory: Path) -> bool:
@@ -94,3 +99,23 @@ def release_run_dir(directory: Path) -> None:
     output), so the corrected command can use it."""
     if claimed_by_this_process(directory):
         (Path(directory) / CLAIM).unlink(missing_ok=True)
+
+
+def previous_attempt(job_dir: Path) -> Optional[Path]:
+    """The newest earlier attempt of the sweep job in `job_dir` (SWEEP/.attempts/N-K), if a continued sweep made one."""
+    attempts = Path(job_dir).parent / ATTEMPTS
+    if not attempts.is_dir():
+        return None
+    found = [p for p in attempts.iterdir() if p.name.startswith(f"{Path(job_dir).name}-")
+             and p.name.rpartition("-")[2].isdigit()]
+    return max(found, key=lambda p: int(p.name.rpartition("-")[2])) if found else None
+
+
+def attempt_checkpoint(attempt: Path) -> Optional[Path]:
+    """The checkpoint an attempt's run was stopped with: last.ckpt, else its newest periodic checkpoint."""
+    folder = attempt / "checkpoints"
+    last = folder / "last.ckpt"
+    if last.exists():
+        return last.resolve()
+    periodic = sorted(folder.glob("step*.ckpt")) if folder.is_dir() else []
+    return periodic[-1] if periodic else None

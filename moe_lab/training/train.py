@@ -29,7 +29,8 @@ from moe_lab.training.checkpoint import (AtomicCheckpointIO, check_resume, token
 from moe_lab.training.loggers import build_loggers, finish_wandb
 from moe_lab.training.metrics import RoutingMetrics
 from moe_lab.training.module import MoELanguageModel
-from moe_lab.training.run_dir import claim_run_dir, launched_worker, release_run_dir
+from moe_lab.training.run_dir import (attempt_checkpoint, claim_run_dir, claimed_by_this_process, launched_worker,
+                                      previous_attempt, release_run_dir)
 from moe_lab.training.runtime import cpu_threads, quiet_lightning, retain_freed_memory
 from moe_lab.training.schemas import TrainConfig, validate
 from moe_lab.training.strategy import make_strategy
@@ -53,6 +54,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     data_parallel = str(run.trainer.get("strategy", "")).startswith("ddp") and isinstance(devices, int)
     torch.set_num_threads(cpu_threads(run.threads, devices if data_parallel else 1))
     output_dir = Path(run.paths.output_dir).expanduser().resolve()
+    done_before = continued_job(run, output_dir)
+    if done_before is not None:
+        return done_before
     resuming = run.ckpt_path is not None and holds_training_state(run.ckpt_path)
     upcycled_weights = apply_upcycling(run, run.ckpt_path if resuming else None)  # model.init_from: settings
     ckpt_path = check_resume(run.ckpt_path, run.model, run.trainer.get("max_steps"), run.tokenizer)
@@ -79,6 +83,37 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise Interrupted(signal.SIGINT) from None
     finally:
         stop.restore()
+
+
+def continued_job(run: TrainConfig, output_dir: Path) -> Optional[dict[str, Any]]:
+    """A job of a sweep that is being continued (the same command again, cli/sweeps.py): the summary of a job that
+    finished before, to skip it (a diverged one fails again at once, with its reason); for a job whose earlier run
+    stopped, `run.ckpt_path` becomes that run's last checkpoint, so the job resumes from it. None otherwise."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN or launched_worker():
+        return None
+    if not claimed_by_this_process(Path(HydraConfig.get().sweep.dir)):
+        return None
+    summary_file = output_dir / "summary.json"
+    try:
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    except (OSError, ValueError):
+        summary = {}
+    summary = summary if isinstance(summary, dict) else {}
+    if summary.get("status") == "diverged":
+        raise Diverged(f"{summary.get('error', 'training diverged')} (an earlier run of this job; kept as it was)")
+    if summary.get("status") == "finished":
+        print(f"moe-lab: job {output_dir.name} finished before (val/loss {summary.get('val/loss')}): kept, not run "
+              "again", flush=True)
+        return summary
+    attempt = previous_attempt(output_dir)
+    ckpt = attempt_checkpoint(attempt) if attempt is not None and run.ckpt_path is None else None
+    if ckpt is not None:
+        run.ckpt_path = str(ckpt)
+        print(f"moe-lab: job {output_dir.name} resumes from {ckpt}", flush=True)
+    return None
 
 
 def _train(run: TrainConfig, cfg: DictConfig, output_dir: Path, ckpt_path: Optional[str], stop: GracefulStop,

@@ -1,0 +1,134 @@
+"""A sweep's jobs, from its folder: which were planned, which finished, and continuing one that was stopped.
+
+Hydra's basic sweeper runs the cartesian product of the swept values, in the order of the overrides (those of
+`hydra.sweeper.params` first, then the command line's, a key given twice keeping its first place); `planned_jobs`
+rebuilds that list from the sweep's `multirun.yaml` with Hydra's public override parser, so the summary can list the
+jobs that never started. Running the same `moe-lab train -m ...` again on the same sweep directory continues the
+sweep (`continue_sweep`): finished jobs are skipped, each job that did not finish moves, as one rename, to
+`SWEEP/.attempts/N-K` (nothing is deleted), and its next run resumes from that attempt's last checkpoint
+(training/train.py), or starts again where it had none. Reading multirun.yaml only compares and counts: nothing in it
+is applied.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from moe_lab.errors import UserError
+from moe_lab.training.run_dir import ATTEMPTS
+
+FINAL = ("finished", "diverged")  # job states a continued sweep keeps (a diverged job would diverge again)
+
+
+def _multirun(sweep_dir: Path) -> Optional[dict]:
+    try:
+        loaded = yaml.safe_load((Path(sweep_dir) / "multirun.yaml").read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def _task_overrides(multirun: dict) -> Optional[list[str]]:
+    task = ((multirun.get("hydra") or {}).get("overrides") or {}).get("task")
+    return [str(o) for o in task] if isinstance(task, list) else None
+
+
+def planned_jobs(sweep_dir: Path) -> Optional[list[list[str]]]:
+    """Every job's overrides, in Hydra's job order (job N runs in SWEEP/N), or None when the sweep's plan is not
+    known in advance (another sweeper than Hydra's basic one, e.g. Optuna; no readable multirun.yaml)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    multirun = _multirun(sweep_dir)
+    task = _task_overrides(multirun) if multirun else None
+    sweeper = (multirun or {}).get("hydra", {}).get("sweeper") or {}
+    if task is None or not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    params = sweeper.get("params") or {}
+    try:
+        parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + task)
+    except HydraException:
+        return None
+    choices: dict[str, list[str]] = {}
+    for o in parsed:
+        key = o.get_key_element()
+        choices[key] = ([f"{key}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+                        else [f"{key}={o.get_value_element_as_str()}"])
+    return [list(job) for job in itertools.product(*choices.values())]
+
+
+def job_state(job_dir: Path) -> tuple[str, dict]:
+    """(state, summary) of a job folder: finished, diverged, or stopped (interrupted, aborted, failed, killed)."""
+    try:
+        summary = json.loads((job_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    summary = summary if isinstance(summary, dict) else {}
+    status = summary.get("status")
+    if status == "finished" and not (job_dir / "error.txt").exists():
+        return "finished", summary
+    return ("diverged" if status == "diverged" else "stopped"), summary
+
+
+def same_sweep(sweep_dir: Path, overrides: list[str]) -> bool:
+    """Whether `sweep_dir` holds a sweep started with these command-line overrides (hydra.* ones aside)."""
+    multirun = _multirun(sweep_dir)
+    task = _task_overrides(multirun) if multirun else None
+    return task is not None and task == [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
+
+
+def continue_sweep(sweep_dir: Path, claim_file: str) -> str:
+    """Take over `sweep_dir` (UserError if the process that ran it is still alive) and move every job that did not
+    finish into SWEEP/.attempts/N-K; returns the line that says what happens to each job."""
+    sweep_dir = Path(sweep_dir)
+    claim = sweep_dir / claim_file
+    try:
+        owner = int(claim.read_text().strip())
+    except (OSError, ValueError):
+        owner = None
+    if owner is not None and owner != os.getpid() and _alive(owner):
+        raise UserError(f"the sweep in {sweep_dir} is being run by process {owner}; wait for it, or stop it first")
+    claim.write_text(f"{os.getpid()}\n")
+    planned = planned_jobs(sweep_dir)
+    jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    kept, moved = [], []
+    for job in jobs:
+        state, summary = job_state(job)
+        if state in FINAL:
+            kept.append(f"{job.name} {state}")
+            continue
+        attempts = sweep_dir / ATTEMPTS
+        attempts.mkdir(exist_ok=True)
+        number = 1 + sum(1 for p in attempts.iterdir() if p.name.startswith(f"{job.name}-"))
+        os.rename(job, attempts / f"{job.name}-{number}")  # one rename: the attempt is whole where it lands
+        has_checkpoint = any((attempts / f"{job.name}-{number}" / "checkpoints").glob("*.ckpt"))
+        moved.append(f"{job.name} resumes from step {summary.get('step', '?')}" if has_checkpoint
+                     else f"{job.name} starts again (no checkpoint)")
+    not_started = (len(planned) - len(jobs)) if planned is not None else None
+    parts = [f"{len(kept)} kept ({', '.join(kept)})" if kept else "", ", ".join(moved),
+             f"{not_started} not started yet" if not_started else ""]
+    return (f"moe-lab: continuing the sweep in {sweep_dir} (the same command): "
+            + "; ".join(p for p in parts if p) + f"; earlier attempts are kept in {sweep_dir / ATTEMPTS}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def not_started_rows(sweep_dir: Path) -> list[dict[str, str]]:
+    """Rows for sweep_summary.csv of the planned jobs that have no folder yet."""
+    planned = planned_jobs(sweep_dir) or []
+    return [{"job": str(i), "status": "not started", "overrides": " ".join(job)} for i, job in enumerate(planned)
+            if not (Path(sweep_dir) / str(i)).is_dir()]
