@@ -70,7 +70,7 @@ def remove_stale_temp_files(folder: Path) -> list[Path]:
         return removed
     for name in names:
         match = _TEMP.match(name)
-        if match is None or match["host"] != _HOST or _alive(int(match["pid"])):
+        if match is None or match["host"] != _HOST or process_alive(int(match["pid"])):
             continue
         try:
             (Path(folder) / name).unlink()
@@ -80,7 +80,8 @@ def remove_stale_temp_files(folder: Path) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this host (this process included; another user's counts as alive)."""
     if pid == os.getpid():
         return True
     try:

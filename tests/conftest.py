@@ -59,6 +59,17 @@ def make_cfg(tmp_path, cache_dir):
     return make
 
 
+@pytest.fixture(scope="session")
+def real_checkpoint(tmp_path_factory, cache_dir) -> Path:
+    """A checkpoint of a real 3-step run (dropless), for the tests that read, damage or doctor one (on copies)."""
+    from moe_lab.training.train import train
+
+    root = tmp_path_factory.mktemp("real")
+    train(compose_cfg(["trainer.max_steps=3", "capacity=dropless", "metrics.dashboard=false"], output_dir=root / "run",
+                      cache=cache_dir))
+    return root / "run" / "checkpoints" / "last.ckpt"
+
+
 def moe_lab_script() -> str:
     """The installed console script (the same environment as the tests)."""
     script = Path(sys.executable).parent / "moe-lab"

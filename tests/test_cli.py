@@ -86,8 +86,9 @@ def test_bad_input_is_one_message_and_writes_nothing(tmp_path):
         assert not (tmp_path / "outputs").exists()
 
 
-def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, cache_dir):
-    run_dir = tmp_path / "run"
+def signalled_training(tmp_path, cache_dir, run_dir, signals: list[tuple[float, int]]) -> tuple[int, str]:
+    """(exit code, stderr) of a long `moe-lab train` sent `signals` (seconds to wait, then the signal) once training
+    is under way."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     args = [moe_lab_script(), "train", *fast_args(cache_dir), "trainer.max_steps=100000",
             "trainer.log_every_n_steps=1", "trainer.val_check_interval=100000", f"hydra.run.dir={run_dir}"]
@@ -99,12 +100,19 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, cache_dir):
             if metrics.exists() and "train/loss" in metrics.read_text() or proc.poll() is not None:
                 break
             time.sleep(0.5)
-        time.sleep(1.0)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
+        for wait, signum in signals:
+            time.sleep(wait)
+            proc.send_signal(signum)
+        _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    return proc.returncode, err
+
+
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    returncode, err = signalled_training(tmp_path, cache_dir, run_dir, [(1.0, signal.SIGTERM)])
+    assert returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "SIGTERM received" in err
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["step"] > 0
@@ -127,24 +135,8 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, cache_dir):
 @pytest.mark.slow
 def test_two_ctrl_c_abort_with_exit_130_and_a_summary(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    args = [moe_lab_script(), "train", *fast_args(cache_dir), "trainer.max_steps=100000",
-            "trainer.log_every_n_steps=1", "trainer.val_check_interval=100000", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:  # wait until training is under way
-            metrics = run_dir / "metrics.csv"
-            if metrics.exists() and "train/loss" in metrics.read_text() or proc.poll() is not None:
-                break
-            time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
+    returncode, err = signalled_training(tmp_path, cache_dir, run_dir, [(0.0, signal.SIGINT), (0.3, signal.SIGINT)])
+    assert returncode == 128 + signal.SIGINT, err[-3000:]
     assert "Traceback" not in err
     summary = json.loads((run_dir / "summary.json").read_text())
     # The first Ctrl-C's checkpoint may have been written before the second came: either way the summary says so.

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, compose_cfg
+from conftest import FAST
 from moe_lab.cli.main import main
 from moe_lab.errors import UserError
 from moe_lab.training.train import train
@@ -31,14 +31,6 @@ class RunsCode:
 
     def __reduce__(self):
         return (open, (str(self.marker), "w"))
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, cache_dir) -> Path:
-    root = tmp_path_factory.mktemp("trained")
-    train(compose_cfg(["trainer.max_steps=3", "capacity=dropless", "metrics.dashboard=false"], output_dir=root / "run",
-                      cache=cache_dir))
-    return root / "run" / "checkpoints" / "last.ckpt"
 
 
 def run_main(args: list[str], capsys, stdin: str = "y\n") -> tuple[int, str]:
@@ -87,10 +79,10 @@ HOSTILE_OVERRIDES = {
 }
 
 
-def _with_saved_overrides(trained: Path, folder: Path, overrides: list[str], in_yaml: bool) -> Path:
+def _with_saved_overrides(real_checkpoint: Path, folder: Path, overrides: list[str], in_yaml: bool) -> Path:
     run = folder / "run"
     (run / "checkpoints").mkdir(parents=True)
-    ckpt = torch.load(trained, weights_only=True)
+    ckpt = torch.load(real_checkpoint, weights_only=True)
     if in_yaml:  # an older checkpoint: the overrides come from its run folder
         del ckpt["moe_lab_run"]
         (run / ".hydra").mkdir()
@@ -104,11 +96,11 @@ def _with_saved_overrides(trained: Path, folder: Path, overrides: list[str], in_
 
 @pytest.mark.parametrize("in_yaml", [False, True], ids=["checkpoint", "overrides.yaml"])
 @pytest.mark.parametrize("case", list(HOSTILE_OVERRIDES))
-def test_a_resume_inherits_only_plain_settings(case, in_yaml, trained, tmp_path, capsys):
+def test_a_resume_inherits_only_plain_settings(case, in_yaml, real_checkpoint, tmp_path, capsys):
     marker, payload = tmp_path / "marker", tmp_path / "payload.pkl"
     payload.write_bytes(pickle.dumps(RunsCode(marker)))
     overrides = [o.format(marker=marker, payload=payload) for o in HOSTILE_OVERRIDES[case]]
-    ckpt = _with_saved_overrides(trained, tmp_path, ["experts=e8", *overrides], in_yaml)
+    ckpt = _with_saved_overrides(real_checkpoint, tmp_path, ["experts=e8", *overrides], in_yaml)
     code, err = run_main(["train", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'new'}", *FAST], capsys)
     line = one_line(code, err)
     source = ckpt.parent.parent / ".hydra" / "overrides.yaml" if in_yaml else ckpt
@@ -116,12 +108,12 @@ def test_a_resume_inherits_only_plain_settings(case, in_yaml, trained, tmp_path,
     assert not marker.exists() and not (tmp_path / "new").exists()
 
 
-def test_plain_saved_overrides_are_inherited(trained, tmp_path):
+def test_plain_saved_overrides_are_inherited(real_checkpoint, tmp_path):
     from moe_lab.cli.inherited import with_checkpoint_overrides
 
     plain = ["experts=e8", "model.moe.router.top_k=2", "+trainer.deterministic=true", "+optim.lr_mult.router=0.5",
              "logger=wandb", "logger.wandb.project=mine", "model.init_from='dense/${seed}/x.ckpt'", "seed=7"]
-    ckpt = _with_saved_overrides(trained, tmp_path, plain, in_yaml=False)
+    ckpt = _with_saved_overrides(real_checkpoint, tmp_path, plain, in_yaml=False)
     assert with_checkpoint_overrides([f"ckpt_path={ckpt}", "seed=8"]) == [
         "experts=e8", "model.moe.router.top_k=2", "+trainer.deterministic=true", "+optim.lr_mult.router=0.5",
         "logger=wandb", "logger.wandb.project=mine", "model.init_from='dense/${seed}/x.ckpt'", f"ckpt_path={ckpt}",
@@ -235,18 +227,18 @@ def test_a_run_too_large_for_memory_is_refused_before_building(setting, tmp_path
     assert not (tmp_path / "run").exists()
 
 
-def test_a_checkpoint_whose_settings_are_too_large_is_refused(trained, tmp_path):
+def test_a_checkpoint_whose_settings_are_too_large_is_refused(real_checkpoint, tmp_path):
     import moe_lab
 
-    ckpt = torch.load(trained, weights_only=True)
+    ckpt = torch.load(real_checkpoint, weights_only=True)
     ckpt["hyper_parameters"]["model"]["n_layers"] = 1_000_000
     torch.save(ckpt, tmp_path / "huge.ckpt")
     with pytest.raises(UserError, match="of memory here"):
         moe_lab.load_model(tmp_path / "huge.ckpt")
 
 
-def test_a_checkpoints_model_settings_name_no_callable(trained, tmp_path, capsys):
-    ckpt = torch.load(trained, weights_only=True)
+def test_a_checkpoints_model_settings_name_no_callable(real_checkpoint, tmp_path, capsys):
+    ckpt = torch.load(real_checkpoint, weights_only=True)
     ckpt["hyper_parameters"]["model"]["_target_"] = "os.system"
     torch.save(ckpt, tmp_path / "target.ckpt")
     for args in (["generate", str(tmp_path / "target.ckpt"), "--prompt", "x"],
@@ -268,13 +260,13 @@ def test_experimental_rerun_of_a_pickled_config_is_refused(tmp_path, capsys):
 # -- the callback state inside a checkpoint -----------------------------------------------------------------------
 
 
-def test_a_checkpoints_callback_state_never_deletes_files_elsewhere(trained, make_cfg, tmp_path):
+def test_a_checkpoints_callback_state_never_deletes_files_elsewhere(real_checkpoint, make_cfg, tmp_path):
     """ModelCheckpoint deletes the files its saved state lists once they leave the kept set; a resumed checkpoint's
     state that names a file outside the run's checkpoint folder must not reach it. Lightning's own check (it removes
     only files in its current folder) is what holds here; this guards it."""
     precious = tmp_path / "precious.ckpt"
     precious.write_text("mine")
-    ckpt = torch.load(trained, weights_only=True)
+    ckpt = torch.load(real_checkpoint, weights_only=True)
     run_ckpts = tmp_path / "resumed" / "checkpoints"
     for key, state in ckpt["callbacks"].items():
         if key.startswith("ModelCheckpoint"):

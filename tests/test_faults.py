@@ -39,16 +39,6 @@ def one_error_line(result) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def real_checkpoint(tmp_path_factory, cache_dir) -> Path:
-    from conftest import compose_cfg
-
-    root = tmp_path_factory.mktemp("real")
-    train(compose_cfg(["trainer.max_steps=3", "capacity=dropless", "metrics.dashboard=false"], output_dir=root / "run",
-                      cache=cache_dir))
-    return root / "run" / "checkpoints" / "last.ckpt"
-
-
 # -- a checkpoint is data, never code -------------------------------------------------------------------------
 
 

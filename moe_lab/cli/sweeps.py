@@ -21,6 +21,7 @@ from typing import Optional
 import yaml
 
 from moe_lab.errors import UserError
+from moe_lab.files import process_alive
 from moe_lab.training.run_dir import ATTEMPTS
 
 FINAL = ("finished", "diverged")  # job states a continued sweep keeps (a diverged job would diverge again)
@@ -92,7 +93,7 @@ def continue_sweep(sweep_dir: Path, claim_file: str) -> str:
         owner = int(claim.read_text().strip())
     except (OSError, ValueError):
         owner = None
-    if owner is not None and owner != os.getpid() and _alive(owner):
+    if owner is not None and owner != os.getpid() and process_alive(owner):
         raise UserError(f"the sweep in {sweep_dir} is being run by process {owner}; wait for it, or stop it first")
     claim.write_text(f"{os.getpid()}\n")
     planned = planned_jobs(sweep_dir)
@@ -115,16 +116,6 @@ def continue_sweep(sweep_dir: Path, claim_file: str) -> str:
              f"{not_started} not started yet" if not_started else ""]
     return (f"moe-lab: continuing the sweep in {sweep_dir} (the same command): "
             + "; ".join(p for p in parts if p) + f"; earlier attempts are kept in {sweep_dir / ATTEMPTS}")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def not_started_rows(sweep_dir: Path) -> list[dict[str, str]]:
