@@ -33,8 +33,7 @@ class SweepSummary(Callback):
             output_dir = Path(config.hydra.runtime.output_dir)
             if output_dir.is_dir():
                 write_atomically(output_dir / "error.txt", f"{type(error).__name__}: {error}\n")
-            basic = str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).endswith("BasicSweeper")
-            if isinstance(error, JobFailed) and basic:
+            if isinstance(error, JobFailed) and basic_sweeper(config):
                 # A failure moe-lab explains: one line, and the sweep goes on (Hydra's basic sweeper would stop
                 # after this batch with its traceback); the process exits 1 at the end if any job failed.
                 print(f"moe-lab: job {config.hydra.job.num} failed: {error}", file=sys.stderr, flush=True)
@@ -62,8 +61,13 @@ class SweepSummary(Callback):
             message += f"\n  dashboard {write_dashboard(sweep_dir, sweep_dir / 'dashboard.html')}"
         print(message, flush=True)
         failed = [run.job for run in runs if run.status in ("failed", "diverged", "aborted")]
-        if failed:
+        if failed and basic_sweeper(config):  # other sweepers judge failures themselves (Optuna: max_failure_rate)
             print(f"moe-lab: error: {len(failed)} of {len(runs)} jobs failed (job {', '.join(failed)}; the reason is "
                   f"in each job's error.txt); the same command again continues the sweep", file=sys.stderr,
                   flush=True)
             raise SystemExit(1)
+
+
+def basic_sweeper(config) -> bool:
+    """Whether Hydra's basic sweeper runs this sweep (a grid: every job is wanted, a failed one is the sweep's)."""
+    return str(OmegaConf.select(config, "hydra.sweeper._target_", default="")).endswith("BasicSweeper")

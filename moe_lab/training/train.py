@@ -20,12 +20,12 @@ from omegaconf import DictConfig
 
 from moe_lab.analysis.dashboard import write_dashboard
 from moe_lab.analysis.runs import RESUMED_FROM
-from moe_lab.files import remove_stale_temp_files, write_atomically
 from moe_lab.data.datamodule import LMDataModule
 from moe_lab.errors import ConfigError, DiskFull, Diverged, UserError
+from moe_lab.files import remove_stale_temp_files, write_atomically
 from moe_lab.training.callbacks import AbortRequested, GracefulStop, StepProgressBar, StopRequested
-from moe_lab.training.checkpoint import (AtomicCheckpointIO, check_resume, tokenizer_identity, checkpoint_origin, holds_training_state,
-                                        load_weights, saved)
+from moe_lab.training.checkpoint import (AtomicCheckpointIO, check_resume, checkpoint_origin, holds_training_state,
+                                        load_weights, saved, tokenizer_identity)
 from moe_lab.training.loggers import build_loggers, finish_wandb
 from moe_lab.training.metrics import RoutingMetrics
 from moe_lab.training.module import MoELanguageModel
@@ -92,22 +92,23 @@ def continued_job(run: TrainConfig, output_dir: Path) -> Optional[dict[str, Any]
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN or launched_worker():
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
-    if not claimed_by_this_process(Path(HydraConfig.get().sweep.dir)):
-        return None
-    summary_file = output_dir / "summary.json"
-    try:
-        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    except (OSError, ValueError):
-        summary = {}
-    summary = summary if isinstance(summary, dict) else {}
-    if summary.get("status") == "diverged":
-        raise Diverged(f"{summary.get('error', 'training diverged')} (an earlier run of this job; kept as it was)")
-    if summary.get("status") == "finished":
-        print(f"moe-lab: job {output_dir.name} finished before (val/loss {summary.get('val/loss')}): kept, not run "
-              "again", flush=True)
-        return summary
+    if not launched_worker():  # data-parallel workers only follow rank 0 (which they would not run without)
+        if not claimed_by_this_process(Path(HydraConfig.get().sweep.dir)):
+            return None
+        summary_file = output_dir / "summary.json"
+        try:
+            summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+        except (OSError, ValueError):
+            summary = {}
+        summary = summary if isinstance(summary, dict) else {}
+        if summary.get("status") == "diverged":
+            raise Diverged(f"{summary.get('error', 'training diverged')} (an earlier run of this job; kept as it was)")
+        if summary.get("status") == "finished":
+            print(f"moe-lab: job {output_dir.name} finished before (val/loss {summary.get('val/loss')}): kept, not "
+                  "run again", flush=True)
+            return summary
     attempt = previous_attempt(output_dir)
     ckpt = attempt_checkpoint(attempt) if attempt is not None and run.ckpt_path is None else None
     if ckpt is not None:
@@ -205,46 +206,10 @@ def _train(run: TrainConfig, cfg: DictConfig, output_dir: Path, ckpt_path: Optio
                     trainer.validate(module, datamodule=data, verbose=False)  # every run ends with a val/loss
                 if not saved_at(periodic, last, trainer.global_step):
                     trainer.save_checkpoint(last, weights_only=False)
-        except AbortRequested:
-            kept = checkpoint_io.last_saved
-            for logger in trainer.loggers:
-                logger.finalize("failed")
-            if trainer.is_global_zero:
-                save_summary({"status": "aborted", "step": trainer.global_step, "error": "Ctrl-C twice: aborted "
-                              "without a checkpoint", "seconds": round(time.time() - started, 1),
-                              "checkpoint": str(kept) if kept is not None else None,
-                              "metrics_csv": str(output_dir / "metrics.csv")}, output_dir)
-            print(f"moe-lab: aborted at step {trainer.global_step} (Ctrl-C twice) without a checkpoint"
-                  + (f"; the last one written is {kept}" if kept is not None else ""), file=sys.stderr, flush=True)
-            raise Interrupted(signal.SIGINT) from None
-        except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+        except (AbortRequested, OSError, Diverged) as e:
+            if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
-            kept = checkpoint_io.last_saved
-            where = (f"the last checkpoint written whole is {kept}" if kept is not None
-                     else "no checkpoint was written whole")
-            try:
-                save_summary({"status": "failed", "step": trainer.global_step, "error": f"disk full: {e}",
-                              "checkpoint": str(kept) if kept is not None else None,
-                              "metrics_csv": str(output_dir / "metrics.csv")}, output_dir)
-            except OSError:
-                where += " (summary.json could not be written either)"
-            raise DiskFull(f"the disk is full ({e.filename or output_dir}: {e.strerror}) at step "
-                           f"{trainer.global_step}; {where}. Free some space, then resume with "
-                           f"ckpt_path={kept}" if kept is not None else
-                           f"the disk is full ({e.filename or output_dir}: {e.strerror}); {where}") from None
-        except Diverged as e:
-            kept = checkpoint_io.last_saved
-            where = (f"; the last good checkpoint is {kept}" if kept is not None
-                     else "; no checkpoint was written (none had finite weights yet)")
-            for logger in trainer.loggers:
-                logger.finalize("failed")  # the rows logged so far reach metrics.csv
-            if trainer.is_global_zero:
-                save_summary({"status": "diverged", "step": trainer.global_step, "error": str(e),
-                              "seconds": round(time.time() - started, 1), **module.last_val_metrics,
-                              "checkpoint": str(kept) if kept is not None else None,
-                              "metrics_csv": str(output_dir / "metrics.csv")}, output_dir)
-            raise Diverged(f"{e}{where}") from None
+            raise ended_early(e, trainer, module, checkpoint_io.last_saved, output_dir, started) from None
 
         summary = {
             "status": "finished" if stop.received is None else "interrupted",
@@ -277,6 +242,39 @@ def _train(run: TrainConfig, cfg: DictConfig, output_dir: Path, ckpt_path: Optio
     if stop.received is not None:
         raise Interrupted(stop.received)
     return summary
+
+
+def ended_early(error: BaseException, trainer: L.Trainer, module: MoELanguageModel, kept: Optional[Path],
+                output_dir: Path, started: float) -> Exception:
+    """A run that ended before its last step (divergence, a full disk, Ctrl-C twice): the loggers flushed, a
+    summary.json that says so and names the last checkpoint written whole; returns what to raise (one line)."""
+    status, line = {
+        AbortRequested: ("aborted", "Ctrl-C twice: aborted without a checkpoint"),
+        Diverged: ("diverged", str(error)),
+    }.get(type(error), ("failed", f"disk full: {error}"))
+    try:
+        for logger in trainer.loggers:
+            logger.finalize("failed")  # the rows logged so far reach metrics.csv
+        if trainer.is_global_zero:
+            save_summary({"status": status, "step": trainer.global_step, "error": line,
+                          "seconds": round(time.time() - started, 1), **module.last_val_metrics,
+                          "checkpoint": str(kept) if kept is not None else None,
+                          "metrics_csv": str(output_dir / "metrics.csv")}, output_dir)
+        wrote = ""
+    except OSError:  # a full disk may refuse the summary too
+        wrote = " (summary.json could not be written either)"
+    step = trainer.global_step
+    if isinstance(error, AbortRequested):
+        print(f"moe-lab: aborted at step {step} (Ctrl-C twice) without a checkpoint"
+              + (f"; the last one written is {kept}" if kept is not None else "") + wrote, file=sys.stderr, flush=True)
+        return Interrupted(signal.SIGINT)
+    if isinstance(error, Diverged):
+        return Diverged(f"{error}; the last good checkpoint is {kept}{wrote}" if kept is not None
+                        else f"{error}; no checkpoint was written (none had finite weights yet){wrote}")
+    where = f"the last checkpoint written whole is {kept}" if kept is not None else "no checkpoint was written whole"
+    resume = f". Free some space, then resume with ckpt_path={kept}" if kept is not None else ""
+    return DiskFull(f"the disk is full ({error.filename or output_dir}: {error.strerror}) at step {step}; "
+                    f"{where}{wrote}{resume}")
 
 
 def stopped_before_training(signum: int, output_dir: Path, loggers: Optional[list] = None) -> None:
