@@ -13,7 +13,6 @@ is applied.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -22,9 +21,8 @@ import yaml
 
 from moe_lab.errors import UserError
 from moe_lab.files import process_alive
-from moe_lab.training.run_dir import ATTEMPTS
+from moe_lab.training.run_dir import ATTEMPTS, CLAIM, job_state
 
-FINAL = ("finished", "diverged")  # job states a continued sweep keeps (a diverged job would diverge again)
 
 
 def _multirun(sweep_dir: Path) -> Optional[dict]:
@@ -64,19 +62,6 @@ def planned_jobs(sweep_dir: Path) -> Optional[list[list[str]]]:
     return [list(job) for job in itertools.product(*choices.values())]
 
 
-def job_state(job_dir: Path) -> tuple[str, dict]:
-    """(state, summary) of a job folder: finished, diverged, or stopped (interrupted, aborted, failed, killed)."""
-    try:
-        summary = json.loads((job_dir / "summary.json").read_text())
-    except (OSError, ValueError):
-        summary = {}
-    summary = summary if isinstance(summary, dict) else {}
-    status = summary.get("status")
-    if status == "finished" and not (job_dir / "error.txt").exists():
-        return "finished", summary
-    return ("diverged" if status == "diverged" else "stopped"), summary
-
-
 def same_sweep(sweep_dir: Path, overrides: list[str]) -> bool:
     """Whether `sweep_dir` holds a sweep started with these command-line overrides (hydra.* ones aside)."""
     multirun = _multirun(sweep_dir)
@@ -84,24 +69,32 @@ def same_sweep(sweep_dir: Path, overrides: list[str]) -> bool:
     return task is not None and task == [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
 
 
-def continue_sweep(sweep_dir: Path, claim_file: str) -> str:
-    """Take over `sweep_dir` (UserError if the process that ran it is still alive) and move every job that did not
-    finish into SWEEP/.attempts/N-K; returns the line that says what happens to each job."""
+def continue_sweep(sweep_dir: Path) -> str:
+    """Take over `sweep_dir` (UserError if the process that ran it is still alive, or another takes it at the same
+    moment) and move every job that did not finish into SWEEP/.attempts/N-K; returns the line that says what happens
+    to each job."""
     sweep_dir = Path(sweep_dir)
-    claim = sweep_dir / claim_file
+    claim = sweep_dir / CLAIM
     try:
         owner = int(claim.read_text().strip())
     except (OSError, ValueError):
         owner = None
     if owner is not None and owner != os.getpid() and process_alive(owner):
         raise UserError(f"the sweep in {sweep_dir} is being run by process {owner}; wait for it, or stop it first")
-    claim.write_text(f"{os.getpid()}\n")
+    if owner != os.getpid():
+        claim.unlink(missing_ok=True)  # its owner is gone
+        try:  # exclusive, as claim_run_dir: of two commands continuing the sweep at once, one gets it
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            raise UserError(f"the sweep in {sweep_dir} was just taken by another moe-lab command") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
     planned = planned_jobs(sweep_dir)
     jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     kept, moved = [], []
     for job in jobs:
         state, summary = job_state(job)
-        if state in FINAL:
+        if state in ("finished", "diverged"):  # kept: a diverged job would diverge again
             kept.append(f"{job.name} {state}")
             continue
         attempts = sweep_dir / ATTEMPTS

@@ -16,11 +16,11 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from moe_lab.files import write_atomically
-from moe_lab.memory import check_fits
 from moe_lab.data.config import TokenizerConfig
 from moe_lab.data.tokenizer import HFTokenizer, build_tokenizer
 from moe_lab.errors import CheckpointError, UserError
+from moe_lab.files import write_atomically
+from moe_lab.memory import check_fits
 from moe_lab.model import ROUTERS, ModelConfig
 from moe_lab.training.module import MoELanguageModel
 

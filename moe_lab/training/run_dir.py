@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -119,3 +120,17 @@ def attempt_checkpoint(attempt: Path) -> Optional[Path]:
         return last.resolve()
     periodic = sorted(folder.glob("step*.ckpt")) if folder.is_dir() else []
     return periodic[-1] if periodic else None
+
+
+def job_state(job_dir: Path) -> tuple[str, dict]:
+    """(state, summary) of a sweep job's folder: finished, diverged, or stopped (interrupted, aborted, failed, killed,
+    not run yet); a missing or damaged summary.json reads as {}."""
+    try:
+        summary = json.loads((job_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    summary = summary if isinstance(summary, dict) else {}
+    status = summary.get("status")
+    if status == "finished" and not (job_dir / "error.txt").exists():
+        return "finished", summary
+    return ("diverged" if status == "diverged" else "stopped"), summary

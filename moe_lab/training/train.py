@@ -29,8 +29,8 @@ from moe_lab.training.checkpoint import (AtomicCheckpointIO, check_resume, check
 from moe_lab.training.loggers import build_loggers, finish_wandb
 from moe_lab.training.metrics import RoutingMetrics
 from moe_lab.training.module import MoELanguageModel
-from moe_lab.training.run_dir import (attempt_checkpoint, claim_run_dir, claimed_by_this_process, launched_worker,
-                                      previous_attempt, release_run_dir)
+from moe_lab.training.run_dir import (attempt_checkpoint, claim_run_dir, claimed_by_this_process, job_state,
+                                      launched_worker, previous_attempt, release_run_dir)
 from moe_lab.training.runtime import cpu_threads, quiet_lightning, retain_freed_memory
 from moe_lab.training.schemas import TrainConfig, validate
 from moe_lab.training.strategy import make_strategy
@@ -97,15 +97,10 @@ def continued_job(run: TrainConfig, output_dir: Path) -> Optional[dict[str, Any]
     if not launched_worker():  # data-parallel workers only follow rank 0 (which they would not run without)
         if not claimed_by_this_process(Path(HydraConfig.get().sweep.dir)):
             return None
-        summary_file = output_dir / "summary.json"
-        try:
-            summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-        except (OSError, ValueError):
-            summary = {}
-        summary = summary if isinstance(summary, dict) else {}
-        if summary.get("status") == "diverged":
+        state, summary = job_state(output_dir)
+        if state == "diverged":
             raise Diverged(f"{summary.get('error', 'training diverged')} (an earlier run of this job; kept as it was)")
-        if summary.get("status") == "finished":
+        if state == "finished":
             print(f"moe-lab: job {output_dir.name} finished before (val/loss {summary.get('val/loss')}): kept, not "
                   "run again", flush=True)
             return summary
