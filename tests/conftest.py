@@ -70,6 +70,22 @@ def real_checkpoint(tmp_path_factory, cache_dir) -> Path:
     return root / "run" / "checkpoints" / "last.ckpt"
 
 
+def router_options() -> list[str]:
+    """Every option of `router=`: the conf/router/*.yaml files and the registered routers without one."""
+    from moe_lab.model.router_configs import registered_routers
+
+    return sorted({p.stem for p in (Path(config_dir()) / "router").glob("*.yaml")} | set(registered_routers()))
+
+
+def router_partners(option: str) -> list[str]:
+    """The overrides `router=OPTION` needs beside it, from its capability flags: aux_loss=none for a router with
+    no learned gate (no router loss applies to it)."""
+    from moe_lab.model.router_configs import registered_routers
+
+    name = compose_cfg([f"router={option}"], fast=False).model.moe.router.name
+    return [] if registered_routers()[name].has_gate else ["aux_loss=none"]
+
+
 def moe_lab_script() -> str:
     """The installed console script (the same environment as the tests)."""
     script = Path(sys.executable).parent / "moe-lab"

@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from conftest import router_options, router_partners
 from moe_lab.cli.preflight import preflight
 from moe_lab.errors import ConfigError
 from moe_lab.model import MoETransformer
@@ -22,6 +23,8 @@ GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydr
 
 
 def options(group: str) -> list[str]:
+    if group == "router":  # a registered router is an option with or without a conf/router/NAME.yaml
+        return router_options()
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
@@ -57,8 +60,8 @@ def build_model(run) -> MoETransformer:
 
 
 # Options that only make sense together with another choice.
-PARTNER = {("aux_loss", "cv"): ["router=noisy_topk"], ("router", "hash"): ["aux_loss=none"],
-           ("router", "domain_oracle"): ["aux_loss=none"]}
+PARTNER = {("aux_loss", "cv"): ["router=noisy_topk"],
+           **{("router", option): router_partners(option) for option in router_options()}}
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in ["model", "router", "experts", "capacity", "aux_loss"]

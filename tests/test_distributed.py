@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, REPO
+from conftest import FAST, REPO, router_options, router_partners
 from moe_lab.training.schemas import config_dir
 
 pytestmark = pytest.mark.slow
@@ -41,10 +41,10 @@ TWO_RANKS = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "dat
 DETERMINISTIC = ["+trainer.deterministic=true"]
 ONE_PROCESS = ["data.batch_size=4", "trainer.accumulate_grad_batches=2", f"trainer.val_check_interval={2 * STEPS}"]
 
-ROUTERS = sorted(p.stem for p in (Path(config_dir()) / "router").glob("*.yaml"))
+ROUTERS = router_options()
 CAPACITIES = sorted(p.stem for p in (Path(config_dir()) / "capacity").glob("*.yaml"))
 PER_MICRO_BATCH = {
-    **{f"{router}-{capacity}": [f"router={router}", f"capacity={capacity}", *(["aux_loss=none"] * (router in ("hash", "domain_oracle")))]
+    **{f"{router}-{capacity}": [f"router={router}", f"capacity={capacity}", *router_partners(router)]
        for router in ROUTERS for capacity in CAPACITIES},
     "seq_z": ["aux_loss=seq_z"],
     "cv": ["router=noisy_topk", "aux_loss=cv"],

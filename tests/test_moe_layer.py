@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from moe_lab.model import MoEConfig, MoELayer, expert_capacity
+from moe_lab.model import MoEConfig, MoELayer, RouterInputs, expert_capacity
 from moe_lab.model.dispatch import plan_dispatch
 
 
@@ -111,7 +111,7 @@ def test_dropped_tokens_get_zero_expert_output():
     x = torch.randn(1, 8, D)
     layer.cfg.capacity_factor = 2 / 8  # capacity = ceil(0.25 * 8 * 1 / 2) = 1
     y, out = layer(x)
-    ids = layer.router(x.reshape(-1, D)).expert_ids_TK[:, 0]
+    ids = layer.router(RouterInputs(x.reshape(-1, D))).expert_ids_TK[:, 0]
     first = {int(ids.tolist().index(e)) for e in set(ids.tolist())}
     for t in range(8):
         if t in first:
@@ -157,7 +157,7 @@ def test_bf16_autocast_runs_the_experts_in_bf16_and_keeps_the_router_in_float32(
     seen = {}
     hook = layer.experts.register_forward_hook(lambda m, args, out: seen.update(dtype=out.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        routing = layer.router(x.reshape(-1, D))
+        routing = layer.router(RouterInputs(x.reshape(-1, D)))
         y, _ = layer(x)
     hook.remove()
     assert routing.logits_TE.dtype == torch.float32 and routing.weights_TK.dtype == torch.float32

@@ -10,11 +10,13 @@ import torch
 from conftest import assert_causal
 from moe_lab.model import AuxLossConfig, ModelConfig, MoEConfig, MoELayer, MoETransformer
 from moe_lab.model.losses import load_balance_loss
-from moe_lab.model.routers import ROUTERS, AuxFreeRouter, RouterConfig, normalized_sigmoid, router_config, sinkhorn
+from moe_lab.model.routers import (ROUTERS, AuxFreeRouter, RouterConfig, RouterInputs, normalized_sigmoid, router_config,
+                                   sinkhorn)
 
 D, E = 32, 8
 ALL = sorted(ROUTERS)
-CAUSAL_CONFIGS = ([{"name": n} for n in ALL if n not in ("expert_choice", "domain_oracle")]  # every router but the paper's expert choice
+# Every router but the paper's expert choice (and the domain oracle, which needs labels), on its defaults.
+CAUSAL_CONFIGS = ([{"name": n} for n in ALL if n != "expert_choice" and not ROUTERS[n].Config.needs_domain]
                   + [{"name": "expert_choice", "causal": True}])
 
 
@@ -24,6 +26,10 @@ def make_router(node: dict, num_experts: int = E, seed: int = 0, vocab_size: int
     return ROUTERS[cfg.name](D, num_experts, cfg, vocab_size=vocab_size)
 
 
+def route(router, x_TD: torch.Tensor, token_ids_T=None, **inputs):
+    return router(RouterInputs(x_TD, token_ids_T, **inputs))
+
+
 def make_layer(node: dict, capacity_factor=None, seed=0, **moe) -> MoELayer:
     torch.manual_seed(seed)
     cfg = MoEConfig(num_experts=E, expert_hidden=32, capacity_factor=capacity_factor,
@@ -31,17 +37,12 @@ def make_layer(node: dict, capacity_factor=None, seed=0, **moe) -> MoELayer:
     return MoELayer(D, cfg, vocab_size=64)
 
 
-def test_every_registered_router_has_a_config_file_and_a_paper():
-    from pathlib import Path
+def test_every_registered_router_has_settings_a_summary_and_a_paper():
+    from moe_lab.model.router_configs import ROUTER_CONFIGS
 
-    from moe_lab.training.schemas import config_dir
-
-    names = {}
-    for path in Path(config_dir(), "router").glob("*.yaml"):
-        text = path.read_text()
-        names[path.stem] = [line.split(":")[1].strip() for line in text.splitlines() if line.startswith("name:")][0]
-    assert set(names.values()) == set(ROUTERS)
-    for cls in ROUTERS.values():
+    assert set(ROUTERS) == set(ROUTER_CONFIGS)
+    for name, cls in ROUTERS.items():
+        assert cls.Config is ROUTER_CONFIGS[name] and cls.Config.summary, name
         assert cls.__doc__ and any(str(year) in cls.__doc__ for year in range(1990, 2026)), cls.__name__
 
 
@@ -52,7 +53,7 @@ def test_every_registered_router_has_a_config_file_and_a_paper():
 def test_expert_choice_gives_every_expert_exactly_its_capacity(capacity_factor):
     router = make_router({"name": "expert_choice", "top_k": 2})
     T = 96
-    out = router(torch.randn(T, D), capacity_factor=capacity_factor)
+    out = route(router, torch.randn(T, D), capacity_factor=capacity_factor)
     capacity = math.ceil(capacity_factor * T * 2 / E)
     assert out.token_ids_EC.shape == (E, capacity)
     for e in range(E):  # each expert: exactly `capacity` distinct tokens, its highest-affinity ones
@@ -67,7 +68,7 @@ def test_expert_choice_gives_every_expert_exactly_its_capacity(capacity_factor):
 def test_causal_expert_choice_chooses_within_each_position():
     router = make_router({"name": "expert_choice", "top_k": 2, "causal": True})
     B, S = 8, 5
-    out = router(torch.randn(B * S, D), batch_size=B)
+    out = route(router, torch.randn(B * S, D), batch_size=B)
     capacity = math.ceil(1.0 * B * 2 / E)
     assert out.token_ids_EC.shape == (E, S * capacity)
     positions = out.token_ids_EC % S
@@ -80,7 +81,7 @@ def test_expert_choice_layer_equals_a_per_expert_loop():
     x = torch.randn(2, 16, D)
     y, _ = layer(x)
     x_TD = x.reshape(-1, D)
-    routing = layer.router(x_TD)
+    routing = route(layer.router, x_TD)
     expected = torch.zeros_like(x_TD)
     for e in range(E):
         tokens = routing.token_ids_EC[e]
@@ -91,14 +92,14 @@ def test_expert_choice_layer_equals_a_per_expert_loop():
 def test_hash_routing_is_a_pure_function_of_the_token_id():
     router = make_router({"name": "hash", "top_k": 2})
     ids = torch.randint(0, 64, (200,))
-    first = router(torch.randn(200, D), ids).expert_ids_TK
-    second = router(torch.randn(200, D) * 10, ids).expert_ids_TK  # other hidden states, same ids
+    first = route(router, torch.randn(200, D), ids).expert_ids_TK
+    second = route(router, torch.randn(200, D) * 10, ids).expert_ids_TK  # other hidden states, same ids
     assert torch.equal(first, second)
     for token in ids.unique():  # the same id always goes to the same experts
         rows = first[ids == token]
         assert torch.all(rows == rows[0])
     again = make_router({"name": "hash", "top_k": 2}, seed=123)  # the table depends on hash_seed, not the RNG
-    assert torch.equal(again(torch.randn(200, D), ids).expert_ids_TK, first)
+    assert torch.equal(route(again, torch.randn(200, D), ids).expert_ids_TK, first)
     assert not any(p.requires_grad for p in router.parameters())
 
 
@@ -113,10 +114,10 @@ def test_sinkhorn_assignments_are_balanced():
     router = make_router({"name": "sinkhorn", "top_k": 1})
     router.gate_ED.data += torch.randn(E, D)  # a skewed gate
     x = torch.randn(T, D)
-    counts = torch.bincount(router(x).expert_ids_TK.reshape(-1), minlength=E).float()
+    counts = torch.bincount(route(router, x).expert_ids_TK.reshape(-1), minlength=E).float()
     assert counts.max() / counts.mean() < 1.25
     router.eval()  # evaluation is plain top-k
-    assert torch.equal(router(x).expert_ids_TK, router(x).probs_TE.topk(1).indices)
+    assert torch.equal(route(router, x).expert_ids_TK, route(router, x).probs_TE.topk(1).indices)
 
 
 def imbalance(counts: torch.Tensor) -> float:
@@ -129,7 +130,7 @@ def test_aux_free_bias_balances_a_skewed_router_without_any_loss():
     torch.manual_seed(1)
     per_step, late_counts = [], torch.zeros(E)
     for step in range(600):  # a synthetic stream; no loss, no gradient: only the bias moves
-        ids = router(torch.randn(256, D) + 0.5).expert_ids_TK
+        ids = route(router, torch.randn(256, D) + 0.5).expert_ids_TK
         counts = torch.bincount(ids.reshape(-1), minlength=E).float()
         per_step.append(imbalance(counts))
         if step >= 500:
@@ -145,26 +146,26 @@ def test_aux_free_update_is_correct_under_gradient_accumulation_and_data_paralle
     a = make_router({"name": "aux_free", "top_k": 2})
     b = make_router({"name": "aux_free", "top_k": 2})
     x1, x2 = torch.randn(64, D), torch.randn(64, D)
-    a(x1), a(x2)  # two micro-batches, one optimizer step
+    route(a, x1), route(a, x2)  # two micro-batches, one optimizer step
     a.update_bias()
-    b(torch.cat([x1, x2]))  # one batch holding both
+    route(b, torch.cat([x1, x2]))  # one batch holding both
     b.update_bias()
     assert torch.equal(a.bias_E, b.bias_E)
     # Two data-parallel ranks: each sees one half; the update must use the sum, as one rank seeing both would.
     ranks = [make_router({"name": "aux_free", "top_k": 2}) for _ in range(2)]
     for rank, x in zip(ranks, (x1, x2)):
-        rank(x)
+        route(rank, x)
     pending = [r.pending_counts_E.clone() for r in ranks]
     for rank in ranks:
         rank.update_bias(all_reduce=lambda t: pending[0] + pending[1])
     assert torch.equal(ranks[0].bias_E, b.bias_E) and torch.equal(ranks[1].bias_E, b.bias_E)
     # The bias chooses experts but never weights them.
-    out = b(x1)
+    out = route(b, x1)
     scores = torch.sigmoid(x1 @ b.gate_ED.t()).gather(1, out.expert_ids_TK)
     torch.testing.assert_close(out.weights_TK, scores / scores.sum(-1, keepdim=True))
     before = b.pending_counts_E.clone()
     b.eval()
-    b(x1)
+    route(b, x1)
     assert torch.equal(b.pending_counts_E, before)  # evaluation does not count
 
 
@@ -173,15 +174,15 @@ def test_noisy_and_jitter_routers_are_deterministic_in_eval(node):
     router = make_router(node)
     x = torch.randn(128, D)
     router.train()
-    assert not torch.equal(router(x).weights_TK, router(x).weights_TK)  # noise in training
+    assert not torch.equal(route(router, x).weights_TK, route(router, x).weights_TK)  # noise in training
     router.eval()
-    a, b = router(x), router(x)
+    a, b = route(router, x), route(router, x)
     assert torch.equal(a.expert_ids_TK, b.expert_ids_TK) and torch.equal(a.weights_TK, b.weights_TK)
 
 
 def test_noisy_topk_load_estimate_is_differentiable_and_sums_to_k_tokens():
     router = make_router({"name": "noisy_topk", "top_k": 2})
-    out = router(torch.randn(400, D))
+    out = route(router, torch.randn(400, D))
     assert out.load_estimate_E.requires_grad
     # Expected number of experts per token is k: the estimator's total is close to k * T.
     assert out.load_estimate_E.sum().item() == pytest.approx(2 * 400, rel=0.15)
@@ -202,7 +203,7 @@ def test_soft_mixture_is_the_dense_mixture():
 
 def test_hierarchical_routes_inside_the_chosen_groups():
     router = make_router({"name": "hierarchical", "num_groups": 4, "group_top_k": 2, "top_k": 1})
-    out = router(torch.randn(100, D))
+    out = route(router, torch.randn(100, D))
     assert out.expert_ids_TK.shape == (100, 2)
     groups = out.expert_ids_TK // (E // 4)
     assert torch.all(groups[:, 0] != groups[:, 1])  # one expert from each of two distinct groups
@@ -212,7 +213,7 @@ def test_hierarchical_routes_inside_the_chosen_groups():
 
 def test_group_limited_topk_stays_within_topk_groups():
     router = make_router({"name": "topk", "top_k": 3, "score": "sigmoid", "num_groups": 4, "topk_groups": 2})
-    ids = router(torch.randn(200, D)).expert_ids_TK
+    ids = route(router, torch.randn(200, D)).expert_ids_TK
     groups_used = [len(set((row // 2).tolist())) for row in ids]
     assert max(groups_used) <= 2
 
@@ -243,15 +244,15 @@ def test_load_balance_loss_is_not_flattened_by_a_second_softmax():
 
 @pytest.mark.parametrize("name", ALL)
 def test_gradients_reach_every_router_parameter(name):
-    node = {"name": name, **({"top_k": 1} if name in ("switch", "hash", "sinkhorn") else {})}
-    layer = make_layer(node, capacity_factor=None if name != "expert_choice" else 1.0,
-                       aux_loss=AuxLossConfig(importance=0.1, load=0.1 if name == "noisy_topk" else 0.0))
+    flags = ROUTERS[name].Config
+    layer = make_layer({"name": name}, capacity_factor=None if flags.uses_capacity else 1.0,
+                       aux_loss=AuxLossConfig(importance=0.1, load=0.1 if flags.smooth_load else 0.0))
     x = torch.randn(2, 32, D)
-    domain = torch.tensor([0, 1]) if ROUTERS[name].needs_domain else None
+    domain = torch.tensor([0, 1]) if flags.needs_domain else None
     y, stats = layer(x, torch.randint(0, 64, (2, 32)), domain)
     (y.square().mean() + sum(stats.losses.values(), torch.zeros(()))).backward()
     params = list(layer.router.named_parameters())
-    assert bool(params) == ROUTERS[name].has_gate
+    assert bool(params) == flags.has_gate
     for pname, p in params:
         assert p.grad is not None and p.grad.abs().sum() > 0, pname
 

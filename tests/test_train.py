@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import router_options, router_partners
 from moe_lab.analysis.dashboard import write_dashboard
 from moe_lab.analysis.runs import read_run
 from moe_lab.errors import UserError
@@ -148,12 +149,9 @@ def test_resume_with_a_different_model_is_refused(make_cfg, tmp_path):
     assert not (tmp_path / "other").exists()
 
 
-ROUTER_OPTIONS = sorted(p.stem for p in (Path(config_dir()) / "router").glob("*.yaml"))
-
-
-@pytest.mark.parametrize("option", ROUTER_OPTIONS)
+@pytest.mark.parametrize("option", router_options())
 def test_every_router_trains(make_cfg, tmp_path, option):
-    extra = ["aux_loss=none"] if option in ("hash", "domain_oracle") else []
+    extra = router_partners(option)
     summary = train(make_cfg(f"router={option}", *extra, "trainer.max_steps=6", "trainer.val_check_interval=6",
                              name=option))
     assert summary["val/loss"] < summary["initial_val_loss"]

@@ -132,7 +132,7 @@ def schema_setting(parts: list[str]) -> bool:
     settings under model.moe.router, any data source's under data), a Lightning Trainer argument under trainer, a
     model part under optim.lr_mult, a known setting of one of moe-lab's loggers under logger."""
     from moe_lab.data.config import SOURCES
-    from moe_lab.model.router_configs import ROUTER_CONFIGS
+    from moe_lab.model.router_configs import registered_routers
     from moe_lab.training.schemas import PARTS, RESERVED_TRAINER_KEYS, TrainConfig, lightning_trainer_arguments
 
     head, rest = parts[0], parts[1:]
@@ -143,7 +143,7 @@ def schema_setting(parts: list[str]) -> bool:
     if parts[:2] == ["optim", "lr_mult"]:
         return len(parts) == 3 and parts[2] in PARTS
     if parts[:3] == ["model", "moe", "router"]:
-        return len(parts) == 4 and any(parts[3] in _fields(cls) for cls in ROUTER_CONFIGS.values())
+        return len(parts) == 4 and any(parts[3] in _fields(cls) for cls in registered_routers().values())
     if head == "data":
         return len(rest) == 1 and any(rest[0] in _fields(cls) for cls in SOURCES.values())
     node: Any = TrainConfig

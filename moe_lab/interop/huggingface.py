@@ -10,7 +10,7 @@ then the router and experts:
     Mixtral     softmax top-k with weights renormalised to sum to 1, every layer MoE, no shared expert, no biases;
     Qwen2-MoE   otherwise: weights not renormalised, dense layers (mlp_only_layers), a sigmoid-gated shared expert,
                 q/k/v biases.
-Which moe-lab routers a Hugging Face MoE block can express is decided here (`hf_routing`), not by the routers.
+Which moe-lab routers a Hugging Face MoE block can express, each router's Config says (`softmax_topk`).
 The commands around these (files, tokenizers) are `moe_lab/tools/hf_import.py` and `moe_lab/tools/export.py`.
 """
 
@@ -24,7 +24,7 @@ import torch
 
 from moe_lab.errors import ExportError, ModelImportError, UserError
 from moe_lab.model import ModelConfig, MoETransformer
-from moe_lab.model.router_configs import ROUTER_CONFIGS, RouterConfig, router_config
+from moe_lab.model.router_configs import RouterConfig, registered_routers, router_config
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 DENSE_FAMILIES = ("llama", "qwen2", "qwen3")  # read for upcycling (model.init_from)
@@ -319,25 +319,14 @@ def load_hf(read, source: str, what: str):
 
 def hf_routing(router: RouterConfig, num_experts: int) -> Optional[dict]:
     """Eval-mode routing of a moe-lab router as Hugging Face's softmax top-k MoE block expresses it
-    ({"top_k", "norm_topk_prob"}), or None when no Hugging Face MoE routes this way."""
-    name = router.name
-    if name == "topk":
-        if router.score != "softmax" or router.num_groups > 1 or router.scaling_factor != 1.0:
-            return None  # sigmoid, group-limited or scaled routing: DeepSeek-V3 in HF, whose attention is MLA
-        return {"top_k": router.top_k, "norm_topk_prob": router.normalize}
-    if name == "noisy_topk":  # evaluation: softmax over the top-k clean logits = the renormalised softmax top-k
-        return {"top_k": router.top_k, "norm_topk_prob": True}
-    if name == "switch":  # the top-1 probability, not renormalised
-        return {"top_k": 1, "norm_topk_prob": False}
-    if name == "sinkhorn":  # evaluation: softmax top-k
-        return {"top_k": router.top_k, "norm_topk_prob": False}
-    if name == "soft":  # all experts; the weights already sum to one
-        return {"top_k": num_experts, "norm_topk_prob": True}
-    return None  # expert choice, hash, aux-free bias, hierarchical gates: no Hugging Face block routes this way
+    ({"top_k", "norm_topk_prob"}), or None when no Hugging Face MoE routes this way: the router's Config says
+    (`softmax_topk`)."""
+    routing = router.softmax_topk(num_experts)
+    return None if routing is None else {"top_k": routing[0], "norm_topk_prob": routing[1]}
 
 
 def exportable_routers() -> list[str]:
-    return sorted(n for n, options in ROUTER_CONFIGS.items() if hf_routing(options(), 8) is not None)
+    return sorted(n for n, options in registered_routers().items() if hf_routing(options(), 8) is not None)
 
 
 def hf_architecture(cfg: ModelConfig) -> tuple[str, dict]:

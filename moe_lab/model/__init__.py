@@ -18,7 +18,7 @@ _WHERE = {
     "plan_dispatch": "dispatch",
     "LMOutput": "gpt", "MoETransformer": "gpt",
     "MoELayer": "moe", "MoELayerOutput": "moe", "expert_capacity": "moe",
-    "ROUTERS": "routers", "Router": "routers", "Routing": "routers", "register_router": "routers",
+    "ROUTERS": "routers", "Router": "routers", "RouterInputs": "routers", "Routing": "routers",
     "RouterConfig": "router_configs", "router_config": "router_configs", "ROUTER_CONFIGS": "router_configs",
 }
 

@@ -230,10 +230,8 @@ class ModelConfig:
         need(moe.num_experts >= 1, f"model.moe.num_experts={moe.num_experts} must be at least 1 "
                                    "(for a dense model use experts=dense or model=dense_tiny)")
         from moe_lab.model.experts import ACTIVATIONS  # torch: only when a config is checked, not to compose one
-        from moe_lab.model.routers import ROUTERS
 
-        router = router_config(moe.router)
-        ROUTERS[router.name].check(router, moe.num_experts)
+        router_config(moe.router).check(moe.num_experts)
         need(moe.drop_policy in ("position", "probability"),
              f"model.moe.drop_policy={moe.drop_policy!r}; choose position or probability")
         need(moe.min_capacity >= 0, f"model.moe.min_capacity={moe.min_capacity} must be >= 0")

@@ -4,7 +4,9 @@ Shape legend:
     T  tokens of this rank's micro-batch      D  d_model
     E  routed experts (all of them)           El experts held by this rank (E / P)
     N  routing slots (see routers.py)         R  rows of an expert input: slots sorted by expert
-    P  ranks of an expert-parallel group
+    P  ranks of an expert-parallel group      Q  source rows the expert rows are gathered from (row r of the
+    Rs rows this rank sends (its kept slots,     experts' input is source_QD[index_R[r]]): the tokens and a spare
+       grouped by destination rank)              zero row locally, the received rows under all-to-all
 
 Three steps, each independent of where the experts live:
     1. `plan_dispatch`: capacity and order. Slots are sorted by expert (a stable sort, so each expert's slots keep
@@ -23,8 +25,9 @@ synchronisation at all, the all-to-all path one (its split sizes).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -33,9 +36,9 @@ import torch.distributed.nn.functional as dist_nn
 from moe_lab.model.routers import Routing
 
 
-@dataclass
+@dataclass(frozen=True)
 class DispatchPlan:
-    """Where every routing slot goes; built once per layer call."""
+    """Where every routing slot goes; built once per layer call by `plan_dispatch`."""
 
     row_slot_R: torch.Tensor  # int64 (N,), the slot of each row: grouped by expert, kept rows first, dropped after
     kept_E: torch.Tensor  # int64 (E,), kept slots per expert
@@ -84,40 +87,60 @@ def plan_dispatch(expert_N: torch.Tensor, num_experts: int, capacity: Optional[i
                         arange_N < num_kept, num_slots - num_kept)
 
 
-@dataclass
+@dataclass(frozen=True)
+class LocalCombine:
+    """What `LocalDispatcher.combine` needs to bring the expert outputs home."""
+
+    token_R: torch.Tensor  # int64 (R,), each row's token (T, the spare row, for a dropped row)
+    rows_out: int  # T + 1 with drops (the spare row is cut off after the sum), else T
+    num_tokens: int  # T
+
+
+@dataclass(frozen=True)
+class AllToAllCombine:
+    """What `AllToAllDispatcher.combine` needs: the row counts to send back and each sent row's token."""
+
+    token_Rs: torch.Tensor  # int64 (Rs,), the token of each row this rank sent
+    num_tokens: int  # T
+    send_splits: list[int]  # P row counts this rank sent to each rank (and receives back)
+    recv_splits: list[int]  # P row counts it received from each rank (and sends back)
+    by_expert_R: Optional[torch.Tensor] = None  # int64, received rows regrouped by local expert (one grouped GEMM)
+
+
+@dataclass(frozen=True)
 class ExpertRows:
     """The rows this rank's experts process: inputs grouped by local expert, their routing weights (applied inside
     the experts), the group ends, and what `combine` needs to send the outputs home. With `parts`, the experts run
     once per part (rows [start, end), its own group ends): the all-to-all dispatcher's deterministic mode.
 
-    The rows are given as a source and an index (row r is source_SD[index_R[r]]) so that the experts gather them
-    inside their first GEMM and autograd keeps the source (S rows) rather than the R = top_k x S gathered ones."""
+    The rows are given as a source and an index (row r is source_QD[index_R[r]]) so that the experts gather them
+    inside their first GEMM and autograd keeps the source (Q rows) rather than the R = top_k x T gathered ones."""
 
-    source_SD: torch.Tensor
-    weight_R: torch.Tensor
-    offs_El: Optional[torch.Tensor]  # int32, cumulative rows per local expert
-    state: dict[str, Any] = field(default_factory=dict)
+    source_QD: torch.Tensor
+    weight_R: torch.Tensor  # float32 (R,), the routing weight of each row
+    offs_El: Optional[torch.Tensor]  # int32 (El,), cumulative rows per local expert
+    combine: Union[LocalCombine, AllToAllCombine]
     parts: Optional[list[tuple[int, int, torch.Tensor]]] = None
-    index_R: Optional[torch.Tensor] = None  # int64; None: the source is the rows, in order
+    index_R: Optional[torch.Tensor] = None  # int64 (R,); None: the source is the rows, in order
 
     @property
     def x_RD(self) -> torch.Tensor:
-        return self.source_SD if self.index_R is None else self.source_SD.index_select(0, self.index_R)
+        return self.source_QD if self.index_R is None else self.source_QD.index_select(0, self.index_R)
 
 
 class _ScatterAddRows(torch.autograd.Function):
-    """out (S, D) = zeros, out[index_R[r]] += y_RD[r]: `index_add`, whose autograd keeps the whole source y_RD only to
+    """out (rows_out, D) = zeros, out[index_R[r]] += y_RD[r]: `index_add`, whose autograd keeps the whole source y_RD only to
     know its shape; this keeps the index alone (backward is a gather of the output gradient)."""
 
     @staticmethod
-    def forward(ctx, y_RD: torch.Tensor, index_R: torch.Tensor, rows_out: int) -> torch.Tensor:
+    def forward(ctx, y_RD: torch.Tensor, index_R: torch.Tensor, rows_out: int) -> torch.Tensor:  # -> (rows_out, D)
         ctx.save_for_backward(index_R)
         return y_RD.new_zeros(rows_out, y_RD.shape[1]).index_add_(0, index_R, y_RD)
 
     @staticmethod
-    def backward(ctx, grad_SD: torch.Tensor):
+    def backward(ctx, grad_out: torch.Tensor):
         (index_R,) = ctx.saved_tensors
-        return grad_SD.index_select(0, index_R), None, None
+        return grad_out.index_select(0, index_R), None, None
 
 
 def scatter_add_rows(y_RD: torch.Tensor, index_R: torch.Tensor, rows_out: int) -> torch.Tensor:
@@ -140,13 +163,12 @@ class LocalDispatcher:
             weight_R = torch.where(plan.row_kept_R, weight_R, 0.0)
             x_src = torch.cat([x_TD, x_TD.new_zeros(1, D)])
         # The experts gather rows x_src[token_R] inside their first GEMM (backward: index_add).
-        return ExpertRows(x_src, weight_R, plan.offs_E, {"token_R": token_R, "rows_out": x_src.shape[0], "T": T},
-                          index_R=token_R)
+        return ExpertRows(x_src, weight_R, plan.offs_E, LocalCombine(token_R, x_src.shape[0], T), index_R=token_R)
 
     def combine(self, y_RD: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
-        s = rows.state
-        y_TD = scatter_add_rows(y_RD, s["token_R"], s["rows_out"])  # sum each token's slots
-        return y_TD[: s["T"]]
+        home = rows.combine
+        y_TD = scatter_add_rows(y_RD, home.token_R, home.rows_out)  # sum each token's slots
+        return y_TD[: home.num_tokens]
 
 
 class AllToAllDispatcher:
@@ -168,10 +190,10 @@ class AllToAllDispatcher:
         splits = torch.cat([send_PEl.sum(1), recv_PEl.sum(1)]).tolist()
         send_splits, recv_splits = splits[:P], splits[P:]
         kept_rows = plan.row_slot_R[: sum(send_splits)]
-        token_S = routing.token_N.index_select(0, kept_rows)
-        x_recv = all_to_all(x_TD.index_select(0, token_S), recv_splits, send_splits, self.group)
+        token_Rs = routing.token_N.index_select(0, kept_rows)
+        x_recv = all_to_all(x_TD.index_select(0, token_Rs), recv_splits, send_splits, self.group)
         w_recv = all_to_all(routing.weight_N.index_select(0, kept_rows), recv_splits, send_splits, self.group)
-        state = {"token_S": token_S, "T": x_TD.shape[0], "send": send_splits, "recv": recv_splits}
+        home = AllToAllCombine(token_Rs, x_TD.shape[0], send_splits, recv_splits)
         if torch.are_deterministic_algorithms_enabled():
             # Rows arrive grouped by source rank, then local expert. Running the experts once per source rank
             # computes every weight gradient as the sum of per-rank GEMMs, in the order data-parallel ranks sum
@@ -179,21 +201,21 @@ class AllToAllDispatcher:
             ends = torch.cumsum(recv_PEl, 1).to(torch.int32)
             starts = [sum(recv_splits[:s]) for s in range(P)]
             parts = [(starts[s], starts[s] + recv_splits[s], ends[s]) for s in range(P) if recv_splits[s]]
-            return ExpertRows(x_recv, w_recv, None, state, parts)
+            return ExpertRows(x_recv, w_recv, None, home, parts)
         # One grouped GEMM: regroup the received rows by local expert.
         expert_of_row = torch.repeat_interleave(torch.arange(El, device=x_TD.device).repeat(P), recv_PEl.reshape(-1),
                                                 output_size=x_recv.shape[0])
         by_expert = torch.argsort(expert_of_row, stable=True)
         offs_El = torch.cumsum(recv_PEl.sum(0), 0).to(torch.int32)
-        state["by_expert"] = by_expert
-        return ExpertRows(x_recv, w_recv.index_select(0, by_expert), offs_El, state, index_R=by_expert)
+        home = dataclasses.replace(home, by_expert_R=by_expert)
+        return ExpertRows(x_recv, w_recv.index_select(0, by_expert), offs_El, home, index_R=by_expert)
 
     def combine(self, y_RD: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
-        s = rows.state
-        if "by_expert" in s:  # back to the order the rows arrived in
-            y_RD = torch.empty_like(y_RD).index_copy(0, s["by_expert"], y_RD)
-        y_send = all_to_all(y_RD, s["send"], s["recv"], self.group)
-        return scatter_add_rows(y_send, s["token_S"], s["T"])
+        home = rows.combine
+        if home.by_expert_R is not None:  # back to the order the rows arrived in
+            y_RD = torch.empty_like(y_RD).index_copy(0, home.by_expert_R, y_RD)
+        y_send = all_to_all(y_RD, home.send_splits, home.recv_splits, self.group)
+        return scatter_add_rows(y_send, home.token_Rs, home.num_tokens)
 
 
 def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:

@@ -2,10 +2,12 @@
 
 Shape legend:
     R  rows: token slots sorted by expert (the grouped GEMM's ragged dimension)
+    Q  source rows the R rows are gathered from (see dispatch.py)
     D  d_model
     E  routed experts
     F  one expert's hidden width
     G  1 for plain activations, 2 for gated ones (gate and up projections fused into one matrix)
+    I, O  the input and output width of one grouped GEMM (D and G*F for the first, F and D for the second)
 
 Expert weights are stored as (E, out, in), so `w.transpose(-2, -1)` is the column-major right operand that
 `torch._grouped_mm` reads without a copy (torchtitan PR 1510), and the gate and up projections of a gated
@@ -96,39 +98,39 @@ def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) ->
 
 
 class _GatherGroupedMM(torch.autograd.Function):
-    """grouped_mm(src_SI[index_R], w_EOI, offs_E) without keeping the gathered rows for backward.
+    """grouped_mm(src_QI[index_R], w_EOI, offs_E) without keeping the gathered rows for backward.
 
     Autograd of gather-then-GEMM keeps the gathered (R, I) rows, top_k copies of every token, for the weight
-    gradient; this keeps the source (S rows, usually already kept by the router's GEMM) and the index, and gathers
+    gradient; this keeps the source (Q rows, usually already kept by the router's GEMM) and the index, and gathers
     the rows again in backward: one copy of R x I numbers instead of R x I of activation memory."""
 
     @staticmethod
-    def forward(ctx, src_SI: torch.Tensor, index_R: torch.Tensor, w_EOI: torch.Tensor,
+    def forward(ctx, src_QI: torch.Tensor, index_R: torch.Tensor, w_EOI: torch.Tensor,
                 offs_E: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(src_SI, index_R, w_EOI, offs_E)
-        return grouped_mm(src_SI.index_select(0, index_R), w_EOI, offs_E)
+        ctx.save_for_backward(src_QI, index_R, w_EOI, offs_E)
+        return grouped_mm(src_QI.index_select(0, index_R), w_EOI, offs_E)
 
     @staticmethod
     def backward(ctx, grad_RO: torch.Tensor):
-        src_SI, index_R, w_EOI, offs_E = ctx.saved_tensors
+        src_QI, index_R, w_EOI, offs_E = ctx.saved_tensors
         grad_RO = grad_RO.contiguous()
         grad_src = grad_w = None
         if ctx.needs_input_grad[0]:
             # (R, O) x (E, O, I) per group -> (R, I); rows past offs[-1] are undefined, and belong to dropped slots,
             # which the dispatcher points at a spare zero row of the source whose gradient is discarded.
             grad_RI = torch._grouped_mm(grad_RO, w_EOI, offs=offs_E)
-            grad_src = torch.zeros_like(src_SI).index_add_(0, index_R, grad_RI)
+            grad_src = torch.zeros_like(src_QI).index_add_(0, index_R, grad_RI)
         if ctx.needs_input_grad[2]:
             # (O, R) x (R, I), groups along R -> (E, O, I); rows past offs[-1] are outside every group.
-            grad_w = torch._grouped_mm(grad_RO.t(), src_SI.index_select(0, index_R), offs=offs_E)
+            grad_w = torch._grouped_mm(grad_RO.t(), src_QI.index_select(0, index_R), offs=offs_E)
         return grad_src, None, grad_w, None
 
 
-def gather_grouped_mm(src_SI: torch.Tensor, index_R: torch.Tensor, w_EOI: torch.Tensor,
+def gather_grouped_mm(src_QI: torch.Tensor, index_R: torch.Tensor, w_EOI: torch.Tensor,
                       offs_E: torch.Tensor) -> torch.Tensor:
-    """Rows src_SI[index_R], grouped by expert, times w_EOI[e]^T -> (R, O), keeping only src and index for
+    """Rows src_QI[index_R], grouped by expert, times w_EOI[e]^T -> (R, O), keeping only src and index for
     backward (see _GatherGroupedMM)."""
-    return _GatherGroupedMM.apply(src_SI, index_R, w_EOI, offs_E)
+    return _GatherGroupedMM.apply(src_QI, index_R, w_EOI, offs_E)
 
 
 class GroupedExperts(nn.Module):
@@ -173,7 +175,7 @@ class GroupedExperts(nn.Module):
         multiplied by scale_R (the routing weights) if given: applied to the hidden activations when those are
         narrower than the output (fine-grained experts), else to the output, whichever touches fewer numbers.
 
-        With index_R, x_RD is the source (S, D) of the rows and row r is x_RD[index_R[r]]: gathered inside the
+        With index_R, x_RD is the source (Q, D) of the rows and row r is x_RD[index_R[r]]: gathered inside the
         first GEMM, so the R gathered rows are not kept for backward."""
         dtype = self._compute_dtype(x_RD)
         if index_R is None:
@@ -191,10 +193,10 @@ class GroupedExperts(nn.Module):
         y_RD = grouped_mm(a_RF, self.w_out_EDF.to(dtype), offs_E)
         return y_RD * scale_R[:, None] if scale_R is not None and not scale_hidden else y_RD
 
-    def expert_forward(self, expert: int, x_ND: torch.Tensor) -> torch.Tensor:
-        """One expert on its own tokens, with plain matmuls: the building block of the reference loop."""
-        dtype = self._compute_dtype(x_ND)
-        h = x_ND.to(dtype) @ self.w_in_EGFD[expert].to(dtype).t()
+    def expert_forward(self, expert: int, x_RD: torch.Tensor) -> torch.Tensor:
+        """One expert on its own rows, with plain matmuls: the building block of the reference loop."""
+        dtype = self._compute_dtype(x_RD)
+        h = x_RD.to(dtype) @ self.w_in_EGFD[expert].to(dtype).t()
         return apply_activation(h, self.activation) @ self.w_out_EDF[expert].to(dtype).t()
 
 

@@ -1,14 +1,22 @@
-"""The MoE layer: router -> dispatch (capacity, then rows to the experts) -> grouped experts -> combine.
+"""The MoE layer (Shazeer et al. 2017), in four steps:
+
+    1. route     the router turns each token into routing slots: (token, expert, weight) decisions (routers.py)
+    2. experts   dispatch -> experts -> combine: capacity and the rows of each expert (dispatch.py), one grouped
+                 GEMM per projection over all local experts (experts.py), outputs summed back into their tokens;
+                 or, with `implementation="loop"`, the plain per-expert reference the tests hold the fast path to
+    3. shared    the shared experts every token passes through (DeepSeekMoE), optionally gated
+    4. outputs   the aux losses (with gradients) and the routing statistics (detached, still on device)
 
 Shape legend:
-    B  batch           S  sequence          T  tokens = B * S        D  d_model
-    E  routed experts  K  experts per token N  routing slots (see routers.py)
+    B  batch                 S  positions per sequence     T  tokens = B * S         D  d_model
+    E  routed experts        K  experts per token          N  routing slots (see routers.py)
+    R  rows of the experts' input: kept slots sorted by expert (see dispatch.py)
 
 Capacity, drops, the router losses and every statistic are computed from this rank's micro-batch alone, so the layer
 computes the same function whether its experts sit on this device (`LocalDispatcher`) or are spread over an
 expert-parallel group (`AllToAllDispatcher`, set by `use_expert_parallel`). The fast path has no Python loop over
 tokens or experts and, on one device, no host-device synchronisation, so it runs the same on CPU and GPU and under
-`torch.compile`. `implementation="loop"` is the plain per-expert reference the tests hold the fast path to.
+`torch.compile`.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ from moe_lab.model.dispatch import AllToAllDispatcher, ExpertRows, LocalDispatch
 from moe_lab.model.experts import FeedForward, GroupedExperts
 from moe_lab.model.losses import (global_load_balance_loss, importance_loss, load_balance_loss, load_loss,
                                   router_z_loss, sequence_load_balance_loss)
-from moe_lab.model.routers import Routing, build_router
+from moe_lab.model.routers import RouterInputs, Routing, build_router
 
 
 @dataclass
@@ -67,6 +75,31 @@ class MoELayerOutput:
         expert_T = torch.full((num_tokens,), -1, dtype=torch.long, device=self.expert_N.device)
         expert_T[self.token_N[top]] = self.expert_N[top]
         return expert_T
+
+
+@dataclass(frozen=True)
+class RoutedOutput:
+    """What the routed experts give back: the combined outputs and what capacity did."""
+
+    y_TD: torch.Tensor  # every token's weighted sum of its experts' outputs
+    tokens_per_expert_E: torch.Tensor  # int64, routed slots per expert before capacity
+    dropped_slots: torch.Tensor  # int64 scalar, slots over capacity
+    row_slot_R: Optional[torch.Tensor] = None  # the dispatch plan's rows (grouped path), see MoELayerOutput
+    row_kept_R: Optional[torch.Tensor] = None
+
+
+@torch.no_grad()
+def routing_confidence(routing: Routing) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(mean per-token entropy of the router's distribution in nats, mean probability mass of a token's chosen
+    experts); a router without a distribution over experts (a fixed table) has entropy 0 and no mass."""
+    device = routing.expert_N.device
+    if routing.probs_TE is None:
+        return torch.zeros((), device=device), None
+    probs_TE = routing.probs_TE.detach()
+    entropy = torch.special.entr(probs_TE).sum(-1).mean()
+    chosen_N = probs_TE[routing.token_N, routing.expert_N]
+    mass = torch.zeros(routing.num_tokens, device=device).index_add_(0, routing.token_N, chosen_N).mean()
+    return entropy, mass
 
 
 def expert_capacity(capacity_factor: Optional[float], num_tokens: int, top_k: int, num_experts: int,
@@ -118,58 +151,65 @@ class MoELayer(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor, token_ids_BS: Optional[torch.Tensor] = None,
                 domain_B: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, MoELayerOutput]:
+        """Steps 1-4 of the module docstring; `token_ids_BS` for routers that route by id, `domain_B` for the
+        domain oracle."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        token_ids_T = token_ids_BS.reshape(B * S) if token_ids_BS is not None else None
-        extra = {}
+        routing = self.router(self.router_inputs(x_TD, token_ids_BS, domain_B, batch_size=B))
+        if self.cfg.implementation == "loop":
+            routed = self.routed_experts_loop(x_TD, routing)
+        else:
+            routed = self.routed_experts(x_TD, routing)
+        y_TD = routed.y_TD if self.shared is None else routed.y_TD + self.shared_experts(x_TD)
+        return y_TD.view(B, S, D), self.layer_output(routing, routed, batch_size=B)
+
+    def router_inputs(self, x_TD: torch.Tensor, token_ids_BS: Optional[torch.Tensor], domain_B: Optional[torch.Tensor],
+                      batch_size: int) -> RouterInputs:
+        domain_T = None
         if self.router.needs_domain:  # the oracle routes by each sequence's domain label
             if domain_B is None:
                 raise ValueError(f"router={self.router.registered_name} needs the data's domain labels (domain_B)")
-            extra["domain_T"] = domain_B.repeat_interleave(S)
-        routing = self.router(x_TD, token_ids_T, batch_size=B, capacity_factor=self.capacity_factor, **extra)
-        rows_kept = (None, None)
-        if self.cfg.implementation == "loop":
-            y_TD, tokens_per_expert_E, dropped = self._forward_loop(x_TD, routing, self.capacity(B * S))
-        else:
-            priority_N = routing.weight_N if self.cfg.drop_policy == "probability" else None
-            plan = plan_dispatch(routing.expert_N, self.num_experts, self.capacity(B * S), priority_N)
-            rows = self.dispatcher.dispatch(x_TD, routing, plan)
-            y_RD = self._experts(rows)
-            y_TD = self.dispatcher.combine(y_RD, rows).to(x_TD.dtype)
-            tokens_per_expert_E, dropped = plan.tokens_per_expert_E, plan.dropped_slots
-            rows_kept = (plan.row_slot_R, plan.row_kept_R)
-        if self.shared is not None:
-            shared_TD = self.shared(x_TD)
-            if self.shared_gate is not None:
-                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
-            y_TD = y_TD + shared_TD
+            domain_T = domain_B.repeat_interleave(x_TD.shape[0] // batch_size)
+        token_ids_T = token_ids_BS.reshape(-1) if token_ids_BS is not None else None
+        return RouterInputs(x_TD, token_ids_T, batch_size, self.capacity_factor, domain_T)
 
+    def routed_experts(self, x_TD: torch.Tensor, routing: Routing) -> RoutedOutput:
+        """Dispatch -> experts -> combine (torchtitan's RoutedExperts): the fast path."""
+        priority_N = routing.weight_N if self.cfg.drop_policy == "probability" else None
+        plan = plan_dispatch(routing.expert_N, self.num_experts, self.capacity(x_TD.shape[0]), priority_N)
+        rows = self.dispatcher.dispatch(x_TD, routing, plan)
+        y_RD = self._experts(rows)
+        y_TD = self.dispatcher.combine(y_RD, rows).to(x_TD.dtype)
+        return RoutedOutput(y_TD, plan.tokens_per_expert_E, plan.dropped_slots, plan.row_slot_R, plan.row_kept_R)
+
+    def shared_experts(self, x_TD: torch.Tensor) -> torch.Tensor:
+        shared_TD = self.shared(x_TD)
+        if self.shared_gate is not None:
+            shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+        return shared_TD
+
+    def layer_output(self, routing: Routing, routed: RoutedOutput, batch_size: int) -> MoELayerOutput:
+        """The aux losses and the routing statistics of one call (detached, on device: no sync)."""
+        dropped = routed.dropped_slots
         if routing.unrouted_slots is not None:
             dropped = dropped + routing.unrouted_slots
-        out = MoELayerOutput(losses=self._losses(routing, tokens_per_expert_E, B),
-                             tokens_per_expert_E=tokens_per_expert_E.detach().float(),
+        out = MoELayerOutput(losses=self._losses(routing, routed.tokens_per_expert_E, batch_size),
+                             tokens_per_expert_E=routed.tokens_per_expert_E.detach().float(),
                              dropped_slots=dropped.detach().float(), expert_N=routing.expert_N.detach(),
                              token_N=routing.token_N.detach(), weight_N=routing.weight_N.detach(),
-                             row_slot_R=rows_kept[0], row_kept_R=rows_kept[1])
-        with torch.no_grad():
-            if routing.probs_TE is not None:
-                probs_TE = routing.probs_TE.detach()
-                out.router_entropy = torch.special.entr(probs_TE).sum(-1).mean()
-                chosen_N = probs_TE[routing.token_N, routing.expert_N]
-                out.topk_mass = torch.zeros(B * S, device=x_TD.device).index_add_(0, routing.token_N, chosen_N).mean()
-            else:  # a fixed table: no distribution over experts
-                out.router_entropy = torch.zeros((), device=x_TD.device)
-        return y_TD.view(B, S, D), out
+                             row_slot_R=routed.row_slot_R, row_kept_R=routed.row_kept_R)
+        out.router_entropy, out.topk_mass = routing_confidence(routing)
+        return out
 
     def _experts(self, rows: ExpertRows) -> torch.Tensor:
         if rows.parts is None:
-            return self.experts(rows.source_SD, rows.offs_El, rows.weight_R, index_R=rows.index_R)
+            return self.experts(rows.source_QD, rows.offs_El, rows.weight_R, index_R=rows.index_R)
         if not rows.parts:  # no rank sent this rank a row: run the experts on no rows all the same, so that the
             # backward pass reaches this rank's all-to-alls as it reaches the others' (a detached zero tensor here
             # left the other ranks waiting in backward: a deadlock whenever one rank's experts got no token).
             offs_El = torch.zeros(self.experts.num_experts, dtype=torch.int32, device=rows.x_RD.device)
             return self.experts(rows.x_RD, offs_El, rows.weight_R)
-        return torch.cat([self.experts(rows.source_SD[start:end], offs_El, rows.weight_R[start:end])
+        return torch.cat([self.experts(rows.source_QD[start:end], offs_El, rows.weight_R[start:end])
                           for start, end, offs_El in rows.parts])
 
     def _losses(self, routing: Routing, tokens_per_expert_E: torch.Tensor, batch_size: int
@@ -192,8 +232,9 @@ class MoELayer(nn.Module):
             losses["load"] = load_loss(routing.load_estimate_E)
         return losses
 
-    def _forward_loop(self, x_TD: torch.Tensor, routing: Routing, capacity: Optional[int]):
+    def routed_experts_loop(self, x_TD: torch.Tensor, routing: Routing) -> RoutedOutput:
         """Reference implementation: one expert at a time, boolean masks, its own counting; no permutation tricks."""
+        capacity = self.capacity(x_TD.shape[0])
         y_TD = torch.zeros_like(x_TD)
         tokens_per_expert_E = torch.zeros(self.num_experts, dtype=torch.int64, device=x_TD.device)
         dropped = torch.zeros((), dtype=torch.int64, device=x_TD.device)
@@ -209,4 +250,4 @@ class MoELayer(nn.Module):
             out = self.experts.expert_forward(expert, x_TD[token])
             weight = routing.weight_N[slots].unsqueeze(-1)
             y_TD = y_TD.index_add(0, token, (out * weight.to(out.dtype)).to(x_TD.dtype))
-        return y_TD, tokens_per_expert_E, dropped
+        return RoutedOutput(y_TD, tokens_per_expert_E, dropped)

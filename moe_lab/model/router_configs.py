@@ -1,24 +1,81 @@
-"""The routers' settings: one dataclass per router, the schemas behind `conf/router/*.yaml`.
+"""The routers' settings: one dataclass per router, the schemas behind `router=NAME`.
 
 They live apart from the routers themselves (`routers.py`) so that the configuration (Hydra's schemas, the
-command-line check, shell completion) needs no torch. Each router class in `routers.py` points at its settings with
-`Config = ...`; `register_router` adds the settings of a router defined elsewhere to `ROUTER_CONFIGS`.
+command-line check, shell completion) needs no torch. A router is two classes and nothing else: its settings here,
+a subclass of `RouterConfig` whose `name` default is the name users type (`router=NAME`), and its module in
+`routers.py`, a subclass of `Router` whose `Config` is that class. Subclassing registers both: `router=NAME` then
+composes (with or without a `conf/router/NAME.yaml`, which only adds a description), `moe-lab train --help` lists
+it, and every check and list of routers reads the capability flags below, never a router's name.
+
+A router defined outside moe-lab (both classes in one module of its own) is found through the `moe_lab.routers`
+entry point of the package that holds it, e.g. in its pyproject.toml:
+
+    [project.entry-points."moe_lab.routers"]
+    my_router = "my_package.my_router"
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass
-from typing import Any, Mapping
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Mapping, Optional
+
+# Every router's settings by registered name; filled by subclassing RouterConfig (and by `load_router_plugins`).
+ROUTER_CONFIGS: dict[str, type["RouterConfig"]] = {}
+PLUGIN_GROUP = "moe_lab.routers"
+
 
 @dataclass
 class RouterConfig:
-    """Keys every router accepts; each router's Config adds its own."""
+    """Keys every router accepts; each router's Config adds its own, and declares what its router can do."""
 
-    # Registered router name (the `name` in conf/router/*.yaml).
+    # Registered router name (router=NAME).
     name: str = "topk"
     # Experts per token (expert choice: the average number of experts per token).
     top_k: int = 2
+
+    # What the router can do, read by the configuration checks, the layer, the analyses and the tests (never the
+    # router's name). Class-level flags, not settings:
+    # learned gate parameters: gradients reach them and the router losses apply (hash routing has none).
+    has_gate: ClassVar[bool] = True
+    # the layer's capacity factor limits its slots (expert choice *is* a capacity: False).
+    uses_capacity: ClassVar[bool] = True
+    # K slots per token, a top-k list per token (the sequence-wise balance loss and the top-k analyses need it).
+    token_choice: ClassVar[bool] = True
+    # gives Shazeer's differentiable load estimate (aux_loss.load needs it).
+    smooth_load: ClassVar[bool] = False
+    # routes by the data's domain label (trains and evaluates on labelled data only; cannot generate).
+    needs_domain: ClassVar[bool] = False
+    # A one-line description for `moe-lab train --help` and the README's list (its paper).
+    summary: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Register every subclass that names itself (`name: str = "NAME"` in its body)."""
+        super().__init_subclass__(**kwargs)
+        name = cls.__dict__.get("name")
+        if not isinstance(name, str):
+            return  # a shared base of several routers' settings: registered by its subclasses
+        known = ROUTER_CONFIGS.get(name)
+        if known is not None and known.__qualname__ != cls.__qualname__:
+            raise ValueError(f"router {name!r} is defined twice: {known.__module__}.{known.__qualname__} and "
+                             f"{cls.__module__}.{cls.__qualname__}")
+        ROUTER_CONFIGS[name] = cls
+
+    def check(self, num_experts: int) -> None:
+        """Raise ValueError naming the setting if the router cannot run with these settings."""
+        if not 1 <= self.top_k <= num_experts:
+            raise ValueError(f"model.moe.router.top_k={self.top_k} must be in 1..num_experts ({num_experts})")
+
+    def experts_per_token(self, num_experts: int) -> int:
+        """K: routing slots per token (expert choice: on average)."""
+        return self.top_k
+
+    def softmax_topk(self, num_experts: int) -> Optional[tuple[int, bool]]:
+        """Eval-mode routing as a softmax top-k over the gate logits, (k, renormalise the k weights), or None when
+        this router does not route that way: what Mixtral-style MoE blocks (Hugging Face export) can express."""
+        return None
 
 
 @dataclass
@@ -34,6 +91,26 @@ class TopKRouterConfig(RouterConfig):
     topk_groups: int = 1
     # Multiplies the combine weights (DeepSeek-V3's routed_scaling_factor, 2.5 for 256 experts).
     scaling_factor: float = 1.0
+    summary = "scores over all experts, then the top-k (GShard; Mixtral; DeepSeek-V3 with score=sigmoid)"
+
+    def check(self, num_experts: int) -> None:
+        super().check(num_experts)
+        if self.score not in ("softmax", "sigmoid"):
+            raise ValueError(f"model.moe.router.score={self.score!r}; choose softmax or sigmoid")
+        if self.num_groups < 1 or num_experts % self.num_groups:
+            raise ValueError(f"model.moe.router.num_groups={self.num_groups} must divide num_experts ({num_experts})")
+        if not 1 <= self.topk_groups <= self.num_groups:
+            raise ValueError(f"model.moe.router.topk_groups={self.topk_groups} must be in 1..num_groups "
+                             f"({self.num_groups})")
+        kept = self.topk_groups * (num_experts // self.num_groups)
+        if self.top_k > kept:
+            raise ValueError(f"model.moe.router.top_k={self.top_k} is more than the {self.topk_groups} kept groups "
+                             f"hold ({kept} experts)")
+
+    def softmax_topk(self, num_experts: int) -> Optional[tuple[int, bool]]:
+        if self.score != "softmax" or self.num_groups > 1 or self.scaling_factor != 1.0:
+            return None  # sigmoid, group-limited or scaled routing: DeepSeek-V3 in HF, whose attention is MLA
+        return self.top_k, self.normalize
 
 
 @dataclass
@@ -41,6 +118,11 @@ class NoisyTopKRouterConfig(RouterConfig):
     name: str = "noisy_topk"
     # Floor of the learned noise scale softplus(x W_noise) (numerical safety of the load estimator).
     min_noise_std: float = 1e-2
+    smooth_load = True
+    summary = "noisy top-k gating with a learned noise scale (Shazeer et al. 2017)"
+
+    def softmax_topk(self, num_experts: int) -> Optional[tuple[int, bool]]:
+        return self.top_k, True  # evaluation: softmax over the top-k clean logits = the renormalised top-k
 
 
 @dataclass
@@ -49,6 +131,17 @@ class SwitchRouterConfig(RouterConfig):
     top_k: int = 1
     # Multiplicative input jitter x * U(1 - eps, 1 + eps) in training (Switch Transformer section 2.4).
     jitter_eps: float = 1e-2
+    summary = "top-1 with input jitter (Switch Transformer, Fedus et al. 2021)"
+
+    def check(self, num_experts: int) -> None:
+        if self.top_k != 1:
+            raise ValueError(f"router=switch sends each token to one expert; model.moe.router.top_k={self.top_k} "
+                             "must be 1 (use router=topk for k > 1)")
+        if not 0 <= self.jitter_eps < 1:
+            raise ValueError(f"model.moe.router.jitter_eps={self.jitter_eps} must be in [0, 1)")
+
+    def softmax_topk(self, num_experts: int) -> Optional[tuple[int, bool]]:
+        return 1, False  # the top-1 probability, not renormalised
 
 
 @dataclass
@@ -60,6 +153,9 @@ class ExpertChoiceRouterConfig(RouterConfig):
     # true: each expert picks among the tokens at the same position of the batch's sequences (one batch slice
     # per position), so no token's routing depends on a later position of any sequence.
     causal: bool = False
+    uses_capacity = False  # it is a capacity: every expert takes exactly C tokens
+    token_choice = False
+    summary = "each expert takes its top-C tokens (Zhou et al. 2022); causal=true within each position"
 
 
 @dataclass
@@ -68,6 +164,8 @@ class HashRouterConfig(RouterConfig):
     top_k: int = 1
     # Seed of the random hash table: expert = table[token id] (one table per k).
     hash_seed: int = 0
+    has_gate = False
+    summary = "a fixed random table of token ids, no learned gate (Hash Layers, Roller et al. 2021)"
 
 
 @dataclass
@@ -75,6 +173,9 @@ class DomainOracleConfig(RouterConfig):
     name: str = "domain_oracle"
     # Experts per token, all of the token's domain: domain d takes experts (d k + j) mod E, j < k.
     top_k: int = 1
+    has_gate = False
+    needs_domain = True
+    summary = "the experts of each token's data domain: the specialisation oracle (DEMix, Gururangan et al. 2022)"
 
 
 @dataclass
@@ -90,6 +191,16 @@ class SinkhornRouterConfig(RouterConfig):
     # on a trained tiny model. 0.1 gives 1.04-1.3 there and on skewed random gates; lower is closer to BASE's hard
     # linear assignment but needs more iterations.
     temperature: float = 0.1
+    summary = "balanced assignment by Sinkhorn in training (BASE, Lewis et al. 2021; S-BASE, Clark et al. 2022)"
+
+    def check(self, num_experts: int) -> None:
+        super().check(num_experts)
+        if self.temperature <= 0 or self.iterations < 1:
+            raise ValueError(f"router=sinkhorn needs temperature > 0 and iterations >= 1 (got {self.temperature}, "
+                             f"{self.iterations})")
+
+    def softmax_topk(self, num_experts: int) -> Optional[tuple[int, bool]]:
+        return self.top_k, False  # evaluation: softmax top-k
 
 
 @dataclass
@@ -100,12 +211,26 @@ class AuxFreeRouterConfig(RouterConfig):
     # Renormalise the k chosen sigmoid scores (DeepSeek-V3 does).
     normalize: bool = True
     scaling_factor: float = 1.0
+    summary = "sigmoid top-k with a load bias updated after each step, no aux loss needed (DeepSeek-V3 2024)"
 
 
 @dataclass
 class SoftRouterConfig(RouterConfig):
     name: str = "soft"
     top_k: int = 0  # ignored: every expert is used
+    uses_capacity = False
+    summary = "every expert on every token, mixed by a softmax gate (Jacobs, Jordan, Nowlan & Hinton 1991)"
+
+    def check(self, num_experts: int) -> None:
+        if self.top_k not in (0, num_experts):  # a setting this router would ignore is an error, never a no-op
+            raise ValueError(f"router=soft sends every token to all {num_experts} experts; "
+                             f"model.moe.router.top_k={self.top_k} would be ignored: drop it (or use router=topk)")
+
+    def experts_per_token(self, num_experts: int) -> int:
+        return num_experts
+
+    def softmax_topk(self, num_experts: int) -> Optional[tuple[int, bool]]:
+        return num_experts, True  # all experts; the weights already sum to one
 
 
 @dataclass
@@ -117,13 +242,53 @@ class HierarchicalRouterConfig(RouterConfig):
     group_top_k: int = 1
     # Renormalise the chosen joint weights p(group) * p(expert | group) to sum to 1.
     normalize: bool = True
+    summary = "a gate over groups of experts, then one within each (Jordan & Jacobs 1994)"
+
+    def check(self, num_experts: int) -> None:
+        if self.num_groups < 2 or num_experts % self.num_groups:
+            raise ValueError(f"model.moe.router.num_groups={self.num_groups} must be at least 2 and divide "
+                             f"num_experts ({num_experts})")
+        if not 1 <= self.group_top_k <= self.num_groups:
+            raise ValueError(f"model.moe.router.group_top_k={self.group_top_k} must be in 1..num_groups "
+                             f"({self.num_groups})")
+        if not 1 <= self.top_k <= num_experts // self.num_groups:
+            raise ValueError(f"model.moe.router.top_k={self.top_k} must be in 1..experts per group "
+                             f"({num_experts // self.num_groups})")
+
+    def experts_per_token(self, num_experts: int) -> int:
+        return self.top_k * self.group_top_k
 
 
-# The settings of every router, by registered name (each dataclass's default `name`).
-ROUTER_CONFIGS: dict[str, type[RouterConfig]] = {
-    cls.name: cls for cls in (TopKRouterConfig, NoisyTopKRouterConfig, SwitchRouterConfig, ExpertChoiceRouterConfig,
-                              HashRouterConfig, SinkhornRouterConfig, AuxFreeRouterConfig, SoftRouterConfig,
-                              HierarchicalRouterConfig, DomainOracleConfig)}
+# ------------------------------------------------------------------------------------------------------------
+# Finding routers
+
+
+_plugins_loaded = False
+
+
+def load_router_plugins() -> None:
+    """Import the modules named by `moe_lab.routers` entry points (once): their classes register themselves."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for point in entry_points(group=PLUGIN_GROUP):
+        try:
+            importlib.import_module(point.value.partition(":")[0])
+        except Exception as e:
+            raise ImportError(f"the router plugin {point.name!r} ({point.value}, a {PLUGIN_GROUP} entry point) "
+                              f"could not be imported: {type(e).__name__}: {e}") from e
+
+
+def registered_routers() -> dict[str, type[RouterConfig]]:
+    """Every router's settings by name, plugins included."""
+    load_router_plugins()
+    return ROUTER_CONFIGS
+
+
+def routers_where(flag: str, value: bool = True) -> list[str]:
+    """The names of the routers whose capability `flag` is `value`, e.g. routers_where("has_gate", False)."""
+    return sorted(name for name, cls in registered_routers().items() if getattr(cls, flag) is value)
 
 
 def router_config(node: RouterConfig | Mapping[str, Any]) -> RouterConfig:
@@ -134,10 +299,11 @@ def router_config(node: RouterConfig | Mapping[str, Any]) -> RouterConfig:
     """
     values = dataclasses.asdict(node) if dataclasses.is_dataclass(node) else dict(node)
     name = values.get("name", "topk")
-    if name not in ROUTER_CONFIGS:
-        raise ValueError(f"model.moe.router.name={name!r} is not a router; the routers are {sorted(ROUTER_CONFIGS)} "
+    known = registered_routers()
+    if name not in known:
+        raise ValueError(f"model.moe.router.name={name!r} is not a router; the routers are {sorted(known)} "
                          "(router=NAME picks one)")
-    cls = ROUTER_CONFIGS[name]
+    cls = known[name]
     if type(node) is cls:
         return node
     keys = [f.name for f in dataclasses.fields(cls)]

@@ -14,30 +14,17 @@ every token's first choice comes before any token's second choice: GShard's prio
 expert-choice routers make C slots per expert, expert-major. The MoE layer never asks which kind of router it has:
 capacity, dispatch, combine and the statistics all read slots.
 
-A router is a small module with a `Config` dataclass (in `router_configs.py`, which needs no torch), registered by
-name with `@register_router`. Adding one is a class here, its Config there, and a `conf/router/NAME.yaml` whose `name`
-is the registered name. What a router can do is declared
-by class-level capability flags, which the configuration checks read (never the router's name):
-    has_gate       learned gate parameters: gradients reach them, router losses apply
-    uses_capacity  the layer's capacity factor limits its slots (expert choice *is* a capacity: False)
-    token_choice   K slots per token (the sequence-wise balance loss needs it)
-    smooth_load    gives Shazeer's differentiable load estimate (aux_loss.load needs it)
-    needs_domain   routes by the data's domain label (the layer passes it as domain_T)
-and by the instance properties `causal` and `stochastic` (draws random numbers in training). Routers compute in float32 whatever the autocast dtype, as every production
-MoE does (Megatron-Core, DeepSpeed, HF): bf16 logits make top-k choices noisy.
+A router is a module and its settings: a subclass of `Router` here whose `Config` is a subclass of `RouterConfig`
+(`router_configs.py`, which needs no torch). Subclassing registers both under the Config's `name`; nothing else
+keeps a list of routers. What a router can do is declared by the Config's class-level capability flags (has_gate,
+uses_capacity, token_choice, smooth_load, needs_domain; see router_configs.py), which every check reads (never the
+router's name), and by the instance properties `causal` and `stochastic` (draws random numbers in training). A
+router reads what it needs from one `RouterInputs` (hidden states, token ids, batch size, capacity factor, domain
+labels). Routers compute in float32 whatever the autocast dtype, as every production MoE does (Megatron-Core,
+DeepSpeed, HF): bf16 logits make top-k choices noisy.
 
-| router          | paper                                         | routes by                 |
-|-----------------|-----------------------------------------------|---------------------------|
-| topk            | GShard (Lepikhin et al. 2020), Mixtral 2024   | token choice              |
-| noisy_topk      | Shazeer et al. 2017                           | token choice              |
-| switch          | Switch Transformer (Fedus et al. 2021)        | token choice, top-1       |
-| expert_choice   | Zhou et al. 2022                              | expert choice             |
-| hash            | Hash Layers (Roller et al. 2021)              | token id, no learned gate |
-| sinkhorn        | BASE (Lewis et al. 2021), S-BASE (Clark 2022) | balanced assignment       |
-| aux_free        | DeepSeek-V3 (2024), Wang et al. 2024          | token choice + bias       |
-| soft            | Jacobs, Jordan, Nowlan & Hinton 1991          | every expert, softmax mix |
-| hierarchical    | Jordan & Jacobs 1994                          | two-level gating          |
-| domain_oracle   | DEMix (Gururangan et al. 2022), as an oracle  | the data's domain label   |
+Each router's class docstring cites its paper; `moe-lab train --help` lists the registered ones with a line each
+(the Config's `summary`).
 """
 
 from __future__ import annotations
@@ -50,8 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_lab.model.router_configs import (ROUTER_CONFIGS, AuxFreeRouterConfig, DomainOracleConfig,
-                                          ExpertChoiceRouterConfig,
+from moe_lab.model.router_configs import (AuxFreeRouterConfig, DomainOracleConfig, ExpertChoiceRouterConfig,
                                           HashRouterConfig, HierarchicalRouterConfig, NoisyTopKRouterConfig,
                                           RouterConfig, SinkhornRouterConfig, SoftRouterConfig, SwitchRouterConfig,
                                           TopKRouterConfig, router_config)
@@ -125,25 +111,19 @@ class Routing:
             raise ValueError(f"this routing has slots by {self.slots_by}, not by {slots_by}")
 
 
+@dataclass(frozen=True)
+class RouterInputs:
+    """Everything a router may route by; the layer fills it once per call and each router reads what it needs."""
+
+    x_TD: torch.Tensor  # the layer's input, flattened batch-major
+    token_ids_T: Optional[torch.Tensor] = None  # int64, for routers that route by id (hash)
+    batch_size: int = 1  # B: T = B * S, for routers that split the tokens into sequences (causal expert choice)
+    capacity_factor: Optional[float] = None  # the layer's current one (training or eval), for routers that are one
+    domain_T: Optional[torch.Tensor] = None  # int64, each token's data domain, for routers with needs_domain
+
+
+# Every router's module by registered name: filled by subclassing Router (with its own Config).
 ROUTERS: dict[str, type["Router"]] = {}
-
-
-def register_router(name: str) -> Callable[[type["Router"]], type["Router"]]:
-    """Class decorator: make a router selectable as `router=NAME` (`model.moe.router.name=NAME`)."""
-
-    def wrap(cls: type["Router"]) -> type["Router"]:
-        if name in ROUTERS:
-            raise ValueError(f"router {name!r} is registered twice ({ROUTERS[name].__name__} and {cls.__name__})")
-        known = ROUTER_CONFIGS.get(name)
-        if known is not None and known is not cls.Config:
-            raise ValueError(f"router {name!r}: its Config {cls.Config.__name__} is not the registered "
-                             f"{known.__name__}")
-        ROUTER_CONFIGS[name] = cls.Config  # a router defined outside moe-lab brings its settings along
-        ROUTERS[name] = cls
-        cls.registered_name = name
-        return cls
-
-    return wrap
 
 
 def normalized_sigmoid(logits_TE: torch.Tensor) -> torch.Tensor:
@@ -156,37 +136,44 @@ def normalized_sigmoid(logits_TE: torch.Tensor) -> torch.Tensor:
 
 
 class Router(nn.Module):
-    """Base class: a linear gate from d_model to E logits, kept in float32."""
+    """Base class: a linear gate from d_model to E logits, kept in float32 (routers with has_gate=False have none).
+
+    A subclass with its own `Config` is registered under `Config.name`: `router=NAME` builds it."""
 
     Config: ClassVar[type[RouterConfig]] = RouterConfig
-    registered_name: ClassVar[str] = ""
-    has_gate: ClassVar[bool] = True
-    uses_capacity: ClassVar[bool] = True
-    token_choice: ClassVar[bool] = True
-    smooth_load: ClassVar[bool] = False
-    needs_domain: ClassVar[bool] = False
 
-    @classmethod
-    def check(cls, cfg: RouterConfig, num_experts: int) -> None:
-        """Raise ValueError naming the setting if this router cannot run with these settings."""
-        if not 1 <= cfg.top_k <= num_experts:
-            raise ValueError(f"model.moe.router.top_k={cfg.top_k} must be in 1..num_experts ({num_experts})")
-
-    @classmethod
-    def experts_per_token(cls, cfg: RouterConfig, num_experts: int) -> int:
-        return cfg.top_k
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "Config" not in cls.__dict__:
+            return  # a shared base of several routers
+        name = cls.Config.__dict__.get("name")
+        if not isinstance(name, str):
+            raise TypeError(f"{cls.__name__}.Config = {cls.Config.__name__} must set its own name default "
+                            "(the NAME of router=NAME)")
+        known = ROUTERS.get(name)
+        if known is not None and known.__qualname__ != cls.__qualname__:
+            raise ValueError(f"router {name!r} is defined twice ({known.__name__} and {cls.__name__})")
+        ROUTERS[name] = cls
 
     def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, init_std: float = 0.02,
                  vocab_size: Optional[int] = None):
         super().__init__()
-        self.check(cfg, num_experts)
+        cfg.check(num_experts)
         self.cfg = cfg
         self.num_experts = num_experts
-        self.top_k = self.experts_per_token(cfg, num_experts)
+        self.top_k = cfg.experts_per_token(num_experts)
         if self.has_gate:
             # (E, D): stored in float32 even under bf16 autocast; the routing math never leaves float32.
             self.gate_ED = nn.Parameter(torch.empty(num_experts, d_model))
             nn.init.normal_(self.gate_ED, std=init_std)
+
+    # The capability flags of the router's Config (see router_configs.py).
+    registered_name = property(lambda self: self.cfg.name)
+    has_gate = property(lambda self: self.Config.has_gate)
+    uses_capacity = property(lambda self: self.Config.uses_capacity)
+    token_choice = property(lambda self: self.Config.token_choice)
+    smooth_load = property(lambda self: self.Config.smooth_load)
+    needs_domain = property(lambda self: self.Config.needs_domain)
 
     @property
     def causal(self) -> bool:
@@ -205,10 +192,8 @@ class Router(nn.Module):
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             return F.linear(x_TD.float(), weight.float())
 
-    def forward(self, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor] = None, batch_size: int = 1,
-                capacity_factor: Optional[float] = None) -> Routing:
-        """Route T tokens. `token_ids_T` is for routers that route by id; `batch_size` splits T into sequences;
-        `capacity_factor` is the layer's current one (training or eval), for routers that are a capacity."""
+    def forward(self, inputs: RouterInputs) -> Routing:
+        """Route the T tokens of `inputs.x_TD`."""
         raise NotImplementedError
 
     def after_optimizer_step(self, all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
@@ -241,7 +226,6 @@ def limit_to_groups(choice_TE: torch.Tensor, num_groups: int, topk_groups: int) 
     return grouped_TGE.masked_fill(~keep_TG[:, :, None], float("-inf")).view(T, E)
 
 
-@register_router("topk")
 class TopKRouter(Router):
     """Scores over all experts, then the top-k (GShard, Lepikhin et al. 2020; Mixtral, Jiang et al. 2024).
 
@@ -251,20 +235,6 @@ class TopKRouter(Router):
     """
 
     Config = TopKRouterConfig
-
-    @classmethod
-    def check(cls, cfg: TopKRouterConfig, num_experts: int) -> None:
-        super().check(cfg, num_experts)
-        if cfg.score not in ("softmax", "sigmoid"):
-            raise ValueError(f"model.moe.router.score={cfg.score!r}; choose softmax or sigmoid")
-        if cfg.num_groups < 1 or num_experts % cfg.num_groups:
-            raise ValueError(f"model.moe.router.num_groups={cfg.num_groups} must divide num_experts ({num_experts})")
-        if not 1 <= cfg.topk_groups <= cfg.num_groups:
-            raise ValueError(f"model.moe.router.topk_groups={cfg.topk_groups} must be in 1..num_groups "
-                             f"({cfg.num_groups})")
-        if cfg.top_k > cfg.topk_groups * (num_experts // cfg.num_groups):
-            raise ValueError(f"model.moe.router.top_k={cfg.top_k} is more than the {cfg.topk_groups} kept groups "
-                             f"hold ({cfg.topk_groups * (num_experts // cfg.num_groups)} experts)")
 
     def select(self, choice_TE: torch.Tensor) -> torch.Tensor:
         """The top-k experts of each token under `choice_TE`, within its best groups when routing is grouped."""
@@ -278,7 +248,8 @@ class TopKRouter(Router):
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         return weights_TK * self.cfg.scaling_factor
 
-    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> Routing:
+    def forward(self, inputs: RouterInputs) -> Routing:
+        x_TD = inputs.x_TD
         logits_TE = self.gate_logits(x_TD)
         scores_TE = scores_of(logits_TE, self.cfg.score)
         expert_ids_TK = self.select(scores_TE)
@@ -292,7 +263,6 @@ class TopKRouter(Router):
 
 
 
-@register_router("noisy_topk")
 class NoisyTopKRouter(Router):
     """Noisy top-k gating (Shazeer et al. 2017, "Outrageously Large Neural Networks", eq. 3-5).
 
@@ -302,7 +272,6 @@ class NoisyTopKRouter(Router):
     """
 
     Config = NoisyTopKRouterConfig
-    smooth_load = True
 
     @property
     def stochastic(self) -> bool:
@@ -313,7 +282,8 @@ class NoisyTopKRouter(Router):
         # Zero init as the paper: training starts with a noise std of softplus(0) = 0.69.
         self.noise_ED = nn.Parameter(torch.zeros(num_experts, d_model))
 
-    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> Routing:
+    def forward(self, inputs: RouterInputs) -> Routing:
+        x_TD = inputs.x_TD
         logits_TE = self.gate_logits(x_TD)
         probs_TE, load_estimate_E = logits_TE.softmax(-1), None
         if self.training:
@@ -345,7 +315,6 @@ class NoisyTopKRouter(Router):
 
 
 
-@register_router("switch")
 class SwitchRouter(Router):
     """Switch routing (Fedus et al. 2021): each token goes to its single most probable expert, weighted by that
     probability (not renormalised), with multiplicative input jitter in training for exploration. Known for
@@ -357,15 +326,8 @@ class SwitchRouter(Router):
     def stochastic(self) -> bool:
         return self.cfg.jitter_eps > 0
 
-    @classmethod
-    def check(cls, cfg: SwitchRouterConfig, num_experts: int) -> None:
-        if cfg.top_k != 1:
-            raise ValueError(f"router=switch sends each token to one expert; model.moe.router.top_k={cfg.top_k} "
-                             "must be 1 (use router=topk for k > 1)")
-        if not 0 <= cfg.jitter_eps < 1:
-            raise ValueError(f"model.moe.router.jitter_eps={cfg.jitter_eps} must be in [0, 1)")
-
-    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> Routing:
+    def forward(self, inputs: RouterInputs) -> Routing:
+        x_TD = inputs.x_TD
         if self.training and self.cfg.jitter_eps > 0:
             eps = self.cfg.jitter_eps
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
@@ -381,7 +343,6 @@ class SwitchRouter(Router):
 
 
 
-@register_router("expert_choice")
 class ExpertChoiceRouter(Router):
     """Expert-choice routing (Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing").
 
@@ -394,20 +355,20 @@ class ExpertChoiceRouter(Router):
     """
 
     Config = ExpertChoiceRouterConfig
-    uses_capacity = False  # it is a capacity: every expert takes exactly C tokens
-    token_choice = False
 
     @property
     def causal(self) -> bool:
         return self.cfg.causal
 
-    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> Routing:
+    def forward(self, inputs: RouterInputs) -> Routing:
+        x_TD = inputs.x_TD
         T, E = x_TD.shape[0], self.num_experts
-        capacity_factor = capacity_factor or 1.0  # dropless has no meaning here: one fair share per expert
+        capacity_factor = inputs.capacity_factor or 1.0  # dropless has no meaning here: one fair share per expert
         logits_TE = self.gate_logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         if self.cfg.causal:
-            B, S = batch_size, T // batch_size
+            B = inputs.batch_size
+            S = T // B
             capacity = min(B, math.ceil(capacity_factor * B * self.top_k / E))
             probs_SEB = probs_TE.view(B, S, E).permute(1, 2, 0)
             top = probs_SEB.topk(capacity, dim=-1)  # each expert, at each position, picks among the B sequences
@@ -430,14 +391,12 @@ class ExpertChoiceRouter(Router):
 
 
 
-@register_router("hash")
 class HashRouter(Router):
     """Hash layers (Roller et al. 2021, "Hash Layers For Large Sparse Models"): each token id is sent to fixed,
     random experts, one per hash function, weighted equally. No learned gate, so no router loss and nothing to
     collapse; load follows the token frequencies. A pure function of the token id."""
 
     Config = HashRouterConfig
-    has_gate = False
 
     def __init__(self, d_model, num_experts, cfg, init_std=0.02, vocab_size=None):
         super().__init__(d_model, num_experts, cfg, init_std, vocab_size)
@@ -447,15 +406,15 @@ class HashRouter(Router):
         # Saved with the model, so a checkpoint routes the same tokens the same way whatever the RNG does later.
         self.register_buffer("table_VK", torch.randint(0, num_experts, (vocab_size, self.top_k), generator=generator))
 
-    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> Routing:
-        if token_ids_T is None:
+    def forward(self, inputs: RouterInputs) -> Routing:
+        x_TD = inputs.x_TD
+        if inputs.token_ids_T is None:
             raise ValueError("router=hash routes by token id; call the layer with token ids")
-        expert_ids_TK = self.table_VK[token_ids_T]
+        expert_ids_TK = self.table_VK[inputs.token_ids_T]
         weights_TK = torch.full(expert_ids_TK.shape, 1.0 / self.top_k, device=x_TD.device)
         return Routing.from_token_choice(expert_ids_TK, weights_TK, self.num_experts)
 
 
-@register_router("domain_oracle")
 class DomainOracleRouter(Router):
     """The specialisation upper bound: every token goes to the experts of its data domain (domain d to experts
     (d k + j) mod E, j < k, weighted equally), as DEMix layers route by domain (Gururangan et al. 2022) and as the
@@ -464,14 +423,13 @@ class DomainOracleRouter(Router):
     generate. A study puts a learned router beside it."""
 
     Config = DomainOracleConfig
-    has_gate = False
-    needs_domain = True
 
-    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None, domain_T=None) -> Routing:
-        if domain_T is None:
+    def forward(self, inputs: RouterInputs) -> Routing:
+        x_TD = inputs.x_TD
+        if inputs.domain_T is None:
             raise ValueError("router=domain_oracle routes by the data's domain label; call the model with domain_B")
         k = torch.arange(self.top_k, device=x_TD.device)
-        expert_ids_TK = (domain_T.to(x_TD.device)[:, None] * self.top_k + k[None, :]) % self.num_experts
+        expert_ids_TK = (inputs.domain_T.to(x_TD.device)[:, None] * self.top_k + k[None, :]) % self.num_experts
         weights_TK = torch.full(expert_ids_TK.shape, 1.0 / self.top_k, device=x_TD.device)
         return Routing.from_token_choice(expert_ids_TK, weights_TK, self.num_experts)
 
@@ -491,7 +449,6 @@ def sinkhorn(logits_TE: torch.Tensor, iterations: int) -> torch.Tensor:
     return log_p.exp()
 
 
-@register_router("sinkhorn")
 class SinkhornRouter(Router):
     """Balanced assignment (BASE layers, Lewis et al. 2021; Sinkhorn-based S-BASE, Clark et al. 2022).
 
@@ -503,14 +460,8 @@ class SinkhornRouter(Router):
 
     Config = SinkhornRouterConfig
 
-    @classmethod
-    def check(cls, cfg: SinkhornRouterConfig, num_experts: int) -> None:
-        super().check(cfg, num_experts)
-        if cfg.temperature <= 0 or cfg.iterations < 1:
-            raise ValueError(f"router=sinkhorn needs temperature > 0 and iterations >= 1 (got {cfg.temperature}, "
-                             f"{cfg.iterations})")
-
-    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> Routing:
+    def forward(self, inputs: RouterInputs) -> Routing:
+        x_TD = inputs.x_TD
         logits_TE = self.gate_logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         if self.training:
@@ -529,7 +480,6 @@ class SinkhornRouter(Router):
 
 
 
-@register_router("aux_free")
 class AuxFreeRouter(Router):
     """Auxiliary-loss-free load balancing (DeepSeek-V3 technical report 2024, section 2.1.2; Wang et al. 2024).
 
@@ -547,7 +497,8 @@ class AuxFreeRouter(Router):
         # Routed token slots per expert since the last update (training only); not saved: an update empties it.
         self.register_buffer("pending_counts_E", torch.zeros(num_experts), persistent=False)
 
-    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> Routing:
+    def forward(self, inputs: RouterInputs) -> Routing:
+        x_TD = inputs.x_TD
         logits_TE = self.gate_logits(x_TD)
         scores_TE = torch.sigmoid(logits_TE)
         expert_ids_TK = (scores_TE + self.bias_E).topk(self.top_k, dim=-1).indices
@@ -580,26 +531,15 @@ class AuxFreeRouter(Router):
 
 
 
-@register_router("soft")
 class SoftMixtureRouter(Router):
     """Adaptive mixtures of local experts (Jacobs, Jordan, Nowlan & Hinton 1991), where MoE began: every expert
     runs on every token and the gate's softmax weights combine them. The historical baseline: dense compute (E
     times a top-1 MoE), no routing decisions, no drops. Slow by nature."""
 
     Config = SoftRouterConfig
-    uses_capacity = False
 
-    @classmethod
-    def check(cls, cfg: SoftRouterConfig, num_experts: int) -> None:
-        if cfg.top_k not in (0, num_experts):  # a setting this router would ignore is an error, never a no-op
-            raise ValueError(f"router=soft sends every token to all {num_experts} experts; "
-                             f"model.moe.router.top_k={cfg.top_k} would be ignored: drop it (or use router=topk)")
-
-    @classmethod
-    def experts_per_token(cls, cfg: SoftRouterConfig, num_experts: int) -> int:
-        return num_experts
-
-    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> Routing:
+    def forward(self, inputs: RouterInputs) -> Routing:
+        x_TD = inputs.x_TD
         logits_TE = self.gate_logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         expert_ids_TK = torch.arange(self.num_experts, device=x_TD.device).expand(x_TD.shape[0], -1)
@@ -612,7 +552,6 @@ class SoftMixtureRouter(Router):
 
 
 
-@register_router("hierarchical")
 class HierarchicalRouter(Router):
     """Hierarchical mixtures of experts (Jordan & Jacobs 1994): a gate picks among groups of experts, a second gate
     picks within the group. Here both levels are sparse: the top group_top_k groups, then the top_k experts of each,
@@ -620,28 +559,13 @@ class HierarchicalRouter(Router):
 
     Config = HierarchicalRouterConfig
 
-    @classmethod
-    def check(cls, cfg: HierarchicalRouterConfig, num_experts: int) -> None:
-        if cfg.num_groups < 2 or num_experts % cfg.num_groups:
-            raise ValueError(f"model.moe.router.num_groups={cfg.num_groups} must be at least 2 and divide "
-                             f"num_experts ({num_experts})")
-        if not 1 <= cfg.group_top_k <= cfg.num_groups:
-            raise ValueError(f"model.moe.router.group_top_k={cfg.group_top_k} must be in 1..num_groups "
-                             f"({cfg.num_groups})")
-        if not 1 <= cfg.top_k <= num_experts // cfg.num_groups:
-            raise ValueError(f"model.moe.router.top_k={cfg.top_k} must be in 1..experts per group "
-                             f"({num_experts // cfg.num_groups})")
-
-    @classmethod
-    def experts_per_token(cls, cfg: HierarchicalRouterConfig, num_experts: int) -> int:
-        return cfg.top_k * cfg.group_top_k
-
     def __init__(self, d_model, num_experts, cfg, init_std=0.02, vocab_size=None):
         super().__init__(d_model, num_experts, cfg, init_std, vocab_size)
         self.group_gate_GD = nn.Parameter(torch.empty(cfg.num_groups, d_model))
         nn.init.normal_(self.group_gate_GD, std=init_std)
 
-    def forward(self, x_TD, token_ids_T=None, batch_size=1, capacity_factor=None) -> Routing:
+    def forward(self, inputs: RouterInputs) -> Routing:
+        x_TD = inputs.x_TD
         G, Eg = self.cfg.num_groups, self.num_experts // self.cfg.num_groups
         group_logits_TG = self.gate_logits(x_TD, self.group_gate_GD)
         expert_logits_TGe = self.gate_logits(x_TD).view(-1, G, Eg)  # the within-group gates
@@ -662,5 +586,9 @@ class HierarchicalRouter(Router):
 
 def build_router(d_model: int, num_experts: int, cfg: RouterConfig | Mapping[str, Any], init_std: float = 0.02,
                  vocab_size: Optional[int] = None) -> Router:
+    """The registered router that `cfg` names (a Config, or its plain-dict form as checkpoints store it)."""
     cfg = router_config(cfg)
+    if cfg.name not in ROUTERS:
+        raise ValueError(f"router={cfg.name} has settings ({type(cfg).__name__}) but no Router subclass with "
+                         f"Config = {type(cfg).__name__}")
     return ROUTERS[cfg.name](d_model, num_experts, cfg, init_std=init_std, vocab_size=vocab_size)

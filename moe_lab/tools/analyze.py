@@ -22,6 +22,7 @@ from moe_lab.analysis.routing import (RoutingCounts, coactivation, domain_shares
 from moe_lab.analysis.stats import mutual_information
 from moe_lab.errors import UserError
 from moe_lab.model import MoETransformer
+from moe_lab.model.router_configs import routers_where
 from moe_lab.training.routing_analysis import layer_choices
 
 
@@ -72,8 +73,7 @@ def check_analysable(model: MoETransformer) -> None:
     for moe in model.moe_modules():
         if not moe.router.token_choice:
             raise UserError(f"router={moe.router.registered_name} gives no top-k list per token; moe-lab analyze "
-                            "reads token-choice routers (topk, noisy_topk, switch, hash, sinkhorn, aux_free, soft, "
-                            "hierarchical)")
+                            f"reads token-choice routers ({', '.join(routers_where('token_choice'))})")
 
 
 @contextlib.contextmanager

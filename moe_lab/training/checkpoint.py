@@ -21,7 +21,7 @@ from moe_lab.data.tokenizer import HFTokenizer, build_tokenizer
 from moe_lab.errors import CheckpointError, UserError
 from moe_lab.files import write_atomically
 from moe_lab.memory import check_fits
-from moe_lab.model import ROUTERS, ModelConfig
+from moe_lab.model import ModelConfig
 from moe_lab.training.module import MoELanguageModel
 
 # A model's layout, not what it computes: a checkpoint resumes under any value of these.
@@ -268,7 +268,7 @@ def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu", 
     model_cfg = checkpoint_model_config(ckpt, ckpt_path)
     check_fits(model_cfg, 4, f"loading {ckpt_path}", "Its saved model settings are not those of a model this machine "
                "can hold.")
-    if capacity == "dropless" and ROUTERS[model_cfg.moe.router.name].uses_capacity:
+    if capacity == "dropless" and model_cfg.moe.router.uses_capacity:
         model_cfg.moe.eval_capacity_factor = None
     module = MoELanguageModel(model=model_cfg, optim=hparams.get("optim") or {},
                               domain_names=hparams.get("domain_names"), tokenizer=hparams.get("tokenizer"),

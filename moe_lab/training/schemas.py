@@ -24,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from moe_lab.data.config import SOURCES, DataConfig, TokenizerConfig
 from moe_lab.errors import ConfigError, UserError
 from moe_lab.model.config import ModelConfig
-from moe_lab.model.router_configs import ROUTER_CONFIGS, router_config
+from moe_lab.model.router_configs import registered_routers, router_config, routers_where
 
 
 # The parts of the model that optim.freeze and optim.lr_mult name (training/module.py: part_of).
@@ -133,8 +133,11 @@ def register_configs() -> None:
     """Put the schemas in Hydra's ConfigStore (idempotent): before any composition of conf/."""
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
-    for name, options in ROUTER_CONFIGS.items():
+    described = {p.stem for p in (_conf_dir() / "router").glob("*.yaml")}
+    for name, options in registered_routers().items():
         store.store(group="schema/router", name=name, node=options)
+        if name not in described:  # router=NAME needs no conf/router/NAME.yaml (one only adds a description)
+            store.store(group="router", name=name, node=options, package="model.moe.router")
     for source, cls in SOURCES.items():
         store.store(group="schema/data", name=source, node=cls)
 
@@ -144,10 +147,14 @@ def config_dir() -> str:
     checkout or editable install, `moe_lab/conf/` inside an installed wheel. Absolute, because Hydra turns a relative
     `config_path` into a module path that breaks behind a console script (hydra issue 2125)."""
     register_configs()
+    return str(_conf_dir())
+
+
+def _conf_dir() -> Path:
     package = Path(__file__).resolve().parents[1]
     for candidate in (package.parent / "conf", package / "conf"):
         if (candidate / "train.yaml").is_file():
-            return str(candidate)
+            return candidate
     raise FileNotFoundError(f"moe-lab's configs (conf/train.yaml) are missing next to {package}; reinstall moe-lab")
 
 
@@ -233,10 +240,8 @@ def _refuse_extra_keys(node: DictConfig, prefix: str) -> None:
 def _check_router_losses(run: TrainConfig) -> None:
     """Aux-loss weights the router can use (its capability flags decide): a loss a router cannot have is an error,
     not a silent no-op."""
-    from moe_lab.model.routers import ROUTERS  # torch: imported when a run is validated, never to compose one
-
     moe = run.model.moe
-    router = ROUTERS[moe.router.name]
+    router = type(moe.router)  # its Config class: the capability flags
     weights = moe.aux_loss.weights()
     for name, weight in weights.items():
         if weight < 0:
@@ -251,7 +256,7 @@ def _check_router_losses(run: TrainConfig) -> None:
         raise ConfigError(f"aux_loss.seq_load_balance needs token-choice routing; router={moe.router.name} is "
                           "balanced by construction: use aux_loss=none or z")
     if weights["load"] > 0 and not router.smooth_load:
-        smooth = sorted(n for n, r in ROUTERS.items() if r.smooth_load)
+        smooth = routers_where("smooth_load")
         raise ConfigError(f"model.moe.aux_loss.load (Shazeer's smooth load) needs router={' or '.join(smooth)}, not "
                           f"{moe.router.name}; set model.moe.aux_loss.load=0 or use router={smooth[0]}")
 
