@@ -98,7 +98,7 @@ def test_one_run_per_configuration_is_not_a_seed_group(tmp_path):
 
 
 def test_seeds_shorthand_expands_to_a_multirun():
-    from moe_lab.cli.main import expand_seeds
+    from moe_lab.cli.hydra_args import expand_seeds
     from moe_lab.errors import UserError
 
     assert expand_seeds(["experts=e4,e8", "seeds=3"]) == ["-m", "experts=e4,e8", "seed=1234,1235,1236"]

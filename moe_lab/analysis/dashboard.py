@@ -212,7 +212,7 @@ def analysis_page(report: dict) -> str:
 
 
 def write_analysis_page(report: dict, out: Path | str) -> Path:
-    return _write(_checked_output(Path(out).expanduser()), analysis_page(report))
+    return _write(checked_output(Path(out).expanduser()), analysis_page(report))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def write_dashboard(path: Path | str, out: Optional[Path | str] = None, refresh:
     if not path.is_dir():
         raise DashboardError(f"{path}: no such directory (give a run directory such as outputs/DATE/TIME, or a "
                              "sweep directory such as outputs/multirun/DATE/TIME)")
-    out = _checked_output(Path(out).expanduser() if out is not None else path / "dashboard.html")
+    out = checked_output(Path(out).expanduser() if out is not None else path / "dashboard.html")
     if is_run_dir(path) and (path / "metrics.csv").exists():
         page = run_page(read_run(path), refresh)
     elif is_sweep_dir(path):
@@ -242,7 +242,7 @@ def write_dashboard(path: Path | str, out: Optional[Path | str] = None, refresh:
 def write_comparison(paths: list[Path | str], out: Path | str, refresh: Optional[int] = None) -> tuple[Path, list]:
     """The side-by-side page of any run directories (a sweep directory counts as all its runs), as a sweep's page;
     returns the file written and the runs, in the order the page ranks them."""
-    out = _checked_output(Path(out).expanduser())
+    out = checked_output(Path(out).expanduser())
     runs = gather_runs([Path(p).expanduser() for p in paths])
     common = Path(os.path.commonpath([run.path for run in runs]))
     page = sweep_page(common, runs, refresh, links_from=out.parent,
@@ -250,7 +250,8 @@ def write_comparison(paths: list[Path | str], out: Path | str, refresh: Optional
     return _write(out, page), runs
 
 
-def _checked_output(out: Path) -> Path:
+def checked_output(out: Path) -> Path:
+    """`out`, if a page may be written there: its folder exists and it is not a file moe-lab did not write."""
     if not out.parent.is_dir():
         raise DashboardError(f"-o {out}: the folder {out.parent} does not exist; create it or choose another path")
     if out.is_dir():

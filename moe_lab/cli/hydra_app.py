@@ -45,7 +45,7 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
             from pathlib import Path
 
             from moe_lab.analysis.runs import write_sweep_summary
-            from moe_lab.cli.sweeps import not_started_rows
+            from moe_lab.training.sweeps import not_started_rows
 
             sweep_dir = Path(HydraConfig.get().sweep.dir)
             write_sweep_summary(sweep_dir, not_started_rows(sweep_dir))

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from moe_lab.errors import UserError
+
 INFO_CHOICES = ["all", "config", "defaults", "defaults-tree", "plugins", "searchpath"]
 # Flags after which Hydra only shows something and runs nothing.
 SHOW_ONLY = ("help", "hydra_help", "version", "cfg", "info", "shell_completion", "experimental_rerun")
@@ -37,3 +39,31 @@ def hydra_arguments() -> argparse.ArgumentParser:
 
 def shows_only(parsed: argparse.Namespace) -> bool:
     return any(getattr(parsed, flag, None) for flag in SHOW_ONLY)
+
+
+def expand_seeds(args: list[str]) -> list[str]:
+    """`seeds=N`: the same sweep over N seeds, `seed=S,S+1,...` from the given seed (default: the config's), as a
+    multirun: `moe-lab train experts=e8,e16 seeds=3` = `moe-lab train -m experts=e8,e16 seed=1234,1235,1236`."""
+    given = [a for a in args if a.startswith("seeds=")]
+    if not given:
+        return args
+    if len(given) > 1:
+        raise UserError("seeds= is given more than once")
+    count = given[0].partition("=")[2]
+    if not count.isdigit() or int(count) < 1:
+        raise UserError(f"{given[0]}: give the number of seeds, e.g. seeds=3 (or seed=1,2,3 for chosen ones)")
+    seed_args = [a for a in args if a.startswith("seed=")]
+    if len(seed_args) > 1 or any("," in a or "(" in a for a in seed_args):
+        raise UserError(f"{given[0]} and {' '.join(seed_args)}: give seeds=N (N seeds from seed=S) or a list "
+                        "seed=1,2,3, not both")
+    start = seed_args[0].partition("=")[2] if seed_args else None
+    if start is None:
+        from moe_lab.training.schemas import TrainConfig
+
+        start = str(TrainConfig.seed)
+    if not start.lstrip("-").isdigit():
+        raise UserError(f"seed={start} must be an integer to count {given[0]} from")
+    seeds = ",".join(str(int(start) + i) for i in range(int(count)))
+    rest = [a for a in args if a not in given and a not in seed_args]
+    multirun = [] if any(a in ("-m", "--multirun") for a in rest) else ["-m"]
+    return multirun + rest + [f"seed={seeds}"]

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from moe_lab.analysis.dashboard import write_dashboard
 from moe_lab.analysis.runs import ranked_table, sweep_runs, write_sweep_summary
 from moe_lab.analysis.seeds import group_table, has_seed_groups, seed_groups, write_group_summary
-from moe_lab.cli.sweeps import not_started_rows
+from moe_lab.training.sweeps import not_started_rows
 from moe_lab.files import write_atomically
 
 

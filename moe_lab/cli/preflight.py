@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe_lab.cli.hydra_args import hydra_arguments, shows_only
 from moe_lab.errors import UserError
-from moe_lab.cli.sweeps import continue_sweep, same_sweep
+from moe_lab.training.sweeps import continue_sweep, same_sweep
 from moe_lab.training.run_dir import (claim_run_dir, externally_launched, launched_worker,
                                       refuse_used_run_dir, refuse_used_sweep_dir)
 from moe_lab.training.schemas import config_dir, omegaconf_message, validate
@@ -58,7 +58,7 @@ def preflight(args: list[str], claim: bool = False) -> Optional[str]:
             continuing = (multirun and directory.is_dir() and any(directory.iterdir())
                           and same_sweep(directory, list(parsed.overrides)))
             if claim:  # refuses a used directory, then takes it
-                if continuing:  # the same sweep again: it continues (cli/sweeps.py)
+                if continuing:  # the same sweep again: it continues (training/sweeps.py)
                     print(continue_sweep(directory), file=sys.stderr, flush=True)
                 claim_run_dir(directory, hydra_made, setting="hydra.sweep.dir" if multirun else "hydra.run.dir")
             elif multirun and not continuing:

@@ -102,7 +102,7 @@ def check_capacity_factors(model: MoETransformer, capacity_factors: Sequence[flo
 
 @torch.no_grad()
 def analyze(models: list[MoETransformer], batches: Iterable[dict], vocab_size: int, num_domains: int, seq_len: int,
-            max_batches: Optional[int] = None, progress=None, trace: Optional[TraceWriter] = None,
+            progress=None, trace: Optional[TraceWriter] = None,
             capacity_factors: Sequence[float] = ()) -> dict[str, Any]:
     """The analyses of the last model over `batches`, the saturation of each earlier model against it, and the
     drops by position of the last model under each of `capacity_factors` (besides its own setting)."""
@@ -115,8 +115,6 @@ def analyze(models: list[MoETransformer], batches: Iterable[dict], vocab_size: i
     agree = np.zeros((len(models) - 1, len(final.moe_layers), 2))
     tokens = 0
     for n, batch in enumerate(batches):
-        if max_batches is not None and n >= max_batches:
-            break
         keep = batch["valid"].bool()
         ids = batch["input_ids"][keep]
         if len(ids) == 0:
@@ -319,3 +317,91 @@ def log_to_wandb(report: dict[str, Any], node: dict[str, Any], folder: Path, nam
         return run.dir if mode == "online" else f"{where} ({mode})"
     finally:
         run.finish()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def run(args: Any, cfg: Any, sources: list[str]) -> int:
+    """`moe-lab analyze` with its parsed arguments (moe_lab/cli/commands.py), its composed data settings `cfg` and
+    its checkpoints (oldest first): the report printed, and written as a page, JSON, CSV tables (and to W&B)."""
+    import json
+    import sys
+
+    from moe_lab.analysis.dashboard import write_analysis_page
+    from moe_lab.files import write_atomically
+    from moe_lab.tools.evaluate import held_out_data
+
+    page_out = args.output
+    json_out = check_outputs(page_out)
+    wandb_node = wandb_settings(cfg)
+    models, tokenizer, described = load_models(sources, args.capacity, args.device)
+    final = models[-1]
+    check_capacity_factors(final, args.capacity_factor)
+    run_cfg, data, loader = held_out_data(cfg, tokenizer, final.cfg.vocab_size, args.max_batches)
+    print(f"moe-lab: analysing {described} on {data.describe()}: {len(loader.batch_sampler)} batches of "
+          f"{run_cfg.data.batch_size} x {run_cfg.data.seq_len} tokens", file=sys.stderr, flush=True)
+
+    def progress(done: int, tokens: int) -> None:
+        print(f"\rmoe-lab: {done}/{len(loader.batch_sampler)} batches, {tokens:,} tokens", end="", file=sys.stderr,
+              flush=True)
+
+    trace = TraceWriter(args.trace, final.moe_layers, data.domain_names) if args.trace is not None else None
+    try:
+        result = analyze(models, loader, final.cfg.vocab_size, len(data.domain_names), run_cfg.data.seq_len,
+                         progress=progress, trace=trace, capacity_factors=args.capacity_factor)
+    finally:
+        if trace is not None:
+            trace.close()
+    print(file=sys.stderr)
+    report = {"sources": sources, "data": data.describe(), "capacity": args.capacity,
+              **summary(result, data.domain_names, final.moe_layers, decode=tokenizer.decode)}
+    print(format_summary(report))
+    write_atomically(json_out, json.dumps(report, indent=2) + "\n")
+    write_csv_tables(report, page_out)
+    print(f"moe-lab: wrote {write_analysis_page(report, page_out)}, {json_out} and the tables "
+          f"{page_out.parent / (page_out.stem + '.*.csv')} ({', '.join(csv_paths(page_out))})", file=sys.stderr)
+    if wandb_node is not None:
+        print(f"moe-lab: logged to W&B: {log_to_wandb(report, wandb_node, page_out.parent, f'analyze {sources[-1]}')}",
+              file=sys.stderr)
+    return 0
+
+
+def check_outputs(page: Path) -> Path:
+    """UserError, before any work, if the page, its JSON or its CSV tables would replace a file moe-lab analyze did
+    not write; returns the JSON's path."""
+    from moe_lab.analysis.dashboard import checked_output
+
+    checked_output(page)
+    json_out = page.with_suffix(".json")
+    if json_out.exists() and "\"vocab_specialisation_input\"" not in json_out.read_text(errors="ignore")[:100000]:
+        raise UserError(f"{json_out} exists and was not written by moe-lab analyze; choose another -o")
+    check_csv_outputs(page)
+    return json_out
+
+
+def wandb_settings(cfg: Any) -> Optional[dict[str, Any]]:
+    """The W&B logger's settings of `logger=wandb` (None without it); an analysis logs beside its page."""
+    if "wandb" not in cfg.logger:
+        return None
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(cfg.logger.wandb, resolve=False)
+    node.pop("save_dir", None)  # the run's directory
+    return node
+
+
+def load_models(sources: list[str], capacity: str, device: str) -> tuple[list[MoETransformer], Any, str]:
+    """The checkpoints of one run, oldest first (the last is analysed), with the last one's tokenizer and name."""
+    from moe_lab.tools.generate import load_for_inference
+
+    loaded = [load_for_inference(source, capacity=capacity) for source in sources]
+    models = [model.to(device).eval() for model, _, _ in loaded]
+    final = models[-1]
+    check_analysable(final)
+    for model, source in zip(models[:-1], sources[:-1]):
+        if model.moe_layers != final.moe_layers or model.cfg.moe.num_experts != final.cfg.moe.num_experts:
+            raise UserError(f"{source} has other MoE layers or experts than {sources[-1]}: saturation compares "
+                            "checkpoints of one run")
+    return models, loaded[-1][1], loaded[-1][2]

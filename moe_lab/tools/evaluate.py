@@ -23,8 +23,7 @@ from moe_lab.model import MoETransformer
 
 
 @torch.no_grad()
-def evaluate(model: MoETransformer, batches, tokenizer: Any, domain_names: list[str],
-             max_batches: Optional[int] = None) -> dict[str, Any]:
+def evaluate(model: MoETransformer, batches, tokenizer: Any, domain_names: list[str]) -> dict[str, Any]:
     """Loss, perplexity and bits per byte per domain, and routing statistics per MoE layer, over `batches` (dicts of
     input_ids (B, S + 1), domain (B,), valid (B,), as the validation loader gives them)."""
     model.eval()
@@ -36,9 +35,7 @@ def evaluate(model: MoETransformer, batches, tokenizer: Any, domain_names: list[
     slots_LE = np.zeros((len(layers), E))
     dropped_L = np.zeros(len(layers))
     domain_LED = np.zeros((len(layers), E, D))
-    for n, batch in enumerate(batches):
-        if max_batches is not None and n >= max_batches:
-            break
+    for batch in batches:
         keep = batch["valid"].bool()
         ids_BS1 = batch["input_ids"][keep].to(device)
         domain_B = batch["domain"][keep]
@@ -114,3 +111,62 @@ def format_report(report: dict[str, Any]) -> str:
                          + (f"  {e['specialization']:>14.3f}" if special else "")
                          + f"  #{top} ({e['load'][top]:.1%})")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def run(args: Any, cfg: Any) -> int:
+    """`moe-lab eval` with its parsed arguments (moe_lab/cli/commands.py) and its composed data settings `cfg`:
+    the report printed, and written as JSON to --json."""
+    import json
+    import sys
+
+    from moe_lab.tools.generate import load_for_inference
+
+    model, tokenizer, described = load_for_inference(args.source, capacity=args.capacity)
+    model = model.to(args.device)
+    run_cfg, data, loader = held_out_data(cfg, tokenizer, model.cfg.vocab_size, args.max_batches)
+    print(f"moe-lab: evaluating {described} on {data.describe()}: {len(data.val_blocks)} held-out blocks of "
+          f"{run_cfg.data.seq_len} tokens; {args.capacity}", file=sys.stderr, flush=True)
+    report = evaluate(model, loader, tokenizer, data.domain_names)
+    report = {"source": args.source, "data": data.describe(), "capacity": args.capacity, **report}
+    print(format_report(report))
+    if args.json is not None:
+        from moe_lab.files import write_atomically
+
+        write_atomically(args.json, json.dumps(report, indent=2) + "\n")
+        print(f"moe-lab: wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+def held_out_data(cfg: Any, tokenizer: Any, vocab_size: int, max_batches: Optional[int]):
+    """(run settings, data module, loader) of the held-out blocks of the composed data settings, tokenised with the
+    model's own tokenizer; at most `max_batches` batches, evenly spaced (the blocks are grouped by domain)."""
+    from omegaconf import OmegaConf
+    from torch.utils.data import DataLoader
+
+    from moe_lab.data.config import TokenizerConfig
+    from moe_lab.data.datamodule import LMDataModule, validation_batches
+    from moe_lab.errors import UserError
+    from moe_lab.training.schemas import validate
+
+    cfg = cfg.copy()
+    OmegaConf.set_struct(cfg, False)
+    cfg.pop("hydra", None)
+    cfg.paths.output_dir = "."  # these commands write no run directory
+    run = validate(cfg)
+    # The model's own tokenizer (end-of-text token included): the blocks are packed as its training packed them.
+    tokenizer_cfg = (TokenizerConfig() if tokenizer.name == "bytes"
+                     else TokenizerConfig(name=tokenizer.name, eos_token=tokenizer.eos_token))
+    data = LMDataModule(run.data, tokenizer_cfg, run.paths.cache_dir, run.seed)
+    data.prepare_data()
+    data.setup("fit")
+    if data.vocab_size > vocab_size:
+        raise UserError(f"the tokenizer has {data.vocab_size} tokens but the model only {vocab_size}")
+    batches = validation_batches(len(data.val_blocks), run.data.batch_size, 0, 1)
+    if max_batches is not None and max_batches < len(batches):
+        picked = np.unique(np.linspace(0, len(batches) - 1, max_batches).round().astype(int))
+        batches = [batches[i] for i in picked]
+    return run, data, DataLoader(data.val_blocks, batch_sampler=batches, collate_fn=lambda b: b, num_workers=0)

@@ -79,3 +79,11 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return {"architecture": type(model).__name__, "out_dir": str(out)}
+
+
+def run(args: Any) -> int:
+    """`moe-lab export CKPT --format hf OUT_DIR` with its parsed arguments."""
+    result = export_hf(args.checkpoint, args.out_dir)
+    print(f"moe-lab: wrote {result['architecture']} to {result['out_dir']} (dropless, as moe_lab.load_model)\n"
+          f"  AutoModelForCausalLM.from_pretrained({result['out_dir']!r})")
+    return 0

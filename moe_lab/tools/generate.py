@@ -236,3 +236,69 @@ def stream_writer(tokenizer: Any, prompt: list[int], out=sys.stdout) -> Callable
         state["shown"] = text
 
     return write
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def run(args: Any) -> int:
+    """`moe-lab generate` with its parsed arguments (moe_lab/cli/commands.py): the prompts, then the continuations,
+    streamed for one prompt; with --show-experts, the tokens coloured by expert in the terminal and an HTML file."""
+    prompts = read_prompts(args.prompt, args.prompt_file)
+    html_out = Path(args.html or "moe-lab-experts.html").expanduser() if args.show_experts is not None else None
+    if html_out is not None and html_out.exists() and "moe-lab-experts" not in html_out.read_text(errors="ignore"):
+        raise UserError(f"--html {html_out} exists and was not written by moe-lab generate; moe-lab never writes "
+                        "over files: choose another path")
+    model, tokenizer, described = load_for_inference(args.source)
+    model = model.to(args.device)
+    if args.show_experts is not None and args.show_experts not in model.moe_layers:
+        raise UserError(f"--show-experts {args.show_experts} is not an MoE layer; the MoE layers are "
+                        f"{model.moe_layers}")
+    ids = [tokenizer.encode_prompt(p) for p in prompts]
+    check_prompts(model, ids)  # before anything is printed: an error line never ends a half-printed prompt
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    sampling.check()
+    print(f"moe-lab: {described}; {'greedy' if sampling.temperature == 0 else 'sampling'}, up to "
+          f"{args.max_new_tokens} new tokens", file=sys.stderr, flush=True)
+    single = len(prompts) == 1
+    if single:
+        print(tokenizer.decode(ids[0]), end="", flush=True)
+    results = generate(model, ids, args.max_new_tokens, sampling, eos_id=getattr(tokenizer, "eos_id", None),
+                       show_layer=args.show_experts, on_token=stream_writer(tokenizer, ids[0]) if single else None)
+    if single:
+        print()
+    else:
+        for i, r in enumerate(results):
+            print(f"[{i}] {tokenizer.decode(r.prompt_ids + r.new_ids)}")
+    if html_out is not None:
+        show_experts(results, tokenizer, args.show_experts, model.cfg.moe.num_experts, html_out)
+    return 0
+
+
+def read_prompts(given: list[str], prompt_file: Optional[str]) -> list[str]:
+    """The --prompt texts, then the lines of --prompt-file (`\\n` in a line is a newline)."""
+    prompts = list(given)
+    if prompt_file:
+        try:
+            lines = Path(prompt_file).expanduser().read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"--prompt-file {prompt_file}: cannot be read ({e})") from None
+        prompts += [line.replace("\\n", "\n") for line in lines if line.strip()]
+    if not prompts:
+        raise UserError("no prompt: give --prompt TEXT (repeatable) or --prompt-file FILE")
+    return prompts
+
+
+def show_experts(results: list[Generation], tokenizer: Any, layer: int, num_experts: int, html_out: Path) -> None:
+    """Every token coloured by its expert of highest weight in `layer`: printed, and written to `html_out`."""
+    from moe_lab.files import write_atomically
+
+    rows = []
+    for r in results:
+        pieces = token_pieces(tokenizer, r.prompt_ids + r.new_ids)
+        rows.append((pieces, r.experts, len(r.prompt_ids)))
+        print(f"\nlayer {layer}, expert of highest weight per token:\n"
+              + coloured_terminal(pieces, r.experts, colour=sys.stdout.isatty()))
+    write_atomically(html_out, coloured_html(rows, layer, num_experts))
+    print(f"moe-lab: wrote {html_out}", file=sys.stderr)

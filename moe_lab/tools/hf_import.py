@@ -67,3 +67,14 @@ def import_hf(source: str, out_dir: str | Path) -> dict[str, Any]:
     params = model.num_params()
     return {"family": cfg.name, "checkpoint": str(path), "total": params["total"], "active": params["active"],
             "layers": cfg.n_layers, "experts": cfg.moe.num_experts, "top_k": cfg.moe.router.top_k}
+
+
+def run(args: Any) -> int:
+    """`moe-lab import SOURCE OUT_DIR` with its parsed arguments: the import, then what to do with it."""
+    result = import_hf(args.source, args.out_dir)
+    print(f"moe-lab: imported {result['family']} ({result['total'] / 1e6:.1f}M parameters, "
+          f"{result['active'] / 1e6:.1f}M active per token; {result['layers']} layers, {result['experts']} experts, "
+          f"top-{result['top_k']}) to {result['checkpoint']}\n"
+          f"  generate   moe-lab generate {result['checkpoint']} --prompt \"...\"\n"
+          f"  fine-tune  moe-lab train ckpt_path={result['checkpoint']} data=text data.path=...")
+    return 0

@@ -14,7 +14,7 @@ CLAIM = ".moe-lab-run"
 # What a run leaves behind: a directory holding any of these is used.
 RUN_MARKERS = (CLAIM, "checkpoints", "metrics.csv", "summary.json")
 # Inside a sweep directory: the earlier runs of jobs that did not finish, moved there when the sweep is continued
-# (cli/sweeps.py), as JOB-K; the job's next run resumes from the newest.
+# (training/sweeps.py), as JOB-K; the job's next run resumes from the newest.
 ATTEMPTS = ".attempts"
 # Set by the launchers that start the ranks of a run: Lightning, torchrun, SLURM (srun).
 RANK_VARIABLES = ("LOCAL_RANK", "RANK", "NODE_RANK", "SLURM_PROCID")

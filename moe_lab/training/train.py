@@ -86,7 +86,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def continued_job(run: TrainConfig, output_dir: Path) -> Optional[dict[str, Any]]:
-    """A job of a sweep that is being continued (the same command again, cli/sweeps.py): the summary of a job that
+    """A job of a sweep that is being continued (the same command again, training/sweeps.py): the summary of a job that
     finished before, to skip it (a diverged one fails again at once, with its reason); for a job whose earlier run
     stopped, `run.ckpt_path` becomes that run's last checkpoint, so the job resumes from it. None otherwise."""
     from hydra.core.hydra_config import HydraConfig

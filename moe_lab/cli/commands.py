@@ -1,0 +1,300 @@
+"""moe-lab's subcommands: one table (`COMMANDS`) of name, one-line summary, argument parser and handler.
+
+A handler checks what the command line can tell before any work starts (files to write, counts, the device; for eval
+and analyze the data settings, composed with Hydra's public API) and calls its tool in `moe_lab/tools/`, which does
+the work. Tools and torch are imported inside the handlers, so `moe-lab --help` and shell completion never pay for
+them. `train` is the exception: its arguments are Hydra's, parsed by the Hydra app (`hydra_app.py`) after the
+pre-flight check (`preflight.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from moe_lab.cli import checks
+from moe_lab.cli.checks import ArgumentParser
+from moe_lab.errors import UserError
+
+COMPARISON = "moe-lab-comparison.html"  # where `moe-lab dashboard RUN1 RUN2 ...` writes by default
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    summary: str  # its line in `moe-lab --help`
+    # Builds its argparse parser; None: the handler takes the raw arguments (train: Hydra parses them).
+    parser: Optional[Callable[[], argparse.ArgumentParser]]
+    handler: Callable  # (parsed arguments) -> exit status; a UserError it raises becomes one error line
+
+
+# ------------------------------------------------------------------------------------------------------------
+# train
+
+
+def train(args: list[str], check: bool = True) -> int:
+    """Hand the arguments to the Hydra app, after the pre-flight check (`check=False`: a data-parallel worker that
+    Lightning started, whose rank 0 already checked the same command line)."""
+    from moe_lab.cli.hydra_args import expand_seeds
+    from moe_lab.cli.inherited import with_checkpoint_overrides
+    from moe_lab.cli.preflight import preflight
+
+    if check:
+        args = with_checkpoint_overrides(expand_seeds(args))
+        message = preflight(args, claim=True)
+        if message is not None:
+            raise UserError(message)
+    sys.argv = [sys.argv[0]] + args  # Hydra reads its command line from sys.argv
+    from moe_lab.cli.hydra_app import hydra_main
+
+    hydra_main()
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# import, export
+
+
+def import_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="moe-lab import", description="Turn a Hugging Face transformers MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE, "
+        "OLMoE) into a moe-lab checkpoint: OUT_DIR/model.ckpt and OUT_DIR/tokenizer/. It loads with "
+        "moe_lab.load_model, generates, evaluates, and fine-tunes with moe-lab train ckpt_path=OUT_DIR/model.ckpt. "
+        "A part moe-lab cannot represent is refused, never approximated.")
+    parser.add_argument("source", help="a directory written by save_pretrained, or a Hugging Face hub id")
+    parser.add_argument("out_dir", help="a new (or empty) directory")
+    return parser
+
+
+def import_model(parsed: argparse.Namespace) -> int:
+    from moe_lab.tools import hf_import
+
+    return hf_import.run(parsed)
+
+
+def export_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="moe-lab export", description="Write a moe-lab checkpoint in another ecosystem's format. --format hf: "
+        "a transformers model (Mixtral or Qwen2-MoE, chosen from the router and experts) and its tokenizer, "
+        "loadable with AutoModelForCausalLM.from_pretrained(OUT_DIR).")
+    parser.add_argument("checkpoint", help="a moe-lab checkpoint, e.g. outputs/DATE/TIME/checkpoints/last.ckpt")
+    parser.add_argument("out_dir", help="a new (or empty) directory")
+    parser.add_argument("--format", required=True, choices=["hf"], help="hf: Hugging Face transformers")
+    return parser
+
+
+def export_model(parsed: argparse.Namespace) -> int:
+    from moe_lab.tools import export
+
+    return export.run(parsed)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# dashboard
+
+
+def dashboard_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="moe-lab dashboard", description="Write one self-contained HTML page (no network needed to open it) "
+        "for a run directory (loss, expert load over time, balance, specialisation by domain), a sweep directory, or "
+        "any set of run and sweep directories side by side (a table ranked by validation loss, bars, curves; the "
+        "table is also printed).")
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="a run directory (outputs/DATE/TIME) or a sweep (outputs/multirun/DATE/TIME); several "
+                             "of either for a comparison")
+    parser.add_argument("-o", "--output", help="the HTML file to write (default: PATH/dashboard.html; for several "
+                        f"paths, {COMPARISON} in the current directory)")
+    parser.add_argument("--live", action="store_true", help="keep rewriting the page while a run or sweep goes on; "
+                        "the open page reloads itself")
+    parser.add_argument("--interval", type=int, default=30, help="seconds between --live updates (default 30)")
+    return parser
+
+
+def dashboard(parsed: argparse.Namespace) -> int:
+    if parsed.interval < 1:
+        raise UserError(f"moe-lab dashboard: --interval {parsed.interval} must be at least 1 second")
+    if len(parsed.paths) > 1 and parsed.output is None:
+        parsed.output = COMPARISON
+    from moe_lab.tools import dashboard as tool
+
+    return tool.run(parsed)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# generate, eval, analyze
+
+
+def generate_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="moe-lab generate", description="Continue prompts with a moe-lab checkpoint or a Hugging Face MoE "
+        "(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; a directory or a hub id), with a KV cache; dropless routing. "
+        "Greedy by default; --temperature > 0 samples.")
+    parser.add_argument("source", help="a moe-lab checkpoint (.ckpt) or a Hugging Face model directory or hub id")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several, batched)")
+    parser.add_argument("--prompt-file", help="a text file of prompts, one per line (write \\n for a newline "
+                        "inside a prompt)")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens "
+                        "whose probability reaches p (1 = all)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--show-experts", type=int, metavar="LAYER", help="colour every token by the expert of "
+                        "highest weight it went to in this MoE layer (terminal and --html)")
+    parser.add_argument("--html", help="with --show-experts: the HTML snippet to write (default "
+                        "moe-lab-experts.html)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    return parser
+
+
+def generate(parsed: argparse.Namespace) -> int:
+    checks.at_least(parsed.max_new_tokens, "--max-new-tokens")
+    if parsed.show_experts is not None:
+        checks.output_file(parsed.html or "moe-lab-experts.html", "--html")
+    checks.device(parsed.device)
+    from moe_lab.tools import generate as tool
+
+    return tool.run(parsed)
+
+
+def eval_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="moe-lab eval", description="Evaluate a moe-lab checkpoint or a Hugging Face MoE on data: loss, "
+        "perplexity and bits per byte, overall and per domain, and per MoE layer the routing statistics training "
+        "logs (load, imbalance, drops, dead and starved experts, specialisation). The data settings are moe-lab "
+        "train's (data=embedded|text|hf, data.KEY=VALUE; default: the embedded corpus); the held-out split of "
+        "the packed blocks is evaluated, tokenised with the model's tokenizer.")
+    parser.add_argument("source", help="a moe-lab checkpoint (.ckpt) or a Hugging Face model directory or hub id")
+    parser.add_argument("overrides", nargs="*", help="data=..., data.KEY=VALUE, paths.cache_dir=...")
+    parser.add_argument("--max-batches", type=int, help="evaluate at most this many batches")
+    parser.add_argument("--capacity", choices=["dropless", "checkpoint"], default="dropless",
+                        help="dropless (default: every token reaches its experts, as at inference) or the "
+                        "checkpoint's eval capacity factor (as its validation ran)")
+    parser.add_argument("--json", help="also write the report as JSON to this file")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    return parser
+
+
+def evaluate(parsed: argparse.Namespace) -> int:
+    from moe_lab.cli.preflight import compose_checked
+
+    cfg = compose_checked(list(parsed.overrides), ("data", "paths.cache_dir"), "moe-lab eval",
+                          "data=OPTION, data.KEY=VALUE and paths.cache_dir=DIR")
+    parsed.json = checks.output_file(parsed.json, "--json")
+    checks.at_least(parsed.max_batches, "--max-batches")
+    checks.device(parsed.device)
+    from moe_lab.tools import evaluate as tool
+
+    return tool.run(parsed, cfg)
+
+
+def analyze_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="moe-lab analyze", description="The routing analyses MoE papers publish, on a checkpoint and data: domain "
+        "and vocabulary specialisation (with the random-routing baseline), expert co-activation within a layer and "
+        "transitions between layers, the repeat rate of consecutive tokens against chance, drops by position, and, "
+        "given several checkpoints of one run (oldest first), router saturation against the last. The data settings "
+        "are moe-lab train's (default: the embedded corpus); the held-out blocks are analysed.")
+    parser.add_argument("sources", nargs="+", metavar="CKPT_OR_SETTING",
+                        help="moe-lab checkpoints or Hugging Face models (the last is analysed), then data=..., "
+                        "data.KEY=VALUE, paths.cache_dir=..., and logger=wandb (logger.wandb.KEY=VALUE) to log the "
+                        "results to a W&B run too")
+    parser.add_argument("--max-batches", type=int, help="analyse at most this many batches")
+    parser.add_argument("--capacity", choices=["dropless", "checkpoint"], default="checkpoint",
+                        help="checkpoint (default: the run's eval capacity factor, so drops by position are the "
+                        "run's) or dropless")
+    parser.add_argument("--capacity-factor", type=float, action="append", default=[], metavar="F",
+                        help="also measure drops by position under capacity factor F (repeat for several)")
+    parser.add_argument("-o", "--output", default="moe-lab-analysis.html", help="the report's page (default "
+                        "%(default)s); the same data goes to the .json beside it, and as tables to "
+                        "PAGE.TABLE.csv files (layers, domain_shares, expert_tokens, coactivation, transitions, "
+                        "drops_by_position, saturation)")
+    parser.add_argument("--trace", help="also write every token's routing (id, domain, position; experts, weights "
+                        "and drops per layer) to this Parquet file, for pandas, polars or duckdb")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    return parser
+
+
+def analyze(parsed: argparse.Namespace) -> int:
+    from moe_lab.cli.preflight import compose_checked
+
+    sources = [a for a in parsed.sources if "=" not in a]
+    if not sources:
+        raise UserError("no checkpoint: give CKPT [CKPT ...] before the data settings")
+    cfg = compose_checked([a for a in parsed.sources if "=" in a], ("data", "paths.cache_dir", "logger"),
+                          "moe-lab analyze", "data=OPTION, data.KEY=VALUE, paths.cache_dir=DIR and logger=wandb")
+    parsed.output = checks.output_file(parsed.output, "-o")
+    checks.at_least(parsed.max_batches, "--max-batches")
+    checks.device(parsed.device)
+    parsed.trace = checks.output_file(parsed.trace, "--trace", new=True)
+    from moe_lab.tools import analyze as tool
+
+    return tool.run(parsed, cfg, sources)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# bench
+
+
+def bench_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="moe-lab bench", description="Time the MoE layer (forward, forward + backward, activation memory) over "
+        "a grid of shapes, and whole training steps of model presets (tokens/s, MFU on known GPUs). Prints a table "
+        "and writes bench.json and bench.csv.")
+    parser.add_argument("--compare", action="store_true", help="also time the peers' MoE layers on the same weights "
+                        "(transformers' Mixtral block with eager and grouped_mm experts, torchtitan, OLMo-core: "
+                        "pip install -e '.[bench-peers]'; each is checked to compute the same output first, or listed "
+                        "with why it was not timed), a dense SwiGLU of equal active parameters, and a whole model "
+                        "against its transformers export; print the target ratios")
+    parser.add_argument("--loop", action="store_true", help="also time moe-lab's per-expert reference loop")
+    parser.add_argument("--capacity", action="store_true", help="also time capacity-limited cases (cf 1.25)")
+    parser.add_argument("--no-steps", action="store_true", help="skip the whole-training-step timings")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", help="directory for bench.json and bench.csv (default benchmarks/results/DATE_TIME)")
+    return parser
+
+
+def bench(parsed: argparse.Namespace) -> int:
+    checks.device(parsed.device)
+    if (parsed.threads is not None and parsed.threads < 1) or parsed.repeats < 1 or parsed.warmup < 0:
+        raise UserError("moe-lab bench: --threads and --repeats must be at least 1, --warmup at least 0")
+    if parsed.out is not None:
+        from pathlib import Path
+
+        out = Path(parsed.out).expanduser()
+        if out.exists() and not out.is_dir():
+            raise UserError(f"moe-lab bench: --out {out} is a file; give a directory (new, or without bench.json)")
+        if (out / "bench.json").exists() or (out / "bench.csv").exists():
+            raise UserError(f"moe-lab bench: --out {out} already holds a benchmark (bench.json); moe-lab never "
+                            "writes over results: choose a new directory")
+    from moe_lab.tools import bench as tool
+
+    tool.run(parsed)
+    return 0
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command("train", "train an MoE language model (a Hydra app: `moe-lab train --help` lists its config groups)",
+            None, train),
+    Command("import", "read a Hugging Face MoE (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): moe-lab import HF_DIR_OR_HUB_ID "
+            "OUT_DIR", import_parser, import_model),
+    Command("export", "write a checkpoint as a Hugging Face transformers model: moe-lab export CKPT --format hf "
+            "OUT_DIR", export_parser, export_model),
+    Command("dashboard", "an HTML page of a run, a sweep, or runs side by side: moe-lab dashboard PATH [PATH ...] "
+            "[--live]", dashboard_parser, dashboard),
+    Command("generate", "text from a checkpoint or Hugging Face MoE: moe-lab generate CKPT_OR_HF_DIR --prompt \"def \"",
+            generate_parser, generate),
+    Command("eval", "loss, perplexity, bits per byte and routing on some data: moe-lab eval CKPT_OR_HF_DIR [data=...]",
+            eval_parser, evaluate),
+    Command("analyze", "routing analyses (specialisation, co-activation, repeats, drops, saturation): moe-lab analyze "
+            "CKPT", analyze_parser, analyze),
+    Command("bench", "time the MoE layer and training steps: moe-lab bench [--compare] (see moe-lab bench --help)",
+            bench_parser, bench),
+)

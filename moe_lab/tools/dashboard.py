@@ -1,0 +1,42 @@
+"""`moe-lab dashboard PATH [PATH ...]`: the page of a run or a sweep, or runs and sweeps side by side.
+
+The pages are drawn by `moe_lab/analysis/dashboard.py`; this is the command around them: one page, or a comparison
+whose ranked table is also printed, once or kept up to date (`--live`), with the seed groups' table when the runs
+differ only in their seeds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from moe_lab.analysis.dashboard import live, write_comparison, write_dashboard
+from moe_lab.analysis.runs import is_sweep_dir, ranked_table, sweep_runs
+from moe_lab.analysis.seeds import group_table, has_seed_groups, seed_groups
+
+
+def run(args: Any) -> int:
+    """With its parsed arguments (moe_lab/cli/commands.py): paths, output (for one path, None is PATH/dashboard.html),
+    live, interval."""
+    single = len(args.paths) == 1
+
+    def write(refresh):
+        if single:
+            return write_dashboard(args.paths[0], args.output, refresh=refresh)
+        return write_comparison(args.paths, args.output, refresh=refresh)[0]
+
+    if args.live:
+        live(write, args.interval)
+        return 0
+    if single:
+        out = write(None)
+        path = Path(args.paths[0])
+        runs = sweep_runs(path) if is_sweep_dir(path) else []
+    else:
+        out, runs = write_comparison(args.paths, args.output)
+        print(ranked_table(runs))
+    groups = seed_groups(runs)
+    if has_seed_groups(groups):
+        print(f"{len(groups)} configurations over seeds, best mean validation loss first:\n{group_table(groups)}")
+    print(f"moe-lab: wrote {out}")
+    return 0
