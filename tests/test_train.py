@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from conftest import router_options, router_partners
 from moe_lab.analysis.dashboard import write_dashboard
 from moe_lab.analysis.runs import read_run
 from moe_lab.errors import UserError
-from moe_lab.training.schemas import config_dir
 from moe_lab.training.train import train
 
 

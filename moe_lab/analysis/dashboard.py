@@ -124,30 +124,9 @@ def sweep_page(sweep_dir: Path, runs: list[RunRecord], refresh: Optional[int] = 
         ("most specialised", _fmt(max(r["moe/specialization"] for r in special) if special else None, ".3f"),
          name_of(most_special)),
     ]
-    table = []
-    for r in rows:
-        run = by_job[r["job"]][0]
-        cells = [{"text": _fmt(r[c], spec),
-                  "good": (c == "moe/mean_imbalance" and r["job"] == best_balance)
-                  or (c == "val/loss" and r["job"] == best_loss),
-                  # Starving or collapsing routing is flagged on every run, not only the best ones.
-                  "bad": (c in ("moe/dead_experts", "moe/starved_experts") and isinstance(r[c], float) and r[c] > 0)
-                  or (c == "moe/min_load" and isinstance(r[c], float) and r[c] < 0.1)} for c, _, spec in SWEEP_COLUMNS]
-        table.append({"job": r["job"], "label": name_of(r["job"]), "cells": cells, "status": r["status"],
-                      "error": run.error, "overrides": r["overrides"].split(), "best": r["job"] == best_loss,
-                      "page": os.path.relpath(run.path / "dashboard.html", links_from)
-                      if (run.path / "dashboard.html").exists() else ""})
-    domain_parts = []
-    for run, name in zip(runs, names):
-        layers = figures.moe_layers(run)
-        scored = [(mutual_information(t)[1], layer) for layer in layers
-                  if (t := figures.domain_table(run, layer)) is not None]
-        if not scored:
-            continue
-        fig = figures.domain_figure(run, [max(scored)[1]], name=name)
-        if fig is not None:
-            fig.update_layout(height=fig.layout.margin.t + 170 + 40 * len(figures.domains_of(run)))
-            domain_parts.append(_html(fig))
+    table = [_sweep_row(r, by_job[r["job"]][0], name_of(r["job"]), r["job"] == best_balance, r["job"] == best_loss,
+                        links_from) for r in rows]
+    domain_parts = _domain_figures(runs, names)
     groups = seed_groups(runs)
     grouped = None
     if has_seed_groups(groups):  # seeds repeated: means with intervals, error bars and bands instead of single runs
@@ -166,6 +145,35 @@ def sweep_page(sweep_dir: Path, runs: list[RunRecord], refresh: Optional[int] = 
     return _render("sweep.html.j2", title=title or f"moe-lab sweep: {sweep_dir.name}", path=str(sweep_dir), swept=keys,
                    cards=cards, columns=[(c, Markup(header)) for c, header, _ in SWEEP_COLUMNS], rows=table,
                    figures=drawn, refresh=refresh, grouped=grouped)
+
+
+def _sweep_row(r: dict, run: RunRecord, label: str, best_balance: bool, best_loss: bool, links_from: Path) -> dict:
+    """One run's row of the sweep table: its cells, marked good (best) or bad (starving or collapsing routing)."""
+    cells = [{"text": _fmt(r[c], spec),
+              "good": (c == "moe/mean_imbalance" and best_balance) or (c == "val/loss" and best_loss),
+              # Starving or collapsing routing is flagged on every run, not only the best ones.
+              "bad": (c in ("moe/dead_experts", "moe/starved_experts") and isinstance(r[c], float) and r[c] > 0)
+              or (c == "moe/min_load" and isinstance(r[c], float) and r[c] < 0.1)} for c, _, spec in SWEEP_COLUMNS]
+    return {"job": r["job"], "label": label, "cells": cells, "status": r["status"], "error": run.error,
+            "overrides": r["overrides"].split(), "best": best_loss,
+            "page": os.path.relpath(run.path / "dashboard.html", links_from)
+            if (run.path / "dashboard.html").exists() else ""}
+
+
+def _domain_figures(runs: list[RunRecord], names: list[str]) -> list:
+    """Each run's expert x domain figure, of its most specialised MoE layer."""
+    parts = []
+    for run, name in zip(runs, names):
+        layers = figures.moe_layers(run)
+        scored = [(mutual_information(t)[1], layer) for layer in layers
+                  if (t := figures.domain_table(run, layer)) is not None]
+        if not scored:
+            continue
+        fig = figures.domain_figure(run, [max(scored)[1]], name=name)
+        if fig is not None:
+            fig.update_layout(height=fig.layout.margin.t + 170 + 40 * len(figures.domains_of(run)))
+            parts.append(_html(fig))
+    return parts
 
 
 def _group_row(r) -> dict:

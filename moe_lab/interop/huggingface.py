@@ -105,23 +105,9 @@ def model_config(hf: Any, dense: bool = False) -> ModelConfig:
     if dense:
         return _dense_config(hf, family)
 
-    def refuse(condition: bool, part: str) -> None:
-        if condition:
-            raise ModelImportError(f"{family}: {part} has no moe-lab equivalent; the model was not imported")
-
+    refuse = _refuser(family)
     get = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
-    rope = get("rope_parameters") or get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    refuse(rope_type not in (None, "default"), f"scaled RoPE (rope_type={rope_type})")
-    theta = rope.get("rope_theta") if isinstance(rope, dict) and rope.get("rope_theta") else get("rope_theta", 1e4)
-    refuse(family == "mixtral" and get("sliding_window") is not None,
-           f"sliding-window attention (sliding_window={get('sliding_window')})")
-    refuse(bool(get("use_sliding_window", False)), "sliding-window attention (use_sliding_window=true)")
-    refuse(get("clip_qkv") is not None, f"clipping of q, k and v (clip_qkv={get('clip_qkv')})")
-    refuse(bool(get("attention_bias", False)), "attention_bias=true (a bias on the output projection)")
-    activation = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu"}.get(get("hidden_act"))
-    refuse(activation is None, f"hidden_act={get('hidden_act')} (moe-lab's gated experts use silu or tanh-gelu)")
-
+    theta, activation = _supported_attention_and_activation(hf, family)
     n_layers, d_model, n_heads = get("num_hidden_layers"), get("hidden_size"), get("num_attention_heads")
     head_dim = get("head_dim") or d_model // n_heads
     num_experts = get("num_local_experts") or get("num_experts")
@@ -162,6 +148,32 @@ def model_config(hf: Any, dense: bool = False) -> ModelConfig:
     except ValueError as e:
         raise ModelImportError(f"{family}: {e}") from None
     return cfg
+
+
+def _refuser(family: str):
+    def refuse(condition: bool, part: str) -> None:
+        if condition:
+            raise ModelImportError(f"{family}: {part} has no moe-lab equivalent; the model was not imported")
+
+    return refuse
+
+
+def _supported_attention_and_activation(hf: Any, family: str) -> tuple[float, str]:
+    """(rope theta, moe-lab activation) of an MoE family's config; ModelImportError for a part moe-lab lacks."""
+    refuse = _refuser(family)
+    get = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
+    rope = get("rope_parameters") or get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    refuse(rope_type not in (None, "default"), f"scaled RoPE (rope_type={rope_type})")
+    theta = rope.get("rope_theta") if isinstance(rope, dict) and rope.get("rope_theta") else get("rope_theta", 1e4)
+    refuse(family == "mixtral" and get("sliding_window") is not None,
+           f"sliding-window attention (sliding_window={get('sliding_window')})")
+    refuse(bool(get("use_sliding_window", False)), "sliding-window attention (use_sliding_window=true)")
+    refuse(get("clip_qkv") is not None, f"clipping of q, k and v (clip_qkv={get('clip_qkv')})")
+    refuse(bool(get("attention_bias", False)), "attention_bias=true (a bias on the output projection)")
+    activation = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu"}.get(get("hidden_act"))
+    refuse(activation is None, f"hidden_act={get('hidden_act')} (moe-lab's gated experts use silu or tanh-gelu)")
+    return theta, activation
 
 
 def _dense_config(hf: Any, family: str) -> ModelConfig:

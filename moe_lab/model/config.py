@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from moe_lab.model.router_configs import RouterConfig, router_config
 
@@ -211,7 +211,6 @@ class ModelConfig:
             if not ok:
                 raise ValueError(message)
 
-        moe = self.moe
         for key in ("d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
             need(getattr(self, key) >= 1, f"model.{key}={getattr(self, key)} must be at least 1")
         need(self.head_size is not None or self.d_model % self.n_heads == 0,
@@ -227,6 +226,10 @@ class ModelConfig:
              f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}")
         need(self.vocab_size is None or self.vocab_size >= 1,
              f"model.vocab_size={self.vocab_size} must be at least 1 (or null for the tokenizer's)")
+        self._check_moe(need)
+
+    def _check_moe(self, need: Callable[[bool, str], None]) -> None:
+        moe = self.moe
         need(moe.num_experts >= 1, f"model.moe.num_experts={moe.num_experts} must be at least 1 "
                                    "(for a dense model use experts=dense or model=dense_tiny)")
         from moe_lab.model.experts import ACTIVATIONS  # torch: only when a config is checked, not to compose one

@@ -435,6 +435,49 @@ def print_table(results: list[Result], steps: list[dict], checks: list[tuple], n
             print(f"{case:<26} {what:<58} {value:8.2f}x  {target:<8} {verdict}")
 
 
+def time_training_steps(args, device: torch.device) -> list[dict]:
+    """Whole training steps of the model presets (tiny and its dense twin on a CPU)."""
+    presets = [("tiny", None), ("dense_tiny", None)] if device.type == "cpu" else [
+        ("small", None), ("base", None), ("base", "dense")]
+    batch, seq = (8, 256) if device.type == "cpu" else (16, 1024)
+    if args.quick:
+        presets, batch, seq = [("tiny", None), ("dense_tiny", None)], 2, 64
+    return [time_training_step(preset, experts, batch, seq, device, "bf16" if device.type == "cuda" else "fp32",
+                               args.warmup, args.repeats) for preset, experts in presets]
+
+
+def time_whole_models(args, device: torch.device) -> list[dict]:
+    """Whole models against their transformers export (--compare)."""
+    shapes = [("tiny", "e8"), ("tiny", "e64_fine")] if device.type == "cpu" else [("small", None)]
+    batch, seq = (8, 256) if device.type == "cpu" else (16, 1024)
+    if args.quick:
+        shapes, batch, seq = [("tiny", None)], 2, 64
+    whole_models = []
+    for preset, experts in shapes:
+        try:
+            whole_models.append(time_whole_model_vs_hf(preset, experts, batch, seq, device, args.warmup,
+                                                       args.repeats))
+        except ImportError as e:
+            whole_models.append({"preset": preset, "not_timed": f"transformers is not installed ({e})"})
+    return whole_models
+
+
+def write_report(report: dict, results: list[Result], out_dir: Optional[str]) -> Path:
+    """bench.json (everything) and bench.csv (the layer timings) in `out_dir` (default benchmarks/results/NOW)."""
+    out = Path(out_dir or f"benchmarks/results/{datetime.now():%Y-%m-%d_%H-%M-%S}").expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomically(out / "bench.json", json.dumps(report, indent=2) + "\n")
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=[k for k in asdict(results[0]) if k != "extra"])
+    writer.writeheader()
+    for r in results:
+        row = asdict(r)
+        row.pop("extra")
+        writer.writerow(row)
+    write_atomically(out / "bench.csv", table.getvalue())
+    return out
+
+
 def run(args) -> dict:
     from moe_lab.training.runtime import retain_freed_memory
 
@@ -455,45 +498,15 @@ def run(args) -> dict:
         results.extend(time_case(case, device, dtype, args.compare and not case.name.startswith("scale"), with_loop,
                                  args.warmup, args.repeats, not_timed))
         print(f"moe-lab bench: {case.name} done ({time.time() - started:.0f}s)", flush=True)
-    steps = []
-    if not args.no_steps:
-        presets = [("tiny", None), ("dense_tiny", None)] if device.type == "cpu" else [
-            ("small", None), ("base", None), ("base", "dense")]
-        batch, seq = (8, 256) if device.type == "cpu" else (16, 1024)
-        if args.quick:
-            presets, batch, seq = [("tiny", None), ("dense_tiny", None)], 2, 64
-        for preset, experts in presets:
-            steps.append(time_training_step(preset, experts, batch, seq, device,
-                                            "bf16" if device.type == "cuda" else "fp32", args.warmup, args.repeats))
-    whole_models = []
-    if args.compare and not args.no_steps:
-        shapes = [("tiny", "e8"), ("tiny", "e64_fine")] if device.type == "cpu" else [("small", None)]
-        batch, seq = (8, 256) if device.type == "cpu" else (16, 1024)
-        if args.quick:
-            shapes, batch, seq = [("tiny", None)], 2, 64
-        for preset, experts in shapes:
-            try:
-                whole_models.append(time_whole_model_vs_hf(preset, experts, batch, seq, device, args.warmup,
-                                                           args.repeats))
-            except ImportError as e:
-                whole_models.append({"preset": preset, "not_timed": f"transformers is not installed ({e})"})
+    steps = [] if args.no_steps else time_training_steps(args, device)
+    whole_models = time_whole_models(args, device) if args.compare and not args.no_steps else []
     checks = ratios(results, steps, whole_models, args.dtype)
     print_table(results, steps, checks, not_timed, whole_models)
     report = {"machine": machine(), "device": str(device), "dtype": args.dtype, "seconds": round(time.time() - started, 1),
               "command": "moe-lab bench " + " ".join(args.argv), "cases": [asdict(r) for r in results],
               "training_steps": steps, "whole_models": whole_models, "not_timed": not_timed,
               "ratios": [dict(zip(("case", "comparison", "ratio", "target", "met"), c)) for c in checks]}
-    out = Path(args.out or f"benchmarks/results/{datetime.now():%Y-%m-%d_%H-%M-%S}").expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    write_atomically(out / "bench.json", json.dumps(report, indent=2) + "\n")
-    table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=[k for k in asdict(results[0]) if k != "extra"])
-    writer.writeheader()
-    for r in results:
-        row = asdict(r)
-        row.pop("extra")
-        writer.writerow(row)
-    write_atomically(out / "bench.csv", table.getvalue())
+    out = write_report(report, results, args.out)
     print(f"\nmoe-lab bench: {len(results)} timings in {report['seconds']:.0f}s on {device} "
           f"({torch.get_num_threads()} threads); wrote {out}/bench.json and bench.csv")
     return report

@@ -9,6 +9,7 @@ import math
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -115,9 +116,35 @@ def continued_job(run: TrainConfig, output_dir: Path) -> Optional[dict[str, Any]
 def _train(run: TrainConfig, cfg: DictConfig, output_dir: Path, ckpt_path: Optional[str], stop: GracefulStop,
            init_from: Optional[str] = None, upcycled_weights: Optional[Callable[[], dict]] = None
            ) -> dict[str, Any]:
+    """build (data, model) -> trainer -> fit -> summary."""
     started = time.time()
     L.seed_everything(run.seed, workers=True, verbose=False)
+    data = prepared_data(run, output_dir, stop)
+    module = build_module(run, data, output_dir, ckpt_path, init_from, upcycled_weights)
+    callbacks = RunCallbacks.build(run, module, data, output_dir, stop)
+    loggers = build_loggers(run, cfg, output_dir)
+    try:
+        trainer = build_trainer(run, callbacks, loggers, output_dir)
+        print_header(run, module, data, output_dir)
+        fit(trainer, module, data, ckpt_path, stop, callbacks, output_dir, started)
+        summary = run_summary(run, trainer, module, callbacks, stop, output_dir, started)
+        for logger in trainer.loggers:
+            logger.finalize("success" if stop.received is None else "failed")
+        if trainer.is_global_zero:
+            save_summary(summary, output_dir)
+            if run.metrics.dashboard:  # after summary.json and the flushed metrics.csv, which it reads
+                summary["dashboard"] = str(write_dashboard(output_dir, output_dir / "dashboard.html"))
+                save_summary(summary, output_dir)
+        print_summary(summary, module)
+    finally:
+        finish_wandb(loggers)
+    if stop.received is not None:
+        raise Interrupted(stop.received)
+    return summary
 
+
+def prepared_data(run: TrainConfig, output_dir: Path, stop: GracefulStop) -> LMDataModule:
+    """The data read, tokenised and split; a data error releases the run directory (nothing was written)."""
     data = LMDataModule(run.data, run.tokenizer, run.paths.cache_dir, run.seed)
     try:
         data.prepare_data()
@@ -127,6 +154,12 @@ def _train(run: TrainConfig, cfg: DictConfig, output_dir: Path, ckpt_path: Optio
         raise
     if stop.received is not None:
         stopped_before_training(stop.received, output_dir)
+    return data
+
+
+def build_module(run: TrainConfig, data: LMDataModule, output_dir: Path, ckpt_path: Optional[str],
+                 init_from: Optional[str], upcycled_weights: Optional[Callable[[], dict]]) -> MoELanguageModel:
+    """The LightningModule: the model sized to the tokenizer, its starting weights, and what produced the run."""
     model_cfg = run.model
     if model_cfg.vocab_size is None:
         model_cfg.vocab_size = math.ceil(data.vocab_size / 64) * 64  # padded for fast matmuls (nanoGPT)
@@ -155,88 +188,99 @@ def _train(run: TrainConfig, cfg: DictConfig, output_dir: Path, ckpt_path: Optio
             print(f"moe-lab: note: {ckpt_path} was trained on other data than {data.describe()} gives now (its "
                   "content or its settings differ): the resumed run continues on the data as it is now",
                   file=sys.stderr, flush=True)
+    return module
 
-    ckpt_dir = output_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    periodic = ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
-                               every_n_train_steps=run.checkpoint.every_n_steps, save_top_k=run.checkpoint.keep,
-                               monitor="step", mode="max", save_last="link")
-    routing = RoutingMetrics(data.domain_names, module.model.flops_per_token(run.data.seq_len), output_dir,
-                             image_every_n_steps=run.metrics.image_every_n_steps)
-    stop.before_save = routing.flush
-    callbacks = [periodic, routing, stop, StepProgressBar()]
-    if run.metrics.analysis_every_n_steps:
-        from moe_lab.training.routing_analysis import RoutingAnalysis, check_analysable
 
-        check_analysable(module.model)
-        callbacks.insert(2, RoutingAnalysis(run.metrics.analysis_every_n_steps, run.trainer.get("max_steps", -1)))
-    checkpoint_io = AtomicCheckpointIO()
-    loggers = build_loggers(run, cfg, output_dir)
-    try:
+@dataclass
+class RunCallbacks:
+    """The run's Lightning callbacks, and the ones the run reads back: periodic checkpoints, routing metrics and
+    the atomic checkpoint writer (a plugin)."""
+
+    periodic: ModelCheckpoint
+    routing: RoutingMetrics
+    checkpoint_io: AtomicCheckpointIO
+    all: list
+
+    @classmethod
+    def build(cls, run: TrainConfig, module: MoELanguageModel, data: LMDataModule, output_dir: Path,
+              stop: GracefulStop) -> "RunCallbacks":
+        periodic = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="step{step:06d}",
+                                   auto_insert_metric_name=False, every_n_train_steps=run.checkpoint.every_n_steps,
+                                   save_top_k=run.checkpoint.keep, monitor="step", mode="max", save_last="link")
+        routing = RoutingMetrics(data.domain_names, module.model.flops_per_token(run.data.seq_len), output_dir,
+                                 image_every_n_steps=run.metrics.image_every_n_steps)
+        stop.before_save = routing.flush
         # RoutingMetrics before GracefulStop (a stop logs the steps since the last log step first) and before the
         # progress bar (which shows the metrics of the step just logged).
-        trainer = L.Trainer(**trainer_arguments(run), logger=loggers, plugins=[checkpoint_io],
-                            callbacks=callbacks, default_root_dir=str(output_dir),
-                            max_epochs=-1, check_val_every_n_epoch=None, use_distributed_sampler=False)
-        ep = run.model.moe.expert_parallel
-        if trainer.world_size % ep:
-            raise ConfigError(f"model.moe.expert_parallel={ep} must divide the world size {trainer.world_size} "
-                              "(trainer.devices x trainer.num_nodes)")
-        print_header(run, module, data, output_dir)
+        callbacks = [periodic, routing, stop, StepProgressBar()]
+        if run.metrics.analysis_every_n_steps:
+            from moe_lab.training.routing_analysis import RoutingAnalysis, check_analysable
 
+            check_analysable(module.model)
+            callbacks.insert(2, RoutingAnalysis(run.metrics.analysis_every_n_steps, run.trainer.get("max_steps", -1)))
+        return cls(periodic, routing, AtomicCheckpointIO(), callbacks)
+
+
+def build_trainer(run: TrainConfig, callbacks: RunCallbacks, loggers: list, output_dir: Path) -> L.Trainer:
+    trainer = L.Trainer(**trainer_arguments(run), logger=loggers, plugins=[callbacks.checkpoint_io],
+                        callbacks=callbacks.all, default_root_dir=str(output_dir),
+                        max_epochs=-1, check_val_every_n_epoch=None, use_distributed_sampler=False)
+    ep = run.model.moe.expert_parallel
+    if trainer.world_size % ep:
+        raise ConfigError(f"model.moe.expert_parallel={ep} must divide the world size {trainer.world_size} "
+                          "(trainer.devices x trainer.num_nodes)")
+    return trainer
+
+
+def fit(trainer: L.Trainer, module: MoELanguageModel, data: LMDataModule, ckpt_path: Optional[str],
+        stop: GracefulStop, callbacks: RunCallbacks, output_dir: Path, started: float) -> None:
+    """The untrained model's val/loss (a new run), training to max_steps or a stop, a final val/loss and last.ckpt;
+    divergence, a full disk and Ctrl-C twice end it early (`ended_early`)."""
+    try:
+        if ckpt_path is None:
+            try:  # the untrained model's val/loss, at step 0
+                trainer.validate(module, datamodule=data, verbose=False)
+            except StopRequested as e:
+                stopped_before_training(e.signum, output_dir, trainer.loggers)
+        if stop.received is not None and ckpt_path is None:
+            stopped_before_training(stop.received, output_dir, trainer.loggers)
         try:
-            if ckpt_path is None:
-                try:  # the untrained model's val/loss, at step 0
-                    trainer.validate(module, datamodule=data, verbose=False)
-                except StopRequested as e:
-                    stopped_before_training(e.signum, output_dir, loggers)
-            if stop.received is not None and ckpt_path is None:
-                stopped_before_training(stop.received, output_dir, loggers)
-            try:
-                trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
-            except StopRequested:
-                pass  # Ctrl-C or SIGTERM: GracefulStop saved last.ckpt at the step boundary
-            if stop.received is None:
-                if module.last_val_step != trainer.global_step:
-                    trainer.validate(module, datamodule=data, verbose=False)  # every run ends with a val/loss
-                if not saved_at(periodic, last, trainer.global_step):
-                    trainer.save_checkpoint(last, weights_only=False)
-        except (AbortRequested, OSError, Diverged) as e:
-            if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            raise ended_early(e, trainer, module, checkpoint_io.last_saved, output_dir, started) from None
+            trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+        except StopRequested:
+            pass  # Ctrl-C or SIGTERM: GracefulStop saved last.ckpt at the step boundary
+        if stop.received is None:
+            if module.last_val_step != trainer.global_step:
+                trainer.validate(module, datamodule=data, verbose=False)  # every run ends with a val/loss
+            last = output_dir / "checkpoints" / "last.ckpt"
+            if not saved_at(callbacks.periodic, last, trainer.global_step):
+                trainer.save_checkpoint(last, weights_only=False)
+    except (AbortRequested, OSError, Diverged) as e:
+        if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise ended_early(e, trainer, module, callbacks.checkpoint_io.last_saved, output_dir, started) from None
 
-        summary = {
-            "status": "finished" if stop.received is None else "interrupted",
-            "step": trainer.global_step,
-            "seconds": round(time.time() - started, 1),
-            **module.last_val_metrics,
-            "val_step": module.last_val_step,
-            "initial_val_loss": module.first_val_loss,
-            # Run-level figures only; per-layer and per-expert ones are in metrics.csv and routing.jsonl.
-            **{k: v for k, v in module.last_train_metrics.items() if not k.startswith("moe/layer")},
-            "tokens_per_sec_run": routing.run_tokens_per_sec,
-            "params": module.model.num_params(),
-            "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
-            "frozen": [name for name, part in module.parts().items() if part["frozen"]],
-            "lr_mult": {k: float(v) for k, v in run.optim.lr_mult.items()},
-            "output_dir": str(output_dir),
-            "checkpoint": str(last),
-            "metrics_csv": str(output_dir / "metrics.csv"),
-        }
-        for logger in trainer.loggers:
-            logger.finalize("success" if stop.received is None else "failed")
-        if trainer.is_global_zero:
-            save_summary(summary, output_dir)
-            if run.metrics.dashboard:  # after summary.json and the flushed metrics.csv, which it reads
-                summary["dashboard"] = str(write_dashboard(output_dir, output_dir / "dashboard.html"))
-                save_summary(summary, output_dir)
-        print_summary(summary, module)
-    finally:
-        finish_wandb(loggers)
-    if stop.received is not None:
-        raise Interrupted(stop.received)
-    return summary
+
+def run_summary(run: TrainConfig, trainer: L.Trainer, module: MoELanguageModel, callbacks: RunCallbacks,
+                stop: GracefulStop, output_dir: Path, started: float) -> dict[str, Any]:
+    """summary.json's content: final metrics, sizes, and where everything is."""
+    return {
+        "status": "finished" if stop.received is None else "interrupted",
+        "step": trainer.global_step,
+        "seconds": round(time.time() - started, 1),
+        **module.last_val_metrics,
+        "val_step": module.last_val_step,
+        "initial_val_loss": module.first_val_loss,
+        # Run-level figures only; per-layer and per-expert ones are in metrics.csv and routing.jsonl.
+        **{k: v for k, v in module.last_train_metrics.items() if not k.startswith("moe/layer")},
+        "tokens_per_sec_run": callbacks.routing.run_tokens_per_sec,
+        "params": module.model.num_params(),
+        "trainable_params": sum(p.numel() for p in module.parameters() if p.requires_grad),
+        "frozen": [name for name, part in module.parts().items() if part["frozen"]],
+        "lr_mult": {k: float(v) for k, v in run.optim.lr_mult.items()},
+        "output_dir": str(output_dir),
+        "checkpoint": str(output_dir / "checkpoints" / "last.ckpt"),
+        "metrics_csv": str(output_dir / "metrics.csv"),
+    }
 
 
 def ended_early(error: BaseException, trainer: L.Trainer, module: MoELanguageModel, kept: Optional[Path],
