@@ -23,29 +23,55 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+")
     parser.add_argument("-o", "--output", required=True)
-    parser.add_argument("--metric", action="append", default=[],
-                        help="a second panel's metric (default: moe/mean_imbalance); repeat for more")
+    parser.add_argument(
+        "--metric",
+        action="append",
+        default=[],
+        help="a second panel's metric (default: moe/mean_imbalance); repeat for more",
+    )
     parser.add_argument("--width", type=int, default=1100)
     args = parser.parse_args()
     ranked = ranked_groups(seed_groups(gather_runs([Path(p) for p in args.paths])))
     import plotly.graph_objects as go
 
     metrics = [("val/loss", "final val/loss (95% CI, seeds)")] + [
-        (m, m) for m in (args.metric or ["moe/mean_imbalance"])]
-    fig = figures._subplots(1, len(metrics) + 1, [t for _, t in metrics] + ["val/loss over training"],
-                            height=120 + 60 * len(ranked) + 120, horizontal_spacing=0.12)
+        (m, m) for m in (args.metric or ["moe/mean_imbalance"])
+    ]
+    fig = figures._subplots(
+        1,
+        len(metrics) + 1,
+        [t for _, t in metrics] + ["val/loss over training"],
+        height=120 + 60 * len(ranked) + 120,
+        horizontal_spacing=0.12,
+    )
     names = [f"#{r.rank_text} {r.group.name}" for r in ranked]
     for j, (key, _) in enumerate(metrics):
         intervals = [r.group.interval(key) for r in ranked]
-        fig.add_trace(go.Scatter(y=names, x=[i["mean"] for i in intervals], mode="markers", showlegend=False,
-                                 marker=dict(size=11, color=[figures.PALETTE[k % len(figures.PALETTE)]
-                                                             for k in range(len(ranked))]),
-                                 error_x=dict(type="data", array=[i["half"] if i["half"] == i["half"] else 0
-                                                                  for i in intervals], thickness=2)),
-                      row=1, col=j + 1)
-        fig.add_trace(go.Scatter(y=[n for r, n in zip(ranked, names) for _ in r.group.values(key)],
-                                 x=[v for r in ranked for v in r.group.values(key)], mode="markers", showlegend=False,
-                                 marker=dict(color="#222", size=6, symbol="circle-open")), row=1, col=j + 1)
+        fig.add_trace(
+            go.Scatter(
+                y=names,
+                x=[i["mean"] for i in intervals],
+                mode="markers",
+                showlegend=False,
+                marker=dict(size=11, color=[figures.PALETTE[k % len(figures.PALETTE)] for k in range(len(ranked))]),
+                error_x=dict(
+                    type="data", array=[i["half"] if i["half"] == i["half"] else 0 for i in intervals], thickness=2
+                ),
+            ),
+            row=1,
+            col=j + 1,
+        )
+        fig.add_trace(
+            go.Scatter(
+                y=[n for r, n in zip(ranked, names) for _ in r.group.values(key)],
+                x=[v for r in ranked for v in r.group.values(key)],
+                mode="markers",
+                showlegend=False,
+                marker=dict(color="#222", size=6, symbol="circle-open"),
+            ),
+            row=1,
+            col=j + 1,
+        )
         fig.update_yaxes(autorange="reversed", row=1, col=j + 1, showticklabels=j == 0)
     curves = figures.group_curves(ranked)
     shown = []
@@ -72,9 +98,21 @@ def write_png(fig, out: Path, width: int) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if chromium is None:
         raise SystemExit("writing a PNG needs headless Chromium (apt-get install chromium)")
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                    f"--window-size={width + 20},{fig.layout.height + 20}", "--virtual-time-budget=10000",
-                    f"--screenshot={out.resolve()}", html.as_uri()], check=True, capture_output=True)
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            f"--window-size={width + 20},{fig.layout.height + 20}",
+            "--virtual-time-budget=10000",
+            f"--screenshot={out.resolve()}",
+            html.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+    )
     print(f"wrote {out}")
 
 

@@ -30,8 +30,7 @@ def write_atomically(path: Path, content: str | bytes | Callable[[BinaryIO], Non
     """Write `content` (text, bytes, or a function that writes bytes to a file) to `path` atomically (see above)."""
     path = Path(path)
     remove_stale_temp_files(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.moe-lab-{_HOST}-{os.getpid()}-",
-                               suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.moe-lab-{_HOST}-{os.getpid()}-", suffix=".tmp")
     try:
         # mkstemp makes the file private (0600); give it the mode any other new file would have (or the old one's).
         umask = os.umask(0)

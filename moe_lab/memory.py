@@ -37,13 +37,18 @@ def check_fits(cfg, bytes_per_param: int, purpose: str, fix: str) -> None:
     if needed <= available:
         return
     moe = cfg.moe
-    experts = (f"{len(cfg.moe_layers)} MoE layers of {moe.num_experts} experts of width {moe.expert_hidden}"
-               if moe.enabled else f"dense FFNs of width {cfg.ffn_hidden}")
-    raise UserError(f"{purpose} needs about {_size(needed)} ({params:.3g} parameters at {bytes_per_param} bytes each"
-                    f", plus {_size(buffers * 4)} of position tables), more than the {_size(available)} of memory "
-                    f"here: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads of {cfg.head_dim}, "
-                    f"vocabulary {cfg.vocab_size or 'from the tokenizer'}, {cfg.max_seq_len} positions, {experts}. "
-                    f"{fix}")
+    experts = (
+        f"{len(cfg.moe_layers)} MoE layers of {moe.num_experts} experts of width {moe.expert_hidden}"
+        if moe.enabled
+        else f"dense FFNs of width {cfg.ffn_hidden}"
+    )
+    raise UserError(
+        f"{purpose} needs about {_size(needed)} ({params:.3g} parameters at {bytes_per_param} bytes each"
+        f", plus {_size(buffers * 4)} of position tables), more than the {_size(available)} of memory "
+        f"here: {cfg.n_layers} layers, d_model {cfg.d_model}, {cfg.n_heads} heads of {cfg.head_dim}, "
+        f"vocabulary {cfg.vocab_size or 'from the tokenizer'}, {cfg.max_seq_len} positions, {experts}. "
+        f"{fix}"
+    )
 
 
 def _size(n: float) -> str:

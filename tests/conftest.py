@@ -18,10 +18,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Small enough that a training step takes tens of milliseconds on one CPU core.
 FAST = [
-    "model.d_model=64", "model.n_heads=2", "model.ffn_hidden=128", "model.n_layers=2", "model.max_seq_len=128",
-    "data.seq_len=64", "data.batch_size=8", "++data.max_chars_per_domain=30000", "data.max_val_blocks=16",
-    "trainer.max_steps=12", "trainer.val_check_interval=6", "trainer.log_every_n_steps=3",
-    "optim.warmup_steps=2", "optim.lr=3e-3", "checkpoint.every_n_steps=6",
+    "model.d_model=64",
+    "model.n_heads=2",
+    "model.ffn_hidden=128",
+    "model.n_layers=2",
+    "model.max_seq_len=128",
+    "data.seq_len=64",
+    "data.batch_size=8",
+    "++data.max_chars_per_domain=30000",
+    "data.max_val_blocks=16",
+    "trainer.max_steps=12",
+    "trainer.val_check_interval=6",
+    "trainer.log_every_n_steps=3",
+    "optim.warmup_steps=2",
+    "optim.lr=3e-3",
+    "checkpoint.every_n_steps=6",
 ]
 
 
@@ -65,8 +76,13 @@ def real_checkpoint(tmp_path_factory, cache_dir) -> Path:
     from moe_lab.training.train import train
 
     root = tmp_path_factory.mktemp("real")
-    train(compose_cfg(["trainer.max_steps=3", "capacity=dropless", "metrics.dashboard=false"], output_dir=root / "run",
-                      cache=cache_dir))
+    train(
+        compose_cfg(
+            ["trainer.max_steps=3", "capacity=dropless", "metrics.dashboard=false"],
+            output_dir=root / "run",
+            cache=cache_dir,
+        )
+    )
     return root / "run" / "checkpoints" / "last.ckpt"
 
 
@@ -97,8 +113,7 @@ def moe_lab_script() -> str:
 def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 600):
     env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}  # never a developer's real key
     env.update({"PYTHONUNBUFFERED": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", ""), **(env_extra or {})})
-    return subprocess.run([moe_lab_script(), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([moe_lab_script(), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
@@ -107,8 +122,20 @@ def sweep_dir(tmp_path_factory, cache_dir) -> Path:
     sweep and dashboard tests; slow)."""
     root = tmp_path_factory.mktemp("sweep")
     sweep = root / "sweep"
-    result = run_cli(["train", "-m", "experts=e4,e8", "aux_loss=none,switch", *FAST, f"paths.cache_dir={cache_dir}",
-                      "trainer.max_steps=9", "trainer.val_check_interval=9", f"hydra.sweep.dir={sweep}"], cwd=root)
+    result = run_cli(
+        [
+            "train",
+            "-m",
+            "experts=e4,e8",
+            "aux_loss=none,switch",
+            *FAST,
+            f"paths.cache_dir={cache_dir}",
+            "trainer.max_steps=9",
+            "trainer.val_check_interval=9",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=root,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (root / "stdout.txt").write_text(result.stdout)  # what the sweep printed, for the tests that read it
     return sweep

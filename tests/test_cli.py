@@ -65,8 +65,18 @@ def test_train_with_overrides_from_the_issue(tmp_path, cache_dir):
 
 def test_multirun_two_jobs(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
-    result = run_cli(["train", "-m", "experts=e4,e8", *fast_args(cache_dir), "trainer.max_steps=4",
-                      "trainer.val_check_interval=4", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    result = run_cli(
+        [
+            "train",
+            "-m",
+            "experts=e4,e8",
+            *fast_args(cache_dir),
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=4",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     for job, experts in ((0, 4), (1, 8)):
         saved = yaml.safe_load((sweep / str(job) / ".hydra" / "config.yaml").read_text())
@@ -75,10 +85,12 @@ def test_multirun_two_jobs(tmp_path, cache_dir):
 
 
 def test_bad_input_is_one_message_and_writes_nothing(tmp_path):
-    for args, expected in ((["model.moe.router.top_k=9"], "must be in 1..num_experts"),
-                           (["experts=e99"], "is not an option"),
-                           (["model.moe.foo=1"], "is not a setting"),
-                           (["data=text", "data.path=missing.txt"], "no such file")):
+    for args, expected in (
+        (["model.moe.router.top_k=9"], "must be in 1..num_experts"),
+        (["experts=e99"], "is not an option"),
+        (["model.moe.foo=1"], "is not a setting"),
+        (["data=text", "data.path=missing.txt"], "no such file"),
+    ):
         result = run_cli(["train", *args], cwd=tmp_path)
         assert result.returncode == 2, (args, result.stderr)
         lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -90,8 +102,15 @@ def signalled_training(tmp_path, cache_dir, run_dir, signals: list[tuple[float, 
     """(exit code, stderr) of a long `moe-lab train` sent `signals` (seconds to wait, then the signal) once training
     is under way."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    args = [moe_lab_script(), "train", *fast_args(cache_dir), "trainer.max_steps=100000",
-            "trainer.log_every_n_steps=1", "trainer.val_check_interval=100000", f"hydra.run.dir={run_dir}"]
+    args = [
+        moe_lab_script(),
+        "train",
+        *fast_args(cache_dir),
+        "trainer.max_steps=100000",
+        "trainer.log_every_n_steps=1",
+        "trainer.val_check_interval=100000",
+        f"hydra.run.dir={run_dir}",
+    ]
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
@@ -117,17 +136,29 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path, cache_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["step"] > 0
     # Resuming needs only the checkpoint (and here a new step budget): the run's overrides come with it.
-    resumed = run_cli(["train", f"trainer.max_steps={summary['step'] + 2}",
-                       f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={tmp_path / 'resumed'}"],
-                      cwd=tmp_path)
+    resumed = run_cli(
+        [
+            "train",
+            f"trainer.max_steps={summary['step'] + 2}",
+            f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+            f"hydra.run.dir={tmp_path / 'resumed'}",
+        ],
+        cwd=tmp_path,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from step {summary['step']} of {run_dir}" in resumed.stderr
     assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["step"] == summary["step"] + 2
     config = yaml.safe_load((tmp_path / "resumed" / ".hydra" / "config.yaml").read_text())
     assert config["model"]["d_model"] == 64 and config["paths"]["cache_dir"] == str(cache_dir)
     # The finished resumed run: nothing to do, said before anything is written.
-    again = run_cli(["train", f"ckpt_path={tmp_path / 'resumed' / 'checkpoints' / 'last.ckpt'}",
-                     f"hydra.run.dir={tmp_path / 'again'}"], cwd=tmp_path)
+    again = run_cli(
+        [
+            "train",
+            f"ckpt_path={tmp_path / 'resumed' / 'checkpoints' / 'last.ckpt'}",
+            f"hydra.run.dir={tmp_path / 'again'}",
+        ],
+        cwd=tmp_path,
+    )
     assert again.returncode == 2 and "moe-lab: error: nothing to do:" in again.stderr, again.stderr[-2000:]
     assert not (tmp_path / "again").exists()
 
@@ -147,9 +178,11 @@ def test_two_ctrl_c_abort_with_exit_130_and_a_summary(tmp_path, cache_dir):
 
 def test_wandb_without_credentials_runs_offline(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
-    result = run_cli(["train", "logger=wandb", *fast_args(cache_dir), "trainer.max_steps=3",
-                      f"hydra.run.dir={run_dir}"], cwd=tmp_path,
-                     env_extra={"WANDB_MODE": "", "HOME": str(tmp_path), "WANDB_DIR": str(run_dir)})
+    result = run_cli(
+        ["train", "logger=wandb", *fast_args(cache_dir), "trainer.max_steps=3", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+        env_extra={"WANDB_MODE": "", "HOME": str(tmp_path), "WANDB_DIR": str(run_dir)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "logging offline" in result.stderr
     assert list((run_dir / "wandb").glob("offline-run-*"))
@@ -168,26 +201,65 @@ def test_wheel_carries_the_configs(tmp_path):
     """A non-editable install has no conf/ beside the package: the wheel must carry it (style-anchors.md 5)."""
     pytest.importorskip("hatchling")
     wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(wheel_dir), str(REPO)], capture_output=True, text=True)
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheel_dir),
+            str(REPO),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert built.returncode == 0, built.stderr
-    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
-                                *map(str, wheel_dir.glob("*.whl"))], capture_output=True, text=True)
+    installed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--no-deps",
+            "-q",
+            "--target",
+            str(target),
+            *map(str, wheel_dir.glob("*.whl")),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert installed.returncode == 0, installed.stderr
     env = {**os.environ, "PYTHONPATH": str(target)}
-    shown = subprocess.run([sys.executable, "-m", "moe_lab", "train", "--cfg", "job", "experts=e4"], cwd=tmp_path,
-                           env=env, capture_output=True, text=True)
+    shown = subprocess.run(
+        [sys.executable, "-m", "moe_lab", "train", "--cfg", "job", "experts=e4"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert shown.returncode == 0, shown.stderr
     assert yaml.safe_load(shown.stdout)["model"]["moe"]["num_experts"] == 4
-    where = subprocess.run([sys.executable, "-c", "from moe_lab.training.schemas import config_dir; print(config_dir())"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True)
+    where = subprocess.run(
+        [sys.executable, "-c", "from moe_lab.training.schemas import config_dir; print(config_dir())"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert where.stdout.strip() == str(target / "moe_lab" / "conf")
 
 
 def test_export_command(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
-    trained = run_cli(["train", *fast_args(cache_dir), "capacity=dropless", "trainer.max_steps=2",
-                       f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    trained = run_cli(
+        ["train", *fast_args(cache_dir), "capacity=dropless", "trainer.max_steps=2", f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path,
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     ckpt = str(run_dir / "checkpoints" / "last.ckpt")
     exported = run_cli(["export", ckpt, "--format", "hf", str(tmp_path / "hf")], cwd=tmp_path)
@@ -207,8 +279,12 @@ def test_moe_lab_reads_hydra_flags_as_hydra_does(tmp_path):
     shown = run_cli(["train", "--hydra-help"], cwd=tmp_path)
     assert shown.returncode == 0, shown.stderr
     flags_section = shown.stdout.split("== Flags ==")[1].split("== Configuration groups ==")[0]
-    hydra_flags = {flag for line in flags_section.splitlines()
-                   if (m := re.match(r"^(-[\w-]+(?:,-[\w-]+)*) :", line)) for flag in m.group(1).split(",")}
+    hydra_flags = {
+        flag
+        for line in flags_section.splitlines()
+        if (m := re.match(r"^(-[\w-]+(?:,-[\w-]+)*) :", line))
+        for flag in m.group(1).split(",")
+    }
     ours = {flag for action in hydra_arguments()._actions for flag in action.option_strings}
     assert hydra_flags and ours == hydra_flags
 
@@ -224,8 +300,15 @@ def test_a_killed_run_keeps_its_curves(tmp_path, cache_dir):
     """Every logged row is on disk by the next log step: a run killed outright (SIGKILL: no handler, no flush at
     exit) still has the rows of every step it logged, and a live dashboard sees them while it runs."""
     run_dir = tmp_path / "run"
-    args = [moe_lab_script(), "train", *fast_args(cache_dir), "trainer.max_steps=100000", "trainer.log_every_n_steps=2",
-            "trainer.val_check_interval=100000", f"hydra.run.dir={run_dir}"]
+    args = [
+        moe_lab_script(),
+        "train",
+        *fast_args(cache_dir),
+        "trainer.max_steps=100000",
+        "trainer.log_every_n_steps=2",
+        "trainer.val_check_interval=100000",
+        f"hydra.run.dir={run_dir}",
+    ]
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120

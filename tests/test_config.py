@@ -11,12 +11,13 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import router_options, router_partners
 from moe_lab.cli.preflight import preflight
 from moe_lab.errors import ConfigError
 from moe_lab.model import MoETransformer
 from moe_lab.training.module import MoELanguageModel
 from moe_lab.training.schemas import config_dir, validate
+
+from conftest import router_options, router_partners
 
 CONF = Path(config_dir())
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
@@ -29,8 +30,18 @@ def options(group: str) -> list[str]:
 
 
 def test_the_contracted_groups_and_options_exist():
-    assert {"model", "router", "experts", "capacity", "aux_loss", "data", "trainer", "logger", "experiment",
-            "hparams_search"} <= set(GROUPS)
+    assert {
+        "model",
+        "router",
+        "experts",
+        "capacity",
+        "aux_loss",
+        "data",
+        "trainer",
+        "logger",
+        "experiment",
+        "hparams_search",
+    } <= set(GROUPS)
     assert {"tiny", "dense_tiny", "small", "base"} <= set(options("model"))
     assert "topk" in options("router")
     assert {"e4", "e8", "e16", "e64_fine", "dense"} <= set(options("experts"))
@@ -44,9 +55,15 @@ def test_defaults(make_cfg):
     cfg = make_cfg(fast=False)
     run = validate(cfg)
     assert run.model.moe.num_experts == 8
-    assert dataclasses.asdict(run.model.moe.router) == {"name": "topk", "top_k": 2, "normalize": True,
-                                                        "score": "softmax", "num_groups": 1, "topk_groups": 1,
-                                                        "scaling_factor": 1.0}
+    assert dataclasses.asdict(run.model.moe.router) == {
+        "name": "topk",
+        "top_k": 2,
+        "normalize": True,
+        "score": "softmax",
+        "num_groups": 1,
+        "topk_groups": 1,
+        "scaling_factor": 1.0,
+    }
     assert run.model.moe.capacity_factor == 1.25 and run.model.moe.eval_capacity_factor == 2.0
     assert (run.model.moe.aux_loss.load_balance, run.model.moe.aux_loss.z_loss) == (1e-2, 1e-3)
     assert run.model.moe.expert_hidden == run.model.ffn_hidden  # interpolated from the model preset
@@ -60,12 +77,15 @@ def build_model(run) -> MoETransformer:
 
 
 # Options that only make sense together with another choice.
-PARTNER = {("aux_loss", "cv"): ["router=noisy_topk"],
-           **{("router", option): router_partners(option) for option in router_options()}}
+PARTNER = {
+    ("aux_loss", "cv"): ["router=noisy_topk"],
+    **{("router", option): router_partners(option) for option in router_options()},
+}
 
 
-@pytest.mark.parametrize("group,option", [(g, o) for g in ["model", "router", "experts", "capacity", "aux_loss"]
-                                          for o in options(g)])
+@pytest.mark.parametrize(
+    "group,option", [(g, o) for g in ["model", "router", "experts", "capacity", "aux_loss"] for o in options(g)]
+)
 def test_every_model_option_instantiates_and_runs(make_cfg, group, option):
     cfg = make_cfg(f"{group}={option}", *PARTNER.get((group, option), []), fast=False)
     run = validate(cfg)
@@ -93,8 +113,14 @@ def test_every_trainer_option_instantiates(make_cfg, option):
         pytest.skip("no GPU here; trainer=gpu composed and validated")
     if option == "ddp":
         run.trainer["accelerator"] = "cpu"
-    trainer = L.Trainer(**run.trainer, logger=False, enable_checkpointing=False, max_epochs=-1,
-                        check_val_every_n_epoch=None, use_distributed_sampler=False)
+    trainer = L.Trainer(
+        **run.trainer,
+        logger=False,
+        enable_checkpointing=False,
+        max_epochs=-1,
+        check_val_every_n_epoch=None,
+        use_distributed_sampler=False,
+    )
     assert trainer.max_steps == run.trainer["max_steps"]
 
 
@@ -144,55 +170,78 @@ def test_lightning_module_checkpoint_hparams_are_plain(make_cfg):
 # Bad input: one message that names the key and what is allowed, before anything runs or is written
 
 
-@pytest.mark.parametrize("overrides,expected", [
-    (["model.moe.router.top_k=9"], "model.moe.router.top_k=9 must be in 1..num_experts (8)"),
-    (["model.moe.router.top_k=0"], "must be in 1..num_experts"),
-    (["model.moe.capacity_factor=0"], "model.moe.capacity_factor=0.0 must be > 0"),
-    (["model.moe.eval_capacity_factor=-1"], "model.moe.eval_capacity_factor=-1.0 must be > 0"),
-    (["model.moe.num_experts=0"], "model.moe.num_experts=0 must be at least 1"),
-    (["data.seq_len=1024"], "data.seq_len=1024 is longer than the model's maximum model.max_seq_len=512"),
-    (["+model.moe.foo=1"], "model.moe.foo is not a setting; the settings of model.moe are: ['activation'"),
-    (["+model.moe.router.normalise=true"], "model.moe.router.normalise is not a setting; the settings of "
-                                           "model.moe.router are: ['name', 'normalize', 'num_groups'"),
-    (["router=switch", "model.moe.router.top_k=2"], "router=switch sends each token to one expert"),
-    (["router=hash"], "router=hash has no learned gate, so no router loss applies"),
-    (["aux_loss=cv"], "model.moe.aux_loss.load (Shazeer's smooth load) needs router=noisy_topk"),
-    (["router=expert_choice", "aux_loss=seq"], "aux_loss.seq_load_balance needs token-choice routing"),
-    (["router=hierarchical", "model.moe.router.num_groups=3"], "num_groups=3 must be at least 2 and divide"),
-    (["model.moe.router.num_groups=3"], "model.moe.router.num_groups=3 must divide num_experts (8)"),
-    (["model.moe.router.score=tanh"], "model.moe.router.score='tanh'; choose softmax or sigmoid"),
-    (["model.moe.drop_policy=random"], "model.moe.drop_policy='random'; choose position or probability"),
-    (["model.moe.shared_gate=true"], "model.moe.shared_gate=true gates the shared experts"),
-    (["trainer=ddp", "model.moe.expert_parallel=3"], "model.moe.expert_parallel=3 must divide model.moe.num_experts=8"),
-    (["trainer=ddp", "trainer.devices=2", "model.moe.expert_parallel=4"], "must divide the world size trainer.devices"),
-    (["model.moe.expert_parallel=2"], "model.moe.expert_parallel=2 needs several processes: add trainer=ddp"),
-    (["+fooo=1"], "'fooo' is not a setting; the top-level settings are"),
-    (["+trainer.foo=1"], "trainer.foo is not a Lightning Trainer argument"),
-    (["model.moe.expert_hidden=30"], "must be a multiple of 8"),
-    (["data=text"], "data=text needs a file"),
-])
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["model.moe.router.top_k=9"], "model.moe.router.top_k=9 must be in 1..num_experts (8)"),
+        (["model.moe.router.top_k=0"], "must be in 1..num_experts"),
+        (["model.moe.capacity_factor=0"], "model.moe.capacity_factor=0.0 must be > 0"),
+        (["model.moe.eval_capacity_factor=-1"], "model.moe.eval_capacity_factor=-1.0 must be > 0"),
+        (["model.moe.num_experts=0"], "model.moe.num_experts=0 must be at least 1"),
+        (["data.seq_len=1024"], "data.seq_len=1024 is longer than the model's maximum model.max_seq_len=512"),
+        (["+model.moe.foo=1"], "model.moe.foo is not a setting; the settings of model.moe are: ['activation'"),
+        (
+            ["+model.moe.router.normalise=true"],
+            "model.moe.router.normalise is not a setting; the settings of "
+            "model.moe.router are: ['name', 'normalize', 'num_groups'",
+        ),
+        (["router=switch", "model.moe.router.top_k=2"], "router=switch sends each token to one expert"),
+        (["router=hash"], "router=hash has no learned gate, so no router loss applies"),
+        (["aux_loss=cv"], "model.moe.aux_loss.load (Shazeer's smooth load) needs router=noisy_topk"),
+        (["router=expert_choice", "aux_loss=seq"], "aux_loss.seq_load_balance needs token-choice routing"),
+        (["router=hierarchical", "model.moe.router.num_groups=3"], "num_groups=3 must be at least 2 and divide"),
+        (["model.moe.router.num_groups=3"], "model.moe.router.num_groups=3 must divide num_experts (8)"),
+        (["model.moe.router.score=tanh"], "model.moe.router.score='tanh'; choose softmax or sigmoid"),
+        (["model.moe.drop_policy=random"], "model.moe.drop_policy='random'; choose position or probability"),
+        (["model.moe.shared_gate=true"], "model.moe.shared_gate=true gates the shared experts"),
+        (
+            ["trainer=ddp", "model.moe.expert_parallel=3"],
+            "model.moe.expert_parallel=3 must divide model.moe.num_experts=8",
+        ),
+        (
+            ["trainer=ddp", "trainer.devices=2", "model.moe.expert_parallel=4"],
+            "must divide the world size trainer.devices",
+        ),
+        (["model.moe.expert_parallel=2"], "model.moe.expert_parallel=2 needs several processes: add trainer=ddp"),
+        (["+fooo=1"], "'fooo' is not a setting; the top-level settings are"),
+        (["+trainer.foo=1"], "trainer.foo is not a Lightning Trainer argument"),
+        (["model.moe.expert_hidden=30"], "must be a multiple of 8"),
+        (["data=text"], "data=text needs a file"),
+    ],
+)
 def test_validate_rejects_bad_input(make_cfg, overrides, expected):
     with pytest.raises(ConfigError) as e:
         validate(make_cfg(*overrides, fast=False))
     assert expected in str(e.value)
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["model.moe.foo=1"], "model.moe.foo is not a setting; the settings of model.moe are: ['activation'"),
-    (["experts=e99"], "experts=e99 is not an option; the options of experts are: dense, e16, e4, e64_fine, e64_fine_shared, e8"),
-    (["router=nope"], "router=nope is not an option; the options of router are: aux_free, domain_oracle, "
-                      "expert_choice"),
-    (["model.moe.router.top_k=9"], "model.moe.router.top_k=9 must be in 1..num_experts (8)"),
-    (["-m", "experts=e4,e99"], "experts=e99 is not an option"),
-    (["-m", "model.moe.router.top_k=1,9"], "model.moe.router.top_k=9 must be in 1..num_experts"),
-    (["model.moe.router.top_k=1,2"], "is a sweep: add -m"),
-    (["data=text", "data.path=/no/such/*.txt"], "data.path=/no/such/*.txt: no such file"),
-    (["ckpt_path=/no/such.ckpt"], "ckpt_path=/no/such.ckpt: no such checkpoint file"),
-    (["trainer.max_steps=0"], "trainer.max_steps=0 must be a positive number"),
-    (["model.moe.router.top_k=abc"], "model.moe.router.top_k: Value 'abc'"),
-    (["data=hf", "data.path=x"], "data.path is not a setting; the settings of data are: ['batch_size', 'data_files'"),
-    (["+model.moe.router.normalise=true"], "model.moe.router.normalise is not a setting"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["model.moe.foo=1"], "model.moe.foo is not a setting; the settings of model.moe are: ['activation'"),
+        (
+            ["experts=e99"],
+            "experts=e99 is not an option; the options of experts are: dense, e16, e4, e64_fine, e64_fine_shared, e8",
+        ),
+        (
+            ["router=nope"],
+            "router=nope is not an option; the options of router are: aux_free, domain_oracle, expert_choice",
+        ),
+        (["model.moe.router.top_k=9"], "model.moe.router.top_k=9 must be in 1..num_experts (8)"),
+        (["-m", "experts=e4,e99"], "experts=e99 is not an option"),
+        (["-m", "model.moe.router.top_k=1,9"], "model.moe.router.top_k=9 must be in 1..num_experts"),
+        (["model.moe.router.top_k=1,2"], "is a sweep: add -m"),
+        (["data=text", "data.path=/no/such/*.txt"], "data.path=/no/such/*.txt: no such file"),
+        (["ckpt_path=/no/such.ckpt"], "ckpt_path=/no/such.ckpt: no such checkpoint file"),
+        (["trainer.max_steps=0"], "trainer.max_steps=0 must be a positive number"),
+        (["model.moe.router.top_k=abc"], "model.moe.router.top_k: Value 'abc'"),
+        (
+            ["data=hf", "data.path=x"],
+            "data.path is not a setting; the settings of data are: ['batch_size', 'data_files'",
+        ),
+        (["+model.moe.router.normalise=true"], "model.moe.router.normalise is not a setting"),
+    ],
+)
 def test_preflight_messages(args, expected):
     message = preflight(args)
     assert message is not None and expected in message, message

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, chromium, run_cli
 from moe_lab.analysis.dashboard import write_dashboard
 from moe_lab.errors import DashboardError
 from moe_lab.training.train import train
+
+from conftest import REPO, chromium, run_cli
 
 ARTIFACTS = REPO / "tests" / "artifacts"
 
@@ -29,8 +30,13 @@ def test_run_page(make_cfg, tmp_path):
     page = out.read_text()
     assert out == tmp_path / "run" / "dashboard.html"
     assert_self_contained(page)
-    for title in ("Loss", "Expert load over time", "Balance, drops, entropy and specialisation",
-                  "Which experts take which domain", "Throughput"):
+    for title in (
+        "Loss",
+        "Expert load over time",
+        "Balance, drops, entropy and specialisation",
+        "Which experts take which domain",
+        "Throughput",
+    ):
         assert f"<h2>{title}</h2>" in page, title
     assert '"code"' in page and '"math"' in page  # the domains of the expert x domain tables
 
@@ -55,13 +61,27 @@ def render(page: Path, screenshot: Path) -> tuple[str, str]:
         if os.environ.get("MOE_LAB_REQUIRE_CHROMIUM"):
             pytest.fail("Chromium is required here (MOE_LAB_REQUIRE_CHROMIUM) but not installed")
         pytest.skip("headless Chromium is not installed (apt-get install chromium)")
-    flags = [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-             f"--user-data-dir={screenshot.parent / ('profile-' + screenshot.stem)}", "--enable-logging=stderr",
-             "--v=0", "--virtual-time-budget=15000", "--window-size=1400,3400"]
+    flags = [
+        binary,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--hide-scrollbars",
+        f"--user-data-dir={screenshot.parent / ('profile-' + screenshot.stem)}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=15000",
+        "--window-size=1400,3400",
+    ]
     dom = subprocess.run([*flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=180)
-    shot = subprocess.run([*flags, f"--screenshot={screenshot}", page.as_uri()], capture_output=True, text=True,
-                          timeout=180)
+    shot = subprocess.run(
+        [*flags, f"--screenshot={screenshot}", page.as_uri()], capture_output=True, text=True, timeout=180
+    )
     assert shot.returncode == 0 and screenshot.stat().st_size > 50_000, shot.stderr[-2000:]
     return dom.stdout, dom.stderr
 
@@ -89,7 +109,11 @@ def test_dashboard_command(sweep_dir, tmp_path):
     assert result.returncode == 0 and "wrote" in result.stdout, result.stderr
     assert_self_contained((tmp_path / "report.html").read_text())
     missing = run_cli(["dashboard", str(tmp_path / "nope")], cwd=tmp_path)
-    assert missing.returncode == 2 and missing.stderr.startswith("moe-lab: error:") and "no such directory" in missing.stderr
+    assert (
+        missing.returncode == 2
+        and missing.stderr.startswith("moe-lab: error:")
+        and "no such directory" in missing.stderr
+    )
 
 
 @pytest.mark.slow
@@ -101,9 +125,13 @@ def test_live_dashboard_reloads_until_stopped(sweep_dir, tmp_path):
 
     out = tmp_path / "live.html"
     # Started as a non-interactive shell starts a background job: with SIGINT ignored. It stops on SIGINT anyway.
-    proc = subprocess.Popen([moe_lab_script(), "dashboard", str(sweep_dir / "1"), "--live", "--interval", "2", "-o",
-                             str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    proc = subprocess.Popen(
+        [moe_lab_script(), "dashboard", str(sweep_dir / "1"), "--live", "--interval", "2", "-o", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     try:
         deadline = time.time() + 90
         while not out.exists() and time.time() < deadline:
@@ -120,15 +148,28 @@ def test_live_dashboard_reloads_until_stopped(sweep_dir, tmp_path):
 def test_comparing_runs_of_different_sweeps(sweep_dir, make_cfg, tmp_path):
     """`moe-lab dashboard RUN1 RUN2 ...`: runs of a sweep and a lone run on one page, and the ranking printed."""
     train(make_cfg("experts=e4", "trainer.max_steps=9", "trainer.val_check_interval=9", name="lone"))
-    result = run_cli(["dashboard", str(sweep_dir / "0"), str(sweep_dir / "3"), str(tmp_path / "lone"), "-o",
-                      str(tmp_path / "compare.html")], cwd=tmp_path)
+    result = run_cli(
+        [
+            "dashboard",
+            str(sweep_dir / "0"),
+            str(sweep_dir / "3"),
+            str(tmp_path / "lone"),
+            "-o",
+            str(tmp_path / "compare.html"),
+        ],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     page = (tmp_path / "compare.html").read_text()
     assert_self_contained(page)
     assert "moe-lab comparison: 3 runs" in page and "Runs, best validation loss first" in page
     assert os.path.relpath(sweep_dir / "0" / "dashboard.html", tmp_path) in page  # each run's own page, linked
     table = result.stdout.splitlines()
-    assert table[0].split()[:3] == ["#", "run", "val/loss"] and [line.split()[0] for line in table[1:4]] == ["1", "2", "3"]
+    assert table[0].split()[:3] == ["#", "run", "val/loss"] and [line.split()[0] for line in table[1:4]] == [
+        "1",
+        "2",
+        "3",
+    ]
     assert table[4] == f"moe-lab: wrote {tmp_path / 'compare.html'}"
     # A sweep directory counts as all its runs, each once; the default output is in the current directory.
     again = run_cli(["dashboard", str(sweep_dir), str(sweep_dir / "0"), str(tmp_path / "lone")], cwd=tmp_path)

@@ -12,8 +12,8 @@ import torch
 from moe_lab.data import datamodule as dm_module
 from moe_lab.data.config import EmbeddedDataConfig, HFDataConfig, TextDataConfig, TokenizerConfig
 from moe_lab.data.datamodule import LMDataModule, ResumableBatchSampler, split_blocks, validation_batches
-from moe_lab.errors import DataError
 from moe_lab.data.tokenizer import ByteTokenizer, HFTokenizer
+from moe_lab.errors import DataError
 
 SMALL = dict(seq_len=32, batch_size=4, max_val_blocks=8)
 
@@ -72,8 +72,12 @@ def write_parquet(path, n=30):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table({"content": [f"record {i}: " + "lorem ipsum " * 30 for i in range(n)],
-                      "source": ["a" if i < n // 2 else "b" for i in range(n)]})
+    table = pa.table(
+        {
+            "content": [f"record {i}: " + "lorem ipsum " * 30 for i in range(n)],
+            "source": ["a" if i < n // 2 else "b" for i in range(n)],
+        }
+    )
     pq.write_table(table, path)
 
 
@@ -82,8 +86,9 @@ def test_parquet_through_text_and_through_hf_builder(tmp_path):
     write_parquet(path)
     as_text = module(tmp_path / "t", source="text", path=str(path), text_column="content", domain_column="source")
     # data=hf with a builder name and data_files is the same datasets.load_dataset call a hub id makes.
-    as_hf = module(tmp_path / "h", source="hf", name="parquet", data_files=str(path), text_column="content",
-                   domain_column="source")
+    as_hf = module(
+        tmp_path / "h", source="hf", name="parquet", data_files=str(path), text_column="content", domain_column="source"
+    )
     assert as_text.domain_names == as_hf.domain_names == ["a", "b"]
     assert len(as_text.train_blocks) == len(as_hf.train_blocks)
 
@@ -106,14 +111,20 @@ def test_hf_tokenizer_from_local_file(tmp_path):
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(["hello world, hello moe lab"] * 50,
-                            trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<|endoftext|>"]))
+    tok.train_from_iterator(
+        ["hello world, hello moe lab"] * 50,
+        trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<|endoftext|>"]),
+    )
     tok.save(str(tmp_path / "tokenizer.json"))
     hf = HFTokenizer(str(tmp_path))
     assert hf.eos_id == tok.token_to_id("<|endoftext|>")
     write_texts(tmp_path / "texts", n=4, words=300)
-    dm = module(tmp_path, tokenizer=TokenizerConfig(name=str(tmp_path / "tokenizer.json")), source="text",
-                path=str(tmp_path / "texts"))
+    dm = module(
+        tmp_path,
+        tokenizer=TokenizerConfig(name=str(tmp_path / "tokenizer.json")),
+        source="text",
+        path=str(tmp_path / "texts"),
+    )
     assert dm.vocab_size == tok.get_vocab_size()
     assert len(dm.train_blocks) > 0
 
@@ -198,7 +209,9 @@ def test_undecodable_file(tmp_path):
 
 def test_missing_text_column(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"body": "x " * 100}) + "\n")
-    with pytest.raises(DataError, match=r"data.text_column='text' is not a column of the data; its columns are \['body'\]"):
+    with pytest.raises(
+        DataError, match=r"data.text_column='text' is not a column of the data; its columns are \['body'\]"
+    ):
         module(tmp_path, source="text", path=str(tmp_path / "d.jsonl"))
 
 

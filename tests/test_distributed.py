@@ -27,25 +27,41 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST, REPO, router_options, router_partners
 from moe_lab.training.schemas import config_dir
+
+from conftest import FAST, REPO, router_options, router_partners
 
 pytestmark = pytest.mark.slow
 
 STEPS = 4
-COMMON = [*FAST, f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1", "checkpoint.every_n_steps=2",
-          "checkpoint.keep=-1", "metrics.dashboard=false", "threads=1"]
+COMMON = [
+    *FAST,
+    f"trainer.max_steps={STEPS}",
+    "trainer.log_every_n_steps=1",
+    "checkpoint.every_n_steps=2",
+    "checkpoint.keep=-1",
+    "metrics.dashboard=false",
+    "threads=1",
+]
 # The same micro-batches of 4 sequences: one per rank and step on 2 ranks, or two per step on one process.
-TWO_RANKS = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=4",
-             f"trainer.val_check_interval={STEPS}"]
+TWO_RANKS = [
+    "trainer=ddp",
+    "trainer.accelerator=cpu",
+    "trainer.devices=2",
+    "data.batch_size=4",
+    f"trainer.val_check_interval={STEPS}",
+]
 DETERMINISTIC = ["+trainer.deterministic=true"]
 ONE_PROCESS = ["data.batch_size=4", "trainer.accumulate_grad_batches=2", f"trainer.val_check_interval={2 * STEPS}"]
 
 ROUTERS = router_options()
 CAPACITIES = sorted(p.stem for p in (Path(config_dir()) / "capacity").glob("*.yaml"))
 PER_MICRO_BATCH = {
-    **{f"{router}-{capacity}": [f"router={router}", f"capacity={capacity}", *router_partners(router)]
-       for router in ROUTERS for capacity in CAPACITIES},
+    **{
+        f"{router}-{capacity}": [f"router={router}", f"capacity={capacity}", *router_partners(router)]
+        for router in ROUTERS
+        for capacity in CAPACITIES
+    },
     "seq_z": ["aux_loss=seq_z"],
     "cv": ["router=noisy_topk", "aux_loss=cv"],
     "drop_by_probability": ["capacity=cf1_0", "model.moe.drop_policy=probability"],
@@ -69,11 +85,15 @@ def run_plan(plan: list[dict], path: Path, ranks: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("WANDB_API_KEY", None)
     worker = str(REPO / "tests" / "layout_worker.py")
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
-                if ranks > 1 else [sys.executable])
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+        if ranks > 1
+        else [sys.executable]
+    )
     log = open(path.with_suffix(".log"), "w")
-    return subprocess.Popen([*launcher, worker, str(path)], cwd=path.parent, env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [*launcher, worker, str(path)], cwd=path.parent, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout: int = 1200) -> None:
@@ -89,20 +109,43 @@ def runs(tmp_path_factory, cache_dir) -> Path:
     root = tmp_path_factory.mktemp("layouts")
     common = [*COMMON, f"paths.cache_dir={cache_dir}"]
     settings = {**PER_MICRO_BATCH, **GLOBAL}
-    ddp = [{"dir": str(root / f"{name}-ep{ep}"), "overrides": [*common, *TWO_RANKS, *DETERMINISTIC, *overrides,
-                                                                 f"model.moe.expert_parallel={ep}"]}
-           for name, overrides in settings.items() for ep in (1, 2)]
-    ddp += [{"dir": str(root / f"{name}-fast-ep{ep}"), "overrides": [*common, *TWO_RANKS, *settings[name],
-                                                                       f"model.moe.expert_parallel={ep}"]}
-            for name in FAST_PATH for ep in (1, 2)]
+    ddp = [
+        {
+            "dir": str(root / f"{name}-ep{ep}"),
+            "overrides": [*common, *TWO_RANKS, *DETERMINISTIC, *overrides, f"model.moe.expert_parallel={ep}"],
+        }
+        for name, overrides in settings.items()
+        for ep in (1, 2)
+    ]
+    ddp += [
+        {
+            "dir": str(root / f"{name}-fast-ep{ep}"),
+            "overrides": [*common, *TWO_RANKS, *settings[name], f"model.moe.expert_parallel={ep}"],
+        }
+        for name in FAST_PATH
+        for ep in (1, 2)
+    ]
     # Resume the default setting's expert-parallel run at step 2, under expert parallelism.
-    ddp.append({"dir": str(root / "resumed-ep2"), "overrides": [
-        *common, *TWO_RANKS, *DETERMINISTIC, "model.moe.expert_parallel=2",
-        f"ckpt_path={root / 'topk-cf1_25-ep2' / 'checkpoints' / 'step000002.ckpt'}"]})
-    one = [{"dir": str(root / f"{name}-one"), "overrides": [*common, *ONE_PROCESS, *overrides]}
-           for name, overrides in PER_MICRO_BATCH.items()]
-    procs = [(run_plan(ddp, root / "ddp.json", ranks=2), root / "ddp.log"),
-             (run_plan(one, root / "one.json", ranks=1), root / "one.log")]
+    ddp.append(
+        {
+            "dir": str(root / "resumed-ep2"),
+            "overrides": [
+                *common,
+                *TWO_RANKS,
+                *DETERMINISTIC,
+                "model.moe.expert_parallel=2",
+                f"ckpt_path={root / 'topk-cf1_25-ep2' / 'checkpoints' / 'step000002.ckpt'}",
+            ],
+        }
+    )
+    one = [
+        {"dir": str(root / f"{name}-one"), "overrides": [*common, *ONE_PROCESS, *overrides]}
+        for name, overrides in PER_MICRO_BATCH.items()
+    ]
+    procs = [
+        (run_plan(ddp, root / "ddp.json", ranks=2), root / "ddp.log"),
+        (run_plan(one, root / "one.json", ranks=1), root / "one.log"),
+    ]
     for proc, log in procs:
         finish(proc, log)
     return root
@@ -120,8 +163,18 @@ def metrics(run: Path) -> dict[str, dict[int, float]]:
 
 
 # Logged series that must agree between layouts (throughput, timing and the running token count may not).
-COMPARED = ("train/loss", "val/loss", "moe/dropped_frac", "moe/max_imbalance", "train/aux/", "/load", "/dropped_frac",
-            "/vocab_specialisation", "/repeat_top1", "/max_coactivation")
+COMPARED = (
+    "train/loss",
+    "val/loss",
+    "moe/dropped_frac",
+    "moe/max_imbalance",
+    "train/aux/",
+    "/load",
+    "/dropped_frac",
+    "/vocab_specialisation",
+    "/repeat_top1",
+    "/max_coactivation",
+)
 
 
 def assert_same_curves(a: Path, b: Path, tol: float = 0.0) -> None:
@@ -197,8 +250,22 @@ def test_c_expert_parallel_checkpoint_in_one_process_gives_the_same_validation_l
     final = metrics(runs / "topk-cf1_25-ep2")["val/loss"][STEPS]
     data = [o for o in FAST if o.startswith(("data.", "++data."))]
     out = tmp_path / "eval.json"
-    assert main(["eval", str(runs / "topk-cf1_25-ep2" / "checkpoints" / "last.ckpt"), *data, "data.batch_size=4",
-                 f"paths.cache_dir={cache_dir}", "--capacity", "checkpoint", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(runs / "topk-cf1_25-ep2" / "checkpoints" / "last.ckpt"),
+                *data,
+                "data.batch_size=4",
+                f"paths.cache_dir={cache_dir}",
+                "--capacity",
+                "checkpoint",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert abs(json.loads(out.read_text())["overall"]["loss"] - final) <= TOL
 
 

@@ -17,10 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FAST
 from moe_lab.cli.main import main
 from moe_lab.errors import UserError
 from moe_lab.training.train import train
+
+from conftest import FAST
 
 
 class RunsCode:
@@ -61,8 +62,11 @@ def one_line(code: int, err: str) -> str:
 # Saved overrides that would reach a callable, or are not plain settings of the run schema. Each is refused whether
 # it comes from the checkpoint itself or from the .hydra/overrides.yaml of the run folder beside it.
 HOSTILE_OVERRIDES = {
-    "numpy.load of a pickle": ["+logger.x._target_=numpy.load", "+logger.x.file={payload}",
-                               "+logger.x.allow_pickle=true"],
+    "numpy.load of a pickle": [
+        "+logger.x._target_=numpy.load",
+        "+logger.x.file={payload}",
+        "+logger.x.allow_pickle=true",
+    ],
     "exec": ["+logger.x._target_=builtins.exec", "+logger.x._args_=[\"open('{marker}','w')\"]"],
     "an existing logger's _target_": ["logger.csv._target_=pickle.load"],
     "a Hydra callback": ["+hydra.callbacks.x._target_=builtins.exec"],
@@ -111,20 +115,42 @@ def test_a_resume_inherits_only_plain_settings(case, in_yaml, real_checkpoint, t
 def test_plain_saved_overrides_are_inherited(real_checkpoint, tmp_path):
     from moe_lab.cli.inherited import with_checkpoint_overrides
 
-    plain = ["experts=e8", "model.moe.router.top_k=2", "+trainer.deterministic=true", "+optim.lr_mult.router=0.5",
-             "logger=wandb", "logger.wandb.project=mine", "model.init_from='dense/${seed}/x.ckpt'", "seed=7"]
+    plain = [
+        "experts=e8",
+        "model.moe.router.top_k=2",
+        "+trainer.deterministic=true",
+        "+optim.lr_mult.router=0.5",
+        "logger=wandb",
+        "logger.wandb.project=mine",
+        "model.init_from='dense/${seed}/x.ckpt'",
+        "seed=7",
+    ]
     ckpt = _with_saved_overrides(real_checkpoint, tmp_path, plain, in_yaml=False)
     assert with_checkpoint_overrides([f"ckpt_path={ckpt}", "seed=8"]) == [
-        "experts=e8", "model.moe.router.top_k=2", "+trainer.deterministic=true", "+optim.lr_mult.router=0.5",
-        "logger=wandb", "logger.wandb.project=mine", "model.init_from='dense/${seed}/x.ckpt'", f"ckpt_path={ckpt}",
-        "seed=8"]
+        "experts=e8",
+        "model.moe.router.top_k=2",
+        "+trainer.deterministic=true",
+        "+optim.lr_mult.router=0.5",
+        "logger=wandb",
+        "logger.wandb.project=mine",
+        "model.init_from='dense/${seed}/x.ckpt'",
+        f"ckpt_path={ckpt}",
+        "seed=8",
+    ]
 
 
 # -- loggers are moe-lab's own classes, whatever a config names --------------------------------------------------
 
 
-@pytest.mark.parametrize("override", ["+logger.x._target_=builtins.print", "logger.csv._target_=builtins.exec",
-                                      "+logger.csv._args_=[1]", "+logger.csv.x={_target_:os.system}"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "+logger.x._target_=builtins.print",
+        "logger.csv._target_=builtins.exec",
+        "+logger.csv._args_=[1]",
+        "+logger.csv.x={_target_:os.system}",
+    ],
+)
 def test_a_logger_is_only_one_of_moe_labs(override, tmp_path, capsys):
     code, err = run_main(["train", override, f"hydra.run.dir={tmp_path / 'run'}", *FAST], capsys)
     assert "logger" in one_line(code, err)
@@ -144,13 +170,23 @@ def test_build_loggers_never_instantiates_another_class(tmp_path, monkeypatch):
 def _folder_with_code(folder: Path, marker: Path, model_type: str = "moe_lab_custom") -> Path:
     folder.mkdir()
     code = f"open({str(marker)!r}, 'w').write('ran')\n"
-    (folder / "configuration_custom.py").write_text(code + "from transformers import PretrainedConfig\n"
-                                                    "class CustomConfig(PretrainedConfig):\n"
-                                                    f"    model_type = {model_type!r}\n")
+    (folder / "configuration_custom.py").write_text(
+        code + "from transformers import PretrainedConfig\n"
+        "class CustomConfig(PretrainedConfig):\n"
+        f"    model_type = {model_type!r}\n"
+    )
     (folder / "modeling_custom.py").write_text(code)
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": model_type, "auto_map": {"AutoConfig": "configuration_custom.CustomConfig",
-                                               "AutoModelForCausalLM": "modeling_custom.CustomModel"}}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": model_type,
+                "auto_map": {
+                    "AutoConfig": "configuration_custom.CustomConfig",
+                    "AutoModelForCausalLM": "modeling_custom.CustomModel",
+                },
+            }
+        )
+    )
     return folder
 
 
@@ -159,11 +195,13 @@ def test_a_folder_with_custom_code_is_refused_before_transformers_reads_it(comma
     pytest.importorskip("transformers")
     marker = tmp_path / "marker"
     folder = str(_folder_with_code(tmp_path / "custom", marker))
-    args = {"import": ["import", folder, str(tmp_path / "out")],
-            "generate": ["generate", folder, "--prompt", "x"],
-            "eval": ["eval", folder],
-            "analyze": ["analyze", folder, "-o", str(tmp_path / "a.html")],
-            "train": ["train", f"model.init_from={folder}", f"hydra.run.dir={tmp_path / 'run'}", *FAST]}[command]
+    args = {
+        "import": ["import", folder, str(tmp_path / "out")],
+        "generate": ["generate", folder, "--prompt", "x"],
+        "eval": ["eval", folder],
+        "analyze": ["analyze", folder, "-o", str(tmp_path / "a.html")],
+        "train": ["train", f"model.init_from={folder}", f"hydra.run.dir={tmp_path / 'run'}", *FAST],
+    }[command]
     line = one_line(*run_main(args, capsys))
     assert "moe_lab_custom" in line and "auto_map" in line and "never runs" in line, line
     assert not marker.exists()
@@ -180,8 +218,10 @@ def test_a_known_family_naming_custom_code_loads_transformers_own_classes(tmp_pa
     folder = tmp_path / "hf"
     save_hf_model("mixtral", folder)
     config = json.loads((folder / "config.json").read_text())
-    config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig",
-                          "AutoModelForCausalLM": "modeling_custom.CustomModel"}
+    config["auto_map"] = {
+        "AutoConfig": "configuration_custom.CustomConfig",
+        "AutoModelForCausalLM": "modeling_custom.CustomModel",
+    }
     (folder / "config.json").write_text(json.dumps(config))
     tokenizer = json.loads((folder / "tokenizer_config.json").read_text())
     tokenizer["auto_map"] = {"AutoTokenizer": ["tokenization_custom.CustomTokenizer", None]}
@@ -194,8 +234,14 @@ def test_a_known_family_naming_custom_code_loads_transformers_own_classes(tmp_pa
 
 # The size fields of a config.json; each set absurdly large makes a model no machine here holds. Refused at once,
 # from the config alone (before, num_hidden_layers=1000000 hung the import while a million blocks were built).
-ABSURD_SIZES = {"num_hidden_layers": 1_000_000, "hidden_size": 1 << 22, "intermediate_size": 10**9,
-                "num_local_experts": 10**6, "vocab_size": 10**10, "max_position_embeddings": 10**12}
+ABSURD_SIZES = {
+    "num_hidden_layers": 1_000_000,
+    "hidden_size": 1 << 22,
+    "intermediate_size": 10**9,
+    "num_local_experts": 10**6,
+    "vocab_size": 10**10,
+    "max_position_embeddings": 10**12,
+}
 
 
 @pytest.mark.parametrize("field", list(ABSURD_SIZES))
@@ -215,9 +261,18 @@ def test_a_config_too_large_for_memory_is_refused_before_building(field, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("setting", ["model.n_layers=1000000", "model.d_model=1048576", "model.moe.num_experts=1000000",
-                                     "model.max_seq_len=1000000000000", "model.vocab_size=10000000000",
-                                     "model.moe.expert_hidden=1000000000", "model.ffn_hidden=1000000000000"])
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "model.n_layers=1000000",
+        "model.d_model=1048576",
+        "model.moe.num_experts=1000000",
+        "model.max_seq_len=1000000000000",
+        "model.vocab_size=10000000000",
+        "model.moe.expert_hidden=1000000000",
+        "model.ffn_hidden=1000000000000",
+    ],
+)
 def test_a_run_too_large_for_memory_is_refused_before_building(setting, tmp_path, capsys):
     args = ["train", setting, f"hydra.run.dir={tmp_path / 'run'}", *[a for a in FAST if a.split("=")[0] not in setting]]
     if setting.startswith("model.ffn_hidden"):
@@ -241,8 +296,10 @@ def test_a_checkpoints_model_settings_name_no_callable(real_checkpoint, tmp_path
     ckpt = torch.load(real_checkpoint, weights_only=True)
     ckpt["hyper_parameters"]["model"]["_target_"] = "os.system"
     torch.save(ckpt, tmp_path / "target.ckpt")
-    for args in (["generate", str(tmp_path / "target.ckpt"), "--prompt", "x"],
-                 ["export", str(tmp_path / "target.ckpt"), "--format", "hf", str(tmp_path / "hf")]):
+    for args in (
+        ["generate", str(tmp_path / "target.ckpt"), "--prompt", "x"],
+        ["export", str(tmp_path / "target.ckpt"), "--format", "hf", str(tmp_path / "hf")],
+    ):
         line = one_line(*run_main(args, capsys))
         assert "_target_" in line and "not moe-lab's" in line, line
 
@@ -270,12 +327,24 @@ def test_a_checkpoints_callback_state_never_deletes_files_elsewhere(real_checkpo
     run_ckpts = tmp_path / "resumed" / "checkpoints"
     for key, state in ckpt["callbacks"].items():
         if key.startswith("ModelCheckpoint"):
-            state.update(dirpath=str(run_ckpts), best_k_models={str(precious): torch.tensor(0.0)},
-                         kth_best_model_path=str(precious), last_model_path=str(precious),
-                         best_model_path=str(precious))
+            state.update(
+                dirpath=str(run_ckpts),
+                best_k_models={str(precious): torch.tensor(0.0)},
+                kth_best_model_path=str(precious),
+                last_model_path=str(precious),
+                best_model_path=str(precious),
+            )
     torch.save(ckpt, tmp_path / "hostile.ckpt")
     # The same checkpoint settings as the run that wrote it (Lightning restores a callback's state by its settings).
-    train(make_cfg(f"ckpt_path={tmp_path / 'hostile.ckpt'}", "trainer.max_steps=12", "checkpoint.keep=1",
-                   "capacity=dropless", "metrics.dashboard=false", name="resumed"))
+    train(
+        make_cfg(
+            f"ckpt_path={tmp_path / 'hostile.ckpt'}",
+            "trainer.max_steps=12",
+            "checkpoint.keep=1",
+            "capacity=dropless",
+            "metrics.dashboard=false",
+            name="resumed",
+        )
+    )
     assert precious.read_text() == "mine"
     assert sorted(p.name for p in run_ckpts.iterdir()) == ["last.ckpt", "step000012.ckpt"]

@@ -7,9 +7,10 @@ import math
 
 import pytest
 
-from conftest import FAST
 from moe_lab.cli.main import main
 from moe_lab.training.train import train
+
+from conftest import FAST
 
 DATA = [o for o in FAST if o.startswith(("data.", "++data."))]
 
@@ -18,8 +19,9 @@ def test_eval_agrees_with_the_runs_validation(make_cfg, tmp_path, cache_dir, cap
     summary = train(make_cfg("trainer.max_steps=6", "metrics.dashboard=false", name="run"))
     ckpt = summary["checkpoint"]
     out = tmp_path / "eval.json"
-    assert main(["eval", ckpt, *DATA, f"paths.cache_dir={cache_dir}", "--capacity", "checkpoint", "--json",
-                 str(out)]) == 0
+    assert (
+        main(["eval", ckpt, *DATA, f"paths.cache_dir={cache_dir}", "--capacity", "checkpoint", "--json", str(out)]) == 0
+    )
     report = json.loads(out.read_text())
     # The same held-out blocks in the same batches and the same capacity: the run's validation loss, per domain too.
     assert report["overall"]["loss"] == pytest.approx(summary["val/loss"], rel=1e-6)
@@ -28,7 +30,8 @@ def test_eval_agrees_with_the_runs_validation(make_cfg, tmp_path, cache_dir, cap
         assert q["ppl"] == pytest.approx(math.exp(q["loss"]))
         # Byte tokens: every target token is one byte but the end-of-document token, which is none.
         assert q["bytes"] <= q["tokens"] and q["bits_per_byte"] == pytest.approx(
-            q["loss"] * q["tokens"] / math.log(2) / q["bytes"])
+            q["loss"] * q["tokens"] / math.log(2) / q["bytes"]
+        )
     assert set(report["layers"]) == {"0", "1"}
     for layer in report["layers"].values():
         assert sum(layer["load"]) == pytest.approx(1.0) and layer["imbalance"] >= 1
@@ -53,8 +56,21 @@ def test_eval_of_a_hugging_face_directory(tmp_path, cache_dir, capsys):
     from test_import import save_hf_model
 
     save_hf_model("qwen2_moe", tmp_path / "hf")
-    assert main(["eval", str(tmp_path / "hf"), *DATA, f"paths.cache_dir={cache_dir}", "--max-batches", "2",
-                 "--json", str(tmp_path / "e.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "hf"),
+                *DATA,
+                f"paths.cache_dir={cache_dir}",
+                "--max-batches",
+                "2",
+                "--json",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "e.json").read_text())
     assert set(report["layers"]) == {"1", "2"}  # layer 0 is dense (mlp_only_layers)
     assert report["overall"]["loss"] > 0 and len(report["domains"]) >= 2

@@ -21,13 +21,24 @@ def trained(make_cfg, tmp_path, *overrides, name="run"):
     return tmp_path / name / "checkpoints" / "last.ckpt"
 
 
-@pytest.mark.parametrize("overrides,architecture", [
-    ([], "MixtralForCausalLM"),  # softmax top-2, renormalised, every layer MoE
-    (["model.moe.router.normalize=false", "model.moe.num_shared=1", "model.moe.shared_gate=true",
-      "model.moe.first_dense_layers=1", "model.n_kv_heads=1"], "Qwen2MoeForCausalLM"),
-    (["router=switch"], "Qwen2MoeForCausalLM"),
-    (["router=soft", "experts=e4"], "MixtralForCausalLM"),
-])
+@pytest.mark.parametrize(
+    "overrides,architecture",
+    [
+        ([], "MixtralForCausalLM"),  # softmax top-2, renormalised, every layer MoE
+        (
+            [
+                "model.moe.router.normalize=false",
+                "model.moe.num_shared=1",
+                "model.moe.shared_gate=true",
+                "model.moe.first_dense_layers=1",
+                "model.n_kv_heads=1",
+            ],
+            "Qwen2MoeForCausalLM",
+        ),
+        (["router=switch"], "Qwen2MoeForCausalLM"),
+        (["router=soft", "experts=e4"], "MixtralForCausalLM"),
+    ],
+)
 def test_exported_logits_equal_moe_labs(make_cfg, tmp_path, overrides, architecture):
     ckpt = trained(make_cfg, tmp_path, *overrides)
     out = tmp_path / "hf"
@@ -58,9 +69,12 @@ def test_exported_tokenizer_is_the_byte_tokenizer(make_cfg, tmp_path):
 
 def test_routers_without_an_equivalent_are_refused_naming_the_formats(make_cfg, tmp_path):
     ckpt = trained(make_cfg, tmp_path, "router=hash", "aux_loss=none")
-    with pytest.raises(ExportError, match=r"router=hash .* has no Hugging Face equivalent. Export writes Mixtral, "
-                                          r"Qwen2-MoE, Qwen3-MoE or OLMoE, whose routing is softmax top-k: routers "
-                                          r"\['noisy_topk'"):
+    with pytest.raises(
+        ExportError,
+        match=r"router=hash .* has no Hugging Face equivalent. Export writes Mixtral, "
+        r"Qwen2-MoE, Qwen3-MoE or OLMoE, whose routing is softmax top-k: routers "
+        r"\['noisy_topk'",
+    ):
         export_hf(ckpt, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 import moe_lab
-from conftest import FAST, run_cli
 from moe_lab.errors import CheckpointError, UserError
 from moe_lab.training.train import train
+
+from conftest import FAST, run_cli
 
 
 class WritesAMarker:
@@ -62,8 +63,11 @@ def test_malicious_checkpoint_runs_nothing_through_train(make_cfg, tmp_path):
 @pytest.mark.parametrize("command", ["train", "export"])
 def test_malicious_checkpoint_runs_nothing_through_the_command_line(tmp_path, command):
     ckpt = malicious_checkpoint(tmp_path / "evil.ckpt", tmp_path / "marker")
-    args = ([command, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'run'}"] if command == "train"
-            else [command, str(ckpt), "--format", "hf", str(tmp_path / "hf")])
+    args = (
+        [command, f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path / 'run'}"]
+        if command == "train"
+        else [command, str(ckpt), "--format", "hf", str(tmp_path / "hf")]
+    )
     line = one_error_line(run_cli(args, cwd=tmp_path))
     assert "not a readable moe-lab checkpoint" in line
     assert not (tmp_path / "marker").exists() and not (tmp_path / "run").exists() and not (tmp_path / "hf").exists()
@@ -85,8 +89,11 @@ def test_damaged_checkpoints_are_one_clear_error(real_checkpoint, tmp_path, dama
     else:
         path.symlink_to(tmp_path / "loop.ckpt")
         (tmp_path / "loop.ckpt").symlink_to(path)
-    expected = {"not_moe_lab": "was not written by moe-lab", "directory": "is a directory",
-                "link_loop": "no such checkpoint file"}.get(damage, "not a readable moe-lab checkpoint")
+    expected = {
+        "not_moe_lab": "was not written by moe-lab",
+        "directory": "is a directory",
+        "link_loop": "no such checkpoint file",
+    }.get(damage, "not a readable moe-lab checkpoint")
     with pytest.raises(CheckpointError, match=expected) as e:
         moe_lab.load_model(path)
     assert "\n" not in str(e.value)
@@ -97,7 +104,8 @@ def test_export_of_a_truncated_checkpoint_is_one_line(real_checkpoint, tmp_path)
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(real_checkpoint.read_bytes()[:1000])
     assert "not a readable moe-lab checkpoint" in one_error_line(
-        run_cli(["export", str(bad), "--format", "hf", str(tmp_path / "hf")], cwd=tmp_path))
+        run_cli(["export", str(bad), "--format", "hf", str(tmp_path / "hf")], cwd=tmp_path)
+    )
     assert not (tmp_path / "hf").exists()
 
 
@@ -113,11 +121,14 @@ def test_hf_export_writes_safetensors(real_checkpoint, tmp_path):
 # -- bad settings and output locations: one line before anything runs ----------------------------------------
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0 must be a positive whole number"),
-    (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 must be a positive whole number"),
-    (["trainer.val_check_interval=0"], "trainer.val_check_interval=0 must be a number of training batches"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["trainer.log_every_n_steps=0"], "trainer.log_every_n_steps=0 must be a positive whole number"),
+        (["trainer.accumulate_grad_batches=0"], "trainer.accumulate_grad_batches=0 must be a positive whole number"),
+        (["trainer.val_check_interval=0"], "trainer.val_check_interval=0 must be a number of training batches"),
+    ],
+)
 def test_trainer_values_that_fail_mid_training_are_refused_up_front(args, expected):
     from moe_lab.cli.preflight import preflight
 
@@ -153,8 +164,9 @@ def test_an_unwritable_output_location_is_refused(tmp_path, monkeypatch):
 
     (tmp_path / "readonly").mkdir()
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path / "readonly"
-                        else real_access(p, mode))
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if Path(p) == tmp_path / "readonly" else real_access(p, mode)
+    )
     message = preflight([f"hydra.run.dir={tmp_path / 'readonly' / 'run'}"])
     assert message is not None and "cannot write in" in message and "permission denied" in message
     assert not (tmp_path / "readonly" / "run").exists()
@@ -180,14 +192,20 @@ def test_a_cut_off_last_routing_line_is_skipped(run_dir):
     assert write_dashboard(run_dir).is_file()
 
 
-@pytest.mark.parametrize("damage,expected", [
-    ("binary_metrics", "metrics.csv is damaged"),
-    ("corrupt_summary", "summary.json is damaged"),
-    ("summary_not_an_object", "summary.json is damaged"),
-    ("corrupt_routing_line", "routing.jsonl is damaged (line 1 is not JSON)"),
-    ("routing_line_without_layers", "routing.jsonl is damaged (line 1 is not a routing record: no list of 'layers')"),
-    ("routing_layer_of_wrong_shape", "routing.jsonl is damaged (line 2 is not a routing record: a layer without"),
-])
+@pytest.mark.parametrize(
+    "damage,expected",
+    [
+        ("binary_metrics", "metrics.csv is damaged"),
+        ("corrupt_summary", "summary.json is damaged"),
+        ("summary_not_an_object", "summary.json is damaged"),
+        ("corrupt_routing_line", "routing.jsonl is damaged (line 1 is not JSON)"),
+        (
+            "routing_line_without_layers",
+            "routing.jsonl is damaged (line 1 is not a routing record: no list of 'layers')",
+        ),
+        ("routing_layer_of_wrong_shape", "routing.jsonl is damaged (line 2 is not a routing record: a layer without"),
+    ],
+)
 def test_damaged_run_files_are_named(run_dir, damage, expected):
     from moe_lab.analysis.dashboard import write_dashboard
     from moe_lab.errors import DashboardError
@@ -240,15 +258,18 @@ def test_export_to_a_file_is_refused(real_checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args,expected", [
-    (["bench", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
-    (["bench", "--repeats", "0"], "--repeats must be at least 1"),
-    (["export", "x.ckpt"], "the following arguments are required"),
-    (["dashboard"], "the following arguments are required: PATH"),
-    (["import", "x"], "the following arguments are required: out_dir"),
-    (["generate", "x.ckpt", "--top-p", "x"], "argument --top-p: invalid float value"),
-    (["eval"], "the following arguments are required: source"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["bench", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+        (["bench", "--repeats", "0"], "--repeats must be at least 1"),
+        (["export", "x.ckpt"], "the following arguments are required"),
+        (["dashboard"], "the following arguments are required: PATH"),
+        (["import", "x"], "the following arguments are required: out_dir"),
+        (["generate", "x.ckpt", "--top-p", "x"], "argument --top-p: invalid float value"),
+        (["eval"], "the following arguments are required: source"),
+    ],
+)
 def test_subcommand_argument_errors_are_one_line(tmp_path, args, expected):
     assert expected in one_error_line(run_cli(args, cwd=tmp_path))
 
@@ -260,8 +281,17 @@ def test_divergence_at_a_step_that_logs_nothing(make_cfg, tmp_path):
     from moe_lab.errors import Diverged
 
     with pytest.raises(Diverged, match="the last good checkpoint is|no checkpoint was written") as e:
-        train(make_cfg("optim.lr=1e4", "optim.warmup_steps=0", "trainer.max_steps=6", "trainer.log_every_n_steps=10",
-                       "trainer.val_check_interval=100", "checkpoint.every_n_steps=2", name="run"))
+        train(
+            make_cfg(
+                "optim.lr=1e4",
+                "optim.warmup_steps=0",
+                "trainer.max_steps=6",
+                "trainer.log_every_n_steps=10",
+                "trainer.val_check_interval=100",
+                "checkpoint.every_n_steps=2",
+                name="run",
+            )
+        )
     run_dir = tmp_path / "run"
     summary = json.loads((run_dir / "summary.json").read_text())  # valid JSON: no NaN in it
     assert summary["status"] == "diverged" and "NaN or infinite" in summary["error"]
@@ -291,9 +321,19 @@ def test_a_nonfinite_validation_loss_is_divergence(make_cfg, tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_diverged_run_exits_non_zero_with_one_line(tmp_path, cache_dir):
-    result = run_cli(["train", *FAST, f"paths.cache_dir={cache_dir}", "optim.lr=1e4", "optim.warmup_steps=0",
-                      "trainer.max_steps=6", "trainer.log_every_n_steps=10", f"hydra.run.dir={tmp_path / 'run'}"],
-                     cwd=tmp_path)
+    result = run_cli(
+        [
+            "train",
+            *FAST,
+            f"paths.cache_dir={cache_dir}",
+            "optim.lr=1e4",
+            "optim.warmup_steps=0",
+            "trainer.max_steps=6",
+            "trainer.log_every_n_steps=10",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("moe-lab: error:")]
     assert len(errors) == 1 and "training diverged" in errors[0] and "Traceback" not in result.stderr
@@ -333,8 +373,11 @@ def test_a_save_killed_mid_write_leaves_the_previous_checkpoint_whole(tmp_path, 
     if existing:
         AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, last)
     before = last.read_bytes() if existing else None
-    killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(last)], capture_output=True,
-                            env={**os.environ, "TMPDIR": str(other_tmp)})
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_DURING_SAVE, str(last)],
+        capture_output=True,
+        env={**os.environ, "TMPDIR": str(other_tmp)},
+    )
     assert killed.returncode == -9
     if existing:
         assert last.read_bytes() == before
@@ -400,10 +443,24 @@ def test_sigterm_between_log_steps_leaves_no_hole_in_the_joined_curve(tmp_path, 
             return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
 
     run_dir = tmp_path / "run"
-    args = [moe_lab_script(), "train", *FAST, f"paths.cache_dir={cache_dir}", "trainer.max_steps=100000",
-            "trainer.log_every_n_steps=7", "trainer.val_check_interval=100000", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(args, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    args = [
+        moe_lab_script(),
+        "train",
+        *FAST,
+        f"paths.cache_dir={cache_dir}",
+        "trainer.max_steps=100000",
+        "trainer.log_every_n_steps=7",
+        "trainer.val_check_interval=100000",
+        f"hydra.run.dir={run_dir}",
+    ]
+    proc = subprocess.Popen(
+        args,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:  # until some steps are logged
@@ -420,9 +477,18 @@ def test_sigterm_between_log_steps_leaves_no_hole_in_the_joined_curve(tmp_path, 
     first = logged_steps(run_dir)
     assert first[-1] == stopped_at  # the steps since the last log step were logged at the stop
     resumed = tmp_path / "resumed"
-    result = run_cli(["train", *FAST, f"paths.cache_dir={cache_dir}", f"trainer.max_steps={stopped_at + 10}",
-                      "trainer.log_every_n_steps=7", f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
-                      f"hydra.run.dir={resumed}"], cwd=tmp_path)
+    result = run_cli(
+        [
+            "train",
+            *FAST,
+            f"paths.cache_dir={cache_dir}",
+            f"trainer.max_steps={stopped_at + 10}",
+            "trainer.log_every_n_steps=7",
+            f"ckpt_path={run_dir / 'checkpoints' / 'last.ckpt'}",
+            f"hydra.run.dir={resumed}",
+        ],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     second = logged_steps(resumed)
     assert second[0] > stopped_at and second[-1] == stopped_at + 10
@@ -440,10 +506,19 @@ def test_two_runs_started_into_one_directory_at_once(tmp_path, cache_dir):
     from conftest import moe_lab_script
 
     run_dir = tmp_path / "shared"
-    args = [moe_lab_script(), "train", *FAST, f"paths.cache_dir={cache_dir}", "trainer.max_steps=6",
-            "trainer.log_every_n_steps=1", f"hydra.run.dir={run_dir}"]
-    procs = [subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    args = [
+        moe_lab_script(),
+        "train",
+        *FAST,
+        f"paths.cache_dir={cache_dir}",
+        "trainer.max_steps=6",
+        "trainer.log_every_n_steps=1",
+        f"hydra.run.dir={run_dir}",
+    ]
+    procs = [
+        subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     results = [(p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for p in procs]
     codes = sorted(code for code, _, _ in results)
     assert codes == [0, 2], [r[2][-1500:] for r in results]
@@ -481,10 +556,24 @@ def test_sigterm_during_the_first_validation(tmp_path, cache_dir):
     from conftest import moe_lab_script
 
     run_dir = tmp_path / "run"
-    args = [moe_lab_script(), "train", *FAST, f"paths.cache_dir={cache_dir}", "data.val_fraction=0.5",
-            "data.max_val_blocks=1000", "trainer.max_steps=50", f"hydra.run.dir={run_dir}"]
-    proc = subprocess.Popen(args, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    args = [
+        moe_lab_script(),
+        "train",
+        *FAST,
+        f"paths.cache_dir={cache_dir}",
+        "data.val_fraction=0.5",
+        "data.max_val_blocks=1000",
+        "trainer.max_steps=50",
+        f"hydra.run.dir={run_dir}",
+    ]
+    proc = subprocess.Popen(
+        args,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         for line in proc.stdout:  # the header is printed just before the untrained model is validated
             if line.startswith("moe-lab: data "):
@@ -509,8 +598,14 @@ def test_sigterm_during_the_first_validation(tmp_path, cache_dir):
 def test_a_data_error_is_found_before_any_directory_is_made(tmp_path, cache_dir):
     (tmp_path / "corpus.txt").write_bytes(bytes(range(128, 256)) * 40)  # not UTF-8
     run_dir = tmp_path / "run"
-    args = ["train", *[a for a in FAST if "max_chars" not in a], f"paths.cache_dir={cache_dir}", "data=text",
-            f"data.path={tmp_path / 'corpus.txt'}", f"hydra.run.dir={run_dir}"]
+    args = [
+        "train",
+        *[a for a in FAST if "max_chars" not in a],
+        f"paths.cache_dir={cache_dir}",
+        "data=text",
+        f"data.path={tmp_path / 'corpus.txt'}",
+        f"hydra.run.dir={run_dir}",
+    ]
     assert "UTF-8" in one_error_line(run_cli(args, cwd=tmp_path))
     assert not run_dir.exists()
     (tmp_path / "corpus.txt").write_text("def f(x):\n    return x + 1\n" * 2000)  # the corrected data
@@ -537,8 +632,10 @@ def test_a_flipped_bit_in_a_weight_is_found_on_load(real_checkpoint, tmp_path, c
     from moe_lab.cli.main import main
 
     _flip_one_bit_of_a_weight(real_checkpoint, tmp_path / "flipped.ckpt")
-    assert not torch.equal(torch.load(tmp_path / "flipped.ckpt", weights_only=True)["state_dict"]["model.embed.weight"],
-                           torch.load(real_checkpoint, weights_only=True)["state_dict"]["model.embed.weight"])
+    assert not torch.equal(
+        torch.load(tmp_path / "flipped.ckpt", weights_only=True)["state_dict"]["model.embed.weight"],
+        torch.load(real_checkpoint, weights_only=True)["state_dict"]["model.embed.weight"],
+    )
     with pytest.raises(CheckpointError, match="flipped.ckpt is damaged: its weights do not match the checksum"):
         moe_lab.load_model(tmp_path / "flipped.ckpt")
     assert main(["generate", str(tmp_path / "flipped.ckpt"), "--prompt", "x"]) == 2
@@ -547,8 +644,8 @@ def test_a_flipped_bit_in_a_weight_is_found_on_load(real_checkpoint, tmp_path, c
 
 
 def test_a_checkpoint_with_nan_weights_is_not_exported(real_checkpoint, tmp_path):
-    from moe_lab.training.checkpoint import with_checksum
     from moe_lab.tools.export import export_hf
+    from moe_lab.training.checkpoint import with_checksum
 
     ckpt = torch.load(real_checkpoint, weights_only=True)
     ckpt["state_dict"]["model.blocks.0.attn.q_proj.weight"][0, 0] = float("nan")
@@ -561,15 +658,18 @@ def test_a_checkpoint_with_nan_weights_is_not_exported(real_checkpoint, tmp_path
 # -- one line for each of these, before any work ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("args,expected", [
-    (["train", "checkpoint.keep=-5"], "checkpoint.keep=-5 must be -1"),
-    (["train", "model.norm_eps=-1"], "model.norm_eps=-1.0 must be a positive number"),
-    (["train", "model.rope_theta=0"], "model.rope_theta=0.0 must be a positive number"),
-    (["train", "optim.eps=0"], "optim.eps=0.0 must be > 0"),
-    (["train", "router=soft", "model.moe.router.top_k=3"], "router=soft sends every token to all"),
-    (["dashboard", ".", "--live", "--interval", "0"], "--interval 0 must be at least 1"),
-    (["dashboard", ".", "--live", "--interval", "-5"], "--interval -5 must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["train", "checkpoint.keep=-5"], "checkpoint.keep=-5 must be -1"),
+        (["train", "model.norm_eps=-1"], "model.norm_eps=-1.0 must be a positive number"),
+        (["train", "model.rope_theta=0"], "model.rope_theta=0.0 must be a positive number"),
+        (["train", "optim.eps=0"], "optim.eps=0.0 must be > 0"),
+        (["train", "router=soft", "model.moe.router.top_k=3"], "router=soft sends every token to all"),
+        (["dashboard", ".", "--live", "--interval", "0"], "--interval 0 must be at least 1"),
+        (["dashboard", ".", "--live", "--interval", "-5"], "--interval -5 must be at least 1"),
+    ],
+)
 def test_bad_values_are_one_line_before_any_work(args, expected, tmp_path, capsys, monkeypatch):
     from moe_lab.cli.main import main
 
@@ -584,8 +684,9 @@ def test_bad_values_are_one_line_before_any_work(args, expected, tmp_path, capsy
 def test_generate_html_into_a_directory_and_a_prompt_past_the_context(real_checkpoint, tmp_path, capsys):
     from moe_lab.cli.main import main
 
-    assert main(["generate", str(real_checkpoint), "--prompt", "x", "--show-experts", "0", "--html",
-                 str(tmp_path)]) == 2
+    assert (
+        main(["generate", str(real_checkpoint), "--prompt", "x", "--show-experts", "0", "--html", str(tmp_path)]) == 2
+    )
     assert "give a file in an existing folder" in capsys.readouterr().err
     long = "y" * 600  # the checkpoint's context is 128 tokens (FAST)
     assert main(["generate", str(real_checkpoint), "--prompt", long]) == 2
@@ -621,8 +722,9 @@ def test_a_full_disk_at_the_final_save_names_the_last_good_checkpoint(make_cfg, 
         return real_save(self, checkpoint, path, storage_options)
 
     monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", full_after_the_first)
-    with pytest.raises(DiskFull, match="the disk is full .* at step 12; the last checkpoint written whole is "
-                                       ".*step000006.ckpt"):
+    with pytest.raises(
+        DiskFull, match="the disk is full .* at step 12; the last checkpoint written whole is .*step000006.ckpt"
+    ):
         train(make_cfg("metrics.dashboard=false", name="run"))
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["checkpoint"].endswith("step000006.ckpt")
@@ -634,8 +736,10 @@ def test_a_failed_jobs_row_shows_no_loss_it_never_reached(tmp_path):
 
     from moe_lab.analysis.runs import write_sweep_summary
 
-    for job, summary in (("0", {"status": "finished", "step": 9, "val_step": 9, "val/loss": 2.0}),
-                         ("1", {"status": "diverged", "step": 7, "val_step": 0, "val/loss": 5.5})):
+    for job, summary in (
+        ("0", {"status": "finished", "step": 9, "val_step": 9, "val/loss": 2.0}),
+        ("1", {"status": "diverged", "step": 7, "val_step": 0, "val/loss": 5.5}),
+    ):
         (tmp_path / job / ".hydra").mkdir(parents=True)
         (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
         (tmp_path / job / "summary.json").write_text(json.dumps(summary))

@@ -6,19 +6,28 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import run_cli
 from moe_lab.errors import UserError
 from moe_lab.model import ModelConfig, MoETransformer
 from moe_lab.model.gpt import KVCache
 from moe_lab.tools.generate import Sampling, coloured_terminal, generate, next_tokens, token_pieces
 
+from conftest import run_cli
+
 
 def tiny_model(**extra) -> MoETransformer:
     torch.manual_seed(0)
-    cfg = ModelConfig.from_dict({"vocab_size": 96, "d_model": 64, "n_heads": 4, "n_kv_heads": 2, "n_layers": 3,
-                                 "max_seq_len": 64, **extra,
-                                 "moe": {"num_experts": 4, "expert_hidden": 32, "capacity_factor": None,
-                                         "eval_capacity_factor": None}})
+    cfg = ModelConfig.from_dict(
+        {
+            "vocab_size": 96,
+            "d_model": 64,
+            "n_heads": 4,
+            "n_kv_heads": 2,
+            "n_layers": 3,
+            "max_seq_len": 64,
+            **extra,
+            "moe": {"num_experts": 4, "expert_hidden": 32, "capacity_factor": None, "eval_capacity_factor": None},
+        }
+    )
     model = MoETransformer(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -32,8 +41,9 @@ def test_cached_steps_and_left_padding_change_no_logit(extra):
     ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(0))
     full = model(ids).logits
     cache = KVCache(model.cfg, 2, 24, ids.device, torch.float32)
-    steps = [model(ids[:, :8], cache=cache).logits] + [model(ids[:, t:t + 1], cache=cache).logits
-                                                       for t in range(8, 20)]
+    steps = [model(ids[:, :8], cache=cache).logits] + [
+        model(ids[:, t : t + 1], cache=cache).logits for t in range(8, 20)
+    ]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
     # Row 1 is 5 tokens shorter and left-padded: its logits are those of its own tokens alone.
     padded = torch.cat([ids[:1], torch.cat([torch.zeros(1, 5, dtype=torch.long), ids[1:, :15]], 1)])
@@ -53,7 +63,7 @@ def test_greedy_generation_is_the_argmax_of_full_forwards():
         for _ in range(12):
             with torch.no_grad():
                 ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-        assert result.new_ids == ids[len(prompt):]
+        assert result.new_ids == ids[len(prompt) :]
         # The routing shown is that of a full forward over the whole text.
         with torch.no_grad():
             out = model(torch.tensor([ids]))
@@ -92,8 +102,9 @@ def test_greedy_output_equals_transformers_generate(family, tmp_path):
     # transformers, batched the same way: left padding and an attention mask.
     ids = torch.tensor([prompts[0], [0, 0, 0] + prompts[1]])
     mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
-    theirs = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0,
-                         eos_token_id=None)
+    theirs = hf.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
     for i, result in enumerate(ours):
         assert result.new_ids == theirs[i, 6:].tolist(), i
 
@@ -113,8 +124,23 @@ def test_generate_command(tmp_path):
     from test_import import save_hf_model
 
     save_hf_model("olmoe", tmp_path / "hf")
-    result = run_cli(["generate", str(tmp_path / "hf"), "--prompt", "def ", "--prompt", "x = ", "--max-new-tokens",
-                      "5", "--show-experts", "1", "--html", str(tmp_path / "experts.html")], cwd=tmp_path)
+    result = run_cli(
+        [
+            "generate",
+            str(tmp_path / "hf"),
+            "--prompt",
+            "def ",
+            "--prompt",
+            "x = ",
+            "--max-new-tokens",
+            "5",
+            "--show-experts",
+            "1",
+            "--html",
+            str(tmp_path / "experts.html"),
+        ],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("[0] def ") and "\n[1] x = " in result.stdout
     assert "[E" in result.stdout  # the routing, in text when not on a terminal

@@ -11,15 +11,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli
 from moe_lab.errors import UserError
 from moe_lab.training.checkpoint import load_model
+
+from conftest import REPO, run_cli
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 320  # the byte tokenizer's 257 tokens fit
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=128, eos_token_id=256, bos_token_id=None, pad_token_id=None)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    eos_token_id=256,
+    bos_token_id=None,
+    pad_token_id=None,
+)
 
 
 def hf_config(family: str, **extra):
@@ -28,11 +38,25 @@ def hf_config(family: str, **extra):
     if family == "mixtral":
         return MixtralConfig(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, **COMMON, **extra)
     if family == "qwen2_moe":  # a dense first layer, a wider shared expert, q/k/v biases, unnormalised weights
-        return Qwen2MoeConfig(intermediate_size=48, moe_intermediate_size=16, shared_expert_intermediate_size=24,
-                              num_experts=4, num_experts_per_tok=2, **{"mlp_only_layers": [0], **COMMON, **extra})
+        return Qwen2MoeConfig(
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=4,
+            num_experts_per_tok=2,
+            **{"mlp_only_layers": [0], **COMMON, **extra},
+        )
     if family == "qwen3_moe":  # an explicit head_dim unlike hidden_size / heads, per-head q/k norms
-        return Qwen3MoeConfig(intermediate_size=48, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
-                              head_dim=16, norm_topk_prob=True, **COMMON, **extra)
+        return Qwen3MoeConfig(
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_experts=4,
+            num_experts_per_tok=2,
+            head_dim=16,
+            norm_topk_prob=True,
+            **COMMON,
+            **extra,
+        )
     return OlmoeConfig(intermediate_size=16, num_experts=4, num_experts_per_tok=2, **COMMON, **extra)
 
 
@@ -82,15 +106,18 @@ def test_imported_logits_equal_transformers(family, tmp_path):
         assert torch.equal(tensor, second["state_dict"][name]), name
 
 
-@pytest.mark.parametrize("family, extra, part", [
-    ("mixtral", {"sliding_window": 64}, "sliding-window attention"),
-    ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 64}, "sliding-window attention"),
-    ("olmoe", {"clip_qkv": 8.0}, "clipping of q, k and v"),
-    ("qwen3_moe", {"attention_bias": True}, "attention_bias=true"),
-    ("mixtral", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "scaled RoPE"),
-    ("qwen2_moe", {"mlp_only_layers": [2]}, "MoE layers [0, 1] of 3"),
-    ("mixtral", {"hidden_act": "relu"}, "hidden_act=relu"),
-])
+@pytest.mark.parametrize(
+    "family, extra, part",
+    [
+        ("mixtral", {"sliding_window": 64}, "sliding-window attention"),
+        ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 64}, "sliding-window attention"),
+        ("olmoe", {"clip_qkv": 8.0}, "clipping of q, k and v"),
+        ("qwen3_moe", {"attention_bias": True}, "attention_bias=true"),
+        ("mixtral", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "scaled RoPE"),
+        ("qwen2_moe", {"mlp_only_layers": [2]}, "MoE layers [0, 1] of 3"),
+        ("mixtral", {"hidden_act": "relu"}, "hidden_act=relu"),
+    ],
+)
 def test_a_part_moe_lab_cannot_represent_is_refused(family, extra, part, tmp_path):
     from moe_lab.tools.hf_import import import_hf
 
@@ -107,10 +134,15 @@ def test_other_architectures_are_named(tmp_path):
 
     from moe_lab.tools.hf_import import import_hf
 
-    for config, expected in ((DeepseekV3Config(**COMMON, n_routed_experts=4, num_experts_per_tok=2,
-                                               moe_intermediate_size=16, intermediate_size=48),
-                              "multi-head latent attention"),
-                             (LlamaConfig(**COMMON, intermediate_size=48), "model_type='llama' cannot be imported")):
+    for config, expected in (
+        (
+            DeepseekV3Config(
+                **COMMON, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=48
+            ),
+            "multi-head latent attention",
+        ),
+        (LlamaConfig(**COMMON, intermediate_size=48), "model_type='llama' cannot be imported"),
+    ):
         folder = tmp_path / config.model_type
         config.save_pretrained(folder)
         with pytest.raises(UserError, match=expected):
@@ -132,11 +164,27 @@ def test_fine_tuning_an_imported_model_starts_from_its_weights(tmp_path, cache_d
     assert imported.returncode == 0, imported.stderr[-2000:]
     assert "imported qwen3_moe" in imported.stdout
     ckpt = tmp_path / "imported" / "model.ckpt"
-    data = ["data.seq_len=64", "data.batch_size=4", "++data.max_chars_per_domain=20000", "data.max_val_blocks=4",
-            f"paths.cache_dir={cache_dir}"]
+    data = [
+        "data.seq_len=64",
+        "data.batch_size=4",
+        "++data.max_chars_per_domain=20000",
+        "data.max_val_blocks=4",
+        f"paths.cache_dir={cache_dir}",
+    ]
     run = tmp_path / "tuned"
-    result = run_cli(["train", f"ckpt_path={ckpt}", *data, "trainer.max_steps=1", "trainer.val_check_interval=1",
-                      "optim.warmup_steps=0", "optim.lr=1e-4", f"hydra.run.dir={run}"], cwd=tmp_path)
+    result = run_cli(
+        [
+            "train",
+            f"ckpt_path={ckpt}",
+            *data,
+            "trainer.max_steps=1",
+            "trainer.val_check_interval=1",
+            "optim.warmup_steps=0",
+            "optim.lr=1e-4",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "fine-tuning" in result.stderr and "run finished at step 1" in result.stdout
     start = torch.load(ckpt, weights_only=True)["state_dict"]
@@ -152,8 +200,9 @@ def test_fine_tuning_an_imported_model_starts_from_its_weights(tmp_path, cache_d
     assert origin.imported == str(tmp_path / "hf")
     (tmp_path / "moved").rename(tmp_path / "imported")
     # A model setting given on top is refused: fine-tuning keeps the imported model.
-    refused = run_cli(["train", f"ckpt_path={ckpt}", *data, "model.n_layers=2", f"hydra.run.dir={tmp_path / 'x'}"],
-                      cwd=tmp_path)
+    refused = run_cli(
+        ["train", f"ckpt_path={ckpt}", *data, "model.n_layers=2", f"hydra.run.dir={tmp_path / 'x'}"], cwd=tmp_path
+    )
     assert refused.returncode == 2 and "model.n_layers is 3 in the checkpoint but 2 here" in refused.stderr
 
 

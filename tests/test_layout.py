@@ -141,14 +141,21 @@ def test_the_model_needs_nothing_but_torch():
 def test_no_hydra_internals():
     for path in PACKAGE.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [alias.name for alias in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
             assert not any(n.startswith("hydra._internal") for n in names), path
 
 
 def test_reading_results_never_imports_torch():
-    code = ("import sys, moe_lab.analysis.dashboard, moe_lab.analysis.runs, moe_lab.analysis.stats, moe_lab.errors; "
-            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    code = (
+        "import sys, moe_lab.analysis.dashboard, moe_lab.analysis.runs, moe_lab.analysis.stats, moe_lab.errors; "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
@@ -157,9 +164,11 @@ def test_reading_results_never_imports_torch():
 def test_composing_a_config_never_imports_torch():
     """Shell completion and `--cfg job` compose configs only: the Hydra app, the schemas and the model's settings load
     without torch (a TAB that waited for torch's import took seconds)."""
-    code = ("import sys, moe_lab.cli.hydra_app, moe_lab.training.schemas, moe_lab.model.config; "
-            "from moe_lab.model import ModelConfig, RouterConfig; "
-            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    code = (
+        "import sys, moe_lab.cli.hydra_app, moe_lab.training.schemas, moe_lab.model.config; "
+        "from moe_lab.model import ModelConfig, RouterConfig; "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
@@ -167,8 +176,8 @@ def test_composing_a_config_never_imports_torch():
 
 def test_readme_layout_section_matches_the_tree():
     readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## How the code is laid out"):]
-    section = section[:section.index("\n## ")]
+    section = readme[readme.index("## How the code is laid out") :]
+    section = section[: section.index("\n## ")]
     block = "".join(re.findall(r"```\n(.*?)```", section, re.S))
     listed = set(re.findall(r"([\w/]+\.py|[\w]+/)", block))
     files = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from moe_lab.analysis.stats import load_statistics, mutual_information
 from moe_lab.analysis.figures import load_ratio_heatmap
+from moe_lab.analysis.stats import load_statistics, mutual_information
 from moe_lab.training.metrics import peak_flops
 from moe_lab.training.train import train
 
@@ -63,9 +63,22 @@ def test_a_run_logs_and_writes_routing_statistics(make_cfg, tmp_path):
     last = {k: float(v) for k, v in rows[-1].items() if v}
     for layer in (0, 1):
         p = f"moe/layer{layer}/"
-        for key in ("imbalance", "maxvio", "cv", "dropped_frac", "dead_experts", "min_load", "starved_experts",
-                    "entropy", "entropy_norm", "topk_mass", "domain_mi", "specialization", "aux/load_balance",
-                    "aux/z_loss"):
+        for key in (
+            "imbalance",
+            "maxvio",
+            "cv",
+            "dropped_frac",
+            "dead_experts",
+            "min_load",
+            "starved_experts",
+            "entropy",
+            "entropy_norm",
+            "topk_mass",
+            "domain_mi",
+            "specialization",
+            "aux/load_balance",
+            "aux/z_loss",
+        ):
             assert p + key in last, p + key
         assert last[p + "maxvio"] == pytest.approx(last[p + "imbalance"] - 1)
         assert last[p + "entropy_norm"] == pytest.approx(last[p + "entropy"] / math.log(8))

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from conftest import assert_causal
 from moe_lab.model import ModelConfig, MoEConfig, MoETransformer
 from moe_lab.model.losses import load_balance_loss, router_z_loss
+
+from conftest import assert_causal
 
 
 def test_load_balance_loss_hand_computed():
@@ -45,8 +46,15 @@ def test_z_loss_hand_computed():
 
 
 def tiny_config(**moe) -> ModelConfig:
-    return ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, ffn_hidden=64, max_seq_len=64,
-                       moe=MoEConfig(num_experts=4, expert_hidden=32, **moe))
+    return ModelConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        ffn_hidden=64,
+        max_seq_len=64,
+        moe=MoEConfig(num_experts=4, expert_hidden=32, **moe),
+    )
 
 
 def test_aux_losses_are_averaged_over_layers_not_concatenated():

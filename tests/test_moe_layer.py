@@ -17,15 +17,32 @@ def build_dispatch(expert_ids_TK, num_experts, capacity, priority_TK=None):
     priority_N = priority_TK.t().reshape(-1) if priority_TK is not None else None
     return plan_dispatch(expert_ids_TK.t().reshape(-1), num_experts, capacity, priority_N)
 
+
 D = 32
 
 
-def make_layer(num_experts=8, top_k=2, capacity_factor=None, hidden=48, activation="swiglu", num_shared=0,
-               normalize=True, seed=0, **moe) -> MoELayer:
+def make_layer(
+    num_experts=8,
+    top_k=2,
+    capacity_factor=None,
+    hidden=48,
+    activation="swiglu",
+    num_shared=0,
+    normalize=True,
+    seed=0,
+    **moe,
+) -> MoELayer:
     torch.manual_seed(seed)
-    cfg = MoEConfig(num_experts=num_experts, expert_hidden=hidden, activation=activation, num_shared=num_shared,
-                    capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor,
-                    router={"name": "topk", "top_k": top_k, "normalize": normalize}, **moe)
+    cfg = MoEConfig(
+        num_experts=num_experts,
+        expert_hidden=hidden,
+        activation=activation,
+        num_shared=num_shared,
+        capacity_factor=capacity_factor,
+        eval_capacity_factor=capacity_factor,
+        router={"name": "topk", "top_k": top_k, "normalize": normalize},
+        **moe,
+    )
     return MoELayer(D, cfg)
 
 
@@ -41,8 +58,14 @@ def run(layer: MoELayer, x: torch.Tensor, grad: torch.Tensor, implementation: st
 @pytest.mark.parametrize("top_k,capacity_factor", [(1, None), (2, None), (2, 1.0), (2, 0.5), (4, 0.75), (8, None)])
 @pytest.mark.parametrize("activation,num_shared,drop_policy", [("swiglu", 0, "position"), ("gelu", 1, "probability")])
 def test_grouped_equals_loop_oracle(top_k, capacity_factor, activation, num_shared, drop_policy):
-    layer = make_layer(top_k=top_k, capacity_factor=capacity_factor, activation=activation, num_shared=num_shared,
-                       drop_policy=drop_policy, shared_gate=num_shared > 0)
+    layer = make_layer(
+        top_k=top_k,
+        capacity_factor=capacity_factor,
+        activation=activation,
+        num_shared=num_shared,
+        drop_policy=drop_policy,
+        shared_gate=num_shared > 0,
+    )
     x = torch.randn(3, 40, D)
     grad = torch.randn(3, 40, D)
     y_g, gx_g, gw_g, out_g = run(layer, x, grad, "grouped")
@@ -74,7 +97,7 @@ def test_top_k_equal_to_num_experts_is_the_dense_softmax_mixture():
     y, _ = layer(x)
     x_TD = x.reshape(-1, D)
     probs_TE = torch.softmax(x_TD @ layer.router.gate_ED.t(), dim=-1)
-    dense = sum(probs_TE[:, e:e + 1] * layer.experts.expert_forward(e, x_TD) for e in range(4))
+    dense = sum(probs_TE[:, e : e + 1] * layer.experts.expert_forward(e, x_TD) for e in range(4))
     torch.testing.assert_close(y.reshape(-1, D), dense, rtol=1e-5, atol=1e-6)
 
 
@@ -100,7 +123,7 @@ def test_dispatch_on_hand_built_routing():
     assert kept[:3] == [(0, 0), (1, 0), (2, 0)]  # expert 0
     assert sorted(kept[3:6]) == [(0, 1), (2, 1), (3, 0)]  # expert 1
     assert sorted(kept[6:9]) == [(1, 1), (4, 1), (5, 0)]  # expert 2
-    dropped = sorted((int(s) % T, int(s) // T) for s in d.row_slot_R[d.offs_E[-1]:])
+    dropped = sorted((int(s) % T, int(s) // T) for s in d.row_slot_R[d.offs_E[-1] :])
     assert dropped == [(3, 1), (4, 0), (5, 1)]
     assert sorted(d.row_slot_R.tolist()) == list(range(12))  # every slot has exactly one row
 

@@ -62,8 +62,12 @@ def plugin_env(tmp_path_factory) -> dict[str, str]:
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: throwaway-router\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[moe_lab.routers]\nlowest_score = throwaway_router\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop("WANDB_API_KEY", None)
     return env
 
@@ -82,10 +86,24 @@ def test_it_appears_in_help_and_trains_from_the_command_line(plugin_env, tmp_pat
     router_line = next(line for line in shown.stdout.splitlines() if line.startswith("router:"))
     assert NAME in router_line.split(":")[1].replace(",", " ").split()
     run_dir = tmp_path / "run"
-    trained = subprocess.run([script, "train", f"router={NAME}", "model.moe.router.normalize=false", *FAST,
-                              "trainer.max_steps=6", "metrics.dashboard=false", f"paths.cache_dir={cache_dir}",
-                              f"hydra.run.dir={run_dir}"], env=plugin_env, capture_output=True, text=True,
-                             timeout=600, cwd=tmp_path)
+    trained = subprocess.run(
+        [
+            script,
+            "train",
+            f"router={NAME}",
+            "model.moe.router.normalize=false",
+            *FAST,
+            "trainer.max_steps=6",
+            "metrics.dashboard=false",
+            f"paths.cache_dir={cache_dir}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        env=plugin_env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert f"({NAME})" in trained.stdout  # the run's header names the router
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -97,15 +115,41 @@ def test_it_appears_in_help_and_trains_from_the_command_line(plugin_env, tmp_pat
 def test_it_runs_under_expert_parallelism_with_the_same_math(plugin_env, tmp_path, cache_dir):
     """2 gloo ranks, experts split over them (expert_parallel=2) or replicated (1): the same losses, bit for bit
     (trainer.deterministic=true), as tests/test_distributed.py holds every built-in router."""
-    common = [*FAST, f"router={NAME}", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-              "+trainer.deterministic=true", "data.batch_size=4", "trainer.max_steps=4", "trainer.val_check_interval=4",
-              "trainer.log_every_n_steps=1", "metrics.dashboard=false", "threads=1", f"paths.cache_dir={cache_dir}"]
-    plan = [{"dir": str(tmp_path / f"ep{ep}"), "overrides": [*common, f"model.moe.expert_parallel={ep}"]}
-            for ep in (1, 2)]
+    common = [
+        *FAST,
+        f"router={NAME}",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "+trainer.deterministic=true",
+        "data.batch_size=4",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "trainer.log_every_n_steps=1",
+        "metrics.dashboard=false",
+        "threads=1",
+        f"paths.cache_dir={cache_dir}",
+    ]
+    plan = [
+        {"dir": str(tmp_path / f"ep{ep}"), "overrides": [*common, f"model.moe.expert_parallel={ep}"]} for ep in (1, 2)
+    ]
     (tmp_path / "plan.json").write_text(json.dumps(plan))
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           str(REPO / "tests" / "layout_worker.py"), str(tmp_path / "plan.json")], env=plugin_env,
-                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            str(REPO / "tests" / "layout_worker.py"),
+            str(tmp_path / "plan.json"),
+        ],
+        env=plugin_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     summaries = [json.loads((tmp_path / f"ep{ep}" / "summary.json").read_text()) for ep in (1, 2)]
     assert summaries[0]["val/loss"] == summaries[1]["val/loss"]

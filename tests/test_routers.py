@@ -7,17 +7,26 @@ import math
 import pytest
 import torch
 
-from conftest import assert_causal
 from moe_lab.model import AuxLossConfig, ModelConfig, MoEConfig, MoELayer, MoETransformer
 from moe_lab.model.losses import load_balance_loss
-from moe_lab.model.routers import (ROUTERS, AuxFreeRouter, RouterConfig, RouterInputs, normalized_sigmoid, router_config,
-                                   sinkhorn)
+from moe_lab.model.routers import (
+    ROUTERS,
+    AuxFreeRouter,
+    RouterConfig,
+    RouterInputs,
+    normalized_sigmoid,
+    router_config,
+    sinkhorn,
+)
+
+from conftest import assert_causal
 
 D, E = 32, 8
 ALL = sorted(ROUTERS)
 # Every router but the paper's expert choice (and the domain oracle, which needs labels), on its defaults.
-CAUSAL_CONFIGS = ([{"name": n} for n in ALL if n != "expert_choice" and not ROUTERS[n].Config.needs_domain]
-                  + [{"name": "expert_choice", "causal": True}])
+CAUSAL_CONFIGS = [{"name": n} for n in ALL if n != "expert_choice" and not ROUTERS[n].Config.needs_domain] + [
+    {"name": "expert_choice", "causal": True}
+]
 
 
 def make_router(node: dict, num_experts: int = E, seed: int = 0, vocab_size: int = 64):
@@ -32,8 +41,14 @@ def route(router, x_TD: torch.Tensor, token_ids_T=None, **inputs):
 
 def make_layer(node: dict, capacity_factor=None, seed=0, **moe) -> MoELayer:
     torch.manual_seed(seed)
-    cfg = MoEConfig(num_experts=E, expert_hidden=32, capacity_factor=capacity_factor,
-                    eval_capacity_factor=capacity_factor, router=node, **moe)
+    cfg = MoEConfig(
+        num_experts=E,
+        expert_hidden=32,
+        capacity_factor=capacity_factor,
+        eval_capacity_factor=capacity_factor,
+        router=node,
+        **moe,
+    )
     return MoELayer(D, cfg, vocab_size=64)
 
 
@@ -196,7 +211,7 @@ def test_soft_mixture_is_the_dense_mixture():
     y, stats = layer(x)
     x_TD = x.reshape(-1, D)
     probs = torch.softmax(x_TD @ layer.router.gate_ED.t(), dim=-1)
-    dense = sum(probs[:, e:e + 1] * layer.experts.expert_forward(e, x_TD) for e in range(E))
+    dense = sum(probs[:, e : e + 1] * layer.experts.expert_forward(e, x_TD) for e in range(E))
     torch.testing.assert_close(y.reshape(-1, D), dense, rtol=1e-5, atol=1e-6)
     assert stats.tokens_per_expert_E.tolist() == [20.0] * E and stats.dropped_slots.item() == 0
 
@@ -245,8 +260,11 @@ def test_load_balance_loss_is_not_flattened_by_a_second_softmax():
 @pytest.mark.parametrize("name", ALL)
 def test_gradients_reach_every_router_parameter(name):
     flags = ROUTERS[name].Config
-    layer = make_layer({"name": name}, capacity_factor=None if flags.uses_capacity else 1.0,
-                       aux_loss=AuxLossConfig(importance=0.1, load=0.1 if flags.smooth_load else 0.0))
+    layer = make_layer(
+        {"name": name},
+        capacity_factor=None if flags.uses_capacity else 1.0,
+        aux_loss=AuxLossConfig(importance=0.1, load=0.1 if flags.smooth_load else 0.0),
+    )
     x = torch.randn(2, 32, D)
     domain = torch.tensor([0, 1]) if flags.needs_domain else None
     y, stats = layer(x, torch.randint(0, 64, (2, 32)), domain)
@@ -259,9 +277,15 @@ def test_gradients_reach_every_router_parameter(name):
 
 def tiny_model(node: dict) -> MoETransformer:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, d_model=D, n_layers=2, n_heads=4, ffn_hidden=64, max_seq_len=64,
-                      moe=MoEConfig(num_experts=E, expert_hidden=32, capacity_factor=None,
-                                    eval_capacity_factor=None, router=node))
+    cfg = ModelConfig(
+        vocab_size=64,
+        d_model=D,
+        n_layers=2,
+        n_heads=4,
+        ffn_hidden=64,
+        max_seq_len=64,
+        moe=MoEConfig(num_experts=E, expert_hidden=32, capacity_factor=None, eval_capacity_factor=None, router=node),
+    )
     return MoETransformer(cfg).eval()
 
 
@@ -297,7 +321,7 @@ def test_the_domain_oracle_routes_by_domain_and_needs_it():
     _, stats = layer(x, None, torch.tensor([0, 1, 2]))
     experts_TK = stats.expert_N.view(2, 30).T
     for b, domain in enumerate([0, 1, 2]):
-        assert experts_TK[b * 10:(b + 1) * 10].tolist() == [[(2 * domain) % E, (2 * domain + 1) % E]] * 10
+        assert experts_TK[b * 10 : (b + 1) * 10].tolist() == [[(2 * domain) % E, (2 * domain + 1) % E]] * 10
     assert torch.allclose(stats.weight_N, torch.full((60,), 0.5))
     with pytest.raises(ValueError, match="needs the data's domain labels"):
         layer(x)

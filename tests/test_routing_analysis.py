@@ -5,8 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from moe_lab.analysis.routing import (RoutingCounts, coactivation, domain_shares, drops_by_position,
-                                      layer_transitions, repeat_rates, saturation, vocab_specialisation)
+from moe_lab.analysis.routing import (
+    RoutingCounts,
+    coactivation,
+    domain_shares,
+    drops_by_position,
+    layer_transitions,
+    repeat_rates,
+    saturation,
+    vocab_specialisation,
+)
 from moe_lab.analysis.stats import mutual_information
 
 rng = np.random.default_rng(0)
@@ -78,10 +86,10 @@ def test_repeat_rate_of_a_hand_made_routing():
 def test_drops_by_position_of_a_hand_made_drop_pattern():
     experts = rng.integers(0, E, (L, B, S, 2))
     dropped = np.zeros((L, B, S, 2), dtype=bool)
-    dropped[:, :, S // 2:, 1] = True  # the second choice of every token in the second half
+    dropped[:, :, S // 2 :, 1] = True  # the second choice of every token in the second half
     dropped[1, :3, -1, 0] = True  # and, in layer 1, the first choice of the last token of half the sequences
     curve = drops_by_position(counts_of(experts, rng.integers(0, V, (B, S)), rng.integers(0, D, B), dropped))
-    assert np.all(curve[:, : S // 2] == 0) and np.all(curve[0, S // 2:] == 0.5)
+    assert np.all(curve[:, : S // 2] == 0) and np.all(curve[0, S // 2 :] == 0.5)
     assert curve[1, -1] == pytest.approx((B + 3) / (2 * B))
 
 
@@ -98,17 +106,37 @@ def test_analyze_command_on_a_hash_routed_checkpoint(make_cfg, tmp_path, cache_d
     layer), and a checkpoint compared with itself is saturated (1)."""
     import json
 
-    from conftest import FAST
     from moe_lab.cli.main import main
     from moe_lab.training.train import train
 
-    ckpt = train(make_cfg("router=hash", "aux_loss=none", "trainer.max_steps=2", "metrics.dashboard=false",
-                          name="hash"))["checkpoint"]
+    from conftest import FAST
+
+    ckpt = train(
+        make_cfg("router=hash", "aux_loss=none", "trainer.max_steps=2", "metrics.dashboard=false", name="hash")
+    )["checkpoint"]
     data = [o for o in FAST if o.startswith(("data.", "++data."))]
     page = tmp_path / "analysis.html"
     trace = tmp_path / "trace.parquet"
-    assert main(["analyze", ckpt, ckpt, *data, f"paths.cache_dir={cache_dir}", "-o", str(page), "--trace",
-                 str(trace), "--capacity-factor", "0.5", "--capacity-factor", "100"]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                ckpt,
+                ckpt,
+                *data,
+                f"paths.cache_dir={cache_dir}",
+                "-o",
+                str(page),
+                "--trace",
+                str(trace),
+                "--capacity-factor",
+                "0.5",
+                "--capacity-factor",
+                "100",
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "analysis.json").read_text())
     html = page.read_text()
     assert "Domain specialisation" in html and "Expert co-activation" in html and html.count("Plotly.newPlot") >= 5
@@ -136,7 +164,7 @@ def test_analyze_command_on_a_hash_routed_checkpoint(make_cfg, tmp_path, cache_d
     experts = np.array([e[0] for e in table["layer0_experts"]]).reshape(-1, S)
     dropped_S = np.zeros(S)
     for start in range(0, len(experts), 8):
-        batch = experts[start:start + 8].reshape(-1)
+        batch = experts[start : start + 8].reshape(-1)
         capacity = int(np.ceil(0.5 * batch.size / E))
         for expert in range(E):
             where = np.flatnonzero(batch == expert)
@@ -163,18 +191,21 @@ def test_analyze_command_on_a_hash_routed_checkpoint(make_cfg, tmp_path, cache_d
     assert other.read_text() == "mine\n" and not (tmp_path / "other.json").exists()
     assert main(["analyze", ckpt, *data, "-o", str(tmp_path / "x.html"), "--capacity-factor", "0"]) == 2
     assert "positive number" in capsys.readouterr().err
-    assert main(["analyze", ckpt, *data, f"paths.cache_dir={cache_dir}", "-o", str(page), "--trace",
-                 str(trace)]) == 2  # never written over
+    assert (
+        main(["analyze", ckpt, *data, f"paths.cache_dir={cache_dir}", "-o", str(page), "--trace", str(trace)]) == 2
+    )  # never written over
     assert main(["analyze", *data]) == 2
     assert main(["analyze", ckpt, "model.d_model=8"]) == 2
 
 
 @pytest.mark.slow
 def test_the_analysis_page_renders_in_headless_chromium(make_cfg, tmp_path, cache_dir):
-    from conftest import FAST
+    from test_dashboard import ARTIFACTS, render
+
     from moe_lab.cli.main import main
     from moe_lab.training.train import train
-    from test_dashboard import ARTIFACTS, render
+
+    from conftest import FAST
 
     ckpt = train(make_cfg("trainer.max_steps=4", "metrics.dashboard=false", name="run"))["checkpoint"]
     data = [o for o in FAST if o.startswith(("data.", "++data."))]
@@ -190,12 +221,16 @@ def test_the_analysis_page_renders_in_headless_chromium(make_cfg, tmp_path, cach
 def test_the_domain_oracle_is_fully_domain_specialised(make_cfg, tmp_path, cache_dir):
     import json
 
-    from conftest import FAST
     from moe_lab.cli.main import main
     from moe_lab.training.train import train
 
-    ckpt = train(make_cfg("router=domain_oracle", "aux_loss=none", "trainer.max_steps=2", "metrics.dashboard=false",
-                          name="oracle"))["checkpoint"]
+    from conftest import FAST
+
+    ckpt = train(
+        make_cfg(
+            "router=domain_oracle", "aux_loss=none", "trainer.max_steps=2", "metrics.dashboard=false", name="oracle"
+        )
+    )["checkpoint"]
     data = [o for o in FAST if o.startswith(("data.", "++data."))]
     assert main(["analyze", ckpt, *data, f"paths.cache_dir={cache_dir}", "-o", str(tmp_path / "a.html")]) == 0
     report = json.loads((tmp_path / "a.json").read_text())
@@ -211,10 +246,11 @@ def test_analyses_during_training_are_logged_and_agree_with_the_command(make_cfg
     analyze` computes on the final checkpoint with the run's capacity (the same validation blocks and batches)."""
     import json
 
-    from conftest import FAST
     from moe_lab.analysis.runs import read_run
     from moe_lab.cli.main import main
     from moe_lab.training.train import train
+
+    from conftest import FAST
 
     summary = train(make_cfg("router=hash", "aux_loss=none", "metrics.analysis_every_n_steps=5", name="hash"))
     run = read_run(tmp_path / "hash")
@@ -224,13 +260,16 @@ def test_analyses_during_training_are_logged_and_agree_with_the_command(make_cfg
     assert run.series("analysis/random_baseline")[1] == [1 / 8] * 3  # top-1 of 8 experts
     assert "Routing analyses over training" in (tmp_path / "hash" / "dashboard.html").read_text()
     data = [o for o in FAST if o.startswith(("data.", "++data."))]
-    assert main(["analyze", summary["checkpoint"], *data, f"paths.cache_dir={cache_dir}", "-o",
-                 str(tmp_path / "a.html")]) == 0
+    assert (
+        main(["analyze", summary["checkpoint"], *data, f"paths.cache_dir={cache_dir}", "-o", str(tmp_path / "a.html")])
+        == 0
+    )
     report = json.loads((tmp_path / "a.json").read_text())
     for layer, e in report["layers"].items():
         assert run.final(f"analysis/layer{layer}/repeat_top1") == pytest.approx(e["repeat_top1"], abs=1e-12)
-        assert run.final(f"analysis/layer{layer}/repeat_top1_chance") == pytest.approx(e["repeat_top1_chance"],
-                                                                                       abs=1e-12)
+        assert run.final(f"analysis/layer{layer}/repeat_top1_chance") == pytest.approx(
+            e["repeat_top1_chance"], abs=1e-12
+        )
 
 
 @pytest.mark.parametrize("setting", ["model=dense_tiny", "router=expert_choice"])
@@ -248,14 +287,29 @@ def test_analyze_a_hugging_face_model_directory(tmp_path, cache_dir):
     diagonal is 1 for used experts)."""
     import json
 
-    from conftest import FAST
-    from moe_lab.cli.main import main
     from test_import import save_hf_model
+
+    from moe_lab.cli.main import main
+
+    from conftest import FAST
 
     save_hf_model("olmoe", tmp_path / "hf")
     data = [o for o in FAST if o.startswith(("data.", "++data."))]
-    assert main(["analyze", str(tmp_path / "hf"), *data, f"paths.cache_dir={cache_dir}", "--max-batches", "2", "-o",
-                 str(tmp_path / "a.html")]) == 0
+    assert (
+        main(
+            [
+                "analyze",
+                str(tmp_path / "hf"),
+                *data,
+                f"paths.cache_dir={cache_dir}",
+                "--max-batches",
+                "2",
+                "-o",
+                str(tmp_path / "a.html"),
+            ]
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "a.json").read_text())
     assert report["steps"] == [None] and report["tokens"] > 0 and report["tokens"] % 64 == 0
     for layer in report["layers"].values():

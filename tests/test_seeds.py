@@ -30,10 +30,10 @@ def test_mean_interval_of_known_values():
 def test_welch_difference_by_hand():
     a, b = [1.0, 1.2, 1.4, 1.6], [2.0, 2.1, 2.2]
     d = difference_interval(a, b)
-    va, vb = 0.2 ** 2 * 5 / 3, 0.1 ** 2  # sample variances
+    va, vb = 0.2**2 * 5 / 3, 0.1**2  # sample variances
     se = math.sqrt(va / 4 + vb / 3)
     dof = (va / 4 + vb / 3) ** 2 / ((va / 4) ** 2 / 3 + (vb / 3) ** 2 / 2)  # Welch-Satterthwaite
-    assert dof == pytest.approx(0.02 ** 2 / (0.04 / 432 + 0.0001 / 18), rel=1e-9)  # 4.075
+    assert dof == pytest.approx(0.02**2 / (0.04 / 432 + 0.0001 / 18), rel=1e-9)  # 4.075
     assert d["diff"] == pytest.approx(1.3 - 2.1)
     from scipy import stats
 
@@ -57,8 +57,9 @@ def test_paired_difference_by_hand():
 
 def fake_run(tmp_path: Path, name: str, overrides: list[str], loss: float, status: str = "finished") -> RunRecord:
     (tmp_path / name).mkdir(parents=True, exist_ok=True)
-    return RunRecord(tmp_path / name, overrides=overrides, summary={"status": status, "val/loss": loss,
-                                                                     "moe/mean_imbalance": 1.2})
+    return RunRecord(
+        tmp_path / name, overrides=overrides, summary={"status": status, "val/loss": loss, "moe/mean_imbalance": 1.2}
+    )
 
 
 def test_groups_rank_and_say_which_are_not_separated(tmp_path):
@@ -72,8 +73,11 @@ def test_groups_rank_and_say_which_are_not_separated(tmp_path):
     assert has_seed_groups(groups) and [g.name for g in groups] == ["experts=e4", "experts=e8", "experts=e16"]
     assert groups[0].seeds == ["1", "2", "3", "4"] and len(groups[0].finished) == 3
     ranked = ranked_groups(groups)
-    assert [(r.group.name, r.rank_text) for r in ranked] == [("experts=e8", "1="), ("experts=e16", "2="),
-                                                              ("experts=e4", "3")]
+    assert [(r.group.name, r.rank_text) for r in ranked] == [
+        ("experts=e8", "1="),
+        ("experts=e16", "2="),
+        ("experts=e4", "3"),
+    ]
     assert ranked[0].overlaps == [2] and ranked[2].overlaps == []
     assert ranked[2].interval["mean"] == pytest.approx(2.01)  # the failed seed is not counted
     table = group_table(groups)
@@ -85,9 +89,14 @@ def test_groups_rank_and_say_which_are_not_separated(tmp_path):
 
 def test_group_names_show_overrides_as_typed(tmp_path):
     """Hydra records a swept `${seed}` interpolation escaped (`$\\{seed\\}`); the group's name shows what was typed."""
-    runs = [fake_run(tmp_path, f"{kind}-{seed}", overrides + [f"seed={seed}"], 1.8 + 0.01 * seed)
-            for seed in (1, 2) for kind, overrides in
-            (("up", [r"model.init_from=dense/$\{seed\}/last.ckpt", "upcycle=copy"]), ("scratch", ["upcycle=none"]))]
+    runs = [
+        fake_run(tmp_path, f"{kind}-{seed}", overrides + [f"seed={seed}"], 1.8 + 0.01 * seed)
+        for seed in (1, 2)
+        for kind, overrides in (
+            ("up", [r"model.init_from=dense/$\{seed\}/last.ckpt", "upcycle=copy"]),
+            ("scratch", ["upcycle=none"]),
+        )
+    ]
     names = {g.name for g in seed_groups(runs)}
     assert "model.init_from=dense/${seed}/last.ckpt, upcycle=copy" in names
 
@@ -111,12 +120,24 @@ def test_seeds_shorthand_expands_to_a_multirun():
 
 @pytest.mark.slow
 def test_a_seed_sweep_prints_groups_and_draws_error_bars(tmp_path, cache_dir):
-    from conftest import FAST, run_cli
     from test_dashboard import ARTIFACTS, render
 
+    from conftest import FAST, run_cli
+
     sweep = tmp_path / "sweep"
-    result = run_cli(["train", "experts=e4,e8", "seeds=2", *FAST, f"paths.cache_dir={cache_dir}",
-                      "trainer.max_steps=4", "trainer.val_check_interval=2", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    result = run_cli(
+        [
+            "train",
+            "experts=e4,e8",
+            "seeds=2",
+            *FAST,
+            f"paths.cache_dir={cache_dir}",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=2",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 configurations over seeds" in result.stdout and "val/loss [95% CI]" in result.stdout
     rows = list(csv.DictReader(open(sweep / "sweep_groups.csv")))

@@ -28,8 +28,9 @@ def test_moe_layer_compiles_without_graph_breaks(capacity_factor):
     compile traces with) accepts only bf16, as the fast GPU kernel does; eager float32 on CPU is unaffected."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    cfg = MoEConfig(num_experts=8, expert_hidden=64, capacity_factor=capacity_factor,
-                    eval_capacity_factor=capacity_factor)
+    cfg = MoEConfig(
+        num_experts=8, expert_hidden=64, capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor
+    )
     layer = MoELayer(64, cfg).to(torch.bfloat16)
     x = torch.randn(2, 32, 64, dtype=torch.bfloat16, requires_grad=True)
     y, _ = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
@@ -81,8 +82,20 @@ def test_bench_quick_compare(tmp_path):
     pytest.importorskip("transformers")
     from moe_lab.tools.bench import run
 
-    args = SimpleNamespace(device="cpu", threads=None, dtype="float32", capacity=False, quick=True, compare=True,
-                           loop=True, warmup=1, repeats=2, no_steps=False, out=str(tmp_path), argv=["--quick"])
+    args = SimpleNamespace(
+        device="cpu",
+        threads=None,
+        dtype="float32",
+        capacity=False,
+        quick=True,
+        compare=True,
+        loop=True,
+        warmup=1,
+        repeats=2,
+        no_steps=False,
+        out=str(tmp_path),
+        argv=["--quick"],
+    )
     report = run(args)
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["ratios"] == report["ratios"] and (tmp_path / "bench.csv").is_file()
@@ -91,8 +104,11 @@ def test_bench_quick_compare(tmp_path):
     for case in saved["cases"]:
         assert case["forward_ms"] > 0 and case["forward_backward_ms"] > 0 and case["saved_mb"] > 0
     comparisons = {r["comparison"] for r in saved["ratios"]}
-    assert {"time / dense SwiGLU of equal active params", "activation memory / dense SwiGLU",
-            "training step tokens/s, MoE / dense of equal active"} <= comparisons
+    assert {
+        "time / dense SwiGLU of equal active params",
+        "activation memory / dense SwiGLU",
+        "training step tokens/s, MoE / dense of equal active",
+    } <= comparisons
     assert any(c.startswith("speed-up over the fastest peer (hf_") for c in comparisons)
     assert any(c.startswith("activation memory / the least peer's (hf_") for c in comparisons)
     assert all(isinstance(r["met"], bool) for r in saved["ratios"] if r["target"] != "(no target)")
@@ -161,8 +177,13 @@ def test_moe_layer_activation_memory_at_most_1_6x_the_dense_ffn(num_experts, top
     torch.manual_seed(0)
     from moe_lab.model.routers import TopKRouterConfig
 
-    cfg = MoEConfig(num_experts=num_experts, expert_hidden=width, capacity_factor=None, eval_capacity_factor=None,
-                    router=TopKRouterConfig(top_k=top_k))
+    cfg = MoEConfig(
+        num_experts=num_experts,
+        expert_hidden=width,
+        capacity_factor=None,
+        eval_capacity_factor=None,
+        router=TopKRouterConfig(top_k=top_k),
+    )
     layer = MoELayer(64, cfg)
     dense = FeedForward(64, top_k * width)
     x = torch.randn(2, 512, 64, requires_grad=True)

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FAST
 from moe_lab.data.config import HFDataConfig, TextDataConfig, TokenizerConfig
 from moe_lab.data.datamodule import LMDataModule
 from moe_lab.errors import CheckpointError, DataError
 from moe_lab.training.train import train
+
+from conftest import FAST
 
 SMALL = dict(seq_len=16, batch_size=2, max_val_blocks=4)
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40
@@ -84,8 +85,9 @@ def _tokenizer(path: Path, words: list[str]) -> Path:
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([" ".join(words)] * 50,
-                            trainers.BpeTrainer(vocab_size=80, special_tokens=["<unk>", "<|endoftext|>"]))
+    tok.train_from_iterator(
+        [" ".join(words)] * 50, trainers.BpeTrainer(vocab_size=80, special_tokens=["<unk>", "<|endoftext|>"])
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(path))
     return path
@@ -102,8 +104,15 @@ def test_a_tokenizer_swapped_on_resume_is_refused_and_a_moved_one_is_not(make_cf
     moved = tmp_path / "moved" / "tokenizer.json"
     moved.parent.mkdir()
     shutil.copy(first, moved)  # the same tokenizer at another path: the same model
-    train(make_cfg(f"tokenizer.name={moved}", f"ckpt_path={ckpt}", "trainer.max_steps=4", "metrics.dashboard=false",
-                   name="moved_run"))
+    train(
+        make_cfg(
+            f"tokenizer.name={moved}",
+            f"ckpt_path={ckpt}",
+            "trainer.max_steps=4",
+            "metrics.dashboard=false",
+            name="moved_run",
+        )
+    )
     assert "trained on other data" not in capsys.readouterr().err
 
 
@@ -113,11 +122,30 @@ TEXT_FAST = [a for a in FAST if "max_chars" not in a]
 def test_a_resume_on_data_whose_content_changed_says_so(make_cfg, tmp_path, capsys):
     data = tmp_path / "corpus.txt"
     data.write_text(TEXT * 3)
-    train(make_cfg(*TEXT_FAST, "data=text", f"data.path={data}", "trainer.max_steps=2",
-                   "metrics.dashboard=false", name="run", fast=False))
+    train(
+        make_cfg(
+            *TEXT_FAST,
+            "data=text",
+            f"data.path={data}",
+            "trainer.max_steps=2",
+            "metrics.dashboard=false",
+            name="run",
+            fast=False,
+        )
+    )
     _rewrite_keeping_time(data, (TEXT * 3).replace("fox", "cat"), ".txt")
     capsys.readouterr()
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    train(make_cfg(*TEXT_FAST, "data=text", f"data.path={data}", f"ckpt_path={ckpt}", "trainer.max_steps=4",
-                   "metrics.dashboard=false", name="resumed", fast=False))
+    train(
+        make_cfg(
+            *TEXT_FAST,
+            "data=text",
+            f"data.path={data}",
+            f"ckpt_path={ckpt}",
+            "trainer.max_steps=4",
+            "metrics.dashboard=false",
+            name="resumed",
+            fast=False,
+        )
+    )
     assert "was trained on other data" in capsys.readouterr().err

@@ -25,8 +25,12 @@ def test_basic_sweep_writes_a_summary_sorted_by_validation_loss(sweep_dir):
     losses = [float(r["val/loss"]) for r in rows]
     assert losses == sorted(losses)
     combos = {tuple(o for o in r["overrides"].split() if o.startswith(("experts=", "aux_loss="))) for r in rows}
-    assert combos == {("experts=e4", "aux_loss=none"), ("experts=e4", "aux_loss=switch"),
-                      ("experts=e8", "aux_loss=none"), ("experts=e8", "aux_loss=switch")}
+    assert combos == {
+        ("experts=e4", "aux_loss=none"),
+        ("experts=e4", "aux_loss=switch"),
+        ("experts=e8", "aux_loss=none"),
+        ("experts=e8", "aux_loss=switch"),
+    }
     for r in rows:
         assert float(r["moe/mean_imbalance"]) >= 1 and 0 <= float(r["moe/specialization"]) <= 1
         assert (sweep_dir / r["job"] / "dashboard.html").is_file()
@@ -44,9 +48,21 @@ def test_optuna_study_survives_a_diverged_trial(tmp_path, cache_dir):
     """Trial 0 (lr 1e6) diverges; with max_failure_rate 0.5 the study goes on and reports the other trial."""
     sweep = tmp_path / "study"
     fast = [o for o in FAST if not o.startswith("optim.lr=")]  # a command-line value would fix the searched lr
-    result = run_cli(["train", "--config-dir", str(REPO / "tests" / "configs"), "hparams_search=diverge", *fast,
-                      f"paths.cache_dir={cache_dir}", "optim.warmup_steps=0", "trainer.max_steps=6",
-                      "metrics.dashboard=false", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    result = run_cli(
+        [
+            "train",
+            "--config-dir",
+            str(REPO / "tests" / "configs"),
+            "hparams_search=diverge",
+            *fast,
+            f"paths.cache_dir={cache_dir}",
+            "optim.warmup_steps=0",
+            "trainer.max_steps=6",
+            "metrics.dashboard=false",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_summary(sweep)
     assert [r["status"] for r in rows] == ["finished", "failed"]
@@ -61,9 +77,21 @@ def test_optuna_study_survives_a_diverged_trial(tmp_path, cache_dir):
 def test_shipped_optuna_search(tmp_path, cache_dir):
     sweep = tmp_path / "study"
     fast = [o for o in FAST if not o.startswith("optim.lr=")]
-    result = run_cli(["train", "hparams_search=optuna", "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", *fast,
-                      f"paths.cache_dir={cache_dir}", "trainer.max_steps=4", "trainer.val_check_interval=4",
-                      "metrics.dashboard=false", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    result = run_cli(
+        [
+            "train",
+            "hparams_search=optuna",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.n_jobs=2",
+            *fast,
+            f"paths.cache_dir={cache_dir}",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=4",
+            "metrics.dashboard=false",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_summary(sweep)
     assert len(rows) == 2 and all(r["status"] == "finished" for r in rows)
@@ -73,8 +101,15 @@ def test_shipped_optuna_search(tmp_path, cache_dir):
 
 
 def _sweep_args(cache_dir, sweep, *extra):
-    return ["train", "-m", *[a for a in FAST if not a.startswith("trainer.log_every")], "trainer.log_every_n_steps=1",
-            f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={sweep}", *extra]
+    return [
+        "train",
+        "-m",
+        *[a for a in FAST if not a.startswith("trainer.log_every")],
+        "trainer.log_every_n_steps=1",
+        f"paths.cache_dir={cache_dir}",
+        f"hydra.sweep.dir={sweep}",
+        *extra,
+    ]
 
 
 def test_a_failed_job_is_one_line_and_the_sweep_goes_on(tmp_path, cache_dir):
@@ -103,8 +138,14 @@ def test_a_stopped_sweep_lists_every_job_and_the_same_command_continues_it(tmp_p
     sweep = tmp_path / "sweep"
     args = _sweep_args(cache_dir, sweep, "seed=1,2,3", "trainer.max_steps=24", "trainer.val_check_interval=24")
     script = str(Path(sys.executable).parent / "moe-lab")
-    proc = subprocess.Popen([script, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [script, *args],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:  # job 1 is training
@@ -136,8 +177,10 @@ def test_a_stopped_sweep_lists_every_job_and_the_same_command_continues_it(tmp_p
     assert resumed["step"] == stopped_at and resumed["run_dir"] == str(sweep / ".attempts" / "1-1")
     # The resumed job computed what one uninterrupted run computes (CPU, same seed): the same final weights.
     straight = tmp_path / "straight"
-    plain = run_cli(_sweep_args(cache_dir, straight, "seed=2", "trainer.max_steps=24",
-                                "trainer.val_check_interval=24"), cwd=tmp_path)
+    plain = run_cli(
+        _sweep_args(cache_dir, straight, "seed=2", "trainer.max_steps=24", "trainer.val_check_interval=24"),
+        cwd=tmp_path,
+    )
     assert plain.returncode == 0, plain.stderr[-2000:]
     a = torch.load(sweep / "1" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     b = torch.load(straight / "0" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]

@@ -9,11 +9,12 @@ import math
 import pytest
 import torch
 
-from conftest import router_options, router_partners
 from moe_lab.analysis.dashboard import write_dashboard
 from moe_lab.analysis.runs import read_run
 from moe_lab.errors import UserError
 from moe_lab.training.train import train
+
+from conftest import router_options, router_partners
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -40,8 +41,14 @@ def test_train_writes_metrics_checkpoints_and_summary(make_cfg, tmp_path):
     train_loss = series(rows, "train/loss")
     assert sorted(train_loss) == [3, 6, 9, 12] and train_loss[12] < train_loss[3]
     last = [r for r in rows if "train/loss" in r][-1]
-    for key in ("train/aux/load_balance", "train/aux/z_loss", "train/tokens_per_sec", "train/lr",
-                "val/loss/code", "val/loss/math"):
+    for key in (
+        "train/aux/load_balance",
+        "train/aux/z_loss",
+        "train/tokens_per_sec",
+        "train/lr",
+        "val/loss/code",
+        "val/loss/math",
+    ):
         assert key in last or key in rows[-1], key
     for layer in (0, 1):
         loads = [last[f"moe/layer{layer}/expert{e}/load"] for e in range(8)]
@@ -59,8 +66,7 @@ def test_dense_baseline_trains(make_cfg, tmp_path):
 
 
 def test_resume_continues_the_same_loss_curve(make_cfg, tmp_path):
-    common = ["trainer.log_every_n_steps=1", "trainer.max_steps=8", "checkpoint.every_n_steps=4",
-              "checkpoint.keep=-1"]
+    common = ["trainer.log_every_n_steps=1", "trainer.max_steps=8", "checkpoint.every_n_steps=4", "checkpoint.keep=-1"]
     train(make_cfg(*common, name="full"))
     train(make_cfg(*common, f"ckpt_path={tmp_path / 'full' / 'checkpoints' / 'step000004.ckpt'}", name="resumed"))
     full = series(read_metrics(tmp_path / "full"), "train/loss")
@@ -81,8 +87,10 @@ def test_resume_continues_the_same_loss_curve(make_cfg, tmp_path):
     assert steps == list(range(1, 9)) and losses == [full[s] for s in steps]
     assert record.series("val/loss")[0][0] == 0 and record.earlier == [(tmp_path / "full", 4)]
     assert [r["step"] for r in record.routing] == list(range(1, 9))
-    assert record.summary["initial_val_loss"] == json.loads((tmp_path / "full" / "summary.json").read_text())[
-        "initial_val_loss"]
+    assert (
+        record.summary["initial_val_loss"]
+        == json.loads((tmp_path / "full" / "summary.json").read_text())["initial_val_loss"]
+    )
     page = write_dashboard(tmp_path / "resumed").read_text()
     assert "resumed: the curves start in the runs it continues" in page
 
@@ -118,8 +126,14 @@ def test_resume_inherits_the_overrides_saved_in_the_checkpoint(make_cfg, tmp_pat
     train(make_cfg("experts=e4", "trainer.max_steps=2", name="first"))
     ckpt = tmp_path / "first" / "checkpoints" / "last.ckpt"
     args = with_checkpoint_overrides(["-m", f"ckpt_path={ckpt}", "trainer.max_steps=6", "seed=3"])
-    assert args == ["-m", "experts=e4", "+trainer.deterministic=true", f"ckpt_path={ckpt}", "trainer.max_steps=6",
-                    "seed=3"]
+    assert args == [
+        "-m",
+        "experts=e4",
+        "+trainer.deterministic=true",
+        f"ckpt_path={ckpt}",
+        "trainer.max_steps=6",
+        "seed=3",
+    ]
     assert with_checkpoint_overrides(["experts=e8"]) == ["experts=e8"]  # not a resume: untouched
     # A checkpoint from before overrides were saved: the .hydra/overrides.yaml of the run that holds it.
     loaded = torch.load(ckpt, weights_only=True)
@@ -150,8 +164,9 @@ def test_resume_with_a_different_model_is_refused(make_cfg, tmp_path):
 @pytest.mark.parametrize("option", router_options())
 def test_every_router_trains(make_cfg, tmp_path, option):
     extra = router_partners(option)
-    summary = train(make_cfg(f"router={option}", *extra, "trainer.max_steps=6", "trainer.val_check_interval=6",
-                             name=option))
+    summary = train(
+        make_cfg(f"router={option}", *extra, "trainer.max_steps=6", "trainer.val_check_interval=6", name=option)
+    )
     assert summary["val/loss"] < summary["initial_val_loss"]
     header = (tmp_path / option / "metrics.csv").read_text().splitlines()[0]
     assert "moe/layer0/expert0/load" in header and "moe/layer1/imbalance" in header
@@ -168,8 +183,16 @@ def test_aux_free_bias_moves_once_per_optimizer_step_under_accumulation(make_cfg
         return original(self, all_reduce)
 
     monkeypatch.setattr(AuxFreeRouter, "update_bias", counting)
-    train(make_cfg("router=aux_free", "aux_loss=none", "trainer.accumulate_grad_batches=2", "trainer.max_steps=5",
-                   "trainer.val_check_interval=10", name="af"))
+    train(
+        make_cfg(
+            "router=aux_free",
+            "aux_loss=none",
+            "trainer.accumulate_grad_batches=2",
+            "trainer.max_steps=5",
+            "trainer.val_check_interval=10",
+            name="af",
+        )
+    )
     micro_batch_slots = 8 * 64 * 2  # data.batch_size * data.seq_len * top_k
     assert seen == [2 * micro_batch_slots] * (5 * 2)  # 5 optimizer steps x 2 MoE layers, each over 2 micro-batches
     state = torch.load(tmp_path / "af" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]

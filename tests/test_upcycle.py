@@ -18,8 +18,17 @@ from moe_lab.training.train import train
 
 def dense_model() -> tuple[ModelConfig, MoETransformer]:
     torch.manual_seed(0)
-    cfg = ModelConfig.from_dict({"vocab_size": 80, "d_model": 32, "n_heads": 4, "n_layers": 3, "ffn_hidden": 64,
-                                 "max_seq_len": 32, "moe": {"enabled": False}})
+    cfg = ModelConfig.from_dict(
+        {
+            "vocab_size": 80,
+            "d_model": 32,
+            "n_heads": 4,
+            "n_layers": 3,
+            "ffn_hidden": 64,
+            "max_seq_len": 32,
+            "moe": {"enabled": False},
+        }
+    )
     model = MoETransformer(cfg).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -29,9 +38,18 @@ def dense_model() -> tuple[ModelConfig, MoETransformer]:
 
 def upcycled(method: str, num_experts: int, top_k: int, granularity: int = 1, normalize: bool = True, **moe):
     dense_cfg, dense = dense_model()
-    wanted = ModelConfig.from_dict({"moe": {"num_experts": num_experts, "capacity_factor": None,
-                                            "eval_capacity_factor": None, "first_dense_layers": 1, **moe,
-                                            "router": {"name": "topk", "top_k": top_k, "normalize": normalize}}})
+    wanted = ModelConfig.from_dict(
+        {
+            "moe": {
+                "num_experts": num_experts,
+                "capacity_factor": None,
+                "eval_capacity_factor": None,
+                "first_dense_layers": 1,
+                **moe,
+                "router": {"name": "topk", "top_k": top_k, "normalize": normalize},
+            }
+        }
+    )
     cfg = moe_settings(dense_cfg, wanted, method, granularity)
     model = MoETransformer(cfg).eval()
     model.load_state_dict(upcycled_state_dict(dense.state_dict(), dense_cfg, cfg, method, granularity, seed=3))
@@ -41,11 +59,16 @@ def upcycled(method: str, num_experts: int, top_k: int, granularity: int = 1, no
 IDS = torch.randint(0, 80, (4, 24), generator=torch.Generator().manual_seed(5))
 
 
-@pytest.mark.parametrize("method, experts, top_k, granularity", [
-    ("copy", 4, 2, 1), ("copy", 8, 1, 1),             # sparse upcycling: any top-k, weights renormalised
-    ("granular", 4, 2, 2), ("granular", 8, 4, 2),     # whole copies of the shards are picked (top_k a multiple of G)
-    ("granular", 4, 4, 4),                            # all experts active: the dense FFN in four shards
-])
+@pytest.mark.parametrize(
+    "method, experts, top_k, granularity",
+    [
+        ("copy", 4, 2, 1),
+        ("copy", 8, 1, 1),  # sparse upcycling: any top-k, weights renormalised
+        ("granular", 4, 2, 2),
+        ("granular", 8, 4, 2),  # whole copies of the shards are picked (top_k a multiple of G)
+        ("granular", 4, 4, 4),  # all experts active: the dense FFN in four shards
+    ],
+)
 def test_upcycling_keeps_the_dense_function(method, experts, top_k, granularity):
     dense, model = upcycled(method, experts, top_k, granularity)
     with torch.no_grad():
@@ -93,8 +116,17 @@ def test_an_upcycled_run_starts_at_the_dense_runs_loss(make_cfg, tmp_path):
     run's final validation loss."""
     dense = train(make_cfg("experts=dense", "trainer.max_steps=6", "metrics.dashboard=false", name="dense"))
     ckpt = dense["checkpoint"]
-    up = train(make_cfg(f"model.init_from={ckpt}", "upcycle=copy", "experts=e4", "capacity=dropless",
-                        "trainer.max_steps=2", "metrics.dashboard=false", name="up"))
+    up = train(
+        make_cfg(
+            f"model.init_from={ckpt}",
+            "upcycle=copy",
+            "experts=e4",
+            "capacity=dropless",
+            "trainer.max_steps=2",
+            "metrics.dashboard=false",
+            name="up",
+        )
+    )
     assert up["initial_val_loss"] == pytest.approx(dense["val/loss"], rel=1e-5)
     saved = torch.load(up["checkpoint"], weights_only=True)["hyper_parameters"]["model"]
     assert saved["moe"]["enabled"] and saved["moe"]["expert_hidden"] == saved["ffn_hidden"] == 128
@@ -114,16 +146,31 @@ def test_upcycling_a_hugging_face_dense_model(tmp_path):
     from moe_lab.interop.huggingface import model_config, state_dict
 
     torch.manual_seed(0)
-    config = transformers.Qwen2Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = transformers.Qwen2Config(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     hf = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0.0, 0.3)
     dense_cfg = model_config(hf.config, dense=True)
     assert dense_cfg.qkv_bias and not dense_cfg.moe.enabled
-    wanted = ModelConfig.from_dict({"moe": {"num_experts": 4, "capacity_factor": None, "eval_capacity_factor": None,
-                                            "router": {"name": "topk", "top_k": 2}}})
+    wanted = ModelConfig.from_dict(
+        {
+            "moe": {
+                "num_experts": 4,
+                "capacity_factor": None,
+                "eval_capacity_factor": None,
+                "router": {"name": "topk", "top_k": 2},
+            }
+        }
+    )
     cfg = moe_settings(dense_cfg, wanted, "copy")
     model = MoETransformer(cfg).eval()
     model.load_state_dict(upcycled_state_dict(state_dict(hf.state_dict(), dense_cfg), dense_cfg, cfg, "copy"))
@@ -133,8 +180,16 @@ def test_upcycling_a_hugging_face_dense_model(tmp_path):
 
 
 def test_frozen_parts_do_not_move_and_multipliers_scale_the_step(make_cfg, tmp_path):
-    summary = train(make_cfg("optim.freeze=[router,embeddings]", "+optim.lr_mult.experts=0.1", "trainer.max_steps=3",
-                             "optim.warmup_steps=0", "metrics.dashboard=false", name="ft"))
+    summary = train(
+        make_cfg(
+            "optim.freeze=[router,embeddings]",
+            "+optim.lr_mult.experts=0.1",
+            "trainer.max_steps=3",
+            "optim.warmup_steps=0",
+            "metrics.dashboard=false",
+            name="ft",
+        )
+    )
     start = train(make_cfg("trainer.max_steps=1", "optim.lr=1e-9", "metrics.dashboard=false", name="ref"))
     # Same seed: the same initial weights. Compare where the fine-tuned run ended against them.
     a = torch.load(summary["checkpoint"], weights_only=True)["state_dict"]
@@ -171,16 +226,18 @@ def dense_checkpoint(tmp_path_factory, cache_dir) -> str:
     from conftest import compose_cfg
 
     out = tmp_path_factory.mktemp("dense")
-    return train(compose_cfg(["experts=dense", "trainer.max_steps=1", "metrics.dashboard=false"], out / "run",
-                             cache_dir))["checkpoint"]
+    return train(
+        compose_cfg(["experts=dense", "trainer.max_steps=1", "metrics.dashboard=false"], out / "run", cache_dir)
+    )["checkpoint"]
 
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (Path(config_dir()) / "upcycle").glob("*.yaml")))
 def test_every_upcycle_option_composes_and_applies(make_cfg, dense_checkpoint, option):
     from moe_lab.training.upcycle import apply_upcycling
 
-    run = validate(make_cfg(f"model.init_from={dense_checkpoint}", f"upcycle={option}", "experts=e4",
-                            "model.moe.router.top_k=2"))
+    run = validate(
+        make_cfg(f"model.init_from={dense_checkpoint}", f"upcycle={option}", "experts=e4", "model.moe.router.top_k=2")
+    )
     weights = apply_upcycling(run)
     assert run.model.moe.enabled and run.model.d_model == 64 and run.upcycle.method == option
     assert run.model.moe.expert_hidden == 128 // (2 if option == "granular" else 1)

@@ -29,9 +29,20 @@ def keys_of(history) -> set[str]:
 
 def test_offline_run_reads_back(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
-    result = run_cli(["train", "experts=e4", "logger=wandb", *FAST, f"paths.cache_dir={cache_dir}",
-                      "trainer.max_steps=6", "metrics.image_every_n_steps=3", f"hydra.run.dir={run_dir}"], cwd=tmp_path,
-                     env_extra={"WANDB_MODE": "", "HOME": str(tmp_path), "NETRC": str(tmp_path / "none")})
+    result = run_cli(
+        [
+            "train",
+            "experts=e4",
+            "logger=wandb",
+            *FAST,
+            f"paths.cache_dir={cache_dir}",
+            "trainer.max_steps=6",
+            "metrics.image_every_n_steps=3",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env_extra={"WANDB_MODE": "", "HOME": str(tmp_path), "NETRC": str(tmp_path / "none")},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("logging offline") == 1
     wandb_dir = offline_run(run_dir)
@@ -57,14 +68,19 @@ def test_offline_run_reads_back(tmp_path, cache_dir):
     assert traces[0]["colorbar"]["ticktext"][0] == "1/4x" and traces[0]["colorbar"]["ticktext"][-1] == "4x"
     assert figure["layout"]["xaxis2"]["title"]["text"] == "optimizer step"
     assert figure["layout"]["yaxis"]["title"]["text"] == "expert"
-    domains = json.loads(next((wandb_dir / "files" / "media" / "plotly" / "moe").glob("domains_*.plotly.json"))
-                         .read_text())
+    domains = json.loads(
+        next((wandb_dir / "files" / "media" / "plotly" / "moe").glob("domains_*.plotly.json")).read_text()
+    )
     assert domains["data"][0]["y"] == ["code", "docs", "math"] and domains["data"][0]["showscale"]
     table = json.loads(next((wandb_dir / "files" / "media" / "table" / "moe").glob("load_table*.json")).read_text())
     assert table["columns"] == ["step", "layer", "expert", "load"] and len(table["data"]) == 2 * 2 * 4
     assert of_type(records, "exit")  # wandb.finish() closed the run
-    sync = subprocess.run([str(Path(sys.executable).parent / "wandb"), "sync", "--dry-run", str(wandb_dir)],
-                          capture_output=True, text=True, env={**os.environ, "HOME": str(tmp_path)})
+    sync = subprocess.run(
+        [str(Path(sys.executable).parent / "wandb"), "sync", "--dry-run", str(wandb_dir)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
     assert sync.returncode == 0, sync.stderr
     assert wandb_dir.name.split("-")[-1] in sync.stdout + sync.stderr
 
@@ -77,8 +93,18 @@ def test_unreachable_server_falls_back_to_offline(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     env = {"WANDB_MODE": "", "HOME": str(tmp_path), "WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"}
     started = time.time()
-    result = run_cli(["train", "logger=wandb", *FAST, f"paths.cache_dir={cache_dir}", "trainer.max_steps=3",
-                      f"hydra.run.dir={run_dir}"], cwd=tmp_path, env_extra=env)
+    result = run_cli(
+        [
+            "train",
+            "logger=wandb",
+            *FAST,
+            f"paths.cache_dir={cache_dir}",
+            "trainer.max_steps=3",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env_extra=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert time.time() - started < 60
     assert "W&B could not reach its server" in result.stderr and "logging offline" in result.stderr
@@ -92,25 +118,58 @@ def test_analyze_logs_its_tables_and_figures_to_an_offline_run(tmp_path, cache_d
     figures, offline without credentials (said once)."""
     run_dir = tmp_path / "run"
     env = {"WANDB_MODE": "", "HOME": str(tmp_path), "NETRC": str(tmp_path / "none")}
-    assert run_cli(["train", "experts=e4", *FAST, f"paths.cache_dir={cache_dir}", "trainer.max_steps=3",
-                    "metrics.dashboard=false", f"hydra.run.dir={run_dir}"], cwd=tmp_path, env_extra=env).returncode == 0
+    assert (
+        run_cli(
+            [
+                "train",
+                "experts=e4",
+                *FAST,
+                f"paths.cache_dir={cache_dir}",
+                "trainer.max_steps=3",
+                "metrics.dashboard=false",
+                f"hydra.run.dir={run_dir}",
+            ],
+            cwd=tmp_path,
+            env_extra=env,
+        ).returncode
+        == 0
+    )
     data = [o for o in FAST if o.startswith(("data.", "++data."))]
     out = tmp_path / "report"
     out.mkdir()
-    result = run_cli(["analyze", str(run_dir / "checkpoints" / "last.ckpt"), *data, f"paths.cache_dir={cache_dir}",
-                      "logger=wandb", "logger.wandb.project=routing", "-o", str(out / "analysis.html")], cwd=tmp_path,
-                     env_extra=env)
+    result = run_cli(
+        [
+            "analyze",
+            str(run_dir / "checkpoints" / "last.ckpt"),
+            *data,
+            f"paths.cache_dir={cache_dir}",
+            "logger=wandb",
+            "logger.wandb.project=routing",
+            "-o",
+            str(out / "analysis.html"),
+        ],
+        cwd=tmp_path,
+        env_extra=env,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("logging offline") == 1 and "logged to W&B" in result.stderr
     records = read_records(next(offline_run(out).glob("run-*.wandb")))
     run = of_type(records, "run")[0]
     assert run.job_type == "analyze" and run.project == "routing" and run.display_name.startswith("analyze ")
     keys = keys_of(of_type(records, "history"))
-    for table in ("layers", "domain_shares", "expert_tokens", "coactivation", "transitions", "drops_by_position",
-                  "saturation"):
+    for table in (
+        "layers",
+        "domain_shares",
+        "expert_tokens",
+        "coactivation",
+        "transitions",
+        "drops_by_position",
+        "saturation",
+    ):
         assert f"analysis/{table}/_type" in keys, table
     for figure in ("domains", "summary", "coactivation", "position"):
         assert f"analysis/figure/{figure}/_type" in keys, figure
-    table = json.loads(next((offline_run(out) / "files" / "media" / "table" / "analysis").glob("layers_*.table.json"))
-                       .read_text())
+    table = json.loads(
+        next((offline_run(out) / "files" / "media" / "table" / "analysis").glob("layers_*.table.json")).read_text()
+    )
     assert table["columns"][0] == "layer" and [row[0] for row in table["data"]] == [0, 1]

@@ -30,10 +30,14 @@ def main() -> None:
         layers = list(reports[0]["layers"])
         k_over_e = reports[0]["uniform_share"]
         entry = {"runs": len(runs), "val_loss": mean_interval([run.final("val/loss") for run in runs]), "layers": {}}
-        print(f"{sweep}: {len(runs)} seeds, val/loss {entry['val_loss']['mean']:.4f} "
-              f"[{entry['val_loss']['low']:.4f}, {entry['val_loss']['high']:.4f}]")
-        print(f"  layer  at init (step ~10)       last training window    final checkpoint (analyze)   "
-              f"largest domain share (k/E = {k_over_e:.2f})")
+        print(
+            f"{sweep}: {len(runs)} seeds, val/loss {entry['val_loss']['mean']:.4f} "
+            f"[{entry['val_loss']['low']:.4f}, {entry['val_loss']['high']:.4f}]"
+        )
+        print(
+            f"  layer  at init (step ~10)       last training window    final checkpoint (analyze)   "
+            f"largest domain share (k/E = {k_over_e:.2f})"
+        )
         for layer in layers:
             first = mean_interval([run.series(f"moe/layer{layer}/specialization")[1][0] for run in runs])
             last = mean_interval([run.series(f"moe/layer{layer}/specialization")[1][-1] for run in runs])

@@ -65,8 +65,9 @@ class Mixture(nn.Module):
         log_gate_NE = F.log_softmax(self.gate(x_N2), -1)
         logits_NE = self.expert_logits(x_N2)
         if self.competitive:  # -log sum_i g_i p_i(y | x), the mixture's likelihood
-            log_p_NE = -F.binary_cross_entropy_with_logits(logits_NE, y_N[:, None].expand_as(logits_NE),
-                                                           reduction="none")
+            log_p_NE = -F.binary_cross_entropy_with_logits(
+                logits_NE, y_N[:, None].expand_as(logits_NE), reduction="none"
+            )
             return -torch.logsumexp(log_gate_NE + log_p_NE, -1).mean()
         return F.binary_cross_entropy_with_logits((log_gate_NE.exp() * logits_NE).sum(-1), y_N)
 
@@ -90,8 +91,11 @@ class OneNetwork(nn.Module):
         return self.net(x_N2).squeeze(-1) > 0
 
 
-LEARNERS = {"competitive mixture": lambda: Mixture(competitive=True),
-            "blended mixture": lambda: Mixture(competitive=False), "one network": OneNetwork}
+LEARNERS = {
+    "competitive mixture": lambda: Mixture(competitive=True),
+    "blended mixture": lambda: Mixture(competitive=False),
+    "one network": OneNetwork,
+}
 
 
 def epochs_to_criterion(learner: str, seed: int, criterion: float, max_epochs: int) -> tuple[float, float]:
@@ -129,17 +133,29 @@ def main() -> None:
     results = {}
     for name in LEARNERS:
         runs = [epochs_to_criterion(name, seed, args.criterion, args.max_epochs) for seed in range(1, args.seeds + 1)]
-        results[name] = {"parameters": sizes[name], "epochs": [r[0] for r in runs], "final_accuracy": [r[1] for r in runs]}
+        results[name] = {
+            "parameters": sizes[name],
+            "epochs": [r[0] for r in runs],
+            "final_accuracy": [r[1] for r in runs],
+        }
     print(f"epochs to {args.criterion:.0%} held-out accuracy, {args.seeds} seeds (inf: not within {args.max_epochs})")
-    print(f"  {'learner':<20} {'params':>6} {'reached':>8} {'median':>7} {'mean [95% CI] over seeds that reached':>40} "
-          f"{'accuracy at stop':>17}")
+    print(
+        f"  {'learner':<20} {'params':>6} {'reached':>8} {'median':>7} {'mean [95% CI] over seeds that reached':>40} "
+        f"{'accuracy at stop':>17}"
+    )
     for name, r in results.items():
         reached = [e for e in r["epochs"] if math.isfinite(e)]
         i = mean_interval(reached)
-        r["summary"] = {"reached": len(reached), "median": float(np.median(r["epochs"])), **i,
-                        "final_accuracy_mean": float(np.mean(r["final_accuracy"]))}
-        print(f"  {name:<20} {r['parameters']:>6} {len(reached):>5}/{args.seeds} {np.median(r['epochs']):>7.1f} "
-              f"{i['mean']:>24.1f} [{i['low']:.1f}, {i['high']:.1f}] {np.mean(r['final_accuracy']):>17.3f}")
+        r["summary"] = {
+            "reached": len(reached),
+            "median": float(np.median(r["epochs"])),
+            **i,
+            "final_accuracy_mean": float(np.mean(r["final_accuracy"])),
+        }
+        print(
+            f"  {name:<20} {r['parameters']:>6} {len(reached):>5}/{args.seeds} {np.median(r['epochs']):>7.1f} "
+            f"{i['mean']:>24.1f} [{i['low']:.1f}, {i['high']:.1f}] {np.mean(r['final_accuracy']):>17.3f}"
+        )
     base = results["one network"]["epochs"]
     for name in ("competitive mixture", "blended mixture"):
         mine = results[name]["epochs"]
@@ -147,10 +163,17 @@ def main() -> None:
         d = difference_interval([a for a, _ in both], [b for _, b in both])
         ratio = float(np.median(mine) / np.median(base))
         results[name]["against_one_network"] = {"median_ratio": ratio, **d}
-        print(f"  {name} - one network: {d['diff']:+.1f} epochs [{d['low']:+.1f}, {d['high']:+.1f}] (Welch, seeds "
-              f"where both reached), median ratio {ratio:.2f}")
-    Path(args.output).write_text(json.dumps({"criterion": args.criterion, "max_epochs": args.max_epochs,
-                                             "seeds": args.seeds, "results": results}, indent=2) + "\n")
+        print(
+            f"  {name} - one network: {d['diff']:+.1f} epochs [{d['low']:+.1f}, {d['high']:+.1f}] (Welch, seeds "
+            f"where both reached), median ratio {ratio:.2f}"
+        )
+    Path(args.output).write_text(
+        json.dumps(
+            {"criterion": args.criterion, "max_epochs": args.max_epochs, "seeds": args.seeds, "results": results},
+            indent=2,
+        )
+        + "\n"
+    )
     if args.figure:
         draw(results, args)
 
@@ -166,11 +189,18 @@ def draw(results: dict, args) -> None:
     fig = go.Figure()
     for name, r in results.items():
         epochs = [e if math.isfinite(e) else args.max_epochs for e in r["epochs"]]
-        fig.add_trace(go.Box(y=epochs, name=f"{name} ({r['parameters']} parameters)", boxpoints="all", jitter=0.4,
-                             pointpos=0))
-    fig.update_layout(title=f"epochs to {args.criterion:.0%} held-out accuracy, {args.seeds} seeds per learner "
-                      f"(a seed that never reached it is drawn at {args.max_epochs})", yaxis_title="epochs",
-                      template="plotly_white", height=420, showlegend=False, margin=dict(l=60, r=20, t=60, b=40))
+        fig.add_trace(
+            go.Box(y=epochs, name=f"{name} ({r['parameters']} parameters)", boxpoints="all", jitter=0.4, pointpos=0)
+        )
+    fig.update_layout(
+        title=f"epochs to {args.criterion:.0%} held-out accuracy, {args.seeds} seeds per learner "
+        f"(a seed that never reached it is drawn at {args.max_epochs})",
+        yaxis_title="epochs",
+        template="plotly_white",
+        height=420,
+        showlegend=False,
+        margin=dict(l=60, r=20, t=60, b=40),
+    )
     write_png(fig, Path(args.figure), 900)
 
 

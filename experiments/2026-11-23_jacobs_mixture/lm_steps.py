@@ -18,8 +18,10 @@ from moe_lab.analysis.runs import sweep_runs
 from moe_lab.analysis.seeds import seed_groups
 from moe_lab.analysis.stats import difference_interval, mean_interval
 
-CONFIGS = {"model=tiny": "MoE, top-2 of 8 (5.05M parameters, 1.48M active)",
-           "model=dense_tiny_total": "dense, FFN 3072 (5.05M parameters, all active)"}
+CONFIGS = {
+    "model=tiny": "MoE, top-2 of 8 (5.05M parameters, 1.48M active)",
+    "model=dense_tiny_total": "dense, FFN 3072 (5.05M parameters, all active)",
+}
 
 
 def steps_to(run, target: float) -> float:
@@ -40,7 +42,7 @@ def main() -> None:
     worst = max(min(run.series("val/loss")[1]) for g in chosen.values() for run in g.finished)
     targets = [t for t in (2.2, 2.1, 2.0, 1.9, 1.8, 1.75, 1.7) if t > worst]
     out = {"targets": {}}
-    print(f"optimizer steps (4,096 tokens each) to reach a validation loss; mean [95% CI] over seeds")
+    print("optimizer steps (4,096 tokens each) to reach a validation loss; mean [95% CI] over seeds")
     print(f"  {'target':>6}  " + "  ".join(f"{name:>34}" for name in CONFIGS) + "  MoE / dense")
     for target in targets:
         values = {name: [steps_to(run, target) for run in g.finished] for name, g in chosen.items()}
@@ -48,8 +50,11 @@ def main() -> None:
         moe, dense = stats["model=tiny"], stats["model=dense_tiny_total"]
         d = difference_interval(values["model=tiny"], values["model=dense_tiny_total"])
         out["targets"][str(target)] = {"steps": values, "moe_minus_dense": d, "ratio": moe["mean"] / dense["mean"]}
-        print(f"  {target:>6}  " + "  ".join(f"{s['mean']:>17.1f} [{s['low']:>6.1f}, {s['high']:>6.1f}]"
-                                            for s in stats.values()) + f"  {moe['mean'] / dense['mean']:.2f}")
+        print(
+            f"  {target:>6}  "
+            + "  ".join(f"{s['mean']:>17.1f} [{s['low']:>6.1f}, {s['high']:>6.1f}]" for s in stats.values())
+            + f"  {moe['mean'] / dense['mean']:.2f}"
+        )
     out["configs"] = CONFIGS
     out["final_val_loss"] = {name: mean_interval(g.values("val/loss")) for name, g in chosen.items()}
     Path(args.output).write_text(json.dumps(out, indent=2, default=lambda x: None if not np.isfinite(x) else x) + "\n")

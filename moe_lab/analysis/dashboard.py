@@ -20,37 +20,67 @@ from typing import Callable, Optional
 import numpy as np
 
 from moe_lab.analysis import figures
-from moe_lab.analysis.runs import (RunRecord, gather_runs, is_run_dir, is_sweep_dir, labels, read_run, summary_rows,
-                                   sweep_runs, swept_keys)
-from moe_lab.files import write_atomically
-from moe_lab.analysis.seeds import (GROUP_METRICS, difference_text, differences, has_seed_groups, ranked_groups,
-                                   seed_groups)
+from moe_lab.analysis.runs import (
+    RunRecord,
+    gather_runs,
+    is_run_dir,
+    is_sweep_dir,
+    labels,
+    read_run,
+    summary_rows,
+    sweep_runs,
+    swept_keys,
+)
+from moe_lab.analysis.seeds import (
+    GROUP_METRICS,
+    difference_text,
+    differences,
+    has_seed_groups,
+    ranked_groups,
+    seed_groups,
+)
 from moe_lab.analysis.stats import CONFIDENCE, mutual_information
 from moe_lab.errors import DashboardError
+from moe_lab.files import write_atomically
 
 GENERATOR = '<meta name="generator" content="moe-lab dashboard">'
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 # The sweep table's columns: metric, short header (the metric's name is its tooltip), number format.
-SWEEP_COLUMNS = [("val/loss", "val loss", ".4f"), ("initial_val_loss", "at step 0", ".3f"),
-                 ("moe/mean_imbalance", "mean imbalance", ".2f"), ("moe/max_imbalance", "worst imbalance", ".2f"),
-                 ("moe/min_load", "min load", ".2f"), ("moe/dropped_frac", "dropped", ".1%"),
-                 ("moe/dead_experts", "dead", ".0f"), ("moe/starved_experts", "starved", ".0f"),
-                 ("moe/specialization", "special&shy;isation", ".3f"), ("train/tokens_per_sec", "tokens/s", ",.0f")]
+SWEEP_COLUMNS = [
+    ("val/loss", "val loss", ".4f"),
+    ("initial_val_loss", "at step 0", ".3f"),
+    ("moe/mean_imbalance", "mean imbalance", ".2f"),
+    ("moe/max_imbalance", "worst imbalance", ".2f"),
+    ("moe/min_load", "min load", ".2f"),
+    ("moe/dropped_frac", "dropped", ".1%"),
+    ("moe/dead_experts", "dead", ".0f"),
+    ("moe/starved_experts", "starved", ".0f"),
+    ("moe/specialization", "special&shy;isation", ".3f"),
+    ("train/tokens_per_sec", "tokens/s", ",.0f"),
+]
 
 
 def _environment():
     from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 
-    return Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]),
-                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        autoescape=select_autoescape(["html", "j2"]),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
 
 
 def _render(template: str, **context) -> str:
     from markupsafe import Markup
     from plotly.offline import get_plotlyjs
 
-    return _environment().get_template(template).render(plotly_js=Markup(get_plotlyjs()),
-                                                        generated=f"{datetime.now():%Y-%m-%d %H:%M}", **context)
+    return (
+        _environment()
+        .get_template(template)
+        .render(plotly_js=Markup(get_plotlyjs()), generated=f"{datetime.now():%Y-%m-%d %H:%M}", **context)
+    )
 
 
 def _html(fig) -> str:
@@ -73,30 +103,64 @@ def run_page(run: RunRecord, refresh: Optional[int] = None) -> str:
     mfu = run.final("train/mfu")
     cards = [
         ("validation loss", _fmt(run.final("val/loss")), f"at step 0: {_fmt(s.get('initial_val_loss'))}"),
-        ("training loss", _fmt(run.final("train/loss")),
-         f"step {s.get('step', run.series('train/loss')[0][-1:] or '?')}"),
-        ("tokens / s", _fmt(float(np.median(tokens_per_sec)) if tokens_per_sec else None, ",.0f"),
-         f"MFU {_fmt(100 * mfu, '.1f')}%" if mfu else "median over windows"),
-        ("worst layer imbalance", _fmt(run.final("moe/max_imbalance"), ".2f"),
-         f"mean over layers {_fmt(run.final('moe/mean_imbalance'), '.2f')}"),
-        ("dropped slots", _fmt(run.final("moe/dropped_frac"), ".1%"),
-         f"dead experts: {_fmt(run.final('moe/dead_experts'), '.0f')}, starved (< 10% of the fair share): "
-         f"{_fmt(run.final('moe/starved_experts'), '.0f')}"),
+        (
+            "training loss",
+            _fmt(run.final("train/loss")),
+            f"step {s.get('step', run.series('train/loss')[0][-1:] or '?')}",
+        ),
+        (
+            "tokens / s",
+            _fmt(float(np.median(tokens_per_sec)) if tokens_per_sec else None, ",.0f"),
+            f"MFU {_fmt(100 * mfu, '.1f')}%" if mfu else "median over windows",
+        ),
+        (
+            "worst layer imbalance",
+            _fmt(run.final("moe/max_imbalance"), ".2f"),
+            f"mean over layers {_fmt(run.final('moe/mean_imbalance'), '.2f')}",
+        ),
+        (
+            "dropped slots",
+            _fmt(run.final("moe/dropped_frac"), ".1%"),
+            f"dead experts: {_fmt(run.final('moe/dead_experts'), '.0f')}, starved (< 10% of the fair share): "
+            f"{_fmt(run.final('moe/starved_experts'), '.0f')}",
+        ),
         ("specialisation", _fmt(run.final("moe/specialization"), ".3f"), "I(expert; domain) / H(domain)"),
-        ("parameters", f"{params.get('total', 0) / 1e6:.1f}M" if params else "n/a",
-         f"{params.get('active', 0) / 1e6:.1f}M active per token" if params else ""),
+        (
+            "parameters",
+            f"{params.get('total', 0) / 1e6:.1f}M" if params else "n/a",
+            f"{params.get('active', 0) / 1e6:.1f}M active per token" if params else "",
+        ),
     ]
-    drawn = {"loss": _html(figures.loss_figure(run)), "load": _html(figures.load_heatmaps(run)),
-             "balance": _html(figures.balance_figure(run)), "domains": _html(figures.domain_figure(run)),
-             "throughput": _html(figures.throughput_figure(run)),
-             "analysis": _html(figures.analysis_over_time_figure(run))}
+    drawn = {
+        "loss": _html(figures.loss_figure(run)),
+        "load": _html(figures.load_heatmaps(run)),
+        "balance": _html(figures.balance_figure(run)),
+        "domains": _html(figures.domain_figure(run)),
+        "throughput": _html(figures.throughput_figure(run)),
+        "analysis": _html(figures.analysis_over_time_figure(run)),
+    }
     lineage = [f"steps to {step}: {path}" for path, step in run.earlier]
-    return _render("run.html.j2", title=f"moe-lab run: {overrides}", path=str(run.path), status=run.status,
-                   overrides=overrides, cards=cards, figures=drawn, refresh=refresh, lineage=lineage, gap=run.gap)
+    return _render(
+        "run.html.j2",
+        title=f"moe-lab run: {overrides}",
+        path=str(run.path),
+        status=run.status,
+        overrides=overrides,
+        cards=cards,
+        figures=drawn,
+        refresh=refresh,
+        lineage=lineage,
+        gap=run.gap,
+    )
 
 
-def sweep_page(sweep_dir: Path, runs: list[RunRecord], refresh: Optional[int] = None, links_from: Optional[Path] = None,
-               title: Optional[str] = None) -> str:
+def sweep_page(
+    sweep_dir: Path,
+    runs: list[RunRecord],
+    refresh: Optional[int] = None,
+    links_from: Optional[Path] = None,
+    title: Optional[str] = None,
+) -> str:
     """The side-by-side page of a sweep's runs, or of any runs (`moe-lab dashboard RUN1 RUN2 ...`); each run's own
     page is linked relative to `links_from`, the folder the page is written to (default: the sweep directory)."""
     keys = swept_keys(runs)
@@ -116,48 +180,95 @@ def sweep_page(sweep_dir: Path, runs: list[RunRecord], refresh: Optional[int] = 
         return by_job[job][1] if job in by_job else ""
 
     cards = [
-        ("runs", str(len(runs)), f"{sum(r['status'] == 'finished' for r in rows)} finished, "
-                                 f"{sum(r['status'] == 'failed' for r in rows)} failed"),
+        (
+            "runs",
+            str(len(runs)),
+            f"{sum(r['status'] == 'finished' for r in rows)} finished, "
+            f"{sum(r['status'] == 'failed' for r in rows)} failed",
+        ),
         ("best validation loss", _fmt(done[0]["val/loss"]) if done else "n/a", name_of(best_loss)),
-        ("best balanced", _fmt(min(r["moe/mean_imbalance"] for r in balanced) if balanced else None, ".2f"),
-         name_of(best_balance)),
-        ("most specialised", _fmt(max(r["moe/specialization"] for r in special) if special else None, ".3f"),
-         name_of(most_special)),
+        (
+            "best balanced",
+            _fmt(min(r["moe/mean_imbalance"] for r in balanced) if balanced else None, ".2f"),
+            name_of(best_balance),
+        ),
+        (
+            "most specialised",
+            _fmt(max(r["moe/specialization"] for r in special) if special else None, ".3f"),
+            name_of(most_special),
+        ),
     ]
-    table = [_sweep_row(r, by_job[r["job"]][0], name_of(r["job"]), r["job"] == best_balance, r["job"] == best_loss,
-                        links_from) for r in rows]
+    table = [
+        _sweep_row(
+            r, by_job[r["job"]][0], name_of(r["job"]), r["job"] == best_balance, r["job"] == best_loss, links_from
+        )
+        for r in rows
+    ]
     domain_parts = _domain_figures(runs, names)
     groups = seed_groups(runs)
     grouped = None
     if has_seed_groups(groups):  # seeds repeated: means with intervals, error bars and bands instead of single runs
         ranked = ranked_groups(groups)
-        grouped = {"rows": [_group_row(r) for r in ranked], "columns": [t for _, t, _ in GROUP_METRICS[1:]],
-                   "differences": [_difference_text(d) for d in differences(ranked)],
-                   "overlap": any(r.overlaps for r in ranked), "confidence": int(round(CONFIDENCE * 100))}
+        grouped = {
+            "rows": [_group_row(r) for r in ranked],
+            "columns": [t for _, t, _ in GROUP_METRICS[1:]],
+            "differences": [_difference_text(d) for d in differences(ranked)],
+            "overlap": any(r.overlaps for r in ranked),
+            "confidence": int(round(CONFIDENCE * 100)),
+        }
         drawn = {"bars": _html(figures.group_bars(ranked)), "curves": _html(figures.group_curves(ranked))}
         best = ranked[0] if ranked else None
-        cards[1] = ("best mean validation loss", _fmt(best.interval["mean"]) if best else "n/a",
-                    (f"{best.group.name}" + (f" (not separated from #{', #'.join(map(str, best.overlaps))})"
-                                             if best.overlaps else "")) if best else "")
+        cards[1] = (
+            "best mean validation loss",
+            _fmt(best.interval["mean"]) if best else "n/a",
+            (
+                f"{best.group.name}"
+                + (f" (not separated from #{', #'.join(map(str, best.overlaps))})" if best.overlaps else "")
+            )
+            if best
+            else "",
+        )
     else:
         drawn = {"bars": _html(figures.sweep_bars(runs, names)), "curves": _html(figures.sweep_curves(runs, names))}
     drawn["domains"] = domain_parts
-    return _render("sweep.html.j2", title=title or f"moe-lab sweep: {sweep_dir.name}", path=str(sweep_dir), swept=keys,
-                   cards=cards, columns=[(c, Markup(header)) for c, header, _ in SWEEP_COLUMNS], rows=table,
-                   figures=drawn, refresh=refresh, grouped=grouped)
+    return _render(
+        "sweep.html.j2",
+        title=title or f"moe-lab sweep: {sweep_dir.name}",
+        path=str(sweep_dir),
+        swept=keys,
+        cards=cards,
+        columns=[(c, Markup(header)) for c, header, _ in SWEEP_COLUMNS],
+        rows=table,
+        figures=drawn,
+        refresh=refresh,
+        grouped=grouped,
+    )
 
 
 def _sweep_row(r: dict, run: RunRecord, label: str, best_balance: bool, best_loss: bool, links_from: Path) -> dict:
     """One run's row of the sweep table: its cells, marked good (best) or bad (starving or collapsing routing)."""
-    cells = [{"text": _fmt(r[c], spec),
-              "good": (c == "moe/mean_imbalance" and best_balance) or (c == "val/loss" and best_loss),
-              # Starving or collapsing routing is flagged on every run, not only the best ones.
-              "bad": (c in ("moe/dead_experts", "moe/starved_experts") and isinstance(r[c], float) and r[c] > 0)
-              or (c == "moe/min_load" and isinstance(r[c], float) and r[c] < 0.1)} for c, _, spec in SWEEP_COLUMNS]
-    return {"job": r["job"], "label": label, "cells": cells, "status": r["status"], "error": run.error,
-            "overrides": r["overrides"].split(), "best": best_loss,
-            "page": os.path.relpath(run.path / "dashboard.html", links_from)
-            if (run.path / "dashboard.html").exists() else ""}
+    cells = [
+        {
+            "text": _fmt(r[c], spec),
+            "good": (c == "moe/mean_imbalance" and best_balance) or (c == "val/loss" and best_loss),
+            # Starving or collapsing routing is flagged on every run, not only the best ones.
+            "bad": (c in ("moe/dead_experts", "moe/starved_experts") and isinstance(r[c], float) and r[c] > 0)
+            or (c == "moe/min_load" and isinstance(r[c], float) and r[c] < 0.1),
+        }
+        for c, _, spec in SWEEP_COLUMNS
+    ]
+    return {
+        "job": r["job"],
+        "label": label,
+        "cells": cells,
+        "status": r["status"],
+        "error": run.error,
+        "overrides": r["overrides"].split(),
+        "best": best_loss,
+        "page": os.path.relpath(run.path / "dashboard.html", links_from)
+        if (run.path / "dashboard.html").exists()
+        else "",
+    }
 
 
 def _domain_figures(runs: list[RunRecord], names: list[str]) -> list:
@@ -165,8 +276,9 @@ def _domain_figures(runs: list[RunRecord], names: list[str]) -> list:
     parts = []
     for run, name in zip(runs, names):
         layers = figures.moe_layers(run)
-        scored = [(mutual_information(t)[1], layer) for layer in layers
-                  if (t := figures.domain_table(run, layer)) is not None]
+        scored = [
+            (mutual_information(t)[1], layer) for layer in layers if (t := figures.domain_table(run, layer)) is not None
+        ]
         if not scored:
             continue
         fig = figures.domain_figure(run, [max(scored)[1]], name=name)
@@ -181,11 +293,22 @@ def _group_row(r) -> dict:
     cells = []
     for key, _, spec in GROUP_METRICS[1:]:
         mean = r.group.interval(key)["mean"]
-        cells.append({"text": _fmt(mean, spec), "bad": key in ("moe/dead_experts", "moe/starved_experts")
-                      and math.isfinite(mean) and mean > 0})
-    return {"rank": r.rank_text, "name": r.group.name, "runs": f"{len(r.group.finished)}/{len(r.group.runs)}",
-            "seeds": ", ".join(r.group.seeds), "loss": f"{_fmt(i['mean'])} [{_fmt(i['low'])}, {_fmt(i['high'])}]",
-            "std": _fmt(i["std"]), "cells": cells, "overlaps": ", ".join(f"#{o}" for o in r.overlaps)}
+        cells.append(
+            {
+                "text": _fmt(mean, spec),
+                "bad": key in ("moe/dead_experts", "moe/starved_experts") and math.isfinite(mean) and mean > 0,
+            }
+        )
+    return {
+        "rank": r.rank_text,
+        "name": r.group.name,
+        "runs": f"{len(r.group.finished)}/{len(r.group.runs)}",
+        "seeds": ", ".join(r.group.seeds),
+        "loss": f"{_fmt(i['mean'])} [{_fmt(i['low'])}, {_fmt(i['high'])}]",
+        "std": _fmt(i["std"]),
+        "cells": cells,
+        "overlaps": ", ".join(f"#{o}" for o in r.overlaps),
+    }
 
 
 def _difference_text(d: dict) -> str:
@@ -196,27 +319,54 @@ def analysis_page(report: dict) -> str:
     """The page of a `moe-lab analyze` report (its plain data: the page can be rebuilt from the JSON alone)."""
     layers = list(report["layers"].values())
     mean = lambda key: float(np.mean([e[key] for e in layers]))  # noqa: E731
-    cards = [("tokens analysed", f"{report['tokens']:,}", f"top-{report['top_k']} of {report['num_experts']} experts"),
-             ("vocabulary specialisation", _fmt(mean("vocab_specialisation_input"), ".3f"),
-              f"mean over layers; random routing {report['uniform_share']:.3f}"),
-             ("domain specialisation", _fmt(mean("domain_specialisation"), ".3f"), "I(expert; domain) / H(domain)"),
-             ("repeat rate, top-1", _fmt(mean("repeat_top1"), ".1%"), f"chance {mean('repeat_top1_chance'):.1%}")]
+    cards = [
+        ("tokens analysed", f"{report['tokens']:,}", f"top-{report['top_k']} of {report['num_experts']} experts"),
+        (
+            "vocabulary specialisation",
+            _fmt(mean("vocab_specialisation_input"), ".3f"),
+            f"mean over layers; random routing {report['uniform_share']:.3f}",
+        ),
+        ("domain specialisation", _fmt(mean("domain_specialisation"), ".3f"), "I(expert; domain) / H(domain)"),
+        ("repeat rate, top-1", _fmt(mean("repeat_top1"), ".1%"), f"chance {mean('repeat_top1_chance'):.1%}"),
+    ]
     keys = list(report["layers"])
-    tokens = [{"layer": key, "experts": [[repr(t["text"])[1:-1] if t["text"] is not None else str(t["token"])
-                                          for t in report["layers"][key]["expert_tokens"][str(e)]]
-                                         for e in range(report["num_experts"])]}
-              for key in dict.fromkeys([keys[0], keys[-1]])]
-    drawn = {"domains": _html(figures.analysis_domain_figure(report)),
-             "summary": _html(figures.analysis_summary_figure(report)),
-             "coactivation": _html(figures.analysis_matrix_figure(report, "coactivation", "layer {layer}",
-                                                                  "expert j", "expert i")),
-             "transitions": _html(figures.analysis_matrix_figure(report, "next_layer_transitions",
-                                                                 "layer {layer} -> next MoE layer", "next layer's",
-                                                                 "this layer's")),
-             "position": _html(figures.analysis_position_figure(report))}
-    return _render("analysis.html.j2", title="moe-lab analyze: routing", sources=report["sources"],
-                   data=report["data"], capacity=report["capacity"], cards=cards, tokens=tokens, figures=drawn,
-                   refresh=None)
+    tokens = [
+        {
+            "layer": key,
+            "experts": [
+                [
+                    repr(t["text"])[1:-1] if t["text"] is not None else str(t["token"])
+                    for t in report["layers"][key]["expert_tokens"][str(e)]
+                ]
+                for e in range(report["num_experts"])
+            ],
+        }
+        for key in dict.fromkeys([keys[0], keys[-1]])
+    ]
+    drawn = {
+        "domains": _html(figures.analysis_domain_figure(report)),
+        "summary": _html(figures.analysis_summary_figure(report)),
+        "coactivation": _html(
+            figures.analysis_matrix_figure(report, "coactivation", "layer {layer}", "expert j", "expert i")
+        ),
+        "transitions": _html(
+            figures.analysis_matrix_figure(
+                report, "next_layer_transitions", "layer {layer} -> next MoE layer", "next layer's", "this layer's"
+            )
+        ),
+        "position": _html(figures.analysis_position_figure(report)),
+    }
+    return _render(
+        "analysis.html.j2",
+        title="moe-lab analyze: routing",
+        sources=report["sources"],
+        data=report["data"],
+        capacity=report["capacity"],
+        cards=cards,
+        tokens=tokens,
+        figures=drawn,
+        refresh=None,
+    )
 
 
 def write_analysis_page(report: dict, out: Path | str) -> Path:
@@ -231,8 +381,10 @@ def write_dashboard(path: Path | str, out: Optional[Path | str] = None, refresh:
     """Write the dashboard of a run or sweep directory; returns the file written."""
     path = Path(path).expanduser()
     if not path.is_dir():
-        raise DashboardError(f"{path}: no such directory (give a run directory such as outputs/DATE/TIME, or a "
-                             "sweep directory such as outputs/multirun/DATE/TIME)")
+        raise DashboardError(
+            f"{path}: no such directory (give a run directory such as outputs/DATE/TIME, or a "
+            "sweep directory such as outputs/multirun/DATE/TIME)"
+        )
     out = checked_output(Path(out).expanduser() if out is not None else path / "dashboard.html")
     if is_run_dir(path) and (path / "metrics.csv").exists():
         page = run_page(read_run(path), refresh)
@@ -242,8 +394,10 @@ def write_dashboard(path: Path | str, out: Optional[Path | str] = None, refresh:
             raise DashboardError(f"{path} holds no runs yet")
         page = sweep_page(path, runs, refresh, links_from=out.parent)
     else:
-        raise DashboardError(f"{path} is neither a run directory (with metrics.csv) nor a sweep directory "
-                             "(with job directories 0/, 1/, ...)")
+        raise DashboardError(
+            f"{path} is neither a run directory (with metrics.csv) nor a sweep directory "
+            "(with job directories 0/, 1/, ...)"
+        )
     return _write(out, page)
 
 
@@ -253,8 +407,7 @@ def write_comparison(paths: list[Path | str], out: Path | str, refresh: Optional
     out = checked_output(Path(out).expanduser())
     runs = gather_runs([Path(p).expanduser() for p in paths])
     common = Path(os.path.commonpath([run.path for run in runs]))
-    page = sweep_page(common, runs, refresh, links_from=out.parent,
-                      title=f"moe-lab comparison: {len(runs)} runs")
+    page = sweep_page(common, runs, refresh, links_from=out.parent, title=f"moe-lab comparison: {len(runs)} runs")
     return _write(out, page), runs
 
 
@@ -265,8 +418,10 @@ def checked_output(out: Path) -> Path:
     if out.is_dir():
         raise DashboardError(f"-o {out} is a directory; give the HTML file to write, e.g. {out / 'dashboard.html'}")
     if out.exists() and GENERATOR not in out.read_text(errors="ignore")[:20000]:
-        raise DashboardError(f"{out} exists and was not written by moe-lab dashboard; moe-lab never writes over "
-                             "files: choose another path with -o")
+        raise DashboardError(
+            f"{out} exists and was not written by moe-lab dashboard; moe-lab never writes over "
+            "files: choose another path with -o"
+        )
     return out
 
 
@@ -282,6 +437,7 @@ def live(write: Callable[[Optional[int]], Path], interval: int) -> None:  # prag
     """Call `write(refresh)` every `interval` seconds (the page reloads itself as often) until Ctrl-C or SIGTERM,
     then write a final page that no longer reloads. The handlers are installed here: a process started in the
     background by a non-interactive shell inherits SIGINT ignored, and would otherwise never stop on it."""
+
     def stop(signum, frame):
         raise KeyboardInterrupt
 
@@ -291,8 +447,11 @@ def live(write: Callable[[Optional[int]], Path], interval: int) -> None:  # prag
         while True:
             try:
                 target = write(interval)
-                print(f"\rmoe-lab: dashboard {target} updated {datetime.now():%H:%M:%S} (Ctrl-C to stop)",
-                      end="", flush=True)
+                print(
+                    f"\rmoe-lab: dashboard {target} updated {datetime.now():%H:%M:%S} (Ctrl-C to stop)",
+                    end="",
+                    flush=True,
+                )
             except DashboardError as e:
                 print(f"\rmoe-lab: waiting: {e}", end="", flush=True)
             time.sleep(interval)

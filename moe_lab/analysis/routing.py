@@ -60,8 +60,14 @@ class RoutingCounts:
         self.slots_LS = np.zeros((L, S), dtype=np.int64)
         self._rng = np.random.default_rng(self.seed)
 
-    def add(self, experts_LBSK: np.ndarray, tokens_BS: np.ndarray, next_BS: np.ndarray, domain_B: np.ndarray,
-            dropped_LBSK: Optional[np.ndarray] = None) -> None:
+    def add(
+        self,
+        experts_LBSK: np.ndarray,
+        tokens_BS: np.ndarray,
+        next_BS: np.ndarray,
+        domain_B: np.ndarray,
+        dropped_LBSK: Optional[np.ndarray] = None,
+    ) -> None:
         """One batch: every token's chosen experts per layer (first choice first), its id, the id that follows it,
         its sequence's domain, and which of its slots were dropped (None: none)."""
         L, B, S, K = experts_LBSK.shape
@@ -106,8 +112,9 @@ def domain_shares(counts: RoutingCounts) -> np.ndarray:
     return counts.domain_LED / np.maximum(tokens_LD[:, None, :], 1)
 
 
-def vocab_specialisation(counts_LVE: np.ndarray, top_k: int, min_count: int = 1
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def vocab_specialisation(
+    counts_LVE: np.ndarray, top_k: int, min_count: int = 1
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(specialisation (L, V): the share of token v's occurrences that went to its most frequent expert, NaN for
     tokens seen fewer than `min_count` times; the frequency-weighted mean per layer (L,); the expert each token goes
     to most (L, V)). Random routing gives k/E (for many occurrences), a token always sent to one expert 1."""
@@ -115,8 +122,12 @@ def vocab_specialisation(counts_LVE: np.ndarray, top_k: int, min_count: int = 1
     top_LV = counts_LVE.max(-1)
     share_LV = np.where(occurrences_LV >= max(min_count, 1), top_LV / np.maximum(occurrences_LV, 1), np.nan)
     seen = occurrences_LV >= max(min_count, 1)
-    weighted = np.array([np.average(share_LV[l][seen[l]], weights=occurrences_LV[l][seen[l]]) if seen[l].any()
-                         else np.nan for l in range(len(share_LV))])
+    weighted = np.array(
+        [
+            np.average(share_LV[l][seen[l]], weights=occurrences_LV[l][seen[l]]) if seen[l].any() else np.nan
+            for l in range(len(share_LV))
+        ]
+    )
     return share_LV, weighted, counts_LVE.argmax(-1)
 
 
@@ -136,8 +147,12 @@ def repeat_rates(counts: RoutingCounts) -> dict[str, np.ndarray]:
     """Per layer: the share of consecutive token pairs with the same first-choice expert, or with a top-k expert in
     common, and the same for tokens paired at random (chance)."""
     n = max(counts.pairs_seen, 1)
-    return {"top1": counts.repeat_L[:, 0] / n, "topk": counts.repeat_L[:, 1] / n,
-            "top1_chance": counts.repeat_L[:, 2] / n, "topk_chance": counts.repeat_L[:, 3] / n}
+    return {
+        "top1": counts.repeat_L[:, 0] / n,
+        "topk": counts.repeat_L[:, 1] / n,
+        "top1_chance": counts.repeat_L[:, 2] / n,
+        "topk_chance": counts.repeat_L[:, 3] / n,
+    }
 
 
 def drops_by_position(counts: RoutingCounts) -> np.ndarray:

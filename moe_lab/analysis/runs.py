@@ -23,11 +23,28 @@ import yaml
 from moe_lab.errors import DashboardError
 from moe_lab.files import write_atomically
 
-SUMMARY_COLUMNS = ["job", "status", "val/loss", "initial_val_loss", "train/loss", "moe/mean_imbalance",
-                   "moe/max_imbalance", "moe/min_load", "moe/dropped_frac", "moe/dead_experts",
-                   "moe/starved_experts", "moe/specialization",
-                   "train/tokens_per_sec", "train/mfu", "step", "seconds", "overrides", "run_dir", "checkpoint",
-                   "error"]
+SUMMARY_COLUMNS = [
+    "job",
+    "status",
+    "val/loss",
+    "initial_val_loss",
+    "train/loss",
+    "moe/mean_imbalance",
+    "moe/max_imbalance",
+    "moe/min_load",
+    "moe/dropped_frac",
+    "moe/dead_experts",
+    "moe/starved_experts",
+    "moe/specialization",
+    "train/tokens_per_sec",
+    "train/mfu",
+    "step",
+    "seconds",
+    "overrides",
+    "run_dir",
+    "checkpoint",
+    "error",
+]
 RESUMED_FROM = "resumed_from.json"
 
 
@@ -116,8 +133,10 @@ def _prepend_earlier(record: RunRecord, origin: Any, seen: set) -> None:
     where = Path(earlier_dir) if isinstance(earlier_dir, str) else None
     seen = seen | {record.path.resolve()}
     if where is None or not is_run_dir(where) or where.resolve() in seen:
-        record.gap = (f"steps 0-{step} were trained by {earlier_dir or 'a run whose directory is unknown'}, "
-                      "which is gone: its curves are missing here")
+        record.gap = (
+            f"steps 0-{step} were trained by {earlier_dir or 'a run whose directory is unknown'}, "
+            "which is gone: its curves are missing here"
+        )
         return
     earlier = read_run(where, seen)
     record.earlier = earlier.earlier + [(where, step)]
@@ -179,6 +198,7 @@ def _routing_records(text: str) -> list[dict]:
 def _routing_shape(record: Any) -> str:
     """What is wrong with a routing.jsonl record's shape ('' if nothing): {"step": int, "layers": [{"layer": int,
     "load": [numbers], "domain_counts": [[numbers]]?}], "domains": [str]?}, as training/metrics.py writes it."""
+
     def numbers(value: Any) -> bool:
         return isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
 
@@ -194,8 +214,9 @@ def _routing_shape(record: Any) -> str:
         counts = entry.get("domain_counts")
         if counts is not None and not (isinstance(counts, list) and all(numbers(row) for row in counts)):
             return "'domain_counts' is not a table of numbers"
-    if "domains" in record and not (isinstance(record["domains"], list)
-                                    and all(isinstance(d, str) for d in record["domains"])):
+    if "domains" in record and not (
+        isinstance(record["domains"], list) and all(isinstance(d, str) for d in record["domains"])
+    ):
         return "'domains' is not a list of names"
     return ""
 
@@ -212,8 +233,10 @@ def gather_runs(paths: list[Path]) -> list[RunRecord]:
     found: list[Path] = []
     for path in paths:
         if not path.is_dir():
-            raise DashboardError(f"{path}: no such directory (give run directories such as outputs/DATE/TIME, or "
-                                 "sweep directories such as outputs/multirun/DATE/TIME)")
+            raise DashboardError(
+                f"{path}: no such directory (give run directories such as outputs/DATE/TIME, or "
+                "sweep directories such as outputs/multirun/DATE/TIME)"
+            )
         if is_run_dir(path) and (path / "metrics.csv").exists():
             found.append(path)
         elif is_sweep_dir(path):
@@ -272,10 +295,16 @@ def labels(runs: list[RunRecord]) -> list[str]:
 
 
 # The ranked table printed in the terminal at the end of a sweep and by `moe-lab dashboard RUN1 RUN2 ...`.
-TABLE_COLUMNS = [("val/loss", "val/loss", ".4f"), ("moe/mean_imbalance", "imbalance", ".2f"),
-                 ("moe/min_load", "min load", ".2f"), ("moe/dropped_frac", "dropped", ".1%"),
-                 ("moe/dead_experts", "dead", ".0f"), ("moe/starved_experts", "starved", ".0f"),
-                 ("moe/specialization", "special.", ".3f"), ("train/tokens_per_sec", "tokens/s", ",.0f")]
+TABLE_COLUMNS = [
+    ("val/loss", "val/loss", ".4f"),
+    ("moe/mean_imbalance", "imbalance", ".2f"),
+    ("moe/min_load", "min load", ".2f"),
+    ("moe/dropped_frac", "dropped", ".1%"),
+    ("moe/dead_experts", "dead", ".0f"),
+    ("moe/starved_experts", "starved", ".0f"),
+    ("moe/specialization", "special.", ".3f"),
+    ("train/tokens_per_sec", "tokens/s", ",.0f"),
+]
 
 
 def ranked_table(runs: list[RunRecord]) -> str:
@@ -293,16 +322,24 @@ def ranked_table(runs: list[RunRecord]) -> str:
             cells.append(text + ("!" if flagged else ""))
         body.append(cells + [row["status"]])
     widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i in (1, len(header) - 1) else c.rjust(w)
-                       for i, (c, w) in enumerate(zip(r, widths))).rstrip() for r in [header] + body]
+    lines = [
+        "  ".join(
+            c.ljust(w) if i in (1, len(header) - 1) else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+        ).rstrip()
+        for r in [header] + body
+    ]
     return "\n".join(lines)
 
 
 def summary_rows(runs: list[RunRecord]) -> list[dict[str, Any]]:
     rows = []
     for run in runs:
-        row: dict[str, Any] = {"job": run.job, "status": run.status, "overrides": " ".join(run.overrides),
-                               "run_dir": str(run.path)}
+        row: dict[str, Any] = {
+            "job": run.job,
+            "status": run.status,
+            "overrides": " ".join(run.overrides),
+            "run_dir": str(run.path),
+        }
         for key in SUMMARY_COLUMNS:
             if key not in row:
                 value = run.final(key)
@@ -310,13 +347,21 @@ def summary_rows(runs: list[RunRecord]) -> list[dict[str, Any]]:
         if run.status != "finished" and run.summary.get("val_step") != run.summary.get("step"):
             row["val/loss"] = ""  # its last validation is not its final state (often step 0's): no final loss
         row["checkpoint"] = str(run.summary.get("checkpoint") or "")
-        row["error"] = (run.error or str(run.summary.get("error") or "")).splitlines()[0] if (
-            run.error or run.summary.get("error")) else ""
+        row["error"] = (
+            (run.error or str(run.summary.get("error") or "")).splitlines()[0]
+            if (run.error or run.summary.get("error"))
+            else ""
+        )
         rows.append(row)
     # Finished runs by validation loss; then interrupted, running and failed ones (their figures are the last seen).
     order = {"finished": 0, "interrupted": 1, "running": 2, "diverged": 3, "failed": 3}
-    rows.sort(key=lambda r: (order.get(r["status"], 4), not isinstance(r["val/loss"], float)
-                             or math.isnan(r["val/loss"]), r["val/loss"] if isinstance(r["val/loss"], float) else 0.0))
+    rows.sort(
+        key=lambda r: (
+            order.get(r["status"], 4),
+            not isinstance(r["val/loss"], float) or math.isnan(r["val/loss"]),
+            r["val/loss"] if isinstance(r["val/loss"], float) else 0.0,
+        )
+    )
     return rows
 
 

@@ -19,17 +19,27 @@ from pathlib import Path
 from typing import Any, Optional
 
 from moe_lab.analysis.runs import RunRecord, swept_keys, unescape_override
+from moe_lab.analysis.stats import (
+    CONFIDENCE,
+    difference_interval,
+    intervals_overlap,
+    mean_interval,
+    paired_difference_interval,
+)
 from moe_lab.files import write_atomically
-from moe_lab.analysis.stats import (CONFIDENCE, difference_interval, intervals_overlap, mean_interval,
-                                    paired_difference_interval)
 
 SEED_KEY = "seed"
 RANK_KEY = "val/loss"  # lower is better
 # The metrics summarised per group: (key, column title, format).
-GROUP_METRICS = [("val/loss", "val/loss", ".4f"), ("moe/mean_imbalance", "imbalance", ".2f"),
-                 ("moe/min_load", "min load", ".2f"), ("moe/dropped_frac", "dropped", ".1%"),
-                 ("moe/dead_experts", "dead", ".1f"), ("moe/starved_experts", "starved", ".1f"),
-                 ("moe/specialization", "special.", ".3f")]
+GROUP_METRICS = [
+    ("val/loss", "val/loss", ".4f"),
+    ("moe/mean_imbalance", "imbalance", ".2f"),
+    ("moe/min_load", "min load", ".2f"),
+    ("moe/dropped_frac", "dropped", ".1%"),
+    ("moe/dead_experts", "dead", ".1f"),
+    ("moe/starved_experts", "starved", ".1f"),
+    ("moe/specialization", "special.", ".3f"),
+]
 
 
 def _key(override: str) -> str:
@@ -45,8 +55,9 @@ class RunGroup:
 
     @property
     def seeds(self) -> list[str]:
-        return [next((o.partition("=")[2] for o in run.overrides if _key(o) == SEED_KEY), "default")
-                for run in self.runs]
+        return [
+            next((o.partition("=")[2] for o in run.overrides if _key(o) == SEED_KEY), "default") for run in self.runs
+        ]
 
     @property
     def finished(self) -> list[RunRecord]:
@@ -127,10 +138,21 @@ def differences(ranked: list[RankedGroup]) -> list[dict[str, Any]]:
         d = difference_interval(a.group.values(RANK_KEY), b.group.values(RANK_KEY))
         mine, theirs = a.group.by_seed(RANK_KEY), b.group.by_seed(RANK_KEY)
         shared = [seed for seed in mine if seed in theirs]
-        paired = (paired_difference_interval([mine[s] for s in shared], [theirs[s] for s in shared])
-                  if len(shared) >= 2 else None)
-        out.append({"a": a, "b": b, **d, "separated": _separated(d), "paired": paired,
-                    "paired_separated": paired is not None and _separated(paired)})
+        paired = (
+            paired_difference_interval([mine[s] for s in shared], [theirs[s] for s in shared])
+            if len(shared) >= 2
+            else None
+        )
+        out.append(
+            {
+                "a": a,
+                "b": b,
+                **d,
+                "separated": _separated(d),
+                "paired": paired,
+                "paired_separated": paired is not None and _separated(paired),
+            }
+        )
     return out
 
 
@@ -144,13 +166,21 @@ def group_table(groups: list[RunGroup]) -> str:
     deviation, the means of the routing metrics, and below it the differences between neighbours."""
     ranked = ranked_groups(groups)
     pct = int(round(CONFIDENCE * 100))
-    header = ["#", "group", "runs", f"val/loss [{pct}% CI]", "std"] + [t for k, t, _ in GROUP_METRICS[1:]] + \
-        ["not separated from"]
+    header = (
+        ["#", "group", "runs", f"val/loss [{pct}% CI]", "std"]
+        + [t for k, t, _ in GROUP_METRICS[1:]]
+        + ["not separated from"]
+    )
     body = []
     for r in ranked:
         i = r.interval
-        cells = [r.rank_text, r.group.name, _runs_text(r.group), f"{_number(i['mean'], '.4f')} "
-                 f"[{_number(i['low'], '.4f')}, {_number(i['high'], '.4f')}]", _number(i["std"], ".4f")]
+        cells = [
+            r.rank_text,
+            r.group.name,
+            _runs_text(r.group),
+            f"{_number(i['mean'], '.4f')} [{_number(i['low'], '.4f')}, {_number(i['high'], '.4f')}]",
+            _number(i["std"], ".4f"),
+        ]
         for key, _, spec in GROUP_METRICS[1:]:
             mean = r.group.interval(key)["mean"]
             flagged = key in ("moe/dead_experts", "moe/starved_experts") and math.isfinite(mean) and mean > 0
@@ -162,8 +192,10 @@ def group_table(groups: list[RunGroup]) -> str:
             body.append(["-", g.name, _runs_text(g), "no finished run", ""] + [""] * (len(GROUP_METRICS) - 1) + [""])
     widths = [max(len(row[c]) for row in [header] + body) for c in range(len(header))]
     left = {1, len(header) - 1}
-    lines = ["  ".join(c.ljust(w) if k in left else c.rjust(w) for k, (c, w) in enumerate(zip(row, widths))).rstrip()
-             for row in [header] + body]
+    lines = [
+        "  ".join(c.ljust(w) if k in left else c.rjust(w) for k, (c, w) in enumerate(zip(row, widths))).rstrip()
+        for row in [header] + body
+    ]
     diffs = differences(ranked)
     if diffs:
         lines.append(f"differences in mean val/loss, each group against the next (Welch's t, {pct}% CI):")
@@ -179,16 +211,19 @@ def group_table(groups: list[RunGroup]) -> str:
 def difference_text(d: dict[str, Any]) -> str:
     """One entry of `differences` in words: Welch's interval and p-value, and the paired one where there is one."""
     verdict = "separated" if d["separated"] else "not separated: the interval contains 0"
-    return (f"{_number(d['diff'], '+.4f')} [{_number(d['low'], '+.4f')}, {_number(d['high'], '+.4f')}], "
-            f"p = {_number(d['p'], '.3g')} ({verdict})"
-            + (f"; paired by seed: {_paired_text(d)}" if d["paired"] else ""))
+    return (
+        f"{_number(d['diff'], '+.4f')} [{_number(d['low'], '+.4f')}, {_number(d['high'], '+.4f')}], "
+        f"p = {_number(d['p'], '.3g')} ({verdict})" + (f"; paired by seed: {_paired_text(d)}" if d["paired"] else "")
+    )
 
 
 def _paired_text(d: dict[str, Any]) -> str:
     p = d["paired"]
     verdict = "separated" if d["paired_separated"] else "not separated"
-    return (f"{_number(p['diff'], '+.4f')} [{_number(p['low'], '+.4f')}, {_number(p['high'], '+.4f')}] over "
-            f"{p['n']} seeds, p = {_number(p['p'], '.3g')} ({verdict})")
+    return (
+        f"{_number(p['diff'], '+.4f')} [{_number(p['low'], '+.4f')}, {_number(p['high'], '+.4f')}] over "
+        f"{p['n']} seeds, p = {_number(p['p'], '.3g')} ({verdict})"
+    )
 
 
 def _runs_text(group: RunGroup) -> str:
@@ -196,18 +231,25 @@ def _runs_text(group: RunGroup) -> str:
     return f"{done}" if done == len(group.runs) else f"{done}/{len(group.runs)}"
 
 
-GROUP_CSV_COLUMNS = ["rank", "group", "runs", "finished", "seeds"] + [
-    f"{key}:{stat}" for key, _, _ in GROUP_METRICS for stat in ("mean", "std", "ci_low", "ci_high")] + \
-    ["not_separated_from", "run_dirs"]
+GROUP_CSV_COLUMNS = (
+    ["rank", "group", "runs", "finished", "seeds"]
+    + [f"{key}:{stat}" for key, _, _ in GROUP_METRICS for stat in ("mean", "std", "ci_low", "ci_high")]
+    + ["not_separated_from", "run_dirs"]
+)
 
 
 def group_rows(groups: list[RunGroup]) -> list[dict[str, Any]]:
     rows = []
     for r in ranked_groups(groups):
-        row: dict[str, Any] = {"rank": r.rank, "group": r.group.name, "runs": len(r.group.runs),
-                               "finished": len(r.group.finished), "seeds": " ".join(r.group.seeds),
-                               "not_separated_from": " ".join(str(o) for o in r.overlaps),
-                               "run_dirs": " ".join(str(run.path) for run in r.group.runs)}
+        row: dict[str, Any] = {
+            "rank": r.rank,
+            "group": r.group.name,
+            "runs": len(r.group.runs),
+            "finished": len(r.group.finished),
+            "seeds": " ".join(r.group.seeds),
+            "not_separated_from": " ".join(str(o) for o in r.overlaps),
+            "run_dirs": " ".join(str(run.path) for run in r.group.runs),
+        }
         for key, _, _ in GROUP_METRICS:
             i = r.group.interval(key)
             for stat, value in (("mean", i["mean"]), ("std", i["std"]), ("ci_low", i["low"]), ("ci_high", i["high"])):

@@ -1,17 +1,16 @@
 """Statistics of expert routing from counts, and of metrics over seeds (NumPy and SciPy; never torch).
 
-    load_statistics      balance of one layer's per-expert counts: max/mean (imbalance), MaxVio, CV, dead and
-                         starved experts, the least loaded expert's share of its fair load
-    mutual_information   I(expert; domain) from an experts x domains table, and its share of H(domain)
-    mean_interval        mean, standard deviation and t interval of a metric over seeds; difference_interval:
-                         two groups' difference with Welch's interval and p-value; paired_difference_interval: the
-                         same over runs paired by seed (SciPy)
+load_statistics      balance of one layer's per-expert counts: max/mean (imbalance), MaxVio, CV, dead and
+                     starved experts, the least loaded expert's share of its fair load
+mutual_information   I(expert; domain) from an experts x domains table, and its share of H(domain)
+mean_interval        mean, standard deviation and t interval of a metric over seeds; difference_interval:
+                     two groups' difference with Welch's interval and p-value; paired_difference_interval: the
+                     same over runs paired by seed (SciPy)
 """
 
 from __future__ import annotations
 
 import numpy as np
-
 
 # An expert with less than this share of its fair load 1/E counts as starved (it may still get a few tokens).
 STARVED_SHARE = 0.1
@@ -26,12 +25,14 @@ def load_statistics(counts_E: np.ndarray) -> dict[str, float]:
     total = counts_E.sum()
     load = counts_E / max(total, 1)
     mean = load.mean()
-    return {"imbalance": float(load.max() / mean) if mean > 0 else 0.0,
-            "maxvio": float(load.max() / mean - 1) if mean > 0 else 0.0,
-            "cv": float(load.std() / mean) if mean > 0 else 0.0,
-            "dead_experts": float((counts_E == 0).sum()),
-            "min_load": float(load.min() / mean) if mean > 0 else 0.0,
-            "starved_experts": float((load < STARVED_SHARE * mean).sum()) if mean > 0 else float(len(counts_E))}
+    return {
+        "imbalance": float(load.max() / mean) if mean > 0 else 0.0,
+        "maxvio": float(load.max() / mean - 1) if mean > 0 else 0.0,
+        "cv": float(load.std() / mean) if mean > 0 else 0.0,
+        "dead_experts": float((counts_E == 0).sum()),
+        "min_load": float(load.min() / mean) if mean > 0 else 0.0,
+        "starved_experts": float((load < STARVED_SHARE * mean).sum()) if mean > 0 else float(len(counts_E)),
+    }
 
 
 def mutual_information(counts_ED: np.ndarray) -> tuple[float, float]:
@@ -64,8 +65,14 @@ def mean_interval(values, confidence: float = CONFIDENCE) -> dict[str, float]:
     n = len(x)
     mean = float(x.mean()) if n else float("nan")
     if n < 2:
-        return {"n": n, "mean": mean, "std": float("nan"), "low": float("nan"), "high": float("nan"),
-                "half": float("nan")}
+        return {
+            "n": n,
+            "mean": mean,
+            "std": float("nan"),
+            "low": float("nan"),
+            "high": float("nan"),
+            "half": float("nan"),
+        }
     std = float(x.std(ddof=1))
     half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * std / np.sqrt(n))
     return {"n": n, "mean": mean, "std": std, "low": mean - half, "high": mean + half, "half": half}
@@ -94,8 +101,10 @@ def paired_difference_interval(a, b, confidence: float = CONFIDENCE) -> dict[str
     difference shows with fewer seeds than Welch's test needs. NaN with fewer than two pairs."""
     from scipy import stats
 
-    pairs = np.asarray([(x, y) for x, y in zip(a, b) if x is not None and y is not None and np.isfinite(x)
-                        and np.isfinite(y)], dtype=np.float64).reshape(-1, 2)
+    pairs = np.asarray(
+        [(x, y) for x, y in zip(a, b) if x is not None and y is not None and np.isfinite(x) and np.isfinite(y)],
+        dtype=np.float64,
+    ).reshape(-1, 2)
     n = len(pairs)
     diff = float((pairs[:, 0] - pairs[:, 1]).mean()) if n else float("nan")
     if n < 2:

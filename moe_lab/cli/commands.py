@@ -59,10 +59,12 @@ def train(args: list[str], check: bool = True) -> int:
 
 def import_parser() -> ArgumentParser:
     parser = ArgumentParser(
-        prog="moe-lab import", description="Turn a Hugging Face transformers MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE, "
+        prog="moe-lab import",
+        description="Turn a Hugging Face transformers MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE, "
         "OLMoE) into a moe-lab checkpoint: OUT_DIR/model.ckpt and OUT_DIR/tokenizer/. It loads with "
         "moe_lab.load_model, generates, evaluates, and fine-tunes with moe-lab train ckpt_path=OUT_DIR/model.ckpt. "
-        "A part moe-lab cannot represent is refused, never approximated.")
+        "A part moe-lab cannot represent is refused, never approximated.",
+    )
     parser.add_argument("source", help="a directory written by save_pretrained, or a Hugging Face hub id")
     parser.add_argument("out_dir", help="a new (or empty) directory")
     return parser
@@ -76,9 +78,11 @@ def import_model(parsed: argparse.Namespace) -> int:
 
 def export_parser() -> ArgumentParser:
     parser = ArgumentParser(
-        prog="moe-lab export", description="Write a moe-lab checkpoint in another ecosystem's format. --format hf: "
+        prog="moe-lab export",
+        description="Write a moe-lab checkpoint in another ecosystem's format. --format hf: "
         "a transformers model (Mixtral or Qwen2-MoE, chosen from the router and experts) and its tokenizer, "
-        "loadable with AutoModelForCausalLM.from_pretrained(OUT_DIR).")
+        "loadable with AutoModelForCausalLM.from_pretrained(OUT_DIR).",
+    )
     parser.add_argument("checkpoint", help="a moe-lab checkpoint, e.g. outputs/DATE/TIME/checkpoints/last.ckpt")
     parser.add_argument("out_dir", help="a new (or empty) directory")
     parser.add_argument("--format", required=True, choices=["hf"], help="hf: Hugging Face transformers")
@@ -97,17 +101,30 @@ def export_model(parsed: argparse.Namespace) -> int:
 
 def dashboard_parser() -> ArgumentParser:
     parser = ArgumentParser(
-        prog="moe-lab dashboard", description="Write one self-contained HTML page (no network needed to open it) "
+        prog="moe-lab dashboard",
+        description="Write one self-contained HTML page (no network needed to open it) "
         "for a run directory (loss, expert load over time, balance, specialisation by domain), a sweep directory, or "
         "any set of run and sweep directories side by side (a table ranked by validation loss, bars, curves; the "
-        "table is also printed).")
-    parser.add_argument("paths", nargs="+", metavar="PATH",
-                        help="a run directory (outputs/DATE/TIME) or a sweep (outputs/multirun/DATE/TIME); several "
-                             "of either for a comparison")
-    parser.add_argument("-o", "--output", help="the HTML file to write (default: PATH/dashboard.html; for several "
-                        f"paths, {COMPARISON} in the current directory)")
-    parser.add_argument("--live", action="store_true", help="keep rewriting the page while a run or sweep goes on; "
-                        "the open page reloads itself")
+        "table is also printed).",
+    )
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PATH",
+        help="a run directory (outputs/DATE/TIME) or a sweep (outputs/multirun/DATE/TIME); several "
+        "of either for a comparison",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        help="the HTML file to write (default: PATH/dashboard.html; for several "
+        f"paths, {COMPARISON} in the current directory)",
+    )
+    parser.add_argument(
+        "--live",
+        action="store_true",
+        help="keep rewriting the page while a run or sweep goes on; the open page reloads itself",
+    )
     parser.add_argument("--interval", type=int, default=30, help="seconds between --live updates (default 30)")
     return parser
 
@@ -128,23 +145,33 @@ def dashboard(parsed: argparse.Namespace) -> int:
 
 def generate_parser() -> ArgumentParser:
     parser = ArgumentParser(
-        prog="moe-lab generate", description="Continue prompts with a moe-lab checkpoint or a Hugging Face MoE "
+        prog="moe-lab generate",
+        description="Continue prompts with a moe-lab checkpoint or a Hugging Face MoE "
         "(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; a directory or a hub id), with a KV cache; dropless routing. "
-        "Greedy by default; --temperature > 0 samples.")
+        "Greedy by default; --temperature > 0 samples.",
+    )
     parser.add_argument("source", help="a moe-lab checkpoint (.ckpt) or a Hugging Face model directory or hub id")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several, batched)")
-    parser.add_argument("--prompt-file", help="a text file of prompts, one per line (write \\n for a newline "
-                        "inside a prompt)")
+    parser.add_argument(
+        "--prompt-file", help="a text file of prompts, one per line (write \\n for a newline inside a prompt)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set of tokens "
-                        "whose probability reaches p (1 = all)")
+    parser.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="nucleus sampling: the smallest set of tokens whose probability reaches p (1 = all)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--show-experts", type=int, metavar="LAYER", help="colour every token by the expert of "
-                        "highest weight it went to in this MoE layer (terminal and --html)")
-    parser.add_argument("--html", help="with --show-experts: the HTML snippet to write (default "
-                        "moe-lab-experts.html)")
+    parser.add_argument(
+        "--show-experts",
+        type=int,
+        metavar="LAYER",
+        help="colour every token by the expert of highest weight it went to in this MoE layer (terminal and --html)",
+    )
+    parser.add_argument("--html", help="with --show-experts: the HTML snippet to write (default moe-lab-experts.html)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     return parser
 
@@ -161,17 +188,23 @@ def generate(parsed: argparse.Namespace) -> int:
 
 def eval_parser() -> ArgumentParser:
     parser = ArgumentParser(
-        prog="moe-lab eval", description="Evaluate a moe-lab checkpoint or a Hugging Face MoE on data: loss, "
+        prog="moe-lab eval",
+        description="Evaluate a moe-lab checkpoint or a Hugging Face MoE on data: loss, "
         "perplexity and bits per byte, overall and per domain, and per MoE layer the routing statistics training "
         "logs (load, imbalance, drops, dead and starved experts, specialisation). The data settings are moe-lab "
         "train's (data=embedded|text|hf, data.KEY=VALUE; default: the embedded corpus); the held-out split of "
-        "the packed blocks is evaluated, tokenised with the model's tokenizer.")
+        "the packed blocks is evaluated, tokenised with the model's tokenizer.",
+    )
     parser.add_argument("source", help="a moe-lab checkpoint (.ckpt) or a Hugging Face model directory or hub id")
     parser.add_argument("overrides", nargs="*", help="data=..., data.KEY=VALUE, paths.cache_dir=...")
     parser.add_argument("--max-batches", type=int, help="evaluate at most this many batches")
-    parser.add_argument("--capacity", choices=["dropless", "checkpoint"], default="dropless",
-                        help="dropless (default: every token reaches its experts, as at inference) or the "
-                        "checkpoint's eval capacity factor (as its validation ran)")
+    parser.add_argument(
+        "--capacity",
+        choices=["dropless", "checkpoint"],
+        default="dropless",
+        help="dropless (default: every token reaches its experts, as at inference) or the "
+        "checkpoint's eval capacity factor (as its validation ran)",
+    )
     parser.add_argument("--json", help="also write the report as JSON to this file")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     return parser
@@ -180,8 +213,12 @@ def eval_parser() -> ArgumentParser:
 def evaluate(parsed: argparse.Namespace) -> int:
     from moe_lab.cli.preflight import compose_checked
 
-    cfg = compose_checked(list(parsed.overrides), ("data", "paths.cache_dir"), "moe-lab eval",
-                          "data=OPTION, data.KEY=VALUE and paths.cache_dir=DIR")
+    cfg = compose_checked(
+        list(parsed.overrides),
+        ("data", "paths.cache_dir"),
+        "moe-lab eval",
+        "data=OPTION, data.KEY=VALUE and paths.cache_dir=DIR",
+    )
     parsed.json = checks.output_file(parsed.json, "--json")
     checks.at_least(parsed.max_batches, "--max-batches")
     checks.device(parsed.device)
@@ -192,27 +229,50 @@ def evaluate(parsed: argparse.Namespace) -> int:
 
 def analyze_parser() -> ArgumentParser:
     parser = ArgumentParser(
-        prog="moe-lab analyze", description="The routing analyses MoE papers publish, on a checkpoint and data: domain "
+        prog="moe-lab analyze",
+        description="The routing analyses MoE papers publish, on a checkpoint and data: domain "
         "and vocabulary specialisation (with the random-routing baseline), expert co-activation within a layer and "
         "transitions between layers, the repeat rate of consecutive tokens against chance, drops by position, and, "
         "given several checkpoints of one run (oldest first), router saturation against the last. The data settings "
-        "are moe-lab train's (default: the embedded corpus); the held-out blocks are analysed.")
-    parser.add_argument("sources", nargs="+", metavar="CKPT_OR_SETTING",
-                        help="moe-lab checkpoints or Hugging Face models (the last is analysed), then data=..., "
-                        "data.KEY=VALUE, paths.cache_dir=..., and logger=wandb (logger.wandb.KEY=VALUE) to log the "
-                        "results to a W&B run too")
+        "are moe-lab train's (default: the embedded corpus); the held-out blocks are analysed.",
+    )
+    parser.add_argument(
+        "sources",
+        nargs="+",
+        metavar="CKPT_OR_SETTING",
+        help="moe-lab checkpoints or Hugging Face models (the last is analysed), then data=..., "
+        "data.KEY=VALUE, paths.cache_dir=..., and logger=wandb (logger.wandb.KEY=VALUE) to log the "
+        "results to a W&B run too",
+    )
     parser.add_argument("--max-batches", type=int, help="analyse at most this many batches")
-    parser.add_argument("--capacity", choices=["dropless", "checkpoint"], default="checkpoint",
-                        help="checkpoint (default: the run's eval capacity factor, so drops by position are the "
-                        "run's) or dropless")
-    parser.add_argument("--capacity-factor", type=float, action="append", default=[], metavar="F",
-                        help="also measure drops by position under capacity factor F (repeat for several)")
-    parser.add_argument("-o", "--output", default="moe-lab-analysis.html", help="the report's page (default "
-                        "%(default)s); the same data goes to the .json beside it, and as tables to "
-                        "PAGE.TABLE.csv files (layers, domain_shares, expert_tokens, coactivation, transitions, "
-                        "drops_by_position, saturation)")
-    parser.add_argument("--trace", help="also write every token's routing (id, domain, position; experts, weights "
-                        "and drops per layer) to this Parquet file, for pandas, polars or duckdb")
+    parser.add_argument(
+        "--capacity",
+        choices=["dropless", "checkpoint"],
+        default="checkpoint",
+        help="checkpoint (default: the run's eval capacity factor, so drops by position are the run's) or dropless",
+    )
+    parser.add_argument(
+        "--capacity-factor",
+        type=float,
+        action="append",
+        default=[],
+        metavar="F",
+        help="also measure drops by position under capacity factor F (repeat for several)",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        default="moe-lab-analysis.html",
+        help="the report's page (default "
+        "%(default)s); the same data goes to the .json beside it, and as tables to "
+        "PAGE.TABLE.csv files (layers, domain_shares, expert_tokens, coactivation, transitions, "
+        "drops_by_position, saturation)",
+    )
+    parser.add_argument(
+        "--trace",
+        help="also write every token's routing (id, domain, position; experts, weights "
+        "and drops per layer) to this Parquet file, for pandas, polars or duckdb",
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     return parser
 
@@ -223,8 +283,12 @@ def analyze(parsed: argparse.Namespace) -> int:
     sources = [a for a in parsed.sources if "=" not in a]
     if not sources:
         raise UserError("no checkpoint: give CKPT [CKPT ...] before the data settings")
-    cfg = compose_checked([a for a in parsed.sources if "=" in a], ("data", "paths.cache_dir", "logger"),
-                          "moe-lab analyze", "data=OPTION, data.KEY=VALUE, paths.cache_dir=DIR and logger=wandb")
+    cfg = compose_checked(
+        [a for a in parsed.sources if "=" in a],
+        ("data", "paths.cache_dir", "logger"),
+        "moe-lab analyze",
+        "data=OPTION, data.KEY=VALUE, paths.cache_dir=DIR and logger=wandb",
+    )
     parsed.output = checks.output_file(parsed.output, "-o")
     checks.at_least(parsed.max_batches, "--max-batches")
     checks.device(parsed.device)
@@ -240,14 +304,20 @@ def analyze(parsed: argparse.Namespace) -> int:
 
 def bench_parser() -> ArgumentParser:
     parser = ArgumentParser(
-        prog="moe-lab bench", description="Time the MoE layer (forward, forward + backward, activation memory) over "
+        prog="moe-lab bench",
+        description="Time the MoE layer (forward, forward + backward, activation memory) over "
         "a grid of shapes, and whole training steps of model presets (tokens/s, MFU on known GPUs). Prints a table "
-        "and writes bench.json and bench.csv.")
-    parser.add_argument("--compare", action="store_true", help="also time the peers' MoE layers on the same weights "
-                        "(transformers' Mixtral block with eager and grouped_mm experts, torchtitan, OLMo-core: "
-                        "pip install -e '.[bench-peers]'; each is checked to compute the same output first, or listed "
-                        "with why it was not timed), a dense SwiGLU of equal active parameters, and a whole model "
-                        "against its transformers export; print the target ratios")
+        "and writes bench.json and bench.csv.",
+    )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also time the peers' MoE layers on the same weights "
+        "(transformers' Mixtral block with eager and grouped_mm experts, torchtitan, OLMo-core: "
+        "pip install -e '.[bench-peers]'; each is checked to compute the same output first, or listed "
+        "with why it was not timed), a dense SwiGLU of equal active parameters, and a whole model "
+        "against its transformers export; print the target ratios",
+    )
     parser.add_argument("--loop", action="store_true", help="also time moe-lab's per-expert reference loop")
     parser.add_argument("--capacity", action="store_true", help="also time capacity-limited cases (cf 1.25)")
     parser.add_argument("--no-steps", action="store_true", help="skip the whole-training-step timings")
@@ -272,8 +342,10 @@ def bench(parsed: argparse.Namespace) -> int:
         if out.exists() and not out.is_dir():
             raise UserError(f"moe-lab bench: --out {out} is a file; give a directory (new, or without bench.json)")
         if (out / "bench.json").exists() or (out / "bench.csv").exists():
-            raise UserError(f"moe-lab bench: --out {out} already holds a benchmark (bench.json); moe-lab never "
-                            "writes over results: choose a new directory")
+            raise UserError(
+                f"moe-lab bench: --out {out} already holds a benchmark (bench.json); moe-lab never "
+                "writes over results: choose a new directory"
+            )
     from moe_lab.tools import bench as tool
 
     tool.run(parsed)
@@ -281,20 +353,52 @@ def bench(parsed: argparse.Namespace) -> int:
 
 
 COMMANDS: tuple[Command, ...] = (
-    Command("train", "train an MoE language model (a Hydra app: `moe-lab train --help` lists its config groups)",
-            None, train),
-    Command("import", "read a Hugging Face MoE (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): moe-lab import HF_DIR_OR_HUB_ID "
-            "OUT_DIR", import_parser, import_model),
-    Command("export", "write a checkpoint as a Hugging Face transformers model: moe-lab export CKPT --format hf "
-            "OUT_DIR", export_parser, export_model),
-    Command("dashboard", "an HTML page of a run, a sweep, or runs side by side: moe-lab dashboard PATH [PATH ...] "
-            "[--live]", dashboard_parser, dashboard),
-    Command("generate", "text from a checkpoint or Hugging Face MoE: moe-lab generate CKPT_OR_HF_DIR --prompt \"def \"",
-            generate_parser, generate),
-    Command("eval", "loss, perplexity, bits per byte and routing on some data: moe-lab eval CKPT_OR_HF_DIR [data=...]",
-            eval_parser, evaluate),
-    Command("analyze", "routing analyses (specialisation, co-activation, repeats, drops, saturation): moe-lab analyze "
-            "CKPT", analyze_parser, analyze),
-    Command("bench", "time the MoE layer and training steps: moe-lab bench [--compare] (see moe-lab bench --help)",
-            bench_parser, bench),
+    Command(
+        "train",
+        "train an MoE language model (a Hydra app: `moe-lab train --help` lists its config groups)",
+        None,
+        train,
+    ),
+    Command(
+        "import",
+        "read a Hugging Face MoE (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): moe-lab import HF_DIR_OR_HUB_ID OUT_DIR",
+        import_parser,
+        import_model,
+    ),
+    Command(
+        "export",
+        "write a checkpoint as a Hugging Face transformers model: moe-lab export CKPT --format hf OUT_DIR",
+        export_parser,
+        export_model,
+    ),
+    Command(
+        "dashboard",
+        "an HTML page of a run, a sweep, or runs side by side: moe-lab dashboard PATH [PATH ...] [--live]",
+        dashboard_parser,
+        dashboard,
+    ),
+    Command(
+        "generate",
+        'text from a checkpoint or Hugging Face MoE: moe-lab generate CKPT_OR_HF_DIR --prompt "def "',
+        generate_parser,
+        generate,
+    ),
+    Command(
+        "eval",
+        "loss, perplexity, bits per byte and routing on some data: moe-lab eval CKPT_OR_HF_DIR [data=...]",
+        eval_parser,
+        evaluate,
+    ),
+    Command(
+        "analyze",
+        "routing analyses (specialisation, co-activation, repeats, drops, saturation): moe-lab analyze CKPT",
+        analyze_parser,
+        analyze,
+    ),
+    Command(
+        "bench",
+        "time the MoE layer and training steps: moe-lab bench [--compare] (see moe-lab bench --help)",
+        bench_parser,
+        bench,
+    ),
 )

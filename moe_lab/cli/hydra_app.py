@@ -49,7 +49,11 @@ def hydra_main(cfg: DictConfig) -> Optional[float]:
 
             sweep_dir = Path(HydraConfig.get().sweep.dir)
             write_sweep_summary(sweep_dir, not_started_rows(sweep_dir))
-            print(f"moe-lab: the sweep stopped; the same command again continues it ({sweep_dir / 'sweep_summary.csv'} "
-                  "lists every job's state)", file=sys.stderr, flush=True)
+            print(
+                f"moe-lab: the sweep stopped; the same command again continues it ({sweep_dir / 'sweep_summary.csv'} "
+                "lists every job's state)",
+                file=sys.stderr,
+                flush=True,
+            )
         raise SystemExit(128 + e.signum) from None
     return summary.get("val/loss")

@@ -54,8 +54,9 @@ def expand_seeds(args: list[str]) -> list[str]:
         raise UserError(f"{given[0]}: give the number of seeds, e.g. seeds=3 (or seed=1,2,3 for chosen ones)")
     seed_args = [a for a in args if a.startswith("seed=")]
     if len(seed_args) > 1 or any("," in a or "(" in a for a in seed_args):
-        raise UserError(f"{given[0]} and {' '.join(seed_args)}: give seeds=N (N seeds from seed=S) or a list "
-                        "seed=1,2,3, not both")
+        raise UserError(
+            f"{given[0]} and {' '.join(seed_args)}: give seeds=N (N seeds from seed=S) or a list seed=1,2,3, not both"
+        )
     start = seed_args[0].partition("=")[2] if seed_args else None
     if start is None:
         from moe_lab.training.schemas import TrainConfig

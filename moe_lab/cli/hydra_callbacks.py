@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 from moe_lab.analysis.dashboard import write_dashboard
 from moe_lab.analysis.runs import ranked_table, sweep_runs, write_sweep_summary
 from moe_lab.analysis.seeds import group_table, has_seed_groups, seed_groups, write_group_summary
-from moe_lab.training.sweeps import not_started_rows
 from moe_lab.files import write_atomically
+from moe_lab.training.sweeps import not_started_rows
 
 
 class SweepSummary(Callback):
@@ -49,12 +49,18 @@ class SweepSummary(Callback):
             return
         out = write_sweep_summary(sweep_dir, not_started_rows(sweep_dir))
         runs = sweep_runs(sweep_dir)
-        message = (f"\nmoe-lab: sweep of {len(runs)} runs, best validation loss first "
-                   f"('!': dead or starved experts)\n{ranked_table(runs)}\n" if runs else "")
+        message = (
+            f"\nmoe-lab: sweep of {len(runs)} runs, best validation loss first "
+            f"('!': dead or starved experts)\n{ranked_table(runs)}\n"
+            if runs
+            else ""
+        )
         groups = seed_groups(runs)
         if has_seed_groups(groups):
-            message += (f"\nmoe-lab: {len(groups)} configurations over seeds, best mean validation loss first\n"
-                        f"{group_table(groups)}\n")
+            message += (
+                f"\nmoe-lab: {len(groups)} configurations over seeds, best mean validation loss first\n"
+                f"{group_table(groups)}\n"
+            )
             out = f"{out} and {write_group_summary(sweep_dir, runs)}"
         message += f"moe-lab: sweep summary {out}"
         if OmegaConf.select(config, "metrics.dashboard", default=True):
@@ -62,9 +68,12 @@ class SweepSummary(Callback):
         print(message, flush=True)
         failed = [run.job for run in runs if run.status in ("failed", "diverged", "aborted")]
         if failed and basic_sweeper(config):  # other sweepers judge failures themselves (Optuna: max_failure_rate)
-            print(f"moe-lab: error: {len(failed)} of {len(runs)} jobs failed (job {', '.join(failed)}; the reason is "
-                  f"in each job's error.txt); the same command again continues the sweep", file=sys.stderr,
-                  flush=True)
+            print(
+                f"moe-lab: error: {len(failed)} of {len(runs)} jobs failed (job {', '.join(failed)}; the reason is "
+                f"in each job's error.txt); the same command again continues the sweep",
+                file=sys.stderr,
+                flush=True,
+            )
             raise SystemExit(1)
 
 

@@ -23,10 +23,27 @@ from moe_lab.errors import UserError
 # A value may refer to another setting (`${seed}`, `${..ffn_hidden}`), never call a resolver (`${oc.create:...}`).
 PLAIN_INTERPOLATION = re.compile(r"\$\{[A-Za-z0-9_.]+\}")
 # The settings moe-lab's logger options have (conf/logger/*.yaml), less `_target_`.
-LOGGER_KEYS = {"csv": {"save_dir", "name", "version", "flush_logs_every_n_steps", "prefix"},
-               "tensorboard": {"save_dir", "name", "version", "default_hp_metric", "prefix", "log_graph"},
-               "wandb": {"project", "entity", "name", "group", "job_type", "tags", "save_dir", "offline", "log_model",
-                         "notes", "prefix", "id", "version", "anonymous", "checkpoint_name"}}
+LOGGER_KEYS = {
+    "csv": {"save_dir", "name", "version", "flush_logs_every_n_steps", "prefix"},
+    "tensorboard": {"save_dir", "name", "version", "default_hp_metric", "prefix", "log_graph"},
+    "wandb": {
+        "project",
+        "entity",
+        "name",
+        "group",
+        "job_type",
+        "tags",
+        "save_dir",
+        "offline",
+        "log_model",
+        "notes",
+        "prefix",
+        "id",
+        "version",
+        "anonymous",
+        "checkpoint_name",
+    },
+}
 
 
 def with_checkpoint_overrides(args: list[str]) -> list[str]:
@@ -52,11 +69,19 @@ def with_checkpoint_overrides(args: list[str]) -> list[str]:
     keys = {o.key_or_group for o in given}
     inherited = [o.input_line for o in saved if o.key_or_group not in keys]
     if origin.imported:
-        print(f"moe-lab: fine-tuning {origin.imported} (imported): a new run from its weights, with its model and "
-              "tokenizer settings", file=sys.stderr, flush=True)
+        print(
+            f"moe-lab: fine-tuning {origin.imported} (imported): a new run from its weights, with its model and "
+            "tokenizer settings",
+            file=sys.stderr,
+            flush=True,
+        )
     elif inherited:
-        print(f"moe-lab: resuming from step {origin.step} of {origin.run_dir or ckpt_path} with its overrides: "
-              f"{' '.join(inherited)}", file=sys.stderr, flush=True)
+        print(
+            f"moe-lab: resuming from step {origin.step} of {origin.run_dir or ckpt_path} with its overrides: "
+            f"{' '.join(inherited)}",
+            file=sys.stderr,
+            flush=True,
+        )
     rest = list(args)
     for word in parsed.overrides:  # the flags stay where they were; all overrides go last
         rest.remove(word)
@@ -75,13 +100,17 @@ def parse_saved(overrides: list[str], source: str) -> list:
         try:
             (override,) = parser.parse_overrides([text])
         except (HydraException, ValueError) as e:
-            raise UserError(f"{source}: its saved override {text!r} cannot be read ({str(e).splitlines()[0][:120]}); "
-                            "the file is damaged or was not written by moe-lab") from None
+            raise UserError(
+                f"{source}: its saved override {text!r} cannot be read ({str(e).splitlines()[0][:120]}); "
+                "the file is damaged or was not written by moe-lab"
+            ) from None
         reason = refusal(override)
         if reason is not None:
-            raise UserError(f"{source}: its saved override {text!r} {reason}; a resume takes only plain values of "
-                            "moe-lab's own settings from a checkpoint. Resume from a checkpoint you trust, or start a "
-                            "new run with model.init_from=CKPT")
+            raise UserError(
+                f"{source}: its saved override {text!r} {reason}; a resume takes only plain values of "
+                "moe-lab's own settings from a checkpoint. Resume from a checkpoint you trust, or start a "
+                "new run with model.init_from=CKPT"
+            )
         out.append(override)
     return out
 

@@ -21,14 +21,21 @@ from omegaconf import DictConfig, OmegaConf
 
 from moe_lab.cli.hydra_args import hydra_arguments, shows_only
 from moe_lab.errors import UserError
-from moe_lab.training.sweeps import continue_sweep, same_sweep
-from moe_lab.training.run_dir import (claim_run_dir, externally_launched, launched_worker,
-                                      refuse_used_run_dir, refuse_used_sweep_dir)
+from moe_lab.training.run_dir import (
+    claim_run_dir,
+    externally_launched,
+    launched_worker,
+    refuse_used_run_dir,
+    refuse_used_sweep_dir,
+)
 from moe_lab.training.schemas import config_dir, omegaconf_message, validate
+from moe_lab.training.sweeps import continue_sweep, same_sweep
 
 # Hints after "X is not a setting" for the nodes whose keys are not all in the schema.
-KEY_HINTS = {"trainer": "; add other Lightning Trainer arguments with +trainer.NAME=VALUE",
-             "data": "; the other data options (data=embedded, text, hf) have settings of their own"}
+KEY_HINTS = {
+    "trainer": "; add other Lightning Trainer arguments with +trainer.NAME=VALUE",
+    "data": "; the other data options (data=embedded, text, hf) have settings of their own",
+}
 
 
 def preflight(args: list[str], claim: bool = False) -> Optional[str]:
@@ -38,15 +45,28 @@ def preflight(args: list[str], claim: bool = False) -> Optional[str]:
         parsed = hydra_arguments().parse_args(args)
     except SystemExit:  # argparse already printed its usage error
         return "could not parse the command line (see above)"
-    modes = [flag for flag, on in (("--run", parsed.run), ("-m", parsed.multirun), ("--cfg", parsed.cfg),
-                                   ("--info", parsed.info), ("-sc", parsed.shell_completion)) if on]
+    modes = [
+        flag
+        for flag, on in (
+            ("--run", parsed.run),
+            ("-m", parsed.multirun),
+            ("--cfg", parsed.cfg),
+            ("--info", parsed.info),
+            ("-sc", parsed.shell_completion),
+        )
+        if on
+    ]
     if len(modes) > 1:  # Hydra would raise a bare ValueError
-        return (f"{' and '.join(modes)} cannot go together: Hydra runs, sweeps, shows the config or completes, one at "
-                "a time (drop -m to see a sweep's first config with --cfg job)")
+        return (
+            f"{' and '.join(modes)} cannot go together: Hydra runs, sweeps, shows the config or completes, one at "
+            "a time (drop -m to see a sweep's first config with --cfg job)"
+        )
     if parsed.experimental_rerun:
-        return ("--experimental-rerun unpickles a run's .hydra/config.pickle, and a pickle can run code; moe-lab does "
-                "not read one. Rerun with the run's overrides instead: moe-lab train $(cat RUN/.hydra/overrides.yaml "
-                "| sed 's/^- //'), or resume it with ckpt_path=RUN/checkpoints/last.ckpt")
+        return (
+            "--experimental-rerun unpickles a run's .hydra/config.pickle, and a pickle can run code; moe-lab does "
+            "not read one. Rerun with the run's overrides instead: moe-lab train $(cat RUN/.hydra/overrides.yaml "
+            "| sed 's/^- //'), or resume it with ckpt_path=RUN/checkpoints/last.ckpt"
+        )
     if shows_only(parsed):
         return None  # Hydra shows something and runs nothing
     try:
@@ -55,8 +75,12 @@ def preflight(args: list[str], claim: bool = False) -> Optional[str]:
             directory, multirun = target
             # Under torchrun or SLURM the other ranks start with this one, and their Hydra may have made .hydra.
             hydra_made = not externally_launched()
-            continuing = (multirun and directory.is_dir() and any(directory.iterdir())
-                          and same_sweep(directory, list(parsed.overrides)))
+            continuing = (
+                multirun
+                and directory.is_dir()
+                and any(directory.iterdir())
+                and same_sweep(directory, list(parsed.overrides))
+            )
             if claim:  # refuses a used directory, then takes it
                 if continuing:  # the same sweep again: it continues (training/sweeps.py)
                     print(continue_sweep(directory), file=sys.stderr, flush=True)
@@ -104,8 +128,9 @@ def check(parsed: argparse.Namespace) -> Optional[tuple[Path, bool]]:
             from_file = parser.parse_overrides([f"{k}={v}" for k, v in params.items() if k not in keys_given])
             groups.check(from_file)
             everything = list(given) + from_file
-            base = _compose(compose, name,
-                            search_path + first_of_each_sweep([o for o in everything if groups.is_group(o)]))
+            base = _compose(
+                compose, name, search_path + first_of_each_sweep([o for o in everything if groups.is_group(o)])
+            )
             for o in everything:
                 if not groups.is_group(o):
                     check_key(o, base)
@@ -116,8 +141,10 @@ def check(parsed: argparse.Namespace) -> Optional[tuple[Path, bool]]:
             multirun = parsed.multirun or OmegaConf.select(composed[0], "hydra.mode") == "MULTIRUN"
             sweeps = [o.input_line for o in given if o.is_sweep_override()]
             if sweeps and not multirun:
-                raise UserError(f"{sweeps[0]} is a sweep: add -m (--multirun) to run one job per value, or write "
-                                "a list value in brackets ([1,2])")
+                raise UserError(
+                    f"{sweeps[0]} is a sweep: add -m (--multirun) to run one job per value, or write "
+                    "a list value in brackets ([1,2])"
+                )
             if not launched_worker():  # workers share the directory rank 0 made
                 return _output_dir(composed[0], multirun)
             return None
@@ -189,8 +216,10 @@ class GroupIndex:
             options = self.options(o.key_or_group)
             for value in option_values(o):
                 if value not in options and value != "null":
-                    raise UserError(f"{o.key_or_group}={value} is not an option; the options of {o.key_or_group} "
-                                    f"are: {', '.join(options)}")
+                    raise UserError(
+                        f"{o.key_or_group}={value} is not an option; the options of {o.key_or_group} "
+                        f"are: {', '.join(options)}"
+                    )
 
 
 def option_values(o: Any) -> list[str]:
@@ -249,8 +278,9 @@ def _compose(compose, name: str, overrides: list[str]) -> DictConfig:
     except MissingConfigException as e:
         missing = str(e.missing_cfg_file or "")
         if missing.startswith("hydra/sweeper/optuna"):
-            raise UserError("hparams_search=optuna needs the Hydra Optuna sweeper: pip install 'moe-lab[sweeps]'"
-                            ) from None
+            raise UserError(
+                "hparams_search=optuna needs the Hydra Optuna sweeper: pip install 'moe-lab[sweeps]'"
+            ) from None
         raise UserError(f"{missing or 'a config'} is missing: {_first_line(e)}") from None
     except Exception as e:  # composition: OmegaConf's error (with its key) is the cause
         cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
@@ -276,19 +306,21 @@ def _with_stand_in_output_dir(cfg: DictConfig) -> DictConfig:
 def _check_inputs(run) -> None:
     """Inputs the run would trip over later: the data (read, tokenised and cached now, as the run will find it: a data
     problem is found before a run directory exists) and the checkpoint to resume."""
+    import datasets
+
     from moe_lab.data.datamodule import LMDataModule
     from moe_lab.training.checkpoint import check_resume, holds_training_state
     from moe_lab.training.upcycle import apply_upcycling
-
-    import datasets
 
     accelerator = str(run.trainer.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            raise UserError(f"trainer.accelerator={accelerator} (trainer=gpu) needs a CUDA GPU and none is visible "
-                            "here; use trainer=cpu, or trainer=ddp trainer.accelerator=cpu")
+            raise UserError(
+                f"trainer.accelerator={accelerator} (trainer=gpu) needs a CUDA GPU and none is visible "
+                "here; use trainer=cpu, or trainer=ddp trainer.accelerator=cpu"
+            )
     resuming = run.ckpt_path is not None and holds_training_state(run.ckpt_path)
     apply_upcycling(run, run.ckpt_path if resuming else None)  # the dense model's backbone and tokenizer
     check_resume(run.ckpt_path, run.model, run.trainer.get("max_steps"), run.tokenizer)
@@ -304,8 +336,10 @@ def _check_inputs(run) -> None:
         if bars:
             datasets.enable_progress_bars()
     if run.model.vocab_size is not None and run.model.vocab_size < data.vocab_size:
-        raise UserError(f"model.vocab_size={run.model.vocab_size} is smaller than the tokenizer's {data.vocab_size}; "
-                        "set it to null to follow the tokenizer")
+        raise UserError(
+            f"model.vocab_size={run.model.vocab_size} is smaller than the tokenizer's {data.vocab_size}; "
+            "set it to null to follow the tokenizer"
+        )
 
 
 def _output_dir(base: DictConfig, multirun: bool) -> Optional[tuple[Path, bool]]:

@@ -34,13 +34,17 @@ class DataConfig:
             if not ok:
                 raise ValueError(message)
 
-        need(self.source == SOURCE_OF.get(type(self), self.source),
-             f"data.source={self.source!r} does not match the data option; pick a source with data=NAME "
-             f"({', '.join(SOURCES)})")
+        need(
+            self.source == SOURCE_OF.get(type(self), self.source),
+            f"data.source={self.source!r} does not match the data option; pick a source with data=NAME "
+            f"({', '.join(SOURCES)})",
+        )
         need(self.seq_len >= 1, f"data.seq_len={self.seq_len} must be at least 1")
-        need(self.seq_len <= max_seq_len,
-             f"data.seq_len={self.seq_len} is longer than the model's maximum model.max_seq_len={max_seq_len}; "
-             "lower data.seq_len or raise model.max_seq_len")
+        need(
+            self.seq_len <= max_seq_len,
+            f"data.seq_len={self.seq_len} is longer than the model's maximum model.max_seq_len={max_seq_len}; "
+            "lower data.seq_len or raise model.max_seq_len",
+        )
         need(self.batch_size >= 1, f"data.batch_size={self.batch_size} must be at least 1")
         need(0 < self.val_fraction < 1, f"data.val_fraction={self.val_fraction} must be between 0 and 1")
         need(self.max_val_blocks >= 1, f"data.max_val_blocks={self.max_val_blocks} must be at least 1")
@@ -115,8 +119,10 @@ class HFDataConfig(DocumentsConfig):
     def check(self, max_seq_len: int) -> None:
         super().check(max_seq_len)
         if not self.name:
-            raise ValueError("data=hf needs a dataset: data.name=NAME (a hub id such as roneneldan/TinyStories, "
-                             "or a builder such as json/parquet with data.data_files=...)")
+            raise ValueError(
+                "data=hf needs a dataset: data.name=NAME (a hub id such as roneneldan/TinyStories, "
+                "or a builder such as json/parquet with data.data_files=...)"
+            )
 
 
 SOURCES = {"embedded": EmbeddedDataConfig, "text": TextDataConfig, "hf": HFDataConfig}

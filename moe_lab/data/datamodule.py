@@ -37,8 +37,15 @@ from moe_lab.files import files_digest
 log = logging.getLogger(__name__)
 
 CACHE_VERSION = 2  # 2: local files keyed on their content, not their size and time
-TEXT_BUILDERS = {".txt": "text", ".md": "text", ".text": "text", ".json": "json", ".jsonl": "json",
-                 ".parquet": "parquet", ".csv": "csv"}
+TEXT_BUILDERS = {
+    ".txt": "text",
+    ".md": "text",
+    ".text": "text",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
 SPLIT_SEED = 0  # the validation split does not move with the training seed, so runs stay comparable
 
 
@@ -54,8 +61,10 @@ def resolve_text_files(path: str) -> list[str]:
     else:
         files = sorted(f for f in glob.glob(expanded, recursive=True) if os.path.isfile(f))
     if not files:
-        raise DataError(f"data.path={path}: no such file, or no file matches; give a file, a directory or a glob "
-                        f"of {sorted(TEXT_BUILDERS)} files")
+        raise DataError(
+            f"data.path={path}: no such file, or no file matches; give a file, a directory or a glob "
+            f"of {sorted(TEXT_BUILDERS)} files"
+        )
     suffixes = {Path(f).suffix for f in files}
     unknown = suffixes - set(TEXT_BUILDERS)
     if unknown:
@@ -72,19 +81,24 @@ def _load_dataset(*args, **kwargs):
     try:
         return datasets.load_dataset(*args, **kwargs)
     except UnicodeDecodeError as e:
-        raise DataError(f"could not decode the data as UTF-8 text ({e.reason} at byte {e.start}); is it a text "
-                        "file? Convert it to UTF-8 or point data.path elsewhere") from None
+        raise DataError(
+            f"could not decode the data as UTF-8 text ({e.reason} at byte {e.start}); is it a text "
+            "file? Convert it to UTF-8 or point data.path elsewhere"
+        ) from None
     except Exception as e:  # DatasetGenerationError, FileNotFoundError, ConnectionError, ...
         cause = e
         while cause.__cause__ is not None or cause.__context__ is not None:
             nxt = cause.__cause__ or cause.__context__
             if isinstance(nxt, UnicodeDecodeError):
-                raise DataError(f"could not decode the data as UTF-8 text ({nxt.reason}); is it a text file? "
-                                "Convert it to UTF-8 or point data.path elsewhere") from None
+                raise DataError(
+                    f"could not decode the data as UTF-8 text ({nxt.reason}); is it a text file? "
+                    "Convert it to UTF-8 or point data.path elsewhere"
+                ) from None
             cause = nxt
         what = kwargs.get("data_files") or (args[0] if args else "")
-        raise DataError(f"could not load dataset {what!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                        ) from None
+        raise DataError(
+            f"could not load dataset {what!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
 
 
 def local_data_files(cfg: DataConfig) -> list[str]:
@@ -94,8 +108,9 @@ def local_data_files(cfg: DataConfig) -> list[str]:
     if isinstance(cfg, HFDataConfig) and cfg.data_files is not None:
         named = cfg.data_files.values() if isinstance(cfg.data_files, dict) else [cfg.data_files]
         paths = [p for item in named for p in ([item] if isinstance(item, str) else list(item))]
-        return sorted({f for p in paths for f in glob.glob(os.path.expanduser(str(p)), recursive=True)
-                       if os.path.isfile(f)})
+        return sorted(
+            {f for p in paths for f in glob.glob(os.path.expanduser(str(p)), recursive=True) if os.path.isfile(f)}
+        )
     return []
 
 
@@ -114,8 +129,15 @@ def load_documents(cfg: DataConfig, datasets_cache: Optional[Path] = None):
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         ds = _load_dataset(builder, data_files=files, split="train", **kwargs, **cache)
     else:
-        ds = _load_dataset(cfg.name, cfg.subset, split=cfg.split, revision=cfg.revision,
-                           data_files=cfg.data_files, streaming=cfg.streaming, **cache)
+        ds = _load_dataset(
+            cfg.name,
+            cfg.subset,
+            split=cfg.split,
+            revision=cfg.revision,
+            data_files=cfg.data_files,
+            streaming=cfg.streaming,
+            **cache,
+        )
     streaming = isinstance(cfg, HFDataConfig) and cfg.streaming
     columns = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
     if cfg.text_column not in columns:
@@ -173,8 +195,8 @@ def pack_stream(documents: Iterator[dict], tokenizer, block_len: int) -> Iterato
             stream = np.concatenate(buffers[domain])
             n = len(stream) // block_len
             for i in range(n):
-                yield stream[i * block_len:(i + 1) * block_len], domain
-            rest = stream[n * block_len:]
+                yield stream[i * block_len : (i + 1) * block_len], domain
+            rest = stream[n * block_len :]
             buffers[domain], sizes[domain] = [rest], len(rest)
 
 
@@ -217,9 +239,12 @@ class BlockDataset(Dataset):
         positions = np.asarray(positions)
         valid = positions >= 0
         rows = self.index[np.where(valid, positions, -1 - positions)]
-        return {"input_ids": torch.from_numpy(np.asarray(self.input_ids[rows], dtype=np.int64)),
-                "domain": torch.from_numpy(np.asarray(self.domains[rows], dtype=np.int64)),
-                "valid": torch.from_numpy(valid), **extra}
+        return {
+            "input_ids": torch.from_numpy(np.asarray(self.input_ids[rows], dtype=np.int64)),
+            "domain": torch.from_numpy(np.asarray(self.domains[rows], dtype=np.int64)),
+            "valid": torch.from_numpy(valid),
+            **extra,
+        }
 
 
 def validation_batches(num_blocks: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
@@ -244,8 +269,15 @@ class ResumableBatchSampler:
     `start` is read when iteration begins, so a resumed run picks up at the micro-batch it stopped at.
     """
 
-    def __init__(self, num_blocks: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
-                 start: Callable[[], int] = lambda: 0):
+    def __init__(
+        self,
+        num_blocks: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start: Callable[[], int] = lambda: 0,
+    ):
         self.num_blocks, self.batch_size, self.seed = num_blocks, batch_size, seed
         self.rank, self.world_size, self.start = rank, world_size, start
         self._perms: dict[int, np.ndarray] = {}
@@ -272,9 +304,18 @@ class ResumableBatchSampler:
 class StreamingBlocks(IterableDataset):
     """Training batches packed on the fly from a streaming dataset (validation blocks skipped)."""
 
-    def __init__(self, make_documents: Callable[[int], Iterator[dict]], tokenizer, block_len: int,
-                 batch_size: int, skip_blocks: int, domain_ids: dict[str, int], rank: int, world_size: int,
-                 start: Callable[[], int]):
+    def __init__(
+        self,
+        make_documents: Callable[[int], Iterator[dict]],
+        tokenizer,
+        block_len: int,
+        batch_size: int,
+        skip_blocks: int,
+        domain_ids: dict[str, int],
+        rank: int,
+        world_size: int,
+        start: Callable[[], int],
+    ):
         self.make_documents, self.tokenizer, self.block_len = make_documents, tokenizer, block_len
         self.batch_size, self.skip_blocks, self.domain_ids = batch_size, skip_blocks, domain_ids
         self.rank, self.world_size, self.start = rank, world_size, start
@@ -301,9 +342,11 @@ class StreamingBlocks(IterableDataset):
             ids.append(block)
             domains.append(self.domain_ids.setdefault(domain, len(self.domain_ids)))
             if len(ids) == self.batch_size:
-                yield {"input_ids": torch.from_numpy(np.stack(ids).astype(np.int64)),
-                       "domain": torch.tensor(domains, dtype=torch.int64),
-                       "micro_batch": (n // global_batch) * self.world_size + self.rank}
+                yield {
+                    "input_ids": torch.from_numpy(np.stack(ids).astype(np.int64)),
+                    "domain": torch.tensor(domains, dtype=torch.int64),
+                    "micro_batch": (n // global_batch) * self.world_size + self.rank,
+                }
                 ids, domains = [], []
 
 
@@ -335,8 +378,11 @@ class LMDataModule(L.LightningDataModule):
         import sys
 
         c = self.cfg
-        shaping = {k: v for k, v in dataclasses.asdict(c).items()
-                   if k not in ("seq_len", "batch_size", "val_fraction", "max_val_blocks", "num_workers", "streaming")}
+        shaping = {
+            k: v
+            for k, v in dataclasses.asdict(c).items()
+            if k not in ("seq_len", "batch_size", "val_fraction", "max_val_blocks", "num_workers", "streaming")
+        }
         parts = {"v": CACHE_VERSION, **shaping, "tokenizer": self.tokenizer.fingerprint, "block_len": self.block_len}
         if c.source == "embedded":
             parts["python"] = sys.version
@@ -374,11 +420,17 @@ class LMDataModule(L.LightningDataModule):
             raise DataError(f"the dataset has no documents ({self.describe()})")
         log.info("tokenising %d documents (%s) into blocks of %d tokens", len(docs), self.describe(), self.block_len)
         tokenizer, block_len = self.tokenizer, self.block_len
-        blocks = docs.map(lambda b: pack_documents(b["text"], b["domain"], tokenizer, block_len), batched=True,
-                          batch_size=512, remove_columns=docs.column_names)
+        blocks = docs.map(
+            lambda b: pack_documents(b["text"], b["domain"], tokenizer, block_len),
+            batched=True,
+            batch_size=512,
+            remove_columns=docs.column_names,
+        )
         if len(blocks) == 0:
-            raise DataError(f"the data holds fewer tokens than one block of data.seq_len + 1 = {block_len} "
-                            f"({self.describe()}); add text or lower data.seq_len")
+            raise DataError(
+                f"the data holds fewer tokens than one block of data.seq_len + 1 = {block_len} "
+                f"({self.describe()}); add text or lower data.seq_len"
+            )
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -417,12 +469,19 @@ class LMDataModule(L.LightningDataModule):
         self.domain_names = json.loads((path / "domain_names.json").read_text())
         train_idx, val_idx = split_blocks(domains, self.cfg.val_fraction, self.cfg.max_val_blocks)
         if len(train_idx) == 0 or len(val_idx) == 0:
-            raise DataError(f"the data makes only {len(domains)} block(s) of {self.block_len} tokens, too few for a "
-                            "training and a validation split; add text or lower data.seq_len")
+            raise DataError(
+                f"the data makes only {len(domains)} block(s) of {self.block_len} tokens, too few for a "
+                "training and a validation split; add text or lower data.seq_len"
+            )
         self.train_blocks = BlockDataset(input_ids, domains, np.sort(train_idx))
         self.val_blocks = BlockDataset(input_ids, domains, val_idx)
-        log.info("data: %d train / %d validation blocks of %d tokens, domains %s", len(self.train_blocks),
-                 len(self.val_blocks), self.block_len, self.domain_names)
+        log.info(
+            "data: %d train / %d validation blocks of %d tokens, domains %s",
+            len(self.train_blocks),
+            len(self.val_blocks),
+            self.block_len,
+            self.domain_names,
+        )
 
     def _setup_streaming(self) -> None:
         docs = load_documents(self.cfg, self._datasets_cache())
@@ -459,14 +518,28 @@ class LMDataModule(L.LightningDataModule):
             def documents(epoch: int):
                 return iter(self._stream.shuffle(seed=seed + epoch, buffer_size=10_000))
 
-            stream = StreamingBlocks(documents, self.tokenizer, self.block_len, self.cfg.batch_size,
-                                     len(self.val_blocks), self._stream_domain_ids, rank, world_size,
-                                     self._micro_batches_done)
+            stream = StreamingBlocks(
+                documents,
+                self.tokenizer,
+                self.block_len,
+                self.cfg.batch_size,
+                len(self.val_blocks),
+                self._stream_domain_ids,
+                rank,
+                world_size,
+                self._micro_batches_done,
+            )
             return DataLoader(stream, batch_size=None, num_workers=0)
-        sampler = ResumableBatchSampler(len(self.train_blocks), self.cfg.batch_size, self.seed, rank, world_size,
-                                        self._micro_batches_done)
-        return DataLoader(self.train_blocks, batch_sampler=sampler, collate_fn=_identity,
-                          num_workers=self.cfg.num_workers, persistent_workers=False)
+        sampler = ResumableBatchSampler(
+            len(self.train_blocks), self.cfg.batch_size, self.seed, rank, world_size, self._micro_batches_done
+        )
+        return DataLoader(
+            self.train_blocks,
+            batch_sampler=sampler,
+            collate_fn=_identity,
+            num_workers=self.cfg.num_workers,
+            persistent_workers=False,
+        )
 
     def val_dataloader(self) -> DataLoader:
         rank, world_size = self._position()

@@ -58,8 +58,11 @@ def docs_documents() -> Iterator[str]:
             tree = ast.parse(text)
         except SyntaxError:
             continue
-        docs = [ast.get_docstring(node) for node in ast.walk(tree)
-                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        docs = [
+            ast.get_docstring(node)
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        ]
         docs = [d for d in docs if d and len(d) > 200]
         if docs:
             yield "\n\n".join(docs)
@@ -72,7 +75,7 @@ def math_documents(seed: int = 0, lines_per_document: int = 64) -> Iterator[str]
         for _ in range(lines_per_document):
             op = rng.choice("+-*")
             digits = rng.choice((1, 2, 3)) if op == "*" else rng.choice((1, 2, 3, 4))
-            a, b = rng.randrange(10 ** digits), rng.randrange(10 ** rng.choice((1, 2)))
+            a, b = rng.randrange(10**digits), rng.randrange(10 ** rng.choice((1, 2)))
             result = a + b if op == "+" else a - b if op == "-" else a * b
             lines.append(f"{a} {op} {b} = {result}")
         yield "\n".join(lines) + "\n"

@@ -48,8 +48,12 @@ def read_hf_config(source: str, dense: bool = False) -> tuple[Any, ModelConfig]:
     cfg = model_config(hf, dense=dense)
     from moe_lab.memory import check_fits
 
-    check_fits(cfg, 8, f"reading {source} (its weights through transformers, then as moe-lab's)",
-               "Its config.json's sizes are not those of a model this machine can load.")
+    check_fits(
+        cfg,
+        8,
+        f"reading {source} (its weights through transformers, then as moe-lab's)",
+        "Its config.json's sizes are not those of a model this machine can load.",
+    )
     return hf, cfg
 
 
@@ -64,13 +68,15 @@ def _raw_config(source: str) -> dict:
         if not file.is_file():
             raise ModelImportError(f"{source} has no config.json: give a directory written by save_pretrained")
     else:
-        file = Path(load_hf(lambda: __import__("huggingface_hub").hf_hub_download(source, "config.json"), source,
-                            "config"))
+        file = Path(
+            load_hf(lambda: __import__("huggingface_hub").hf_hub_download(source, "config.json"), source, "config")
+        )
     try:
         raw = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ModelImportError(f"{file} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]}); restore it"
-                               ) from None
+        raise ModelImportError(
+            f"{file} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]}); restore it"
+        ) from None
     if not isinstance(raw, dict):
         raise ModelImportError(f"{file} is damaged (not a JSON object); restore it")
     return raw
@@ -80,21 +86,30 @@ def check_family(family: Any, dense: bool = False, custom_code: Any = None, sour
     """ModelImportError unless `family` (a config's model_type) is one moe-lab reads: the MoE families, or with
     `dense` the dense ones it upcycles. A config naming custom code (`auto_map`) is said to be refused for it."""
     where = f"{source}: " if source else ""
-    code = (f" and names its own code (auto_map: {', '.join(sorted(custom_code))[:120]}), which moe-lab never runs"
-            if isinstance(custom_code, dict) and custom_code else "")
+    code = (
+        f" and names its own code (auto_map: {', '.join(sorted(custom_code))[:120]}), which moe-lab never runs"
+        if isinstance(custom_code, dict) and custom_code
+        else ""
+    )
     if dense:
         if family not in DENSE_FAMILIES:
-            raise ModelImportError(f"{where}model_type={family!r}{code} is not a dense model moe-lab upcycles; the "
-                                   f"families are {', '.join(DENSE_FAMILIES)} (or a moe-lab checkpoint of an "
-                                   "experts=dense run)")
+            raise ModelImportError(
+                f"{where}model_type={family!r}{code} is not a dense model moe-lab upcycles; the "
+                f"families are {', '.join(DENSE_FAMILIES)} (or a moe-lab checkpoint of an "
+                "experts=dense run)"
+            )
         return
     if family in ("deepseek_v3", "deepseek_v2"):
-        raise ModelImportError(f"{where}{family} is not supported yet: moe-lab has no multi-head latent attention "
-                               "(q_lora_rank, kv_lora_rank); its sigmoid group-limited router, shared experts and "
-                               "first dense layers are supported (router=topk score=sigmoid num_groups=...)")
+        raise ModelImportError(
+            f"{where}{family} is not supported yet: moe-lab has no multi-head latent attention "
+            "(q_lora_rank, kv_lora_rank); its sigmoid group-limited router, shared experts and "
+            "first dense layers are supported (router=topk score=sigmoid num_groups=...)"
+        )
     if family not in FAMILIES:
-        raise ModelImportError(f"{where}model_type={family!r}{code} cannot be imported; the families moe-lab imports "
-                               f"are {', '.join(FAMILIES)}")
+        raise ModelImportError(
+            f"{where}model_type={family!r}{code} cannot be imported; the families moe-lab imports "
+            f"are {', '.join(FAMILIES)}"
+        )
 
 
 def model_config(hf: Any, dense: bool = False) -> ModelConfig:
@@ -114,33 +129,54 @@ def model_config(hf: Any, dense: bool = False) -> ModelConfig:
     expert_hidden = get("moe_intermediate_size") if family.startswith("qwen") else get("intermediate_size")
     sparse_step = get("decoder_sparse_step", 1) or 1
     dense_only = set(get("mlp_only_layers", None) or [])
-    moe_layers = [layer for layer in range(n_layers)
-                  if layer not in dense_only and (layer + 1) % sparse_step == 0]
+    moe_layers = [layer for layer in range(n_layers) if layer not in dense_only and (layer + 1) % sparse_step == 0]
     first_dense, every = _layer_pattern(moe_layers, n_layers)
-    refuse(first_dense is None, f"MoE layers {moe_layers} of {n_layers} (mlp_only_layers={sorted(dense_only)}, "
-                                f"decoder_sparse_step={sparse_step}): moe-lab places them as first_dense_layers "
-                                "then every_n_layers")
+    refuse(
+        first_dense is None,
+        f"MoE layers {moe_layers} of {n_layers} (mlp_only_layers={sorted(dense_only)}, "
+        f"decoder_sparse_step={sparse_step}): moe-lab places them as first_dense_layers "
+        "then every_n_layers",
+    )
     shared = (get("shared_expert_intermediate_size", 0) or 0) if family == "qwen2_moe" else 0
-    cfg = ModelConfig.from_dict({
-        "name": family, "vocab_size": get("vocab_size"), "d_model": d_model, "n_layers": n_layers,
-        "n_heads": n_heads, "n_kv_heads": get("num_key_value_heads") or n_heads,
-        "head_size": head_dim if head_dim * n_heads != d_model else None,
-        "qkv_bias": bool(get("qkv_bias", True)) if family == "qwen2_moe" else False,
-        "qk_norm": {"qwen3_moe": "head", "olmoe": "full"}.get(family),
-        "ffn_hidden": get("intermediate_size"), "max_seq_len": get("max_position_embeddings"),
-        "rope_theta": float(theta), "norm_eps": get("rms_norm_eps"), "init_std": get("initializer_range", 0.02),
-        "tie_embeddings": bool(get("tie_word_embeddings", False)),
-        "moe": {
-            "num_experts": num_experts, "expert_hidden": expert_hidden, "activation": activation,
-            "num_shared": 1 if shared else 0, "shared_hidden": shared or None, "shared_gate": bool(shared),
-            # Published MoEs route every token (no capacity): import them dropless in training and evaluation.
-            "capacity_factor": None, "eval_capacity_factor": None,
-            "first_dense_layers": first_dense, "every_n_layers": every,
-            "router": {"name": "topk", "top_k": get("num_experts_per_tok"), "score": "softmax",
-                       "normalize": True if family == "mixtral" else bool(get("norm_topk_prob", False))},
-            "aux_loss": {"load_balance": float(get("router_aux_loss_coef", 0.0) or 0.0), "z_loss": 0.0},
-        },
-    })
+    cfg = ModelConfig.from_dict(
+        {
+            "name": family,
+            "vocab_size": get("vocab_size"),
+            "d_model": d_model,
+            "n_layers": n_layers,
+            "n_heads": n_heads,
+            "n_kv_heads": get("num_key_value_heads") or n_heads,
+            "head_size": head_dim if head_dim * n_heads != d_model else None,
+            "qkv_bias": bool(get("qkv_bias", True)) if family == "qwen2_moe" else False,
+            "qk_norm": {"qwen3_moe": "head", "olmoe": "full"}.get(family),
+            "ffn_hidden": get("intermediate_size"),
+            "max_seq_len": get("max_position_embeddings"),
+            "rope_theta": float(theta),
+            "norm_eps": get("rms_norm_eps"),
+            "init_std": get("initializer_range", 0.02),
+            "tie_embeddings": bool(get("tie_word_embeddings", False)),
+            "moe": {
+                "num_experts": num_experts,
+                "expert_hidden": expert_hidden,
+                "activation": activation,
+                "num_shared": 1 if shared else 0,
+                "shared_hidden": shared or None,
+                "shared_gate": bool(shared),
+                # Published MoEs route every token (no capacity): import them dropless in training and evaluation.
+                "capacity_factor": None,
+                "eval_capacity_factor": None,
+                "first_dense_layers": first_dense,
+                "every_n_layers": every,
+                "router": {
+                    "name": "topk",
+                    "top_k": get("num_experts_per_tok"),
+                    "score": "softmax",
+                    "normalize": True if family == "mixtral" else bool(get("norm_topk_prob", False)),
+                },
+                "aux_loss": {"load_balance": float(get("router_aux_loss_coef", 0.0) or 0.0), "z_loss": 0.0},
+            },
+        }
+    )
     if family == "olmoe" and cfg.head_dim * n_heads != d_model:
         refuse(True, "a head_dim other than hidden_size / num_attention_heads (OLMoE's q/k norms span hidden_size)")
     try:
@@ -166,8 +202,10 @@ def _supported_attention_and_activation(hf: Any, family: str) -> tuple[float, st
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
     refuse(rope_type not in (None, "default"), f"scaled RoPE (rope_type={rope_type})")
     theta = rope.get("rope_theta") if isinstance(rope, dict) and rope.get("rope_theta") else get("rope_theta", 1e4)
-    refuse(family == "mixtral" and get("sliding_window") is not None,
-           f"sliding-window attention (sliding_window={get('sliding_window')})")
+    refuse(
+        family == "mixtral" and get("sliding_window") is not None,
+        f"sliding-window attention (sliding_window={get('sliding_window')})",
+    )
     refuse(bool(get("use_sliding_window", False)), "sliding-window attention (use_sliding_window=true)")
     refuse(get("clip_qkv") is not None, f"clipping of q, k and v (clip_qkv={get('clip_qkv')})")
     refuse(bool(get("attention_bias", False)), "attention_bias=true (a bias on the output projection)")
@@ -180,25 +218,38 @@ def _dense_config(hf: Any, family: str) -> ModelConfig:
     get = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
     rope = get("rope_parameters") or get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    for bad, part in ((rope_type not in (None, "default"), f"scaled RoPE (rope_type={rope_type})"),
-                      (bool(get("use_sliding_window", False)), "sliding-window attention"),
-                      (family != "qwen2" and bool(get("attention_bias", False)), "attention biases"),
-                      (bool(get("mlp_bias", False)), "FFN biases"),
-                      (get("hidden_act") != "silu", f"hidden_act={get('hidden_act')}")):
+    for bad, part in (
+        (rope_type not in (None, "default"), f"scaled RoPE (rope_type={rope_type})"),
+        (bool(get("use_sliding_window", False)), "sliding-window attention"),
+        (family != "qwen2" and bool(get("attention_bias", False)), "attention biases"),
+        (bool(get("mlp_bias", False)), "FFN biases"),
+        (get("hidden_act") != "silu", f"hidden_act={get('hidden_act')}"),
+    ):
         if bad:
             raise ModelImportError(f"{family}: {part} has no moe-lab equivalent; the model was not read")
     theta = rope.get("rope_theta") if isinstance(rope, dict) and rope.get("rope_theta") else get("rope_theta", 1e4)
     d_model, n_heads = get("hidden_size"), get("num_attention_heads")
     head_dim = get("head_dim") or d_model // n_heads
-    cfg = ModelConfig.from_dict({
-        "name": family, "vocab_size": get("vocab_size"), "d_model": d_model, "n_layers": get("num_hidden_layers"),
-        "n_heads": n_heads, "n_kv_heads": get("num_key_value_heads") or n_heads,
-        "head_size": head_dim if head_dim * n_heads != d_model else None, "qkv_bias": family == "qwen2",
-        "qk_norm": "head" if family == "qwen3" else None, "ffn_hidden": get("intermediate_size"),
-        "max_seq_len": get("max_position_embeddings"), "rope_theta": float(theta), "norm_eps": get("rms_norm_eps"),
-        "init_std": get("initializer_range", 0.02), "tie_embeddings": bool(get("tie_word_embeddings", False)),
-        "moe": {"enabled": False},
-    })
+    cfg = ModelConfig.from_dict(
+        {
+            "name": family,
+            "vocab_size": get("vocab_size"),
+            "d_model": d_model,
+            "n_layers": get("num_hidden_layers"),
+            "n_heads": n_heads,
+            "n_kv_heads": get("num_key_value_heads") or n_heads,
+            "head_size": head_dim if head_dim * n_heads != d_model else None,
+            "qkv_bias": family == "qwen2",
+            "qk_norm": "head" if family == "qwen3" else None,
+            "ffn_hidden": get("intermediate_size"),
+            "max_seq_len": get("max_position_embeddings"),
+            "rope_theta": float(theta),
+            "norm_eps": get("rms_norm_eps"),
+            "init_std": get("initializer_range", 0.02),
+            "tie_embeddings": bool(get("tie_word_embeddings", False)),
+            "moe": {"enabled": False},
+        }
+    )
     try:
         cfg.check()
     except ValueError as e:
@@ -271,12 +322,14 @@ def state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
         out[q + "attn_norm.weight"] = take(p + "input_layernorm.weight")
         out[q + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
         out[q + "attn.q_proj.weight"] = take(p + "self_attn.q_proj.weight")
-        out[q + "attn.kv_proj.weight"] = torch.cat([take(p + "self_attn.k_proj.weight"),
-                                                    take(p + "self_attn.v_proj.weight")])
+        out[q + "attn.kv_proj.weight"] = torch.cat(
+            [take(p + "self_attn.k_proj.weight"), take(p + "self_attn.v_proj.weight")]
+        )
         if cfg.qkv_bias:
             out[q + "attn.q_proj.bias"] = take(p + "self_attn.q_proj.bias")
-            out[q + "attn.kv_proj.bias"] = torch.cat([take(p + "self_attn.k_proj.bias"),
-                                                      take(p + "self_attn.v_proj.bias")])
+            out[q + "attn.kv_proj.bias"] = torch.cat(
+                [take(p + "self_attn.k_proj.bias"), take(p + "self_attn.v_proj.bias")]
+            )
         out[q + "attn.o_proj.weight"] = take(p + "self_attn.o_proj.weight")
         if cfg.qk_norm:
             out[q + "attn.q_norm.weight"] = take(p + "self_attn.q_norm.weight")
@@ -292,8 +345,10 @@ def state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
             _dense_in(out, take, p + "mlp.", q + "ffn.")
     left = sorted(k for k in hf_state if k not in taken and hf_state[k].numel())
     if left:
-        raise ModelImportError(f"the model has weights moe-lab would not use ({', '.join(left[:3])}"
-                               f"{', ...' if len(left) > 3 else ''}): it is not loaded approximately")
+        raise ModelImportError(
+            f"the model has weights moe-lab would not use ({', '.join(left[:3])}"
+            f"{', ...' if len(left) > 3 else ''}): it is not loaded approximately"
+        )
     return out
 
 
@@ -320,9 +375,10 @@ def load_hf(read, source: str, what: str):
         raise
     except Exception as e:  # a missing directory, no network for a hub id, a damaged file
         reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ModelImportError(f"could not read the {what} of {source} ({type(e).__name__}: {reason}); give a "
-                               "local directory written by save_pretrained or a Hugging Face hub id") from None
-
+        raise ModelImportError(
+            f"could not read the {what} of {source} ({type(e).__name__}: {reason}); give a "
+            "local directory written by save_pretrained or a Hugging Face hub id"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -346,28 +402,38 @@ def hf_architecture(cfg: ModelConfig) -> tuple[str, dict]:
     fits. The attention decides first (q/k norm per head: Qwen3-MoE; over the projection: OLMoE), then the MoE."""
     moe = cfg.moe
     if not moe.enabled:
-        raise ExportError("a dense model (experts=dense) is not an MoE; export supports MoE models "
-                          f"({', '.join(HF_ARCHITECTURES)})")
+        raise ExportError(
+            f"a dense model (experts=dense) is not an MoE; export supports MoE models ({', '.join(HF_ARCHITECTURES)})"
+        )
     router = router_config(moe.router)
     routing = hf_routing(router, moe.num_experts)
     if routing is None:
         raise ExportError(
             f"router={router.name} ({_describe(router)}) has no Hugging Face equivalent. Export writes Mixtral, "
             f"Qwen2-MoE, Qwen3-MoE or OLMoE, whose routing is softmax top-k: routers {exportable_routers()} (topk "
-            "with score=softmax, one group and scaling_factor=1)")
+            "with score=softmax, one group and scaling_factor=1)"
+        )
     if moe.activation not in ("swiglu", "geglu"):
-        raise ExportError(f"model.moe.activation={moe.activation}: Hugging Face MoE experts are gated "
-                          "(swiglu or geglu)")
+        raise ExportError(
+            f"model.moe.activation={moe.activation}: Hugging Face MoE experts are gated (swiglu or geglu)"
+        )
     if moe.num_shared and not moe.shared_gate:
-        raise ExportError("shared experts without a gate (DeepSeekMoE) have no Hugging Face equivalent with this "
-                          "attention; Qwen2-MoE gates its shared expert: train with model.moe.shared_gate=true")
+        raise ExportError(
+            "shared experts without a gate (DeepSeekMoE) have no Hugging Face equivalent with this "
+            "attention; Qwen2-MoE gates its shared expert: train with model.moe.shared_gate=true"
+        )
     every_layer = len(cfg.moe_layers) == cfg.n_layers
     if cfg.qk_norm is not None:
         family = "qwen3_moe" if cfg.qk_norm == "head" else "olmoe"
-        for present, what in ((moe.num_shared, "shared experts"), (cfg.qkv_bias, "q/k/v biases"),
-                              (family == "olmoe" and not every_layer, "dense layers"),
-                              (family == "olmoe" and cfg.head_size not in (None, cfg.d_model // cfg.n_heads),
-                               "a head size other than d_model / n_heads")):
+        for present, what in (
+            (moe.num_shared, "shared experts"),
+            (cfg.qkv_bias, "q/k/v biases"),
+            (family == "olmoe" and not every_layer, "dense layers"),
+            (
+                family == "olmoe" and cfg.head_size not in (None, cfg.d_model // cfg.n_heads),
+                "a head size other than d_model / n_heads",
+            ),
+        ):
             if present:
                 raise ExportError(f"model.qk_norm={cfg.qk_norm} is {family} attention, and {family} has no {what}")
         return family, routing
@@ -384,41 +450,77 @@ def hf_config(cfg: ModelConfig, architecture: str, routing: dict, eos_id: int):
     from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     moe = cfg.moe
-    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
-                  num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
-                  max_position_embeddings=cfg.max_seq_len, rms_norm_eps=cfg.norm_eps,
-                  rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-                  hidden_act="silu" if moe.activation == "swiglu" else "gelu_pytorch_tanh",
-                  tie_word_embeddings=cfg.tie_embeddings, num_experts_per_tok=routing["top_k"],
-                  eos_token_id=eos_id, bos_token_id=None, pad_token_id=None, initializer_range=cfg.init_std,
-                  output_router_logits=False, torch_dtype="float32",
-                  # The Switch load-balancing weight (HF's load_balancing_loss_func); HF has no z-loss.
-                  router_aux_loss_coef=moe.aux_loss.load_balance)
+    common = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        hidden_act="silu" if moe.activation == "swiglu" else "gelu_pytorch_tanh",
+        tie_word_embeddings=cfg.tie_embeddings,
+        num_experts_per_tok=routing["top_k"],
+        eos_token_id=eos_id,
+        bos_token_id=None,
+        pad_token_id=None,
+        initializer_range=cfg.init_std,
+        output_router_logits=False,
+        torch_dtype="float32",
+        # The Switch load-balancing weight (HF's load_balancing_loss_func); HF has no z-loss.
+        router_aux_loss_coef=moe.aux_loss.load_balance,
+    )
     if architecture == "mixtral":
-        return MixtralConfig(intermediate_size=moe.expert_hidden, num_local_experts=moe.num_experts,
-                             sliding_window=None, **common)
+        return MixtralConfig(
+            intermediate_size=moe.expert_hidden, num_local_experts=moe.num_experts, sliding_window=None, **common
+        )
     if architecture == "olmoe":
-        return OlmoeConfig(intermediate_size=moe.expert_hidden, num_experts=moe.num_experts,
-                           norm_topk_prob=routing["norm_topk_prob"], attention_bias=False, clip_qkv=None, **common)
+        return OlmoeConfig(
+            intermediate_size=moe.expert_hidden,
+            num_experts=moe.num_experts,
+            norm_topk_prob=routing["norm_topk_prob"],
+            attention_bias=False,
+            clip_qkv=None,
+            **common,
+        )
     dense_layers = [layer for layer in range(cfg.n_layers) if not cfg.is_moe_layer(layer)]
     if architecture == "qwen3_moe":
-        return Qwen3MoeConfig(intermediate_size=cfg.ffn_hidden, moe_intermediate_size=moe.expert_hidden,
-                              num_experts=moe.num_experts, norm_topk_prob=routing["norm_topk_prob"],
-                              decoder_sparse_step=1, mlp_only_layers=dense_layers, attention_bias=False,
-                              use_sliding_window=False, **common)
-    return Qwen2MoeConfig(intermediate_size=cfg.ffn_hidden, moe_intermediate_size=moe.expert_hidden,
-                          shared_expert_intermediate_size=moe.shared_width,
-                          num_experts=moe.num_experts, norm_topk_prob=routing["norm_topk_prob"],
-                          decoder_sparse_step=1, mlp_only_layers=dense_layers, qkv_bias=cfg.qkv_bias,
-                          use_sliding_window=False, **common)
+        return Qwen3MoeConfig(
+            intermediate_size=cfg.ffn_hidden,
+            moe_intermediate_size=moe.expert_hidden,
+            num_experts=moe.num_experts,
+            norm_topk_prob=routing["norm_topk_prob"],
+            decoder_sparse_step=1,
+            mlp_only_layers=dense_layers,
+            attention_bias=False,
+            use_sliding_window=False,
+            **common,
+        )
+    return Qwen2MoeConfig(
+        intermediate_size=cfg.ffn_hidden,
+        moe_intermediate_size=moe.expert_hidden,
+        shared_expert_intermediate_size=moe.shared_width,
+        num_experts=moe.num_experts,
+        norm_topk_prob=routing["norm_topk_prob"],
+        decoder_sparse_step=1,
+        mlp_only_layers=dense_layers,
+        qkv_bias=cfg.qkv_bias,
+        use_sliding_window=False,
+        **common,
+    )
 
 
 def hf_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
     """moe-lab's weights under Hugging Face's names (Mixtral and Qwen2-MoE share them where they overlap)."""
     cfg = model.cfg
     kv = cfg.kv_heads * cfg.head_dim
-    out = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.norm.weight,
-           "lm_head.weight": model.lm_head.weight}
+    out = {
+        "model.embed_tokens.weight": model.embed.weight,
+        "model.norm.weight": model.norm.weight,
+        "lm_head.weight": model.lm_head.weight,
+    }
     for i, block in enumerate(model.blocks):
         p = f"model.layers.{i}."
         out[p + "input_layernorm.weight"] = block.attn_norm.weight

@@ -13,13 +13,25 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    "AuxLossConfig": "config", "ModelConfig": "config", "MoEConfig": "config",
-    "AllToAllDispatcher": "dispatch", "DispatchPlan": "dispatch", "LocalDispatcher": "dispatch",
+    "AuxLossConfig": "config",
+    "ModelConfig": "config",
+    "MoEConfig": "config",
+    "AllToAllDispatcher": "dispatch",
+    "DispatchPlan": "dispatch",
+    "LocalDispatcher": "dispatch",
     "plan_dispatch": "dispatch",
-    "LMOutput": "gpt", "MoETransformer": "gpt",
-    "MoELayer": "moe", "MoELayerOutput": "moe", "expert_capacity": "moe",
-    "ROUTERS": "routers", "Router": "routers", "RouterInputs": "routers", "Routing": "routers",
-    "RouterConfig": "router_configs", "router_config": "router_configs", "ROUTER_CONFIGS": "router_configs",
+    "LMOutput": "gpt",
+    "MoETransformer": "gpt",
+    "MoELayer": "moe",
+    "MoELayerOutput": "moe",
+    "expert_capacity": "moe",
+    "ROUTERS": "routers",
+    "Router": "routers",
+    "RouterInputs": "routers",
+    "Routing": "routers",
+    "RouterConfig": "router_configs",
+    "router_config": "router_configs",
+    "ROUTER_CONFIGS": "router_configs",
 }
 
 __all__ = sorted(_WHERE)

@@ -1,8 +1,8 @@
 """Configuration dataclasses of the MoE language model: the one place where the model's defaults live.
 
 They are the schemas behind `conf/model/`, `conf/experts/`, `conf/capacity/`, `conf/aux_loss/` and (through each
-router's own Config in `router_configs.py`) `conf/router/`; the YAML files there hold only what an option changes. `check()`
-raises ValueError naming the offending `model.*` key, for the configuration check to report.
+router's own Config in `router_configs.py`) `conf/router/`; the YAML files there hold only what an option changes.
+`check()` raises ValueError naming the offending `model.*` key, for the configuration check to report.
 """
 
 from __future__ import annotations
@@ -37,9 +37,14 @@ class AuxLossConfig:
     load: float = 0.0
 
     def weights(self) -> dict[str, float]:
-        return {"load_balance": self.load_balance, "seq_load_balance": self.seq_load_balance,
-                "global_load_balance": self.global_load_balance, "z_loss": self.z_loss,
-                "importance": self.importance, "load": self.load}
+        return {
+            "load_balance": self.load_balance,
+            "seq_load_balance": self.seq_load_balance,
+            "global_load_balance": self.global_load_balance,
+            "z_loss": self.z_loss,
+            "importance": self.importance,
+            "load": self.load,
+        }
 
 
 @dataclass
@@ -189,8 +194,13 @@ class ModelConfig:
         if moe.num_shared:
             moe_ffn += gated * d * moe.shared_width + (d if moe.shared_gate else 0)
         moe_layers = len(self.moe_layers)
-        params = (vocab * d * (1 if self.tie_embeddings else 2) + d + self.n_layers * attention
-                  + moe_layers * moe_ffn + (self.n_layers - moe_layers) * dense_ffn)
+        params = (
+            vocab * d * (1 if self.tie_embeddings else 2)
+            + d
+            + self.n_layers * attention
+            + moe_layers * moe_ffn
+            + (self.n_layers - moe_layers) * dense_ffn
+        )
         rope_tables = 2 * self.max_seq_len * head_dim
         return params, rope_tables
 
@@ -201,8 +211,9 @@ class ModelConfig:
         moe = dict(values.pop("moe", None) or {})
         router = router_config(moe.pop("router", None) or RouterConfig())
         aux = _build(AuxLossConfig, moe.pop("aux_loss", None) or {}, "model.moe.aux_loss")
-        return _build(cls, {**values, "moe": _build(MoEConfig, {**moe, "router": router, "aux_loss": aux},
-                                                    "model.moe")}, "model")
+        return _build(
+            cls, {**values, "moe": _build(MoEConfig, {**moe, "router": router, "aux_loss": aux}, "model.moe")}, "model"
+        )
 
     def check(self) -> None:
         """Raise ValueError naming the first setting this model cannot be built with."""
@@ -213,61 +224,97 @@ class ModelConfig:
 
         for key in ("d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
             need(getattr(self, key) >= 1, f"model.{key}={getattr(self, key)} must be at least 1")
-        need(self.head_size is not None or self.d_model % self.n_heads == 0,
-             f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads} (or set model.head_size)")
+        need(
+            self.head_size is not None or self.d_model % self.n_heads == 0,
+            f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads} (or set model.head_size)",
+        )
         need(self.head_size is None or self.head_size >= 2, f"model.head_size={self.head_size} must be at least 2")
         for key in ("norm_eps", "rope_theta", "init_std"):
             value = getattr(self, key)
             need(value == value and 0 < value < float("inf"), f"model.{key}={value} must be a positive number")
         need(self.qk_norm in (None, "head", "full"), f"model.qk_norm={self.qk_norm!r}; choose null, head or full")
-        need(self.head_dim % 2 == 0, f"model.d_model={self.d_model} / model.n_heads={self.n_heads} gives head dim "
-                                     f"{self.head_dim}; rotary embeddings need an even head dim")
-        need(self.n_kv_heads is None or (self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0),
-             f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}")
-        need(self.vocab_size is None or self.vocab_size >= 1,
-             f"model.vocab_size={self.vocab_size} must be at least 1 (or null for the tokenizer's)")
+        need(
+            self.head_dim % 2 == 0,
+            f"model.d_model={self.d_model} / model.n_heads={self.n_heads} gives head dim "
+            f"{self.head_dim}; rotary embeddings need an even head dim",
+        )
+        need(
+            self.n_kv_heads is None or (self.n_kv_heads >= 1 and self.n_heads % self.n_kv_heads == 0),
+            f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads}",
+        )
+        need(
+            self.vocab_size is None or self.vocab_size >= 1,
+            f"model.vocab_size={self.vocab_size} must be at least 1 (or null for the tokenizer's)",
+        )
         self._check_moe(need)
 
     def _check_moe(self, need: Callable[[bool, str], None]) -> None:
         moe = self.moe
-        need(moe.num_experts >= 1, f"model.moe.num_experts={moe.num_experts} must be at least 1 "
-                                   "(for a dense model use experts=dense or model=dense_tiny)")
+        need(
+            moe.num_experts >= 1,
+            f"model.moe.num_experts={moe.num_experts} must be at least 1 "
+            "(for a dense model use experts=dense or model=dense_tiny)",
+        )
         from moe_lab.model.experts import ACTIVATIONS  # torch: only when a config is checked, not to compose one
 
         router_config(moe.router).check(moe.num_experts)
-        need(moe.drop_policy in ("position", "probability"),
-             f"model.moe.drop_policy={moe.drop_policy!r}; choose position or probability")
+        need(
+            moe.drop_policy in ("position", "probability"),
+            f"model.moe.drop_policy={moe.drop_policy!r}; choose position or probability",
+        )
         need(moe.min_capacity >= 0, f"model.moe.min_capacity={moe.min_capacity} must be >= 0")
-        need(not moe.shared_gate or moe.num_shared > 0,
-             "model.moe.shared_gate=true gates the shared experts, but model.moe.num_shared is 0")
+        need(
+            not moe.shared_gate or moe.num_shared > 0,
+            "model.moe.shared_gate=true gates the shared experts, but model.moe.num_shared is 0",
+        )
         for key in ("capacity_factor", "eval_capacity_factor"):
             value = getattr(moe, key)
-            need(value is None or (value == value and abs(value) != float("inf") and value > 0),
-                 f"model.moe.{key}={value} must be > 0 (or null for dropless routing)")
+            need(
+                value is None or (value == value and abs(value) != float("inf") and value > 0),
+                f"model.moe.{key}={value} must be > 0 (or null for dropless routing)",
+            )
         need(moe.expert_hidden >= 1, f"model.moe.expert_hidden={moe.expert_hidden} must be at least 1")
         # torch._grouped_mm needs 16-byte-aligned row strides: multiples of 8 elements cover bf16 and float32.
         for key, value in (("model.d_model", self.d_model), ("model.moe.expert_hidden", moe.expert_hidden)):
-            need(not moe.enabled or value % 8 == 0,
-                 f"{key}={value} must be a multiple of 8 (the grouped GEMM needs 16-byte-aligned rows)")
+            need(
+                not moe.enabled or value % 8 == 0,
+                f"{key}={value} must be a multiple of 8 (the grouped GEMM needs 16-byte-aligned rows)",
+            )
         need(moe.num_shared >= 0, f"model.moe.num_shared={moe.num_shared} must be >= 0")
-        need(moe.shared_hidden is None or (moe.shared_hidden >= 1 and moe.num_shared >= 1),
-             f"model.moe.shared_hidden={moe.shared_hidden} must be at least 1, with model.moe.num_shared >= 1")
-        need(moe.activation in ACTIVATIONS,
-             f"model.moe.activation={moe.activation!r} is not known; choose one of {sorted(ACTIVATIONS)}")
+        need(
+            moe.shared_hidden is None or (moe.shared_hidden >= 1 and moe.num_shared >= 1),
+            f"model.moe.shared_hidden={moe.shared_hidden} must be at least 1, with model.moe.num_shared >= 1",
+        )
+        need(
+            moe.activation in ACTIVATIONS,
+            f"model.moe.activation={moe.activation!r} is not known; choose one of {sorted(ACTIVATIONS)}",
+        )
         need(moe.every_n_layers >= 1, f"model.moe.every_n_layers={moe.every_n_layers} must be at least 1")
-        need(0 <= moe.first_dense_layers <= self.n_layers,
-             f"model.moe.first_dense_layers={moe.first_dense_layers} must be in 0..n_layers ({self.n_layers})")
-        need(moe.implementation in ("grouped", "loop"),
-             f"model.moe.implementation={moe.implementation!r}; choose grouped or loop")
-        need(not moe.enabled or bool(self.moe_layers), "no layer is MoE with these settings: lower "
-             "model.moe.first_dense_layers or set experts=dense for a dense model")
+        need(
+            0 <= moe.first_dense_layers <= self.n_layers,
+            f"model.moe.first_dense_layers={moe.first_dense_layers} must be in 0..n_layers ({self.n_layers})",
+        )
+        need(
+            moe.implementation in ("grouped", "loop"),
+            f"model.moe.implementation={moe.implementation!r}; choose grouped or loop",
+        )
+        need(
+            not moe.enabled or bool(self.moe_layers),
+            "no layer is MoE with these settings: lower "
+            "model.moe.first_dense_layers or set experts=dense for a dense model",
+        )
         need(moe.expert_parallel >= 1, f"model.moe.expert_parallel={moe.expert_parallel} must be at least 1")
         if moe.enabled and moe.expert_parallel > 1:
-            need(moe.num_experts % moe.expert_parallel == 0,
-                 f"model.moe.expert_parallel={moe.expert_parallel} must divide model.moe.num_experts="
-                 f"{moe.num_experts}: every rank of an expert-parallel group holds the same number of experts")
-            need(moe.implementation == "grouped", "model.moe.implementation=loop is the single-device reference; "
-                                                  "expert parallelism runs the grouped path")
+            need(
+                moe.num_experts % moe.expert_parallel == 0,
+                f"model.moe.expert_parallel={moe.expert_parallel} must divide model.moe.num_experts="
+                f"{moe.num_experts}: every rank of an expert-parallel group holds the same number of experts",
+            )
+            need(
+                moe.implementation == "grouped",
+                "model.moe.implementation=loop is the single-device reference; "
+                "expert parallelism runs the grouped path",
+            )
 
 
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:

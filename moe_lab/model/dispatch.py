@@ -48,8 +48,9 @@ class DispatchPlan:
     dropped_slots: torch.Tensor  # int64 scalar
 
 
-def plan_dispatch(expert_N: torch.Tensor, num_experts: int, capacity: Optional[int],
-                  priority_N: Optional[torch.Tensor] = None) -> DispatchPlan:
+def plan_dispatch(
+    expert_N: torch.Tensor, num_experts: int, capacity: Optional[int], priority_N: Optional[torch.Tensor] = None
+) -> DispatchPlan:
     """Sort slots by expert and apply the capacity limit (None = dropless).
 
     Within an expert, slots keep their order (the router's: k-major for token choice, GShard's "position" policy),
@@ -68,8 +69,14 @@ def plan_dispatch(expert_N: torch.Tensor, num_experts: int, capacity: Optional[i
         order_N = by_priority_N[torch.argsort(expert_N[by_priority_N], stable=True)]
 
     if capacity is None or capacity >= num_slots:
-        return DispatchPlan(order_N, tokens_per_expert_E, torch.cumsum(tokens_per_expert_E, 0).to(torch.int32),
-                            tokens_per_expert_E, None, torch.zeros((), dtype=torch.int64, device=device))
+        return DispatchPlan(
+            order_N,
+            tokens_per_expert_E,
+            torch.cumsum(tokens_per_expert_E, 0).to(torch.int32),
+            tokens_per_expert_E,
+            None,
+            torch.zeros((), dtype=torch.int64, device=device),
+        )
     arange_N = torch.arange(num_slots, device=device)
     sorted_expert_N = expert_N[order_N]
     starts_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
@@ -83,8 +90,14 @@ def plan_dispatch(expert_N: torch.Tensor, num_experts: int, capacity: Optional[i
     dropped_rank_N = torch.cumsum(~keep_N, 0) - 1
     dest_N = torch.where(keep_N, kept_starts_E[sorted_expert_N] + position_N, num_kept + dropped_rank_N)
     row_slot_R = torch.empty_like(order_N).scatter_(0, dest_N, order_N)
-    return DispatchPlan(row_slot_R, kept_E, torch.cumsum(kept_E, 0).to(torch.int32), tokens_per_expert_E,
-                        arange_N < num_kept, num_slots - num_kept)
+    return DispatchPlan(
+        row_slot_R,
+        kept_E,
+        torch.cumsum(kept_E, 0).to(torch.int32),
+        tokens_per_expert_E,
+        arange_N < num_kept,
+        num_slots - num_kept,
+    )
 
 
 @dataclass(frozen=True)
@@ -129,8 +142,8 @@ class ExpertRows:
 
 
 class _ScatterAddRows(torch.autograd.Function):
-    """out (rows_out, D) = zeros, out[index_R[r]] += y_RD[r]: `index_add`, whose autograd keeps the whole source y_RD only to
-    know its shape; this keeps the index alone (backward is a gather of the output gradient)."""
+    """out (rows_out, D) = zeros, out[index_R[r]] += y_RD[r]: `index_add`, whose autograd keeps the whole source y_RD
+    only to know its shape; this keeps the index alone (backward is a gather of the output gradient)."""
 
     @staticmethod
     def forward(ctx, y_RD: torch.Tensor, index_R: torch.Tensor, rows_out: int) -> torch.Tensor:  # -> (rows_out, D)
@@ -203,8 +216,9 @@ class AllToAllDispatcher:
             parts = [(starts[s], starts[s] + recv_splits[s], ends[s]) for s in range(P) if recv_splits[s]]
             return ExpertRows(x_recv, w_recv, None, home, parts)
         # One grouped GEMM: regroup the received rows by local expert.
-        expert_of_row = torch.repeat_interleave(torch.arange(El, device=x_TD.device).repeat(P), recv_PEl.reshape(-1),
-                                                output_size=x_recv.shape[0])
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(El, device=x_TD.device).repeat(P), recv_PEl.reshape(-1), output_size=x_recv.shape[0]
+        )
         by_expert = torch.argsort(expert_of_row, stable=True)
         offs_El = torch.cumsum(recv_PEl.sum(0), 0).to(torch.int32)
         home = dataclasses.replace(home, by_expert_R=by_expert)

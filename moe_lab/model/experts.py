@@ -75,8 +75,9 @@ def apply_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
 class FeedForward(nn.Module):
     """A dense FFN: the FFN of dense layers, and the shared experts of an MoE layer (DeepSeekMoE)."""
 
-    def __init__(self, d_model: int, hidden: int, activation: str = "swiglu", init_std: float = 0.02,
-                 out_std: float = 0.02):
+    def __init__(
+        self, d_model: int, hidden: int, activation: str = "swiglu", init_std: float = 0.02, out_std: float = 0.02
+    ):
         super().__init__()
         self.activation = activation
         gated = ACTIVATIONS[activation][1]
@@ -105,8 +106,9 @@ class _GatherGroupedMM(torch.autograd.Function):
     the rows again in backward: one copy of R x I numbers instead of R x I of activation memory."""
 
     @staticmethod
-    def forward(ctx, src_QI: torch.Tensor, index_R: torch.Tensor, w_EOI: torch.Tensor,
-                offs_E: torch.Tensor) -> torch.Tensor:
+    def forward(
+        ctx, src_QI: torch.Tensor, index_R: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor
+    ) -> torch.Tensor:
         ctx.save_for_backward(src_QI, index_R, w_EOI, offs_E)
         return grouped_mm(src_QI.index_select(0, index_R), w_EOI, offs_E)
 
@@ -126,8 +128,9 @@ class _GatherGroupedMM(torch.autograd.Function):
         return grad_src, None, grad_w, None
 
 
-def gather_grouped_mm(src_QI: torch.Tensor, index_R: torch.Tensor, w_EOI: torch.Tensor,
-                      offs_E: torch.Tensor) -> torch.Tensor:
+def gather_grouped_mm(
+    src_QI: torch.Tensor, index_R: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor
+) -> torch.Tensor:
     """Rows src_QI[index_R], grouped by expert, times w_EOI[e]^T -> (R, O), keeping only src and index for
     backward (see _GatherGroupedMM)."""
     return _GatherGroupedMM.apply(src_QI, index_R, w_EOI, offs_E)
@@ -136,8 +139,15 @@ def gather_grouped_mm(src_QI: torch.Tensor, index_R: torch.Tensor, w_EOI: torch.
 class GroupedExperts(nn.Module):
     """E expert FFNs with weights stacked on a leading expert dimension."""
 
-    def __init__(self, num_experts: int, d_model: int, hidden: int, activation: str = "swiglu",
-                 init_std: float = 0.02, out_std: float = 0.02):
+    def __init__(
+        self,
+        num_experts: int,
+        d_model: int,
+        hidden: int,
+        activation: str = "swiglu",
+        init_std: float = 0.02,
+        out_std: float = 0.02,
+    ):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation {activation!r} is not known; choose one of {sorted(ACTIVATIONS)}")
@@ -155,8 +165,8 @@ class GroupedExperts(nn.Module):
     def keep_experts(self, first: int, count: int) -> None:
         """Expert parallelism: keep experts [first, first + count) of the bank; the others live on other ranks.
         `first_expert` and `total_experts` say which slice this is (checkpoints always hold every expert)."""
-        self.w_in_EGFD = nn.Parameter(self.w_in_EGFD.data[first:first + count].clone())
-        self.w_out_EDF = nn.Parameter(self.w_out_EDF.data[first:first + count].clone())
+        self.w_in_EGFD = nn.Parameter(self.w_in_EGFD.data[first : first + count].clone())
+        self.w_out_EDF = nn.Parameter(self.w_out_EDF.data[first : first + count].clone())
         self.first_expert, self.num_experts = first, count
 
     @property
@@ -169,8 +179,13 @@ class GroupedExperts(nn.Module):
             return torch.get_autocast_dtype(x.device.type)
         return x.dtype
 
-    def forward(self, x_RD: torch.Tensor, offs_E: torch.Tensor, scale_R: Optional[torch.Tensor] = None,
-                index_R: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x_RD: torch.Tensor,
+        offs_E: torch.Tensor,
+        scale_R: Optional[torch.Tensor] = None,
+        index_R: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Sorted rows (R, D) and int32 cumulative row counts per expert (E,) -> expert outputs (R, D), each row
         multiplied by scale_R (the routing weights) if given: applied to the hidden activations when those are
         narrower than the output (fine-grained experts), else to the output, whichever touches fewer numbers.

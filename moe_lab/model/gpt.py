@@ -50,8 +50,9 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos_SDh", emb_SDh.cos(), persistent=False)
         self.register_buffer("sin_SDh", emb_SDh.sin(), persistent=False)
 
-    def forward(self, q_BHSDh: torch.Tensor, k_BHSDh: torch.Tensor, positions_BS: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, q_BHSDh: torch.Tensor, k_BHSDh: torch.Tensor, positions_BS: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Rotate by position: 0..S-1, or `positions_BS` (generation: after a cache, or behind left padding)."""
         if positions_BS is None:
             S = q_BHSDh.shape[-2]
@@ -85,8 +86,8 @@ class KVCache:
         end = self.length + S
         if end > self.k[layer].shape[2]:
             raise ValueError(f"the KV cache holds {self.k[layer].shape[2]} positions; {end} are needed")
-        self.k[layer][:, :, self.length:end] = k_BHSDh
-        self.v[layer][:, :, self.length:end] = v_BHSDh
+        self.k[layer][:, :, self.length : end] = k_BHSDh
+        self.v[layer][:, :, self.length : end] = v_BHSDh
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
@@ -101,8 +102,11 @@ class CausalSelfAttention(nn.Module):
         self.rope = rope if rope is not None else RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         # QK-norm: over each head (Qwen3-MoE) or over the whole projection (OLMoE), before RoPE.
         self.qk_norm = cfg.qk_norm
-        q_width, k_width = ((cfg.head_dim, cfg.head_dim) if cfg.qk_norm == "head"
-                            else (cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim))
+        q_width, k_width = (
+            (cfg.head_dim, cfg.head_dim)
+            if cfg.qk_norm == "head"
+            else (cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim)
+        )
         self.q_norm = RMSNorm(q_width, cfg.norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(k_width, cfg.norm_eps) if cfg.qk_norm else None
         for lin in (self.q_proj, self.kv_proj):
@@ -111,8 +115,13 @@ class CausalSelfAttention(nn.Module):
                 nn.init.zeros_(lin.bias)
         nn.init.normal_(self.o_proj.weight, std=residual_out_std(cfg.init_std, cfg.n_layers))
 
-    def forward(self, x_BSD: torch.Tensor, positions_BS: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        positions_BS: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
         """Causal attention over the sequence; with a `cache` (generation), over the cached positions too, at
         `positions_BS`, skipping the cache's padding."""
         B, S, _ = x_BSD.shape
@@ -140,8 +149,9 @@ class CausalSelfAttention(nn.Module):
             key_C = torch.arange(C, device=x_BSD.device)
             allowed_BSC = (key_C[None, :] <= query_C[:, None])[None] & cache.valid_BC[:, None, :C]
             allowed_BSC = allowed_BSC | (key_C[None, :] == query_C[:, None])[None]
-            y_BHSDh = F.scaled_dot_product_attention(q_BHSDh, k_BHCDh, v_BHCDh, attn_mask=allowed_BSC[:, None],
-                                                     enable_gqa=gqa)
+            y_BHSDh = F.scaled_dot_product_attention(
+                q_BHSDh, k_BHCDh, v_BHCDh, attn_mask=allowed_BSC[:, None], enable_gqa=gqa
+            )
         return self.o_proj(y_BHSDh.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
 
@@ -157,14 +167,18 @@ class Block(nn.Module):
         out_std = residual_out_std(cfg.init_std, cfg.n_layers)
         self.is_moe = cfg.is_moe_layer(layer)
         if self.is_moe:
-            self.ffn = MoELayer(cfg.d_model, cfg.moe, init_std=cfg.init_std, out_std=out_std,
-                                vocab_size=cfg.vocab_size)
+            self.ffn = MoELayer(cfg.d_model, cfg.moe, init_std=cfg.init_std, out_std=out_std, vocab_size=cfg.vocab_size)
         else:
             self.ffn = FeedForward(cfg.d_model, cfg.ffn_hidden, "swiglu", cfg.init_std, out_std)
 
-    def forward(self, x_BSD: torch.Tensor, token_ids_BS: Optional[torch.Tensor] = None,
-                positions_BS: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None,
-                domain_B: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[MoELayerOutput]]:
+    def forward(
+        self,
+        x_BSD: torch.Tensor,
+        token_ids_BS: Optional[torch.Tensor] = None,
+        positions_BS: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        domain_B: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, Optional[MoELayerOutput]]:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions_BS, cache, self.layer)
         h_BSD = self.ffn_norm(x_BSD)
         if self.is_moe:
@@ -226,9 +240,14 @@ class MoETransformer(nn.Module):
         for layer in self.moe_modules():
             layer.router.after_optimizer_step(all_reduce)
 
-    def forward(self, token_ids_BS: torch.Tensor, targets_BS: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, valid_BS: Optional[torch.Tensor] = None,
-                domain_B: Optional[torch.Tensor] = None) -> LMOutput:
+    def forward(
+        self,
+        token_ids_BS: torch.Tensor,
+        targets_BS: Optional[torch.Tensor] = None,
+        cache: Optional[KVCache] = None,
+        valid_BS: Optional[torch.Tensor] = None,
+        domain_B: Optional[torch.Tensor] = None,
+    ) -> LMOutput:
         """Logits of every position. Generation passes a `cache`, which this call extends by S positions, and which
         of the new tokens are real (`valid_BS`; False = left padding, which no token attends to and which takes no
         position); training and evaluation pass neither. `domain_B` is each sequence's data domain, for routers that
@@ -241,7 +260,7 @@ class MoETransformer(nn.Module):
         if cache is not None:
             valid_BS = torch.ones_like(token_ids_BS, dtype=torch.bool) if valid_BS is None else valid_BS
             positions_BS = (cache.seen_B[:, None] + valid_BS.cumsum(1) - 1).clamp(min=0)
-            cache.valid_BC[:, cache.length:end] = valid_BS
+            cache.valid_BC[:, cache.length : end] = valid_BS
             cache.seen_B += valid_BS.sum(1)
         x_BSD = self.embed(token_ids_BS)
         moe: dict[int, MoELayerOutput] = {}

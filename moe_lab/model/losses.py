@@ -23,8 +23,9 @@ def load_balance_loss(probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor)
     return num_experts * (f_E.detach() * p_E).sum()
 
 
-def sequence_load_balance_loss(probs_TE: torch.Tensor, expert_N: torch.Tensor, token_N: torch.Tensor,
-                                batch_size: int) -> torch.Tensor:
+def sequence_load_balance_loss(
+    probs_TE: torch.Tensor, expert_N: torch.Tensor, token_N: torch.Tensor, batch_size: int
+) -> torch.Tensor:
     """Sequence-wise balance loss (DeepSeek-V2 eq. 21; DeepSeek-V3 eq. 17-20): the Switch loss within each sequence,
     averaged over sequences, so no single sequence can pile onto few experts. 1 when uniform, like the Switch loss.
     `expert_N`, `token_N` are the routing slots (token n's expert); tokens are batch-major, S per sequence."""

@@ -32,8 +32,14 @@ import torch.nn as nn
 from moe_lab.model.config import MoEConfig
 from moe_lab.model.dispatch import AllToAllDispatcher, ExpertRows, LocalDispatcher, plan_dispatch
 from moe_lab.model.experts import FeedForward, GroupedExperts
-from moe_lab.model.losses import (global_load_balance_loss, importance_loss, load_balance_loss, load_loss,
-                                  router_z_loss, sequence_load_balance_loss)
+from moe_lab.model.losses import (
+    global_load_balance_loss,
+    importance_loss,
+    load_balance_loss,
+    load_loss,
+    router_z_loss,
+    sequence_load_balance_loss,
+)
 from moe_lab.model.routers import RouterInputs, Routing, build_router
 
 
@@ -102,8 +108,9 @@ def routing_confidence(routing: Routing) -> tuple[torch.Tensor, Optional[torch.T
     return entropy, mass
 
 
-def expert_capacity(capacity_factor: Optional[float], num_tokens: int, top_k: int, num_experts: int,
-                    min_capacity: int = 0) -> Optional[int]:
+def expert_capacity(
+    capacity_factor: Optional[float], num_tokens: int, top_k: int, num_experts: int, min_capacity: int = 0
+) -> Optional[int]:
     """Token slots one expert may take: ceil(cf * T * K / E) (Switch Transformer), at least min_capacity; None =
     dropless."""
     if capacity_factor is None:
@@ -114,18 +121,24 @@ def expert_capacity(capacity_factor: Optional[float], num_tokens: int, top_k: in
 class MoELayer(nn.Module):
     """A Mixture-of-Experts FFN (Shazeer et al. 2017) with any registered router and optional shared experts."""
 
-    def __init__(self, d_model: int, cfg: MoEConfig, init_std: float = 0.02, out_std: float = 0.02,
-                 vocab_size: Optional[int] = None):
+    def __init__(
+        self,
+        d_model: int,
+        cfg: MoEConfig,
+        init_std: float = 0.02,
+        out_std: float = 0.02,
+        vocab_size: Optional[int] = None,
+    ):
         super().__init__()
         self.cfg = cfg
         self.num_experts = cfg.num_experts
         self.router = build_router(d_model, cfg.num_experts, cfg.router, init_std=init_std, vocab_size=vocab_size)
         self.top_k = self.router.top_k
-        self.experts = GroupedExperts(cfg.num_experts, d_model, cfg.expert_hidden, cfg.activation,
-                                      init_std=init_std, out_std=out_std)
+        self.experts = GroupedExperts(
+            cfg.num_experts, d_model, cfg.expert_hidden, cfg.activation, init_std=init_std, out_std=out_std
+        )
         self.shared = (
-            FeedForward(d_model, cfg.shared_width, cfg.activation, init_std, out_std)
-            if cfg.num_shared > 0 else None
+            FeedForward(d_model, cfg.shared_width, cfg.activation, init_std, out_std) if cfg.num_shared > 0 else None
         )
         self.shared_gate = nn.Linear(d_model, 1, bias=False) if self.shared is not None and cfg.shared_gate else None
         if self.shared_gate is not None:
@@ -149,8 +162,9 @@ class MoELayer(nn.Module):
             return None
         return expert_capacity(self.capacity_factor, num_tokens, self.top_k, self.num_experts, self.cfg.min_capacity)
 
-    def forward(self, x_BSD: torch.Tensor, token_ids_BS: Optional[torch.Tensor] = None,
-                domain_B: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, MoELayerOutput]:
+    def forward(
+        self, x_BSD: torch.Tensor, token_ids_BS: Optional[torch.Tensor] = None, domain_B: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, MoELayerOutput]:
         """Steps 1-4 of the module docstring; `token_ids_BS` for routers that route by id, `domain_B` for the
         domain oracle."""
         B, S, D = x_BSD.shape
@@ -163,8 +177,13 @@ class MoELayer(nn.Module):
         y_TD = routed.y_TD if self.shared is None else routed.y_TD + self.shared_experts(x_TD)
         return y_TD.view(B, S, D), self.layer_output(routing, routed, batch_size=B)
 
-    def router_inputs(self, x_TD: torch.Tensor, token_ids_BS: Optional[torch.Tensor], domain_B: Optional[torch.Tensor],
-                      batch_size: int) -> RouterInputs:
+    def router_inputs(
+        self,
+        x_TD: torch.Tensor,
+        token_ids_BS: Optional[torch.Tensor],
+        domain_B: Optional[torch.Tensor],
+        batch_size: int,
+    ) -> RouterInputs:
         domain_T = None
         if self.router.needs_domain:  # the oracle routes by each sequence's domain label
             if domain_B is None:
@@ -193,11 +212,16 @@ class MoELayer(nn.Module):
         dropped = routed.dropped_slots
         if routing.unrouted_slots is not None:
             dropped = dropped + routing.unrouted_slots
-        out = MoELayerOutput(losses=self._losses(routing, routed.tokens_per_expert_E, batch_size),
-                             tokens_per_expert_E=routed.tokens_per_expert_E.detach().float(),
-                             dropped_slots=dropped.detach().float(), expert_N=routing.expert_N.detach(),
-                             token_N=routing.token_N.detach(), weight_N=routing.weight_N.detach(),
-                             row_slot_R=routed.row_slot_R, row_kept_R=routed.row_kept_R)
+        out = MoELayerOutput(
+            losses=self._losses(routing, routed.tokens_per_expert_E, batch_size),
+            tokens_per_expert_E=routed.tokens_per_expert_E.detach().float(),
+            dropped_slots=dropped.detach().float(),
+            expert_N=routing.expert_N.detach(),
+            token_N=routing.token_N.detach(),
+            weight_N=routing.weight_N.detach(),
+            row_slot_R=routed.row_slot_R,
+            row_kept_R=routed.row_kept_R,
+        )
         out.router_entropy, out.topk_mass = routing_confidence(routing)
         return out
 
@@ -209,21 +233,27 @@ class MoELayer(nn.Module):
             # left the other ranks waiting in backward: a deadlock whenever one rank's experts got no token).
             offs_El = torch.zeros(self.experts.num_experts, dtype=torch.int32, device=rows.x_RD.device)
             return self.experts(rows.x_RD, offs_El, rows.weight_R)
-        return torch.cat([self.experts(rows.source_QD[start:end], offs_El, rows.weight_R[start:end])
-                          for start, end, offs_El in rows.parts])
+        return torch.cat(
+            [
+                self.experts(rows.source_QD[start:end], offs_El, rows.weight_R[start:end])
+                for start, end, offs_El in rows.parts
+            ]
+        )
 
-    def _losses(self, routing: Routing, tokens_per_expert_E: torch.Tensor, batch_size: int
-                ) -> dict[str, torch.Tensor]:
+    def _losses(self, routing: Routing, tokens_per_expert_E: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
         """The unweighted aux losses this router supports: the Switch loss and z-loss always (they are logged),
         the others only when weighted (the configuration check rejects a weight on a loss the router cannot have)."""
         if routing.probs_TE is None:  # no learned gate (hash routing): nothing to balance by gradient
             return {}
         weights = self.cfg.aux_loss
-        losses = {"load_balance": load_balance_loss(routing.probs_TE, tokens_per_expert_E),
-                  "z_loss": routing.z_loss if routing.z_loss is not None else router_z_loss(routing.logits_TE)}
+        losses = {
+            "load_balance": load_balance_loss(routing.probs_TE, tokens_per_expert_E),
+            "z_loss": routing.z_loss if routing.z_loss is not None else router_z_loss(routing.logits_TE),
+        }
         if weights.seq_load_balance > 0:
-            losses["seq_load_balance"] = sequence_load_balance_loss(routing.probs_TE, routing.expert_N,
-                                                                    routing.token_N, batch_size)
+            losses["seq_load_balance"] = sequence_load_balance_loss(
+                routing.probs_TE, routing.expert_N, routing.token_N, batch_size
+            )
         if weights.global_load_balance > 0:
             losses["global_load_balance"] = global_load_balance_loss(routing.probs_TE, tokens_per_expert_E)
         if weights.importance > 0:

@@ -59,8 +59,10 @@ class RouterConfig:
             return  # a shared base of several routers' settings: registered by its subclasses
         known = ROUTER_CONFIGS.get(name)
         if known is not None and known.__qualname__ != cls.__qualname__:
-            raise ValueError(f"router {name!r} is defined twice: {known.__module__}.{known.__qualname__} and "
-                             f"{cls.__module__}.{cls.__qualname__}")
+            raise ValueError(
+                f"router {name!r} is defined twice: {known.__module__}.{known.__qualname__} and "
+                f"{cls.__module__}.{cls.__qualname__}"
+            )
         ROUTER_CONFIGS[name] = cls
 
     def check(self, num_experts: int) -> None:
@@ -100,12 +102,15 @@ class TopKRouterConfig(RouterConfig):
         if self.num_groups < 1 or num_experts % self.num_groups:
             raise ValueError(f"model.moe.router.num_groups={self.num_groups} must divide num_experts ({num_experts})")
         if not 1 <= self.topk_groups <= self.num_groups:
-            raise ValueError(f"model.moe.router.topk_groups={self.topk_groups} must be in 1..num_groups "
-                             f"({self.num_groups})")
+            raise ValueError(
+                f"model.moe.router.topk_groups={self.topk_groups} must be in 1..num_groups ({self.num_groups})"
+            )
         kept = self.topk_groups * (num_experts // self.num_groups)
         if self.top_k > kept:
-            raise ValueError(f"model.moe.router.top_k={self.top_k} is more than the {self.topk_groups} kept groups "
-                             f"hold ({kept} experts)")
+            raise ValueError(
+                f"model.moe.router.top_k={self.top_k} is more than the {self.topk_groups} kept groups "
+                f"hold ({kept} experts)"
+            )
 
     def softmax_topk(self, num_experts: int) -> Optional[tuple[int, bool]]:
         if self.score != "softmax" or self.num_groups > 1 or self.scaling_factor != 1.0:
@@ -135,8 +140,10 @@ class SwitchRouterConfig(RouterConfig):
 
     def check(self, num_experts: int) -> None:
         if self.top_k != 1:
-            raise ValueError(f"router=switch sends each token to one expert; model.moe.router.top_k={self.top_k} "
-                             "must be 1 (use router=topk for k > 1)")
+            raise ValueError(
+                f"router=switch sends each token to one expert; model.moe.router.top_k={self.top_k} "
+                "must be 1 (use router=topk for k > 1)"
+            )
         if not 0 <= self.jitter_eps < 1:
             raise ValueError(f"model.moe.router.jitter_eps={self.jitter_eps} must be in [0, 1)")
 
@@ -196,8 +203,9 @@ class SinkhornRouterConfig(RouterConfig):
     def check(self, num_experts: int) -> None:
         super().check(num_experts)
         if self.temperature <= 0 or self.iterations < 1:
-            raise ValueError(f"router=sinkhorn needs temperature > 0 and iterations >= 1 (got {self.temperature}, "
-                             f"{self.iterations})")
+            raise ValueError(
+                f"router=sinkhorn needs temperature > 0 and iterations >= 1 (got {self.temperature}, {self.iterations})"
+            )
 
     def softmax_topk(self, num_experts: int) -> Optional[tuple[int, bool]]:
         return self.top_k, False  # evaluation: softmax top-k
@@ -223,8 +231,10 @@ class SoftRouterConfig(RouterConfig):
 
     def check(self, num_experts: int) -> None:
         if self.top_k not in (0, num_experts):  # a setting this router would ignore is an error, never a no-op
-            raise ValueError(f"router=soft sends every token to all {num_experts} experts; "
-                             f"model.moe.router.top_k={self.top_k} would be ignored: drop it (or use router=topk)")
+            raise ValueError(
+                f"router=soft sends every token to all {num_experts} experts; "
+                f"model.moe.router.top_k={self.top_k} would be ignored: drop it (or use router=topk)"
+            )
 
     def experts_per_token(self, num_experts: int) -> int:
         return num_experts
@@ -246,14 +256,19 @@ class HierarchicalRouterConfig(RouterConfig):
 
     def check(self, num_experts: int) -> None:
         if self.num_groups < 2 or num_experts % self.num_groups:
-            raise ValueError(f"model.moe.router.num_groups={self.num_groups} must be at least 2 and divide "
-                             f"num_experts ({num_experts})")
+            raise ValueError(
+                f"model.moe.router.num_groups={self.num_groups} must be at least 2 and divide "
+                f"num_experts ({num_experts})"
+            )
         if not 1 <= self.group_top_k <= self.num_groups:
-            raise ValueError(f"model.moe.router.group_top_k={self.group_top_k} must be in 1..num_groups "
-                             f"({self.num_groups})")
+            raise ValueError(
+                f"model.moe.router.group_top_k={self.group_top_k} must be in 1..num_groups ({self.num_groups})"
+            )
         if not 1 <= self.top_k <= num_experts // self.num_groups:
-            raise ValueError(f"model.moe.router.top_k={self.top_k} must be in 1..experts per group "
-                             f"({num_experts // self.num_groups})")
+            raise ValueError(
+                f"model.moe.router.top_k={self.top_k} must be in 1..experts per group "
+                f"({num_experts // self.num_groups})"
+            )
 
     def experts_per_token(self, num_experts: int) -> int:
         return self.top_k * self.group_top_k
@@ -276,8 +291,10 @@ def load_router_plugins() -> None:
         try:
             importlib.import_module(point.value.partition(":")[0])
         except Exception as e:
-            raise ImportError(f"the router plugin {point.name!r} ({point.value}, a {PLUGIN_GROUP} entry point) "
-                              f"could not be imported: {type(e).__name__}: {e}") from e
+            raise ImportError(
+                f"the router plugin {point.name!r} ({point.value}, a {PLUGIN_GROUP} entry point) "
+                f"could not be imported: {type(e).__name__}: {e}"
+            ) from e
 
 
 def registered_routers() -> dict[str, type[RouterConfig]]:
@@ -301,8 +318,9 @@ def router_config(node: RouterConfig | Mapping[str, Any]) -> RouterConfig:
     name = values.get("name", "topk")
     known = registered_routers()
     if name not in known:
-        raise ValueError(f"model.moe.router.name={name!r} is not a router; the routers are {sorted(known)} "
-                         "(router=NAME picks one)")
+        raise ValueError(
+            f"model.moe.router.name={name!r} is not a router; the routers are {sorted(known)} (router=NAME picks one)"
+        )
     cls = known[name]
     if type(node) is cls:
         return node

@@ -37,10 +37,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_lab.model.router_configs import (AuxFreeRouterConfig, DomainOracleConfig, ExpertChoiceRouterConfig,
-                                          HashRouterConfig, HierarchicalRouterConfig, NoisyTopKRouterConfig,
-                                          RouterConfig, SinkhornRouterConfig, SoftRouterConfig, SwitchRouterConfig,
-                                          TopKRouterConfig, router_config)
+from moe_lab.model.router_configs import (
+    AuxFreeRouterConfig,
+    DomainOracleConfig,
+    ExpertChoiceRouterConfig,
+    HashRouterConfig,
+    HierarchicalRouterConfig,
+    NoisyTopKRouterConfig,
+    RouterConfig,
+    SinkhornRouterConfig,
+    SoftRouterConfig,
+    SwitchRouterConfig,
+    TopKRouterConfig,
+    router_config,
+)
 
 
 @dataclass
@@ -66,17 +76,20 @@ class Routing:
     unrouted_slots: Optional[torch.Tensor] = None  # expert choice: slots a token-choice top-k would have had
 
     @classmethod
-    def from_token_choice(cls, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int,
-                          **extras: Any) -> "Routing":
+    def from_token_choice(
+        cls, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, **extras: Any
+    ) -> "Routing":
         """Each token's K choices (T, K) as k-major slots."""
         T, K = expert_ids_TK.shape
         token_N = torch.arange(T, device=expert_ids_TK.device).repeat(K)
-        return cls(expert_ids_TK.t().reshape(-1), token_N, weights_TK.t().reshape(-1), T, num_experts, "token",
-                   **extras)
+        return cls(
+            expert_ids_TK.t().reshape(-1), token_N, weights_TK.t().reshape(-1), T, num_experts, "token", **extras
+        )
 
     @classmethod
-    def from_expert_choice(cls, token_ids_EC: torch.Tensor, weights_EC: torch.Tensor, num_tokens: int,
-                           **extras: Any) -> "Routing":
+    def from_expert_choice(
+        cls, token_ids_EC: torch.Tensor, weights_EC: torch.Tensor, num_tokens: int, **extras: Any
+    ) -> "Routing":
         """Each expert's C chosen tokens (E, C) as expert-major slots."""
         E, C = token_ids_EC.shape
         expert_N = torch.arange(E, device=token_ids_EC.device).repeat_interleave(C)
@@ -148,15 +161,22 @@ class Router(nn.Module):
             return  # a shared base of several routers
         name = cls.Config.__dict__.get("name")
         if not isinstance(name, str):
-            raise TypeError(f"{cls.__name__}.Config = {cls.Config.__name__} must set its own name default "
-                            "(the NAME of router=NAME)")
+            raise TypeError(
+                f"{cls.__name__}.Config = {cls.Config.__name__} must set its own name default (the NAME of router=NAME)"
+            )
         known = ROUTERS.get(name)
         if known is not None and known.__qualname__ != cls.__qualname__:
             raise ValueError(f"router {name!r} is defined twice ({known.__name__} and {cls.__name__})")
         ROUTERS[name] = cls
 
-    def __init__(self, d_model: int, num_experts: int, cfg: RouterConfig, init_std: float = 0.02,
-                 vocab_size: Optional[int] = None):
+    def __init__(
+        self,
+        d_model: int,
+        num_experts: int,
+        cfg: RouterConfig,
+        init_std: float = 0.02,
+        vocab_size: Optional[int] = None,
+    ):
         super().__init__()
         cfg.check(num_experts)
         self.cfg = cfg
@@ -203,7 +223,6 @@ class Router(nn.Module):
 
 # ------------------------------------------------------------------------------------------------------------
 # Token choice: softmax or sigmoid scores, top-k
-
 
 
 def scores_of(logits_TE: torch.Tensor, score: str) -> torch.Tensor:
@@ -253,14 +272,17 @@ class TopKRouter(Router):
         logits_TE = self.gate_logits(x_TD)
         scores_TE = scores_of(logits_TE, self.cfg.score)
         expert_ids_TK = self.select(scores_TE)
-        return Routing.from_token_choice(expert_ids_TK, self.combine_weights(scores_TE, expert_ids_TK),
-                                         self.num_experts, probs_TE=probs_of(logits_TE, self.cfg.score),
-                                         logits_TE=logits_TE)
+        return Routing.from_token_choice(
+            expert_ids_TK,
+            self.combine_weights(scores_TE, expert_ids_TK),
+            self.num_experts,
+            probs_TE=probs_of(logits_TE, self.cfg.score),
+            logits_TE=logits_TE,
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Noisy top-k (Shazeer et al. 2017)
-
 
 
 class NoisyTopKRouter(Router):
@@ -294,8 +316,14 @@ class NoisyTopKRouter(Router):
         else:
             noisy_TE = logits_TE
         top_TK = noisy_TE.topk(self.top_k, dim=-1)
-        return Routing.from_token_choice(top_TK.indices, top_TK.values.softmax(dim=-1), self.num_experts,
-                                         probs_TE=probs_TE, logits_TE=logits_TE, load_estimate_E=load_estimate_E)
+        return Routing.from_token_choice(
+            top_TK.indices,
+            top_TK.values.softmax(dim=-1),
+            self.num_experts,
+            probs_TE=probs_TE,
+            logits_TE=logits_TE,
+            load_estimate_E=load_estimate_E,
+        )
 
     def _load_estimate(self, clean_TE, noisy_TE, noise_std_TE) -> torch.Tensor:
         """Sum over tokens of P(expert i stays in the top-k when only its own noise is redrawn) (eq. 8-9)."""
@@ -303,16 +331,15 @@ class NoisyTopKRouter(Router):
         if k == self.num_experts:
             return torch.full((self.num_experts,), float(clean_TE.shape[0]), device=clean_TE.device)
         top_TK1 = noisy_TE.topk(k + 1, dim=-1).values
-        in_top_TE = noisy_TE >= top_TK1[:, k - 1:k]
+        in_top_TE = noisy_TE >= top_TK1[:, k - 1 : k]
         # Threshold to beat: the k-th largest of the others = (k+1)-th if i is in the top-k, else the k-th.
-        threshold_TE = torch.where(in_top_TE, top_TK1[:, k:k + 1], top_TK1[:, k - 1:k])
+        threshold_TE = torch.where(in_top_TE, top_TK1[:, k : k + 1], top_TK1[:, k - 1 : k])
         normal = torch.distributions.Normal(0.0, 1.0)
         return normal.cdf((clean_TE - threshold_TE) / noise_std_TE).sum(0)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Switch (Fedus et al. 2021)
-
 
 
 class SwitchRouter(Router):
@@ -334,13 +361,13 @@ class SwitchRouter(Router):
         logits_TE = self.gate_logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         weights_TK, expert_ids_TK = probs_TE.max(dim=-1, keepdim=True)
-        return Routing.from_token_choice(expert_ids_TK, weights_TK, self.num_experts, probs_TE=probs_TE,
-                                         logits_TE=logits_TE)
+        return Routing.from_token_choice(
+            expert_ids_TK, weights_TK, self.num_experts, probs_TE=probs_TE, logits_TE=logits_TE
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Expert choice (Zhou et al. 2022)
-
 
 
 class ExpertChoiceRouter(Router):
@@ -382,13 +409,18 @@ class ExpertChoiceRouter(Router):
             token_ids_EC, weights_EC = top.indices, top.values
         # Slots a token-choice top-k would have used, left unrouted: tokens no expert chose, times top_k.
         chosen_T = torch.zeros(T, dtype=torch.bool, device=x_TD.device).index_fill(0, token_ids_EC.reshape(-1), True)
-        return Routing.from_expert_choice(token_ids_EC, weights_EC, T, probs_TE=probs_TE, logits_TE=logits_TE,
-                                          unrouted_slots=(~chosen_T).sum() * self.top_k)
+        return Routing.from_expert_choice(
+            token_ids_EC,
+            weights_EC,
+            T,
+            probs_TE=probs_TE,
+            logits_TE=logits_TE,
+            unrouted_slots=(~chosen_T).sum() * self.top_k,
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Hash (Roller et al. 2021)
-
 
 
 class HashRouter(Router):
@@ -438,7 +470,6 @@ class DomainOracleRouter(Router):
 # Sinkhorn balanced assignment (BASE, S-BASE)
 
 
-
 def sinkhorn(logits_TE: torch.Tensor, iterations: int) -> torch.Tensor:
     """Scale exp(logits) so every token's row sums to 1 and every expert's column to T / E (Cuturi 2013)."""
     T, E = logits_TE.shape
@@ -471,13 +502,13 @@ class SinkhornRouter(Router):
                 expert_ids_TK = balanced_TE.topk(self.top_k, dim=-1).indices
         else:
             expert_ids_TK = probs_TE.topk(self.top_k, dim=-1).indices
-        return Routing.from_token_choice(expert_ids_TK, probs_TE.gather(1, expert_ids_TK), self.num_experts,
-                                         probs_TE=probs_TE, logits_TE=logits_TE)
+        return Routing.from_token_choice(
+            expert_ids_TK, probs_TE.gather(1, expert_ids_TK), self.num_experts, probs_TE=probs_TE, logits_TE=logits_TE
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Aux-loss-free balancing (DeepSeek-V3)
-
 
 
 class AuxFreeRouter(Router):
@@ -507,10 +538,16 @@ class AuxFreeRouter(Router):
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         if self.training:
             with torch.no_grad():
-                self.pending_counts_E.scatter_add_(0, expert_ids_TK.reshape(-1),
-                                                   torch.ones(expert_ids_TK.numel(), device=x_TD.device))
-        return Routing.from_token_choice(expert_ids_TK, weights_TK * self.cfg.scaling_factor, self.num_experts,
-                                         probs_TE=normalized_sigmoid(logits_TE), logits_TE=logits_TE)
+                self.pending_counts_E.scatter_add_(
+                    0, expert_ids_TK.reshape(-1), torch.ones(expert_ids_TK.numel(), device=x_TD.device)
+                )
+        return Routing.from_token_choice(
+            expert_ids_TK,
+            weights_TK * self.cfg.scaling_factor,
+            self.num_experts,
+            probs_TE=normalized_sigmoid(logits_TE),
+            logits_TE=logits_TE,
+        )
 
     def after_optimizer_step(self, all_reduce=None) -> None:
         self.update_bias(all_reduce)
@@ -530,7 +567,6 @@ class AuxFreeRouter(Router):
 # The dense soft mixture (Jacobs et al. 1991)
 
 
-
 class SoftMixtureRouter(Router):
     """Adaptive mixtures of local experts (Jacobs, Jordan, Nowlan & Hinton 1991), where MoE began: every expert
     runs on every token and the gate's softmax weights combine them. The historical baseline: dense compute (E
@@ -543,13 +579,13 @@ class SoftMixtureRouter(Router):
         logits_TE = self.gate_logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
         expert_ids_TK = torch.arange(self.num_experts, device=x_TD.device).expand(x_TD.shape[0], -1)
-        return Routing.from_token_choice(expert_ids_TK, probs_TE, self.num_experts, probs_TE=probs_TE,
-                                         logits_TE=logits_TE)
+        return Routing.from_token_choice(
+            expert_ids_TK, probs_TE, self.num_experts, probs_TE=probs_TE, logits_TE=logits_TE
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Hierarchical mixtures (Jordan & Jacobs 1994)
-
 
 
 class HierarchicalRouter(Router):
@@ -578,17 +614,27 @@ class HierarchicalRouter(Router):
         weights_TK = joint_TE.gather(1, expert_ids_TK)
         if self.cfg.normalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        z_loss = (torch.logsumexp(group_logits_TG, -1).square().mean()
-                  + torch.logsumexp(expert_logits_TGe, -1).square().mean()) / 2
-        return Routing.from_token_choice(expert_ids_TK, weights_TK, self.num_experts, probs_TE=joint_TE,
-                                         logits_TE=joint_TE.log(), z_loss=z_loss)
+        z_loss = (
+            torch.logsumexp(group_logits_TG, -1).square().mean()
+            + torch.logsumexp(expert_logits_TGe, -1).square().mean()
+        ) / 2
+        return Routing.from_token_choice(
+            expert_ids_TK, weights_TK, self.num_experts, probs_TE=joint_TE, logits_TE=joint_TE.log(), z_loss=z_loss
+        )
 
 
-def build_router(d_model: int, num_experts: int, cfg: RouterConfig | Mapping[str, Any], init_std: float = 0.02,
-                 vocab_size: Optional[int] = None) -> Router:
+def build_router(
+    d_model: int,
+    num_experts: int,
+    cfg: RouterConfig | Mapping[str, Any],
+    init_std: float = 0.02,
+    vocab_size: Optional[int] = None,
+) -> Router:
     """The registered router that `cfg` names (a Config, or its plain-dict form as checkpoints store it)."""
     cfg = router_config(cfg)
     if cfg.name not in ROUTERS:
-        raise ValueError(f"router={cfg.name} has settings ({type(cfg).__name__}) but no Router subclass with "
-                         f"Config = {type(cfg).__name__}")
+        raise ValueError(
+            f"router={cfg.name} has settings ({type(cfg).__name__}) but no Router subclass with "
+            f"Config = {type(cfg).__name__}"
+        )
     return ROUTERS[cfg.name](d_model, num_experts, cfg, init_std=init_std, vocab_size=vocab_size)

@@ -38,9 +38,11 @@ def moe_settings(dense: ModelConfig, moe: ModelConfig, method: str, granularity:
     if method not in METHODS:
         raise ValueError(f"upcycle.method={method!r}; choose one of {', '.join(METHODS)}")
     if dense.moe.enabled:
-        raise ValueError("the model to upcycle is already an MoE (model.init_from names a dense model: a moe-lab "
-                         "run with experts=dense, or a Hugging Face Llama, Qwen2 or Qwen3); to continue an MoE use "
-                         "ckpt_path")
+        raise ValueError(
+            "the model to upcycle is already an MoE (model.init_from names a dense model: a moe-lab "
+            "run with experts=dense, or a Hugging Face Llama, Qwen2 or Qwen3); to continue an MoE use "
+            "ckpt_path"
+        )
     G = granularity if method == "granular" else 1
     if G < 1 or dense.ffn_hidden % G:
         raise ValueError(f"upcycle.granularity={G} must divide the dense FFN's {dense.ffn_hidden} hidden units")
@@ -49,17 +51,29 @@ def moe_settings(dense: ModelConfig, moe: ModelConfig, method: str, granularity:
     if moe.moe.num_shared:
         raise ValueError("upcycling into shared experts is not supported yet: set model.moe.num_shared=0")
     if moe.moe.activation != "swiglu":
-        raise ValueError(f"model.moe.activation={moe.moe.activation}: the dense FFN is SwiGLU; upcycled experts are "
-                         "SwiGLU too (model.moe.activation=swiglu)")
-    settings = dataclasses.replace(dense, moe=dataclasses.replace(moe.moe, enabled=True,
-                                                                  expert_hidden=dense.ffn_hidden // G),
-                                   init_from=moe.init_from, name=f"{dense.name}-upcycled")
+        raise ValueError(
+            f"model.moe.activation={moe.moe.activation}: the dense FFN is SwiGLU; upcycled experts are "
+            "SwiGLU too (model.moe.activation=swiglu)"
+        )
+    settings = dataclasses.replace(
+        dense,
+        moe=dataclasses.replace(moe.moe, enabled=True, expert_hidden=dense.ffn_hidden // G),
+        init_from=moe.init_from,
+        name=f"{dense.name}-upcycled",
+    )
     settings.check()
     return settings
 
 
-def upcycled_state_dict(dense_state: dict[str, torch.Tensor], dense: ModelConfig, cfg: ModelConfig, method: str,
-                        granularity: int = 1, drop_ratio: float = 0.5, seed: int = 0) -> dict[str, torch.Tensor]:
+def upcycled_state_dict(
+    dense_state: dict[str, torch.Tensor],
+    dense: ModelConfig,
+    cfg: ModelConfig,
+    method: str,
+    granularity: int = 1,
+    drop_ratio: float = 0.5,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """The state dict of `MoETransformer(cfg)` upcycled from a dense model's state dict (see the module docstring).
     Routers start from the MoE model's own initialisation (seeded by `seed`)."""
     torch.manual_seed(seed)
@@ -84,7 +98,7 @@ def upcycled_state_dict(dense_state: dict[str, torch.Tensor], dense: ModelConfig
             shard = slice((e % G) * Fe, (e % G + 1) * Fe)
             gate, up, down = gate_FD[shard].clone(), up_FD[shard].clone(), w_out_DF[:, shard].clone() * G
             if method == "drop":
-                dropped = torch.randperm(Fe, generator=generator)[:round(drop_ratio * Fe)]
+                dropped = torch.randperm(Fe, generator=generator)[: round(drop_ratio * Fe)]
                 gate[dropped] = _like(gate_FD, (len(dropped), gate.shape[1]), generator)
                 up[dropped] = _like(up_FD, (len(dropped), up.shape[1]), generator)
                 down[:, dropped] = _like(w_out_DF, (down.shape[0], len(dropped)), generator)

@@ -17,8 +17,16 @@ from typing import Any, Iterable, Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from moe_lab.analysis.routing import (RoutingCounts, coactivation, domain_shares, drops_by_position,
-                                      layer_transitions, repeat_rates, saturation, vocab_specialisation)
+from moe_lab.analysis.routing import (
+    RoutingCounts,
+    coactivation,
+    domain_shares,
+    drops_by_position,
+    layer_transitions,
+    repeat_rates,
+    saturation,
+    vocab_specialisation,
+)
 from moe_lab.analysis.stats import mutual_information
 from moe_lab.errors import UserError
 from moe_lab.model import MoETransformer
@@ -36,30 +44,49 @@ class TraceWriter:
         import pyarrow.parquet as pq
 
         self.pa, self.layers, self.domain_names = pa, layers, domain_names
-        fields = [pa.field("sequence", pa.int64()), pa.field("position", pa.int32()), pa.field("token", pa.int32()),
-                  pa.field("next_token", pa.int32()), pa.field("domain", pa.string())]
+        fields = [
+            pa.field("sequence", pa.int64()),
+            pa.field("position", pa.int32()),
+            pa.field("token", pa.int32()),
+            pa.field("next_token", pa.int32()),
+            pa.field("domain", pa.string()),
+        ]
         for layer in layers:
-            fields += [pa.field(f"layer{layer}_experts", pa.list_(pa.int16())),
-                       pa.field(f"layer{layer}_weights", pa.list_(pa.float32())),
-                       pa.field(f"layer{layer}_dropped", pa.list_(pa.bool_()))]
+            fields += [
+                pa.field(f"layer{layer}_experts", pa.list_(pa.int16())),
+                pa.field(f"layer{layer}_weights", pa.list_(pa.float32())),
+                pa.field(f"layer{layer}_dropped", pa.list_(pa.bool_())),
+            ]
         self.schema = pa.schema(fields)
         self.writer = pq.ParquetWriter(str(path), self.schema)
         self.sequences = 0
 
-    def write(self, inputs_BS: np.ndarray, targets_BS: np.ndarray, domain_B: np.ndarray, experts_LBSK: np.ndarray,
-              dropped_LBSK: np.ndarray, weights_LBSK: np.ndarray) -> None:
+    def write(
+        self,
+        inputs_BS: np.ndarray,
+        targets_BS: np.ndarray,
+        domain_B: np.ndarray,
+        experts_LBSK: np.ndarray,
+        dropped_LBSK: np.ndarray,
+        weights_LBSK: np.ndarray,
+    ) -> None:
         pa = self.pa
         B, S = inputs_BS.shape
         K = experts_LBSK.shape[-1]
-        columns = [pa.array(np.repeat(np.arange(self.sequences, self.sequences + B), S)),
-                   pa.array(np.tile(np.arange(S, dtype=np.int32), B)),
-                   pa.array(inputs_BS.reshape(-1).astype(np.int32)), pa.array(targets_BS.reshape(-1).astype(np.int32)),
-                   pa.array([self.domain_names[d] for d in np.repeat(domain_B, S)])]
+        columns = [
+            pa.array(np.repeat(np.arange(self.sequences, self.sequences + B), S)),
+            pa.array(np.tile(np.arange(S, dtype=np.int32), B)),
+            pa.array(inputs_BS.reshape(-1).astype(np.int32)),
+            pa.array(targets_BS.reshape(-1).astype(np.int32)),
+            pa.array([self.domain_names[d] for d in np.repeat(domain_B, S)]),
+        ]
         offsets = pa.array(np.arange(0, B * S * K + 1, K, dtype=np.int32))
         for l in range(len(self.layers)):
-            columns += [pa.ListArray.from_arrays(offsets, pa.array(experts_LBSK[l].reshape(-1).astype(np.int16))),
-                        pa.ListArray.from_arrays(offsets, pa.array(weights_LBSK[l].reshape(-1).astype(np.float32))),
-                        pa.ListArray.from_arrays(offsets, pa.array(dropped_LBSK[l].reshape(-1)))]
+            columns += [
+                pa.ListArray.from_arrays(offsets, pa.array(experts_LBSK[l].reshape(-1).astype(np.int16))),
+                pa.ListArray.from_arrays(offsets, pa.array(weights_LBSK[l].reshape(-1).astype(np.float32))),
+                pa.ListArray.from_arrays(offsets, pa.array(dropped_LBSK[l].reshape(-1))),
+            ]
         self.writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
         self.sequences += B
 
@@ -72,8 +99,10 @@ def check_analysable(model: MoETransformer) -> None:
         raise UserError("the model is dense: there is no routing to analyse")
     for moe in model.moe_modules():
         if not moe.router.token_choice:
-            raise UserError(f"router={moe.router.registered_name} gives no top-k list per token; moe-lab analyze "
-                            f"reads token-choice routers ({', '.join(routers_where('token_choice'))})")
+            raise UserError(
+                f"router={moe.router.registered_name} gives no top-k list per token; moe-lab analyze "
+                f"reads token-choice routers ({', '.join(routers_where('token_choice'))})"
+            )
 
 
 @contextlib.contextmanager
@@ -93,25 +122,36 @@ def eval_capacity(model: MoETransformer, capacity_factor: Optional[float]) -> It
 def check_capacity_factors(model: MoETransformer, capacity_factors: Sequence[float]) -> None:
     for factor in capacity_factors:
         if not factor > 0:
-            raise UserError(f"--capacity-factor {factor}: a capacity factor is a positive number (1.0: an expert takes "
-                            "its fair share of token slots)")
+            raise UserError(
+                f"--capacity-factor {factor}: a capacity factor is a positive number (1.0: an expert takes "
+                "its fair share of token slots)"
+            )
     if capacity_factors and not all(moe.router.uses_capacity for moe in model.moe_modules()):
-        raise UserError(f"--capacity-factor: router={model.moe_modules()[0].router.registered_name} has no capacity "
-                        "limit to vary")
+        raise UserError(
+            f"--capacity-factor: router={model.moe_modules()[0].router.registered_name} has no capacity limit to vary"
+        )
 
 
 @torch.no_grad()
-def analyze(models: list[MoETransformer], batches: Iterable[dict], vocab_size: int, num_domains: int, seq_len: int,
-            progress=None, trace: Optional[TraceWriter] = None,
-            capacity_factors: Sequence[float] = ()) -> dict[str, Any]:
+def analyze(
+    models: list[MoETransformer],
+    batches: Iterable[dict],
+    vocab_size: int,
+    num_domains: int,
+    seq_len: int,
+    progress=None,
+    trace: Optional[TraceWriter] = None,
+    capacity_factors: Sequence[float] = (),
+) -> dict[str, Any]:
     """The analyses of the last model over `batches`, the saturation of each earlier model against it, and the
     drops by position of the last model under each of `capacity_factors` (besides its own setting)."""
     final = models[-1]
     check_analysable(final)
     check_capacity_factors(final, capacity_factors)
     dropped_FLS = np.zeros((len(capacity_factors), len(final.moe_layers), seq_len), dtype=np.int64)
-    counts = RoutingCounts(len(final.moe_layers), final.cfg.moe.num_experts, final.moe_modules()[0].top_k,
-                           vocab_size, num_domains, seq_len)
+    counts = RoutingCounts(
+        len(final.moe_layers), final.cfg.moe.num_experts, final.moe_modules()[0].top_k, vocab_size, num_domains, seq_len
+    )
     agree = np.zeros((len(models) - 1, len(final.moe_layers), 2))
     tokens = 0
     for n, batch in enumerate(batches):
@@ -140,14 +180,21 @@ def analyze(models: list[MoETransformer], batches: Iterable[dict], vocab_size: i
             progress(n + 1, tokens)
     if tokens == 0:
         raise UserError("no data to analyse")
-    drops_at = {float(factor): dropped_FLS[f] / np.maximum(counts.slots_LS, 1)
-                for f, factor in enumerate(capacity_factors)}
-    return {"counts": counts, "saturation": agree / tokens, "tokens": tokens, "drops_at": drops_at,
-            "steps": [model.checkpoint_step for model in models]}
+    drops_at = {
+        float(factor): dropped_FLS[f] / np.maximum(counts.slots_LS, 1) for f, factor in enumerate(capacity_factors)
+    }
+    return {
+        "counts": counts,
+        "saturation": agree / tokens,
+        "tokens": tokens,
+        "drops_at": drops_at,
+        "steps": [model.checkpoint_step for model in models],
+    }
 
 
-def summary(result: dict[str, Any], domain_names: list[str], layers: list[int], decode=None, top_tokens: int = 5
-            ) -> dict[str, Any]:
+def summary(
+    result: dict[str, Any], domain_names: list[str], layers: list[int], decode=None, top_tokens: int = 5
+) -> dict[str, Any]:
     """Plain data (JSON) of every analysis, per MoE layer."""
     counts: RoutingCounts = result["counts"]
     k, E = counts.top_k, counts.num_experts
@@ -158,23 +205,37 @@ def summary(result: dict[str, Any], domain_names: list[str], layers: list[int], 
     follow = layer_transitions(counts)
     repeats = repeat_rates(counts)
     drops = drops_by_position(counts)
-    out: dict[str, Any] = {"tokens": result["tokens"], "top_k": k, "num_experts": E, "uniform_share": k / E,
-                           "domains": domain_names, "steps": result.get("steps"), "layers": {}}
+    out: dict[str, Any] = {
+        "tokens": result["tokens"],
+        "top_k": k,
+        "num_experts": E,
+        "uniform_share": k / E,
+        "domains": domain_names,
+        "steps": result.get("steps"),
+        "layers": {},
+    }
     for l, layer in enumerate(layers):
         experts_tokens = {}
         for e in range(E):  # the tokens most specialised in expert e (seen at least 5 times)
             mine = np.flatnonzero((favourite_in[l] == e) & ~np.isnan(vocab_in[l]))
             best = mine[np.argsort(-vocab_in[l][mine], kind="stable")][:top_tokens]
-            experts_tokens[str(e)] = [{"token": int(t), "text": decode([int(t)]) if decode else None,
-                                       "share": float(vocab_in[l][t])} for t in best]
+            experts_tokens[str(e)] = [
+                {"token": int(t), "text": decode([int(t)]) if decode else None, "share": float(vocab_in[l][t])}
+                for t in best
+            ]
         out["layers"][str(layer)] = {
-            "domain_shares": shares[l].tolist(), "domain_specialisation": mutual_information(counts.domain_LED[l])[1],
-            "vocab_specialisation_input": float(mean_in[l]), "vocab_specialisation_next": float(mean_next[l]),
-            "vocab_random_baseline": k / E, "expert_tokens": experts_tokens,
+            "domain_shares": shares[l].tolist(),
+            "domain_specialisation": mutual_information(counts.domain_LED[l])[1],
+            "vocab_specialisation_input": float(mean_in[l]),
+            "vocab_specialisation_next": float(mean_next[l]),
+            "vocab_random_baseline": k / E,
+            "expert_tokens": experts_tokens,
             "coactivation": co[l].tolist(),
             "next_layer_transitions": follow[l].tolist() if l < len(follow) else None,
-            "repeat_top1": float(repeats["top1"][l]), "repeat_top1_chance": float(repeats["top1_chance"][l]),
-            "repeat_topk": float(repeats["topk"][l]), "repeat_topk_chance": float(repeats["topk_chance"][l]),
+            "repeat_top1": float(repeats["top1"][l]),
+            "repeat_top1_chance": float(repeats["top1_chance"][l]),
+            "repeat_topk": float(repeats["topk"][l]),
+            "repeat_topk_chance": float(repeats["topk_chance"][l]),
             "drops_by_position": drops[l].tolist(),
             "drops_by_position_at": {str(f): d[l].tolist() for f, d in result.get("drops_at", {}).items()},
             "saturation": [{"top1": float(s[l, 0]), "topk": float(s[l, 1])} for s in result["saturation"]],
@@ -183,18 +244,22 @@ def summary(result: dict[str, Any], domain_names: list[str], layers: list[int], 
 
 
 def format_summary(report: dict[str, Any]) -> str:
-    lines = [f"  {report['tokens']:,} tokens; top-{report['top_k']} of {report['num_experts']} experts "
-             f"(random routing: vocabulary specialisation {report['uniform_share']:.3f})",
-             "  layer  domain spec.  vocab spec. (in / next)  repeat top-1 (chance)  repeat top-k (chance)  "
-             "drops first/last half" + ("  saturation top-1 / top-k" if any(
-                 e["saturation"] for e in report["layers"].values()) else "")]
+    lines = [
+        f"  {report['tokens']:,} tokens; top-{report['top_k']} of {report['num_experts']} experts "
+        f"(random routing: vocabulary specialisation {report['uniform_share']:.3f})",
+        "  layer  domain spec.  vocab spec. (in / next)  repeat top-1 (chance)  repeat top-k (chance)  "
+        "drops first/last half"
+        + ("  saturation top-1 / top-k" if any(e["saturation"] for e in report["layers"].values()) else ""),
+    ]
     for layer, e in report["layers"].items():
         drops = e["drops_by_position"]
         half = len(drops) // 2
-        line = (f"  {layer:>5}  {e['domain_specialisation']:>12.3f}  {e['vocab_specialisation_input']:>11.3f} / "
-                f"{e['vocab_specialisation_next']:<9.3f}  {e['repeat_top1']:>12.3f} ({e['repeat_top1_chance']:.3f})"
-                f"  {e['repeat_topk']:>12.3f} ({e['repeat_topk_chance']:.3f})  "
-                f"{np.mean(drops[:half]):>9.1%} / {np.mean(drops[half:]):.1%}")
+        line = (
+            f"  {layer:>5}  {e['domain_specialisation']:>12.3f}  {e['vocab_specialisation_input']:>11.3f} / "
+            f"{e['vocab_specialisation_next']:<9.3f}  {e['repeat_top1']:>12.3f} ({e['repeat_top1_chance']:.3f})"
+            f"  {e['repeat_topk']:>12.3f} ({e['repeat_topk_chance']:.3f})  "
+            f"{np.mean(drops[:half]):>9.1%} / {np.mean(drops[half:]):.1%}"
+        )
         if e["saturation"]:
             line += "  " + ", ".join(f"{s['top1']:.2f} / {s['topk']:.2f}" for s in e["saturation"])
         lines.append(line)
@@ -209,21 +274,43 @@ def analysis_tables(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     tables: dict[str, list[dict[str, Any]]] = {name: [] for name in ANALYSIS_TABLES}
     for layer, e in layers.items():
         drops = e["drops_by_position"]
-        tables["layers"].append({
-            "layer": int(layer), "domain_specialisation": e["domain_specialisation"],
-            "vocab_specialisation_input": e["vocab_specialisation_input"],
-            "vocab_specialisation_next": e["vocab_specialisation_next"],
-            "vocab_random_baseline": e["vocab_random_baseline"], "repeat_top1": e["repeat_top1"],
-            "repeat_top1_chance": e["repeat_top1_chance"], "repeat_topk": e["repeat_topk"],
-            "repeat_topk_chance": e["repeat_topk_chance"], "dropped_share": float(np.mean(drops)) if drops else 0.0})
+        tables["layers"].append(
+            {
+                "layer": int(layer),
+                "domain_specialisation": e["domain_specialisation"],
+                "vocab_specialisation_input": e["vocab_specialisation_input"],
+                "vocab_specialisation_next": e["vocab_specialisation_next"],
+                "vocab_random_baseline": e["vocab_random_baseline"],
+                "repeat_top1": e["repeat_top1"],
+                "repeat_top1_chance": e["repeat_top1_chance"],
+                "repeat_topk": e["repeat_topk"],
+                "repeat_topk_chance": e["repeat_topk_chance"],
+                "dropped_share": float(np.mean(drops)) if drops else 0.0,
+            }
+        )
         for d, domain in enumerate(report["domains"]):
             for x, share in enumerate(row[d] for row in e["domain_shares"]):
-                tables["domain_shares"].append({"layer": int(layer), "domain": domain, "expert": x, "share": share,
-                                                "uniform_share": report["uniform_share"]})
+                tables["domain_shares"].append(
+                    {
+                        "layer": int(layer),
+                        "domain": domain,
+                        "expert": x,
+                        "share": share,
+                        "uniform_share": report["uniform_share"],
+                    }
+                )
         for x, best in e["expert_tokens"].items():
             for rank, t in enumerate(best):
-                tables["expert_tokens"].append({"layer": int(layer), "expert": int(x), "rank": rank + 1,
-                                                "token": t["token"], "text": t["text"], "share": t["share"]})
+                tables["expert_tokens"].append(
+                    {
+                        "layer": int(layer),
+                        "expert": int(x),
+                        "rank": rank + 1,
+                        "token": t["token"],
+                        "text": t["text"],
+                        "share": t["share"],
+                    }
+                )
         for name, key in (("coactivation", "coactivation"), ("transitions", "next_layer_transitions")):
             for i, row in enumerate(e[key] or []):
                 for j, p in enumerate(row):
@@ -231,19 +318,30 @@ def analysis_tables(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
         curves = {"checkpoint": drops, **e.get("drops_by_position_at", {})}
         for factor, curve in curves.items():
             for position, share in enumerate(curve):
-                tables["drops_by_position"].append({"layer": int(layer), "capacity_factor": factor,
-                                                    "position": position, "dropped_share": share})
+                tables["drops_by_position"].append(
+                    {"layer": int(layer), "capacity_factor": factor, "position": position, "dropped_share": share}
+                )
         for source, step, s in zip(report["sources"], steps, e["saturation"]):
-            tables["saturation"].append({"layer": int(layer), "checkpoint": str(source), "step": step,
-                                         "top1": s["top1"], "topk": s["topk"]})
+            tables["saturation"].append(
+                {"layer": int(layer), "checkpoint": str(source), "step": step, "top1": s["top1"], "topk": s["topk"]}
+            )
     return tables
 
 
 # Their columns, in order (the CSV headers; an existing file with another header was not written by moe-lab).
 ANALYSIS_TABLES = {
-    "layers": ["layer", "domain_specialisation", "vocab_specialisation_input", "vocab_specialisation_next",
-               "vocab_random_baseline", "repeat_top1", "repeat_top1_chance", "repeat_topk", "repeat_topk_chance",
-               "dropped_share"],
+    "layers": [
+        "layer",
+        "domain_specialisation",
+        "vocab_specialisation_input",
+        "vocab_specialisation_next",
+        "vocab_random_baseline",
+        "repeat_top1",
+        "repeat_top1_chance",
+        "repeat_topk",
+        "repeat_topk_chance",
+        "dropped_share",
+    ],
     "domain_shares": ["layer", "domain", "expert", "share", "uniform_share"],
     "expert_tokens": ["layer", "expert", "rank", "token", "text", "share"],
     "coactivation": ["layer", "expert_i", "expert_j", "probability"],
@@ -296,23 +394,44 @@ def log_to_wandb(report: dict[str, Any], node: dict[str, Any], folder: Path, nam
     where = folder / "wandb"
     online = wandb_online(node, f"logging offline to {where}; upload later with `wandb sync {where}/offline-run-*`")
     mode = "online" if online else "disabled" if os.environ.get("WANDB_MODE") == "disabled" else "offline"
-    run = wandb.init(project=node.get("project") or "moe-lab", entity=node.get("entity"), name=node.get("name") or name,
-                     group=node.get("group"), tags=list(node.get("tags") or []), job_type="analyze", dir=str(folder),
-                     mode=mode, config={"sources": [str(s) for s in report["sources"]], "data": report["data"],
-                                        "capacity": report["capacity"], "tokens": report["tokens"]},
-                     reinit="finish_previous")
+    run = wandb.init(
+        project=node.get("project") or "moe-lab",
+        entity=node.get("entity"),
+        name=node.get("name") or name,
+        group=node.get("group"),
+        tags=list(node.get("tags") or []),
+        job_type="analyze",
+        dir=str(folder),
+        mode=mode,
+        config={
+            "sources": [str(s) for s in report["sources"]],
+            "data": report["data"],
+            "capacity": report["capacity"],
+            "tokens": report["tokens"],
+        },
+        reinit="finish_previous",
+    )
     try:
         for table, rows in analysis_tables(report).items():
             columns = ANALYSIS_TABLES[table]
             run.log({f"analysis/{table}": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])})
-        drawn = {"domains": figures.analysis_domain_figure(report), "summary": figures.analysis_summary_figure(report),
-                 "coactivation": figures.analysis_matrix_figure(report, "coactivation", "layer {layer}", "expert j",
-                                                                "expert i"),
-                 "position": figures.analysis_position_figure(report)}
+        drawn = {
+            "domains": figures.analysis_domain_figure(report),
+            "summary": figures.analysis_summary_figure(report),
+            "coactivation": figures.analysis_matrix_figure(
+                report, "coactivation", "layer {layer}", "expert j", "expert i"
+            ),
+            "position": figures.analysis_position_figure(report),
+        }
         run.log({f"analysis/figure/{key}": wandb.Plotly(fig) for key, fig in drawn.items()})
         for layer, e in report["layers"].items():
-            for key in ("domain_specialisation", "vocab_specialisation_input", "vocab_specialisation_next",
-                        "repeat_top1", "repeat_topk"):
+            for key in (
+                "domain_specialisation",
+                "vocab_specialisation_input",
+                "vocab_specialisation_next",
+                "repeat_top1",
+                "repeat_topk",
+            ):
                 run.summary[f"analysis/{key}/layer{layer}"] = e[key]
         return run.dir if mode == "online" else f"{where} ({mode})"
     finally:
@@ -340,31 +459,56 @@ def run(args: Any, cfg: Any, sources: list[str]) -> int:
     final = models[-1]
     check_capacity_factors(final, args.capacity_factor)
     run_cfg, data, loader = held_out_data(cfg, tokenizer, final.cfg.vocab_size, args.max_batches)
-    print(f"moe-lab: analysing {described} on {data.describe()}: {len(loader.batch_sampler)} batches of "
-          f"{run_cfg.data.batch_size} x {run_cfg.data.seq_len} tokens", file=sys.stderr, flush=True)
+    print(
+        f"moe-lab: analysing {described} on {data.describe()}: {len(loader.batch_sampler)} batches of "
+        f"{run_cfg.data.batch_size} x {run_cfg.data.seq_len} tokens",
+        file=sys.stderr,
+        flush=True,
+    )
 
     def progress(done: int, tokens: int) -> None:
-        print(f"\rmoe-lab: {done}/{len(loader.batch_sampler)} batches, {tokens:,} tokens", end="", file=sys.stderr,
-              flush=True)
+        print(
+            f"\rmoe-lab: {done}/{len(loader.batch_sampler)} batches, {tokens:,} tokens",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
 
     trace = TraceWriter(args.trace, final.moe_layers, data.domain_names) if args.trace is not None else None
     try:
-        result = analyze(models, loader, final.cfg.vocab_size, len(data.domain_names), run_cfg.data.seq_len,
-                         progress=progress, trace=trace, capacity_factors=args.capacity_factor)
+        result = analyze(
+            models,
+            loader,
+            final.cfg.vocab_size,
+            len(data.domain_names),
+            run_cfg.data.seq_len,
+            progress=progress,
+            trace=trace,
+            capacity_factors=args.capacity_factor,
+        )
     finally:
         if trace is not None:
             trace.close()
     print(file=sys.stderr)
-    report = {"sources": sources, "data": data.describe(), "capacity": args.capacity,
-              **summary(result, data.domain_names, final.moe_layers, decode=tokenizer.decode)}
+    report = {
+        "sources": sources,
+        "data": data.describe(),
+        "capacity": args.capacity,
+        **summary(result, data.domain_names, final.moe_layers, decode=tokenizer.decode),
+    }
     print(format_summary(report))
     write_atomically(json_out, json.dumps(report, indent=2) + "\n")
     write_csv_tables(report, page_out)
-    print(f"moe-lab: wrote {write_analysis_page(report, page_out)}, {json_out} and the tables "
-          f"{page_out.parent / (page_out.stem + '.*.csv')} ({', '.join(csv_paths(page_out))})", file=sys.stderr)
+    print(
+        f"moe-lab: wrote {write_analysis_page(report, page_out)}, {json_out} and the tables "
+        f"{page_out.parent / (page_out.stem + '.*.csv')} ({', '.join(csv_paths(page_out))})",
+        file=sys.stderr,
+    )
     if wandb_node is not None:
-        print(f"moe-lab: logged to W&B: {log_to_wandb(report, wandb_node, page_out.parent, f'analyze {sources[-1]}')}",
-              file=sys.stderr)
+        print(
+            f"moe-lab: logged to W&B: {log_to_wandb(report, wandb_node, page_out.parent, f'analyze {sources[-1]}')}",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -375,7 +519,7 @@ def check_outputs(page: Path) -> Path:
 
     checked_output(page)
     json_out = page.with_suffix(".json")
-    if json_out.exists() and "\"vocab_specialisation_input\"" not in json_out.read_text(errors="ignore")[:100000]:
+    if json_out.exists() and '"vocab_specialisation_input"' not in json_out.read_text(errors="ignore")[:100000]:
         raise UserError(f"{json_out} exists and was not written by moe-lab analyze; choose another -o")
     check_csv_outputs(page)
     return json_out
@@ -402,6 +546,8 @@ def load_models(sources: list[str], capacity: str, device: str) -> tuple[list[Mo
     check_analysable(final)
     for model, source in zip(models[:-1], sources[:-1]):
         if model.moe_layers != final.moe_layers or model.cfg.moe.num_experts != final.cfg.moe.num_experts:
-            raise UserError(f"{source} has other MoE layers or experts than {sources[-1]}: saturation compares "
-                            "checkpoints of one run")
+            raise UserError(
+                f"{source} has other MoE layers or experts than {sources[-1]}: saturation compares "
+                "checkpoints of one run"
+            )
     return models, loaded[-1][1], loaded[-1][2]

@@ -58,11 +58,15 @@ COMPARE_CASES = [
 ]
 # Expert-count scaling, 8 -> 256 experts with top_k and expert width fixed, in three regimes: top-2 of width 512 and
 # fine-grained top-8 of width 256 at 4096 tokens, and the fine-grained one at 16384 tokens per step.
-SCALING_CASES = [Case(f"scale-{family}-E{e}", tokens, 512, e, k, width)
-                 for family, tokens, k, width in (("k2w512", 4096, 2, 512), ("k8w256", 4096, 8, 256),
-                                                  ("k8w256t16k", 16384, 8, 256))
-                 for e in (8, 256)]
-CAPACITY_CASES = [Case("E8-top2-cf1.25", 4096, 512, 8, 2, 1024, 1.25), Case("E64-top8-cf1.25", 4096, 512, 64, 8, 256, 1.25)]
+SCALING_CASES = [
+    Case(f"scale-{family}-E{e}", tokens, 512, e, k, width)
+    for family, tokens, k, width in (("k2w512", 4096, 2, 512), ("k8w256", 4096, 8, 256), ("k8w256t16k", 16384, 8, 256))
+    for e in (8, 256)
+]
+CAPACITY_CASES = [
+    Case("E8-top2-cf1.25", 4096, 512, 8, 2, 1024, 1.25),
+    Case("E64-top8-cf1.25", 4096, 512, 64, 8, 256, 1.25),
+]
 
 
 @dataclass
@@ -87,8 +91,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_ms(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int,
-              budget_s: float = 20.0) -> float:
+def median_ms(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int, budget_s: float = 20.0) -> float:
     """Median wall time of fn() in ms, after warm-up; slow functions get fewer repeats (at least 3) within budget_s."""
     for i in range(max(warmup, 1)):
         start = time.perf_counter()
@@ -138,14 +141,27 @@ def moe_layer(case: Case, implementation: str, device: torch.device, dtype: torc
     from moe_lab.model.routers import TopKRouterConfig
 
     torch.manual_seed(0)
-    cfg = MoEConfig(num_experts=case.num_experts, expert_hidden=case.expert_hidden,
-                    capacity_factor=case.capacity_factor, eval_capacity_factor=case.capacity_factor,
-                    implementation=implementation, router=TopKRouterConfig(top_k=case.top_k, normalize=True))
+    cfg = MoEConfig(
+        num_experts=case.num_experts,
+        expert_hidden=case.expert_hidden,
+        capacity_factor=case.capacity_factor,
+        eval_capacity_factor=case.capacity_factor,
+        implementation=implementation,
+        router=TopKRouterConfig(top_k=case.top_k, normalize=True),
+    )
     return MoELayer(case.d_model, cfg).to(device=device, dtype=dtype)
 
 
-def implementations(case: Case, device: torch.device, dtype: torch.dtype, compare: bool, with_loop: bool,
-                    x: torch.Tensor, grad: torch.Tensor, not_timed: list[dict]):
+def implementations(
+    case: Case,
+    device: torch.device,
+    dtype: torch.dtype,
+    compare: bool,
+    with_loop: bool,
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    not_timed: list[dict],
+):
     """name -> (module, forward(x) -> y, note): every implementation of a case, on the same weights. A peer is
     checked against moe-lab's layer on (x, grad) first; one that cannot run or computes something else goes to
     `not_timed` with the reason instead."""
@@ -167,8 +183,9 @@ def implementations(case: Case, device: torch.device, dtype: torch.dtype, compar
             except Exception as e:  # not installed, or cannot run on this device: the table says why
                 reason = str(e) if isinstance(e, bench_peers.PeerUnavailable) else f"{type(e).__name__}: {e}"
                 hint = bench_peers.KNOWN_LIMITS.get((name, device.type))
-                not_timed.append({"case": case.name, "impl": name,
-                                  "reason": reason.strip() + (f" ({hint})" if hint else "")})
+                not_timed.append(
+                    {"case": case.name, "impl": name, "reason": reason.strip() + (f" ({hint})" if hint else "")}
+                )
                 continue
             if not same.ok:
                 not_timed.append({"case": case.name, "impl": name, "reason": f"computes something else: {same}"})
@@ -181,8 +198,16 @@ def implementations(case: Case, device: torch.device, dtype: torch.dtype, compar
     return impls
 
 
-def time_case(case: Case, device: torch.device, dtype: torch.dtype, compare: bool, with_loop: bool, warmup: int,
-              repeats: int, not_timed: list[dict]) -> list[Result]:
+def time_case(
+    case: Case,
+    device: torch.device,
+    dtype: torch.dtype,
+    compare: bool,
+    with_loop: bool,
+    warmup: int,
+    repeats: int,
+    not_timed: list[dict],
+) -> list[Result]:
     results = []
     torch.manual_seed(1)
     x = torch.randn(1, case.tokens, case.d_model, device=device, dtype=dtype)
@@ -207,9 +232,23 @@ def time_case(case: Case, device: torch.device, dtype: torch.dtype, compare: boo
         backward_ms = median_ms(fwd_bwd, device, warmup, repeats)
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         saved = saved_for_backward_mb(lambda: forward(x_req), module)
-        results.append(Result(case.name, name, case.tokens, case.d_model, case.num_experts, case.top_k,
-                              case.expert_hidden, case.capacity_factor, forward_ms, backward_ms, saved, peak,
-                              {"same_math": same_math} if same_math else {}))
+        results.append(
+            Result(
+                case.name,
+                name,
+                case.tokens,
+                case.d_model,
+                case.num_experts,
+                case.top_k,
+                case.expert_hidden,
+                case.capacity_factor,
+                forward_ms,
+                backward_ms,
+                saved,
+                peak,
+                {"same_math": same_math} if same_math else {},
+            )
+        )
     return results
 
 
@@ -233,10 +272,17 @@ def compose_model(preset: str, overrides: list[str]):
     return model_cfg
 
 
-def moe_lab_step(model, inputs: torch.Tensor, targets: torch.Tensor, optimizer,
-                 autocast=contextlib.nullcontext()) -> Callable[[], None]:
+def moe_lab_step(
+    model,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    optimizer,
+    autocast: Optional[contextlib.AbstractContextManager] = None,
+) -> Callable[[], None]:
     """One training step of a moe-lab model as `moe-lab train` takes it: loss plus the weighted aux losses,
-    backward, optimizer step."""
+    backward, optimizer step; under `autocast` if given."""
+    autocast = autocast if autocast is not None else contextlib.nullcontext()
+
     def step():
         with autocast:
             out = model(inputs, targets)
@@ -244,11 +290,20 @@ def moe_lab_step(model, inputs: torch.Tensor, targets: torch.Tensor, optimizer,
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return step
 
 
-def time_training_step(preset: str, experts: Optional[str], batch_size: int, seq_len: int, device: torch.device,
-                       precision: str, warmup: int, repeats: int) -> dict:
+def time_training_step(
+    preset: str,
+    experts: Optional[str],
+    batch_size: int,
+    seq_len: int,
+    device: torch.device,
+    precision: str,
+    warmup: int,
+    repeats: int,
+) -> dict:
     """Tokens/s of forward + backward + AdamW for a model preset (config composed from conf/ as `moe-lab train`)."""
     from moe_lab.model import MoETransformer
     from moe_lab.training.metrics import peak_flops
@@ -264,14 +319,23 @@ def time_training_step(preset: str, experts: Optional[str], batch_size: int, seq
     flops = model.flops_per_token(seq_len)
     peak = peak_flops(device, "bf16-mixed" if precision == "bf16" else "32-true")
     params = model.num_params()
-    return {"preset": preset + (f" experts={experts}" if experts else ""), "batch": batch_size, "seq_len": seq_len,
-            "precision": precision, "step_ms": ms, "tokens_per_sec": tokens_per_sec,
-            "params_total": params["total"], "params_active": params["active"], "flops_per_token": flops,
-            "mfu": tokens_per_sec * flops / peak if peak else None}
+    return {
+        "preset": preset + (f" experts={experts}" if experts else ""),
+        "batch": batch_size,
+        "seq_len": seq_len,
+        "precision": precision,
+        "step_ms": ms,
+        "tokens_per_sec": tokens_per_sec,
+        "params_total": params["total"],
+        "params_active": params["active"],
+        "flops_per_token": flops,
+        "mfu": tokens_per_sec * flops / peak if peak else None,
+    }
 
 
-def time_whole_model_vs_hf(preset: str, experts: Optional[str], batch_size: int, seq_len: int, device: torch.device,
-                           warmup: int, repeats: int) -> dict:
+def time_whole_model_vs_hf(
+    preset: str, experts: Optional[str], batch_size: int, seq_len: int, device: torch.device, warmup: int, repeats: int
+) -> dict:
     """A training step (forward, backward with the load-balancing loss, AdamW) of a dropless moe-lab model and of
     the same model exported to transformers (`to_hf`, the weights of `moe-lab export --format hf`), float32.
 
@@ -283,8 +347,10 @@ def time_whole_model_vs_hf(preset: str, experts: Optional[str], batch_size: int,
     from moe_lab.interop.huggingface import to_hf
     from moe_lab.model import MoETransformer
 
-    overrides = ([f"experts={experts}"] if experts else []) + ["model.moe.capacity_factor=null",
-                                                              "model.moe.eval_capacity_factor=null"]
+    overrides = ([f"experts={experts}"] if experts else []) + [
+        "model.moe.capacity_factor=null",
+        "model.moe.eval_capacity_factor=null",
+    ]
     model_cfg = compose_model(preset, overrides)
     torch.manual_seed(0)
     model = MoETransformer(model_cfg).to(device)
@@ -305,22 +371,33 @@ def time_whole_model_vs_hf(preset: str, experts: Optional[str], batch_size: int,
     def hf_step(optimizer):
         def step():
             out = hf(input_ids=inputs)
-            loss = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten()) + out.aux_loss * \
-                hf.config.router_aux_loss_coef
+            loss = (
+                F.cross_entropy(out.logits.flatten(0, 1), targets.flatten())
+                + out.aux_loss * hf.config.router_aux_loss_coef
+            )
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
         return step
 
     times = {}
-    for name, module, make in (("moe-lab", model, lambda opt: moe_lab_step(model, inputs, targets, opt)),
-                               ("transformers", hf, hf_step)):
+    for name, module, make in (
+        ("moe-lab", model, lambda opt: moe_lab_step(model, inputs, targets, opt)),
+        ("transformers", hf, hf_step),
+    ):
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-6, fused=device.type == "cuda")
         times[name] = median_ms(make(optimizer), device, warmup, repeats)
-    return {"preset": preset + (f" experts={experts}" if experts else "") + " dropless",
-            "architecture": type(hf).__name__, "batch": batch_size, "seq_len": seq_len, "logits_error": error,
-            "moe_lab_ms": times["moe-lab"], "transformers_ms": times["transformers"],
-            "speedup": times["transformers"] / times["moe-lab"]}
+    return {
+        "preset": preset + (f" experts={experts}" if experts else "") + " dropless",
+        "architecture": type(hf).__name__,
+        "batch": batch_size,
+        "seq_len": seq_len,
+        "logits_error": error,
+        "moe_lab_ms": times["moe-lab"],
+        "transformers_ms": times["transformers"],
+        "speedup": times["transformers"] / times["moe-lab"],
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -328,8 +405,13 @@ def time_whole_model_vs_hf(preset: str, experts: Optional[str], batch_size: int,
 
 
 def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu_threads": torch.get_num_threads(), "processor": platform.processor() or platform.machine()}
+    info = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "processor": platform.processor() or platform.machine(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info
@@ -345,8 +427,9 @@ WHOLE_MODEL_TARGET = 1.3  # whole-model training step, speed-up over transformer
 TRAINING_STEP_TARGET = 0.9  # tokens/s of the default MoE over the dense model of equal active parameters
 
 
-def ratios(results: list[Result], steps: list[dict] = (), whole_models: list[dict] = (), dtype: str = "float32"
-           ) -> list[tuple[str, str, float, str, Optional[bool]]]:
+def ratios(
+    results: list[Result], steps: list[dict] = (), whole_models: list[dict] = (), dtype: str = "float32"
+) -> list[tuple[str, str, float, str, Optional[bool]]]:
     """(case, comparison, ratio, target, met) for the targets of the speed issues (met None: no target)."""
     from moe_lab.tools.bench_peers import COMPUTES_IN_BF16
 
@@ -368,20 +451,38 @@ def ratios(results: list[Result], steps: list[dict] = (), whole_models: list[dic
         same = [r for r in peers if r not in lower]
         if same and case in PEER_SPEEDUP_TARGETS:
             best = min(same, key=lambda r: r.forward_backward_ms)
-            add(case, f"speed-up over the fastest peer ({best.impl})",
-                best.forward_backward_ms / ours.forward_backward_ms, PEER_SPEEDUP_TARGETS[case], True)
+            add(
+                case,
+                f"speed-up over the fastest peer ({best.impl})",
+                best.forward_backward_ms / ours.forward_backward_ms,
+                PEER_SPEEDUP_TARGETS[case],
+                True,
+            )
         for r in lower:
-            out.append((case, f"speed-up over {r.impl} (its expert GEMMs in bf16)",
-                        r.forward_backward_ms / ours.forward_backward_ms, "(no target)", None))
+            out.append(
+                (
+                    case,
+                    f"speed-up over {r.impl} (its expert GEMMs in bf16)",
+                    r.forward_backward_ms / ours.forward_backward_ms,
+                    "(no target)",
+                    None,
+                )
+            )
         if peers:
             least = min(peers, key=lambda r: r.saved_mb)
-            add(case, f"activation memory / the least peer's ({least.impl})", ours.saved_mb / least.saved_mb,
-                1.0, False)
+            add(
+                case, f"activation memory / the least peer's ({least.impl})", ours.saved_mb / least.saved_mb, 1.0, False
+            )
         dense = by.get((case, "dense"))
         if dense is not None:
             if case in DENSE_TIME_TARGETS:
-                add(case, "time / dense SwiGLU of equal active params",
-                    ours.forward_backward_ms / dense.forward_backward_ms, DENSE_TIME_TARGETS[case], False)
+                add(
+                    case,
+                    "time / dense SwiGLU of equal active params",
+                    ours.forward_backward_ms / dense.forward_backward_ms,
+                    DENSE_TIME_TARGETS[case],
+                    False,
+                )
             add(case, "activation memory / dense SwiGLU", ours.saved_mb / dense.saved_mb, DENSE_MEMORY_TARGET, False)
     families: dict[str, list[Result]] = {}
     for r in results:
@@ -390,44 +491,71 @@ def ratios(results: list[Result], steps: list[dict] = (), whole_models: list[dic
     for family, rows in families.items():
         rows.sort(key=lambda r: r.num_experts)
         if len(rows) >= 2:
-            add(f"{family}: E{rows[0].num_experts} -> E{rows[-1].num_experts}",
+            add(
+                f"{family}: E{rows[0].num_experts} -> E{rows[-1].num_experts}",
                 f"time ratio ({rows[0].tokens} tokens, top-{rows[0].top_k}, width {rows[0].expert_hidden})",
-                rows[-1].forward_backward_ms / rows[0].forward_backward_ms, 1.2, False)
+                rows[-1].forward_backward_ms / rows[0].forward_backward_ms,
+                1.2,
+                False,
+            )
     for w in whole_models:
         if "speedup" in w:
-            add(w["preset"], f"whole-model step, speed-up over transformers ({w['architecture']})", w["speedup"],
-                WHOLE_MODEL_TARGET, True)
+            add(
+                w["preset"],
+                f"whole-model step, speed-up over transformers ({w['architecture']})",
+                w["speedup"],
+                WHOLE_MODEL_TARGET,
+                True,
+            )
     moe = next((s for s in steps if s["preset"] == "tiny"), None)
     dense = next((s for s in steps if s["preset"] == "dense_tiny"), None)
     if moe and dense:
-        add("tiny vs dense_tiny", "training step tokens/s, MoE / dense of equal active",
-            moe["tokens_per_sec"] / dense["tokens_per_sec"], TRAINING_STEP_TARGET, True)
+        add(
+            "tiny vs dense_tiny",
+            "training step tokens/s, MoE / dense of equal active",
+            moe["tokens_per_sec"] / dense["tokens_per_sec"],
+            TRAINING_STEP_TARGET,
+            True,
+        )
     return out
 
 
-def print_table(results: list[Result], steps: list[dict], checks: list[tuple], not_timed: list[dict] = (),
-                whole_models: list[dict] = ()) -> None:
+def print_table(
+    results: list[Result],
+    steps: list[dict],
+    checks: list[tuple],
+    not_timed: list[dict] = (),
+    whole_models: list[dict] = (),
+) -> None:
     print(f"\n{'case':<22} {'impl':<11} {'fwd ms':>9} {'fwd+bwd ms':>11} {'saved MB':>9} {'peak MB':>9}  same math")
     for r in results:
         peak = f"{r.peak_mb:9.0f}" if r.peak_mb is not None else f"{'-':>9}"
-        print(f"{r.case:<22} {r.impl:<11} {r.forward_ms:9.2f} {r.forward_backward_ms:11.2f} {r.saved_mb:9.1f} {peak}"
-              f"  {r.extra.get('same_math', '')}")
+        print(
+            f"{r.case:<22} {r.impl:<11} {r.forward_ms:9.2f} {r.forward_backward_ms:11.2f} {r.saved_mb:9.1f} {peak}"
+            f"  {r.extra.get('same_math', '')}"
+        )
     for n in not_timed:
         print(f"{n['case']:<22} {n['impl']:<11} not timed: {n['reason']}")
     if steps:
-        print(f"\n{'training step':<28} {'batch x seq':>12} {'ms':>9} {'tokens/s':>10} {'active params':>14} {'MFU':>6}")
+        print(
+            f"\n{'training step':<28} {'batch x seq':>12} {'ms':>9} {'tokens/s':>10} {'active params':>14} {'MFU':>6}"
+        )
         for s in steps:
             mfu = f"{100 * s['mfu']:5.1f}%" if s["mfu"] is not None else f"{'-':>6}"
-            print(f"{s['preset']:<28} {s['batch']:>5} x {s['seq_len']:<4} {s['step_ms']:9.1f} "
-                  f"{s['tokens_per_sec']:10.0f} {s['params_active'] / 1e6:13.2f}M {mfu}")
+            print(
+                f"{s['preset']:<28} {s['batch']:>5} x {s['seq_len']:<4} {s['step_ms']:9.1f} "
+                f"{s['tokens_per_sec']:10.0f} {s['params_active'] / 1e6:13.2f}M {mfu}"
+            )
     if whole_models:
         print(f"\n{'whole model (train step)':<34} {'moe-lab ms':>11} {'transformers ms':>16}  logits error")
         for w in whole_models:
             if "not_timed" in w:
                 print(f"{w['preset']:<34} not timed: {w['not_timed']}")
             else:
-                print(f"{w['preset']:<34} {w['moe_lab_ms']:11.1f} {w['transformers_ms']:16.1f}  "
-                      f"{w['logits_error']:.1e} ({w['architecture']}, {w['batch']} x {w['seq_len']})")
+                print(
+                    f"{w['preset']:<34} {w['moe_lab_ms']:11.1f} {w['transformers_ms']:16.1f}  "
+                    f"{w['logits_error']:.1e} ({w['architecture']}, {w['batch']} x {w['seq_len']})"
+                )
     if checks:
         print(f"\n{'case':<26} {'ratio':<58} {'measured':>9}  target")
         for case, what, value, target, met in checks:
@@ -437,13 +565,20 @@ def print_table(results: list[Result], steps: list[dict], checks: list[tuple], n
 
 def time_training_steps(args, device: torch.device) -> list[dict]:
     """Whole training steps of the model presets (tiny and its dense twin on a CPU)."""
-    presets = [("tiny", None), ("dense_tiny", None)] if device.type == "cpu" else [
-        ("small", None), ("base", None), ("base", "dense")]
+    presets = (
+        [("tiny", None), ("dense_tiny", None)]
+        if device.type == "cpu"
+        else [("small", None), ("base", None), ("base", "dense")]
+    )
     batch, seq = (8, 256) if device.type == "cpu" else (16, 1024)
     if args.quick:
         presets, batch, seq = [("tiny", None), ("dense_tiny", None)], 2, 64
-    return [time_training_step(preset, experts, batch, seq, device, "bf16" if device.type == "cuda" else "fp32",
-                               args.warmup, args.repeats) for preset, experts in presets]
+    return [
+        time_training_step(
+            preset, experts, batch, seq, device, "bf16" if device.type == "cuda" else "fp32", args.warmup, args.repeats
+        )
+        for preset, experts in presets
+    ]
 
 
 def time_whole_models(args, device: torch.device) -> list[dict]:
@@ -455,8 +590,7 @@ def time_whole_models(args, device: torch.device) -> list[dict]:
     whole_models = []
     for preset, experts in shapes:
         try:
-            whole_models.append(time_whole_model_vs_hf(preset, experts, batch, seq, device, args.warmup,
-                                                       args.repeats))
+            whole_models.append(time_whole_model_vs_hf(preset, experts, batch, seq, device, args.warmup, args.repeats))
         except ImportError as e:
             whole_models.append({"preset": preset, "not_timed": f"transformers is not installed ({e})"})
     return whole_models
@@ -488,25 +622,46 @@ def run(args) -> dict:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     cases = list(COMPARE_CASES) + list(SCALING_CASES) + (list(CAPACITY_CASES) if args.capacity else [])
     if args.quick:
-        cases = [Case(c.name, 512, 128, c.num_experts, c.top_k, c.expert_hidden // 4, c.capacity_factor)
-                 for c in cases[:3]]
+        cases = [
+            Case(c.name, 512, 128, c.num_experts, c.top_k, c.expert_hidden // 4, c.capacity_factor) for c in cases[:3]
+        ]
     started = time.time()
     results: list[Result] = []
     not_timed: list[dict] = []
     for case in cases:
         with_loop = args.loop and case.num_experts <= 64 and case.tokens <= 4096
-        results.extend(time_case(case, device, dtype, args.compare and not case.name.startswith("scale"), with_loop,
-                                 args.warmup, args.repeats, not_timed))
+        results.extend(
+            time_case(
+                case,
+                device,
+                dtype,
+                args.compare and not case.name.startswith("scale"),
+                with_loop,
+                args.warmup,
+                args.repeats,
+                not_timed,
+            )
+        )
         print(f"moe-lab bench: {case.name} done ({time.time() - started:.0f}s)", flush=True)
     steps = [] if args.no_steps else time_training_steps(args, device)
     whole_models = time_whole_models(args, device) if args.compare and not args.no_steps else []
     checks = ratios(results, steps, whole_models, args.dtype)
     print_table(results, steps, checks, not_timed, whole_models)
-    report = {"machine": machine(), "device": str(device), "dtype": args.dtype, "seconds": round(time.time() - started, 1),
-              "command": "moe-lab bench " + " ".join(args.argv), "cases": [asdict(r) for r in results],
-              "training_steps": steps, "whole_models": whole_models, "not_timed": not_timed,
-              "ratios": [dict(zip(("case", "comparison", "ratio", "target", "met"), c)) for c in checks]}
+    report = {
+        "machine": machine(),
+        "device": str(device),
+        "dtype": args.dtype,
+        "seconds": round(time.time() - started, 1),
+        "command": "moe-lab bench " + " ".join(args.argv),
+        "cases": [asdict(r) for r in results],
+        "training_steps": steps,
+        "whole_models": whole_models,
+        "not_timed": not_timed,
+        "ratios": [dict(zip(("case", "comparison", "ratio", "target", "met"), c)) for c in checks],
+    }
     out = write_report(report, results, args.out)
-    print(f"\nmoe-lab bench: {len(results)} timings in {report['seconds']:.0f}s on {device} "
-          f"({torch.get_num_threads()} threads); wrote {out}/bench.json and bench.csv")
+    print(
+        f"\nmoe-lab bench: {len(results)} timings in {report['seconds']:.0f}s on {device} "
+        f"({torch.get_num_threads()} threads); wrote {out}/bench.json and bench.csv"
+    )
     return report

@@ -42,8 +42,13 @@ def hf_block(layer, case, device: torch.device, dtype: torch.dtype, experts_impl
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
     except ImportError as e:
         raise PeerUnavailable(f"transformers is not installed ({e}); pip install -e '.[bench-peers]'") from e
-    config = MixtralConfig(hidden_size=case.d_model, intermediate_size=case.expert_hidden,
-                           num_local_experts=case.num_experts, num_experts_per_tok=case.top_k, router_jitter_noise=0.0)
+    config = MixtralConfig(
+        hidden_size=case.d_model,
+        intermediate_size=case.expert_hidden,
+        num_local_experts=case.num_experts,
+        num_experts_per_tok=case.top_k,
+        router_jitter_noise=0.0,
+    )
     config._experts_implementation = experts_implementation
     block = MixtralSparseMoeBlock(config).to(device=device, dtype=dtype)
     _copy_weights_to_hf_layout(layer, block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj)
@@ -65,7 +70,7 @@ def torchtitan_moe(layer, case, device: torch.device, dtype: torch.dtype) -> nn.
     model's dtype: in a float32 bench it computes in bfloat16 where the others compute in float32."""
     try:
         from torchtitan.models.common.linear import Linear
-        from torchtitan.models.common.moe import MoE, GroupedExperts, RoutedExperts, TokenChoiceTopKRouter
+        from torchtitan.models.common.moe import GroupedExperts, MoE, RoutedExperts, TokenChoiceTopKRouter
         from torchtitan.models.common.token_dispatcher import LocalTokenDispatcher
     except ImportError as e:
         raise PeerUnavailable(f"torchtitan is not installed ({e}); pip install -e '.[bench-peers]'") from e
@@ -74,10 +79,17 @@ def torchtitan_moe(layer, case, device: torch.device, dtype: torch.dtype) -> nn.
         num_experts=E,
         routed_experts=RoutedExperts.Config(
             inner_experts=GroupedExperts.Config(dim=D, hidden_dim=F, num_experts=E),
-            token_dispatcher=LocalTokenDispatcher.Config(num_experts=E, top_k=K)),
-        router=TokenChoiceTopKRouter.Config(num_experts=E, gate=Linear.Config(in_features=D, out_features=E),
-                                            top_k=K, score_func="softmax", route_norm=True),
-        load_balance_coeff=None)
+            token_dispatcher=LocalTokenDispatcher.Config(num_experts=E, top_k=K),
+        ),
+        router=TokenChoiceTopKRouter.Config(
+            num_experts=E,
+            gate=Linear.Config(in_features=D, out_features=E),
+            top_k=K,
+            score_func="softmax",
+            route_norm=True,
+        ),
+        load_balance_coeff=None,
+    )
     moe = config.build().to(device=device, dtype=dtype)
     if device.type == "cpu" and dtype != torch.float32:
         # torchtitan computes the gate under torch.autocast(dtype=float32), which CPU autocast does not support (it
@@ -102,9 +114,14 @@ def olmo_core_moe(layer, case, device: torch.device, dtype: torch.dtype) -> nn.M
     except ImportError as e:
         raise PeerUnavailable(f"ai2-olmo-core is not installed ({e}); pip install -e '.[bench-peers]'") from e
     E, D, F, K = case.num_experts, case.d_model, case.expert_hidden, case.top_k
-    config = MoEConfig(name=MoEType.dropless, num_experts=E, hidden_size=F,
-                       router=MoERouterConfig(top_k=K, normalize_expert_weights=1.0),
-                       lb_loss_weight=None, z_loss_weight=None)
+    config = MoEConfig(
+        name=MoEType.dropless,
+        num_experts=E,
+        hidden_size=F,
+        router=MoERouterConfig(top_k=K, normalize_expert_weights=1.0),
+        lb_loss_weight=None,
+        z_loss_weight=None,
+    )
     moe = config.build(d_model=D, init_device=str(device)).to(device=device, dtype=dtype)
     mlp = moe.experts.mlp
     gate_up = layer.experts.w_in_EGFD
@@ -127,8 +144,11 @@ PEERS: dict[str, Callable[..., nn.Module]] = {
 
 # Why a peer fails where it is known to, added to the error the bench reports (the error itself is always shown).
 KNOWN_LIMITS: dict[tuple[str, str], str] = {
-    ("olmo_core", "cpu"): "OLMo-core's MoE layers gather and scatter tokens with Triton kernels (olmo_core.kernels.moe), "
-                          "and Triton has no CPU driver; its v2 experts require the token counts on a CUDA device",
+    (
+        "olmo_core",
+        "cpu",
+    ): "OLMo-core's MoE layers gather and scatter tokens with Triton kernels (olmo_core.kernels.moe), "
+    "and Triton has no CPU driver; its v2 experts require the token counts on a CUDA device",
 }
 
 # Peers whose expert GEMMs run in bfloat16 whatever the input dtype (compared at bfloat16's tolerance).
@@ -138,6 +158,7 @@ COMPUTES_IN_BF16 = {"torchtitan"}
 @dataclass
 class SameMath:
     """How far a peer's output and gradients are from moe-lab's on the same weights and input (relative L2 error)."""
+
     output: float
     input_grad: float
     tolerance: float
@@ -147,15 +168,22 @@ class SameMath:
         return max(self.output, self.input_grad) <= self.tolerance
 
     def __str__(self) -> str:
-        return f"relative error: output {self.output:.1e}, input gradient {self.input_grad:.1e} (bar {self.tolerance:.0e})"
+        return (
+            f"relative error: output {self.output:.1e}, input gradient {self.input_grad:.1e} (bar {self.tolerance:.0e})"
+        )
 
 
 def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def check_same_math(reference: Callable[[torch.Tensor], torch.Tensor], peer: Callable[[torch.Tensor], torch.Tensor],
-                    x: torch.Tensor, grad: torch.Tensor, bf16_compute: bool) -> SameMath:
+def check_same_math(
+    reference: Callable[[torch.Tensor], torch.Tensor],
+    peer: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    bf16_compute: bool,
+) -> SameMath:
     """Run both on x, backward with `grad`; compare the outputs and the gradients with respect to x.
 
     The bar is a relative L2 error of 1e-4 in float32 (different summation orders only) and 3e-2 when either side

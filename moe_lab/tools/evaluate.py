@@ -44,8 +44,14 @@ def evaluate(model: MoETransformer, batches, tokenizer: Any, domain_names: list[
         out = model(ids_BS1[:, :-1], domain_B=domain_B.to(device))
         targets_BS = ids_BS1[:, 1:]
         B, S = targets_BS.shape
-        loss_B = F.cross_entropy(out.logits.float().flatten(0, 1), targets_BS.flatten(),
-                                 reduction="none").view(B, S).sum(-1).double().cpu().numpy()
+        loss_B = (
+            F.cross_entropy(out.logits.float().flatten(0, 1), targets_BS.flatten(), reduction="none")
+            .view(B, S)
+            .sum(-1)
+            .double()
+            .cpu()
+            .numpy()
+        )
         for b in range(B):
             d = int(domain_B[b])
             nats_D[d] += loss_B[b]
@@ -65,31 +71,42 @@ def evaluate(model: MoETransformer, batches, tokenizer: Any, domain_names: list[
 def _report(domain_names, nats_D, tokens_D, bytes_D, layers, slots_LE, dropped_L, domain_LED) -> dict[str, Any]:
     def quality(nats: float, tokens: float, nbytes: float) -> dict[str, float]:
         loss = nats / max(tokens, 1)
-        return {"loss": loss, "ppl": math.exp(min(loss, 700)), "bits_per_byte": nats / math.log(2) / max(nbytes, 1),
-                "tokens": int(tokens), "bytes": int(nbytes)}
+        return {
+            "loss": loss,
+            "ppl": math.exp(min(loss, 700)),
+            "bits_per_byte": nats / math.log(2) / max(nbytes, 1),
+            "tokens": int(tokens),
+            "bytes": int(nbytes),
+        }
 
     report: dict[str, Any] = {
         "overall": quality(nats_D.sum(), tokens_D.sum(), bytes_D.sum()),
-        "domains": {name: quality(nats_D[d], tokens_D[d], bytes_D[d])
-                    for d, name in enumerate(domain_names) if tokens_D[d] > 0},
+        "domains": {
+            name: quality(nats_D[d], tokens_D[d], bytes_D[d]) for d, name in enumerate(domain_names) if tokens_D[d] > 0
+        },
         "layers": {},
     }
     for i, layer in enumerate(layers):
         total = slots_LE[i].sum()
-        entry = {"load": (slots_LE[i] / max(total, 1)).tolist(), **load_statistics(slots_LE[i]),
-                 "dropped_frac": float(dropped_L[i] / max(total, 1))}
+        entry = {
+            "load": (slots_LE[i] / max(total, 1)).tolist(),
+            **load_statistics(slots_LE[i]),
+            "dropped_frac": float(dropped_L[i] / max(total, 1)),
+        }
         if len(domain_names) > 1:
             entry["specialization"] = mutual_information(domain_LED[i])[1]
             entry["domain_counts"] = domain_LED[i].tolist()
         report["layers"][str(layer)] = entry
     if layers:
         entries = list(report["layers"].values())
-        report["moe"] = {"mean_imbalance": float(np.mean([e["imbalance"] for e in entries])),
-                         "max_imbalance": float(np.max([e["imbalance"] for e in entries])),
-                         "min_load": float(np.min([e["min_load"] for e in entries])),
-                         "dead_experts": float(np.sum([e["dead_experts"] for e in entries])),
-                         "starved_experts": float(np.sum([e["starved_experts"] for e in entries])),
-                         "dropped_frac": float(np.mean([e["dropped_frac"] for e in entries]))}
+        report["moe"] = {
+            "mean_imbalance": float(np.mean([e["imbalance"] for e in entries])),
+            "max_imbalance": float(np.max([e["imbalance"] for e in entries])),
+            "min_load": float(np.min([e["min_load"] for e in entries])),
+            "dead_experts": float(np.sum([e["dead_experts"] for e in entries])),
+            "starved_experts": float(np.sum([e["starved_experts"] for e in entries])),
+            "dropped_frac": float(np.mean([e["dropped_frac"] for e in entries])),
+        }
         if all("specialization" in e for e in entries):
             report["moe"]["specialization"] = float(np.mean([e["specialization"] for e in entries]))
     return report
@@ -102,14 +119,19 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {name:<10} {q['loss']:>7.4f} {q['ppl']:>7.2f} {q['bits_per_byte']:>10.4f} {q['tokens']:>9,}")
     if report["layers"]:
         special = all("specialization" in e for e in report["layers"].values())
-        lines.append("  layer  imbalance  min load  dropped  dead  starved" + ("  specialization" if special else "")
-                     + "  busiest expert")
+        lines.append(
+            "  layer  imbalance  min load  dropped  dead  starved"
+            + ("  specialization" if special else "")
+            + "  busiest expert"
+        )
         for layer, e in report["layers"].items():
             top = int(np.argmax(e["load"]))
-            lines.append(f"  {layer:>5}  {e['imbalance']:>9.2f}  {e['min_load']:>8.2f}  {e['dropped_frac']:>7.1%}  "
-                         f"{e['dead_experts']:>4.0f}  {e['starved_experts']:>7.0f}"
-                         + (f"  {e['specialization']:>14.3f}" if special else "")
-                         + f"  #{top} ({e['load'][top]:.1%})")
+            lines.append(
+                f"  {layer:>5}  {e['imbalance']:>9.2f}  {e['min_load']:>8.2f}  {e['dropped_frac']:>7.1%}  "
+                f"{e['dead_experts']:>4.0f}  {e['starved_experts']:>7.0f}"
+                + (f"  {e['specialization']:>14.3f}" if special else "")
+                + f"  #{top} ({e['load'][top]:.1%})"
+            )
     return "\n".join(lines)
 
 
@@ -128,8 +150,12 @@ def run(args: Any, cfg: Any) -> int:
     model, tokenizer, described = load_for_inference(args.source, capacity=args.capacity)
     model = model.to(args.device)
     run_cfg, data, loader = held_out_data(cfg, tokenizer, model.cfg.vocab_size, args.max_batches)
-    print(f"moe-lab: evaluating {described} on {data.describe()}: {len(data.val_blocks)} held-out blocks of "
-          f"{run_cfg.data.seq_len} tokens; {args.capacity}", file=sys.stderr, flush=True)
+    print(
+        f"moe-lab: evaluating {described} on {data.describe()}: {len(data.val_blocks)} held-out blocks of "
+        f"{run_cfg.data.seq_len} tokens; {args.capacity}",
+        file=sys.stderr,
+        flush=True,
+    )
     report = evaluate(model, loader, tokenizer, data.domain_names)
     report = {"source": args.source, "data": data.describe(), "capacity": args.capacity, **report}
     print(format_report(report))
@@ -158,8 +184,11 @@ def held_out_data(cfg: Any, tokenizer: Any, vocab_size: int, max_batches: Option
     cfg.paths.output_dir = "."  # these commands write no run directory
     run = validate(cfg)
     # The model's own tokenizer (end-of-text token included): the blocks are packed as its training packed them.
-    tokenizer_cfg = (TokenizerConfig() if tokenizer.name == "bytes"
-                     else TokenizerConfig(name=tokenizer.name, eos_token=tokenizer.eos_token))
+    tokenizer_cfg = (
+        TokenizerConfig()
+        if tokenizer.name == "bytes"
+        else TokenizerConfig(name=tokenizer.name, eos_token=tokenizer.eos_token)
+    )
     data = LMDataModule(run.data, tokenizer_cfg, run.paths.cache_dir, run.seed)
     data.prepare_data()
     data.setup("fit")

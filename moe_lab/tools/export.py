@@ -71,8 +71,10 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
     module = load_model(ckpt_path)
     broken = [name for name, p in module.model.state_dict().items() if not torch.isfinite(p).all()]
     if broken:
-        raise ExportError(f"{ckpt_path}: its weights hold NaN or infinite values ({', '.join(broken[:3])}"
-                          f"{', ...' if len(broken) > 3 else ''}); moe-lab does not export a broken model")
+        raise ExportError(
+            f"{ckpt_path}: its weights hold NaN or infinite values ({', '.join(broken[:3])}"
+            f"{', ...' if len(broken) > 3 else ''}); moe-lab does not export a broken model"
+        )
     tokenizer = hf_tokenizer(module.hparams.get("tokenizer"))
     model = to_hf(module.model, eos_id=tokenizer.eos_token_id)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,6 +86,8 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
 def run(args: Any) -> int:
     """`moe-lab export CKPT --format hf OUT_DIR` with its parsed arguments."""
     result = export_hf(args.checkpoint, args.out_dir)
-    print(f"moe-lab: wrote {result['architecture']} to {result['out_dir']} (dropless, as moe_lab.load_model)\n"
-          f"  AutoModelForCausalLM.from_pretrained({result['out_dir']!r})")
+    print(
+        f"moe-lab: wrote {result['architecture']} to {result['out_dir']} (dropless, as moe_lab.load_model)\n"
+        f"  AutoModelForCausalLM.from_pretrained({result['out_dir']!r})"
+    )
     return 0

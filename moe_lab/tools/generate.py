@@ -24,8 +24,24 @@ from moe_lab.model.gpt import KVCache
 
 # Distinct background colours for experts (ANSI 256-colour codes and the same colours in hex), cycled past 16.
 ANSI = [25, 166, 28, 160, 30, 136, 97, 205, 94, 244, 33, 208, 34, 196, 37, 178]
-HEX = ["#1f5fbf", "#d75f00", "#008700", "#d70000", "#008787", "#af8700", "#875faf", "#ff5faf", "#875f00", "#808080",
-       "#0087ff", "#ff8700", "#00af00", "#ff0000", "#00afaf", "#d7af00"]
+HEX = [
+    "#1f5fbf",
+    "#d75f00",
+    "#008700",
+    "#d70000",
+    "#008787",
+    "#af8700",
+    "#875faf",
+    "#ff5faf",
+    "#875f00",
+    "#808080",
+    "#0087ff",
+    "#ff8700",
+    "#00af00",
+    "#ff0000",
+    "#00afaf",
+    "#d7af00",
+]
 
 
 @dataclass
@@ -40,8 +56,10 @@ class Sampling:
 
     def check(self) -> None:
         if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise UserError(f"--temperature {self.temperature}, --top-k {self.top_k}, --top-p {self.top_p}: the "
-                            "temperature must be >= 0, top-k >= 0 and top-p in (0, 1]")
+            raise UserError(
+                f"--temperature {self.temperature}, --top-k {self.top_k}, --top-p {self.top_p}: the "
+                "temperature must be >= 0, top-k >= 0 and top-p in (0, 1]"
+            )
 
 
 @dataclass
@@ -74,20 +92,29 @@ def check_prompts(model: MoETransformer, prompts: list[list[int]]) -> None:
     prompt or one that fills the model's context leaves nothing to do."""
     oracle = [m.router.registered_name for m in model.moe_modules() if m.router.needs_domain]
     if oracle:
-        raise UserError(f"router={oracle[0]} routes by the data's domain label, which a prompt does not have: it "
-                        "cannot generate")
+        raise UserError(
+            f"router={oracle[0]} routes by the data's domain label, which a prompt does not have: it cannot generate"
+        )
     if any(not p for p in prompts):
         raise UserError("a prompt is empty (it has no tokens); give some text")
     longest = max(len(p) for p in prompts)
     if longest >= model.cfg.max_seq_len:
-        raise UserError(f"the longest prompt has {longest} tokens and the model's context is "
-                        f"{model.cfg.max_seq_len}: it leaves no room for a new token; shorten the prompt")
+        raise UserError(
+            f"the longest prompt has {longest} tokens and the model's context is "
+            f"{model.cfg.max_seq_len}: it leaves no room for a new token; shorten the prompt"
+        )
 
 
 @torch.no_grad()
-def generate(model: MoETransformer, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling,
-             eos_id: Optional[int] = None, show_layer: Optional[int] = None,
-             on_token: Optional[Callable[[int, int], None]] = None) -> list[Generation]:
+def generate(
+    model: MoETransformer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    sampling: Sampling,
+    eos_id: Optional[int] = None,
+    show_layer: Optional[int] = None,
+    on_token: Optional[Callable[[int, int], None]] = None,
+) -> list[Generation]:
     """Continue each prompt by up to `max_new_tokens` tokens (stopping at `eos_id`). `on_token(i, token)` is called
     as each token of prompt i is chosen (streaming)."""
     sampling.check()
@@ -99,8 +126,8 @@ def generate(model: MoETransformer, prompts: list[list[int]], max_new_tokens: in
     ids_BS = torch.zeros(B, longest, dtype=torch.long, device=device)
     valid_BS = torch.zeros(B, longest, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):  # left padding: every prompt ends at the same position
-        ids_BS[i, longest - len(p):] = torch.tensor(p, device=device)
-        valid_BS[i, longest - len(p):] = True
+        ids_BS[i, longest - len(p) :] = torch.tensor(p, device=device)
+        valid_BS[i, longest - len(p) :] = True
     cache = KVCache(model.cfg, B, longest + max_new_tokens, device, next(model.parameters()).dtype)
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
     results = [Generation(list(p)) for p in prompts]
@@ -108,7 +135,7 @@ def generate(model: MoETransformer, prompts: list[list[int]], max_new_tokens: in
     if show_layer is not None:
         experts_BS = out.moe[show_layer].top_expert_T(B * longest).view(B, longest)
         for i, p in enumerate(prompts):
-            results[i].experts += experts_BS[i, longest - len(p):].tolist()
+            results[i].experts += experts_BS[i, longest - len(p) :].tolist()
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
         token_B = next_tokens(out.logits[:, -1], sampling, generator)
@@ -153,11 +180,25 @@ def load_for_inference(source: str, capacity: str = "dropless") -> tuple[MoETran
     from moe_lab.interop.huggingface import build_model, load_hf, read_hf_config
 
     hf_config, _ = read_hf_config(source)  # refuses what it cannot represent (or would run code) before reading weights
-    hf = load_hf(lambda: AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=False),
-                 source, "weights")
+    hf = load_hf(
+        lambda: AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, trust_remote_code=False),
+        source,
+        "weights",
+    )
     model = build_model(hf)
-    folder = path if path.is_dir() else Path(load_hf(lambda: __import__("huggingface_hub").snapshot_download(
-        source, allow_patterns=["tokenizer*", "*.json"]), source, "tokenizer"))
+    folder = (
+        path
+        if path.is_dir()
+        else Path(
+            load_hf(
+                lambda: __import__("huggingface_hub").snapshot_download(
+                    source, allow_patterns=["tokenizer*", "*.json"]
+                ),
+                source,
+                "tokenizer",
+            )
+        )
+    )
     from tokenizers import Tokenizer
 
     eos = hf_config.eos_token_id if isinstance(hf_config.eos_token_id, int) else None
@@ -176,8 +217,10 @@ def coloured_terminal(pieces: list[str], experts: list[int], colour: bool = True
     """The text with each token on its expert's colour; without colour (output to a file or pipe), runs of tokens
     that went to the same expert as [E3:text]."""
     if colour:
-        return "".join(f"\033[48;5;{ANSI[e % len(ANSI)]}m\033[97m{text}\033[0m" if e >= 0 else text
-                       for text, e in zip(pieces, experts))
+        return "".join(
+            f"\033[48;5;{ANSI[e % len(ANSI)]}m\033[97m{text}\033[0m" if e >= 0 else text
+            for text, e in zip(pieces, experts)
+        )
     runs: list[list] = []
     for text, e in zip(pieces, experts):
         if runs and runs[-1][0] == e:
@@ -190,20 +233,25 @@ def coloured_terminal(pieces: list[str], experts: list[int], colour: bool = True
 def coloured_html(rows: list[tuple[list[str], list[int], int]], layer: int, num_experts: int) -> str:
     """A self-contained HTML snippet: each row's tokens on the colour of their expert (hover: the expert), the
     generated part underlined, and a legend."""
-    style = ("font-family: ui-monospace, monospace; white-space: pre-wrap; line-height: 1.9; font-size: 14px")
-    legend = " ".join(f'<span style="background:{HEX[e % len(HEX)]};color:#fff;padding:1px 5px">E{e}</span>'
-                      for e in range(num_experts))
+    style = "font-family: ui-monospace, monospace; white-space: pre-wrap; line-height: 1.9; font-size: 14px"
+    legend = " ".join(
+        f'<span style="background:{HEX[e % len(HEX)]};color:#fff;padding:1px 5px">E{e}</span>'
+        for e in range(num_experts)
+    )
     body = []
     for pieces, experts, prompt_len in rows:
         spans = []
         for i, (text, e) in enumerate(zip(pieces, experts)):
             colour = HEX[e % len(HEX)] if e >= 0 else "#ffffff"
             line = "text-decoration: underline;" if i >= prompt_len else ""
-            spans.append(f'<span title="expert {e}" style="background:{colour};color:#fff;{line}">'
-                         f"{html.escape(text)}</span>")
+            spans.append(
+                f'<span title="expert {e}" style="background:{colour};color:#fff;{line}">{html.escape(text)}</span>'
+            )
         body.append(f'<div style="{style}; margin: 8px 0">{"".join(spans)}</div>')
-    return (f'<div class="moe-lab-experts"><p style="font: 13px sans-serif">Expert of highest weight per token, '
-            f"layer {layer} (underlined: generated)</p><p>{legend}</p>{''.join(body)}</div>\n")
+    return (
+        f'<div class="moe-lab-experts"><p style="font: 13px sans-serif">Expert of highest weight per token, '
+        f"layer {layer} (underlined: generated)</p><p>{legend}</p>{''.join(body)}</div>\n"
+    )
 
 
 def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
@@ -215,7 +263,7 @@ def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
         if text.endswith("\ufffd"):  # an unfinished character: wait for its last byte
             pieces.append("")
             continue
-        pieces.append(text[len(done):] if text.startswith(done) else text)
+        pieces.append(text[len(done) :] if text.startswith(done) else text)
         done = text
     return pieces
 
@@ -231,7 +279,7 @@ def stream_writer(tokenizer: Any, prompt: list[int], out=sys.stdout) -> Callable
         text = tokenizer.decode(state["ids"])
         if text.endswith("\ufffd") or not text.startswith(state["shown"]):
             return
-        out.write(text[len(state["shown"]):])
+        out.write(text[len(state["shown"]) :])
         out.flush()
         state["shown"] = text
 
@@ -248,24 +296,38 @@ def run(args: Any) -> int:
     prompts = read_prompts(args.prompt, args.prompt_file)
     html_out = Path(args.html or "moe-lab-experts.html").expanduser() if args.show_experts is not None else None
     if html_out is not None and html_out.exists() and "moe-lab-experts" not in html_out.read_text(errors="ignore"):
-        raise UserError(f"--html {html_out} exists and was not written by moe-lab generate; moe-lab never writes "
-                        "over files: choose another path")
+        raise UserError(
+            f"--html {html_out} exists and was not written by moe-lab generate; moe-lab never writes "
+            "over files: choose another path"
+        )
     model, tokenizer, described = load_for_inference(args.source)
     model = model.to(args.device)
     if args.show_experts is not None and args.show_experts not in model.moe_layers:
-        raise UserError(f"--show-experts {args.show_experts} is not an MoE layer; the MoE layers are "
-                        f"{model.moe_layers}")
+        raise UserError(
+            f"--show-experts {args.show_experts} is not an MoE layer; the MoE layers are {model.moe_layers}"
+        )
     ids = [tokenizer.encode_prompt(p) for p in prompts]
     check_prompts(model, ids)  # before anything is printed: an error line never ends a half-printed prompt
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     sampling.check()
-    print(f"moe-lab: {described}; {'greedy' if sampling.temperature == 0 else 'sampling'}, up to "
-          f"{args.max_new_tokens} new tokens", file=sys.stderr, flush=True)
+    print(
+        f"moe-lab: {described}; {'greedy' if sampling.temperature == 0 else 'sampling'}, up to "
+        f"{args.max_new_tokens} new tokens",
+        file=sys.stderr,
+        flush=True,
+    )
     single = len(prompts) == 1
     if single:
         print(tokenizer.decode(ids[0]), end="", flush=True)
-    results = generate(model, ids, args.max_new_tokens, sampling, eos_id=getattr(tokenizer, "eos_id", None),
-                       show_layer=args.show_experts, on_token=stream_writer(tokenizer, ids[0]) if single else None)
+    results = generate(
+        model,
+        ids,
+        args.max_new_tokens,
+        sampling,
+        eos_id=getattr(tokenizer, "eos_id", None),
+        show_layer=args.show_experts,
+        on_token=stream_writer(tokenizer, ids[0]) if single else None,
+    )
     if single:
         print()
     else:
@@ -298,7 +360,9 @@ def show_experts(results: list[Generation], tokenizer: Any, layer: int, num_expe
     for r in results:
         pieces = token_pieces(tokenizer, r.prompt_ids + r.new_ids)
         rows.append((pieces, r.experts, len(r.prompt_ids)))
-        print(f"\nlayer {layer}, expert of highest weight per token:\n"
-              + coloured_terminal(pieces, r.experts, colour=sys.stdout.isatty()))
+        print(
+            f"\nlayer {layer}, expert of highest weight per token:\n"
+            + coloured_terminal(pieces, r.experts, colour=sys.stdout.isatty())
+        )
     write_atomically(html_out, coloured_html(rows, layer, num_experts))
     print(f"moe-lab: wrote {html_out}", file=sys.stderr)

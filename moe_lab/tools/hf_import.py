@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from moe_lab.errors import ModelImportError
 from moe_lab.data.tokenizer import HFTokenizer
+from moe_lab.errors import ModelImportError
 from moe_lab.interop.huggingface import build_model, load_hf, model_overrides, read_hf_config
 from moe_lab.training.checkpoint import tokenizer_identity, with_checksum
 
@@ -34,47 +34,74 @@ def import_hf(source: str, out_dir: str | Path) -> dict[str, Any]:
 
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ModelImportError(f"{out} exists and is not an empty directory; moe-lab never writes over files: "
-                               "choose a new directory")
+        raise ModelImportError(
+            f"{out} exists and is not an empty directory; moe-lab never writes over files: choose a new directory"
+        )
     if not out.parent.is_dir():
         raise ModelImportError(f"{out.parent} does not exist; create it or choose another path")
     hf_config, cfg = read_hf_config(source)  # refuses before any weight (or code) is read
-    hf_model = load_hf(lambda: __import__("transformers").AutoModelForCausalLM.from_pretrained(
-        source, dtype=torch.float32, trust_remote_code=False), source, "weights")
+    hf_model = load_hf(
+        lambda: __import__("transformers").AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch.float32, trust_remote_code=False
+        ),
+        source,
+        "weights",
+    )
     model = build_model(hf_model)
-    tokenizer = load_hf(lambda: __import__("transformers").AutoTokenizer.from_pretrained(
-        source, trust_remote_code=False), source, "tokenizer")
+    tokenizer = load_hf(
+        lambda: __import__("transformers").AutoTokenizer.from_pretrained(source, trust_remote_code=False),
+        source,
+        "tokenizer",
+    )
     out.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = out / "tokenizer"
     tokenizer.save_pretrained(tokenizer_dir)
     if not (tokenizer_dir / "tokenizer.json").exists():
-        raise ModelImportError(f"{source}: its tokenizer has no tokenizer.json (a slow tokenizer); moe-lab reads "
-                               "fast tokenizers only")
+        raise ModelImportError(
+            f"{source}: its tokenizer has no tokenizer.json (a slow tokenizer); moe-lab reads fast tokenizers only"
+        )
     eos = tokenizer.eos_token
     tok = {"name": str(tokenizer_dir.resolve()), "eos_token": eos}
     ckpt = {
-        "hyper_parameters": {"model": dataclasses.asdict(cfg), "optim": {}, "domain_names": ["all"],
-                             "tokenizer": tok, "seed": 0},
+        "hyper_parameters": {
+            "model": dataclasses.asdict(cfg),
+            "optim": {},
+            "domain_names": ["all"],
+            "tokenizer": tok,
+            "seed": 0,
+        },
         "state_dict": {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()},
-        "global_step": 0, "epoch": 0,
-        "moe_lab_imported": {"source": str(source), "family": cfg.name,
-                             "transformers_class": type(hf_model).__name__},
-        "moe_lab_run": {"overrides": model_overrides(cfg, tok), "run_dir": None,
-                        "tokenizer": tokenizer_identity(HFTokenizer(str(tokenizer_dir), eos))},
+        "global_step": 0,
+        "epoch": 0,
+        "moe_lab_imported": {"source": str(source), "family": cfg.name, "transformers_class": type(hf_model).__name__},
+        "moe_lab_run": {
+            "overrides": model_overrides(cfg, tok),
+            "run_dir": None,
+            "tokenizer": tokenizer_identity(HFTokenizer(str(tokenizer_dir), eos)),
+        },
     }
     path = out / CHECKPOINT
     write_atomically(path, lambda f: torch.save(with_checksum(ckpt), f))
     params = model.num_params()
-    return {"family": cfg.name, "checkpoint": str(path), "total": params["total"], "active": params["active"],
-            "layers": cfg.n_layers, "experts": cfg.moe.num_experts, "top_k": cfg.moe.router.top_k}
+    return {
+        "family": cfg.name,
+        "checkpoint": str(path),
+        "total": params["total"],
+        "active": params["active"],
+        "layers": cfg.n_layers,
+        "experts": cfg.moe.num_experts,
+        "top_k": cfg.moe.router.top_k,
+    }
 
 
 def run(args: Any) -> int:
     """`moe-lab import SOURCE OUT_DIR` with its parsed arguments: the import, then what to do with it."""
     result = import_hf(args.source, args.out_dir)
-    print(f"moe-lab: imported {result['family']} ({result['total'] / 1e6:.1f}M parameters, "
-          f"{result['active'] / 1e6:.1f}M active per token; {result['layers']} layers, {result['experts']} experts, "
-          f"top-{result['top_k']}) to {result['checkpoint']}\n"
-          f"  generate   moe-lab generate {result['checkpoint']} --prompt \"...\"\n"
-          f"  fine-tune  moe-lab train ckpt_path={result['checkpoint']} data=text data.path=...")
+    print(
+        f"moe-lab: imported {result['family']} ({result['total'] / 1e6:.1f}M parameters, "
+        f"{result['active'] / 1e6:.1f}M active per token; {result['layers']} layers, {result['experts']} experts, "
+        f"top-{result['top_k']}) to {result['checkpoint']}\n"
+        f'  generate   moe-lab generate {result["checkpoint"]} --prompt "..."\n'
+        f"  fine-tune  moe-lab train ckpt_path={result['checkpoint']} data=text data.path=..."
+    )
     return 0

@@ -36,8 +36,9 @@ class GracefulStop(L.Callback):
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, last_checkpoint: str,
-                 before_save: Optional[Callable[[L.Trainer, L.LightningModule], None]] = None) -> None:
+    def __init__(
+        self, last_checkpoint: str, before_save: Optional[Callable[[L.Trainer, L.LightningModule], None]] = None
+    ) -> None:
         self.last_checkpoint = last_checkpoint
         self.before_save = before_save  # e.g. log the steps since the last log step
         self.received: Optional[int] = None
@@ -75,8 +76,12 @@ class GracefulStop(L.Callback):
         if self.received is not None and signum == signal.SIGINT:
             raise AbortRequested("Ctrl-C twice")
         self.received = signum
-        print(f"\nmoe-lab: {signal.Signals(signum).name} received: stopping after this step and saving a "
-              "checkpoint (Ctrl-C again to abort without one)", file=sys.stderr, flush=True)
+        print(
+            f"\nmoe-lab: {signal.Signals(signum).name} received: stopping after this step and saving a "
+            "checkpoint (Ctrl-C again to abort without one)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         stepped = trainer.global_step != self._last_step  # an optimizer step just finished (not mid-accumulation)
@@ -118,9 +123,17 @@ class StepProgressBar(ProgressBar):
         from tqdm.auto import tqdm
 
         interactive = sys.stdout.isatty()
-        self.bar = tqdm(total=trainer.max_steps, initial=trainer.global_step, desc="train", unit="step",
-                        dynamic_ncols=True, file=sys.stdout, disable=not (self._enabled and trainer.is_global_zero),
-                        mininterval=0.5 if interactive else 30.0, smoothing=0.1)
+        self.bar = tqdm(
+            total=trainer.max_steps,
+            initial=trainer.global_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stdout,
+            disable=not (self._enabled and trainer.is_global_zero),
+            mininterval=0.5 if interactive else 30.0,
+            smoothing=0.1,
+        )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.bar is not None and trainer.global_step != self.bar.n:

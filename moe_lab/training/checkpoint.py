@@ -35,11 +35,13 @@ def read_checkpoint(path: str | Path, setting: Optional[str] = None) -> dict[str
     where = f"{setting + '=' if setting else ''}{path}"
     if file.is_dir():
         inside = file / "checkpoints" / "last.ckpt"
-        raise CheckpointError(f"{where} is a directory; give a checkpoint file"
-                              + (f", e.g. {inside}" if inside.is_file() else " (.ckpt)"))
+        raise CheckpointError(
+            f"{where} is a directory; give a checkpoint file" + (f", e.g. {inside}" if inside.is_file() else " (.ckpt)")
+        )
     if not file.is_file():
-        raise CheckpointError(f"{where}: no such checkpoint file" + (" (a link that leads nowhere)"
-                                                                       if file.is_symlink() else ""))
+        raise CheckpointError(
+            f"{where}: no such checkpoint file" + (" (a link that leads nowhere)" if file.is_symlink() else "")
+        )
     try:
         ckpt = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a pickle with code in it, a truncated or foreign file, ...
@@ -88,8 +90,10 @@ def _verify_checksum(ckpt: dict[str, Any], file: Path, path: str | Path) -> None
     if _verified.get(identity) == saved:
         return
     if weights_checksum(ckpt["state_dict"]) != saved:
-        raise CheckpointError(f"{path} is damaged: its weights do not match the checksum saved with them (a flipped "
-                              "bit, or a copy cut short); restore it from a good copy")
+        raise CheckpointError(
+            f"{path} is damaged: its weights do not match the checksum saved with them (a flipped "
+            "bit, or a copy cut short); restore it from a good copy"
+        )
     _verified[identity] = saved
 
 
@@ -100,8 +104,12 @@ def checkpoint_model_config(ckpt: dict[str, Any], path: str | Path) -> ModelConf
         raise CheckpointError(f"{path}: its model settings are not moe-lab's ({e})") from None
 
 
-def check_resume(ckpt_path: Optional[str], model: ModelConfig, max_steps: Optional[int] = None,
-                 tokenizer: Optional[TokenizerConfig] = None) -> Optional[str]:
+def check_resume(
+    ckpt_path: Optional[str],
+    model: ModelConfig,
+    max_steps: Optional[int] = None,
+    tokenizer: Optional[TokenizerConfig] = None,
+) -> Optional[str]:
     """The checkpoint to resume from, after checking that it is moe-lab's, holds the configured model and tokenizer
     (a tokenizer is part of the model: other token ids would land on embeddings learned for others) and has
     training left to do (its step is below `max_steps`, the configured trainer.max_steps)."""
@@ -119,13 +127,18 @@ def check_resume(ckpt_path: Optional[str], model: ModelConfig, max_steps: Option
         wanted["vocab_size"] = saved.get("vocab_size")
     differences = _differences(saved, wanted, "model")
     if differences:
-        raise CheckpointError("the checkpoint's model differs from the configured one: " + "; ".join(differences[:5])
-                              + ". A resumed run keeps its model: drop the overrides that change it")
+        raise CheckpointError(
+            "the checkpoint's model differs from the configured one: "
+            + "; ".join(differences[:5])
+            + ". A resumed run keeps its model: drop the overrides that change it"
+        )
     step = int(ckpt.get("global_step", 0))
     if max_steps is not None and max_steps >= 0 and step >= max_steps:
-        raise CheckpointError(f"nothing to do: {ckpt_path} is at step {step} and trainer.max_steps={max_steps}, so "
-                              f"the run is already finished; to train on, raise it, e.g. moe-lab train "
-                              f"ckpt_path={ckpt_path} trainer.max_steps={max(2 * step, step + 1)}")
+        raise CheckpointError(
+            f"nothing to do: {ckpt_path} is at step {step} and trainer.max_steps={max_steps}, so "
+            f"the run is already finished; to train on, raise it, e.g. moe-lab train "
+            f"ckpt_path={ckpt_path} trainer.max_steps={max(2 * step, step + 1)}"
+        )
     return str(Path(ckpt_path).expanduser())
 
 
@@ -142,12 +155,17 @@ def _check_tokenizer(ckpt: dict[str, Any], ckpt_path: str, tokenizer: TokenizerC
     if tokenizer_identity(build_tokenizer(tokenizer)) == saved:
         return
     here = {"name": tokenizer.name, "eos_token": tokenizer.eos_token}
-    differences = [f"tokenizer.{k} is {settings.get(k)!r} in the checkpoint but {here[k]!r} here" for k in here
-                   if settings.get(k) != here[k]] or [f"tokenizer.name {tokenizer.name!r} has other contents than the "
-                                                      "tokenizer the checkpoint was trained with"]
-    raise CheckpointError("the checkpoint's tokenizer differs from the configured one: " + "; ".join(differences)
-                          + ". A resumed run keeps its tokenizer (other token ids would land on embeddings learned for "
-                          "others): drop the tokenizer overrides")
+    differences = [
+        f"tokenizer.{k} is {settings.get(k)!r} in the checkpoint but {here[k]!r} here"
+        for k in here
+        if settings.get(k) != here[k]
+    ] or [f"tokenizer.name {tokenizer.name!r} has other contents than the tokenizer the checkpoint was trained with"]
+    raise CheckpointError(
+        "the checkpoint's tokenizer differs from the configured one: "
+        + "; ".join(differences)
+        + ". A resumed run keeps its tokenizer (other token ids would land on embeddings learned for "
+        "others): drop the tokenizer overrides"
+    )
 
 
 def tokenizer_identity(tokenizer: Any) -> str:
@@ -175,8 +193,9 @@ def load_weights(module: MoELanguageModel, ckpt_path: str | Path) -> None:
     try:
         module.load_state_dict(read_checkpoint(ckpt_path, setting="ckpt_path")["state_dict"])
     except (KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{ckpt_path}: its weights do not fit its model settings ({str(e).splitlines()[0]})"
-                              ) from None
+        raise CheckpointError(
+            f"{ckpt_path}: its weights do not fit its model settings ({str(e).splitlines()[0]})"
+        ) from None
 
 
 # Overrides that say where a run starts or writes, not what it is: a resumed run does not inherit them. A checkpoint
@@ -231,16 +250,23 @@ def checkpoint_origin(ckpt_path: str | Path) -> CheckpointOrigin:
         except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{source} is damaged ({type(e).__name__}); restore or delete it") from None
     if overrides is not None and not (isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)):
-        raise CheckpointError(f"{source}: its saved overrides are not a list of strings; the file is damaged or was "
-                              "not written by moe-lab")
+        raise CheckpointError(
+            f"{source}: its saved overrides are not a list of strings; the file is damaged or was "
+            "not written by moe-lab"
+        )
     overrides = [o for o in overrides or [] if _key(o) not in WHERE_KEYS]
     imported = ckpt.get("moe_lab_imported") if isinstance(ckpt.get("moe_lab_imported"), dict) else {}
     beside = Path(ckpt_path).expanduser().absolute().parent / "tokenizer"
     if imported and (beside / "tokenizer.json").is_file():  # an import that was moved finds its own tokenizer
         overrides = [o for o in overrides if not o.startswith("tokenizer.name=")] + [f"tokenizer.name='{beside}'"]
-    return CheckpointOrigin(step=int(ckpt.get("global_step", 0)), overrides=overrides, run_dir=run_dir,
-                            imported=str(imported["source"]) if imported.get("source") else None, source=source,
-                            data=run.get("data") if isinstance(run.get("data"), str) else None)
+    return CheckpointOrigin(
+        step=int(ckpt.get("global_step", 0)),
+        overrides=overrides,
+        run_dir=run_dir,
+        imported=str(imported["source"]) if imported.get("source") else None,
+        source=source,
+        data=run.get("data") if isinstance(run.get("data"), str) else None,
+    )
 
 
 def _differences(a: Any, b: Any, prefix: str) -> list[str]:
@@ -266,18 +292,24 @@ def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu", 
     ckpt = read_checkpoint(ckpt_path)
     hparams = ckpt["hyper_parameters"]
     model_cfg = checkpoint_model_config(ckpt, ckpt_path)
-    check_fits(model_cfg, 4, f"loading {ckpt_path}", "Its saved model settings are not those of a model this machine "
-               "can hold.")
+    check_fits(
+        model_cfg, 4, f"loading {ckpt_path}", "Its saved model settings are not those of a model this machine can hold."
+    )
     if capacity == "dropless" and model_cfg.moe.router.uses_capacity:
         model_cfg.moe.eval_capacity_factor = None
-    module = MoELanguageModel(model=model_cfg, optim=hparams.get("optim") or {},
-                              domain_names=hparams.get("domain_names"), tokenizer=hparams.get("tokenizer"),
-                              seed=hparams.get("seed", 0))
+    module = MoELanguageModel(
+        model=model_cfg,
+        optim=hparams.get("optim") or {},
+        domain_names=hparams.get("domain_names"),
+        tokenizer=hparams.get("tokenizer"),
+        seed=hparams.get("seed", 0),
+    )
     try:
         module.load_state_dict(ckpt["state_dict"])
     except (KeyError, RuntimeError) as e:
-        raise CheckpointError(f"{ckpt_path}: its weights do not fit its model settings ({str(e).splitlines()[0]})"
-                              ) from None
+        raise CheckpointError(
+            f"{ckpt_path}: its weights do not fit its model settings ({str(e).splitlines()[0]})"
+        ) from None
     module.checkpoint_step = ckpt.get("global_step")  # the optimizer steps it was trained for (analyses plot by it)
     return module.to(map_location).eval()
 

@@ -84,10 +84,10 @@ def build_loggers(run: TrainConfig, cfg: DictConfig | dict, output_dir: Path) ->
             try:
                 import tensorboard  # noqa: F401
             except ImportError:
-                raise UserError("logger=tensorboard needs the tensorboard package: pip install 'moe-lab[tensorboard]'"
-                                ) from None
-        logger = (build_wandb_logger(node, run, output_dir) if target.endswith("WandbLogger")
-                  else build_logger(node))
+                raise UserError(
+                    "logger=tensorboard needs the tensorboard package: pip install 'moe-lab[tensorboard]'"
+                ) from None
+        logger = build_wandb_logger(node, run, output_dir) if target.endswith("WandbLogger") else build_logger(node)
         if not target.endswith("CSVLogger"):
             logger.log_hyperparams(resolved)  # the resolved Hydra config is the run config
         loggers.append(logger)
@@ -119,8 +119,9 @@ def wandb_online(node: dict[str, Any], offline_note: str) -> bool:
     if wandb_told_offline(node):
         return False
     if not wandb_has_credentials():
-        rank_zero_only(print)(f"moe-lab: W&B has no credentials (WANDB_API_KEY or ~/.netrc): {offline_note}",
-                              file=sys.stderr)
+        rank_zero_only(print)(
+            f"moe-lab: W&B has no credentials (WANDB_API_KEY or ~/.netrc): {offline_note}", file=sys.stderr
+        )
         return False
     reachable, reason = wandb_server_reachable()
     if not reachable:
@@ -148,8 +149,9 @@ def build_wandb_logger(node: dict[str, Any], run: TrainConfig, output_dir: Path)
             if wandb.run is not None:  # a half-started run
                 wandb.finish(exit_code=1)
             reason = str(e).splitlines()[0][:200]
-            rank_zero_only(print)(f"moe-lab: W&B could not reach its server ({reason}): {offline_note}",
-                                  file=sys.stderr)
+            rank_zero_only(print)(
+                f"moe-lab: W&B could not reach its server ({reason}): {offline_note}", file=sys.stderr
+            )
             # mode= reaches wandb.init directly: the WANDB_MODE that offline=True sets is ignored by then.
             logger = build_logger({**node, "offline": True, "mode": "offline"})
     return logger

@@ -56,8 +56,13 @@ def peak_flops(device: torch.device, precision: str) -> Optional[float]:
 class RoutingMetrics(L.Callback):
     """Aggregates the per-micro-batch statistics that `training_step` returns, and logs them once per window."""
 
-    def __init__(self, domain_names: list[str], flops_per_token: int, output_dir: Optional[Path] = None,
-                 image_every_n_steps: int = 100):
+    def __init__(
+        self,
+        domain_names: list[str],
+        flops_per_token: int,
+        output_dir: Optional[Path] = None,
+        image_every_n_steps: int = 100,
+    ):
         self.domain_names = list(domain_names)
         self.flops_per_token = flops_per_token
         self.output_dir = Path(output_dir) if output_dir is not None else None
@@ -84,8 +89,9 @@ class RoutingMetrics(L.Callback):
         self._peak = peak_flops(pl_module.device, trainer.precision)
         self._reset()
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if isinstance(outputs, dict) and "stats" in outputs:
             self._accumulate(outputs["stats"], batch, pl_module.moe_layers)
         if trainer.global_step == self._last_step:
@@ -147,7 +153,7 @@ class RoutingMetrics(L.Callback):
         values, offset = {}, 0
         for k in keys:
             n = self._sums[k].numel()
-            values[k] = flat[offset:offset + n].reshape(tuple(self._sums[k].shape))
+            values[k] = flat[offset : offset + n].reshape(tuple(self._sums[k].shape))
             offset += n
         return values
 
@@ -159,15 +165,20 @@ class RoutingMetrics(L.Callback):
         # Lightning's throughput arithmetic over this window (two points: its start and now), per device.
         throughput = Throughput(available_flops=self._peak, world_size=world, window_size=2)
         throughput.update(time=0.0, batches=0, samples=0, lengths=0, flops=0)
-        throughput.update(time=seconds, batches=self._micro_batches, samples=self._samples, lengths=self._tokens,
-                          flops=self._tokens * self.flops_per_token)
+        throughput.update(
+            time=seconds,
+            batches=self._micro_batches,
+            samples=self._samples,
+            lengths=self._tokens,
+            flops=self._tokens * self.flops_per_token,
+        )
         window = throughput.compute()
         self._run_tokens += self._tokens * world
         self._run_seconds += seconds
         metrics = {
             "train/loss": float(values["ce"]) / micro,
-            "train/lr": trainer.optimizers[0].param_groups[0]["lr"] / trainer.optimizers[0].param_groups[0].get(
-                "lr_mult", 1.0),
+            "train/lr": trainer.optimizers[0].param_groups[0]["lr"]
+            / trainer.optimizers[0].param_groups[0].get("lr_mult", 1.0),
             "train/tokens_per_sec": window["device/items_per_sec"] * world,
             "train/tokens": float(step * trainer.accumulate_grad_batches * world * self._tokens / self._micro_batches),
         }
@@ -180,8 +191,9 @@ class RoutingMetrics(L.Callback):
         if "counts_LE" in values:
             self._layer_metrics(pl_module.moe_layers, values, aux, micro, metrics, record)
         if values["nonfinite"] > 0 or not math.isfinite(metrics["train/loss"]):
-            raise Diverged(f"training diverged: the loss became NaN or infinite between steps "
-                           f"{self._window_start + 1} and {step}")
+            raise Diverged(
+                f"training diverged: the loss became NaN or infinite between steps {self._window_start + 1} and {step}"
+            )
         pl_module.last_train_metrics = metrics
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
@@ -201,13 +213,20 @@ class RoutingMetrics(L.Callback):
         if self._sums is not None and trainer.global_step > self._window_start:
             self._log(trainer, pl_module)
 
-    def _layer_metrics(self, layers: list[int], values: dict, aux: dict, micro: int, metrics: dict,
-                       record: dict) -> None:
+    def _layer_metrics(
+        self, layers: list[int], values: dict, aux: dict, micro: int, metrics: dict, record: dict
+    ) -> None:
         counts_LE = values["counts_LE"]
         num_experts = counts_LE.shape[1]
-        per_layer: dict[str, list[float]] = {"imbalance": [], "dropped_frac": [], "dead_experts": [],
-                                             "starved_experts": [], "min_load": [],
-                                             "specialization": [], "entropy_norm": []}
+        per_layer: dict[str, list[float]] = {
+            "imbalance": [],
+            "dropped_frac": [],
+            "dead_experts": [],
+            "starved_experts": [],
+            "min_load": [],
+            "specialization": [],
+            "entropy_norm": [],
+        }
         loads = []
         for i, layer in enumerate(layers):
             prefix = f"moe/layer{layer}"
@@ -243,9 +262,18 @@ class RoutingMetrics(L.Callback):
         metrics["moe/entropy_norm"] = float(np.mean(per_layer["entropy_norm"]))
         if per_layer["specialization"]:
             metrics["moe/specialization"] = float(np.mean(per_layer["specialization"]))
-        self.history.append({"step": record["step"], "layers": list(layers), "load": np.stack(loads),
-                             "domain_counts": {r["layer"]: np.asarray(r["domain_counts"], dtype=float)
-                                               for r in record["layers"] if "domain_counts" in r}})
+        self.history.append(
+            {
+                "step": record["step"],
+                "layers": list(layers),
+                "load": np.stack(loads),
+                "domain_counts": {
+                    r["layer"]: np.asarray(r["domain_counts"], dtype=float)
+                    for r in record["layers"]
+                    if "domain_counts" in r
+                },
+            }
+        )
 
     def _write(self, record: dict) -> None:
         if self.output_dir is None:
@@ -270,16 +298,28 @@ class RoutingMetrics(L.Callback):
         layers = self.history[-1]["layers"]
         steps = [h["step"] for h in self.history]
         loads_TLE = np.stack([h["load"] for h in self.history])
-        media = {"moe/heatmap": wandb.Plotly(load_over_time_figure(
-            layers, steps, loads_TLE, title=f"Expert load over time, up to step {step}"))}
+        media = {
+            "moe/heatmap": wandb.Plotly(
+                load_over_time_figure(layers, steps, loads_TLE, title=f"Expert load over time, up to step {step}")
+            )
+        }
         tables = sorted(self.history[-1]["domain_counts"].items())
         if tables and len(self.domain_names) > 1:
-            media["moe/domains"] = wandb.Plotly(domain_share_figure(
-                tables, self.domain_names, name=f"Share of each domain's tokens per expert, step {step}"))
+            media["moe/domains"] = wandb.Plotly(
+                domain_share_figure(
+                    tables, self.domain_names, name=f"Share of each domain's tokens per expert, step {step}"
+                )
+            )
         for lg in wandb_loggers:
-            lg.experiment.log({**media, "moe/load_table": wandb.Table(
-                columns=["step", "layer", "expert", "load"], data=[list(r) for r in self.load_rows])},
-                commit=False)
+            lg.experiment.log(
+                {
+                    **media,
+                    "moe/load_table": wandb.Table(
+                        columns=["step", "layer", "expert", "load"], data=[list(r) for r in self.load_rows]
+                    ),
+                },
+                commit=False,
+            )
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The steps since the last log step, then the final heatmaps and table (unless just drawn)."""

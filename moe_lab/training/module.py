@@ -25,17 +25,29 @@ from moe_lab.training.strategy import MoEDDPStrategy, clip_grad_norm_
 
 
 class MoELanguageModel(L.LightningModule):
-    def __init__(self, model: ModelConfig | dict, optim: OptimConfig | dict, domain_names: Optional[list[str]] = None,
-                 tokenizer: Optional[dict] = None, seed: int = 0):
+    def __init__(
+        self,
+        model: ModelConfig | dict,
+        optim: OptimConfig | dict,
+        domain_names: Optional[list[str]] = None,
+        tokenizer: Optional[dict] = None,
+        seed: int = 0,
+    ):
         super().__init__()
         self.seed = seed
         self.model_cfg = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(model)
         self.optim_cfg = optim if isinstance(optim, OptimConfig) else OptimConfig(**optim)
         self.domain_names = list(domain_names or ["all"])
         # Plain data only, so a checkpoint loads with torch.load(weights_only=True) and holds no pickled objects.
-        self.save_hyperparameters({"model": dataclasses.asdict(self.model_cfg),
-                                   "optim": dataclasses.asdict(self.optim_cfg), "domain_names": self.domain_names,
-                                   "tokenizer": dict(tokenizer or {}), "seed": seed})
+        self.save_hyperparameters(
+            {
+                "model": dataclasses.asdict(self.model_cfg),
+                "optim": dataclasses.asdict(self.optim_cfg),
+                "domain_names": self.domain_names,
+                "tokenizer": dict(tokenizer or {}),
+                "seed": seed,
+            }
+        )
         self.model = MoETransformer(self.model_cfg)
         for name, p in self.named_parameters():  # fine-tuning: frozen parts never get a gradient
             if part_of(name) in self.optim_cfg.freeze:
@@ -131,6 +143,7 @@ class MoELanguageModel(L.LightningModule):
     def on_before_optimizer_step(self, optimizer) -> None:
         """Aux-loss-free routers move their bias once per optimizer step, from the counts of the whole global batch:
         every micro-batch since the last step (gradient accumulation), summed over all ranks."""
+
         def reduce(t: torch.Tensor) -> torch.Tensor:
             return self.trainer.strategy.reduce(t, reduce_op="sum")
 
@@ -153,15 +166,24 @@ class MoELanguageModel(L.LightningModule):
                 mult = float(self.optim_cfg.lr_mult.get(part_of(name), 1.0))
                 groups.setdefault((p.ndim >= 2, mult), []).append(p)
         ordered = sorted(groups, key=lambda key: (key[1] != 1.0, not key[0], key[1]))  # the base group first
-        return [{"params": groups[key], "weight_decay": self.optim_cfg.weight_decay if key[0] else 0.0,
-                 "lr": self.optim_cfg.lr * key[1], "lr_mult": key[1]} for key in ordered]
+        return [
+            {
+                "params": groups[key],
+                "weight_decay": self.optim_cfg.weight_decay if key[0] else 0.0,
+                "lr": self.optim_cfg.lr * key[1],
+                "lr_mult": key[1],
+            }
+            for key in ordered
+        ]
 
     def parts(self) -> dict[str, dict[str, Any]]:
         """Parameters per part of the model, and whether each trains and at what learning-rate multiplier."""
         out: dict[str, dict[str, Any]] = {}
         for name, p in self.named_parameters():
-            part = out.setdefault(part_of(name), {"params": 0, "frozen": False,
-                                                  "lr_mult": float(self.optim_cfg.lr_mult.get(part_of(name), 1.0))})
+            part = out.setdefault(
+                part_of(name),
+                {"params": 0, "frozen": False, "lr_mult": float(self.optim_cfg.lr_mult.get(part_of(name), 1.0))},
+            )
             part["params"] += p.numel()
             part["frozen"] = part_of(name) in self.optim_cfg.freeze
         return out
@@ -173,7 +195,8 @@ class MoELanguageModel(L.LightningModule):
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
         total = max(self.trainer.max_steps, 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: lr_multiplier(step, cfg.warmup_steps, total, cfg.min_lr_ratio))
+            optimizer, lambda step: lr_multiplier(step, cfg.warmup_steps, total, cfg.min_lr_ratio)
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ----------------------------------------------------------------------------------------------------

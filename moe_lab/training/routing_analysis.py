@@ -36,20 +36,26 @@ def layer_choices(model, out: Any, B: int, S: int) -> tuple[np.ndarray, np.ndarr
         experts.append(stats.per_token(stats.expert_N, K).reshape(B, S, K).cpu().numpy())
         weights.append(stats.per_token(stats.weight_N.float(), K).reshape(B, S, K).cpu().numpy())
         kept = stats.slot_kept_N()
-        dropped.append(np.zeros((B, S, K), dtype=bool) if kept is None
-                       else stats.per_token(~kept, K).reshape(B, S, K).cpu().numpy())
+        dropped.append(
+            np.zeros((B, S, K), dtype=bool)
+            if kept is None
+            else stats.per_token(~kept, K).reshape(B, S, K).cpu().numpy()
+        )
     return np.stack(experts), np.stack(dropped), np.stack(weights)
 
 
 def check_analysable(model) -> None:
     """UserError unless every MoE layer of the model gives a top-k list per token (before a run starts)."""
     if not model.moe_layers:
-        raise UserError("metrics.analysis_every_n_steps: the model is dense, there is no routing to analyse; leave it "
-                        "at 0")
+        raise UserError(
+            "metrics.analysis_every_n_steps: the model is dense, there is no routing to analyse; leave it at 0"
+        )
     for moe in model.moe_modules():
         if not moe.router.token_choice:
-            raise UserError(f"metrics.analysis_every_n_steps: router={moe.router.registered_name} gives no top-k list "
-                            "per token to analyse; leave it at 0 with this router")
+            raise UserError(
+                f"metrics.analysis_every_n_steps: router={moe.router.registered_name} gives no top-k list "
+                "per token to analyse; leave it at 0 with this router"
+            )
 
 
 class RoutingAnalysis(L.Callback):
@@ -63,8 +69,11 @@ class RoutingAnalysis(L.Callback):
         self.counts: Optional[RoutingCounts] = None
 
     def due(self, step: int) -> bool:
-        return (self.last_step is None or step // self.every_n_steps > self.last_step // self.every_n_steps
-                or step >= self.max_steps)
+        return (
+            self.last_step is None
+            or step // self.every_n_steps > self.last_step // self.every_n_steps
+            or step >= self.max_steps
+        )
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step
@@ -72,8 +81,15 @@ class RoutingAnalysis(L.Callback):
         if not trainer.sanity_checking and self.due(step) and step != self.last_step:
             self.counting = True
 
-    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: dict,
-                                batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: dict,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         if not self.counting or outputs is None:
             return
         keep = batch["valid"].bool() if "valid" in batch else torch.ones_like(batch["domain"], dtype=torch.bool)
@@ -81,14 +97,25 @@ class RoutingAnalysis(L.Callback):
         B, S = ids.shape[0], ids.shape[1] - 1
         model = pl_module.model
         if self.counts is None:
-            self.counts = RoutingCounts(len(model.moe_layers), model.cfg.moe.num_experts, model.moe_modules()[0].top_k,
-                                        model.cfg.vocab_size, len(pl_module.domain_names), S)
+            self.counts = RoutingCounts(
+                len(model.moe_layers),
+                model.cfg.moe.num_experts,
+                model.moe_modules()[0].top_k,
+                model.cfg.vocab_size,
+                len(pl_module.domain_names),
+                S,
+            )
         experts, dropped, _ = layer_choices(pl_module.model, outputs, B, S)
         keep_np = keep.cpu().numpy()
         ids_np = ids.cpu().numpy()[keep_np]
         if len(ids_np):
-            self.counts.add(experts[:, keep_np], ids_np[:, :-1], ids_np[:, 1:], batch["domain"].cpu().numpy()[keep_np],
-                            dropped[:, keep_np])
+            self.counts.add(
+                experts[:, keep_np],
+                ids_np[:, :-1],
+                ids_np[:, 1:],
+                batch["domain"].cpu().numpy()[keep_np],
+                dropped[:, keep_np],
+            )
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         counts, counting = self.counts, self.counting
@@ -98,8 +125,14 @@ class RoutingAnalysis(L.Callback):
         if trainer.world_size > 1:  # the tables of every rank's share of the data; a rank that saw none adds zeros
             if counts is None:
                 model = pl_module.model
-                counts = RoutingCounts(len(model.moe_layers), model.cfg.moe.num_experts, model.moe_modules()[0].top_k,
-                                       model.cfg.vocab_size, len(pl_module.domain_names), 1)
+                counts = RoutingCounts(
+                    len(model.moe_layers),
+                    model.cfg.moe.num_experts,
+                    model.moe_modules()[0].top_k,
+                    model.cfg.vocab_size,
+                    len(pl_module.domain_names),
+                    1,
+                )
             for name in ("input_LVE", "pairs_LEE", "repeat_L"):
                 table = torch.from_numpy(getattr(counts, name).astype(np.int64)).to(pl_module.device)
                 setattr(counts, name, trainer.strategy.reduce(table, reduce_op="sum").cpu().numpy())
@@ -119,8 +152,12 @@ def analysis_metrics(counts: RoutingCounts, layers: list[int]) -> dict[str, floa
     co_LEE = coactivation(counts).copy()
     for co in co_LEE:
         np.fill_diagonal(co, 0.0)
-    per_layer = {"vocab_specialisation": np.nan_to_num(vocab_L, nan=0.0), "repeat_top1": repeats["top1"],
-                 "repeat_top1_chance": repeats["top1_chance"], "max_coactivation": co_LEE.max(axis=(1, 2))}
+    per_layer = {
+        "vocab_specialisation": np.nan_to_num(vocab_L, nan=0.0),
+        "repeat_top1": repeats["top1"],
+        "repeat_top1_chance": repeats["top1_chance"],
+        "max_coactivation": co_LEE.max(axis=(1, 2)),
+    }
     metrics: dict[str, float] = {"analysis/random_baseline": counts.top_k / counts.num_experts}
     for key, values in per_layer.items():
         for layer, value in zip(layers, values):

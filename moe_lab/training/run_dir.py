@@ -38,10 +38,11 @@ def refuse_used_run_dir(directory: Path, hydra_made: bool = False) -> None:
     used = [m for m in markers if (directory / m).exists()]
     if used:
         last = directory / "checkpoints" / "last.ckpt"
-        resume = (f", or resume it with ckpt_path={last} (which writes to a new directory)" if last.is_file()
-                  else "")
-        raise UserError(f"{directory} already holds a run ({', '.join(used)}); moe-lab never writes over one. "
-                        f"Choose a new directory with hydra.run.dir=...{resume}")
+        resume = f", or resume it with ckpt_path={last} (which writes to a new directory)" if last.is_file() else ""
+        raise UserError(
+            f"{directory} already holds a run ({', '.join(used)}); moe-lab never writes over one. "
+            f"Choose a new directory with hydra.run.dir=...{resume}"
+        )
 
 
 def check_writable(directory: Path, setting: str = "hydra.run.dir") -> None:
@@ -53,8 +54,9 @@ def check_writable(directory: Path, setting: str = "hydra.run.dir") -> None:
     while not existing.exists():  # the deepest folder that exists: the new ones are made inside it
         existing = existing.parent
     if not existing.is_dir():
-        raise UserError(f"cannot make the directory {directory}: {existing} is a file; choose another with "
-                        f"{setting}=...")
+        raise UserError(
+            f"cannot make the directory {directory}: {existing} is a file; choose another with {setting}=..."
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"cannot write in {existing} (permission denied); choose a writable place with {setting}=...")
 
@@ -62,9 +64,11 @@ def check_writable(directory: Path, setting: str = "hydra.run.dir") -> None:
 def refuse_used_sweep_dir(directory: Path) -> None:
     check_writable(directory, "hydra.sweep.dir")
     if directory.is_dir() and any(directory.iterdir()):
-        raise UserError(f"the sweep directory {directory} already holds runs of another command; moe-lab never "
-                        "writes over them (the same command again continues its sweep). Choose another with "
-                        "hydra.sweep.dir=...")
+        raise UserError(
+            f"the sweep directory {directory} already holds runs of another command; moe-lab never "
+            "writes over them (the same command again continues its sweep). Choose another with "
+            "hydra.sweep.dir=..."
+        )
 
 
 def claimed_by_this_process(directory: Path) -> bool:
@@ -89,8 +93,10 @@ def claim_run_dir(directory: Path, hydra_made: bool = False, setting: str = "hyd
     try:
         fd = os.open(directory / CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
-        raise UserError(f"{directory} was just taken by another moe-lab run started at the same time; moe-lab never "
-                        f"writes two runs into one directory. Choose another with {setting}=...") from None
+        raise UserError(
+            f"{directory} was just taken by another moe-lab run started at the same time; moe-lab never "
+            f"writes two runs into one directory. Choose another with {setting}=..."
+        ) from None
     with os.fdopen(fd, "w") as f:
         f.write(f"{os.getpid()}\n")
 
@@ -107,8 +113,11 @@ def previous_attempt(job_dir: Path) -> Optional[Path]:
     attempts = Path(job_dir).parent / ATTEMPTS
     if not attempts.is_dir():
         return None
-    found = [p for p in attempts.iterdir() if p.name.startswith(f"{Path(job_dir).name}-")
-             and p.name.rpartition("-")[2].isdigit()]
+    found = [
+        p
+        for p in attempts.iterdir()
+        if p.name.startswith(f"{Path(job_dir).name}-") and p.name.rpartition("-")[2].isdigit()
+    ]
     return max(found, key=lambda p: int(p.name.rpartition("-")[2])) if found else None
 
 

@@ -26,7 +26,6 @@ from moe_lab.errors import ConfigError, UserError
 from moe_lab.model.config import ModelConfig
 from moe_lab.model.router_configs import registered_routers, router_config, routers_where
 
-
 # The parts of the model that optim.freeze and optim.lr_mult name (training/module.py: part_of).
 PARTS = ("embeddings", "head", "attention", "norms", "router", "experts", "shared_experts", "dense_ffn")
 
@@ -120,13 +119,21 @@ class TrainConfig:
 
 
 # The loggers a run can have (conf/logger/): moe-lab builds these classes and no other, whatever a config names.
-LOGGER_CLASSES = ("lightning.pytorch.loggers.CSVLogger", "lightning.pytorch.loggers.TensorBoardLogger",
-                  "lightning.pytorch.loggers.WandbLogger")
+LOGGER_CLASSES = (
+    "lightning.pytorch.loggers.CSVLogger",
+    "lightning.pytorch.loggers.TensorBoardLogger",
+    "lightning.pytorch.loggers.WandbLogger",
+)
 
 # Keys train() sets itself; users set them through other settings.
-RESERVED_TRAINER_KEYS = {"callbacks": "logger=... and checkpoint.*", "logger": "logger=...",
-                         "default_root_dir": "hydra.run.dir", "use_distributed_sampler": "(always false)",
-                         "check_val_every_n_epoch": "trainer.val_check_interval", "max_epochs": "trainer.max_steps"}
+RESERVED_TRAINER_KEYS = {
+    "callbacks": "logger=... and checkpoint.*",
+    "logger": "logger=...",
+    "default_root_dir": "hydra.run.dir",
+    "use_distributed_sampler": "(always false)",
+    "check_val_every_n_epoch": "trainer.val_check_interval",
+    "max_epochs": "trainer.max_steps",
+}
 
 
 def register_configs() -> None:
@@ -181,8 +188,10 @@ def validate(cfg: DictConfig) -> TrainConfig:
     except OmegaConfBaseException as e:
         raise ConfigError(omegaconf_message(e)) from None
     if not isinstance(run, TrainConfig):
-        raise ConfigError("the config was not composed with moe-lab's schema (conf/train.yaml starts with "
-                          "train_schema); compose it from moe_lab.training.schemas.config_dir()")
+        raise ConfigError(
+            "the config was not composed with moe-lab's schema (conf/train.yaml starts with "
+            "train_schema); compose it from moe_lab.training.schemas.config_dir()"
+        )
     try:
         run.model.moe.router = router_config(run.model.moe.router)
         run.model.check()
@@ -208,8 +217,12 @@ def check_training_memory(run: TrainConfig) -> None:
         accelerator = "gpu" if torch.cuda.is_available() else "cpu"
     on_cpu = accelerator == "cpu"
     try:
-        check_fits(run.model, 16 if on_cpu else 4, "training this model" + (" on the CPU" if on_cpu else ""),
-                   "Lower the sizes (model=tiny is the default preset).")
+        check_fits(
+            run.model,
+            16 if on_cpu else 4,
+            "training this model" + (" on the CPU" if on_cpu else ""),
+            "Lower the sizes (model=tiny is the default preset).",
+        )
     except UserError as e:
         raise ConfigError(str(e)) from None
 
@@ -229,8 +242,11 @@ def _refuse_extra_keys(node: DictConfig, prefix: str) -> None:
         for key in node.keys():
             if key not in fields:
                 where = prefix.rstrip(".") or "the top level"
-                raise ConfigError(f"{prefix}{key} is not a setting; the settings of {where} are: {sorted(fields)}"
-                                  if prefix else f"'{key}' is not a setting; the top-level settings are: {fields}")
+                raise ConfigError(
+                    f"{prefix}{key} is not a setting; the settings of {where} are: {sorted(fields)}"
+                    if prefix
+                    else f"'{key}' is not a setting; the top-level settings are: {fields}"
+                )
     for key in node.keys():
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
@@ -250,15 +266,21 @@ def _check_router_losses(run: TrainConfig) -> None:
     if not moe.enabled:
         return
     if not router.has_gate and used:
-        raise ConfigError(f"router={moe.router.name} has no learned gate, so no router loss applies, but aux_loss "
-                          f"weights {used} are set: add aux_loss=none")
+        raise ConfigError(
+            f"router={moe.router.name} has no learned gate, so no router loss applies, but aux_loss "
+            f"weights {used} are set: add aux_loss=none"
+        )
     if weights["seq_load_balance"] > 0 and not router.token_choice:
-        raise ConfigError(f"aux_loss.seq_load_balance needs token-choice routing; router={moe.router.name} is "
-                          "balanced by construction: use aux_loss=none or z")
+        raise ConfigError(
+            f"aux_loss.seq_load_balance needs token-choice routing; router={moe.router.name} is "
+            "balanced by construction: use aux_loss=none or z"
+        )
     if weights["load"] > 0 and not router.smooth_load:
         smooth = routers_where("smooth_load")
-        raise ConfigError(f"model.moe.aux_loss.load (Shazeer's smooth load) needs router={' or '.join(smooth)}, not "
-                          f"{moe.router.name}; set model.moe.aux_loss.load=0 or use router={smooth[0]}")
+        raise ConfigError(
+            f"model.moe.aux_loss.load (Shazeer's smooth load) needs router={' or '.join(smooth)}, not "
+            f"{moe.router.name}; set model.moe.aux_loss.load=0 or use router={smooth[0]}"
+        )
 
 
 def _check_expert_parallel(run: TrainConfig) -> None:
@@ -267,12 +289,16 @@ def _check_expert_parallel(run: TrainConfig) -> None:
         return
     strategy = str(run.trainer.get("strategy", ""))
     if not strategy.startswith("ddp") or "spawn" in strategy or "notebook" in strategy:
-        raise ConfigError(f"model.moe.expert_parallel={ep} needs several processes: add trainer=ddp "
-                          f"(with trainer.devices and trainer.num_nodes making a world size divisible by {ep})")
+        raise ConfigError(
+            f"model.moe.expert_parallel={ep} needs several processes: add trainer=ddp "
+            f"(with trainer.devices and trainer.num_nodes making a world size divisible by {ep})"
+        )
     devices, nodes = run.trainer.get("devices"), run.trainer.get("num_nodes", 1)
     if isinstance(devices, int) and isinstance(nodes, int) and (devices * nodes) % ep:
-        raise ConfigError(f"model.moe.expert_parallel={ep} must divide the world size trainer.devices x "
-                          f"trainer.num_nodes = {devices} x {nodes} = {devices * nodes}")
+        raise ConfigError(
+            f"model.moe.expert_parallel={ep} must divide the world size trainer.devices x "
+            f"trainer.num_nodes = {devices} x {nodes} = {devices * nodes}"
+        )
 
 
 def _check_training(run: TrainConfig) -> None:
@@ -292,32 +318,50 @@ def _check_training(run: TrainConfig) -> None:
     for part, mult in o.lr_mult.items():
         need(mult >= 0, f"optim.lr_mult.{part}={mult} must be >= 0")
     u = run.upcycle
-    need(u.method in (None, "copy", "granular", "drop"), f"upcycle.method={u.method!r}; choose copy, granular or drop "
-                                                         "(upcycle=copy|granular|drop)")
-    need(u.method is None or run.model.init_from is not None,
-         f"upcycle={u.method} needs model.init_from=DENSE_CHECKPOINT_OR_HF_MODEL (the dense model to upcycle)")
+    need(
+        u.method in (None, "copy", "granular", "drop"),
+        f"upcycle.method={u.method!r}; choose copy, granular or drop (upcycle=copy|granular|drop)",
+    )
+    need(
+        u.method is None or run.model.init_from is not None,
+        f"upcycle={u.method} needs model.init_from=DENSE_CHECKPOINT_OR_HF_MODEL (the dense model to upcycle)",
+    )
     need(u.granularity >= 1, f"upcycle.granularity={u.granularity} must be at least 1")
     need(0 <= u.drop_ratio <= 1, f"upcycle.drop_ratio={u.drop_ratio} must be in [0, 1]")
     need(run.checkpoint.every_n_steps >= 1, "checkpoint.every_n_steps must be at least 1")
-    need(run.checkpoint.keep >= -1, f"checkpoint.keep={run.checkpoint.keep} must be -1 (keep all), 0 (only last.ckpt) "
-                                    "or a number of periodic checkpoints to keep")
+    need(
+        run.checkpoint.keep >= -1,
+        f"checkpoint.keep={run.checkpoint.keep} must be -1 (keep all), 0 (only last.ckpt) "
+        "or a number of periodic checkpoints to keep",
+    )
     need(o.eps > 0, f"optim.eps={o.eps} must be > 0")
     need(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
-    need(run.threads is None or run.threads >= 1, f"threads={run.threads} must be at least 1 (or null: the CPUs this "
-                                                  "process may use)")
+    need(
+        run.threads is None or run.threads >= 1,
+        f"threads={run.threads} must be at least 1 (or null: the CPUs this process may use)",
+    )
     need(run.metrics.image_every_n_steps >= 1, "metrics.image_every_n_steps must be at least 1")
     need(run.metrics.analysis_every_n_steps >= 0, "metrics.analysis_every_n_steps must be 0 (off) or a number of steps")
     _check_trainer(run.trainer)
     for name, logger in run.logger.items():
-        need(isinstance(logger, dict) and "_target_" in logger,
-             f"logger.{name} must be a logger config with a _target_ (see conf/logger/)")
-        need(logger["_target_"] in LOGGER_CLASSES, f"logger.{name}._target_={logger['_target_']}: moe-lab builds only "
-             f"its own loggers ({', '.join(LOGGER_CLASSES)}); choose one with logger=csv|wandb|tensorboard")
+        need(
+            isinstance(logger, dict) and "_target_" in logger,
+            f"logger.{name} must be a logger config with a _target_ (see conf/logger/)",
+        )
+        need(
+            logger["_target_"] in LOGGER_CLASSES,
+            f"logger.{name}._target_={logger['_target_']}: moe-lab builds only "
+            f"its own loggers ({', '.join(LOGGER_CLASSES)}); choose one with logger=csv|wandb|tensorboard",
+        )
         for key, value in logger.items():
-            need(key == "_target_" or not key.startswith("_"), f"logger.{name}.{key}: a _key_ of Hydra's "
-                 "instantiate has no place in a logger's settings")
-            need(_plain_value(value), f"logger.{name}.{key} must be a plain value (a number, string, boolean, null "
-                 "or list of those)")
+            need(
+                key == "_target_" or not key.startswith("_"),
+                f"logger.{name}.{key}: a _key_ of Hydra's instantiate has no place in a logger's settings",
+            )
+            need(
+                _plain_value(value),
+                f"logger.{name}.{key} must be a plain value (a number, string, boolean, null or list of those)",
+            )
 
 
 def lightning_trainer_arguments() -> list[str]:
@@ -337,16 +381,24 @@ def _check_trainer(trainer: dict) -> None:
     max_steps = trainer.get("max_steps", -1)
     if not isinstance(max_steps, int) or max_steps < 1:
         raise ConfigError(f"trainer.max_steps={max_steps} must be a positive number of optimizer steps")
-    for key, what in (("log_every_n_steps", "optimizer steps between logged metrics"),
-                      ("accumulate_grad_batches", "micro-batches per optimizer step")):
+    for key, what in (
+        ("log_every_n_steps", "optimizer steps between logged metrics"),
+        ("accumulate_grad_batches", "micro-batches per optimizer step"),
+    ):
         value = trainer.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"trainer.{key}={value} must be a positive whole number ({what})")
     interval = trainer.get("val_check_interval", 1.0)
-    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0
-                                 or (isinstance(interval, float) and interval > 1)):
-        raise ConfigError(f"trainer.val_check_interval={interval} must be a number of training batches (an integer "
-                          "> 0) or a fraction of an epoch in (0, 1]")
+    if interval is not None and (
+        isinstance(interval, bool)
+        or not isinstance(interval, (int, float))
+        or interval <= 0
+        or (isinstance(interval, float) and interval > 1)
+    ):
+        raise ConfigError(
+            f"trainer.val_check_interval={interval} must be a number of training batches (an integer "
+            "> 0) or a fraction of an epoch in (0, 1]"
+        )
 
 
 def _plain_value(value: Any) -> bool:

@@ -57,8 +57,10 @@ def expert_parallel_groups(ep_size: int) -> ExpertParallelGroups:
         return _GROUPS[ep_size]
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % ep_size:
-        raise ValueError(f"model.moe.expert_parallel={ep_size} must divide the world size {world} "
-                         "(trainer.devices x trainer.num_nodes)")
+        raise ValueError(
+            f"model.moe.expert_parallel={ep_size} must divide the world size {world} "
+            "(trainer.devices x trainer.num_nodes)"
+        )
     ep_group = edp_group = None
     for start in range(0, world, ep_size):  # every rank creates every group, as torch.distributed requires
         ranks = list(range(start, start + ep_size))
@@ -70,8 +72,14 @@ def expert_parallel_groups(ep_size: int) -> ExpertParallelGroups:
         group = dist.new_group(ranks)
         if rank in ranks:
             edp_group = group
-    _GROUPS[ep_size] = ExpertParallelGroups(ep_size=ep_size, ep_rank=rank % ep_size, ep_group=ep_group,
-                                            edp_group=edp_group, edp_size=world // ep_size, world_size=world)
+    _GROUPS[ep_size] = ExpertParallelGroups(
+        ep_size=ep_size,
+        ep_rank=rank % ep_size,
+        ep_group=ep_group,
+        edp_group=edp_group,
+        edp_size=world // ep_size,
+        world_size=world,
+    )
     return _GROUPS[ep_size]
 
 
@@ -84,8 +92,9 @@ def all_gather(x: torch.Tensor, group) -> torch.Tensor:
     return out.view(size, *x.shape)
 
 
-def clip_grad_norm_(module: torch.nn.Module, max_norm: float,
-                    ep_group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+def clip_grad_norm_(
+    module: torch.nn.Module, max_norm: float, ep_group: Optional[dist.ProcessGroup] = None
+) -> torch.Tensor:
     """Scale every gradient of `module` so their global L2 norm is at most `max_norm` (as
     torch.nn.utils.clip_grad_norm_), with the norm computed the same way, bit for bit, at any expert-parallel size:
     an expert weight's squared norm is the sum of its per-expert squared norms, and under expert parallelism (where
@@ -133,7 +142,8 @@ class MoEDDPStrategy(DDPStrategy):
             module.model.use_expert_parallel(self.groups.ep_group, self.groups.ep_rank, self.groups.ep_size)
             # DDP (and Lightning's state sync outside fit) broadcasts rank 0's parameters: never the expert shards.
             torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                module, [name for name, _, _ in self._expert_shards()])
+                module, [name for name, _, _ in self._expert_shards()]
+            )
         super().setup(trainer)
 
     def _expert_shards(self) -> Iterator[tuple[str, torch.nn.Parameter, GroupedExperts]]:
@@ -192,9 +202,12 @@ class MoEDDPStrategy(DDPStrategy):
         for _, param, experts in self._expert_shards():
             slot = slots.get(id(param))
             if slot in per_param:  # a new dict: optimizer.state_dict() shares its per-parameter dicts
-                per_param[slot] = {key: all_gather(value, self.groups.ep_group).flatten(0, 1)
-                                   if _per_expert(value, experts.num_experts) else value
-                                   for key, value in per_param[slot].items()}
+                per_param[slot] = {
+                    key: all_gather(value, self.groups.ep_group).flatten(0, 1)
+                    if _per_expert(value, experts.num_experts)
+                    else value
+                    for key, value in per_param[slot].items()
+                }
         return {**state, "state": per_param}
 
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
@@ -206,9 +219,10 @@ class MoEDDPStrategy(DDPStrategy):
                 for _, param, experts in self._expert_shards():
                     slot = slots.get(id(param))
                     if slot in per_param:
-                        per_param[slot] = {key: _own_slice(value, experts)
-                                           if _per_expert(value, experts.total_experts) else value
-                                           for key, value in per_param[slot].items()}
+                        per_param[slot] = {
+                            key: _own_slice(value, experts) if _per_expert(value, experts.total_experts) else value
+                            for key, value in per_param[slot].items()
+                        }
                 states.append({**saved, "state": per_param})
             checkpoint = {**checkpoint, "optimizer_states": states}
         super().load_optimizer_state_dict(checkpoint)
@@ -229,7 +243,7 @@ def _own_slice(tensor: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
     """This rank's experts of a tensor that holds every expert (a tensor already sliced is returned as it is)."""
     if tensor.shape[0] != experts.total_experts:
         return tensor
-    return tensor[experts.first_expert:experts.first_expert + experts.num_experts].clone()
+    return tensor[experts.first_expert : experts.first_expert + experts.num_experts].clone()
 
 
 def make_strategy(name: str, expert_parallel: int) -> MoEDDPStrategy:

@@ -24,7 +24,6 @@ from moe_lab.files import process_alive
 from moe_lab.training.run_dir import ATTEMPTS, CLAIM, job_state
 
 
-
 def _multirun(sweep_dir: Path) -> Optional[dict]:
     try:
         loaded = yaml.safe_load((Path(sweep_dir) / "multirun.yaml").read_text())
@@ -57,8 +56,11 @@ def planned_jobs(sweep_dir: Path) -> Optional[list[list[str]]]:
     choices: dict[str, list[str]] = {}
     for o in parsed:
         key = o.get_key_element()
-        choices[key] = ([f"{key}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
-                        else [f"{key}={o.get_value_element_as_str()}"])
+        choices[key] = (
+            [f"{key}={v}" for v in o.sweep_string_iterator()]
+            if o.is_sweep_override()
+            else [f"{key}={o.get_value_element_as_str()}"]
+        )
     return [list(job) for job in itertools.product(*choices.values())]
 
 
@@ -102,17 +104,29 @@ def continue_sweep(sweep_dir: Path) -> str:
         number = 1 + sum(1 for p in attempts.iterdir() if p.name.startswith(f"{job.name}-"))
         os.rename(job, attempts / f"{job.name}-{number}")  # one rename: the attempt is whole where it lands
         has_checkpoint = any((attempts / f"{job.name}-{number}" / "checkpoints").glob("*.ckpt"))
-        moved.append(f"{job.name} resumes from step {summary.get('step', '?')}" if has_checkpoint
-                     else f"{job.name} starts again (no checkpoint)")
+        moved.append(
+            f"{job.name} resumes from step {summary.get('step', '?')}"
+            if has_checkpoint
+            else f"{job.name} starts again (no checkpoint)"
+        )
     not_started = (len(planned) - len(jobs)) if planned is not None else None
-    parts = [f"{len(kept)} kept ({', '.join(kept)})" if kept else "", ", ".join(moved),
-             f"{not_started} not started yet" if not_started else ""]
-    return (f"moe-lab: continuing the sweep in {sweep_dir} (the same command): "
-            + "; ".join(p for p in parts if p) + f"; earlier attempts are kept in {sweep_dir / ATTEMPTS}")
+    parts = [
+        f"{len(kept)} kept ({', '.join(kept)})" if kept else "",
+        ", ".join(moved),
+        f"{not_started} not started yet" if not_started else "",
+    ]
+    return (
+        f"moe-lab: continuing the sweep in {sweep_dir} (the same command): "
+        + "; ".join(p for p in parts if p)
+        + f"; earlier attempts are kept in {sweep_dir / ATTEMPTS}"
+    )
 
 
 def not_started_rows(sweep_dir: Path) -> list[dict[str, str]]:
     """Rows for sweep_summary.csv of the planned jobs that have no folder yet."""
     planned = planned_jobs(sweep_dir) or []
-    return [{"job": str(i), "status": "not started", "overrides": " ".join(job)} for i, job in enumerate(planned)
-            if not (Path(sweep_dir) / str(i)).is_dir()]
+    return [
+        {"job": str(i), "status": "not started", "overrides": " ".join(job)}
+        for i, job in enumerate(planned)
+        if not (Path(sweep_dir) / str(i)).is_dir()
+    ]

@@ -25,13 +25,27 @@ from moe_lab.data.datamodule import LMDataModule
 from moe_lab.errors import ConfigError, DiskFull, Diverged, UserError
 from moe_lab.files import remove_stale_temp_files, write_atomically
 from moe_lab.training.callbacks import AbortRequested, GracefulStop, StepProgressBar, StopRequested
-from moe_lab.training.checkpoint import (AtomicCheckpointIO, check_resume, checkpoint_origin, holds_training_state,
-                                        load_weights, saved, tokenizer_identity)
+from moe_lab.training.checkpoint import (
+    AtomicCheckpointIO,
+    check_resume,
+    checkpoint_origin,
+    holds_training_state,
+    load_weights,
+    saved,
+    tokenizer_identity,
+)
 from moe_lab.training.loggers import build_loggers, finish_wandb
 from moe_lab.training.metrics import RoutingMetrics
 from moe_lab.training.module import MoELanguageModel
-from moe_lab.training.run_dir import (attempt_checkpoint, claim_run_dir, claimed_by_this_process, job_state,
-                                      launched_worker, previous_attempt, release_run_dir)
+from moe_lab.training.run_dir import (
+    attempt_checkpoint,
+    claim_run_dir,
+    claimed_by_this_process,
+    job_state,
+    launched_worker,
+    previous_attempt,
+    release_run_dir,
+)
 from moe_lab.training.runtime import cpu_threads, quiet_lightning, retain_freed_memory
 from moe_lab.training.schemas import TrainConfig, validate
 from moe_lab.training.strategy import make_strategy
@@ -77,10 +91,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the few lines below are not cut short by a third
         last = output_dir / "checkpoints" / "last.ckpt"
         if not launched_worker() and not (output_dir / "summary.json").exists():
-            save_summary({"status": "aborted", "error": "Ctrl-C twice",
-                          "checkpoint": str(last) if last.exists() else None}, output_dir)
-        print("moe-lab: aborted (Ctrl-C twice)" + (f"; the last checkpoint is {last}" if last.exists() else ""),
-              file=sys.stderr, flush=True)
+            save_summary(
+                {"status": "aborted", "error": "Ctrl-C twice", "checkpoint": str(last) if last.exists() else None},
+                output_dir,
+            )
+        print(
+            "moe-lab: aborted (Ctrl-C twice)" + (f"; the last checkpoint is {last}" if last.exists() else ""),
+            file=sys.stderr,
+            flush=True,
+        )
         raise Interrupted(signal.SIGINT) from None
     finally:
         stop.restore()
@@ -102,8 +121,11 @@ def continued_job(run: TrainConfig, output_dir: Path) -> Optional[dict[str, Any]
         if state == "diverged":
             raise Diverged(f"{summary.get('error', 'training diverged')} (an earlier run of this job; kept as it was)")
         if state == "finished":
-            print(f"moe-lab: job {output_dir.name} finished before (val/loss {summary.get('val/loss')}): kept, not "
-                  "run again", flush=True)
+            print(
+                f"moe-lab: job {output_dir.name} finished before (val/loss {summary.get('val/loss')}): kept, not "
+                "run again",
+                flush=True,
+            )
             return summary
     attempt = previous_attempt(output_dir)
     ckpt = attempt_checkpoint(attempt) if attempt is not None and run.ckpt_path is None else None
@@ -113,9 +135,15 @@ def continued_job(run: TrainConfig, output_dir: Path) -> Optional[dict[str, Any]
     return None
 
 
-def _train(run: TrainConfig, cfg: DictConfig, output_dir: Path, ckpt_path: Optional[str], stop: GracefulStop,
-           init_from: Optional[str] = None, upcycled_weights: Optional[Callable[[], dict]] = None
-           ) -> dict[str, Any]:
+def _train(
+    run: TrainConfig,
+    cfg: DictConfig,
+    output_dir: Path,
+    ckpt_path: Optional[str],
+    stop: GracefulStop,
+    init_from: Optional[str] = None,
+    upcycled_weights: Optional[Callable[[], dict]] = None,
+) -> dict[str, Any]:
     """build (data, model) -> trainer -> fit -> summary."""
     started = time.time()
     L.seed_everything(run.seed, workers=True, verbose=False)
@@ -157,37 +185,61 @@ def prepared_data(run: TrainConfig, output_dir: Path, stop: GracefulStop) -> LMD
     return data
 
 
-def build_module(run: TrainConfig, data: LMDataModule, output_dir: Path, ckpt_path: Optional[str],
-                 init_from: Optional[str], upcycled_weights: Optional[Callable[[], dict]]) -> MoELanguageModel:
+def build_module(
+    run: TrainConfig,
+    data: LMDataModule,
+    output_dir: Path,
+    ckpt_path: Optional[str],
+    init_from: Optional[str],
+    upcycled_weights: Optional[Callable[[], dict]],
+) -> MoELanguageModel:
     """The LightningModule: the model sized to the tokenizer, its starting weights, and what produced the run."""
     model_cfg = run.model
     if model_cfg.vocab_size is None:
         model_cfg.vocab_size = math.ceil(data.vocab_size / 64) * 64  # padded for fast matmuls (nanoGPT)
     elif model_cfg.vocab_size < data.vocab_size:
-        raise ConfigError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-                          f"{data.vocab_size}; set it to null to follow the tokenizer")
-    module = MoELanguageModel(model=model_cfg, optim=run.optim, domain_names=data.domain_names,
-                              tokenizer={"name": run.tokenizer.name, "eos_token": run.tokenizer.eos_token},
-                              seed=run.seed)
+        raise ConfigError(
+            f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
+            f"{data.vocab_size}; set it to null to follow the tokenizer"
+        )
+    module = MoELanguageModel(
+        model=model_cfg,
+        optim=run.optim,
+        domain_names=data.domain_names,
+        tokenizer={"name": run.tokenizer.name, "eos_token": run.tokenizer.eos_token},
+        seed=run.seed,
+    )
     if init_from is not None:
         load_weights(module, init_from)
     if upcycled_weights is not None:
         module.model.load_state_dict(upcycled_weights())
         if not launched_worker() and run.upcycle.method is not None:
-            print(f"moe-lab: upcycled {run.model.init_from} ({run.upcycle.method}): experts of "
-                  f"{run.model.moe.expert_hidden} hidden units from its FFNs of {run.model.ffn_hidden}", flush=True)
+            print(
+                f"moe-lab: upcycled {run.model.init_from} ({run.upcycle.method}): experts of "
+                f"{run.model.moe.expert_hidden} hidden units from its FFNs of {run.model.ffn_hidden}",
+                flush=True,
+            )
         elif not launched_worker():
-            print(f"moe-lab: starting from the weights of {run.model.init_from} (a new run: step 0, fresh optimizer)",
-                  flush=True)
-    module.provenance = {"overrides": command_line_overrides(), "run_dir": str(output_dir),
-                         "data": data.cache_key(), "tokenizer": tokenizer_identity(data.tokenizer)}
+            print(
+                f"moe-lab: starting from the weights of {run.model.init_from} (a new run: step 0, fresh optimizer)",
+                flush=True,
+            )
+    module.provenance = {
+        "overrides": command_line_overrides(),
+        "run_dir": str(output_dir),
+        "data": data.cache_key(),
+        "tokenizer": tokenizer_identity(data.tokenizer),
+    }
     if ckpt_path is not None and not launched_worker():
         record_resume(ckpt_path, output_dir)
         trained_on = checkpoint_origin(ckpt_path).data
         if trained_on is not None and trained_on != data.cache_key():
-            print(f"moe-lab: note: {ckpt_path} was trained on other data than {data.describe()} gives now (its "
-                  "content or its settings differ): the resumed run continues on the data as it is now",
-                  file=sys.stderr, flush=True)
+            print(
+                f"moe-lab: note: {ckpt_path} was trained on other data than {data.describe()} gives now (its "
+                "content or its settings differ): the resumed run continues on the data as it is now",
+                file=sys.stderr,
+                flush=True,
+            )
     return module
 
 
@@ -202,13 +254,25 @@ class RunCallbacks:
     all: list
 
     @classmethod
-    def build(cls, run: TrainConfig, module: MoELanguageModel, data: LMDataModule, output_dir: Path,
-              stop: GracefulStop) -> "RunCallbacks":
-        periodic = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="step{step:06d}",
-                                   auto_insert_metric_name=False, every_n_train_steps=run.checkpoint.every_n_steps,
-                                   save_top_k=run.checkpoint.keep, monitor="step", mode="max", save_last="link")
-        routing = RoutingMetrics(data.domain_names, module.model.flops_per_token(run.data.seq_len), output_dir,
-                                 image_every_n_steps=run.metrics.image_every_n_steps)
+    def build(
+        cls, run: TrainConfig, module: MoELanguageModel, data: LMDataModule, output_dir: Path, stop: GracefulStop
+    ) -> "RunCallbacks":
+        periodic = ModelCheckpoint(
+            dirpath=output_dir / "checkpoints",
+            filename="step{step:06d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=run.checkpoint.every_n_steps,
+            save_top_k=run.checkpoint.keep,
+            monitor="step",
+            mode="max",
+            save_last="link",
+        )
+        routing = RoutingMetrics(
+            data.domain_names,
+            module.model.flops_per_token(run.data.seq_len),
+            output_dir,
+            image_every_n_steps=run.metrics.image_every_n_steps,
+        )
         stop.before_save = routing.flush
         # RoutingMetrics before GracefulStop (a stop logs the steps since the last log step first) and before the
         # progress bar (which shows the metrics of the step just logged).
@@ -222,18 +286,35 @@ class RunCallbacks:
 
 
 def build_trainer(run: TrainConfig, callbacks: RunCallbacks, loggers: list, output_dir: Path) -> L.Trainer:
-    trainer = L.Trainer(**trainer_arguments(run), logger=loggers, plugins=[callbacks.checkpoint_io],
-                        callbacks=callbacks.all, default_root_dir=str(output_dir),
-                        max_epochs=-1, check_val_every_n_epoch=None, use_distributed_sampler=False)
+    trainer = L.Trainer(
+        **trainer_arguments(run),
+        logger=loggers,
+        plugins=[callbacks.checkpoint_io],
+        callbacks=callbacks.all,
+        default_root_dir=str(output_dir),
+        max_epochs=-1,
+        check_val_every_n_epoch=None,
+        use_distributed_sampler=False,
+    )
     ep = run.model.moe.expert_parallel
     if trainer.world_size % ep:
-        raise ConfigError(f"model.moe.expert_parallel={ep} must divide the world size {trainer.world_size} "
-                          "(trainer.devices x trainer.num_nodes)")
+        raise ConfigError(
+            f"model.moe.expert_parallel={ep} must divide the world size {trainer.world_size} "
+            "(trainer.devices x trainer.num_nodes)"
+        )
     return trainer
 
 
-def fit(trainer: L.Trainer, module: MoELanguageModel, data: LMDataModule, ckpt_path: Optional[str],
-        stop: GracefulStop, callbacks: RunCallbacks, output_dir: Path, started: float) -> None:
+def fit(
+    trainer: L.Trainer,
+    module: MoELanguageModel,
+    data: LMDataModule,
+    ckpt_path: Optional[str],
+    stop: GracefulStop,
+    callbacks: RunCallbacks,
+    output_dir: Path,
+    started: float,
+) -> None:
     """The untrained model's val/loss (a new run), training to max_steps or a stop, a final val/loss and last.ckpt;
     divergence, a full disk and Ctrl-C twice end it early (`ended_early`)."""
     try:
@@ -260,8 +341,15 @@ def fit(trainer: L.Trainer, module: MoELanguageModel, data: LMDataModule, ckpt_p
         raise ended_early(e, trainer, module, callbacks.checkpoint_io.last_saved, output_dir, started) from None
 
 
-def run_summary(run: TrainConfig, trainer: L.Trainer, module: MoELanguageModel, callbacks: RunCallbacks,
-                stop: GracefulStop, output_dir: Path, started: float) -> dict[str, Any]:
+def run_summary(
+    run: TrainConfig,
+    trainer: L.Trainer,
+    module: MoELanguageModel,
+    callbacks: RunCallbacks,
+    stop: GracefulStop,
+    output_dir: Path,
+    started: float,
+) -> dict[str, Any]:
     """summary.json's content: final metrics, sizes, and where everything is."""
     return {
         "status": "finished" if stop.received is None else "interrupted",
@@ -283,8 +371,14 @@ def run_summary(run: TrainConfig, trainer: L.Trainer, module: MoELanguageModel, 
     }
 
 
-def ended_early(error: BaseException, trainer: L.Trainer, module: MoELanguageModel, kept: Optional[Path],
-                output_dir: Path, started: float) -> Exception:
+def ended_early(
+    error: BaseException,
+    trainer: L.Trainer,
+    module: MoELanguageModel,
+    kept: Optional[Path],
+    output_dir: Path,
+    started: float,
+) -> Exception:
     """A run that ended before its last step (divergence, a full disk, Ctrl-C twice): the loggers flushed, a
     summary.json that says so and names the last checkpoint written whole; returns what to raise (one line)."""
     status, line = {
@@ -295,25 +389,42 @@ def ended_early(error: BaseException, trainer: L.Trainer, module: MoELanguageMod
         for logger in trainer.loggers:
             logger.finalize("failed")  # the rows logged so far reach metrics.csv
         if trainer.is_global_zero:
-            save_summary({"status": status, "step": trainer.global_step, "error": line,
-                          "seconds": round(time.time() - started, 1), **module.last_val_metrics,
-                          "checkpoint": str(kept) if kept is not None else None,
-                          "metrics_csv": str(output_dir / "metrics.csv")}, output_dir)
+            save_summary(
+                {
+                    "status": status,
+                    "step": trainer.global_step,
+                    "error": line,
+                    "seconds": round(time.time() - started, 1),
+                    **module.last_val_metrics,
+                    "checkpoint": str(kept) if kept is not None else None,
+                    "metrics_csv": str(output_dir / "metrics.csv"),
+                },
+                output_dir,
+            )
         wrote = ""
     except OSError:  # a full disk may refuse the summary too
         wrote = " (summary.json could not be written either)"
     step = trainer.global_step
     if isinstance(error, AbortRequested):
-        print(f"moe-lab: aborted at step {step} (Ctrl-C twice) without a checkpoint"
-              + (f"; the last one written is {kept}" if kept is not None else "") + wrote, file=sys.stderr, flush=True)
+        print(
+            f"moe-lab: aborted at step {step} (Ctrl-C twice) without a checkpoint"
+            + (f"; the last one written is {kept}" if kept is not None else "")
+            + wrote,
+            file=sys.stderr,
+            flush=True,
+        )
         return Interrupted(signal.SIGINT)
     if isinstance(error, Diverged):
-        return Diverged(f"{error}; the last good checkpoint is {kept}{wrote}" if kept is not None
-                        else f"{error}; no checkpoint was written (none had finite weights yet){wrote}")
+        return Diverged(
+            f"{error}; the last good checkpoint is {kept}{wrote}"
+            if kept is not None
+            else f"{error}; no checkpoint was written (none had finite weights yet){wrote}"
+        )
     where = f"the last checkpoint written whole is {kept}" if kept is not None else "no checkpoint was written whole"
     resume = f". Free some space, then resume with ckpt_path={kept}" if kept is not None else ""
-    return DiskFull(f"the disk is full ({error.filename or output_dir}: {error.strerror}) at step {step}; "
-                    f"{where}{wrote}{resume}")
+    return DiskFull(
+        f"the disk is full ({error.filename or output_dir}: {error.strerror}) at step {step}; {where}{wrote}{resume}"
+    )
 
 
 def stopped_before_training(signum: int, output_dir: Path, loggers: Optional[list] = None) -> None:
@@ -324,10 +435,21 @@ def stopped_before_training(signum: int, output_dir: Path, loggers: Optional[lis
     for logger in loggers or []:
         logger.finalize("failed")
     if not launched_worker():
-        save_summary({"status": "interrupted", "step": 0, "checkpoint": None,
-                      "error": f"{name} before the first training step: nothing was trained"}, output_dir)
-        print(f"moe-lab: {name} before the first training step: nothing was trained and no checkpoint was written; "
-              f"run the same command again with a new hydra.run.dir", file=sys.stderr, flush=True)
+        save_summary(
+            {
+                "status": "interrupted",
+                "step": 0,
+                "checkpoint": None,
+                "error": f"{name} before the first training step: nothing was trained",
+            },
+            output_dir,
+        )
+        print(
+            f"moe-lab: {name} before the first training step: nothing was trained and no checkpoint was written; "
+            f"run the same command again with a new hydra.run.dir",
+            file=sys.stderr,
+            flush=True,
+        )
     raise Interrupted(signum)
 
 
@@ -352,9 +474,18 @@ def record_resume(ckpt_path: str, output_dir: Path) -> None:
     """resumed_from.json: the checkpoint, its step and the run that wrote it, so this run's dashboard can show the
     curves from step 0 (analysis/runs.py follows the chain)."""
     origin = checkpoint_origin(ckpt_path)
-    write_atomically(output_dir / RESUMED_FROM, json.dumps({
-        "checkpoint": str(Path(ckpt_path).absolute()), "step": origin.step,
-        "run_dir": str(origin.run_dir) if origin.run_dir is not None else None}, indent=2) + "\n")
+    write_atomically(
+        output_dir / RESUMED_FROM,
+        json.dumps(
+            {
+                "checkpoint": str(Path(ckpt_path).absolute()),
+                "step": origin.step,
+                "run_dir": str(origin.run_dir) if origin.run_dir is not None else None,
+            },
+            indent=2,
+        )
+        + "\n",
+    )
 
 
 def trainer_arguments(run: TrainConfig) -> dict:
@@ -374,31 +505,50 @@ def trainer_arguments(run: TrainConfig) -> dict:
 def print_header(run: TrainConfig, module: MoELanguageModel, data: LMDataModule, output_dir: Path) -> None:
     p = module.model.num_params()
     moe = run.model.moe
-    kind = (f"MoE {moe.num_experts} experts, top-{moe.router.top_k} ({moe.router.name}), "
-            f"capacity {moe.capacity_factor or 'dropless'}, layers {module.moe_layers}" if moe.enabled else "dense")
-    print(f"moe-lab: model {run.model.name}: {p['total'] / 1e6:.2f}M parameters, {p['active'] / 1e6:.2f}M active "
-          f"per token; {kind}", flush=True)
+    kind = (
+        f"MoE {moe.num_experts} experts, top-{moe.router.top_k} ({moe.router.name}), "
+        f"capacity {moe.capacity_factor or 'dropless'}, layers {module.moe_layers}"
+        if moe.enabled
+        else "dense"
+    )
+    print(
+        f"moe-lab: model {run.model.name}: {p['total'] / 1e6:.2f}M parameters, {p['active'] / 1e6:.2f}M active "
+        f"per token; {kind}",
+        flush=True,
+    )
     if moe.enabled and not all(layer.router.causal for layer in module.model.moe_modules()):
-        print(f"moe-lab: warning: router={moe.router.name} is not causal (experts choose among all positions): "
-              "the model sees later tokens through routing, so its val/loss is optimistic. "
-              "router=expert_choice_causal is the causal variant", file=sys.stderr, flush=True)
+        print(
+            f"moe-lab: warning: router={moe.router.name} is not causal (experts choose among all positions): "
+            "the model sees later tokens through routing, so its val/loss is optimistic. "
+            "router=expert_choice_causal is the causal variant",
+            file=sys.stderr,
+            flush=True,
+        )
     parts = module.parts()
     frozen = [f"{name} ({part['params'] / 1e6:.2f}M)" for name, part in parts.items() if part["frozen"]]
-    scaled = [f"{name} x{part['lr_mult']:g}" for name, part in parts.items()
-              if part["lr_mult"] != 1.0 and not part["frozen"]]
+    scaled = [
+        f"{name} x{part['lr_mult']:g}" for name, part in parts.items() if part["lr_mult"] != 1.0 and not part["frozen"]
+    ]
     if frozen or scaled:
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        print(f"moe-lab: fine-tuning {trainable / 1e6:.2f}M of {p['total'] / 1e6:.2f}M parameters; frozen: "
-              f"{', '.join(frozen) or 'none'}; learning rate: {', '.join(scaled) or 'x1 everywhere'}", flush=True)
+        print(
+            f"moe-lab: fine-tuning {trainable / 1e6:.2f}M of {p['total'] / 1e6:.2f}M parameters; frozen: "
+            f"{', '.join(frozen) or 'none'}; learning rate: {', '.join(scaled) or 'x1 everywhere'}",
+            flush=True,
+        )
     train = "streamed" if data.train_blocks is None else str(len(data.train_blocks))
-    print(f"moe-lab: data {run.data.source}: {train} train / {len(data.val_blocks)} val blocks of {run.data.seq_len} "
-          f"tokens, domains {data.domain_names}; run directory {output_dir}", flush=True)
+    print(
+        f"moe-lab: data {run.data.source}: {train} train / {len(data.val_blocks)} val blocks of {run.data.seq_len} "
+        f"tokens, domains {data.domain_names}; run directory {output_dir}",
+        flush=True,
+    )
 
 
 def save_summary(summary: dict, output_dir: Path) -> None:
     """summary.json, always valid JSON (NaN and infinities become null), written atomically."""
-    write_atomically(output_dir / "summary.json", json.dumps(_finite(summary), indent=2, default=str,
-                                                             allow_nan=False) + "\n")
+    write_atomically(
+        output_dir / "summary.json", json.dumps(_finite(summary), indent=2, default=str, allow_nan=False) + "\n"
+    )
 
 
 def _finite(value: Any) -> Any:
@@ -418,26 +568,36 @@ def print_summary(summary: dict, module: MoELanguageModel) -> None:
     if "val/loss" in summary:
         first = summary.get("initial_val_loss")
         start = f"; at step 0 {first:.4f}" if first is not None else ""
-        lines.append(f"  val/loss    {summary['val/loss']:.4f} (step {summary['val_step']}{start})   "
-                     f"val/ppl {summary['val/ppl']:.2f}")
+        lines.append(
+            f"  val/loss    {summary['val/loss']:.4f} (step {summary['val_step']}{start})   "
+            f"val/ppl {summary['val/ppl']:.2f}"
+        )
     if "train/loss" in m:
         average = summary.get("tokens_per_sec_run")
-        speed = (f"{average:.0f} (run average; last window {m['train/tokens_per_sec']:.0f})" if average
-                 else f"{m['train/tokens_per_sec']:.0f}")
+        speed = (
+            f"{average:.0f} (run average; last window {m['train/tokens_per_sec']:.0f})"
+            if average
+            else f"{m['train/tokens_per_sec']:.0f}"
+        )
         lines.append(f"  train/loss  {m['train/loss']:.4f}   tokens/s {speed}")
     if module.moe_layers and f"moe/layer{module.moe_layers[0]}/imbalance" in m:
         special = f"moe/layer{module.moe_layers[0]}/specialization" in m
-        lines.append("  layer  imbalance  min load  dropped  dead  starved  entropy/logE"
-                     + ("  specialization" if special else "") + "  busiest expert")
+        lines.append(
+            "  layer  imbalance  min load  dropped  dead  starved  entropy/logE"
+            + ("  specialization" if special else "")
+            + "  busiest expert"
+        )
         for layer in module.moe_layers:
             p = f"moe/layer{layer}/"
             loads = [m[f"{p}expert{e}/load"] for e in range(module.num_experts)]
             top = max(range(len(loads)), key=loads.__getitem__)
-            lines.append(f"  {layer:>5}  {m[p + 'imbalance']:>9.2f}  {m[p + 'min_load']:>8.2f}  "
-                         f"{m[p + 'dropped_frac']:>7.1%}  {m[p + 'dead_experts']:>4.0f}  {m[p + 'starved_experts']:>7.0f}  "
-                         f"{m[p + 'entropy_norm']:>12.3f}"
-                         + (f"  {m[p + 'specialization']:>14.3f}" if special else "")
-                         + f"  #{top} ({loads[top]:.1%})")
+            lines.append(
+                f"  {layer:>5}  {m[p + 'imbalance']:>9.2f}  {m[p + 'min_load']:>8.2f}  "
+                f"{m[p + 'dropped_frac']:>7.1%}  {m[p + 'dead_experts']:>4.0f}  {m[p + 'starved_experts']:>7.0f}  "
+                f"{m[p + 'entropy_norm']:>12.3f}"
+                + (f"  {m[p + 'specialization']:>14.3f}" if special else "")
+                + f"  #{top} ({loads[top]:.1%})"
+            )
     if "dashboard" in summary:
         lines.append(f"  dashboard   {summary['dashboard']}")
     lines.append(f"  checkpoint  {summary['checkpoint']}")

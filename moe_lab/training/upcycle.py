@@ -1,12 +1,13 @@
 """`model.init_from=MODEL`: a run that starts from another model's weights, with a fresh optimizer at step 0.
 
-Without `upcycle=`, it is a warm start: the run's model is MODEL's (a moe-lab checkpoint of any run, or a Hugging
-Face model moe-lab reads), settings, weights and tokenizer, e.g. to continue a model on other data or with another
-schedule. With `upcycle=copy|granular|drop` it is upcycling, and MODEL is dense: the dense model is a moe-lab checkpoint of an `experts=dense` run or a Hugging Face Llama, Qwen2 or Qwen3 (a
-directory or a hub id). Its backbone settings (widths, heads, vocabulary, attention variant) and its tokenizer replace
-the configured ones; the MoE settings (experts, router, capacity, aux losses) stay the command line's, with experts as
-wide as the dense FFN (divided by upcycle.granularity). The weights are made in `moe_lab/model/upcycle.py`. A resumed
-upcycled run takes its backbone from its own checkpoint, so the dense source may be gone by then.
+Without `upcycle=`, it is a warm start: the run's model is MODEL's (a moe-lab checkpoint of any run, or a Hugging Face
+model moe-lab reads), settings, weights and tokenizer, e.g. to continue a model on other data or with another schedule.
+With `upcycle=copy|granular|drop` it is upcycling, and MODEL is dense: the dense model is a moe-lab checkpoint of an
+`experts=dense` run or a Hugging Face Llama, Qwen2 or Qwen3 (a directory or a hub id). Its backbone settings (widths,
+heads, vocabulary, attention variant) and its tokenizer replace the configured ones; the MoE settings (experts, router,
+capacity, aux losses) stay the command line's, with experts as wide as the dense FFN (divided by upcycle.granularity).
+The weights are made in `moe_lab/model/upcycle.py`. A resumed upcycled run takes its backbone from its own checkpoint,
+so the dense source may be gone by then.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def model_source(init_from: str, dense: bool) -> tuple[ModelConfig, Optional[dic
     if path.is_file():
         ckpt = read_checkpoint(path, setting="model.init_from")
         cfg = checkpoint_model_config(ckpt, path)
-        state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+        state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
         return cfg, ckpt["hyper_parameters"].get("tokenizer") or {}, lambda: state
     if not path.exists() and (init_from.endswith(".ckpt") or path.is_absolute() or init_from.startswith((".", "~"))):
         raise ConfigError(f"model.init_from={init_from}: no such checkpoint file or model directory")
@@ -41,8 +42,13 @@ def model_source(init_from: str, dense: bool) -> tuple[ModelConfig, Optional[dic
     hf_config, cfg = read_hf_config(init_from, dense=dense)
 
     def weights() -> dict[str, torch.Tensor]:
-        hf = load_hf(lambda: __import__("transformers").AutoModelForCausalLM.from_pretrained(
-            init_from, dtype=torch.float32, trust_remote_code=False), init_from, "weights")
+        hf = load_hf(
+            lambda: __import__("transformers").AutoModelForCausalLM.from_pretrained(
+                init_from, dtype=torch.float32, trust_remote_code=False
+            ),
+            init_from,
+            "weights",
+        )
         return state_dict(hf.state_dict(), cfg)
 
     eos = hf_config.eos_token_id if isinstance(hf_config.eos_token_id, int) else None
@@ -70,8 +76,11 @@ def apply_upcycling(run: Any, resume_from: Optional[str] = None) -> Optional[Any
         # against them by check_resume (upcycling: only the experts' width comes from the checkpoint).
         ckpt = read_checkpoint(resume_from, "ckpt_path")
         saved = checkpoint_model_config(ckpt, resume_from)
-        moe = saved.moe if method is None else dataclasses.replace(run.model.moe, enabled=True,
-                                                                   expert_hidden=saved.moe.expert_hidden)
+        moe = (
+            saved.moe
+            if method is None
+            else dataclasses.replace(run.model.moe, enabled=True, expert_hidden=saved.moe.expert_hidden)
+        )
         run.model = dataclasses.replace(saved, moe=moe, init_from=run.model.init_from)
         tokenizer = ckpt["hyper_parameters"].get("tokenizer") or {}
         run.tokenizer = TokenizerConfig(**{k: tokenizer.get(k) for k in ("name", "eos_token")})
