@@ -80,7 +80,7 @@ def test_retain_freed_memory_is_idempotent():
 
 def test_bench_quick_compare(tmp_path):
     pytest.importorskip("transformers")
-    from moe_lab.tools.bench import run
+    from moe_lab.tools.bench import measure
 
     args = SimpleNamespace(
         device="cpu",
@@ -96,7 +96,7 @@ def test_bench_quick_compare(tmp_path):
         out=str(tmp_path),
         argv=["--quick"],
     )
-    report = run(args)
+    report = measure(args)
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["ratios"] == report["ratios"] and (tmp_path / "bench.csv").is_file()
     impls = {(c["case"], c["impl"]) for c in saved["cases"]}

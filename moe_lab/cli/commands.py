@@ -1,18 +1,19 @@
-"""moe-lab's subcommands: one table (`COMMANDS`) of name, one-line summary, argument parser and handler.
+"""moe-lab's subcommands: one table (`COMMANDS`) of name, summary, description and arguments, checks and tool.
 
-A handler checks what the command line can tell before any work starts (files to write, counts, the device; for eval
-and analyze the data settings, composed with Hydra's public API) and calls its tool in `moe_lab/tools/`, which does
-the work. Tools and torch are imported inside the handlers, so `moe-lab --help` and shell completion never pay for
-them. `train` is the exception: its arguments are Hydra's, parsed by the Hydra app (`hydra_app.py`) after the
-pre-flight check (`preflight.py`).
+A command's checks look at what the command line can tell before any work starts (files to write, counts, the
+device; for eval and analyze the data settings, composed with Hydra's public API) and raise `UserError`; then its tool
+in `moe_lab/tools/` does the work (`run(parsed, *checked)`). Tools and torch are imported only when a command runs,
+so `moe-lab --help` and shell completion never pay for them. `train` is the exception: its arguments are Hydra's,
+parsed by the Hydra app (`hydra_app.py`) after the pre-flight check (`preflight.py`).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from moe_lab.cli import checks
 from moe_lab.cli.checks import ArgumentParser
@@ -21,17 +22,32 @@ from moe_lab.errors import UserError
 COMPARISON = "moe-lab-comparison.html"  # where `moe-lab dashboard RUN1 RUN2 ...` writes by default
 
 
+def arg(*flags: str, **options: Any) -> tuple[tuple[str, ...], dict[str, Any]]:
+    """One argument of a command, as argparse's add_argument takes it: `arg("--seed", type=int, default=0)`."""
+    return flags, options
+
+
 @dataclass(frozen=True)
 class Command:
     name: str
+    tool: str  # the module of moe_lab/tools/ whose run(parsed, *checked) does the work
+    # Before any work: raises UserError for a mistake, returns what the tool needs besides the arguments.
+    check: Optional[Callable[[argparse.Namespace], tuple]]
     summary: str  # its line in `moe-lab --help`
-    # Builds its argparse parser; None: the handler takes the raw arguments (train: Hydra parses them).
-    parser: Optional[Callable[[], argparse.ArgumentParser]]
-    handler: Callable  # (parsed arguments) -> exit status; a UserError it raises becomes one error line
+    description: str = ""  # its `moe-lab NAME --help`
+    arguments: tuple = ()  # arg(...) each
+    # Takes the raw arguments instead of a parser and a tool (train: Hydra parses them).
+    raw: Optional[Callable[[list[str]], int]] = None
 
+    def parser(self) -> ArgumentParser:
+        parser = ArgumentParser(prog=f"moe-lab {self.name}", description=self.description)
+        for flags, options in self.arguments:
+            parser.add_argument(*flags, **options)
+        return parser
 
-# ------------------------------------------------------------------------------------------------------------
-# train
+    def run(self, parsed: argparse.Namespace) -> int:
+        checked = self.check(parsed) if self.check is not None else ()
+        return importlib.import_module(f"moe_lab.tools.{self.tool}").run(parsed, *checked)
 
 
 def train(args: list[str], check: bool = True) -> int:
@@ -54,163 +70,27 @@ def train(args: list[str], check: bool = True) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# import, export
+# The checks of each command
 
 
-def import_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="moe-lab import",
-        description="Turn a Hugging Face transformers MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE, "
-        "OLMoE) into a moe-lab checkpoint: OUT_DIR/model.ckpt and OUT_DIR/tokenizer/. It loads with "
-        "moe_lab.load_model, generates, evaluates, and fine-tunes with moe-lab train ckpt_path=OUT_DIR/model.ckpt. "
-        "A part moe-lab cannot represent is refused, never approximated.",
-    )
-    parser.add_argument("source", help="a directory written by save_pretrained, or a Hugging Face hub id")
-    parser.add_argument("out_dir", help="a new (or empty) directory")
-    return parser
-
-
-def import_model(parsed: argparse.Namespace) -> int:
-    from moe_lab.tools import hf_import
-
-    return hf_import.run(parsed)
-
-
-def export_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="moe-lab export",
-        description="Write a moe-lab checkpoint in another ecosystem's format. --format hf: "
-        "a transformers model (Mixtral or Qwen2-MoE, chosen from the router and experts) and its tokenizer, "
-        "loadable with AutoModelForCausalLM.from_pretrained(OUT_DIR).",
-    )
-    parser.add_argument("checkpoint", help="a moe-lab checkpoint, e.g. outputs/DATE/TIME/checkpoints/last.ckpt")
-    parser.add_argument("out_dir", help="a new (or empty) directory")
-    parser.add_argument("--format", required=True, choices=["hf"], help="hf: Hugging Face transformers")
-    return parser
-
-
-def export_model(parsed: argparse.Namespace) -> int:
-    from moe_lab.tools import export
-
-    return export.run(parsed)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# dashboard
-
-
-def dashboard_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="moe-lab dashboard",
-        description="Write one self-contained HTML page (no network needed to open it) "
-        "for a run directory (loss, expert load over time, balance, specialisation by domain), a sweep directory, or "
-        "any set of run and sweep directories side by side (a table ranked by validation loss, bars, curves; the "
-        "table is also printed).",
-    )
-    parser.add_argument(
-        "paths",
-        nargs="+",
-        metavar="PATH",
-        help="a run directory (outputs/DATE/TIME) or a sweep (outputs/multirun/DATE/TIME); several "
-        "of either for a comparison",
-    )
-    parser.add_argument(
-        "-o",
-        "--output",
-        help="the HTML file to write (default: PATH/dashboard.html; for several "
-        f"paths, {COMPARISON} in the current directory)",
-    )
-    parser.add_argument(
-        "--live",
-        action="store_true",
-        help="keep rewriting the page while a run or sweep goes on; the open page reloads itself",
-    )
-    parser.add_argument("--interval", type=int, default=30, help="seconds between --live updates (default 30)")
-    return parser
-
-
-def dashboard(parsed: argparse.Namespace) -> int:
+def dashboard_checks(parsed: argparse.Namespace) -> tuple:
     if parsed.interval < 1:
         raise UserError(f"moe-lab dashboard: --interval {parsed.interval} must be at least 1 second")
     if len(parsed.paths) > 1 and parsed.output is None:
         parsed.output = COMPARISON
-    from moe_lab.tools import dashboard as tool
-
-    return tool.run(parsed)
+    return ()
 
 
-# ------------------------------------------------------------------------------------------------------------
-# generate, eval, analyze
-
-
-def generate_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="moe-lab generate",
-        description="Continue prompts with a moe-lab checkpoint or a Hugging Face MoE "
-        "(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; a directory or a hub id), with a KV cache; dropless routing. "
-        "Greedy by default; --temperature > 0 samples.",
-    )
-    parser.add_argument("source", help="a moe-lab checkpoint (.ckpt) or a Hugging Face model directory or hub id")
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for several, batched)")
-    parser.add_argument(
-        "--prompt-file", help="a text file of prompts, one per line (write \\n for a newline inside a prompt)"
-    )
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
-    parser.add_argument(
-        "--top-p",
-        type=float,
-        default=1.0,
-        help="nucleus sampling: the smallest set of tokens whose probability reaches p (1 = all)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--show-experts",
-        type=int,
-        metavar="LAYER",
-        help="colour every token by the expert of highest weight it went to in this MoE layer (terminal and --html)",
-    )
-    parser.add_argument("--html", help="with --show-experts: the HTML snippet to write (default moe-lab-experts.html)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    return parser
-
-
-def generate(parsed: argparse.Namespace) -> int:
+def generate_checks(parsed: argparse.Namespace) -> tuple:
     checks.at_least(parsed.max_new_tokens, "--max-new-tokens")
     if parsed.show_experts is not None:
         checks.output_file(parsed.html or "moe-lab-experts.html", "--html")
     checks.device(parsed.device)
-    from moe_lab.tools import generate as tool
-
-    return tool.run(parsed)
+    return ()
 
 
-def eval_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="moe-lab eval",
-        description="Evaluate a moe-lab checkpoint or a Hugging Face MoE on data: loss, "
-        "perplexity and bits per byte, overall and per domain, and per MoE layer the routing statistics training "
-        "logs (load, imbalance, drops, dead and starved experts, specialisation). The data settings are moe-lab "
-        "train's (data=embedded|text|hf, data.KEY=VALUE; default: the embedded corpus); the held-out split of "
-        "the packed blocks is evaluated, tokenised with the model's tokenizer.",
-    )
-    parser.add_argument("source", help="a moe-lab checkpoint (.ckpt) or a Hugging Face model directory or hub id")
-    parser.add_argument("overrides", nargs="*", help="data=..., data.KEY=VALUE, paths.cache_dir=...")
-    parser.add_argument("--max-batches", type=int, help="evaluate at most this many batches")
-    parser.add_argument(
-        "--capacity",
-        choices=["dropless", "checkpoint"],
-        default="dropless",
-        help="dropless (default: every token reaches its experts, as at inference) or the "
-        "checkpoint's eval capacity factor (as its validation ran)",
-    )
-    parser.add_argument("--json", help="also write the report as JSON to this file")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    return parser
-
-
-def evaluate(parsed: argparse.Namespace) -> int:
+def eval_checks(parsed: argparse.Namespace) -> tuple:
+    """(the composed data settings,)"""
     from moe_lab.cli.preflight import compose_checked
 
     cfg = compose_checked(
@@ -222,62 +102,11 @@ def evaluate(parsed: argparse.Namespace) -> int:
     parsed.json = checks.output_file(parsed.json, "--json")
     checks.at_least(parsed.max_batches, "--max-batches")
     checks.device(parsed.device)
-    from moe_lab.tools import evaluate as tool
-
-    return tool.run(parsed, cfg)
+    return (cfg,)
 
 
-def analyze_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="moe-lab analyze",
-        description="The routing analyses MoE papers publish, on a checkpoint and data: domain "
-        "and vocabulary specialisation (with the random-routing baseline), expert co-activation within a layer and "
-        "transitions between layers, the repeat rate of consecutive tokens against chance, drops by position, and, "
-        "given several checkpoints of one run (oldest first), router saturation against the last. The data settings "
-        "are moe-lab train's (default: the embedded corpus); the held-out blocks are analysed.",
-    )
-    parser.add_argument(
-        "sources",
-        nargs="+",
-        metavar="CKPT_OR_SETTING",
-        help="moe-lab checkpoints or Hugging Face models (the last is analysed), then data=..., "
-        "data.KEY=VALUE, paths.cache_dir=..., and logger=wandb (logger.wandb.KEY=VALUE) to log the "
-        "results to a W&B run too",
-    )
-    parser.add_argument("--max-batches", type=int, help="analyse at most this many batches")
-    parser.add_argument(
-        "--capacity",
-        choices=["dropless", "checkpoint"],
-        default="checkpoint",
-        help="checkpoint (default: the run's eval capacity factor, so drops by position are the run's) or dropless",
-    )
-    parser.add_argument(
-        "--capacity-factor",
-        type=float,
-        action="append",
-        default=[],
-        metavar="F",
-        help="also measure drops by position under capacity factor F (repeat for several)",
-    )
-    parser.add_argument(
-        "-o",
-        "--output",
-        default="moe-lab-analysis.html",
-        help="the report's page (default "
-        "%(default)s); the same data goes to the .json beside it, and as tables to "
-        "PAGE.TABLE.csv files (layers, domain_shares, expert_tokens, coactivation, transitions, "
-        "drops_by_position, saturation)",
-    )
-    parser.add_argument(
-        "--trace",
-        help="also write every token's routing (id, domain, position; experts, weights "
-        "and drops per layer) to this Parquet file, for pandas, polars or duckdb",
-    )
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    return parser
-
-
-def analyze(parsed: argparse.Namespace) -> int:
+def analyze_checks(parsed: argparse.Namespace) -> tuple:
+    """(the composed data settings, the checkpoints)"""
     from moe_lab.cli.preflight import compose_checked
 
     sources = [a for a in parsed.sources if "=" not in a]
@@ -293,45 +122,10 @@ def analyze(parsed: argparse.Namespace) -> int:
     checks.at_least(parsed.max_batches, "--max-batches")
     checks.device(parsed.device)
     parsed.trace = checks.output_file(parsed.trace, "--trace", new=True)
-    from moe_lab.tools import analyze as tool
-
-    return tool.run(parsed, cfg, sources)
+    return cfg, sources
 
 
-# ------------------------------------------------------------------------------------------------------------
-# bench
-
-
-def bench_parser() -> ArgumentParser:
-    parser = ArgumentParser(
-        prog="moe-lab bench",
-        description="Time the MoE layer (forward, forward + backward, activation memory) over "
-        "a grid of shapes, and whole training steps of model presets (tokens/s, MFU on known GPUs). Prints a table "
-        "and writes bench.json and bench.csv.",
-    )
-    parser.add_argument(
-        "--compare",
-        action="store_true",
-        help="also time the peers' MoE layers on the same weights "
-        "(transformers' Mixtral block with eager and grouped_mm experts, torchtitan, OLMo-core: "
-        "pip install -e '.[bench-peers]'; each is checked to compute the same output first, or listed "
-        "with why it was not timed), a dense SwiGLU of equal active parameters, and a whole model "
-        "against its transformers export; print the target ratios",
-    )
-    parser.add_argument("--loop", action="store_true", help="also time moe-lab's per-expert reference loop")
-    parser.add_argument("--capacity", action="store_true", help="also time capacity-limited cases (cf 1.25)")
-    parser.add_argument("--no-steps", action="store_true", help="skip the whole-training-step timings")
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, for a smoke test")
-    parser.add_argument("--device", choices=["cpu", "cuda"], help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", help="directory for bench.json and bench.csv (default benchmarks/results/DATE_TIME)")
-    return parser
-
-
-def bench(parsed: argparse.Namespace) -> int:
+def bench_checks(parsed: argparse.Namespace) -> tuple:
     checks.device(parsed.device)
     if (parsed.threads is not None and parsed.threads < 1) or parsed.repeats < 1 or parsed.warmup < 0:
         raise UserError("moe-lab bench: --threads and --repeats must be at least 1, --warmup at least 0")
@@ -346,59 +140,227 @@ def bench(parsed: argparse.Namespace) -> int:
                 f"moe-lab bench: --out {out} already holds a benchmark (bench.json); moe-lab never "
                 "writes over results: choose a new directory"
             )
-    from moe_lab.tools import bench as tool
+    return ()
 
-    tool.run(parsed)
-    return 0
+
+# ------------------------------------------------------------------------------------------------------------
+# The table
+
+# Arguments several commands take.
+MODEL = arg("source", help="a moe-lab checkpoint (.ckpt) or a Hugging Face model directory or hub id")
+OUT_DIR = arg("out_dir", help="a new (or empty) directory")
+DEVICE = arg("--device", choices=["cpu", "cuda"], default="cpu")
+
+
+def max_batches(verb: str) -> tuple:
+    return arg("--max-batches", type=int, help=f"{verb} at most this many batches")
+
+
+def capacity(default: str, help: str) -> tuple:
+    """--capacity: dropless routing, or the checkpoint's eval capacity factor."""
+    return arg("--capacity", choices=["dropless", "checkpoint"], default=default, help=help)
 
 
 COMMANDS: tuple[Command, ...] = (
     Command(
         "train",
-        "train an MoE language model (a Hydra app: `moe-lab train --help` lists its config groups)",
+        "",
         None,
-        train,
+        "train an MoE language model (a Hydra app: `moe-lab train --help` lists its config groups)",
+        raw=train,
     ),
     Command(
         "import",
+        "hf_import",
+        None,
         "read a Hugging Face MoE (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): moe-lab import HF_DIR_OR_HUB_ID OUT_DIR",
-        import_parser,
-        import_model,
+        "Turn a Hugging Face transformers MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE, "
+        "OLMoE) into a moe-lab checkpoint: OUT_DIR/model.ckpt and OUT_DIR/tokenizer/. It loads with "
+        "moe_lab.load_model, generates, evaluates, and fine-tunes with moe-lab train ckpt_path=OUT_DIR/model.ckpt. "
+        "A part moe-lab cannot represent is refused, never approximated.",
+        (
+            arg("source", help="a directory written by save_pretrained, or a Hugging Face hub id"),
+            OUT_DIR,
+        ),
     ),
     Command(
         "export",
+        "export",
+        None,
         "write a checkpoint as a Hugging Face transformers model: moe-lab export CKPT --format hf OUT_DIR",
-        export_parser,
-        export_model,
+        "Write a moe-lab checkpoint in another ecosystem's format. --format hf: "
+        "a transformers model (Mixtral or Qwen2-MoE, chosen from the router and experts) and its tokenizer, "
+        "loadable with AutoModelForCausalLM.from_pretrained(OUT_DIR).",
+        (
+            arg("checkpoint", help="a moe-lab checkpoint, e.g. outputs/DATE/TIME/checkpoints/last.ckpt"),
+            OUT_DIR,
+            arg("--format", required=True, choices=["hf"], help="hf: Hugging Face transformers"),
+        ),
     ),
     Command(
         "dashboard",
+        "dashboard",
+        dashboard_checks,
         "an HTML page of a run, a sweep, or runs side by side: moe-lab dashboard PATH [PATH ...] [--live]",
-        dashboard_parser,
-        dashboard,
+        "Write one self-contained HTML page (no network needed to open it) "
+        "for a run directory (loss, expert load over time, balance, specialisation by domain), a sweep directory, or "
+        "any set of run and sweep directories side by side (a table ranked by validation loss, bars, curves; the "
+        "table is also printed).",
+        (
+            arg(
+                "paths",
+                nargs="+",
+                metavar="PATH",
+                help="a run directory (outputs/DATE/TIME) or a sweep (outputs/multirun/DATE/TIME); several "
+                "of either for a comparison",
+            ),
+            arg(
+                "-o",
+                "--output",
+                help="the HTML file to write (default: PATH/dashboard.html; for several "
+                f"paths, {COMPARISON} in the current directory)",
+            ),
+            arg(
+                "--live",
+                action="store_true",
+                help="keep rewriting the page while a run or sweep goes on; the open page reloads itself",
+            ),
+            arg("--interval", type=int, default=30, help="seconds between --live updates (default 30)"),
+        ),
     ),
     Command(
         "generate",
+        "generate",
+        generate_checks,
         'text from a checkpoint or Hugging Face MoE: moe-lab generate CKPT_OR_HF_DIR --prompt "def "',
-        generate_parser,
-        generate,
+        "Continue prompts with a moe-lab checkpoint or a Hugging Face MoE "
+        "(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; a directory or a hub id), with a KV cache; dropless routing. "
+        "Greedy by default; --temperature > 0 samples.",
+        (
+            MODEL,
+            arg("--prompt", action="append", default=[], help="a prompt (repeat for several, batched)"),
+            arg("--prompt-file", help="a text file of prompts, one per line (write \\n for a newline inside a prompt)"),
+            arg("--max-new-tokens", type=int, default=200),
+            arg("--temperature", type=float, default=0.0, help="0 = greedy (default)"),
+            arg("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)"),
+            arg(
+                "--top-p",
+                type=float,
+                default=1.0,
+                help="nucleus sampling: the smallest set of tokens whose probability reaches p (1 = all)",
+            ),
+            arg("--seed", type=int, default=0),
+            arg(
+                "--show-experts",
+                type=int,
+                metavar="LAYER",
+                help="colour every token by the expert of highest weight it went to in this MoE layer "
+                "(terminal and --html)",
+            ),
+            arg("--html", help="with --show-experts: the HTML snippet to write (default moe-lab-experts.html)"),
+            DEVICE,
+        ),
     ),
     Command(
         "eval",
+        "evaluate",
+        eval_checks,
         "loss, perplexity, bits per byte and routing on some data: moe-lab eval CKPT_OR_HF_DIR [data=...]",
-        eval_parser,
-        evaluate,
+        "Evaluate a moe-lab checkpoint or a Hugging Face MoE on data: loss, "
+        "perplexity and bits per byte, overall and per domain, and per MoE layer the routing statistics training "
+        "logs (load, imbalance, drops, dead and starved experts, specialisation). The data settings are moe-lab "
+        "train's (data=embedded|text|hf, data.KEY=VALUE; default: the embedded corpus); the held-out split of "
+        "the packed blocks is evaluated, tokenised with the model's tokenizer.",
+        (
+            MODEL,
+            arg("overrides", nargs="*", help="data=..., data.KEY=VALUE, paths.cache_dir=..."),
+            max_batches("evaluate"),
+            capacity(
+                "dropless",
+                "dropless (default: every token reaches its experts, as at inference) or the "
+                "checkpoint's eval capacity factor (as its validation ran)",
+            ),
+            arg("--json", help="also write the report as JSON to this file"),
+            DEVICE,
+        ),
     ),
     Command(
         "analyze",
+        "analyze",
+        analyze_checks,
         "routing analyses (specialisation, co-activation, repeats, drops, saturation): moe-lab analyze CKPT",
-        analyze_parser,
-        analyze,
+        "The routing analyses MoE papers publish, on a checkpoint and data: domain "
+        "and vocabulary specialisation (with the random-routing baseline), expert co-activation within a layer and "
+        "transitions between layers, the repeat rate of consecutive tokens against chance, drops by position, and, "
+        "given several checkpoints of one run (oldest first), router saturation against the last. The data settings "
+        "are moe-lab train's (default: the embedded corpus); the held-out blocks are analysed.",
+        (
+            arg(
+                "sources",
+                nargs="+",
+                metavar="CKPT_OR_SETTING",
+                help="moe-lab checkpoints or Hugging Face models (the last is analysed), then data=..., "
+                "data.KEY=VALUE, paths.cache_dir=..., and logger=wandb (logger.wandb.KEY=VALUE) to log the "
+                "results to a W&B run too",
+            ),
+            max_batches("analyse"),
+            capacity(
+                "checkpoint",
+                "checkpoint (default: the run's eval capacity factor, so drops by position are the run's) or dropless",
+            ),
+            arg(
+                "--capacity-factor",
+                type=float,
+                action="append",
+                default=[],
+                metavar="F",
+                help="also measure drops by position under capacity factor F (repeat for several)",
+            ),
+            arg(
+                "-o",
+                "--output",
+                default="moe-lab-analysis.html",
+                help="the report's page (default "
+                "%(default)s); the same data goes to the .json beside it, and as tables to "
+                "PAGE.TABLE.csv files (layers, domain_shares, expert_tokens, coactivation, transitions, "
+                "drops_by_position, saturation)",
+            ),
+            arg(
+                "--trace",
+                help="also write every token's routing (id, domain, position; experts, weights "
+                "and drops per layer) to this Parquet file, for pandas, polars or duckdb",
+            ),
+            DEVICE,
+        ),
     ),
     Command(
         "bench",
+        "bench",
+        bench_checks,
         "time the MoE layer and training steps: moe-lab bench [--compare] (see moe-lab bench --help)",
-        bench_parser,
-        bench,
+        "Time the MoE layer (forward, forward + backward, activation memory) over "
+        "a grid of shapes, and whole training steps of model presets (tokens/s, MFU on known GPUs). Prints a table "
+        "and writes bench.json and bench.csv.",
+        (
+            arg(
+                "--compare",
+                action="store_true",
+                help="also time the peers' MoE layers on the same weights "
+                "(transformers' Mixtral block with eager and grouped_mm experts, torchtitan, OLMo-core: "
+                "pip install -e '.[bench-peers]'; each is checked to compute the same output first, or listed "
+                "with why it was not timed), a dense SwiGLU of equal active parameters, and a whole model "
+                "against its transformers export; print the target ratios",
+            ),
+            arg("--loop", action="store_true", help="also time moe-lab's per-expert reference loop"),
+            arg("--capacity", action="store_true", help="also time capacity-limited cases (cf 1.25)"),
+            arg("--no-steps", action="store_true", help="skip the whole-training-step timings"),
+            arg("--quick", action="store_true", help="tiny shapes, for a smoke test"),
+            arg("--device", choices=["cpu", "cuda"], help="cpu or cuda (default: cuda if available)"),
+            arg("--dtype", default="float32", choices=["float32", "bfloat16"]),
+            arg("--threads", type=int, default=None, help="CPU threads (default: torch's)"),
+            arg("--warmup", type=int, default=3),
+            arg("--repeats", type=int, default=10),
+            arg("--out", help="directory for bench.json and bench.csv (default benchmarks/results/DATE_TIME)"),
+        ),
     ),
 )

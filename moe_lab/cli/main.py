@@ -51,15 +51,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if name not in BY_NAME and launched_worker():
         # A data-parallel worker that Lightning started by re-running this process's command line, which Hydra
         # holds without the subcommand: it is the same `train` run (rank 0 already checked the command line).
-        return one_line_errors(lambda args: BY_NAME["train"].handler(args, check=False), argv)
+        return one_line_errors(lambda args: BY_NAME["train"].raw(args, check=False), argv)
     if name not in BY_NAME:
         return fail(f"unknown command {name!r}; the commands are: {', '.join(BY_NAME)} (see moe-lab --help)")
     command = BY_NAME[name]
-    if command.parser is None:
-        return one_line_errors(command.handler, rest)
+    if command.raw is not None:
+        return one_line_errors(command.raw, rest)
     parsed = command.parser().parse_args(rest)
     parsed.argv = rest
-    return one_line_errors(command.handler, parsed)
+    return one_line_errors(command.run, parsed)
 
 
 def complete(argv: list[str]) -> int:

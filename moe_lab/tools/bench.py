@@ -612,7 +612,14 @@ def write_report(report: dict, results: list[Result], out_dir: Optional[str]) ->
     return out
 
 
-def run(args) -> dict:
+def run(args) -> int:
+    """`moe-lab bench` with its parsed arguments (moe_lab/cli/commands.py)."""
+    measure(args)
+    return 0
+
+
+def measure(args) -> dict:
+    """Every timing the arguments ask for, printed and written to bench.json and bench.csv; returns the report."""
     from moe_lab.training.runtime import retain_freed_memory
 
     retain_freed_memory()  # as `moe-lab train` does
