@@ -163,79 +163,30 @@ def sweep_page(
 ) -> str:
     """The side-by-side page of a sweep's runs, or of any runs (`moe-lab dashboard RUN1 RUN2 ...`); each run's own
     page is linked relative to `links_from`, the folder the page is written to (default: the sweep directory)."""
-    keys = swept_keys(runs)
     names = labels(runs)
     by_job = {run.job: (run, name) for run, name in zip(runs, names)}
     rows = summary_rows(runs)
-    done = [r for r in rows if isinstance(r["val/loss"], float)]
-    best_loss = done[0]["job"] if done else None
-    balanced = [r for r in done if isinstance(r["moe/mean_imbalance"], float)]
-    best_balance = min(balanced, key=lambda r: r["moe/mean_imbalance"])["job"] if balanced else None
-    special = [r for r in done if isinstance(r["moe/specialization"], float)]
-    most_special = max(special, key=lambda r: r["moe/specialization"])["job"] if special else None
+    best = _best_jobs(rows)
     links_from = links_from or sweep_dir
     from markupsafe import Markup
 
     def name_of(job: Optional[str]) -> str:
         return by_job[job][1] if job in by_job else ""
 
-    cards = [
-        (
-            "runs",
-            str(len(runs)),
-            f"{sum(r['status'] == 'finished' for r in rows)} finished, "
-            f"{sum(r['status'] == 'failed' for r in rows)} failed",
-        ),
-        ("best validation loss", _fmt(done[0]["val/loss"]) if done else "n/a", name_of(best_loss)),
-        (
-            "best balanced",
-            _fmt(min(r["moe/mean_imbalance"] for r in balanced) if balanced else None, ".2f"),
-            name_of(best_balance),
-        ),
-        (
-            "most specialised",
-            _fmt(max(r["moe/specialization"] for r in special) if special else None, ".3f"),
-            name_of(most_special),
-        ),
-    ]
+    cards = _sweep_cards(len(runs), rows, best, name_of)
     table = [
         _sweep_row(
-            r, by_job[r["job"]][0], name_of(r["job"]), r["job"] == best_balance, r["job"] == best_loss, links_from
+            r, by_job[r["job"]][0], name_of(r["job"]), r["job"] == best["balance"], r["job"] == best["loss"], links_from
         )
         for r in rows
     ]
-    domain_parts = _domain_figures(runs, names)
-    groups = seed_groups(runs)
-    grouped = None
-    if has_seed_groups(groups):  # seeds repeated: means with intervals, error bars and bands instead of single runs
-        ranked = ranked_groups(groups)
-        grouped = {
-            "rows": [_group_row(r) for r in ranked],
-            "columns": [t for _, t, _ in GROUP_METRICS[1:]],
-            "differences": [_difference_text(d) for d in differences(ranked)],
-            "overlap": any(r.overlaps for r in ranked),
-            "confidence": int(round(CONFIDENCE * 100)),
-        }
-        drawn = {"bars": _html(figures.group_bars(ranked)), "curves": _html(figures.group_curves(ranked))}
-        best = ranked[0] if ranked else None
-        cards[1] = (
-            "best mean validation loss",
-            _fmt(best.interval["mean"]) if best else "n/a",
-            (
-                f"{best.group.name}"
-                + (f" (not separated from #{', #'.join(map(str, best.overlaps))})" if best.overlaps else "")
-            )
-            if best
-            else "",
-        )
-    else:
-        drawn = {"bars": _html(figures.sweep_bars(runs, names)), "curves": _html(figures.sweep_curves(runs, names))}
-    drawn["domains"] = domain_parts
+    grouped, drawn = _seed_group_view(runs, names, cards)
+    drawn["domains"] = _domain_figures(runs, names)
     return _render(
         "sweep.html.j2",
         title=title or f"moe-lab sweep: {sweep_dir.name}",
         path=str(sweep_dir),
-        swept=keys,
+        swept=swept_keys(runs),
         cards=cards,
         columns=[(c, Markup(header)) for c, header, _ in SWEEP_COLUMNS],
         rows=table,
@@ -243,6 +194,61 @@ def sweep_page(
         refresh=refresh,
         grouped=grouped,
     )
+
+
+def _best_jobs(rows: list[dict]) -> dict[str, Optional[str]]:
+    """The jobs of the best validation loss (rows come ranked), the best balance and the most specialisation."""
+    done = [r for r in rows if isinstance(r["val/loss"], float)]
+    balanced = [r for r in done if isinstance(r["moe/mean_imbalance"], float)]
+    special = [r for r in done if isinstance(r["moe/specialization"], float)]
+    return {
+        "loss": done[0]["job"] if done else None,
+        "balance": min(balanced, key=lambda r: r["moe/mean_imbalance"])["job"] if balanced else None,
+        "special": max(special, key=lambda r: r["moe/specialization"])["job"] if special else None,
+    }
+
+
+def _sweep_cards(count: int, rows: list[dict], best: dict, name_of: Callable[[Optional[str]], str]) -> list[tuple]:
+    """The cards above the sweep table: runs, best loss, best balanced, most specialised."""
+    by_job = {r["job"]: r for r in rows}
+
+    def value(job: Optional[str], key: str, spec: str = ".4f") -> str:
+        return _fmt(by_job[job][key], spec) if job is not None else "n/a"
+
+    finished = sum(r["status"] == "finished" for r in rows)
+    failed = sum(r["status"] == "failed" for r in rows)
+    return [
+        ("runs", str(count), f"{finished} finished, {failed} failed"),
+        ("best validation loss", value(best["loss"], "val/loss"), name_of(best["loss"])),
+        ("best balanced", value(best["balance"], "moe/mean_imbalance", ".2f"), name_of(best["balance"])),
+        ("most specialised", value(best["special"], "moe/specialization", ".3f"), name_of(best["special"])),
+    ]
+
+
+def _seed_group_view(runs: list[RunRecord], names: list[str], cards: list[tuple]) -> tuple[Optional[dict], dict]:
+    """(the seed groups' table or None, the bars and curves): with seeds repeated, means with intervals, error bars
+    and bands instead of single runs, and the best-loss card says which group is best."""
+    groups = seed_groups(runs)
+    if not has_seed_groups(groups):
+        return None, {
+            "bars": _html(figures.sweep_bars(runs, names)),
+            "curves": _html(figures.sweep_curves(runs, names)),
+        }
+    ranked = ranked_groups(groups)
+    grouped = {
+        "rows": [_group_row(r) for r in ranked],
+        "columns": [t for _, t, _ in GROUP_METRICS[1:]],
+        "differences": [_difference_text(d) for d in differences(ranked)],
+        "overlap": any(r.overlaps for r in ranked),
+        "confidence": int(round(CONFIDENCE * 100)),
+    }
+    best = ranked[0] if ranked else None
+    if best is not None:
+        overlap = f" (not separated from #{', #'.join(map(str, best.overlaps))})" if best.overlaps else ""
+        cards[1] = ("best mean validation loss", _fmt(best.interval["mean"]), f"{best.group.name}{overlap}")
+    else:
+        cards[1] = ("best mean validation loss", "n/a", "")
+    return grouped, {"bars": _html(figures.group_bars(ranked)), "curves": _html(figures.group_curves(ranked))}
 
 
 def _sweep_row(r: dict, run: RunRecord, label: str, best_balance: bool, best_loss: bool, links_from: Path) -> dict:

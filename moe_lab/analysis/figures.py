@@ -649,6 +649,27 @@ def analysis_matrix_figure(report: dict, key: str, title: str, x_label: str, y_l
     return fig
 
 
+def _add_saturation(fig, layer, saturation: list[dict], x: list, color: str) -> None:
+    """One layer's router saturation curves (solid: top-k, dotted: top-1) in the second panel."""
+    import plotly.graph_objects as go
+
+    for key, dash in (("topk", None), ("top1", "dot")):
+        fig.add_trace(
+            go.Scatter(
+                x=x,
+                y=[s[key] for s in saturation],
+                name=f"layer {layer} {key}",
+                legendgroup=layer,
+                showlegend=False,
+                mode="lines+markers",
+                line=dict(color=color, dash=dash),
+                hovertemplate=f"layer {layer}, {key}: %{{y:.1%}}<extra></extra>",
+            ),
+            row=1,
+            col=2,
+        )
+
+
 def analysis_position_figure(report: dict):
     """Dropped share of token slots by position, per layer (solid: the analysed capacity; dotted: each
     --capacity-factor); and router saturation per checkpoint, per layer (solid: top-k, dotted: top-1), by training
@@ -685,21 +706,7 @@ def analysis_position_figure(report: dict):
             )
         if saturated:
             x = steps[:-1] if by_step else [str(s) for s in report["sources"][:-1]]
-            for key, dash in (("topk", None), ("top1", "dot")):
-                fig.add_trace(
-                    go.Scatter(
-                        x=x,
-                        y=[s[key] for s in e["saturation"]],
-                        name=f"layer {layer} {key}",
-                        legendgroup=layer,
-                        showlegend=False,
-                        mode="lines+markers",
-                        line=dict(color=color, dash=dash),
-                        hovertemplate=f"layer {layer}, {key}: %{{y:.1%}}<extra></extra>",
-                    ),
-                    row=1,
-                    col=2,
-                )
+            _add_saturation(fig, layer, e["saturation"], x, color)
     fig.update_xaxes(title_text="position", row=1, col=1)
     fig.update_layout(legend=dict(y=-0.22), margin=dict(b=70))  # below the axis titles
     if saturated:

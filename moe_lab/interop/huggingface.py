@@ -125,19 +125,6 @@ def model_config(hf: Any, dense: bool = False) -> ModelConfig:
     theta, activation = _supported_attention_and_activation(hf, family)
     n_layers, d_model, n_heads = get("num_hidden_layers"), get("hidden_size"), get("num_attention_heads")
     head_dim = get("head_dim") or d_model // n_heads
-    num_experts = get("num_local_experts") or get("num_experts")
-    expert_hidden = get("moe_intermediate_size") if family.startswith("qwen") else get("intermediate_size")
-    sparse_step = get("decoder_sparse_step", 1) or 1
-    dense_only = set(get("mlp_only_layers", None) or [])
-    moe_layers = [layer for layer in range(n_layers) if layer not in dense_only and (layer + 1) % sparse_step == 0]
-    first_dense, every = _layer_pattern(moe_layers, n_layers)
-    refuse(
-        first_dense is None,
-        f"MoE layers {moe_layers} of {n_layers} (mlp_only_layers={sorted(dense_only)}, "
-        f"decoder_sparse_step={sparse_step}): moe-lab places them as first_dense_layers "
-        "then every_n_layers",
-    )
-    shared = (get("shared_expert_intermediate_size", 0) or 0) if family == "qwen2_moe" else 0
     cfg = ModelConfig.from_dict(
         {
             "name": family,
@@ -155,26 +142,7 @@ def model_config(hf: Any, dense: bool = False) -> ModelConfig:
             "norm_eps": get("rms_norm_eps"),
             "init_std": get("initializer_range", 0.02),
             "tie_embeddings": bool(get("tie_word_embeddings", False)),
-            "moe": {
-                "num_experts": num_experts,
-                "expert_hidden": expert_hidden,
-                "activation": activation,
-                "num_shared": 1 if shared else 0,
-                "shared_hidden": shared or None,
-                "shared_gate": bool(shared),
-                # Published MoEs route every token (no capacity): import them dropless in training and evaluation.
-                "capacity_factor": None,
-                "eval_capacity_factor": None,
-                "first_dense_layers": first_dense,
-                "every_n_layers": every,
-                "router": {
-                    "name": "topk",
-                    "top_k": get("num_experts_per_tok"),
-                    "score": "softmax",
-                    "normalize": True if family == "mixtral" else bool(get("norm_topk_prob", False)),
-                },
-                "aux_loss": {"load_balance": float(get("router_aux_loss_coef", 0.0) or 0.0), "z_loss": 0.0},
-            },
+            "moe": _moe_settings(hf, family, activation),
         }
     )
     if family == "olmoe" and cfg.head_dim * n_heads != d_model:
@@ -184,6 +152,46 @@ def model_config(hf: Any, dense: bool = False) -> ModelConfig:
     except ValueError as e:
         raise ModelImportError(f"{family}: {e}") from None
     return cfg
+
+
+def _moe_settings(hf: Any, family: str, activation: str) -> dict[str, Any]:
+    """The `model.moe` settings of an MoE family's config: experts, shared expert, MoE layers, router, aux loss."""
+    refuse = _refuser(family)
+    get = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
+    n_layers = get("num_hidden_layers")
+    num_experts = get("num_local_experts") or get("num_experts")
+    expert_hidden = get("moe_intermediate_size") if family.startswith("qwen") else get("intermediate_size")
+    sparse_step = get("decoder_sparse_step", 1) or 1
+    dense_only = set(get("mlp_only_layers", None) or [])
+    moe_layers = [layer for layer in range(n_layers) if layer not in dense_only and (layer + 1) % sparse_step == 0]
+    first_dense, every = _layer_pattern(moe_layers, n_layers)
+    refuse(
+        first_dense is None,
+        f"MoE layers {moe_layers} of {n_layers} (mlp_only_layers={sorted(dense_only)}, "
+        f"decoder_sparse_step={sparse_step}): moe-lab places them as first_dense_layers "
+        "then every_n_layers",
+    )
+    shared = (get("shared_expert_intermediate_size", 0) or 0) if family == "qwen2_moe" else 0
+    return {
+        "num_experts": num_experts,
+        "expert_hidden": expert_hidden,
+        "activation": activation,
+        "num_shared": 1 if shared else 0,
+        "shared_hidden": shared or None,
+        "shared_gate": bool(shared),
+        # Published MoEs route every token (no capacity): import them dropless in training and evaluation.
+        "capacity_factor": None,
+        "eval_capacity_factor": None,
+        "first_dense_layers": first_dense,
+        "every_n_layers": every,
+        "router": {
+            "name": "topk",
+            "top_k": get("num_experts_per_tok"),
+            "score": "softmax",
+            "normalize": True if family == "mixtral" else bool(get("norm_topk_prob", False)),
+        },
+        "aux_loss": {"load_balance": float(get("router_aux_loss_coef", 0.0) or 0.0), "z_loss": 0.0},
+    }
 
 
 def _refuser(family: str):
@@ -447,31 +455,11 @@ def _describe(router: RouterConfig) -> str:
 
 
 def hf_config(cfg: ModelConfig, architecture: str, routing: dict, eos_id: int):
+    """The transformers config of `architecture` for a moe-lab model: the settings every family shares, then its own."""
     from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     moe = cfg.moe
-    common = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.kv_heads,
-        head_dim=cfg.head_dim,
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        hidden_act="silu" if moe.activation == "swiglu" else "gelu_pytorch_tanh",
-        tie_word_embeddings=cfg.tie_embeddings,
-        num_experts_per_tok=routing["top_k"],
-        eos_token_id=eos_id,
-        bos_token_id=None,
-        pad_token_id=None,
-        initializer_range=cfg.init_std,
-        output_router_logits=False,
-        torch_dtype="float32",
-        # The Switch load-balancing weight (HF's load_balancing_loss_func); HF has no z-loss.
-        router_aux_loss_coef=moe.aux_loss.load_balance,
-    )
+    common = _hf_common_settings(cfg, routing, eos_id)
     if architecture == "mixtral":
         return MixtralConfig(
             intermediate_size=moe.expert_hidden, num_local_experts=moe.num_experts, sliding_window=None, **common
@@ -509,6 +497,33 @@ def hf_config(cfg: ModelConfig, architecture: str, routing: dict, eos_id: int):
         qkv_bias=cfg.qkv_bias,
         use_sliding_window=False,
         **common,
+    )
+
+
+def _hf_common_settings(cfg: ModelConfig, routing: dict, eos_id: int) -> dict[str, Any]:
+    """The transformers settings Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE share."""
+    moe = cfg.moe
+    return dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.kv_heads,
+        head_dim=cfg.head_dim,
+        max_position_embeddings=cfg.max_seq_len,
+        rms_norm_eps=cfg.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        hidden_act="silu" if moe.activation == "swiglu" else "gelu_pytorch_tanh",
+        tie_word_embeddings=cfg.tie_embeddings,
+        num_experts_per_tok=routing["top_k"],
+        eos_token_id=eos_id,
+        bos_token_id=None,
+        pad_token_id=None,
+        initializer_range=cfg.init_std,
+        output_router_logits=False,
+        torch_dtype="float32",
+        # The Switch load-balancing weight (HF's load_balancing_loss_func); HF has no z-loss.
+        router_aux_loss_coef=moe.aux_loss.load_balance,
     )
 
 

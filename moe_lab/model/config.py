@@ -249,14 +249,13 @@ class ModelConfig:
         self._check_moe(need)
 
     def _check_moe(self, need: Callable[[bool, str], None]) -> None:
+        """Experts, router, capacity and shared experts."""
         moe = self.moe
         need(
             moe.num_experts >= 1,
             f"model.moe.num_experts={moe.num_experts} must be at least 1 "
             "(for a dense model use experts=dense or model=dense_tiny)",
         )
-        from moe_lab.model.experts import ACTIVATIONS  # torch: only when a config is checked, not to compose one
-
         router_config(moe.router).check(moe.num_experts)
         need(
             moe.drop_policy in ("position", "probability"),
@@ -273,6 +272,13 @@ class ModelConfig:
                 value is None or (value == value and abs(value) != float("inf") and value > 0),
                 f"model.moe.{key}={value} must be > 0 (or null for dropless routing)",
             )
+        self._check_moe_layout(need)
+
+    def _check_moe_layout(self, need: Callable[[bool, str], None]) -> None:
+        """Widths, activation, the MoE layers and expert parallelism."""
+        from moe_lab.model.experts import ACTIVATIONS  # torch: only when a config is checked, not to compose one
+
+        moe = self.moe
         need(moe.expert_hidden >= 1, f"model.moe.expert_hidden={moe.expert_hidden} must be at least 1")
         # torch._grouped_mm needs 16-byte-aligned row strides: multiples of 8 elements cover bf16 and float32.
         for key, value in (("model.d_model", self.d_model), ("model.moe.expert_hidden", moe.expert_hidden)):

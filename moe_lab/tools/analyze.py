@@ -466,29 +466,7 @@ def run(args: Any, cfg: Any, sources: list[str]) -> int:
         flush=True,
     )
 
-    def progress(done: int, tokens: int) -> None:
-        print(
-            f"\rmoe-lab: {done}/{len(loader.batch_sampler)} batches, {tokens:,} tokens",
-            end="",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    trace = TraceWriter(args.trace, final.moe_layers, data.domain_names) if args.trace is not None else None
-    try:
-        result = analyze(
-            models,
-            loader,
-            final.cfg.vocab_size,
-            len(data.domain_names),
-            run_cfg.data.seq_len,
-            progress=progress,
-            trace=trace,
-            capacity_factors=args.capacity_factor,
-        )
-    finally:
-        if trace is not None:
-            trace.close()
+    result = analyze_with_progress(models, loader, run_cfg.data.seq_len, data.domain_names, args)
     print(file=sys.stderr)
     report = {
         "sources": sources,
@@ -510,6 +488,39 @@ def run(args: Any, cfg: Any, sources: list[str]) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def analyze_with_progress(
+    models: list[MoETransformer], loader: Any, seq_len: int, domain_names: list[str], args: Any
+) -> dict[str, Any]:
+    """`analyze` with a progress line on stderr, and every token's routing to --trace if given."""
+    import sys
+
+    final = models[-1]
+
+    def progress(done: int, tokens: int) -> None:
+        print(
+            f"\rmoe-lab: {done}/{len(loader.batch_sampler)} batches, {tokens:,} tokens",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    trace = TraceWriter(args.trace, final.moe_layers, domain_names) if args.trace is not None else None
+    try:
+        return analyze(
+            models,
+            loader,
+            final.cfg.vocab_size,
+            len(domain_names),
+            seq_len,
+            progress=progress,
+            trace=trace,
+            capacity_factors=args.capacity_factor,
+        )
+    finally:
+        if trace is not None:
+            trace.close()
 
 
 def check_outputs(page: Path) -> Path:

@@ -333,6 +333,22 @@ def time_training_step(
     }
 
 
+def hf_step(hf, inputs: torch.Tensor, targets: torch.Tensor, optimizer) -> Callable[[], None]:
+    """One training step of a transformers MoE: cross-entropy plus its own load-balancing loss, backward, AdamW."""
+    import torch.nn.functional as F
+
+    def step():
+        out = hf(input_ids=inputs)
+        loss = (
+            F.cross_entropy(out.logits.flatten(0, 1), targets.flatten()) + out.aux_loss * hf.config.router_aux_loss_coef
+        )
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def time_whole_model_vs_hf(
     preset: str, experts: Optional[str], batch_size: int, seq_len: int, device: torch.device, warmup: int, repeats: int
 ) -> dict:
@@ -342,8 +358,6 @@ def time_whole_model_vs_hf(
     Both compute the same logits (checked first: relative L2 error, bar 1e-4); each adds its own load-balancing
     loss at the same weight (transformers' `load_balancing_loss_func` with output_router_logits; moe-lab's Switch
     loss and z-loss as configured)."""
-    import torch.nn.functional as F
-
     from moe_lab.interop.huggingface import to_hf
     from moe_lab.model import MoETransformer
 
@@ -367,24 +381,10 @@ def time_whole_model_vs_hf(
         return {"preset": preset, "not_timed": f"the exported model computes other logits (relative error {error:.1e})"}
     model.train()
     hf.train()
-
-    def hf_step(optimizer):
-        def step():
-            out = hf(input_ids=inputs)
-            loss = (
-                F.cross_entropy(out.logits.flatten(0, 1), targets.flatten())
-                + out.aux_loss * hf.config.router_aux_loss_coef
-            )
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        return step
-
     times = {}
     for name, module, make in (
         ("moe-lab", model, lambda opt: moe_lab_step(model, inputs, targets, opt)),
-        ("transformers", hf, hf_step),
+        ("transformers", hf, lambda opt: hf_step(hf, inputs, targets, opt)),
     ):
         optimizer = torch.optim.AdamW(module.parameters(), lr=1e-6, fused=device.type == "cuda")
         times[name] = median_ms(make(optimizer), device, warmup, repeats)
@@ -427,63 +427,75 @@ WHOLE_MODEL_TARGET = 1.3  # whole-model training step, speed-up over transformer
 TRAINING_STEP_TARGET = 0.9  # tokens/s of the default MoE over the dense model of equal active parameters
 
 
+class Ratios(list):
+    """(case, comparison, ratio, target, met) rows (met None: no target)."""
+
+    def add(self, case: str, what: str, value: float, bar: float, higher_is_better: bool) -> None:
+        met = value >= bar if higher_is_better else value <= bar
+        self.append((case, what, value, (">= " if higher_is_better else "<= ") + f"{bar}x", met))
+
+    def note(self, case: str, what: str, value: float) -> None:
+        self.append((case, what, value, "(no target)", None))
+
+
 def ratios(
     results: list[Result], steps: list[dict] = (), whole_models: list[dict] = (), dtype: str = "float32"
 ) -> list[tuple[str, str, float, str, Optional[bool]]]:
     """(case, comparison, ratio, target, met) for the targets of the speed issues (met None: no target)."""
-    from moe_lab.tools.bench_peers import COMPUTES_IN_BF16
-
     by = {(r.case, r.impl): r for r in results}
-    out = []
-
-    def add(case, what, value, bar, higher_is_better):
-        met = value >= bar if higher_is_better else value <= bar
-        out.append((case, what, value, (">= " if higher_is_better else "<= ") + f"{bar}x", met))
-
+    out = Ratios()
     for case in dict.fromkeys(r.case for r in results):
         ours = by.get((case, "grouped"))
         if ours is None or case.startswith("scale-"):
             continue
-        peers = [by[(case, p)] for p in PEER_NAMES if (case, p) in by]
-        # A peer that runs its GEMMs in bfloat16 in a float32 bench does cheaper math: it is shown, but the target
-        # is against the fastest peer computing at moe-lab's precision.
-        lower = [r for r in peers if r.impl in COMPUTES_IN_BF16 and dtype == "float32"]
-        same = [r for r in peers if r not in lower]
-        if same and case in PEER_SPEEDUP_TARGETS:
-            best = min(same, key=lambda r: r.forward_backward_ms)
-            add(
-                case,
-                f"speed-up over the fastest peer ({best.impl})",
-                best.forward_backward_ms / ours.forward_backward_ms,
-                PEER_SPEEDUP_TARGETS[case],
-                True,
-            )
-        for r in lower:
-            out.append(
-                (
-                    case,
-                    f"speed-up over {r.impl} (its expert GEMMs in bf16)",
-                    r.forward_backward_ms / ours.forward_backward_ms,
-                    "(no target)",
-                    None,
-                )
-            )
-        if peers:
-            least = min(peers, key=lambda r: r.saved_mb)
-            add(
-                case, f"activation memory / the least peer's ({least.impl})", ours.saved_mb / least.saved_mb, 1.0, False
-            )
+        peer_ratios(out, case, ours, [by[(case, p)] for p in PEER_NAMES if (case, p) in by], dtype)
         dense = by.get((case, "dense"))
         if dense is not None:
             if case in DENSE_TIME_TARGETS:
-                add(
+                out.add(
                     case,
                     "time / dense SwiGLU of equal active params",
                     ours.forward_backward_ms / dense.forward_backward_ms,
                     DENSE_TIME_TARGETS[case],
                     False,
                 )
-            add(case, "activation memory / dense SwiGLU", ours.saved_mb / dense.saved_mb, DENSE_MEMORY_TARGET, False)
+            out.add(
+                case, "activation memory / dense SwiGLU", ours.saved_mb / dense.saved_mb, DENSE_MEMORY_TARGET, False
+            )
+    scaling_ratios(out, results)
+    model_ratios(out, steps, whole_models)
+    return list(out)
+
+
+def peer_ratios(out: Ratios, case: str, ours: Result, peers: list[Result], dtype: str) -> None:
+    """moe-lab's layer against the peers' on one case: speed and activation memory."""
+    from moe_lab.tools.bench_peers import COMPUTES_IN_BF16
+
+    # A peer that runs its GEMMs in bfloat16 in a float32 bench does cheaper math: it is shown, but the target
+    # is against the fastest peer computing at moe-lab's precision.
+    lower = [r for r in peers if r.impl in COMPUTES_IN_BF16 and dtype == "float32"]
+    same = [r for r in peers if r not in lower]
+    if same and case in PEER_SPEEDUP_TARGETS:
+        best = min(same, key=lambda r: r.forward_backward_ms)
+        out.add(
+            case,
+            f"speed-up over the fastest peer ({best.impl})",
+            best.forward_backward_ms / ours.forward_backward_ms,
+            PEER_SPEEDUP_TARGETS[case],
+            True,
+        )
+    for r in lower:
+        speedup = r.forward_backward_ms / ours.forward_backward_ms
+        out.note(case, f"speed-up over {r.impl} (its expert GEMMs in bf16)", speedup)
+    if peers:
+        least = min(peers, key=lambda r: r.saved_mb)
+        out.add(
+            case, f"activation memory / the least peer's ({least.impl})", ours.saved_mb / least.saved_mb, 1.0, False
+        )
+
+
+def scaling_ratios(out: Ratios, results: list[Result]) -> None:
+    """Time from the fewest to the most experts of each scaling family (the same active compute)."""
     families: dict[str, list[Result]] = {}
     for r in results:
         if r.case.startswith("scale-") and r.impl == "grouped":
@@ -491,33 +503,32 @@ def ratios(
     for family, rows in families.items():
         rows.sort(key=lambda r: r.num_experts)
         if len(rows) >= 2:
-            add(
+            out.add(
                 f"{family}: E{rows[0].num_experts} -> E{rows[-1].num_experts}",
                 f"time ratio ({rows[0].tokens} tokens, top-{rows[0].top_k}, width {rows[0].expert_hidden})",
                 rows[-1].forward_backward_ms / rows[0].forward_backward_ms,
                 1.2,
                 False,
             )
+
+
+def model_ratios(out: Ratios, steps: list[dict], whole_models: list[dict]) -> None:
+    """Whole models against transformers, and the MoE training step against its dense twin."""
     for w in whole_models:
         if "speedup" in w:
-            add(
-                w["preset"],
-                f"whole-model step, speed-up over transformers ({w['architecture']})",
-                w["speedup"],
-                WHOLE_MODEL_TARGET,
-                True,
-            )
+            what = f"whole-model step, speed-up over transformers ({w['architecture']})"
+            out.add(w["preset"], what, w["speedup"], WHOLE_MODEL_TARGET, True)
     moe = next((s for s in steps if s["preset"] == "tiny"), None)
     dense = next((s for s in steps if s["preset"] == "dense_tiny"), None)
     if moe and dense:
-        add(
+        ratio = moe["tokens_per_sec"] / dense["tokens_per_sec"]
+        out.add(
             "tiny vs dense_tiny",
             "training step tokens/s, MoE / dense of equal active",
-            moe["tokens_per_sec"] / dense["tokens_per_sec"],
+            ratio,
             TRAINING_STEP_TARGET,
             True,
         )
-    return out
 
 
 def print_table(

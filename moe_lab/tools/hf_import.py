@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -60,9 +60,27 @@ def import_hf(source: str, out_dir: str | Path) -> dict[str, Any]:
         raise ModelImportError(
             f"{source}: its tokenizer has no tokenizer.json (a slow tokenizer); moe-lab reads fast tokenizers only"
         )
-    eos = tokenizer.eos_token
+    ckpt = imported_checkpoint(cfg, model, hf_model, source, tokenizer_dir, tokenizer.eos_token)
+    path = out / CHECKPOINT
+    write_atomically(path, lambda f: torch.save(with_checksum(ckpt), f))
+    params = model.num_params()
+    return {
+        "family": cfg.name,
+        "checkpoint": str(path),
+        "total": params["total"],
+        "active": params["active"],
+        "layers": cfg.n_layers,
+        "experts": cfg.moe.num_experts,
+        "top_k": cfg.moe.router.top_k,
+    }
+
+
+def imported_checkpoint(
+    cfg: Any, model: Any, hf_model: Any, source: str, tokenizer_dir: Path, eos: Optional[str]
+) -> dict[str, Any]:
+    """The checkpoint of an imported model: weights only, its settings, its tokenizer, where it came from."""
     tok = {"name": str(tokenizer_dir.resolve()), "eos_token": eos}
-    ckpt = {
+    return {
         "hyper_parameters": {
             "model": dataclasses.asdict(cfg),
             "optim": {},
@@ -79,18 +97,6 @@ def import_hf(source: str, out_dir: str | Path) -> dict[str, Any]:
             "run_dir": None,
             "tokenizer": tokenizer_identity(HFTokenizer(str(tokenizer_dir), eos)),
         },
-    }
-    path = out / CHECKPOINT
-    write_atomically(path, lambda f: torch.save(with_checksum(ckpt), f))
-    params = model.num_params()
-    return {
-        "family": cfg.name,
-        "checkpoint": str(path),
-        "total": params["total"],
-        "active": params["active"],
-        "layers": cfg.n_layers,
-        "experts": cfg.moe.num_experts,
-        "top_k": cfg.moe.router.top_k,
     }
 
 

@@ -53,6 +53,23 @@ def peak_flops(device: torch.device, precision: str) -> Optional[float]:
     return get_available_flops(device, dtype)
 
 
+def model_summary(per_layer: dict[str, list[float]]) -> dict[str, float]:
+    """The model's routing figures from its layers': worst and mean imbalance, mean drops, entropy and
+    specialisation, total dead and starved experts, the least loaded expert's share."""
+    out = {
+        "moe/max_imbalance": max(per_layer["imbalance"]),
+        "moe/mean_imbalance": float(np.mean(per_layer["imbalance"])),
+        "moe/dropped_frac": float(np.mean(per_layer["dropped_frac"])),
+        "moe/dead_experts": float(np.sum(per_layer["dead_experts"])),
+        "moe/starved_experts": float(np.sum(per_layer["starved_experts"])),
+        "moe/min_load": float(np.min(per_layer["min_load"])),
+        "moe/entropy_norm": float(np.mean(per_layer["entropy_norm"])),
+    }
+    if per_layer["specialization"]:
+        out["moe/specialization"] = float(np.mean(per_layer["specialization"]))
+    return out
+
+
 class RoutingMetrics(L.Callback):
     """Aggregates the per-micro-batch statistics that `training_step` returns, and logs them once per window."""
 
@@ -253,15 +270,7 @@ class RoutingMetrics(L.Callback):
                 metrics[f"{prefix}/{key}"] = float(value[i])
             record["layers"].append(layer_record)
             self.load_rows.extend([record["step"], layer, e, float(load_E[e])] for e in range(num_experts))
-        metrics["moe/max_imbalance"] = max(per_layer["imbalance"])
-        metrics["moe/mean_imbalance"] = float(np.mean(per_layer["imbalance"]))
-        metrics["moe/dropped_frac"] = float(np.mean(per_layer["dropped_frac"]))
-        metrics["moe/dead_experts"] = float(np.sum(per_layer["dead_experts"]))
-        metrics["moe/starved_experts"] = float(np.sum(per_layer["starved_experts"]))
-        metrics["moe/min_load"] = float(np.min(per_layer["min_load"]))
-        metrics["moe/entropy_norm"] = float(np.mean(per_layer["entropy_norm"]))
-        if per_layer["specialization"]:
-            metrics["moe/specialization"] = float(np.mean(per_layer["specialization"]))
+        metrics.update(model_summary(per_layer))
         self.history.append(
             {
                 "step": record["step"],

@@ -2,10 +2,11 @@
 runs before any work starts.
 
 Every default lives in one dataclass: the model's in `moe_lab/model/config.py` (each router's in its Config in
-`moe_lab/model/routers.py`), the data sources' in `moe_lab/data/config.py`, the rest here. `register_configs()`
-stores them in Hydra's ConfigStore: `train_schema` heads the defaults list of `conf/train.yaml`, and every router and
-data option extends the schema of its kind (`schema/router/NAME`, `schema/data/SOURCE`), so a key an option does not
-have, or a value of the wrong type, fails when Hydra composes the config. `validate(cfg)` turns a composed config into
+`moe_lab/model/router_configs.py`), the data sources' in `moe_lab/data/config.py`, the rest here.
+`register_configs()` stores them in Hydra's ConfigStore: `train_schema` heads the defaults list of `conf/train.yaml`,
+and every router and data option extends the schema of its kind (`schema/router/NAME`, `schema/data/SOURCE`), so a
+key an option does not have, or a value of the wrong type, fails when Hydra composes the config. A registered router
+without a `conf/router/NAME.yaml` is the option `router=NAME` itself. `validate(cfg)` turns a composed config into
 these dataclasses and checks what types cannot (ranges and combinations), raising one ConfigError naming the key.
 """
 
@@ -343,7 +344,17 @@ def _check_training(run: TrainConfig) -> None:
     need(run.metrics.image_every_n_steps >= 1, "metrics.image_every_n_steps must be at least 1")
     need(run.metrics.analysis_every_n_steps >= 0, "metrics.analysis_every_n_steps must be 0 (off) or a number of steps")
     _check_trainer(run.trainer)
-    for name, logger in run.logger.items():
+    _check_loggers(run.logger)
+
+
+def _check_loggers(loggers: dict[str, Any]) -> None:
+    """Each logger is one of moe-lab's (LOGGER_CLASSES) with plain settings: no other class, no Hydra _key_."""
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    for name, logger in loggers.items():
         need(
             isinstance(logger, dict) and "_target_" in logger,
             f"logger.{name} must be a logger config with a _target_ (see conf/logger/)",
