@@ -158,3 +158,26 @@ def test_it_runs_under_expert_parallelism_with_the_same_math(plugin_env, tmp_pat
     losses = [[row.split(",")[loss_column] for row in curve[1:] if row.split(",")[loss_column]] for curve in curves]
     assert losses[0] == losses[1] and len(losses[0]) == 4
     assert Path(tmp_path / "ep2" / "checkpoints" / "last.ckpt").exists()
+
+
+def test_a_plugin_that_fails_to_import_is_one_error_line(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "broken_router.py").write_text("raise RuntimeError('half-written router')\n")
+    info = site / "broken_router-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-router\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[moe_lab.routers]\nbroken = broken_router\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [moe_lab_script(), "train", f"hydra.run.dir={tmp_path / 'run'}"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith("moe-lab: error: the router plugin 'broken'") and "half-written router" in lines[0]
+    assert not (tmp_path / "run").exists()

@@ -281,20 +281,24 @@ class HierarchicalRouterConfig(RouterConfig):
 _plugins_loaded = False
 
 
+class RouterPluginError(ImportError):
+    """A `moe_lab.routers` entry point whose module fails to import."""
+
+
 def load_router_plugins() -> None:
     """Import the modules named by `moe_lab.routers` entry points (once): their classes register themselves."""
     global _plugins_loaded
     if _plugins_loaded:
         return
-    _plugins_loaded = True
     for point in entry_points(group=PLUGIN_GROUP):
         try:
             importlib.import_module(point.value.partition(":")[0])
         except Exception as e:
-            raise ImportError(
-                f"the router plugin {point.name!r} ({point.value}, a {PLUGIN_GROUP} entry point) "
-                f"could not be imported: {type(e).__name__}: {e}"
-            ) from e
+            raise RouterPluginError(
+                f"the router plugin {point.name!r} ({point.value}, a {PLUGIN_GROUP} entry point) could not be "
+                f"imported: {type(e).__name__}: {e}; fix it or uninstall its package"
+            ) from None
+    _plugins_loaded = True
 
 
 def registered_routers() -> dict[str, type[RouterConfig]]:

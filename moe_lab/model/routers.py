@@ -7,6 +7,8 @@ Shape legend (suffixes on tensor names):
     K  experts chosen per token          C  tokens chosen per expert (expert choice)
     G  expert groups                     V  vocabulary
     N  routing slots: one (token, expert, weight) decision each
+    K1 K + 1 (the noisy top-k's threshold)   1  a dimension of size one, for broadcasting
+    e  experts in one group, g  groups chosen per token, k  experts chosen in each chosen group (hierarchical)
 
 A router turns the layer's input into a `Routing`: a list of slots, each sending one token to one expert with one
 weight. Token-choice routers make K slots per token, ordered k-major (slot n is token n % T's (n // T)-th choice, so

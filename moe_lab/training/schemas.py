@@ -25,7 +25,7 @@ from omegaconf.errors import OmegaConfBaseException
 from moe_lab.data.config import SOURCES, DataConfig, TokenizerConfig
 from moe_lab.errors import ConfigError, UserError
 from moe_lab.model.config import ModelConfig
-from moe_lab.model.router_configs import registered_routers, router_config, routers_where
+from moe_lab.model.router_configs import RouterPluginError, registered_routers, router_config, routers_where
 
 # The parts of the model that optim.freeze and optim.lr_mult name (training/module.py: part_of).
 PARTS = ("embeddings", "head", "attention", "norms", "router", "experts", "shared_experts", "dense_ffn")
@@ -142,7 +142,11 @@ def register_configs() -> None:
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     described = {p.stem for p in (_conf_dir() / "router").glob("*.yaml")}
-    for name, options in registered_routers().items():
+    try:
+        routers = registered_routers()
+    except RouterPluginError as e:
+        raise ConfigError(str(e)) from None
+    for name, options in routers.items():
         store.store(group="schema/router", name=name, node=options)
         if name not in described:  # router=NAME needs no conf/router/NAME.yaml (one only adds a description)
             store.store(group="router", name=name, node=options, package="model.moe.router")
