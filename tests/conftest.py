@@ -95,11 +95,12 @@ def router_options() -> list[str]:
 
 def router_partners(option: str) -> list[str]:
     """The overrides `router=OPTION` needs beside it, from its capability flags: aux_loss=none for a router with
-    no learned gate (no router loss applies to it)."""
+    no learned gate (no router loss applies to it), unless its option brings it (conf/router/hash.yaml)."""
     from moe_lab.model.router_configs import registered_routers
 
-    name = compose_cfg([f"router={option}"], fast=False).model.moe.router.name
-    return [] if registered_routers()[name].has_gate else ["aux_loss=none"]
+    moe = compose_cfg([f"router={option}"], fast=False).model.moe
+    weighted = any(float(weight) > 0 for weight in moe.aux_loss.values())
+    return ["aux_loss=none"] if weighted and not registered_routers()[moe.router.name].has_gate else []
 
 
 def moe_lab_script() -> str:

@@ -186,7 +186,7 @@ def test_lightning_module_checkpoint_hparams_are_plain(make_cfg):
             "model.moe.router are: ['name', 'normalize', 'num_groups'",
         ),
         (["router=switch", "model.moe.router.top_k=2"], "router=switch sends each token to one expert"),
-        (["router=hash"], "router=hash has no learned gate, so no router loss applies"),
+        (["router=hash", "aux_loss=switch_z"], "router=hash has no learned gate, so no router loss applies"),
         (["aux_loss=cv"], "model.moe.aux_loss.load (Shazeer's smooth load) needs router=noisy_topk"),
         (["router=expert_choice", "aux_loss=seq"], "aux_loss.seq_load_balance needs token-choice routing"),
         (["router=hierarchical", "model.moe.router.num_groups=3"], "num_groups=3 must be at least 2 and divide"),
@@ -251,7 +251,42 @@ def test_preflight_messages(args, expected):
 def test_preflight_passes_good_input_and_show_only_flags():
     assert preflight(["experts=e16", "model.moe.router.top_k=1", "capacity=cf1_25", "aux_loss=switch_z"]) is None
     assert preflight(["-m", "experts=e4,e8", "aux_loss=none,switch"]) is None
-    assert preflight(["--cfg", "job", "experts=e99"]) is None  # Hydra reports it; nothing runs
+    assert preflight(["--help", "experts=e99"]) is None  # Hydra shows its help; nothing runs
+    assert preflight(["--cfg", "job", "experts=e16"]) is None
+
+
+def test_cfg_job_with_a_mistake_is_one_line_and_claims_nothing(tmp_path):
+    """`moe-lab train --cfg job` (the README's way to see a config) reports a mistake as moe-lab's line."""
+    message = preflight(["--cfg", "job", "experts=e99", f"hydra.run.dir={tmp_path / 'run'}"], claim=True)
+    assert message.startswith("experts=e99 is not an option")
+    assert preflight(["--cfg", "job", "model.bogus=1"]).startswith("model.bogus is not a setting")
+    assert preflight(["--cfg", "job", f"hydra.run.dir={tmp_path / 'run'}"], claim=True) is None
+    assert not (tmp_path / "run").exists()
+
+
+def test_trainer_deterministic_has_one_spelling_under_every_trainer(make_cfg):
+    for trainer in ("auto", "cpu", "gpu", "ddp"):
+        cfg = make_cfg(f"trainer={trainer}", "trainer.deterministic=true")
+        assert cfg.trainer.deterministic is True, trainer
+    message = preflight(["+trainer.deterministic=true"])
+    assert "already at 'trainer.deterministic'" in message and "Drop the +" in message
+
+
+def test_the_default_trainer_is_the_cpu_here_and_the_gpu_where_there_is_one(make_cfg, monkeypatch):
+    cpu = validate(make_cfg()).trainer
+    assert (cpu["accelerator"], cpu["precision"], cpu["deterministic"]) == ("cpu", "32-true", True)
+    assert {k: cpu[k] for k in ("accelerator", "precision", "deterministic", "devices")} == {
+        k: validate(make_cfg("trainer=cpu")).trainer[k]
+        for k in ("accelerator", "precision", "deterministic", "devices")
+    }
+    from moe_lab.training.schemas import resolved_trainer
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    gpu = resolved_trainer({"accelerator": "auto", "precision": "auto", "deterministic": "auto"})
+    assert gpu == {"accelerator": "gpu", "precision": "bf16-mixed", "deterministic": None}
+    ddp = resolved_trainer(dict(make_cfg("trainer=ddp").trainer))
+    assert (ddp["accelerator"], ddp["precision"]) == ("gpu", "bf16-mixed")
 
 
 def test_preflight_refuses_a_used_run_directory(tmp_path):
@@ -263,3 +298,12 @@ def test_preflight_refuses_a_used_run_directory(tmp_path):
     (sweep / "0").mkdir(parents=True)
     message = preflight(["-m", "experts=e4,e8", f"hydra.sweep.dir={sweep}"])
     assert message is not None and "already holds runs" in message
+
+
+@pytest.mark.parametrize("option", ["hash", "domain_oracle"])
+def test_a_router_without_a_learned_gate_brings_its_aux_loss(make_cfg, option):
+    """router=hash alone trains: its option brings aux_loss=none; a router loss asked for explicitly is refused."""
+    run = validate(make_cfg(f"router={option}"))
+    assert all(weight == 0 for weight in run.model.moe.aux_loss.weights().values())
+    with pytest.raises(ConfigError, match="has no learned gate"):
+        validate(make_cfg(f"router={option}", "aux_loss=switch"))

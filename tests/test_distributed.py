@@ -51,7 +51,7 @@ TWO_RANKS = [
     "data.batch_size=4",
     f"trainer.val_check_interval={STEPS}",
 ]
-DETERMINISTIC = ["+trainer.deterministic=true"]
+DETERMINISTIC = ["trainer.deterministic=true"]
 ONE_PROCESS = ["data.batch_size=4", "trainer.accumulate_grad_batches=2", f"trainer.val_check_interval={2 * STEPS}"]
 
 ROUTERS = router_options()

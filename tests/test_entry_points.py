@@ -129,8 +129,8 @@ def test_plain_saved_overrides_are_inherited(real_checkpoint, tmp_path):
     assert with_checkpoint_overrides([f"ckpt_path={ckpt}", "seed=8"]) == [
         "experts=e8",
         "model.moe.router.top_k=2",
-        "+trainer.deterministic=true",
-        "+optim.lr_mult.router=0.5",
+        "++trainer.deterministic=true",
+        "++optim.lr_mult.router=0.5",
         "logger=wandb",
         "logger.wandb.project=mine",
         "model.init_from='dense/${seed}/x.ckpt'",

@@ -121,7 +121,7 @@ def test_it_runs_under_expert_parallelism_with_the_same_math(plugin_env, tmp_pat
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
-        "+trainer.deterministic=true",
+        "trainer.deterministic=true",
         "data.batch_size=4",
         "trainer.max_steps=4",
         "trainer.val_check_interval=4",

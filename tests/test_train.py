@@ -129,7 +129,7 @@ def test_resume_inherits_the_overrides_saved_in_the_checkpoint(make_cfg, tmp_pat
     assert args == [
         "-m",
         "experts=e4",
-        "+trainer.deterministic=true",
+        "++trainer.deterministic=true",  # saved as `+` when the key was new: the same value now that it has one
         f"ckpt_path={ckpt}",
         "trainer.max_steps=6",
         "seed=3",

@@ -189,7 +189,8 @@ COMMANDS: tuple[Command, ...] = (
         None,
         "write a checkpoint as a Hugging Face transformers model: moe-lab export CKPT --format hf OUT_DIR",
         "Write a moe-lab checkpoint in another ecosystem's format. --format hf: "
-        "a transformers model (Mixtral or Qwen2-MoE, chosen from the router and experts) and its tokenizer, "
+        "a transformers model (Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE, chosen from the attention, router and experts) "
+        "and its tokenizer, "
         "loadable with AutoModelForCausalLM.from_pretrained(OUT_DIR).",
         (
             arg("checkpoint", help="a moe-lab checkpoint, e.g. outputs/DATE/TIME/checkpoints/last.ckpt"),

@@ -67,7 +67,13 @@ def with_checkpoint_overrides(args: list[str]) -> list[str]:
     origin = checkpoint_origin(ckpt_path)
     saved = parse_saved(origin.overrides, origin.source)
     keys = {o.key_or_group for o in given}
-    inherited = [o.input_line for o in saved if o.key_or_group not in keys]
+    # `+key=value` saved when the key was new is `++key=value` now: the same value whether or not a config option
+    # has since given the key a default (e.g. trainer.deterministic).
+    inherited = [
+        "+" + o.input_line if o.is_add() and not o.is_force_add() else o.input_line
+        for o in saved
+        if o.key_or_group not in keys
+    ]
     if origin.imported:
         print(
             f"moe-lab: fine-tuning {origin.imported} (imported): a new run from its weights, with its model and "

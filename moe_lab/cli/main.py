@@ -29,6 +29,7 @@ examples:
   moe-lab train                                          embedded data, tiny MoE, CPU: a few minutes
   moe-lab train experts=e16 model.moe.router.top_k=1 capacity=cf1_25 aux_loss=switch_z
   moe-lab train -m experts=e4,e8 aux_loss=none,switch    a sweep of 4 runs
+  moe-lab train experts=e4,e8 seeds=3                    each over 3 seeds: means with 95% intervals
   moe-lab train ckpt_path=outputs/DATE/TIME/checkpoints/last.ckpt
   moe-lab export outputs/DATE/TIME/checkpoints/last.ckpt --format hf hf_model/
   moe-lab import allenai/OLMoE-1B-7B-0924 olmoe/               a Hugging Face MoE as a moe-lab checkpoint

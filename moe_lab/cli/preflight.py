@@ -67,9 +67,12 @@ def preflight(args: list[str], claim: bool = False) -> Optional[str]:
             "not read one. Rerun with the run's overrides instead: moe-lab train $(cat RUN/.hydra/overrides.yaml "
             "| sed 's/^- //'), or resume it with ckpt_path=RUN/checkpoints/last.ckpt"
         )
-    if shows_only(parsed):
+    if shows_only(parsed) and not (parsed.cfg or parsed.info):
         return None  # Hydra shows something and runs nothing
     try:
+        if shows_only(parsed):  # --cfg and --info show a config: a mistake in it is one line too, nothing claimed
+            check(parsed)
+            return None
         target = check(parsed)
         if target is not None:
             directory, multirun = target
@@ -286,7 +289,10 @@ def _compose(compose, name: str, overrides: list[str]) -> DictConfig:
         cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
         if isinstance(cause, OmegaConfBaseException):
             raise UserError(omegaconf_message(cause)) from None
-        raise UserError(_first_line(e)) from None
+        message = _first_line(e)
+        if "Could not append to config. An item is already at" in message:
+            message += " Drop the + (KEY=VALUE sets a key the config already has; ++KEY=VALUE sets it either way)"
+        raise UserError(message) from None
 
 
 def _first_line(e: BaseException) -> str:

@@ -203,11 +203,32 @@ def validate(cfg: DictConfig) -> TrainConfig:
         run.data.check(run.model.max_seq_len)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    run.trainer = resolved_trainer(run.trainer)
     _check_router_losses(run)
     _check_expert_parallel(run)
     _check_training(run)
     check_training_memory(run)
     return run
+
+
+def resolved_trainer(trainer: dict[str, Any]) -> dict[str, Any]:
+    """The trainer arguments with moe-lab's `auto` values chosen for this machine (conf/trainer/auto.yaml):
+    accelerator auto -> gpu where CUDA has a device, else cpu; precision auto -> bf16-mixed on a GPU with bfloat16,
+    else 32-true; deterministic auto -> true on the CPU (the same seed gives the same losses), Lightning's default
+    (off) on a GPU, where several kernels have no deterministic version."""
+    if "auto" not in (trainer.get("accelerator"), trainer.get("precision"), trainer.get("deterministic")):
+        return trainer
+    import torch
+
+    out = dict(trainer)
+    if out.get("accelerator") == "auto":
+        out["accelerator"] = "gpu" if torch.cuda.is_available() else "cpu"
+    on_gpu = out.get("accelerator") in ("gpu", "cuda")
+    if out.get("precision") == "auto":
+        out["precision"] = "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
+    if out.get("deterministic") == "auto":
+        out["deterministic"] = None if on_gpu else True
+    return out
 
 
 def check_training_memory(run: TrainConfig) -> None:

@@ -516,6 +516,7 @@ def print_header(run: TrainConfig, module: MoELanguageModel, data: LMDataModule,
         f"per token; {kind}",
         flush=True,
     )
+    print(f"moe-lab: {device_description(run.trainer)}", flush=True)
     if moe.enabled and not all(layer.router.causal for layer in module.model.moe_modules()):
         print(
             f"moe-lab: warning: router={moe.router.name} is not causal (experts choose among all positions): "
@@ -541,6 +542,16 @@ def print_header(run: TrainConfig, module: MoELanguageModel, data: LMDataModule,
         f"moe-lab: data {run.data.source}: {train} train / {len(data.val_blocks)} val blocks of {run.data.seq_len} "
         f"tokens, domains {data.domain_names}; run directory {output_dir}",
         flush=True,
+    )
+
+
+def device_description(trainer: dict) -> str:
+    """Where and in which precision the run computes, as its header says it: e.g. `cpu x 1, 32-true, deterministic`."""
+    devices = trainer.get("devices", 1)
+    nodes = trainer.get("num_nodes", 1)
+    where = f"{trainer.get('accelerator', 'cpu')} x {devices}" + (f" x {nodes} nodes" if nodes and nodes > 1 else "")
+    return f"{where}, {trainer.get('precision', '32-true')}" + (
+        ", deterministic" if trainer.get("deterministic") else ""
     )
 
 
