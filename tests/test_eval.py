@@ -74,3 +74,14 @@ def test_eval_of_a_hugging_face_directory(tmp_path, cache_dir, capsys):
     report = json.loads((tmp_path / "e.json").read_text())
     assert set(report["layers"]) == {"1", "2"}  # layer 0 is dense (mlp_only_layers)
     assert report["overall"]["loss"] > 0 and len(report["domains"]) >= 2
+
+
+@pytest.mark.parametrize("command", ["eval", "analyze"])
+def test_blocks_longer_than_the_model_are_one_line(command, real_checkpoint, tmp_path, capsys):
+    """The default data.seq_len (256) is longer than this model's positions (128): said before any data is read."""
+    out = ["--json", str(tmp_path / "r.json")] if command == "eval" else ["-o", str(tmp_path / "a.html")]
+    code = main([command, str(real_checkpoint), *out])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "data.seq_len=256 is longer than the model's max_seq_len=128; give data.seq_len=128" in err[0]
+    assert not list(tmp_path.iterdir())

@@ -71,7 +71,7 @@ def preflight(args: list[str], claim: bool = False) -> Optional[str]:
         return None  # Hydra shows something and runs nothing
     try:
         if shows_only(parsed):  # --cfg and --info show a config: a mistake in it is one line too, nothing claimed
-            check(parsed)
+            check(parsed, inputs=False)
             return None
         target = check(parsed)
         if target is not None:
@@ -97,9 +97,10 @@ def preflight(args: list[str], claim: bool = False) -> Optional[str]:
     return None
 
 
-def check(parsed: argparse.Namespace) -> Optional[tuple[Path, bool]]:
+def check(parsed: argparse.Namespace, inputs: bool = True) -> Optional[tuple[Path, bool]]:
     """Raises UserError on a mistake; returns the run directory (or the sweep directory, and True) when it is known
-    before the job runs, for preflight() to refuse or claim."""
+    before the job runs, for preflight() to refuse or claim. With `inputs`, the data are read and the checkpoint to
+    resume or upcycle is checked too (not for --cfg and --info, which show a config and read nothing)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -140,7 +141,8 @@ def check(parsed: argparse.Namespace) -> Optional[tuple[Path, bool]]:
             composed = [_compose(compose, name, variant) for variant in variants(everything)]
             for cfg in composed:
                 run = validate(_with_stand_in_output_dir(cfg))
-                _check_inputs(run)
+                if inputs:
+                    _check_inputs(run)
             multirun = parsed.multirun or OmegaConf.select(composed[0], "hydra.mode") == "MULTIRUN"
             sweeps = [o.input_line for o in given if o.is_sweep_override()]
             if sweeps and not multirun:

@@ -458,7 +458,7 @@ def run(args: Any, cfg: Any, sources: list[str]) -> int:
     models, tokenizer, described = load_models(sources, args.capacity, args.device)
     final = models[-1]
     check_capacity_factors(final, args.capacity_factor)
-    run_cfg, data, loader = held_out_data(cfg, tokenizer, final.cfg.vocab_size, args.max_batches)
+    run_cfg, data, loader = held_out_data(cfg, tokenizer, final.cfg, args.max_batches)
     print(
         f"moe-lab: analysing {described} on {data.describe()}: {len(loader.batch_sampler)} batches of "
         f"{run_cfg.data.batch_size} x {run_cfg.data.seq_len} tokens",

@@ -149,7 +149,7 @@ def run(args: Any, cfg: Any) -> int:
 
     model, tokenizer, described = load_for_inference(args.source, capacity=args.capacity)
     model = model.to(args.device)
-    run_cfg, data, loader = held_out_data(cfg, tokenizer, model.cfg.vocab_size, args.max_batches)
+    run_cfg, data, loader = held_out_data(cfg, tokenizer, model.cfg, args.max_batches)
     print(
         f"moe-lab: evaluating {described} on {data.describe()}: {len(data.val_blocks)} held-out blocks of "
         f"{run_cfg.data.seq_len} tokens; {args.capacity}",
@@ -167,9 +167,10 @@ def run(args: Any, cfg: Any) -> int:
     return 0
 
 
-def held_out_data(cfg: Any, tokenizer: Any, vocab_size: int, max_batches: Optional[int]):
+def held_out_data(cfg: Any, tokenizer: Any, model_cfg: Any, max_batches: Optional[int]):
     """(run settings, data module, loader) of the held-out blocks of the composed data settings, tokenised with the
-    model's own tokenizer; at most `max_batches` batches, evenly spaced (the blocks are grouped by domain)."""
+    model's own tokenizer; at most `max_batches` batches, evenly spaced (the blocks are grouped by domain). UserError,
+    before any data is read, for blocks longer than the model's positions."""
     from omegaconf import OmegaConf
     from torch.utils.data import DataLoader
 
@@ -183,6 +184,12 @@ def held_out_data(cfg: Any, tokenizer: Any, vocab_size: int, max_batches: Option
     cfg.pop("hydra", None)
     cfg.paths.output_dir = "."  # these commands write no run directory
     run = validate(cfg)
+    if run.data.seq_len > model_cfg.max_seq_len:
+        raise UserError(
+            f"data.seq_len={run.data.seq_len} is longer than the model's max_seq_len={model_cfg.max_seq_len}; "
+            f"give data.seq_len={model_cfg.max_seq_len} (or less)"
+        )
+    vocab_size = model_cfg.vocab_size
     # The model's own tokenizer (end-of-text token included): the blocks are packed as its training packed them.
     tokenizer_cfg = (
         TokenizerConfig()
