@@ -307,3 +307,13 @@ def test_a_router_without_a_learned_gate_brings_its_aux_loss(make_cfg, option):
     assert all(weight == 0 for weight in run.model.moe.aux_loss.weights().values())
     with pytest.raises(ConfigError, match="has no learned gate"):
         validate(make_cfg(f"router={option}", "aux_loss=switch"))
+
+
+def test_tensorboard_without_its_package_is_refused_before_any_work(make_cfg, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"logger=tensorboard needs the tensorboard package: pip install"):
+        validate(make_cfg("logger=tensorboard"))
+    validate(make_cfg("logger=csv"))

@@ -80,13 +80,6 @@ def build_loggers(run: TrainConfig, cfg: DictConfig | dict, output_dir: Path) ->
     for node in run.logger.values():
         node = dict(node)
         target = node["_target_"]
-        if target.endswith("TensorBoardLogger"):
-            try:
-                import tensorboard  # noqa: F401
-            except ImportError:
-                raise UserError(
-                    "logger=tensorboard needs the tensorboard package: pip install 'moe-lab[tensorboard]'"
-                ) from None
         logger = build_wandb_logger(node, run, output_dir) if target.endswith("WandbLogger") else build_logger(node)
         if not target.endswith("CSVLogger"):
             logger.log_hyperparams(resolved)  # the resolved Hydra config is the run config

@@ -398,6 +398,14 @@ def _check_loggers(loggers: dict[str, Any]) -> None:
                 _plain_value(value),
                 f"logger.{name}.{key} must be a plain value (a number, string, boolean, null or list of those)",
             )
+        if logger["_target_"].endswith("TensorBoardLogger"):
+            import importlib.util
+
+            need(
+                importlib.util.find_spec("tensorboard") is not None,
+                "logger=tensorboard needs the tensorboard package: pip install -e '.[tensorboard]' (or pip install "
+                "'moe-lab[tensorboard]')",
+            )
 
 
 def lightning_trainer_arguments() -> list[str]:
