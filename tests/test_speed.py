@@ -124,6 +124,15 @@ def test_bench_quick_compare(tmp_path):
     whole = saved["whole_models"][0]
     assert whole["logits_error"] < 1e-4 and whole["moe_lab_ms"] > 0 and whole["transformers_ms"] > 0
     assert saved["training_steps"][0]["tokens_per_sec"] > 0 and saved["training_steps"][0]["mfu"] is None  # CPU
+    # The machine's own peak, measured in the same run, and every step as a fraction of it.
+    peaks = saved["gemm_peaks"]
+    assert set(peaks) == {"float32", "bfloat16"} and all(p["peak"] > 0 and p["model"] > 0 for p in peaks.values())
+    step = saved["training_steps"][0]
+    achieved = step["tokens_per_sec"] * step["flops_per_token"]
+    assert step["achieved_flops"] == pytest.approx(achieved)
+    assert step["of_peak"] == pytest.approx(achieved / peaks["float32"]["peak"])
+    assert step["of_bf16_model_peak"] == pytest.approx(achieved / peaks["bfloat16"]["model"])
+    assert "training step FLOP/s / the bf16 GEMM's at the model's shape" in comparisons
 
 
 def test_gather_grouped_mm_matches_autograd_of_gather_then_gemm():

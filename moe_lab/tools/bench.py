@@ -110,6 +110,53 @@ def median_ms(fn: Callable[[], None], device: torch.device, warmup: int, repeats
     return statistics.median(times)
 
 
+# The machine's own peak: a large plain GEMM (m x k times k x n), the shape at which a BLAS runs closest to the
+# hardware.
+PEAK_SHAPE = (4096, 512, 4096)
+PEAK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def gemm_flops(
+    device: torch.device, dtype: torch.dtype, shape: tuple[int, int, int], warmup: int, repeats: int
+) -> float:
+    """FLOP/s of one plain GEMM of `shape` (m, k, n) at `dtype`: 2 m k n over its median time."""
+    m, k, n = shape
+    torch.manual_seed(0)
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    return 2 * m * k * n / (median_ms(lambda: torch.mm(a, b), device, warmup, repeats) / 1e3)
+
+
+def machine_peaks(
+    device: torch.device, model_shape: tuple[int, int, int], warmup: int, repeats: int, quick: bool = False
+) -> dict[str, dict[str, float]]:
+    """{dtype: {"peak": FLOP/s of the large GEMM, "model": FLOP/s at the model's own FFN shape}}, measured here: on a
+    CPU no vendor table gives a peak, and the measured one is what a fraction of peak (the MFU) is taken of."""
+    large = tuple(d // 4 for d in PEAK_SHAPE) if quick else PEAK_SHAPE
+    peaks = {}
+    for name, dtype in PEAK_DTYPES.items():
+        peaks[name] = {
+            "peak": gemm_flops(device, dtype, large, warmup, repeats),
+            "model": gemm_flops(device, dtype, model_shape, warmup, repeats),
+            "peak_shape": list(large),
+            "model_shape": list(model_shape),
+        }
+    return peaks
+
+
+def with_fraction_of_peak(step: dict, peaks: dict[str, dict[str, float]]) -> dict:
+    """A training step's achieved FLOP/s (tokens/s x the model's FLOPs per token) and its fraction of the measured
+    GEMM peaks: of its own precision's, and of bfloat16's at the model's shapes (the issue's bar)."""
+    achieved = step["tokens_per_sec"] * step["flops_per_token"]
+    own = "bfloat16" if step["precision"] == "bf16" else "float32"
+    return {
+        **step,
+        "achieved_flops": achieved,
+        "of_peak": achieved / peaks[own]["peak"],
+        "of_bf16_model_peak": achieved / peaks["bfloat16"]["model"],
+    }
+
+
 def saved_for_backward_mb(fn: Callable[[], torch.Tensor], module: Optional[torch.nn.Module] = None) -> float:
     """MB of the tensors autograd keeps for the backward pass of fn(): the activation memory. A tensor sharing its
     storage with one of `module`'s parameters is not counted (a GEMM keeps its weight operand, a view of the
@@ -425,6 +472,7 @@ DENSE_TIME_TARGETS = {"E8-top2": 1.25, "E64-top8": 1.5}
 DENSE_MEMORY_TARGET = 1.6  # activation memory of the MoE layer over the dense FFN of equal active parameters
 WHOLE_MODEL_TARGET = 1.3  # whole-model training step, speed-up over transformers on the same weights
 TRAINING_STEP_TARGET = 0.9  # tokens/s of the default MoE over the dense model of equal active parameters
+PEAK_FRACTION_TARGET = 0.5  # the default training step's FLOP/s over the machine's bf16 GEMM at the model's shape
 
 
 class Ratios(list):
@@ -520,6 +568,9 @@ def model_ratios(out: Ratios, steps: list[dict], whole_models: list[dict]) -> No
             out.add(w["preset"], what, w["speedup"], WHOLE_MODEL_TARGET, True)
     moe = next((s for s in steps if s["preset"] == "tiny"), None)
     dense = next((s for s in steps if s["preset"] == "dense_tiny"), None)
+    if moe and "of_bf16_model_peak" in moe:
+        what = "training step FLOP/s / the bf16 GEMM's at the model's shape"
+        out.add("tiny", what, moe["of_bf16_model_peak"], PEAK_FRACTION_TARGET, True)
     if moe and dense:
         ratio = moe["tokens_per_sec"] / dense["tokens_per_sec"]
         out.add(
@@ -549,13 +600,19 @@ def print_table(
         print(f"{n['case']:<22} {n['impl']:<11} not timed: {n['reason']}")
     if steps:
         print(
-            f"\n{'training step':<28} {'batch x seq':>12} {'ms':>9} {'tokens/s':>10} {'active params':>14} {'MFU':>6}"
+            f"\n{'training step':<28} {'batch x seq':>12} {'ms':>9} {'tokens/s':>10} {'active params':>14} {'MFU':>6} "
+            f"{'GFLOP/s':>8} {'of peak':>8} {'of bf16 GEMM at its shape':>26}"
         )
         for s in steps:
             mfu = f"{100 * s['mfu']:5.1f}%" if s["mfu"] is not None else f"{'-':>6}"
+            measured = (
+                f" {s['achieved_flops'] / 1e9:8.1f} {100 * s['of_peak']:7.1f}% {100 * s['of_bf16_model_peak']:25.1f}%"
+                if "achieved_flops" in s
+                else ""
+            )
             print(
                 f"{s['preset']:<28} {s['batch']:>5} x {s['seq_len']:<4} {s['step_ms']:9.1f} "
-                f"{s['tokens_per_sec']:10.0f} {s['params_active'] / 1e6:13.2f}M {mfu}"
+                f"{s['tokens_per_sec']:10.0f} {s['params_active'] / 1e6:13.2f}M {mfu}{measured}"
             )
     if whole_models:
         print(f"\n{'whole model (train step)':<34} {'moe-lab ms':>11} {'transformers ms':>16}  logits error")
@@ -572,6 +629,23 @@ def print_table(
         for case, what, value, target, met in checks:
             verdict = "" if met is None else "met" if met else "NOT MET"
             print(f"{case:<26} {what:<58} {value:8.2f}x  {target:<8} {verdict}")
+
+
+def step_gemm_shape(args, device: torch.device) -> tuple[int, int, int]:
+    """(tokens, d_model, ffn_hidden) of the tiny preset's training step: the FFN GEMM at the model's own shape."""
+    model = compose_model("tiny", [])
+    batch, seq = (2, 64) if args.quick else (8, 256) if device.type == "cpu" else (16, 1024)
+    return batch * seq, model.d_model, model.ffn_hidden
+
+
+def print_peaks(peaks: dict[str, dict[str, float]]) -> None:
+    print(f"\n{'plain GEMM (the machine)':<28} {'dtype':<9} {'shape m x k x n':>20} {'GFLOP/s':>9}")
+    for dtype, p in peaks.items():
+        for key in ("peak", "model"):
+            shape = " x ".join(map(str, p[f"{key}_shape"]))
+            print(
+                f"{'largest' if key == 'peak' else 'at the model shape':<28} {dtype:<9} {shape:>20} {p[key] / 1e9:9.1f}"
+            )
 
 
 def time_training_steps(args, device: torch.device) -> list[dict]:
@@ -662,11 +736,15 @@ def measure(args) -> dict:
         )
         print(f"moe-lab bench: {case.name} done ({time.time() - started:.0f}s)", flush=True)
     steps = [] if args.no_steps else time_training_steps(args, device)
+    peaks = machine_peaks(device, step_gemm_shape(args, device), args.warmup, args.repeats, args.quick)
+    steps = [with_fraction_of_peak(s, peaks) for s in steps]
     whole_models = time_whole_models(args, device) if args.compare and not args.no_steps else []
     checks = ratios(results, steps, whole_models, args.dtype)
     print_table(results, steps, checks, not_timed, whole_models)
+    print_peaks(peaks)
     report = {
         "machine": machine(),
+        "gemm_peaks": peaks,
         "device": str(device),
         "dtype": args.dtype,
         "seconds": round(time.time() - started, 1),
