@@ -90,12 +90,48 @@ class FeedForward(nn.Module):
         return self.w_out(apply_activation(self.w_in(x), self.activation))
 
 
+@torch.library.custom_op("moe_lab::grouped_mm", mutates_args=())
+def _opaque_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+@_opaque_grouped_mm.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if b.dim() == 3:  # (R, I) x (E, I, O) -> (R, O)
+        return a.new_empty(a.shape[0], b.shape[-1])
+    return a.new_empty(offs.shape[0], a.shape[0], b.shape[-1])  # (O, R) x (R, I), groups along R -> (E, O, I)
+
+
+def _opaque_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _opaque_backward(ctx, grad: torch.Tensor):
+    a, b, offs = ctx.saved_tensors  # only the (R, I) x (E, I, O) form is differentiated (the other is a gradient)
+    grad = grad.contiguous()
+    grad_a = _opaque_grouped_mm(grad, b.transpose(-2, -1), offs) if ctx.needs_input_grad[0] else None
+    grad_b = _opaque_grouped_mm(a.t(), grad, offs) if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b, None
+
+
+_opaque_grouped_mm.register_autograd(_opaque_backward, setup_context=_opaque_setup)
+
+
+def raw_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm; under torch.compile an opaque op of the same kernel, because the fake (meta) kernel of
+    torch._grouped_mm accepts only bfloat16 while the CPU kernel runs float32 too (torch 2.13). Eager runs call
+    torch._grouped_mm itself, so compiling changes nothing for them."""
+    if torch.compiler.is_compiling():
+        return _opaque_grouped_mm(a, b, offs)
+    return torch._grouped_mm(a, b, offs=offs)
+
+
 def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     """Rows x_RI[offs[e-1]:offs[e]] times w_EOI[e]^T, for every expert e, as one grouped GEMM -> (R, O).
 
     Rows past offs[-1] belong to no group; their output is undefined and callers mask it.
     """
-    return torch._grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs=offs_E)
+    return raw_grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs_E)
 
 
 class _GatherGroupedMM(torch.autograd.Function):
@@ -120,11 +156,11 @@ class _GatherGroupedMM(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # (R, O) x (E, O, I) per group -> (R, I); rows past offs[-1] are undefined, and belong to dropped slots,
             # which the dispatcher points at a spare zero row of the source whose gradient is discarded.
-            grad_RI = torch._grouped_mm(grad_RO, w_EOI, offs=offs_E)
+            grad_RI = raw_grouped_mm(grad_RO, w_EOI, offs_E)
             grad_src = torch.zeros_like(src_QI).index_add_(0, index_R, grad_RI)
         if ctx.needs_input_grad[2]:
             # (O, R) x (R, I), groups along R -> (E, O, I); rows past offs[-1] are outside every group.
-            grad_w = torch._grouped_mm(grad_RO.t(), src_QI.index_select(0, index_R), offs=offs_E)
+            grad_w = raw_grouped_mm(grad_RO.t(), src_QI.index_select(0, index_R), offs_E)
         return grad_src, None, grad_w, None
 
 

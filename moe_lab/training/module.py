@@ -54,6 +54,9 @@ class MoELanguageModel(L.LightningModule):
                 p.requires_grad_(False)
         self.moe_layers = self.model.moe_layers
         self.num_experts = self.model_cfg.moe.num_experts
+        # compile=true makes it torch.compile(self.model); set as a plain attribute, never a submodule (no second copy
+        # of the weights in the state dict).
+        object.__setattr__(self, "training_forward", self.model)
         self.last_train_metrics: dict[str, float] = {}  # set by metrics.RoutingMetrics at every log step
         self.last_val_metrics: dict[str, float] = {}
         self.last_val_step = -1
@@ -69,13 +72,18 @@ class MoELanguageModel(L.LightningModule):
     def forward(self, token_ids_BS: torch.Tensor) -> torch.Tensor:
         return self.model(token_ids_BS).logits
 
+    def compile_training_forward(self) -> None:
+        """`compile=true`: the training forward (and its backward) through torch.compile (inductor; on a CPU it needs
+        a C++ compiler). Validation, generation and checkpoints use the eager model, whose weights it shares."""
+        object.__setattr__(self, "training_forward", torch.compile(self.model))
+
     # ----------------------------------------------------------------------------------------------------
     # Training
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         ids = batch["input_ids"]
         with self.micro_batch_rng(batch.get("micro_batch")):
-            out = self.model(ids[:, :-1], ids[:, 1:], domain_B=batch.get("domain"))
+            out = self.training_forward(ids[:, :-1], ids[:, 1:], domain_B=batch.get("domain"))
         loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
         bad = (~torch.isfinite(loss.detach())).float()
         self.nonfinite_losses = bad if self.nonfinite_losses is None else self.nonfinite_losses + bad

@@ -224,6 +224,8 @@ def build_module(
                 f"moe-lab: starting from the weights of {run.model.init_from} (a new run: step 0, fresh optimizer)",
                 flush=True,
             )
+    if run.compile:
+        module.compile_training_forward()
     module.provenance = {
         "overrides": command_line_overrides(),
         "run_dir": str(output_dir),
@@ -516,7 +518,10 @@ def print_header(run: TrainConfig, module: MoELanguageModel, data: LMDataModule,
         f"per token; {kind}",
         flush=True,
     )
-    print(f"moe-lab: {device_description(run.trainer)}", flush=True)
+    print(
+        f"moe-lab: {device_description(run.trainer)}" + (", compiled (torch.compile)" if run.compile else ""),
+        flush=True,
+    )
     if moe.enabled and not all(layer.router.causal for layer in module.model.moe_modules()):
         print(
             f"moe-lab: warning: router={moe.router.name} is not causal (experts choose among all positions): "

@@ -1,0 +1,59 @@
+"""compile=true: the training forward and backward through torch.compile compute eager's math (up to float rounding),
+on the CPU in float32, where torch._grouped_mm's fake kernel alone would refuse the trace (it accepts only bfloat16)."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from moe_lab.errors import ConfigError
+from moe_lab.model.experts import GroupedExperts
+from moe_lab.training.schemas import validate
+from moe_lab.training.train import train
+
+pytestmark = pytest.mark.slow
+
+
+def test_compiled_grouped_experts_have_eager_outputs_and_gradients():
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 32, 16)
+    x_RD = torch.randn(40, 32, requires_grad=True)
+    offs_E = torch.tensor([10, 10, 25, 40], dtype=torch.int32)
+    scale_R = torch.rand(40)
+    eager = experts(x_RD, offs_E, scale_R)
+    eager.square().sum().backward()
+    grads = [x_RD.grad.clone()] + [p.grad.clone() for p in experts.parameters()]
+    x_RD.grad = None
+    experts.zero_grad()
+    compiled = torch.compile(experts)(x_RD, offs_E, scale_R)
+    compiled.square().sum().backward()
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for got, want in zip([x_RD.grad] + [p.grad for p in experts.parameters()], grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def losses(run_dir) -> dict[int, float]:
+    with open(run_dir / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def test_a_compiled_run_follows_the_eager_curve(make_cfg, tmp_path, capsys):
+    common = ["trainer.max_steps=6", "trainer.log_every_n_steps=1", "metrics.dashboard=false"]
+    eager = train(make_cfg(*common, name="eager"))
+    compiled = train(make_cfg(*common, "compile=true", name="compiled"))
+    assert "compiled (torch.compile)" in capsys.readouterr().out
+    assert losses(tmp_path / "compiled").keys() == losses(tmp_path / "eager").keys()
+    for step, loss in losses(tmp_path / "eager").items():
+        assert losses(tmp_path / "compiled")[step] == pytest.approx(loss, rel=1e-4), step
+    assert compiled["val/loss"] == pytest.approx(eager["val/loss"], rel=1e-4)
+    saved = torch.load(tmp_path / "compiled" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert set(saved) == set(
+        torch.load(tmp_path / "eager" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    )
+
+
+def test_compile_with_expert_parallelism_is_refused(make_cfg):
+    with pytest.raises(ConfigError, match="compile=true is not tested with expert parallelism"):
+        validate(make_cfg("compile=true", "trainer=ddp", "trainer.devices=2", "model.moe.expert_parallel=2"))
