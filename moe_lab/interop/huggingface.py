@@ -123,35 +123,56 @@ def model_config(hf: Any, dense: bool = False) -> ModelConfig:
     refuse = _refuser(family)
     get = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
     theta, activation = _supported_attention_and_activation(hf, family)
-    n_layers, d_model, n_heads = get("num_hidden_layers"), get("hidden_size"), get("num_attention_heads")
-    head_dim = get("head_dim") or d_model // n_heads
     cfg = ModelConfig.from_dict(
         {
-            "name": family,
-            "vocab_size": get("vocab_size"),
-            "d_model": d_model,
-            "n_layers": n_layers,
-            "n_heads": n_heads,
-            "n_kv_heads": get("num_key_value_heads") or n_heads,
-            "head_size": head_dim if head_dim * n_heads != d_model else None,
+            **_backbone_settings(hf, family, theta),
             "qkv_bias": bool(get("qkv_bias", True)) if family == "qwen2_moe" else False,
             "qk_norm": {"qwen3_moe": "head", "olmoe": "full"}.get(family),
-            "ffn_hidden": get("intermediate_size"),
-            "max_seq_len": get("max_position_embeddings"),
-            "rope_theta": float(theta),
-            "norm_eps": get("rms_norm_eps"),
-            "init_std": get("initializer_range", 0.02),
-            "tie_embeddings": bool(get("tie_word_embeddings", False)),
             "moe": _moe_settings(hf, family, activation),
         }
     )
+    n_heads, d_model = get("num_attention_heads"), get("hidden_size")
     if family == "olmoe" and cfg.head_dim * n_heads != d_model:
         refuse(True, "a head_dim other than hidden_size / num_attention_heads (OLMoE's q/k norms span hidden_size)")
+    return _checked(cfg, family)
+
+
+def _backbone_settings(hf: Any, family: str, theta: float) -> dict[str, Any]:
+    """The settings every family maps the same way: widths, heads, positions, norms, embeddings."""
+    get = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
+    d_model, n_heads = get("hidden_size"), get("num_attention_heads")
+    head_dim = get("head_dim") or d_model // n_heads
+    return {
+        "name": family,
+        "vocab_size": get("vocab_size"),
+        "d_model": d_model,
+        "n_layers": get("num_hidden_layers"),
+        "n_heads": n_heads,
+        "n_kv_heads": get("num_key_value_heads") or n_heads,
+        "head_size": head_dim if head_dim * n_heads != d_model else None,
+        "ffn_hidden": get("intermediate_size"),
+        "max_seq_len": get("max_position_embeddings"),
+        "rope_theta": float(theta),
+        "norm_eps": get("rms_norm_eps"),
+        "init_std": get("initializer_range", 0.02),
+        "tie_embeddings": bool(get("tie_word_embeddings", False)),
+    }
+
+
+def _checked(cfg: ModelConfig, family: str) -> ModelConfig:
     try:
         cfg.check()
     except ValueError as e:
         raise ModelImportError(f"{family}: {e}") from None
     return cfg
+
+
+def _rope(hf: Any) -> tuple[str, float]:
+    """(rope_type, rope_theta) of a transformers config, in either of its spellings (rope_parameters, rope_scaling)."""
+    rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    theta = rope.get("rope_theta") if isinstance(rope, dict) and rope.get("rope_theta") else None
+    return rope_type, theta if theta is not None else getattr(hf, "rope_theta", 1e4)
 
 
 def _moe_settings(hf: Any, family: str, activation: str) -> dict[str, Any]:
@@ -206,10 +227,8 @@ def _supported_attention_and_activation(hf: Any, family: str) -> tuple[float, st
     """(rope theta, moe-lab activation) of an MoE family's config; ModelImportError for a part moe-lab lacks."""
     refuse = _refuser(family)
     get = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
-    rope = get("rope_parameters") or get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    rope_type, theta = _rope(hf)
     refuse(rope_type not in (None, "default"), f"scaled RoPE (rope_type={rope_type})")
-    theta = rope.get("rope_theta") if isinstance(rope, dict) and rope.get("rope_theta") else get("rope_theta", 1e4)
     refuse(
         family == "mixtral" and get("sliding_window") is not None,
         f"sliding-window attention (sliding_window={get('sliding_window')})",
@@ -224,8 +243,7 @@ def _supported_attention_and_activation(hf: Any, family: str) -> tuple[float, st
 
 def _dense_config(hf: Any, family: str) -> ModelConfig:
     get = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
-    rope = get("rope_parameters") or get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    rope_type, theta = _rope(hf)
     for bad, part in (
         (rope_type not in (None, "default"), f"scaled RoPE (rope_type={rope_type})"),
         (bool(get("use_sliding_window", False)), "sliding-window attention"),
@@ -235,34 +253,15 @@ def _dense_config(hf: Any, family: str) -> ModelConfig:
     ):
         if bad:
             raise ModelImportError(f"{family}: {part} has no moe-lab equivalent; the model was not read")
-    theta = rope.get("rope_theta") if isinstance(rope, dict) and rope.get("rope_theta") else get("rope_theta", 1e4)
-    d_model, n_heads = get("hidden_size"), get("num_attention_heads")
-    head_dim = get("head_dim") or d_model // n_heads
     cfg = ModelConfig.from_dict(
         {
-            "name": family,
-            "vocab_size": get("vocab_size"),
-            "d_model": d_model,
-            "n_layers": get("num_hidden_layers"),
-            "n_heads": n_heads,
-            "n_kv_heads": get("num_key_value_heads") or n_heads,
-            "head_size": head_dim if head_dim * n_heads != d_model else None,
+            **_backbone_settings(hf, family, theta),
             "qkv_bias": family == "qwen2",
             "qk_norm": "head" if family == "qwen3" else None,
-            "ffn_hidden": get("intermediate_size"),
-            "max_seq_len": get("max_position_embeddings"),
-            "rope_theta": float(theta),
-            "norm_eps": get("rms_norm_eps"),
-            "init_std": get("initializer_range", 0.02),
-            "tie_embeddings": bool(get("tie_word_embeddings", False)),
             "moe": {"enabled": False},
         }
     )
-    try:
-        cfg.check()
-    except ValueError as e:
-        raise ModelImportError(f"{family}: {e}") from None
-    return cfg
+    return _checked(cfg, family)
 
 
 def _layer_pattern(moe_layers: list[int], n_layers: int) -> tuple[Optional[int], int]:
