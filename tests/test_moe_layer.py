@@ -214,3 +214,49 @@ def test_shared_expert_gate():
     routed, _ = layer(x_TD.view(1, 8, D))
     torch.testing.assert_close(y.view(8, D), routed.view(8, D) + gate * shared, rtol=1e-5, atol=1e-6)
     assert torch.all(gate > 0) and torch.all(gate < 1)
+
+
+@pytest.mark.parametrize("index", [True, False])
+def test_aligned_groups_compute_the_unpadded_function_and_gradients(monkeypatch, index):
+    """16-bit GEMMs on a CPU pad every expert's group to 64 rows (oneDNN compiles a kernel per GEMM shape). Forced
+    on in float32, the padded experts give the unpadded outputs and gradients up to rounding: groups of 0, 1, 64 and
+    70 rows, and dropped rows past the last group, which read the spare zero row and write nothing."""
+    import moe_lab.model.experts as experts_module
+    from moe_lab.model.experts import GroupedExperts
+
+    torch.manual_seed(0)
+    experts = GroupedExperts(8, 16, 24)
+    counts = torch.tensor([5, 0, 70, 3, 64, 1, 0, 9])
+    offs_E = torch.cumsum(counts, 0).to(torch.int32)
+    rows = int(counts.sum()) + 7  # 7 dropped rows, parked after the groups
+    source = torch.randn(50 if index else rows, 16)
+    source[-1] = 0.0  # the dispatcher's spare zero row
+    index_R = torch.randint(0, 49, (rows,)) if index else None
+    if index:
+        index_R[-7:] = 49
+    scale_R = torch.rand(rows)
+    grad_RD = torch.randn(rows, 16)
+    grad_RD[int(offs_E[-1]) :] = 0.0  # the combine never reads dropped rows
+
+    def outputs_and_gradients(align):
+        monkeypatch.setattr(experts_module, "group_alignment", lambda device, dtype: align)
+        experts.zero_grad()
+        src, scale = source.clone().requires_grad_(), scale_R.clone().requires_grad_()
+        y_RD = experts(src, offs_E, scale, index_R=index_R)
+        (y_RD * grad_RD).sum().backward()
+        kept = int(offs_E[-1])
+        return y_RD[:kept], src.grad[:49], scale.grad[:kept], experts.w_in_EGFD.grad, experts.w_out_EDF.grad
+
+    for unpadded, padded in zip(outputs_and_gradients(1), outputs_and_gradients(64)):
+        torch.testing.assert_close(padded, unpadded, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_groups_are_padded_on_the_cpu_only():
+    from moe_lab.model.experts import AlignedGroups, group_alignment
+
+    assert group_alignment(torch.device("cpu"), torch.bfloat16) == 64
+    assert group_alignment(torch.device("cpu"), torch.float32) == 1
+    assert group_alignment(torch.device("cuda"), torch.bfloat16) == 1
+    groups = AlignedGroups.of(torch.tensor([3, 3, 70], dtype=torch.int32), num_rows=72, align=64)
+    assert groups.offs_E.tolist() == [64, 64, 192] and groups.num_rows == 72 + 3 * 63
+    assert groups.position_R[:4].tolist() == [0, 1, 2, 64] and groups.position_R[-2:].tolist() == [192, 193]
