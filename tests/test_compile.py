@@ -57,3 +57,20 @@ def test_a_compiled_run_follows_the_eager_curve(make_cfg, tmp_path, capsys):
 def test_compile_with_expert_parallelism_is_refused(make_cfg):
     with pytest.raises(ConfigError, match="compile=true is not tested with expert parallelism"):
         validate(make_cfg("compile=true", "trainer=ddp", "trainer.devices=2", "model.moe.expert_parallel=2"))
+
+
+def test_the_bf16_compiled_path_trains_with_float32_weights(make_cfg, tmp_path, capsys):
+    """The default of a CPU with AMX (trainer.precision=bf16-mixed, compile=true), asked for by name so that it runs
+    on any CPU: it follows float32's curve to bfloat16's rounding, and the weights it saves are float32."""
+    common = ["trainer.max_steps=6", "trainer.log_every_n_steps=1", "metrics.dashboard=false"]
+    float32 = train(make_cfg(*common, name="float32"))
+    fast = train(make_cfg(*common, "trainer.precision=bf16-mixed", "compile=true", name="fast"))
+    header = capsys.readouterr().out
+    assert "bf16-mixed (bfloat16 compute, float32 weights; trainer.precision=32-true for float32)" in header
+    assert "compiled (torch.compile)" in header
+    for step, loss in losses(tmp_path / "float32").items():
+        assert losses(tmp_path / "fast")[step] == pytest.approx(loss, rel=0.02), step
+    assert fast["val/loss"] == pytest.approx(float32["val/loss"], rel=0.02)
+    checkpoint = torch.load(tmp_path / "fast" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert {t.dtype for t in checkpoint["state_dict"].values() if t.is_floating_point()} == {torch.float32}
+    assert checkpoint["optimizer_states"][0]["param_groups"][0]["fused"] is True  # optim.fused=null: on for bf16

@@ -273,20 +273,44 @@ def test_trainer_deterministic_has_one_spelling_under_every_trainer(make_cfg):
 
 
 def test_the_default_trainer_is_the_cpu_here_and_the_gpu_where_there_is_one(make_cfg, monkeypatch):
-    cpu = validate(make_cfg()).trainer
+    from moe_lab.training import schemas
+
+    monkeypatch.setattr(schemas, "cpu_has_fast_bfloat16", lambda: False)
+    cpu = validate(make_cfg(fast=False)).trainer
     assert (cpu["accelerator"], cpu["precision"], cpu["deterministic"]) == ("cpu", "32-true", True)
     assert {k: cpu[k] for k in ("accelerator", "precision", "deterministic", "devices")} == {
-        k: validate(make_cfg("trainer=cpu")).trainer[k]
+        k: validate(make_cfg("trainer=cpu", fast=False)).trainer[k]
         for k in ("accelerator", "precision", "deterministic", "devices")
     }
-    from moe_lab.training.schemas import resolved_trainer
-
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    gpu = resolved_trainer({"accelerator": "auto", "precision": "auto", "deterministic": "auto"})
+    gpu = schemas.resolved_trainer({"accelerator": "auto", "precision": "auto", "deterministic": "auto"})
     assert gpu == {"accelerator": "gpu", "precision": "bf16-mixed", "deterministic": None}
-    ddp = resolved_trainer(dict(make_cfg("trainer=ddp").trainer))
+    ddp = schemas.resolved_trainer(dict(make_cfg("trainer=ddp", fast=False).trainer))
     assert (ddp["accelerator"], ddp["precision"]) == ("gpu", "bf16-mixed")
+
+
+def test_a_cpu_with_amx_defaults_to_compiled_bf16_and_one_setting_gives_float32_back(make_cfg, monkeypatch):
+    """The fast path (bf16-mixed + torch.compile) is the default where it was measured to pay; trainer.precision=
+    32-true is the float32 eager run of before, and compile stays off wherever it is not asked for or not measured."""
+    from moe_lab.training import schemas
+
+    monkeypatch.setattr(schemas, "cpu_has_fast_bfloat16", lambda: True)
+    monkeypatch.setattr(schemas, "have_cpp_compiler", lambda: True)
+    fast = validate(make_cfg(fast=False))
+    assert (fast.trainer["precision"], fast.trainer["deterministic"], fast.compile) == ("bf16-mixed", True, True)
+    assert fast.optim.fused is True
+    float32 = validate(make_cfg("trainer.precision=32-true", fast=False))
+    assert (float32.trainer["precision"], float32.compile, float32.optim.fused) == ("32-true", False, False)
+    assert validate(make_cfg("compile=false", fast=False)).compile is False
+    assert validate(make_cfg("trainer=ddp", "trainer.accelerator=cpu", fast=False)).compile is False  # 2 processes
+    monkeypatch.setattr(schemas, "have_cpp_compiler", lambda: False)
+    assert validate(make_cfg(fast=False)).compile is False  # no compiler: eager bf16, no error
+    with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler"):
+        validate(make_cfg("compile=true", fast=False))
+    monkeypatch.setattr(schemas, "cpu_has_fast_bfloat16", lambda: False)
+    plain = validate(make_cfg(fast=False))
+    assert (plain.trainer["precision"], plain.compile) == ("32-true", False)
 
 
 def test_preflight_refuses_a_used_run_directory(tmp_path):

@@ -93,6 +93,7 @@ def test_bench_quick_compare(tmp_path):
         warmup=1,
         repeats=2,
         no_steps=False,
+        baseline=False,
         out=str(tmp_path),
         argv=["--quick"],
     )
@@ -199,3 +200,26 @@ def test_moe_layer_activation_memory_at_most_1_6x_the_dense_ffn(num_experts, top
     moe_mb = saved_for_backward_mb(lambda: layer(x)[0], layer)
     dense_mb = saved_for_backward_mb(lambda: dense(x), dense)
     assert moe_mb <= 1.6 * dense_mb, (moe_mb, dense_mb)
+
+
+def test_bench_baseline_interleaves_at_least_five_rounds_and_reports_the_spread(monkeypatch, tmp_path):
+    """`moe-lab bench --baseline` compares the default step with float32 eager, both built from the config `moe-lab
+    train` composes; here on a small model, with the default forced to bf16-mixed eager so that nothing compiles."""
+    from moe_lab.tools import bench, bench_baseline
+
+    run = bench.compose_run("tiny", ["model.d_model=64", "model.n_layers=1", "data.seq_len=32", "data.batch_size=2"])
+    run.trainer["precision"], run.compile, run.optim.fused = "bf16-mixed", False, True
+    assert [(s.precision, s.compile, s.fused_adamw) for s in bench_baseline.settings_here(run)] == [
+        ("32-true", False, False),
+        ("bf16-mixed", False, True),
+    ]
+    monkeypatch.setattr(bench_baseline, "STEPS_PER_ROUND", 1)
+    peaks = {dtype: {"peak": 1e12, "model": 1e11} for dtype in ("float32", "bfloat16")}
+    report = bench_baseline.compare(run, torch.device("cpu"), warmup=0, repeats=1, peaks=peaks)
+    assert report["rounds"] == 5  # --repeats 1 asks for fewer than a spread needs
+    assert report["speedup_low"] <= report["speedup"] <= report["speedup_high"]
+    for row in report["settings"]:
+        assert row["tokens_per_sec_low"] <= row["tokens_per_sec"] <= row["tokens_per_sec_high"]
+        achieved = row["tokens_per_sec"] * report["flops_per_token"]
+        assert row["of_bf16_model_peak"] == pytest.approx(achieved / 1e11)
+    assert report["met"] == (report["speedup"] >= bench_baseline.BASELINE_TARGET)

@@ -352,6 +352,12 @@ COMMANDS: tuple[Command, ...] = (
                 "with why it was not timed), a dense SwiGLU of equal active parameters, and a whole model "
                 "against its transformers export; print the target ratios",
             ),
+            arg(
+                "--baseline",
+                action="store_true",
+                help="only the default training step against float32 eager (the settings before the fast path), "
+                "interleaved, at least 5 rounds, with the spread and the fraction of the machine's GEMM peak",
+            ),
             arg("--loop", action="store_true", help="also time moe-lab's per-expert reference loop"),
             arg("--capacity", action="store_true", help="also time capacity-limited cases (cf 1.25)"),
             arg("--no-steps", action="store_true", help="skip the whole-training-step timings"),

@@ -303,8 +303,9 @@ def time_case(
 # Whole training steps
 
 
-def compose_model(preset: str, overrides: list[str]):
-    """The model config of a preset, composed from conf/ as `moe-lab train` does (vocabulary of 320 tokens)."""
+def compose_run(preset: str, overrides: list[str]):
+    """The validated TrainConfig `moe-lab train model=PRESET OVERRIDES` runs, composed from conf/ (vocabulary of 320
+    tokens, the embedded corpus's)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -314,9 +315,14 @@ def compose_model(preset: str, overrides: list[str]):
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[f"model={preset}"] + overrides + ["paths.output_dir=."])
     GlobalHydra.instance().clear()
-    model_cfg = validate(cfg).model
-    model_cfg.vocab_size = 320
-    return model_cfg
+    run = validate(cfg)
+    run.model.vocab_size = 320
+    return run
+
+
+def compose_model(preset: str, overrides: list[str]):
+    """The model config of a preset, composed from conf/ as `moe-lab train` does (vocabulary of 320 tokens)."""
+    return compose_run(preset, overrides).model
 
 
 def moe_lab_step(
@@ -681,11 +687,39 @@ def time_whole_models(args, device: torch.device) -> list[dict]:
     return whole_models
 
 
+def measure_baseline(args, device: torch.device) -> dict:
+    """`moe-lab bench --baseline`: the machine's GEMM peaks, then the default training step against float32 eager,
+    interleaved (bench_baseline.py)."""
+    from moe_lab.tools import bench_baseline
+
+    started = time.time()
+    run = compose_run("tiny", [f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}"])
+    peaks = machine_peaks(
+        device, (run.data.batch_size * run.data.seq_len, run.model.d_model, run.model.ffn_hidden), 3, 10
+    )
+    baseline = bench_baseline.compare(run, device, args.warmup, args.repeats, peaks)
+    print_peaks(peaks)
+    bench_baseline.print_report(baseline)
+    report = {
+        "machine": machine(),
+        "gemm_peaks": peaks,
+        "device": str(device),
+        "seconds": round(time.time() - started, 1),
+        "command": "moe-lab bench " + " ".join(args.argv),
+        "baseline": baseline,
+    }
+    out = write_report(report, [], args.out)
+    print(f"\nmoe-lab bench: {time.time() - started:.0f}s on {device} ({torch.get_num_threads()} threads); wrote {out}")
+    return report
+
+
 def write_report(report: dict, results: list[Result], out_dir: Optional[str]) -> Path:
     """bench.json (everything) and bench.csv (the layer timings) in `out_dir` (default benchmarks/results/NOW)."""
     out = Path(out_dir or f"benchmarks/results/{datetime.now():%Y-%m-%d_%H-%M-%S}").expanduser()
     out.mkdir(parents=True, exist_ok=True)
     write_atomically(out / "bench.json", json.dumps(report, indent=2) + "\n")
+    if not results:
+        return out
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=[k for k in asdict(results[0]) if k != "extra"])
     writer.writeheader()
@@ -717,6 +751,8 @@ def measure(args) -> dict:
         cases = [
             Case(c.name, 512, 128, c.num_experts, c.top_k, c.expert_hidden // 4, c.capacity_factor) for c in cases[:3]
         ]
+    if args.baseline:
+        return measure_baseline(args, device)
     started = time.time()
     results: list[Result] = []
     not_timed: list[dict] = []

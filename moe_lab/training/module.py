@@ -199,7 +199,7 @@ class MoELanguageModel(L.LightningModule):
     def configure_optimizers(self):
         cfg = self.optim_cfg
         groups = self.parameter_groups()
-        fused = self.device.type == "cuda"
+        fused = cfg.fused if cfg.fused is not None else self.device.type == "cuda"
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
         total = max(self.trainer.max_steps, 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -37,7 +37,7 @@ def retain_freed_memory() -> bool:
 
 def quiet_lightning() -> None:
     """Drop Lightning's advertising and known-harmless warnings from the terminal; keep everything else."""
-    noise = ("💡 Tip", "TPU available", "HPU available", "`Trainer.fit` stopped")
+    noise = ("💡 Tip", "TPU available", "HPU available", "`Trainer.fit` stopped", "Automatic Mixed Precision (AMP)")
 
     class DropNoise(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:

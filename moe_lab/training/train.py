@@ -555,9 +555,10 @@ def device_description(trainer: dict) -> str:
     devices = trainer.get("devices", 1)
     nodes = trainer.get("num_nodes", 1)
     where = f"{trainer.get('accelerator', 'cpu')} x {devices}" + (f" x {nodes} nodes" if nodes and nodes > 1 else "")
-    return f"{where}, {trainer.get('precision', '32-true')}" + (
-        ", deterministic" if trainer.get("deterministic") else ""
-    )
+    precision = str(trainer.get("precision", "32-true"))
+    if precision == "bf16-mixed" and trainer.get("accelerator", "cpu") == "cpu":
+        precision += " (bfloat16 compute, float32 weights; trainer.precision=32-true for float32)"
+    return f"{where}, {precision}" + (", deterministic" if trainer.get("deterministic") else "")
 
 
 def save_summary(summary: dict, output_dir: Path) -> None:
