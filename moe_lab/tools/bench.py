@@ -32,6 +32,8 @@ from typing import Callable, Optional
 import torch
 
 from moe_lab.files import write_atomically
+from moe_lab.tools import bench_baseline
+from moe_lab.tools.bench_baseline import synchronize
 
 
 @dataclass
@@ -84,11 +86,6 @@ class Result:
     saved_mb: float
     peak_mb: Optional[float] = None
     extra: dict = field(default_factory=dict)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def median_ms(fn: Callable[[], None], device: torch.device, warmup: int, repeats: int, budget_s: float = 20.0) -> float:
@@ -690,8 +687,6 @@ def time_whole_models(args, device: torch.device) -> list[dict]:
 def measure_baseline(args, device: torch.device) -> dict:
     """`moe-lab bench --baseline`: the machine's GEMM peaks, then the default training step against float32 eager,
     interleaved (bench_baseline.py)."""
-    from moe_lab.tools import bench_baseline
-
     started = time.time()
     run = compose_run("tiny", [f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}"])
     peaks = machine_peaks(

@@ -18,8 +18,6 @@ from typing import Callable
 
 import torch
 
-from moe_lab.tools.bench import synchronize
-
 MIN_REPEATS = 5  # rounds; fewer cannot show a spread worth the name
 STEPS_PER_ROUND = 4
 BASELINE_TARGET = 1.6  # tokens/s of the default step over the float32 eager one (issue 25's bar; 2x the goal)
@@ -71,6 +69,12 @@ def training_step(run, settings: StepSettings, device: torch.device) -> Callable
         optimizer.zero_grad(set_to_none=True)
 
     return step
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a GPU's), so that a timing holds the work it times."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def interleaved_seconds(steps: dict[str, Callable[[], None]], device, warmup: int, repeats: int) -> dict:
