@@ -322,6 +322,11 @@ def compose_model(preset: str, overrides: list[str]):
     return compose_run(preset, overrides).model
 
 
+# The learning rate of timed training steps: the default run's, so that routing moves from step to step as it does in
+# training (on a CPU, a bfloat16 GEMM of a shape not seen before pays for a new kernel; a frozen routing hides that).
+STEP_LR = 3e-3
+
+
 def moe_lab_step(
     model,
     inputs: torch.Tensor,
@@ -361,7 +366,7 @@ def time_training_step(
     model_cfg = compose_model(preset, [f"experts={experts}"] if experts else [])
     torch.manual_seed(0)
     model = MoETransformer(model_cfg).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=STEP_LR, fused=device.type == "cuda")
     ids = torch.randint(0, 256, (batch_size, seq_len + 1), device=device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     ms = median_ms(moe_lab_step(model, ids[:, :-1], ids[:, 1:], optimizer, autocast), device, warmup, repeats)
@@ -383,15 +388,23 @@ def time_training_step(
     }
 
 
-def hf_step(hf, inputs: torch.Tensor, targets: torch.Tensor, optimizer) -> Callable[[], None]:
+def hf_step(
+    hf,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    optimizer,
+    autocast: Optional[contextlib.AbstractContextManager] = None,
+) -> Callable[[], None]:
     """One training step of a transformers MoE: cross-entropy plus its own load-balancing loss, backward, AdamW."""
     import torch.nn.functional as F
 
+    autocast = autocast if autocast is not None else contextlib.nullcontext()
+
     def step():
-        out = hf(input_ids=inputs)
-        loss = (
-            F.cross_entropy(out.logits.flatten(0, 1), targets.flatten()) + out.aux_loss * hf.config.router_aux_loss_coef
-        )
+        with autocast:
+            out = hf(input_ids=inputs)
+            logits = out.logits.float().flatten(0, 1)
+            loss = F.cross_entropy(logits, targets.flatten()) + out.aux_loss * hf.config.router_aux_loss_coef
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -400,14 +413,26 @@ def hf_step(hf, inputs: torch.Tensor, targets: torch.Tensor, optimizer) -> Calla
 
 
 def time_whole_model_vs_hf(
-    preset: str, experts: Optional[str], batch_size: int, seq_len: int, device: torch.device, warmup: int, repeats: int
+    preset: str,
+    experts: Optional[str],
+    batch_size: int,
+    seq_len: int,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+    dtype: torch.dtype = torch.float32,
+    compiled: bool = False,
 ) -> dict:
     """A training step (forward, backward with the load-balancing loss, AdamW) of a dropless moe-lab model and of
-    the same model exported to transformers (`to_hf`, the weights of `moe-lab export --format hf`), float32.
+    the same model exported to transformers (`to_hf`, the weights of `moe-lab export --format hf`, its default
+    experts), both in float32 or both under bf16 autocast (float32 weights), timed in interleaved rounds; with
+    `compiled`, moe-lab's step through torch.compile as well (its CPU default in bf16-mixed).
 
-    Both compute the same logits (checked first: relative L2 error, bar 1e-4); each adds its own load-balancing
-    loss at the same weight (transformers' `load_balancing_loss_func` with output_router_logits; moe-lab's Switch
-    loss and z-loss as configured)."""
+    Both compute the same logits (checked first in float32: relative L2 error, bar 1e-4); each adds its own
+    load-balancing loss at the same weight (transformers' `load_balancing_loss_func` with output_router_logits;
+    moe-lab's Switch loss and z-loss as configured)."""
+    import copy
+
     from moe_lab.interop.huggingface import to_hf
     from moe_lab.model import MoETransformer
 
@@ -431,23 +456,41 @@ def time_whole_model_vs_hf(
         return {"preset": preset, "not_timed": f"the exported model computes other logits (relative error {error:.1e})"}
     model.train()
     hf.train()
-    times = {}
-    for name, module, make in (
-        ("moe-lab", model, lambda opt: moe_lab_step(model, inputs, targets, opt)),
-        ("transformers", hf, lambda opt: hf_step(hf, inputs, targets, opt)),
-    ):
-        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-6, fused=device.type == "cuda")
-        times[name] = median_ms(make(optimizer), device, warmup, repeats)
-    return {
+    models = {"moe-lab": model, "transformers": hf}
+    if compiled:
+        models["moe-lab compiled"] = copy.deepcopy(model)
+    steps = {}
+    for name, module in models.items():
+        optimizer = torch.optim.AdamW(module.parameters(), lr=STEP_LR, fused=device.type == "cuda")
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+        if name == "transformers":
+            steps[name] = hf_step(hf, inputs, targets, optimizer, autocast)
+        else:
+            forward = torch.compile(module) if name.endswith("compiled") else module
+            steps[name] = moe_lab_step(forward, inputs, targets, optimizer, autocast)
+    times = bench_baseline.interleaved_seconds(steps, device, warmup, repeats)
+    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    per_round = sorted(h / m for h, m in zip(times["transformers"], times["moe-lab"]))
+    out = {
         "preset": preset + (f" experts={experts}" if experts else "") + " dropless",
         "architecture": type(hf).__name__,
+        "dtype": str(dtype).removeprefix("torch."),
         "batch": batch_size,
         "seq_len": seq_len,
+        "rounds": len(per_round),
         "logits_error": error,
-        "moe_lab_ms": times["moe-lab"],
-        "transformers_ms": times["transformers"],
-        "speedup": times["transformers"] / times["moe-lab"],
+        "moe_lab_ms": ms["moe-lab"],
+        "transformers_ms": ms["transformers"],
+        "speedup": statistics.median(per_round),
+        "speedup_low": per_round[0],
+        "speedup_high": per_round[-1],
     }
+    if compiled:
+        per_round = sorted(h / m for h, m in zip(times["transformers"], times["moe-lab compiled"]))
+        out["moe_lab_compiled_ms"] = ms["moe-lab compiled"]
+        out["compiled_speedup"] = statistics.median(per_round)
+        out["compiled_speedup_low"], out["compiled_speedup_high"] = per_round[0], per_round[-1]
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -567,8 +610,11 @@ def model_ratios(out: Ratios, steps: list[dict], whole_models: list[dict]) -> No
     """Whole models against transformers, and the MoE training step against its dense twin."""
     for w in whole_models:
         if "speedup" in w:
-            what = f"whole-model step, speed-up over transformers ({w['architecture']})"
+            what = f"whole-model step, speed-up over transformers ({w['architecture']}, {w['dtype']})"
             out.add(w["preset"], what, w["speedup"], WHOLE_MODEL_TARGET, True)
+            if "compiled_speedup" in w:
+                what = f"whole-model step compiled, over transformers eager ({w['dtype']})"
+                out.add(w["preset"], what, w["compiled_speedup"], WHOLE_MODEL_TARGET, True)
     moe = next((s for s in steps if s["preset"] == "tiny"), None)
     dense = next((s for s in steps if s["preset"] == "dense_tiny"), None)
     if moe and "of_bf16_model_peak" in moe:
@@ -623,9 +669,11 @@ def print_table(
             if "not_timed" in w:
                 print(f"{w['preset']:<34} not timed: {w['not_timed']}")
             else:
+                compiled = f", compiled {w['moe_lab_compiled_ms']:.1f} ms" if "moe_lab_compiled_ms" in w else ""
                 print(
                     f"{w['preset']:<34} {w['moe_lab_ms']:11.1f} {w['transformers_ms']:16.1f}  "
-                    f"{w['logits_error']:.1e} ({w['architecture']}, {w['batch']} x {w['seq_len']})"
+                    f"{w['logits_error']:.1e} ({w['architecture']}, {w['dtype']}, {w['batch']} x {w['seq_len']}, "
+                    f"per round {w['speedup_low']:.2f}-{w['speedup_high']:.2f}x{compiled})"
                 )
     if checks:
         print(f"\n{'case':<26} {'ratio':<58} {'measured':>9}  target")
@@ -663,7 +711,14 @@ def time_training_steps(args, device: torch.device) -> list[dict]:
         presets, batch, seq = [("tiny", None), ("dense_tiny", None)], 2, 64
     return [
         time_training_step(
-            preset, experts, batch, seq, device, "bf16" if device.type == "cuda" else "fp32", args.warmup, args.repeats
+            preset,
+            experts,
+            batch,
+            seq,
+            device,
+            "bf16" if device.type == "cuda" or args.dtype == "bfloat16" else "fp32",
+            args.warmup,
+            args.repeats,
         )
         for preset, experts in presets
     ]
@@ -675,10 +730,19 @@ def time_whole_models(args, device: torch.device) -> list[dict]:
     batch, seq = (8, 256) if device.type == "cpu" else (16, 1024)
     if args.quick:
         shapes, batch, seq = [("tiny", None)], 2, 64
+    from moe_lab.training.schemas import have_cpp_compiler
+
+    dtype = PEAK_DTYPES[args.dtype]
+    # In bfloat16 on a CPU, moe-lab's step as its default runs it (compiled) too.
+    compiled = dtype == torch.bfloat16 and device.type == "cpu" and have_cpp_compiler() and not args.quick
     whole_models = []
     for preset, experts in shapes:
         try:
-            whole_models.append(time_whole_model_vs_hf(preset, experts, batch, seq, device, args.warmup, args.repeats))
+            whole_models.append(
+                time_whole_model_vs_hf(
+                    preset, experts, batch, seq, device, args.warmup, args.repeats, dtype, compiled=compiled
+                )
+            )
         except ImportError as e:
             whole_models.append({"preset": preset, "not_timed": f"transformers is not installed ({e})"})
     return whole_models
