@@ -412,6 +412,50 @@ def hf_step(
     return step
 
 
+def exported_pair(preset: str, experts: Optional[str], device: torch.device):
+    """(a dropless moe-lab model, its transformers export, the relative L2 error of their float32 logits)."""
+    from moe_lab.interop.huggingface import to_hf
+    from moe_lab.model import MoETransformer
+
+    overrides = ([f"experts={experts}"] if experts else []) + [
+        "model.moe.capacity_factor=null",
+        "model.moe.eval_capacity_factor=null",
+    ]
+    torch.manual_seed(0)
+    model = MoETransformer(compose_model(preset, overrides)).to(device)
+    hf = to_hf(model, eos_id=0).to(device)
+    hf.config.output_router_logits = True
+    inputs = torch.randint(0, 256, (2, 64), device=device)
+    with torch.no_grad():
+        model.eval()
+        ours = model(inputs).logits
+        theirs = hf(input_ids=inputs).logits
+    model.train()
+    hf.train()
+    return model, hf, ((ours - theirs).norm() / ours.norm()).item()
+
+
+def whole_model_steps(model, hf, ids: torch.Tensor, device: torch.device, dtype: torch.dtype, compiled: bool):
+    """{name: training step} of moe-lab's model, transformers', and with `compiled` a compiled copy of moe-lab's;
+    each with its own AdamW at STEP_LR, under bf16 autocast when `dtype` is bfloat16."""
+    import copy
+
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    models = {"moe-lab": model, "transformers": hf}
+    if compiled:
+        models["moe-lab compiled"] = copy.deepcopy(model)
+    steps = {}
+    for name, module in models.items():
+        optimizer = torch.optim.AdamW(module.parameters(), lr=STEP_LR, fused=device.type == "cuda")
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+        if name == "transformers":
+            steps[name] = hf_step(hf, inputs, targets, optimizer, autocast)
+        else:
+            forward = torch.compile(module) if name.endswith("compiled") else module
+            steps[name] = moe_lab_step(forward, inputs, targets, optimizer, autocast)
+    return steps
+
+
 def time_whole_model_vs_hf(
     preset: str,
     experts: Optional[str],
@@ -431,43 +475,11 @@ def time_whole_model_vs_hf(
     Both compute the same logits (checked first in float32: relative L2 error, bar 1e-4); each adds its own
     load-balancing loss at the same weight (transformers' `load_balancing_loss_func` with output_router_logits;
     moe-lab's Switch loss and z-loss as configured)."""
-    import copy
-
-    from moe_lab.interop.huggingface import to_hf
-    from moe_lab.model import MoETransformer
-
-    overrides = ([f"experts={experts}"] if experts else []) + [
-        "model.moe.capacity_factor=null",
-        "model.moe.eval_capacity_factor=null",
-    ]
-    model_cfg = compose_model(preset, overrides)
-    torch.manual_seed(0)
-    model = MoETransformer(model_cfg).to(device)
-    hf = to_hf(model, eos_id=0).to(device)
-    hf.config.output_router_logits = True
-    ids = torch.randint(0, 256, (batch_size, seq_len + 1), device=device)
-    inputs, targets = ids[:, :-1], ids[:, 1:]
-    with torch.no_grad():
-        model.eval()
-        ours = model(inputs).logits
-        theirs = hf(input_ids=inputs).logits
-        error = ((ours - theirs).norm() / ours.norm()).item()
+    model, hf, error = exported_pair(preset, experts, device)
     if error > 1e-4:
         return {"preset": preset, "not_timed": f"the exported model computes other logits (relative error {error:.1e})"}
-    model.train()
-    hf.train()
-    models = {"moe-lab": model, "transformers": hf}
-    if compiled:
-        models["moe-lab compiled"] = copy.deepcopy(model)
-    steps = {}
-    for name, module in models.items():
-        optimizer = torch.optim.AdamW(module.parameters(), lr=STEP_LR, fused=device.type == "cuda")
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
-        if name == "transformers":
-            steps[name] = hf_step(hf, inputs, targets, optimizer, autocast)
-        else:
-            forward = torch.compile(module) if name.endswith("compiled") else module
-            steps[name] = moe_lab_step(forward, inputs, targets, optimizer, autocast)
+    ids = torch.randint(0, 256, (batch_size, seq_len + 1), device=device)
+    steps = whole_model_steps(model, hf, ids, device, dtype, compiled)
     times = bench_baseline.interleaved_seconds(steps, device, warmup, repeats)
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     per_round = sorted(h / m for h, m in zip(times["transformers"], times["moe-lab"]))
