@@ -296,7 +296,7 @@ def test_a_cpu_with_amx_defaults_to_compiled_bf16_and_one_setting_gives_float32_
     from moe_lab.training import schemas
 
     monkeypatch.setattr(schemas, "cpu_has_fast_bfloat16", lambda: True)
-    monkeypatch.setattr(schemas, "have_cpp_compiler", lambda: True)
+    monkeypatch.setattr(schemas, "can_build_cpu_kernels", lambda: True)
     fast = validate(make_cfg(fast=False))
     assert (fast.trainer["precision"], fast.trainer["deterministic"], fast.compile) == ("bf16-mixed", True, True)
     assert fast.optim.fused is True
@@ -304,7 +304,7 @@ def test_a_cpu_with_amx_defaults_to_compiled_bf16_and_one_setting_gives_float32_
     assert (float32.trainer["precision"], float32.compile, float32.optim.fused) == ("32-true", False, False)
     assert validate(make_cfg("compile=false", fast=False)).compile is False
     assert validate(make_cfg("trainer=ddp", "trainer.accelerator=cpu", fast=False)).compile is False  # 2 processes
-    monkeypatch.setattr(schemas, "have_cpp_compiler", lambda: False)
+    monkeypatch.setattr(schemas, "can_build_cpu_kernels", lambda: False)
     assert validate(make_cfg(fast=False)).compile is False  # no compiler: eager bf16, no error
     with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler"):
         validate(make_cfg("compile=true", fast=False))

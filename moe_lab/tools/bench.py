@@ -742,11 +742,11 @@ def time_whole_models(args, device: torch.device) -> list[dict]:
     batch, seq = (8, 256) if device.type == "cpu" else (16, 1024)
     if args.quick:
         shapes, batch, seq = [("tiny", None)], 2, 64
-    from moe_lab.training.schemas import have_cpp_compiler
+    from moe_lab.training.schemas import can_build_cpu_kernels
 
     dtype = PEAK_DTYPES[args.dtype]
     # In bfloat16 on a CPU, moe-lab's step as its default runs it (compiled) too.
-    compiled = dtype == torch.bfloat16 and device.type == "cpu" and have_cpp_compiler() and not args.quick
+    compiled = dtype == torch.bfloat16 and device.type == "cpu" and can_build_cpu_kernels() and not args.quick
     whole_models = []
     for preset, experts in shapes:
         try:

@@ -250,8 +250,9 @@ def cpu_has_fast_bfloat16() -> bool:
 
 
 def resolved_compile(run: TrainConfig) -> bool:
-    """compile=null -> on for a single-process CPU run in bf16-mixed without expert parallelism, where a C++
-    compiler is at hand; off elsewhere (float32 keeps today's eager path, GPUs are not measured)."""
+    """compile=null -> on for a single-process CPU run in bf16-mixed without expert parallelism, where inductor can
+    build its kernels (can_build_cpu_kernels); off elsewhere (float32 keeps the eager path it was measured with, and
+    GPUs are not measured)."""
     if run.compile is not None:
         return run.compile
     trainer = run.trainer
@@ -261,14 +262,17 @@ def resolved_compile(run: TrainConfig) -> bool:
         and str(trainer.get("precision")) == "bf16-mixed"
         and single
         and run.model.moe.expert_parallel == 1
-        and have_cpp_compiler()
+        and can_build_cpu_kernels()
     )
 
 
-def have_cpp_compiler() -> bool:
+def can_build_cpu_kernels() -> bool:
+    """What inductor needs to build CPU kernels: a C++ compiler on PATH and Python's headers (Python.h)."""
     import shutil
+    import sysconfig
 
-    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++")) and headers.is_file()
 
 
 def check_training_memory(run: TrainConfig) -> None:
@@ -427,10 +431,10 @@ def _check_compile(run: TrainConfig) -> None:
             "compile=true is not tested with expert parallelism (model.moe.expert_parallel > 1); "
             "leave compile=false there"
         )
-    if run.trainer.get("accelerator") == "cpu" and not have_cpp_compiler():
+    if run.trainer.get("accelerator") == "cpu" and not can_build_cpu_kernels():
         raise ConfigError(
-            "compile=true on the CPU needs a C++ compiler (g++ or clang++) on PATH for inductor's "
-            "kernels; install one or leave compile=false"
+            "compile=true on the CPU needs a C++ compiler (g++ or clang++) on PATH and Python's headers "
+            "(Python.h, e.g. the python3-dev package) for inductor's kernels; install them or leave compile=false"
         )
 
 
