@@ -193,3 +193,48 @@ def test_a_sweep_directory_of_another_command_is_refused(tmp_path, cache_dir):
     assert first.returncode == 0, first.stderr[-2000:]
     other = run_cli(_sweep_args(cache_dir, sweep, "seed=5,6", "trainer.max_steps=2"), cwd=tmp_path)
     assert other.returncode == 2 and "already holds runs of another command" in other.stderr
+
+
+def test_jobs_run_at_once_under_submitit_and_a_killed_one_resumes_when_the_command_runs_again(tmp_path, cache_dir):
+    """hydra/launcher=parallel (submitit's local executor, for real): two jobs train at the same time in their own
+    processes; one is killed mid-run (SIGKILL: no handler runs), and the same command again skips the finished job
+    and resumes the killed one from its last checkpoint; the summary is whole."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from moe_lab.files import process_alive
+
+    sweep = tmp_path / "sweep"
+    steps = ["trainer.max_steps=300", "trainer.val_check_interval=300", "checkpoint.every_n_steps=6"]
+    args = _sweep_args(cache_dir, sweep, "hydra/launcher=parallel", "seed=1,2", *steps)
+    script = str(Path(sys.executable).parent / "moe-lab")
+    proc = subprocess.Popen([script, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:  # job 1 has a checkpoint
+            if (sweep / "1" / "checkpoints" / "last.ckpt").exists():
+                break
+            time.sleep(0.1)
+        pids = [int((sweep / job / ".moe-lab-run").read_text().split()[0]) for job in "01"]
+        assert all(process_alive(pid) for pid in pids), "the two jobs were not running at the same time"
+        os.kill(pids[1], signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0, err[-3000:]
+    rows = {r["job"]: r for r in read_summary(sweep)}
+    assert rows["0"]["status"] == "finished" and rows["1"]["status"] != "finished"
+    finished_0 = (sweep / "0" / "summary.json").read_text()
+
+    again = run_cli(args, cwd=tmp_path)  # the same command: continues the sweep
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "continuing the sweep" in again.stderr and "1 resumes from step" in again.stderr
+    assert (sweep / "0" / "summary.json").read_text() == finished_0  # kept, not run again
+    rows = {r["job"]: r for r in read_summary(sweep)}
+    assert [rows[j]["status"] for j in "01"] == ["finished"] * 2
+    assert json.loads((sweep / "1" / "resumed_from.json").read_text())["step"] > 0
+    assert (sweep / "dashboard.html").is_file()

@@ -78,6 +78,27 @@ def claimed_by_this_process(directory: Path) -> bool:
         return False
 
 
+# The process that claimed a sweep directory, for its jobs: a launcher that runs them in processes of their own
+# (hydra/launcher=parallel, slurm: submitit) hands them its environment, and a job whose sweep's claim names the
+# command that started it belongs to that command.
+SWEEP_OWNER_VARIABLE = "MOE_LAB_SWEEP_OWNER"
+
+
+def own_sweep(directory: Path) -> None:
+    """This process has claimed the sweep `directory`: the jobs it launches, in any process, belong to it."""
+    if claimed_by_this_process(directory):
+        os.environ[SWEEP_OWNER_VARIABLE] = str(os.getpid())
+
+
+def claimed_by_this_sweep(directory: Path) -> bool:
+    """The sweep `directory` is claimed by this process or by the moe-lab command that launched it."""
+    try:
+        owner = (Path(directory) / CLAIM).read_text().strip()
+    except OSError:
+        return False
+    return owner in (str(os.getpid()), os.environ.get(SWEEP_OWNER_VARIABLE))
+
+
 def claim_run_dir(directory: Path, hydra_made: bool = False, setting: str = "hydra.run.dir") -> None:
     """Make `directory` this process's, atomically: the exclusive create of its claim file means that of two runs
     started into one directory at once exactly one gets it, and the other a UserError, before either writes a
@@ -99,6 +120,8 @@ def claim_run_dir(directory: Path, hydra_made: bool = False, setting: str = "hyd
         ) from None
     with os.fdopen(fd, "w") as f:
         f.write(f"{os.getpid()}\n")
+    if setting == "hydra.sweep.dir":
+        own_sweep(directory)
 
 
 def release_run_dir(directory: Path) -> None:

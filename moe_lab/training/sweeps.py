@@ -21,7 +21,7 @@ import yaml
 
 from moe_lab.errors import UserError
 from moe_lab.files import process_alive
-from moe_lab.training.run_dir import ATTEMPTS, CLAIM, job_state
+from moe_lab.training.run_dir import ATTEMPTS, CLAIM, job_state, own_sweep
 
 
 def _multirun(sweep_dir: Path) -> Optional[dict]:
@@ -65,10 +65,11 @@ def planned_jobs(sweep_dir: Path) -> Optional[list[list[str]]]:
 
 
 def same_sweep(sweep_dir: Path, overrides: list[str]) -> bool:
-    """Whether `sweep_dir` holds a sweep started with these command-line overrides (hydra.* ones aside)."""
+    """Whether `sweep_dir` holds a sweep started with these command-line overrides (Hydra's own aside: hydra.* values
+    and hydra/* groups such as the launcher, which Hydra keeps apart from the job's)."""
     multirun = _multirun(sweep_dir)
     task = _task_overrides(multirun) if multirun else None
-    return task is not None and task == [o for o in overrides if not o.lstrip("+~").startswith("hydra.")]
+    return task is not None and task == [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
 
 
 def continue_sweep(sweep_dir: Path) -> str:
@@ -91,6 +92,7 @@ def continue_sweep(sweep_dir: Path) -> str:
             raise UserError(f"the sweep in {sweep_dir} was just taken by another moe-lab command") from None
         with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()}\n")
+    own_sweep(sweep_dir)
     planned = planned_jobs(sweep_dir)
     jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     kept, moved = [], []

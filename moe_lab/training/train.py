@@ -40,7 +40,7 @@ from moe_lab.training.module import MoELanguageModel
 from moe_lab.training.run_dir import (
     attempt_checkpoint,
     claim_run_dir,
-    claimed_by_this_process,
+    claimed_by_this_sweep,
     job_state,
     launched_worker,
     previous_attempt,
@@ -115,7 +115,7 @@ def continued_job(run: TrainConfig, output_dir: Path) -> Optional[dict[str, Any]
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
     if not launched_worker():  # data-parallel workers only follow rank 0 (which they would not run without)
-        if not claimed_by_this_process(Path(HydraConfig.get().sweep.dir)):
+        if not claimed_by_this_sweep(Path(HydraConfig.get().sweep.dir)):
             return None
         state, summary = job_state(output_dir)
         if state == "diverged":
