@@ -238,3 +238,31 @@ def test_jobs_run_at_once_under_submitit_and_a_killed_one_resumes_when_the_comma
     assert [rows[j]["status"] for j in "01"] == ["finished"] * 2
     assert json.loads((sweep / "1" / "resumed_from.json").read_text())["step"] > 0
     assert (sweep / "dashboard.html").is_file()
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "parallel"])
+def test_the_launcher_options_ask_for_what_a_run_needs(launcher):
+    """hydra/launcher=slurm and =parallel compose on submitit's configs, their resources following the trainer: one
+    task (and GPU) per device of trainer.devices, on trainer.num_nodes nodes."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from moe_lab.training.schemas import config_dir
+
+    GlobalHydra.instance().clear()
+    overrides = [f"hydra/launcher={launcher}", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2"]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    launcher_cfg = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    resolved = {k: OmegaConf.select(cfg, f"hydra.launcher.{k}") for k in ("gpus_per_node", "tasks_per_node", "nodes")}
+    kind = "SlurmLauncher" if launcher == "slurm" else "LocalLauncher"
+    assert launcher_cfg["_target_"].endswith(kind)
+    assert resolved["gpus_per_node"] == 4
+    if launcher == "slurm":
+        assert resolved == {"gpus_per_node": 4, "tasks_per_node": 4, "nodes": 2}
+        assert launcher_cfg["max_num_timeout"] == 3
+    else:
+        assert resolved["tasks_per_node"] == 1
