@@ -100,6 +100,18 @@ def test_shipped_optuna_search(tmp_path, cache_dir):
         assert "optim.lr=" in r["overrides"] and "model.moe.router.top_k=" in r["overrides"]
 
 
+def continue_and_check(args, cwd, sweep, jobs: str) -> None:
+    """The same command again on a sweep whose job 0 finished and job 1 stopped: it continues the sweep, keeps job 0
+    as it was, resumes job 1, and every job of `jobs` ends finished."""
+    finished_0 = (sweep / "0" / "summary.json").read_text()
+    again = run_cli(args, cwd=cwd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "continuing the sweep" in again.stderr and "1 resumes from step" in again.stderr
+    assert (sweep / "0" / "summary.json").read_text() == finished_0  # kept, not run again
+    rows = {r["job"]: r for r in read_summary(sweep)}
+    assert [rows[j]["status"] for j in jobs] == ["finished"] * len(jobs)
+
+
 def _sweep_args(cache_dir, sweep, *extra):
     return [
         "train",
@@ -164,14 +176,7 @@ def test_a_stopped_sweep_lists_every_job_and_the_same_command_continues_it(tmp_p
     assert rows["1"]["val/loss"] == "" and 0 < float(rows["1"]["step"]) < 24
     assert rows["2"]["status"] == "not started" and "seed=3" in rows["2"]["overrides"]
     stopped_at = int(float(rows["1"]["step"]))
-    finished_0 = (sweep / "0" / "summary.json").read_text()
-
-    again = run_cli(args, cwd=tmp_path)  # the same command: continues the sweep
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "continuing the sweep" in again.stderr and "1 resumes from step" in again.stderr
-    assert (sweep / "0" / "summary.json").read_text() == finished_0  # kept, not run again
-    rows = {r["job"]: r for r in read_summary(sweep)}
-    assert [rows[j]["status"] for j in "012"] == ["finished"] * 3
+    continue_and_check(args, tmp_path, sweep, jobs="012")
     assert (sweep / ".attempts" / "1-1" / "checkpoints" / "last.ckpt").exists()  # the earlier attempt is kept
     resumed = json.loads((sweep / "1" / "resumed_from.json").read_text())
     assert resumed["step"] == stopped_at and resumed["run_dir"] == str(sweep / ".attempts" / "1-1")
@@ -228,14 +233,7 @@ def test_jobs_run_at_once_under_submitit_and_a_killed_one_resumes_when_the_comma
     assert proc.returncode != 0, err[-3000:]
     rows = {r["job"]: r for r in read_summary(sweep)}
     assert rows["0"]["status"] == "finished" and rows["1"]["status"] != "finished"
-    finished_0 = (sweep / "0" / "summary.json").read_text()
-
-    again = run_cli(args, cwd=tmp_path)  # the same command: continues the sweep
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "continuing the sweep" in again.stderr and "1 resumes from step" in again.stderr
-    assert (sweep / "0" / "summary.json").read_text() == finished_0  # kept, not run again
-    rows = {r["job"]: r for r in read_summary(sweep)}
-    assert [rows[j]["status"] for j in "01"] == ["finished"] * 2
+    continue_and_check(args, tmp_path, sweep, jobs="01")
     assert json.loads((sweep / "1" / "resumed_from.json").read_text())["step"] > 0
     assert (sweep / "dashboard.html").is_file()
 
