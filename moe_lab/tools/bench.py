@@ -482,26 +482,21 @@ def time_whole_model_vs_hf(
     steps = whole_model_steps(model, hf, ids, device, dtype, compiled)
     times = bench_baseline.interleaved_seconds(steps, device, warmup, repeats)
     ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
-    per_round = sorted(h / m for h, m in zip(times["transformers"], times["moe-lab"]))
     out = {
         "preset": preset + (f" experts={experts}" if experts else "") + " dropless",
         "architecture": type(hf).__name__,
         "dtype": str(dtype).removeprefix("torch."),
         "batch": batch_size,
         "seq_len": seq_len,
-        "rounds": len(per_round),
+        "rounds": len(times["moe-lab"]),
         "logits_error": error,
         "moe_lab_ms": ms["moe-lab"],
         "transformers_ms": ms["transformers"],
-        "speedup": statistics.median(per_round),
-        "speedup_low": per_round[0],
-        "speedup_high": per_round[-1],
+        **bench_baseline.round_ratios(times["transformers"], times["moe-lab"]),
     }
     if compiled:
-        per_round = sorted(h / m for h, m in zip(times["transformers"], times["moe-lab compiled"]))
         out["moe_lab_compiled_ms"] = ms["moe-lab compiled"]
-        out["compiled_speedup"] = statistics.median(per_round)
-        out["compiled_speedup_low"], out["compiled_speedup_high"] = per_round[0], per_round[-1]
+        out.update(bench_baseline.round_ratios(times["transformers"], times["moe-lab compiled"], "compiled_speedup"))
     return out
 
 

@@ -94,19 +94,25 @@ def interleaved_seconds(steps: dict[str, Callable[[], None]], device, warmup: in
     return times
 
 
+def round_ratios(slower: list[float], faster: list[float], name: str = "speedup") -> dict[str, float]:
+    """{name: median, name_low: lowest, name_high: highest} of the per-round time ratios slower / faster."""
+    ratios = sorted(a / b for a, b in zip(slower, faster))
+    return {name: statistics.median(ratios), f"{name}_low": ratios[0], f"{name}_high": ratios[-1]}
+
+
 def compare(run, device: torch.device, warmup: int, repeats: int, peaks: dict) -> dict:
     """The baseline report: per setting tokens/s (median, lowest, highest round), achieved FLOP/s and its fraction
     of the measured bfloat16 GEMM at the model's shape; the per-round speed-up of the default over before."""
     from moe_lab.model import MoETransformer
 
     settings = settings_here(run)
-    built = {}
+    steps, first_step_s = {}, {}
     for s in settings:
         start = time.perf_counter()
-        built[s.name] = training_step(run, s, device)
-        built[s.name]()  # the first step compiles; its time is the start-up a run pays
-        built[s.name + " start"] = time.perf_counter() - start
-    times = interleaved_seconds({s.name: built[s.name] for s in settings}, device, warmup, repeats)
+        steps[s.name] = training_step(run, s, device)
+        steps[s.name]()  # the first step compiles; its time is the start-up a run pays
+        first_step_s[s.name] = time.perf_counter() - start
+    times = interleaved_seconds(steps, device, warmup, repeats)
     tokens = run.data.batch_size * run.data.seq_len
     flops_per_token = MoETransformer(run.model).flops_per_token(run.data.seq_len)
     rows = []
@@ -119,7 +125,7 @@ def compare(run, device: torch.device, warmup: int, repeats: int, peaks: dict) -
                 "precision": s.precision,
                 "compile": s.compile,
                 "fused_adamw": s.fused_adamw,
-                "first_step_s": round(built[s.name + " start"], 2),
+                "first_step_s": round(first_step_s[s.name], 2),
                 "tokens_per_sec": median,
                 "tokens_per_sec_low": per_sec[0],
                 "tokens_per_sec_high": per_sec[-1],
@@ -128,20 +134,17 @@ def compare(run, device: torch.device, warmup: int, repeats: int, peaks: dict) -
                 "of_float32_model_peak": median * flops_per_token / peaks["float32"]["model"],
             }
         )
-    before, default = (times[s.name] for s in settings)
-    per_round = sorted(b / d for b, d in zip(before, default))
+    speedup = round_ratios(*(times[s.name] for s in settings))
     return {
         "batch": run.data.batch_size,
         "seq_len": run.data.seq_len,
         "flops_per_token": flops_per_token,
-        "rounds": len(per_round),
+        "rounds": len(times[settings[0].name]),
         "steps_per_round": STEPS_PER_ROUND,
         "settings": rows,
-        "speedup": statistics.median(per_round),
-        "speedup_low": per_round[0],
-        "speedup_high": per_round[-1],
+        **speedup,
         "target": BASELINE_TARGET,
-        "met": statistics.median(per_round) >= BASELINE_TARGET,
+        "met": speedup["speedup"] >= BASELINE_TARGET,
     }
 
 

@@ -266,6 +266,13 @@ def resolved_compile(run: TrainConfig) -> bool:
     )
 
 
+def resolved_fused(run: TrainConfig) -> bool:
+    """optim.fused=null -> AdamW's fused kernel on a GPU and in bf16-mixed; the for-loop AdamW for float32 on a CPU."""
+    if run.optim.fused is not None:
+        return run.optim.fused
+    return run.trainer.get("accelerator") in ("gpu", "cuda") or str(run.trainer.get("precision")) == "bf16-mixed"
+
+
 def can_build_cpu_kernels() -> bool:
     """What inductor needs to build CPU kernels: a C++ compiler on PATH and Python's headers (Python.h)."""
     import shutil
@@ -415,9 +422,7 @@ def _check_training(run: TrainConfig) -> None:
     _check_trainer(run.trainer)
     _check_loggers(run.logger)
     _check_compile(run)
-    if run.optim.fused is None:
-        on_gpu = run.trainer.get("accelerator") in ("gpu", "cuda")
-        run.optim.fused = on_gpu or str(run.trainer.get("precision")) == "bf16-mixed"
+    run.optim.fused = resolved_fused(run)
 
 
 def _check_compile(run: TrainConfig) -> None:
