@@ -223,3 +223,47 @@ def test_bench_baseline_interleaves_at_least_five_rounds_and_reports_the_spread(
         achieved = row["tokens_per_sec"] * report["flops_per_token"]
         assert row["of_bf16_model_peak"] == pytest.approx(achieved / 1e11)
     assert report["met"] == (report["speedup"] >= bench_baseline.BASELINE_TARGET)
+
+
+def test_bfloat16_peer_check_compares_the_tokens_of_unambiguous_routing():
+    """In bfloat16 two correct layers break routing ties differently (an order-1 difference in those rows): the
+    check compares the tokens whose top-k is clear by a float32 logit margin, and still refuses a wrong peer."""
+    pytest.importorskip("transformers")
+    from moe_lab.tools import bench_peers
+    from moe_lab.tools.bench import Case, moe_layer
+
+    case = Case("E8-top2", 256, 64, 8, 2, 96)
+    layer = moe_layer(case, "grouped", torch.device("cpu"), torch.bfloat16)
+    torch.manual_seed(1)
+    x = torch.randn(1, case.tokens, case.d_model, dtype=torch.bfloat16)
+    grad = torch.randn_like(x)
+    compared_T = bench_peers.unambiguous_tokens(layer.router.gate_ED, x.view(-1, case.d_model), case.top_k)
+    logits_TE = x.view(-1, case.d_model).float() @ layer.router.gate_ED.float().t()
+    top_T3 = logits_TE.topk(3, dim=-1).values
+    assert torch.equal(compared_T, top_T3[:, 1] - top_T3[:, 2] > bench_peers.ROUTING_MARGIN)
+    assert 0.5 < compared_T.float().mean() < 1.0  # some ties are left out, most tokens are compared
+    peer = bench_peers.hf_grouped(layer, case, torch.device("cpu"), torch.bfloat16)
+    same = bench_peers.check_same_math(lambda t: layer(t)[0], peer, x, grad, False, compared_T)
+    assert same.ok and same.compared == pytest.approx(compared_T.float().mean().item())
+    assert "tokens of unambiguous routing" in str(same)
+    with torch.no_grad():  # gate and up projections swapped: wrong on every token
+        F = case.expert_hidden
+        peer.experts.gate_up_proj.copy_(
+            torch.cat([peer.experts.gate_up_proj[:, F:], peer.experts.gate_up_proj[:, :F]], 1)
+        )
+    assert not bench_peers.check_same_math(lambda t: layer(t)[0], peer, x, grad, False, compared_T).ok
+
+
+def test_whole_model_bar_is_at_equal_settings():
+    """Both eager and both compiled are the targets; moe-lab compiled over transformers eager is only a note."""
+    from moe_lab.tools.bench import WHOLE_MODEL_TARGET, Ratios, model_ratios
+
+    whole = {"preset": "tiny", "architecture": "MixtralForCausalLM", "dtype": "bfloat16", "speedup": 1.2}
+    whole |= {"both_compiled": 1.4, "compiled_speedup": 1.7}
+    out = Ratios()
+    model_ratios(out, [], [whole])
+    rows = {what: (value, met) for _, what, value, _, met in out}
+    assert rows["whole-model step, speed-up over transformers (MixtralForCausalLM, bfloat16)"] == (1.2, False)
+    assert rows["whole-model step, both compiled (bfloat16)"] == (1.4, True)
+    assert rows["whole-model step compiled, over transformers eager (bfloat16)"] == (1.7, None)
+    assert WHOLE_MODEL_TARGET == 1.3
