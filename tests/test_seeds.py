@@ -153,3 +153,63 @@ def test_a_seed_sweep_prints_groups_and_draws_error_bars(tmp_path, cache_dir):
     # moe-lab dashboard prints the same groups for the sweep.
     again = run_cli(["dashboard", str(sweep), "-o", str(tmp_path / "again.html")], cwd=tmp_path)
     assert again.returncode == 0 and "2 configurations over seeds" in again.stdout
+
+
+def test_resolvable_difference_and_seeds_to_resolve_by_hand():
+    """Paired, spread 0.02 over 3 seeds: differences above t(2) * 0.02 / sqrt(3) are resolved. A difference of 0.01 at
+    that spread needs the least n with (t_.975(n-1) + t_.8(n-1)) * 0.02 / sqrt(n) <= 0.01."""
+    from scipy import stats
+
+    from moe_lab.analysis.stats import resolvable_difference, seeds_to_resolve
+
+    assert resolvable_difference(0.02, 3, paired=True) == pytest.approx(T_975[2] * 0.02 / math.sqrt(3))
+    assert resolvable_difference(0.02, 3, paired=False) == pytest.approx(T_975[4] * 0.02 * math.sqrt(2 / 3))
+    assert math.isnan(resolvable_difference(0.02, 1, paired=True))
+
+    def enough(n: int) -> bool:
+        return (stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)) * 0.02 / math.sqrt(n) <= 0.01
+
+    n = seeds_to_resolve(0.01, 0.02, paired=True)
+    assert enough(int(n)) and not enough(int(n) - 1) and 30 < n < 40  # about (1.96 + 0.84)^2 * 4 = 31, plus t's tails
+    assert seeds_to_resolve(-0.01, 0.02, paired=True) == n  # the sign does not matter
+    assert seeds_to_resolve(0.01, 0.02, paired=False) > n  # unpaired needs more: the seed's own luck stays
+    assert seeds_to_resolve(0.0, 0.02, paired=True) == math.inf and seeds_to_resolve(1e-6, 0.02, True) == math.inf
+
+
+def test_an_unresolved_difference_says_how_many_seeds_it_needs(tmp_path):
+    """e8 is 0.01 below e16 in two seeds of three and above in one: not separated; the table, the dashboard's text
+    and sweep_groups.csv say what these seeds resolve and how many would separate the observed difference."""
+    from moe_lab.analysis.seeds import differences, group_rows
+    from moe_lab.analysis.stats import paired_difference_interval, resolvable_difference, seeds_to_resolve
+
+    e8, e16 = [1.90, 1.95, 1.93], [1.91, 1.96, 1.92]
+    runs = [
+        fake_run(tmp_path, f"{c}-{s}", [f"experts={c}", f"seed={s}"], loss)
+        for c, losses in (("e8", e8), ("e16", e16))
+        for s, loss in enumerate(losses, 1)
+    ]
+    groups = seed_groups(runs)
+    (d,) = differences(ranked_groups(groups))
+    paired = paired_difference_interval(e8, e16)
+    assert d["needs_from"] == "paired" and not d["paired_separated"]
+    assert d["resolvable"] == pytest.approx(resolvable_difference(paired["std"], 3, paired=True))
+    assert d["seeds_needed"] == seeds_to_resolve(paired["diff"], paired["std"], paired=True) > 3
+    table = group_table(groups)
+    assert f"these seeds resolve differences above {d['resolvable']:.4f} (paired)" in table
+    assert f"about {int(d['seeds_needed'])} seeds per group (80% power)" in table
+    first = group_rows(groups)[0]
+    assert first["diff_from"] == "paired" and first["seeds_needed"] == int(d["seeds_needed"])
+    assert first["diff_low"] < 0 < first["diff_high"] and group_rows(groups)[1].get("diff_to_next") in ("", None)
+
+
+def test_a_separated_difference_needs_no_more_seeds(tmp_path):
+    runs = [
+        fake_run(tmp_path, f"{c}-{s}", [f"experts={c}", f"seed={s}"], loss)
+        for c, losses in (("e8", [1.90, 1.91, 1.92]), ("e4", [2.00, 2.01, 2.03]))
+        for s, loss in enumerate(losses, 1)
+    ]
+    from moe_lab.analysis.seeds import differences
+
+    (d,) = differences(ranked_groups(seed_groups(runs)))
+    assert d["paired_separated"] and math.isnan(d["seeds_needed"]) and d["resolvable"] < abs(d["diff"])
+    assert "to separate" not in group_table(seed_groups(runs))

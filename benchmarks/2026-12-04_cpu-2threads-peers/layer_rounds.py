@@ -1,7 +1,11 @@
 """The MoE layer (forward + backward) against every peer that runs here, on the same weights, interleaved: is
 moe-lab's layer slower than a peer at the same precision, beyond the run's noise?
 
-Usage: python layer_rounds.py CASE DTYPE [ROUNDS]     e.g. python layer_rounds.py E8-top2 float32 30
+Usage: python layer_rounds.py CASE DTYPE [ROUNDS] [fixed|fresh]     e.g. python layer_rounds.py E8-top2 float32 30
+fixed (the default): every step on the same input, so the routing and each expert's row count never change (the
+pure compute of one routing). fresh: every step on a new random input, as training steps are, so each expert's row
+count changes from step to step (on a CPU, oneDNN builds a kernel for every new bfloat16 GEMM shape, which an
+implementation pays unless it keeps the shapes few); drawing the input costs every implementation the same.
 Each round times PER_ROUND forward + backward passes of each implementation in turn (the order rotates every round,
 so no implementation always runs right after another). Per peer: the median time, the per-round ratio peer / moe-lab
 (above 1: moe-lab faster), its lowest and highest round, and a 95% interval of the geometric mean ratio (a t interval
@@ -31,7 +35,7 @@ def interval(ratios: list[float]) -> tuple[float, float, float]:
     return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
-def main(case_name: str, dtype_name: str, rounds: int) -> None:
+def main(case_name: str, dtype_name: str, rounds: int, inputs: str = "fixed") -> None:
     retain_freed_memory()
     torch.set_num_threads(2)
     dtype = getattr(torch, dtype_name)
@@ -48,8 +52,8 @@ def main(case_name: str, dtype_name: str, rounds: int) -> None:
         print(f"{case_name} {dtype_name} {n}: {impls[n][2]}")
 
     def step(forward):
-        xi = x.detach().requires_grad_()
-        forward(xi).backward(grad)
+        xi = x if inputs == "fixed" else torch.randn(x.shape, dtype=dtype)
+        forward(xi.detach().requires_grad_()).backward(grad)
 
     steps = {n: (lambda f=impls[n][1]: step(f)) for n in names}
     for s in steps.values():
@@ -66,11 +70,11 @@ def main(case_name: str, dtype_name: str, rounds: int) -> None:
         ratio = [p / g for p, g in zip(times[n], times["grouped"])]
         mean, low, high = interval(ratio) if n != "grouped" else (1.0, 1.0, 1.0)
         print(
-            f"{case_name} {dtype_name} {n:<11} median {statistics.median(times[n]):7.2f} ms "
+            f"{case_name} {dtype_name} {inputs} {n:<11} median {statistics.median(times[n]):7.2f} ms "
             f"[{min(times[n]):.2f}, {max(times[n]):.2f}]  {n} / moe-lab: median {statistics.median(ratio):.2f}x "
             f"(per round {min(ratio):.2f}-{max(ratio):.2f}), geometric mean {mean:.3f}x, 95% [{low:.3f}, {high:.3f}]"
         )
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 20)
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 20, *sys.argv[4:5])

@@ -21,10 +21,13 @@ from typing import Any, Optional
 from moe_lab.analysis.runs import RunRecord, swept_keys, unescape_override
 from moe_lab.analysis.stats import (
     CONFIDENCE,
+    MAX_SEEDS,
     difference_interval,
     intervals_overlap,
     mean_interval,
     paired_difference_interval,
+    resolvable_difference,
+    seeds_to_resolve,
 )
 from moe_lab.files import write_atomically
 
@@ -143,17 +146,36 @@ def differences(ranked: list[RankedGroup]) -> list[dict[str, Any]]:
             if len(shared) >= 2
             else None
         )
-        out.append(
-            {
-                "a": a,
-                "b": b,
-                **d,
-                "separated": _separated(d),
-                "paired": paired,
-                "paired_separated": paired is not None and _separated(paired),
-            }
-        )
+        entry = {
+            "a": a,
+            "b": b,
+            **d,
+            "separated": _separated(d),
+            "paired": paired,
+            "paired_separated": paired is not None and _separated(paired),
+        }
+        out.append(entry | seeds_needed(entry, a.group.values(RANK_KEY), b.group.values(RANK_KEY)))
     return out
+
+
+def seeds_needed(d: dict[str, Any], a: list[float], b: list[float]) -> dict[str, Any]:
+    """What these seeds could resolve and what the difference needs, from the paired spread where the groups share
+    seeds (the seed's own luck cancels), else from the two groups' spreads: `resolvable`, the smallest difference of
+    means these seeds separate (the interval's half-width); `seeds_needed`, for a difference not separated, the seeds
+    per group with which one of the observed size would be (80% power; inf past MAX_SEEDS)."""
+    paired = d["paired"] is not None and math.isfinite(d["paired"].get("std", float("nan")))
+    if paired:
+        spread, n = d["paired"]["std"], d["paired"]["n"]
+    else:
+        ia, ib = mean_interval(a), mean_interval(b)
+        spread, n = math.sqrt((ia["std"] ** 2 + ib["std"] ** 2) / 2), min(ia["n"], ib["n"])
+    separated = d["paired_separated"] if paired else d["separated"]
+    needed = float("nan") if separated else seeds_to_resolve(d["diff"], spread, paired)
+    return {
+        "resolvable": resolvable_difference(spread, n, paired),
+        "seeds_needed": needed,
+        "needs_from": "paired" if paired else "welch",
+    }
 
 
 def _number(value: float, spec: str) -> str:
@@ -213,8 +235,22 @@ def difference_text(d: dict[str, Any]) -> str:
     verdict = "separated" if d["separated"] else "not separated: the interval contains 0"
     return (
         f"{_number(d['diff'], '+.4f')} [{_number(d['low'], '+.4f')}, {_number(d['high'], '+.4f')}], "
-        f"p = {_number(d['p'], '.3g')} ({verdict})" + (f"; paired by seed: {_paired_text(d)}" if d["paired"] else "")
+        f"p = {_number(d['p'], '.3g')} ({verdict})"
+        + (f"; paired by seed: {_paired_text(d)}" if d["paired"] else "")
+        + _needs_text(d)
     )
+
+
+def _needs_text(d: dict[str, Any]) -> str:
+    """'; resolvable here: 0.0123; to separate +0.0050: about 12 seeds (80% power, paired)'."""
+    if "resolvable" not in d or not math.isfinite(d["resolvable"]):
+        return ""
+    text = f"; these seeds resolve differences above {d['resolvable']:.4f} ({d['needs_from']})"
+    needed = d["seeds_needed"]
+    if math.isnan(needed):
+        return text
+    count = f"about {int(needed)} seeds per group" if math.isfinite(needed) else f"more than {MAX_SEEDS} seeds"
+    return text + f"; to separate {d['diff']:+.4f}: {count} (80% power)"
 
 
 def _paired_text(d: dict[str, Any]) -> str:
@@ -234,13 +270,33 @@ def _runs_text(group: RunGroup) -> str:
 GROUP_CSV_COLUMNS = (
     ["rank", "group", "runs", "finished", "seeds"]
     + [f"{key}:{stat}" for key, _, _ in GROUP_METRICS for stat in ("mean", "std", "ci_low", "ci_high")]
-    + ["not_separated_from", "run_dirs"]
+    + ["not_separated_from", "diff_to_next", "diff_low", "diff_high", "diff_from", "resolvable", "seeds_needed"]
+    + ["run_dirs"]
 )
+
+
+def _difference_columns(d: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """sweep_groups.csv's columns of a group's difference to the next group (paired where they share seeds)."""
+    if d is None:
+        return {}
+    interval = d["paired"] if d["needs_from"] == "paired" else d
+    finite = lambda v: v if v is not None and math.isfinite(v) else ""  # noqa: E731
+    needed = d["seeds_needed"]
+    return {
+        "diff_to_next": finite(interval["diff"]),
+        "diff_low": finite(interval["low"]),
+        "diff_high": finite(interval["high"]),
+        "diff_from": d["needs_from"],
+        "resolvable": finite(d["resolvable"]),
+        "seeds_needed": "" if math.isnan(needed) else (int(needed) if math.isfinite(needed) else f">{MAX_SEEDS}"),
+    }
 
 
 def group_rows(groups: list[RunGroup]) -> list[dict[str, Any]]:
     rows = []
-    for r in ranked_groups(groups):
+    ranked = ranked_groups(groups)
+    to_next = {id(d["a"]): d for d in differences(ranked)}
+    for r in ranked:
         row: dict[str, Any] = {
             "rank": r.rank,
             "group": r.group.name,
@@ -248,6 +304,7 @@ def group_rows(groups: list[RunGroup]) -> list[dict[str, Any]]:
             "finished": len(r.group.finished),
             "seeds": " ".join(r.group.seeds),
             "not_separated_from": " ".join(str(o) for o in r.overlaps),
+            **_difference_columns(to_next.get(id(r))),
             "run_dirs": " ".join(str(run.path) for run in r.group.runs),
         }
         for key, _, _ in GROUP_METRICS:

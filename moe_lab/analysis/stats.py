@@ -6,6 +6,8 @@ mutual_information   I(expert; domain) from an experts x domains table, and its 
 mean_interval        mean, standard deviation and t interval of a metric over seeds; difference_interval:
                      two groups' difference with Welch's interval and p-value; paired_difference_interval: the
                      same over runs paired by seed (SciPy)
+resolvable_difference, seeds_to_resolve
+                     the smallest difference n seeds resolve, and the seeds a difference needs (80% power)
 """
 
 from __future__ import annotations
@@ -108,13 +110,21 @@ def paired_difference_interval(a, b, confidence: float = CONFIDENCE) -> dict[str
     n = len(pairs)
     diff = float((pairs[:, 0] - pairs[:, 1]).mean()) if n else float("nan")
     if n < 2:
-        return {"n": n, "diff": diff, "low": float("nan"), "high": float("nan"), "p": float("nan")}
+        return {"n": n, "diff": diff, "low": float("nan"), "high": float("nan"), "p": float("nan"), "std": float("nan")}
     d = pairs[:, 0] - pairs[:, 1]
+    std = float(d.std(ddof=1))
     if np.ptp(d) <= 1e-12 * max(1.0, float(np.abs(d).max())):  # the same difference in every pair (to rounding)
-        return {"n": n, "diff": diff, "low": diff, "high": diff, "p": 0.0 if diff != 0 else 1.0}
+        return {"n": n, "diff": diff, "low": diff, "high": diff, "p": 0.0 if diff != 0 else 1.0, "std": 0.0}
     result = stats.ttest_rel(pairs[:, 0], pairs[:, 1])
     interval = result.confidence_interval(confidence)
-    return {"n": n, "diff": diff, "low": float(interval.low), "high": float(interval.high), "p": float(result.pvalue)}
+    return {
+        "n": n,
+        "diff": diff,
+        "low": float(interval.low),
+        "high": float(interval.high),
+        "p": float(result.pvalue),
+        "std": std,
+    }
 
 
 def intervals_overlap(a: dict[str, float], b: dict[str, float]) -> bool:
@@ -122,3 +132,46 @@ def intervals_overlap(a: dict[str, float], b: dict[str, float]) -> bool:
     if not (np.isfinite(a["half"]) and np.isfinite(b["half"])):
         return True
     return a["low"] <= b["high"] and b["low"] <= a["high"]
+
+
+# The power asked of a follow-up: with the seeds `seeds_to_resolve` names, a true difference of the size observed
+# comes out separated (its interval excluding 0) in 80% of repeats, the usual bar of a planned experiment.
+PLANNED_POWER = 0.8
+MAX_SEEDS = 1000
+
+
+def resolvable_difference(spread: float, n: int, paired: bool, confidence: float = CONFIDENCE) -> float:
+    """The smallest difference of means that n seeds per group resolve: the half-width of the interval (paired over
+    n pairs with `spread` the standard deviation of the per-seed differences; unpaired with `spread` the root mean
+    of the two groups' variances, Welch's interval at equal n). A difference larger than this excludes 0. NaN when
+    n < 2 or the spread is unknown."""
+    from scipy import stats
+
+    if n < 2 or not np.isfinite(spread):
+        return float("nan")
+    dof = n - 1 if paired else 2 * (n - 1)
+    scale = spread / np.sqrt(n) if paired else spread * np.sqrt(2 / n)
+    return float(stats.t.ppf(0.5 + confidence / 2, dof) * scale)
+
+
+def seeds_to_resolve(
+    diff: float, spread: float, paired: bool, power: float = PLANNED_POWER, confidence: float = CONFIDENCE
+) -> float:
+    """Seeds per group with which a true difference `diff` is resolved (its interval excludes 0) with probability
+    `power`: the least n with (t_(1 - alpha/2) + t_power) * SE(n) <= |diff| (Student's t on n - 1 degrees of freedom
+    paired, 2(n - 1) unpaired; SE as in `resolvable_difference`). The spread is the one observed, so this is a plan,
+    not a promise. inf past MAX_SEEDS (or for no difference), NaN when the spread is unknown."""
+    from scipy import stats
+
+    if not (np.isfinite(diff) and np.isfinite(spread)):
+        return float("nan")
+    if spread == 0:
+        return 2.0 if diff != 0 else float("inf")
+    if diff == 0:
+        return float("inf")
+    for n in range(2, MAX_SEEDS + 1):
+        dof = n - 1 if paired else 2 * (n - 1)
+        scale = spread / np.sqrt(n) if paired else spread * np.sqrt(2 / n)
+        if (stats.t.ppf(0.5 + confidence / 2, dof) + stats.t.ppf(power, dof)) * scale <= abs(diff):
+            return float(n)
+    return float("inf")

@@ -73,10 +73,16 @@ def wandb_has_credentials() -> bool:
         return False
 
 
-def build_loggers(run: TrainConfig, cfg: DictConfig | dict, output_dir: Path) -> list:
+def build_loggers(
+    run: TrainConfig, cfg: DictConfig | dict, output_dir: Path, produced_by: Optional[dict[str, Any]] = None
+) -> list:
+    """The run's loggers; W&B and TensorBoard get the resolved config and, under `produced_by`, what produced the
+    run (code version, packages, machine: moe_lab/provenance.py)."""
     loggers = []
     resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     resolved.pop("hydra", None)
+    if produced_by is not None:
+        resolved["produced_by"] = produced_by
     for node in run.logger.values():
         node = dict(node)
         target = node["_target_"]

@@ -24,6 +24,7 @@ from moe_lab.analysis.runs import RESUMED_FROM
 from moe_lab.data.datamodule import LMDataModule
 from moe_lab.errors import ConfigError, DiskFull, Diverged, UserError
 from moe_lab.files import remove_stale_temp_files, write_atomically
+from moe_lab.provenance import describe_code, run_provenance
 from moe_lab.training.callbacks import AbortRequested, GracefulStop, StepProgressBar, StopRequested
 from moe_lab.training.checkpoint import (
     AtomicCheckpointIO,
@@ -150,7 +151,7 @@ def _train(
     data = prepared_data(run, output_dir, stop)
     module = build_module(run, data, output_dir, ckpt_path, init_from, upcycled_weights)
     callbacks = RunCallbacks.build(run, module, data, output_dir, stop)
-    loggers = build_loggers(run, cfg, output_dir)
+    loggers = build_loggers(run, cfg, output_dir, module.provenance["produced_by"])
     try:
         trainer = build_trainer(run, callbacks, loggers, output_dir)
         print_header(run, module, data, output_dir)
@@ -231,6 +232,7 @@ def build_module(
         "run_dir": str(output_dir),
         "data": data.cache_key(),
         "tokenizer": tokenizer_identity(data.tokenizer),
+        "produced_by": produced_by(run),
     }
     if ckpt_path is not None and not launched_worker():
         record_resume(ckpt_path, output_dir)
@@ -370,6 +372,7 @@ def run_summary(
         "output_dir": str(output_dir),
         "checkpoint": str(output_dir / "checkpoints" / "last.ckpt"),
         "metrics_csv": str(output_dir / "metrics.csv"),
+        "produced_by": module.provenance.get("produced_by"),
     }
 
 
@@ -400,6 +403,7 @@ def ended_early(
                     **module.last_val_metrics,
                     "checkpoint": str(kept) if kept is not None else None,
                     "metrics_csv": str(output_dir / "metrics.csv"),
+                    "produced_by": module.provenance.get("produced_by"),
                 },
                 output_dir,
             )
@@ -504,6 +508,15 @@ def trainer_arguments(run: TrainConfig) -> dict:
 
 
 @rank_zero_only
+def produced_by(run: TrainConfig) -> dict[str, Any]:
+    """The code version, packages, machine and precision of this run (moe_lab/provenance.py)."""
+    trainer = run.trainer
+    accelerator, precision = str(trainer.get("accelerator")), str(trainer.get("precision"))
+    record = run_provenance(accelerator, trainer.get("devices", 1), precision, torch.get_num_threads())
+    record["compile"] = bool(run.compile)
+    return record
+
+
 def print_header(run: TrainConfig, module: MoELanguageModel, data: LMDataModule, output_dir: Path) -> None:
     p = module.model.num_params()
     moe = run.model.moe
@@ -522,6 +535,9 @@ def print_header(run: TrainConfig, module: MoELanguageModel, data: LMDataModule,
         f"moe-lab: {device_description(run.trainer)}" + (", compiled (torch.compile)" if run.compile else ""),
         flush=True,
     )
+    record = module.provenance["produced_by"]
+    versions = ", ".join(f"{k} {v}" for k, v in record["packages"].items() if k in ("torch", "lightning") and v)
+    print(f"moe-lab: code {describe_code(record['code'])}; {versions}; {record['machine']['cpu']}", flush=True)
     if moe.enabled and not all(layer.router.causal for layer in module.model.moe_modules()):
         print(
             f"moe-lab: warning: router={moe.router.name} is not causal (experts choose among all positions): "
