@@ -116,3 +116,34 @@ def test_sequence_longer_than_max_is_rejected():
     model = MoETransformer(tiny_config())
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 65, dtype=torch.long))
+
+
+def test_a_seed_gives_every_model_the_same_shared_parts():
+    """Seeds pair across configurations (model/seeding.py): under one seed a dense model, an MoE model and one with
+    twice the experts share their embeddings, attention and output head; two routers share their experts; another
+    seed changes everything; building a model leaves the process's random stream where it was."""
+    import dataclasses
+
+    from moe_lab.model.router_configs import TopKRouterConfig
+
+    def build(cfg: ModelConfig, seed: int = 3) -> dict[str, torch.Tensor]:
+        torch.manual_seed(seed)
+        before = torch.get_rng_state()
+        model = MoETransformer(cfg)
+        assert torch.equal(torch.get_rng_state(), before)
+        return model.state_dict()
+
+    moe = tiny_config(capacity_factor=None)
+    dense = dataclasses.replace(moe, moe=dataclasses.replace(moe.moe, enabled=False))
+    wider = dataclasses.replace(moe, moe=dataclasses.replace(moe.moe, num_experts=8))
+    other_router = dataclasses.replace(moe, moe=dataclasses.replace(moe.moe, router=TopKRouterConfig(top_k=1)))
+    a, d, w, r = build(moe), build(dense), build(wider), build(other_router)
+    shared = [k for k in a if ".ffn." not in k]
+    assert any(".attn." in k for k in shared) and "embed.weight" in shared and "lm_head.weight" in shared
+    for other in (d, w, r):
+        assert all(torch.equal(a[k], other[k]) for k in shared)
+    experts = [k for k in a if ".experts." in k]
+    assert experts and all(torch.equal(a[k], r[k]) for k in experts)
+    assert not torch.equal(a["blocks.0.ffn.experts.w_in_EGFD"], a["blocks.1.ffn.experts.w_in_EGFD"])
+    b = build(moe, seed=4)
+    assert not any(torch.equal(a[k], b[k]) for k in a if k.endswith("weight") and "norm" not in k)

@@ -22,6 +22,21 @@ def test_fused_swiglu_matches_autograd_and_passes_gradcheck():
     torch.testing.assert_close(_ScaledSwiGLU.apply(h, scale), apply_activation(h, "swiglu") * scale[:, None])
 
 
+def test_fused_swiglu_backward_is_the_same_under_compile():
+    """Under torch.compile the backward takes the plain elementwise form inductor fuses; it is eager's gradient."""
+    from moe_lab.model.experts import _swiglu_backward_for_inductor
+
+    h = torch.randn(9, 12, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(9, dtype=torch.float64, requires_grad=True)
+    grad = torch.randn(9, 6, dtype=torch.float64)
+    for s in (scale, None):
+        eager = torch.autograd.grad(_ScaledSwiGLU.apply(h, s), [h] + ([s] if s is not None else []), grad)
+        plain = _swiglu_backward_for_inductor(h.detach(), None if s is None else s.detach(), grad, s is not None)
+        torch.testing.assert_close(plain[0], eager[0])
+        if s is not None:
+            torch.testing.assert_close(plain[1], eager[1])
+
+
 @pytest.mark.parametrize("capacity_factor", [None, 1.25])
 def test_moe_layer_compiles_without_graph_breaks(capacity_factor):
     """fullgraph=True fails on any graph break. bf16, because torch 2.13's fake kernel of _grouped_mm (the one

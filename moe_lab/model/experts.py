@@ -50,6 +50,8 @@ class _ScaledSwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_RF: torch.Tensor):
         h_RGF, scale_R = ctx.saved_tensors
+        if torch.compiler.is_compiling():
+            return _swiglu_backward_for_inductor(h_RGF, scale_R, grad_RF, ctx.needs_input_grad[1])
         gate, up = h_RGF.chunk(2, dim=-1)
         silu = F.silu(gate)
         grad_up_silu = grad_RF * up  # the gradient reaching silu(gate), before the scale
@@ -66,6 +68,24 @@ class _ScaledSwiGLU(torch.autograd.Function):
         torch.ops.aten.silu_backward(grad_up_silu, gate, grad_input=grad_RGF[:, :width])
         torch.mul(grad_RF, silu, out=grad_RGF[:, width:])
         return grad_RGF, grad_scale
+
+
+def _swiglu_backward_for_inductor(
+    h_RGF: torch.Tensor, scale_R: Optional[torch.Tensor], grad_RF: torch.Tensor, scale_grad: bool
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """_ScaledSwiGLU's backward as plain elementwise operations and a cat, which inductor fuses into one kernel
+    (writes into slices of an empty tensor, eager's faster form, keep it from fusing: 1.2x slower compiled steps)."""
+    gate, up = h_RGF.chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    silu = gate * sig
+    grad_scale = None
+    if scale_R is not None:
+        if scale_grad:
+            grad_scale = (grad_RF * up * silu).sum(-1)
+        grad_RF = grad_RF * scale_R[:, None]
+    # d silu(g) / d g = sig * (1 + g * (1 - sig)) = sig * (1 + g - silu)
+    grad_gate = grad_RF * up * sig * (gate - silu + 1.0)
+    return torch.cat([grad_gate, grad_RF * silu], dim=-1), grad_scale
 
 
 def apply_activation(h: torch.Tensor, activation: str) -> torch.Tensor:

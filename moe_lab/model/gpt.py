@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from moe_lab.model.config import ModelConfig
 from moe_lab.model.experts import FeedForward, residual_out_std
 from moe_lab.model.moe import MoELayer, MoELayerOutput
+from moe_lab.model.seeding import seeded_part
 
 
 class RMSNorm(nn.Module):
@@ -162,14 +163,18 @@ class Block(nn.Module):
         super().__init__()
         self.layer = layer
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = CausalSelfAttention(cfg, rope)
+        with seeded_part("attn"):
+            self.attn = CausalSelfAttention(cfg, rope)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         out_std = residual_out_std(cfg.init_std, cfg.n_layers)
         self.is_moe = cfg.is_moe_layer(layer)
-        if self.is_moe:
-            self.ffn = MoELayer(cfg.d_model, cfg.moe, init_std=cfg.init_std, out_std=out_std, vocab_size=cfg.vocab_size)
-        else:
-            self.ffn = FeedForward(cfg.d_model, cfg.ffn_hidden, "swiglu", cfg.init_std, out_std)
+        with seeded_part("ffn"):  # an MoE layer and a dense FFN leave the attention's weights alone (seeding.py)
+            if self.is_moe:
+                self.ffn = MoELayer(
+                    cfg.d_model, cfg.moe, init_std=cfg.init_std, out_std=out_std, vocab_size=cfg.vocab_size
+                )
+            else:
+                self.ffn = FeedForward(cfg.d_model, cfg.ffn_hidden, "swiglu", cfg.init_std, out_std)
 
     def forward(
         self,
@@ -207,13 +212,21 @@ class MoETransformer(nn.Module):
         self.cfg = cfg
         # Optimizer steps of the checkpoint the weights came from, when loaded from one (analyses plot by it).
         self.checkpoint_step: Optional[int] = None
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        # Each part draws its initial weights from a stream of its own, seeded by (seed, its name): models that
+        # differ in one part start alike in all the others, so seeds pair across configurations (seeding.py).
+        with seeded_part("embed"):
+            self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+            nn.init.normal_(self.embed.weight, std=cfg.init_std)
         rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)  # shared by every layer
-        self.blocks = nn.ModuleList(Block(cfg, layer, rope) for layer in range(cfg.n_layers))
+        blocks = []
+        for layer in range(cfg.n_layers):
+            with seeded_part(f"blocks.{layer}"):
+                blocks.append(Block(cfg, layer, rope))
+        self.blocks = nn.ModuleList(blocks)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        nn.init.normal_(self.embed.weight, std=cfg.init_std)
-        nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
+        with seeded_part("lm_head"):
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            nn.init.normal_(self.lm_head.weight, std=cfg.init_std)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 

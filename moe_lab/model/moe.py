@@ -41,6 +41,7 @@ from moe_lab.model.losses import (
     sequence_load_balance_loss,
 )
 from moe_lab.model.routers import RouterInputs, Routing, build_router
+from moe_lab.model.seeding import seeded_part
 
 
 @dataclass
@@ -132,17 +133,23 @@ class MoELayer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_experts = cfg.num_experts
-        self.router = build_router(d_model, cfg.num_experts, cfg.router, init_std=init_std, vocab_size=vocab_size)
+        # Router, experts and shared experts each from a random stream of their own (seeding.py): two layers that
+        # differ in the router alone start with the same experts.
+        with seeded_part("router"):
+            self.router = build_router(d_model, cfg.num_experts, cfg.router, init_std=init_std, vocab_size=vocab_size)
         self.top_k = self.router.top_k
-        self.experts = GroupedExperts(
-            cfg.num_experts, d_model, cfg.expert_hidden, cfg.activation, init_std=init_std, out_std=out_std
-        )
-        self.shared = (
-            FeedForward(d_model, cfg.shared_width, cfg.activation, init_std, out_std) if cfg.num_shared > 0 else None
-        )
-        self.shared_gate = nn.Linear(d_model, 1, bias=False) if self.shared is not None and cfg.shared_gate else None
-        if self.shared_gate is not None:
-            nn.init.normal_(self.shared_gate.weight, std=init_std)
+        with seeded_part("experts"):
+            self.experts = GroupedExperts(
+                cfg.num_experts, d_model, cfg.expert_hidden, cfg.activation, init_std=init_std, out_std=out_std
+            )
+        with seeded_part("shared"):
+            self.shared = None
+            if cfg.num_shared > 0:
+                self.shared = FeedForward(d_model, cfg.shared_width, cfg.activation, init_std, out_std)
+            with_gate = self.shared is not None and cfg.shared_gate
+            self.shared_gate = nn.Linear(d_model, 1, bias=False) if with_gate else None
+            if self.shared_gate is not None:
+                nn.init.normal_(self.shared_gate.weight, std=init_std)
         self.dispatcher: LocalDispatcher | AllToAllDispatcher = LocalDispatcher()
 
     def use_expert_parallel(self, group: Optional[dist.ProcessGroup], rank: int, size: int) -> None:
