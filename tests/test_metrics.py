@@ -99,3 +99,13 @@ def test_a_run_logs_and_writes_routing_statistics(make_cfg, tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert "moe/max_imbalance" in summary and "moe/starved_experts" in summary and "moe/min_load" in summary
     assert not any(k.startswith("moe/layer") for k in summary)
+
+
+def test_held_out_standard_error_by_hand():
+    """Blocks of mean loss 1, 2 and 3: standard deviation 1, so the standard error of their mean is 1 / sqrt(3)."""
+    from moe_lab.training.module import held_out_se
+
+    values = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    blocks = torch.stack([torch.tensor(3.0, dtype=torch.float64), values.sum(), values.square().sum()])
+    assert held_out_se(blocks) == pytest.approx(1 / math.sqrt(3))
+    assert math.isnan(held_out_se(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)))

@@ -36,6 +36,7 @@ RANK_KEY = "val/loss"  # lower is better
 # The metrics summarised per group: (key, column title, format).
 GROUP_METRICS = [
     ("val/loss", "val/loss", ".4f"),
+    ("val/loss_se", "held-out SE", ".4f"),  # the held-out set's own noise, beside the seeds' spread (std)
     ("moe/mean_imbalance", "imbalance", ".2f"),
     ("moe/min_load", "min load", ".2f"),
     ("moe/dropped_frac", "dropped", ".1%"),

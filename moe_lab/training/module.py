@@ -2,8 +2,8 @@
 
 Training metrics (losses, throughput, expert load and specialisation) are aggregated and logged by
 `moe_lab.training.metrics.RoutingMetrics` from the statistics `training_step` returns. Logged at every validation:
-val/loss, val/ppl, val/loss/{domain}. Distributed concerns (expert parallelism, its gradients, clipping and
-checkpoints) belong to `moe_lab.training.strategy.MoEDDPStrategy`.
+val/loss, val/ppl, val/loss/{domain} and val/loss_se (the held-out set's own standard error). Distributed concerns
+(expert parallelism, its gradients, clipping and checkpoints) belong to `moe_lab.training.strategy.MoEDDPStrategy`.
 """
 
 from __future__ import annotations
@@ -110,6 +110,8 @@ class MoELanguageModel(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         n = len(self.domain_names)
         self._val_sums = torch.zeros(2, n, device=self.device, dtype=torch.float64)  # loss sum, tokens
+        # Blocks, and the sum and sum of squares of each block's mean loss: the held-out set's own standard error.
+        self._val_blocks = torch.zeros(3, device=self.device, dtype=torch.float64)
 
     def validation_step(self, batch: dict, batch_idx: int) -> Any:
         ids, domain_B = batch["input_ids"], batch["domain"]
@@ -121,17 +123,20 @@ class MoELanguageModel(L.LightningModule):
         loss_B = loss_BS.view_as(targets_BS).sum(-1).double() * valid_B  # padding blocks count for nothing
         self._val_sums[0].index_add_(0, domain_B, loss_B)
         self._val_sums[1].index_add_(0, domain_B, valid_B * targets_BS.shape[1])
+        block_mean_B = loss_B / targets_BS.shape[1]
+        self._val_blocks += torch.stack([valid_B.sum(), block_mean_B.sum(), (block_mean_B.square() * valid_B).sum()])
         return out  # its routing statistics, for callbacks (routing_analysis.RoutingAnalysis)
 
     def on_validation_epoch_end(self) -> None:
-        sums = self._val_sums
+        sums, blocks = self._val_sums, self._val_blocks
         if self.trainer.world_size > 1:
             sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+            blocks = self.trainer.strategy.reduce(blocks, reduce_op="sum")
         sums = sums.cpu()
         loss = (sums[0].sum() / sums[1].sum().clamp(min=1)).item()
         if not math.isfinite(loss):
             raise Diverged(f"training diverged: val/loss is {loss} at step {self.global_step}")
-        metrics = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+        metrics = {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)), "val/loss_se": held_out_se(blocks.cpu())}
         for i, name in enumerate(self.domain_names):
             if sums[1, i] > 0:
                 metrics[f"val/loss/{name}"] = (sums[0, i] / sums[1, i]).item()
@@ -267,3 +272,15 @@ def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float
         return (step + 1) / warmup
     progress = min((step - warmup) / max(total - warmup, 1), 1.0)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def held_out_se(blocks: torch.Tensor) -> float:
+    """The standard error of val/loss as an estimate over held-out text like this (blocks as the sampling unit:
+    the sample standard deviation of the blocks' mean losses over sqrt(blocks)), from (count, sum, sum of squares).
+    Every run of a study is scored on the same blocks, so this bounds what the held-out set's own noise adds to a
+    run's number, to set beside the spread between seeds; NaN with fewer than two blocks."""
+    n, total, squares = (float(v) for v in blocks)
+    if n < 2:
+        return float("nan")
+    variance = max(squares - total * total / n, 0.0) / (n - 1)
+    return math.sqrt(variance / n)
