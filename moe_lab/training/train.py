@@ -507,7 +507,6 @@ def trainer_arguments(run: TrainConfig) -> dict:
 # Printing
 
 
-@rank_zero_only
 def produced_by(run: TrainConfig) -> dict[str, Any]:
     """The code version, packages, machine and precision of this run (moe_lab/provenance.py)."""
     trainer = run.trainer
@@ -517,6 +516,7 @@ def produced_by(run: TrainConfig) -> dict[str, Any]:
     return record
 
 
+@rank_zero_only
 def print_header(run: TrainConfig, module: MoELanguageModel, data: LMDataModule, output_dir: Path) -> None:
     p = module.model.num_params()
     moe = run.model.moe
