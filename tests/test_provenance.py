@@ -14,15 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_lab import provenance
+from moe_lab.training import provenance
 
 
 def _git_checkout(tmp_path: Path) -> Path:
     """A copy of moe_lab's provenance module inside a fresh git repository, as a checkout would hold it."""
     root = tmp_path / "checkout"
-    (root / "moe_lab").mkdir(parents=True)
-    shutil.copy(provenance.__file__, root / "moe_lab" / "provenance.py")
-    (root / "moe_lab" / "__init__.py").write_text('__version__ = "9.9.9"\n')
+    _module_copy(root)
     git = ["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t"]
     subprocess.run([*git, "init", "-q"], check=True)
     subprocess.run([*git, "add", "."], check=True)
@@ -30,8 +28,16 @@ def _git_checkout(tmp_path: Path) -> Path:
     return root
 
 
+def _module_copy(root: Path) -> None:
+    """moe_lab/training/provenance.py under `root`, as a checkout or an installed copy holds it."""
+    (root / "moe_lab" / "training").mkdir(parents=True)
+    shutil.copy(provenance.__file__, root / "moe_lab" / "training" / "provenance.py")
+    (root / "moe_lab" / "__init__.py").write_text("")
+    (root / "moe_lab" / "training" / "__init__.py").write_text("")
+
+
 def _code_version_of(root: Path) -> dict:
-    script = "import json, moe_lab.provenance as p; print(json.dumps(p.code_version()))"
+    script = "import json, moe_lab.training.provenance as p; print(json.dumps(p.code_version()))"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout)
@@ -42,18 +48,16 @@ def test_code_version_names_the_commit_and_whether_the_tree_was_dirty(tmp_path):
     root = _git_checkout(tmp_path)
     head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     clean = _code_version_of(root)
-    assert clean == {"commit": head, "dirty": False, "package": "9.9.9"}
-    (root / "moe_lab" / "__init__.py").write_text('__version__ = "9.9.9"  # edited\n')
+    assert clean == {"commit": head, "dirty": False, "package": importlib.metadata.version("moe-lab")}
+    (root / "moe_lab" / "__init__.py").write_text("# edited\n")
     assert _code_version_of(root)["dirty"] is True
     assert provenance.describe_code({"commit": head, "dirty": True}) == f"commit {head[:12]} (dirty)"
 
 
 def test_outside_a_checkout_the_package_version_is_the_code_version(tmp_path):
     root = tmp_path / "installed"
-    (root / "moe_lab").mkdir(parents=True)
-    shutil.copy(provenance.__file__, root / "moe_lab" / "provenance.py")
-    (root / "moe_lab" / "__init__.py").write_text('__version__ = "9.9.9"\n')
-    assert _code_version_of(root) == {"package": "9.9.9"}
+    _module_copy(root)
+    assert _code_version_of(root) == {"package": importlib.metadata.version("moe-lab")}
     assert provenance.describe_code({"package": "9.9.9"}) == "moe-lab 9.9.9 (no git checkout)"
 
 

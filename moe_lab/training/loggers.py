@@ -77,7 +77,7 @@ def build_loggers(
     run: TrainConfig, cfg: DictConfig | dict, output_dir: Path, produced_by: Optional[dict[str, Any]] = None
 ) -> list:
     """The run's loggers; W&B and TensorBoard get the resolved config and, under `produced_by`, what produced the
-    run (code version, packages, machine: moe_lab/provenance.py)."""
+    run (code version, packages, machine: moe_lab/training/provenance.py)."""
     loggers = []
     resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
     resolved.pop("hydra", None)

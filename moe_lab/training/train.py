@@ -24,7 +24,6 @@ from moe_lab.analysis.runs import RESUMED_FROM
 from moe_lab.data.datamodule import LMDataModule
 from moe_lab.errors import ConfigError, DiskFull, Diverged, UserError
 from moe_lab.files import remove_stale_temp_files, write_atomically
-from moe_lab.provenance import describe_code, run_provenance
 from moe_lab.training.callbacks import AbortRequested, GracefulStop, StepProgressBar, StopRequested
 from moe_lab.training.checkpoint import (
     AtomicCheckpointIO,
@@ -38,6 +37,7 @@ from moe_lab.training.checkpoint import (
 from moe_lab.training.loggers import build_loggers, finish_wandb
 from moe_lab.training.metrics import RoutingMetrics
 from moe_lab.training.module import MoELanguageModel
+from moe_lab.training.provenance import describe_code, run_provenance
 from moe_lab.training.run_dir import (
     attempt_checkpoint,
     claim_run_dir,
@@ -508,7 +508,7 @@ def trainer_arguments(run: TrainConfig) -> dict:
 
 
 def produced_by(run: TrainConfig) -> dict[str, Any]:
-    """The code version, packages, machine and precision of this run (moe_lab/provenance.py)."""
+    """The code version, packages, machine and precision of this run (training/provenance.py)."""
     trainer = run.trainer
     accelerator, precision = str(trainer.get("accelerator")), str(trainer.get("precision"))
     record = run_provenance(accelerator, trainer.get("devices", 1), precision, torch.get_num_threads())

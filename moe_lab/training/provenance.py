@@ -29,16 +29,15 @@ def _git(root: Path, *args: str) -> Optional[str]:
 
 @lru_cache(maxsize=1)
 def code_version() -> dict[str, Any]:
-    """{"commit", "dirty"} when moe-lab runs from a git checkout (dirty: tracked files differ from the commit),
-    else {"package": version} of the installed moe-lab. Computed once per process."""
-    from moe_lab import __version__
-
-    root = Path(__file__).resolve().parent.parent
+    """{"commit", "dirty", "package"} when moe-lab runs from a git checkout (dirty: tracked files differ from the
+    commit), else {"package": the installed moe-lab's version}. Computed once per process."""
+    package = installed_version("moe-lab")
+    root = Path(__file__).resolve().parents[2]  # moe_lab/training/provenance.py -> the checkout
     commit = _git(root, "rev-parse", "HEAD") if (root / ".git").exists() else None
     if commit is None:
-        return {"package": __version__}
+        return {"package": package}
     status = _git(root, "status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": bool(status) if status is not None else None, "package": __version__}
+    return {"commit": commit, "dirty": bool(status) if status is not None else None, "package": package}
 
 
 def describe_code(version: dict[str, Any]) -> str:
@@ -48,15 +47,17 @@ def describe_code(version: dict[str, Any]) -> str:
     return f"commit {version['commit'][:12]}" + (" (dirty)" if version.get("dirty") else "")
 
 
+def installed_version(name: str) -> Optional[str]:
+    """The installed version of a distribution, or None when it is not installed."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def package_versions() -> dict[str, Optional[str]]:
     """{package: installed version, or None when it is not installed}."""
-    versions = {}
-    for name in PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    return {name: installed_version(name) for name in PACKAGES}
 
 
 def cpu_model() -> str:
