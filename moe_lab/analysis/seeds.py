@@ -171,11 +171,13 @@ def seeds_needed(d: dict[str, Any], a: list[float], b: list[float]) -> dict[str,
         ia, ib = mean_interval(a), mean_interval(b)
         spread, n = math.sqrt((ia["std"] ** 2 + ib["std"] ** 2) / 2), min(ia["n"], ib["n"])
     separated = d["paired_separated"] if paired else d["separated"]
-    needed = float("nan") if separated else seeds_to_resolve(d["diff"], spread, paired)
+    diff = d["paired"]["diff"] if paired else d["diff"]  # the difference over the shared seeds, when paired
+    needed = float("nan") if separated else seeds_to_resolve(diff, spread, paired)
     return {
         "resolvable": resolvable_difference(spread, n, paired),
         "seeds_needed": needed,
         "needs_from": "paired" if paired else "welch",
+        "needs_diff": diff,
     }
 
 
@@ -251,7 +253,7 @@ def _needs_text(d: dict[str, Any]) -> str:
     if math.isnan(needed):
         return text
     count = f"about {int(needed)} seeds per group" if math.isfinite(needed) else f"more than {MAX_SEEDS} seeds"
-    return text + f"; to separate {d['diff']:+.4f}: {count} (80% power)"
+    return text + f"; to separate {d['needs_diff']:+.4f}: {count} (80% power)"
 
 
 def _paired_text(d: dict[str, Any]) -> str:
