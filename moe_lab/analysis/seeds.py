@@ -245,7 +245,8 @@ def difference_text(d: dict[str, Any]) -> str:
 
 
 def _needs_text(d: dict[str, Any]) -> str:
-    """'; resolvable here: 0.0123; to separate +0.0050: about 12 seeds (80% power, paired)'."""
+    """'; these seeds resolve differences above 0.0443 (paired); to separate -0.0282: about 6 seeds per group (80%
+    power)', the second part only for a difference not separated."""
     if "resolvable" not in d or not math.isfinite(d["resolvable"]):
         return ""
     text = f"; these seeds resolve differences above {d['resolvable']:.4f} ({d['needs_from']})"

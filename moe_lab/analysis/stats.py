@@ -149,9 +149,16 @@ def resolvable_difference(spread: float, n: int, paired: bool, confidence: float
 
     if n < 2 or not np.isfinite(spread):
         return float("nan")
-    dof = n - 1 if paired else 2 * (n - 1)
-    scale = spread / np.sqrt(n) if paired else spread * np.sqrt(2 / n)
+    dof, scale = _dof_and_standard_error(spread, n, paired)
     return float(stats.t.ppf(0.5 + confidence / 2, dof) * scale)
+
+
+def _dof_and_standard_error(spread: float, n: int, paired: bool) -> tuple[int, float]:
+    """Degrees of freedom and standard error of a difference of means over n seeds per group: n - 1 and
+    spread / sqrt(n) over n pairs; 2(n - 1) and spread * sqrt(2 / n) for two groups of n (Welch at equal n)."""
+    if paired:
+        return n - 1, spread / np.sqrt(n)
+    return 2 * (n - 1), spread * np.sqrt(2 / n)
 
 
 def seeds_to_resolve(
@@ -170,8 +177,7 @@ def seeds_to_resolve(
     if diff == 0:
         return float("inf")
     for n in range(2, MAX_SEEDS + 1):
-        dof = n - 1 if paired else 2 * (n - 1)
-        scale = spread / np.sqrt(n) if paired else spread * np.sqrt(2 / n)
+        dof, scale = _dof_and_standard_error(spread, n, paired)
         if (stats.t.ppf(0.5 + confidence / 2, dof) + stats.t.ppf(power, dof)) * scale <= abs(diff):
             return float(n)
     return float("inf")
