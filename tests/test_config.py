@@ -276,6 +276,7 @@ def test_the_default_trainer_is_the_cpu_here_and_the_gpu_where_there_is_one(make
     from moe_lab.training import schemas
 
     monkeypatch.setattr(schemas, "cpu_has_fast_bfloat16", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "here" is a machine without a GPU
     cpu = validate(make_cfg(fast=False)).trainer
     assert (cpu["accelerator"], cpu["precision"], cpu["deterministic"]) == ("cpu", "32-true", True)
     assert {k: cpu[k] for k in ("accelerator", "precision", "deterministic", "devices")} == {
@@ -297,6 +298,7 @@ def test_a_cpu_with_amx_defaults_to_compiled_bf16_and_one_setting_gives_float32_
 
     monkeypatch.setattr(schemas, "cpu_has_fast_bfloat16", lambda: True)
     monkeypatch.setattr(schemas, "can_build_cpu_kernels", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the default trainer picks a GPU where there is one
     fast = validate(make_cfg(fast=False))
     assert (fast.trainer["precision"], fast.trainer["deterministic"], fast.compile) == ("bf16-mixed", True, True)
     assert fast.optim.fused is True

@@ -282,3 +282,22 @@ def test_whole_model_bar_is_at_equal_settings():
     assert rows["whole-model step, both compiled (bfloat16)"] == (1.4, True)
     assert rows["whole-model step compiled, over transformers eager (bfloat16)"] == (1.7, None)
     assert WHOLE_MODEL_TARGET == 1.3
+
+
+def test_each_training_step_is_set_against_the_bf16_gemm_at_its_own_model_shape(monkeypatch):
+    """On a GPU the timed presets (small, base) are not the model the peaks' "model shape" GEMM was timed at: each
+    step is set against a GEMM of its own (tokens, d_model, ffn_hidden), measured once per shape."""
+    from moe_lab.tools import bench
+
+    measured = []
+    monkeypatch.setattr(bench, "gemm_flops", lambda device, dtype, shape, w, r: measured.append(shape) or 4e11)
+    peaks = {d: {"peak": 1e12, "model": 2e11, "model_shape": [4096, 128, 384]} for d in ("float32", "bfloat16")}
+    steps = [
+        {"tokens_per_sec": 1000.0, "flops_per_token": 1e8, "precision": "bf16", "gemm_shape": shape}
+        for shape in ([4096, 128, 384], [16384, 512, 1536], [16384, 512, 1536])
+    ]
+    tiny, base, base_again = bench.with_fractions_of_peak(steps, peaks, torch.device("cpu"), 0, 1)
+    assert measured == [(16384, 512, 1536)]
+    assert tiny["of_bf16_model_peak"] == pytest.approx(1e11 / 2e11)
+    assert base["of_bf16_model_peak"] == base_again["of_bf16_model_peak"] == pytest.approx(1e11 / 4e11)
+    assert base["of_peak"] == pytest.approx(1e11 / 1e12)

@@ -148,7 +148,12 @@ class _ScatterAddRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_RD: torch.Tensor, index_R: torch.Tensor, rows_out: int) -> torch.Tensor:  # -> (rows_out, D)
         ctx.save_for_backward(index_R)
-        return y_RD.new_zeros(rows_out, y_RD.shape[1]).index_add_(0, index_R, y_RD)
+        zeros = y_RD.new_zeros(rows_out, y_RD.shape[1])
+        if torch.compiler.is_compiling():
+            # Out of place under torch.compile: an in-place operation on the returned tensor makes torch 2.11's
+            # dynamo send the backward's gradient to the wrong output, silently (pytorch#180642, fixed in 2.12).
+            return zeros.index_add(0, index_R, y_RD)
+        return zeros.index_add_(0, index_R, y_RD)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):

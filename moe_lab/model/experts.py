@@ -41,10 +41,16 @@ class _ScaledSwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_RGF: torch.Tensor, scale_R: Optional[torch.Tensor]) -> torch.Tensor:
         gate, up = h_RGF.chunk(2, dim=-1)
+        ctx.save_for_backward(h_RGF, scale_R)
+        if torch.compiler.is_compiling():
+            # No in-place operation on the returned tensor under torch.compile: torch 2.11's dynamo sends the
+            # backward's gradient to the wrong output of such a forward, silently (pytorch#180642, fixed in 2.12).
+            # Inductor fuses the out-of-place form into one kernel anyway.
+            out = F.silu(gate) * up
+            return out if scale_R is None else out * scale_R[:, None]
         out = F.silu(gate).mul_(up)
         if scale_R is not None:
             out.mul_(scale_R[:, None])
-        ctx.save_for_backward(h_RGF, scale_R)
         return out
 
     @staticmethod

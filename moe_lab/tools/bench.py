@@ -108,8 +108,9 @@ def median_ms(fn: Callable[[], None], device: torch.device, warmup: int, repeats
 
 
 # The machine's own peak: a large plain GEMM (m x k times k x n), the shape at which a BLAS runs closest to the
-# hardware.
-PEAK_SHAPE = (4096, 512, 4096)
+# hardware. A GPU needs a larger one to fill its multiprocessors: an H200 ran 4096 x 512 x 4096 in bfloat16 at 300-350
+# TFLOP/s (benchmarks/2026-12-04_h200), far from what 8192^3 reaches.
+PEAK_SHAPE = {"cpu": (4096, 512, 4096), "cuda": (8192, 8192, 8192)}
 PEAK_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -129,7 +130,8 @@ def machine_peaks(
 ) -> dict[str, dict[str, float]]:
     """{dtype: {"peak": FLOP/s of the large GEMM, "model": FLOP/s at the model's own FFN shape}}, measured here: on a
     CPU no vendor table gives a peak, and the measured one is what a fraction of peak (the MFU) is taken of."""
-    large = tuple(d // 4 for d in PEAK_SHAPE) if quick else PEAK_SHAPE
+    shape = PEAK_SHAPE.get(device.type, PEAK_SHAPE["cpu"])
+    large = tuple(d // 4 for d in shape) if quick else shape
     peaks = {}
     for name, dtype in PEAK_DTYPES.items():
         peaks[name] = {
@@ -141,17 +143,30 @@ def machine_peaks(
     return peaks
 
 
-def with_fraction_of_peak(step: dict, peaks: dict[str, dict[str, float]]) -> dict:
+def with_fraction_of_peak(step: dict, peaks: dict[str, dict[str, float]], bf16_at_shape: float) -> dict:
     """A training step's achieved FLOP/s (tokens/s x the model's FLOPs per token) and its fraction of the measured
-    GEMM peaks: of its own precision's, and of bfloat16's at the model's shapes (the issue's bar)."""
+    GEMM peaks: of its own precision's largest GEMM, and of the bfloat16 GEMM at its own model's FFN shape
+    (`bf16_at_shape`, FLOP/s)."""
     achieved = step["tokens_per_sec"] * step["flops_per_token"]
     own = "bfloat16" if step["precision"] == "bf16" else "float32"
     return {
         **step,
         "achieved_flops": achieved,
         "of_peak": achieved / peaks[own]["peak"],
-        "of_bf16_model_peak": achieved / peaks["bfloat16"]["model"],
+        "bf16_gemm_at_shape": bf16_at_shape,
+        "of_bf16_model_peak": achieved / bf16_at_shape,
     }
+
+
+def with_fractions_of_peak(steps: list[dict], peaks: dict[str, dict[str, float]], device, warmup, repeats) -> list:
+    """Every step against the peaks, each at its own model's GEMM shape (measured once per shape; the peaks' own
+    model shape is already measured)."""
+    at_shape = {tuple(peaks["bfloat16"]["model_shape"]): peaks["bfloat16"]["model"]}
+    for s in steps:
+        shape = tuple(s["gemm_shape"])
+        if shape not in at_shape:
+            at_shape[shape] = gemm_flops(device, torch.bfloat16, shape, warmup, repeats)
+    return [with_fraction_of_peak(s, peaks, at_shape[tuple(s["gemm_shape"])]) for s in steps]
 
 
 def saved_for_backward_mb(fn: Callable[[], torch.Tensor], module: Optional[torch.nn.Module] = None) -> float:
@@ -390,6 +405,8 @@ def time_training_step(
         "params_active": params["active"],
         "flops_per_token": flops,
         "mfu": tokens_per_sec * flops / peak if peak else None,
+        # The FFN GEMM at this model's own shape (tokens of a step, d_model, ffn_hidden), set against its FLOP/s.
+        "gemm_shape": [batch_size * seq_len, model_cfg.d_model, model_cfg.ffn_hidden],
     }
 
 
@@ -709,10 +726,20 @@ def print_table(
             print(f"{case:<26} {what:<58} {value:8.2f}x  {target:<8} {verdict}")
 
 
+def step_presets(args, device: torch.device) -> tuple[list[tuple[str, Optional[str]]], int, int]:
+    """The (preset, experts) whose training steps are timed, and their batch and sequence length: tiny and its dense
+    twin on a CPU, the small and base presets (and base's dense twin) on a GPU."""
+    if args.quick:
+        return [("tiny", None), ("dense_tiny", None)], 2, 64
+    if device.type == "cpu":
+        return [("tiny", None), ("dense_tiny", None)], 8, 256
+    return [("small", None), ("base", None), ("base", "dense")], 16, 1024
+
+
 def step_gemm_shape(args, device: torch.device) -> tuple[int, int, int]:
-    """(tokens, d_model, ffn_hidden) of the tiny preset's training step: the FFN GEMM at the model's own shape."""
-    model = compose_model("tiny", [])
-    batch, seq = (2, 64) if args.quick else (8, 256) if device.type == "cpu" else (16, 1024)
+    """(tokens, d_model, ffn_hidden) of the first timed preset's training step: the FFN GEMM at the model's shape."""
+    presets, batch, seq = step_presets(args, device)
+    model = compose_model(presets[0][0], [])
     return batch * seq, model.d_model, model.ffn_hidden
 
 
@@ -727,15 +754,8 @@ def print_peaks(peaks: dict[str, dict[str, float]]) -> None:
 
 
 def time_training_steps(args, device: torch.device) -> list[dict]:
-    """Whole training steps of the model presets (tiny and its dense twin on a CPU)."""
-    presets = (
-        [("tiny", None), ("dense_tiny", None)]
-        if device.type == "cpu"
-        else [("small", None), ("base", None), ("base", "dense")]
-    )
-    batch, seq = (8, 256) if device.type == "cpu" else (16, 1024)
-    if args.quick:
-        presets, batch, seq = [("tiny", None), ("dense_tiny", None)], 2, 64
+    """Whole training steps of the model presets (step_presets)."""
+    presets, batch, seq = step_presets(args, device)
     return [
         time_training_step(
             preset,
@@ -859,7 +879,7 @@ def measure(args) -> dict:
         print(f"moe-lab bench: {case.name} done ({time.time() - started:.0f}s)", flush=True)
     steps = [] if args.no_steps else time_training_steps(args, device)
     peaks = machine_peaks(device, step_gemm_shape(args, device), args.warmup, args.repeats, args.quick)
-    steps = [with_fraction_of_peak(s, peaks) for s in steps]
+    steps = with_fractions_of_peak(steps, peaks, device, args.warmup, args.repeats)
     whole_models = time_whole_models(args, device) if args.compare and not args.no_steps else []
     checks = ratios(results, steps, whole_models, args.dtype)
     print_table(results, steps, checks, not_timed, whole_models)
