@@ -264,3 +264,22 @@ def test_the_launcher_options_ask_for_what_a_run_needs(launcher):
         assert launcher_cfg["max_num_timeout"] == 0  # no requeue into a folder that holds the stopped run
     else:
         assert resolved["tasks_per_node"] == 1
+
+
+def test_the_summary_and_page_are_rebuilt_from_the_job_folders_when_read(sweep_dir, tmp_path):
+    """A sweep whose submitting process is gone (SLURM: hydra #3201) before it wrote the end of the sweep: `moe-lab
+    dashboard SWEEP` rebuilds sweep_summary.csv, prints the ranked table and writes the page from the job folders."""
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(sweep_dir, sweep)
+    want = read_summary(sweep)
+    (sweep / "sweep_summary.csv").unlink()
+    (sweep / "dashboard.html").unlink()
+    result = run_cli(["dashboard", str(sweep)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = read_summary(sweep)
+    key = lambda rows: [(r["job"], r["status"], r["val/loss"]) for r in rows]  # noqa: E731
+    assert key(got) == key(want)
+    assert (sweep / "dashboard.html").is_file()
+    assert "val/loss" in result.stdout and f"wrote {sweep / 'sweep_summary.csv'}" in result.stdout

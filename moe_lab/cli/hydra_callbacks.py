@@ -11,10 +11,10 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from moe_lab.analysis.dashboard import write_dashboard
-from moe_lab.analysis.runs import ranked_table, sweep_runs, write_sweep_summary
-from moe_lab.analysis.seeds import group_table, has_seed_groups, seed_groups, write_group_summary
+from moe_lab.analysis.runs import ranked_table, sweep_runs
+from moe_lab.analysis.seeds import group_table, has_seed_groups, seed_groups
 from moe_lab.files import write_atomically
-from moe_lab.training.sweeps import not_started_rows
+from moe_lab.training.sweeps import write_sweep_files
 
 
 class SweepSummary(Callback):
@@ -39,15 +39,13 @@ class SweepSummary(Callback):
                 print(f"moe-lab: job {config.hydra.job.num} failed: {error}", file=sys.stderr, flush=True)
                 job_return.status, job_return.return_value = JobStatus.COMPLETED, None
         if config.hydra.mode == RunMode.MULTIRUN and Path(config.hydra.sweep.dir).is_dir():
-            sweep_dir = Path(config.hydra.sweep.dir)
-            write_sweep_summary(sweep_dir, not_started_rows(sweep_dir))
-            write_group_summary(sweep_dir, sweep_runs(sweep_dir))
+            write_sweep_files(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
-        out = write_sweep_summary(sweep_dir, not_started_rows(sweep_dir))
+        written = write_sweep_files(sweep_dir)
         runs = sweep_runs(sweep_dir)
         message = (
             f"\nmoe-lab: sweep of {len(runs)} runs, best validation loss first "
@@ -61,8 +59,7 @@ class SweepSummary(Callback):
                 f"\nmoe-lab: {len(groups)} configurations over seeds, best mean validation loss first\n"
                 f"{group_table(groups)}\n"
             )
-            out = f"{out} and {write_group_summary(sweep_dir, runs)}"
-        message += f"moe-lab: sweep summary {out}"
+        message += f"moe-lab: sweep summary {' and '.join(map(str, written))}"
         if OmegaConf.select(config, "metrics.dashboard", default=True):
             message += f"\n  dashboard {write_dashboard(sweep_dir, sweep_dir / 'dashboard.html')}"
         print(message, flush=True)

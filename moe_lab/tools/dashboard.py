@@ -2,7 +2,8 @@
 
 The pages are drawn by `moe_lab/analysis/dashboard.py`; this is the command around them: one page, or a comparison
 whose ranked table is also printed, once or kept up to date (`--live`), with the seed groups' table when the runs
-differ only in their seeds.
+differ only in their seeds. A sweep's sweep_summary.csv and sweep_groups.csv are rebuilt from its job folders each time
+its page is (a sweep on SLURM outlives the process that submitted it).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from moe_lab.analysis.dashboard import live, write_comparison, write_dashboard
 from moe_lab.analysis.runs import is_sweep_dir, ranked_table, sweep_runs
 from moe_lab.analysis.seeds import group_table, has_seed_groups, seed_groups
+from moe_lab.training.sweeps import write_sweep_files
 
 
 def run(args: Any) -> int:
@@ -29,9 +31,15 @@ def run(args: Any) -> int:
         live(write, args.interval)
         return 0
     if single:
-        out = write(None)
         path = Path(args.paths[0])
-        runs = sweep_runs(path) if is_sweep_dir(path) else []
+        sweep = path.is_dir() and is_sweep_dir(path)
+        written = write_sweep_files(path) if sweep else []  # rebuilt from the job folders whenever read
+        out = write(None)
+        runs = sweep_runs(path) if sweep else []
+        if runs:
+            print(ranked_table(runs))
+        for summary in written:
+            print(f"moe-lab: wrote {summary}")
     else:
         out, runs = write_comparison(args.paths, args.output)
         print(ranked_table(runs))

@@ -132,3 +132,15 @@ def not_started_rows(sweep_dir: Path) -> list[dict[str, str]]:
         for i, job in enumerate(planned)
         if not (Path(sweep_dir) / str(i)).is_dir()
     ]
+
+
+def write_sweep_files(sweep_dir: Path) -> list[Path]:
+    """sweep_summary.csv (every planned job, those not started too) and, when seeds repeat, sweep_groups.csv, from
+    the job folders as they are now. Each job rewrites them when it ends, and `moe-lab dashboard SWEEP` whenever it is
+    read, so that a sweep whose submitting process is gone (a SLURM sweep: hydra #3201) still has them whole."""
+    from moe_lab.analysis.runs import sweep_runs, write_sweep_summary
+    from moe_lab.analysis.seeds import write_group_summary
+
+    summary = write_sweep_summary(sweep_dir, not_started_rows(sweep_dir))
+    groups = write_group_summary(sweep_dir, sweep_runs(sweep_dir))
+    return [summary] + ([groups] if groups else [])
