@@ -1,0 +1,112 @@
+"""Several nodes, on 127.0.0.1 with gloo: 2 nodes x 2 processes, started as the README says (torchrun on each node,
+or SLURM's variables as srun sets them), train the same model as 1 process accumulating the same 4 micro-batches,
+with expert-parallel groups inside a node (ranks 0-1 and 2-3) and data parallelism across the nodes.
+
+Four ranks sum their gradients in another order than one process accumulates them, so the two agree up to float
+rounding (the 2-rank tests in test_distributed.py hold bit for bit, where a + b has one order)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_distributed import COMMON, STEPS, TOL, assert_same_curves, assert_same_final_state, finish, run_plan
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+NODES, PER_NODE = 2, 2
+RANKS = NODES * PER_NODE
+LAYOUT = [
+    "trainer=ddp",
+    "trainer.accelerator=cpu",
+    f"trainer.devices={PER_NODE}",
+    f"trainer.num_nodes={NODES}",
+    "model.moe.expert_parallel=2",
+    "trainer.deterministic=true",
+    "data.batch_size=4",
+    f"trainer.val_check_interval={STEPS}",
+]
+ONE = ["data.batch_size=4", f"trainer.accumulate_grad_batches={RANKS}", f"trainer.val_check_interval={RANKS * STEPS}"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env() -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("WANDB_API_KEY", None)
+    return env
+
+
+def torchrun_nodes(plan: Path, port: int) -> list[subprocess.Popen]:
+    """One torchrun per node, as on a cluster: the same command, its own --node-rank, the head's address."""
+    procs = []
+    for node in range(NODES):
+        command = [
+            *(sys.executable, "-m", "torch.distributed.run", f"--nnodes={NODES}", f"--nproc-per-node={PER_NODE}"),
+            *(f"--node-rank={node}", "--master-addr=127.0.0.1", f"--master-port={port}"),
+            *(str(REPO / "tests" / "layout_worker.py"), str(plan)),
+        ]
+        log = open(plan.with_name(f"node{node}.log"), "w")
+        procs.append(subprocess.Popen(command, cwd=plan.parent, env=worker_env(), stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+def srun_tasks(plan: Path, port: int) -> list[subprocess.Popen]:
+    """The 4 tasks of `srun` on 2 nodes of 2 tasks each: one plain process per rank with SLURM's variables."""
+    procs = []
+    for rank in range(RANKS):
+        env = {
+            **worker_env(),
+            "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NAME": "moe-lab",  # not "bash": Lightning takes an interactive allocation for no SLURM job
+            "SLURM_NTASKS": str(RANKS),
+            "SLURM_NTASKS_PER_NODE": str(PER_NODE),
+            "SLURM_NNODES": str(NODES),
+            "SLURM_NODELIST": "127.0.0.1",
+            "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(rank % PER_NODE),
+            "SLURM_NODEID": str(rank // PER_NODE),
+            "MASTER_PORT": str(port),
+        }
+        log = open(plan.with_name(f"task{rank}.log"), "w")
+        command = [sys.executable, str(REPO / "tests" / "layout_worker.py"), str(plan)]
+        procs.append(subprocess.Popen(command, cwd=plan.parent, env=env, stdout=log, stderr=subprocess.STDOUT))
+    return procs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, cache_dir) -> Path:
+    root = tmp_path_factory.mktemp("nodes")
+    common = [*COMMON, f"paths.cache_dir={cache_dir}"]
+    launched = []
+    for name, launch in (("torchrun", torchrun_nodes), ("srun", srun_tasks)):
+        plan = root / name / "plan.json"
+        plan.parent.mkdir()
+        plan.write_text(json.dumps([{"dir": str(root / name / "run"), "overrides": [*common, *LAYOUT]}]))
+        launched += [(proc, Path(proc.args[-1]).parent) for proc in launch(plan, free_port())]
+    one = run_plan([{"dir": str(root / "one"), "overrides": [*common, *ONE]}], root / "one.json", ranks=1)
+    for proc, folder in launched:
+        finish(proc, next(folder.glob("*.log")))
+    finish(one, root / "one.log")
+    return root
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+def test_two_nodes_of_two_processes_train_as_one_process_accumulating_four_micro_batches(runs, launcher):
+    run = runs / launcher / "run"
+    assert_same_curves(run, runs / "one", tol=TOL)
+    assert_same_final_state(run, runs / "one", rel=1e-3)
+    logs = "".join(p.read_text() for p in (runs / launcher).glob("*.log"))
+    for rank in range(RANKS):  # Lightning's line as each rank joins the process group
+        assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/{RANKS}" in logs, logs[-3000:]
