@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from test_distributed import COMMON, STEPS, TOL, assert_same_curves, assert_same_final_state, finish, run_plan
 
-from conftest import REPO
+from conftest import FAST, REPO, moe_lab_script
 
 pytestmark = pytest.mark.slow
 
@@ -29,9 +29,6 @@ LAYOUT = [
     f"trainer.devices={PER_NODE}",
     f"trainer.num_nodes={NODES}",
     "model.moe.expert_parallel=2",
-    "trainer.deterministic=true",
-    "data.batch_size=4",
-    f"trainer.val_check_interval={STEPS}",
 ]
 ONE = ["data.batch_size=4", f"trainer.accumulate_grad_batches={RANKS}", f"trainer.val_check_interval={RANKS * STEPS}"]
 
@@ -64,6 +61,11 @@ def torchrun_nodes(plan: Path, port: int) -> list[subprocess.Popen]:
 
 def srun_tasks(plan: Path, port: int) -> list[subprocess.Popen]:
     """The 4 tasks of `srun` on 2 nodes of 2 tasks each: one plain process per rank with SLURM's variables."""
+    return srun([sys.executable, str(REPO / "tests" / "layout_worker.py"), str(plan)], plan.parent, port)
+
+
+def srun(command: list[str], folder: Path, port: int) -> list[subprocess.Popen]:
+    """`command` started as srun starts the tasks of a 2-node job, each with its log `task{rank}.log` in `folder`."""
     procs = []
     for rank in range(RANKS):
         env = {
@@ -79,9 +81,8 @@ def srun_tasks(plan: Path, port: int) -> list[subprocess.Popen]:
             "SLURM_NODEID": str(rank // PER_NODE),
             "MASTER_PORT": str(port),
         }
-        log = open(plan.with_name(f"task{rank}.log"), "w")
-        command = [sys.executable, str(REPO / "tests" / "layout_worker.py"), str(plan)]
-        procs.append(subprocess.Popen(command, cwd=plan.parent, env=env, stdout=log, stderr=subprocess.STDOUT))
+        log = open(folder / f"task{rank}.log", "w")
+        procs.append(subprocess.Popen(command, cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT))
     return procs
 
 
@@ -93,8 +94,15 @@ def runs(tmp_path_factory, cache_dir) -> Path:
     for name, launch in (("torchrun", torchrun_nodes), ("srun", srun_tasks)):
         plan = root / name / "plan.json"
         plan.parent.mkdir()
-        plan.write_text(json.dumps([{"dir": str(root / name / "run"), "overrides": [*common, *LAYOUT]}]))
-        launched += [(proc, Path(proc.args[-1]).parent) for proc in launch(plan, free_port())]
+        overrides = [
+            *common,
+            *LAYOUT,
+            "trainer.deterministic=true",
+            "data.batch_size=4",
+            f"trainer.val_check_interval={STEPS}",
+        ]
+        plan.write_text(json.dumps([{"dir": str(root / name / "run"), "overrides": overrides}]))
+        launched += [(proc, plan.parent) for proc in launch(plan, free_port())]
     one = run_plan([{"dir": str(root / "one"), "overrides": [*common, *ONE]}], root / "one.json", ranks=1)
     for proc, folder in launched:
         finish(proc, next(folder.glob("*.log")))
@@ -110,3 +118,39 @@ def test_two_nodes_of_two_processes_train_as_one_process_accumulating_four_micro
     logs = "".join(p.read_text() for p in (runs / launcher).glob("*.log"))
     for rank in range(RANKS):  # Lightning's line as each rank joins the process group
         assert f"GLOBAL_RANK: {rank}, MEMBER: {rank + 1}/{RANKS}" in logs, logs[-3000:]
+
+
+def test_pre_empting_one_node_stops_every_rank_at_one_step_with_one_checkpoint(tmp_path, cache_dir):
+    """SLURM pre-empts the tasks of one node (SIGTERM to ranks 2 and 3): the ranks agree on the step to stop at, the
+    run saves one last.ckpt there, and every task exits 128 + SIGTERM (the command, started on every rank as the
+    README says)."""
+    import signal
+    import time
+
+    import torch
+
+    run = tmp_path / "run"
+    command = [
+        *(moe_lab_script(), "train", *FAST, f"paths.cache_dir={cache_dir}", *LAYOUT),
+        *("data.batch_size=4", "trainer.max_steps=100000", "trainer.val_check_interval=100000"),
+        *("checkpoint.every_n_steps=100000", "trainer.log_every_n_steps=2", "threads=1", f"hydra.run.dir={run}"),
+    ]
+    tasks = srun(command, tmp_path, free_port())
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and all(t.poll() is None for t in tasks):  # until some steps are logged
+            if (run / "routing.jsonl").exists():
+                break
+            time.sleep(0.2)
+        for task in tasks[PER_NODE:]:  # the second node's tasks
+            task.send_signal(signal.SIGTERM)
+        codes = [task.wait(timeout=300) for task in tasks]
+    finally:
+        for task in tasks:
+            task.kill()
+    logs = "".join((tmp_path / f"task{rank}.log").read_text() for rank in range(RANKS))
+    assert codes == [128 + signal.SIGTERM] * RANKS, (codes, logs[-4000:])
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
+    stopped_at = json.loads((run / "summary.json").read_text())["step"]
+    assert stopped_at > 0
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == stopped_at
