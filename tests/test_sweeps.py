@@ -238,6 +238,72 @@ def test_jobs_run_at_once_under_submitit_and_a_killed_one_resumes_when_the_comma
     assert (sweep / "dashboard.html").is_file()
 
 
+def test_jobs_run_at_once_on_a_ray_cluster_and_a_killed_one_resumes_when_the_command_runs_again(
+    tmp_path, cache_dir, monkeypatch
+):
+    """hydra/launcher=ray on a Ray head the test starts on 127.0.0.1 (for real): two jobs train at the same time as Ray
+    tasks; one is killed mid-run (SIGKILL), Ray does not run it again, and the same command again skips the finished
+    job and resumes the killed one from its last checkpoint; the summary is whole."""
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a cluster of this machine alone, for the head and its clients
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from moe_lab.files import process_alive
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray = str(Path(sys.executable).parent / "ray")
+    head = subprocess.Popen(
+        [ray, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2"]
+        + ["--include-dashboard=false", "--disable-usage-stats"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while subprocess.run([ray, "status", f"--address=127.0.0.1:{port}"], capture_output=True).returncode != 0:
+        assert time.time() < deadline and head.poll() is None, "the Ray head did not start"
+        time.sleep(1)
+    sweep = tmp_path / "sweep"
+    steps = ["trainer.max_steps=300", "trainer.val_check_interval=300", "checkpoint.every_n_steps=6"]
+    launcher = ["hydra/launcher=ray", f"hydra.launcher.ray.init.address=127.0.0.1:{port}"]
+    args = _sweep_args(cache_dir, sweep, *launcher, "seed=1,2", *steps)
+    try:
+        script = str(Path(sys.executable).parent / "moe-lab")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(
+            [script, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and proc.poll() is None:  # job 1 has a checkpoint
+                if (sweep / "1" / "checkpoints" / "last.ckpt").exists():
+                    break
+                time.sleep(0.1)
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            pids = [int((sweep / job / ".moe-lab-run").read_text().split()[0]) for job in "01"]
+            assert all(process_alive(pid) for pid in pids), "the two jobs were not running at the same time"
+            os.kill(pids[1], signal.SIGKILL)
+            out, err = proc.communicate(timeout=300)
+        finally:
+            proc.kill()
+        assert proc.returncode != 0, err[-3000:]
+        rows = {r["job"]: r for r in read_summary(sweep)}
+        assert rows["0"]["status"] == "finished" and rows["1"]["status"] != "finished"
+        continue_and_check(args, tmp_path, sweep, jobs="01")
+        assert json.loads((sweep / "1" / "resumed_from.json").read_text())["step"] > 0
+        assert (sweep / "dashboard.html").is_file()
+    finally:
+        head.terminate()
+        head.wait(timeout=60)
+
+
 @pytest.mark.parametrize("launcher", ["slurm", "parallel"])
 def test_the_launcher_options_ask_for_what_a_run_needs(launcher):
     """hydra/launcher=slurm and =parallel compose on submitit's configs, their resources following the trainer: one
