@@ -48,8 +48,11 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("expert_hidden", [16, 64], ids=["weights-on-hidden", "weights-on-output"])
-@pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "cf1"])
+@pytest.mark.parametrize(
+    "expert_hidden, capacity_factor",
+    [(16, 1.0), (64, None)],
+    ids=["weights-on-hidden-cf1", "weights-on-output-dropless"],
+)
 def test_compiled_model_has_eager_gradients_for_every_parameter(device, expert_hidden, capacity_factor):
     """Every parameter's gradient, the router's included, through the whole compiled model: torch 2.11's dynamo sent
     the gradient of an autograd.Function whose forward wrote its output in place to the wrong output (pytorch#180642),
