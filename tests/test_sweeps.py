@@ -200,11 +200,13 @@ def test_a_sweep_directory_of_another_command_is_refused(tmp_path, cache_dir):
     assert other.returncode == 2 and "already holds runs of another command" in other.stderr
 
 
-def test_jobs_run_at_once_under_submitit_and_a_killed_one_resumes_when_the_command_runs_again(tmp_path, cache_dir):
-    """hydra/launcher=parallel (submitit's local executor, for real): two jobs train at the same time in their own
-    processes; one is killed mid-run (SIGKILL: no handler runs), and the same command again skips the finished job
-    and resumes the killed one from its last checkpoint; the summary is whole."""
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+KILLED_JOB_STEPS = ["trainer.max_steps=300", "trainer.val_check_interval=300", "checkpoint.every_n_steps=6"]
+
+
+def kill_one_of_two_jobs_and_resume(args: list[str], cwd: Path, sweep: Path) -> None:
+    """Run the two-job sweep `args`; once job 1 has a checkpoint, check that both jobs run at once and SIGKILL job 1
+    (no handler runs); the command fails, the summary says so, and the same command again keeps job 0 and resumes job
+    1 from its checkpoint."""
     import os
     import signal
     import subprocess
@@ -213,17 +215,18 @@ def test_jobs_run_at_once_under_submitit_and_a_killed_one_resumes_when_the_comma
 
     from moe_lab.files import process_alive
 
-    sweep = tmp_path / "sweep"
-    steps = ["trainer.max_steps=300", "trainer.val_check_interval=300", "checkpoint.every_n_steps=6"]
-    args = _sweep_args(cache_dir, sweep, "hydra/launcher=parallel", "seed=1,2", *steps)
     script = str(Path(sys.executable).parent / "moe-lab")
-    proc = subprocess.Popen([script, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [script, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:  # job 1 has a checkpoint
             if (sweep / "1" / "checkpoints" / "last.ckpt").exists():
                 break
             time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
         pids = [int((sweep / job / ".moe-lab-run").read_text().split()[0]) for job in "01"]
         assert all(process_alive(pid) for pid in pids), "the two jobs were not running at the same time"
         os.kill(pids[1], signal.SIGKILL)
@@ -233,9 +236,20 @@ def test_jobs_run_at_once_under_submitit_and_a_killed_one_resumes_when_the_comma
     assert proc.returncode != 0, err[-3000:]
     rows = {r["job"]: r for r in read_summary(sweep)}
     assert rows["0"]["status"] == "finished" and rows["1"]["status"] != "finished"
-    continue_and_check(args, tmp_path, sweep, jobs="01")
+    continue_and_check(args, cwd, sweep, jobs="01")
     assert json.loads((sweep / "1" / "resumed_from.json").read_text())["step"] > 0
     assert (sweep / "dashboard.html").is_file()
+
+
+def test_jobs_run_at_once_under_submitit_and_a_killed_one_resumes_when_the_command_runs_again(tmp_path, cache_dir):
+    """hydra/launcher=parallel (submitit's local executor, for real): two jobs train at the same time in their own
+    processes; one is killed mid-run (SIGKILL: no handler runs), and the same command again skips the finished job
+    and resumes the killed one from its last checkpoint; the summary is whole."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+
+    sweep = tmp_path / "sweep"
+    args = _sweep_args(cache_dir, sweep, "hydra/launcher=parallel", "seed=1,2", *KILLED_JOB_STEPS)
+    kill_one_of_two_jobs_and_resume(args, tmp_path, sweep)
 
 
 def test_jobs_run_at_once_on_a_ray_cluster_and_a_killed_one_resumes_when_the_command_runs_again(
@@ -246,14 +260,10 @@ def test_jobs_run_at_once_on_a_ray_cluster_and_a_killed_one_resumes_when_the_com
     job and resumes the killed one from its last checkpoint; the summary is whole."""
     pytest.importorskip("hydra_plugins.hydra_ray_launcher")
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a cluster of this machine alone, for the head and its clients
-    import os
-    import signal
     import socket
     import subprocess
     import sys
     import time
-
-    from moe_lab.files import process_alive
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -271,34 +281,11 @@ def test_jobs_run_at_once_on_a_ray_cluster_and_a_killed_one_resumes_when_the_com
         assert time.time() < deadline and head.poll() is None, "the Ray head did not start"
         time.sleep(1)
     sweep = tmp_path / "sweep"
-    steps = ["trainer.max_steps=300", "trainer.val_check_interval=300", "checkpoint.every_n_steps=6"]
     launcher = ["hydra/launcher=ray", f"hydra.launcher.ray.init.address=127.0.0.1:{port}"]
-    args = _sweep_args(cache_dir, sweep, *launcher, "seed=1,2", *steps)
     try:
-        script = str(Path(sys.executable).parent / "moe-lab")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(
-            [script, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        kill_one_of_two_jobs_and_resume(
+            _sweep_args(cache_dir, sweep, *launcher, "seed=1,2", *KILLED_JOB_STEPS), tmp_path, sweep
         )
-        try:
-            deadline = time.time() + 300
-            while time.time() < deadline and proc.poll() is None:  # job 1 has a checkpoint
-                if (sweep / "1" / "checkpoints" / "last.ckpt").exists():
-                    break
-                time.sleep(0.1)
-            assert proc.poll() is None, proc.communicate()[1][-3000:]
-            pids = [int((sweep / job / ".moe-lab-run").read_text().split()[0]) for job in "01"]
-            assert all(process_alive(pid) for pid in pids), "the two jobs were not running at the same time"
-            os.kill(pids[1], signal.SIGKILL)
-            out, err = proc.communicate(timeout=300)
-        finally:
-            proc.kill()
-        assert proc.returncode != 0, err[-3000:]
-        rows = {r["job"]: r for r in read_summary(sweep)}
-        assert rows["0"]["status"] == "finished" and rows["1"]["status"] != "finished"
-        continue_and_check(args, tmp_path, sweep, jobs="01")
-        assert json.loads((sweep / "1" / "resumed_from.json").read_text())["step"] > 0
-        assert (sweep / "dashboard.html").is_file()
     finally:
         head.terminate()
         head.wait(timeout=60)
