@@ -5,7 +5,8 @@ A leaf module (standard library only), shared by training, analysis and the tool
 - `write_atomically`: a temporary file in the target's own folder, fsync'ed, renamed over the target, the rename
   fsync'ed: a kill at any moment leaves the old file whole. The temporary file's name says who wrote it
   (`.NAME.moe-lab-HOST-PID-RANDOM.tmp`), so that
-- `remove_stale_temp_files` can delete, at the next write in that folder, the partial files of writers that are gone
+- `remove_stale_temp_files` can delete, at the next write in that folder, the partial files (and the partial
+  folders of sharded checkpoints, named the same way) of writers that are gone
   (killed mid-save, SIGKILL or power loss), and never one that a live process is still writing.
 - `file_digest` / `files_digest`: SHA-256 of the bytes, the key of every cache of data read from files (a file
   rewritten with its old size and time, as `cp -p`, `rsync -t` and `tar` do, is still new content).
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import socket
 import stat
 import tempfile
@@ -51,7 +53,12 @@ def write_atomically(path: Path, content: str | bytes | Callable[[BinaryIO], Non
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    directory = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
+    fsync_directory(path.parent)  # make the rename itself durable
+
+
+def fsync_directory(folder: Path) -> None:
+    """Make the renames and new names in `folder` durable."""
+    directory = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(directory)
     finally:
@@ -71,9 +78,13 @@ def remove_stale_temp_files(folder: Path) -> list[Path]:
         match = _TEMP.match(name)
         if match is None or match["host"] != _HOST or process_alive(int(match["pid"])):
             continue
+        stale = Path(folder) / name
         try:
-            (Path(folder) / name).unlink()
-            removed.append(Path(folder) / name)
+            if stale.is_dir() and not stale.is_symlink():  # a sharded checkpoint's folder (sharded_checkpoint.py)
+                shutil.rmtree(stale)
+            else:
+                stale.unlink()
+            removed.append(stale)
         except OSError:
             pass
     return removed

@@ -9,7 +9,9 @@
     1 process that accumulates the same two micro-batches (trainer.accumulate_grad_batches=2), capacity and drops
     included.
 (c) An expert-parallel checkpoint evaluates in 1 process with the same validation loss; resuming under expert
-    parallelism continues the curve; `load_model` and `export` read the checkpoint.
+    parallelism continues the curve; `load_model` and `export` read the checkpoint. The expert-parallel runs write
+    sharded checkpoints (the default under expert parallelism) except the fast-path ones, which write one file:
+    both are read whole and compared alike. (test_sharded_checkpoints.py has resharding and memory.)
 
 Every run is small (4 optimizer steps of a 2-layer model); the 2-rank runs all happen in one torchrun launch of
 `layout_worker.py`, the 1-process runs in one plain process beside it.
@@ -23,10 +25,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
 
+from moe_lab.training.checkpoint import read_checkpoint
 from moe_lab.training.schemas import config_dir
 
 from conftest import FAST, REPO, router_options, router_partners
@@ -80,9 +84,9 @@ FAST_PATH = ["topk-cf1_25", "fine_grained_e64", "global_balance", "expert_choice
 TOL = 1e-5
 
 
-def run_plan(plan: list[dict], path: Path, ranks: int) -> subprocess.Popen:
+def run_plan(plan: list[dict], path: Path, ranks: int, env: Optional[dict] = None) -> subprocess.Popen:
     path.write_text(json.dumps(plan))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("WANDB_API_KEY", None)
     worker = str(REPO / "tests" / "layout_worker.py")
     launcher = (
@@ -120,7 +124,15 @@ def runs(tmp_path_factory, cache_dir) -> Path:
     ddp += [
         {
             "dir": str(root / f"{name}-fast-ep{ep}"),
-            "overrides": [*common, *TWO_RANKS, *settings[name], f"model.moe.expert_parallel={ep}"],
+            # One file (rank 0 gathers every expert), where the runs above write sharded checkpoints under
+            # expert parallelism (checkpoint.format=auto): both formats hold every expert, checked alike.
+            "overrides": [
+                *common,
+                *TWO_RANKS,
+                *settings[name],
+                f"model.moe.expert_parallel={ep}",
+                "checkpoint.format=file",
+            ],
         }
         for name in FAST_PATH
         for ep in (1, 2)
@@ -197,8 +209,9 @@ def assert_close_to_scale(a: torch.Tensor, b: torch.Tensor, name: str, rel: floa
 
 
 def assert_same_final_state(a: Path, b: Path, rel: float = 0.0) -> None:
-    ca = torch.load(a / "checkpoints" / "last.ckpt", weights_only=True)
-    cb = torch.load(b / "checkpoints" / "last.ckpt", weights_only=True)
+    """The last checkpoints of two runs hold the same weights and optimizer moments (a sharded one read whole)."""
+    ca = read_checkpoint(a / "checkpoints" / "last.ckpt")
+    cb = read_checkpoint(b / "checkpoints" / "last.ckpt")
     assert ca["state_dict"].keys() == cb["state_dict"].keys()  # every expert, whatever the layout
     for name, tensor in ca["state_dict"].items():
         assert_close_to_scale(tensor, cb["state_dict"][name], name, rel)

@@ -5,6 +5,8 @@ Every checkpoint moe-lab reads goes through `read_checkpoint`, which unpickles w
 CheckpointError line. Lightning's own resume (`trainer.fit(ckpt_path=...)`) is given `weights_only=True` too.
 Every checkpoint moe-lab writes goes through `AtomicCheckpointIO`: a temporary file in the checkpoint's own folder,
 flushed to disk, then renamed over the old file, so a kill during a save leaves the previous checkpoint whole.
+A sharded checkpoint (a torch.distributed.checkpoint folder, `sharded_checkpoint.py`) is read here whole, in one
+process, and has the same contents as a single file.
 """
 
 from __future__ import annotations
@@ -23,16 +25,31 @@ from moe_lab.files import write_atomically
 from moe_lab.memory import check_fits
 from moe_lab.model import ModelConfig
 from moe_lab.training.module import MoELanguageModel
+from moe_lab.training.sharded_checkpoint import is_sharded_checkpoint, read_sharded, save_sharded
 
 # A model's layout, not what it computes: a checkpoint resumes under any value of these.
 LAYOUT_KEYS = ("expert_parallel", "implementation")
 
 
-def read_checkpoint(path: str | Path, setting: Optional[str] = None) -> dict[str, Any]:
-    """The contents of a moe-lab checkpoint file, on the CPU. CheckpointError if it is missing, unreadable or was
-    not written by moe-lab; `setting` (e.g. ckpt_path) names where the path came from in the message."""
+def is_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a moe-lab checkpoint by its form (a file, or a sharded checkpoint's folder), rather than a
+    Hugging Face model folder or a hub id."""
+    path = Path(path).expanduser()
+    return path.is_file() or is_sharded_checkpoint(path)
+
+
+def read_checkpoint(path: str | Path, setting: Optional[str] = None, weights: bool = True) -> dict[str, Any]:
+    """The contents of a moe-lab checkpoint (a file, or a sharded checkpoint's folder read whole), on the CPU.
+    CheckpointError if it is missing, unreadable or was not written by moe-lab; `setting` (e.g. ckpt_path) names
+    where the path came from in the message. `weights=False` may leave out the weights and optimizer tensors (a
+    sharded checkpoint's settings, step and origin are read without them)."""
     file = Path(path).expanduser()
     where = f"{setting + '=' if setting else ''}{path}"
+    if is_sharded_checkpoint(file):
+        ckpt = read_sharded(file, weights=weights)
+        if not isinstance((ckpt.get("hyper_parameters") or {}).get("model"), dict):
+            raise CheckpointError(f"{path} was not written by moe-lab (it has no model settings)")
+        return ckpt
     if file.is_dir():
         inside = file / "checkpoints" / "last.ckpt"
         raise CheckpointError(
@@ -115,7 +132,7 @@ def check_resume(
     training left to do (its step is below `max_steps`, the configured trainer.max_steps)."""
     if ckpt_path is None:
         return None
-    ckpt = read_checkpoint(ckpt_path, setting="ckpt_path")
+    ckpt = read_checkpoint(ckpt_path, setting="ckpt_path", weights=False)
     if tokenizer is not None:
         _check_tokenizer(ckpt, ckpt_path, tokenizer)
     saved = dataclasses.asdict(checkpoint_model_config(ckpt, ckpt_path))
@@ -185,7 +202,7 @@ def checkpoint_tokenizer(ckpt: Path, settings: dict):
 def holds_training_state(ckpt_path: str | Path) -> bool:
     """Whether a checkpoint can resume training (optimizer state, loop counters), as moe-lab's runs write them; an
     imported model (`moe-lab import`) holds weights only, and a run from it starts at step 0 with a fresh optimizer."""
-    return "optimizer_states" in read_checkpoint(ckpt_path, setting="ckpt_path")
+    return "optimizer_states" in read_checkpoint(ckpt_path, setting="ckpt_path", weights=False)
 
 
 def load_weights(module: MoELanguageModel, ckpt_path: str | Path) -> None:
@@ -233,7 +250,7 @@ def checkpoint_origin(ckpt_path: str | Path) -> CheckpointOrigin:
 
     from moe_lab.analysis.runs import is_run_dir
 
-    ckpt = read_checkpoint(ckpt_path, setting="ckpt_path")
+    ckpt = read_checkpoint(ckpt_path, setting="ckpt_path", weights=False)
     run = ckpt.get("moe_lab_run") if isinstance(ckpt.get("moe_lab_run"), dict) else {}
     run_dir = Path(run["run_dir"]) if isinstance(run.get("run_dir"), str) else None
     file = Path(ckpt_path).expanduser().absolute()
@@ -317,14 +334,31 @@ def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu", 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, made atomic on any filesystem layout: the bytes go to a temporary file beside
     the checkpoint (never in the system's temp dir, which may be another filesystem, where a rename is a copy), are
-    fsync'ed, and replace the old file in one rename. `last_saved` is the newest checkpoint written whole."""
+    fsync'ed, and replace the old file in one rename. With `sharded`, a one-process run writes the sharded format
+    (checkpoint.format=sharded; several processes write it through their strategy). It reads both formats.
+    `last_saved` is the newest checkpoint written whole."""
 
-    def __init__(self) -> None:
+    def __init__(self, sharded: bool = False) -> None:
         super().__init__()
+        self.sharded = sharded
         self.last_saved: Optional[Path] = None
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(path, lambda f: torch.save(with_checksum(checkpoint), f))
+        if self.sharded:
+            save_sharded(checkpoint, path, sharding=None)
+        else:
+            write_atomically(path, lambda f: torch.save(with_checksum(checkpoint), f))
         self.last_saved = path
+
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        if is_sharded_checkpoint(path):
+            return read_sharded(path)
+        return super().load_checkpoint(path, weights_only=True)
+
+    def remove_checkpoint(self, path) -> None:
+        if Path(path).is_symlink():  # last.ckpt as a link to a periodic checkpoint: the link only
+            Path(path).unlink()
+        else:
+            super().remove_checkpoint(path)

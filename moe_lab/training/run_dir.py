@@ -38,7 +38,7 @@ def refuse_used_run_dir(directory: Path, hydra_made: bool = False) -> None:
     used = [m for m in markers if (directory / m).exists()]
     if used:
         last = directory / "checkpoints" / "last.ckpt"
-        resume = f", or resume it with ckpt_path={last} (which writes to a new directory)" if last.is_file() else ""
+        resume = f", or resume it with ckpt_path={last} (which writes to a new directory)" if last.exists() else ""
         raise UserError(
             f"{directory} already holds a run ({', '.join(used)}); moe-lab never writes over one. "
             f"Choose a new directory with hydra.run.dir=...{resume}"

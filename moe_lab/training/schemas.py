@@ -70,6 +70,11 @@ class CheckpointConfig:
     every_n_steps: int = 500
     # How many periodic checkpoints to keep (-1 = all).
     keep: int = 2
+    # auto: sharded when expert parallelism splits the experts over ranks, one file otherwise. sharded: a
+    # torch.distributed.checkpoint folder in which each rank writes its own experts and optimizer moments (no process
+    # holds them all; it resumes under any expert-parallel size and reads whole in one process). file: one file, for
+    # which rank 0 first gathers every expert.
+    format: str = "auto"
 
 
 @dataclass
@@ -410,6 +415,10 @@ def _check_training(run: TrainConfig) -> None:
         run.checkpoint.keep >= -1,
         f"checkpoint.keep={run.checkpoint.keep} must be -1 (keep all), 0 (only last.ckpt) "
         "or a number of periodic checkpoints to keep",
+    )
+    need(
+        run.checkpoint.format in ("auto", "sharded", "file"),
+        f"checkpoint.format={run.checkpoint.format!r}; choose auto, sharded or file",
     )
     need(o.eps > 0, f"optim.eps={o.eps} must be > 0")
     need(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")

@@ -14,8 +14,11 @@ This strategy owns all of it:
       brought it home), so it is summed over the EDP group and divided by W: the same mean-over-ranks loss as DDP's;
     - clipping by the norm of the whole model, computed the same way at any layout (`clip_grad_norm_`), so every
       rank of every layout scales by the same factor;
-    - checkpoints that do not depend on the layout: saving gathers every expert and its Adam moments, loading keeps
-      this rank's slice, so a checkpoint written under any P resumes or evaluates under any other.
+    - checkpoints that do not depend on the layout, in either of two formats: sharded (`checkpoint.format=auto`, the
+      default under expert parallelism), a torch.distributed.checkpoint folder in which each rank writes its own
+      experts and Adam moments and none gathers them (`sharded_checkpoint.py`); or one file, for which saving
+      gathers every expert and its moments into rank 0. Loading either keeps this rank's slice, so a checkpoint
+      written under any P resumes or evaluates under any other.
 Without expert parallelism it is Lightning's DDP with `broadcast_buffers=False` (moe-lab's buffers are constant or
 updated identically on every rank; aux-free routers keep per-rank counts in one between optimizer steps).
 
@@ -32,6 +35,7 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 
 from moe_lab.model.experts import GroupedExperts
+from moe_lab.training.sharded_checkpoint import ExpertSharding, is_sharded_checkpoint, read_sharded, save_sharded
 
 EXPERT_WEIGHTS = ("w_in_EGFD", "w_out_EDF")
 
@@ -127,11 +131,19 @@ def clip_grad_norm_(
 class MoEDDPStrategy(DDPStrategy):
     """Lightning's DDP with expert parallelism (see the module docstring). `expert_parallel=1` is plain DDP."""
 
-    def __init__(self, expert_parallel: int = 1, **kwargs: Any):
+    def __init__(self, expert_parallel: int = 1, sharded_checkpoints: bool = False, **kwargs: Any):
         kwargs.setdefault("broadcast_buffers", False)
         super().__init__(**kwargs)
         self.expert_parallel = expert_parallel
+        self.sharded_checkpoints = sharded_checkpoints
         self.groups: Optional[ExpertParallelGroups] = None
+        self.mesh = None  # the (EDP, EP) device mesh of sharded checkpoints
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        """Under expert parallelism, a checkpoint is read once the experts are sharded, so that a sharded one is read
+        as this rank's slices only."""
+        return self.expert_parallel > 1
 
     # -- setup: shard the experts before DDP wraps the model and the optimizer sees its parameters --------------
 
@@ -144,6 +156,14 @@ class MoEDDPStrategy(DDPStrategy):
             torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 module, [name for name, _, _ in self._expert_shards()]
             )
+            if self.sharded_checkpoints:
+                from torch.distributed.device_mesh import init_device_mesh
+
+                self.mesh = init_device_mesh(
+                    self.root_device.type,
+                    (self.groups.edp_size, self.groups.ep_size),
+                    mesh_dim_names=("edp", "ep"),  # rows are EP groups of consecutive ranks, as above
+                )
         super().setup(trainer)
 
     def _expert_shards(self) -> Iterator[tuple[str, torch.nn.Parameter, GroupedExperts]]:
@@ -178,8 +198,46 @@ class MoEDDPStrategy(DDPStrategy):
 
     # -- checkpoints hold every expert, whatever the layout ------------------------------------------------------
 
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
+        if not self.sharded_checkpoints:
+            return super().save_checkpoint(checkpoint, filepath, storage_options)
+        save_sharded(checkpoint, filepath, self._expert_sharding())  # every rank writes its own part
+
+    def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        if not is_sharded_checkpoint(checkpoint_path):
+            return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        return read_sharded(checkpoint_path, self._expert_sharding())
+
+    def _expert_sharding(self) -> Optional[ExpertSharding]:
+        """Which tensors of a checkpoint hold this rank's experts (None without expert parallelism)."""
+        if self.groups is None:
+            return None
+        if self.mesh is None:  # a sharded checkpoint read by a run that writes single files
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.mesh = init_device_mesh(
+                self.root_device.type, (self.groups.edp_size, self.groups.ep_size), mesh_dim_names=("edp", "ep")
+            )
+        banks = {name: experts for name, _, experts in self._expert_shards()}
+        by_id = {id(param): name for name, param, _ in self._expert_shards()}
+        slots = [
+            {slot: by_id.get(param_id) for param_id, slot in self._optimizer_slots(opt).items()}
+            for opt in self.optimizers
+        ]
+
+        def bank_of(tensor_path: tuple) -> Optional[GroupedExperts]:
+            if tensor_path[0] == "state_dict":
+                return banks.get(tensor_path[1])
+            if tensor_path[0] == "optimizer_states" and tensor_path[1] < len(slots):
+                return banks.get(slots[tensor_path[1]].get(tensor_path[3]))
+            return None
+
+        return ExpertSharding(self.mesh, bank_of)
+
     def lightning_module_state_dict(self) -> dict[str, Any]:
         state = super().lightning_module_state_dict()
+        if self.sharded_checkpoints:
+            return state  # this rank's experts only: save_checkpoint writes them as slices of the whole
         for name, _, _ in self._expert_shards():  # a collective: every rank takes part
             state[name] = all_gather(state[name].detach(), self.groups.ep_group).flatten(0, 1)
         return state
@@ -195,7 +253,7 @@ class MoEDDPStrategy(DDPStrategy):
     def optimizer_state(self, optimizer) -> dict[str, Any]:
         """Adam's moments of expert shards, gathered to every expert."""
         state = super().optimizer_state(optimizer)
-        if self.groups is None:
+        if self.groups is None or self.sharded_checkpoints:
             return state
         slots = self._optimizer_slots(optimizer)
         per_param = dict(state["state"])
@@ -246,6 +304,10 @@ def _own_slice(tensor: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
     return tensor[experts.first_expert : experts.first_expert + experts.num_experts].clone()
 
 
-def make_strategy(name: str, expert_parallel: int) -> MoEDDPStrategy:
-    """moe-lab's strategy for `trainer.strategy: ddp` (or ddp_find_unused_parameters_true)."""
-    return MoEDDPStrategy(expert_parallel=expert_parallel, find_unused_parameters=name.endswith("true"))
+def make_strategy(name: str, expert_parallel: int, checkpoint_format: str = "auto") -> MoEDDPStrategy:
+    """moe-lab's strategy for `trainer.strategy: ddp` (or ddp_find_unused_parameters_true). `checkpoint_format`:
+    auto (sharded under expert parallelism, one file otherwise), sharded or file."""
+    sharded = checkpoint_format == "sharded" or (checkpoint_format == "auto" and expert_parallel > 1)
+    return MoEDDPStrategy(
+        expert_parallel=expert_parallel, sharded_checkpoints=sharded, find_unused_parameters=name.endswith("true")
+    )

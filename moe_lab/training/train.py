@@ -286,7 +286,7 @@ class RunCallbacks:
 
             check_analysable(module.model)
             callbacks.insert(2, RoutingAnalysis(run.metrics.analysis_every_n_steps, run.trainer.get("max_steps", -1)))
-        return cls(periodic, routing, AtomicCheckpointIO(), callbacks)
+        return cls(periodic, routing, AtomicCheckpointIO(sharded=run.checkpoint.format == "sharded"), callbacks)
 
 
 def build_trainer(run: TrainConfig, callbacks: RunCallbacks, loggers: list, output_dir: Path) -> L.Trainer:
@@ -499,7 +499,8 @@ def trainer_arguments(run: TrainConfig) -> dict:
     args = dict(run.trainer)
     strategy = args.get("strategy")
     if isinstance(strategy, str) and strategy in ("ddp", "ddp_find_unused_parameters_true"):
-        args["strategy"] = make_strategy(strategy, run.model.moe.expert_parallel if run.model.moe.enabled else 1)
+        expert_parallel = run.model.moe.expert_parallel if run.model.moe.enabled else 1
+        args["strategy"] = make_strategy(strategy, expert_parallel, run.checkpoint.format)
     return args
 
 

@@ -22,7 +22,7 @@ from moe_lab.data.config import TokenizerConfig
 from moe_lab.errors import ConfigError
 from moe_lab.model import ModelConfig
 from moe_lab.model.upcycle import moe_settings, upcycled_state_dict
-from moe_lab.training.checkpoint import checkpoint_model_config, read_checkpoint
+from moe_lab.training.checkpoint import checkpoint_model_config, is_checkpoint, read_checkpoint
 from moe_lab.training.schemas import check_training_memory
 
 
@@ -30,7 +30,7 @@ def model_source(init_from: str, dense: bool) -> tuple[ModelConfig, Optional[dic
     """(settings, tokenizer settings, a function giving the weights) of the model `init_from` names (with `dense`,
     a Hugging Face model is read as one of the dense families)."""
     path = Path(init_from).expanduser()
-    if path.is_file():
+    if is_checkpoint(path):
         ckpt = read_checkpoint(path, setting="model.init_from")
         cfg = checkpoint_model_config(ckpt, path)
         state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}

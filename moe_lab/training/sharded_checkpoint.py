@@ -1,0 +1,325 @@
+"""Sharded checkpoints: a torch.distributed.checkpoint (DCP) folder, the format torchtitan and Megatron-Core write.
+
+Under expert parallelism each rank holds E / P of every MoE layer's experts and of their Adam moments. A single-file
+checkpoint gathers all of them into one process first, which is what breaks first at the scale expert parallelism
+exists for. A sharded checkpoint is a folder in which each rank writes what it holds:
+
+    step000100.ckpt/
+        .metadata        DCP's index: every tensor's global shape, and which file holds which slice of it
+        __0_0.distcp     the tensors rank 0 wrote (its experts and moments, its share of the dense weights), ...
+        meta.pt          everything else: settings, loop counters, optimizer hyper-parameters (torch.save)
+
+Expert weights and their moments are saved as DTensors on an (EDP, EP) device mesh, sharded along the experts over
+EP and replicated over EDP, so DCP has exactly one rank write each expert; the dense weights, the same on every rank,
+are written once (DCP spreads them over the ranks). No rank gathers anything. Loading builds the same DTensors for
+the layout it resumes under and DCP reads each rank's own slice: a checkpoint of P = 2 resumes under P = 1 or 4. In
+one process (`load_model`, eval, analyze, generate, export, a one-process resume) the folder is read whole.
+
+Files are data: DCP's `.metadata` is a pickle, read here by an unpickler that builds only DCP's own metadata
+classes; tensors are read by DCP with `torch.load(weights_only=True)`; DCP's byte items (arbitrary pickles, which
+its loader unpickles with weights_only=False) are never requested; `meta.pt` is read with weights_only=True.
+A save is atomic: the folder is written under a temporary name beside the checkpoint (the name `files.py` gives
+temporary files, so a killed save's leftovers are removed as theirs are) and renamed into place when whole.
+
+Legend: E experts in a bank, El = E / P the experts a rank holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import pickle
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from moe_lab.errors import CheckpointError
+from moe_lab.files import _HOST, fsync_directory, remove_stale_temp_files, write_atomically
+
+META = "meta.pt"  # the non-tensor part of the checkpoint
+INDEX = "moe_lab_sharded"  # meta.pt's record of where each tensor of the checkpoint was taken from
+TensorPath = tuple  # ("state_dict", NAME) or ("optimizer_states", I, "state", SLOT, KEY)
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a folder that a sharded save wrote whole (DCP's index and moe-lab's meta.pt are in it)."""
+    path = Path(path).expanduser()
+    return path.is_dir() and (path / ".metadata").is_file() and (path / META).is_file()
+
+
+@dataclass(frozen=True)
+class ExpertSharding:
+    """How this rank's experts sit in the whole: the (EDP, EP) mesh, and for every tensor of a checkpoint that holds
+    per-expert slices (an expert weight, its optimizer moments) the expert bank it belongs to."""
+
+    mesh: Any  # torch.distributed.device_mesh.DeviceMesh, dims ("edp", "ep")
+    bank_of: Callable[[TensorPath], Optional[Any]]  # -> the GroupedExperts whose experts the tensor is indexed by
+
+    def local_experts(self, path: TensorPath, shape: tuple) -> Optional[Any]:
+        """The bank if the tensor at `path` with global (or local) shape is indexed by its experts along dim 0."""
+        bank = self.bank_of(path)
+        if bank is not None and len(shape) > 0 and shape[0] in (bank.total_experts, bank.num_experts):
+            return bank
+        return None
+
+
+# -- saving --------------------------------------------------------------------------------------------------------
+
+
+def save_sharded(checkpoint: dict[str, Any], path: str | Path, sharding: Optional[ExpertSharding]) -> None:
+    """Write `checkpoint` (Lightning's dict, holding this rank's expert slices) as a sharded checkpoint folder at
+    `path`, replacing what is there only once the new one is whole. Every rank of the run calls it (a collective);
+    in one process (no process group) it writes the folder alone."""
+    path = Path(path)
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    tensors, meta = split_checkpoint(checkpoint)
+    if sharding is not None:
+        tensors = {key: _as_dtensor(sharding, tuple(meta[INDEX][key]), t) for key, t in tensors.items()}
+    staging = [_staging_folder(path) if rank == 0 else None]
+    if distributed:
+        dist.broadcast_object_list(staging, src=0)
+    staging = Path(staging[0])
+    try:
+        with _quiet_single_process(not distributed):
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(staging, sync_files=True), no_dist=not distributed)
+        if rank == 0:
+            write_atomically(staging / META, lambda f: torch.save(meta, f))
+            replace_folder(staging, path)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)  # the checkpoint at `path` is untouched
+        raise
+    if distributed:
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def _quiet_single_process(single: bool) -> Iterator[None]:
+    """DCP warns that it assumes one process whenever it runs without a process group, as moe-lab means it to."""
+    with warnings.catch_warnings():
+        if single:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def split_checkpoint(checkpoint: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """({key: tensor} of every weight and optimizer-state tensor, the rest of the checkpoint with an index of where
+    each key's tensor was taken from)."""
+    tensors, index = {}, {}
+    for tensor_path, tensor in _tensor_paths(checkpoint):
+        key = "/".join(str(part) for part in tensor_path)
+        tensors[key], index[key] = tensor.detach(), list(tensor_path)
+    meta = {k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer_states")}
+    if "state_dict" in checkpoint:
+        meta["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not torch.is_tensor(v)}
+    if "optimizer_states" in checkpoint:
+        meta["optimizer_states"] = [
+            {
+                **saved,
+                "state": {
+                    slot: {k: v for k, v in state.items() if not torch.is_tensor(v)}
+                    for slot, state in saved["state"].items()
+                },
+            }
+            for saved in checkpoint["optimizer_states"]
+        ]
+    meta[INDEX] = index
+    return tensors, meta
+
+
+def _tensor_paths(checkpoint: dict[str, Any]) -> Iterator[tuple[TensorPath, torch.Tensor]]:
+    for name, value in (checkpoint.get("state_dict") or {}).items():
+        if torch.is_tensor(value):
+            yield ("state_dict", name), value
+    for i, saved in enumerate(checkpoint.get("optimizer_states") or []):
+        for slot, state in saved["state"].items():
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    yield ("optimizer_states", i, "state", slot, key), value
+
+
+def _as_dtensor(sharding: ExpertSharding, tensor_path: TensorPath, local: torch.Tensor) -> torch.Tensor:
+    """A rank's slice of an expert-indexed tensor as a DTensor of the whole (sharded over EP, replicated over EDP);
+    any other tensor as it is (the same on every rank)."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    bank = sharding.local_experts(tensor_path, tuple(local.shape))
+    if bank is None or not bank.is_sharded:
+        return local
+    local = local.contiguous()
+    shape = (bank.total_experts, *local.shape[1:])
+    return DTensor.from_local(
+        local, sharding.mesh, [Replicate(), Shard(0)], run_check=False, shape=shape, stride=_contiguous_stride(shape)
+    )
+
+
+def _contiguous_stride(shape: tuple) -> tuple:
+    return torch.empty(shape, device="meta").stride()
+
+
+def _staging_folder(path: Path) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(path.parent)  # a killed save's folder (its writer is gone)
+    folder = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.moe-lab-{_HOST}-{os.getpid()}-", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)  # mkdtemp's folder is private; a checkpoint is not
+    return folder
+
+
+def replace_folder(new: Path, path: Path) -> None:
+    """Put the folder `new` at `path` (same parent folder). A file or link at `path` is replaced by one rename of
+    the folder; a folder there is exchanged with the new one in one atomic step where the system offers it
+    (Linux's renameat2 RENAME_EXCHANGE), then deleted. Elsewhere (e.g. NFS) the old folder is first renamed to
+    NAME.previous, so a kill between the two renames leaves it whole under that name."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()  # a link to a periodic checkpoint (save_last="link"), or an older single-file checkpoint
+    if path.is_dir():
+        if not _exchange(new, path):
+            previous = path.with_name(path.name + ".previous")
+            shutil.rmtree(previous, ignore_errors=True)
+            os.replace(path, previous)
+            os.replace(new, path)
+            new = previous
+        shutil.rmtree(new, ignore_errors=True)  # now the old checkpoint
+    else:
+        os.replace(new, path)
+    fsync_directory(path.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE); False where the system or filesystem
+    cannot."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+# -- loading -------------------------------------------------------------------------------------------------------
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata objects and nothing else: a `.metadata` file that names any other callable is refused."""
+
+    ALLOWED = {
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "MetadataIndex",
+            "StorageMeta",
+            "_MEM_FORMAT_ENCODING",
+        )
+    } | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch.serialization", "_get_layout"),
+        ("torch", "Size"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"),
+        ("collections", "OrderedDict"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a checkpoint index")
+
+
+class SafeFileSystemReader(dcp.FileSystemReader):
+    """DCP's file reader, with its index read by `_MetadataUnpickler` instead of pickle.load."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        from torch.distributed.checkpoint.metadata import StorageMeta
+
+        rank = kwargs.get("rank")
+        with open(self._get_metadata_path(rank), "rb") as f:
+            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def read_sharded(path: str | Path, sharding: Optional[ExpertSharding] = None, weights: bool = True) -> dict:
+    """A sharded checkpoint as Lightning's dict. Without `sharding` (one process, or a layout without expert
+    parallelism) every tensor is read whole; with it, each expert-indexed tensor is read as this rank's slice (every
+    rank calls: a collective). `weights=False` reads only meta.pt (settings, step, origin). CheckpointError when the
+    folder is damaged or was not written by moe-lab."""
+    path = Path(path).expanduser()
+    try:
+        meta = torch.load(path / META, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}/{META} is not readable ({type(e).__name__}); the checkpoint is damaged"
+        ) from None
+    index = meta.pop(INDEX, None) if isinstance(meta, dict) else None
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{path} was not written by moe-lab (its {META} has no tensor index)")
+    if not weights:
+        return meta
+    try:
+        tensors = _read_tensors(path, index, sharding)
+    except CheckpointError:
+        raise
+    except Exception as e:  # a cut or foreign file, an index that names code, ...
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{path} is not a readable sharded checkpoint ({type(e).__name__}: {reason})") from None
+    for key, tensor_path in index.items():
+        _put(meta, tensor_path, tensors[key])
+    return meta
+
+
+def _read_tensors(path: Path, index: dict[str, list], sharding: Optional[ExpertSharding]) -> dict[str, torch.Tensor]:
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    stored = SafeFileSystemReader(path).read_metadata().state_dict_metadata
+    template = {}
+    for key, tensor_path in index.items():
+        entry = stored.get(key)
+        if not isinstance(entry, TensorStorageMetadata):
+            raise CheckpointError(f"{path}: the tensor {key} is missing from its index; the checkpoint is damaged")
+        bank = sharding.local_experts(tuple(tensor_path), tuple(entry.size)) if sharding is not None else None
+        if bank is not None and bank.is_sharded:
+            local = torch.empty((bank.num_experts, *entry.size[1:]), dtype=entry.properties.dtype)
+            template[key] = DTensor.from_local(
+                local,
+                sharding.mesh,
+                [Replicate(), Shard(0)],
+                run_check=False,
+                shape=entry.size,
+                stride=_contiguous_stride(tuple(entry.size)),
+            )
+        else:
+            template[key] = torch.empty(entry.size, dtype=entry.properties.dtype)
+    collective = sharding is not None and dist.is_available() and dist.is_initialized()
+    with _quiet_single_process(not collective):
+        dcp.load(template, storage_reader=SafeFileSystemReader(path), no_dist=not collective)
+    return {key: t.to_local() if isinstance(t, DTensor) else t for key, t in template.items()}
+
+
+def _put(tree: dict, tensor_path: list, value: torch.Tensor) -> None:
+    node = tree
+    for part in tensor_path[:-1]:
+        node = node.setdefault(part, {}) if isinstance(node, dict) else node[part]
+    node[tensor_path[-1]] = value
