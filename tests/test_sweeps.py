@@ -252,6 +252,47 @@ def test_jobs_run_at_once_under_submitit_and_a_killed_one_resumes_when_the_comma
     kill_one_of_two_jobs_and_resume(args, tmp_path, sweep)
 
 
+def test_a_pre_empted_submitit_job_saves_is_requeued_and_resumes_in_the_same_command(tmp_path, cache_dir):
+    """submitit's checkpointing protocol, for real on its local executor: the pre-emption signal (USR2) mid-run makes
+    moe-lab save last.ckpt at the step boundary and hand the signal to submitit, which requeues the job; the requeued
+    job resumes from that checkpoint and finishes, and the one sweep command ends with every job finished."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sweep = tmp_path / "sweep"
+    steps = ["trainer.max_steps=60", "trainer.val_check_interval=60"]
+    args = _sweep_args(cache_dir, sweep, "hydra/launcher=parallel", "seed=1", *KILLED_JOB_STEPS, *steps)
+    script = str(Path(sys.executable).parent / "moe-lab")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [script, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if (sweep / "0" / "checkpoints" / "last.ckpt").exists():
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        os.kill(int((sweep / "0" / ".moe-lab-run").read_text().split()[0]), signal.SIGUSR2)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    rows = read_summary(sweep)
+    assert [r["status"] for r in rows] == ["finished"]
+    resumed = json.loads((sweep / "0" / "resumed_from.json").read_text())
+    assert 6 < resumed["step"] < 60 and ".attempts" in resumed["checkpoint"]  # saved at the signal, not periodic
+    log = "".join(p.read_text() for p in sweep.rglob("*_log.out")) + "".join(
+        p.read_text() for p in sweep.rglob("*.err")
+    )
+    assert "SIGUSR2 received" in log and "Requeued job" in log, log[-3000:]
+
+
 def test_jobs_run_at_once_on_a_ray_cluster_and_a_killed_one_resumes_when_the_command_runs_again(
     tmp_path, cache_dir, monkeypatch
 ):

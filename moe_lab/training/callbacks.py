@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any, Callable, Optional
@@ -24,8 +25,22 @@ class AbortRequested(Exception):
     the run down and hands it back (on KeyboardInterrupt it exits the process with code 1 itself)."""
 
 
+def preemption_signals() -> tuple[signal.Signals, ...]:
+    """Inside a submitit job (SLURM, or submitit's local executor): the signal submitit pre-empts and times out with
+    (USR2, or what SUBMITIT_PREEMPT_SIGNAL names). Elsewhere none."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return ()
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2").upper()
+    found = getattr(signal, name if name.startswith("SIG") else f"SIG{name}", None)
+    return (found,) if isinstance(found, signal.Signals) else ()
+
+
 class GracefulStop(L.Callback):
     """Ctrl-C or SIGTERM: finish the optimizer step in flight, save `last.ckpt`, then stop (no more validation).
+    Inside a submitit job, its pre-emption signal too (submitit's checkpointing protocol): moe-lab saves at the step
+    boundary as for SIGTERM, and when the run has ended, hands the signal on to submitit's own handler
+    (`pass_on_preemption`), which requeues the job; the requeued job resumes from that checkpoint (a continued
+    sweep job, `train.continued_job`).
 
     The handler is installed before any work (`install()`, at the top of `train()`), and again whenever Lightning has
     put its own in place (at the start of fit, validation and training), so a pre-emption is moe-lab's to handle at
@@ -41,13 +56,15 @@ class GracefulStop(L.Callback):
     ) -> None:
         self.last_checkpoint = last_checkpoint
         self.before_save = before_save  # e.g. log the steps since the last log step
+        self.signals = (*self.SIGNALS, *preemption_signals())
         self.received: Optional[int] = None
+        self._handed_over: dict[int, Any] = {}  # the handlers restore() put back
         self._previous: dict[int, Any] = {}
         self._last_step: Optional[int] = None
 
     def install(self) -> None:
-        """Make this callback's handler the one for Ctrl-C and SIGTERM (remembering the first one it replaced)."""
-        for sig in self.SIGNALS:
+        """Make this callback's handler the one for its signals (remembering the first one it replaced)."""
+        for sig in self.signals:
             try:
                 previous = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. inside some launchers): leave the signal alone
@@ -76,9 +93,14 @@ class GracefulStop(L.Callback):
         if self.received is not None and signum == signal.SIGINT:
             raise AbortRequested("Ctrl-C twice")
         self.received = signum
+        then = (
+            "; submitit then requeues the job, which resumes from it"
+            if signum in preemption_signals()
+            else " (Ctrl-C again to abort without one)"
+        )
+        name = signal.Signals(signum).name
         print(
-            f"\nmoe-lab: {signal.Signals(signum).name} received: stopping after this step and saving a "
-            "checkpoint (Ctrl-C again to abort without one)",
+            f"\nmoe-lab: {name} received: stopping after this step and saving a checkpoint{then}",
             file=sys.stderr,
             flush=True,
         )
@@ -99,9 +121,17 @@ class GracefulStop(L.Callback):
 
     def restore(self) -> None:
         """Put back the handlers `install()` replaced (train() calls it when the run ends, however it ends)."""
+        self._handed_over = dict(self._previous)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+    def pass_on_preemption(self) -> None:
+        """After a stop by submitit's pre-emption signal (checkpoint saved, summary written, handlers restored): raise
+        it again for submitit's handler, which requeues the job and exits (on rank 0; other ranks return here)."""
+        signum = self.received
+        if signum in preemption_signals() and callable(self._handed_over.get(signum)):
+            signal.raise_signal(signum)
 
 
 class StepProgressBar(ProgressBar):

@@ -6,8 +6,9 @@ rebuilds that list from the sweep's `multirun.yaml` with Hydra's public override
 jobs that never started. Running the same `moe-lab train -m ...` again on the same sweep directory continues the
 sweep (`continue_sweep`): finished jobs are skipped, each job that did not finish moves, as one rename, to
 `SWEEP/.attempts/N-K` (nothing is deleted), and its next run resumes from that attempt's last checkpoint
-(training/train.py), or starts again where it had none. Reading multirun.yaml only compares and counts: nothing in it
-is applied.
+(training/train.py), or starts again where it had none. A job that submitit requeued after a pre-emption sets its
+own stopped run aside the same way (`set_aside_requeued`). Reading multirun.yaml only compares and counts: nothing in
+it is applied.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import yaml
 
 from moe_lab.errors import UserError
 from moe_lab.files import process_alive
-from moe_lab.training.run_dir import ATTEMPTS, CLAIM, job_state, own_sweep
+from moe_lab.training.run_dir import ATTEMPTS, CLAIM, RUN_MARKERS, job_state, own_sweep
 
 
 def _multirun(sweep_dir: Path) -> Optional[dict]:
@@ -72,6 +73,31 @@ def same_sweep(sweep_dir: Path, overrides: list[str]) -> bool:
     return task is not None and task == [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
 
 
+def set_aside(job: Path) -> Path:
+    """Move the folder of a sweep job that did not finish to SWEEP/.attempts/JOB-K, as one rename (the attempt is whole
+    where it lands); returns where it went."""
+    attempts = job.parent / ATTEMPTS
+    attempts.mkdir(exist_ok=True)
+    number = 1 + sum(1 for p in attempts.iterdir() if p.name.startswith(f"{job.name}-"))
+    os.rename(job, attempts / f"{job.name}-{number}")
+    return attempts / f"{job.name}-{number}"
+
+
+def set_aside_requeued(job: Path) -> Optional[Path]:
+    """A job that ran before in this same sweep command and stopped (submitit requeued it after a pre-emption): its
+    stopped run is set aside as an attempt to resume from, and the job folder keeps the configuration Hydra has just
+    written for this run (.hydra). None for a job folder that holds no run."""
+    import shutil
+
+    if not any((job / marker).exists() for marker in RUN_MARKERS):
+        return None
+    attempt = set_aside(job)
+    job.mkdir()
+    if (attempt / ".hydra").is_dir():
+        shutil.copytree(attempt / ".hydra", job / ".hydra")
+    return attempt
+
+
 def continue_sweep(sweep_dir: Path) -> str:
     """Take over `sweep_dir` (UserError if the process that ran it is still alive, or another takes it at the same
     moment) and move every job that did not finish into SWEEP/.attempts/N-K; returns the line that says what happens
@@ -101,11 +127,7 @@ def continue_sweep(sweep_dir: Path) -> str:
         if state in ("finished", "diverged"):  # kept: a diverged job would diverge again
             kept.append(f"{job.name} {state}")
             continue
-        attempts = sweep_dir / ATTEMPTS
-        attempts.mkdir(exist_ok=True)
-        number = 1 + sum(1 for p in attempts.iterdir() if p.name.startswith(f"{job.name}-"))
-        os.rename(job, attempts / f"{job.name}-{number}")  # one rename: the attempt is whole where it lands
-        has_checkpoint = any((attempts / f"{job.name}-{number}" / "checkpoints").glob("*.ckpt"))
+        has_checkpoint = any((set_aside(job) / "checkpoints").glob("*.ckpt"))
         moved.append(
             f"{job.name} resumes from step {summary.get('step', '?')}"
             if has_checkpoint

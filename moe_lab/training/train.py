@@ -50,6 +50,7 @@ from moe_lab.training.run_dir import (
 from moe_lab.training.runtime import cpu_threads, quiet_lightning, retain_freed_memory
 from moe_lab.training.schemas import TrainConfig, validate
 from moe_lab.training.strategy import make_strategy
+from moe_lab.training.sweeps import set_aside_requeued
 from moe_lab.training.upcycle import apply_upcycling
 
 
@@ -104,6 +105,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise Interrupted(signal.SIGINT) from None
     finally:
         stop.restore()
+        stop.pass_on_preemption()  # inside a submitit job: submitit requeues it (it resumes from last.ckpt)
 
 
 def continued_job(run: TrainConfig, output_dir: Path) -> Optional[dict[str, Any]]:
@@ -128,6 +130,8 @@ def continued_job(run: TrainConfig, output_dir: Path) -> Optional[dict[str, Any]
                 flush=True,
             )
             return summary
+        if state == "stopped" and set_aside_requeued(output_dir) is not None:
+            print(f"moe-lab: job {output_dir.name} ran before in this sweep and stopped (a requeued job)", flush=True)
     attempt = previous_attempt(output_dir)
     ckpt = attempt_checkpoint(attempt) if attempt is not None and run.ckpt_path is None else None
     if ckpt is not None:
