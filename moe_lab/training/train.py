@@ -132,12 +132,24 @@ def continued_job(run: TrainConfig, output_dir: Path) -> Optional[dict[str, Any]
             return summary
         if state == "stopped" and set_aside_requeued(output_dir) is not None:
             print(f"moe-lab: job {output_dir.name} ran before in this sweep and stopped (a requeued job)", flush=True)
+    else:
+        wait_for_rank_zero_to_set_aside(output_dir)
     attempt = previous_attempt(output_dir)
     ckpt = attempt_checkpoint(attempt) if attempt is not None and run.ckpt_path is None else None
     if ckpt is not None:
         run.ckpt_path = str(ckpt)
         print(f"moe-lab: job {output_dir.name} resumes from {ckpt}", flush=True)
     return None
+
+
+def wait_for_rank_zero_to_set_aside(output_dir: Path, timeout_s: float = 300.0) -> None:
+    """In a rank > 0 of a requeued job (several tasks per job), the stopped run's summary is still in the job folder
+    until rank 0 has set it aside: wait for that, so that every rank resumes from the same attempt."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while (output_dir / "summary.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def _train(
