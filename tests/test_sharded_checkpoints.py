@@ -1,8 +1,9 @@
 """Sharded checkpoints (torch.distributed.checkpoint folders), written by expert-parallel runs on gloo processes.
 
-- Resharding: the step-2 checkpoint of a 2-rank run at model.moe.expert_parallel=2 resumes on 2 ranks at P = 2 and
-  P = 1 and in one process (2 -> 1), each continuing the writer's loss curve, and on 4 ranks at P = 4 (2 -> 4), which
-  trains exactly as 4 ranks at P = 1 from the same checkpoint (deterministic mode: bit for bit).
+- Resharding: the step-2 checkpoint of a 2-rank run at model.moe.expert_parallel=2, saved in the background
+  (checkpoint.async_save), resumes on 2 ranks at P = 2 and P = 1 and in one process (2 -> 1), each continuing the
+  writer's loss curve, and on 4 ranks at P = 4 (2 -> 4), which trains as 4 ranks at P = 1 from the same checkpoint
+  (up to the order in which 4 ranks' gradients are summed).
 - Memory: no rank's resident memory rises during a sharded save by more than a small part of the experts' weights
   and moments, measured (Linux's high-water mark, reset before each save); the single-file format, which gathers
   every expert into each rank, is measured beside it and rises by all of them (so the measurement can fail).
@@ -35,7 +36,7 @@ from test_distributed import (
 from moe_lab.errors import CheckpointError
 from moe_lab.training import sharded_checkpoint
 from moe_lab.training.checkpoint import read_checkpoint
-from moe_lab.training.sharded_checkpoint import is_sharded_checkpoint, save_sharded
+from moe_lab.training.sharded_checkpoint import ShardedWriter, is_sharded_checkpoint, save_sharded
 
 from conftest import FAST
 
@@ -54,7 +55,8 @@ def runs(tmp_path_factory, cache_dir) -> Path:
     common = [*COMMON, f"paths.cache_dir={cache_dir}", *DETERMINISTIC, "capacity=dropless"]
     two = [*common, *RANKS, "trainer.devices=2", "data.batch_size=4"]
     plan = [
-        {"dir": str(root / "writer"), "overrides": [*two, "model.moe.expert_parallel=2"]},
+        # Saved in the background (checkpoint.async_save): what the resumes below read was written by DCP's thread.
+        {"dir": str(root / "writer"), "overrides": [*two, "model.moe.expert_parallel=2", "checkpoint.async_save=true"]},
         {"dir": str(root / "ep2"), "overrides": [*two, "model.moe.expert_parallel=2", resume_from(root)]},
         {"dir": str(root / "ep1"), "overrides": [*two, "model.moe.expert_parallel=1", resume_from(root)]},
     ]
@@ -184,6 +186,26 @@ def test_every_tool_reads_a_sharded_checkpoint(sharded, real_checkpoint, cache_d
     assert main(["generate", str(sharded), "--prompt", "the ", "--max-new-tokens", "4"]) == 0
     assert main(["export", str(sharded), "--format", "hf", str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_a_background_save_writes_the_same_checkpoint(sharded, real_checkpoint, tmp_path):
+    """checkpoint.async_save in one process: the folder is in place once the writer has been waited for."""
+    writer = ShardedWriter(asynchronous=True)
+    writer.save(read_checkpoint(real_checkpoint), tmp_path / "async.ckpt", sharding=None)
+    writer.wait()
+    a, b = read_checkpoint(tmp_path / "async.ckpt"), read_checkpoint(sharded)
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in b["state_dict"])
+    assert sorted(p.name for p in tmp_path.iterdir() if "async" in p.name) == ["async.ckpt"]
+
+
+def test_background_saves_need_the_sharded_format(tmp_path):
+    from moe_lab.errors import ConfigError
+    from moe_lab.training.schemas import validate
+
+    from conftest import compose_cfg
+
+    with pytest.raises(ConfigError, match="async_save=true writes sharded checkpoints"):
+        validate(compose_cfg(["checkpoint.async_save=true", "checkpoint.format=file"], output_dir=tmp_path / "run"))
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint_whole(sharded, monkeypatch):

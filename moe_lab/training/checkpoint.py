@@ -25,7 +25,7 @@ from moe_lab.files import write_atomically
 from moe_lab.memory import check_fits
 from moe_lab.model import ModelConfig
 from moe_lab.training.module import MoELanguageModel
-from moe_lab.training.sharded_checkpoint import is_sharded_checkpoint, read_sharded, save_sharded
+from moe_lab.training.sharded_checkpoint import ShardedWriter, is_sharded_checkpoint, read_sharded
 
 # A model's layout, not what it computes: a checkpoint resumes under any value of these.
 LAYOUT_KEYS = ("expert_parallel", "implementation")
@@ -335,22 +335,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, made atomic on any filesystem layout: the bytes go to a temporary file beside
     the checkpoint (never in the system's temp dir, which may be another filesystem, where a rename is a copy), are
     fsync'ed, and replace the old file in one rename. With `sharded`, a one-process run writes the sharded format
-    (checkpoint.format=sharded; several processes write it through their strategy). It reads both formats.
-    `last_saved` is the newest checkpoint written whole."""
+    (checkpoint.format=sharded; several processes write it through their strategy), in the background with
+    `async_save`. It reads both formats. `last_saved` is the newest checkpoint written whole."""
 
-    def __init__(self, sharded: bool = False) -> None:
+    def __init__(self, sharded: bool = False, async_save: bool = False) -> None:
         super().__init__()
         self.sharded = sharded
+        self.sharded_writer = ShardedWriter(async_save, on_saved=self._saved)
         self.last_saved: Optional[Path] = None
+
+    def _saved(self, path: Path) -> None:
+        self.last_saved = path
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         if self.sharded:
-            save_sharded(checkpoint, path, sharding=None)
+            self.sharded_writer.save(checkpoint, path, sharding=None)
         else:
             write_atomically(path, lambda f: torch.save(with_checksum(checkpoint), f))
-        self.last_saved = path
+            self.last_saved = path
+
+    def teardown(self) -> None:
+        self.sharded_writer.wait()  # a background save finishes before the run ends
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
         if is_sharded_checkpoint(path):

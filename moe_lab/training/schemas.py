@@ -75,6 +75,9 @@ class CheckpointConfig:
     # holds them all; it resumes under any expert-parallel size and reads whole in one process). file: one file, for
     # which rank 0 first gathers every expert.
     format: str = "auto"
+    # Write sharded checkpoints in the background (DCP's async_save): the step goes on while a copy of this rank's
+    # part is written; the next save and the end of the run wait for it. Sharded format only.
+    async_save: bool = False
 
 
 @dataclass
@@ -419,6 +422,11 @@ def _check_training(run: TrainConfig) -> None:
     need(
         run.checkpoint.format in ("auto", "sharded", "file"),
         f"checkpoint.format={run.checkpoint.format!r}; choose auto, sharded or file",
+    )
+    need(
+        not (run.checkpoint.async_save and run.checkpoint.format == "file"),
+        "checkpoint.async_save=true writes sharded checkpoints (DCP saves in the background); drop "
+        "checkpoint.format=file",
     )
     need(o.eps > 0, f"optim.eps={o.eps} must be > 0")
     need(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")

@@ -33,6 +33,7 @@ import pickle
 import shutil
 import tempfile
 import warnings
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -79,28 +80,83 @@ def save_sharded(checkpoint: dict[str, Any], path: str | Path, sharding: Optiona
     """Write `checkpoint` (Lightning's dict, holding this rank's expert slices) as a sharded checkpoint folder at
     `path`, replacing what is there only once the new one is whole. Every rank of the run calls it (a collective);
     in one process (no process group) it writes the folder alone."""
-    path = Path(path)
-    distributed = dist.is_available() and dist.is_initialized()
-    rank = dist.get_rank() if distributed else 0
-    tensors, meta = split_checkpoint(checkpoint)
-    if sharding is not None:
-        tensors = {key: _as_dtensor(sharding, tuple(meta[INDEX][key]), t) for key, t in tensors.items()}
-    staging = [_staging_folder(path) if rank == 0 else None]
-    if distributed:
-        dist.broadcast_object_list(staging, src=0)
-    staging = Path(staging[0])
-    try:
+    ShardedWriter().save(checkpoint, path, sharding)
+
+
+class ShardedWriter:
+    """Writes sharded checkpoints, in the foreground or, with `asynchronous`, in the background (checkpoint.async_save):
+    DCP's async_save copies this rank's tensors to memory the training step does not touch (a copy of this rank's
+    own part, never of every expert) and writes them from a thread, its collectives on a gloo group of their own;
+    when every rank's part is written, rank 0 adds meta.pt and renames the folder into place, as in the foreground.
+    One save is in flight at a time: the next save, and the end of the run (`wait`), wait for it and raise its error.
+    """
+
+    def __init__(self, asynchronous: bool = False, on_saved: Optional[Callable[[Path], None]] = None) -> None:
+        self.asynchronous = asynchronous
+        self.on_saved = on_saved  # called with the path of each checkpoint once it is in place
+        self._pending: Optional[Future] = None
+        self._group = None  # the background saves' process group
+
+    def save(self, checkpoint: dict[str, Any], path: str | Path, sharding: Optional[ExpertSharding]) -> None:
+        self.wait()
+        path = Path(path)
+        distributed = dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank() if distributed else 0
+        tensors, meta = split_checkpoint(checkpoint)
+        if sharding is not None:
+            tensors = {key: _as_dtensor(sharding, tuple(meta[INDEX][key]), t) for key, t in tensors.items()}
+        staging = [_staging_folder(path) if rank == 0 else None]
+        if distributed:
+            dist.broadcast_object_list(staging, src=0)
+        staging = Path(staging[0])
+        writer = dcp.FileSystemWriter(staging, sync_files=True)
+        if not self.asynchronous:
+            try:
+                with _quiet_single_process(not distributed):
+                    dcp.save(tensors, storage_writer=writer, no_dist=not distributed)
+            except BaseException:
+                _give_up(staging, rank)
+                raise
+            self._finish(staging, path, meta, rank)
+            if distributed:
+                dist.barrier()
+            return
+        if distributed and self._group is None:
+            self._group = dist.new_group(backend="gloo")  # a collective: every rank saves at the same step
         with _quiet_single_process(not distributed):
-            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(staging, sync_files=True), no_dist=not distributed)
+            written = dcp.async_save(tensors, storage_writer=writer, process_group=self._group, no_dist=not distributed)
+        done: Future = Future()
+
+        def finish(written: Future) -> None:
+            try:
+                written.result()
+                self._finish(staging, path, meta, rank)
+                done.set_result(path)
+            except BaseException as e:  # the thread's error, raised by wait()
+                _give_up(staging, rank)
+                done.set_exception(e)
+
+        written.add_done_callback(finish)
+        self._pending = done
+
+    def wait(self) -> None:
+        """Wait for the save in flight, if any (its checkpoint is then in place); raise its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def _finish(self, staging: Path, path: Path, meta: dict[str, Any], rank: int) -> None:
+        """Rank 0, once every rank's part is written: the rest of the checkpoint, then the folder into place."""
         if rank == 0:
             write_atomically(staging / META, lambda f: torch.save(meta, f))
             replace_folder(staging, path)
-    except BaseException:
-        if rank == 0:
-            shutil.rmtree(staging, ignore_errors=True)  # the checkpoint at `path` is untouched
-        raise
-    if distributed:
-        dist.barrier()
+        if self.on_saved is not None:
+            self.on_saved(path)
+
+
+def _give_up(staging: Path, rank: int) -> None:
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)  # the checkpoint at `path` is untouched
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 
 from moe_lab.model.experts import GroupedExperts
-from moe_lab.training.sharded_checkpoint import ExpertSharding, is_sharded_checkpoint, read_sharded, save_sharded
+from moe_lab.training.sharded_checkpoint import ExpertSharding, ShardedWriter, is_sharded_checkpoint, read_sharded
 
 EXPERT_WEIGHTS = ("w_in_EGFD", "w_out_EDF")
 
@@ -131,11 +131,14 @@ def clip_grad_norm_(
 class MoEDDPStrategy(DDPStrategy):
     """Lightning's DDP with expert parallelism (see the module docstring). `expert_parallel=1` is plain DDP."""
 
-    def __init__(self, expert_parallel: int = 1, sharded_checkpoints: bool = False, **kwargs: Any):
+    def __init__(
+        self, expert_parallel: int = 1, sharded_checkpoints: bool = False, async_save: bool = False, **kwargs: Any
+    ):
         kwargs.setdefault("broadcast_buffers", False)
         super().__init__(**kwargs)
         self.expert_parallel = expert_parallel
         self.sharded_checkpoints = sharded_checkpoints
+        self.sharded_writer = ShardedWriter(async_save, on_saved=self._saved)
         self.groups: Optional[ExpertParallelGroups] = None
         self.mesh = None  # the (EDP, EP) device mesh of sharded checkpoints
 
@@ -201,7 +204,15 @@ class MoEDDPStrategy(DDPStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
         if not self.sharded_checkpoints:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        save_sharded(checkpoint, filepath, self._expert_sharding())  # every rank writes its own part
+        self.sharded_writer.save(checkpoint, filepath, self._expert_sharding())  # every rank writes its own part
+
+    def _saved(self, path) -> None:
+        if hasattr(self.checkpoint_io, "last_saved"):
+            self.checkpoint_io.last_saved = path  # the newest checkpoint written whole (AtomicCheckpointIO)
+
+    def teardown(self) -> None:
+        self.sharded_writer.wait()  # a background save finishes before the run ends
+        super().teardown()
 
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
         if not is_sharded_checkpoint(checkpoint_path):
@@ -304,10 +315,20 @@ def _own_slice(tensor: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
     return tensor[experts.first_expert : experts.first_expert + experts.num_experts].clone()
 
 
-def make_strategy(name: str, expert_parallel: int, checkpoint_format: str = "auto") -> MoEDDPStrategy:
+def make_strategy(
+    name: str, expert_parallel: int, checkpoint_format: str = "auto", async_save: bool = False
+) -> MoEDDPStrategy:
     """moe-lab's strategy for `trainer.strategy: ddp` (or ddp_find_unused_parameters_true). `checkpoint_format`:
-    auto (sharded under expert parallelism, one file otherwise), sharded or file."""
-    sharded = checkpoint_format == "sharded" or (checkpoint_format == "auto" and expert_parallel > 1)
+    auto (sharded under expert parallelism or with `async_save`, one file otherwise), sharded or file."""
     return MoEDDPStrategy(
-        expert_parallel=expert_parallel, sharded_checkpoints=sharded, find_unused_parameters=name.endswith("true")
+        expert_parallel=expert_parallel,
+        sharded_checkpoints=writes_sharded(checkpoint_format, expert_parallel, async_save),
+        async_save=async_save,
+        find_unused_parameters=name.endswith("true"),
     )
+
+
+def writes_sharded(checkpoint_format: str, expert_parallel: int, async_save: bool) -> bool:
+    """Whether a run writes sharded checkpoints (checkpoint.format=auto: under expert parallelism, or to save in the
+    background, which DCP does)."""
+    return checkpoint_format == "sharded" or (checkpoint_format == "auto" and (expert_parallel > 1 or async_save))

@@ -49,7 +49,7 @@ from moe_lab.training.run_dir import (
 )
 from moe_lab.training.runtime import cpu_threads, quiet_lightning, retain_freed_memory
 from moe_lab.training.schemas import TrainConfig, validate
-from moe_lab.training.strategy import make_strategy
+from moe_lab.training.strategy import make_strategy, writes_sharded
 from moe_lab.training.sweeps import set_aside_requeued
 from moe_lab.training.upcycle import apply_upcycling
 
@@ -302,7 +302,9 @@ class RunCallbacks:
 
             check_analysable(module.model)
             callbacks.insert(2, RoutingAnalysis(run.metrics.analysis_every_n_steps, run.trainer.get("max_steps", -1)))
-        return cls(periodic, routing, AtomicCheckpointIO(sharded=run.checkpoint.format == "sharded"), callbacks)
+        sharded = writes_sharded(run.checkpoint.format, 1, run.checkpoint.async_save)  # one process: no experts split
+        io = AtomicCheckpointIO(sharded=sharded, async_save=run.checkpoint.async_save)
+        return cls(periodic, routing, io, callbacks)
 
 
 def build_trainer(run: TrainConfig, callbacks: RunCallbacks, loggers: list, output_dir: Path) -> L.Trainer:
@@ -355,10 +357,25 @@ def fit(
             last = output_dir / "checkpoints" / "last.ckpt"
             if not saved_at(callbacks.periodic, last, trainer.global_step):
                 trainer.save_checkpoint(last, weights_only=False)
+        finish_saves(trainer)
     except (AbortRequested, OSError, Diverged) as e:
         if isinstance(e, OSError) and e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
+        finish_saves(trainer, raise_error=False)
         raise ended_early(e, trainer, module, callbacks.checkpoint_io.last_saved, output_dir, started) from None
+
+
+def finish_saves(trainer: L.Trainer, raise_error: bool = True) -> None:
+    """Wait for a checkpoint being written in the background (checkpoint.async_save), so that it is in place before the
+    run reports it; its error (a full disk) is raised here, or only waited out."""
+    for holder in (trainer.strategy, trainer.strategy.checkpoint_io):
+        writer = getattr(holder, "sharded_writer", None)
+        if writer is not None:
+            try:
+                writer.wait()
+            except Exception:
+                if raise_error:
+                    raise
 
 
 def run_summary(
@@ -516,7 +533,7 @@ def trainer_arguments(run: TrainConfig) -> dict:
     strategy = args.get("strategy")
     if isinstance(strategy, str) and strategy in ("ddp", "ddp_find_unused_parameters_true"):
         expert_parallel = run.model.moe.expert_parallel if run.model.moe.enabled else 1
-        args["strategy"] = make_strategy(strategy, expert_parallel, run.checkpoint.format)
+        args["strategy"] = make_strategy(strategy, expert_parallel, run.checkpoint.format, run.checkpoint.async_save)
     return args
 
 
