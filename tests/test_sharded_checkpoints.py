@@ -257,6 +257,18 @@ def test_an_index_that_names_code_is_refused_without_running_it(sharded, tmp_pat
     assert not (tmp_path / "ran").exists()
 
 
+def test_a_flipped_bit_in_a_weight_is_found(sharded):
+    """Each rank's part of the weights has its SHA-256 in meta.pt; a bit flipped in the data file is an error line."""
+    reader = sharded_checkpoint.SafeFileSystemReader(sharded)
+    stored = reader.read_metadata().storage_data.items()
+    where = next(info for index, info in stored if index.fqn == "state_dict/model.embed.weight")
+    data = bytearray((sharded / where.relative_path).read_bytes())
+    data[where.offset + where.length // 2] ^= 0x10  # inside the embedding's values (80 KB)
+    (sharded / where.relative_path).write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="is damaged: its weights model.embed.weight do not match"):
+        read_checkpoint(sharded)
+
+
 def test_a_damaged_meta_file_is_one_error_line(sharded):
     (sharded / "meta.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="is not readable.*damaged"):

@@ -48,6 +48,7 @@ from moe_lab.files import _HOST, fsync_directory, remove_stale_temp_files, write
 
 META = "meta.pt"  # the non-tensor part of the checkpoint
 INDEX = "moe_lab_sharded"  # meta.pt's record of where each tensor of the checkpoint was taken from
+CHECKSUMS = "moe_lab_checksums"  # meta.pt's SHA-256 of the weights, per slice that a rank held (start, length, hex)
 TensorPath = tuple  # ("state_dict", NAME) or ("optimizer_states", I, "state", SLOT, KEY)
 
 
@@ -105,10 +106,16 @@ class ShardedWriter:
         tensors, meta = split_checkpoint(checkpoint)
         if sharding is not None:
             tensors = {key: _as_dtensor(sharding, tuple(meta[INDEX][key]), t) for key, t in tensors.items()}
-        staging = [_staging_folder(path) if rank == 0 else None]
+        # Rank 0's staging folder to every rank, every rank's weight checksums to rank 0 (computed on the live weights,
+        # before a background save's copy).
+        mine = {"staging": _staging_folder(path) if rank == 0 else None, "digests": _weight_digests(tensors)}
+        every = [None] * dist.get_world_size() if distributed else [mine]
         if distributed:
-            dist.broadcast_object_list(staging, src=0)
-        staging = Path(staging[0])
+            dist.all_gather_object(every, mine)
+        staging = Path(every[0]["staging"])
+        meta[CHECKSUMS] = {
+            key: sorted({tuple(c) for part in every for c in part["digests"].get(key, [])}) for key in mine["digests"]
+        }
         writer = dcp.FileSystemWriter(staging, sync_files=True)
         if not self.asynchronous:
             try:
@@ -217,6 +224,54 @@ def _as_dtensor(sharding: ExpertSharding, tensor_path: TensorPath, local: torch.
     return DTensor.from_local(
         local, sharding.mesh, [Replicate(), Shard(0)], run_check=False, shape=shape, stride=_contiguous_stride(shape)
     )
+
+
+def _weight_digests(tensors: dict[str, torch.Tensor]) -> dict[str, list[tuple[int, int, str]]]:
+    """SHA-256 of this rank's part of every weight (not the optimizer state, as a single file's checksum): (first
+    index along dim 0, length, hex); a DTensor's part starts at its EP rank's first expert."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for key, tensor in tensors.items():
+        if not key.startswith("state_dict/"):
+            continue
+        start = 0
+        if isinstance(tensor, DTensor):
+            local = tensor.to_local()
+            start = tensor.device_mesh.get_local_rank("ep") * local.shape[0]
+        else:
+            local = tensor
+        out[key] = [(start, local.shape[0] if local.ndim else 0, _digest(local))]
+    return out
+
+
+def _digest(tensor: torch.Tensor) -> str:
+    import hashlib
+
+    tensor = tensor.detach().cpu().contiguous()
+    return hashlib.sha256(tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b"").hexdigest()
+
+
+def _verify(path: Path, checksums: dict, tensors: dict[str, tuple[torch.Tensor, int]]) -> None:
+    """CheckpointError when a weight read differs from the checksum saved with it (a flipped bit, a cut copy). Each
+    saved slice inside what was read is checked (a rank that reads its own experts checks the slices they lie in)."""
+    for key, slices in checksums.items():
+        tensor, first = tensors[key]
+        expected: dict[tuple[int, int], set[str]] = {}
+        for start, length, digest in slices:  # a weight every rank holds has every rank's digest (any may be written)
+            expected.setdefault((start, length), set()).add(digest)
+        for (start, length), digests in expected.items():
+            if tensor.ndim == 0:
+                part = tensor
+            elif first <= start and start + length <= first + tensor.shape[0]:
+                part = tensor[start - first : start - first + length]
+            else:
+                continue  # another rank's experts
+            if _digest(part) not in digests:
+                raise CheckpointError(
+                    f"{path} is damaged: its weights {key.split('/', 1)[1]} do not match the checksum saved with "
+                    "them (a flipped bit, or a copy cut short); restore it from a good copy"
+                )
 
 
 def _contiguous_stride(shape: tuple) -> tuple:
@@ -332,6 +387,7 @@ def read_sharded(path: str | Path, sharding: Optional[ExpertSharding] = None, we
     index = meta.pop(INDEX, None) if isinstance(meta, dict) else None
     if not isinstance(index, dict):
         raise CheckpointError(f"{path} was not written by moe-lab (its {META} has no tensor index)")
+    checksums = meta.pop(CHECKSUMS, None)
     if not weights:
         return meta
     try:
@@ -341,12 +397,17 @@ def read_sharded(path: str | Path, sharding: Optional[ExpertSharding] = None, we
     except Exception as e:  # a cut or foreign file, an index that names code, ...
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise CheckpointError(f"{path} is not a readable sharded checkpoint ({type(e).__name__}: {reason})") from None
+    if isinstance(checksums, dict):  # folders written before moe-lab saved them have none
+        _verify(path, checksums, tensors)
     for key, tensor_path in index.items():
-        _put(meta, tensor_path, tensors[key])
+        _put(meta, tensor_path, tensors[key][0])
     return meta
 
 
-def _read_tensors(path: Path, index: dict[str, list], sharding: Optional[ExpertSharding]) -> dict[str, torch.Tensor]:
+def _read_tensors(
+    path: Path, index: dict[str, list], sharding: Optional[ExpertSharding]
+) -> dict[str, tuple[torch.Tensor, int]]:
+    """{key: (tensor, index of its first row in the whole)}: whole tensors, or this rank's experts."""
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     stored = SafeFileSystemReader(path).read_metadata().state_dict_metadata
@@ -371,7 +432,12 @@ def _read_tensors(path: Path, index: dict[str, list], sharding: Optional[ExpertS
     collective = sharding is not None and dist.is_available() and dist.is_initialized()
     with _quiet_single_process(not collective):
         dcp.load(template, storage_reader=SafeFileSystemReader(path), no_dist=not collective)
-    return {key: t.to_local() if isinstance(t, DTensor) else t for key, t in template.items()}
+    return {
+        key: (t.to_local(), t.device_mesh.get_local_rank("ep") * t.to_local().shape[0])
+        if isinstance(t, DTensor)
+        else (t, 0)
+        for key, t in template.items()
+    }
 
 
 def _put(tree: dict, tensor_path: list, value: torch.Tensor) -> None:
