@@ -8,7 +8,7 @@
 set -euo pipefail
 moe-lab train -m study=capacity seed=1,2,3 metrics.analysis_every_n_steps=300 hydra.sweep.dir=learned
 for job in 0 1 2; do
-  moe-lab analyze learned/$job/checkpoints/last.ckpt -o learned/$job/analysis.html
+  moe-lab analyze learned/$job/checkpoints/last.ckpt data.seq_len=128 -o learned/$job/analysis.html
 done
 moe-lab dashboard learned -o domain_specialisation.html
 python "$(dirname "$0")/summarise.py" learned -o summary.json
