@@ -354,7 +354,8 @@ def test_the_launcher_options_ask_for_what_a_run_needs(launcher):
     assert resolved["gpus_per_node"] == 4
     if launcher == "slurm":
         assert resolved == {"gpus_per_node": 4, "tasks_per_node": 4, "nodes": 2}
-        assert launcher_cfg["max_num_timeout"] == 0  # no requeue into a folder that holds the stopped run
+        assert launcher_cfg["max_num_timeout"] == 3  # pre-empted or timed-out jobs are requeued and resume
+        assert launcher_cfg["signal_delay_s"] == 120  # time to finish a step and save before the limit
     else:
         assert resolved["tasks_per_node"] == 1
 
