@@ -32,15 +32,13 @@ def write_atomically(path: Path, content: str | bytes | Callable[[BinaryIO], Non
     """Write `content` (text, bytes, or a function that writes bytes to a file) to `path` atomically (see above)."""
     path = Path(path)
     remove_stale_temp_files(path.parent)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.moe-lab-{_HOST}-{os.getpid()}-", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     try:
         # mkstemp makes the file private (0600); give it the mode any other new file would have (or the old one's).
-        umask = os.umask(0)
-        os.umask(umask)
         try:
             mode = stat.S_IMODE(os.stat(path).st_mode)
         except OSError:
-            mode = 0o666 & ~umask
+            mode = 0o666 & ~_umask()
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             if callable(content):
@@ -54,6 +52,28 @@ def write_atomically(path: Path, content: str | bytes | Callable[[BinaryIO], Non
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)  # make the rename itself durable
+
+
+def temp_folder_beside(path: Path) -> Path:
+    """A new folder beside `path`, named as write_atomically names its temporary files (so that
+    `remove_stale_temp_files` removes it once its writer is gone), with a new folder's usual mode; the stale
+    temporary files and folders of writers that are gone are removed first."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(path.parent)
+    folder = tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
+    os.chmod(folder, 0o777 & ~_umask())  # mkdtemp's folder is private
+    return Path(folder)
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.moe-lab-{_HOST}-{os.getpid()}-"
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def fsync_directory(folder: Path) -> None:

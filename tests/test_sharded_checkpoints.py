@@ -33,6 +33,7 @@ from test_distributed import (
     run_plan,
 )
 
+from moe_lab import files
 from moe_lab.errors import CheckpointError
 from moe_lab.training import sharded_checkpoint
 from moe_lab.training.checkpoint import read_checkpoint
@@ -229,7 +230,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_whole(sharded, monkeypatch
 def test_a_save_replaces_a_folder_and_removes_what_a_killed_save_left(sharded, monkeypatch, atomic_exchange):
     if not atomic_exchange:  # a filesystem without renameat2 (NFS): two renames
         monkeypatch.setattr(sharded_checkpoint, "_exchange", lambda a, b: False)
-    killed = sharded.parent / ".last.ckpt.moe-lab-{}-999999999-abc.tmp".format(sharded_checkpoint._HOST)
+    killed = sharded.parent / ".last.ckpt.moe-lab-{}-999999999-abc.tmp".format(files._HOST)
     killed.mkdir()
     (killed / "__0_0.distcp").write_bytes(b"a killed writer's part")
     changed = read_checkpoint(sharded)

@@ -203,12 +203,10 @@ def test_a_sweep_directory_of_another_command_is_refused(tmp_path, cache_dir):
 KILLED_JOB_STEPS = ["trainer.max_steps=90", "trainer.val_check_interval=90", "checkpoint.every_n_steps=6"]
 
 
-def kill_one_of_two_jobs_and_resume(args: list[str], cwd: Path, sweep: Path) -> None:
-    """Run the two-job sweep `args`; once job 1 has a checkpoint, check that both jobs run at once and SIGKILL job 1
-    (no handler runs); the command fails, the summary says so, and the same command again keeps job 0 and resumes job
-    1 from its checkpoint."""
+def signal_a_job_mid_run(args: list[str], cwd: Path, sweep: Path, job: str, signum: int, at_once: str = ""):
+    """Run the sweep `args`; once job `job` has a checkpoint (and every job of `at_once` runs at that moment), send it
+    `signum`; returns (exit code, stderr) of the sweep command."""
     import os
-    import signal
     import subprocess
     import sys
     import time
@@ -222,18 +220,28 @@ def kill_one_of_two_jobs_and_resume(args: list[str], cwd: Path, sweep: Path) -> 
     )
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:  # job 1 has a checkpoint
-            if (sweep / "1" / "checkpoints" / "last.ckpt").exists():
+        while time.time() < deadline and proc.poll() is None:
+            if (sweep / job / "checkpoints" / "last.ckpt").exists():
                 break
             time.sleep(0.1)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        pids = [int((sweep / job / ".moe-lab-run").read_text().split()[0]) for job in "01"]
-        assert all(process_alive(pid) for pid in pids), "the two jobs were not running at the same time"
-        os.kill(pids[1], signal.SIGKILL)
-        out, err = proc.communicate(timeout=300)
+        pid = {j: int((sweep / j / ".moe-lab-run").read_text().split()[0]) for j in {job, *at_once}}
+        assert all(process_alive(pid[j]) for j in at_once), "the jobs were not running at the same time"
+        os.kill(pid[job], signum)
+        _, err = proc.communicate(timeout=300)
     finally:
         proc.kill()
-    assert proc.returncode != 0, err[-3000:]
+    return proc.returncode, err
+
+
+def kill_one_of_two_jobs_and_resume(args: list[str], cwd: Path, sweep: Path) -> None:
+    """Run the two-job sweep `args`; once job 1 has a checkpoint, check that both jobs run at once and SIGKILL job 1
+    (no handler runs); the command fails, the summary says so, and the same command again keeps job 0 and resumes job
+    1 from its checkpoint."""
+    import signal
+
+    returncode, err = signal_a_job_mid_run(args, cwd, sweep, "1", signal.SIGKILL, at_once="01")
+    assert returncode != 0, err[-3000:]
     rows = {r["job"]: r for r in read_summary(sweep)}
     assert rows["0"]["status"] == "finished" and rows["1"]["status"] != "finished"
     continue_and_check(args, cwd, sweep, jobs="01")
@@ -257,38 +265,17 @@ def test_a_pre_empted_submitit_job_saves_is_requeued_and_resumes_in_the_same_com
     moe-lab save last.ckpt at the step boundary and hand the signal to submitit, which requeues the job; the requeued
     job resumes from that checkpoint and finishes, and the one sweep command ends with every job finished."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    import os
     import signal
-    import subprocess
-    import sys
-    import time
 
     sweep = tmp_path / "sweep"
     args = _sweep_args(cache_dir, sweep, "hydra/launcher=parallel", "seed=1", *KILLED_JOB_STEPS)
-    script = str(Path(sys.executable).parent / "moe-lab")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [script, *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            if (sweep / "0" / "checkpoints" / "last.ckpt").exists():
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        os.kill(int((sweep / "0" / ".moe-lab-run").read_text().split()[0]), signal.SIGUSR2)
-        out, err = proc.communicate(timeout=300)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0, err[-3000:]
+    returncode, err = signal_a_job_mid_run(args, tmp_path, sweep, "0", signal.SIGUSR2)
+    assert returncode == 0, err[-3000:]
     rows = read_summary(sweep)
     assert [r["status"] for r in rows] == ["finished"]
     resumed = json.loads((sweep / "0" / "resumed_from.json").read_text())
     assert 6 < resumed["step"] < 90 and ".attempts" in resumed["checkpoint"]  # saved at the signal, not periodic
-    log = "".join(p.read_text() for p in sweep.rglob("*_log.out")) + "".join(
-        p.read_text() for p in sweep.rglob("*.err")
-    )
+    log = "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.*"))
     assert "SIGUSR2 received" in log and "Requeued job" in log, log[-3000:]
 
 

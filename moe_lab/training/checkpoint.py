@@ -25,7 +25,7 @@ from moe_lab.files import write_atomically
 from moe_lab.memory import check_fits
 from moe_lab.model import ModelConfig
 from moe_lab.training.module import MoELanguageModel
-from moe_lab.training.sharded_checkpoint import ShardedWriter, is_sharded_checkpoint, read_sharded
+from moe_lab.training.sharded_checkpoint import ShardedWriter, is_sharded_checkpoint, read_sharded, tensor_bytes
 
 # A model's layout, not what it computes: a checkpoint resumes under any value of these.
 LAYOUT_KEYS = ("expert_parallel", "implementation")
@@ -83,9 +83,8 @@ def weights_checksum(state_dict: dict[str, Any]) -> str:
         tensor = state_dict[name]
         if not isinstance(tensor, torch.Tensor):
             continue
-        tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b"")
+        digest.update(tensor_bytes(tensor))
     return digest.hexdigest()
 
 

@@ -30,12 +30,17 @@ def externally_launched() -> bool:
     return any(var in os.environ for var in ("RANK", "SLURM_PROCID"))
 
 
+def run_markers(directory: Path, hydra_made: bool = False) -> list[str]:
+    """The marks of a run that `directory` holds (none: it holds no run); with `hydra_made`, a `.hydra` folder too."""
+    markers = (*RUN_MARKERS, ".hydra") if hydra_made else RUN_MARKERS
+    return [m for m in markers if (Path(directory) / m).exists()]
+
+
 def refuse_used_run_dir(directory: Path, hydra_made: bool = False) -> None:
     """UserError if `directory` already holds a run (moe-lab never writes over one), or cannot be a run directory.
     With `hydra_made`, a `.hydra` folder counts too (before Hydra runs, one can only be there from another run)."""
     check_writable(directory)
-    markers = (*RUN_MARKERS, ".hydra") if hydra_made else RUN_MARKERS
-    used = [m for m in markers if (directory / m).exists()]
+    used = run_markers(directory, hydra_made)
     if used:
         last = directory / "checkpoints" / "last.ckpt"
         resume = f", or resume it with ckpt_path={last} (which writes to a new directory)" if last.exists() else ""

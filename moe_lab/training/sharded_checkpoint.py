@@ -31,7 +31,6 @@ import io
 import os
 import pickle
 import shutil
-import tempfile
 import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from moe_lab.errors import CheckpointError
-from moe_lab.files import _HOST, fsync_directory, remove_stale_temp_files, write_atomically
+from moe_lab.files import fsync_directory, temp_folder_beside, write_atomically
 
 META = "meta.pt"  # the non-tensor part of the checkpoint
 INDEX = "moe_lab_sharded"  # meta.pt's record of where each tensor of the checkpoint was taken from
@@ -108,7 +107,7 @@ class ShardedWriter:
             tensors = {key: _as_dtensor(sharding, tuple(meta[INDEX][key]), t) for key, t in tensors.items()}
         # Rank 0's staging folder to every rank, every rank's weight checksums to rank 0 (computed on the live weights,
         # before a background save's copy).
-        mine = {"staging": _staging_folder(path) if rank == 0 else None, "digests": _weight_digests(tensors)}
+        mine = {"staging": str(temp_folder_beside(path)) if rank == 0 else None, "digests": _weight_digests(tensors)}
         every = [None] * dist.get_world_size() if distributed else [mine]
         if distributed:
             dist.all_gather_object(every, mine)
@@ -245,11 +244,16 @@ def _weight_digests(tensors: dict[str, torch.Tensor]) -> dict[str, list[tuple[in
     return out
 
 
+def tensor_bytes(tensor: torch.Tensor):
+    """A tensor's values as bytes, in row-major order, on the CPU (what its checksums are computed over)."""
+    tensor = tensor.detach().cpu().contiguous()
+    return tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b""
+
+
 def _digest(tensor: torch.Tensor) -> str:
     import hashlib
 
-    tensor = tensor.detach().cpu().contiguous()
-    return hashlib.sha256(tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b"").hexdigest()
+    return hashlib.sha256(tensor_bytes(tensor)).hexdigest()
 
 
 def _verify(path: Path, checksums: dict, tensors: dict[str, tuple[torch.Tensor, int]]) -> None:
@@ -276,16 +280,6 @@ def _verify(path: Path, checksums: dict, tensors: dict[str, tuple[torch.Tensor, 
 
 def _contiguous_stride(shape: tuple) -> tuple:
     return torch.empty(shape, device="meta").stride()
-
-
-def _staging_folder(path: Path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(path.parent)  # a killed save's folder (its writer is gone)
-    folder = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.moe-lab-{_HOST}-{os.getpid()}-", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)  # mkdtemp's folder is private; a checkpoint is not
-    return folder
 
 
 def replace_folder(new: Path, path: Path) -> None:

@@ -159,14 +159,6 @@ class MoEDDPStrategy(DDPStrategy):
             torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 module, [name for name, _, _ in self._expert_shards()]
             )
-            if self.sharded_checkpoints:
-                from torch.distributed.device_mesh import init_device_mesh
-
-                self.mesh = init_device_mesh(
-                    self.root_device.type,
-                    (self.groups.edp_size, self.groups.ep_size),
-                    mesh_dim_names=("edp", "ep"),  # rows are EP groups of consecutive ranks, as above
-                )
         super().setup(trainer)
 
     def _expert_shards(self) -> Iterator[tuple[str, torch.nn.Parameter, GroupedExperts]]:
@@ -223,11 +215,13 @@ class MoEDDPStrategy(DDPStrategy):
         """Which tensors of a checkpoint hold this rank's experts (None without expert parallelism)."""
         if self.groups is None:
             return None
-        if self.mesh is None:  # a sharded checkpoint read by a run that writes single files
+        if self.mesh is None:  # built at the first save or load, which every rank reaches together (a collective)
             from torch.distributed.device_mesh import init_device_mesh
 
             self.mesh = init_device_mesh(
-                self.root_device.type, (self.groups.edp_size, self.groups.ep_size), mesh_dim_names=("edp", "ep")
+                self.root_device.type,
+                (self.groups.edp_size, self.groups.ep_size),
+                mesh_dim_names=("edp", "ep"),  # rows are EP groups of consecutive ranks, as above
             )
         banks = {name: experts for name, _, experts in self._expert_shards()}
         by_id = {id(param): name for name, param, _ in self._expert_shards()}

@@ -22,7 +22,7 @@ import yaml
 
 from moe_lab.errors import UserError
 from moe_lab.files import process_alive
-from moe_lab.training.run_dir import ATTEMPTS, CLAIM, RUN_MARKERS, job_state, own_sweep
+from moe_lab.training.run_dir import ATTEMPTS, CLAIM, job_state, own_sweep, run_markers
 
 
 def _multirun(sweep_dir: Path) -> Optional[dict]:
@@ -89,7 +89,7 @@ def set_aside_requeued(job: Path) -> Optional[Path]:
     written for this run (.hydra). None for a job folder that holds no run."""
     import shutil
 
-    if not any((job / marker).exists() for marker in RUN_MARKERS):
+    if not run_markers(job):
         return None
     attempt = set_aside(job)
     job.mkdir()
