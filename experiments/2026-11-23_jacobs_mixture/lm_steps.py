@@ -1,8 +1,9 @@
 """Finding 7, language-model version: optimizer steps (= training tokens / 4,096) for the default MoE and for the dense
 model of equal total size to reach validation-loss targets, from a sweep with seeds (finding 1's).
 
-A run's steps to a target are interpolated linearly between the two validations around it (every 50 steps); targets
-are the losses every run of both configurations reaches. Mean and 95% interval over seeds, and the ratio of means.
+A run's steps to a target are interpolated linearly between the two validations around it; targets are the losses
+every run of both configurations reaches. Mean and 95% interval over seeds, the ratio of means, and the difference
+paired by seed (the sweep's seeds are paired: the same data order and shared weights under one seed).
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ import numpy as np
 
 from moe_lab.analysis.runs import sweep_runs
 from moe_lab.analysis.seeds import seed_groups
-from moe_lab.analysis.stats import difference_interval, mean_interval
+from moe_lab.analysis.stats import mean_interval, paired_difference_interval
 
 CONFIGS = {
-    "model=tiny": "MoE, top-2 of 8 (5.05M parameters, 1.48M active)",
-    "model=dense_tiny_total": "dense, FFN 3072 (5.05M parameters, all active)",
+    "model=tiny": "MoE, top-2 of 8 experts of width 384",
+    "model=dense_tiny_total": "dense, FFN 3072 (the MoE's total parameters, all active)",
 }
+TARGETS = (2.2, 2.1, 2.0, 1.9, 1.8, 1.7, 1.6, 1.5, 1.45, 1.4, 1.35)
 
 
 def steps_to(run, target: float) -> float:
@@ -40,20 +42,30 @@ def main() -> None:
     groups = {g.name: g for g in seed_groups(sweep_runs(Path(args.sweep)))}
     chosen = {name: groups[name] for name in CONFIGS}
     worst = max(min(run.series("val/loss")[1]) for g in chosen.values() for run in g.finished)
-    targets = [t for t in (2.2, 2.1, 2.0, 1.9, 1.8, 1.75, 1.7) if t > worst]
+    targets = [t for t in TARGETS if t > worst]
     out = {"targets": {}}
     print("optimizer steps (4,096 tokens each) to reach a validation loss; mean [95% CI] over seeds")
     print(f"  {'target':>6}  " + "  ".join(f"{name:>34}" for name in CONFIGS) + "  MoE / dense")
     for target in targets:
-        values = {name: [steps_to(run, target) for run in g.finished] for name, g in chosen.items()}
+        values = {
+            name: {seed: steps_to(run, target) for run, seed in zip(g.runs, g.seeds) if run.status == "finished"}
+            for name, g in chosen.items()
+        }
+        seeds = sorted(set.intersection(*(set(v) for v in values.values())))
+        values = {name: [v[seed] for seed in seeds] for name, v in values.items()}
         stats = {name: mean_interval(v) for name, v in values.items()}
         moe, dense = stats["model=tiny"], stats["model=dense_tiny_total"]
-        d = difference_interval(values["model=tiny"], values["model=dense_tiny_total"])
-        out["targets"][str(target)] = {"steps": values, "moe_minus_dense": d, "ratio": moe["mean"] / dense["mean"]}
+        d = paired_difference_interval(values["model=tiny"], values["model=dense_tiny_total"])
+        out["targets"][str(target)] = {
+            "seeds": seeds,
+            "steps": values,
+            "moe_minus_dense": d,
+            "ratio": moe["mean"] / dense["mean"],
+        }
         print(
             f"  {target:>6}  "
             + "  ".join(f"{s['mean']:>17.1f} [{s['low']:>6.1f}, {s['high']:>6.1f}]" for s in stats.values())
-            + f"  {moe['mean'] / dense['mean']:.2f}"
+            + f"  {moe['mean'] / dense['mean']:.2f}  paired {d['diff']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
         )
     out["configs"] = CONFIGS
     out["final_val_loss"] = {name: mean_interval(g.values("val/loss")) for name, g in chosen.items()}
