@@ -364,3 +364,18 @@ def test_the_summary_and_page_are_rebuilt_from_the_job_folders_when_read(sweep_d
     assert key(got) == key(want)
     assert (sweep / "dashboard.html").is_file()
     assert "val/loss" in result.stdout and f"wrote {sweep / 'sweep_summary.csv'}" in result.stdout
+
+
+def test_jobs_in_folders_named_by_hydra_sweep_subdir_count_as_started(tmp_path):
+    """hydra.sweep.subdir='${seed}' names job N's folder by its seed: the summary finds the job by the number Hydra
+    saved in the folder (.hydra/hydra.yaml), so no started job is listed as not started, and one without a folder is."""
+    from moe_lab.training.sweeps import job_folders, not_started_rows
+
+    sweeper = {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": None}
+    multirun = {"hydra": {"sweeper": sweeper, "overrides": {"task": ["seed=5,6,7"]}}}
+    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump(multirun))
+    for number, seed in ((0, 5), (1, 6)):
+        (tmp_path / str(seed) / ".hydra").mkdir(parents=True)
+        (tmp_path / str(seed) / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"num": number}}}))
+    assert job_folders(tmp_path) == {0: tmp_path / "5", 1: tmp_path / "6"}
+    assert not_started_rows(tmp_path) == [{"job": "2", "status": "not started", "overrides": "seed=7"}]

@@ -39,8 +39,9 @@ def _task_overrides(multirun: dict) -> Optional[list[str]]:
 
 
 def planned_jobs(sweep_dir: Path) -> Optional[list[list[str]]]:
-    """Every job's overrides, in Hydra's job order (job N runs in SWEEP/N), or None when the sweep's plan is not
-    known in advance (another sweeper than Hydra's basic one, e.g. Optuna; no readable multirun.yaml)."""
+    """Every job's overrides, in Hydra's job order (Hydra's job number N; its folder is SWEEP/N unless
+    hydra.sweep.subdir names it otherwise), or None when the sweep's plan is not known in advance (another sweeper
+    than Hydra's basic one, e.g. Optuna; no readable multirun.yaml)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -63,6 +64,24 @@ def planned_jobs(sweep_dir: Path) -> Optional[list[list[str]]]:
             else [f"{key}={o.get_value_element_as_str()}"]
         )
     return [list(job) for job in itertools.product(*choices.values())]
+
+
+def job_folders(sweep_dir: Path) -> dict[int, Path]:
+    """The folders of the jobs that started, by Hydra's job number: read from each folder's `.hydra/hydra.yaml`
+    (`hydra.job.num`), since `hydra.sweep.subdir` may name the folders otherwise (`${seed}`); a folder without it
+    counts by its name when that is a number."""
+    found = {}
+    for folder in Path(sweep_dir).iterdir():
+        if not folder.is_dir() or folder.name.startswith("."):
+            continue
+        try:
+            saved = yaml.safe_load((folder / ".hydra" / "hydra.yaml").read_text())
+            number = saved["hydra"]["job"]["num"]
+        except (OSError, yaml.YAMLError, UnicodeDecodeError, KeyError, TypeError):
+            number = int(folder.name) if folder.name.isdigit() else None
+        if isinstance(number, int):
+            found[number] = folder
+    return dict(sorted(found.items()))
 
 
 def same_sweep(sweep_dir: Path, overrides: list[str]) -> bool:
@@ -120,7 +139,7 @@ def continue_sweep(sweep_dir: Path) -> str:
             f.write(f"{os.getpid()}\n")
     own_sweep(sweep_dir)
     planned = planned_jobs(sweep_dir)
-    jobs = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+    jobs = list(job_folders(sweep_dir).values())
     kept, moved = [], []
     for job in jobs:
         state, summary = job_state(job)
@@ -149,10 +168,11 @@ def continue_sweep(sweep_dir: Path) -> str:
 def not_started_rows(sweep_dir: Path) -> list[dict[str, str]]:
     """Rows for sweep_summary.csv of the planned jobs that have no folder yet."""
     planned = planned_jobs(sweep_dir) or []
+    started = job_folders(sweep_dir)
     return [
         {"job": str(i), "status": "not started", "overrides": " ".join(job)}
         for i, job in enumerate(planned)
-        if not (Path(sweep_dir) / str(i)).is_dir()
+        if i not in started
     ]
 
 
