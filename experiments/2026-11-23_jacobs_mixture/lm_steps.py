@@ -3,7 +3,8 @@ model of equal total size to reach validation-loss targets, from a sweep with se
 
 A run's steps to a target are interpolated linearly between the two validations around it; targets are the losses
 every run of both configurations reaches. Mean and 95% interval over seeds, the ratio of means, and the difference
-paired by seed (the sweep's seeds are paired: the same data order and shared weights under one seed).
+paired by seed (the sweep's seeds are paired: the same data order and shared weights under one seed), and the per-seed
+ratio's geometric mean with the t interval of its logarithm.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def main() -> None:
     targets = [t for t in TARGETS if t > worst]
     out = {"targets": {}}
     print("optimizer steps (4,096 tokens each) to reach a validation loss; mean [95% CI] over seeds")
-    print(f"  {'target':>6}  " + "  ".join(f"{name:>34}" for name in CONFIGS) + "  MoE / dense")
+    print(f"  {'target':>6}  " + "  ".join(f"{name:>34}" for name in CONFIGS) + "  MoE / dense (means, paired, ratio)")
     for target in targets:
         values = {
             name: {seed: steps_to(run, target) for run, seed in zip(g.runs, g.seeds) if run.status == "finished"}
@@ -56,16 +57,20 @@ def main() -> None:
         stats = {name: mean_interval(v) for name, v in values.items()}
         moe, dense = stats["model=tiny"], stats["model=dense_tiny_total"]
         d = paired_difference_interval(values["model=tiny"], values["model=dense_tiny_total"])
+        log_ratio = mean_interval(np.log(np.array(values["model=tiny"]) / np.array(values["model=dense_tiny_total"])))
+        ratio = {k: float(np.exp(log_ratio[k])) for k in ("mean", "low", "high")}
         out["targets"][str(target)] = {
             "seeds": seeds,
             "steps": values,
             "moe_minus_dense": d,
             "ratio": moe["mean"] / dense["mean"],
+            "paired_ratio": ratio,
         }
         print(
             f"  {target:>6}  "
             + "  ".join(f"{s['mean']:>17.1f} [{s['low']:>6.1f}, {s['high']:>6.1f}]" for s in stats.values())
             + f"  {moe['mean'] / dense['mean']:.2f}  paired {d['diff']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
+            + f"  per-seed ratio {ratio['mean']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}]"
         )
     out["configs"] = CONFIGS
     out["final_val_loss"] = {name: mean_interval(g.values("val/loss")) for name, g in chosen.items()}

@@ -9,6 +9,6 @@ here=$(cd "$(dirname "$0")" && pwd)
 python "$here/jacobs.py" --seeds 20 -o results.json --figure jacobs.png
 runs=${RUNS:-../2026-11-23_moe_vs_dense/sweep}
 if [ ! -f "$runs/sweep_summary.csv" ]; then
-  mkdir -p "$(dirname "$runs")" && (cd "$(dirname "$runs")" && bash "$here/../2026-11-23_moe_vs_dense/run.sh")
+  mkdir -p "$(dirname "$runs")" && (cd "$(dirname "$runs")" && bash "$here/../2026-11-23_moe_vs_dense/run_short_budget.sh")
 fi
 python "$here/lm_steps.py" "$runs" -o lm_steps.json
