@@ -30,7 +30,16 @@ def main() -> None:
         help="a second panel's metric (default: moe/mean_imbalance); repeat for more",
     )
     parser.add_argument("--width", type=int, default=1100)
+    parser.add_argument(
+        "--label",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("GROUP", "TEXT"),
+        help="draw the configuration GROUP (its name as the dashboard prints it) as TEXT; repeat for more",
+    )
     args = parser.parse_args()
+    labels = dict(args.label)
     ranked = ranked_groups(seed_groups(gather_runs([Path(p) for p in args.paths])))
     import plotly.graph_objects as go
 
@@ -44,7 +53,7 @@ def main() -> None:
         height=120 + 60 * len(ranked) + 120,
         horizontal_spacing=0.12,
     )
-    names = [f"#{r.rank_text} {r.group.name}" for r in ranked]
+    names = [f"#{r.rank_text} {labels.get(r.group.name, r.group.name)}" for r in ranked]
     for j, (key, _) in enumerate(metrics):
         intervals = [r.group.interval(key) for r in ranked]
         fig.add_trace(
