@@ -7,6 +7,7 @@ import csv
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moe_lab.analysis.runs import RunRecord
@@ -213,3 +214,18 @@ def test_a_separated_difference_needs_no_more_seeds(tmp_path):
     (d,) = differences(ranked_groups(seed_groups(runs)))
     assert d["paired_separated"] and math.isnan(d["seeds_needed"]) and d["resolvable"] < abs(d["diff"])
     assert "to separate" not in group_table(seed_groups(runs))
+
+
+def test_the_paired_ratio_interval_is_the_t_interval_of_the_log_ratios_taken_back():
+    from scipy import stats as scipy_stats
+
+    from moe_lab.analysis.stats import paired_ratio_interval
+
+    a, b = [60.0, 45.0, 120.0, 50.0, float("inf")], [70.0, 66.0, 65.0, 72.0, 68.0]  # the last pair is left out
+    logs = np.log(np.array(a[:4]) / np.array(b[:4]))
+    low, high = scipy_stats.t.interval(0.95, 3, loc=logs.mean(), scale=scipy_stats.sem(logs))
+    got = paired_ratio_interval(a, b)
+    assert got["n"] == 4
+    assert got["mean"] == pytest.approx(np.exp(logs.mean()))
+    assert (got["low"], got["high"]) == (pytest.approx(np.exp(low)), pytest.approx(np.exp(high)))
+    assert paired_ratio_interval([2.0, 4.0], [1.0, 2.0])["mean"] == pytest.approx(2.0)  # a constant ratio

@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moe_lab.analysis.stats import mean_interval, paired_difference_interval
+from moe_lab.analysis.stats import mean_interval, paired_difference_interval, paired_ratio_interval
 
 EXPERTS, EXPERT_HIDDEN, MLP_HIDDEN = 4, 4, 20
 
@@ -165,8 +165,7 @@ def main() -> None:
     for name in ("competitive mixture", "blended mixture"):
         mine, base = np.array(censored[name], float), np.array(censored["one network"], float)
         d = paired_difference_interval(mine, base)
-        log_ratio = mean_interval(np.log(mine / base))
-        ratio = {k: float(np.exp(log_ratio[k])) for k in ("mean", "low", "high")}
+        ratio = paired_ratio_interval(mine, base)
         faster = int((mine < base).sum())
         median_ratio = float(np.median(results[name]["epochs"]) / np.median(results["one network"]["epochs"]))
         results[name]["against_one_network"] = {

@@ -18,7 +18,7 @@ import numpy as np
 
 from moe_lab.analysis.runs import sweep_runs
 from moe_lab.analysis.seeds import seed_groups
-from moe_lab.analysis.stats import mean_interval, paired_difference_interval
+from moe_lab.analysis.stats import mean_interval, paired_difference_interval, paired_ratio_interval
 
 CONFIGS = {
     "model=tiny": "MoE, top-2 of 8 experts of width 384",
@@ -57,8 +57,7 @@ def main() -> None:
         stats = {name: mean_interval(v) for name, v in values.items()}
         moe, dense = stats["model=tiny"], stats["model=dense_tiny_total"]
         d = paired_difference_interval(values["model=tiny"], values["model=dense_tiny_total"])
-        log_ratio = mean_interval(np.log(np.array(values["model=tiny"]) / np.array(values["model=dense_tiny_total"])))
-        ratio = {k: float(np.exp(log_ratio[k])) for k in ("mean", "low", "high")}
+        ratio = paired_ratio_interval(values["model=tiny"], values["model=dense_tiny_total"])
         out["targets"][str(target)] = {
             "seeds": seeds,
             "steps": values,

@@ -12,6 +12,8 @@ resolvable_difference, seeds_to_resolve
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 # An expert with less than this share of its fair load 1/E counts as starved (it may still get a few tokens).
@@ -125,6 +127,19 @@ def paired_difference_interval(a, b, confidence: float = CONFIDENCE) -> dict[str
         "p": float(result.pvalue),
         "std": std,
     }
+
+
+def paired_ratio_interval(a, b, confidence: float = CONFIDENCE) -> dict[str, float]:
+    """The geometric mean of a / b over pairs, with the t interval of the mean log ratio taken back through exp:
+    for quantities that spread multiplicatively (epochs or steps to a criterion, times), where a claim is a ratio
+    ("half the epochs"). Pairs with a value that is not finite and positive are left out; NaN below two pairs."""
+    logs = [math.log(x / y) for x, y in zip(a, b) if _positive(x) and _positive(y)]
+    interval = mean_interval(logs, confidence)
+    return {"n": interval["n"], **{k: math.exp(interval[k]) for k in ("mean", "low", "high")}}
+
+
+def _positive(x) -> bool:
+    return x is not None and math.isfinite(x) and x > 0
 
 
 def intervals_overlap(a: dict[str, float], b: dict[str, float]) -> bool:
