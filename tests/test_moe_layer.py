@@ -216,16 +216,19 @@ def test_shared_expert_gate():
     assert torch.all(gate > 0) and torch.all(gate < 1)
 
 
+@pytest.mark.parametrize("layout", ["groups", "blocks"])
 @pytest.mark.parametrize("index", [True, False])
-def test_aligned_groups_compute_the_unpadded_function_and_gradients(monkeypatch, index):
-    """16-bit GEMMs on a CPU pad every expert's group to 64 rows (oneDNN compiles a kernel per GEMM shape). Forced
-    on in float32, the padded experts give the unpadded outputs and gradients up to rounding: groups of 0, 1, 64 and
-    70 rows, and dropped rows past the last group, which read the spare zero row and write nothing."""
+def test_aligned_groups_compute_the_unpadded_function_and_gradients(monkeypatch, index, layout):
+    """16-bit GEMMs on a CPU pad every expert's group to 64 rows (oneDNN compiles a kernel per GEMM shape), or give
+    every expert an equal block of rows for one batched GEMM. Forced on in float32, both give the unpadded outputs
+    and gradients up to rounding: groups of 0, 1, 64 and 70 rows, and dropped rows past the last group, which read
+    the spare zero row and write nothing."""
     import moe_lab.model.experts as experts_module
     from moe_lab.model.experts import GroupedExperts
 
     torch.manual_seed(0)
     experts = GroupedExperts(8, 16, 24)
+    experts.cpu_layout = layout
     counts = torch.tensor([5, 0, 70, 3, 64, 1, 0, 9])
     offs_E = torch.cumsum(counts, 0).to(torch.int32)
     rows = int(counts.sum()) + 7  # 7 dropped rows, parked after the groups
@@ -245,6 +248,7 @@ def test_aligned_groups_compute_the_unpadded_function_and_gradients(monkeypatch,
         y_RD = experts(src, offs_E, scale, index_R=index_R)
         (y_RD * grad_RD).sum().backward()
         kept = int(offs_E[-1])
+        assert y_RD.shape == (rows, 16)
         return y_RD[:kept], src.grad[:49], scale.grad[:kept], experts.w_in_EGFD.grad, experts.w_out_EDF.grad
 
     for unpadded, padded in zip(outputs_and_gradients(1), outputs_and_gradients(64)):
@@ -260,3 +264,24 @@ def test_bf16_groups_are_padded_on_the_cpu_only():
     groups = AlignedGroups.of(torch.tensor([3, 3, 70], dtype=torch.int32), num_rows=72, align=64)
     assert groups.offs_E.tolist() == [64, 64, 192] and groups.num_rows == 72 + 3 * 63
     assert groups.position_R[:4].tolist() == [0, 1, 2, 64] and groups.position_R[-2:].tolist() == [192, 193]
+    blocks = AlignedGroups.blocks(torch.tensor([3, 3, 70], dtype=torch.int32), kept_rows=70, block=128)
+    assert blocks.offs_E.tolist() == [128, 256, 384] and blocks.num_rows == 384
+    assert blocks.position_R[:4].tolist() == [0, 1, 2, 256] and blocks.position_R[-1].item() == 256 + 66
+
+
+def test_cpu_layout_chooses_blocks_for_even_loads_and_groups_for_skewed_ones():
+    """One batched GEMM over equal blocks computes E x (the largest group) rows: worth it when the loads are even
+    and the experts small (fine-grained), not when one expert takes most rows or the experts are wide."""
+    from moe_lab.model.experts import GroupedExperts
+
+    def layout(counts, hidden, d_model=128):
+        experts = GroupedExperts(len(counts), d_model, hidden)
+        offs_E = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
+        return "blocks" if experts._aligned_groups(offs_E, sum(counts), 64).block else "groups"
+
+    even = [250 + (e % 5) * 10 for e in range(64)]
+    skewed = [40] * 63 + [1200]
+    assert layout(even, hidden=48) == "blocks"
+    assert layout(skewed, hidden=48) == "groups"
+    assert layout([900, 1100, 1000, 1000, 950, 1050, 1000, 1000], hidden=1024, d_model=512) == "groups"
+    assert layout([0] * 8, hidden=48) == "groups"  # no rows kept: nothing to batch

@@ -165,42 +165,61 @@ def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) ->
     return raw_grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs_E)
 
 
+def block_mm(x_PI: torch.Tensor, w_EOI: torch.Tensor) -> torch.Tensor:
+    """The grouped GEMM when every group is one block of M = P / E rows: block e of x_PI times w_EOI[e]^T, as one
+    batched GEMM -> (P, O)."""
+    E = w_EOI.shape[0]
+    return torch.bmm(x_PI.view(E, -1, x_PI.shape[-1]), w_EOI.transpose(-2, -1)).view(x_PI.shape[0], -1)
+
+
 class _GatherGroupedMM(torch.autograd.Function):
     """grouped_mm(src_QI[index_R], w_EOI, offs_E) without keeping the gathered rows for backward.
 
     Autograd of gather-then-GEMM keeps the gathered (R, I) rows, top_k copies of every token, for the weight
     gradient; this keeps the source (Q rows, usually already kept by the router's GEMM) and the index, and gathers
-    the rows again in backward: one copy of R x I numbers instead of R x I of activation memory."""
+    the rows again in backward: one copy of R x I numbers instead of R x I of activation memory.
+
+    With `blocks`, every group is a block of R / E rows and the GEMMs are batched ones (see `block_mm`)."""
 
     @staticmethod
     def forward(
-        ctx, src_QI: torch.Tensor, index_R: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor
+        ctx, src_QI: torch.Tensor, index_R: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor, blocks: bool
     ) -> torch.Tensor:
         ctx.save_for_backward(src_QI, index_R, w_EOI, offs_E)
-        return grouped_mm(src_QI.index_select(0, index_R), w_EOI, offs_E)
+        ctx.blocks = blocks
+        x_RI = src_QI.index_select(0, index_R)
+        return block_mm(x_RI, w_EOI) if blocks else grouped_mm(x_RI, w_EOI, offs_E)
 
     @staticmethod
     def backward(ctx, grad_RO: torch.Tensor):
         src_QI, index_R, w_EOI, offs_E = ctx.saved_tensors
         grad_RO = grad_RO.contiguous()
+        E, R, O = w_EOI.shape[0], grad_RO.shape[0], grad_RO.shape[1]
         grad_src = grad_w = None
         if ctx.needs_input_grad[0]:
             # (R, O) x (E, O, I) per group -> (R, I); rows past offs[-1] are undefined, and belong to dropped slots,
             # which the dispatcher points at a spare zero row of the source whose gradient is discarded.
-            grad_RI = raw_grouped_mm(grad_RO, w_EOI, offs_E)
+            if ctx.blocks:
+                grad_RI = torch.bmm(grad_RO.view(E, R // E, O), w_EOI).view(R, -1)
+            else:
+                grad_RI = raw_grouped_mm(grad_RO, w_EOI, offs_E)
             grad_src = torch.zeros_like(src_QI).index_add_(0, index_R, grad_RI)
         if ctx.needs_input_grad[2]:
             # (O, R) x (R, I), groups along R -> (E, O, I); rows past offs[-1] are outside every group.
-            grad_w = raw_grouped_mm(grad_RO.t(), src_QI.index_select(0, index_R), offs_E)
-        return grad_src, None, grad_w, None
+            x_RI = src_QI.index_select(0, index_R)
+            if ctx.blocks:
+                grad_w = torch.bmm(grad_RO.view(E, R // E, O).transpose(1, 2), x_RI.view(E, R // E, -1))
+            else:
+                grad_w = raw_grouped_mm(grad_RO.t(), x_RI, offs_E)
+        return grad_src, None, grad_w, None, None
 
 
 def gather_grouped_mm(
-    src_QI: torch.Tensor, index_R: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor
+    src_QI: torch.Tensor, index_R: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor, blocks: bool = False
 ) -> torch.Tensor:
     """Rows src_QI[index_R], grouped by expert, times w_EOI[e]^T -> (R, O), keeping only src and index for
-    backward (see _GatherGroupedMM)."""
-    return _GatherGroupedMM.apply(src_QI, index_R, w_EOI, offs_E)
+    backward (see _GatherGroupedMM); with `blocks`, every group is a block of R / E rows."""
+    return _GatherGroupedMM.apply(src_QI, index_R, w_EOI, offs_E, blocks)
 
 
 def group_alignment(device: torch.device, dtype: torch.dtype) -> int:
@@ -222,11 +241,16 @@ class AlignedGroups:
     their outputs are never read, so their gradients are zero and they add exact zeros to the weight gradients: the
     function is the unpadded one, up to the GEMMs' summation order.
 
+    With `block` > 0 every expert gets the same block of `block` rows (P = E * block), so that the expert GEMMs are
+    one batched GEMM each (`AlignedGroups.blocks`); rows past offs[-1] (dropped slots) then have no place among the P
+    rows, and their outputs are zero.
+
     Legend: R rows in, P padded rows, E experts."""
 
     offs_E: torch.Tensor  # int32 (E,), the padded group ends
-    position_R: torch.Tensor  # int64 (R,), where each row sits among the P padded rows
+    position_R: torch.Tensor  # int64 (R,), where each row sits among the P padded rows (blocks: the kept rows only)
     num_rows: int  # P
+    block: int = 0
 
     @staticmethod
     def of(offs_E: torch.Tensor, num_rows: int, align: int) -> "AlignedGroups":
@@ -241,17 +265,41 @@ class AlignedGroups:
         position_R = arange_R - starts_E1[expert_R] + padded_starts_E1[expert_R]
         return AlignedGroups(padded_ends_E.to(torch.int32), position_R, num_rows + offs_E.shape[0] * (align - 1))
 
+    @staticmethod
+    def blocks(offs_E: torch.Tensor, kept_rows: int, block: int) -> "AlignedGroups":
+        """Expert e's rows at [e * block, e * block + count_e); `kept_rows` is offs_E[-1], read on the host."""
+        ends_E = offs_E.long()
+        starts_E = ends_E - torch.diff(ends_E, prepend=ends_E.new_zeros(1))
+        arange_K = torch.arange(kept_rows, device=offs_E.device)
+        expert_K = torch.searchsorted(ends_E, arange_K, right=True)
+        position_K = expert_K * block + arange_K - starts_E[expert_K]
+        num_experts = offs_E.shape[0]
+        block_ends_E = torch.arange(1, num_experts + 1, device=offs_E.device, dtype=torch.int32) * block
+        return AlignedGroups(block_ends_E, position_K, num_experts * block, block)
+
     def padded(self, values_R: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """(R,) per-row values -> (P,), zero on the padding rows."""
         if values_R is None:
             return None
-        return values_R.new_zeros(self.num_rows).index_copy(0, self.position_R, values_R)
+        placed = self.position_R.shape[0]
+        return values_R.new_zeros(self.num_rows).index_copy(0, self.position_R, values_R[:placed])
 
     def padded_index(self, index_R: Optional[torch.Tensor], spare: int) -> torch.Tensor:
         """The source row of each padded row: index_R's (or row r itself) where a row sits, `spare` on padding."""
+        placed = self.position_R.shape[0]
         if index_R is None:
-            index_R = torch.arange(self.position_R.shape[0], device=self.position_R.device)
-        return index_R.new_full((self.num_rows,), spare).index_copy(0, self.position_R, index_R)
+            index_R = torch.arange(placed, device=self.position_R.device)
+        return index_R.new_full((self.num_rows,), spare).index_copy(0, self.position_R, index_R[:placed])
+
+
+# On a CPU, one batched GEMM over equal blocks (`AlignedGroups.blocks`) instead of one GEMM per expert when
+#     BLOCK_ROW_COST x (E x block rows) <= (padded group rows) + E x GROUP_GEMM_OVERHEAD_MACS / (MACs per row):
+# a row of the batched GEMM costs about 0.84 of a grouped one, and each per-expert GEMM costs a fixed overhead worth
+# about 2.5M multiply-adds. Fitted where the two layouts cross over at three shapes (64 experts of width 48 at
+# d_model 128, 8 of width 384, 64 of width 256 at d_model 512; bfloat16 forward + backward, 2 threads with AMX);
+# `benchmarks/2026-12-05_cpu-2threads-blocks/blocks_ab.py` measures both layouts and the choice.
+BLOCK_ROW_COST = 0.84
+GROUP_GEMM_OVERHEAD_MACS = 2.5e6
 
 
 class GroupedExperts(nn.Module):
@@ -274,6 +322,9 @@ class GroupedExperts(nn.Module):
         self.first_expert = 0
         self.hidden = hidden
         self.activation = activation
+        # How 16-bit expert GEMMs on a CPU lay out their rows: "auto" picks per call between per-expert groups and
+        # equal blocks (one batched GEMM, see BLOCK_EXCESS_MACS); "groups" and "blocks" force one (tests, benches).
+        self.cpu_layout = "auto"
         gated = ACTIVATIONS[activation][1]
         self.w_in_EGFD = nn.Parameter(torch.empty(num_experts, (2 if gated else 1) * hidden, d_model))
         self.w_out_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
@@ -313,12 +364,35 @@ class GroupedExperts(nn.Module):
         align = group_alignment(x_RD.device, self._compute_dtype(x_RD))
         if align == 1 or x_RD.shape[0] == 0:
             return self._grouped_forward(x_RD, offs_E, scale_R, index_R)
-        groups = AlignedGroups.of(offs_E, index_R.shape[0] if index_R is not None else x_RD.shape[0], align)
+        num_rows = index_R.shape[0] if index_R is not None else x_RD.shape[0]
+        groups = self._aligned_groups(offs_E, num_rows, align)
         # Padding rows read an appended zero row, whose gradient (undefined past the last group) is cut off.
         source_QD = torch.cat([x_RD, x_RD.new_zeros(1, x_RD.shape[1])])
         index_P = groups.padded_index(index_R, spare=x_RD.shape[0])
-        y_PD = self._grouped_forward(source_QD, groups.offs_E, groups.padded(scale_R), index_P)
-        return y_PD.index_select(0, groups.position_R)
+        y_PD = self._grouped_forward(source_QD, groups.offs_E, groups.padded(scale_R), index_P, groups.block > 0)
+        y_RD = y_PD.index_select(0, groups.position_R)
+        dropped = num_rows - y_RD.shape[0]  # rows with no place among equal blocks: outputs zero
+        return torch.cat([y_RD, y_RD.new_zeros(dropped, y_RD.shape[1])]) if dropped else y_RD
+
+    def _aligned_groups(self, offs_E: torch.Tensor, num_rows: int, align: int) -> AlignedGroups:
+        """Per-expert groups padded to `align` rows, or equal blocks when one batched GEMM is expected to be faster.
+        Deciding reads the row counts on the host: free on a CPU, the only place this runs (not under
+        torch.compile, which keeps the host-free groups)."""
+        if self.cpu_layout == "groups" or torch.compiler.is_compiling():
+            return AlignedGroups.of(offs_E, num_rows, align)
+        ends = offs_E.tolist()
+        counts = [end - start for start, end in zip([0] + ends[:-1], ends)]
+        block = -(-max(counts) // align) * align
+        if block == 0:
+            return AlignedGroups.of(offs_E, num_rows, align)
+        padded_rows = sum(-(-count // align) * align for count in counts)
+        gated = ACTIVATIONS[self.activation][1]
+        d_model = self.w_in_EGFD.shape[-1]
+        macs_per_row = d_model * self.hidden * (3 if gated else 2)
+        groups_cost = padded_rows + len(counts) * GROUP_GEMM_OVERHEAD_MACS / macs_per_row
+        if self.cpu_layout == "blocks" or BLOCK_ROW_COST * len(counts) * block <= groups_cost:
+            return AlignedGroups.blocks(offs_E, ends[-1], block)
+        return AlignedGroups.of(offs_E, num_rows, align)
 
     def _grouped_forward(
         self,
@@ -326,12 +400,15 @@ class GroupedExperts(nn.Module):
         offs_E: torch.Tensor,
         scale_R: Optional[torch.Tensor],
         index_R: Optional[torch.Tensor],
+        blocks: bool = False,
     ) -> torch.Tensor:
+        """The experts on rows grouped by expert; with `blocks` (and index_R), every group is a block of R / E rows
+        and each GEMM is one batched GEMM."""
         dtype = self._compute_dtype(x_RD)
         if index_R is None:
             h_RGF = grouped_mm(x_RD.to(dtype), self.w_in_EGFD.to(dtype), offs_E)
         else:
-            h_RGF = gather_grouped_mm(x_RD.to(dtype), index_R, self.w_in_EGFD.to(dtype), offs_E)
+            h_RGF = gather_grouped_mm(x_RD.to(dtype), index_R, self.w_in_EGFD.to(dtype), offs_E, blocks)
         scale_R = scale_R.to(dtype) if scale_R is not None else None
         scale_hidden = scale_R is not None and self.hidden <= x_RD.shape[1]
         if self.activation == "swiglu":
@@ -340,7 +417,8 @@ class GroupedExperts(nn.Module):
             a_RF = apply_activation(h_RGF, self.activation)
             if scale_hidden:
                 a_RF = a_RF * scale_R[:, None]
-        y_RD = grouped_mm(a_RF, self.w_out_EDF.to(dtype), offs_E)
+        w_out_EDF = self.w_out_EDF.to(dtype)
+        y_RD = block_mm(a_RF, w_out_EDF) if blocks else grouped_mm(a_RF, w_out_EDF, offs_E)
         return y_RD * scale_R[:, None] if scale_R is not None and not scale_hidden else y_RD
 
     def expert_forward(self, expert: int, x_RD: torch.Tensor) -> torch.Tensor:
