@@ -216,13 +216,14 @@ def test_shared_expert_gate():
     assert torch.all(gate > 0) and torch.all(gate < 1)
 
 
-@pytest.mark.parametrize("layout", ["groups", "blocks"])
+@pytest.mark.parametrize("layout", ["groups", "blocks", 64])
 @pytest.mark.parametrize("index", [True, False])
 def test_aligned_groups_compute_the_unpadded_function_and_gradients(monkeypatch, index, layout):
-    """16-bit GEMMs on a CPU pad every expert's group to 64 rows (oneDNN compiles a kernel per GEMM shape), or give
-    every expert an equal block of rows for one batched GEMM. Forced on in float32, both give the unpadded outputs
-    and gradients up to rounding: groups of 0, 1, 64 and 70 rows, and dropped rows past the last group, which read
-    the spare zero row and write nothing."""
+    """16-bit GEMMs on a CPU pad every expert's group to 64 rows (oneDNN compiles a kernel per GEMM shape), and may
+    run each expert's first rows as equal blocks of one batched GEMM: none (groups), all (blocks) or the first 64
+    (the 70-row group spills 6 rows into its own GEMM). Forced on in float32, each gives the unpadded outputs and
+    gradients up to rounding: groups of 0, 1, 64 and 70 rows, and dropped rows past the last group, which read the
+    spare zero row and write nothing."""
     import moe_lab.model.experts as experts_module
     from moe_lab.model.experts import GroupedExperts
 
@@ -264,24 +265,29 @@ def test_bf16_groups_are_padded_on_the_cpu_only():
     groups = AlignedGroups.of(torch.tensor([3, 3, 70], dtype=torch.int32), num_rows=72, align=64)
     assert groups.offs_E.tolist() == [64, 64, 192] and groups.num_rows == 72 + 3 * 63
     assert groups.position_R[:4].tolist() == [0, 1, 2, 64] and groups.position_R[-2:].tolist() == [192, 193]
-    blocks = AlignedGroups.blocks(torch.tensor([3, 3, 70], dtype=torch.int32), kept_rows=70, block=128)
-    assert blocks.offs_E.tolist() == [128, 256, 384] and blocks.num_rows == 384
-    assert blocks.position_R[:4].tolist() == [0, 1, 2, 256] and blocks.position_R[-1].item() == 256 + 66
+    split = AlignedGroups.of(torch.tensor([3, 3, 70], dtype=torch.int32), num_rows=72, align=64, block=64)
+    # Counts 3, 0 and 67, then 2 dropped rows: blocks of 64 rows for the three experts (rows 0-191), then expert 2's
+    # last 3 rows as a group padded to 64 rows, then the dropped rows.
+    assert split.offs_E.tolist() == [0, 0, 64] and split.block == 64
+    assert split.position_R[:4].tolist() == [0, 1, 2, 128] and split.position_R[66].item() == 191
+    assert split.position_R[67:].tolist() == [192, 193, 194, 256, 257]
 
 
-def test_cpu_layout_chooses_blocks_for_even_loads_and_groups_for_skewed_ones():
-    """One batched GEMM over equal blocks computes E x (the largest group) rows: worth it when the loads are even
-    and the experts small (fine-grained), not when one expert takes most rows or the experts are wide."""
+def test_cpu_layout_batches_the_rows_that_fit_in_equal_blocks():
+    """A batched GEMM over equal blocks computes E x block rows: worth it for the rows of every expert when the loads
+    are even and the experts small (fine-grained), for the bulk when one expert takes far more than the others (its
+    excess gets its own GEMM), for none when a single expert has all the rows."""
     from moe_lab.model.experts import GroupedExperts
 
-    def layout(counts, hidden, d_model=128):
+    def block(counts, hidden, d_model=128):
         experts = GroupedExperts(len(counts), d_model, hidden)
         offs_E = torch.cumsum(torch.tensor(counts), 0).to(torch.int32)
-        return "blocks" if experts._aligned_groups(offs_E, sum(counts), 64).block else "groups"
+        return experts._aligned_groups(offs_E, sum(counts), 64).block
 
     even = [250 + (e % 5) * 10 for e in range(64)]
-    skewed = [40] * 63 + [1200]
-    assert layout(even, hidden=48) == "blocks"
-    assert layout(skewed, hidden=48) == "groups"
-    assert layout([900, 1100, 1000, 1000, 950, 1050, 1000, 1000], hidden=1024, d_model=512) == "groups"
-    assert layout([0] * 8, hidden=48) == "groups"  # no rows kept: nothing to batch
+    assert block(even, hidden=48) == 320  # every row in the batched GEMM
+    assert block([40] * 63 + [1200], hidden=48) == 64  # the one large expert's rows past 64 in a GEMM of its own
+    uneven = [700, 1300, 1000, 1000, 950, 1050, 1000, 1000]
+    assert 0 < block(uneven * 8, hidden=48) < 1344
+    assert block([0] * 7 + [4096], hidden=1024, d_model=512) == 0  # one expert: batching would only add rows
+    assert block([0] * 8, hidden=48) == 0  # no rows kept: nothing to batch

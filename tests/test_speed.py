@@ -14,21 +14,23 @@ from moe_lab.model import MoEConfig, MoELayer
 from moe_lab.model.experts import _ScaledSwiGLU, apply_activation
 
 
-def test_fused_swiglu_matches_autograd_and_passes_gradcheck():
-    h = torch.randn(9, 12, dtype=torch.float64, requires_grad=True)
-    scale = torch.rand(9, dtype=torch.float64, requires_grad=True)
+@pytest.mark.parametrize("width", [6, 130])  # a narrow gate is copied to be contiguous, a wide one is not
+def test_fused_swiglu_matches_autograd_and_passes_gradcheck(width):
+    h = torch.randn(3, 2 * width, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda h, s: _ScaledSwiGLU.apply(h, s), (h, scale))
     assert torch.autograd.gradcheck(lambda h: _ScaledSwiGLU.apply(h, None), (h,))
     torch.testing.assert_close(_ScaledSwiGLU.apply(h, scale), apply_activation(h, "swiglu") * scale[:, None])
 
 
-def test_fused_swiglu_backward_is_the_same_under_compile():
+@pytest.mark.parametrize("width", [6, 130])
+def test_fused_swiglu_backward_is_the_same_under_compile(width):
     """Under torch.compile the backward takes the plain elementwise form inductor fuses; it is eager's gradient."""
     from moe_lab.model.experts import _swiglu_backward_for_inductor
 
-    h = torch.randn(9, 12, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(9, 2 * width, dtype=torch.float64, requires_grad=True)
     scale = torch.rand(9, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(9, 6, dtype=torch.float64)
+    grad = torch.randn(9, width, dtype=torch.float64)
     for s in (scale, None):
         eager = torch.autograd.grad(_ScaledSwiGLU.apply(h, s), [h] + ([s] if s is not None else []), grad)
         plain = _swiglu_backward_for_inductor(h.detach(), None if s is None else s.detach(), grad, s is not None)

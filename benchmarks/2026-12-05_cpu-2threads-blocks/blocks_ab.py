@@ -1,9 +1,10 @@
 """Per-expert groups against equal blocks (one batched GEMM), moe-lab's GroupedExperts forward + backward under
 bfloat16 autocast on a CPU (float32 weights, as in training), a new routing every step (the same sequence for both
 layouts), interleaved rounds. For each case and skew it prints the median times of groups, blocks and the automatic
-choice ("auto", which picks one of the two per step from the row counts), how often auto picked blocks, and the
-per-round ratios groups/blocks (where it crosses 1 is what BLOCK_ROW_COST and GROUP_GEMM_OVERHEAD_MACS were fitted
-to) and groups/auto (what the choice gains; at or above 1 everywhere when it picks well).
+choice ("auto": each expert's first `block` rows batched, the rest in per-expert GEMMs, the block chosen per step
+from the row counts), the share of rows auto batched, and the per-round ratios groups/blocks (where it crosses 1 is
+what BLOCK_ROW_COST and GROUP_GEMM_OVERHEAD_MACS were fitted to) and groups/auto (what the choice gains; at or
+above 1 everywhere when it chooses well).
 
     python blocks_ab.py ROUNDS [CASE ...]    # cases: e64_fine (tiny's 64 x 48), tiny_e8 (8 x 384), layer_e64 (d512)
 """
@@ -33,10 +34,11 @@ def routings(num_experts, slots, skew, n, seed=0):
     return [torch.bincount(torch.multinomial(probs, slots, True, generator=g), minlength=num_experts) for _ in range(n)]
 
 
-def picks_blocks(experts, counts, align=64):
+def batched_share(experts, counts, align=64):
+    """The share of the rows that auto's layout puts in the batched GEMM."""
     experts.cpu_layout = "auto"
-    offs = torch.cumsum(counts, 0).to(torch.int32)
-    return experts._aligned_groups(offs, int(counts.sum()), align).block > 0
+    block = experts._block_rows(counts, align)
+    return float(counts.clamp(max=block).sum() / counts.sum())
 
 
 def main():
@@ -75,7 +77,7 @@ def main():
                 for lay in order:
                     times[lay].append(1e3 * statistics.median(step(lay, c) for c in chunk))
             load = statistics.mean(float(c.max()) / (T * K / E) for c in plan)
-            picked = statistics.mean(picks_blocks(experts, c) for c in plan[2:])
+            share = statistics.mean(batched_share(experts, c) for c in plan[2:])
 
             def ratio(a, b):
                 r = [ta / tb for ta, tb in zip(times[a], times[b])]
@@ -84,7 +86,7 @@ def main():
             med = {lay: statistics.median(times[lay]) for lay in layouts}
             print(
                 f"{name} skew {skew}: max/mean rows {load:.2f}; ms groups {med['groups']:.1f}, blocks "
-                f"{med['blocks']:.1f}, auto {med['auto']:.1f} (blocks in {100 * picked:.0f}% of steps); "
+                f"{med['blocks']:.1f}, auto {med['auto']:.1f} ({100 * share:.0f}% of rows batched); "
                 f"groups/blocks {ratio('groups', 'blocks')}, groups/auto {ratio('groups', 'auto')}",
                 flush=True,
             )

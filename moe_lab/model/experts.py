@@ -48,7 +48,7 @@ class _ScaledSwiGLU(torch.autograd.Function):
             # Inductor fuses the out-of-place form into one kernel anyway.
             out = F.silu(gate) * up
             return out if scale_R is None else out * scale_R[:, None]
-        out = F.silu(gate).mul_(up)
+        out = F.silu(_contiguous_if_narrow(gate)).mul_(up)
         if scale_R is not None:
             out.mul_(scale_R[:, None])
         return out
@@ -59,6 +59,7 @@ class _ScaledSwiGLU(torch.autograd.Function):
         if torch.compiler.is_compiling():
             return _swiglu_backward_for_inductor(h_RGF, scale_R, grad_RF, ctx.needs_input_grad[1])
         gate, up = h_RGF.chunk(2, dim=-1)
+        gate = _contiguous_if_narrow(gate)
         silu = F.silu(gate)
         grad_up_silu = grad_RF * up  # the gradient reaching silu(gate), before the scale
         grad_scale = None
@@ -67,6 +68,9 @@ class _ScaledSwiGLU(torch.autograd.Function):
                 grad_scale = (grad_up_silu * silu).sum(-1)
             grad_up_silu.mul_(scale_R[:, None])
             grad_RF = grad_RF * scale_R[:, None]
+        if gate.is_contiguous():  # narrow: unary kernels on contiguous halves, then one cat
+            grad_gate = torch.ops.aten.silu_backward(grad_up_silu, gate)
+            return torch.cat([grad_gate, grad_RF * silu], dim=-1), grad_scale
         # Both halves written in place into one (R, 2F) gradient (no torch.cat of two (R, F) halves), the gate's by
         # aten's fused silu backward: 1.6x faster than the same formula in separate operations at (8192, 2048).
         grad_RGF = torch.empty_like(h_RGF)
@@ -74,6 +78,16 @@ class _ScaledSwiGLU(torch.autograd.Function):
         torch.ops.aten.silu_backward(grad_up_silu, gate, grad_input=grad_RGF[:, :width])
         torch.mul(grad_RF, silu, out=grad_RGF[:, width:])
         return grad_RGF, grad_scale
+
+
+# Below this width, silu and its backward on the gate half of an (R, 2F) tensor (rows strided by 2F) run 2-4x slower
+# per element than on a contiguous copy (aten's vectorised loops handle short strided rows poorly: at F = 48 in
+# bfloat16, 1.6 ms against 0.22 + 0.13 ms for the copy at 18432 rows); copying is worth it up to about F = 128.
+NARROW_GATE_WIDTH = 128
+
+
+def _contiguous_if_narrow(gate_RF: torch.Tensor) -> torch.Tensor:
+    return gate_RF.contiguous() if gate_RF.shape[-1] < NARROW_GATE_WIDTH else gate_RF
 
 
 def _swiglu_backward_for_inductor(
@@ -165,61 +179,84 @@ def grouped_mm(x_RI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) ->
     return raw_grouped_mm(x_RI, w_EOI.transpose(-2, -1), offs_E)
 
 
-def block_mm(x_PI: torch.Tensor, w_EOI: torch.Tensor) -> torch.Tensor:
-    """The grouped GEMM when every group is one block of M = P / E rows: block e of x_PI times w_EOI[e]^T, as one
-    batched GEMM -> (P, O)."""
-    E = w_EOI.shape[0]
-    return torch.bmm(x_PI.view(E, -1, x_PI.shape[-1]), w_EOI.transpose(-2, -1)).view(x_PI.shape[0], -1)
+def split_grouped_mm(x_PI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor, block: int) -> torch.Tensor:
+    """The grouped GEMM over rows laid out as `AlignedGroups` does -> (P, O): rows [0, E * block) are E blocks of
+    `block` rows, block e times w_EOI[e]^T as one batched GEMM; the rows after them are grouped by offs_E (group ends
+    counted from row E * block), one GEMM per group. block = 0 is the plain grouped GEMM."""
+    if block == 0:
+        return grouped_mm(x_PI, w_EOI, offs_E)
+    return _GatherGroupedMM.apply(x_PI, None, w_EOI, offs_E, block)
+
+
+def _split_mm(x_PI: torch.Tensor, b_EIO: torch.Tensor, offs_E: torch.Tensor, block: int) -> torch.Tensor:
+    """x_PI's rows times b_EIO[e] per block and per group (no autograd) -> (P, O); the batched GEMM writes into the
+    output, so the two parts are not copied together."""
+    if block == 0:
+        return raw_grouped_mm(x_PI, b_EIO, offs_E)
+    E, split = b_EIO.shape[0], b_EIO.shape[0] * block
+    out_PO = x_PI.new_empty(x_PI.shape[0], b_EIO.shape[-1])
+    torch.bmm(x_PI[:split].view(E, block, -1), b_EIO, out=out_PO[:split].view(E, block, -1))
+    if x_PI.shape[0] > split:
+        out_PO[split:] = raw_grouped_mm(x_PI[split:], b_EIO, offs_E)
+    return out_PO
 
 
 class _GatherGroupedMM(torch.autograd.Function):
-    """grouped_mm(src_QI[index_R], w_EOI, offs_E) without keeping the gathered rows for backward.
+    """split_grouped_mm(src_QI[index_R], w_EOI, offs_E, block) without keeping the gathered rows for backward
+    (index_R None: the rows are src_QI).
 
     Autograd of gather-then-GEMM keeps the gathered (R, I) rows, top_k copies of every token, for the weight
     gradient; this keeps the source (Q rows, usually already kept by the router's GEMM) and the index, and gathers
-    the rows again in backward: one copy of R x I numbers instead of R x I of activation memory.
-
-    With `blocks`, every group is a block of R / E rows and the GEMMs are batched ones (see `block_mm`)."""
+    the rows again in backward: one copy of R x I numbers instead of R x I of activation memory."""
 
     @staticmethod
     def forward(
-        ctx, src_QI: torch.Tensor, index_R: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor, blocks: bool
+        ctx,
+        src_QI: torch.Tensor,
+        index_R: Optional[torch.Tensor],
+        w_EOI: torch.Tensor,
+        offs_E: torch.Tensor,
+        block: int,
     ) -> torch.Tensor:
         ctx.save_for_backward(src_QI, index_R, w_EOI, offs_E)
-        ctx.blocks = blocks
-        x_RI = src_QI.index_select(0, index_R)
-        return block_mm(x_RI, w_EOI) if blocks else grouped_mm(x_RI, w_EOI, offs_E)
+        ctx.block = block
+        x_RI = src_QI if index_R is None else src_QI.index_select(0, index_R)
+        return _split_mm(x_RI, w_EOI.transpose(-2, -1), offs_E, block)
 
     @staticmethod
     def backward(ctx, grad_RO: torch.Tensor):
         src_QI, index_R, w_EOI, offs_E = ctx.saved_tensors
         grad_RO = grad_RO.contiguous()
-        E, R, O = w_EOI.shape[0], grad_RO.shape[0], grad_RO.shape[1]
         grad_src = grad_w = None
         if ctx.needs_input_grad[0]:
             # (R, O) x (E, O, I) per group -> (R, I); rows past offs[-1] are undefined, and belong to dropped slots,
             # which the dispatcher points at a spare zero row of the source whose gradient is discarded.
-            if ctx.blocks:
-                grad_RI = torch.bmm(grad_RO.view(E, R // E, O), w_EOI).view(R, -1)
-            else:
-                grad_RI = raw_grouped_mm(grad_RO, w_EOI, offs_E)
-            grad_src = torch.zeros_like(src_QI).index_add_(0, index_R, grad_RI)
+            grad_RI = _split_mm(grad_RO, w_EOI, offs_E, ctx.block)
+            grad_src = grad_RI if index_R is None else torch.zeros_like(src_QI).index_add_(0, index_R, grad_RI)
         if ctx.needs_input_grad[2]:
-            # (O, R) x (R, I), groups along R -> (E, O, I); rows past offs[-1] are outside every group.
-            x_RI = src_QI.index_select(0, index_R)
-            if ctx.blocks:
-                grad_w = torch.bmm(grad_RO.view(E, R // E, O).transpose(1, 2), x_RI.view(E, R // E, -1))
-            else:
-                grad_w = raw_grouped_mm(grad_RO.t(), x_RI, offs_E)
+            x_RI = src_QI if index_R is None else src_QI.index_select(0, index_R)
+            grad_w = _split_weight_grad(grad_RO, x_RI, offs_E, ctx.block)
         return grad_src, None, grad_w, None, None
 
 
+def _split_weight_grad(grad_RO: torch.Tensor, x_RI: torch.Tensor, offs_E: torch.Tensor, block: int) -> torch.Tensor:
+    """The gradient of split_grouped_mm's weight: (O, R) x (R, I), summed over each expert's block and group ->
+    (E, O, I); rows past offs[-1] are outside every group."""
+    if block == 0:
+        return raw_grouped_mm(grad_RO.t(), x_RI, offs_E)
+    E, split = offs_E.shape[0], offs_E.shape[0] * block
+    grad_EOI = torch.bmm(grad_RO[:split].view(E, block, -1).transpose(1, 2), x_RI[:split].view(E, block, -1))
+    if grad_RO.shape[0] == split:
+        return grad_EOI
+    return grad_EOI + raw_grouped_mm(grad_RO[split:].t(), x_RI[split:], offs_E)
+
+
 def gather_grouped_mm(
-    src_QI: torch.Tensor, index_R: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor, blocks: bool = False
+    src_QI: torch.Tensor, index_R: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor, block: int = 0
 ) -> torch.Tensor:
     """Rows src_QI[index_R], grouped by expert, times w_EOI[e]^T -> (R, O), keeping only src and index for
-    backward (see _GatherGroupedMM); with `blocks`, every group is a block of R / E rows."""
-    return _GatherGroupedMM.apply(src_QI, index_R, w_EOI, offs_E, blocks)
+    backward (see _GatherGroupedMM); with `block`, the rows are laid out as `split_grouped_mm` reads them."""
+    return _GatherGroupedMM.apply(src_QI, index_R, w_EOI, offs_E, block)
 
 
 def group_alignment(device: torch.device, dtype: torch.dtype) -> int:
@@ -236,68 +273,66 @@ def group_alignment(device: torch.device, dtype: torch.dtype) -> int:
 
 @dataclass(frozen=True)
 class AlignedGroups:
-    """Each expert's rows moved to a block of P rows that starts and ends at a multiple of `align` (P is fixed by the
-    shapes alone: R + E * (align - 1), so no host synchronisation). Padding rows read a zero row with weight 0 and
-    their outputs are never read, so their gradients are zero and they add exact zeros to the weight gradients: the
-    function is the unpadded one, up to the GEMMs' summation order.
-
-    With `block` > 0 every expert gets the same block of `block` rows (P = E * block), so that the expert GEMMs are
-    one batched GEMM each (`AlignedGroups.blocks`); rows past offs[-1] (dropped slots) then have no place among the P
-    rows, and their outputs are zero.
+    """Rows grouped by expert, moved to P rows laid out for `split_grouped_mm`:
+      - rows [0, E * block): expert e's first `block` rows (or all, if fewer) at [e * block, (e + 1) * block), for
+        one batched GEMM;
+      - then each expert's remaining rows as a group that starts and ends at a multiple of `align`, one GEMM each;
+      - then the rows past offs[-1] (dropped slots), in order.
+    With block = 0 every row is in the groups and P = R + E * (align - 1) is fixed by the shapes alone (no host
+    synchronisation: the layout under torch.compile); with block > 0 the caller has read the row counts on the host
+    and gives the exact P. Padding rows read a zero row with weight 0 and their outputs are never read, so their
+    gradients are zero and they add exact zeros to the weight gradients: the function is the unpadded one, up to the
+    GEMMs' summation order.
 
     Legend: R rows in, P padded rows, E experts."""
 
-    offs_E: torch.Tensor  # int32 (E,), the padded group ends
-    position_R: torch.Tensor  # int64 (R,), where each row sits among the P padded rows (blocks: the kept rows only)
+    offs_E: torch.Tensor  # int32 (E,), the group ends of the grouped part, counted from its first row E * block
+    position_R: torch.Tensor  # int64 (R,), where each row sits among the P padded rows
     num_rows: int  # P
     block: int = 0
 
     @staticmethod
-    def of(offs_E: torch.Tensor, num_rows: int, align: int) -> "AlignedGroups":
+    def of(
+        offs_E: torch.Tensor, num_rows: int, align: int, block: int = 0, padded_rows: Optional[int] = None
+    ) -> "AlignedGroups":
+        E = offs_E.shape[0]
         ends_E = offs_E.long()
         counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
-        padded_ends_E = torch.cumsum((counts_E + align - 1) // align * align, 0)
+        rest_E = (counts_E - block).clamp(min=0)
+        padded_ends_E = torch.cumsum((rest_E + align - 1) // align * align, 0)
         arange_R = torch.arange(num_rows, device=offs_E.device)
-        # Rows past offs[-1] belong to no expert (dropped slots): they go after the last padded group, in order.
-        expert_R = torch.searchsorted(ends_E, arange_R, right=True)
-        starts_E1 = torch.cat([ends_E.new_zeros(1), ends_E])
-        padded_starts_E1 = torch.cat([ends_E.new_zeros(1), padded_ends_E])
-        position_R = arange_R - starts_E1[expert_R] + padded_starts_E1[expert_R]
-        return AlignedGroups(padded_ends_E.to(torch.int32), position_R, num_rows + offs_E.shape[0] * (align - 1))
-
-    @staticmethod
-    def blocks(offs_E: torch.Tensor, kept_rows: int, block: int) -> "AlignedGroups":
-        """Expert e's rows at [e * block, e * block + count_e); `kept_rows` is offs_E[-1], read on the host."""
-        ends_E = offs_E.long()
-        starts_E = ends_E - torch.diff(ends_E, prepend=ends_E.new_zeros(1))
-        arange_K = torch.arange(kept_rows, device=offs_E.device)
-        expert_K = torch.searchsorted(ends_E, arange_K, right=True)
-        position_K = expert_K * block + arange_K - starts_E[expert_K]
-        num_experts = offs_E.shape[0]
-        block_ends_E = torch.arange(1, num_experts + 1, device=offs_E.device, dtype=torch.int32) * block
-        return AlignedGroups(block_ends_E, position_K, num_experts * block, block)
+        expert_R = torch.searchsorted(ends_E, arange_R, right=True)  # E for the rows past offs[-1]
+        zero = ends_E.new_zeros(1)
+        rank_R = arange_R - torch.cat([zero, ends_E])[expert_R]  # place among its expert's rows (or the dropped)
+        block_R = torch.cat([ends_E.new_full((E,), block), zero])[expert_R]
+        in_block_R = rank_R < block_R
+        grouped_R = E * block + torch.cat([zero, padded_ends_E])[expert_R] + rank_R - block_R
+        position_R = torch.where(in_block_R, expert_R * block + rank_R, grouped_R)
+        if padded_rows is None:
+            padded_rows = num_rows + E * (align - 1)
+        return AlignedGroups(padded_ends_E.to(torch.int32), position_R, padded_rows, block)
 
     def padded(self, values_R: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         """(R,) per-row values -> (P,), zero on the padding rows."""
         if values_R is None:
             return None
-        placed = self.position_R.shape[0]
-        return values_R.new_zeros(self.num_rows).index_copy(0, self.position_R, values_R[:placed])
+        return values_R.new_zeros(self.num_rows).index_copy(0, self.position_R, values_R)
 
     def padded_index(self, index_R: Optional[torch.Tensor], spare: int) -> torch.Tensor:
         """The source row of each padded row: index_R's (or row r itself) where a row sits, `spare` on padding."""
-        placed = self.position_R.shape[0]
         if index_R is None:
-            index_R = torch.arange(placed, device=self.position_R.device)
-        return index_R.new_full((self.num_rows,), spare).index_copy(0, self.position_R, index_R[:placed])
+            index_R = torch.arange(self.position_R.shape[0], device=self.position_R.device)
+        return index_R.new_full((self.num_rows,), spare).index_copy(0, self.position_R, index_R)
 
 
-# On a CPU, one batched GEMM over equal blocks (`AlignedGroups.blocks`) instead of one GEMM per expert when
-#     BLOCK_ROW_COST x (E x block rows) <= (padded group rows) + E x GROUP_GEMM_OVERHEAD_MACS / (MACs per row):
-# a row of the batched GEMM costs about 0.84 of a grouped one, and each per-expert GEMM costs a fixed overhead worth
-# about 2.5M multiply-adds. Fitted where the two layouts cross over at three shapes (64 experts of width 48 at
+# On a CPU, `split_grouped_mm` runs the first `block` rows of every expert as one batched GEMM and the rest as one
+# GEMM per expert; `GroupedExperts` picks the block (0 to the largest group) that minimises
+#     BLOCK_ROW_COST x E x block + (the remaining rows, padded) + (experts with rows left) x GROUP_GEMM_OVERHEAD_ROWS,
+# in rows of the per-expert GEMMs, with GROUP_GEMM_OVERHEAD_ROWS = GROUP_GEMM_OVERHEAD_MACS / (MACs per row): a row
+# of the batched GEMM costs about 0.84 of a grouped one, and each per-expert GEMM costs a fixed overhead worth about
+# 2.5M multiply-adds. Fitted where all-blocks and all-groups cross over at three shapes (64 experts of width 48 at
 # d_model 128, 8 of width 384, 64 of width 256 at d_model 512; bfloat16 forward + backward, 2 threads with AMX);
-# `benchmarks/2026-12-05_cpu-2threads-blocks/blocks_ab.py` measures both layouts and the choice.
+# `benchmarks/2026-12-05_cpu-2threads-blocks/blocks_ab.py` measures the layouts and the choice.
 BLOCK_ROW_COST = 0.84
 GROUP_GEMM_OVERHEAD_MACS = 2.5e6
 
@@ -322,8 +357,9 @@ class GroupedExperts(nn.Module):
         self.first_expert = 0
         self.hidden = hidden
         self.activation = activation
-        # How 16-bit expert GEMMs on a CPU lay out their rows: "auto" picks per call between per-expert groups and
-        # equal blocks (one batched GEMM, see BLOCK_EXCESS_MACS); "groups" and "blocks" force one (tests, benches).
+        # How 16-bit expert GEMMs on a CPU lay out their rows (AlignedGroups): "auto" picks the batched part's rows
+        # per call (see BLOCK_ROW_COST); "groups" (no batched part), "blocks" (all rows batched) or a number of rows
+        # force one (tests, benches).
         self.cpu_layout = "auto"
         gated = ACTIVATIONS[activation][1]
         self.w_in_EGFD = nn.Parameter(torch.empty(num_experts, (2 if gated else 1) * hidden, d_model))
@@ -364,35 +400,45 @@ class GroupedExperts(nn.Module):
         align = group_alignment(x_RD.device, self._compute_dtype(x_RD))
         if align == 1 or x_RD.shape[0] == 0:
             return self._grouped_forward(x_RD, offs_E, scale_R, index_R)
-        num_rows = index_R.shape[0] if index_R is not None else x_RD.shape[0]
-        groups = self._aligned_groups(offs_E, num_rows, align)
+        groups = self._aligned_groups(offs_E, index_R.shape[0] if index_R is not None else x_RD.shape[0], align)
         # Padding rows read an appended zero row, whose gradient (undefined past the last group) is cut off.
         source_QD = torch.cat([x_RD, x_RD.new_zeros(1, x_RD.shape[1])])
         index_P = groups.padded_index(index_R, spare=x_RD.shape[0])
-        y_PD = self._grouped_forward(source_QD, groups.offs_E, groups.padded(scale_R), index_P, groups.block > 0)
-        y_RD = y_PD.index_select(0, groups.position_R)
-        dropped = num_rows - y_RD.shape[0]  # rows with no place among equal blocks: outputs zero
-        return torch.cat([y_RD, y_RD.new_zeros(dropped, y_RD.shape[1])]) if dropped else y_RD
+        y_PD = self._grouped_forward(source_QD, groups.offs_E, groups.padded(scale_R), index_P, groups.block)
+        return y_PD.index_select(0, groups.position_R)
 
     def _aligned_groups(self, offs_E: torch.Tensor, num_rows: int, align: int) -> AlignedGroups:
-        """Per-expert groups padded to `align` rows, or equal blocks when one batched GEMM is expected to be faster.
-        Deciding reads the row counts on the host: free on a CPU, the only place this runs (not under
+        """Per-expert groups padded to `align` rows, with a batched part of `block` rows per expert when the cost
+        model says so. Choosing reads the row counts on the host: free on a CPU, the only place this runs (not under
         torch.compile, which keeps the host-free groups)."""
         if self.cpu_layout == "groups" or torch.compiler.is_compiling():
             return AlignedGroups.of(offs_E, num_rows, align)
-        ends = offs_E.tolist()
-        counts = [end - start for start, end in zip([0] + ends[:-1], ends)]
-        block = -(-max(counts) // align) * align
+        counts_E = torch.diff(offs_E.long(), prepend=offs_E.new_zeros(1, dtype=torch.long)).cpu()
+        block = self._block_rows(counts_E, align)
         if block == 0:
             return AlignedGroups.of(offs_E, num_rows, align)
-        padded_rows = sum(-(-count // align) * align for count in counts)
+        rest_E = (counts_E - block).clamp(min=0)
+        grouped_rows = int(((rest_E + align - 1) // align * align).sum())
+        dropped_rows = num_rows - int(counts_E.sum())
+        padded_rows = len(counts_E) * block + grouped_rows + dropped_rows
+        return AlignedGroups.of(offs_E, num_rows, align, block, padded_rows)
+
+    def _block_rows(self, counts_E: torch.Tensor, align: int) -> int:
+        """The rows per expert of the batched part (a multiple of `align`; 0: none) that minimise the cost model
+        above BLOCK_ROW_COST; `cpu_layout` "blocks" takes the largest group, an int that many rows."""
+        largest = int(-(-int(counts_E.max()) // align) * align)
+        if self.cpu_layout == "blocks" or isinstance(self.cpu_layout, int):
+            return largest if self.cpu_layout == "blocks" else self.cpu_layout
         gated = ACTIVATIONS[self.activation][1]
-        d_model = self.w_in_EGFD.shape[-1]
-        macs_per_row = d_model * self.hidden * (3 if gated else 2)
-        groups_cost = padded_rows + len(counts) * GROUP_GEMM_OVERHEAD_MACS / macs_per_row
-        if self.cpu_layout == "blocks" or BLOCK_ROW_COST * len(counts) * block <= groups_cost:
-            return AlignedGroups.blocks(offs_E, ends[-1], block)
-        return AlignedGroups.of(offs_E, num_rows, align)
+        macs_per_row = self.w_in_EGFD.shape[-1] * self.hidden * (3 if gated else 2)
+        blocks_B = torch.arange(0, largest + 1, align)
+        rest_BE = (counts_E[None, :] - blocks_B[:, None]).clamp(min=0)
+        cost_B = (
+            BLOCK_ROW_COST * len(counts_E) * blocks_B
+            + ((rest_BE + align - 1) // align * align).sum(1)
+            + (rest_BE > 0).sum(1) * (GROUP_GEMM_OVERHEAD_MACS / macs_per_row)
+        )
+        return int(blocks_B[torch.argmin(cost_B)])
 
     def _grouped_forward(
         self,
@@ -400,15 +446,15 @@ class GroupedExperts(nn.Module):
         offs_E: torch.Tensor,
         scale_R: Optional[torch.Tensor],
         index_R: Optional[torch.Tensor],
-        blocks: bool = False,
+        block: int = 0,
     ) -> torch.Tensor:
-        """The experts on rows grouped by expert; with `blocks` (and index_R), every group is a block of R / E rows
-        and each GEMM is one batched GEMM."""
+        """The experts on rows grouped by expert, laid out as `split_grouped_mm` reads them (block > 0 needs
+        index_R)."""
         dtype = self._compute_dtype(x_RD)
         if index_R is None:
             h_RGF = grouped_mm(x_RD.to(dtype), self.w_in_EGFD.to(dtype), offs_E)
         else:
-            h_RGF = gather_grouped_mm(x_RD.to(dtype), index_R, self.w_in_EGFD.to(dtype), offs_E, blocks)
+            h_RGF = gather_grouped_mm(x_RD.to(dtype), index_R, self.w_in_EGFD.to(dtype), offs_E, block)
         scale_R = scale_R.to(dtype) if scale_R is not None else None
         scale_hidden = scale_R is not None and self.hidden <= x_RD.shape[1]
         if self.activation == "swiglu":
@@ -418,7 +464,7 @@ class GroupedExperts(nn.Module):
             if scale_hidden:
                 a_RF = a_RF * scale_R[:, None]
         w_out_EDF = self.w_out_EDF.to(dtype)
-        y_RD = block_mm(a_RF, w_out_EDF) if blocks else grouped_mm(a_RF, w_out_EDF, offs_E)
+        y_RD = split_grouped_mm(a_RF, w_out_EDF, offs_E, block)
         return y_RD * scale_R[:, None] if scale_R is not None and not scale_hidden else y_RD
 
     def expert_forward(self, expert: int, x_RD: torch.Tensor) -> torch.Tensor:
