@@ -326,15 +326,20 @@ class AlignedGroups:
 
 
 # On a CPU, `split_grouped_mm` runs the first `block` rows of every expert as one batched GEMM and the rest as one
-# GEMM per expert; `GroupedExperts` picks the block (0 to the largest group) that minimises
-#     BLOCK_ROW_COST x E x block + (the remaining rows, padded) + (experts with rows left) x GROUP_GEMM_OVERHEAD_ROWS,
-# in rows of the per-expert GEMMs, with GROUP_GEMM_OVERHEAD_ROWS = GROUP_GEMM_OVERHEAD_MACS / (MACs per row): a row
-# of the batched GEMM costs about 0.84 of a grouped one, and each per-expert GEMM costs a fixed overhead worth about
-# 2.5M multiply-adds. Fitted where all-blocks and all-groups cross over at three shapes (64 experts of width 48 at
-# d_model 128, 8 of width 384, 64 of width 256 at d_model 512; bfloat16 forward + backward, 2 threads with AMX);
-# `benchmarks/2026-12-05_cpu-2threads-blocks/blocks_ab.py` measures the layouts and the choice.
+# GEMM per expert; `GroupedExperts` picks the block (0 to the largest group) of least modelled cost, in rows of the
+# per-expert GEMMs:
+#     block = 0:  (the rows, each group padded) + E x GROUP_GEMM_OVERHEAD_MACS / (MACs per row)
+#     block > 0:  BLOCK_ROW_COST x E x block + (for each expert with rows past the block: those rows, padded, plus
+#                 SPLIT_GROUP_ROWS)
+# A row of the batched GEMM costs about 0.84 of a grouped one, and the per-expert GEMMs cost a fixed overhead worth
+# about 2.5M multiply-adds more than the batched GEMM's (fitted where all-blocks and all-groups cross over at three
+# shapes: 64 experts of width 48 at d_model 128, 8 of width 384, 64 of width 256 at d_model 512; bfloat16 forward +
+# backward, 2 threads with AMX). An expert's extra GEMMs for its rows past the block cost about 300 rows whatever
+# the shape (the extra calls of a split: below what makes 8 wide experts split, above what keeps 64 narrow ones from
+# it). `benchmarks/2026-12-05_cpu-2threads-blocks/` measures the layouts and the choice.
 BLOCK_ROW_COST = 0.84
 GROUP_GEMM_OVERHEAD_MACS = 2.5e6
+SPLIT_GROUP_ROWS = 300
 
 
 class GroupedExperts(nn.Module):
@@ -433,11 +438,10 @@ class GroupedExperts(nn.Module):
         macs_per_row = self.w_in_EGFD.shape[-1] * self.hidden * (3 if gated else 2)
         blocks_B = torch.arange(0, largest + 1, align)
         rest_BE = (counts_E[None, :] - blocks_B[:, None]).clamp(min=0)
-        cost_B = (
-            BLOCK_ROW_COST * len(counts_E) * blocks_B
-            + ((rest_BE + align - 1) // align * align).sum(1)
-            + (rest_BE > 0).sum(1) * (GROUP_GEMM_OVERHEAD_MACS / macs_per_row)
-        )
+        padded_rest_B = ((rest_BE + align - 1) // align * align).sum(1)
+        num_experts = len(counts_E)
+        cost_B = BLOCK_ROW_COST * num_experts * blocks_B + padded_rest_B + (rest_BE > 0).sum(1) * SPLIT_GROUP_ROWS
+        cost_B[0] = padded_rest_B[0] + num_experts * GROUP_GEMM_OVERHEAD_MACS / macs_per_row  # no batched part
         return int(blocks_B[torch.argmin(cost_B)])
 
     def _grouped_forward(
