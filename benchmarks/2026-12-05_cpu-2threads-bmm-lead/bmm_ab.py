@@ -1,8 +1,9 @@
-"""A lead for issue 25's E64 eager bar, not adopted: SwiGLU experts forward + backward in bfloat16 at 64 experts
-top-8 (width 48, d_model 128, 2048 tokens) as moe-lab computes them on a CPU (torch._grouped_mm, one GEMM per
-expert, each group padded to 64 rows) against one torch.bmm over the experts padded to the largest group (rounded up
-to 64 rows, so that oneDNN's kernels stay cached as the groups change). Every step draws a new routing (the same
-sequence for both), with the experts' loads skewed by SKEW (max/mean rows printed). Interleaved rounds.
+"""A lead for issue 25's E64 eager bar (built later: ../2026-12-05_cpu-2threads-blocks/): SwiGLU experts forward +
+backward in bfloat16 at 64 experts top-8 (width 48, d_model 128, 2048 tokens) as moe-lab computed them on a CPU
+(torch._grouped_mm, one GEMM per expert, each group padded to 64 rows) against one torch.bmm over the experts
+padded to the largest group (rounded up to 64 rows, so that oneDNN's kernels stay cached as the groups change).
+Every step draws a new routing (the same sequence for both), with the experts' loads skewed by SKEW (max/mean rows
+printed). Interleaved rounds.
 
     python bmm_ab.py SKEW ROUNDS      # e.g. 0.02 (a balanced, trained router) or 0.3 (a skewed one)
 """
