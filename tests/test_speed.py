@@ -23,6 +23,29 @@ def test_fused_swiglu_matches_autograd_and_passes_gradcheck(width):
     torch.testing.assert_close(_ScaledSwiGLU.apply(h, scale), apply_activation(h, "swiglu") * scale[:, None])
 
 
+@pytest.mark.parametrize("width", [16, 130])  # the narrow gate is copied, the wide one is not
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_swiglu_gives_each_row_the_same_bits_whatever_the_row_count(dtype, width):
+    """Expert parallelism splits the experts' rows over calls (per-rank parts) and promises the numbers of one call:
+    the narrow gate's copy must not leave a length-dependent tail to aten's scalar loop, whose exp rounds
+    differently. Rows [0, n) computed alone equal the same rows of the whole, bit for bit, forward and backward, on
+    two threads and past aten's parallel grain (3001 x 16 elements)."""
+    torch.manual_seed(0)
+    h_all = torch.randn(3001, 2 * width).to(dtype)
+    scale_all, grad_all = torch.rand(3001).to(dtype), torch.randn(3001, width).to(dtype)
+
+    def outputs(rows):
+        h, scale = h_all[:rows].clone().requires_grad_(), scale_all[:rows].clone().requires_grad_()
+        y = _ScaledSwiGLU.apply(h, scale)
+        y.backward(grad_all[:rows])
+        return y, h.grad, scale.grad
+
+    whole = outputs(3001)
+    for rows in (1, 5, 1000, 2047, 3000):
+        for part, full in zip(outputs(rows), whole):
+            assert torch.equal(part, full[:rows]), rows
+
+
 @pytest.mark.parametrize("width", [6, 130])
 def test_fused_swiglu_backward_is_the_same_under_compile(width):
     """Under torch.compile the backward takes the plain elementwise form inductor fuses; it is eager's gradient."""

@@ -48,7 +48,10 @@ class _ScaledSwiGLU(torch.autograd.Function):
             # Inductor fuses the out-of-place form into one kernel anyway.
             out = F.silu(gate) * up
             return out if scale_R is None else out * scale_R[:, None]
-        out = F.silu(_contiguous_if_narrow(gate)).mul_(up)
+        if gate.shape[-1] < NARROW_GATE_WIDTH:
+            out = torch.mul(_narrow_silu(gate)[1], up)
+        else:
+            out = F.silu(gate).mul_(up)
         if scale_R is not None:
             out.mul_(scale_R[:, None])
         return out
@@ -59,17 +62,22 @@ class _ScaledSwiGLU(torch.autograd.Function):
         if torch.compiler.is_compiling():
             return _swiglu_backward_for_inductor(h_RGF, scale_R, grad_RF, ctx.needs_input_grad[1])
         gate, up = h_RGF.chunk(2, dim=-1)
-        gate = _contiguous_if_narrow(gate)
-        silu = F.silu(gate)
-        grad_up_silu = grad_RF * up  # the gradient reaching silu(gate), before the scale
+        narrow = gate.shape[-1] < NARROW_GATE_WIDTH
+        if narrow:
+            gate_flat, silu = _narrow_silu(gate)
+            grad_flat, grad_up_silu = _tail_free_buffer(gate)
+            torch.mul(grad_RF, up, out=grad_up_silu)  # the gradient reaching silu(gate), before the scale
+        else:
+            silu = F.silu(gate)
+            grad_up_silu = grad_RF * up
         grad_scale = None
         if scale_R is not None:
             if ctx.needs_input_grad[1]:
                 grad_scale = (grad_up_silu * silu).sum(-1)
             grad_up_silu.mul_(scale_R[:, None])
             grad_RF = grad_RF * scale_R[:, None]
-        if gate.is_contiguous():  # narrow: unary kernels on contiguous halves, then one cat
-            grad_gate = torch.ops.aten.silu_backward(grad_up_silu, gate)
+        if narrow:  # unary kernels on contiguous halves, then one cat
+            grad_gate = torch.ops.aten.silu_backward(grad_flat, gate_flat)[: gate.numel()].view(gate.shape)
             return torch.cat([grad_gate, grad_RF * silu], dim=-1), grad_scale
         # Both halves written in place into one (R, 2F) gradient (no torch.cat of two (R, F) halves), the gate's by
         # aten's fused silu backward: 1.6x faster than the same formula in separate operations at (8192, 2048).
@@ -80,14 +88,30 @@ class _ScaledSwiGLU(torch.autograd.Function):
         return grad_RGF, grad_scale
 
 
-# Below this width, silu and its backward on the gate half of an (R, 2F) tensor (rows strided by 2F) run 2-4x slower
+# Below this width, silu and its backward on the gate half of an (R, 2F) tensor (rows strided by 2F) run 2-7x slower
 # per element than on a contiguous copy (aten's vectorised loops handle short strided rows poorly: at F = 48 in
 # bfloat16, 1.6 ms against 0.22 + 0.13 ms for the copy at 18432 rows); copying is worth it up to about F = 128.
 NARROW_GATE_WIDTH = 128
+# aten's vectorised elementwise loops take two vectors (at most 64 elements) at a time and finish a tensor with the
+# scalar function, whose exp rounds differently. Over a buffer whose length is a multiple of this, on one or two
+# threads, no element is left to that tail, so each element's bits do not depend on how many rows a call has: the
+# experts compute the same numbers however their rows are split over calls (expert parallelism's per-rank parts).
+TAIL_FREE_ELEMENTS = 128
 
 
-def _contiguous_if_narrow(gate_RF: torch.Tensor) -> torch.Tensor:
-    return gate_RF.contiguous() if gate_RF.shape[-1] < NARROW_GATE_WIDTH else gate_RF
+def _tail_free_buffer(like_RF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a flat buffer of a multiple of TAIL_FREE_ELEMENTS, zero past R x F; its first R x F elements as (R, F))."""
+    numel = like_RF.numel()
+    flat = like_RF.new_empty(-(-numel // TAIL_FREE_ELEMENTS) * TAIL_FREE_ELEMENTS)
+    flat[numel:].zero_()
+    return flat, flat[:numel].view(like_RF.shape)
+
+
+def _narrow_silu(gate_RF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the gate copied into a tail-free buffer, silu of it as a contiguous (R, F) view)."""
+    gate_flat, gate_view = _tail_free_buffer(gate_RF)
+    gate_view.copy_(gate_RF)
+    return gate_flat, F.silu(gate_flat)[: gate_RF.numel()].view(gate_RF.shape)
 
 
 def _swiglu_backward_for_inductor(
