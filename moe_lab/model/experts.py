@@ -102,7 +102,7 @@ TAIL_FREE_ELEMENTS = 128
 def _tail_free_buffer(like_RF: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(a flat buffer of a multiple of TAIL_FREE_ELEMENTS, zero past R x F; its first R x F elements as (R, F))."""
     numel = like_RF.numel()
-    flat = like_RF.new_empty(-(-numel // TAIL_FREE_ELEMENTS) * TAIL_FREE_ELEMENTS)
+    flat = like_RF.new_empty(round_up(numel, TAIL_FREE_ELEMENTS))
     flat[numel:].zero_()
     return flat, flat[:numel].view(like_RF.shape)
 
@@ -283,6 +283,11 @@ def gather_grouped_mm(
     return _GatherGroupedMM.apply(src_QI, index_R, w_EOI, offs_E, block)
 
 
+def round_up(rows, multiple: int):
+    """rows (an int or an integer tensor) rounded up to a multiple of `multiple`."""
+    return (rows + multiple - 1) // multiple * multiple
+
+
 def group_alignment(device: torch.device, dtype: torch.dtype) -> int:
     """Rows each expert's group is padded to a multiple of before the grouped GEMM: 64 for 16-bit GEMMs on a CPU,
     else 1 (no padding). On a CPU `torch._grouped_mm` runs one GEMM per expert, and oneDNN builds (JIT-compiles) a
@@ -323,7 +328,7 @@ class AlignedGroups:
         ends_E = offs_E.long()
         counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
         rest_E = (counts_E - block).clamp(min=0)
-        padded_ends_E = torch.cumsum((rest_E + align - 1) // align * align, 0)
+        padded_ends_E = torch.cumsum(round_up(rest_E, align), 0)
         arange_R = torch.arange(num_rows, device=offs_E.device)
         expert_R = torch.searchsorted(ends_E, arange_R, right=True)  # E for the rows past offs[-1]
         zero = ends_E.new_zeros(1)
@@ -447,7 +452,7 @@ class GroupedExperts(nn.Module):
         if block == 0:
             return AlignedGroups.of(offs_E, num_rows, align)
         rest_E = (counts_E - block).clamp(min=0)
-        grouped_rows = int(((rest_E + align - 1) // align * align).sum())
+        grouped_rows = int(round_up(rest_E, align).sum())
         dropped_rows = num_rows - int(counts_E.sum())
         padded_rows = len(counts_E) * block + grouped_rows + dropped_rows
         return AlignedGroups.of(offs_E, num_rows, align, block, padded_rows)
@@ -455,14 +460,14 @@ class GroupedExperts(nn.Module):
     def _block_rows(self, counts_E: torch.Tensor, align: int) -> int:
         """The rows per expert of the batched part (a multiple of `align`; 0: none) that minimise the cost model
         above BLOCK_ROW_COST; `cpu_layout` "blocks" takes the largest group, an int that many rows."""
-        largest = int(-(-int(counts_E.max()) // align) * align)
+        largest = round_up(int(counts_E.max()), align)
         if self.cpu_layout == "blocks" or isinstance(self.cpu_layout, int):
             return largest if self.cpu_layout == "blocks" else self.cpu_layout
         gated = ACTIVATIONS[self.activation][1]
         macs_per_row = self.w_in_EGFD.shape[-1] * self.hidden * (3 if gated else 2)
         blocks_B = torch.arange(0, largest + 1, align)
         rest_BE = (counts_E[None, :] - blocks_B[:, None]).clamp(min=0)
-        padded_rest_B = ((rest_BE + align - 1) // align * align).sum(1)
+        padded_rest_B = round_up(rest_BE, align).sum(1)
         num_experts = len(counts_E)
         cost_B = BLOCK_ROW_COST * num_experts * blocks_B + padded_rest_B + (rest_BE > 0).sum(1) * SPLIT_GROUP_ROWS
         cost_B[0] = padded_rest_B[0] + num_experts * GROUP_GEMM_OVERHEAD_MACS / macs_per_row  # no batched part
@@ -491,8 +496,7 @@ class GroupedExperts(nn.Module):
             a_RF = apply_activation(h_RGF, self.activation)
             if scale_hidden:
                 a_RF = a_RF * scale_R[:, None]
-        w_out_EDF = self.w_out_EDF.to(dtype)
-        y_RD = split_grouped_mm(a_RF, w_out_EDF, offs_E, block)
+        y_RD = split_grouped_mm(a_RF, self.w_out_EDF.to(dtype), offs_E, block)
         return y_RD * scale_R[:, None] if scale_R is not None and not scale_hidden else y_RD
 
     def expert_forward(self, expert: int, x_RD: torch.Tensor) -> torch.Tensor:
