@@ -282,3 +282,144 @@ def test_a_partial_folder_is_not_a_checkpoint(sharded, tmp_path):
     (partial / "meta.pt").unlink()
     with pytest.raises(CheckpointError, match="is a directory"):
         read_checkpoint(partial)
+
+
+# -- a damaged folder, at every entry point --------------------------------------------------------------------------
+
+
+def _item(folder: Path, fqn: str):
+    """(data file, DCP's storage record) of the tensor `fqn` in a sharded checkpoint."""
+    stored = sharded_checkpoint.SafeFileSystemReader(folder).read_metadata().storage_data.items()
+    info = next(info for index, info in stored if index.fqn == fqn)
+    return folder / info.relative_path, info
+
+
+def _rewrite_index(folder: Path, relative_path: str) -> None:
+    """Point every item of the index at `relative_path` (what a hostile or damaged .metadata can say)."""
+    import dataclasses
+
+    metadata = sharded_checkpoint.SafeFileSystemReader(folder).read_metadata()
+    metadata.storage_data = {
+        index: dataclasses.replace(info, relative_path=relative_path) for index, info in metadata.storage_data.items()
+    }
+    metadata.storage_meta = None
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+
+
+def _truncate(folder: Path) -> str:
+    data, _ = _item(folder, "state_dict/model.embed.weight")
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    return "cut short"
+
+
+def _flip_item_header(folder: Path) -> str:
+    data, info = _item(folder, "state_dict/model.embed.weight")
+    raw = bytearray(data.read_bytes())
+    raw[info.offset + 2] ^= 0xFF  # the item's own header (a zip entry written by torch.save)
+    data.write_bytes(bytes(raw))
+    return "not a readable sharded checkpoint"
+
+
+def _data_is_a_link_to_another_file(folder: Path) -> str:
+    data, _ = _item(folder, "state_dict/model.embed.weight")
+    other = folder.parent / "notes.txt"
+    other.write_text("not a tensor\n" * 100000)
+    data.unlink()
+    data.symlink_to(other)
+    return "is a link"
+
+
+def _index_leaves_the_folder(folder: Path) -> str:
+    data, _ = _item(folder, "state_dict/model.embed.weight")
+    shutil.copy(data, folder.parent / "outside.distcp")  # a real data file, but not the checkpoint's own
+    _rewrite_index(folder, "../outside.distcp")
+    return "outside the checkpoint folder"
+
+
+def _index_names_a_fifo(folder: Path) -> str:
+    import os
+
+    os.mkfifo(folder / "pipe")  # opening it would block the reader forever
+    _rewrite_index(folder, "pipe")
+    return "not a regular file"
+
+
+def _flip_meta(folder: Path) -> str:
+    raw = bytearray((folder / "meta.pt").read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    (folder / "meta.pt").write_bytes(bytes(raw))
+    return "meta.pt is"
+
+
+def _flip_a_moment(folder: Path) -> str:
+    import io
+
+    data, info = _item(folder, next(iter(_optimizer_keys(folder))))
+    raw = bytearray(data.read_bytes())
+    item = raw[info.offset : info.offset + info.length]
+    values = bytes(sharded_checkpoint.tensor_bytes(torch.load(io.BytesIO(bytes(item)), weights_only=True)))
+    raw[info.offset + item.find(values) + len(values) // 2] ^= 0x10  # inside Adam's second moment's values
+    data.write_bytes(bytes(raw))
+    return "optimizer state"
+
+
+def _optimizer_keys(folder: Path) -> list[str]:
+    stored = sharded_checkpoint.SafeFileSystemReader(folder).read_metadata().state_dict_metadata
+    return [k for k in stored if k.startswith("optimizer_states/") and k.endswith("exp_avg_sq") and "embed" not in k]
+
+
+DAMAGES = {
+    f.__name__.lstrip("_"): f
+    for f in (
+        _truncate,
+        _flip_item_header,
+        _data_is_a_link_to_another_file,
+        _index_leaves_the_folder,
+        _index_names_a_fifo,
+        _flip_meta,
+        _flip_a_moment,
+    )
+}
+
+
+def _entry_points(folder: Path, tmp_path: Path, cache_dir: Path) -> dict[str, list[str]]:
+    data = [o for o in FAST if o.startswith(("data.", "++data."))] + [f"paths.cache_dir={cache_dir}"]
+    return {
+        "eval": ["eval", str(folder), *data],
+        "generate": ["generate", str(folder), "--prompt", "the ", "--max-new-tokens", "2"],
+        "export": ["export", str(folder), "--format", "hf", str(tmp_path / "hf")],
+        "analyze": ["analyze", str(folder), *data, "-o", str(tmp_path / "analysis")],
+        "resume": ["train", f"ckpt_path={folder}", f"hydra.run.dir={tmp_path / 'run'}", *FAST, "capacity=dropless"],
+        "init_from": ["train", f"model.init_from={folder}", f"hydra.run.dir={tmp_path / 'run'}", *FAST],
+    }
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_sharded_checkpoint_is_one_line_at_every_entry_point(
+    damage, sharded, tmp_path, cache_dir, capsys, monkeypatch
+):
+    """A cut data file, a flipped byte in an item's header, in meta.pt or in an Adam moment, a data file that is a
+    link, an index that leaves the folder or names a FIFO: `load_model` raises moe-lab's CheckpointError (never DCP's
+    CheckpointException, a BaseException), and eval, generate, export, analyze, a resume and model.init_from each
+    print one error line, exit 2 and write nothing (a resume leaves its run folder unclaimed)."""
+    import signal
+
+    import moe_lab
+    from test_entry_points import one_line, run_main
+
+    expected = DAMAGES[damage](sharded)
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("reading the checkpoint hangs"))
+    signal.alarm(120)
+    try:
+        if damage != "flip_a_moment":  # the weights alone are read by load_model; the moments by a resume
+            with pytest.raises(CheckpointError, match=expected):
+                moe_lab.load_model(sharded)
+        for name, args in _entry_points(sharded, tmp_path, cache_dir).items():
+            if damage == "flip_a_moment" and name != "resume":
+                continue
+            monkeypatch.chdir(tmp_path)
+            line = one_line(*run_main(args, capsys))
+            assert expected in line, (name, line)
+            assert not (tmp_path / "run").exists() and not (tmp_path / "hf").exists(), name
+    finally:
+        signal.alarm(0)

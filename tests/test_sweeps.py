@@ -131,7 +131,7 @@ def test_a_failed_job_is_one_line_and_the_sweep_goes_on(tmp_path, cache_dir):
     assert "Traceback" not in result.stderr and "Error executing job" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("moe-lab:")]
     assert lines[0].startswith("moe-lab: job 0 failed: training diverged")
-    assert lines[-1].startswith("moe-lab: error: 1 of 2 jobs failed (job 0")
+    assert lines[-1].startswith("moe-lab: error: 1 of 2 jobs did not finish (job 0 failed")
     rows = {r["job"]: r for r in read_summary(sweep)}
     assert rows["1"]["status"] == "finished" and rows["0"]["status"] == "failed"
     assert rows["0"]["val/loss"] == "" and "diverged" in rows["0"]["error"]
@@ -219,13 +219,21 @@ def signal_a_job_mid_run(args: list[str], cwd: Path, sweep: Path, job: str, sign
         [script, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     try:
+
+        def running(j: str) -> int:  # the process of job j's run (not of a stopped one a continued sweep sets aside)
+            try:
+                pid = int((sweep / j / ".moe-lab-run").read_text().split()[0])
+            except (OSError, ValueError, IndexError):
+                return 0
+            return pid if process_alive(pid) else 0
+
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
-            if (sweep / job / "checkpoints" / "last.ckpt").exists():
+            if (sweep / job / "checkpoints" / "last.ckpt").exists() and running(job):
                 break
             time.sleep(0.1)
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        pid = {j: int((sweep / j / ".moe-lab-run").read_text().split()[0]) for j in {job, *at_once}}
+        pid = {j: running(j) for j in {job, *at_once}}
         assert all(process_alive(pid[j]) for j in at_once), "the jobs were not running at the same time"
         os.kill(pid[job], signum)
         _, err = proc.communicate(timeout=300)
@@ -258,6 +266,61 @@ def test_jobs_run_at_once_under_submitit_and_a_killed_one_resumes_when_the_comma
     sweep = tmp_path / "sweep"
     args = _sweep_args(cache_dir, sweep, "hydra/launcher=parallel", "seed=1,2", *KILLED_JOB_STEPS)
     kill_one_of_two_jobs_and_resume(args, tmp_path, sweep)
+
+
+class _PlantedResult:
+    """What a hostile sweep folder holds in place of a submitit result: unpickling it writes a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.marker)!r}, 'w').write('code from the sweep folder ran')",))
+
+
+def plant_result_pickles(sweep: Path, marker: Path) -> int:
+    """Leave a submitit result pickle (`.submitit/%j/%j_0_result.pkl`, submitit's default folder) for every job id
+    the local executor can give next: its job ids are process ids, so every pid after this one (all of them where the
+    system has at most 65536). Returns how many were planted."""
+    import os
+    import pickle
+
+    payload = pickle.dumps(_PlantedResult(marker))
+    try:
+        pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    except (OSError, ValueError):
+        pid_max = 32768
+    count = min(pid_max, 65536)
+    for i in range(count):
+        pid = (os.getpid() + 1 + i) % pid_max or 1
+        folder = sweep / ".submitit" / str(pid)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{pid}_0_result.pkl").write_bytes(payload)
+    return count
+
+
+def test_a_handed_sweep_folders_pickles_never_run_and_a_stopped_job_is_one_line(tmp_path, cache_dir):
+    """A sweep folder someone hands you, continued under hydra/launcher=parallel (submitit's local executor, for
+    real): the folder carries a result pickle for every job id submitit could give a job; a job stopped mid-run
+    (SIGTERM: it writes no result of its own) must not make the sweep unpickle one. The stopped job is one line, not
+    submitit's UncompletedJobError, and the same command again finishes the sweep."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    import signal
+
+    sweep, marker = tmp_path / "sweep", tmp_path / "marker"
+    args = _sweep_args(cache_dir, sweep, "hydra/launcher=parallel", "seed=1", *KILLED_JOB_STEPS)
+    returncode, err = signal_a_job_mid_run(args, tmp_path, sweep, "0", signal.SIGKILL)
+    assert returncode == 1 and "Traceback" not in err and "UncompletedJobError" not in err, err[-3000:]
+    assert "moe-lab: job 0 " in err and "the same command again continues" in err, err[-3000:]
+    plant_result_pickles(sweep, marker)
+    returncode, err = signal_a_job_mid_run(args, tmp_path, sweep, "0", signal.SIGTERM)
+    assert not marker.exists(), "a pickle from the handed sweep folder was unpickled"
+    assert returncode == 1 and "Traceback" not in err and "UncompletedJobError" not in err, err[-3000:]
+    stopped = [line for line in err.splitlines() if line.startswith("moe-lab: job 0 ")]
+    assert len(stopped) == 1 and "interrupted" in stopped[0], err[-3000:]
+    again = run_cli(args, cwd=tmp_path)
+    assert again.returncode == 0 and not marker.exists(), again.stderr[-3000:]
+    assert [r["status"] for r in read_summary(sweep)] == ["finished"]
 
 
 def test_a_pre_empted_submitit_job_saves_is_requeued_and_resumes_in_the_same_command(tmp_path, cache_dir):

@@ -64,10 +64,15 @@ class SweepSummary(Callback):
             message += f"\n  dashboard {write_dashboard(sweep_dir, sweep_dir / 'dashboard.html')}"
         print(message, flush=True)
         failed = [run.job for run in runs if run.status in ("failed", "diverged", "aborted")]
-        if failed and basic_sweeper(config):  # other sweepers judge failures themselves (Optuna: max_failure_rate)
+        # A job still "running" or "interrupted" once the sweep has ended was stopped or killed in a process of its own
+        # (hydra/launcher=parallel, slurm, ray; under the basic launcher a stop ends the whole command instead).
+        stopped = [run.job for run in runs if run.status in ("interrupted", "running")]
+        if (failed or stopped) and basic_sweeper(config):  # other sweepers judge failures (Optuna: max_failure_rate)
+            said = [f"job {', '.join(failed)} failed: the reason is in each job's error.txt"] if failed else []
+            said += [f"job {', '.join(stopped)} stopped before the end"] if stopped else []
             print(
-                f"moe-lab: error: {len(failed)} of {len(runs)} jobs failed (job {', '.join(failed)}; the reason is "
-                f"in each job's error.txt); the same command again continues the sweep",
+                f"moe-lab: error: {len(failed) + len(stopped)} of {len(runs)} jobs did not finish ({'; '.join(said)}); "
+                "the same command again continues the sweep",
                 file=sys.stderr,
                 flush=True,
             )

@@ -25,7 +25,13 @@ from moe_lab.files import write_atomically
 from moe_lab.memory import check_fits
 from moe_lab.model import ModelConfig
 from moe_lab.training.module import MoELanguageModel
-from moe_lab.training.sharded_checkpoint import ShardedWriter, is_sharded_checkpoint, read_sharded, tensor_bytes
+from moe_lab.training.sharded_checkpoint import (
+    ShardedWriter,
+    is_sharded_checkpoint,
+    read_sharded,
+    tensor_bytes,
+    verify_sharded,
+)
 
 # A model's layout, not what it computes: a checkpoint resumes under any value of these.
 LAYOUT_KEYS = ("expert_parallel", "implementation")
@@ -88,29 +94,50 @@ def weights_checksum(state_dict: dict[str, Any]) -> str:
     return digest.hexdigest()
 
 
+def optimizer_checksum(optimizer_states: list) -> str:
+    """SHA-256 over every optimizer-state tensor (Adam's step and moments), by optimizer, slot and name: a flipped bit
+    in `exp_avg_sq` would otherwise resume silently."""
+    return weights_checksum(
+        {
+            f"{i}/{slot}/{key}": value
+            for i, saved in enumerate(optimizer_states)
+            for slot, state in (saved.get("state") or {}).items()
+            for key, value in state.items()
+        }
+    )
+
+
 def with_checksum(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint with the checksum of its weights added (what AtomicCheckpointIO and the importer write)."""
+    """The checkpoint with the checksums of its weights and optimizer state added (what AtomicCheckpointIO and the
+    importer write)."""
     if isinstance(checkpoint.get("state_dict"), dict):
         checkpoint[CHECKSUM] = {"sha256": weights_checksum(checkpoint["state_dict"])}
+        if isinstance(checkpoint.get("optimizer_states"), list):
+            checkpoint[CHECKSUM]["optimizer_sha256"] = optimizer_checksum(checkpoint["optimizer_states"])
     return checkpoint
 
 
 def _verify_checksum(ckpt: dict[str, Any], file: Path, path: str | Path) -> None:
-    """CheckpointError when the weights differ from the checksum saved with them (a flipped bit, a cut copy).
-    Checkpoints written before moe-lab saved checksums have none and are read as they are."""
-    saved = (ckpt.get(CHECKSUM) or {}).get("sha256") if isinstance(ckpt.get(CHECKSUM), dict) else None
-    if saved is None or not isinstance(ckpt.get("state_dict"), dict):
+    """CheckpointError when the weights or the optimizer state differ from the checksums saved with them (a flipped
+    bit, a cut copy). Checkpoints written before moe-lab saved checksums have none and are read as they are."""
+    saved = ckpt.get(CHECKSUM) if isinstance(ckpt.get(CHECKSUM), dict) else {}
+    if saved.get("sha256") is None or not isinstance(ckpt.get("state_dict"), dict):
         return
     stat = file.stat()
     identity = (str(file.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
     if _verified.get(identity) == saved:
         return
-    if weights_checksum(ckpt["state_dict"]) != saved:
+    damaged = "its weights do not" if weights_checksum(ckpt["state_dict"]) != saved["sha256"] else ""
+    if not damaged and saved.get("optimizer_sha256") is not None:
+        states = ckpt.get("optimizer_states")
+        if not isinstance(states, list) or optimizer_checksum(states) != saved["optimizer_sha256"]:
+            damaged = "its optimizer state does not"
+    if damaged:
         raise CheckpointError(
-            f"{path} is damaged: its weights do not match the checksum saved with them (a flipped "
-            "bit, or a copy cut short); restore it from a good copy"
+            f"{path} is damaged: {damaged} match the checksum saved with it (a flipped bit, or a copy cut short); "
+            "restore it from a good copy"
         )
-    _verified[identity] = saved
+    _verified[identity] = dict(saved)
 
 
 def checkpoint_model_config(ckpt: dict[str, Any], path: str | Path) -> ModelConfig:
@@ -132,6 +159,8 @@ def check_resume(
     if ckpt_path is None:
         return None
     ckpt = read_checkpoint(ckpt_path, setting="ckpt_path", weights=False)
+    if is_sharded_checkpoint(Path(ckpt_path).expanduser()):  # every tensor against its checksum, before any claim
+        verify_sharded(Path(ckpt_path).expanduser())
     if tokenizer is not None:
         _check_tokenizer(ckpt, ckpt_path, tokenizer)
     saved = dataclasses.asdict(checkpoint_model_config(ckpt, ckpt_path))

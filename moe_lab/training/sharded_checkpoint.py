@@ -16,8 +16,11 @@ the layout it resumes under and DCP reads each rank's own slice: a checkpoint of
 one process (`load_model`, eval, analyze, generate, export, a one-process resume) the folder is read whole.
 
 Files are data: DCP's `.metadata` is a pickle, read here by an unpickler that builds only DCP's own metadata
-classes; tensors are read by DCP with `torch.load(weights_only=True)`; DCP's byte items (arbitrary pickles, which
-its loader unpickles with weights_only=False) are never requested; `meta.pt` is read with weights_only=True.
+classes; every file the index names must be a regular file of the folder's own (no `../`, no link, no FIFO) and long
+enough for its items; tensors are read by DCP with `torch.load(weights_only=True)`; DCP's byte items (arbitrary
+pickles, which its loader unpickles with weights_only=False) are never requested; `meta.pt` is read with
+weights_only=True and carries a checksum of its own, as every weight and optimizer-state tensor does. Every failure
+of a read, DCP's CheckpointException (a BaseException) included, is one CheckpointError.
 A save is atomic: the folder is written under a temporary name beside the checkpoint (the name `files.py` gives
 temporary files, so a killed save's leftovers are removed as theirs are) and renamed into place when whole.
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import os
 import pickle
 import shutil
@@ -154,10 +158,51 @@ class ShardedWriter:
     def _finish(self, staging: Path, path: Path, meta: dict[str, Any], rank: int) -> None:
         """Rank 0, once every rank's part is written: the rest of the checkpoint, then the folder into place."""
         if rank == 0:
-            write_atomically(staging / META, lambda f: torch.save(meta, f))
+            write_atomically(staging / META, lambda f: write_meta(meta, f))
             replace_folder(staging, path)
         if self.on_saved is not None:
             self.on_saved(path)
+
+
+# meta.pt holds the rest of the checkpoint as the bytes of a torch.save with their SHA-256 beside them: a flipped byte
+# anywhere in it is found (a zip member's contents are not checked on reading, so it could load as other settings).
+META_PAYLOAD, META_SHA256 = "moe_lab_meta", "moe_lab_meta_sha256"
+
+
+def write_meta(meta: dict[str, Any], f: Any) -> None:
+    payload = io.BytesIO()
+    torch.save(meta, payload)
+    data = payload.getvalue()
+    torch.save({META_PAYLOAD: torch.frombuffer(bytearray(data), dtype=torch.uint8), META_SHA256: _sha256(data)}, f)
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """The folder's meta.pt, read as data (weights_only) and checked against its checksum (folders written before it
+    had one are read as they are). CheckpointError for a damaged or foreign file."""
+    file = _own_file(path, META)
+    try:
+        outer = torch.load(file, map_location="cpu", weights_only=True)
+        if isinstance(outer, dict) and META_PAYLOAD in outer:
+            data = tensor_bytes(outer[META_PAYLOAD])
+            if _sha256(data) != outer.get(META_SHA256):
+                raise CheckpointError(
+                    f"{file} is damaged: it does not match the checksum saved with it (a flipped bit, or a copy cut "
+                    "short); restore the checkpoint from a good copy"
+                )
+            outer = torch.load(io.BytesIO(bytes(data)), map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{file} is not readable ({type(e).__name__}); the checkpoint is damaged") from None
+    if not isinstance(outer, dict):
+        raise CheckpointError(f"{file} is not readable (not a dictionary); the checkpoint is damaged")
+    return outer
+
+
+def _sha256(data: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 def _give_up(staging: Path, rank: int) -> None:
@@ -226,14 +271,13 @@ def _as_dtensor(sharding: ExpertSharding, tensor_path: TensorPath, local: torch.
 
 
 def _weight_digests(tensors: dict[str, torch.Tensor]) -> dict[str, list[tuple[int, int, str]]]:
-    """SHA-256 of this rank's part of every weight (not the optimizer state, as a single file's checksum): (first
-    index along dim 0, length, hex); a DTensor's part starts at its EP rank's first expert."""
+    """SHA-256 of this rank's part of every weight and optimizer-state tensor (a flipped bit in Adam's moments would
+    resume silently otherwise): (first index along dim 0, length, hex); a DTensor's part starts at its EP rank's first
+    expert."""
     from torch.distributed.tensor import DTensor
 
     out = {}
     for key, tensor in tensors.items():
-        if not key.startswith("state_dict/"):
-            continue
         start = 0
         if isinstance(tensor, DTensor):
             local = tensor.to_local()
@@ -251,9 +295,7 @@ def tensor_bytes(tensor: torch.Tensor):
 
 
 def _digest(tensor: torch.Tensor) -> str:
-    import hashlib
-
-    return hashlib.sha256(tensor_bytes(tensor)).hexdigest()
+    return _sha256(tensor_bytes(tensor))
 
 
 def _verify(path: Path, checksums: dict, tensors: dict[str, tuple[torch.Tensor, int]]) -> None:
@@ -272,9 +314,14 @@ def _verify(path: Path, checksums: dict, tensors: dict[str, tuple[torch.Tensor, 
             else:
                 continue  # another rank's experts
             if _digest(part) not in digests:
+                what = (
+                    f"its weights {key.split('/', 1)[1]} do not"
+                    if key.startswith("state_dict/")
+                    else f"its optimizer state {key.split('/', 1)[1]} does not"
+                )
                 raise CheckpointError(
-                    f"{path} is damaged: its weights {key.split('/', 1)[1]} do not match the checksum saved with "
-                    "them (a flipped bit, or a copy cut short); restore it from a good copy"
+                    f"{path} is damaged: {what} match the checksum saved with it (a flipped bit, or a copy cut "
+                    "short); restore it from a good copy"
                 )
 
 
@@ -358,12 +405,53 @@ class SafeFileSystemReader(dcp.FileSystemReader):
         from torch.distributed.checkpoint.metadata import StorageMeta
 
         rank = kwargs.get("rank")
-        with open(self._get_metadata_path(rank), "rb") as f:
+        folder = Path(self.path)
+        with open(_own_file(folder, Path(self._get_metadata_path(rank)).name), "rb") as f:
             metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+        _check_storage(folder, metadata)
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+def _own_file(folder: Path, name: str) -> Path:
+    """`folder/name`, when it is a plain file of the folder's own: CheckpointError for a name that leaves the folder
+    (`../x`, an absolute path), a link (moe-lab writes none inside a checkpoint; one could lead anywhere), or anything
+    but a regular file (a FIFO would block the reader forever, a device would never end)."""
+    import stat
+
+    relative = Path(name)
+    if relative.is_absolute() or len(relative.parts) != 1 or relative.name in ("", ".", ".."):
+        raise CheckpointError(f"{folder}: its index names {name!r}, outside the checkpoint folder; it is damaged")
+    file = folder / relative
+    try:
+        mode = os.lstat(file).st_mode
+    except OSError:
+        raise CheckpointError(f"{folder}: {name} is missing; the checkpoint is damaged or was copied in part") from None
+    if stat.S_ISLNK(mode):
+        raise CheckpointError(f"{file} is a link; a checkpoint folder holds its own files (copy the real file there)")
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{file} is not a regular file; the checkpoint is damaged")
+    return file
+
+
+def _check_storage(folder: Path, metadata: Any) -> None:
+    """Every data file the index names is a file of the folder's own, and long enough for the items in it (a copy cut
+    short is named, not read to its end); transforms (DCP's compression extensions) are not moe-lab's and refused."""
+    sizes: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        name = str(getattr(info, "relative_path", ""))
+        if name not in sizes:
+            sizes[name] = _own_file(folder, name).stat().st_size
+        if getattr(info, "transform_descriptors", None):
+            raise CheckpointError(f"{folder}/{name}: its items are stored with transforms moe-lab does not write")
+        end = int(getattr(info, "offset", 0)) + int(getattr(info, "length", 0))
+        if end > sizes[name]:
+            raise CheckpointError(
+                f"{folder}/{name} is cut short ({sizes[name]} bytes, its index needs {end}); restore the checkpoint "
+                "from a good copy"
+            )
 
 
 def read_sharded(path: str | Path, sharding: Optional[ExpertSharding] = None, weights: bool = True) -> dict:
@@ -372,30 +460,73 @@ def read_sharded(path: str | Path, sharding: Optional[ExpertSharding] = None, we
     rank calls: a collective). `weights=False` reads only meta.pt (settings, step, origin). CheckpointError when the
     folder is damaged or was not written by moe-lab."""
     path = Path(path).expanduser()
-    try:
-        meta = torch.load(path / META, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"{path}/{META} is not readable ({type(e).__name__}); the checkpoint is damaged"
-        ) from None
-    index = meta.pop(INDEX, None) if isinstance(meta, dict) else None
+    meta = read_meta(path)
+    index = meta.pop(INDEX, None)
     if not isinstance(index, dict):
         raise CheckpointError(f"{path} was not written by moe-lab (its {META} has no tensor index)")
     checksums = meta.pop(CHECKSUMS, None)
-    if not weights:
-        return meta
-    try:
+    with _one_error_line(path):
+        if not weights:
+            SafeFileSystemReader(path).read_metadata()  # the index and the files it names, without their contents
+            return meta
         tensors = _read_tensors(path, index, sharding)
-    except CheckpointError:
-        raise
-    except Exception as e:  # a cut or foreign file, an index that names code, ...
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise CheckpointError(f"{path} is not a readable sharded checkpoint ({type(e).__name__}: {reason})") from None
     if isinstance(checksums, dict):  # folders written before moe-lab saved them have none
         _verify(path, checksums, tensors)
     for key, tensor_path in index.items():
         _put(meta, tensor_path, tensors[key][0])
     return meta
+
+
+@contextlib.contextmanager
+def _one_error_line(path: Path) -> Iterator[None]:
+    """Whatever reading the folder raises, as one CheckpointError: a cut or foreign file, an index that names code,
+    and DCP's CheckpointException (a BaseException, which `except Exception` does not catch) around any of them."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:
+        if isinstance(e, CheckpointException):  # the first failing rank's error, kept with its traceback
+            failures = [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
+            e = next((f for f in failures if isinstance(f, BaseException)), e)
+        if isinstance(e, CheckpointError):
+            raise e from None
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(
+            f"{path} is not a readable sharded checkpoint ({type(e).__name__}: {reason}); restore it from a good copy"
+        ) from None
+
+
+VERIFY_BATCH_BYTES = 256 * 2**20  # what verify_sharded holds in memory at once (more for a larger single tensor)
+
+
+def verify_sharded(path: str | Path) -> None:
+    """Read every tensor of a sharded checkpoint once, a batch of about VERIFY_BATCH_BYTES at a time (never the whole
+    checkpoint in memory), and check each against the checksum saved with it: what a resume does before it claims a
+    run directory."""
+    path = Path(path).expanduser()
+    meta = read_meta(path)
+    index, checksums = meta.get(INDEX), meta.get(CHECKSUMS)
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{path} was not written by moe-lab (its {META} has no tensor index)")
+    checksums = checksums if isinstance(checksums, dict) else {}
+    with _one_error_line(path):
+        stored = SafeFileSystemReader(path).read_metadata().state_dict_metadata
+    batches, size = [{}], 0
+    for key, tensor_path in index.items():
+        entry = stored.get(key)
+        if isinstance(entry, TensorStorageMetadata):
+            size += math.prod(entry.size) * entry.properties.dtype.itemsize
+        batches[-1][key] = tensor_path
+        if size >= VERIFY_BATCH_BYTES:
+            batches.append({})
+            size = 0
+    for batch in filter(None, batches):
+        with _one_error_line(path):
+            tensors = _read_tensors(path, batch, None)
+        _verify(path, {key: checksums[key] for key in batch if key in checksums}, tensors)
 
 
 def _read_tensors(
