@@ -404,8 +404,9 @@ def test_a_damaged_sharded_checkpoint_is_one_line_at_every_entry_point(
     print one error line, exit 2 and write nothing (a resume leaves its run folder unclaimed)."""
     import signal
 
-    import moe_lab
     from test_entry_points import one_line, run_main
+
+    import moe_lab
 
     expected = DAMAGES[damage](sharded)
     signal.signal(signal.SIGALRM, lambda *_: pytest.fail("reading the checkpoint hangs"))
