@@ -646,6 +646,26 @@ def test_a_flipped_bit_in_a_weight_is_found_on_load(real_checkpoint, tmp_path, c
     moe_lab.load_model(real_checkpoint)  # the good one loads
 
 
+def test_a_flipped_bit_in_an_adam_moment_stops_a_resume_before_its_folder_is_claimed(real_checkpoint, tmp_path, capsys):
+    """The optimizer state carries a checksum as the weights do: a bit flipped in `exp_avg_sq` would otherwise resume
+    silently with a wrong step size for that weight."""
+    from moe_lab.cli.main import main
+
+    data = bytearray(real_checkpoint.read_bytes())
+    state = torch.load(real_checkpoint, weights_only=True)["optimizer_states"][0]["state"]
+    moment = max((s["exp_avg_sq"] for s in state.values()), key=lambda t: t.numel())
+    at = data.find(moment.reshape(-1)[:16].numpy().tobytes())
+    assert at > 0
+    data[at + 5] ^= 0x01
+    (tmp_path / "flipped.ckpt").write_bytes(bytes(data))
+    run = tmp_path / "resumed"
+    args = ["train", f"ckpt_path={tmp_path / 'flipped.ckpt'}", f"hydra.run.dir={run}", *FAST, "capacity=dropless"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "flipped.ckpt is damaged: its optimizer state does not match the checksum" in err, err[-2000:]
+    assert not run.exists()
+
+
 def test_a_checkpoint_with_nan_weights_is_not_exported(real_checkpoint, tmp_path):
     from moe_lab.tools.export import export_hf
     from moe_lab.training.checkpoint import with_checksum

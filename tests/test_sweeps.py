@@ -442,3 +442,76 @@ def test_jobs_in_folders_named_by_hydra_sweep_subdir_count_as_started(tmp_path):
         (tmp_path / str(seed) / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"num": number}}}))
     assert job_folders(tmp_path) == {0: tmp_path / "5", 1: tmp_path / "6"}
     assert not_started_rows(tmp_path) == [{"job": "2", "status": "not started", "overrides": "seed=7"}]
+
+
+def _copied_sweep(sweep_dir: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(sweep_dir, sweep)
+    return sweep
+
+
+def _sweep_command(sweep: Path) -> list[str]:
+    """The command that ran the sweep in the folder (its task overrides, from multirun.yaml), into `sweep`."""
+    task = yaml.safe_load((sweep / "multirun.yaml").read_text())["hydra"]["overrides"]["task"]
+    return ["-m", *task, f"hydra.sweep.dir={sweep}"]
+
+
+def test_a_sweep_folders_plan_is_bounded_and_compared_with_the_command(sweep_dir, tmp_path, capsys):
+    """multirun.yaml asking for a billion jobs (hydra.sweeper.params: +x=range(0,1000000000)): the dashboard refuses
+    it in one line without expanding it, and the command that ran the sweep does not take the folder's params as its
+    own (the folder is not its sweep); a damaged multirun.yaml is named as damaged."""
+    import signal
+
+    from moe_lab.cli.main import main
+    from moe_lab.cli.preflight import preflight
+
+    sweep = _copied_sweep(sweep_dir, tmp_path)
+    command = _sweep_command(sweep)
+    multirun = yaml.safe_load((sweep / "multirun.yaml").read_text())
+    multirun["hydra"]["sweeper"]["params"] = {"+x": "range(0,1000000000)"}
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump(multirun))
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the folder's plan was expanded"))
+    signal.alarm(60)
+    try:
+        assert main(["dashboard", str(sweep)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "plans more than 100,000 jobs" in err, err
+        message = preflight(command)
+    finally:
+        signal.alarm(0)
+    assert message is not None and "already holds runs of another command" in message, message
+    (sweep / "multirun.yaml").write_text("hydra: {overrides: [\n")
+    message = preflight(command)
+    assert message is not None and "multirun.yaml is damaged" in message, message
+
+
+def test_a_damaged_earlier_attempt_is_one_line_and_the_summary_stays_right(sweep_dir, tmp_path, capsys):
+    """A finished job resumed from an attempt whose .hydra/overrides.yaml holds a python tag: the summary lists the job
+    as finished (not 'not started'), and the sweep's end and the dashboard say so in one `moe-lab:` line each."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from moe_lab.cli.hydra_callbacks import SweepSummary
+    from moe_lab.cli.main import main
+
+    sweep = _copied_sweep(sweep_dir, tmp_path)
+    want = [(r["job"], r["status"]) for r in read_summary(sweep)]
+    attempt = sweep / ".attempts" / "0-1"
+    shutil.copytree(sweep / "0", attempt)
+    (attempt / ".hydra" / "overrides.yaml").write_text("- !!python/object/apply:os.system ['touch ran']\n")
+    (sweep / "0" / "resumed_from.json").write_text(json.dumps({"step": 3, "run_dir": str(attempt)}))
+    (sweep / "sweep_summary.csv").unlink()
+    config = OmegaConf.create(
+        {"hydra": {"sweep": {"dir": str(sweep)}, "sweeper": {"_target_": "BasicSweeper"}}, "metrics": {}}
+    )
+    SweepSummary().on_multirun_end(config)
+    err = capsys.readouterr().err
+    assert [(r["job"], r["status"]) for r in read_summary(sweep)] == want
+    lines = [line for line in err.splitlines() if line.startswith("moe-lab:")]
+    assert len(lines) == 1 and "overrides.yaml is damaged" in lines[0] and "0 was resumed from" in lines[0], err
+    assert main(["dashboard", str(sweep)]) == 0
+    assert capsys.readouterr().err.count("overrides.yaml is damaged") == 1
+    assert not (tmp_path / "ran").exists()

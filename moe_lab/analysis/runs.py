@@ -59,6 +59,7 @@ class RunRecord:
     # from; `earlier` names those runs (oldest first) and `gap` what could not be read.
     earlier: list[tuple[Path, int]] = field(default_factory=list)
     gap: str = ""
+    damaged: str = ""  # why an earlier run's files could not be read (its curves are left out; this run's are whole)
     name: str = ""  # how pages name the run (default: its directory's name)
 
     @property
@@ -138,9 +139,16 @@ def _prepend_earlier(record: RunRecord, origin: Any, seen: set) -> None:
             "which is gone: its curves are missing here"
         )
         return
-    earlier = read_run(where, seen)
+    try:
+        earlier = read_run(where, seen)
+    except DashboardError as e:  # the earlier run's damage is its own: this run's row and curves stay right
+        record.damaged = str(e)
+        record.gap = (
+            f"steps 0-{step} were trained by {earlier_dir}, whose files are damaged: its curves are missing here"
+        )
+        return
     record.earlier = earlier.earlier + [(where, step)]
-    record.gap = earlier.gap
+    record.gap, record.damaged = earlier.gap, earlier.damaged
     record.metrics = [r for r in earlier.metrics if r["step"] <= step] + record.metrics
     record.routing = [r for r in earlier.routing if r.get("step", 0) <= step] + record.routing
     if record.summary and record.summary.get("initial_val_loss") is None:
@@ -219,6 +227,16 @@ def _routing_shape(record: Any) -> str:
     ):
         return "'domains' is not a list of names"
     return ""
+
+
+def damaged_earlier_lines(runs: list[RunRecord]) -> list[str]:
+    """One line for each run whose earlier run (the attempt it was resumed from) could not be read."""
+    return [
+        f"moe-lab: warning: {run.job} was resumed from a run whose files are damaged, and its curves before that are "
+        f"left out: {run.damaged}"
+        for run in runs
+        if run.damaged
+    ]
 
 
 def sweep_runs(path: Path) -> list[RunRecord]:

@@ -11,10 +11,26 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from moe_lab.analysis.dashboard import write_dashboard
-from moe_lab.analysis.runs import ranked_table, sweep_runs
+from moe_lab.analysis.runs import damaged_earlier_lines, ranked_table, sweep_runs
 from moe_lab.analysis.seeds import group_table, has_seed_groups, seed_groups
+from moe_lab.errors import UserError
 from moe_lab.files import write_atomically
 from moe_lab.training.sweeps import write_sweep_files
+
+
+def _one_line(hook):
+    """A callback whose UserError (a damaged job folder) is one `moe-lab: error:` line, not a Python warning (Hydra
+    turns a callback's exception into one and carries on): the sweep then ends with exit code 1."""
+
+    def wrapped(self, *args: Any, **kwargs: Any) -> None:
+        try:
+            hook(self, *args, **kwargs)
+        except UserError as e:
+            print(f"moe-lab: error: the sweep summary could not be written: {e}", file=sys.stderr, flush=True)
+            if hook.__name__ == "on_multirun_end":
+                raise SystemExit(1) from None
+
+    return wrapped
 
 
 class SweepSummary(Callback):
@@ -23,6 +39,7 @@ class SweepSummary(Callback):
     validation loss (and the seed groups with their intervals) and write the sweep dashboard. A sweeper that stops on
     a failure (Hydra's basic sweeper raises once its batch is done) still leaves a complete summary behind."""
 
+    @_one_line
     def on_job_end(self, config, job_return, **kwargs: Any) -> None:
         from hydra.core.utils import JobStatus
 
@@ -41,12 +58,15 @@ class SweepSummary(Callback):
         if config.hydra.mode == RunMode.MULTIRUN and Path(config.hydra.sweep.dir).is_dir():
             write_sweep_files(Path(config.hydra.sweep.dir))
 
+    @_one_line
     def on_multirun_end(self, config, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.is_dir():
             return
         written = write_sweep_files(sweep_dir)
         runs = sweep_runs(sweep_dir)
+        for line in damaged_earlier_lines(runs):
+            print(line, file=sys.stderr, flush=True)
         message = (
             f"\nmoe-lab: sweep of {len(runs)} runs, best validation loss first "
             f"('!': dead or starved experts)\n{ranked_table(runs)}\n"

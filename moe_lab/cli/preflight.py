@@ -75,14 +75,14 @@ def preflight(args: list[str], claim: bool = False) -> Optional[str]:
             return None
         target = check(parsed)
         if target is not None:
-            directory, multirun = target
+            directory, multirun, sweeper_params = target
             # Under torchrun or SLURM the other ranks start with this one, and their Hydra may have made .hydra.
             hydra_made = not externally_launched()
             continuing = (
                 multirun
                 and directory.is_dir()
                 and any(directory.iterdir())
-                and same_sweep(directory, list(parsed.overrides))
+                and same_sweep(directory, list(parsed.overrides), sweeper_params)
             )
             if claim:  # refuses a used directory, then takes it
                 if continuing:  # the same sweep again: it continues (training/sweeps.py)
@@ -97,9 +97,10 @@ def preflight(args: list[str], claim: bool = False) -> Optional[str]:
     return None
 
 
-def check(parsed: argparse.Namespace, inputs: bool = True) -> Optional[tuple[Path, bool]]:
-    """Raises UserError on a mistake; returns the run directory (or the sweep directory, and True) when it is known
-    before the job runs, for preflight() to refuse or claim. With `inputs`, the data are read and the checkpoint to
+def check(parsed: argparse.Namespace, inputs: bool = True) -> Optional[tuple[Path, bool, dict]]:
+    """Raises UserError on a mistake; returns the run directory (or the sweep directory, and True), with the sweeper's
+    configured params (`hydra.sweeper.params`), when it is known before the job runs, for preflight() to refuse or
+    claim. With `inputs`, the data are read and the checkpoint to
     resume or upcycle is checked too (not for --cfg and --info, which show a config and read nothing)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -350,10 +351,13 @@ def _check_inputs(run) -> None:
         )
 
 
-def _output_dir(base: DictConfig, multirun: bool) -> Optional[tuple[Path, bool]]:
-    """The run (or sweep) directory Hydra will use, when it is known before the job runs."""
+def _output_dir(base: DictConfig, multirun: bool) -> Optional[tuple[Path, bool, dict]]:
+    """The run (or sweep) directory Hydra will use, when it is known before the job runs, with the sweeper's params
+    (what a sweep folder's multirun.yaml must also hold for the same command to continue it)."""
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    params = OmegaConf.select(base, "hydra.sweeper.params", default=None)
+    params = {str(k): str(v) for k, v in OmegaConf.to_container(params).items()} if params else {}
     try:
-        return Path(str(OmegaConf.select(base, key, throw_on_resolution_failure=True))), multirun
+        return Path(str(OmegaConf.select(base, key, throw_on_resolution_failure=True))), multirun, params
     except Exception:
         return None  # depends on values only a running job has; train() checks and claims inside the job

@@ -8,11 +8,12 @@ its page is (a sweep on SLURM outlives the process that submitted it).
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 from moe_lab.analysis.dashboard import live, write_comparison, write_dashboard
-from moe_lab.analysis.runs import is_sweep_dir, ranked_table, sweep_runs
+from moe_lab.analysis.runs import damaged_earlier_lines, is_sweep_dir, ranked_table, sweep_runs
 from moe_lab.analysis.seeds import group_table, has_seed_groups, seed_groups
 from moe_lab.training.sweeps import write_sweep_files
 
@@ -43,6 +44,8 @@ def run(args: Any) -> int:
     else:
         out, runs = write_comparison(args.paths, args.output)
         print(ranked_table(runs))
+    for line in damaged_earlier_lines(runs):
+        print(line, file=sys.stderr)
     groups = seed_groups(runs)
     if has_seed_groups(groups):
         print(f"{len(groups)} configurations over seeds, best mean validation loss first:\n{group_table(groups)}")

@@ -14,6 +14,7 @@ it is applied.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -24,13 +25,25 @@ from moe_lab.errors import UserError
 from moe_lab.files import process_alive
 from moe_lab.training.run_dir import ATTEMPTS, CLAIM, job_state, own_sweep, run_markers
 
+# The most jobs a sweep folder's plan may list: what a multirun.yaml asks for is counted before anything is expanded
+# (a `range(0,1000000000)` would otherwise build a billion-element list), and a plan over this is refused.
+MAX_PLANNED_JOBS = 100_000
+
 
 def _multirun(sweep_dir: Path) -> Optional[dict]:
-    try:
-        loaded = yaml.safe_load((Path(sweep_dir) / "multirun.yaml").read_text())
-    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+    """The sweep's multirun.yaml, read as data; None when there is none; UserError when it is damaged."""
+    file = Path(sweep_dir) / "multirun.yaml"
+    if not file.exists():
         return None
-    return loaded if isinstance(loaded, dict) else None
+    try:
+        loaded = yaml.safe_load(file.read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(
+            f"{file} is damaged ({type(e).__name__}); restore it, or choose another sweep directory"
+        ) from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{file} is damaged (not a mapping); restore it, or choose another sweep directory")
+    return loaded
 
 
 def _task_overrides(multirun: dict) -> Optional[list[str]]:
@@ -47,23 +60,48 @@ def planned_jobs(sweep_dir: Path) -> Optional[list[list[str]]]:
 
     multirun = _multirun(sweep_dir)
     task = _task_overrides(multirun) if multirun else None
-    sweeper = (multirun or {}).get("hydra", {}).get("sweeper") or {}
+    sweeper = _sweeper(multirun) if multirun else {}
     if task is None or not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return None
-    params = sweeper.get("params") or {}
+    params = sweeper.get("params") if isinstance(sweeper.get("params"), dict) else {}
     try:
         parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + task)
     except HydraException:
         return None
-    choices: dict[str, list[str]] = {}
-    for o in parsed:
-        key = o.get_key_element()
-        choices[key] = (
-            [f"{key}={v}" for v in o.sweep_string_iterator()]
-            if o.is_sweep_override()
-            else [f"{key}={o.get_value_element_as_str()}"]
+    keys = [o.get_key_element() for o in parsed]
+    if math.prod(_count_values(o) for o in parsed) > MAX_PLANNED_JOBS:
+        raise UserError(
+            f"{Path(sweep_dir) / 'multirun.yaml'} plans more than {MAX_PLANNED_JOBS:,} jobs; moe-lab does not expand "
+            "it (a damaged file, or not a sweep moe-lab ran)"
         )
-    return [list(job) for job in itertools.product(*choices.values())]
+    choices = [
+        [f"{key}={v}" for v in o.sweep_string_iterator()]
+        if o.is_sweep_override()
+        else [f"{key}={o.get_value_element_as_str()}"]
+        for key, o in zip(keys, parsed)
+    ]
+    return [list(job) for job in itertools.product(*dict(zip(keys, choices)).values())]
+
+
+def _count_values(override) -> int:
+    """How many values a parsed override stands for, counted without listing them (a range by its arithmetic)."""
+    from hydra.core.override_parser.types import ChoiceSweep, RangeSweep
+
+    if not override.is_sweep_override():
+        return 1
+    value = override.value()
+    if isinstance(value, RangeSweep):
+        if value.step == 0:
+            return 0
+        return max(0, math.ceil((value.stop - value.start) / value.step))
+    if isinstance(value, ChoiceSweep):
+        return len(value.list)
+    return MAX_PLANNED_JOBS + 1  # an interval or another kind of sweep: not a list of jobs
+
+
+def _sweeper(multirun: dict) -> dict:
+    sweeper = (multirun.get("hydra") or {}).get("sweeper") if isinstance(multirun.get("hydra"), dict) else None
+    return sweeper if isinstance(sweeper, dict) else {}
 
 
 def job_folders(sweep_dir: Path) -> dict[int, Path]:
@@ -84,12 +122,17 @@ def job_folders(sweep_dir: Path) -> dict[int, Path]:
     return dict(sorted(found.items()))
 
 
-def same_sweep(sweep_dir: Path, overrides: list[str]) -> bool:
+def same_sweep(sweep_dir: Path, overrides: list[str], sweeper_params: Optional[dict] = None) -> bool:
     """Whether `sweep_dir` holds a sweep started with these command-line overrides (Hydra's own aside: hydra.* values
-    and hydra/* groups such as the launcher, which Hydra keeps apart from the job's)."""
+    and hydra/* groups such as the launcher, which Hydra keeps apart from the job's) and these sweeper params (the
+    command's `hydra.sweeper.params`): what the folder's multirun.yaml asks for is compared with what the command asks
+    for, never taken from the folder. UserError when multirun.yaml is damaged."""
     multirun = _multirun(sweep_dir)
     task = _task_overrides(multirun) if multirun else None
-    return task is not None and task == [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
+    if task is None or task != [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]:
+        return False
+    params = _sweeper(multirun).get("params") or {}
+    return isinstance(params, dict) and {str(k): str(v) for k, v in params.items()} == (sweeper_params or {})
 
 
 def set_aside(job: Path) -> Path:
