@@ -177,3 +177,20 @@ def test_comparing_runs_of_different_sweeps(sweep_dir, make_cfg, tmp_path):
     assert len([line for line in again.stdout.splitlines() if line[:1].isdigit()]) == 5
     missing = run_cli(["dashboard", str(sweep_dir / "0"), str(tmp_path / "nope")], cwd=tmp_path)
     assert missing.returncode == 2 and "no such directory" in missing.stderr
+
+
+def test_a_job_folders_name_never_becomes_a_link_with_a_scheme(sweep_dir, tmp_path):
+    """A job folder named `javascript:alert(document.domain)` in a sweep someone hands you: the sweep page links its
+    run page by a relative path whose parts are percent-encoded, so a click opens a file and never runs a script."""
+    import html
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(sweep_dir, sweep)
+    hostile = "javascript:alert(document.domain)"
+    (sweep / "1").rename(sweep / hostile)
+    write_dashboard(sweep, sweep / "dashboard.html")
+    page = (sweep / "dashboard.html").read_text()
+    links = [html.unescape(h) for h in re.findall(r"<td><a href=\"([^\"]*)\">open</a>", page)]
+    assert len(links) == 4 and all(link.startswith(("./", "../")) and ":" not in link for link in links), links
+    assert "./javascript%3Aalert%28document.domain%29/dashboard.html" in links

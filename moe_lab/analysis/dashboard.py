@@ -271,10 +271,22 @@ def _sweep_row(r: dict, run: RunRecord, label: str, best_balance: bool, best_los
         "error": run.error,
         "overrides": r["overrides"].split(),
         "best": best_loss,
-        "page": os.path.relpath(run.path / "dashboard.html", links_from)
-        if (run.path / "dashboard.html").exists()
-        else "",
+        "page": relative_link(run.path / "dashboard.html", links_from) if (run.path / "dashboard.html").exists() else "",
     }
+
+
+def relative_link(target: Path, links_from: Path) -> str:
+    """An href to `target` from the page in `links_from`: a relative path whose every part is percent-encoded (a
+    folder named `javascript:alert(1)` becomes `./javascript%3Aalert%281%29/...`), starting with ./ or ../, so no
+    scheme can ever be read into it; "" (no link) when no relative path leads there (another drive)."""
+    from urllib.parse import quote
+
+    try:
+        relative = Path(os.path.relpath(target, links_from))
+    except ValueError:
+        return ""
+    link = "/".join(part if part == ".." else quote(part, safe="") for part in relative.parts)
+    return link if link.startswith("../") else f"./{link}"
 
 
 def _domain_figures(runs: list[RunRecord], names: list[str]) -> list:
