@@ -14,6 +14,7 @@ A leaf module (standard library only), shared by training, analysis and the tool
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -22,7 +23,7 @@ import socket
 import stat
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable
+from typing import BinaryIO, Callable, Iterable, Optional
 
 _HOST = re.sub(r"[^A-Za-z0-9]", "_", socket.gethostname())[:40] or "host"
 _TEMP = re.compile(r"^\..+\.moe-lab-(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[^.]+\.tmp$")
@@ -48,10 +49,32 @@ def write_atomically(path: Path, content: str | bytes | Callable[[BinaryIO], Non
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        full = disk_full(e)
+        if full is not None and full is not e:  # the serializer's own error around it (torch's zip writer's)
+            raise OSError(full.errno, full.strerror, str(path)) from None
         raise
     fsync_directory(path.parent)  # make the rename itself durable
+
+
+def disk_full(error: BaseException) -> Optional[OSError]:
+    """The OSError "no space left on device" (or "disk quota exceeded") behind `error`, if any: serializers wrap it
+    (torch's zip writer raises a RuntimeError while it handles one; DCP a CheckpointException listing each rank's
+    failure), and a full disk is a run's outcome to report in one line, not a bug to show as a traceback."""
+    seen, stack = set(), [error]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return e
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            stack += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        stack += [e.__cause__, e.__context__]
+    return None
 
 
 def temp_folder_beside(path: Path) -> Path:

@@ -731,27 +731,52 @@ def test_bench_out_that_holds_results_is_refused_before_the_benchmark(tmp_path, 
     assert (tmp_path / "file").read_text() == "mine" and (tmp_path / "old" / "bench.json").read_text() == "{}"
 
 
-def test_a_full_disk_at_the_final_save_names_the_last_good_checkpoint(make_cfg, tmp_path, monkeypatch):
-    import errno
+@pytest.fixture
+def small_filesystem(tmp_path, real_checkpoint):
+    """A real tmpfs with room for about one and a half checkpoints of the FAST model (the real_checkpoint fixture's
+    size) and the run's logs; mounted for the test and unmounted after. Needs root (CI and the developer machines run
+    as root); skipped with its reason elsewhere."""
+    import os
+    import subprocess
 
-    from moe_lab.errors import DiskFull
-    from moe_lab.training.checkpoint import AtomicCheckpointIO
+    mount = tmp_path / "small"
+    mount.mkdir()
+    size = int(1.5 * real_checkpoint.stat().st_size) + 256 * 1024
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
-    real_save = AtomicCheckpointIO.save_checkpoint
 
-    def full_after_the_first(self, checkpoint, path, storage_options=None):
-        if self.last_saved is not None:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_save(self, checkpoint, path, storage_options)
-
-    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", full_after_the_first)
-    with pytest.raises(
-        DiskFull, match="the disk is full .* at step 12; the last checkpoint written whole is .*step000006.ckpt"
-    ):
-        train(make_cfg("metrics.dashboard=false", name="run"))
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+@pytest.mark.parametrize("layout", ["file", "sharded"])
+def test_a_full_disk_at_the_final_save_names_the_last_good_checkpoint(layout, small_filesystem, cache_dir, tmp_path):
+    """On a real filesystem that fills up (a tmpfs with room for one checkpoint): the periodic checkpoint of step 6 is
+    written whole, the final save at step 9 finds the disk full. One `moe-lab: error:` line naming step 6's checkpoint
+    (not torch's zip-writer traceback), exit code 1, summary.json with status failed, and no partial file left."""
+    run = small_filesystem / "run"
+    args = ["train", *FAST, "capacity=dropless", "trainer.max_steps=9", "trainer.val_check_interval=9"]
+    args += ["checkpoint.format=sharded"] if layout == "sharded" else []
+    result = run_cli(
+        [*args, "metrics.dashboard=false", f"paths.cache_dir={cache_dir}", f"hydra.run.dir={run}"], cwd=tmp_path
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("moe-lab:")]
+    assert len(lines) == 1 and lines[0].startswith("moe-lab: error: the disk is full"), result.stderr[-3000:]
+    assert "at step 9; the last checkpoint written whole is" in lines[0] and "step000006.ckpt" in lines[0]
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["checkpoint"].endswith("step000006.ckpt")
     assert "disk full" in summary["error"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt", "step000006.ckpt"]  # no temp file
+    assert (run / "checkpoints" / "last.ckpt").resolve().name == "step000006.ckpt"  # the link to it, as before the save
+    from moe_lab.training.checkpoint import read_checkpoint
+
+    read_checkpoint(run / "checkpoints" / "step000006.ckpt")  # whole: its checksums hold
 
 
 def test_a_failed_jobs_row_shows_no_loss_it_never_reached(tmp_path):

@@ -271,7 +271,9 @@ def _sweep_row(r: dict, run: RunRecord, label: str, best_balance: bool, best_los
         "error": run.error,
         "overrides": r["overrides"].split(),
         "best": best_loss,
-        "page": relative_link(run.path / "dashboard.html", links_from) if (run.path / "dashboard.html").exists() else "",
+        "page": relative_link(run.path / "dashboard.html", links_from)
+        if (run.path / "dashboard.html").exists()
+        else "",
     }
 
 

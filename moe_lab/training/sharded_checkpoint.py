@@ -47,7 +47,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from moe_lab.errors import CheckpointError
-from moe_lab.files import fsync_directory, temp_folder_beside, write_atomically
+from moe_lab.files import disk_full, fsync_directory, temp_folder_beside, write_atomically
 
 META = "meta.pt"  # the non-tensor part of the checkpoint
 INDEX = "moe_lab_sharded"  # meta.pt's record of where each tensor of the checkpoint was taken from
@@ -124,8 +124,11 @@ class ShardedWriter:
             try:
                 with _quiet_single_process(not distributed):
                     dcp.save(tensors, storage_writer=writer, no_dist=not distributed)
-            except BaseException:
+            except BaseException as e:
                 _give_up(staging, rank)
+                full = disk_full(e)
+                if full is not None and full is not e:  # DCP's CheckpointException around it
+                    raise OSError(full.errno, full.strerror, str(path)) from None
                 raise
             self._finish(staging, path, meta, rank)
             if distributed:
@@ -144,7 +147,8 @@ class ShardedWriter:
                 done.set_result(path)
             except BaseException as e:  # the thread's error, raised by wait()
                 _give_up(staging, rank)
-                done.set_exception(e)
+                full = disk_full(e)
+                done.set_exception(OSError(full.errno, full.strerror, str(path)) if full is not None else e)
 
         written.add_done_callback(finish)
         self._pending = done
