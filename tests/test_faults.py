@@ -666,6 +666,38 @@ def test_a_flipped_bit_in_an_adam_moment_stops_a_resume_before_its_folder_is_cla
     assert not run.exists()
 
 
+@pytest.mark.parametrize("command", ["generate", "eval", "analyze"])
+def test_a_checkpoint_with_nan_weights_is_one_line_not_nul_bytes(command, real_checkpoint, tmp_path, cache_dir, capsys):
+    """NaN weights saved as such (their checksum matches): generate would print NUL bytes with exit 0, eval and analyze
+    report NaN. Each is one error line naming the weights, exit 2, nothing on standard output."""
+    from moe_lab.cli.main import main
+    from moe_lab.training.checkpoint import with_checksum
+
+    ckpt = torch.load(real_checkpoint, weights_only=True)
+    ckpt["state_dict"]["model.blocks.1.attn.q_proj.weight"][0, 0] = float("nan")
+    torch.save(with_checksum(ckpt), tmp_path / "nan.ckpt")
+    data = [o for o in FAST if o.startswith(("data.", "++data."))] + [f"paths.cache_dir={cache_dir}"]
+    args = {
+        "generate": ["--prompt", "the ", "--max-new-tokens", "4"],
+        "eval": data,
+        "analyze": [*data, "-o", str(tmp_path / "analysis")],
+    }[command]
+    assert main([command, str(tmp_path / "nan.ckpt"), *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured
+    assert "NaN or infinite values (blocks.1.attn.q_proj.weight)" in captured.err
+
+
+@pytest.mark.parametrize("temperature", ["nan", "inf"])
+def test_a_temperature_that_is_not_a_finite_number_is_refused(temperature, real_checkpoint, capsys):
+    from moe_lab.cli.main import main
+
+    assert main(["generate", str(real_checkpoint), "--prompt", "x", "--temperature", temperature]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "temperature must be a finite number >= 0" in captured.err
+    assert captured.err.count("\n") == 1, captured.err
+
+
 def test_a_checkpoint_with_nan_weights_is_not_exported(real_checkpoint, tmp_path):
     from moe_lab.tools.export import export_hf
     from moe_lab.training.checkpoint import with_checksum

@@ -11,12 +11,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from moe_lab.data.config import TokenizerConfig
 from moe_lab.errors import ExportError
 from moe_lab.interop.huggingface import to_hf
-from moe_lab.training.checkpoint import load_model
+from moe_lab.training.checkpoint import load_model, refuse_non_finite
 
 FORMATS = ("hf",)
 
@@ -69,12 +67,7 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty; moe-lab never writes over files: choose a new directory")
     module = load_model(ckpt_path)
-    broken = [name for name, p in module.model.state_dict().items() if not torch.isfinite(p).all()]
-    if broken:
-        raise ExportError(
-            f"{ckpt_path}: its weights hold NaN or infinite values ({', '.join(broken[:3])}"
-            f"{', ...' if len(broken) > 3 else ''}); moe-lab does not export a broken model"
-        )
+    refuse_non_finite(module.model, ckpt_path)
     tokenizer = hf_tokenizer(module.hparams.get("tokenizer"))
     model = to_hf(module.model, eos_id=tokenizer.eos_token_id)
     out.mkdir(parents=True, exist_ok=True)

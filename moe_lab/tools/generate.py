@@ -11,6 +11,7 @@ terminal and in an HTML snippet.
 from __future__ import annotations
 
 import html
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,10 +56,11 @@ class Sampling:
     seed: int = 0
 
     def check(self) -> None:
-        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+        # not (t >= 0) also refuses NaN, which every comparison fails; an infinite temperature would sample uniformly.
+        if not (0 <= self.temperature < math.inf) or self.top_k < 0 or not 0 < self.top_p <= 1:
             raise UserError(
                 f"--temperature {self.temperature}, --top-k {self.top_k}, --top-p {self.top_p}: the "
-                "temperature must be >= 0, top-k >= 0 and top-p in (0, 1]"
+                "temperature must be a finite number >= 0, top-k >= 0 and top-p in (0, 1]"
             )
 
 
@@ -170,9 +172,10 @@ def load_for_inference(source: str, capacity: str = "dropless") -> tuple[MoETran
     from moe_lab.training.checkpoint import is_checkpoint
 
     if is_checkpoint(path):
-        from moe_lab.training.checkpoint import checkpoint_tokenizer, load_model
+        from moe_lab.training.checkpoint import checkpoint_tokenizer, load_model, refuse_non_finite
 
         module = load_model(path, capacity=capacity)
+        refuse_non_finite(module.model, source)
         module.model.checkpoint_step = module.checkpoint_step
         tokenizer = checkpoint_tokenizer(path, module.hparams.get("tokenizer") or {})
         return module.model, tokenizer, f"{path} ({module.model.cfg.name})"
@@ -188,6 +191,9 @@ def load_for_inference(source: str, capacity: str = "dropless") -> tuple[MoETran
         "weights",
     )
     model = build_model(hf)
+    from moe_lab.training.checkpoint import refuse_non_finite
+
+    refuse_non_finite(model, source)
     folder = (
         path
         if path.is_dir()

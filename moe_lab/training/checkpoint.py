@@ -359,6 +359,20 @@ def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu", 
     return module.to(map_location).eval()
 
 
+def refuse_non_finite(model: torch.nn.Module, source: str | Path) -> None:
+    """CheckpointError when a model's weights hold NaN or infinite values: its checksum only says they were saved so,
+    and nothing it computes (logits, samples, losses, routing) would mean anything."""
+    broken = [
+        name for name, p in model.state_dict().items() if p.is_floating_point() and not bool(torch.isfinite(p).all())
+    ]
+    if broken:
+        raise CheckpointError(
+            f"{source}: its weights hold NaN or infinite values ({', '.join(broken[:3])}"
+            f"{', ...' if len(broken) > 3 else ''}); moe-lab does not run or export a broken model (the run's last "
+            "good checkpoint is named in its summary.json)"
+        )
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer, made atomic on any filesystem layout: the bytes go to a temporary file beside
     the checkpoint (never in the system's temp dir, which may be another filesystem, where a rename is a copy), are
