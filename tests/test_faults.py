@@ -99,6 +99,25 @@ def test_damaged_checkpoints_are_one_clear_error(real_checkpoint, tmp_path, dama
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("command", ["eval", "generate", "analyze", "export", "resume"])
+def test_a_run_directory_given_for_a_checkpoint_points_at_its_checkpoint(command, real_checkpoint, tmp_path, capsys):
+    """`moe-lab eval outputs/DATE/TIME` (the folder `ls` shows, not its checkpoint): one line that names the run's
+    checkpoints/last.ckpt, rather than "has no config.json" (read as a Hugging Face folder) or a bare "a directory"."""
+    from moe_lab.cli.main import main
+
+    run = real_checkpoint.parent.parent
+    args = {
+        "eval": ["eval", str(run)],
+        "generate": ["generate", str(run), "--prompt", "x"],
+        "analyze": ["analyze", str(run)],
+        "export": ["export", str(run), "--format", "hf", str(tmp_path / "hf")],
+        "resume": ["train", f"ckpt_path={run}", f"hydra.run.dir={tmp_path / 'new'}", *FAST],
+    }[command]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{run} is a run directory; give its checkpoint, {real_checkpoint}" in err, err
+
+
 @pytest.mark.slow
 def test_export_of_a_truncated_checkpoint_is_one_line(real_checkpoint, tmp_path):
     bad = tmp_path / "bad.ckpt"

@@ -169,8 +169,9 @@ def load_for_inference(source: str, capacity: str = "dropless") -> tuple[MoETran
     path = Path(source).expanduser()
     if not path.exists() and (source.endswith(".ckpt") or path.is_absolute() or source.startswith((".", "~"))):
         raise UserError(f"{source}: no such checkpoint file or model directory")
-    from moe_lab.training.checkpoint import is_checkpoint
+    from moe_lab.training.checkpoint import is_checkpoint, refuse_run_dir
 
+    refuse_run_dir(path, source)
     if is_checkpoint(path):
         from moe_lab.training.checkpoint import checkpoint_tokenizer, load_model, refuse_non_finite
 

@@ -57,10 +57,8 @@ def read_checkpoint(path: str | Path, setting: Optional[str] = None, weights: bo
             raise CheckpointError(f"{path} was not written by moe-lab (it has no model settings)")
         return ckpt
     if file.is_dir():
-        inside = file / "checkpoints" / "last.ckpt"
-        raise CheckpointError(
-            f"{where} is a directory; give a checkpoint file" + (f", e.g. {inside}" if inside.is_file() else " (.ckpt)")
-        )
+        refuse_run_dir(file, where)
+        raise CheckpointError(f"{where} is a directory; give a checkpoint file (.ckpt)")
     if not file.is_file():
         raise CheckpointError(
             f"{where}: no such checkpoint file" + (" (a link that leads nowhere)" if file.is_symlink() else "")
@@ -74,6 +72,14 @@ def read_checkpoint(path: str | Path, setting: Optional[str] = None, weights: bo
         raise CheckpointError(f"{path} was not written by moe-lab (it has no model settings)")
     _verify_checksum(ckpt, file, path)
     return ckpt
+
+
+def refuse_run_dir(path: Path, where: str | Path) -> None:
+    """CheckpointError pointing at a run directory's checkpoint when `path` is a run (or sweep job) directory: what a
+    user gives eval, generate or a resume after `ls outputs/DATE`."""
+    inside = path / "checkpoints" / "last.ckpt"
+    if is_checkpoint(inside):
+        raise CheckpointError(f"{where} is a run directory; give its checkpoint, {inside}")
 
 
 CHECKSUM = "moe_lab_checksum"  # SHA-256 of the weights, written with every checkpoint moe-lab saves
