@@ -198,7 +198,8 @@ def test_shell_completion(tmp_path):
 
 
 def test_wheel_carries_the_configs(tmp_path):
-    """A non-editable install has no conf/ beside the package: the wheel must carry it (style-anchors.md 5)."""
+    """A non-editable install has no conf/ beside the package: the wheel must carry it (style-anchors.md 5), and
+    moe-lab's launchers in the hydra_plugins namespace."""
     pytest.importorskip("hatchling")
     wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
     built = subprocess.run(
@@ -252,6 +253,9 @@ def test_wheel_carries_the_configs(tmp_path):
         text=True,
     )
     assert where.stdout.strip() == str(target / "moe_lab" / "conf")
+    # The launchers of hydra/launcher=parallel and slurm, where Hydra looks for plugins (a namespace package).
+    assert (target / "hydra_plugins" / "moe_lab_launchers" / "__init__.py").is_file()
+    assert not (target / "hydra_plugins" / "__init__.py").exists()
 
 
 def test_export_command(tmp_path, cache_dir):
