@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import yaml
@@ -242,30 +243,32 @@ def signal_a_job_mid_run(args: list[str], cwd: Path, sweep: Path, job: str, sign
     return proc.returncode, err
 
 
-def kill_one_of_two_jobs_and_resume(args: list[str], cwd: Path, sweep: Path) -> None:
+def kill_one_of_two_jobs_and_resume(args: list[str], cwd: Path, sweep: Path, planted: Optional[Path] = None) -> None:
     """Run the two-job sweep `args`; once job 1 has a checkpoint, check that both jobs run at once and SIGKILL job 1
-    (no handler runs); the command fails, the summary says so, and the same command again keeps job 0 and resumes job
-    1 from its checkpoint."""
+    (no handler runs): one line says so (not the launcher's traceback), the command exits 1 and the summary lists
+    job 1 as not finished. With `planted` (submitit's launchers), the folder is then handed over with a result pickle
+    for every job id submitit could give (unpickled, it writes the file `planted`), and the same command again is
+    stopped in job 1 by SIGTERM, which writes no result either: nothing planted runs, one line again. Then the same
+    command again keeps job 0 and resumes job 1 from its checkpoint."""
     import signal
 
-    returncode, err = signal_a_job_mid_run(args, cwd, sweep, "1", signal.SIGKILL, at_once="01")
-    assert returncode != 0, err[-3000:]
+    def stopped_once(returncode: int, err: str, how: str) -> None:
+        assert returncode == 1 and "Traceback" not in err and "UncompletedJobError" not in err, err[-3000:]
+        lines = [line for line in err.splitlines() if line.startswith("moe-lab: job 1 ")]
+        assert len(lines) == 1 and "did not finish" in lines[0] and how in lines[0], err[-3000:]
+        assert "the same command again continues" in lines[0]
+
+    stopped_once(*signal_a_job_mid_run(args, cwd, sweep, "1", signal.SIGKILL, at_once="01"), how="killed")
     rows = {r["job"]: r for r in read_summary(sweep)}
     assert rows["0"]["status"] == "finished" and rows["1"]["status"] != "finished"
+    if planted is not None:
+        plant_result_pickles(sweep, planted)
+        stopped_once(*signal_a_job_mid_run(args, cwd, sweep, "1", signal.SIGTERM), how="interrupted at step")
+        assert not planted.exists(), "a pickle from the handed sweep folder was unpickled"
     continue_and_check(args, cwd, sweep, jobs="01")
     assert json.loads((sweep / "1" / "resumed_from.json").read_text())["step"] > 0
     assert (sweep / "dashboard.html").is_file()
-
-
-def test_jobs_run_at_once_under_submitit_and_a_killed_one_resumes_when_the_command_runs_again(tmp_path, cache_dir):
-    """hydra/launcher=parallel (submitit's local executor, for real): two jobs train at the same time in their own
-    processes; one is killed mid-run (SIGKILL: no handler runs), and the same command again skips the finished job
-    and resumes the killed one from its last checkpoint; the summary is whole."""
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-
-    sweep = tmp_path / "sweep"
-    args = _sweep_args(cache_dir, sweep, "hydra/launcher=parallel", "seed=1,2", *KILLED_JOB_STEPS)
-    kill_one_of_two_jobs_and_resume(args, tmp_path, sweep)
+    assert planted is None or not planted.exists()
 
 
 class _PlantedResult:
@@ -299,28 +302,17 @@ def plant_result_pickles(sweep: Path, marker: Path) -> int:
     return count
 
 
-def test_a_handed_sweep_folders_pickles_never_run_and_a_stopped_job_is_one_line(tmp_path, cache_dir):
-    """A sweep folder someone hands you, continued under hydra/launcher=parallel (submitit's local executor, for
-    real): the folder carries a result pickle for every job id submitit could give a job; a job stopped mid-run
-    (SIGTERM: it writes no result of its own) must not make the sweep unpickle one. The stopped job is one line, not
-    submitit's UncompletedJobError, and the same command again finishes the sweep."""
+def test_jobs_run_at_once_under_submitit_and_a_killed_one_resumes_when_the_command_runs_again(tmp_path, cache_dir):
+    """hydra/launcher=parallel (submitit's local executor, for real): two jobs train at the same time in their own
+    processes; one is killed mid-run (SIGKILL: no handler runs), and is one line; the folder is handed over with a
+    result pickle planted for every job id submitit could give, and the same command again, whose job 1 is stopped by
+    SIGTERM (it writes no result), runs none of them; the same command again skips the finished job and resumes the
+    stopped one from its last checkpoint; the summary is whole."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    import signal
 
-    sweep, marker = tmp_path / "sweep", tmp_path / "marker"
-    args = _sweep_args(cache_dir, sweep, "hydra/launcher=parallel", "seed=1", *KILLED_JOB_STEPS)
-    returncode, err = signal_a_job_mid_run(args, tmp_path, sweep, "0", signal.SIGKILL)
-    assert returncode == 1 and "Traceback" not in err and "UncompletedJobError" not in err, err[-3000:]
-    assert "moe-lab: job 0 " in err and "the same command again continues" in err, err[-3000:]
-    plant_result_pickles(sweep, marker)
-    returncode, err = signal_a_job_mid_run(args, tmp_path, sweep, "0", signal.SIGTERM)
-    assert not marker.exists(), "a pickle from the handed sweep folder was unpickled"
-    assert returncode == 1 and "Traceback" not in err and "UncompletedJobError" not in err, err[-3000:]
-    stopped = [line for line in err.splitlines() if line.startswith("moe-lab: job 0 ")]
-    assert len(stopped) == 1 and "interrupted" in stopped[0], err[-3000:]
-    again = run_cli(args, cwd=tmp_path)
-    assert again.returncode == 0 and not marker.exists(), again.stderr[-3000:]
-    assert [r["status"] for r in read_summary(sweep)] == ["finished"]
+    sweep = tmp_path / "sweep"
+    args = _sweep_args(cache_dir, sweep, "hydra/launcher=parallel", "seed=1,2", *KILLED_JOB_STEPS)
+    kill_one_of_two_jobs_and_resume(args, tmp_path, sweep, planted=tmp_path / "planted-pickle-ran")
 
 
 def test_a_pre_empted_submitit_job_saves_is_requeued_and_resumes_in_the_same_command(tmp_path, cache_dir):

@@ -1,57 +1,47 @@
-"""moe-lab's submitit launchers (`hydra/launcher=parallel`: submitit's local executor; `hydra/launcher=slurm`):
-Hydra's submitit launchers with two changes, both about the sweep folder being a folder someone may have handed you.
+"""What moe-lab's launchers share (the submitit ones in `submitit_launcher.py`, the Ray one in `ray_launcher.py`; Hydra
+builds them from `hydra_plugins/moe_lab_launchers/`): a sweep job that ends without a result is one line and an
+unfinished job of the sweep, not a traceback.
 
-1. **A submitit folder made for this command.** submitit hands a job its function and hands back its result as
-   pickles in the submitit folder (`%j_submitted.pkl`, `%j_0_result.pkl`), and the sweep's own process unpickles the
-   result file it finds at a job's id. The local executor's job ids are process ids, so a handed sweep folder's old
-   `.submitit/` can hold a result for every id a job may get; a job that ends without writing its own (a signal,
-   SIGKILL, the OOM killer) would then run the planted one. Each sweep command therefore makes a new folder with a
-   random name (`SWEEP/.submitit/DATE-TIME-XXXXXX/%j`, by `tempfile.mkdtemp`, which fails rather than reuse a name):
-   it holds only what this command and its jobs wrote. Nothing else of the sweep folder is unpickled by any launcher
-   moe-lab configures (the basic launcher runs jobs in-process; the Ray launcher passes them through Ray's object
-   store, not through files).
-2. **A job that ends without a result is one line**, and a job of the sweep that did not finish (the same command
-   again continues it, as under the basic launcher), instead of submitit's `UncompletedJobError` traceback ending the
-   whole command while the other jobs' results are waiting.
+A job that runs in a process of its own can end without handing back a result: stopped by a signal (moe-lab turns
+SIGTERM and Ctrl-C into exit codes 143 and 130), SIGKILL, the out-of-memory killer, a lost node. Hydra's plugins raise
+their executor's error for it (submitit's UncompletedJobError, Ray's RayError), which ends the whole command with a
+traceback while the other jobs' results wait. moe-lab says what happened to the job in one line, from what its folder
+holds, and lets the sweep end as for a failed job: the summary lists it as not finished, the command exits 1, and the
+same command again continues it from its last checkpoint, as under the basic launcher.
 """
 
 from __future__ import annotations
 
 import sys
-import tempfile
-import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
-from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
-from hydra_plugins.hydra_submitit_launcher import submitit_launcher
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-from omegaconf import OmegaConf
 
 from moe_lab.training.run_dir import job_state
 from moe_lab.training.sweeps import job_folders
-
-# The parts of a submitit folder pattern that submitit fills in per job (its own list, utils.JobPaths).
-_JOB_TAGS = ("%j", "%t", "%A", "%a")
 
 
 class JobStopped(Exception):
     """A sweep job that ended without a result: stopped by a signal or killed. The same command again continues it."""
 
 
-def fresh_submitit_folder(pattern: str) -> str:
-    """`pattern` (submitit's folder, `SWEEP/.submitit/%j` by default) with a folder made now, for this command alone,
-    where the per-job part begins: `SWEEP/.submitit/DATE-TIME-XXXXXX/%j`."""
-    parts = Path(pattern).parts
-    fixed = next((i for i, part in enumerate(parts) if any(tag in part for tag in _JOB_TAGS)), len(parts))
-    base = Path(*parts[:fixed]) if fixed else Path(".")
-    base.mkdir(parents=True, exist_ok=True)
-    made = tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=base)
-    return str(Path(made, *parts[fixed:]))
+def job_without_result(config: Any, number: int, overrides: Sequence[str], log: Optional[str] = None) -> JobReturn:
+    """Print the one line for sweep job `number`, which ended without a result, and return its JobReturn. Hydra's basic
+    sweeper raises a failed job's error once the batch is done, with a traceback: there the job is completed with no
+    value (the summary lists it as not finished and the command ends with exit code 1: cli/hydra_callbacks.py); other
+    sweepers (Optuna) count it as a failed trial."""
+    from moe_lab.cli.hydra_callbacks import basic_sweeper
+
+    line = stopped_job_line(Path(str(config.hydra.sweep.dir)), number, overrides, log)
+    print(line, file=sys.stderr, flush=True)
+    ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
+    if not basic_sweeper(config):
+        ret.status, ret.return_value = JobStatus.FAILED, JobStopped(line)
+    return ret
 
 
-def stopped_job_line(sweep_dir: Path, number: int, overrides: Sequence[str], job: Any) -> str:
+def stopped_job_line(sweep_dir: Path, number: int, overrides: Sequence[str], log: Optional[str] = None) -> str:
     """The one line for job `number`, which ended without a result, from what its folder says of it."""
     folder = job_folders(sweep_dir).get(number)
     _, summary = job_state(folder) if folder is not None else ("stopped", {})
@@ -65,67 +55,5 @@ def stopped_job_line(sweep_dir: Path, number: int, overrides: Sequence[str], job
     settings = " ".join(filter_overrides(list(overrides)))
     return (
         f"moe-lab: job {number}{f' ({settings})' if settings else ''} did not finish: {what}; the same command again "
-        f"continues it from its last checkpoint (its log: {job.paths.stderr})"
+        f"continues it from its last checkpoint" + (f" (its log: {log})" if log else "")
     )
-
-
-class FreshFolderSubmititLauncher(submitit_launcher.BaseSubmititLauncher):
-    """Hydra's submitit launcher (its `__call__`, which runs a job, is unchanged), launching from a new submitit folder
-    and turning a job without a result into one line."""
-
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        import submitit
-
-        assert self.config is not None
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        self.params["submitit_folder"] = fresh_submitit_folder(str(self.params["submitit_folder"]))
-        executor = self._executor()
-        numbers = range(initial_job_idx, initial_job_idx + len(job_overrides))
-        jobs = executor.map_array(
-            self,
-            [list(o) for o in job_overrides],
-            ["hydra.sweep.dir"] * len(job_overrides),
-            list(numbers),
-            [f"job_id_for_{n}" for n in numbers],
-            [Singleton.get_state()] * len(job_overrides),
-        )
-        returns = []
-        for number, overrides, job in zip(numbers, job_overrides, jobs):
-            try:
-                returns.append(job.results()[0])
-            except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError):
-                line = stopped_job_line(sweep_dir, number, overrides, job)
-                print(line, file=sys.stderr, flush=True)
-                returns.append(self._stopped(list(overrides), line))
-        return returns
-
-    def _executor(self) -> Any:
-        """submitit's executor with this launcher's parameters, as Hydra's launcher builds it."""
-        import submitit
-
-        init = {"folder": self.params["submitit_folder"]}
-        if "max_num_timeout" in self.params:
-            init[f"{self._EXECUTOR}_max_num_timeout"] = self.params["max_num_timeout"]
-        executor = submitit.AutoExecutor(cluster=self._EXECUTOR, **init)
-        shared = set(OmegaConf.structured(BaseQueueConf).keys())
-        executor.update_parameters(
-            **{
-                (key if key in shared else f"{self._EXECUTOR}_{key}"): value
-                for key, value in self.params.items()
-                if key not in ("submitit_folder", "max_num_timeout")
-            }
-        )
-        return executor
-
-    def _stopped(self, overrides: list[str], line: str) -> JobReturn:
-        """The JobReturn of a job without a result. Hydra's basic sweeper raises a failed job's error once the batch is
-        done, with a traceback: there the job is completed with no value (the summary lists it as not finished, and
-        the command ends with exit code 1; training/sweeps.py, cli/hydra_callbacks.py); other sweepers (Optuna) count
-        it as a failed trial."""
-        from moe_lab.cli.hydra_callbacks import basic_sweeper
-
-        ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
-        if not basic_sweeper(self.config):
-            ret.status, ret.return_value = JobStatus.FAILED, JobStopped(line)
-        return ret
