@@ -461,8 +461,8 @@ def _check_storage(folder: Path, metadata: Any) -> None:
 def read_sharded(path: str | Path, sharding: Optional[ExpertSharding] = None, weights: bool = True) -> dict:
     """A sharded checkpoint as Lightning's dict. Without `sharding` (one process, or a layout without expert
     parallelism) every tensor is read whole; with it, each expert-indexed tensor is read as this rank's slice (every
-    rank calls: a collective). `weights=False` reads only meta.pt (settings, step, origin). CheckpointError when the
-    folder is damaged or was not written by moe-lab."""
+    rank calls: a collective). `weights=False` reads meta.pt (settings, step, origin) and checks the index and the files
+    it names, without reading the tensors. CheckpointError when the folder is damaged or was not written by moe-lab."""
     path = Path(path).expanduser()
     meta = read_meta(path)
     index = meta.pop(INDEX, None)
