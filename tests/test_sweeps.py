@@ -507,3 +507,23 @@ def test_a_damaged_earlier_attempt_is_one_line_and_the_summary_stays_right(sweep
     assert main(["dashboard", str(sweep)]) == 0
     assert capsys.readouterr().err.count("overrides.yaml is damaged") == 1
     assert not (tmp_path / "ran").exists()
+
+
+def test_a_job_folder_the_summary_cannot_read_is_one_error_line_at_the_end_of_the_sweep(sweep_dir, tmp_path, capsys):
+    """Hydra turns a callback's exception into a Python warning and goes on (exit 0); moe-lab's end-of-sweep callback
+    says what it could not read in one `moe-lab: error:` line and ends the command with exit code 1."""
+    from omegaconf import OmegaConf
+
+    from moe_lab.cli.hydra_callbacks import SweepSummary
+
+    sweep = _copied_sweep(sweep_dir, tmp_path)
+    (sweep / "2" / "summary.json").write_text("[1, 2")
+    config = OmegaConf.create(
+        {"hydra": {"sweep": {"dir": str(sweep)}, "sweeper": {"_target_": "BasicSweeper"}}, "metrics": {}}
+    )
+    with pytest.raises(SystemExit) as stopped:
+        SweepSummary().on_multirun_end(config)
+    assert stopped.value.code == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("moe-lab: error: the sweep summary could not be written: ")
+    assert f"{sweep / '2' / 'summary.json'} is damaged" in err
