@@ -527,3 +527,21 @@ def test_a_job_folder_the_summary_cannot_read_is_one_error_line_at_the_end_of_th
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("moe-lab: error: the sweep summary could not be written: ")
     assert f"{sweep / '2' / 'summary.json'} is damaged" in err
+
+
+@pytest.mark.parametrize(
+    "task,planned",
+    [
+        (["seed=range(1,10,3)", "experts=e4,e8"], 6),  # a range counted by its arithmetic: 1, 4, 7
+        (["seed=range(10,1,-4)"], 3),
+        (["experts=glob(e*)"], None),  # listed by Hydra's config loader at run time: not known from the file
+    ],
+)
+def test_a_plan_is_counted_before_it_is_listed(task, planned, tmp_path):
+    from moe_lab.training.sweeps import planned_jobs
+
+    sweeper = {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper", "params": None}
+    multirun = {"hydra": {"sweeper": sweeper, "overrides": {"task": task}}}
+    (tmp_path / "multirun.yaml").write_text(yaml.safe_dump(multirun))
+    jobs = planned_jobs(tmp_path)
+    assert (len(jobs) if jobs is not None else None) == planned

@@ -69,7 +69,10 @@ def planned_jobs(sweep_dir: Path) -> Optional[list[list[str]]]:
     except HydraException:
         return None
     keys = [o.get_key_element() for o in parsed]
-    if math.prod(_count_values(o) for o in parsed) > MAX_PLANNED_JOBS:
+    counts = [_count_values(o) for o in parsed]
+    if None in counts:
+        return None  # a glob over a group's options (listed by Hydra's config loader) or an interval
+    if math.prod(counts) > MAX_PLANNED_JOBS:
         raise UserError(
             f"{Path(sweep_dir) / 'multirun.yaml'} plans more than {MAX_PLANNED_JOBS:,} jobs; moe-lab does not expand "
             "it (a damaged file, or not a sweep moe-lab ran)"
@@ -83,8 +86,9 @@ def planned_jobs(sweep_dir: Path) -> Optional[list[list[str]]]:
     return [list(job) for job in itertools.product(*dict(zip(keys, choices)).values())]
 
 
-def _count_values(override) -> int:
-    """How many values a parsed override stands for, counted without listing them (a range by its arithmetic)."""
+def _count_values(override) -> Optional[int]:
+    """How many values a parsed override stands for, counted without listing them (a range by its arithmetic); None
+    for a sweep whose values this file alone cannot list."""
     from hydra.core.override_parser.types import ChoiceSweep, RangeSweep
 
     if not override.is_sweep_override():
@@ -96,7 +100,7 @@ def _count_values(override) -> int:
         return max(0, math.ceil((value.stop - value.start) / value.step))
     if isinstance(value, ChoiceSweep):
         return len(value.list)
-    return MAX_PLANNED_JOBS + 1  # an interval or another kind of sweep: not a list of jobs
+    return None
 
 
 def _sweeper(multirun: dict) -> dict:
