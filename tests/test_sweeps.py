@@ -545,3 +545,21 @@ def test_a_plan_is_counted_before_it_is_listed(task, planned, tmp_path):
     (tmp_path / "multirun.yaml").write_text(yaml.safe_dump(multirun))
     jobs = planned_jobs(tmp_path)
     assert (len(jobs) if jobs is not None else None) == planned
+
+
+def test_the_line_of_a_job_without_a_result_says_what_its_folder_knows(tmp_path):
+    """What moe-lab's launchers print for a job that handed back no result: the step it stopped at when its run wrote
+    a summary (SIGTERM, Ctrl-C), a kill when it wrote none, its log when its process raised outside the run."""
+    from moe_lab.cli.launchers import stopped_job_line
+
+    job = tmp_path / "0"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"num": 0}}}))
+    killed = stopped_job_line(tmp_path, 0, ["seed=2"], log="L")
+    assert killed.startswith("moe-lab: job 0 (seed=2) did not finish: ended without a word (killed")
+    assert killed.endswith("(its log: L)")
+    raised = stopped_job_line(tmp_path, 0, ["seed=2"], log="L", raised=True)
+    assert "its process failed outside the run (the error is in its log)" in raised and raised.endswith("(its log: L)")
+    (job / "summary.json").write_text(json.dumps({"status": "interrupted", "step": 18}))
+    interrupted = stopped_job_line(tmp_path, 0, ["seed=2"])
+    assert "did not finish: interrupted at step 18; the same command again continues it" in interrupted

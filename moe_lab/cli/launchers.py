@@ -26,14 +26,16 @@ class JobStopped(Exception):
     """A sweep job that ended without a result: stopped by a signal or killed. The same command again continues it."""
 
 
-def job_without_result(config: Any, number: int, overrides: Sequence[str], log: Optional[str] = None) -> JobReturn:
+def job_without_result(
+    config: Any, number: int, overrides: Sequence[str], log: Optional[str] = None, raised: bool = False
+) -> JobReturn:
     """Print the one line for sweep job `number`, which ended without a result, and return its JobReturn. Hydra's basic
     sweeper raises a failed job's error once the batch is done, with a traceback: there the job is completed with no
     value (the summary lists it as not finished and the command ends with exit code 1: cli/hydra_callbacks.py); other
     sweepers (Optuna) count it as a failed trial."""
     from moe_lab.cli.hydra_callbacks import basic_sweeper
 
-    line = stopped_job_line(Path(str(config.hydra.sweep.dir)), number, overrides, log)
+    line = stopped_job_line(Path(str(config.hydra.sweep.dir)), number, overrides, log, raised)
     print(line, file=sys.stderr, flush=True)
     ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
     if not basic_sweeper(config):
@@ -41,8 +43,11 @@ def job_without_result(config: Any, number: int, overrides: Sequence[str], log: 
     return ret
 
 
-def stopped_job_line(sweep_dir: Path, number: int, overrides: Sequence[str], log: Optional[str] = None) -> str:
-    """The one line for job `number`, which ended without a result, from what its folder says of it."""
+def stopped_job_line(
+    sweep_dir: Path, number: int, overrides: Sequence[str], log: Optional[str] = None, raised: bool = False
+) -> str:
+    """The one line for job `number`, which ended without a result, from what its folder says of it (`raised`: its
+    process reported an error outside the run itself, which its log holds)."""
     folder = job_folders(sweep_dir).get(number)
     _, summary = job_state(folder) if folder is not None else ("stopped", {})
     status = summary.get("status")
@@ -50,6 +55,8 @@ def stopped_job_line(sweep_dir: Path, number: int, overrides: Sequence[str], log
         what = f"{status} at step {summary.get('step', '?')}"
         if summary.get("error"):
             what += f" ({str(summary['error']).splitlines()[0]})"
+    elif raised:
+        what = "its process failed outside the run (the error is in its log)"
     else:
         what = "ended without a word (killed: SIGKILL, the out-of-memory killer, or a lost node)"
     settings = " ".join(filter_overrides(list(overrides)))

@@ -67,8 +67,9 @@ class FreshFolderSubmititLauncher(submitit_launcher.BaseSubmititLauncher):
         for number, overrides, job in zip(numbers, job_overrides, jobs):
             try:
                 returns.append(job.results()[0])
-            except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError):
-                returns.append(job_without_result(self.config, number, overrides, str(job.paths.stderr)))
+            except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError) as e:
+                raised = isinstance(e, submitit.core.utils.FailedJobError)
+                returns.append(job_without_result(self.config, number, overrides, str(job.paths.stderr), raised))
         return returns
 
     def _executor(self) -> Any:
