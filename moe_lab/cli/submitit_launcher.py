@@ -52,7 +52,9 @@ class FreshFolderSubmititLauncher(submitit_launcher.BaseSubmititLauncher):
         assert self.config is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        self.params["submitit_folder"] = fresh_submitit_folder(str(self.params["submitit_folder"]))
+        if not getattr(self, "_folder_is_fresh", False):  # once per command (Optuna launches a batch at a time)
+            self.params["submitit_folder"] = fresh_submitit_folder(str(self.params["submitit_folder"]))
+            self._folder_is_fresh = True
         executor = self._executor()
         numbers = range(initial_job_idx, initial_job_idx + len(job_overrides))
         jobs = executor.map_array(
