@@ -563,3 +563,19 @@ def test_the_line_of_a_job_without_a_result_says_what_its_folder_knows(tmp_path)
     (job / "summary.json").write_text(json.dumps({"status": "interrupted", "step": 18}))
     interrupted = stopped_job_line(tmp_path, 0, ["seed=2"])
     assert "did not finish: interrupted at step 18; the same command again continues it" in interrupted
+
+
+def test_each_command_gets_a_submitit_folder_of_its_own(tmp_path):
+    """The folder submitit's pickles pass through is made new (never one that exists, which a handed folder could
+    fill), where submitit's per-job part of the pattern begins; a pattern without one gets the new folder itself."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from moe_lab.cli.submitit_launcher import fresh_submitit_folder
+
+    old = tmp_path / "sweep" / ".submitit"
+    (old / "123").mkdir(parents=True)
+    (old / "123" / "123_0_result.pkl").write_bytes(b"planted")
+    first, second = (Path(fresh_submitit_folder(f"{old}/%j")) for _ in range(2))
+    assert first.name == second.name == "%j" and first.parent != second.parent
+    assert first.parent.parent == old and not any(first.parent.iterdir())
+    plain = Path(fresh_submitit_folder(str(tmp_path / "logs")))
+    assert plain.parent == tmp_path / "logs" and plain.is_dir() and not any(plain.iterdir())
