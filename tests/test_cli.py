@@ -329,3 +329,32 @@ def test_a_killed_run_keeps_its_curves(tmp_path, cache_dir):
     with open(run_dir / "metrics.csv") as f:
         rows = {int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")}
     assert set(logged) <= rows, (logged, sorted(rows))
+
+
+def test_a_run_without_hydra_run_dir_writes_one_folder(tmp_path, cache_dir):
+    """Without hydra.run.dir the run goes to outputs/DATE/TIME: the folder the pre-flight claimed is the one Hydra
+    writes (it resolved ${now:...} again seconds later and left the claimed folder empty beside the run's)."""
+    result = run_cli(["train", *fast_args(cache_dir), "trainer.max_steps=2", "metrics.dashboard=false"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    folders = [p for day in (tmp_path / "outputs").iterdir() for p in day.iterdir()]
+    assert len(folders) == 1 and (folders[0] / "summary.json").is_file(), folders
+    assert f"run directory {folders[0]}" in result.stdout + result.stderr
+
+
+def test_the_preflight_pins_the_sweep_directory_it_claims(tmp_path, cache_dir, monkeypatch):
+    """A sweep without hydra.sweep.dir: the override naming the directory the pre-flight claimed is handed to Hydra
+    (quoted in Hydra's grammar), and none is added where the command line names the directory itself."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from moe_lab.cli.preflight import preflight
+    from moe_lab.training.run_dir import claimed_by_this_process
+
+    monkeypatch.chdir(tmp_path)
+    pinned: list[str] = []
+    assert preflight(["-m", "seed=1,2", *fast_args(cache_dir)], claim=True, pinned=pinned) is None
+    assert len(pinned) == 1 and pinned[0].startswith("hydra.sweep.dir=")
+    claimed = tmp_path / OverridesParser.create().parse_overrides(pinned)[0].value()  # relative to the cwd, as Hydra
+    assert claimed.parent.parent == tmp_path / "outputs" / "multirun" and claimed_by_this_process(claimed)
+    named: list[str] = []
+    args = ["-m", "seed=1,2", *fast_args(cache_dir), f"hydra.sweep.dir={tmp_path / 'mine'}"]
+    assert preflight(args, claim=True, pinned=named) is None and named == []

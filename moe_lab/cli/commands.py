@@ -59,9 +59,11 @@ def train(args: list[str], check: bool = True) -> int:
 
     if check:
         args = with_checkpoint_overrides(expand_seeds(args))
-        message = preflight(args, claim=True)
+        pinned: list[str] = []
+        message = preflight(args, claim=True, pinned=pinned)
         if message is not None:
             raise UserError(message)
+        args = args + pinned  # the directory claimed, not one Hydra would name anew from the time it starts
     sys.argv = [sys.argv[0]] + args  # Hydra reads its command line from sys.argv
     from moe_lab.cli.hydra_app import hydra_main
 

@@ -38,9 +38,12 @@ KEY_HINTS = {
 }
 
 
-def preflight(args: list[str], claim: bool = False) -> Optional[str]:
+def preflight(args: list[str], claim: bool = False, pinned: Optional[list[str]] = None) -> Optional[str]:
     """None if the command line is fine, else the one message to show. With `claim`, the run (or sweep) directory is
-    then claimed for this process (moe_lab.training.run_dir.claim_run_dir), before Hydra writes into it."""
+    then claimed for this process (moe_lab.training.run_dir.claim_run_dir), before Hydra writes into it; `pinned`
+    then receives the override that names it (`hydra.run.dir=...`) where the command line did not: Hydra resolves the
+    default `outputs/${now:...}` again when it starts, seconds later, and would write another directory than the one
+    claimed (leaving the claimed one empty)."""
     try:
         parsed = hydra_arguments().parse_args(args)
     except SystemExit:  # argparse already printed its usage error
@@ -87,7 +90,10 @@ def preflight(args: list[str], claim: bool = False) -> Optional[str]:
             if claim:  # refuses a used directory, then takes it
                 if continuing:  # the same sweep again: it continues (training/sweeps.py)
                     print(continue_sweep(directory), file=sys.stderr, flush=True)
-                claim_run_dir(directory, hydra_made, setting="hydra.sweep.dir" if multirun else "hydra.run.dir")
+                setting = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+                claim_run_dir(directory, hydra_made, setting=setting)
+                if pinned is not None and not any(o.lstrip("+").startswith(f"{setting}=") for o in parsed.overrides):
+                    pinned.append(f"{setting}={quoted(str(directory))}")
             elif multirun and not continuing:
                 refuse_used_sweep_dir(directory)
             else:
@@ -95,6 +101,16 @@ def preflight(args: list[str], claim: bool = False) -> Optional[str]:
     except UserError as e:
         return str(e)
     return None
+
+
+def quoted(value: str) -> str:
+    """`value` as a quoted string of Hydra's override grammar: a quote is escaped, and so are the backslashes before a
+    quote or at the end (elsewhere a backslash stands for itself)."""
+    import re
+
+    body = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    body = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, body)
+    return f"'{body}'"
 
 
 def check(parsed: argparse.Namespace, inputs: bool = True) -> Optional[tuple[Path, bool, dict]]:
