@@ -358,3 +358,17 @@ def test_the_preflight_pins_the_sweep_directory_it_claims(tmp_path, cache_dir, m
     named: list[str] = []
     args = ["-m", "seed=1,2", *fast_args(cache_dir), f"hydra.sweep.dir={tmp_path / 'mine'}"]
     assert preflight(args, claim=True, pinned=named) is None and named == []
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version(flag, capsys):
+    """`moe-lab --version`: the package's version, and the commit when it runs from a git checkout."""
+    from moe_lab import __version__
+    from moe_lab.cli.main import main
+    from moe_lab.training.provenance import code_version
+
+    assert main([flag]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"moe-lab {__version__}") and out.count("\n") == 1
+    if "commit" in code_version():
+        assert f"(commit {code_version()['commit'][:12]}" in out

@@ -18,7 +18,7 @@ from moe_lab.training.run_dir import launched_worker
 
 BY_NAME = {command.name: command for command in COMMANDS}
 
-USAGE = """usage: moe-lab <command> [arguments]
+USAGE = """usage: moe-lab <command> [arguments]   (moe-lab --version: the version)
 
 moe-lab: an experiment runner for Mixture-of-Experts language models.
 
@@ -45,6 +45,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-sc", "--shell-completion"):
         return complete(argv)
+    if argv and argv[0] in ("--version", "-V"):
+        print(version_line())
+        return 0
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE.format(commands="\n".join(f"  {c.name:<10} {c.summary}" for c in COMMANDS)))
         return 0
@@ -61,6 +64,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     parsed = command.parser().parse_args(rest)
     parsed.argv = rest
     return one_line_errors(command.run, parsed)
+
+
+def version_line() -> str:
+    """`moe-lab 0.1.0`, with the commit where moe-lab runs from a git checkout (what a bug report needs)."""
+    from moe_lab import __version__
+    from moe_lab.training.provenance import code_version
+
+    version = code_version()
+    if "commit" not in version:
+        return f"moe-lab {version.get('package') or __version__}"
+    dirty = ", with uncommitted changes" if version.get("dirty") else ""
+    return f"moe-lab {version.get('package') or __version__} (commit {version['commit'][:12]}{dirty})"
 
 
 def complete(argv: list[str]) -> int:
