@@ -240,6 +240,10 @@ def test_validate_rejects_bad_input(make_cfg, overrides, expected):
             "data.path is not a setting; the settings of data are: ['batch_size', 'data_files'",
         ),
         (["+model.moe.router.normalise=true"], "model.moe.router.normalise is not a setting"),
+        # A misspelt name: the closest config group or setting is named.
+        (["routr=topk"], "routr is not a setting (did you mean the config group router, as in router=OPTION?)"),
+        (["model.moe.routr.top_k=2"], "model.moe.routr.top_k is not a setting (did you mean model.moe.router?)"),
+        (["sed=3"], "sed is not a setting (did you mean seed?)"),
     ],
 )
 def test_preflight_messages(args, expected):

@@ -154,7 +154,7 @@ def check(parsed: argparse.Namespace, inputs: bool = True) -> Optional[tuple[Pat
             )
             for o in everything:
                 if not groups.is_group(o):
-                    check_key(o, base)
+                    check_key(o, base, groups.top_level())
             composed = [_compose(compose, name, variant) for variant in variants(everything)]
             for cfg in composed:
                 run = validate(_with_stand_in_output_dir(cfg))
@@ -203,7 +203,7 @@ def compose_checked(overrides: list[str], allowed: tuple[str, ...], command: str
             base = _compose(compose, "train", [o.input_line for o in given if groups.is_group(o)])
             for o in given:
                 if not groups.is_group(o):
-                    check_key(o, base)
+                    check_key(o, base, groups.top_level())
             return _compose(compose, "train", list(overrides))
     finally:
         GlobalHydra.instance().clear()
@@ -223,6 +223,12 @@ class GroupIndex:
         if (group, kind) not in self._known:
             self._known[group, kind] = self.loader.get_group_options(group, kind, self.config_name, self.search_path)
         return self._known[group, kind]
+
+    def top_level(self) -> list[str]:
+        """The config groups a user picks from (router, experts, ...; not hydra's nor the schemas)."""
+        from hydra.core.object_type import ObjectType
+
+        return [g for g in self.options("", ObjectType.GROUP) if g != "hydra" and not g.startswith("schema")]
 
     def is_group(self, o: Any) -> bool:
         from hydra.core.object_type import ObjectType
@@ -250,8 +256,9 @@ def option_values(o: Any) -> list[str]:
     return [o.get_value_element_as_str()]
 
 
-def check_key(o: Any, base: DictConfig) -> None:
-    """KEY=VALUE names a setting the composed schema has (`+KEY=...` adds one on purpose: validate() judges it)."""
+def check_key(o: Any, base: DictConfig, groups: Optional[list[str]] = None) -> None:
+    """KEY=VALUE names a setting the composed schema has (`+KEY=...` adds one on purpose: validate() judges it). The
+    error names the closest setting, or config group (`groups`: the top-level ones), to a misspelt name."""
     if o.is_add() or o.is_force_add() or o.is_delete():
         return
     key = o.key_or_group
@@ -264,7 +271,23 @@ def check_key(o: Any, base: DictConfig) -> None:
         node = OmegaConf.select(base, parent, default=None) if parent else base
     allowed = sorted(k for k in node.keys() if k != "hydra") if isinstance(node, DictConfig) else []
     where = parent or "the top level"
-    raise UserError(f"{key} is not a setting; the settings of {where} are: {allowed}{KEY_HINTS.get(parent, '')}")
+    missing = key[len(parent) + 1 if parent else 0 :].split(".")[0]  # the first name that is not there
+    raise UserError(
+        f"{key} is not a setting{_did_you_mean(missing, parent, allowed, [] if parent else groups or [])}; the "
+        f"settings of {where} are: {allowed}{KEY_HINTS.get(parent, '')}"
+    )
+
+
+def _did_you_mean(name: str, parent: str, settings: list[str], groups: list[str]) -> str:
+    """` (did you mean ...?)` for the setting or config group closest to a misspelt `name`, or nothing."""
+    import difflib
+
+    close = difflib.get_close_matches(name, [*settings, *groups], n=1, cutoff=0.6)
+    if not close:
+        return ""
+    if close[0] in groups and close[0] not in settings:
+        return f" (did you mean the config group {close[0]}, as in {close[0]}=OPTION?)"
+    return f" (did you mean {f'{parent}.' if parent else ''}{close[0]}?)"
 
 
 def first_of_each_sweep(overrides: list) -> list[str]:
