@@ -244,6 +244,8 @@ def test_validate_rejects_bad_input(make_cfg, overrides, expected):
         (["routr=topk"], "routr is not a setting (did you mean the config group router, as in router=OPTION?)"),
         (["model.moe.routr.top_k=2"], "model.moe.routr.top_k is not a setting (did you mean model.moe.router?)"),
         (["sed=3"], "sed is not a setting (did you mean seed?)"),
+        # Lightning's fast_dev_run turns off what a run writes its folder with: refused before any work.
+        (["+trainer.fast_dev_run=true"], "trainer.fast_dev_run=True turns off the loggers and checkpoints"),
     ],
 )
 def test_preflight_messages(args, expected):

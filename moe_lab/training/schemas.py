@@ -151,6 +151,11 @@ RESERVED_TRAINER_KEYS = {
     "check_val_every_n_epoch": "trainer.val_check_interval",
     "max_epochs": "trainer.max_steps",
 }
+# Trainer arguments that would undo what a run writes, with what to use instead.
+REFUSED_TRAINER_KEYS = {
+    "fast_dev_run": "turns off the loggers and checkpoints a run writes its folder with (it would train, then fail); "
+    "for a quick check use trainer.max_steps=2 trainer.val_check_interval=2 data.max_val_blocks=8",
+}
 
 
 def register_configs() -> None:
@@ -508,6 +513,8 @@ def _check_trainer(trainer: dict) -> None:
     for key in trainer:
         if key in RESERVED_TRAINER_KEYS:
             raise ConfigError(f"trainer.{key} is set by moe-lab; use {RESERVED_TRAINER_KEYS[key]} instead")
+        if key in REFUSED_TRAINER_KEYS and trainer[key] not in (False, 0, None):
+            raise ConfigError(f"trainer.{key}={trainer[key]} {REFUSED_TRAINER_KEYS[key]}")
         if key not in allowed:
             raise ConfigError(f"trainer.{key} is not a Lightning Trainer argument; they are: {sorted(allowed)}")
     max_steps = trainer.get("max_steps", -1)
