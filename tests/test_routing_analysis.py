@@ -318,3 +318,27 @@ def test_analyze_a_hugging_face_model_directory(tmp_path, cache_dir):
         co = np.asarray(layer["coactivation"])
         used = co.diagonal() > 0
         assert np.allclose(co.diagonal()[used], 1.0) and report["top_k"] == 2
+
+
+def test_reports_go_into_the_checkpoints_run_not_the_current_folder(real_checkpoint, cache_dir, tmp_path, monkeypatch):
+    """`moe-lab analyze RUN/checkpoints/last.ckpt` and `generate --show-experts` without -o/--html write into
+    RUN/analysis/ (named by the checkpoint), and say where; the current folder is left as it was."""
+    import shutil
+
+    from moe_lab.cli.main import main
+
+    from conftest import FAST
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(real_checkpoint, run / "checkpoints" / "last.ckpt")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    data = [o for o in FAST if o.startswith(("data.", "++data."))] + [f"paths.cache_dir={cache_dir}"]
+    assert main(["analyze", str(run / "checkpoints" / "last.ckpt"), *data, "--max-batches", "1"]) == 0
+    assert main(["generate", str(run / "checkpoints" / "last.ckpt"), "--prompt", "x", "--show-experts", "0"]) == 0
+    assert list(here.iterdir()) == []
+    written = sorted(p.name for p in (run / "analysis").iterdir())
+    assert "last.analysis.html" in written and "last.analysis.json" in written and "last.experts-layer0.html" in written
+    assert len([n for n in written if n.endswith(".csv")]) == 7

@@ -46,6 +46,25 @@ def output_file(path: Optional[str], flag: str, new: bool = False) -> Optional[P
     return out
 
 
+def beside_the_run(source: str, kind: str, elsewhere: str, flag: str) -> str:
+    """Where a command's report on `source` goes by default: RUN/analysis/CKPT.KIND.html for a checkpoint of a run
+    (RUN/checkpoints/CKPT.ckpt), FOLDER/analysis/CKPT.KIND.html for another moe-lab checkpoint, and `elsewhere` in the
+    current folder for a Hugging Face model (a model folder someone handed you, or a hub id, is not written into). The
+    analysis folder is made here, so that the output check finds it."""
+    from moe_lab.training.checkpoint import is_checkpoint
+
+    path = Path(source).expanduser()
+    if not is_checkpoint(path):
+        return elsewhere
+    holder = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    try:
+        (holder / "analysis").mkdir(exist_ok=True)
+    except OSError as e:
+        where = holder / "analysis"
+        raise UserError(f"cannot write beside the checkpoint in {where} ({e.strerror}); give {flag} PATH") from None
+    return str(holder / "analysis" / f"{path.stem}.{kind}.html")
+
+
 def at_least(value: Optional[int], flag: str, minimum: int = 1) -> None:
     """UserError unless `value` is None or at least `minimum`."""
     if value is not None and value < minimum:

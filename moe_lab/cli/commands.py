@@ -86,7 +86,10 @@ def dashboard_checks(parsed: argparse.Namespace) -> tuple:
 def generate_checks(parsed: argparse.Namespace) -> tuple:
     checks.at_least(parsed.max_new_tokens, "--max-new-tokens")
     if parsed.show_experts is not None:
-        checks.output_file(parsed.html or "moe-lab-experts.html", "--html")
+        if parsed.html is None:
+            kind = f"experts-layer{parsed.show_experts}"
+            parsed.html = checks.beside_the_run(parsed.source, kind, "moe-lab-experts.html", "--html")
+        checks.output_file(parsed.html, "--html")
     checks.device(parsed.device)
     return ()
 
@@ -120,6 +123,8 @@ def analyze_checks(parsed: argparse.Namespace) -> tuple:
         "moe-lab analyze",
         "data=OPTION, data.KEY=VALUE, paths.cache_dir=DIR and logger=wandb",
     )
+    if parsed.output is None:
+        parsed.output = checks.beside_the_run(sources[-1], "analysis", "moe-lab-analysis.html", "-o")
     parsed.output = checks.output_file(parsed.output, "-o")
     checks.at_least(parsed.max_batches, "--max-batches")
     checks.device(parsed.device)
@@ -260,7 +265,11 @@ COMMANDS: tuple[Command, ...] = (
                 help="colour every token by the expert of highest weight it went to in this MoE layer "
                 "(terminal and --html)",
             ),
-            arg("--html", help="with --show-experts: the HTML snippet to write (default moe-lab-experts.html)"),
+            arg(
+                "--html",
+                help="with --show-experts: the HTML snippet to write (default: RUN/analysis/CKPT.experts-layerL.html "
+                "in the checkpoint's run, moe-lab-experts.html here for a Hugging Face model)",
+            ),
             DEVICE,
         ),
     ),
@@ -322,9 +331,9 @@ COMMANDS: tuple[Command, ...] = (
             arg(
                 "-o",
                 "--output",
-                default="moe-lab-analysis.html",
-                help="the report's page (default "
-                "%(default)s); the same data goes to the .json beside it, and as tables to "
+                help="the report's page (default: RUN/analysis/CKPT.analysis.html in the checkpoint's run, "
+                "moe-lab-analysis.html here for a Hugging Face model); the same data goes to the .json beside it, "
+                "and as tables to "
                 "PAGE.TABLE.csv files (layers, domain_shares, expert_tokens, coactivation, transitions, "
                 "drops_by_position, saturation)",
             ),

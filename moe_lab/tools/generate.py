@@ -303,7 +303,7 @@ def run(args: Any) -> int:
     """`moe-lab generate` with its parsed arguments (moe_lab/cli/commands.py): the prompts, then the continuations,
     streamed for one prompt; with --show-experts, the tokens coloured by expert in the terminal and an HTML file."""
     prompts = read_prompts(args.prompt, args.prompt_file)
-    html_out = Path(args.html or "moe-lab-experts.html").expanduser() if args.show_experts is not None else None
+    html_out = Path(args.html).expanduser() if args.show_experts is not None else None  # set by its check
     if html_out is not None and html_out.exists() and "moe-lab-experts" not in html_out.read_text(errors="ignore"):
         raise UserError(
             f"--html {html_out} exists and was not written by moe-lab generate; moe-lab never writes "
