@@ -68,14 +68,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 def version_line() -> str:
     """`moe-lab 0.1.0`, with the commit where moe-lab runs from a git checkout (what a bug report needs)."""
-    from moe_lab import __version__
     from moe_lab.training.provenance import code_version
 
     version = code_version()
+    package = version.get("package") or "(not installed)"
     if "commit" not in version:
-        return f"moe-lab {version.get('package') or __version__}"
+        return f"moe-lab {package}"
     dirty = ", with uncommitted changes" if version.get("dirty") else ""
-    return f"moe-lab {version.get('package') or __version__} (commit {version['commit'][:12]}{dirty})"
+    return f"moe-lab {package} (commit {version['commit'][:12]}{dirty})"
 
 
 def complete(argv: list[str]) -> int:
