@@ -51,17 +51,18 @@ def write_atomically(path: Path, content: str | bytes | Callable[[BinaryIO], Non
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        full = disk_full(e)
-        if full is not None and full is not e:  # the serializer's own error around it (torch's zip writer's)
-            raise OSError(full.errno, full.strerror, str(path)) from None
+        full = disk_full(e, path)
+        if full is not None:  # not the serializer's own error around it (torch's zip writer raises one)
+            raise full from None
         raise
     fsync_directory(path.parent)  # make the rename itself durable
 
 
-def disk_full(error: BaseException) -> Optional[OSError]:
-    """The OSError "no space left on device" (or "disk quota exceeded") behind `error`, if any: serializers wrap it
-    (torch's zip writer raises a RuntimeError while it handles one; DCP a CheckpointException listing each rank's
-    failure), and a full disk is a run's outcome to report in one line, not a bug to show as a traceback."""
+def disk_full(error: BaseException, path: Path) -> Optional[OSError]:
+    """The OSError "no space left on device" (or "disk quota exceeded") behind `error`, as one for the file `path`
+    being written, if there is one: serializers wrap it (torch's zip writer raises a RuntimeError while it handles
+    one; DCP a CheckpointException listing each rank's failure), and a full disk is a run's outcome to report in one
+    line, not a bug to show as a traceback."""
     seen, stack = set(), [error]
     while stack:
         e = stack.pop()
@@ -69,7 +70,7 @@ def disk_full(error: BaseException) -> Optional[OSError]:
             continue
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return e
+            return OSError(e.errno, e.strerror, str(path))
         failures = getattr(e, "failures", None)
         if isinstance(failures, dict):
             stack += [f[0] if isinstance(f, tuple) else f for f in failures.values()]

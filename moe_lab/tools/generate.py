@@ -277,8 +277,10 @@ def token_pieces(tokenizer: Any, ids: list[int]) -> list[str]:
     return pieces
 
 
-def stream_writer(tokenizer: Any, prompt: list[int], out=sys.stdout) -> Callable[[int, int], None]:
-    """An on_token callback that prints the new text of prompt 0 as it comes (whole characters only)."""
+def stream_writer(tokenizer: Any, prompt: list[int], out: Optional[Any] = None) -> Callable[[int, int], None]:
+    """An on_token callback that prints the new text of prompt 0 as it comes (whole characters only), to `out` (the
+    standard output of the moment it is made: not the one of the moment this module was imported)."""
+    out = sys.stdout if out is None else out
     state = {"ids": list(prompt), "shown": tokenizer.decode(prompt)}
 
     def write(i: int, token: int) -> None:

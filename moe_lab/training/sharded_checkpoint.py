@@ -126,9 +126,9 @@ class ShardedWriter:
                     dcp.save(tensors, storage_writer=writer, no_dist=not distributed)
             except BaseException as e:
                 _give_up(staging, rank)
-                full = disk_full(e)
-                if full is not None and full is not e:  # DCP's CheckpointException around it
-                    raise OSError(full.errno, full.strerror, str(path)) from None
+                full = disk_full(e, path)  # behind DCP's CheckpointException
+                if full is not None:
+                    raise full from None
                 raise
             self._finish(staging, path, meta, rank)
             if distributed:
@@ -147,8 +147,7 @@ class ShardedWriter:
                 done.set_result(path)
             except BaseException as e:  # the thread's error, raised by wait()
                 _give_up(staging, rank)
-                full = disk_full(e)
-                done.set_exception(OSError(full.errno, full.strerror, str(path)) if full is not None else e)
+                done.set_exception(disk_full(e, path) or e)
 
         written.add_done_callback(finish)
         self._pending = done
