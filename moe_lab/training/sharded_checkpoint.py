@@ -463,21 +463,26 @@ def read_sharded(path: str | Path, sharding: Optional[ExpertSharding] = None, we
     rank calls: a collective). `weights=False` reads meta.pt (settings, step, origin) and checks the index and the files
     it names, without reading the tensors. CheckpointError when the folder is damaged or was not written by moe-lab."""
     path = Path(path).expanduser()
-    meta = read_meta(path)
-    index = meta.pop(INDEX, None)
-    if not isinstance(index, dict):
-        raise CheckpointError(f"{path} was not written by moe-lab (its {META} has no tensor index)")
-    checksums = meta.pop(CHECKSUMS, None)
+    meta, index, checksums = _split_meta(path)
     with _one_error_line(path):
         if not weights:
             SafeFileSystemReader(path).read_metadata()  # the index and the files it names, without their contents
             return meta
         tensors = _read_tensors(path, index, sharding)
-    if isinstance(checksums, dict):  # folders written before moe-lab saved them have none
-        _verify(path, checksums, tensors)
+    _verify(path, checksums, tensors)
     for key, tensor_path in index.items():
         _put(meta, tensor_path, tensors[key][0])
     return meta
+
+
+def _split_meta(path: Path) -> tuple[dict, dict, dict]:
+    """(the rest of meta.pt, its tensor index, its checksums: {} for folders written before moe-lab saved them);
+    CheckpointError for a folder moe-lab did not write."""
+    meta = read_meta(path)
+    index, checksums = meta.pop(INDEX, None), meta.pop(CHECKSUMS, None)
+    if not isinstance(index, dict):
+        raise CheckpointError(f"{path} was not written by moe-lab (its {META} has no tensor index)")
+    return meta, index, checksums if isinstance(checksums, dict) else {}
 
 
 @contextlib.contextmanager
@@ -510,11 +515,7 @@ def verify_sharded(path: str | Path) -> None:
     checkpoint in memory), and check each against the checksum saved with it: what a resume does before it claims a
     run directory."""
     path = Path(path).expanduser()
-    meta = read_meta(path)
-    index, checksums = meta.get(INDEX), meta.get(CHECKSUMS)
-    if not isinstance(index, dict):
-        raise CheckpointError(f"{path} was not written by moe-lab (its {META} has no tensor index)")
-    checksums = checksums if isinstance(checksums, dict) else {}
+    _, index, checksums = _split_meta(path)
     with _one_error_line(path):
         stored = SafeFileSystemReader(path).read_metadata().state_dict_metadata
     batches, size = [{}], 0
