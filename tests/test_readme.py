@@ -31,9 +31,10 @@ def code_blocks(text: str) -> list[tuple[int, str]]:
     return [(text[: m.start()].count("\n") + 2, m.group(1)) for m in re.finditer(r"```[a-z]*\n(.*?)```", text, re.S)]
 
 
-def commands_in(block: str) -> list[list[str]]:
+def commands_in(block: str) -> list[tuple[list[str], bool]]:
     """The words after `moe-lab` of every command in a code block (continued lines joined, `&&` chains split, `#`
-    comments dropped); a line that only mentions moe-lab (its output, the layout tree) is not a command."""
+    comments dropped), and whether srun or torchrun starts it; a line that only mentions moe-lab (its output, the
+    layout tree) is not a command."""
     found = []
     for line in block.replace("\\\n", " ").splitlines():
         for part in line.split("&&"):
@@ -45,12 +46,14 @@ def commands_in(block: str) -> list[list[str]]:
                 # `moe-lab CMD` first on its line, after srun, or as torchrun's $(which moe-lab)
                 starts = (word == "moe-lab" and (i == 0 or words[i - 1] == "srun")) or word == "moe-lab)"
                 if starts and i + 1 < len(words) and words[i + 1] in COMMAND_NAMES:
-                    found.append(words[i + 1 :])
+                    found.append((words[i + 1 :], i > 0))
                     break
     return found
 
 
-README_COMMANDS = [(line, words) for line, block in code_blocks(README) for words in commands_in(block)]
+README_COMMANDS = [
+    (line, words, launched) for line, block in code_blocks(README) for words, launched in commands_in(block)
+]
 
 
 def check_command(words: list[str]) -> None:
@@ -72,12 +75,20 @@ def check_command(words: list[str]) -> None:
 
 
 def test_the_readme_has_commands_of_every_kind():
-    assert {words[0] for _, words in README_COMMANDS} == COMMAND_NAMES
+    assert {words[0] for _, words, _ in README_COMMANDS} == COMMAND_NAMES
     assert len(README_COMMANDS) >= 20
 
 
-@pytest.mark.parametrize("line,words", README_COMMANDS, ids=[f"L{line}-{w[0]}" for line, w in README_COMMANDS])
-def test_every_readme_command_parses(line, words):
+@pytest.mark.parametrize(
+    "line,words,launched", README_COMMANDS, ids=[f"L{line}-{w[0]}" for line, w, _ in README_COMMANDS]
+)
+def test_every_readme_command_parses(line, words, launched, monkeypatch):
+    from moe_lab.training.rendezvous import LAUNCHER_VARIABLES
+
+    for variable in LAUNCHER_VARIABLES:  # as typed in a shell; srun and torchrun say they started it
+        monkeypatch.delenv(variable, raising=False)
+    if launched:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "readme")
     try:
         check_command(words)
     except (UserError, SystemExit) as e:
@@ -177,7 +188,7 @@ def test_a_renamed_option_fails_this_test(monkeypatch):
 def recipes() -> list[str]:
     block = README.split("<!-- recipes -->", 1)[1]
     block = re.search(r"```[a-z]*\n(.*?)```", block, re.S).group(1)
-    return [line.split("#")[0].strip() for line in block.strip().splitlines()]
+    return [line.split("#")[0].strip() for line in block.replace("\\\n", " ").strip().splitlines()]
 
 
 RUN = [*FAST, "trainer.max_steps=2", "trainer.val_check_interval=2", "checkpoint.every_n_steps=2"]
@@ -201,10 +212,14 @@ def test_the_recipes_run(tmp_path, cache_dir, capsys, monkeypatch):
     done = []
     for recipe in recipes():
         words = shlex.split(recipe)
-        assert words[0] == "moe-lab", recipe
-        args = words[1:]
+        launcher = words[0] == "torchrun"
+        assert words[0] == "moe-lab" or (launcher and "moe-lab)" in words), recipe
+        args = words[words.index("moe-lab)") + 1 :] if launcher else words[1:]
         if "trainer=ddp" in args:  # several GPUs or nodes: composed and checked, not run here
+            if launcher:
+                monkeypatch.setenv("TORCHELASTIC_RUN_ID", "readme")
             check_command(args)
+            monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
         elif args[0] == "train":
             multirun = "-m" in args
             where = (

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 from pathlib import Path
 from typing import Optional
 
 from moe_lab.errors import UserError
 
-# The file by which a process claims a run (or sweep) directory; it holds the claiming process's id.
+# The file by which a process claims a run (or sweep) directory; it holds the claiming process's id and host.
 CLAIM = ".moe-lab-run"
 # What a run leaves behind: a directory holding any of these is used.
 RUN_MARKERS = (CLAIM, "checkpoints", "metrics.csv", "summary.json")
@@ -31,9 +33,43 @@ def externally_launched() -> bool:
 
 
 def run_markers(directory: Path, hydra_made: bool = False) -> list[str]:
-    """The marks of a run that `directory` holds (none: it holds no run); with `hydra_made`, a `.hydra` folder too."""
+    """The marks of a run that `directory` holds (none: it holds no run); with `hydra_made`, a `.hydra` folder too.
+    An abandoned claim (`abandoned`) and the `.hydra` beside it are no run."""
     markers = (*RUN_MARKERS, ".hydra") if hydra_made else RUN_MARKERS
-    return [m for m in markers if (Path(directory) / m).exists()]
+    found = [m for m in markers if (Path(directory) / m).exists()]
+    if CLAIM in found and abandoned(directory):
+        found = [m for m in found if m not in (CLAIM, ".hydra")]
+    return found
+
+
+def claimant(directory: Path) -> tuple[str, str]:
+    """(process id, host) of the process that claimed `directory` ('' where the claim is missing or says none)."""
+    try:
+        words = (Path(directory) / CLAIM).read_text().split()
+    except OSError:
+        return "", ""
+    return (words + ["", ""])[0], (words + ["", ""])[1]
+
+
+def abandoned(directory: Path) -> bool:
+    """The claim on `directory` is its claimant's no more: that process (on this host) has ended (killed, so it
+    could not give the directory back) without writing a checkpoint, metrics or a summary."""
+    pid, host = claimant(directory)
+    if not pid.isdigit() or host != socket.gethostname():
+        return False  # a claim from another machine (a shared file system) cannot be checked from here
+    try:
+        os.kill(int(pid), 0)
+        return False
+    except ProcessLookupError:
+        pass
+    except PermissionError:  # alive, as another user
+        return False
+    return not holds_results(directory)
+
+
+def holds_results(directory: Path) -> bool:
+    """`directory` holds something a run wrote: a checkpoint, metrics or a summary."""
+    return any((Path(directory) / m).exists() for m in RUN_MARKERS if m != CLAIM)
 
 
 def refuse_used_run_dir(directory: Path, hydra_made: bool = False) -> None:
@@ -77,10 +113,7 @@ def refuse_used_sweep_dir(directory: Path) -> None:
 
 
 def claimed_by_this_process(directory: Path) -> bool:
-    try:
-        return (Path(directory) / CLAIM).read_text().strip() == str(os.getpid())
-    except OSError:
-        return False
+    return claimant(directory)[0] == str(os.getpid())
 
 
 # The process that claimed a sweep directory, for its jobs: a launcher that runs them in processes of their own
@@ -97,11 +130,8 @@ def own_sweep(directory: Path) -> None:
 
 def claimed_by_this_sweep(directory: Path) -> bool:
     """The sweep `directory` is claimed by this process or by the moe-lab command that launched it."""
-    try:
-        owner = (Path(directory) / CLAIM).read_text().strip()
-    except OSError:
-        return False
-    return owner in (str(os.getpid()), os.environ.get(SWEEP_OWNER_VARIABLE))
+    owner = claimant(directory)[0]
+    return owner != "" and owner in (str(os.getpid()), os.environ.get(SWEEP_OWNER_VARIABLE))
 
 
 def claim_run_dir(directory: Path, hydra_made: bool = False, setting: str = "hydra.run.dir") -> None:
@@ -116,6 +146,8 @@ def claim_run_dir(directory: Path, hydra_made: bool = False, setting: str = "hyd
     else:
         refuse_used_run_dir(directory, hydra_made=hydra_made)
     directory.mkdir(parents=True, exist_ok=True)
+    if abandoned(directory):
+        take_over(directory)
     try:
         fd = os.open(directory / CLAIM, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
@@ -124,7 +156,7 @@ def claim_run_dir(directory: Path, hydra_made: bool = False, setting: str = "hyd
             f"writes two runs into one directory. Choose another with {setting}=..."
         ) from None
     with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()}\n")
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
     if setting == "hydra.sweep.dir":
         own_sweep(directory)
 
@@ -134,6 +166,30 @@ def release_run_dir(directory: Path) -> None:
     output), so the corrected command can use it."""
     if claimed_by_this_process(directory):
         (Path(directory) / CLAIM).unlink(missing_ok=True)
+
+
+def give_back_run_dir(directory: Path) -> None:
+    """Give back a directory this process claimed, and in which Hydra wrote its copy of the config (`.hydra`), for
+    a run that ended before it began: the same command again (corrected) may use it. Its logs stay (Hydra appends)."""
+    if claimed_by_this_process(directory) and not holds_results(directory):
+        shutil.rmtree(Path(directory) / ".hydra", ignore_errors=True)
+        (Path(directory) / CLAIM).unlink(missing_ok=True)
+
+
+def take_over(directory: Path) -> None:
+    """Move an abandoned claim (and the `.hydra` of its run) out of the way: renamed first, so that of two processes
+    taking over at once only one moves it; the mover checks it moved the dead claim and not a new live one."""
+    dead = claimant(directory)
+    aside = Path(directory) / f"{CLAIM}.abandoned-{os.getpid()}"
+    try:
+        os.rename(Path(directory) / CLAIM, aside)
+    except FileNotFoundError:
+        return
+    if aside.read_text().split()[:2] != list(dead):  # another process took it over first: its claim goes back
+        os.rename(aside, Path(directory) / CLAIM)
+        return
+    aside.unlink()
+    shutil.rmtree(Path(directory) / ".hydra", ignore_errors=True)
 
 
 def previous_attempt(job_dir: Path) -> Optional[Path]:

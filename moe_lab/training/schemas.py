@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -26,6 +27,7 @@ from moe_lab.data.config import SOURCES, DataConfig, TokenizerConfig
 from moe_lab.errors import ConfigError, UserError
 from moe_lab.model.config import ModelConfig
 from moe_lab.model.router_configs import RouterPluginError, registered_routers, router_config, routers_where
+from moe_lab.training.rendezvous import check_launch
 
 # The parts of the model that optim.freeze and optim.lr_mult name (training/module.py: part_of).
 PARTS = ("embeddings", "head", "attention", "norms", "router", "experts", "shared_experts", "dense_ffn")
@@ -133,6 +135,9 @@ class TrainConfig:
     # on a CPU with AMX), 1.6x the tokens/s of float32 eager on the default model after 10-25 s of compiling at the
     # start (benchmarks/README.md). The math is eager's up to float rounding. Not with expert parallelism.
     compile: Optional[bool] = None
+    # Seconds the processes of a several-process run (trainer=ddp) wait for each other at the start; then the run
+    # ends in one line (nothing written). Nodes of one job may start minutes apart (torchrun waits 600 s too).
+    rendezvous_timeout_s: float = 600.0
 
 
 # The loggers a run can have (conf/logger/): moe-lab builds these classes and no other, whatever a config names.
@@ -416,6 +421,11 @@ def _check_training(run: TrainConfig) -> None:
         u.method is None or run.model.init_from is not None,
         f"upcycle={u.method} needs model.init_from=DENSE_CHECKPOINT_OR_HF_MODEL (the dense model to upcycle)",
     )
+    need(
+        math.isfinite(run.rendezvous_timeout_s) and run.rendezvous_timeout_s > 0,
+        f"rendezvous_timeout_s={run.rendezvous_timeout_s} must be a positive number of seconds",
+    )
+    check_launch(run.trainer)
     need(u.granularity >= 1, f"upcycle.granularity={u.granularity} must be at least 1")
     need(0 <= u.drop_ratio <= 1, f"upcycle.drop_ratio={u.drop_ratio} must be in [0, 1]")
     need(run.checkpoint.every_n_steps >= 1, "checkpoint.every_n_steps must be at least 1")

@@ -8,6 +8,8 @@ expert-data-parallel (EDP) group.
     W = 8, P = 4:   EP groups [0 1 2 3] [4 5 6 7]       EDP groups [0 4] [1 5] [2 6] [3 7]
 
 This strategy owns all of it:
+    - the start: the ranks meet within `rendezvous_timeout_s`, and Ctrl-C or SIGTERM while they wait ends the run in
+      one line (`rendezvous.py`), never a hang;
     - the process groups, built once per process, and the sharding of the experts before DDP and the optimizer exist;
     - gradients: DDP averages the dense and router gradients over all W ranks and is told to leave the expert shards
       alone; an expert shard's gradient already holds the sum over its EP group's tokens (the all-to-all's backward
@@ -27,7 +29,9 @@ Shape legend: E experts, El = E / P experts per rank, P ranks per EP group.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional
 
 import torch
@@ -35,6 +39,8 @@ import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
 
 from moe_lab.model.experts import GroupedExperts
+from moe_lab.training.rendezvous import end_process, watched_rendezvous
+from moe_lab.training.run_dir import launched_worker
 from moe_lab.training.sharded_checkpoint import ExpertSharding, ShardedWriter, is_sharded_checkpoint, read_sharded
 
 EXPERT_WEIGHTS = ("w_in_EGFD", "w_out_EDF")
@@ -132,10 +138,18 @@ class MoEDDPStrategy(DDPStrategy):
     """Lightning's DDP with expert parallelism (see the module docstring). `expert_parallel=1` is plain DDP."""
 
     def __init__(
-        self, expert_parallel: int = 1, sharded_checkpoints: bool = False, async_save: bool = False, **kwargs: Any
+        self,
+        expert_parallel: int = 1,
+        sharded_checkpoints: bool = False,
+        async_save: bool = False,
+        rendezvous_timeout_s: float = 600.0,
+        run_dir: Optional[Path] = None,
+        **kwargs: Any,
     ):
         kwargs.setdefault("broadcast_buffers", False)
         super().__init__(**kwargs)
+        self.rendezvous_timeout_s = rendezvous_timeout_s
+        self.run_dir = run_dir  # given back if the ranks never meet
         self.expert_parallel = expert_parallel
         self.sharded_checkpoints = sharded_checkpoints
         self.sharded_writer = ShardedWriter(async_save, on_saved=self._saved)
@@ -147,6 +161,34 @@ class MoEDDPStrategy(DDPStrategy):
         """Under expert parallelism, a checkpoint is read once the experts are sharded, so that a sharded one is read
         as this rank's slices only."""
         return self.expert_parallel > 1
+
+    # -- start: every rank meets the others, or the run ends in one line ------------------------------------------
+
+    def setup_distributed(self) -> None:
+        world = self.num_nodes * self.num_processes
+        if world <= 1 or dist.is_initialized():
+            return super().setup_distributed()
+        nodes = f" x trainer.num_nodes={self.num_nodes}" if self.num_nodes > 1 else ""
+        waiting_for = f"the {world} processes of this run (trainer.devices={self.num_processes}{nodes})"
+        speaks = self.local_rank == 0  # one line per node
+        if speaks and self.num_nodes > 1:
+            where = f"{self.cluster_environment.main_address}:{self.cluster_environment.main_port}"
+            print(
+                f"moe-lab: waiting up to {self.rendezvous_timeout_s:g} s for {waiting_for} to meet at {where}",
+                file=sys.stderr,
+                flush=True,
+            )
+        launcher_children = getattr(self.launcher, "procs", [])
+
+        def give_up(line: str, exit_code: int) -> None:
+            run_dir = None if launched_worker() else self.run_dir  # rank 0 claimed it
+            end_process(line, exit_code, launcher_children, run_dir, speaks)
+
+        # The ranks beside rank 0 on a node wait a little longer, so that the one that speaks ends them.
+        timeout = self.rendezvous_timeout_s + (0 if speaks else 10)
+        with watched_rendezvous(timeout, waiting_for, give_up):
+            super().setup_distributed()
+            self.barrier("rendezvous")  # NCCL connects lazily: the first collective is where ranks meet
 
     # -- setup: shard the experts before DDP wraps the model and the optimizer sees its parameters --------------
 
@@ -310,7 +352,12 @@ def _own_slice(tensor: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
 
 
 def make_strategy(
-    name: str, expert_parallel: int, checkpoint_format: str = "auto", async_save: bool = False
+    name: str,
+    expert_parallel: int,
+    checkpoint_format: str = "auto",
+    async_save: bool = False,
+    rendezvous_timeout_s: float = 600.0,
+    run_dir: Optional[Path] = None,
 ) -> MoEDDPStrategy:
     """moe-lab's strategy for `trainer.strategy: ddp` (or ddp_find_unused_parameters_true). `checkpoint_format`:
     auto (sharded under expert parallelism or with `async_save`, one file otherwise), sharded or file."""
@@ -318,6 +365,8 @@ def make_strategy(
         expert_parallel=expert_parallel,
         sharded_checkpoints=writes_sharded(checkpoint_format, expert_parallel, async_save),
         async_save=async_save,
+        rendezvous_timeout_s=rendezvous_timeout_s,
+        run_dir=run_dir,
         find_unused_parameters=name.endswith("true"),
     )
 

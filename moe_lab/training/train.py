@@ -533,7 +533,14 @@ def trainer_arguments(run: TrainConfig) -> dict:
     strategy = args.get("strategy")
     if isinstance(strategy, str) and strategy in ("ddp", "ddp_find_unused_parameters_true"):
         expert_parallel = run.model.moe.expert_parallel if run.model.moe.enabled else 1
-        args["strategy"] = make_strategy(strategy, expert_parallel, run.checkpoint.format, run.checkpoint.async_save)
+        args["strategy"] = make_strategy(
+            strategy,
+            expert_parallel,
+            run.checkpoint.format,
+            run.checkpoint.async_save,
+            run.rendezvous_timeout_s,
+            Path(run.paths.output_dir).expanduser().resolve(),
+        )
     return args
 
 
