@@ -136,3 +136,36 @@ def test_a_claim_of_a_live_process_or_of_a_run_with_results_stays(tmp_path):
     (ended / "metrics.csv").write_text("step\n")
     with pytest.raises(UserError, match="already holds a run"):
         claim_run_dir(ended)
+
+
+def test_more_processes_than_cpus_is_said_once_and_the_ranks_speak_once(tmp_path, cache_dir):
+    """2 processes pinned to 1 CPU: the header says what it costs, once; what every rank would print (Lightning's
+    lines, the data line, warnings) reaches the terminal once, from rank 0."""
+    result = subprocess.run(
+        [
+            moe_lab_script(),
+            "train",
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            *FAST,
+            "trainer.max_steps=2",
+            "trainer.val_check_interval=2",
+            f"paths.cache_dir={cache_dir}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        env={**no_launcher(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (result.stdout + result.stderr).splitlines()
+    crowded = [line for line in lines if "starts 2 processes on 1 CPUs" in line]
+    assert len(crowded) == 1 and crowded[0].startswith("moe-lab: warning:"), lines
+    assert sum("Initializing distributed" in line for line in lines) == 1, lines
+    assert sum("validation blocks of" in line for line in lines) <= 1, lines
+    warned = [line for line in lines if "Warning" in line]
+    assert len(warned) == len(set(warned)), warned

@@ -470,7 +470,7 @@ class LMDataModule(L.LightningDataModule):
         train_idx, val_idx = split_blocks(domains, self.cfg.val_fraction, self.cfg.max_val_blocks)
         if len(train_idx) == 0 or len(val_idx) == 0:
             raise DataError(
-                f"the data makes only {len(domains)} block(s) of {self.block_len} tokens, too few for a "
+                f"the data makes only {len(domains)} block(s) of {self.cfg.seq_len} tokens, too few for a "
                 "training and a validation split; add text or lower data.seq_len"
             )
         self.train_blocks = BlockDataset(input_ids, domains, np.sort(train_idx))
@@ -479,7 +479,7 @@ class LMDataModule(L.LightningDataModule):
             "data: %d train / %d validation blocks of %d tokens, domains %s",
             len(self.train_blocks),
             len(self.val_blocks),
-            self.block_len,
+            self.cfg.seq_len,  # each block holds one token more: the target of its last position
             self.domain_names,
         )
 

@@ -31,7 +31,7 @@ from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
+import torch.distributed._functional_collectives as funcol
 
 from moe_lab.model.routers import Routing
 
@@ -239,6 +239,6 @@ class AllToAllDispatcher:
 
 def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
     """Rows x[:in_splits[0]] go to rank 0 of `group`, the next in_splits[1] to rank 1, ...; differentiable (the
-    backward pass sends the gradients back the way they came: torch.distributed.nn's all_to_all_single)."""
-    out = x.new_empty((sum(out_splits), *x.shape[1:]))
-    return dist_nn.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    backward pass sends the gradients back the way they came: torch's functional all_to_all_single_autograd, as
+    torchtitan's dispatcher; torch.distributed.nn's version is deprecated)."""
+    return funcol.all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group)

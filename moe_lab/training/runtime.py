@@ -10,6 +10,8 @@ import sys
 import warnings
 from typing import Optional
 
+from moe_lab.training.run_dir import launched_worker
+
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _applied = False
@@ -57,6 +59,18 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*`broadcast_buffers` is deprecated.*")
     # Validation sums are all-reduced by the module itself before they are logged.
     warnings.filterwarnings("ignore", message=r".*It is recommended to use `self.log\('val/.*sync_dist=True.*")
+    if launched_worker():
+        quiet_worker()
+
+
+def quiet_worker() -> None:
+    """In the ranks other than 0 of a data-parallel run: the terminal gets rank 0's warnings and information once,
+    not once per process (every rank would print the same ones); each rank's log file keeps all of its own."""
+    warnings.simplefilter("ignore")
+    for name in ("", "lightning", "lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            if type(handler) is logging.StreamHandler:  # the terminal, not a log file (a FileHandler subclass)
+                handler.setLevel(logging.WARNING)
 
 
 def cpu_threads(setting: Optional[int] = None, processes: int = 1) -> int:
@@ -64,8 +78,26 @@ def cpu_threads(setting: Optional[int] = None, processes: int = 1) -> int:
     a scheduler or container may set below the machine's count) divided among the `processes` on this machine."""
     if setting:
         return setting
+    return max(1, available_cpus() // max(processes, 1))
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which a scheduler or container may set below the machine's)."""
     try:
-        available = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        available = os.cpu_count() or 1
-    return max(1, available // max(processes, 1))
+        return os.cpu_count() or 1
+
+
+def oversubscription(trainer: dict) -> Optional[str]:
+    """The warning for a CPU run that starts more processes on this machine than it has CPUs (None otherwise)."""
+    devices = trainer.get("devices", 1)
+    on_cpu = trainer.get("accelerator") == "cpu"
+    cpus = available_cpus()
+    if not on_cpu or not isinstance(devices, int) or devices <= cpus:
+        return None
+    return (
+        f"moe-lab: warning: trainer.devices={devices} starts {devices} processes on {cpus} CPUs: they take turns on "
+        f"the cores, so each step takes longer than in one process with the same batch (data parallelism pays with a "
+        f"CPU or GPU per process); trainer.devices={cpus} or fewer uses this machine fully"
+    )

@@ -98,7 +98,8 @@ def all_gather(x: torch.Tensor, group) -> torch.Tensor:
     size = dist.get_world_size(group)
     x = x.contiguous().reshape(-1) if x.ndim == 0 else x.contiguous()
     out = x.new_empty((size * x.shape[0], *x.shape[1:]))  # the ranks' tensors concatenated along the first dim
-    dist.all_gather_into_tensor(out, x, group=group)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in torch 2.13
+    gather(out, x, group=group)
     return out.view(size, *x.shape)
 
 

@@ -47,7 +47,7 @@ from moe_lab.training.run_dir import (
     previous_attempt,
     release_run_dir,
 )
-from moe_lab.training.runtime import cpu_threads, quiet_lightning, retain_freed_memory
+from moe_lab.training.runtime import cpu_threads, oversubscription, quiet_lightning, retain_freed_memory
 from moe_lab.training.schemas import TrainConfig, validate
 from moe_lab.training.strategy import make_strategy, writes_sharded
 from moe_lab.training.sweeps import set_aside_requeued
@@ -576,6 +576,9 @@ def print_header(run: TrainConfig, module: MoELanguageModel, data: LMDataModule,
         f"moe-lab: {device_description(run.trainer)}" + (", compiled (torch.compile)" if run.compile else ""),
         flush=True,
     )
+    crowded = oversubscription(run.trainer)
+    if crowded:
+        print(crowded, file=sys.stderr, flush=True)
     record = module.provenance["produced_by"]
     versions = ", ".join(f"{k} {v}" for k, v in record["packages"].items() if k in ("torch", "lightning") and v)
     print(f"moe-lab: code {describe_code(record['code'])}; {versions}; {record['machine']['cpu']}", flush=True)
