@@ -349,3 +349,21 @@ def test_tensorboard_without_its_package_is_refused_before_any_work(make_cfg, mo
     with pytest.raises(ConfigError, match=r"logger=tensorboard needs the tensorboard package: pip install"):
         validate(make_cfg("logger=tensorboard"))
     validate(make_cfg("logger=csv"))
+
+
+def test_the_header_says_what_auto_chose_and_why(monkeypatch):
+    from moe_lab.training import schemas
+
+    from conftest import compose_cfg
+
+    for amx, precision, compiled in ((False, "32-true", "eager"), (True, "bf16-mixed", "compiled")):
+        monkeypatch.setattr(schemas, "cpu_has_fast_bfloat16", lambda amx=amx: amx)
+        monkeypatch.setattr(schemas, "can_build_cpu_kernels", lambda: True)
+        cfg = compose_cfg(["trainer=auto", "trainer.accelerator=cpu"], output_dir=Path("/nonexistent"), fast=False)
+        run = validate(cfg)
+        said = schemas.auto_choices(cfg.trainer, cfg.compile, run)
+        assert said[0].startswith(f"{precision}, as this CPU has {'AMX' if amx else 'no AMX'}"), said
+        assert said[1].startswith(f"{compiled}, as"), said
+    fixed = ["trainer=auto", "trainer.accelerator=cpu", "trainer.precision=32-true", "compile=false"]
+    cfg = compose_cfg(fixed, output_dir=Path("/nonexistent"))
+    assert schemas.auto_choices(cfg.trainer, cfg.compile, validate(cfg)) == []  # nothing was left to auto

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -39,6 +40,11 @@ def test_run_page(make_cfg, tmp_path):
     ):
         assert f"<h2>{title}</h2>" in page, title
     assert '"code"' in page and '"math"' in page  # the domains of the expert x domain tables
+    # One tokens/s, named: the run's average, as summary.json and the terminal give it; and how the run computed.
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert f"{summary['tokens_per_sec_run']:,.0f}" in page and "tokens / s, run average" in page
+    commit = summary["produced_by"]["code"].get("commit")
+    assert "ran on cpu x 1" in page and "32-true, eager" in page and (commit is None or commit[:12] in page)
 
 
 def test_never_writes_over_a_foreign_file(make_cfg, tmp_path):

@@ -43,6 +43,10 @@ def test_basic_sweep_writes_a_summary_sorted_by_validation_loss(sweep_dir):
     for rank, (line, row) in enumerate(zip(table[1:5], rows), 1):
         assert line.split()[0] == str(rank) and f"{float(row['val/loss']):.4f}" in line, (line, row)
         assert "experts=" in line and "aux_loss=" in line and line.rstrip().endswith("finished")
+        # tokens/s: each run's average, as its summary.json and its own terminal summary say
+        average = json.loads((sweep_dir / row["job"] / "summary.json").read_text())["tokens_per_sec_run"]
+        assert float(row["tokens_per_sec_run"]) == average and f"{average:,.0f}" in line, (line, row)
+    assert "tokens/s avg" in table[0]
 
 
 def test_optuna_study_survives_a_diverged_trial(tmp_path, cache_dir):

@@ -15,7 +15,7 @@ import signal
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 
@@ -56,7 +56,7 @@ SWEEP_COLUMNS = [
     ("moe/dead_experts", "dead", ".0f"),
     ("moe/starved_experts", "starved", ".0f"),
     ("moe/specialization", "special&shy;isation", ".3f"),
-    ("train/tokens_per_sec", "tokens/s", ",.0f"),
+    ("tokens_per_sec_run", "tokens/s (run average)", ",.0f"),
 ]
 
 
@@ -99,7 +99,7 @@ def run_page(run: RunRecord, refresh: Optional[int] = None) -> str:
     s = run.summary
     overrides = " ".join(run.overrides) or "defaults"
     params = s.get("params", {})
-    tokens_per_sec = run.series("train/tokens_per_sec")[1]
+    last_window = run.final("train/tokens_per_sec")
     mfu = run.final("train/mfu")
     cards = [
         ("validation loss", _fmt(run.final("val/loss")), f"at step 0: {_fmt(s.get('initial_val_loss'))}"),
@@ -109,9 +109,9 @@ def run_page(run: RunRecord, refresh: Optional[int] = None) -> str:
             f"step {s.get('step', run.series('train/loss')[0][-1:] or '?')}",
         ),
         (
-            "tokens / s",
-            _fmt(float(np.median(tokens_per_sec)) if tokens_per_sec else None, ",.0f"),
-            f"MFU {_fmt(100 * mfu, '.1f')}%" if mfu else "median over windows",
+            "tokens / s, run average",
+            _fmt(run.final("tokens_per_sec_run"), ",.0f"),
+            f"last window {_fmt(last_window, ',.0f')}" + (f"; MFU {_fmt(100 * mfu, '.1f')}%" if mfu else ""),
         ),
         (
             "worst layer imbalance",
@@ -146,12 +146,38 @@ def run_page(run: RunRecord, refresh: Optional[int] = None) -> str:
         path=str(run.path),
         status=run.status,
         overrides=overrides,
+        computed=how_it_computed(s.get("produced_by")),
         cards=cards,
         figures=drawn,
         refresh=refresh,
         lineage=lineage,
         gap=run.gap,
     )
+
+
+def how_it_computed(record: Any) -> str:
+    """The run's device, precision, compile and code, as its header said them (from summary.json's produced_by)."""
+    if not isinstance(record, dict):
+        return "not recorded"
+    machine = record.get("machine") if isinstance(record.get("machine"), dict) else {}
+    where = f"{record.get('accelerator', '?')} x {record.get('devices', '?')}"
+    chip = machine.get("gpu") or machine.get("cpu")
+    code = record.get("code") if isinstance(record.get("code"), dict) else {}
+    packages = record.get("packages") if isinstance(record.get("packages"), dict) else {}
+    parts = [
+        where + (f" ({chip})" if chip else ""),
+        str(record.get("precision", "?")),
+        "compiled" if record.get("compile") else "eager",
+        _code(code),
+        f"torch {packages.get('torch')}" if packages.get("torch") else "",
+    ]
+    return ", ".join(p for p in parts if p)
+
+
+def _code(version: dict) -> str:
+    if version.get("commit"):
+        return f"commit {str(version['commit'])[:12]}" + (" (dirty)" if version.get("dirty") else "")
+    return f"moe-lab {version['package']} (no git checkout)" if version.get("package") else "code version not recorded"
 
 
 def sweep_page(

@@ -36,7 +36,8 @@ SUMMARY_COLUMNS = [
     "moe/dead_experts",
     "moe/starved_experts",
     "moe/specialization",
-    "train/tokens_per_sec",
+    "tokens_per_sec_run",  # the run's average: training tokens over training seconds (validation excluded)
+    "train/tokens_per_sec",  # the last logging window's
     "train/mfu",
     "step",
     "seconds",
@@ -321,7 +322,7 @@ TABLE_COLUMNS = [
     ("moe/dead_experts", "dead", ".0f"),
     ("moe/starved_experts", "starved", ".0f"),
     ("moe/specialization", "special.", ".3f"),
-    ("train/tokens_per_sec", "tokens/s", ",.0f"),
+    ("tokens_per_sec_run", "tokens/s avg", ",.0f"),  # the run's average, as its own summary says
 ]
 
 

@@ -284,6 +284,39 @@ def resolved_compile(run: TrainConfig) -> bool:
     )
 
 
+def compile_reason(run: TrainConfig) -> str:
+    """Why compile=null chose what it did (resolved_compile's rule, said for the header)."""
+    trainer = run.trainer
+    if trainer.get("accelerator") != "cpu":
+        return "eager, as compiling is not measured on GPUs"
+    if str(trainer.get("precision")) != "bf16-mixed":
+        return "eager, as compiling pays in bf16-mixed, not in float32"
+    if not (trainer.get("devices", 1) in (1, "1") and trainer.get("num_nodes", 1) in (1, None)):
+        return "eager, as compiling is measured for one process only"
+    if run.model.moe.expert_parallel != 1:
+        return "eager, as compiling does not go with expert parallelism"
+    if not can_build_cpu_kernels():
+        return "eager, as inductor needs a C++ compiler and Python's headers"
+    return "compiled, as one CPU process in bf16-mixed trains 1.6x faster after 10-25 s of compiling"
+
+
+def auto_choices(asked_trainer: Any, asked_compile: Any, run: TrainConfig) -> list[str]:
+    """What the `auto` settings (trainer.precision=auto, compile=null) chose for this run and why, for its header."""
+    said = []
+    if asked_trainer is not None and asked_trainer.get("precision") == "auto":
+        precision = run.trainer.get("precision")
+        if run.trainer.get("accelerator") in ("gpu", "cuda"):
+            has = "has" if precision == "bf16-mixed" else "lacks"
+            said.append(f"{precision}, as the GPU {has} bfloat16")
+        elif precision == "bf16-mixed":
+            said.append("bf16-mixed, as this CPU has AMX (fast bfloat16)")
+        else:
+            said.append("32-true, as this CPU has no AMX (bf16-mixed was measured to pay with AMX only)")
+    if asked_compile is None:
+        said.append(compile_reason(run))
+    return said
+
+
 def resolved_fused(run: TrainConfig) -> bool:
     """optim.fused=null -> AdamW's fused kernel on a GPU and in bf16-mixed; the for-loop AdamW for float32 on a CPU."""
     if run.optim.fused is not None:

@@ -48,7 +48,7 @@ from moe_lab.training.run_dir import (
     release_run_dir,
 )
 from moe_lab.training.runtime import cpu_threads, oversubscription, quiet_lightning, retain_freed_memory
-from moe_lab.training.schemas import TrainConfig, validate
+from moe_lab.training.schemas import TrainConfig, auto_choices, validate
 from moe_lab.training.strategy import make_strategy, writes_sharded
 from moe_lab.training.sweeps import set_aside_requeued
 from moe_lab.training.upcycle import apply_upcycling
@@ -170,7 +170,7 @@ def _train(
     loggers = build_loggers(run, cfg, output_dir, module.provenance["produced_by"])
     try:
         trainer = build_trainer(run, callbacks, loggers, output_dir)
-        print_header(run, module, data, output_dir)
+        print_header(run, module, data, output_dir, auto_choices(cfg.get("trainer"), cfg.get("compile"), run))
         fit(trainer, module, data, ckpt_path, stop, callbacks, output_dir, started)
         summary = run_summary(run, trainer, module, callbacks, stop, output_dir, started)
         for logger in trainer.loggers:
@@ -558,7 +558,9 @@ def produced_by(run: TrainConfig) -> dict[str, Any]:
 
 
 @rank_zero_only
-def print_header(run: TrainConfig, module: MoELanguageModel, data: LMDataModule, output_dir: Path) -> None:
+def print_header(
+    run: TrainConfig, module: MoELanguageModel, data: LMDataModule, output_dir: Path, chosen: list[str]
+) -> None:
     p = module.model.num_params()
     moe = run.model.moe
     kind = (
@@ -572,10 +574,8 @@ def print_header(run: TrainConfig, module: MoELanguageModel, data: LMDataModule,
         f"per token; {kind}",
         flush=True,
     )
-    print(
-        f"moe-lab: {device_description(run.trainer)}" + (", compiled (torch.compile)" if run.compile else ""),
-        flush=True,
-    )
+    how = f"{device_description(run.trainer)}, {'compiled (torch.compile)' if run.compile else 'eager'}"
+    print(f"moe-lab: {how}" + (f" (auto: {'; '.join(chosen)})" if chosen else ""), flush=True)
     crowded = oversubscription(run.trainer)
     if crowded:
         print(crowded, file=sys.stderr, flush=True)
