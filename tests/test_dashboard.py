@@ -200,3 +200,19 @@ def test_a_job_folders_name_never_becomes_a_link_with_a_scheme(sweep_dir, tmp_pa
     links = [html.unescape(h) for h in re.findall(r"<td><a href=\"([^\"]*)\">open</a>", page)]
     assert len(links) == 4 and all(link.startswith(("./", "../")) and ":" not in link for link in links), links
     assert "./javascript%3Aalert%28document.domain%29/dashboard.html" in links
+
+
+def test_a_date_folder_is_not_taken_for_a_sweep(tmp_path, capsys):
+    """`moe-lab dashboard outputs/DATE` (the folder of a day's runs) says what it is and how to look at its runs, and
+    writes nothing into it."""
+    from moe_lab.cli.main import main
+
+    day = tmp_path / "2026-12-06"
+    for time in ("07-01-25", "07-02-00"):
+        (day / time).mkdir(parents=True)
+        (day / time / "metrics.csv").write_text("step,train/loss\n1,5.0\n")
+    assert main(["dashboard", str(day)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("moe-lab: error:"), err
+    assert "not a sweep" in err[0] and "2 separate runs" in err[0] and f"{day}/* -o compare.html" in err[0]
+    assert sorted(p.name for p in day.iterdir()) == ["07-01-25", "07-02-00"]

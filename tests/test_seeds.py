@@ -229,3 +229,37 @@ def test_the_paired_ratio_interval_is_the_t_interval_of_the_log_ratios_taken_bac
     assert got["mean"] == pytest.approx(np.exp(logs.mean()))
     assert (got["low"], got["high"]) == (pytest.approx(np.exp(low)), pytest.approx(np.exp(high)))
     assert paired_ratio_interval([2.0, 4.0], [1.0, 2.0])["mean"] == pytest.approx(2.0)  # a constant ratio
+
+
+def test_runs_that_repeat_a_seed_give_no_interval(tmp_path):
+    """Two runs of one seed (a date folder compared, a rerun) are one sample, not a 2-seed group with a zero-width
+    interval."""
+    runs = [fake_run(tmp_path, f"again-{i}", ["experts=e4"], 1.9) for i in range(2)]
+    groups = seed_groups(runs)
+    assert not has_seed_groups(groups)
+    assert groups[0].values("val/loss") == [1.9] and groups[0].repeats == 1
+    assert math.isnan(groups[0].interval("val/loss")["half"])
+    runs.append(fake_run(tmp_path, "seed-2", ["experts=e4", "seed=2"], 2.1))
+    groups = seed_groups(runs)
+    assert has_seed_groups(groups) and sorted(groups[0].values("val/loss")) == [1.9, 2.1]
+    assert "+1 rep." in group_table(groups)
+
+
+def test_interval_bands_stop_at_what_a_metric_can_be(tmp_path):
+    """Three seeds whose imbalance is 1.0, 1.0, 1.3 have a t interval reaching below 1; the bars and bands stop at 1."""
+    from moe_lab.analysis.figures import group_bars, group_curves
+
+    runs = []
+    for seed, imbalance in enumerate((1.0, 1.0, 1.3), 1):
+        run = fake_run(tmp_path, f"s{seed}", ["experts=e4", f"seed={seed}"], 2.0)
+        run.summary["moe/mean_imbalance"] = imbalance
+        run.metrics = [{"step": 10.0, "moe/max_imbalance": imbalance, "moe/dropped_frac": 0.01 * (seed == 3)}]
+        runs.append(run)
+    ranked = ranked_groups(seed_groups(runs))
+    assert ranked[0].group.interval("moe/mean_imbalance")["low"] < 1
+    bars = group_bars(ranked)
+    balance = next(t for t in bars.data if t.type == "bar" and t.xaxis == "x2")
+    assert balance.x[0] - balance.error_x.arrayminus[0] == pytest.approx(1.0)
+    bands = [t for t in group_curves(ranked).data if t.fill == "toself"]
+    assert bands and min(min(t.y) for t in bands if t.yaxis == "y3") >= 1.0
+    assert min(min(t.y) for t in bands if t.yaxis == "y4") >= 0.0

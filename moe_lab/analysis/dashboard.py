@@ -27,6 +27,7 @@ from moe_lab.analysis.runs import (
     is_sweep_dir,
     labels,
     read_run,
+    run_folders,
     summary_rows,
     sweep_runs,
     swept_keys,
@@ -349,7 +350,8 @@ def _group_row(r) -> dict:
         "rank": r.rank_text,
         "name": r.group.name,
         "runs": f"{len(r.group.finished)}/{len(r.group.runs)}",
-        "seeds": ", ".join(r.group.seeds),
+        "seeds": ", ".join(dict.fromkeys(r.group.seeds))
+        + (f" ({r.group.repeats} run(s) repeat a seed: each seed counts once)" if r.group.repeats else ""),
         "loss": f"{_fmt(i['mean'])} [{_fmt(i['low'])}, {_fmt(i['high'])}]",
         "std": _fmt(i["std"]),
         "cells": cells,
@@ -439,6 +441,14 @@ def write_dashboard(path: Path | str, out: Optional[Path | str] = None, refresh:
         if not runs:
             raise DashboardError(f"{path} holds no runs yet")
         page = sweep_page(path, runs, refresh, links_from=out.parent)
+    elif run_folders(path):
+        runs = run_folders(path)
+        named = ", ".join(p.name for p in runs[:3]) + (", ..." if len(runs) > 3 else "")
+        raise DashboardError(
+            f"{path} is not a sweep (it has no multirun.yaml) but a folder of {len(runs)} separate runs ({named}); "
+            f"show one with moe-lab dashboard {runs[0]}, or compare them side by side with moe-lab dashboard "
+            f"{path}/* -o compare.html"
+        )
     else:
         raise DashboardError(
             f"{path} is neither a run directory (with metrics.csv) nor a sweep directory "

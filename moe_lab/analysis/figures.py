@@ -414,6 +414,23 @@ def sweep_curves(runs: list[RunRecord], labels: list[str]):
     return fig
 
 
+# What a metric can be: a t interval of a mean is cut to these bounds where it would pass them (an imbalance below 1,
+# a share below 0 or above 1 is no possible mean; the interval says "near the bound", the figures say the bound).
+POSSIBLE = {
+    "val/loss": (0.0, math.inf),
+    "train/loss": (0.0, math.inf),
+    "moe/mean_imbalance": (1.0, math.inf),
+    "moe/max_imbalance": (1.0, math.inf),
+    "moe/dropped_frac": (0.0, 1.0),
+    "moe/specialization": (0.0, 1.0),
+}
+
+
+def possible(key: str, value: float) -> float:
+    low, high = POSSIBLE.get(key, (-math.inf, math.inf))
+    return min(max(value, low), high)
+
+
 def group_bars(ranked: list):
     """Seed groups (`seeds.ranked_groups`), best first: the mean of each metric with its 95% interval as an error bar,
     and every seed's run as a point on it."""
@@ -430,6 +447,8 @@ def group_bars(ranked: list):
         intervals = [r.group.interval(key) for r in ranked]
         means = [i["mean"] if math.isfinite(i["mean"]) else 0 for i in intervals]
         halves = [i["half"] if math.isfinite(i["half"]) else 0 for i in intervals]
+        above = [possible(key, m + h) - m for m, h in zip(means, halves)]
+        below = [m - possible(key, m - h) for m, h in zip(means, halves)]
         fig.add_trace(
             go.Bar(
                 y=names,
@@ -438,7 +457,7 @@ def group_bars(ranked: list):
                 showlegend=False,
                 marker_color=[PALETTE[i % len(PALETTE)] for i in range(len(ranked))],
                 opacity=0.75,
-                error_x=dict(type="data", array=halves, visible=True, color="#333", thickness=1.5),
+                error_x=dict(type="data", array=above, arrayminus=below, visible=True, color="#333", thickness=1.5),
                 customdata=[[i["n"], i["std"]] for i in intervals],
                 hovertemplate="%{y}<br>mean %{x:.4f} over %{customdata[0]} seeds, std "
                 "%{customdata[1]:.4f}<extra></extra>",
@@ -461,8 +480,8 @@ def group_bars(ranked: list):
             col=j + 1,
         )
         if key == "val/loss" and means:  # zoom to the runs: bars from 0 would hide differences of 0.01
-            lows = [v for r in ranked for v in r.group.values(key)] + [m - h for m, h in zip(means, halves)]
-            highs = [v for r in ranked for v in r.group.values(key)] + [m + h for m, h in zip(means, halves)]
+            lows = [v for r in ranked for v in r.group.values(key)] + [m - b for m, b in zip(means, below)]
+            highs = [v for r in ranked for v in r.group.values(key)] + [m + a for m, a in zip(means, above)]
             pad = 0.15 * max(max(highs) - min(lows), 1e-3)
             fig.update_xaxes(range=[min(lows) - pad, max(highs) + pad], row=1, col=1)
     fig.update_yaxes(autorange="reversed")
@@ -488,7 +507,7 @@ def group_curves(ranked: list):
         color = PALETTE[i % len(PALETTE)]
         name = f"#{r.rank_text} {r.group.name}"
         for j, (key, _) in enumerate(panels):
-            series = [dict(zip(*run.series(key))) for run in r.group.finished]
+            series = [dict(zip(*run.series(key))) for run in r.group.one_run_per_seed()]
             if not series or not all(series):
                 continue
             steps = sorted(set.intersection(*(set(s) for s in series)))
@@ -499,7 +518,8 @@ def group_curves(ranked: list):
                 fig.add_trace(
                     go.Scatter(
                         x=steps + steps[::-1],
-                        y=[st["high"] for st in stats] + [st["low"] for st in stats][::-1],
+                        y=[possible(key, st["high"]) for st in stats]
+                        + [possible(key, st["low"]) for st in stats][::-1],
                         fill="toself",
                         fillcolor=color,
                         opacity=0.2,

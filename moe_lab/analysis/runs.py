@@ -98,7 +98,16 @@ def is_run_dir(path: Path) -> bool:
 
 
 def is_sweep_dir(path: Path) -> bool:
-    return (path / "multirun.yaml").exists() or any(is_run_dir(p) for p in path.iterdir() if p.is_dir())
+    """Hydra's multirun.yaml, or job folders named by their numbers (0/, 1/, ...): a sweep, not any folder of runs."""
+    if (path / "multirun.yaml").exists():
+        return True
+    jobs = run_folders(path)
+    return bool(jobs) and all(p.name.isdigit() for p in jobs)
+
+
+def run_folders(path: Path) -> list[Path]:
+    """The run directories directly inside `path` (a date folder of runs, a sweep's jobs)."""
+    return sorted(p for p in path.iterdir() if p.is_dir() and is_run_dir(p))
 
 
 def read_run(path: Path, _seen: Optional[set] = None) -> RunRecord:
@@ -258,7 +267,7 @@ def gather_runs(paths: list[Path]) -> list[RunRecord]:
             )
         if is_run_dir(path) and (path / "metrics.csv").exists():
             found.append(path)
-        elif is_sweep_dir(path):
+        elif is_sweep_dir(path) or run_folders(path):  # a sweep, or a folder of runs named to be compared
             found += [run.path for run in sweep_runs(path)]
         else:
             raise DashboardError(f"{path} is neither a run directory (with metrics.csv) nor a sweep directory")

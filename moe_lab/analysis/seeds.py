@@ -68,9 +68,19 @@ class RunGroup:
         return [run for run in self.runs if run.status == "finished"]
 
     def values(self, key: str) -> list[float]:
-        """The metric's final value in each finished run (runs without it left out)."""
-        values = [run.final(key) for run in self.finished]
-        return [v for v in values if v is not None and math.isfinite(v)]
+        """The metric's final value per seed, finished runs only (runs without it left out): a seed run twice is one
+        sample, since repeating a seed measures nothing of the spread over seeds."""
+        return list(self.by_seed(key).values())
+
+    @property
+    def repeats(self) -> int:
+        """How many runs repeat a seed another run of the group already has."""
+        return len(self.seeds) - len(set(self.seeds))
+
+    def one_run_per_seed(self) -> list[RunRecord]:
+        """The finished runs, one per seed (of runs that repeat a seed, the last), as `by_seed` counts them."""
+        last = {seed: run for run, seed in zip(self.runs, self.seeds) if run.status == "finished"}
+        return list(last.values())
 
     def by_seed(self, key: str) -> dict[str, float]:
         """The metric's final value per seed, finished runs only."""
@@ -102,8 +112,8 @@ def seed_groups(runs: list[RunRecord]) -> list[RunGroup]:
 
 
 def has_seed_groups(groups: list[RunGroup]) -> bool:
-    """Whether seeds were repeated: some configuration has more than one run."""
-    return any(len(g.runs) > 1 for g in groups)
+    """Whether some configuration was run over more than one seed."""
+    return any(len(set(g.seeds)) > 1 for g in groups)
 
 
 @dataclass
@@ -228,8 +238,10 @@ def group_table(groups: list[RunGroup]) -> str:
             lines.append(f"  #{d['a'].rank} - #{d['b'].rank}: {difference_text(d)}")
     if any(r.overlaps for r in ranked):
         lines.append(f"'=': its {pct}% interval overlaps another group's; these seeds do not establish that order")
-    if any(len(g.finished) < 2 for g in groups if g.finished):
-        lines.append("n/a: a group with one finished run has no interval; add seeds (seed=1,2,3 or seeds=3)")
+    if any(len(g.values(RANK_KEY)) < 2 for g in groups if g.finished):
+        lines.append("n/a: a group with one finished seed has no interval; add seeds (seed=1,2,3 or seeds=3)")
+    if any(g.repeats for g in groups):
+        lines.append("'+N rep.': runs that repeat a seed of their group; each seed counts once in the interval")
     return "\n".join(lines)
 
 
@@ -268,7 +280,8 @@ def _paired_text(d: dict[str, Any]) -> str:
 
 def _runs_text(group: RunGroup) -> str:
     done = len(group.finished)
-    return f"{done}" if done == len(group.runs) else f"{done}/{len(group.runs)}"
+    text = f"{done}" if done == len(group.runs) else f"{done}/{len(group.runs)}"
+    return text + (f" +{group.repeats} rep." if group.repeats else "")
 
 
 GROUP_CSV_COLUMNS = (
