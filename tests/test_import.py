@@ -209,3 +209,35 @@ def test_fine_tuning_an_imported_model_starts_from_its_weights(tmp_path, cache_d
 def test_import_help_names_the_families(tmp_path):
     result = run_cli(["import", "--help"], cwd=REPO)
     assert result.returncode == 0 and "Qwen3-MoE" in result.stdout and "OLMoE" in result.stdout
+
+
+def test_a_hub_id_without_network_is_one_line_at_once(tmp_path, monkeypatch, capsys):
+    """A hub id on a machine that cannot reach the hub (here: an endpoint on a closed local port): one line that says
+    so and what to do, before huggingface_hub's retries; a copy in this machine's cache is named, not waited for."""
+    from moe_lab.cli.main import main
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for args, what in (
+        (["import", "someorg/some-moe", str(tmp_path / "out")], "the model someorg/some-moe"),
+        (["train", "tokenizer.name=someorg/tok", f"hydra.run.dir={tmp_path / 'run'}"], "the tokenizer someorg/tok"),
+        (["train", "data=hf", "data.name=someorg/corpus", f"hydra.run.dir={tmp_path / 'run'}"], "the dataset"),
+    ):
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "error" in line.lower() or "Retry" in line]
+        assert len(errors) == 1, err
+        assert (
+            errors[0].startswith("moe-lab: error: cannot reach the Hugging Face hub (127.0.0.1") and what in errors[0]
+        )
+        assert "--local-dir DIR" in errors[0]
+        assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
+    # The same model, downloaded before into this machine's cache: the line says to use it (HF_HUB_OFFLINE=1).
+    snapshot = tmp_path / "hub-cache" / "models--someorg--some-moe" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hub-cache"), "HF_HUB_OFFLINE": ""}
+    result = run_cli(["import", "someorg/some-moe", str(tmp_path / "out")], tmp_path, env_extra=env, timeout=120)
+    assert result.returncode == 2 and "HF_HUB_OFFLINE=1" in result.stderr and "cache holds a copy" in result.stderr

@@ -14,6 +14,7 @@ import numpy as np
 
 from moe_lab.data.config import TokenizerConfig
 from moe_lab.errors import UserError
+from moe_lab.hub import check_hub
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 
@@ -56,6 +57,8 @@ class HFTokenizer:
                 digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
             else:  # a hub id: its tokenizer.json alone (a file of data; nothing in it runs)
                 from huggingface_hub import hf_hub_download
+
+                check_hub(name, "the tokenizer", UserError, "tokenizer.json")
 
                 path = Path(hf_hub_download(name, "tokenizer.json"))
                 self._tok = Tokenizer.from_file(str(path))

@@ -23,6 +23,7 @@ from typing import Any, Optional
 import torch
 
 from moe_lab.errors import ExportError, ModelImportError, UserError
+from moe_lab.hub import check_hub
 from moe_lab.model import ModelConfig, MoETransformer
 from moe_lab.model.router_configs import RouterConfig, registered_routers, router_config
 
@@ -68,6 +69,7 @@ def _raw_config(source: str) -> dict:
         if not file.is_file():
             raise ModelImportError(f"{source} has no config.json: give a directory written by save_pretrained")
     else:
+        check_hub(source, "the model", ModelImportError, "config.json")
         file = Path(
             load_hf(lambda: __import__("huggingface_hub").hf_hub_download(source, "config.json"), source, "config")
         )
