@@ -181,6 +181,17 @@ def test_validation_split_per_domain():
     assert np.bincount(domains[val], minlength=3).tolist() == [10, 1, 0]
 
 
+@pytest.mark.parametrize("cap", [1, 2, 3, 7, 32, 33, 256])
+def test_max_val_blocks_is_a_cap(cap):
+    """data.max_val_blocks=32 holds out 32 blocks, not 33 (each domain's share rounded up used to pass the cap)."""
+    domains = np.array([0] * 5800 + [1] * 5700 + [2] * 6019)
+    train, val = split_blocks(domains, 0.05, max_val_blocks=cap)
+    assert len(val) == cap and set(train) | set(val) == set(range(len(domains))) and not set(train) & set(val)
+    per_domain = np.bincount(domains[val], minlength=3)
+    assert (per_domain >= 1).all() if cap >= 3 else per_domain.sum() == cap
+    assert per_domain.max() - per_domain.min() <= max(1, cap // 50)  # in proportion to the domains' sizes
+
+
 # -- errors ---------------------------------------------------------------------------------------------
 
 

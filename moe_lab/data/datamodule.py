@@ -551,14 +551,21 @@ class LMDataModule(L.LightningDataModule):
 
 
 def split_blocks(domains: np.ndarray, val_fraction: float, max_val_blocks: int) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out a share of each domain's blocks (at least one where a domain has two), at most max_val_blocks."""
+    """Hold out a share of each domain's blocks (at least one where a domain has two), max_val_blocks at most in all:
+    each domain's part of the cap is in proportion to its blocks, rounded up, and the rounding's excess is taken back
+    from the domains that hold the most for their size, so the cap is never passed."""
     rng = np.random.default_rng(SPLIT_SEED)
     total = len(domains)
-    train, val = [], []
-    for d in np.unique(domains):
-        idx = rng.permutation(np.flatnonzero(domains == d))
-        n_val = min(math.ceil(val_fraction * len(idx)), math.ceil(max_val_blocks * len(idx) / max(total, 1)))
-        n_val = max(n_val, 1) if len(idx) >= 2 else 0
-        val.append(idx[:n_val])
-        train.append(idx[n_val:])
+    members = [rng.permutation(np.flatnonzero(domains == d)) for d in np.unique(domains)]
+    sizes = [len(idx) for idx in members]
+    counts = [
+        max(min(math.ceil(val_fraction * n), math.ceil(max_val_blocks * n / max(total, 1))), 1) if n >= 2 else 0
+        for n in sizes
+    ]
+    least = 1 if max_val_blocks >= sum(c > 0 for c in counts) else 0  # one per domain, where the cap allows it
+    while sum(counts) > max_val_blocks:
+        i = max((i for i, c in enumerate(counts) if c > least), key=lambda i: (counts[i] / sizes[i], sizes[i]))
+        counts[i] -= 1
+    val = [idx[:c] for idx, c in zip(members, counts)]
+    train = [idx[c:] for idx, c in zip(members, counts)]
     return np.concatenate(train), np.sort(np.concatenate(val))
