@@ -53,6 +53,9 @@ def test_train_with_overrides_from_the_issue(tmp_path, cache_dir):
     result = run_cli(["train", *overrides, *fast_args(cache_dir), f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "moe-lab: run finished at step 12" in result.stdout
+    # Not a terminal (a pipe here; nohup and SLURM alike): plain progress lines, no carriage returns in the log.
+    assert "\r" not in result.stdout + result.stderr
+    assert any(line.startswith("train: step 12/12, ") for line in result.stdout.splitlines()), result.stdout
     losses = val_losses(run_dir)
     assert losses[12] < losses[0] - 0.5
     saved = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())

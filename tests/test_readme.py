@@ -243,3 +243,50 @@ def test_the_recipes_run(tmp_path, cache_dir, capsys, monkeypatch):
         done.append(recipe)
     assert len(done) == len(recipes()) >= 8
     assert len(list((tmp_path / "sweep").glob("*/summary.json"))) == 6  # 2 routers x 3 seeds
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The README's figures that a quick run checks
+
+
+def readme_number(pattern: str) -> tuple[float, ...]:
+    found = re.search(pattern, README)
+    assert found, f"the README no longer says {pattern!r}"
+    return tuple(float(g) for g in found.groups())
+
+
+def test_the_readme_parameter_counts_are_the_models():
+    """The presets' sizes in the README are what the run's header prints (byte-level vocabulary padded to 320)."""
+    from pathlib import Path
+
+    from moe_lab.data.tokenizer import ByteTokenizer
+    from moe_lab.model import MoETransformer
+    from moe_lab.model.config import padded_vocab_size
+    from moe_lab.training.schemas import validate
+
+    claims = {
+        "tiny": r"`tiny` \(default, ([\d.]+)M parameters, ([\d.]+)M active\)",
+        "dense_tiny": r"`dense_tiny` \(dense, FFN 768: [^)]*?([\d.]+)M / ([\d.]+)M active",
+        "dense_tiny_total": r"`dense_tiny_total` \(dense, FFN 3072: [^)]*?([\d.]+)M / ([\d.]+)M active",
+    }
+    for preset, pattern in claims.items():
+        model = validate(compose_cfg([f"model={preset}"], output_dir=Path("/nonexistent"), fast=False)).model
+        model.vocab_size = padded_vocab_size(ByteTokenizer.vocab_size)
+        p = MoETransformer(model).num_params()
+        assert readme_number(pattern) == (round(p["total"] / 1e6, 2), round(p["active"] / 1e6, 2)), preset
+
+
+@pytest.mark.slow
+def test_the_readme_loss_before_training(tmp_path, cache_dir):
+    """'validation loss 5.69 before training (seed 1234 ...)': the default model and data, float32, at step 0."""
+    import json
+
+    from moe_lab.training.train import train
+
+    (claimed,) = readme_number(r"validation\s+loss ([\d.]+) before training \(seed 1234")
+    overrides = ["trainer.max_steps=1", "trainer.val_check_interval=1", "trainer.precision=32-true", "compile=false"]
+    train(
+        compose_cfg([*overrides, "metrics.dashboard=false"], output_dir=tmp_path / "run", cache=cache_dir, fast=False)
+    )
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert round(summary["initial_val_loss"], 2) == claimed

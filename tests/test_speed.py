@@ -152,7 +152,8 @@ def test_bench_quick_compare(tmp_path):
     } <= comparisons
     assert any(c.startswith("speed-up over the fastest peer (hf_") for c in comparisons)
     assert any(c.startswith("activation memory / the least peer's (hf_") for c in comparisons)
-    assert all(isinstance(r["met"], bool) for r in saved["ratios"] if r["target"] != "(no target)")
+    # --quick is a smoke test: the ratios are reported, no bar is judged on tiny shapes
+    assert all(r["met"] is None and r["target"] == "(--quick)" for r in saved["ratios"])
     # every peer is either timed (after the same-math check) or listed with the reason it was not
     for case in ("E8-top2", "E64-top8"):
         timed = {impl for c, impl in impls if c == case}
@@ -173,7 +174,11 @@ def test_bench_quick_compare(tmp_path):
     assert step["achieved_flops"] == pytest.approx(achieved)
     assert step["of_peak"] == pytest.approx(achieved / peaks["float32"]["peak"])
     assert step["of_bf16_model_peak"] == pytest.approx(achieved / peaks["bfloat16"]["model"])
-    assert "training step FLOP/s / the bf16 GEMM's at the model's shape" in comparisons
+    # Against the bf16 GEMM at the model's shape: a bar only where bfloat16 is faster than float32 (AMX, GPUs); on
+    # a CPU that emulates bfloat16 the row says so
+    emulated = step["bf16_gemm_at_shape"] < step["fp32_gemm_at_shape"]
+    suffix = " (bf16 emulated here: no bar)" if emulated else ""
+    assert "training step FLOP/s / the bf16 GEMM's at the model's shape" + suffix in comparisons
 
 
 def test_gather_grouped_mm_matches_autograd_of_gather_then_gemm():

@@ -111,6 +111,10 @@ def seed_groups(runs: list[RunRecord]) -> list[RunGroup]:
     return groups
 
 
+def configurations(n: int) -> str:
+    return f"{n} configuration" + ("s" if n != 1 else "")
+
+
 def has_seed_groups(groups: list[RunGroup]) -> bool:
     """Whether some configuration was run over more than one seed."""
     return any(len(set(g.seeds)) > 1 for g in groups)

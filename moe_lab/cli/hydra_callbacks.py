@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from moe_lab.analysis.dashboard import write_dashboard
 from moe_lab.analysis.runs import damaged_earlier_lines, ranked_table, sweep_runs
-from moe_lab.analysis.seeds import group_table, has_seed_groups, seed_groups
+from moe_lab.analysis.seeds import configurations, group_table, has_seed_groups, seed_groups
 from moe_lab.errors import UserError
 from moe_lab.files import write_atomically
 from moe_lab.training.sweeps import write_sweep_files
@@ -76,7 +76,7 @@ class SweepSummary(Callback):
         groups = seed_groups(runs)
         if has_seed_groups(groups):
             message += (
-                f"\nmoe-lab: {len(groups)} configurations over seeds, best mean validation loss first\n"
+                f"\nmoe-lab: {configurations(len(groups))} over seeds, best mean validation loss first\n"
                 f"{group_table(groups)}\n"
             )
         message += f"moe-lab: sweep summary {' and '.join(map(str, written))}"

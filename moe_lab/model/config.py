@@ -323,6 +323,12 @@ class ModelConfig:
             )
 
 
+def padded_vocab_size(tokenizer_size: int) -> int:
+    """`vocab_size: null`: the tokenizer's size rounded up to a multiple of 64 (faster matmuls, as nanoGPT); the
+    byte-level tokenizer's 257 becomes 320."""
+    return -(-tokenizer_size // 64) * 64
+
+
 def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     keys = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - keys)

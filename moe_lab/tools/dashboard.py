@@ -14,7 +14,7 @@ from typing import Any
 
 from moe_lab.analysis.dashboard import live, write_comparison, write_dashboard
 from moe_lab.analysis.runs import damaged_earlier_lines, is_sweep_dir, ranked_table, sweep_runs
-from moe_lab.analysis.seeds import group_table, has_seed_groups, seed_groups
+from moe_lab.analysis.seeds import configurations, group_table, has_seed_groups, seed_groups
 from moe_lab.training.sweeps import write_sweep_files
 
 
@@ -48,6 +48,6 @@ def run(args: Any) -> int:
         print(line, file=sys.stderr)
     groups = seed_groups(runs)
     if has_seed_groups(groups):
-        print(f"{len(groups)} configurations over seeds, best mean validation loss first:\n{group_table(groups)}")
+        print(f"{configurations(len(groups))} over seeds, best mean validation loss first:\n{group_table(groups)}")
     print(f"moe-lab: wrote {out}")
     return 0

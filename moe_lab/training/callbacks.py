@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from typing import Any, Callable, Optional
 
 import lightning as L
@@ -136,12 +137,17 @@ class GracefulStop(L.Callback):
 
 class StepProgressBar(ProgressBar):
     """One bar over optimizer steps with the last logged loss, validation loss, tokens/s and the worst layer's
-    imbalance. It reads the metrics the module already computed at its last log step: no extra device sync."""
+    imbalance. It reads the metrics the module already computed at its last log step: no extra device sync. When the
+    standard output is not a terminal (nohup, SLURM, a pipe), a plain line every `PLAIN_EVERY_S` seconds and at the
+    end instead: a log file gets no carriage returns."""
+
+    PLAIN_EVERY_S = 30.0
 
     def __init__(self) -> None:
         super().__init__()
         self._enabled = True
         self.bar = None
+        self.plain: Optional[dict] = None  # {"started", "last", "first_step"} of the line mode
 
     def disable(self) -> None:
         self._enabled = False
@@ -150,9 +156,14 @@ class StepProgressBar(ProgressBar):
         self._enabled = True
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not (self._enabled and trainer.is_global_zero):
+            return
+        if not sys.stdout.isatty():
+            now = time.monotonic()
+            self.plain = {"started": now, "last": now, "first_step": trainer.global_step}
+            return
         from tqdm.auto import tqdm
 
-        interactive = sys.stdout.isatty()
         self.bar = tqdm(
             total=trainer.max_steps,
             initial=trainer.global_step,
@@ -160,21 +171,23 @@ class StepProgressBar(ProgressBar):
             unit="step",
             dynamic_ncols=True,
             file=sys.stdout,
-            disable=not (self._enabled and trainer.is_global_zero),
-            mininterval=0.5 if interactive else 30.0,
+            mininterval=0.5,
             smoothing=0.1,
         )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.bar is not None and trainer.global_step != self.bar.n:
             self._refresh(trainer, pl_module)
+        elif self.plain is not None and time.monotonic() - self.plain["last"] >= self.PLAIN_EVERY_S:
+            self._line(trainer, pl_module)
 
     # The module logs after the callbacks' on_train_batch_end; show its metrics at the next batch and the end.
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if self.bar is not None:
             self._refresh(trainer, pl_module)
 
-    def _refresh(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    @staticmethod
+    def _postfix(pl_module: L.LightningModule) -> dict[str, str]:
         train, val = getattr(pl_module, "last_train_metrics", {}), getattr(pl_module, "last_val_metrics", {})
         postfix = {}
         if "train/loss" in train:
@@ -186,14 +199,31 @@ class StepProgressBar(ProgressBar):
         imbalance = [v for k, v in train.items() if k.endswith("/imbalance")]
         if imbalance:
             postfix["max_imb"] = f"{max(imbalance):.2f}"
-        self.bar.set_postfix(postfix, refresh=False)
+        return postfix
+
+    def _refresh(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.bar.set_postfix(self._postfix(pl_module), refresh=False)
         self.bar.update(trainer.global_step - self.bar.n)
+
+    def _line(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """`train: step 120/500, 62 s, about 3 min left; loss=2.345, val=2.401, tok/s=11.8k, max_imb=2.10`."""
+        now = time.monotonic()
+        step, done = trainer.global_step, trainer.global_step - self.plain["first_step"]
+        elapsed = now - self.plain["started"]
+        left = elapsed / done * (trainer.max_steps - step) if done > 0 else None
+        when = f"{elapsed:.0f} s" + (f", about {left / 60:.1f} min left" if left and step < trainer.max_steps else "")
+        metrics = ", ".join(f"{k}={v}" for k, v in self._postfix(pl_module).items())
+        print(f"train: step {step}/{trainer.max_steps}, {when}" + (f"; {metrics}" if metrics else ""), flush=True)
+        self.plain["last"] = now
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.bar is not None:
             self._refresh(trainer, pl_module)
             self.bar.close()
             self.bar = None
+        if self.plain is not None:
+            self._line(trainer, pl_module)
+            self.plain = None
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self.on_train_end(trainer, pl_module)

@@ -24,6 +24,7 @@ from moe_lab.analysis.runs import RESUMED_FROM
 from moe_lab.data.datamodule import LMDataModule
 from moe_lab.errors import ConfigError, DiskFull, Diverged, UserError
 from moe_lab.files import remove_stale_temp_files, write_atomically
+from moe_lab.model.config import padded_vocab_size
 from moe_lab.training.callbacks import AbortRequested, GracefulStop, StepProgressBar, StopRequested
 from moe_lab.training.checkpoint import (
     AtomicCheckpointIO,
@@ -213,7 +214,7 @@ def build_module(
     """The LightningModule: the model sized to the tokenizer, its starting weights, and what produced the run."""
     model_cfg = run.model
     if model_cfg.vocab_size is None:
-        model_cfg.vocab_size = math.ceil(data.vocab_size / 64) * 64  # padded for fast matmuls (nanoGPT)
+        model_cfg.vocab_size = padded_vocab_size(data.vocab_size)
     elif model_cfg.vocab_size < data.vocab_size:
         raise ConfigError(
             f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
