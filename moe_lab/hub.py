@@ -7,6 +7,7 @@ A leaf module: the standard library only (huggingface_hub is imported where its 
 from __future__ import annotations
 
 import os
+import re
 import socket
 from typing import Optional
 from urllib.parse import urlparse
@@ -14,6 +15,15 @@ from urllib.parse import urlparse
 from moe_lab.errors import UserError
 
 CONNECT_TIMEOUT_S = 5.0
+
+
+# A hub repository id: NAME or ORG/NAME of letters, digits, '-', '_' and '.' (huggingface_hub's own rule, in short);
+# a path (absolute, ./, ~/, or deeper than one folder) never is one.
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def looks_like_hub_id(name: str) -> bool:
+    return bool(REPO_ID.fullmatch(name)) and ".." not in name and not name.endswith(".")
 
 
 def hub_endpoint() -> str:

@@ -33,7 +33,7 @@ from moe_lab.data.embedded import embedded_documents
 from moe_lab.data.tokenizer import build_tokenizer
 from moe_lab.errors import DataError
 from moe_lab.files import files_digest
-from moe_lab.hub import check_hub
+from moe_lab.hub import check_hub, looks_like_hub_id
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def load_documents(cfg: DataConfig, datasets_cache: Optional[Path] = None):
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         ds = _load_dataset(builder, data_files=files, split="train", **kwargs, **cache)
     else:
-        if "/" in cfg.name and not os.path.exists(os.path.expanduser(cfg.name)):  # a hub id, not a builder or a path
+        if "/" in cfg.name and looks_like_hub_id(cfg.name) and not os.path.exists(cfg.name):  # not a builder, a path
             check_hub(cfg.name, "the dataset", DataError, None, repo_type="dataset")
         ds = _load_dataset(
             cfg.name,

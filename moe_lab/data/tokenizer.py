@@ -14,7 +14,7 @@ import numpy as np
 
 from moe_lab.data.config import TokenizerConfig
 from moe_lab.errors import UserError
-from moe_lab.hub import check_hub
+from moe_lab.hub import check_hub, looks_like_hub_id
 
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
 
@@ -58,6 +58,8 @@ class HFTokenizer:
             else:  # a hub id: its tokenizer.json alone (a file of data; nothing in it runs)
                 from huggingface_hub import hf_hub_download
 
+                if not looks_like_hub_id(name):
+                    raise UserError(f"tokenizer.name={name}: no such file or directory (and not a hub id)")
                 check_hub(name, "the tokenizer", UserError, "tokenizer.json")
 
                 path = Path(hf_hub_download(name, "tokenizer.json"))

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 from moe_lab.errors import ExportError, ModelImportError, UserError
-from moe_lab.hub import check_hub
+from moe_lab.hub import check_hub, looks_like_hub_id
 from moe_lab.model import ModelConfig, MoETransformer
 from moe_lab.model.router_configs import RouterConfig, registered_routers, router_config
 
@@ -68,6 +68,11 @@ def _raw_config(source: str) -> dict:
         file = folder / "config.json"
         if not file.is_file():
             raise ModelImportError(f"{source} has no config.json: give a directory written by save_pretrained")
+    elif not looks_like_hub_id(source):
+        raise ModelImportError(
+            f"could not read the config of {source}: no such directory (and not a hub id); give a local directory "
+            "written by save_pretrained or a Hugging Face hub id (ORG/NAME)"
+        )
     else:
         check_hub(source, "the model", ModelImportError, "config.json")
         file = Path(
