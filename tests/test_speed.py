@@ -320,14 +320,16 @@ def test_each_training_step_is_set_against_the_bf16_gemm_at_its_own_model_shape(
     from moe_lab.tools import bench
 
     measured = []
-    monkeypatch.setattr(bench, "gemm_flops", lambda device, dtype, shape, w, r: measured.append(shape) or 4e11)
+    monkeypatch.setattr(bench, "gemm_flops", lambda device, dtype, shape, w, r: measured.append((dtype, shape)) or 4e11)
     peaks = {d: {"peak": 1e12, "model": 2e11, "model_shape": [4096, 128, 384]} for d in ("float32", "bfloat16")}
     steps = [
         {"tokens_per_sec": 1000.0, "flops_per_token": 1e8, "precision": "bf16", "gemm_shape": shape}
         for shape in ([4096, 128, 384], [16384, 512, 1536], [16384, 512, 1536])
     ]
     tiny, base, base_again = bench.with_fractions_of_peak(steps, peaks, torch.device("cpu"), 0, 1)
-    assert measured == [(16384, 512, 1536)]
+    # bfloat16's, and float32's (which says whether bfloat16 is emulated here), once per new shape
+    assert measured == [(torch.bfloat16, (16384, 512, 1536)), (torch.float32, (16384, 512, 1536))]
+    assert tiny["fp32_gemm_at_shape"] == 2e11 and base["fp32_gemm_at_shape"] == 4e11
     assert tiny["of_bf16_model_peak"] == pytest.approx(1e11 / 2e11)
     assert base["of_bf16_model_peak"] == base_again["of_bf16_model_peak"] == pytest.approx(1e11 / 4e11)
     assert base["of_peak"] == pytest.approx(1e11 / 1e12)
