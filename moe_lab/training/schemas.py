@@ -311,7 +311,7 @@ def auto_choices(asked_trainer: Any, asked_compile: Any, run: TrainConfig) -> li
         elif precision == "bf16-mixed":
             said.append("bf16-mixed, as this CPU has AMX (fast bfloat16)")
         else:
-            said.append("32-true, as this CPU has no AMX (bf16-mixed was measured to pay with AMX only)")
+            said.append("32-true, as this CPU has no AMX, with which alone bf16-mixed was measured to pay")
     if asked_compile is None:
         said.append(compile_reason(run))
     return said
