@@ -72,7 +72,9 @@ def test_offline_run_reads_back(tmp_path, cache_dir):
         next((wandb_dir / "files" / "media" / "plotly" / "moe").glob("domains_*.plotly.json")).read_text()
     )
     assert domains["data"][0]["y"] == ["code", "docs", "math"] and domains["data"][0]["showscale"]
-    table = json.loads(next((wandb_dir / "files" / "media" / "table" / "moe").glob("load_table*.json")).read_text())
+    # W&B writes one file per logged table (load_table_STEP_HASH.table.json), each the loads up to its step: the last
+    tables = (wandb_dir / "files" / "media" / "table" / "moe").glob("load_table*.json")
+    table = json.loads(max(tables, key=lambda p: int(p.name.split("_")[2])).read_text())
     assert table["columns"] == ["step", "layer", "expert", "load"] and len(table["data"]) == 2 * 2 * 4
     assert of_type(records, "exit")  # wandb.finish() closed the run
     sync = subprocess.run(
