@@ -169,3 +169,22 @@ def test_more_processes_than_cpus_is_said_once_and_the_ranks_speak_once(tmp_path
     assert sum("validation blocks of" in line for line in lines) <= 1, lines
     warned = [line for line in lines if "Warning" in line]
     assert len(warned) == len(set(warned)), warned
+
+
+def test_the_watch_keeps_its_clock_outside_the_main_thread():
+    """Some launchers run a job in a thread of their own, where Python lets no one set the wakeup fd: the rendezvous
+    is still timed there (the signals are the launcher's)."""
+    import threading
+
+    from moe_lab.training.rendezvous import watched_rendezvous
+
+    said = []
+
+    def job():
+        with watched_rendezvous(0.3, "the 2 processes", lambda line, code: said.append((line, code))):
+            time.sleep(1.0)
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    thread.join()
+    assert len(said) == 1 and said[0][1] == 1 and "rendezvous_timeout_s=0.3 s" in said[0][0]

@@ -104,7 +104,8 @@ def watched_rendezvous(timeout_s: float, waiting_for: str, give_up: Callable[[st
     read_end, write_end = os.pipe()
     os.set_blocking(read_end, False)
     os.set_blocking(write_end, False)
-    previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+    in_main = threading.current_thread() is threading.main_thread()  # only the main thread may set the wakeup fd
+    previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False) if in_main else None
     watch = RendezvousWatch(timeout_s, waiting_for, give_up, read_end)
     thread = threading.Thread(target=watch.watch, name="moe-lab-rendezvous", daemon=True)
     thread.start()
@@ -113,7 +114,8 @@ def watched_rendezvous(timeout_s: float, waiting_for: str, give_up: Callable[[st
     finally:
         watch.met.set()
         thread.join()
-        signal.set_wakeup_fd(previous)
+        if in_main:
+            signal.set_wakeup_fd(previous)
         os.close(read_end)
         os.close(write_end)
 
