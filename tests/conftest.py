@@ -115,6 +115,15 @@ def moe_lab_script() -> str:
     return str(script)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a rendezvous of test processes)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 600):
     env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}  # never a developer's real key
     env.update({"PYTHONUNBUFFERED": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", ""), **(env_extra or {})})

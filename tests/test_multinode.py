@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from test_distributed import COMMON, STEPS, TOL, assert_same_curves, assert_same
 
 from moe_lab.training.checkpoint import read_checkpoint
 
-from conftest import FAST, REPO, moe_lab_script
+from conftest import FAST, REPO, free_port, moe_lab_script
 
 pytestmark = pytest.mark.slow
 
@@ -33,12 +32,6 @@ LAYOUT = [
     "model.moe.expert_parallel=2",
 ]
 ONE = ["data.batch_size=4", f"trainer.accumulate_grad_batches={RANKS}", f"trainer.val_check_interval={RANKS * STEPS}"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker_env() -> dict[str, str]:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,15 +15,9 @@ from pathlib import Path
 from moe_lab.training.rendezvous import LAUNCHER_VARIABLES
 from moe_lab.training.run_dir import CLAIM, claim_run_dir, claimed_by_this_process, refuse_used_run_dir
 
-from conftest import FAST, moe_lab_script
+from conftest import FAST, free_port, moe_lab_script
 
 TWO_NODES = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.num_nodes=2", *FAST]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def no_launcher() -> dict[str, str]:

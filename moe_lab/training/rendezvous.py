@@ -124,12 +124,12 @@ def end_process(line: str, exit_code: int, children: list, run_dir: Optional[Pat
     """Say `line` (from the rank that speaks for this node), give back `run_dir` (rank 0: nothing of a run was written
     in it), stop the ranks Lightning started beside this process, then end it at once: the main thread is held in C++
     code that nothing else would interrupt."""
-    from moe_lab.training.run_dir import give_back_run_dir
+    from moe_lab.training.run_dir import release_run_dir
 
     if speaks:
         print(line, file=sys.stderr, flush=True)
     if run_dir is not None:
-        give_back_run_dir(run_dir)
+        release_run_dir(run_dir)
     for child in children:
         try:
             child.kill()

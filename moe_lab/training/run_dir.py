@@ -162,15 +162,9 @@ def claim_run_dir(directory: Path, hydra_made: bool = False, setting: str = "hyd
 
 
 def release_run_dir(directory: Path) -> None:
-    """Give back a directory this process claimed but wrote nothing into (a run that failed before its first
-    output), so the corrected command can use it."""
-    if claimed_by_this_process(directory):
-        (Path(directory) / CLAIM).unlink(missing_ok=True)
-
-
-def give_back_run_dir(directory: Path) -> None:
-    """Give back a directory this process claimed, and in which Hydra wrote its copy of the config (`.hydra`), for
-    a run that ended before it began: the same command again (corrected) may use it. Its logs stay (Hydra appends)."""
+    """Give back a directory this process claimed, for a run that ended before it wrote anything of a run (a data
+    error, ranks that never met): the claim goes, and so does Hydra's copy of the config (`.hydra`), so that the
+    corrected command may use the directory; its logs stay (Hydra appends)."""
     if claimed_by_this_process(directory) and not holds_results(directory):
         shutil.rmtree(Path(directory) / ".hydra", ignore_errors=True)
         (Path(directory) / CLAIM).unlink(missing_ok=True)
