@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from moe_lab.errors import UserError
+from moe_lab.interop.families import supported
 from moe_lab.training.checkpoint import load_model
 
 from conftest import REPO, run_cli
@@ -32,22 +33,25 @@ COMMON = dict(
 )
 
 
-def hf_config(family: str, **extra):
+def _tiny_configs() -> dict:
+    """A tiny random config of every MoE family moe-lab reads, by model_type (a new family adds its own here)."""
     from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
-    if family == "mixtral":
-        return MixtralConfig(intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, **COMMON, **extra)
-    if family == "qwen2_moe":  # a dense first layer, a wider shared expert, q/k/v biases, unnormalised weights
-        return Qwen2MoeConfig(
+    return {
+        "mixtral": lambda **extra: MixtralConfig(
+            intermediate_size=16, num_local_experts=4, num_experts_per_tok=2, **COMMON, **extra
+        ),
+        # a dense first layer, a wider shared expert, q/k/v biases, unnormalised weights
+        "qwen2_moe": lambda **extra: Qwen2MoeConfig(
             intermediate_size=48,
             moe_intermediate_size=16,
             shared_expert_intermediate_size=24,
             num_experts=4,
             num_experts_per_tok=2,
             **{"mlp_only_layers": [0], **COMMON, **extra},
-        )
-    if family == "qwen3_moe":  # an explicit head_dim unlike hidden_size / heads, per-head q/k norms
-        return Qwen3MoeConfig(
+        ),
+        # an explicit head_dim unlike hidden_size / heads, per-head q/k norms
+        "qwen3_moe": lambda **extra: Qwen3MoeConfig(
             intermediate_size=48,
             moe_intermediate_size=16,
             num_experts=4,
@@ -56,8 +60,22 @@ def hf_config(family: str, **extra):
             norm_topk_prob=True,
             **COMMON,
             **extra,
-        )
-    return OlmoeConfig(intermediate_size=16, num_experts=4, num_experts_per_tok=2, **COMMON, **extra)
+        ),
+        "olmoe": lambda **extra: OlmoeConfig(
+            intermediate_size=16, num_experts=4, num_experts_per_tok=2, **COMMON, **extra
+        ),
+    }
+
+
+FAMILIES = [f.model_type for f in supported()]
+
+
+def hf_config(family: str, **extra):
+    return _tiny_configs()[family](**extra)
+
+
+def test_every_family_has_a_tiny_model_here():
+    assert sorted(_tiny_configs()) == sorted(FAMILIES)
 
 
 def save_hf_model(family: str, path: Path, **extra):
@@ -77,7 +95,7 @@ def save_hf_model(family: str, path: Path, **extra):
     return model
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_imported_logits_equal_transformers(family, tmp_path):
     from moe_lab.tools.export import export_hf
     from moe_lab.tools.hf_import import import_hf

@@ -117,6 +117,11 @@ def test_two_nodes_of_two_processes_train_as_one_process_accumulating_four_micro
     assert "GLOBAL_RANK: 1," not in logs  # said once, by rank 0, not by every rank
 
 
+def task_logs(folder: Path) -> str:
+    """The last lines of every task's log."""
+    return "\n".join(f"--- task {rank}\n" + (folder / f"task{rank}.log").read_text()[-3000:] for rank in range(RANKS))
+
+
 def test_pre_empting_one_node_stops_every_rank_at_one_step_with_one_checkpoint(tmp_path, cache_dir):
     """SLURM pre-empts the tasks of one node (SIGTERM to ranks 2 and 3): the ranks agree on the step to stop at, the
     run saves one last.ckpt there, and every task exits 128 + SIGTERM (the command, started on every rank as the
@@ -139,12 +144,15 @@ def test_pre_empting_one_node_stops_every_rank_at_one_step_with_one_checkpoint(t
             time.sleep(0.2)
         for task in tasks[PER_NODE:]:  # the second node's tasks
             task.send_signal(signal.SIGTERM)
-        codes = [task.wait(timeout=300) for task in tasks]
+        try:
+            codes = [task.wait(timeout=300) for task in tasks]
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"a task did not end: {[t.poll() for t in tasks]}\n{task_logs(tmp_path)}")
     finally:
         for task in tasks:
             task.kill()
-    logs = "".join((tmp_path / f"task{rank}.log").read_text() for rank in range(RANKS))
-    assert codes == [128 + signal.SIGTERM] * RANKS, (codes, logs[-4000:])
+    logs = task_logs(tmp_path)
+    assert codes == [128 + signal.SIGTERM] * RANKS, (codes, logs)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
     stopped_at = json.loads((run / "summary.json").read_text())["step"]
     assert stopped_at > 0

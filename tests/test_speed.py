@@ -1,4 +1,4 @@
-"""The fast path's building blocks: the fused SwiGLU, compile without graph breaks, no host synchronisation on GPU,
+"""The fast path: compile without graph breaks, no host synchronisation on GPU,
 and `moe-lab bench` itself (its numbers are in benchmarks/, not asserted here: timing tests are flaky)."""
 
 from __future__ import annotations
@@ -11,55 +11,6 @@ import pytest
 import torch
 
 from moe_lab.model import MoEConfig, MoELayer
-from moe_lab.model.experts import _ScaledSwiGLU, apply_activation
-
-
-@pytest.mark.parametrize("width", [6, 130])  # a narrow gate is copied to be contiguous, a wide one is not
-def test_fused_swiglu_matches_autograd_and_passes_gradcheck(width):
-    h = torch.randn(3, 2 * width, dtype=torch.float64, requires_grad=True)
-    scale = torch.rand(3, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda h, s: _ScaledSwiGLU.apply(h, s), (h, scale))
-    assert torch.autograd.gradcheck(lambda h: _ScaledSwiGLU.apply(h, None), (h,))
-    torch.testing.assert_close(_ScaledSwiGLU.apply(h, scale), apply_activation(h, "swiglu") * scale[:, None])
-
-
-@pytest.mark.parametrize("width", [16, 130])  # the narrow gate is copied, the wide one is not
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_swiglu_gives_each_row_the_same_bits_whatever_the_row_count(dtype, width):
-    """Expert parallelism splits the experts' rows over calls (per-rank parts) and promises the numbers of one call:
-    the narrow gate's copy must not leave a length-dependent tail to aten's scalar loop, whose exp rounds
-    differently. Rows [0, n) computed alone equal the same rows of the whole, bit for bit, forward and backward, on
-    two threads and past aten's parallel grain (3001 x 16 elements)."""
-    torch.manual_seed(0)
-    h_all = torch.randn(3001, 2 * width).to(dtype)
-    scale_all, grad_all = torch.rand(3001).to(dtype), torch.randn(3001, width).to(dtype)
-
-    def outputs(rows):
-        h, scale = h_all[:rows].clone().requires_grad_(), scale_all[:rows].clone().requires_grad_()
-        y = _ScaledSwiGLU.apply(h, scale)
-        y.backward(grad_all[:rows])
-        return y, h.grad, scale.grad
-
-    whole = outputs(3001)
-    for rows in (1, 5, 1000, 2047, 3000):
-        for part, full in zip(outputs(rows), whole):
-            assert torch.equal(part, full[:rows]), rows
-
-
-@pytest.mark.parametrize("width", [6, 130])
-def test_fused_swiglu_backward_is_the_same_under_compile(width):
-    """Under torch.compile the backward takes the plain elementwise form inductor fuses; it is eager's gradient."""
-    from moe_lab.model.experts import _swiglu_backward_for_inductor
-
-    h = torch.randn(9, 2 * width, dtype=torch.float64, requires_grad=True)
-    scale = torch.rand(9, dtype=torch.float64, requires_grad=True)
-    grad = torch.randn(9, width, dtype=torch.float64)
-    for s in (scale, None):
-        eager = torch.autograd.grad(_ScaledSwiGLU.apply(h, s), [h] + ([s] if s is not None else []), grad)
-        plain = _swiglu_backward_for_inductor(h.detach(), None if s is None else s.detach(), grad, s is not None)
-        torch.testing.assert_close(plain[0], eager[0])
-        if s is not None:
-            torch.testing.assert_close(plain[1], eager[1])
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 1.25])
@@ -181,32 +132,6 @@ def test_bench_quick_compare(tmp_path):
     assert "training step FLOP/s / the bf16 GEMM's at the model's shape" + suffix in comparisons
 
 
-def test_gather_grouped_mm_matches_autograd_of_gather_then_gemm():
-    """The fused gather + grouped GEMM (which keeps the source, not the gathered rows) has autograd's gradients;
-    rows past the last group end (dropped slots) point at a spare source row, as the dispatcher arranges."""
-    from moe_lab.model.experts import gather_grouped_mm, grouped_mm
-
-    torch.manual_seed(0)
-    S, I, O, E = 10, 8, 12, 3  # grouped_mm wants 16-byte strides
-    src = torch.randn(S + 1, I, dtype=torch.float32)
-    src[S] = 0  # the spare row
-    index = torch.tensor([3, 0, 7, 7, 1, 9, 2, 4, 4, 5, 8, S, S])  # R = 13, two past the end
-    offs = torch.tensor([4, 4, 11], dtype=torch.int32)  # an expert with no rows
-    w = torch.randn(E, O, I)
-    grad = torch.randn(len(index), O)
-    grad[11:] = 0  # undefined rows: the layer gives them weight 0
-
-    results = []
-    for fused in (True, False):
-        src_ = src.clone().requires_grad_(True)
-        w_ = w.clone().requires_grad_(True)
-        y = gather_grouped_mm(src_, index, w_, offs) if fused else grouped_mm(src_.index_select(0, index), w_, offs)
-        y[:11].backward(grad[:11])
-        results.append((y[:11].detach(), src_.grad[:S], w_.grad))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
 def test_scatter_add_rows_keeps_only_the_index():
     from moe_lab.model.dispatch import scatter_add_rows
 
@@ -227,7 +152,7 @@ def test_moe_layer_activation_memory_at_most_1_6x_the_dense_ffn(num_experts, top
     """The layer keeps no (R, D) copy of its gathered inputs nor of its expert outputs for backward: its activation
     memory (parameters excluded) stays within 1.6x a dense SwiGLU of the same active width (the speed issue's bar)."""
     from moe_lab.model.experts import FeedForward
-    from moe_lab.tools.bench import saved_for_backward_mb
+    from moe_lab.tools.bench.cases import saved_for_backward_mb
 
     torch.manual_seed(0)
     from moe_lab.model.routers import TopKRouterConfig
@@ -250,7 +175,8 @@ def test_moe_layer_activation_memory_at_most_1_6x_the_dense_ffn(num_experts, top
 def test_bench_baseline_interleaves_at_least_five_rounds_and_reports_the_spread(monkeypatch, tmp_path):
     """`moe-lab bench --baseline` compares the default step with float32 eager, both built from the config `moe-lab
     train` composes; here on a small model, with the default forced to bf16-mixed eager so that nothing compiles."""
-    from moe_lab.tools import bench, bench_baseline
+    from moe_lab.tools.bench import baseline as bench_baseline
+    from moe_lab.tools.bench import steps as bench
 
     run = bench.compose_run("tiny", ["model.d_model=64", "model.n_layers=1", "data.seq_len=32", "data.batch_size=2"])
     run.trainer["precision"], run.compile, run.optim.fused = "bf16-mixed", False, True
@@ -274,8 +200,9 @@ def test_bfloat16_peer_check_compares_the_tokens_of_unambiguous_routing():
     """In bfloat16 two correct layers break routing ties differently (an order-1 difference in those rows): the
     check compares the tokens whose top-k is clear by a float32 logit margin, and still refuses a wrong peer."""
     pytest.importorskip("transformers")
-    from moe_lab.tools import bench_peers
-    from moe_lab.tools.bench import Case, moe_layer
+    from moe_lab.tools.bench import peers as bench_peers
+    from moe_lab.tools.bench.cases import Case
+    from moe_lab.tools.bench.layer import moe_layer
 
     case = Case("E8-top2", 256, 64, 8, 2, 96)
     layer = moe_layer(case, "grouped", torch.device("cpu"), torch.bfloat16)
@@ -301,7 +228,7 @@ def test_bfloat16_peer_check_compares_the_tokens_of_unambiguous_routing():
 
 def test_whole_model_bar_is_at_equal_settings():
     """Both eager and both compiled are the targets; moe-lab compiled over transformers eager is only a note."""
-    from moe_lab.tools.bench import WHOLE_MODEL_TARGET, Ratios, model_ratios
+    from moe_lab.tools.bench.report import WHOLE_MODEL_TARGET, Ratios, model_ratios
 
     whole = {"preset": "tiny", "architecture": "MixtralForCausalLM", "dtype": "bfloat16", "speedup": 1.2}
     whole |= {"both_compiled": 1.4, "compiled_speedup": 1.7}
@@ -317,7 +244,7 @@ def test_whole_model_bar_is_at_equal_settings():
 def test_each_training_step_is_set_against_the_bf16_gemm_at_its_own_model_shape(monkeypatch):
     """On a GPU the timed presets (small, base) are not the model the peaks' "model shape" GEMM was timed at: each
     step is set against a GEMM of its own (tokens, d_model, ffn_hidden), measured once per shape."""
-    from moe_lab.tools import bench
+    from moe_lab.tools.bench import peaks as bench
 
     measured = []
     monkeypatch.setattr(bench, "gemm_flops", lambda device, dtype, shape, w, r: measured.append((dtype, shape)) or 4e11)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 from moe_lab.cli import checks
 from moe_lab.cli.checks import ArgumentParser
 from moe_lab.errors import UserError
+from moe_lab.interop.families import titles
 
 COMPARISON = "moe-lab-comparison.html"  # where `moe-lab dashboard RUN1 RUN2 ...` writes by default
 
@@ -180,9 +181,9 @@ COMMANDS: tuple[Command, ...] = (
         "import",
         "hf_import",
         None,
-        "read a Hugging Face MoE (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE): moe-lab import HF_DIR_OR_HUB_ID OUT_DIR",
-        "Turn a Hugging Face transformers MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE, "
-        "OLMoE) into a moe-lab checkpoint: OUT_DIR/model.ckpt and OUT_DIR/tokenizer/. It loads with "
+        f"read a Hugging Face MoE ({titles()}): moe-lab import HF_DIR_OR_HUB_ID OUT_DIR",
+        f"Turn a Hugging Face transformers MoE model ({titles()}) into a moe-lab checkpoint: OUT_DIR/model.ckpt and "
+        "OUT_DIR/tokenizer/. It loads with "
         "moe_lab.load_model, generates, evaluates, and fine-tunes with moe-lab train ckpt_path=OUT_DIR/model.ckpt. "
         "A part moe-lab cannot represent is refused, never approximated.",
         (
@@ -196,7 +197,7 @@ COMMANDS: tuple[Command, ...] = (
         None,
         "write a checkpoint as a Hugging Face transformers model: moe-lab export CKPT --format hf OUT_DIR",
         "Write a moe-lab checkpoint in another ecosystem's format. --format hf: "
-        "a transformers model (Mixtral, Qwen2-MoE, Qwen3-MoE or OLMoE, chosen from the attention, router and experts) "
+        f"a transformers model ({titles(last='or')}, chosen from the attention, router and experts) "
         "and its tokenizer, "
         "loadable with AutoModelForCausalLM.from_pretrained(OUT_DIR).",
         (
@@ -242,7 +243,7 @@ COMMANDS: tuple[Command, ...] = (
         generate_checks,
         'text from a checkpoint or Hugging Face MoE: moe-lab generate CKPT_OR_HF_DIR --prompt "def "',
         "Continue prompts with a moe-lab checkpoint or a Hugging Face MoE "
-        "(Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE; a directory or a hub id), with a KV cache; dropless routing. "
+        f"({titles()}; a directory or a hub id), with a KV cache; dropless routing. "
         "Greedy by default; --temperature > 0 samples.",
         (
             MODEL,

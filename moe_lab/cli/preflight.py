@@ -357,8 +357,7 @@ def _check_inputs(run) -> None:
     import datasets
 
     from moe_lab.data.datamodule import LMDataModule
-    from moe_lab.training.checkpoint import check_resume, holds_training_state
-    from moe_lab.training.upcycle import apply_upcycling
+    from moe_lab.training.start import starting_point
 
     accelerator = str(run.trainer.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda"):
@@ -369,9 +368,7 @@ def _check_inputs(run) -> None:
                 f"trainer.accelerator={accelerator} (trainer=gpu) needs a CUDA GPU and none is visible "
                 "here; use trainer=cpu, or trainer=ddp trainer.accelerator=cpu"
             )
-    resuming = run.ckpt_path is not None and holds_training_state(run.ckpt_path)
-    apply_upcycling(run, run.ckpt_path if resuming else None)  # the dense model's backbone and tokenizer
-    check_resume(run.ckpt_path, run.model, run.trainer.get("max_steps"), run.tokenizer)
+    starting_point(run)  # the checkpoint's checks; model.init_from's backbone and tokenizer
     data = LMDataModule(run.data, run.tokenizer, run.paths.cache_dir, run.seed)
     if not data.is_cached():
         print(f"moe-lab: reading and tokenising the data ({data.describe()}); cached for later runs", flush=True)

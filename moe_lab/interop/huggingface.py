@@ -1,15 +1,11 @@
-"""Hugging Face transformers <-> moe-lab: settings and weights, both ways.
+"""Hugging Face transformers <-> moe-lab: settings and weights, both ways, for the families of
+`moe_lab/interop/families/` (one module each; this code names none of them).
 
-Into moe-lab (`model_config`, `state_dict`, `build_model`): Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE, and for
-upcycling the dense Llama, Qwen2 and Qwen3. A setting moe-lab cannot represent is refused with one line naming it
-(ModelImportError), before any weight is read: a model is never loaded approximately.
-Out of moe-lab (`hf_architecture`, `hf_config`, `hf_state_dict`, `to_hf`): the architecture follows the attention,
-then the router and experts:
-    Qwen3-MoE   q/k RMSNorm per head (model.qk_norm=head);
-    OLMoE       q/k RMSNorm over the projection (model.qk_norm=full);
-    Mixtral     softmax top-k with weights renormalised to sum to 1, every layer MoE, no shared expert, no biases;
-    Qwen2-MoE   otherwise: weights not renormalised, dense layers (mlp_only_layers), a sigmoid-gated shared expert,
-                q/k/v biases.
+Into moe-lab (`model_config`, `state_dict`, `build_model`): the MoE families, and for upcycling the dense ones. A
+setting moe-lab cannot represent is refused with one line naming it (ModelImportError), before any weight is read: a
+model is never loaded approximately.
+Out of moe-lab (`hf_architecture`, `hf_config`, `hf_state_dict`, `to_hf`): the family follows the attention (its q/k
+norm), then the first family in order whose router, experts and layers hold the model (`Family.cannot_express`).
 Which moe-lab routers a Hugging Face MoE block can express, each router's Config says (`softmax_topk`).
 The commands around these (files, tokenizers) are `moe_lab/tools/hf_import.py` and `moe_lab/tools/export.py`.
 """
@@ -24,13 +20,10 @@ import torch
 
 from moe_lab.errors import ExportError, ModelImportError, UserError
 from moe_lab.hub import check_hub, looks_like_hub_id
+from moe_lab.interop.families import Family, family, supported, titles
+from moe_lab.interop.families.family import setting
 from moe_lab.model import ModelConfig, MoETransformer
 from moe_lab.model.router_configs import RouterConfig, registered_routers, router_config
-
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-DENSE_FAMILIES = ("llama", "qwen2", "qwen3")  # read for upcycling (model.init_from)
-HF_ARCHITECTURES = FAMILIES
-
 
 # ------------------------------------------------------------------------------------------------------------
 # Into moe-lab: settings
@@ -89,68 +82,51 @@ def _raw_config(source: str) -> dict:
     return raw
 
 
-def check_family(family: Any, dense: bool = False, custom_code: Any = None, source: str = "") -> None:
-    """ModelImportError unless `family` (a config's model_type) is one moe-lab reads: the MoE families, or with
-    `dense` the dense ones it upcycles. A config naming custom code (`auto_map`) is said to be refused for it."""
+def check_family(model_type: Any, dense: bool = False, custom_code: Any = None, source: str = "") -> Family:
+    """The family of a config's `model_type` if moe-lab reads it (the MoE families, or with `dense` the dense ones it
+    upcycles), else ModelImportError. A config naming custom code (`auto_map`) is said to be refused for it."""
     where = f"{source}: " if source else ""
     code = (
         f" and names its own code (auto_map: {', '.join(sorted(custom_code))[:120]}), which moe-lab never runs"
         if isinstance(custom_code, dict) and custom_code
         else ""
     )
-    if dense:
-        if family not in DENSE_FAMILIES:
+    found = family(model_type)
+    if found is not None and found.unsupported is not None and not dense:
+        raise ModelImportError(f"{where}{found.model_type} is not supported yet: {found.unsupported}")
+    if found is None or found.unsupported is not None or found.moe == dense:
+        names = ", ".join(f.model_type for f in supported(moe=not dense))
+        if dense:
             raise ModelImportError(
-                f"{where}model_type={family!r}{code} is not a dense model moe-lab upcycles; the "
-                f"families are {', '.join(DENSE_FAMILIES)} (or a moe-lab checkpoint of an "
-                "experts=dense run)"
+                f"{where}model_type={model_type!r}{code} is not a dense model moe-lab upcycles; the families are "
+                f"{names} (or a moe-lab checkpoint of an experts=dense run)"
             )
-        return
-    if family in ("deepseek_v3", "deepseek_v2"):
         raise ModelImportError(
-            f"{where}{family} is not supported yet: moe-lab has no multi-head latent attention "
-            "(q_lora_rank, kv_lora_rank); its sigmoid group-limited router, shared experts and "
-            "first dense layers are supported (router=topk score=sigmoid num_groups=...)"
+            f"{where}model_type={model_type!r}{code} cannot be imported; the families moe-lab imports are {names}"
         )
-    if family not in FAMILIES:
-        raise ModelImportError(
-            f"{where}model_type={family!r}{code} cannot be imported; the families moe-lab imports "
-            f"are {', '.join(FAMILIES)}"
-        )
+    return found
 
 
 def model_config(hf: Any, dense: bool = False) -> ModelConfig:
     """The moe-lab settings of a transformers config, or ModelImportError naming the part that has no equivalent.
-    With `dense`, the dense families (Llama, Qwen2, Qwen3) instead of the MoE ones."""
-    family = getattr(hf, "model_type", None)
-    check_family(family, dense)
-    if dense:
-        return _dense_config(hf, family)
-
-    refuse = _refuser(family)
-    get = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
-    theta, activation = _supported_attention_and_activation(hf, family)
-    cfg = ModelConfig.from_dict(
-        {
-            **_backbone_settings(hf, family, theta),
-            "qkv_bias": bool(get("qkv_bias", True)) if family == "qwen2_moe" else False,
-            "qk_norm": {"qwen3_moe": "head", "olmoe": "full"}.get(family),
-            "moe": _moe_settings(hf, family, activation),
-        }
-    )
-    n_heads, d_model = get("num_attention_heads"), get("hidden_size")
-    if family == "olmoe" and cfg.head_dim * n_heads != d_model:
-        refuse(True, "a head_dim other than hidden_size / num_attention_heads (OLMoE's q/k norms span hidden_size)")
-    return _checked(cfg, family)
+    With `dense`, the dense families (read to upcycle) instead of the MoE ones."""
+    found = check_family(getattr(hf, "model_type", None), dense)
+    theta = _refuse_what_moe_lab_lacks(hf, found)
+    settings = {**_backbone_settings(hf, found.model_type, theta), **found.settings(hf)}
+    if found.moe:
+        settings["moe"] = _moe_settings(hf, found)
+    else:
+        settings["moe"] = {"enabled": False}
+    return _checked(ModelConfig.from_dict(settings), found.model_type)
 
 
-def _backbone_settings(hf: Any, family: str, theta: float) -> dict[str, Any]:
+def _backbone_settings(hf: Any, model_type: str, theta: float) -> dict[str, Any]:
     """The settings every family maps the same way: widths, heads, positions, norms, embeddings."""
-    get = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
+    get = lambda name, default=None: setting(hf, name, default)  # noqa: E731
     d_model, n_heads = get("hidden_size"), get("num_attention_heads")
     head_dim = get("head_dim") or d_model // n_heads
     return {
-        "name": family,
+        "name": model_type,
         "vocab_size": get("vocab_size"),
         "d_model": d_model,
         "n_layers": get("num_hidden_layers"),
@@ -166,11 +142,11 @@ def _backbone_settings(hf: Any, family: str, theta: float) -> dict[str, Any]:
     }
 
 
-def _checked(cfg: ModelConfig, family: str) -> ModelConfig:
+def _checked(cfg: ModelConfig, model_type: str) -> ModelConfig:
     try:
         cfg.check()
     except ValueError as e:
-        raise ModelImportError(f"{family}: {e}") from None
+        raise ModelImportError(f"{model_type}: {e}") from None
     return cfg
 
 
@@ -182,31 +158,27 @@ def _rope(hf: Any) -> tuple[str, float]:
     return rope_type, theta if theta is not None else getattr(hf, "rope_theta", 1e4)
 
 
-def _moe_settings(hf: Any, family: str, activation: str) -> dict[str, Any]:
+def _moe_settings(hf: Any, found: Family) -> dict[str, Any]:
     """The `model.moe` settings of an MoE family's config: experts, shared expert, MoE layers, router, aux loss."""
-    refuse = _refuser(family)
-    get = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
+    get = lambda name, default=None: setting(hf, name, default)  # noqa: E731
     n_layers = get("num_hidden_layers")
-    num_experts = get("num_local_experts") or get("num_experts")
-    expert_hidden = get("moe_intermediate_size") if family.startswith("qwen") else get("intermediate_size")
     sparse_step = get("decoder_sparse_step", 1) or 1
     dense_only = set(get("mlp_only_layers", None) or [])
     moe_layers = [layer for layer in range(n_layers) if layer not in dense_only and (layer + 1) % sparse_step == 0]
     first_dense, every = _layer_pattern(moe_layers, n_layers)
-    refuse(
+    _refuse(
+        found,
         first_dense is None,
         f"MoE layers {moe_layers} of {n_layers} (mlp_only_layers={sorted(dense_only)}, "
-        f"decoder_sparse_step={sparse_step}): moe-lab places them as first_dense_layers "
-        "then every_n_layers",
+        f"decoder_sparse_step={sparse_step}): moe-lab places them as first_dense_layers then every_n_layers",
     )
-    shared = (get("shared_expert_intermediate_size", 0) or 0) if family == "qwen2_moe" else 0
-    return {
-        "num_experts": num_experts,
-        "expert_hidden": expert_hidden,
-        "activation": activation,
-        "num_shared": 1 if shared else 0,
-        "shared_hidden": shared or None,
-        "shared_gate": bool(shared),
+    shared = {
+        "num_experts": get("num_local_experts") or get("num_experts"),
+        "expert_hidden": get("intermediate_size"),
+        "activation": _ACTIVATIONS[get("hidden_act")],
+        "num_shared": 0,
+        "shared_hidden": None,
+        "shared_gate": False,
         # Published MoEs route every token (no capacity): import them dropless in training and evaluation.
         "capacity_factor": None,
         "eval_capacity_factor": None,
@@ -216,59 +188,42 @@ def _moe_settings(hf: Any, family: str, activation: str) -> dict[str, Any]:
             "name": "topk",
             "top_k": get("num_experts_per_tok"),
             "score": "softmax",
-            "normalize": True if family == "mixtral" else bool(get("norm_topk_prob", False)),
+            "normalize": bool(get("norm_topk_prob", False)),
         },
         "aux_loss": {"load_balance": float(get("router_aux_loss_coef", 0.0) or 0.0), "z_loss": 0.0},
     }
+    own = found.moe_settings(hf)
+    return {**shared, **own, "router": {**shared["router"], **own.get("router", {})}}
 
 
-def _refuser(family: str):
-    def refuse(condition: bool, part: str) -> None:
-        if condition:
-            raise ModelImportError(f"{family}: {part} has no moe-lab equivalent; the model was not imported")
-
-    return refuse
+# transformers' hidden_act -> moe-lab's gated activation (the MoE families' experts are gated).
+_ACTIVATIONS = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu"}
 
 
-def _supported_attention_and_activation(hf: Any, family: str) -> tuple[float, str]:
-    """(rope theta, moe-lab activation) of an MoE family's config; ModelImportError for a part moe-lab lacks."""
-    refuse = _refuser(family)
-    get = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
+def _refuse(found: Family, condition: Any, part: str) -> None:
+    if condition:
+        ending = "imported" if found.moe else "read"
+        raise ModelImportError(f"{found.model_type}: {part} has no moe-lab equivalent; the model was not {ending}")
+
+
+def _refuse_what_moe_lab_lacks(hf: Any, found: Family) -> float:
+    """ModelImportError for the first part of the config moe-lab lacks (those every family shares, then the
+    family's own); the rope theta otherwise."""
+    get = lambda name, default=None: setting(hf, name, default)  # noqa: E731
     rope_type, theta = _rope(hf)
-    refuse(rope_type not in (None, "default"), f"scaled RoPE (rope_type={rope_type})")
-    refuse(
-        family == "mixtral" and get("sliding_window") is not None,
-        f"sliding-window attention (sliding_window={get('sliding_window')})",
-    )
-    refuse(bool(get("use_sliding_window", False)), "sliding-window attention (use_sliding_window=true)")
-    refuse(get("clip_qkv") is not None, f"clipping of q, k and v (clip_qkv={get('clip_qkv')})")
-    refuse(bool(get("attention_bias", False)), "attention_bias=true (a bias on the output projection)")
-    activation = {"silu": "swiglu", "gelu_pytorch_tanh": "geglu"}.get(get("hidden_act"))
-    refuse(activation is None, f"hidden_act={get('hidden_act')} (moe-lab's gated experts use silu or tanh-gelu)")
-    return theta, activation
-
-
-def _dense_config(hf: Any, family: str) -> ModelConfig:
-    get = lambda name, default=None: getattr(hf, name, default)  # noqa: E731
-    rope_type, theta = _rope(hf)
-    for bad, part in (
+    act = get("hidden_act")
+    gated = act in _ACTIVATIONS if found.moe else act == "silu"
+    for present, part in (
         (rope_type not in (None, "default"), f"scaled RoPE (rope_type={rope_type})"),
-        (bool(get("use_sliding_window", False)), "sliding-window attention"),
-        (family != "qwen2" and bool(get("attention_bias", False)), "attention biases"),
+        (bool(get("use_sliding_window", False)), "sliding-window attention (use_sliding_window=true)"),
+        (get("clip_qkv") is not None, f"clipping of q, k and v (clip_qkv={get('clip_qkv')})"),
+        (found.moe and bool(get("attention_bias", False)), "attention_bias=true (a bias on the output projection)"),
         (bool(get("mlp_bias", False)), "FFN biases"),
-        (get("hidden_act") != "silu", f"hidden_act={get('hidden_act')}"),
+        (not gated, f"hidden_act={act} (moe-lab's gated FFNs use {'silu or tanh-gelu' if found.moe else 'silu'})"),
+        *found.refusals(hf),
     ):
-        if bad:
-            raise ModelImportError(f"{family}: {part} has no moe-lab equivalent; the model was not read")
-    cfg = ModelConfig.from_dict(
-        {
-            **_backbone_settings(hf, family, theta),
-            "qkv_bias": family == "qwen2",
-            "qk_norm": "head" if family == "qwen3" else None,
-            "moe": {"enabled": False},
-        }
-    )
-    return _checked(cfg, family)
+        _refuse(found, present, part)
+    return theta
 
 
 def _layer_pattern(moe_layers: list[int], n_layers: int) -> tuple[Optional[int], int]:
@@ -411,103 +366,47 @@ def exportable_routers() -> list[str]:
     return sorted(n for n, options in registered_routers().items() if hf_routing(options(), 8) is not None)
 
 
-def hf_architecture(cfg: ModelConfig) -> tuple[str, dict]:
-    """("mixtral" | "qwen2_moe" | "qwen3_moe" | "olmoe", routing) for this model, or ExportError saying why none
-    fits. The attention decides first (q/k norm per head: Qwen3-MoE; over the projection: OLMoE), then the MoE."""
+def hf_architecture(cfg: ModelConfig) -> tuple[Family, dict]:
+    """(the family that holds this model, its routing), or ExportError saying why none does. The attention decides
+    first (the families with the model's q/k norm), then the first of those in order that holds the router, experts
+    and layers."""
     moe = cfg.moe
     if not moe.enabled:
-        raise ExportError(
-            f"a dense model (experts=dense) is not an MoE; export supports MoE models ({', '.join(HF_ARCHITECTURES)})"
-        )
+        raise ExportError(f"a dense model (experts=dense) is not an MoE; export supports MoE models ({titles()})")
     router = router_config(moe.router)
     routing = hf_routing(router, moe.num_experts)
     if routing is None:
         raise ExportError(
-            f"router={router.name} ({_describe(router)}) has no Hugging Face equivalent. Export writes Mixtral, "
-            f"Qwen2-MoE, Qwen3-MoE or OLMoE, whose routing is softmax top-k: routers {exportable_routers()} (topk "
+            f"router={router.name} ({_describe(router)}) has no Hugging Face equivalent. Export writes "
+            f"{titles(last='or')}, whose routing is softmax top-k: routers {exportable_routers()} (topk "
             "with score=softmax, one group and scaling_factor=1)"
         )
-    if moe.activation not in ("swiglu", "geglu"):
+    if moe.activation not in _ACTIVATIONS.values():
         raise ExportError(
             f"model.moe.activation={moe.activation}: Hugging Face MoE experts are gated (swiglu or geglu)"
         )
-    if moe.num_shared and not moe.shared_gate:
-        raise ExportError(
-            "shared experts without a gate (DeepSeekMoE) have no Hugging Face equivalent with this "
-            "attention; Qwen2-MoE gates its shared expert: train with model.moe.shared_gate=true"
-        )
-    every_layer = len(cfg.moe_layers) == cfg.n_layers
-    if cfg.qk_norm is not None:
-        family = "qwen3_moe" if cfg.qk_norm == "head" else "olmoe"
-        for present, what in (
-            (moe.num_shared, "shared experts"),
-            (cfg.qkv_bias, "q/k/v biases"),
-            (family == "olmoe" and not every_layer, "dense layers"),
-            (
-                family == "olmoe" and cfg.head_size not in (None, cfg.d_model // cfg.n_heads),
-                "a head size other than d_model / n_heads",
-            ),
-        ):
-            if present:
-                raise ExportError(f"model.qk_norm={cfg.qk_norm} is {family} attention, and {family} has no {what}")
-        return family, routing
-    if routing["norm_topk_prob"] and every_layer and not moe.num_shared and not cfg.qkv_bias:
-        return "mixtral", routing
-    return "qwen2_moe", routing
+    reason = f"no family moe-lab exports has model.qk_norm={cfg.qk_norm}"
+    for candidate in (f for f in supported() if f.qk_norm == cfg.qk_norm):
+        reason = candidate.cannot_express(cfg, routing)
+        if reason is None:
+            return candidate, routing
+    raise ExportError(reason)
 
 
 def _describe(router: RouterConfig) -> str:
     return ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(router).items() if k != "name")
 
 
-def hf_config(cfg: ModelConfig, architecture: str, routing: dict, eos_id: int):
+def hf_config(cfg: ModelConfig, architecture: Family, routing: dict, eos_id: int):
     """The transformers config of `architecture` for a moe-lab model: the settings every family shares, then its own."""
-    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    import transformers
 
-    moe = cfg.moe
-    common = _hf_common_settings(cfg, routing, eos_id)
-    if architecture == "mixtral":
-        return MixtralConfig(
-            intermediate_size=moe.expert_hidden, num_local_experts=moe.num_experts, sliding_window=None, **common
-        )
-    if architecture == "olmoe":
-        return OlmoeConfig(
-            intermediate_size=moe.expert_hidden,
-            num_experts=moe.num_experts,
-            norm_topk_prob=routing["norm_topk_prob"],
-            attention_bias=False,
-            clip_qkv=None,
-            **common,
-        )
-    dense_layers = [layer for layer in range(cfg.n_layers) if not cfg.is_moe_layer(layer)]
-    if architecture == "qwen3_moe":
-        return Qwen3MoeConfig(
-            intermediate_size=cfg.ffn_hidden,
-            moe_intermediate_size=moe.expert_hidden,
-            num_experts=moe.num_experts,
-            norm_topk_prob=routing["norm_topk_prob"],
-            decoder_sparse_step=1,
-            mlp_only_layers=dense_layers,
-            attention_bias=False,
-            use_sliding_window=False,
-            **common,
-        )
-    return Qwen2MoeConfig(
-        intermediate_size=cfg.ffn_hidden,
-        moe_intermediate_size=moe.expert_hidden,
-        shared_expert_intermediate_size=moe.shared_width,
-        num_experts=moe.num_experts,
-        norm_topk_prob=routing["norm_topk_prob"],
-        decoder_sparse_step=1,
-        mlp_only_layers=dense_layers,
-        qkv_bias=cfg.qkv_bias,
-        use_sliding_window=False,
-        **common,
-    )
+    config_class = getattr(transformers, architecture.config_class)
+    return config_class(**_hf_common_settings(cfg, routing, eos_id), **architecture.hf_settings(cfg, routing))
 
 
 def _hf_common_settings(cfg: ModelConfig, routing: dict, eos_id: int) -> dict[str, Any]:
-    """The transformers settings Mixtral, OLMoE, Qwen2-MoE and Qwen3-MoE share."""
+    """The transformers settings every MoE family shares."""
     moe = cfg.moe
     return dict(
         vocab_size=cfg.vocab_size,
@@ -534,7 +433,7 @@ def _hf_common_settings(cfg: ModelConfig, routing: dict, eos_id: int) -> dict[st
 
 
 def hf_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
-    """moe-lab's weights under Hugging Face's names (Mixtral and Qwen2-MoE share them where they overlap)."""
+    """moe-lab's weights under Hugging Face's names (every family spells them alike where they overlap)."""
     cfg = model.cfg
     kv = cfg.kv_heads * cfg.head_dim
     out = {

@@ -13,6 +13,10 @@ from typing import Any, Callable, Mapping, Optional
 
 from moe_lab.model.router_configs import RouterConfig, router_config
 
+# The experts' activations by name: whether each is gated, act(x W_gate) * (x W_up) with the gate and up projections
+# fused into one matrix (Shazeer 2020, "GLU Variants"). Their torch functions are experts.ACTIVATIONS.
+GATED_ACTIVATIONS = {"swiglu": True, "geglu": True, "gelu": False, "relu": False}
+
 
 @dataclass
 class AuxLossConfig:
@@ -188,7 +192,7 @@ class ModelConfig:
         elif self.qk_norm == "full":
             attention += (heads + kv) * head_dim
         moe = self.moe
-        gated = 3 if moe.activation in ("swiglu", "geglu") else 2
+        gated = 3 if GATED_ACTIVATIONS.get(moe.activation) else 2
         dense_ffn = 3 * d * self.ffn_hidden
         moe_ffn = moe.num_experts * (gated * d * moe.expert_hidden + d)  # experts and the gate's rows
         if moe.num_shared:
@@ -276,8 +280,6 @@ class ModelConfig:
 
     def _check_moe_layout(self, need: Callable[[bool, str], None]) -> None:
         """Widths, activation, the MoE layers and expert parallelism."""
-        from moe_lab.model.experts import ACTIVATIONS  # torch: only when a config is checked, not to compose one
-
         moe = self.moe
         need(moe.expert_hidden >= 1, f"model.moe.expert_hidden={moe.expert_hidden} must be at least 1")
         # torch._grouped_mm needs 16-byte-aligned row strides: multiples of 8 elements cover bf16 and float32.
@@ -292,8 +294,8 @@ class ModelConfig:
             f"model.moe.shared_hidden={moe.shared_hidden} must be at least 1, with model.moe.num_shared >= 1",
         )
         need(
-            moe.activation in ACTIVATIONS,
-            f"model.moe.activation={moe.activation!r} is not known; choose one of {sorted(ACTIVATIONS)}",
+            moe.activation in GATED_ACTIVATIONS,
+            f"model.moe.activation={moe.activation!r} is not known; choose one of {sorted(GATED_ACTIVATIONS)}",
         )
         need(moe.every_n_layers >= 1, f"model.moe.every_n_layers={moe.every_n_layers} must be at least 1")
         need(

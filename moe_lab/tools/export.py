@@ -1,7 +1,7 @@
 """`moe-lab export CKPT --format hf OUT_DIR`: a moe-lab checkpoint as a Hugging Face transformers model.
 
-It writes a model that `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)` loads (Mixtral, Qwen2-MoE,
-Qwen3-MoE or OLMoE: the choice and the mapping are in `moe_lab/interop/huggingface.py`), and its tokenizer. The model
+It writes a model that `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)` loads (one of the MoE families
+of `moe_lab/interop/families/`, chosen and mapped by `moe_lab/interop/huggingface.py`), and its tokenizer. The model
 is dropless, as `moe_lab.load_model` is by default, so its logits equal moe-lab's.
 """
 

@@ -3,9 +3,10 @@
 It writes `OUT_DIR/model.ckpt` (the model's settings and weights, as a moe-lab checkpoint that holds weights only)
 and `OUT_DIR/tokenizer/`. The checkpoint loads with `moe_lab.load_model`, generates (`moe-lab generate`), evaluates
 (`moe-lab eval`) and fine-tunes (`moe-lab train ckpt_path=OUT_DIR/model.ckpt`: a new run from those weights, with a
-fresh optimizer; the checkpoint carries the overrides that compose its model and tokenizer). The families and the
-mapping of settings and weights are in `moe_lab/interop/huggingface.py`; weights are read through transformers' own
-`from_pretrained` (a local directory or a hub id), which also undoes each family's on-disk layout.
+fresh optimizer; the checkpoint carries the overrides that compose its model and tokenizer). The families are
+`moe_lab/interop/families/`, the mapping of settings and weights `moe_lab/interop/huggingface.py`; weights are read
+through transformers' own `from_pretrained` (a local directory or a hub id), which also undoes each family's on-disk
+layout.
 """
 
 from __future__ import annotations

@@ -34,11 +34,11 @@ def _moe(experts: int, top_k: int, width: int, **kwargs) -> MoEConfig:
 # which has fewer parameters than MLA's 0.19B per layer (0.2% of the model either way).
 REFERENCE_MODELS = {
     "OLMoE-1B-7B": ModelConfig(
-        name="olmoe", vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, qk_norm="full", ffn_hidden=8192,
+        name="OLMoE-1B-7B", vocab_size=50304, d_model=2048, n_layers=16, n_heads=16, qk_norm="full", ffn_hidden=8192,
         max_seq_len=4096, moe=_moe(64, 8, 1024),
     ),
     "Mixtral-8x7B": ModelConfig(
-        name="mixtral", vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336,
+        name="Mixtral-8x7B", vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336,
         max_seq_len=4096, moe=_moe(8, 2, 14336),
     ),
     "DeepSeek-V3-like": ModelConfig(

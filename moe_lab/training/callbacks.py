@@ -87,8 +87,19 @@ class GracefulStop(L.Callback):
 
     def on_validation_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         """The validation of the untrained model (trainer.validate, before fit) stops at once: nothing to save."""
-        if self.received is not None and not trainer.training and trainer.state.fn == "validate":
+        if trainer.training or trainer.state.fn != "validate":
+            return
+        if self.agreed(trainer) is not None:
             raise StopRequested(self.received)
+
+    def agreed(self, trainer: L.Trainer) -> Optional[int]:
+        """The signal any rank received (every rank learns of it), or None: a stop signal may reach some ranks only
+        (SLURM pre-empting one node), and every rank must stop at the same point, or the ones still running would
+        wait forever in a collective."""
+        if trainer.world_size > 1:
+            flag = torch.tensor([0 if self.received is None else self.received], device=trainer.strategy.root_device)
+            self.received = int(trainer.strategy.reduce(flag, reduce_op="max").item()) or None
+        return self.received
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.received is not None and signum == signal.SIGINT:
@@ -109,12 +120,7 @@ class GracefulStop(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         stepped = trainer.global_step != self._last_step  # an optimizer step just finished (not mid-accumulation)
         self._last_step = trainer.global_step
-        if stepped and trainer.world_size > 1:
-            # Every rank stops at the same step, or the ones still training would wait forever in a collective.
-            flag = torch.tensor([0 if self.received is None else self.received], device=trainer.strategy.root_device)
-            stop = int(trainer.strategy.reduce(flag, reduce_op="max").item())
-            self.received = stop or None
-        if self.received is not None and stepped:
+        if stepped and self.agreed(trainer) is not None:
             if self.before_save is not None:
                 self.before_save(trainer, trainer.lightning_module)
             trainer.save_checkpoint(self.last_checkpoint, weights_only=False)

@@ -158,13 +158,16 @@ def check_resume(
     model: ModelConfig,
     max_steps: Optional[int] = None,
     tokenizer: Optional[TokenizerConfig] = None,
+    ckpt: Optional[dict[str, Any]] = None,
 ) -> Optional[str]:
     """The checkpoint to resume from, after checking that it is moe-lab's, holds the configured model and tokenizer
     (a tokenizer is part of the model: other token ids would land on embeddings learned for others) and has
-    training left to do (its step is below `max_steps`, the configured trainer.max_steps)."""
+    training left to do (its step is below `max_steps`, the configured trainer.max_steps). `ckpt`: its contents,
+    when already read (without weights)."""
     if ckpt_path is None:
         return None
-    ckpt = read_checkpoint(ckpt_path, setting="ckpt_path", weights=False)
+    if ckpt is None:
+        ckpt = read_checkpoint(ckpt_path, setting="ckpt_path", weights=False)
     if is_sharded_checkpoint(Path(ckpt_path).expanduser()):  # every tensor against its checksum, before any claim
         verify_sharded(Path(ckpt_path).expanduser())
     if tokenizer is not None:

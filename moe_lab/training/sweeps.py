@@ -17,13 +17,26 @@ import itertools
 import math
 import os
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import yaml
 
-from moe_lab.errors import UserError
+from moe_lab.errors import Diverged, UserError
 from moe_lab.files import process_alive
-from moe_lab.training.run_dir import ATTEMPTS, CLAIM, job_state, own_sweep, run_markers
+from moe_lab.training.run_dir import (
+    ATTEMPTS,
+    CLAIM,
+    attempt_checkpoint,
+    claimed_by_this_sweep,
+    job_state,
+    launched_worker,
+    own_sweep,
+    previous_attempt,
+    run_markers,
+)
+
+if TYPE_CHECKING:
+    from moe_lab.training.schemas import TrainConfig
 
 # The most jobs a sweep folder's plan may list: what a multirun.yaml asks for is counted before anything is expanded
 # (a `range(0,1000000000)` would otherwise build a billion-element list), and a plan over this is refused.
@@ -233,3 +246,47 @@ def write_sweep_files(sweep_dir: Path) -> list[Path]:
     summary = write_sweep_summary(sweep_dir, not_started_rows(sweep_dir))
     groups = write_group_summary(sweep_dir, sweep_runs(sweep_dir))
     return [summary] + ([groups] if groups else [])
+
+
+def continued_job(run: "TrainConfig", output_dir: Path) -> Optional[dict[str, Any]]:
+    """A job of a sweep that is being continued (the same command again, training/sweeps.py): the summary of a job that
+    finished before, to skip it (a diverged one fails again at once, with its reason); for a job whose earlier run
+    stopped, `run.ckpt_path` becomes that run's last checkpoint, so the job resumes from it. None otherwise."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    if not launched_worker():  # data-parallel workers only follow rank 0 (which they would not run without)
+        if not claimed_by_this_sweep(Path(HydraConfig.get().sweep.dir)):
+            return None
+        state, summary = job_state(output_dir)
+        if state == "diverged":
+            raise Diverged(f"{summary.get('error', 'training diverged')} (an earlier run of this job; kept as it was)")
+        if state == "finished":
+            print(
+                f"moe-lab: job {output_dir.name} finished before (val/loss {summary.get('val/loss')}): kept, not "
+                "run again",
+                flush=True,
+            )
+            return summary
+        if state == "stopped" and set_aside_requeued(output_dir) is not None:
+            print(f"moe-lab: job {output_dir.name} ran before in this sweep and stopped (a requeued job)", flush=True)
+    else:
+        wait_for_rank_zero_to_set_aside(output_dir)
+    attempt = previous_attempt(output_dir)
+    ckpt = attempt_checkpoint(attempt) if attempt is not None and run.ckpt_path is None else None
+    if ckpt is not None:
+        run.ckpt_path = str(ckpt)
+        print(f"moe-lab: job {output_dir.name} resumes from {ckpt}", flush=True)
+    return None
+
+
+def wait_for_rank_zero_to_set_aside(output_dir: Path, timeout_s: float = 300.0) -> None:
+    """In a rank > 0 of a requeued job (several tasks per job), the stopped run's summary is still in the job folder
+    until rank 0 has set it aside: wait for that, so that every rank resumes from the same attempt."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while (output_dir / "summary.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)

@@ -63,19 +63,19 @@ def _token_name(source: str, token_id: Optional[int]) -> Optional[str]:
     return AutoTokenizer.from_pretrained(source, trust_remote_code=False).convert_ids_to_tokens(token_id)
 
 
-def apply_upcycling(run: Any, resume_from: Optional[str] = None) -> Optional[Any]:
+def apply_upcycling(run: Any, resumed: Optional[dict] = None) -> Optional[Any]:
     """For `model.init_from`: make `run.model` the settings of the model the run starts from (upcycled, or the
     source's own for a warm start) and `run.tokenizer` the source's (in place). Returns a function giving the starting
-    weights, or None when resuming (the checkpoint has them) or without init_from. ConfigError names what does not
-    fit."""
+    weights, or None when resuming (`resumed`: the contents of the checkpoint resumed, which has them) or without
+    init_from. ConfigError names what does not fit."""
     if run.model.init_from is None:
         return None
     method = run.upcycle.method
-    if resume_from is not None:
+    if resumed is not None:
         # The run's own checkpoint holds the settings it started with; the command line's MoE settings are checked
         # against them by check_resume (upcycling: only the experts' width comes from the checkpoint).
-        ckpt = read_checkpoint(resume_from, "ckpt_path")
-        saved = checkpoint_model_config(ckpt, resume_from)
+        ckpt = resumed
+        saved = checkpoint_model_config(ckpt, run.ckpt_path)
         moe = (
             saved.moe
             if method is None

@@ -20,7 +20,7 @@ import torch
 
 MIN_REPEATS = 5  # rounds; fewer cannot show a spread worth the name
 STEPS_PER_ROUND = 4
-BASELINE_TARGET = 1.6  # tokens/s of the default step over the float32 eager one (issue 25's bar; 2x the goal)
+BASELINE_TARGET = 1.6  # tokens/s of the default step over the float32 eager one (the bar; 2x the goal)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,75 @@
+"""What a Hugging Face model family is to moe-lab: a subclass of `Family` per `model_type`, registered by being
+defined (its module lives in this package)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Iterable, Optional
+
+# Every family by model_type; filled by subclassing Family.
+FAMILIES: dict[str, "Family"] = {}
+
+# (whether the part is present, what it is) pairs: a present one is refused with its name.
+Refusals = Iterable[tuple[bool, str]]
+
+
+def setting(hf: Any, name: str, default: Any = None) -> Any:
+    """A transformers config's value, or `default` where the family's config class lacks it."""
+    return getattr(hf, name, default)
+
+
+class Family:
+    """One Hugging Face model family. The shared import and export code (`moe_lab/interop/huggingface.py`) maps what
+    every family spells alike (widths, heads, positions, norms, embeddings, softmax top-k routing, the fused experts'
+    weights) and asks the family for the rest through the methods below."""
+
+    model_type: ClassVar[str] = ""  # config.json's model_type
+    title: ClassVar[str] = ""  # the name people write, e.g. "Qwen2-MoE"
+    order: ClassVar[int] = 100  # listing order; export tries the families whose attention fits in this order
+    moe: ClassVar[bool] = True  # an MoE (imported and exported) or a dense model (read for upcycling)
+    config_class: ClassVar[str] = ""  # the transformers config class export writes
+    qk_norm: ClassVar[Optional[str]] = None  # its attention's q/k norm, as model.qk_norm says it
+    unsupported: ClassVar[Optional[str]] = None  # a family moe-lab knows but cannot read yet: why (one clause)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.model_type:
+            FAMILIES[cls.model_type] = cls()
+
+    # -- into moe-lab --------------------------------------------------------------------------------------------
+
+    def settings(self, hf: Any) -> dict[str, Any]:
+        """The family's own model settings (beyond the shared backbone): q/k/v biases, q/k norm."""
+        return {"qkv_bias": False, "qk_norm": self.qk_norm}
+
+    def moe_settings(self, hf: Any) -> dict[str, Any]:
+        """The family's own `model.moe` settings, over the shared ones (experts as wide as intermediate_size, no
+        shared expert, weights renormalised as norm_topk_prob says)."""
+        return {}
+
+    def refusals(self, hf: Any) -> Refusals:
+        """The parts of this family's config that moe-lab has no equivalent for (beyond the shared ones)."""
+        return ()
+
+    # -- out of moe-lab ------------------------------------------------------------------------------------------
+
+    def cannot_express(self, cfg: Any, routing: dict) -> Optional[str]:
+        """Why this family cannot hold a moe-lab model whose attention it shares (one clause), or None if it can."""
+        return None
+
+    def hf_settings(self, cfg: Any, routing: dict) -> dict[str, Any]:
+        """The family's own transformers config values for a moe-lab model (beyond the shared ones)."""
+        return {}
+
+    def attention_lacks(self, cfg: Any, what: str) -> str:
+        """The reason a family with q/k norm cannot hold a model with its attention but with `what`."""
+        return f"model.qk_norm={cfg.qk_norm} is {self.title} attention, and {self.title} has no {what}"
+
+
+def experts_wide(hf: Any, name: str) -> dict[str, Any]:
+    """`model.moe.expert_hidden` from the config value `name` (families spell the experts' width differently)."""
+    return {"expert_hidden": setting(hf, name)}
+
+
+def dense_layers(cfg: Any) -> list[int]:
+    """The layers of a moe-lab model that are dense (Qwen's mlp_only_layers)."""
+    return [layer for layer in range(cfg.n_layers) if not cfg.is_moe_layer(layer)]

@@ -1,0 +1,38 @@
+"""Qwen3-MoE (Qwen3-30B-A3B, Qwen3-235B-A22B): RMSNorm on queries and keys over each head (model.qk_norm=head), a head
+width set apart from d_model / n_heads, dense layers (mlp_only_layers), no shared expert, no biases."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from moe_lab.interop.families.family import Family, dense_layers, experts_wide
+
+
+class Qwen3MoE(Family):
+    model_type = "qwen3_moe"
+    title = "Qwen3-MoE"
+    order = 30
+    config_class = "Qwen3MoeConfig"
+    qk_norm = "head"
+
+    def moe_settings(self, hf: Any) -> dict[str, Any]:
+        return experts_wide(hf, "moe_intermediate_size")
+
+    def cannot_express(self, cfg: Any, routing: dict) -> Optional[str]:
+        for present, what in ((cfg.moe.num_shared, "shared experts"), (cfg.qkv_bias, "q/k/v biases")):
+            if present:
+                return self.attention_lacks(cfg, what)
+        return None
+
+    def hf_settings(self, cfg: Any, routing: dict) -> dict[str, Any]:
+        moe = cfg.moe
+        return {
+            "intermediate_size": cfg.ffn_hidden,
+            "moe_intermediate_size": moe.expert_hidden,
+            "num_experts": moe.num_experts,
+            "norm_topk_prob": routing["norm_topk_prob"],
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": dense_layers(cfg),
+            "attention_bias": False,
+            "use_sliding_window": False,
+        }

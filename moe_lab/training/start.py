@@ -1,0 +1,31 @@
+"""Where a run starts from, decided once: a training checkpoint to resume (`ckpt_path` of a moe-lab run), the weights
+of an imported model to fine-tune from (`ckpt_path` of `moe-lab import`'s checkpoint: step 0, a fresh optimizer), the
+weights of another model (`model.init_from`, as it is or upcycled), or a random initialisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from moe_lab.training.checkpoint import check_resume, read_checkpoint
+from moe_lab.training.upcycle import apply_upcycling
+
+
+@dataclass(frozen=True)
+class StartingPoint:
+    resume: Optional[str] = None  # a checkpoint with training state: the run continues it (its step, its optimizer)
+    init_from: Optional[str] = None  # a checkpoint of weights only (an imported model): a new run from them
+    weights: Optional[Callable[[], dict]] = None  # model.init_from's weights, made when the model is built
+
+
+def starting_point(run: Any) -> StartingPoint:
+    """Decide where `run` starts, and make `run.model` and `run.tokenizer` those of what it starts from (in place:
+    model.init_from brings its backbone and tokenizer). Every refusal (a checkpoint of another model, tokenizer or a
+    finished run; a model.init_from that does not fit) comes from here, before anything is written."""
+    ckpt = read_checkpoint(run.ckpt_path, setting="ckpt_path", weights=False) if run.ckpt_path is not None else None
+    trains_on = ckpt is not None and "optimizer_states" in ckpt
+    weights = apply_upcycling(run, ckpt if trains_on else None)
+    ckpt_path = check_resume(run.ckpt_path, run.model, run.trainer.get("max_steps"), run.tokenizer, ckpt=ckpt)
+    if ckpt_path is not None and not trains_on:
+        return StartingPoint(init_from=ckpt_path, weights=weights)
+    return StartingPoint(resume=ckpt_path, weights=weights)
