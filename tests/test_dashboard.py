@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from moe_lab.analysis.dashboard import write_dashboard
+from moe_lab.analysis.pages import write_dashboard
 from moe_lab.errors import DashboardError
 from moe_lab.training.train import train
 

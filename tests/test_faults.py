@@ -204,7 +204,7 @@ def run_dir(real_checkpoint, tmp_path) -> Path:
 
 
 def test_a_cut_off_last_routing_line_is_skipped(run_dir):
-    from moe_lab.analysis.dashboard import write_dashboard
+    from moe_lab.analysis.pages import write_dashboard
 
     text = (run_dir / "routing.jsonl").read_text()
     (run_dir / "routing.jsonl").write_text(text + text.splitlines()[-1][:40])  # a line still being written
@@ -226,7 +226,7 @@ def test_a_cut_off_last_routing_line_is_skipped(run_dir):
     ],
 )
 def test_damaged_run_files_are_named(run_dir, damage, expected):
-    from moe_lab.analysis.dashboard import write_dashboard
+    from moe_lab.analysis.pages import write_dashboard
     from moe_lab.errors import DashboardError
 
     if damage == "binary_metrics":
@@ -249,7 +249,7 @@ def test_damaged_run_files_are_named(run_dir, damage, expected):
 
 
 def test_dashboard_output_into_a_missing_folder(run_dir, tmp_path):
-    from moe_lab.analysis.dashboard import write_dashboard
+    from moe_lab.analysis.pages import write_dashboard
     from moe_lab.errors import DashboardError
 
     with pytest.raises(DashboardError, match="does not exist"):

@@ -155,7 +155,7 @@ def test_no_hydra_internals():
 
 def test_reading_results_never_imports_torch():
     code = (
-        "import sys, moe_lab.analysis.dashboard, moe_lab.analysis.runs, moe_lab.analysis.stats, moe_lab.errors; "
+        "import sys, moe_lab.analysis.pages, moe_lab.analysis.runs, moe_lab.analysis.stats, moe_lab.errors; "
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from moe_lab.analysis.dashboard import write_dashboard
+from moe_lab.analysis.pages import write_dashboard
 from moe_lab.analysis.runs import read_run
 from moe_lab.errors import UserError
 from moe_lab.training.train import train

@@ -11,7 +11,7 @@ import torch
 
 from moe_lab.errors import UserError
 from moe_lab.model import ModelConfig, MoETransformer
-from moe_lab.model.upcycle import moe_settings, upcycled_state_dict
+from moe_lab.model.upcycled_weights import moe_settings, upcycled_state_dict
 from moe_lab.training.schemas import config_dir, validate
 from moe_lab.training.train import train
 
@@ -233,7 +233,7 @@ def dense_checkpoint(tmp_path_factory, cache_dir) -> str:
 
 @pytest.mark.parametrize("option", sorted(p.stem for p in (Path(config_dir()) / "upcycle").glob("*.yaml")))
 def test_every_upcycle_option_composes_and_applies(make_cfg, dense_checkpoint, option):
-    from moe_lab.training.upcycle import apply_upcycling
+    from moe_lab.training.init_from import apply_upcycling
 
     run = validate(
         make_cfg(f"model.init_from={dense_checkpoint}", f"upcycle={option}", "experts=e4", "model.moe.router.top_k=2")

@@ -10,7 +10,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from moe_lab.analysis.dashboard import write_dashboard
+from moe_lab.analysis.pages import write_dashboard
 from moe_lab.analysis.runs import damaged_earlier_lines, ranked_table, sweep_runs
 from moe_lab.analysis.seeds import configurations, group_table, has_seed_groups, seed_groups
 from moe_lab.errors import UserError

@@ -154,7 +154,7 @@ class ModelConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     # A model to start from (a moe-lab checkpoint, or a Hugging Face directory or hub id): alone, a warm start with
     # its settings and weights; with `upcycle=copy|granular|drop` a dense model whose backbone replaces the backbone
-    # settings above and whose FFNs become the experts (moe_lab/model/upcycle.py). null = train from scratch.
+    # settings above and whose FFNs become the experts (moe_lab/model/upcycled_weights.py). null = train from scratch.
     init_from: Optional[str] = None
 
     @property

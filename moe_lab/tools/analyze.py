@@ -448,7 +448,7 @@ def run(args: Any, cfg: Any, sources: list[str]) -> int:
     import json
     import sys
 
-    from moe_lab.analysis.dashboard import write_analysis_page
+    from moe_lab.analysis.pages import write_analysis_page
     from moe_lab.files import write_atomically
     from moe_lab.tools.evaluate import held_out_data
 
@@ -526,7 +526,7 @@ def analyze_with_progress(
 def check_outputs(page: Path) -> Path:
     """UserError, before any work, if the page, its JSON or its CSV tables would replace a file moe-lab analyze did
     not write; returns the JSON's path."""
-    from moe_lab.analysis.dashboard import checked_output
+    from moe_lab.analysis.pages import checked_output
 
     checked_output(page)
     json_out = page.with_suffix(".json")

@@ -1,6 +1,6 @@
 """`moe-lab dashboard PATH [PATH ...]`: the page of a run or a sweep, or runs and sweeps side by side.
 
-The pages are drawn by `moe_lab/analysis/dashboard.py`; this is the command around them: one page, or a comparison
+The pages are drawn by `moe_lab/analysis/pages.py`; this is the command around them: one page, or a comparison
 whose ranked table is also printed, once or kept up to date (`--live`), with the seed groups' table when the runs
 differ only in their seeds. A sweep's sweep_summary.csv and sweep_groups.csv are rebuilt from its job folders each time
 its page is (a sweep on SLURM outlives the process that submitted it).
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moe_lab.analysis.dashboard import live, write_comparison, write_dashboard
+from moe_lab.analysis.pages import live, write_comparison, write_dashboard
 from moe_lab.analysis.runs import damaged_earlier_lines, is_sweep_dir, ranked_table, sweep_runs
 from moe_lab.analysis.seeds import configurations, group_table, has_seed_groups, seed_groups
 from moe_lab.training.sweeps import write_sweep_files

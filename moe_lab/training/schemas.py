@@ -56,7 +56,7 @@ class OptimConfig:
 
 @dataclass
 class UpcycleConfig:
-    """How model.init_from's dense FFNs become experts (`conf/upcycle/`; moe_lab/model/upcycle.py)."""
+    """How model.init_from's dense FFNs become experts (`conf/upcycle/`; moe_lab/model/upcycled_weights.py)."""
 
     # copy (sparse upcycling), granular (fine-grained shards) or drop (Drop-Upcycling); null = no upcycling.
     method: Optional[str] = None

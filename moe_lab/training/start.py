@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from moe_lab.training.checkpoint import check_resume, read_checkpoint
-from moe_lab.training.upcycle import apply_upcycling
+from moe_lab.training.init_from import apply_upcycling
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
-from moe_lab.analysis.dashboard import write_dashboard
+from moe_lab.analysis.pages import write_dashboard
 from moe_lab.data.datamodule import LMDataModule
 from moe_lab.errors import ConfigError, Diverged, UserError
 from moe_lab.files import remove_stale_temp_files

@@ -6,8 +6,8 @@ With `upcycle=copy|granular|drop` it is upcycling, and MODEL is dense: the dense
 `experts=dense` run or a Hugging Face Llama, Qwen2 or Qwen3 (a directory or a hub id). Its backbone settings (widths,
 heads, vocabulary, attention variant) and its tokenizer replace the configured ones; the MoE settings (experts, router,
 capacity, aux losses) stay the command line's, with experts as wide as the dense FFN (divided by upcycle.granularity).
-The weights are made in `moe_lab/model/upcycle.py`. A resumed upcycled run takes its backbone from its own checkpoint,
-so the dense source may be gone by then.
+The weights are made in `moe_lab/model/upcycled_weights.py`. A resumed upcycled run takes its backbone from its own
+checkpoint, so the dense source may be gone by then.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 from moe_lab.data.config import TokenizerConfig
 from moe_lab.errors import ConfigError
 from moe_lab.model import ModelConfig
-from moe_lab.model.upcycle import moe_settings, upcycled_state_dict
+from moe_lab.model.upcycled_weights import moe_settings, upcycled_state_dict
 from moe_lab.training.checkpoint import checkpoint_model_config, is_checkpoint, read_checkpoint
 from moe_lab.training.schemas import check_training_memory
 
