@@ -99,7 +99,7 @@ def router_options() -> list[str]:
 
 def router_partners(option: str) -> list[str]:
     """The overrides `router=OPTION` needs beside it, from its capability flags: aux_loss=none for a router with
-    no learned gate (no router loss applies to it), unless its option brings it (conf/router/hash.yaml)."""
+    no learned gate (no router loss applies to it), unless its option brings it (its Config's brings_aux_loss)."""
     from moe_lab.model.router_configs import registered_routers
 
     moe = compose_cfg([f"router={option}"], fast=False).model.moe

@@ -279,9 +279,9 @@ def test_trainer_deterministic_has_one_spelling_under_every_trainer(make_cfg):
 
 
 def test_the_default_trainer_is_the_cpu_here_and_the_gpu_where_there_is_one(make_cfg, monkeypatch):
-    from moe_lab.training import schemas
+    from moe_lab.training import auto
 
-    monkeypatch.setattr(schemas, "cpu_has_fast_bfloat16", lambda: False)
+    monkeypatch.setattr(auto, "cpu_has_fast_bfloat16", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "here" is a machine without a GPU
     cpu = validate(make_cfg(fast=False)).trainer
     assert (cpu["accelerator"], cpu["precision"], cpu["deterministic"]) == ("cpu", "32-true", True)
@@ -291,19 +291,19 @@ def test_the_default_trainer_is_the_cpu_here_and_the_gpu_where_there_is_one(make
     }
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    gpu = schemas.resolved_trainer({"accelerator": "auto", "precision": "auto", "deterministic": "auto"})
+    gpu = auto.resolved_trainer({"accelerator": "auto", "precision": "auto", "deterministic": "auto"})
     assert gpu == {"accelerator": "gpu", "precision": "bf16-mixed", "deterministic": None}
-    ddp = schemas.resolved_trainer(dict(make_cfg("trainer=ddp", fast=False).trainer))
+    ddp = auto.resolved_trainer(dict(make_cfg("trainer=ddp", fast=False).trainer))
     assert (ddp["accelerator"], ddp["precision"]) == ("gpu", "bf16-mixed")
 
 
 def test_a_cpu_with_amx_defaults_to_compiled_bf16_and_one_setting_gives_float32_back(make_cfg, monkeypatch):
     """The fast path (bf16-mixed + torch.compile) is the default where it was measured to pay; trainer.precision=
     32-true is the float32 eager run of before, and compile stays off wherever it is not asked for or not measured."""
-    from moe_lab.training import schemas
+    from moe_lab.training import auto
 
-    monkeypatch.setattr(schemas, "cpu_has_fast_bfloat16", lambda: True)
-    monkeypatch.setattr(schemas, "can_build_cpu_kernels", lambda: True)
+    monkeypatch.setattr(auto, "cpu_has_fast_bfloat16", lambda: True)
+    monkeypatch.setattr(auto, "can_build_cpu_kernels", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the default trainer picks a GPU where there is one
     fast = validate(make_cfg(fast=False))
     assert (fast.trainer["precision"], fast.trainer["deterministic"], fast.compile) == ("bf16-mixed", True, True)
@@ -312,11 +312,11 @@ def test_a_cpu_with_amx_defaults_to_compiled_bf16_and_one_setting_gives_float32_
     assert (float32.trainer["precision"], float32.compile, float32.optim.fused) == ("32-true", False, False)
     assert validate(make_cfg("compile=false", fast=False)).compile is False
     assert validate(make_cfg("trainer=ddp", "trainer.accelerator=cpu", fast=False)).compile is False  # 2 processes
-    monkeypatch.setattr(schemas, "can_build_cpu_kernels", lambda: False)
+    monkeypatch.setattr(auto, "can_build_cpu_kernels", lambda: False)
     assert validate(make_cfg(fast=False)).compile is False  # no compiler: eager bf16, no error
     with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler"):
         validate(make_cfg("compile=true", fast=False))
-    monkeypatch.setattr(schemas, "cpu_has_fast_bfloat16", lambda: False)
+    monkeypatch.setattr(auto, "cpu_has_fast_bfloat16", lambda: False)
     plain = validate(make_cfg(fast=False))
     assert (plain.trainer["precision"], plain.compile) == ("32-true", False)
 
@@ -352,18 +352,33 @@ def test_tensorboard_without_its_package_is_refused_before_any_work(make_cfg, mo
 
 
 def test_the_header_says_what_auto_chose_and_why(monkeypatch):
-    from moe_lab.training import schemas
+    from moe_lab.training import auto
 
     from conftest import compose_cfg
 
     for amx, precision, compiled in ((False, "32-true", "eager"), (True, "bf16-mixed", "compiled")):
-        monkeypatch.setattr(schemas, "cpu_has_fast_bfloat16", lambda amx=amx: amx)
-        monkeypatch.setattr(schemas, "can_build_cpu_kernels", lambda: True)
+        monkeypatch.setattr(auto, "cpu_has_fast_bfloat16", lambda amx=amx: amx)
+        monkeypatch.setattr(auto, "can_build_cpu_kernels", lambda: True)
         cfg = compose_cfg(["trainer=auto", "trainer.accelerator=cpu"], output_dir=Path("/nonexistent"), fast=False)
         run = validate(cfg)
-        said = schemas.auto_choices(cfg.trainer, cfg.compile, run)
+        said = auto.auto_choices(cfg.trainer, cfg.compile, run)
         assert said[0].startswith(f"{precision}, as this CPU has {'AMX' if amx else 'no AMX'}"), said
         assert said[1].startswith(f"{compiled}, as"), said
     fixed = ["trainer=auto", "trainer.accelerator=cpu", "trainer.precision=32-true", "compile=false"]
     cfg = compose_cfg(fixed, output_dir=Path("/nonexistent"))
-    assert schemas.auto_choices(cfg.trainer, cfg.compile, validate(cfg)) == []  # nothing was left to auto
+    assert auto.auto_choices(cfg.trainer, cfg.compile, validate(cfg)) == []  # nothing was left to auto
+
+
+def test_a_gate_less_router_brings_its_aux_loss_without_a_yaml(make_cfg):
+    """hash and domain_oracle have no conf/router/NAME.yaml: their Configs say they bring aux_loss=none, which
+    `router=NAME` composes; an aux_loss named on the command line still wins (and is refused for a gate-less
+    router, in one line)."""
+    from moe_lab.model.router_configs import registered_routers
+
+    for name in ("hash", "domain_oracle"):
+        assert not (Path(config_dir()) / "router" / f"{name}.yaml").exists()
+        assert registered_routers()[name].brings_aux_loss == "none"
+        weights = make_cfg(f"router={name}").model.moe.aux_loss
+        assert all(float(weight) == 0 for weight in weights.values()), name
+    with pytest.raises(ConfigError, match="has no learned gate"):
+        validate(make_cfg("router=hash", "aux_loss=switch_z"))

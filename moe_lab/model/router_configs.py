@@ -48,6 +48,9 @@ class RouterConfig:
     smooth_load: ClassVar[bool] = False
     # routes by the data's domain label (trains and evaluates on labelled data only; cannot generate).
     needs_domain: ClassVar[bool] = False
+    # The aux_loss option that `router=NAME` brings with it (a gate-less router: "none", since no router loss applies
+    # to it), unless the command line names one; None keeps the configured aux_loss.
+    brings_aux_loss: ClassVar[Optional[str]] = None
     # A one-line description for `moe-lab train --help` and the README's list (its paper).
     summary: ClassVar[str] = ""
 
@@ -172,6 +175,7 @@ class HashRouterConfig(RouterConfig):
     # Seed of the random hash table: expert = table[token id] (one table per k).
     hash_seed: int = 0
     has_gate = False
+    brings_aux_loss = "none"
     summary = "a fixed random table of token ids, no learned gate (Hash Layers, Roller et al. 2021)"
 
 
@@ -181,6 +185,7 @@ class DomainOracleConfig(RouterConfig):
     # Experts per token, all of the token's domain: domain d takes experts (d k + j) mod E, j < k.
     top_k: int = 1
     has_gate = False
+    brings_aux_loss = "none"
     needs_domain = True
     summary = "the experts of each token's data domain: the specialisation oracle (DEMix, Gururangan et al. 2022)"
 

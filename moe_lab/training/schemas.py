@@ -27,6 +27,7 @@ from moe_lab.data.config import SOURCES, DataConfig, TokenizerConfig
 from moe_lab.errors import ConfigError, UserError
 from moe_lab.model.config import ModelConfig
 from moe_lab.model.router_configs import RouterPluginError, registered_routers, router_config, routers_where
+from moe_lab.training import auto
 from moe_lab.training.rendezvous import check_launch
 
 # The parts of the model that optim.freeze and optim.lr_mult name (training/module.py: part_of).
@@ -175,9 +176,16 @@ def register_configs() -> None:
     for name, options in routers.items():
         store.store(group="schema/router", name=name, node=options)
         if name not in described:  # router=NAME needs no conf/router/NAME.yaml (one only adds a description)
-            store.store(group="router", name=name, node=options, package="model.moe.router")
+            store.store(group="router", name=name, node=router_option(options), package="_global_")
     for source, cls in SOURCES.items():
         store.store(group="schema/data", name=source, node=cls)
+
+
+def router_option(options: type) -> dict:
+    """The option `router=NAME` of a registered router without a YAML: its settings at model.moe.router, and the
+    aux_loss option its Config says it brings (e.g. none for a gate-less router)."""
+    defaults: list = [] if options.brings_aux_loss is None else [{"override /aux_loss": options.brings_aux_loss}]
+    return {"defaults": [*defaults, "_self_"], "model": {"moe": {"router": options}}}
 
 
 def config_dir() -> str:
@@ -229,108 +237,12 @@ def validate(cfg: DictConfig) -> TrainConfig:
         run.data.check(run.model.max_seq_len)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    run.trainer = resolved_trainer(run.trainer)
+    auto.resolve_auto(run)  # this machine's values of the `auto` settings, then the checks that depend on them
     _check_router_losses(run)
     _check_expert_parallel(run)
     _check_training(run)
     check_training_memory(run)
     return run
-
-
-def resolved_trainer(trainer: dict[str, Any]) -> dict[str, Any]:
-    """The trainer arguments with moe-lab's `auto` values chosen for this machine (conf/trainer/auto.yaml):
-    accelerator auto -> gpu where CUDA has a device, else cpu; precision auto -> bf16-mixed on a GPU with bfloat16
-    and on a CPU with AMX (cpu_has_fast_bfloat16), else 32-true; deterministic auto -> true on the CPU (the same seed
-    gives the same losses), Lightning's default (off) on a GPU, where several kernels have no deterministic version."""
-    if "auto" not in (trainer.get("accelerator"), trainer.get("precision"), trainer.get("deterministic")):
-        return trainer
-    import torch
-
-    out = dict(trainer)
-    if out.get("accelerator") == "auto":
-        out["accelerator"] = "gpu" if torch.cuda.is_available() else "cpu"
-    on_gpu = out.get("accelerator") in ("gpu", "cuda")
-    if out.get("precision") == "auto":
-        fast_bf16 = torch.cuda.is_bf16_supported() if on_gpu else cpu_has_fast_bfloat16()
-        out["precision"] = "bf16-mixed" if fast_bf16 else "32-true"
-    if out.get("deterministic") == "auto":
-        out["deterministic"] = None if on_gpu else True
-    return out
-
-
-def cpu_has_fast_bfloat16() -> bool:
-    """This CPU has Intel AMX, whose bfloat16 GEMMs run at 4-7x float32's (1.0-2.6 against 0.27-0.39 TFLOP/s on 2
-    cores): bf16-mixed trains the default model at 1.6x float32's tokens/s there (with compile). CPUs with AVX512-BF16
-    alone (bfloat16 GEMMs about 3x float32's) stay in float32 until the same lever is measured on one."""
-    import torch
-
-    return torch.cpu._is_amx_tile_supported()
-
-
-def resolved_compile(run: TrainConfig) -> bool:
-    """compile=null -> on for a single-process CPU run in bf16-mixed without expert parallelism, where inductor can
-    build its kernels (can_build_cpu_kernels); off elsewhere (float32 keeps the eager path it was measured with, and
-    GPUs are not measured)."""
-    if run.compile is not None:
-        return run.compile
-    trainer = run.trainer
-    single = trainer.get("devices", 1) in (1, "1") and trainer.get("num_nodes", 1) in (1, None)
-    return (
-        trainer.get("accelerator") == "cpu"
-        and str(trainer.get("precision")) == "bf16-mixed"
-        and single
-        and run.model.moe.expert_parallel == 1
-        and can_build_cpu_kernels()
-    )
-
-
-def compile_reason(run: TrainConfig) -> str:
-    """Why compile=null chose what it did (resolved_compile's rule, said for the header)."""
-    trainer = run.trainer
-    if trainer.get("accelerator") != "cpu":
-        return "eager, as compiling is not measured on GPUs"
-    if str(trainer.get("precision")) != "bf16-mixed":
-        return "eager, as compiling pays in bf16-mixed, not in float32"
-    if not (trainer.get("devices", 1) in (1, "1") and trainer.get("num_nodes", 1) in (1, None)):
-        return "eager, as compiling is measured for one process only"
-    if run.model.moe.expert_parallel != 1:
-        return "eager, as compiling does not go with expert parallelism"
-    if not can_build_cpu_kernels():
-        return "eager, as inductor needs a C++ compiler and Python's headers"
-    return "compiled, as one CPU process in bf16-mixed trains 1.6x faster after 10-25 s of compiling"
-
-
-def auto_choices(asked_trainer: Any, asked_compile: Any, run: TrainConfig) -> list[str]:
-    """What the `auto` settings (trainer.precision=auto, compile=null) chose for this run and why, for its header."""
-    said = []
-    if asked_trainer is not None and asked_trainer.get("precision") == "auto":
-        precision = run.trainer.get("precision")
-        if run.trainer.get("accelerator") in ("gpu", "cuda"):
-            has = "has" if precision == "bf16-mixed" else "lacks"
-            said.append(f"{precision}, as the GPU {has} bfloat16")
-        elif precision == "bf16-mixed":
-            said.append("bf16-mixed, as this CPU has AMX (fast bfloat16)")
-        else:
-            said.append("32-true, as this CPU has no AMX, with which alone bf16-mixed was measured to pay")
-    if asked_compile is None:
-        said.append(compile_reason(run))
-    return said
-
-
-def resolved_fused(run: TrainConfig) -> bool:
-    """optim.fused=null -> AdamW's fused kernel on a GPU and in bf16-mixed; the for-loop AdamW for float32 on a CPU."""
-    if run.optim.fused is not None:
-        return run.optim.fused
-    return run.trainer.get("accelerator") in ("gpu", "cuda") or str(run.trainer.get("precision")) == "bf16-mixed"
-
-
-def can_build_cpu_kernels() -> bool:
-    """What inductor needs to build CPU kernels: a C++ compiler on PATH and Python's headers (Python.h)."""
-    import shutil
-    import sysconfig
-
-    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
-    return any(shutil.which(c) for c in ("g++", "c++", "clang++")) and headers.is_file()
 
 
 def check_training_memory(run: TrainConfig) -> None:
@@ -487,13 +399,11 @@ def _check_training(run: TrainConfig) -> None:
     _check_trainer(run.trainer)
     _check_loggers(run.logger)
     _check_compile(run)
-    run.optim.fused = resolved_fused(run)
 
 
 def _check_compile(run: TrainConfig) -> None:
-    """compile=true needs what inductor needs (a C++ compiler for CPU kernels) and a layout it was tested on;
-    compile=null is resolved here (resolved_compile)."""
-    run.compile = resolved_compile(run)
+    """compile=true (asked for, or chosen by compile=null) needs what inductor needs (a C++ compiler for CPU kernels)
+    and a layout it was tested on."""
     if not run.compile:
         return
     if run.model.moe.expert_parallel > 1:
@@ -501,7 +411,7 @@ def _check_compile(run: TrainConfig) -> None:
             "compile=true is not tested with expert parallelism (model.moe.expert_parallel > 1); "
             "leave compile=false there"
         )
-    if run.trainer.get("accelerator") == "cpu" and not can_build_cpu_kernels():
+    if run.trainer.get("accelerator") == "cpu" and not auto.can_build_cpu_kernels():
         raise ConfigError(
             "compile=true on the CPU needs a C++ compiler (g++ or clang++) on PATH and Python's headers "
             "(Python.h, e.g. the python3-dev package) for inductor's kernels; install them or leave compile=false"

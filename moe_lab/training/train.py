@@ -21,6 +21,7 @@ from moe_lab.data.datamodule import LMDataModule
 from moe_lab.errors import ConfigError, Diverged, UserError
 from moe_lab.files import remove_stale_temp_files
 from moe_lab.model.config import padded_vocab_size
+from moe_lab.training.auto import auto_choices
 from moe_lab.training.callbacks import AbortRequested, GracefulStop, StepProgressBar, StopRequested
 from moe_lab.training.checkpoint import (
     AtomicCheckpointIO,
@@ -49,7 +50,7 @@ from moe_lab.training.run_dir import (
     release_run_dir,
 )
 from moe_lab.training.runtime import cpu_threads, quiet_lightning, retain_freed_memory
-from moe_lab.training.schemas import TrainConfig, auto_choices, validate
+from moe_lab.training.schemas import TrainConfig, validate
 from moe_lab.training.start import StartingPoint, starting_point
 from moe_lab.training.strategy import make_strategy, writes_sharded
 from moe_lab.training.sweeps import continued_job

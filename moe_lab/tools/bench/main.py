@@ -57,7 +57,7 @@ def time_whole_models(args, device: torch.device) -> list[dict]:
     batch, seq = (8, 256) if device.type == "cpu" else (16, 1024)
     if args.quick:
         shapes, batch, seq = [("tiny", None)], 2, 64
-    from moe_lab.training.schemas import can_build_cpu_kernels
+    from moe_lab.training.auto import can_build_cpu_kernels
 
     dtype = PEAK_DTYPES[args.dtype]
     # In bfloat16 on a CPU, moe-lab's step as its default runs it (compiled) too.
