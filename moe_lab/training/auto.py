@@ -6,13 +6,13 @@ depends on them."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from moe_lab.training.schemas import TrainConfig
+# A run's settings: schemas.TrainConfig (not imported: the schemas import this module).
+TrainConfig = Any
 
 
-def resolve_auto(run: "TrainConfig") -> None:
+def resolve_auto(run: TrainConfig) -> None:
     """Replace the `auto` settings of `run` by this machine's values (in place)."""
     run.trainer = resolved_trainer(run.trainer)
     run.compile = resolved_compile(run)
@@ -49,7 +49,7 @@ def cpu_has_fast_bfloat16() -> bool:
     return torch.cpu._is_amx_tile_supported()
 
 
-def resolved_compile(run: "TrainConfig") -> bool:
+def resolved_compile(run: TrainConfig) -> bool:
     """compile=null -> on for a single-process CPU run in bf16-mixed without expert parallelism, where inductor can
     build its kernels (can_build_cpu_kernels); off elsewhere (float32 keeps the eager path it was measured with, and
     GPUs are not measured)."""
@@ -66,7 +66,7 @@ def resolved_compile(run: "TrainConfig") -> bool:
     )
 
 
-def compile_reason(run: "TrainConfig") -> str:
+def compile_reason(run: TrainConfig) -> str:
     """Why compile=null chose what it did (resolved_compile's rule, said for the header)."""
     trainer = run.trainer
     if trainer.get("accelerator") != "cpu":
@@ -82,7 +82,7 @@ def compile_reason(run: "TrainConfig") -> str:
     return "compiled, as one CPU process in bf16-mixed trains 1.6x faster after 10-25 s of compiling"
 
 
-def auto_choices(asked_trainer: Any, asked_compile: Any, run: "TrainConfig") -> list[str]:
+def auto_choices(asked_trainer: Any, asked_compile: Any, run: TrainConfig) -> list[str]:
     """What the `auto` settings (trainer.precision=auto, compile=null) chose for this run and why, for its header."""
     said = []
     if asked_trainer is not None and asked_trainer.get("precision") == "auto":
@@ -99,7 +99,7 @@ def auto_choices(asked_trainer: Any, asked_compile: Any, run: "TrainConfig") -> 
     return said
 
 
-def resolved_fused(run: "TrainConfig") -> bool:
+def resolved_fused(run: TrainConfig) -> bool:
     """optim.fused=null -> AdamW's fused kernel on a GPU and in bf16-mixed; the for-loop AdamW for float32 on a CPU."""
     if run.optim.fused is not None:
         return run.optim.fused
