@@ -191,3 +191,15 @@ def test_readme_layout_section_matches_the_tree():
             assert item in names or item in files, f"the README lists {item}, which does not exist"
     for folder in ("model/", "data/", "training/", "analysis/", "cli/", "tools/", "templates/"):
         assert folder in listed, folder
+
+
+def test_the_checkers_are_pinned_and_run_where_the_tests_run():
+    """ruff and mypy are pinned in the test extra, pre-commit runs the same ruff release, and the README's test
+    command (which CI runs) lints, formats and type-checks before the tests."""
+    pins = dict(re.findall(r'"(ruff|mypy)==([0-9.]+)"', (REPO / "pyproject.toml").read_text()))
+    assert set(pins) == {"ruff", "mypy"}, pins
+    precommit = (REPO / ".pre-commit-config.yaml").read_text()
+    assert re.search(rf"ruff-pre-commit\n\s+rev: v{re.escape(pins['ruff'])}\b", precommit), precommit
+    command = 'pip install -e ".[test]" && ruff check . && ruff format --check . && mypy && python -m pytest -q'
+    assert command in (REPO / "README.md").read_text()
+    assert command in (REPO / ".ci" / "run").read_text()

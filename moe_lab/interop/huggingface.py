@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import torch
 
@@ -150,7 +150,7 @@ def _checked(cfg: ModelConfig, model_type: str) -> ModelConfig:
     return cfg
 
 
-def _rope(hf: Any) -> tuple[str, float]:
+def _rope(hf: Any) -> tuple[Any, float]:
     """(rope_type, rope_theta) of a transformers config, in either of its spellings (rope_parameters, rope_scaling)."""
     rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
     rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
@@ -262,7 +262,7 @@ def model_overrides(cfg: ModelConfig, tokenizer: Optional[dict] = None) -> list[
             else:
                 out.append(f"{prefix}{key}={literal(value)}")
 
-    walk(flat, "")
+    walk(cast(dict, flat), "")
     for key, value in (tokenizer or {}).items():
         out.append(f"tokenizer.{key}={literal(value)}")
     return out
@@ -385,12 +385,12 @@ def hf_architecture(cfg: ModelConfig) -> tuple[Family, dict]:
         raise ExportError(
             f"model.moe.activation={moe.activation}: Hugging Face MoE experts are gated (swiglu or geglu)"
         )
-    reason = f"no family moe-lab exports has model.qk_norm={cfg.qk_norm}"
+    reason: Optional[str] = f"no family moe-lab exports has model.qk_norm={cfg.qk_norm}"
     for candidate in (f for f in supported() if f.qk_norm == cfg.qk_norm):
         reason = candidate.cannot_express(cfg, routing)
         if reason is None:
             return candidate, routing
-    raise ExportError(reason)
+    raise ExportError(reason or "no family moe-lab exports holds this model")
 
 
 def _describe(router: RouterConfig) -> str:

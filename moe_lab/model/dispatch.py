@@ -185,6 +185,7 @@ class LocalDispatcher:
 
     def combine(self, y_RD: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
         home = rows.combine
+        assert isinstance(home, LocalCombine)
         y_TD = scatter_add_rows(y_RD, home.token_R, home.rows_out)  # sum each token's slots
         return y_TD[: home.num_tokens]
 
@@ -231,6 +232,7 @@ class AllToAllDispatcher:
 
     def combine(self, y_RD: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
         home = rows.combine
+        assert isinstance(home, AllToAllCombine)
         if home.by_expert_R is not None:  # back to the order the rows arrived in
             y_RD = torch.empty_like(y_RD).index_copy(0, home.by_expert_R, y_RD)
         y_send = all_to_all(y_RD, home.send_splits, home.recv_splits, self.group)

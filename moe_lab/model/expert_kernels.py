@@ -60,7 +60,7 @@ class ScaledSwiGLU(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad_RF: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_RF: torch.Tensor):
         h_RGF, scale_R = ctx.saved_tensors
         if torch.compiler.is_compiling():
             return swiglu_backward_for_inductor(h_RGF, scale_R, grad_RF, ctx.needs_input_grad[1])
@@ -222,7 +222,7 @@ class _GatherGroupedMM(torch.autograd.Function):
         return _split_mm(x_RI, w_EOI.transpose(-2, -1), offs_E, block)
 
     @staticmethod
-    def backward(ctx, grad_RO: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_RO: torch.Tensor):
         src_QI, index_R, w_EOI, offs_E = ctx.saved_tensors
         grad_RO = grad_RO.contiguous()
         grad_src = grad_w = None

@@ -165,7 +165,7 @@ class GroupedExperts(nn.Module):
             a_RF = scaled_swiglu(h_RGF, scale_R if scale_hidden else None)
         else:
             a_RF = apply_activation(h_RGF, self.activation)
-            if scale_hidden:
+            if scale_hidden and scale_R is not None:
                 a_RF = a_RF * scale_R[:, None]
         y_RD = split_grouped_mm(a_RF, self.w_out_EDF.to(dtype), offs_E, block)
         return y_RD * scale_R[:, None] if scale_R is not None and not scale_hidden else y_RD

@@ -13,7 +13,7 @@ Shape legend: B batch, S sequence, D d_model, H heads, Hkv key/value heads, Dh h
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, cast
 
 import torch
 import torch.nn as nn
@@ -41,6 +41,9 @@ class RMSNorm(nn.Module):
 
 class RotaryEmbedding(nn.Module):
     """Cos/sin tables for rotary position embeddings, rotate-half layout (as Llama and Mixtral in HF)."""
+
+    cos_SDh: torch.Tensor
+    sin_SDh: torch.Tensor
 
     def __init__(self, head_dim: int, max_seq_len: int, theta: float):
         super().__init__()
@@ -128,11 +131,11 @@ class CausalSelfAttention(nn.Module):
         B, S, _ = x_BSD.shape
         q_BSX = self.q_proj(x_BSD)
         k_BSX, v_BSX = self.kv_proj(x_BSD).chunk(2, dim=-1)
-        if self.qk_norm == "full":
+        if self.qk_norm == "full" and self.q_norm is not None and self.k_norm is not None:
             q_BSX, k_BSX = self.q_norm(q_BSX), self.k_norm(k_BSX)
         q_BSHDh = q_BSX.view(B, S, self.n_heads, self.head_dim)
         k_BSHDh = k_BSX.view(B, S, self.n_kv_heads, self.head_dim)
-        if self.qk_norm == "head":
+        if self.qk_norm == "head" and self.q_norm is not None and self.k_norm is not None:
             q_BSHDh, k_BSHDh = self.q_norm(q_BSHDh), self.k_norm(k_BSHDh)
         q_BHSDh, k_BHSDh = q_BSHDh.transpose(1, 2), k_BSHDh.transpose(1, 2)
         v_BHSDh = v_BSX.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -168,6 +171,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         out_std = residual_out_std(cfg.init_std, cfg.n_layers)
         self.is_moe = cfg.is_moe_layer(layer)
+        self.ffn: MoELayer | FeedForward
         with seeded_part("ffn"):  # an MoE layer and a dense FFN leave the attention's weights alone (seeding.py)
             if self.is_moe:
                 self.ffn = MoELayer(
@@ -186,7 +190,7 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, Optional[MoELayerOutput]]:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions_BS, cache, self.layer)
         h_BSD = self.ffn_norm(x_BSD)
-        if self.is_moe:
+        if isinstance(self.ffn, MoELayer):
             f_BSD, moe_out = self.ffn(h_BSD, token_ids_BS, domain_B)
         else:
             f_BSD, moe_out = self.ffn(h_BSD), None
@@ -222,7 +226,7 @@ class MoETransformer(nn.Module):
         for layer in range(cfg.n_layers):
             with seeded_part(f"blocks.{layer}"):
                 blocks.append(Block(cfg, layer, rope))
-        self.blocks = nn.ModuleList(blocks)
+        self.blocks = cast("list[Block]", nn.ModuleList(blocks))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         with seeded_part("lm_head"):
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -235,7 +239,7 @@ class MoETransformer(nn.Module):
         return [block.layer for block in self.blocks if block.is_moe]
 
     def moe_modules(self) -> list[MoELayer]:
-        return [block.ffn for block in self.blocks if block.is_moe]
+        return [block.ffn for block in self.blocks if isinstance(block.ffn, MoELayer)]
 
     @property
     def stochastic_routing(self) -> bool:

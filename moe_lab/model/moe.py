@@ -76,11 +76,13 @@ class MoELayerOutput:
 
     def top_expert_T(self, num_tokens: int) -> torch.Tensor:
         """Each token's expert of highest weight (-1: no expert took it), e.g. to colour text by routing."""
-        best_T = torch.full((num_tokens,), float("-inf"), device=self.weight_N.device)
-        best_T.scatter_reduce_(0, self.token_N, self.weight_N.float(), reduce="amax")
-        top = self.weight_N.float() == best_T[self.token_N]
-        expert_T = torch.full((num_tokens,), -1, dtype=torch.long, device=self.expert_N.device)
-        expert_T[self.token_N[top]] = self.expert_N[top]
+        weight_N, token_N, expert_N = self.weight_N, self.token_N, self.expert_N
+        assert weight_N is not None and token_N is not None and expert_N is not None, "a routing without its slots"
+        best_T = torch.full((num_tokens,), float("-inf"), device=weight_N.device)
+        best_T.scatter_reduce_(0, token_N, weight_N.float(), reduce="amax")
+        top = weight_N.float() == best_T[token_N]
+        expert_T = torch.full((num_tokens,), -1, dtype=torch.long, device=expert_N.device)
+        expert_T[token_N[top]] = expert_N[top]
         return expert_T
 
 
@@ -209,6 +211,7 @@ class MoELayer(nn.Module):
         return RoutedOutput(y_TD, plan.tokens_per_expert_E, plan.dropped_slots, plan.row_slot_R, plan.row_kept_R)
 
     def shared_experts(self, x_TD: torch.Tensor) -> torch.Tensor:
+        assert self.shared is not None
         shared_TD = self.shared(x_TD)
         if self.shared_gate is not None:
             shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
@@ -253,10 +256,11 @@ class MoELayer(nn.Module):
         if routing.probs_TE is None:  # no learned gate (hash routing): nothing to balance by gradient
             return {}
         weights = self.cfg.aux_loss
-        losses = {
-            "load_balance": load_balance_loss(routing.probs_TE, tokens_per_expert_E),
-            "z_loss": routing.z_loss if routing.z_loss is not None else router_z_loss(routing.logits_TE),
-        }
+        z_loss = routing.z_loss
+        if z_loss is None:
+            assert routing.logits_TE is not None, "a router with probabilities has logits"
+            z_loss = router_z_loss(routing.logits_TE)
+        losses = {"load_balance": load_balance_loss(routing.probs_TE, tokens_per_expert_E), "z_loss": z_loss}
         if weights.seq_load_balance > 0:
             losses["seq_load_balance"] = sequence_load_balance_loss(
                 routing.probs_TE, routing.expert_N, routing.token_N, batch_size

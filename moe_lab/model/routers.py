@@ -256,6 +256,7 @@ class TopKRouter(Router):
     """
 
     Config = TopKRouterConfig
+    cfg: TopKRouterConfig  # this router's own settings
 
     def select(self, choice_TE: torch.Tensor) -> torch.Tensor:
         """The top-k experts of each token under `choice_TE`, within its best groups when routing is grouped."""
@@ -296,6 +297,7 @@ class NoisyTopKRouter(Router):
     """
 
     Config = NoisyTopKRouterConfig
+    cfg: NoisyTopKRouterConfig  # this router's own settings
 
     @property
     def stochastic(self) -> bool:
@@ -350,6 +352,7 @@ class SwitchRouter(Router):
     simplicity and speed at scale, and for needing a capacity factor and the load-balancing loss."""
 
     Config = SwitchRouterConfig
+    cfg: SwitchRouterConfig  # this router's own settings
 
     @property
     def stochastic(self) -> bool:
@@ -384,6 +387,7 @@ class ExpertChoiceRouter(Router):
     """
 
     Config = ExpertChoiceRouterConfig
+    cfg: ExpertChoiceRouterConfig  # this router's own settings
 
     @property
     def causal(self) -> bool:
@@ -431,6 +435,8 @@ class HashRouter(Router):
     collapse; load follows the token frequencies. A pure function of the token id."""
 
     Config = HashRouterConfig
+    cfg: HashRouterConfig  # this router's own settings
+    table_VK: torch.Tensor
 
     def __init__(self, d_model, num_experts, cfg, init_std=0.02, vocab_size=None):
         super().__init__(d_model, num_experts, cfg, init_std, vocab_size)
@@ -457,6 +463,7 @@ class DomainOracleRouter(Router):
     generate. A study puts a learned router beside it."""
 
     Config = DomainOracleConfig
+    cfg: DomainOracleConfig  # this router's own settings
 
     def forward(self, inputs: RouterInputs) -> Routing:
         x_TD = inputs.x_TD
@@ -492,6 +499,7 @@ class SinkhornRouter(Router):
     """
 
     Config = SinkhornRouterConfig
+    cfg: SinkhornRouterConfig  # this router's own settings
 
     def forward(self, inputs: RouterInputs) -> Routing:
         x_TD = inputs.x_TD
@@ -523,6 +531,9 @@ class AuxFreeRouter(Router):
     """
 
     Config = AuxFreeRouterConfig
+    cfg: AuxFreeRouterConfig  # this router's own settings
+    bias_E: torch.Tensor
+    pending_counts_E: torch.Tensor
 
     def __init__(self, d_model, num_experts, cfg, init_std=0.02, vocab_size=None):
         super().__init__(d_model, num_experts, cfg, init_std, vocab_size)
@@ -575,6 +586,7 @@ class SoftMixtureRouter(Router):
     times a top-1 MoE), no routing decisions, no drops. Slow by nature."""
 
     Config = SoftRouterConfig
+    cfg: SoftRouterConfig  # this router's own settings
 
     def forward(self, inputs: RouterInputs) -> Routing:
         x_TD = inputs.x_TD
@@ -596,6 +608,7 @@ class HierarchicalRouter(Router):
     weighted by p(group) * p(expert | group). A tree-structured router with far fewer logits per decision."""
 
     Config = HierarchicalRouterConfig
+    cfg: HierarchicalRouterConfig  # this router's own settings
 
     def __init__(self, d_model, num_experts, cfg, init_std=0.02, vocab_size=None):
         super().__init__(d_model, num_experts, cfg, init_std, vocab_size)

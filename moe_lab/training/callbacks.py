@@ -89,8 +89,9 @@ class GracefulStop(L.Callback):
         """The validation of the untrained model (trainer.validate, before fit) stops at once: nothing to save."""
         if trainer.training or trainer.state.fn != "validate":
             return
-        if self.agreed(trainer) is not None:
-            raise StopRequested(self.received)
+        signum = self.agreed(trainer)
+        if signum is not None:
+            raise StopRequested(signum)
 
     def agreed(self, trainer: L.Trainer) -> Optional[int]:
         """The signal any rank received (every rank learns of it), or None: a stop signal may reach some ranks only
@@ -120,11 +121,12 @@ class GracefulStop(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
         stepped = trainer.global_step != self._last_step  # an optimizer step just finished (not mid-accumulation)
         self._last_step = trainer.global_step
-        if stepped and self.agreed(trainer) is not None:
+        signum = self.agreed(trainer) if stepped else None
+        if signum is not None:
             if self.before_save is not None:
                 self.before_save(trainer, trainer.lightning_module)
             trainer.save_checkpoint(self.last_checkpoint, weights_only=False)
-            raise StopRequested(self.received)
+            raise StopRequested(signum)
 
     def restore(self) -> None:
         """Put back the handlers `install()` replaced (train() calls it when the run ends, however it ends)."""
@@ -152,7 +154,7 @@ class StepProgressBar(ProgressBar):
     def __init__(self) -> None:
         super().__init__()
         self._enabled = True
-        self.bar = None
+        self.bar: Any = None  # tqdm's bar, on a terminal
         self.plain: Optional[dict] = None  # {"started", "last", "first_step"} of the line mode
 
     def disable(self) -> None:
@@ -208,19 +210,24 @@ class StepProgressBar(ProgressBar):
         return postfix
 
     def _refresh(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.bar is None:
+            return
         self.bar.set_postfix(self._postfix(pl_module), refresh=False)
         self.bar.update(trainer.global_step - self.bar.n)
 
     def _line(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """`train: step 120/500, 62 s, about 3 min left; loss=2.345, val=2.401, tok/s=11.8k, max_imb=2.10`."""
+        plain = self.plain
+        if plain is None:
+            return
         now = time.monotonic()
-        step, done = trainer.global_step, trainer.global_step - self.plain["first_step"]
-        elapsed = now - self.plain["started"]
+        step, done = trainer.global_step, trainer.global_step - plain["first_step"]
+        elapsed = now - plain["started"]
         left = elapsed / done * (trainer.max_steps - step) if done > 0 else None
         when = f"{elapsed:.0f} s" + (f", about {left / 60:.1f} min left" if left and step < trainer.max_steps else "")
         metrics = ", ".join(f"{k}={v}" for k, v in self._postfix(pl_module).items())
         print(f"train: step {step}/{trainer.max_steps}, {when}" + (f"; {metrics}" if metrics else ""), flush=True)
-        self.plain["last"] = now
+        plain["last"] = now
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.bar is not None:

@@ -83,7 +83,7 @@ def refuse_run_dir(path: Path, where: str | Path) -> None:
 
 
 CHECKSUM = "moe_lab_checksum"  # SHA-256 of the weights, written with every checkpoint moe-lab saves
-_verified: dict[tuple, str] = {}  # files already verified in this process, by identity and state
+_verified: dict[tuple, dict] = {}  # files already verified in this process, by identity and state
 
 
 def weights_checksum(state_dict: dict[str, Any]) -> str:
@@ -123,10 +123,16 @@ def with_checksum(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint
 
 
+def dict_at(node: dict[str, Any], key: str) -> dict[str, Any]:
+    """node[key] where it is a dict, else {} (a file's contents are data: a field may be missing or of another kind)."""
+    value = node.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _verify_checksum(ckpt: dict[str, Any], file: Path, path: str | Path) -> None:
     """CheckpointError when the weights or the optimizer state differ from the checksums saved with them (a flipped
     bit, a cut copy). Checkpoints written before moe-lab saved checksums have none and are read as they are."""
-    saved = ckpt.get(CHECKSUM) if isinstance(ckpt.get(CHECKSUM), dict) else {}
+    saved = dict_at(ckpt, CHECKSUM)
     if saved.get("sha256") is None or not isinstance(ckpt.get("state_dict"), dict):
         return
     stat = file.stat()
@@ -288,7 +294,7 @@ def checkpoint_origin(ckpt_path: str | Path) -> CheckpointOrigin:
     from moe_lab.analysis.runs import is_run_dir
 
     ckpt = read_checkpoint(ckpt_path, setting="ckpt_path", weights=False)
-    run = ckpt.get("moe_lab_run") if isinstance(ckpt.get("moe_lab_run"), dict) else {}
+    run = dict_at(ckpt, "moe_lab_run")
     run_dir = Path(run["run_dir"]) if isinstance(run.get("run_dir"), str) else None
     file = Path(ckpt_path).expanduser().absolute()
     holder = file.parent.parent  # RUN/checkpoints/last.ckpt
@@ -309,7 +315,7 @@ def checkpoint_origin(ckpt_path: str | Path) -> CheckpointOrigin:
             "not written by moe-lab"
         )
     overrides = [o for o in overrides or [] if _key(o) not in WHERE_KEYS]
-    imported = ckpt.get("moe_lab_imported") if isinstance(ckpt.get("moe_lab_imported"), dict) else {}
+    imported = dict_at(ckpt, "moe_lab_imported")
     beside = Path(ckpt_path).expanduser().absolute().parent / "tokenizer"
     if imported and (beside / "tokenizer.json").is_file():  # an import that was moved finds its own tokenizer
         overrides = [o for o in overrides if not o.startswith("tokenizer.name=")] + [f"tokenizer.name='{beside}'"]

@@ -60,7 +60,8 @@ def _token_name(source: str, token_id: Optional[int]) -> Optional[str]:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=False).convert_ids_to_tokens(token_id)
+    name = AutoTokenizer.from_pretrained(source, trust_remote_code=False).convert_ids_to_tokens(token_id)
+    return name if isinstance(name, str) else None
 
 
 def apply_upcycling(run: Any, resumed: Optional[dict] = None) -> Optional[Any]:
@@ -86,6 +87,7 @@ def apply_upcycling(run: Any, resumed: Optional[dict] = None) -> Optional[Any]:
         run.tokenizer = TokenizerConfig(**{k: tokenizer.get(k) for k in ("name", "eos_token")})
         return None
     source, tokenizer, weights = model_source(run.model.init_from, dense=method is not None)
+    tokenizer = tokenizer or {}
     run.tokenizer = TokenizerConfig(**{k: tokenizer.get(k) for k in ("name", "eos_token")})
     if method is None:  # a warm start: the source's model as it is
         run.model = dataclasses.replace(source, init_from=run.model.init_from)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -41,7 +41,7 @@ def sweep_group() -> Optional[str]:
         from hydra.core.hydra_config import HydraConfig
 
         hc = HydraConfig.get()
-        if hc.mode.name == "MULTIRUN":
+        if hc.mode is not None and hc.mode.name == "MULTIRUN":
             return Path(hc.sweep.dir).name
     except ValueError:
         pass
@@ -79,7 +79,7 @@ def build_loggers(
     """The run's loggers; W&B and TensorBoard get the resolved config and, under `produced_by`, what produced the
     run (code version, packages, machine: moe_lab/training/provenance.py)."""
     loggers = []
-    resolved = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    resolved = dict(cast(dict, OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else cfg)
     resolved.pop("hydra", None)
     if produced_by is not None:
         resolved["produced_by"] = produced_by

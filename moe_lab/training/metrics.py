@@ -29,7 +29,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import lightning as L
 import numpy as np
@@ -38,6 +38,7 @@ from lightning.fabric.utilities.throughput import Throughput, get_available_flop
 
 from moe_lab.analysis.stats import load_statistics, mutual_information
 from moe_lab.errors import Diverged
+from moe_lab.training.module import MoELanguageModel
 
 # The compute dtype of a Lightning precision setting, for the device's peak FLOP/s.
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.float32, "64": torch.float64}
@@ -110,11 +111,12 @@ class RoutingMetrics(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if isinstance(outputs, dict) and "stats" in outputs:
-            self._accumulate(outputs["stats"], batch, pl_module.moe_layers)
+            self._accumulate(outputs["stats"], batch, lm(pl_module).moe_layers)
         if trainer.global_step == self._last_step:
             return  # still accumulating gradients
         self._last_step = trainer.global_step
-        if trainer.global_step % trainer.log_every_n_steps == 0 and self._sums is not None:
+        every = cast(int, getattr(trainer, "log_every_n_steps"))  # noqa: B009 (a Trainer attribute its stubs lack)
+        if trainer.global_step % every == 0 and self._sums is not None:
             self._log(trainer, pl_module)
 
     def _accumulate(self, stats: dict, batch: dict, moe_layers: list[int]) -> None:
@@ -162,15 +164,16 @@ class RoutingMetrics(L.Callback):
     # -- the logging step -------------------------------------------------------------------------------------
 
     def _reduce(self, trainer: L.Trainer) -> dict[str, np.ndarray]:
-        keys = sorted(self._sums)
-        flat = torch.cat([self._sums[k].reshape(-1).float() for k in keys])
+        sums = self._sums or {}
+        keys = sorted(sums)
+        flat_t = torch.cat([sums[k].reshape(-1).float() for k in keys])
         if trainer.world_size > 1:
-            flat = trainer.strategy.reduce(flat, reduce_op="sum")
-        flat = flat.cpu().numpy()  # the one synchronisation of the window
+            flat_t = trainer.strategy.reduce(flat_t, reduce_op="sum")
+        flat = flat_t.cpu().numpy()  # the one synchronisation of the window
         values, offset = {}, 0
         for k in keys:
-            n = self._sums[k].numel()
-            values[k] = flat[offset : offset + n].reshape(tuple(self._sums[k].shape))
+            n = sums[k].numel()
+            values[k] = flat[offset : offset + n].reshape(tuple(sums[k].shape))
             offset += n
         return values
 
@@ -206,12 +209,12 @@ class RoutingMetrics(L.Callback):
             metrics[f"train/{key}"] = float(per_layer.mean())
         record = {"step": step, "domains": self.domain_names, "layers": []}
         if "counts_LE" in values:
-            self._layer_metrics(pl_module.moe_layers, values, aux, micro, metrics, record)
+            self._layer_metrics(lm(pl_module).moe_layers, values, aux, micro, metrics, record)
         if values["nonfinite"] > 0 or not math.isfinite(metrics["train/loss"]):
             raise Diverged(
                 f"training diverged: the loss became NaN or infinite between steps {self._window_start + 1} and {step}"
             )
-        pl_module.last_train_metrics = metrics
+        lm(pl_module).last_train_metrics = metrics
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         if trainer.is_global_zero and record["layers"]:
@@ -337,3 +340,8 @@ class RoutingMetrics(L.Callback):
         drawn = self.history and self.history[-1]["step"] % self.image_every_n_steps == 0
         if wandb_loggers and self.history and trainer.is_global_zero and not drawn:
             self.log_wandb_media(wandb_loggers, trainer.global_step)
+
+
+def lm(pl_module: L.LightningModule) -> MoELanguageModel:
+    """The LightningModule as moe-lab's (the callbacks run on nothing else)."""
+    return cast(MoELanguageModel, pl_module)

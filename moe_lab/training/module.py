@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import lightning as L
 import numpy as np
@@ -25,6 +25,9 @@ from moe_lab.training.strategy import MoEDDPStrategy, clip_grad_norm_
 
 
 class MoELanguageModel(L.LightningModule):
+    # The model's forward as training calls it (the model itself, or torch.compile of it), kept off the module tree.
+    training_forward: Callable[..., Any]
+
     def __init__(
         self,
         model: ModelConfig | dict,
@@ -217,7 +220,7 @@ class MoELanguageModel(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.refuse_nonfinite_weights()
-        rng = {"torch": torch.get_rng_state()}
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint["moe_lab_rng"] = rng

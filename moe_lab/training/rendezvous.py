@@ -114,7 +114,7 @@ def watched_rendezvous(timeout_s: float, waiting_for: str, give_up: Callable[[st
     finally:
         watch.met.set()
         thread.join()
-        if in_main:
+        if in_main and previous is not None:
             signal.set_wakeup_fd(previous)
         os.close(read_end)
         os.close(write_end)

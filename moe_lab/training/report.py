@@ -98,8 +98,9 @@ def print_header(
             flush=True,
         )
     train = "streamed" if data.train_blocks is None else str(len(data.train_blocks))
+    val = len(data.val_blocks) if data.val_blocks is not None else 0
     print(
-        f"moe-lab: data {run.data.source}: {train} train / {len(data.val_blocks)} val blocks of {run.data.seq_len} "
+        f"moe-lab: data {run.data.source}: {train} train / {val} val blocks of {run.data.seq_len} "
         f"tokens, domains {data.domain_names}; run directory {output_dir}",
         flush=True,
     )
@@ -223,10 +224,11 @@ def ended_early(
 ) -> Exception:
     """A run that ended before its last step (divergence, a full disk, Ctrl-C twice): the loggers flushed, a
     summary.json that says so and names the last checkpoint written whole; returns what to raise (one line)."""
-    status, line = {
+    endings: dict[type, tuple[str, str]] = {
         AbortRequested: ("aborted", "Ctrl-C twice: aborted without a checkpoint"),
         Diverged: ("diverged", str(error)),
-    }.get(type(error), ("failed", f"disk full: {error}"))
+    }
+    status, line = endings.get(type(error), ("failed", f"disk full: {error}"))
     try:
         for logger in trainer.loggers:
             logger.finalize("failed")  # the rows logged so far reach metrics.csv
@@ -265,9 +267,8 @@ def ended_early(
         )
     where = f"the last checkpoint written whole is {kept}" if kept is not None else "no checkpoint was written whole"
     resume = f". Free some space, then resume with ckpt_path={kept}" if kept is not None else ""
-    return DiskFull(
-        f"the disk is full ({error.filename or output_dir}: {error.strerror}) at step {step}; {where}{wrote}{resume}"
-    )
+    filename, reason = getattr(error, "filename", None), getattr(error, "strerror", None)  # an OSError's
+    return DiskFull(f"the disk is full ({filename or output_dir}: {reason}) at step {step}; {where}{wrote}{resume}")
 
 
 def stopped_before_training(signum: int, output_dir: Path, loggers: Optional[list] = None) -> None:

@@ -16,7 +16,7 @@ are summed over data-parallel ranks and read. Logged (L = block index):
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import lightning as L
 import numpy as np
@@ -24,6 +24,7 @@ import torch
 
 from moe_lab.analysis.routing import RoutingCounts, coactivation, repeat_rates, vocab_specialisation
 from moe_lab.errors import UserError
+from moe_lab.training.module import MoELanguageModel
 
 
 def layer_choices(model, out: Any, B: int, S: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -95,17 +96,17 @@ class RoutingAnalysis(L.Callback):
         keep = batch["valid"].bool() if "valid" in batch else torch.ones_like(batch["domain"], dtype=torch.bool)
         ids = batch["input_ids"]
         B, S = ids.shape[0], ids.shape[1] - 1
-        model = pl_module.model
+        model = lm(pl_module).model
         if self.counts is None:
             self.counts = RoutingCounts(
                 len(model.moe_layers),
                 model.cfg.moe.num_experts,
                 model.moe_modules()[0].top_k,
                 model.cfg.vocab_size,
-                len(pl_module.domain_names),
+                len(lm(pl_module).domain_names),
                 S,
             )
-        experts, dropped, _ = layer_choices(pl_module.model, outputs, B, S)
+        experts, dropped, _ = layer_choices(lm(pl_module).model, outputs, B, S)
         keep_np = keep.cpu().numpy()
         ids_np = ids.cpu().numpy()[keep_np]
         if len(ids_np):
@@ -124,13 +125,13 @@ class RoutingAnalysis(L.Callback):
             return
         if trainer.world_size > 1:  # the tables of every rank's share of the data; a rank that saw none adds zeros
             if counts is None:
-                model = pl_module.model
+                model = lm(pl_module).model
                 counts = RoutingCounts(
                     len(model.moe_layers),
                     model.cfg.moe.num_experts,
                     model.moe_modules()[0].top_k,
                     model.cfg.vocab_size,
-                    len(pl_module.domain_names),
+                    len(lm(pl_module).domain_names),
                     1,
                 )
             for name in ("input_LVE", "pairs_LEE", "repeat_L"):
@@ -140,7 +141,7 @@ class RoutingAnalysis(L.Callback):
             counts.pairs_seen = int(trainer.strategy.reduce(seen, reduce_op="sum").item())
         if counts is None or counts.pairs_seen == 0:
             return
-        metrics = analysis_metrics(counts, pl_module.model.moe_layers)
+        metrics = analysis_metrics(counts, lm(pl_module).model.moe_layers)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
         self.last_step = trainer.global_step
@@ -164,3 +165,8 @@ def analysis_metrics(counts: RoutingCounts, layers: list[int]) -> dict[str, floa
             metrics[f"analysis/layer{layer}/{key}"] = float(value)
         metrics[f"analysis/{key}"] = float(np.mean(values))
     return metrics
+
+
+def lm(pl_module: L.LightningModule) -> MoELanguageModel:
+    """The LightningModule as moe-lab's (the callbacks run on nothing else)."""
+    return cast(MoELanguageModel, pl_module)

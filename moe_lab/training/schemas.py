@@ -26,7 +26,13 @@ from omegaconf.errors import OmegaConfBaseException
 from moe_lab.data.config import SOURCES, DataConfig, TokenizerConfig
 from moe_lab.errors import ConfigError, UserError
 from moe_lab.model.config import ModelConfig
-from moe_lab.model.router_configs import RouterPluginError, registered_routers, router_config, routers_where
+from moe_lab.model.router_configs import (
+    RouterConfig,
+    RouterPluginError,
+    registered_routers,
+    router_config,
+    routers_where,
+)
 from moe_lab.training import auto
 from moe_lab.training.rendezvous import check_launch
 
@@ -181,7 +187,7 @@ def register_configs() -> None:
         store.store(group="schema/data", name=source, node=cls)
 
 
-def router_option(options: type) -> dict:
+def router_option(options: type[RouterConfig]) -> dict:
     """The option `router=NAME` of a registered router without a YAML: its settings at model.moe.router, and the
     aux_loss option its Config says it brings (e.g. none for a gate-less router)."""
     defaults: list = [] if options.brings_aux_loss is None else [{"override /aux_loss": options.brings_aux_loss}]
@@ -283,14 +289,14 @@ def _refuse_extra_keys(node: DictConfig, prefix: str) -> None:
             if key not in fields:
                 where = prefix.rstrip(".") or "the top level"
                 raise ConfigError(
-                    f"{prefix}{key} is not a setting; the settings of {where} are: {sorted(fields)}"
+                    f"{prefix}{key!s} is not a setting; the settings of {where} are: {sorted(fields)}"
                     if prefix
-                    else f"'{key}' is not a setting; the top-level settings are: {fields}"
+                    else f"'{key!s}' is not a setting; the top-level settings are: {fields}"
                 )
     for key in node.keys():
         child = node._get_node(key)
         if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
-            _refuse_extra_keys(child, f"{prefix}{key}.")
+            _refuse_extra_keys(child, f"{prefix}{key!s}.")
 
 
 def _check_router_losses(run: TrainConfig) -> None:

@@ -39,7 +39,7 @@ import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, cast
 
 import torch
 import torch.distributed as dist
@@ -112,12 +112,13 @@ class ShardedWriter:
         # Rank 0's staging folder to every rank, every rank's weight checksums to rank 0 (computed on the live weights,
         # before a background save's copy).
         mine = {"staging": str(temp_folder_beside(path)) if rank == 0 else None, "digests": _weight_digests(tensors)}
-        every = [None] * dist.get_world_size() if distributed else [mine]
+        every: list[Any] = [None] * dist.get_world_size() if distributed else [mine]
         if distributed:
             dist.all_gather_object(every, mine)
         staging = Path(every[0]["staging"])
+        digests = cast(dict, mine["digests"])
         meta[CHECKSUMS] = {
-            key: sorted({tuple(c) for part in every for c in part["digests"].get(key, [])}) for key in mine["digests"]
+            key: sorted({tuple(c) for part in every for c in part["digests"].get(key, [])}) for key in digests
         }
         writer = dcp.FileSystemWriter(staging, sync_files=True)
         if not self.asynchronous:
@@ -149,7 +150,7 @@ class ShardedWriter:
                 _give_up(staging, rank)
                 done.set_exception(disk_full(e, path) or e)
 
-        written.add_done_callback(finish)
+        cast(Future, written).add_done_callback(finish)  # dcp.async_save's future (its default staging)
         self._pending = done
 
     def wait(self) -> None:
@@ -267,7 +268,7 @@ def _as_dtensor(sharding: ExpertSharding, tensor_path: TensorPath, local: torch.
     if bank is None or not bank.is_sharded:
         return local
     local = local.contiguous()
-    shape = (bank.total_experts, *local.shape[1:])
+    shape = torch.Size((bank.total_experts, *local.shape[1:]))
     return DTensor.from_local(
         local, sharding.mesh, [Replicate(), Shard(0)], run_check=False, shape=shape, stride=_contiguous_stride(shape)
     )
@@ -495,15 +496,17 @@ def _one_error_line(path: Path) -> Iterator[None]:
         yield
     except CheckpointError:
         raise
-    except (Exception, CheckpointException) as e:
-        if isinstance(e, CheckpointException):  # the first failing rank's error, kept with its traceback
-            failures = [f[0] if isinstance(f, tuple) else f for f in getattr(e, "failures", {}).values()]
-            e = next((f for f in failures if isinstance(f, BaseException)), e)
-        if isinstance(e, CheckpointError):
-            raise e from None
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    except (Exception, CheckpointException) as caught:
+        error: BaseException = caught
+        if isinstance(caught, CheckpointException):  # the first failing rank's error, kept with its traceback
+            failures = [f[0] if isinstance(f, tuple) else f for f in getattr(caught, "failures", {}).values()]
+            error = next((f for f in failures if isinstance(f, BaseException)), caught)
+        if isinstance(error, CheckpointError):
+            raise error from None
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:200]
         raise CheckpointError(
-            f"{path} is not a readable sharded checkpoint ({type(e).__name__}: {reason}); restore it from a good copy"
+            f"{path} is not a readable sharded checkpoint ({type(error).__name__}: {reason}); restore it from a good "
+            "copy"
         ) from None
 
 
@@ -518,7 +521,8 @@ def verify_sharded(path: str | Path) -> None:
     _, index, checksums = _split_meta(path)
     with _one_error_line(path):
         stored = SafeFileSystemReader(path).read_metadata().state_dict_metadata
-    batches, size = [{}], 0
+    batches: list[dict[str, Any]] = [{}]
+    size = 0
     for key, tensor_path in index.items():
         entry = stored.get(key)
         if isinstance(entry, TensorStorageMetadata):
@@ -540,13 +544,13 @@ def _read_tensors(
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     stored = SafeFileSystemReader(path).read_metadata().state_dict_metadata
-    template = {}
+    template: dict[str, torch.Tensor] = {}
     for key, tensor_path in index.items():
         entry = stored.get(key)
         if not isinstance(entry, TensorStorageMetadata):
             raise CheckpointError(f"{path}: the tensor {key} is missing from its index; the checkpoint is damaged")
         bank = sharding.local_experts(tuple(tensor_path), tuple(entry.size)) if sharding is not None else None
-        if bank is not None and bank.is_sharded:
+        if bank is not None and bank.is_sharded and sharding is not None:
             local = torch.empty((bank.num_experts, *entry.size[1:]), dtype=entry.properties.dtype)
             template[key] = DTensor.from_local(
                 local,

@@ -155,7 +155,7 @@ class MoEDDPStrategy(DDPStrategy):
         self.sharded_checkpoints = sharded_checkpoints
         self.sharded_writer = ShardedWriter(async_save, on_saved=self._saved)
         self.groups: Optional[ExpertParallelGroups] = None
-        self.mesh = None  # the (EDP, EP) device mesh of sharded checkpoints
+        self.mesh: Any = None  # the (EDP, EP) device mesh of sharded checkpoints
 
     @property
     def restore_checkpoint_after_setup(self) -> bool:
@@ -173,7 +173,8 @@ class MoEDDPStrategy(DDPStrategy):
         waiting_for = f"the {world} processes of this run (trainer.devices={self.num_processes}{nodes})"
         speaks = self.local_rank == 0  # one line per node
         if speaks and self.num_nodes > 1:
-            where = f"{self.cluster_environment.main_address}:{self.cluster_environment.main_port}"
+            env = self.cluster_environment
+            where = f"{env.main_address}:{env.main_port}" if env is not None else "the head node"
             print(
                 f"moe-lab: waiting up to {self.rendezvous_timeout_s:g} s for {waiting_for} to meet at {where}",
                 file=sys.stderr,
@@ -196,7 +197,7 @@ class MoEDDPStrategy(DDPStrategy):
     def setup(self, trainer) -> None:
         if self.expert_parallel > 1 and self.groups is None:
             self.groups = expert_parallel_groups(self.expert_parallel)
-            module = self.lightning_module
+            module = self._moe_module()
             module.model.use_expert_parallel(self.groups.ep_group, self.groups.ep_rank, self.groups.ep_size)
             # DDP (and Lightning's state sync outside fit) broadcasts rank 0's parameters: never the expert shards.
             torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
@@ -206,7 +207,7 @@ class MoEDDPStrategy(DDPStrategy):
 
     def _expert_shards(self) -> Iterator[tuple[str, torch.nn.Parameter, GroupedExperts]]:
         """(state-dict name, parameter, its expert bank) of every expert weight held as a slice."""
-        for prefix, module in self.lightning_module.named_modules():
+        for prefix, module in self._moe_module().named_modules():
             if isinstance(module, GroupedExperts) and module.is_sharded:
                 for weight in EXPERT_WEIGHTS:
                     yield f"{prefix}.{weight}", getattr(module, weight), module
@@ -226,8 +227,16 @@ class MoEDDPStrategy(DDPStrategy):
 
         return super().optimizer_step(optimizer, closure_then_reduce, model, **kwargs)
 
+    def _moe_module(self) -> Any:
+        """The LightningModule this strategy trains (moe-lab's: it holds `model`, an MoETransformer)."""
+        module = self.lightning_module
+        assert module is not None, "the strategy has no module before setup"
+        return module
+
     def reduce_expert_gradients(self) -> None:
         groups = self.groups
+        if groups is None:
+            return
         for _, param, _ in self._expert_shards():
             if param.grad is not None:
                 if groups.edp_size > 1:
@@ -287,6 +296,7 @@ class MoEDDPStrategy(DDPStrategy):
         if self.sharded_checkpoints:
             return state  # this rank's experts only: save_checkpoint writes them as slices of the whole
         for name, _, _ in self._expert_shards():  # a collective: every rank takes part
+            assert self.groups is not None  # expert shards exist only under expert parallelism
             state[name] = all_gather(state[name].detach(), self.groups.ep_group).flatten(0, 1)
         return state
 

@@ -76,16 +76,18 @@ def planned_jobs(sweep_dir: Path) -> Optional[list[list[str]]]:
     sweeper = _sweeper(multirun) if multirun else {}
     if task is None or not str(sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return None
-    params = sweeper.get("params") if isinstance(sweeper.get("params"), dict) else {}
+    params = sweeper.get("params")
+    params = params if isinstance(params, dict) else {}
     try:
         parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + task)
     except HydraException:
         return None
     keys = [o.get_key_element() for o in parsed]
     counts = [_count_values(o) for o in parsed]
-    if None in counts:
+    known = [count for count in counts if count is not None]
+    if len(known) != len(counts):
         return None  # a glob over a group's options (listed by Hydra's config loader) or an interval
-    if math.prod(counts) > MAX_PLANNED_JOBS:
+    if math.prod(known) > MAX_PLANNED_JOBS:
         raise UserError(
             f"{Path(sweep_dir) / 'multirun.yaml'} plans more than {MAX_PLANNED_JOBS:,} jobs; moe-lab does not expand "
             "it (a damaged file, or not a sweep moe-lab ran)"
@@ -108,6 +110,8 @@ def _count_values(override) -> Optional[int]:
         return 1
     value = override.value()
     if isinstance(value, RangeSweep):
+        if value.start is None or value.stop is None:
+            return None
         if value.step == 0:
             return 0
         return max(0, math.ceil((value.stop - value.start) / value.step))
@@ -148,7 +152,7 @@ def same_sweep(sweep_dir: Path, overrides: list[str], sweeper_params: Optional[d
     task = _task_overrides(multirun) if multirun else None
     if task is None or task != [o for o in overrides if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]:
         return False
-    params = _sweeper(multirun).get("params") or {}
+    params = _sweeper(multirun or {}).get("params") or {}
     return isinstance(params, dict) and {str(k): str(v) for k, v in params.items()} == (sweeper_params or {})
 
 

@@ -63,7 +63,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     retain_freed_memory()  # CPU steps reuse freed memory instead of page-faulting it back (training/runtime.py)
     devices = run.trainer.get("devices")
     data_parallel = str(run.trainer.get("strategy", "")).startswith("ddp") and isinstance(devices, int)
-    torch.set_num_threads(cpu_threads(run.threads, devices if data_parallel else 1))
+    torch.set_num_threads(cpu_threads(run.threads, devices if data_parallel and isinstance(devices, int) else 1))
     output_dir = Path(run.paths.output_dir).expanduser().resolve()
     done_before = continued_job(run, output_dir)
     if done_before is not None:
@@ -286,8 +286,9 @@ def fit(
                 trainer.validate(module, datamodule=data, verbose=False)
             except StopRequested as e:
                 stopped_before_training(e.signum, output_dir, trainer.loggers)
-        if ckpt_path is None and stop.agreed(trainer) is not None:  # a signal after the validation, on any rank
-            stopped_before_training(stop.received, output_dir, trainer.loggers)
+        signum = stop.agreed(trainer) if ckpt_path is None else None  # a signal after the validation, on any rank
+        if signum is not None:
+            stopped_before_training(signum, output_dir, trainer.loggers)
         try:
             trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
         except StopRequested:
