@@ -203,3 +203,12 @@ def test_the_checkers_are_pinned_and_run_where_the_tests_run():
     command = 'pip install -e ".[test]" && ruff check . && ruff format --check . && mypy && python -m pytest -q'
     assert command in (REPO / "README.md").read_text()
     assert command in (REPO / ".ci" / "run").read_text()
+
+
+def test_the_rooms_stay_small():
+    """The MoE math reads at once: experts.py apart from its speed layer, train.py apart from the run's story, the
+    bench one module per concern."""
+    lines = {str(p.relative_to(PACKAGE)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
+    assert lines["model/experts.py"] < 300 and lines["training/train.py"] < 400, lines
+    bench = {name: n for name, n in lines.items() if name.startswith("tools/bench/")}
+    assert len(bench) >= 6 and max(bench.values()) < 400, bench
