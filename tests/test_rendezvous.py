@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from moe_lab.training.rendezvous import LAUNCHER_VARIABLES
 from moe_lab.training.run_dir import CLAIM, claim_run_dir, claimed_by_this_process, refuse_used_run_dir
 
@@ -181,3 +183,31 @@ def test_the_watch_keeps_its_clock_outside_the_main_thread():
     thread.start()
     thread.join()
     assert len(said) == 1 and said[0][1] == 1 and "rendezvous_timeout_s=0.3 s" in said[0][0]
+
+
+def test_a_stop_signal_that_reached_another_rank_stops_this_one_at_the_same_point():
+    """SLURM pre-empts one node's tasks: the ranks that got no signal learn of it from the others (a max over ranks),
+    in the untrained model's validation and at each optimizer step, so no rank is left waiting in a collective."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from moe_lab.training.callbacks import GracefulStop, StopRequested
+
+    def trainer(others: int, world: int = 2, step: int = 0):
+        reduce = lambda flag, reduce_op: torch.maximum(flag, torch.tensor([others]))  # noqa: E731
+        return SimpleNamespace(
+            world_size=world,
+            training=False,
+            global_step=step,
+            state=SimpleNamespace(fn="validate"),
+            strategy=SimpleNamespace(root_device="cpu", reduce=reduce),
+        )
+
+    stop = GracefulStop("unused.ckpt")
+    stop.on_validation_batch_end(trainer(others=0))  # nobody was signalled: validation goes on
+    with pytest.raises(StopRequested) as caught:
+        stop.on_validation_batch_end(trainer(others=signal.SIGTERM))
+    assert caught.value.signum == signal.SIGTERM and stop.received == signal.SIGTERM
+    alone = GracefulStop("unused.ckpt")
+    assert alone.agreed(trainer(others=signal.SIGTERM, world=1)) is None  # one process: nothing to learn from
