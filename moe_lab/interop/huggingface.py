@@ -22,7 +22,7 @@ from moe_lab.errors import ExportError, ModelImportError, UserError
 from moe_lab.hub import check_hub, looks_like_hub_id
 from moe_lab.interop.families import Family, family, supported, titles
 from moe_lab.interop.families.family import setting
-from moe_lab.model import ModelConfig, MoETransformer
+from moe_lab.model import ModelConfig, MoELayer, MoETransformer
 from moe_lab.model.router_configs import RouterConfig, registered_routers, router_config
 
 # ------------------------------------------------------------------------------------------------------------
@@ -273,7 +273,9 @@ def model_overrides(cfg: ModelConfig, tokenizer: Optional[dict] = None) -> list[
 
 
 def state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """A transformers MoE state dict (the fused-experts layout `from_pretrained` gives) under moe-lab's names."""
+    """A transformers state dict (the fused-experts layout `from_pretrained` gives) under moe-lab's names; `cfg` is
+    the model's settings as `model_config` read them (its name is the family's model_type)."""
+    names = check_family(cfg.name, dense=not cfg.moe.enabled)
     taken: set[str] = set()
 
     def take(name: str) -> torch.Tensor:
@@ -304,14 +306,14 @@ def state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
             out[q + "attn.q_norm.weight"] = take(p + "self_attn.q_norm.weight")
             out[q + "attn.k_norm.weight"] = take(p + "self_attn.k_norm.weight")
         if cfg.is_moe_layer(i):
-            out[q + "ffn.router.gate_ED"] = take(p + "mlp.gate.weight")
-            out[q + "ffn.experts.w_in_EGFD"] = take(p + "mlp.experts.gate_up_proj")  # (E, 2F, D): gate, then up
-            out[q + "ffn.experts.w_out_EDF"] = take(p + "mlp.experts.down_proj")
+            out[q + "ffn.router.gate_ED"] = take(p + names.router_gate)
+            out[q + "ffn.experts.w_in_EGFD"] = take(p + names.experts_gate_up)  # (E, 2F, D): gate, then up
+            out[q + "ffn.experts.w_out_EDF"] = take(p + names.experts_down)
             if cfg.moe.num_shared:
-                _dense_in(out, take, p + "mlp.shared_expert.", q + "ffn.shared.")
-                out[q + "ffn.shared_gate.weight"] = take(p + "mlp.shared_expert_gate.weight")
+                _dense_in(out, take, p + names.shared_expert, q + "ffn.shared.")
+                out[q + "ffn.shared_gate.weight"] = take(p + names.shared_expert_gate)
         else:
-            _dense_in(out, take, p + "mlp.", q + "ffn.")
+            _dense_in(out, take, p + names.dense_ffn, q + "ffn.")
     left = sorted(k for k in hf_state if k not in taken and hf_state[k].numel())
     if left:
         raise ModelImportError(
@@ -432,8 +434,8 @@ def _hf_common_settings(cfg: ModelConfig, routing: dict, eos_id: int) -> dict[st
     )
 
 
-def hf_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
-    """moe-lab's weights under Hugging Face's names (every family spells them alike where they overlap)."""
+def hf_state_dict(model: MoETransformer, names: Family) -> dict[str, torch.Tensor]:
+    """moe-lab's weights under the names of the family `names` (the attention's and norms' are every family's)."""
     cfg = model.cfg
     kv = cfg.kv_heads * cfg.head_dim
     out = {
@@ -457,15 +459,15 @@ def hf_state_dict(model: MoETransformer) -> dict[str, torch.Tensor]:
             out[p + "self_attn.k_norm.weight"] = block.attn.k_norm.weight
         out[p + "self_attn.o_proj.weight"] = block.attn.o_proj.weight
         ffn = block.ffn
-        if block.is_moe:
-            out[p + "mlp.gate.weight"] = ffn.router.gate_ED
-            out[p + "mlp.experts.gate_up_proj"] = ffn.experts.w_in_EGFD  # (E, 2F, D): gate rows, then up rows
-            out[p + "mlp.experts.down_proj"] = ffn.experts.w_out_EDF
-            if ffn.shared is not None:
-                _dense(out, p + "mlp.shared_expert.", ffn.shared)
-                out[p + "mlp.shared_expert_gate.weight"] = ffn.shared_gate.weight
+        if isinstance(ffn, MoELayer):
+            out[p + names.router_gate] = ffn.router.gate_ED
+            out[p + names.experts_gate_up] = ffn.experts.w_in_EGFD  # (E, 2F, D): gate rows, then up rows
+            out[p + names.experts_down] = ffn.experts.w_out_EDF
+            if ffn.shared is not None and ffn.shared_gate is not None:
+                _dense(out, p + names.shared_expert, ffn.shared)
+                out[p + names.shared_expert_gate] = ffn.shared_gate.weight
         else:
-            _dense(out, p + "mlp.", ffn)
+            _dense(out, p + names.dense_ffn, ffn)
     return {k: v.detach().float().contiguous() for k, v in out.items()}
 
 
@@ -484,11 +486,12 @@ def to_hf(model: MoETransformer, eos_id: int):
     with warnings.catch_warnings():  # a width-0 shared expert warns that initialising it does nothing
         warnings.filterwarnings("ignore", message=".*zero-element tensors.*")
         hf = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    state = hf_state_dict(model)
+    state = hf_state_dict(model, architecture)
     missing = {k: v for k, v in hf.state_dict().items() if k not in state}
-    # Qwen2-MoE always builds a shared expert; a model without one exports it at width 0 (it adds nothing).
+    # A family that always builds a shared expert (Qwen2-MoE) gets it at width 0 from a model without one: it adds
+    # nothing.
     for name, tensor in missing.items():
-        if tensor.numel() and "shared_expert" not in name:
+        if tensor.numel() and architecture.shared_expert not in name and architecture.shared_expert_gate not in name:
             raise ExportError(f"no moe-lab weight for {name}")
         state[name] = torch.zeros_like(tensor)
     hf.load_state_dict(state, strict=True)

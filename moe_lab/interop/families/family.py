@@ -29,6 +29,15 @@ class Family:
     config_class: ClassVar[str] = ""  # the transformers config class export writes
     qk_norm: ClassVar[Optional[str]] = None  # its attention's q/k norm, as model.qk_norm says it
     unsupported: ClassVar[Optional[str]] = None  # a family moe-lab knows but cannot read yet: why (one clause)
+    # Where the family keeps a layer's FFN weights, under model.layers.{i}.: the router's gate, the experts packed
+    # as transformers 5 loads them ((E, 2F, D) gate then up rows; (E, D, F)), a shared expert and its gate, and a
+    # dense layer's FFN (gate_proj, up_proj, down_proj under the prefix).
+    router_gate: ClassVar[str] = "mlp.gate.weight"
+    experts_gate_up: ClassVar[str] = "mlp.experts.gate_up_proj"
+    experts_down: ClassVar[str] = "mlp.experts.down_proj"
+    shared_expert: ClassVar[str] = "mlp.shared_expert."
+    shared_expert_gate: ClassVar[str] = "mlp.shared_expert_gate.weight"
+    dense_ffn: ClassVar[str] = "mlp."
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
