@@ -382,3 +382,19 @@ def test_a_gate_less_router_brings_its_aux_loss_without_a_yaml(make_cfg):
         assert all(float(weight) == 0 for weight in weights.values()), name
     with pytest.raises(ConfigError, match="has no learned gate"):
         validate(make_cfg("router=hash", "aux_loss=switch_z"))
+
+
+def test_the_moe_layers_may_be_any_list(make_cfg):
+    """model.moe.layers lists the MoE layers for a pattern the short form (first_dense_layers, every_n_layers) cannot
+    say; the model builds those layers as MoE and the others dense, and a bad list is one line."""
+    run = validate(make_cfg("model.n_layers=4", "model.moe.layers=[0,1,3]", "model.vocab_size=256"))
+    model = MoETransformer(run.model)
+    assert model.moe_layers == [0, 1, 3] == run.model.moe_layers
+    assert [block.is_moe for block in model.blocks] == [True, True, False, True]
+    assert run.model.size_estimate()[0] == sum(p.numel() for p in model.parameters())
+    for bad, says in (
+        ("model.moe.layers=[0,4]", "distinct layers in 0..3"),
+        ("model.moe.layers=[]", "no layer is MoE"),
+    ):
+        with pytest.raises(ConfigError, match=says):
+            validate(make_cfg("model.n_layers=4", bad))

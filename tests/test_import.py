@@ -95,15 +95,22 @@ def save_hf_model(family: str, path: Path, **extra):
     return model
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_imported_logits_equal_transformers(family, tmp_path):
+# Every family as its tiny config makes it, and a pattern of MoE layers that only an explicit list says (Qwen3-MoE,
+# 3 layers, the last dense: MoE layers [0, 1]).
+PARITY_CASES = [(family, {}) for family in FAMILIES] + [("qwen3_moe", {"mlp_only_layers": [2]})]
+
+
+@pytest.mark.parametrize("family, extra", PARITY_CASES)
+def test_imported_logits_equal_transformers(family, extra, tmp_path):
     from moe_lab.tools.export import export_hf
     from moe_lab.tools.hf_import import import_hf
 
-    hf = save_hf_model(family, tmp_path / "hf")
+    hf = save_hf_model(family, tmp_path / "hf", **extra)
     result = import_hf(str(tmp_path / "hf"), tmp_path / "imported")
     assert result["family"] == family
     module = load_model(result["checkpoint"])
+    if "mlp_only_layers" in extra:
+        assert module.model_cfg.moe.layers == [0, 1] and module.moe_layers == [0, 1]
     ids = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours, theirs = module(ids), hf(ids).logits
@@ -132,7 +139,7 @@ def test_imported_logits_equal_transformers(family, tmp_path):
         ("olmoe", {"clip_qkv": 8.0}, "clipping of q, k and v"),
         ("qwen3_moe", {"attention_bias": True}, "attention_bias=true"),
         ("mixtral", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "scaled RoPE"),
-        ("qwen2_moe", {"mlp_only_layers": [2]}, "MoE layers [0, 1] of 3"),
+        ("qwen2_moe", {"mlp_only_layers": [0, 1, 2]}, "no MoE layer"),
         ("mixtral", {"hidden_act": "relu"}, "hidden_act=relu"),
     ],
 )

@@ -165,13 +165,12 @@ def _moe_settings(hf: Any, found: Family) -> dict[str, Any]:
     sparse_step = get("decoder_sparse_step", 1) or 1
     dense_only = set(get("mlp_only_layers", None) or [])
     moe_layers = [layer for layer in range(n_layers) if layer not in dense_only and (layer + 1) % sparse_step == 0]
+    _refuse(found, not moe_layers, f"no MoE layer (mlp_only_layers={sorted(dense_only)})")
     first_dense, every = _layer_pattern(moe_layers, n_layers)
-    _refuse(
-        found,
-        first_dense is None,
-        f"MoE layers {moe_layers} of {n_layers} (mlp_only_layers={sorted(dense_only)}, "
-        f"decoder_sparse_step={sparse_step}): moe-lab places them as first_dense_layers then every_n_layers",
-    )
+    # The short form where it says the same layers, else the explicit list.
+    layers: dict[str, Any] = {"first_dense_layers": first_dense, "every_n_layers": every, "layers": None}
+    if first_dense is None:
+        layers = {"first_dense_layers": 0, "every_n_layers": 1, "layers": moe_layers}
     shared = {
         "num_experts": get("num_local_experts") or get("num_experts"),
         "expert_hidden": get("intermediate_size"),
@@ -182,8 +181,7 @@ def _moe_settings(hf: Any, found: Family) -> dict[str, Any]:
         # Published MoEs route every token (no capacity): import them dropless in training and evaluation.
         "capacity_factor": None,
         "eval_capacity_factor": None,
-        "first_dense_layers": first_dense,
-        "every_n_layers": every,
+        **layers,
         "router": {
             "name": "topk",
             "top_k": get("num_experts_per_tok"),
@@ -244,6 +242,8 @@ def model_overrides(cfg: ModelConfig, tokenizer: Optional[dict] = None) -> list[
     from omegaconf import OmegaConf
 
     def literal(value: Any) -> str:
+        if isinstance(value, (list, tuple)):
+            return "[" + ",".join(literal(v) for v in value) + "]"
         if value is None:
             return "null"
         if isinstance(value, bool):

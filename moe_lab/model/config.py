@@ -91,6 +91,9 @@ class MoEConfig:
     every_n_layers: int = 1
     # The first k layers stay dense (DeepSeek-V3 `first_k_dense_replace`): early layers route poorly.
     first_dense_layers: int = 0
+    # The MoE layers as an explicit list of 0-based layer indices, for any pattern (Qwen's `mlp_only_layers`, a
+    # study's own), e.g. [1, 2, 5]; null = the short form above (first_dense_layers, then every every_n_layers).
+    layers: Optional[list[int]] = None
     # Expert parallelism: the experts of every MoE layer are split over this many ranks (an EP group), and token
     # slots travel to their experts' rank with all-to-all. 1 = every rank holds every expert. Must divide
     # num_experts and the world size; needs trainer=ddp. A layout, not a model setting: the math is the same at any
@@ -167,7 +170,11 @@ class ModelConfig:
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block `layer` (0-based) has an MoE FFN."""
-        if not self.moe.enabled or layer < self.moe.first_dense_layers:
+        if not self.moe.enabled:
+            return False
+        if self.moe.layers is not None:
+            return layer in self.moe.layers
+        if layer < self.moe.first_dense_layers:
             return False
         return (layer - self.moe.first_dense_layers) % self.moe.every_n_layers == 0
 
@@ -306,10 +313,22 @@ class ModelConfig:
             moe.implementation in ("grouped", "loop"),
             f"model.moe.implementation={moe.implementation!r}; choose grouped or loop",
         )
+        if moe.layers is not None:
+            need(
+                moe.every_n_layers == 1 and moe.first_dense_layers == 0,
+                f"model.moe.layers={moe.layers} lists the MoE layers itself: leave model.moe.every_n_layers and "
+                "model.moe.first_dense_layers at their defaults (1, 0)",
+            )
+            need(
+                all(isinstance(layer, int) and 0 <= layer < self.n_layers for layer in moe.layers)
+                and len(set(moe.layers)) == len(moe.layers),
+                f"model.moe.layers={moe.layers} must list distinct layers in 0..{self.n_layers - 1} (0-based, "
+                f"model.n_layers={self.n_layers})",
+            )
         need(
             not moe.enabled or bool(self.moe_layers),
-            "no layer is MoE with these settings: lower "
-            "model.moe.first_dense_layers or set experts=dense for a dense model",
+            "no layer is MoE with these settings: lower model.moe.first_dense_layers, list model.moe.layers, or "
+            "set experts=dense for a dense model",
         )
         need(moe.expert_parallel >= 1, f"model.moe.expert_parallel={moe.expert_parallel} must be at least 1")
         if moe.enabled and moe.expert_parallel > 1:
