@@ -79,6 +79,20 @@ def experts_wide(hf: Any, name: str) -> dict[str, Any]:
     return {"expert_hidden": setting(hf, name)}
 
 
+def qwen_moe_layout(cfg: Any, routing: dict) -> dict[str, Any]:
+    """The transformers values Qwen2-MoE and Qwen3-MoE spell alike: the dense FFN's and an expert's widths, the experts,
+    the routing's renormalisation and the dense layers (mlp_only_layers, with every other layer MoE)."""
+    return {
+        "intermediate_size": cfg.ffn_hidden,
+        "moe_intermediate_size": cfg.moe.expert_hidden,
+        "num_experts": cfg.moe.num_experts,
+        "norm_topk_prob": routing["norm_topk_prob"],
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": dense_layers(cfg),
+        "use_sliding_window": False,
+    }
+
+
 def dense_layers(cfg: Any) -> list[int]:
     """The layers of a moe-lab model that are dense (Qwen's mlp_only_layers)."""
     return [layer for layer in range(cfg.n_layers) if not cfg.is_moe_layer(layer)]

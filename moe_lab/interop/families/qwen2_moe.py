@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from moe_lab.interop.families.family import Family, dense_layers, experts_wide, setting
+from moe_lab.interop.families.family import Family, experts_wide, qwen_moe_layout, setting
 
 
 class Qwen2MoE(Family):
@@ -36,15 +36,8 @@ class Qwen2MoE(Family):
         return None
 
     def hf_settings(self, cfg: Any, routing: dict) -> dict[str, Any]:
-        moe = cfg.moe
         return {
-            "intermediate_size": cfg.ffn_hidden,
-            "moe_intermediate_size": moe.expert_hidden,
-            "shared_expert_intermediate_size": moe.shared_width,
-            "num_experts": moe.num_experts,
-            "norm_topk_prob": routing["norm_topk_prob"],
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": dense_layers(cfg),
+            **qwen_moe_layout(cfg, routing),
+            "shared_expert_intermediate_size": cfg.moe.shared_width,
             "qkv_bias": cfg.qkv_bias,
-            "use_sliding_window": False,
         }

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from moe_lab.interop.families.family import Family, dense_layers, experts_wide
+from moe_lab.interop.families.family import Family, experts_wide, qwen_moe_layout
 
 
 class Qwen3MoE(Family):
@@ -25,14 +25,4 @@ class Qwen3MoE(Family):
         return None
 
     def hf_settings(self, cfg: Any, routing: dict) -> dict[str, Any]:
-        moe = cfg.moe
-        return {
-            "intermediate_size": cfg.ffn_hidden,
-            "moe_intermediate_size": moe.expert_hidden,
-            "num_experts": moe.num_experts,
-            "norm_topk_prob": routing["norm_topk_prob"],
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": dense_layers(cfg),
-            "attention_bias": False,
-            "use_sliding_window": False,
-        }
+        return {**qwen_moe_layout(cfg, routing), "attention_bias": False}
