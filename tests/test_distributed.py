@@ -73,6 +73,9 @@ PER_MICRO_BATCH = {
     "shared_gated": ["model.moe.num_shared=1", "model.moe.shared_gate=true"],
     "fine_grained_e64": ["experts=e64_fine", "capacity=cf1_0"],
     "first_dense_layer": ["model.n_layers=3", "model.moe.first_dense_layers=1"],
+    # DeepSeek-V3's architecture (latent attention, groups, a shared expert) with two routers
+    "deepseek_v3": ["model=deepseek_v3_tiny", "model.n_layers=3"],
+    "deepseek_v3_topk": ["model=deepseek_v3_tiny", "model.n_layers=3", "router=topk", "model.moe.router.score=sigmoid"],
 }
 # The default setting also runs the routing analyses at every validation: their counts are summed over ranks.
 PER_MICRO_BATCH["topk-cf1_25"] = [*PER_MICRO_BATCH["topk-cf1_25"], "metrics.analysis_every_n_steps=2"]

@@ -37,6 +37,18 @@ def trained(make_cfg, tmp_path, *overrides, name="run"):
         ),
         (["router=switch"], "Qwen2MoeForCausalLM"),
         (["router=soft", "experts=e4"], "MixtralForCausalLM"),
+        # latent attention, the aux-loss-free router's bias (trained 3 steps), groups, a shared expert, a dense layer
+        (["model=deepseek_v3_tiny"], "DeepseekV3ForCausalLM"),
+        (  # a sigmoid top-k without a bias, scaled; a full-rank query
+            [
+                "model=deepseek_v3_tiny",
+                "router=topk",
+                "model.moe.router.score=sigmoid",
+                "model.moe.router.scaling_factor=2.5",
+                "model.q_lora_rank=null",
+            ],
+            "DeepseekV3ForCausalLM",
+        ),
     ],
 )
 def test_exported_logits_equal_moe_labs(make_cfg, tmp_path, overrides, architecture):
@@ -72,8 +84,8 @@ def test_routers_without_an_equivalent_are_refused_naming_the_formats(make_cfg, 
     with pytest.raises(
         ExportError,
         match=r"router=hash .* has no Hugging Face equivalent. Export writes Mixtral, "
-        r"Qwen2-MoE, Qwen3-MoE or OLMoE, whose routing is softmax top-k: routers "
-        r"\['noisy_topk'",
+        r"Qwen2-MoE, Qwen3-MoE, OLMoE or DeepSeek-V3: softmax top-k routers "
+        r"\['noisy_topk'.* or DeepSeek-V3's sigmoid top-k: routers \['aux_free'\] \(and topk with score=sigmoid\)",
     ):
         export_hf(ckpt, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()

@@ -8,7 +8,7 @@ import torch
 
 from moe_lab.errors import UserError
 from moe_lab.model import ModelConfig, MoETransformer
-from moe_lab.model.gpt import KVCache
+from moe_lab.model.attention import KVCache
 from moe_lab.tools.generate import Sampling, coloured_terminal, generate, next_tokens, token_pieces
 
 from conftest import run_cli
@@ -35,7 +35,19 @@ def tiny_model(**extra) -> MoETransformer:
     return model
 
 
-@pytest.mark.parametrize("extra", [{}, {"qk_norm": "full", "qkv_bias": True}, {"qk_norm": "head", "head_size": 24}])
+LATENT = {"n_kv_heads": None, "kv_lora_rank": 16, "q_lora_rank": 24, "head_size": 24, "rope_dims": 8, "v_head_size": 12}
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        {"qk_norm": "full", "qkv_bias": True},
+        {"qk_norm": "head", "head_size": 24},
+        {"rope_dims": 8},  # partial rotary
+        LATENT,  # latent attention (DeepSeek-V3)
+    ],
+)
 def test_cached_steps_and_left_padding_change_no_logit(extra):
     model = tiny_model(**extra)
     ids = torch.randint(0, 96, (2, 20), generator=torch.Generator().manual_seed(0))

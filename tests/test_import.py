@@ -35,7 +35,7 @@ COMMON = dict(
 
 def _tiny_configs() -> dict:
     """A tiny random config of every MoE family moe-lab reads, by model_type (a new family adds its own here)."""
-    from transformers import MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import DeepseekV3Config, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 
     return {
         "mixtral": lambda **extra: MixtralConfig(
@@ -64,6 +64,25 @@ def _tiny_configs() -> dict:
         "olmoe": lambda **extra: OlmoeConfig(
             intermediate_size=16, num_experts=4, num_experts_per_tok=2, **COMMON, **extra
         ),
+        # latent attention (a query latent, values narrower than keys, interleaved rope pairs), a biased sigmoid
+        # router limited to 2 of 4 groups and scaled, an ungated shared expert, a dense first layer
+        "deepseek_v3": lambda **extra: DeepseekV3Config(
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            first_k_dense_replace=1,
+            q_lora_rank=24,
+            kv_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=12,
+            **{**COMMON, "num_key_value_heads": 4, **extra},
+        ),
     }
 
 
@@ -87,9 +106,10 @@ def save_hf_model(family: str, path: Path, **extra):
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(hf_config(family, **extra)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.3)
+    with torch.no_grad():  # every weight, and the saved buffers (a sigmoid router's bias)
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.normal_(0.0, 0.3)
     model.save_pretrained(path)
     hf_tokenizer({}).save_pretrained(path)
     return model
@@ -155,16 +175,16 @@ def test_a_part_moe_lab_cannot_represent_is_refused(family, extra, part, tmp_pat
 
 
 def test_other_architectures_are_named(tmp_path):
-    from transformers import DeepseekV3Config, LlamaConfig
+    from transformers import DeepseekV2Config, LlamaConfig
 
     from moe_lab.tools.hf_import import import_hf
 
     for config, expected in (
         (
-            DeepseekV3Config(
+            DeepseekV2Config(
                 **COMMON, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, intermediate_size=48
             ),
-            "multi-head latent attention",
+            "deepseek_v2 is not supported yet",
         ),
         (LlamaConfig(**COMMON, intermediate_size=48), "model_type='llama' cannot be imported"),
     ):

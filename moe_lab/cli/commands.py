@@ -199,7 +199,11 @@ COMMANDS: tuple[Command, ...] = (
         "Write a moe-lab checkpoint in another ecosystem's format. --format hf: "
         f"a transformers model ({titles(last='or')}, chosen from the attention, router and experts) "
         "and its tokenizer, "
-        "loadable with AutoModelForCausalLM.from_pretrained(OUT_DIR).",
+        "loadable with AutoModelForCausalLM.from_pretrained(OUT_DIR). Reads CKPT (a file or a sharded checkpoint's "
+        "folder; tensors only, weights_only=True) and its saved settings; writes OUT_DIR/config.json (the family's "
+        "transformers config), model.safetensors (every weight: the experts packed as transformers 5 loads them, "
+        "gate_up_proj [E, 2I, H] and down_proj [E, H, I], a sigmoid router's bias, latent attention's projections), "
+        "generation_config.json, tokenizer.json and tokenizer_config.json; nothing where it refuses.",
         (
             arg("checkpoint", help="a moe-lab checkpoint, e.g. outputs/DATE/TIME/checkpoints/last.ckpt"),
             OUT_DIR,

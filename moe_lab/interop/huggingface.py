@@ -162,10 +162,9 @@ def _moe_settings(hf: Any, found: Family) -> dict[str, Any]:
     """The `model.moe` settings of an MoE family's config: experts, shared expert, MoE layers, router, aux loss."""
     get = lambda name, default=None: setting(hf, name, default)  # noqa: E731
     n_layers = get("num_hidden_layers")
-    sparse_step = get("decoder_sparse_step", 1) or 1
-    dense_only = set(get("mlp_only_layers", None) or [])
-    moe_layers = [layer for layer in range(n_layers) if layer not in dense_only and (layer + 1) % sparse_step == 0]
-    _refuse(found, not moe_layers, f"no MoE layer (mlp_only_layers={sorted(dense_only)})")
+    moe_layers = found.moe_layers(hf)
+    dense = sorted(set(range(n_layers)) - set(moe_layers))
+    _refuse(found, not moe_layers, f"no MoE layer (the dense layers are {dense})")
     first_dense, every = _layer_pattern(moe_layers, n_layers)
     # The short form where it says the same layers, else the explicit list.
     layers: dict[str, Any] = {"first_dense_layers": first_dense, "every_n_layers": every, "layers": None}
@@ -191,7 +190,8 @@ def _moe_settings(hf: Any, found: Family) -> dict[str, Any]:
         "aux_loss": {"load_balance": float(get("router_aux_loss_coef", 0.0) or 0.0), "z_loss": 0.0},
     }
     own = found.moe_settings(hf)
-    return {**shared, **own, "router": {**shared["router"], **own.get("router", {})}}
+    router = own.get("router", {})  # a family's router with its own name replaces the softmax top-k
+    return {**shared, **own, "router": router if "name" in router else {**shared["router"], **router}}
 
 
 # transformers' hidden_act -> moe-lab's gated activation (the MoE families' experts are gated).
@@ -272,9 +272,12 @@ def model_overrides(cfg: ModelConfig, tokenizer: Optional[dict] = None) -> list[
 # Weights
 
 
-def state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def state_dict(
+    hf_state: dict[str, torch.Tensor], cfg: ModelConfig, interleaved_rope: bool = False
+) -> dict[str, torch.Tensor]:
     """A transformers state dict (the fused-experts layout `from_pretrained` gives) under moe-lab's names; `cfg` is
-    the model's settings as `model_config` read them (its name is the family's model_type)."""
+    the model's settings as `model_config` read them (its name is the family's model_type); `interleaved_rope` as
+    the family says of the config (`Family.interleaved_rope`)."""
     names = check_family(cfg.name, dense=not cfg.moe.enabled)
     taken: set[str] = set()
 
@@ -292,25 +295,19 @@ def state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
         p, q = f"model.layers.{i}.", f"blocks.{i}."
         out[q + "attn_norm.weight"] = take(p + "input_layernorm.weight")
         out[q + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
-        out[q + "attn.q_proj.weight"] = take(p + "self_attn.q_proj.weight")
-        out[q + "attn.kv_proj.weight"] = torch.cat(
-            [take(p + "self_attn.k_proj.weight"), take(p + "self_attn.v_proj.weight")]
-        )
-        if cfg.qkv_bias:
-            out[q + "attn.q_proj.bias"] = take(p + "self_attn.q_proj.bias")
-            out[q + "attn.kv_proj.bias"] = torch.cat(
-                [take(p + "self_attn.k_proj.bias"), take(p + "self_attn.v_proj.bias")]
-            )
-        out[q + "attn.o_proj.weight"] = take(p + "self_attn.o_proj.weight")
-        if cfg.qk_norm:
-            out[q + "attn.q_norm.weight"] = take(p + "self_attn.q_norm.weight")
-            out[q + "attn.k_norm.weight"] = take(p + "self_attn.k_norm.weight")
+        if cfg.kv_lora_rank is None:
+            _attention_in(out, take, p + "self_attn.", q + "attn.", cfg)
+        else:
+            _latent_attention_in(out, take, p + "self_attn.", q + "attn.", cfg, interleaved_rope)
         if cfg.is_moe_layer(i):
             out[q + "ffn.router.gate_ED"] = take(p + names.router_gate)
+            if names.router_bias:
+                out[q + "ffn.router.bias_E"] = take(p + names.router_bias)
             out[q + "ffn.experts.w_in_EGFD"] = take(p + names.experts_gate_up)  # (E, 2F, D): gate, then up
             out[q + "ffn.experts.w_out_EDF"] = take(p + names.experts_down)
             if cfg.moe.num_shared:
                 _dense_in(out, take, p + names.shared_expert, q + "ffn.shared.")
+            if cfg.moe.shared_gate and names.shared_expert_gate:
                 out[q + "ffn.shared_gate.weight"] = take(p + names.shared_expert_gate)
         else:
             _dense_in(out, take, p + names.dense_ffn, q + "ffn.")
@@ -323,6 +320,59 @@ def state_dict(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
     return out
 
 
+def _attention_in(out: dict, take, hf_prefix: str, prefix: str, cfg: ModelConfig) -> None:
+    """Grouped-query attention: k and v fused into kv_proj; biases and q/k norms where the model has them."""
+    out[prefix + "q_proj.weight"] = take(hf_prefix + "q_proj.weight")
+    out[prefix + "kv_proj.weight"] = torch.cat([take(hf_prefix + "k_proj.weight"), take(hf_prefix + "v_proj.weight")])
+    if cfg.qkv_bias:
+        out[prefix + "q_proj.bias"] = take(hf_prefix + "q_proj.bias")
+        out[prefix + "kv_proj.bias"] = torch.cat([take(hf_prefix + "k_proj.bias"), take(hf_prefix + "v_proj.bias")])
+    out[prefix + "o_proj.weight"] = take(hf_prefix + "o_proj.weight")
+    if cfg.qk_norm:
+        out[prefix + "q_norm.weight"] = take(hf_prefix + "q_norm.weight")
+        out[prefix + "k_norm.weight"] = take(hf_prefix + "k_norm.weight")
+
+
+# moe-lab's latent attention's weights -> transformers' (DeepSeek-V3's names); the query and kv_a projections' rope
+# rows are reordered where the family interleaves them.
+_LATENT_NAMES = {
+    "q_proj": "q_proj",
+    "q_a_proj": "q_a_proj",
+    "q_a_norm": "q_a_layernorm",
+    "q_b_proj": "q_b_proj",
+    "kv_a_proj": "kv_a_proj_with_mqa",
+    "kv_a_norm": "kv_a_layernorm",
+    "kv_b_proj": "kv_b_proj",
+    "o_proj": "o_proj",
+}
+
+
+def _latent_parts(cfg: ModelConfig) -> list[str]:
+    query = ["q_proj"] if cfg.q_lora_rank is None else ["q_a_proj", "q_a_norm", "q_b_proj"]
+    return query + ["kv_a_proj", "kv_a_norm", "kv_b_proj", "o_proj"]
+
+
+def _latent_attention_in(out: dict, take, hf_prefix: str, prefix: str, cfg: ModelConfig, interleaved: bool) -> None:
+    for part in _latent_parts(cfg):
+        weight = take(f"{hf_prefix}{_LATENT_NAMES[part]}.weight")
+        out[f"{prefix}{part}.weight"] = _rope_rows(weight, part, cfg, interleaved)
+
+
+def _rope_rows(weight: torch.Tensor, part: str, cfg: ModelConfig, interleaved: bool, back: bool = False):
+    """A latent attention weight with the rows of its rotary dims reordered from interleaved pairs (x0, x1), (x2, x3),
+    ... to rotate-half halves (x0, x2, ..., x1, x3, ...), or `back`: the same rotation of the same q and k values, so
+    the logits are unchanged (DeepSeek's apply_rotary_pos_emb_interleave is this reordering)."""
+    R = cfg.rotary_dims
+    if not interleaved or part not in ("q_proj", "q_b_proj", "kv_a_proj"):
+        return weight
+    order = torch.cat([torch.arange(0, R, 2), torch.arange(1, R, 2)])
+    if back:
+        order = torch.argsort(order)
+    heads, width = (1, cast(int, cfg.kv_lora_rank) + R) if part == "kv_a_proj" else (cfg.n_heads, cfg.head_dim)
+    rows_HXI = weight.view(heads, width, -1)
+    return torch.cat([rows_HXI[:, : width - R], rows_HXI[:, width - R :][:, order]], dim=1).reshape(weight.shape)
+
+
 def _dense_in(out: dict, take, hf_prefix: str, prefix: str) -> None:
     out[prefix + "w_in.weight"] = torch.cat([take(hf_prefix + "gate_proj.weight"), take(hf_prefix + "up_proj.weight")])
     out[prefix + "w_out.weight"] = take(hf_prefix + "down_proj.weight")
@@ -332,7 +382,8 @@ def build_model(hf_model: Any) -> MoETransformer:
     """The moe-lab model equal to a loaded transformers model (float32, eval mode)."""
     cfg = model_config(hf_model.config)
     model = MoETransformer(cfg)
-    weights = state_dict(hf_model.state_dict(), cfg)
+    found = check_family(cfg.name)
+    weights = state_dict(hf_model.state_dict(), cfg, found.interleaved_rope(hf_model.config))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ModelImportError(f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -356,16 +407,18 @@ def load_hf(read, source: str, what: str):
 # Out of moe-lab
 
 
-def hf_routing(router: RouterConfig, num_experts: int) -> Optional[dict]:
-    """Eval-mode routing of a moe-lab router as Hugging Face's softmax top-k MoE block expresses it
-    ({"top_k", "norm_topk_prob"}), or None when no Hugging Face MoE routes this way: the router's Config says
-    (`softmax_topk`)."""
+def hf_routing(router: RouterConfig, num_experts: int, kind: str = "softmax") -> Optional[dict]:
+    """Eval-mode routing of a moe-lab router as a Hugging Face MoE block of routing `kind` (`Family.routing`)
+    expresses it ({"top_k", ...: its config's values}), or None when that block cannot route this way: the router's
+    Config says (`softmax_topk`, `sigmoid_topk`)."""
+    if kind == "sigmoid":
+        return router.sigmoid_topk(num_experts)
     routing = router.softmax_topk(num_experts)
     return None if routing is None else {"top_k": routing[0], "norm_topk_prob": routing[1]}
 
 
-def exportable_routers() -> list[str]:
-    return sorted(n for n, options in registered_routers().items() if hf_routing(options(), 8) is not None)
+def exportable_routers(kind: str = "softmax") -> list[str]:
+    return sorted(n for n, options in registered_routers().items() if hf_routing(options(), 8, kind) is not None)
 
 
 def hf_architecture(cfg: ModelConfig) -> tuple[Family, dict]:
@@ -376,21 +429,31 @@ def hf_architecture(cfg: ModelConfig) -> tuple[Family, dict]:
     if not moe.enabled:
         raise ExportError(f"a dense model (experts=dense) is not an MoE; export supports MoE models ({titles()})")
     router = router_config(moe.router)
-    routing = hf_routing(router, moe.num_experts)
-    if routing is None:
+    if all(hf_routing(router, moe.num_experts, kind) is None for kind in ("softmax", "sigmoid")):
         raise ExportError(
             f"router={router.name} ({_describe(router)}) has no Hugging Face equivalent. Export writes "
-            f"{titles(last='or')}, whose routing is softmax top-k: routers {exportable_routers()} (topk "
-            "with score=softmax, one group and scaling_factor=1)"
+            f"{titles(last='or')}: softmax top-k routers {exportable_routers()} (topk with score=softmax, one group "
+            f"and scaling_factor=1) or DeepSeek-V3's sigmoid top-k: routers {exportable_routers('sigmoid')} (and topk "
+            "with score=sigmoid)"
         )
     if moe.activation not in _ACTIVATIONS.values():
         raise ExportError(
             f"model.moe.activation={moe.activation}: Hugging Face MoE experts are gated (swiglu or geglu)"
         )
-    reason: Optional[str] = f"no family moe-lab exports has model.qk_norm={cfg.qk_norm}"
-    for candidate in (f for f in supported() if f.qk_norm == cfg.qk_norm):
-        reason = candidate.cannot_express(cfg, routing)
-        if reason is None:
+    latent = cfg.kv_lora_rank is not None
+    attention = "latent attention" if latent else f"model.qk_norm={cfg.qk_norm}"
+    reason: Optional[str] = f"no family moe-lab exports has {attention}"
+    for candidate in (f for f in supported() if f.qk_norm == cfg.qk_norm and f.latent_attention == latent):
+        routing = hf_routing(router, moe.num_experts, candidate.routing)
+        reason = (
+            candidate.cannot_express(cfg, routing)
+            if routing is not None
+            else (
+                f"{candidate.title}, whose attention the model has, routes by {candidate.routing} top-k: routers "
+                f"{exportable_routers(candidate.routing)}; router={router.name} ({_describe(router)}) does not"
+            )
+        )
+        if reason is None and routing is not None:
             return candidate, routing
     raise ExportError(reason or "no family moe-lab exports holds this model")
 
@@ -400,11 +463,12 @@ def _describe(router: RouterConfig) -> str:
 
 
 def hf_config(cfg: ModelConfig, architecture: Family, routing: dict, eos_id: int):
-    """The transformers config of `architecture` for a moe-lab model: the settings every family shares, then its own."""
+    """The transformers config of `architecture` for a moe-lab model: the settings every family shares, then its own
+    (which win where they spell a shared one their way)."""
     import transformers
 
     config_class = getattr(transformers, architecture.config_class)
-    return config_class(**_hf_common_settings(cfg, routing, eos_id), **architecture.hf_settings(cfg, routing))
+    return config_class(**{**_hf_common_settings(cfg, routing, eos_id), **architecture.hf_settings(cfg, routing)})
 
 
 def _hf_common_settings(cfg: ModelConfig, routing: dict, eos_id: int) -> dict[str, Any]:
@@ -437,7 +501,6 @@ def _hf_common_settings(cfg: ModelConfig, routing: dict, eos_id: int) -> dict[st
 def hf_state_dict(model: MoETransformer, names: Family) -> dict[str, torch.Tensor]:
     """moe-lab's weights under the names of the family `names` (the attention's and norms' are every family's)."""
     cfg = model.cfg
-    kv = cfg.kv_heads * cfg.head_dim
     out = {
         "model.embed_tokens.weight": model.embed.weight,
         "model.norm.weight": model.norm.weight,
@@ -447,28 +510,41 @@ def hf_state_dict(model: MoETransformer, names: Family) -> dict[str, torch.Tenso
         p = f"model.layers.{i}."
         out[p + "input_layernorm.weight"] = block.attn_norm.weight
         out[p + "post_attention_layernorm.weight"] = block.ffn_norm.weight
-        out[p + "self_attn.q_proj.weight"] = block.attn.q_proj.weight
-        k, v = block.attn.kv_proj.weight.split([kv, kv], dim=0)  # kv_proj rows: (k | v) x heads x head dim
-        out[p + "self_attn.k_proj.weight"], out[p + "self_attn.v_proj.weight"] = k, v
-        if cfg.qkv_bias:
-            out[p + "self_attn.q_proj.bias"] = block.attn.q_proj.bias
-            k, v = block.attn.kv_proj.bias.split([kv, kv], dim=0)
-            out[p + "self_attn.k_proj.bias"], out[p + "self_attn.v_proj.bias"] = k, v
-        if cfg.qk_norm:
-            out[p + "self_attn.q_norm.weight"] = block.attn.q_norm.weight
-            out[p + "self_attn.k_norm.weight"] = block.attn.k_norm.weight
-        out[p + "self_attn.o_proj.weight"] = block.attn.o_proj.weight
+        if cfg.kv_lora_rank is None:
+            _attention_out(out, p + "self_attn.", block.attn, cfg)
+        else:
+            for part in _latent_parts(cfg):
+                weight = getattr(block.attn, part).weight
+                out[f"{p}self_attn.{_LATENT_NAMES[part]}.weight"] = _rope_rows(weight, part, cfg, True, back=True)
         ffn = block.ffn
         if isinstance(ffn, MoELayer):
             out[p + names.router_gate] = ffn.router.gate_ED
+            if names.router_bias:  # a router without a bias (topk, score=sigmoid) chooses as a zero one does
+                out[p + names.router_bias] = getattr(ffn.router, "bias_E", torch.zeros(cfg.moe.num_experts))
             out[p + names.experts_gate_up] = ffn.experts.w_in_EGFD  # (E, 2F, D): gate rows, then up rows
             out[p + names.experts_down] = ffn.experts.w_out_EDF
-            if ffn.shared is not None and ffn.shared_gate is not None:
+            if ffn.shared is not None:
                 _dense(out, p + names.shared_expert, ffn.shared)
+            if ffn.shared_gate is not None and names.shared_expert_gate:
                 out[p + names.shared_expert_gate] = ffn.shared_gate.weight
         else:
             _dense(out, p + names.dense_ffn, ffn)
     return {k: v.detach().float().contiguous() for k, v in out.items()}
+
+
+def _attention_out(out: dict, prefix: str, attn, cfg: ModelConfig) -> None:
+    kv = cfg.kv_heads * cfg.head_dim
+    out[prefix + "q_proj.weight"] = attn.q_proj.weight
+    k, v = attn.kv_proj.weight.split([kv, kv], dim=0)  # kv_proj rows: (k | v) x heads x head dim
+    out[prefix + "k_proj.weight"], out[prefix + "v_proj.weight"] = k, v
+    if cfg.qkv_bias:
+        out[prefix + "q_proj.bias"] = attn.q_proj.bias
+        k, v = attn.kv_proj.bias.split([kv, kv], dim=0)
+        out[prefix + "k_proj.bias"], out[prefix + "v_proj.bias"] = k, v
+    if cfg.qk_norm:
+        out[prefix + "q_norm.weight"] = attn.q_norm.weight
+        out[prefix + "k_norm.weight"] = attn.k_norm.weight
+    out[prefix + "o_proj.weight"] = attn.o_proj.weight
 
 
 def _dense(out: dict, prefix: str, ffn) -> None:
@@ -491,7 +567,8 @@ def to_hf(model: MoETransformer, eos_id: int):
     # A family that always builds a shared expert (Qwen2-MoE) gets it at width 0 from a model without one: it adds
     # nothing.
     for name, tensor in missing.items():
-        if tensor.numel() and architecture.shared_expert not in name and architecture.shared_expert_gate not in name:
+        shared = (architecture.shared_expert, architecture.shared_expert_gate or architecture.shared_expert)
+        if tensor.numel() and not any(part in name for part in shared):
             raise ExportError(f"no moe-lab weight for {name}")
         state[name] = torch.zeros_like(tensor)
     hf.load_state_dict(state, strict=True)

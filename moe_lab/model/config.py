@@ -141,6 +141,18 @@ class ModelConfig:
     # or "full" (over all heads' dims of the projection: OLMoE). It keeps attention logits from growing (Dehghani
     # et al. 2023; OLMoE section 4.1).
     qk_norm: Optional[str] = None
+    # Dims of each query/key head that RoPE rotates; null = all. Grouped-query attention rotates the first ones and
+    # passes the rest (partial rotary: GLM-4.5 and Qwen3-Next rotate half); latent attention rotates its decoupled
+    # last ones (DeepSeek-V3's qk_rope_head_dim, 64 of its 192).
+    rope_dims: Optional[int] = None
+    # Multi-head latent attention (DeepSeek-V2, Liu et al. 2024): every head's keys and values come from one latent
+    # of kv_lora_rank dims per token, the cache an inference engine keeps (DeepSeek-V3: 512); null = grouped-query
+    # attention. Latent attention has no q/k/v biases or q/k norms (its latents are normed) and n_kv_heads = n_heads.
+    kv_lora_rank: Optional[int] = None
+    # Latent attention's query latent (DeepSeek-V3: 1536); null = a full-rank query projection (DeepSeek-V2-Lite).
+    q_lora_rank: Optional[int] = None
+    # Width of one value head, latent attention only; null = head_size. DeepSeek-V3: 128 against 192 for q and k.
+    v_head_size: Optional[int] = None
     # Hidden width of the dense SwiGLU FFN (dense layers and the dense baseline): 3 x d_model, a multiple of 64.
     ffn_hidden: int = 384
     # Longest sequence the model accepts; sets the RoPE table size.
@@ -168,6 +180,31 @@ class ModelConfig:
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
 
+    @property
+    def v_head_dim(self) -> int:
+        return self.v_head_size or self.head_dim
+
+    @property
+    def rotary_dims(self) -> int:
+        return self.rope_dims or self.head_dim
+
+    def attention_params(self) -> int:
+        """Parameters of one block's attention and its input norm."""
+        d, heads, head_dim, kv = self.d_model, self.n_heads, self.head_dim, self.kv_heads
+        if self.kv_lora_rank is not None:
+            rank, rope = self.kv_lora_rank, self.rotary_dims
+            q = d * heads * head_dim if self.q_lora_rank is None else self.q_lora_rank * (d + 1 + heads * head_dim)
+            kv_part = d * (rank + rope) + rank + rank * heads * (head_dim - rope + self.v_head_dim)
+            return q + kv_part + heads * self.v_head_dim * d + d
+        attention = d * heads * head_dim + d * 2 * kv * head_dim + heads * head_dim * d + d
+        if self.qkv_bias:
+            attention += heads * head_dim + 2 * kv * head_dim
+        if self.qk_norm == "head":
+            attention += 2 * head_dim
+        elif self.qk_norm == "full":
+            attention += (heads + kv) * head_dim
+        return attention
+
     def is_moe_layer(self, layer: int) -> bool:
         """Whether block `layer` (0-based) has an MoE FFN."""
         if not self.moe.enabled:
@@ -189,15 +226,9 @@ class ModelConfig:
         ["total"]` for routers whose only weight is the gate (topk, switch, sinkhorn, soft, ...); noisy top-k's noise
         weights and hierarchical gating's group gate add a little, routers without a gate (hash, domain oracle) have
         one row per expert less. An unset vocab_size counts as 0."""
-        d, heads, head_dim, kv = self.d_model, self.n_heads, self.head_dim, self.kv_heads
+        d = self.d_model
         vocab = self.vocab_size or 0
-        attention = d * heads * head_dim + d * 2 * kv * head_dim + heads * head_dim * d + 2 * d  # + its two norms
-        if self.qkv_bias:
-            attention += heads * head_dim + 2 * kv * head_dim
-        if self.qk_norm == "head":
-            attention += 2 * head_dim
-        elif self.qk_norm == "full":
-            attention += (heads + kv) * head_dim
+        attention = self.attention_params() + d  # + the FFN's norm
         moe = self.moe
         gated = 3 if GATED_ACTIVATIONS.get(moe.activation) else 2
         dense_ffn = 3 * d * self.ffn_hidden
@@ -212,7 +243,7 @@ class ModelConfig:
             + moe_layers * moe_ffn
             + (self.n_layers - moe_layers) * dense_ffn
         )
-        rope_tables = 2 * self.max_seq_len * head_dim
+        rope_tables = 2 * self.max_seq_len * self.rotary_dims
         return params, rope_tables
 
     @classmethod
@@ -257,7 +288,36 @@ class ModelConfig:
             self.vocab_size is None or self.vocab_size >= 1,
             f"model.vocab_size={self.vocab_size} must be at least 1 (or null for the tokenizer's)",
         )
+        self._check_attention(need)
         self._check_moe(need)
+
+    def _check_attention(self, need: Callable[[bool, str], None]) -> None:
+        """Partial rotary and latent attention."""
+        rope = self.rope_dims
+        need(
+            rope is None or (2 <= rope <= self.head_dim and rope % 2 == 0),
+            f"model.rope_dims={rope} must be an even number in 2..head size ({self.head_dim}), or null for all",
+        )
+        if self.kv_lora_rank is None:
+            for key in ("q_lora_rank", "v_head_size"):
+                need(
+                    getattr(self, key) is None,
+                    f"model.{key} is a setting of latent attention; set model.kv_lora_rank too (or drop it)",
+                )
+            return
+        for key in ("kv_lora_rank", "q_lora_rank", "v_head_size"):
+            value = getattr(self, key)
+            need(value is None or value >= 1, f"model.{key}={value} must be at least 1")
+        need(
+            self.kv_heads == self.n_heads,
+            f"model.n_kv_heads={self.n_kv_heads}: latent attention gives every head its own keys and values; "
+            "set it to null",
+        )
+        need(
+            not self.qkv_bias and self.qk_norm is None,
+            "latent attention (model.kv_lora_rank) has no q/k/v biases or q/k norm: set model.qkv_bias=false and "
+            "model.qk_norm=null",
+        )
 
     def _check_moe(self, need: Callable[[bool, str], None]) -> None:
         """Experts, router, capacity and shared experts."""

@@ -3,11 +3,11 @@
 Notable features:
     - pre-norm blocks with RMSNorm (Zhang & Sennrich 2019) and rotary position embeddings (Su et al. 2021),
       in the Llama/Mixtral convention (rotate-half), so the weights map one-to-one onto Hugging Face models;
-    - causal scaled-dot-product attention with optional grouped-query attention;
+    - causal attention (`attention.py`): grouped-query, or multi-head latent attention (DeepSeek-V2/V3);
     - SwiGLU FFNs (Shazeer 2020), replaced by an MoE layer (`moe.py`) in the layers `ModelConfig` chooses;
     - the model owns its accounting: parameter counts (total, active per token) and FLOPs per token.
 
-Shape legend: B batch, S sequence, D d_model, H heads, Hkv key/value heads, Dh head dim, V vocab, T = B * S.
+Shape legend: B batch, S sequence, D d_model, V vocab, T = B * S.
 """
 
 from __future__ import annotations
@@ -19,144 +19,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe_lab.model.attention import KVCache, RMSNorm, RotaryEmbedding, build_attention, rotary_embedding
 from moe_lab.model.config import ModelConfig
 from moe_lab.model.experts import FeedForward, residual_out_std
 from moe_lab.model.moe import MoELayer, MoELayerOutput
 from moe_lab.model.seeding import seeded_part
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square layer norm, computed in float32 (Zhang & Sennrich 2019)."""
-
-    def __init__(self, dim: int, eps: float = 1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * x32).to(x.dtype)
-
-
-class RotaryEmbedding(nn.Module):
-    """Cos/sin tables for rotary position embeddings, rotate-half layout (as Llama and Mixtral in HF)."""
-
-    cos_SDh: torch.Tensor
-    sin_SDh: torch.Tensor
-
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
-        super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        freqs_SDh2 = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-        emb_SDh = torch.cat([freqs_SDh2, freqs_SDh2], dim=-1)
-        # Derived from the config, so not saved in checkpoints.
-        self.register_buffer("cos_SDh", emb_SDh.cos(), persistent=False)
-        self.register_buffer("sin_SDh", emb_SDh.sin(), persistent=False)
-
-    def forward(
-        self, q_BHSDh: torch.Tensor, k_BHSDh: torch.Tensor, positions_BS: Optional[torch.Tensor] = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotate by position: 0..S-1, or `positions_BS` (generation: after a cache, or behind left padding)."""
-        if positions_BS is None:
-            S = q_BHSDh.shape[-2]
-            cos, sin = self.cos_SDh[:S], self.sin_SDh[:S]
-        else:
-            cos, sin = self.cos_SDh[positions_BS].unsqueeze(1), self.sin_SDh[positions_BS].unsqueeze(1)  # (B,1,S,Dh)
-        cos, sin = cos.to(q_BHSDh.dtype), sin.to(q_BHSDh.dtype)
-        return q_BHSDh * cos + _rotate_half(q_BHSDh) * sin, k_BHSDh * cos + _rotate_half(k_BHSDh) * sin
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
-class KVCache:
-    """Keys and values of the positions seen so far, for generation: per layer (B, Hkv, capacity, Dh) tensors
-    filled left to right, and which of those positions are real tokens (left padding is not)."""
-
-    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, device: torch.device, dtype: torch.dtype):
-        shape = (batch, cfg.kv_heads, capacity, cfg.head_dim)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.valid_BC = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-        self.seen_B = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens so far, per sequence
-        self.length = 0  # positions filled
-
-    def append(self, layer: int, k_BHSDh: torch.Tensor, v_BHSDh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new keys and values at the next positions; returns all of them so far."""
-        S = k_BHSDh.shape[2]
-        end = self.length + S
-        if end > self.k[layer].shape[2]:
-            raise ValueError(f"the KV cache holds {self.k[layer].shape[2]} positions; {end} are needed")
-        self.k[layer][:, :, self.length : end] = k_BHSDh
-        self.v[layer][:, :, self.length : end] = v_BHSDh
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rope: Optional[RotaryEmbedding] = None):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
-        self.kv_proj = nn.Linear(cfg.d_model, 2 * cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)  # k and v fused
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
-        # One table for the whole model (an imported model's 128k positions take 134 MB; not once per layer).
-        self.rope = rope if rope is not None else RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
-        # QK-norm: over each head (Qwen3-MoE) or over the whole projection (OLMoE), before RoPE.
-        self.qk_norm = cfg.qk_norm
-        q_width, k_width = (
-            (cfg.head_dim, cfg.head_dim)
-            if cfg.qk_norm == "head"
-            else (cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim)
-        )
-        self.q_norm = RMSNorm(q_width, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(k_width, cfg.norm_eps) if cfg.qk_norm else None
-        for lin in (self.q_proj, self.kv_proj):
-            nn.init.normal_(lin.weight, std=cfg.init_std)
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
-        nn.init.normal_(self.o_proj.weight, std=residual_out_std(cfg.init_std, cfg.n_layers))
-
-    def forward(
-        self,
-        x_BSD: torch.Tensor,
-        positions_BS: Optional[torch.Tensor] = None,
-        cache: Optional[KVCache] = None,
-        layer: int = 0,
-    ) -> torch.Tensor:
-        """Causal attention over the sequence; with a `cache` (generation), over the cached positions too, at
-        `positions_BS`, skipping the cache's padding."""
-        B, S, _ = x_BSD.shape
-        q_BSX = self.q_proj(x_BSD)
-        k_BSX, v_BSX = self.kv_proj(x_BSD).chunk(2, dim=-1)
-        if self.qk_norm == "full" and self.q_norm is not None and self.k_norm is not None:
-            q_BSX, k_BSX = self.q_norm(q_BSX), self.k_norm(k_BSX)
-        q_BSHDh = q_BSX.view(B, S, self.n_heads, self.head_dim)
-        k_BSHDh = k_BSX.view(B, S, self.n_kv_heads, self.head_dim)
-        if self.qk_norm == "head" and self.q_norm is not None and self.k_norm is not None:
-            q_BSHDh, k_BSHDh = self.q_norm(q_BSHDh), self.k_norm(k_BSHDh)
-        q_BHSDh, k_BHSDh = q_BSHDh.transpose(1, 2), k_BSHDh.transpose(1, 2)
-        v_BHSDh = v_BSX.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q_BHSDh, k_BHSDh = self.rope(q_BHSDh, k_BHSDh, positions_BS)
-        gqa = self.n_kv_heads != self.n_heads
-        if cache is None:
-            y_BHSDh = F.scaled_dot_product_attention(q_BHSDh, k_BHSDh, v_BHSDh, is_causal=True, enable_gqa=gqa)
-        else:
-            k_BHCDh, v_BHCDh = cache.append(layer, k_BHSDh, v_BHSDh)
-            C = k_BHCDh.shape[2]
-            # Query i (cache position start + i) sees the real cached positions up to its own (and itself, so a
-            # padding query never sees nothing).
-            start = C - S
-            query_C = torch.arange(start, C, device=x_BSD.device)
-            key_C = torch.arange(C, device=x_BSD.device)
-            allowed_BSC = (key_C[None, :] <= query_C[:, None])[None] & cache.valid_BC[:, None, :C]
-            allowed_BSC = allowed_BSC | (key_C[None, :] == query_C[:, None])[None]
-            y_BHSDh = F.scaled_dot_product_attention(
-                q_BHSDh, k_BHCDh, v_BHCDh, attn_mask=allowed_BSC[:, None], enable_gqa=gqa
-            )
-        return self.o_proj(y_BHSDh.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
 
 class Block(nn.Module):
@@ -167,7 +34,7 @@ class Block(nn.Module):
         self.layer = layer
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         with seeded_part("attn"):
-            self.attn = CausalSelfAttention(cfg, rope)
+            self.attn = build_attention(cfg, rope)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         out_std = residual_out_std(cfg.init_std, cfg.n_layers)
         self.is_moe = cfg.is_moe_layer(layer)
@@ -221,7 +88,7 @@ class MoETransformer(nn.Module):
         with seeded_part("embed"):
             self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
             nn.init.normal_(self.embed.weight, std=cfg.init_std)
-        rope = RotaryEmbedding(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)  # shared by every layer
+        rope = rotary_embedding(cfg)  # shared by every layer
         blocks = []
         for layer in range(cfg.n_layers):
             with seeded_part(f"blocks.{layer}"):
@@ -324,7 +191,8 @@ class MoETransformer(nn.Module):
         return {"total": total, "embedding": embedding, "routed_experts": routed, "active": active}
 
     def flops_per_token(self, seq_len: int) -> int:
-        """Training FLOPs per token: 6 * active parameters + attention, as PaLM Appendix B (12 * L * H * Dh * S)."""
+        """Training FLOPs per token: 6 * active parameters + attention, as PaLM Appendix B (12 * L * H * Dh * S;
+        6 * L * H * (Dh + Dv) * S where values are narrower than queries and keys, as in latent attention)."""
         cfg = self.cfg
-        attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
+        attention = 6 * cfg.n_layers * cfg.n_heads * (cfg.head_dim + cfg.v_head_dim) * seq_len
         return 6 * self.num_params()["active"] + attention

@@ -82,6 +82,36 @@ class RouterConfig:
         this router does not route that way: what Mixtral-style MoE blocks (Hugging Face export) can express."""
         return None
 
+    def sigmoid_topk(self, num_experts: int) -> Optional[dict[str, Any]]:
+        """Eval-mode routing as DeepSeek-V3's: sigmoid scores, a top-k of score + a bias (zero if the router has
+        none) within the topk_groups best groups, the k scores renormalised or not, then scaled. Its settings under
+        Hugging Face's names, or None when this router does not route that way."""
+        return None
+
+
+def check_groups(cfg: Any, num_experts: int) -> None:
+    """Group-limited routing's settings (num_groups, topk_groups, top_k), or ValueError naming the first bad one."""
+    if cfg.num_groups < 1 or num_experts % cfg.num_groups:
+        raise ValueError(f"model.moe.router.num_groups={cfg.num_groups} must divide num_experts ({num_experts})")
+    if not 1 <= cfg.topk_groups <= cfg.num_groups:
+        raise ValueError(f"model.moe.router.topk_groups={cfg.topk_groups} must be in 1..num_groups ({cfg.num_groups})")
+    kept = cfg.topk_groups * (num_experts // cfg.num_groups)
+    if cfg.top_k > kept:
+        raise ValueError(
+            f"model.moe.router.top_k={cfg.top_k} is more than the {cfg.topk_groups} kept groups hold ({kept} experts)"
+        )
+
+
+def deepseek_routing(cfg: Any) -> dict[str, Any]:
+    """A sigmoid group-limited router's settings as DeepSeek-V3's config names them (top_k: num_experts_per_tok)."""
+    return {
+        "top_k": cfg.top_k,
+        "norm_topk_prob": cfg.normalize,
+        "n_group": cfg.num_groups,
+        "topk_group": cfg.topk_groups,
+        "routed_scaling_factor": cfg.scaling_factor,
+    }
+
 
 @dataclass
 class TopKRouterConfig(RouterConfig):
@@ -102,23 +132,15 @@ class TopKRouterConfig(RouterConfig):
         super().check(num_experts)
         if self.score not in ("softmax", "sigmoid"):
             raise ValueError(f"model.moe.router.score={self.score!r}; choose softmax or sigmoid")
-        if self.num_groups < 1 or num_experts % self.num_groups:
-            raise ValueError(f"model.moe.router.num_groups={self.num_groups} must divide num_experts ({num_experts})")
-        if not 1 <= self.topk_groups <= self.num_groups:
-            raise ValueError(
-                f"model.moe.router.topk_groups={self.topk_groups} must be in 1..num_groups ({self.num_groups})"
-            )
-        kept = self.topk_groups * (num_experts // self.num_groups)
-        if self.top_k > kept:
-            raise ValueError(
-                f"model.moe.router.top_k={self.top_k} is more than the {self.topk_groups} kept groups "
-                f"hold ({kept} experts)"
-            )
+        check_groups(self, num_experts)
 
     def softmax_topk(self, num_experts: int) -> Optional[tuple[int, bool]]:
         if self.score != "softmax" or self.num_groups > 1 or self.scaling_factor != 1.0:
-            return None  # sigmoid, group-limited or scaled routing: DeepSeek-V3 in HF, whose attention is MLA
+            return None  # sigmoid, group-limited or scaled routing: DeepSeek-V3's (sigmoid_topk)
         return self.top_k, self.normalize
+
+    def sigmoid_topk(self, num_experts: int) -> Optional[dict[str, Any]]:
+        return deepseek_routing(self) if self.score == "sigmoid" else None
 
 
 @dataclass
@@ -223,8 +245,20 @@ class AuxFreeRouterConfig(RouterConfig):
     bias_update_rate: float = 1e-3
     # Renormalise the k chosen sigmoid scores (DeepSeek-V3 does).
     normalize: bool = True
+    # Multiplies the combine weights (DeepSeek-V3's routed_scaling_factor, 2.5 for 256 experts).
     scaling_factor: float = 1.0
+    # Group-limited routing, as router=topk's: a token keeps the topk_groups groups with the highest sum of their
+    # top-2 biased scores, then picks top_k inside them (DeepSeek-V3: 8 groups, 4 kept, one per node).
+    num_groups: int = 1
+    topk_groups: int = 1
     summary = "sigmoid top-k with a load bias updated after each step, no aux loss needed (DeepSeek-V3 2024)"
+
+    def check(self, num_experts: int) -> None:
+        super().check(num_experts)
+        check_groups(self, num_experts)
+
+    def sigmoid_topk(self, num_experts: int) -> Optional[dict[str, Any]]:
+        return deepseek_routing(self)
 
 
 @dataclass

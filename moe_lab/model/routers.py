@@ -545,7 +545,10 @@ class AuxFreeRouter(Router):
         x_TD = inputs.x_TD
         logits_TE = self.gate_logits(x_TD)
         scores_TE = torch.sigmoid(logits_TE)
-        expert_ids_TK = (scores_TE + self.bias_E).topk(self.top_k, dim=-1).indices
+        choice_TE = scores_TE + self.bias_E
+        if self.cfg.num_groups > 1:
+            choice_TE = limit_to_groups(choice_TE, self.cfg.num_groups, self.cfg.topk_groups)
+        expert_ids_TK = choice_TE.topk(self.top_k, dim=-1).indices
         weights_TK = scores_TE.gather(1, expert_ids_TK)
         if self.cfg.normalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)

@@ -21,7 +21,7 @@ import torch
 
 from moe_lab.errors import UserError
 from moe_lab.model import MoETransformer
-from moe_lab.model.gpt import KVCache
+from moe_lab.model.attention import KVCache
 
 # Distinct background colours for experts (ANSI 256-colour codes and the same colours in hex), cycled past 16.
 ANSI = [25, 166, 28, 160, 30, 136, 97, 205, 94, 244, 33, 208, 34, 196, 37, 178]

@@ -28,15 +28,20 @@ class Family:
     moe: ClassVar[bool] = True  # an MoE (imported and exported) or a dense model (read for upcycling)
     config_class: ClassVar[str] = ""  # the transformers config class export writes
     qk_norm: ClassVar[Optional[str]] = None  # its attention's q/k norm, as model.qk_norm says it
+    latent_attention: ClassVar[bool] = False  # multi-head latent attention (model.kv_lora_rank), not grouped-query
+    # How its router scores experts: "softmax" (top-k of a softmax: RouterConfig.softmax_topk) or "sigmoid" (DeepSeek-
+    # V3's biased, group-limited sigmoid top-k: RouterConfig.sigmoid_topk).
+    routing: ClassVar[str] = "softmax"
     unsupported: ClassVar[Optional[str]] = None  # a family moe-lab knows but cannot read yet: why (one clause)
     # Where the family keeps a layer's FFN weights, under model.layers.{i}.: the router's gate, the experts packed
     # as transformers 5 loads them ((E, 2F, D) gate then up rows; (E, D, F)), a shared expert and its gate, and a
     # dense layer's FFN (gate_proj, up_proj, down_proj under the prefix).
     router_gate: ClassVar[str] = "mlp.gate.weight"
+    router_bias: ClassVar[Optional[str]] = None  # the sigmoid router's expert-choosing bias
     experts_gate_up: ClassVar[str] = "mlp.experts.gate_up_proj"
     experts_down: ClassVar[str] = "mlp.experts.down_proj"
     shared_expert: ClassVar[str] = "mlp.shared_expert."
-    shared_expert_gate: ClassVar[str] = "mlp.shared_expert_gate.weight"
+    shared_expert_gate: ClassVar[Optional[str]] = "mlp.shared_expert_gate.weight"  # None: ungated (DeepSeekMoE)
     dense_ffn: ClassVar[str] = "mlp."
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -58,6 +63,18 @@ class Family:
     def refusals(self, hf: Any) -> Refusals:
         """The parts of this family's config that moe-lab has no equivalent for (beyond the shared ones)."""
         return ()
+
+    def moe_layers(self, hf: Any) -> list[int]:
+        """Which layers are MoE: those not in mlp_only_layers whose (index + 1) is a multiple of decoder_sparse_step
+        (Qwen's spelling; the families without these settings are MoE in every layer)."""
+        step = setting(hf, "decoder_sparse_step", 1) or 1
+        dense = set(setting(hf, "mlp_only_layers", None) or [])
+        return [i for i in range(setting(hf, "num_hidden_layers")) if i not in dense and (i + 1) % step == 0]
+
+    def interleaved_rope(self, hf: Any) -> bool:
+        """Whether the rotary dims of its q and k weights come in interleaved pairs (x0, x1), (x2, x3), ... rather than
+        moe-lab's rotate-half halves; import reorders those rows (export orders them back)."""
+        return False
 
     # -- out of moe-lab ------------------------------------------------------------------------------------------
 
