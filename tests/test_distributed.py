@@ -76,6 +76,8 @@ PER_MICRO_BATCH = {
     # DeepSeek-V3's architecture (latent attention, groups, a shared expert) with two routers
     "deepseek_v3": ["model=deepseek_v3_tiny", "model.n_layers=3"],
     "deepseek_v3_topk": ["model=deepseek_v3_tiny", "model.n_layers=3", "router=topk", "model.moe.router.score=sigmoid"],
+    "glm45": ["model=glm45_tiny", "model.n_layers=3"],  # partial rotary, q/k/v biases and norms
+    "glm45_topk": ["model=glm45_tiny", "model.n_layers=3", "router=topk"],
 }
 # The default setting also runs the routing analyses at every validation: their counts are summed over ranks.
 PER_MICRO_BATCH["topk-cf1_25"] = [*PER_MICRO_BATCH["topk-cf1_25"], "metrics.analysis_every_n_steps=2"]

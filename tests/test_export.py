@@ -49,6 +49,9 @@ def trained(make_cfg, tmp_path, *overrides, name="run"):
             ],
             "DeepseekV3ForCausalLM",
         ),
+        # q/k/v biases, per-head q/k norms, partial rotary, the aux-loss-free router, an ungated shared expert
+        (["model=glm45_tiny"], "Glm4MoeForCausalLM"),
+        (["router=topk", "model.moe.router.score=sigmoid"], "Glm4MoeForCausalLM"),  # sigmoid routing, plain attention
     ],
 )
 def test_exported_logits_equal_moe_labs(make_cfg, tmp_path, overrides, architecture):
@@ -84,8 +87,8 @@ def test_routers_without_an_equivalent_are_refused_naming_the_formats(make_cfg, 
     with pytest.raises(
         ExportError,
         match=r"router=hash .* has no Hugging Face equivalent. Export writes Mixtral, "
-        r"Qwen2-MoE, Qwen3-MoE, OLMoE or DeepSeek-V3: softmax top-k routers "
-        r"\['noisy_topk'.* or DeepSeek-V3's sigmoid top-k: routers \['aux_free'\] \(and topk with score=sigmoid\)",
+        r"Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3 or GLM-4.5: softmax top-k routers \['noisy_topk'.* or the "
+        r"sigmoid top-k of DeepSeek-V3 and GLM-4.5: routers \['aux_free'\] \(and topk with score=sigmoid\)",
     ):
         export_hf(ckpt, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()

@@ -35,7 +35,14 @@ COMMON = dict(
 
 def _tiny_configs() -> dict:
     """A tiny random config of every MoE family moe-lab reads, by model_type (a new family adds its own here)."""
-    from transformers import DeepseekV3Config, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import (
+        DeepseekV3Config,
+        Glm4MoeConfig,
+        MixtralConfig,
+        OlmoeConfig,
+        Qwen2MoeConfig,
+        Qwen3MoeConfig,
+    )
 
     return {
         "mixtral": lambda **extra: MixtralConfig(
@@ -82,6 +89,24 @@ def _tiny_configs() -> dict:
             qk_nope_head_dim=8,
             v_head_dim=12,
             **{**COMMON, "num_key_value_heads": 4, **extra},
+        ),
+        # DeepSeek-V3's router and experts behind grouped-query attention with q/k/v biases, per-head q/k norms and
+        # RoPE on half of each head (its default partial_rotary_factor)
+        "glm4_moe": lambda **extra: Glm4MoeConfig(
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=1.5,
+            first_k_dense_replace=1,
+            attention_bias=True,
+            use_qk_norm=True,
+            head_dim=16,
+            **COMMON,
+            **extra,
         ),
     }
 

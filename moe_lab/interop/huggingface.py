@@ -215,7 +215,10 @@ def _refuse_what_moe_lab_lacks(hf: Any, found: Family) -> float:
         (rope_type not in (None, "default"), f"scaled RoPE (rope_type={rope_type})"),
         (bool(get("use_sliding_window", False)), "sliding-window attention (use_sliding_window=true)"),
         (get("clip_qkv") is not None, f"clipping of q, k and v (clip_qkv={get('clip_qkv')})"),
-        (found.moe and bool(get("attention_bias", False)), "attention_bias=true (a bias on the output projection)"),
+        (
+            found.moe and not found.attention_bias_is_qkv and bool(get("attention_bias", False)),
+            "attention_bias=true (a bias on the output projection)",
+        ),
         (bool(get("mlp_bias", False)), "FFN biases"),
         (not gated, f"hidden_act={act} (moe-lab's gated FFNs use {'silu or tanh-gelu' if found.moe else 'silu'})"),
         *found.refusals(hf),
@@ -433,17 +436,15 @@ def hf_architecture(cfg: ModelConfig) -> tuple[Family, dict]:
         raise ExportError(
             f"router={router.name} ({_describe(router)}) has no Hugging Face equivalent. Export writes "
             f"{titles(last='or')}: softmax top-k routers {exportable_routers()} (topk with score=softmax, one group "
-            f"and scaling_factor=1) or DeepSeek-V3's sigmoid top-k: routers {exportable_routers('sigmoid')} (and topk "
-            "with score=sigmoid)"
+            f"and scaling_factor=1) or the sigmoid top-k of {_routing_titles('sigmoid')}: routers "
+            f"{exportable_routers('sigmoid')} (and topk with score=sigmoid)"
         )
     if moe.activation not in _ACTIVATIONS.values():
         raise ExportError(
             f"model.moe.activation={moe.activation}: Hugging Face MoE experts are gated (swiglu or geglu)"
         )
-    latent = cfg.kv_lora_rank is not None
-    attention = "latent attention" if latent else f"model.qk_norm={cfg.qk_norm}"
-    reason: Optional[str] = f"no family moe-lab exports has {attention}"
-    for candidate in (f for f in supported() if f.qk_norm == cfg.qk_norm and f.latent_attention == latent):
+    reason: Optional[str] = f"no family moe-lab exports has its attention ({_describe_attention(cfg)})"
+    for candidate in (f for f in supported() if f.holds_attention(cfg)):
         routing = hf_routing(router, moe.num_experts, candidate.routing)
         reason = (
             candidate.cannot_express(cfg, routing)
@@ -456,6 +457,17 @@ def hf_architecture(cfg: ModelConfig) -> tuple[Family, dict]:
         if reason is None and routing is not None:
             return candidate, routing
     raise ExportError(reason or "no family moe-lab exports holds this model")
+
+
+def _routing_titles(kind: str) -> str:
+    return " and ".join(f.title for f in supported() if f.routing == kind)
+
+
+def _describe_attention(cfg: ModelConfig) -> str:
+    if cfg.kv_lora_rank is not None:
+        return "latent attention"
+    partial = f", model.rope_dims={cfg.rope_dims} of {cfg.head_dim}" if cfg.rotary_dims != cfg.head_dim else ""
+    return f"model.qk_norm={cfg.qk_norm}{partial}"
 
 
 def _describe(router: RouterConfig) -> str:

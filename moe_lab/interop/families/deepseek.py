@@ -12,7 +12,15 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from moe_lab.interop.families.family import Family, Refusals, setting
+from moe_lab.interop.families.family import (
+    Family,
+    Refusals,
+    first_dense_then_moe,
+    setting,
+    sigmoid_moe_lacks,
+    sigmoid_moe_layout,
+    sigmoid_moe_settings,
+)
 
 
 class DeepSeekV3(Family):
@@ -20,7 +28,6 @@ class DeepSeekV3(Family):
     title = "DeepSeek-V3"
     order = 50
     config_class = "DeepseekV3Config"
-    latent_attention = True
     routing = "sigmoid"
     router_bias = "mlp.gate.e_score_correction_bias"
     shared_expert = "mlp.shared_experts."
@@ -40,21 +47,10 @@ class DeepSeekV3(Family):
         }
 
     def moe_settings(self, hf: Any) -> dict[str, Any]:
-        return {
-            "expert_hidden": setting(hf, "moe_intermediate_size"),
-            "num_shared": setting(hf, "n_shared_experts", 0) or 0,
-            "router": {
-                "name": "aux_free",
-                "top_k": setting(hf, "num_experts_per_tok"),
-                "normalize": bool(setting(hf, "norm_topk_prob", True)),
-                "num_groups": setting(hf, "n_group") or 1,
-                "topk_groups": setting(hf, "topk_group") or 1,
-                "scaling_factor": float(setting(hf, "routed_scaling_factor", 1.0)),
-            },
-        }
+        return sigmoid_moe_settings(hf)
 
     def moe_layers(self, hf: Any) -> list[int]:
-        return list(range(setting(hf, "first_k_dense_replace", 0) or 0, setting(hf, "num_hidden_layers")))
+        return first_dense_then_moe(hf)
 
     def interleaved_rope(self, hf: Any) -> bool:
         return bool(setting(hf, "rope_interleave", True))
@@ -67,36 +63,24 @@ class DeepSeekV3(Family):
             "its keys and values)",
         )
 
+    def holds_attention(self, cfg: Any) -> bool:
+        return cfg.kv_lora_rank is not None
+
     def cannot_express(self, cfg: Any, routing: dict) -> Optional[str]:
-        moe = cfg.moe
-        first = cfg.moe_layers[0] if cfg.moe_layers else 0
-        for present, what in (
-            (cfg.moe_layers != list(range(first, cfg.n_layers)), "MoE layers but all after its first dense ones"),
-            (moe.shared_gate, "gate on its shared experts"),
-            (moe.shared_width % moe.expert_hidden, "shared experts whose width is not a multiple of an expert's"),
-        ):
-            if present:
-                return f"DeepSeek-V3 has no {what}"
-        return None
+        lacks = sigmoid_moe_lacks(cfg)
+        return None if lacks is None else f"DeepSeek-V3 has no {lacks}"
 
     def hf_settings(self, cfg: Any, routing: dict) -> dict[str, Any]:
-        moe = cfg.moe
         return {
-            "intermediate_size": cfg.ffn_hidden,
-            "moe_intermediate_size": moe.expert_hidden,
-            "n_routed_experts": moe.num_experts,
-            "n_shared_experts": moe.shared_width // moe.expert_hidden,
-            "first_k_dense_replace": cfg.moe_layers[0],
+            **sigmoid_moe_layout(cfg, routing),
+            "head_dim": cfg.rotary_dims,  # transformers' DeepSeek-V3 sizes its RoPE table by head_dim
             "kv_lora_rank": cfg.kv_lora_rank,
             "q_lora_rank": cfg.q_lora_rank,
-            "head_dim": cfg.rotary_dims,  # transformers' DeepSeek-V3 sizes its RoPE table by head_dim
             "qk_rope_head_dim": cfg.rotary_dims,
             "qk_nope_head_dim": cfg.head_dim - cfg.rotary_dims,
             "v_head_dim": cfg.v_head_dim,
             "rope_interleave": True,
             "attention_bias": False,
-            "num_mtp_layers": 0,
-            **{k: v for k, v in routing.items() if k != "top_k"},
         }
 
 

@@ -28,7 +28,9 @@ class Family:
     moe: ClassVar[bool] = True  # an MoE (imported and exported) or a dense model (read for upcycling)
     config_class: ClassVar[str] = ""  # the transformers config class export writes
     qk_norm: ClassVar[Optional[str]] = None  # its attention's q/k norm, as model.qk_norm says it
-    latent_attention: ClassVar[bool] = False  # multi-head latent attention (model.kv_lora_rank), not grouped-query
+    # Its config's attention_bias puts biases on q, k and v (GLM-4.5); elsewhere it is an output-projection bias, which
+    # moe-lab refuses.
+    attention_bias_is_qkv: ClassVar[bool] = False
     # How its router scores experts: "softmax" (top-k of a softmax: RouterConfig.softmax_topk) or "sigmoid" (DeepSeek-
     # V3's biased, group-limited sigmoid top-k: RouterConfig.sigmoid_topk).
     routing: ClassVar[str] = "softmax"
@@ -78,6 +80,11 @@ class Family:
 
     # -- out of moe-lab ------------------------------------------------------------------------------------------
 
+    def holds_attention(self, cfg: Any) -> bool:
+        """Whether a moe-lab model's attention is this family's: grouped-query with its q/k norm, every dim rotated
+        (export tries the families whose attention the model has)."""
+        return cfg.kv_lora_rank is None and cfg.qk_norm == self.qk_norm and cfg.rope_dims in (None, cfg.head_dim)
+
     def cannot_express(self, cfg: Any, routing: dict) -> Optional[str]:
         """Why this family cannot hold a moe-lab model whose attention it shares (one clause), or None if it can."""
         return None
@@ -113,3 +120,56 @@ def qwen_moe_layout(cfg: Any, routing: dict) -> dict[str, Any]:
 def dense_layers(cfg: Any) -> list[int]:
     """The layers of a moe-lab model that are dense (Qwen's mlp_only_layers)."""
     return [layer for layer in range(cfg.n_layers) if not cfg.is_moe_layer(layer)]
+
+
+# -- DeepSeek-V3's MoE block, which GLM-4.5 shares: sigmoid routing with a bias, groups, scaling, ungated shared
+# experts of n_shared_experts x moe_intermediate_size, the first first_k_dense_replace layers dense.
+
+
+def sigmoid_moe_settings(hf: Any) -> dict[str, Any]:
+    """The `model.moe` settings of a DeepSeek-V3-style MoE block: the router is moe-lab's aux_free."""
+    return {
+        "expert_hidden": setting(hf, "moe_intermediate_size"),
+        "num_shared": setting(hf, "n_shared_experts", 0) or 0,
+        "router": {
+            "name": "aux_free",
+            "top_k": setting(hf, "num_experts_per_tok"),
+            "normalize": bool(setting(hf, "norm_topk_prob", True)),
+            "num_groups": setting(hf, "n_group") or 1,
+            "topk_groups": setting(hf, "topk_group") or 1,
+            "scaling_factor": float(setting(hf, "routed_scaling_factor", 1.0)),
+        },
+    }
+
+
+def first_dense_then_moe(hf: Any) -> list[int]:
+    """The MoE layers of a config whose first first_k_dense_replace layers are dense."""
+    return list(range(setting(hf, "first_k_dense_replace", 0) or 0, setting(hf, "num_hidden_layers")))
+
+
+def sigmoid_moe_lacks(cfg: Any) -> Optional[str]:
+    """What a moe-lab model has that a DeepSeek-V3-style MoE block cannot hold, or None."""
+    moe = cfg.moe
+    first = cfg.moe_layers[0] if cfg.moe_layers else 0
+    for present, what in (
+        (cfg.moe_layers != list(range(first, cfg.n_layers)), "MoE layers but all after its first dense ones"),
+        (moe.shared_gate, "gate on its shared experts"),
+        (moe.shared_width % moe.expert_hidden, "shared experts whose width is not a multiple of an expert's"),
+    ):
+        if present:
+            return what
+    return None
+
+
+def sigmoid_moe_layout(cfg: Any, routing: dict) -> dict[str, Any]:
+    """The transformers values of a DeepSeek-V3-style MoE block for a moe-lab model."""
+    moe = cfg.moe
+    return {
+        "intermediate_size": cfg.ffn_hidden,
+        "moe_intermediate_size": moe.expert_hidden,
+        "n_routed_experts": moe.num_experts,
+        "n_shared_experts": moe.shared_width // moe.expert_hidden,
+        "first_k_dense_replace": cfg.moe_layers[0],
+        "num_mtp_layers": 0,
+        **{k: v for k, v in routing.items() if k != "top_k"},
+    }
