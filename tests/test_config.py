@@ -221,7 +221,7 @@ def test_validate_rejects_bad_input(make_cfg, overrides, expected):
         (["model.moe.foo=1"], "model.moe.foo is not a setting; the settings of model.moe are: ['activation'"),
         (
             ["experts=e99"],
-            "experts=e99 is not an option; the options of experts are: dense, e16, e16_fine_shared, "
+            "experts=e99 is not an option; the options of experts are: dense, e16, e16_fine, e16_fine_shared, "
             "e16_grouped_shared, e4, e64_fine, e64_fine_shared, e8",
         ),
         (

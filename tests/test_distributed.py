@@ -78,6 +78,9 @@ PER_MICRO_BATCH = {
     "deepseek_v3_topk": ["model=deepseek_v3_tiny", "model.n_layers=3", "router=topk", "model.moe.router.score=sigmoid"],
     "glm45": ["model=glm45_tiny", "model.n_layers=3"],  # partial rotary, q/k/v biases and norms
     "glm45_topk": ["model=glm45_tiny", "model.n_layers=3", "router=topk"],
+    # sinks, a window of 16 on layers 0 and 2, expert and gate biases, the clamped SwiGLU
+    "gpt_oss": ["model=gpt_oss_tiny", "model.n_layers=3", "model.sliding_window=16"],
+    "gpt_oss_aux_free": ["model=gpt_oss_tiny", "model.n_layers=3", "model.sliding_window=16", "router=aux_free"],
 }
 # The default setting also runs the routing analyses at every validation: their counts are summed over ranks.
 PER_MICRO_BATCH["topk-cf1_25"] = [*PER_MICRO_BATCH["topk-cf1_25"], "metrics.analysis_every_n_steps=2"]

@@ -52,6 +52,8 @@ def trained(make_cfg, tmp_path, *overrides, name="run"):
         # q/k/v biases, per-head q/k norms, partial rotary, the aux-loss-free router, an ungated shared expert
         (["model=glm45_tiny"], "Glm4MoeForCausalLM"),
         (["router=topk", "model.moe.router.score=sigmoid"], "Glm4MoeForCausalLM"),  # sigmoid routing, plain attention
+        # sinks, a window of 16 on layers 0 and 2 (sequences of 48), YaRN, biases everywhere, the clamped SwiGLU
+        (["model=gpt_oss_tiny", "model.sliding_window=16"], "GptOssForCausalLM"),
     ],
 )
 def test_exported_logits_equal_moe_labs(make_cfg, tmp_path, overrides, architecture):
@@ -86,9 +88,10 @@ def test_routers_without_an_equivalent_are_refused_naming_the_formats(make_cfg, 
     ckpt = trained(make_cfg, tmp_path, "router=hash", "aux_loss=none")
     with pytest.raises(
         ExportError,
-        match=r"router=hash .* has no Hugging Face equivalent. Export writes Mixtral, "
-        r"Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3 or GLM-4.5: softmax top-k routers \['noisy_topk'.* or the "
-        r"sigmoid top-k of DeepSeek-V3 and GLM-4.5: routers \['aux_free'\] \(and topk with score=sigmoid\)",
+        match=r"router=hash .* has no Hugging Face equivalent. Export writes Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
+        r"DeepSeek-V3, GLM-4.5 or gpt-oss; their routings: softmax top-k .* in Mixtral, Qwen2-MoE, Qwen3-MoE, "
+        r"OLMoE: routers \['noisy_topk', .*\]; biased sigmoid top-k .* in DeepSeek-V3, GLM-4.5: routers "
+        r"\['aux_free'\]; softmax over the top-k logits .* in gpt-oss: routers \[.*'topk'\]",
     ):
         export_hf(ckpt, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()

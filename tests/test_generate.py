@@ -46,6 +46,15 @@ LATENT = {"n_kv_heads": None, "kv_lora_rank": 16, "q_lora_rank": 24, "head_size"
         {"qk_norm": "head", "head_size": 24},
         {"rope_dims": 8},  # partial rotary
         LATENT,  # latent attention (DeepSeek-V3)
+        {  # gpt-oss's attention: sinks, a window of 6 on layers 0 and 2, output biases, YaRN
+            "attention_sinks": True,
+            "sliding_window": 6,
+            "sliding_layers": [0, 2],
+            "qkv_bias": True,
+            "out_bias": True,
+            "rope_scaling_factor": 4.0,
+            "rope_original_max_seq_len": 16,
+        },
     ],
 )
 def test_cached_steps_and_left_padding_change_no_logit(extra):

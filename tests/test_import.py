@@ -38,6 +38,7 @@ def _tiny_configs() -> dict:
     from transformers import (
         DeepseekV3Config,
         Glm4MoeConfig,
+        GptOssConfig,
         MixtralConfig,
         OlmoeConfig,
         Qwen2MoeConfig,
@@ -107,6 +108,16 @@ def _tiny_configs() -> dict:
             head_dim=16,
             **COMMON,
             **extra,
+        ),
+        # a gate bias, expert biases and the clamped SwiGLU, attention biases and sinks, a window of 8 on alternate
+        # layers (sequences of 40 pass it), YaRN (its default: factor 32 over 4096 positions)
+        "gpt_oss": lambda **extra: GptOssConfig(
+            intermediate_size=16,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            head_dim=8,
+            sliding_window=8,
+            **{**COMMON, "max_position_embeddings": 131072, **extra},
         ),
     }
 
@@ -186,6 +197,20 @@ def test_imported_logits_equal_transformers(family, extra, tmp_path):
         ("mixtral", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "scaled RoPE"),
         ("qwen2_moe", {"mlp_only_layers": [0, 1, 2]}, "no MoE layer"),
         ("mixtral", {"hidden_act": "relu"}, "hidden_act=relu"),
+        ("gpt_oss", {"swiglu_limit": 5.0}, "swiglu_limit=5.0"),
+        (
+            "qwen3_moe",
+            {
+                "rope_parameters": {
+                    "rope_type": "yarn",
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 32,
+                    "rope_theta": 1e4,
+                    "mscale": 0.7,
+                }
+            },
+            "YaRN with its own attention scaling (mscale)",
+        ),
     ],
 )
 def test_a_part_moe_lab_cannot_represent_is_refused(family, extra, part, tmp_path):
@@ -197,6 +222,18 @@ def test_a_part_moe_lab_cannot_represent_is_refused(family, extra, part, tmp_pat
     message = str(caught.value)
     assert part in message and "\n" not in message
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_quantised_gpt_oss_experts_are_refused_before_any_weight_is_read(tmp_path):
+    """OpenAI's released gpt-oss weights are MXFP4-packed: refused in one line saying how to get float weights."""
+    from moe_lab.tools.hf_import import import_hf
+
+    config = hf_config("gpt_oss")
+    config.quantization_config = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    config.save_pretrained(tmp_path / "hf")  # a config alone: the refusal comes before any weight is looked for
+    with pytest.raises(UserError, match=r"quantised experts \(quantization_config: mxfp4; .*Mxfp4Config") as caught:
+        import_hf(str(tmp_path / "hf"), tmp_path / "out")
+    assert "\n" not in str(caught.value) and not (tmp_path / "out").exists()
 
 
 def test_other_architectures_are_named(tmp_path):

@@ -56,8 +56,11 @@ def run(layer: MoELayer, x: torch.Tensor, grad: torch.Tensor, implementation: st
 
 
 @pytest.mark.parametrize("top_k,capacity_factor", [(1, None), (2, None), (2, 1.0), (2, 0.5), (4, 0.75), (8, None)])
-@pytest.mark.parametrize("activation,num_shared,drop_policy", [("swiglu", 0, "position"), ("gelu", 1, "probability")])
-def test_grouped_equals_loop_oracle(top_k, capacity_factor, activation, num_shared, drop_policy):
+@pytest.mark.parametrize(
+    "activation,num_shared,drop_policy,expert_bias",
+    [("swiglu", 0, "position", False), ("gelu", 1, "probability", False), ("swiglu_clamped", 0, "position", True)],
+)
+def test_grouped_equals_loop_oracle(top_k, capacity_factor, activation, num_shared, drop_policy, expert_bias):
     layer = make_layer(
         top_k=top_k,
         capacity_factor=capacity_factor,
@@ -65,7 +68,12 @@ def test_grouped_equals_loop_oracle(top_k, capacity_factor, activation, num_shar
         num_shared=num_shared,
         drop_policy=drop_policy,
         shared_gate=num_shared > 0,
+        expert_bias=expert_bias,
     )
+    if expert_bias:  # gpt-oss's experts: biases off their zero init, pre-activations past the clamp at 7
+        with torch.no_grad():
+            layer.experts.b_in_EGF.normal_(0.0, 4.0)
+            layer.experts.b_out_ED.normal_(0.0, 1.0)
     x = torch.randn(3, 40, D)
     grad = torch.randn(3, 40, D)
     y_g, gx_g, gw_g, out_g = run(layer, x, grad, "grouped")

@@ -202,7 +202,8 @@ COMMANDS: tuple[Command, ...] = (
         "loadable with AutoModelForCausalLM.from_pretrained(OUT_DIR). Reads CKPT (a file or a sharded checkpoint's "
         "folder; tensors only, weights_only=True) and its saved settings; writes OUT_DIR/config.json (the family's "
         "transformers config), model.safetensors (every weight: the experts packed as transformers 5 loads them, "
-        "gate_up_proj [E, 2I, H] and down_proj [E, H, I], a sigmoid router's bias, latent attention's projections), "
+        "gate_up_proj [E, 2I, H] and down_proj [E, H, I], or gpt-oss's [E, H, 2I] with gate and up interleaved and "
+        "[E, I, H] with their biases; a router's bias; latent attention's projections; attention sinks), "
         "generation_config.json, tokenizer.json and tokenizer_config.json; nothing where it refuses.",
         (
             arg("checkpoint", help="a moe-lab checkpoint, e.g. outputs/DATE/TIME/checkpoints/last.ckpt"),

@@ -21,7 +21,7 @@ import torch
 from moe_lab.errors import ExportError, ModelImportError, UserError
 from moe_lab.hub import check_hub, looks_like_hub_id
 from moe_lab.interop.families import Family, family, supported, titles
-from moe_lab.interop.families.family import setting
+from moe_lab.interop.families.family import rope_parameters, setting
 from moe_lab.model import ModelConfig, MoELayer, MoETransformer
 from moe_lab.model.router_configs import RouterConfig, registered_routers, router_config
 
@@ -112,7 +112,7 @@ def model_config(hf: Any, dense: bool = False) -> ModelConfig:
     With `dense`, the dense families (read to upcycle) instead of the MoE ones."""
     found = check_family(getattr(hf, "model_type", None), dense)
     theta = _refuse_what_moe_lab_lacks(hf, found)
-    settings = {**_backbone_settings(hf, found.model_type, theta), **found.settings(hf)}
+    settings = {**_backbone_settings(hf, found.model_type, theta), **_yarn_settings(hf), **found.settings(hf)}
     if found.moe:
         settings["moe"] = _moe_settings(hf, found)
     else:
@@ -148,6 +148,20 @@ def _checked(cfg: ModelConfig, model_type: str) -> ModelConfig:
     except ValueError as e:
         raise ModelImportError(f"{model_type}: {e}") from None
     return cfg
+
+
+def _yarn_settings(hf: Any) -> dict[str, Any]:
+    """The model.rope_* settings of a config whose RoPE is YaRN (none otherwise)."""
+    rope = getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {}
+    if _rope(hf)[0] != "yarn":
+        return {}
+    return {
+        "rope_scaling_factor": float(rope.get("factor") or 1.0),
+        "rope_original_max_seq_len": rope.get("original_max_position_embeddings"),
+        "rope_beta_fast": float(rope.get("beta_fast") or 32.0),
+        "rope_beta_slow": float(rope.get("beta_slow") or 1.0),
+        "rope_truncate": bool(rope.get("truncate", True)),
+    }
 
 
 def _rope(hf: Any) -> tuple[Any, float]:
@@ -209,14 +223,17 @@ def _refuse_what_moe_lab_lacks(hf: Any, found: Family) -> float:
     family's own); the rope theta otherwise."""
     get = lambda name, default=None: setting(hf, name, default)  # noqa: E731
     rope_type, theta = _rope(hf)
+    rope = get("rope_parameters") or get("rope_scaling") or {}
+    yarn_extra = sorted(k for k in ("attention_factor", "mscale", "mscale_all_dim") if rope.get(k) is not None)
     act = get("hidden_act")
     gated = act in _ACTIVATIONS if found.moe else act == "silu"
     for present, part in (
-        (rope_type not in (None, "default"), f"scaled RoPE (rope_type={rope_type})"),
+        (rope_type not in (None, "default", "yarn"), f"scaled RoPE (rope_type={rope_type})"),
+        (bool(yarn_extra), f"YaRN with its own attention scaling ({', '.join(yarn_extra)})"),
         (bool(get("use_sliding_window", False)), "sliding-window attention (use_sliding_window=true)"),
         (get("clip_qkv") is not None, f"clipping of q, k and v (clip_qkv={get('clip_qkv')})"),
         (
-            found.moe and not found.attention_bias_is_qkv and bool(get("attention_bias", False)),
+            found.moe and not found.reads_attention_bias and bool(get("attention_bias", False)),
             "attention_bias=true (a bias on the output projection)",
         ),
         (bool(get("mlp_bias", False)), "FFN biases"),
@@ -300,14 +317,21 @@ def state_dict(
         out[q + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
         if cfg.kv_lora_rank is None:
             _attention_in(out, take, p + "self_attn.", q + "attn.", cfg)
+            if cfg.attention_sinks:
+                out[q + "attn.sinks_H"] = take(p + names.attention_sinks)
         else:
             _latent_attention_in(out, take, p + "self_attn.", q + "attn.", cfg, interleaved_rope)
         if cfg.is_moe_layer(i):
             out[q + "ffn.router.gate_ED"] = take(p + names.router_gate)
             if names.router_bias:
                 out[q + "ffn.router.bias_E"] = take(p + names.router_bias)
-            out[q + "ffn.experts.w_in_EGFD"] = take(p + names.experts_gate_up)  # (E, 2F, D): gate, then up
-            out[q + "ffn.experts.w_out_EDF"] = take(p + names.experts_down)
+            if names.router_gate_bias:
+                out[q + "ffn.router.gate_bias_E"] = take(p + names.router_gate_bias)
+            w_in, w_out = names.experts_in(take(p + names.experts_gate_up), take(p + names.experts_down))
+            out[q + "ffn.experts.w_in_EGFD"], out[q + "ffn.experts.w_out_EDF"] = w_in, w_out  # (E, 2F, D): gate, up
+            if cfg.moe.expert_bias:
+                out[q + "ffn.experts.b_in_EGF"] = names.gate_up_bias_in(take(p + names.experts_gate_up_bias))
+                out[q + "ffn.experts.b_out_ED"] = take(p + names.experts_down_bias)
             if cfg.moe.num_shared:
                 _dense_in(out, take, p + names.shared_expert, q + "ffn.shared.")
             if cfg.moe.shared_gate and names.shared_expert_gate:
@@ -331,6 +355,8 @@ def _attention_in(out: dict, take, hf_prefix: str, prefix: str, cfg: ModelConfig
         out[prefix + "q_proj.bias"] = take(hf_prefix + "q_proj.bias")
         out[prefix + "kv_proj.bias"] = torch.cat([take(hf_prefix + "k_proj.bias"), take(hf_prefix + "v_proj.bias")])
     out[prefix + "o_proj.weight"] = take(hf_prefix + "o_proj.weight")
+    if cfg.out_bias:
+        out[prefix + "o_proj.bias"] = take(hf_prefix + "o_proj.bias")
     if cfg.qk_norm:
         out[prefix + "q_norm.weight"] = take(hf_prefix + "q_norm.weight")
         out[prefix + "k_norm.weight"] = take(hf_prefix + "k_norm.weight")
@@ -416,6 +442,8 @@ def hf_routing(router: RouterConfig, num_experts: int, kind: str = "softmax") ->
     Config says (`softmax_topk`, `sigmoid_topk`)."""
     if kind == "sigmoid":
         return router.sigmoid_topk(num_experts)
+    if kind == "topk_softmax":
+        return router.topk_softmax(num_experts)
     routing = router.softmax_topk(num_experts)
     return None if routing is None else {"top_k": routing[0], "norm_topk_prob": routing[1]}
 
@@ -432,19 +460,17 @@ def hf_architecture(cfg: ModelConfig) -> tuple[Family, dict]:
     if not moe.enabled:
         raise ExportError(f"a dense model (experts=dense) is not an MoE; export supports MoE models ({titles()})")
     router = router_config(moe.router)
-    if all(hf_routing(router, moe.num_experts, kind) is None for kind in ("softmax", "sigmoid")):
+    if all(hf_routing(router, moe.num_experts, f.routing) is None for f in supported()):
         raise ExportError(
             f"router={router.name} ({_describe(router)}) has no Hugging Face equivalent. Export writes "
-            f"{titles(last='or')}: softmax top-k routers {exportable_routers()} (topk with score=softmax, one group "
-            f"and scaling_factor=1) or the sigmoid top-k of {_routing_titles('sigmoid')}: routers "
-            f"{exportable_routers('sigmoid')} (and topk with score=sigmoid)"
-        )
-    if moe.activation not in _ACTIVATIONS.values():
-        raise ExportError(
-            f"model.moe.activation={moe.activation}: Hugging Face MoE experts are gated (swiglu or geglu)"
+            f"{titles(last='or')}; their routings: {_routings()}"
         )
     reason: Optional[str] = f"no family moe-lab exports has its attention ({_describe_attention(cfg)})"
     for candidate in (f for f in supported() if f.holds_attention(cfg)):
+        if moe.activation not in candidate.activations or (moe.expert_bias and not candidate.expert_bias):
+            bias = ", with biases" if moe.expert_bias else ""
+            reason = f"{candidate.title}'s experts are {' or '.join(candidate.activations)}, not {moe.activation}{bias}"
+            continue
         routing = hf_routing(router, moe.num_experts, candidate.routing)
         reason = (
             candidate.cannot_express(cfg, routing)
@@ -459,8 +485,22 @@ def hf_architecture(cfg: ModelConfig) -> tuple[Family, dict]:
     raise ExportError(reason or "no family moe-lab exports holds this model")
 
 
-def _routing_titles(kind: str) -> str:
-    return " and ".join(f.title for f in supported() if f.routing == kind)
+# Each routing kind a family may have (Family.routing), for the refusal that lists the routers that export.
+_ROUTING_KINDS = {
+    "softmax": "softmax top-k (topk with score=softmax, one group and scaling_factor=1)",
+    "sigmoid": "biased sigmoid top-k (topk with score=sigmoid)",
+    "topk_softmax": "softmax over the top-k logits with a gate bias (topk with gate_bias)",
+}
+
+
+def _routings() -> str:
+    """Each routing kind, its families and the routers that export to it, for a refusal."""
+    kinds = dict.fromkeys(f.routing for f in supported())
+    return "; ".join(
+        f"{_ROUTING_KINDS.get(kind, kind)} in {', '.join(f.title for f in supported() if f.routing == kind)}: "
+        f"routers {exportable_routers(kind)}"
+        for kind in kinds
+    )
 
 
 def _describe_attention(cfg: ModelConfig) -> str:
@@ -495,7 +535,7 @@ def _hf_common_settings(cfg: ModelConfig, routing: dict, eos_id: int) -> dict[st
         head_dim=cfg.head_dim,
         max_position_embeddings=cfg.max_seq_len,
         rms_norm_eps=cfg.norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_parameters=rope_parameters(cfg),
         hidden_act="silu" if moe.activation == "swiglu" else "gelu_pytorch_tanh",
         tie_word_embeddings=cfg.tie_embeddings,
         num_experts_per_tok=routing["top_k"],
@@ -524,6 +564,8 @@ def hf_state_dict(model: MoETransformer, names: Family) -> dict[str, torch.Tenso
         out[p + "post_attention_layernorm.weight"] = block.ffn_norm.weight
         if cfg.kv_lora_rank is None:
             _attention_out(out, p + "self_attn.", block.attn, cfg)
+            if block.attn.sinks_H is not None:
+                out[p + names.attention_sinks] = block.attn.sinks_H
         else:
             for part in _latent_parts(cfg):
                 weight = getattr(block.attn, part).weight
@@ -531,10 +573,20 @@ def hf_state_dict(model: MoETransformer, names: Family) -> dict[str, torch.Tenso
         ffn = block.ffn
         if isinstance(ffn, MoELayer):
             out[p + names.router_gate] = ffn.router.gate_ED
-            if names.router_bias:  # a router without a bias (topk, score=sigmoid) chooses as a zero one does
-                out[p + names.router_bias] = getattr(ffn.router, "bias_E", torch.zeros(cfg.moe.num_experts))
-            out[p + names.experts_gate_up] = ffn.experts.w_in_EGFD  # (E, 2F, D): gate rows, then up rows
-            out[p + names.experts_down] = ffn.experts.w_out_EDF
+            zeros = torch.zeros(cfg.moe.num_experts)  # a router without a family's bias routes as a zero one does
+            if names.router_bias:
+                out[p + names.router_bias] = getattr(ffn.router, "bias_E", zeros)
+            if names.router_gate_bias:
+                gate_bias = getattr(ffn.router, "gate_bias_E", None)
+                out[p + names.router_gate_bias] = zeros if gate_bias is None else gate_bias
+            experts = ffn.experts
+            gate_up, down = names.experts_out(experts.w_in_EGFD, experts.w_out_EDF)
+            out[p + names.experts_gate_up], out[p + names.experts_down] = gate_up, down
+            if names.expert_bias:  # experts without biases are experts with zero ones
+                b_in = experts.b_in_EGF if experts.b_in_EGF is not None else torch.zeros(experts.w_in_EGFD.shape[:2])
+                b_out = experts.b_out_ED if experts.b_out_ED is not None else torch.zeros(experts.w_out_EDF.shape[:2])
+                out[p + names.experts_gate_up_bias] = names.gate_up_bias_out(b_in)
+                out[p + names.experts_down_bias] = b_out
             if ffn.shared is not None:
                 _dense(out, p + names.shared_expert, ffn.shared)
             if ffn.shared_gate is not None and names.shared_expert_gate:
@@ -557,6 +609,8 @@ def _attention_out(out: dict, prefix: str, attn, cfg: ModelConfig) -> None:
         out[prefix + "q_norm.weight"] = attn.q_norm.weight
         out[prefix + "k_norm.weight"] = attn.k_norm.weight
     out[prefix + "o_proj.weight"] = attn.o_proj.weight
+    if cfg.out_bias:
+        out[prefix + "o_proj.bias"] = attn.o_proj.bias
 
 
 def _dense(out: dict, prefix: str, ffn) -> None:

@@ -12,6 +12,7 @@ R rotary dims, C cached positions, L latent rank.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -42,14 +43,17 @@ class RotaryEmbedding(nn.Module):
     cos_SDh: torch.Tensor
     sin_SDh: torch.Tensor
 
-    def __init__(self, head_dim: int, max_seq_len: int, theta: float):
+    def __init__(
+        self, head_dim: int, max_seq_len: int, theta: float, inv_freq: Optional[torch.Tensor] = None, scale=1.0
+    ):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        if inv_freq is None:
+            inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         freqs_SDh2 = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
         emb_SDh = torch.cat([freqs_SDh2, freqs_SDh2], dim=-1)
         # Derived from the config, so not saved in checkpoints.
-        self.register_buffer("cos_SDh", emb_SDh.cos(), persistent=False)
-        self.register_buffer("sin_SDh", emb_SDh.sin(), persistent=False)
+        self.register_buffer("cos_SDh", emb_SDh.cos() * scale, persistent=False)
+        self.register_buffer("sin_SDh", emb_SDh.sin() * scale, persistent=False)
 
     def forward(
         self, q_BHSDh: torch.Tensor, k_BHSDh: torch.Tensor, positions_BS: Optional[torch.Tensor] = None
@@ -100,33 +104,63 @@ def attend(
     v_BHSDv: torch.Tensor,
     cache: Optional[KVCache],
     layer: int,
+    window: Optional[int] = None,
+    sinks_H: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Causal scaled-dot-product attention (1/sqrt(Dh) scale), (B, H, S, Dv). With a `cache` (generation), over the
-    cached positions too, skipping the cache's padding. Fewer key/value heads than query heads is grouped-query."""
+    cached positions too, skipping the cache's padding. Fewer key/value heads than query heads is grouped-query. A
+    `window` limits each query to the last `window` positions; `sinks_H` are learned logits, one per head, that join
+    each softmax without a value (attention sinks)."""
     gqa = k_BHSDh.shape[1] != q_BHSDh.shape[1]
-    if cache is None:
+    if cache is None and window is None and sinks_H is None:
         return F.scaled_dot_product_attention(q_BHSDh, k_BHSDh, v_BHSDv, is_causal=True, enable_gqa=gqa)
-    k_BHCDh, v_BHCDv = cache.append(layer, k_BHSDh, v_BHSDv)
-    S, C = q_BHSDh.shape[2], k_BHCDh.shape[2]
-    # Query i (cache position start + i) sees the real cached positions up to its own (and itself, so a padding
-    # query never sees nothing).
-    query_C = torch.arange(C - S, C, device=q_BHSDh.device)
+    S = q_BHSDh.shape[2]
+    if cache is not None:
+        k_BHSDh, v_BHSDv = cache.append(layer, k_BHSDh, v_BHSDv)
+    C = k_BHSDh.shape[2]
+    # Query i (position C - S + i) sees the positions up to its own (the real ones, in a cache), within the window;
+    # and always itself, so a padding query never sees nothing.
+    query_S = torch.arange(C - S, C, device=q_BHSDh.device)
     key_C = torch.arange(C, device=q_BHSDh.device)
-    allowed_BSC = (key_C[None, :] <= query_C[:, None])[None] & cache.valid_BC[:, None, :C]
-    allowed_BSC = allowed_BSC | (key_C[None, :] == query_C[:, None])[None]
-    return F.scaled_dot_product_attention(q_BHSDh, k_BHCDh, v_BHCDv, attn_mask=allowed_BSC[:, None], enable_gqa=gqa)
+    allowed_SC = key_C[None, :] <= query_S[:, None]
+    if window is not None:
+        allowed_SC = allowed_SC & (key_C[None, :] > query_S[:, None] - window)
+    allowed_BSC = allowed_SC[None] & (cache.valid_BC[:, None, :C] if cache is not None else True)
+    allowed_BSC = allowed_BSC | (key_C[None, :] == query_S[:, None])[None]
+    if sinks_H is None:
+        return F.scaled_dot_product_attention(q_BHSDh, k_BHSDh, v_BHSDv, attn_mask=allowed_BSC[:, None], enable_gqa=gqa)
+    return attend_with_sinks(q_BHSDh, k_BHSDh, v_BHSDv, allowed_BSC, sinks_H)
+
+
+def attend_with_sinks(
+    q_BHSDh: torch.Tensor,
+    k_BHCDh: torch.Tensor,
+    v_BHCDv: torch.Tensor,
+    allowed_BSC: torch.Tensor,
+    sinks_H: torch.Tensor,
+) -> torch.Tensor:
+    """softmax over [q k / sqrt(Dh) | sink] (the sink's column dropped after): scaled-dot-product attention has no
+    place for a logit without a key, so this one is written out (float32 softmax)."""
+    H, Hkv = q_BHSDh.shape[1], k_BHCDh.shape[1]
+    k_BHCDh, v_BHCDv = k_BHCDh.repeat_interleave(H // Hkv, dim=1), v_BHCDv.repeat_interleave(H // Hkv, dim=1)
+    scores_BHSC = (q_BHSDh @ k_BHCDh.transpose(-2, -1)) / math.sqrt(q_BHSDh.shape[-1])
+    scores_BHSC = scores_BHSC.float().masked_fill(~allowed_BSC[:, None], float("-inf"))
+    B, _, S, _ = scores_BHSC.shape
+    sink_BHS1 = sinks_H.float()[None, :, None, None].expand(B, H, S, 1)
+    probs_BHSC = torch.cat([scores_BHSC, sink_BHS1], dim=-1).softmax(dim=-1)[..., :-1]
+    return probs_BHSC.to(v_BHCDv.dtype) @ v_BHCDv
 
 
 class CausalSelfAttention(nn.Module):
     """Grouped-query attention (multi-head when n_kv_heads = n_heads) with RoPE on the first R dims of each head."""
 
-    def __init__(self, cfg: ModelConfig, rope: Optional[RotaryEmbedding] = None):
+    def __init__(self, cfg: ModelConfig, rope: Optional[RotaryEmbedding] = None, window: Optional[int] = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.rope_dims = cfg.rotary_dims
         self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
         self.kv_proj = nn.Linear(cfg.d_model, 2 * cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)  # k and v fused
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.out_bias)
         # One table for the whole model (an imported model's 128k positions take 134 MB; not once per layer).
         self.rope = rope if rope is not None else rotary_embedding(cfg)
         # QK-norm: over each head (Qwen3-MoE) or over the whole projection (OLMoE), before RoPE.
@@ -143,6 +177,10 @@ class CausalSelfAttention(nn.Module):
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
         nn.init.normal_(self.o_proj.weight, std=residual_out_std(cfg.init_std, cfg.n_layers))
+        if self.o_proj.bias is not None:
+            nn.init.zeros_(self.o_proj.bias)
+        self.window = window  # this layer's sliding window; None: full attention
+        self.sinks_H = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attention_sinks else None
 
     def forward(
         self,
@@ -165,7 +203,7 @@ class CausalSelfAttention(nn.Module):
         q_BHSDh, k_BHSDh = q_BSHDh.transpose(1, 2), k_BSHDh.transpose(1, 2)
         v_BHSDh = v_BSX.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q_BHSDh, k_BHSDh = self.rotate(q_BHSDh, k_BHSDh, positions_BS)
-        y_BHSDh = attend(q_BHSDh, k_BHSDh, v_BHSDh, cache, layer)
+        y_BHSDh = attend(q_BHSDh, k_BHSDh, v_BHSDh, cache, layer, self.window, self.sinks_H)
         return self.o_proj(y_BHSDh.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
 
     def rotate(
@@ -239,10 +277,38 @@ class LatentAttention(nn.Module):
 
 
 def rotary_embedding(cfg: ModelConfig) -> RotaryEmbedding:
-    """The model's RoPE table: over the rotary dims of a head, up to max_seq_len positions."""
-    return RotaryEmbedding(cfg.rotary_dims, cfg.max_seq_len, cfg.rope_theta)
+    """The model's RoPE table: over the rotary dims of a head, up to max_seq_len positions (YaRN-scaled if set)."""
+    if cfg.rope_scaling_factor is None:
+        return RotaryEmbedding(cfg.rotary_dims, cfg.max_seq_len, cfg.rope_theta)
+    inv_freq, scale = yarn_frequencies(cfg)
+    return RotaryEmbedding(cfg.rotary_dims, cfg.max_seq_len, cfg.rope_theta, inv_freq, scale)
 
 
-def build_attention(cfg: ModelConfig, rope: Optional[RotaryEmbedding] = None) -> nn.Module:
-    """The attention a block of this model has: latent (MLA) when model.kv_lora_rank is set, else grouped-query."""
-    return LatentAttention(cfg, rope) if cfg.kv_lora_rank is not None else CausalSelfAttention(cfg, rope)
+def yarn_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al. 2023, "YaRN: Efficient Context Window Extension", section 3.2-3.4): per frequency, a ramp
+    from interpolation (divided by the factor: wavelengths longer than the original context) to extrapolation (kept:
+    the fast ones), between the dims that turn beta_slow and beta_fast times over the original context; and the
+    attention temperature 0.1 ln(factor) + 1, applied to cos and sin."""
+    dim, base, factor = cfg.rotary_dims, cfg.rope_theta, float(cfg.rope_scaling_factor or 1.0)
+    original = float(cfg.rope_original_max_seq_len or cfg.max_seq_len)
+
+    def dim_of(rotations: float) -> float:  # the dim whose frequency turns `rotations` times over the original context
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(cfg.rope_beta_fast), dim_of(cfg.rope_beta_slow)
+    if cfg.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if low == high else high
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolated = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    inv_freq = extrapolated / factor * ramp + extrapolated * (1 - ramp)
+    return inv_freq, (0.1 * math.log(factor) + 1.0) if factor > 1 else 1.0
+
+
+def build_attention(cfg: ModelConfig, rope: Optional[RotaryEmbedding] = None, layer: int = 0) -> nn.Module:
+    """The attention of block `layer`: latent (MLA) when model.kv_lora_rank is set, else grouped-query (over a sliding
+    window in the model's sliding layers)."""
+    if cfg.kv_lora_rank is not None:
+        return LatentAttention(cfg, rope)
+    return CausalSelfAttention(cfg, rope, cfg.sliding_window if cfg.is_sliding_layer(layer) else None)

@@ -15,7 +15,8 @@ from moe_lab.model.router_configs import RouterConfig, router_config
 
 # The experts' activations by name: whether each is gated, act(x W_gate) * (x W_up) with the gate and up projections
 # fused into one matrix (Shazeer 2020, "GLU Variants"). Their torch functions are experts.ACTIVATIONS.
-GATED_ACTIVATIONS = {"swiglu": True, "geglu": True, "gelu": False, "relu": False}
+# swiglu_clamped is gpt-oss's (experts.clamped_swiglu).
+GATED_ACTIVATIONS = {"swiglu": True, "geglu": True, "gelu": False, "relu": False, "swiglu_clamped": True}
 
 
 @dataclass
@@ -69,6 +70,8 @@ class MoEConfig:
     expert_hidden: int = 384
     # Shared experts that every token passes through (DeepSeekMoE, Qwen-MoE), each of width expert_hidden.
     num_shared: int = 0
+    # A bias per expert on both of its projections (gpt-oss); none in the other families.
+    expert_bias: bool = False
     # Expert FFN: swiglu (Shazeer 2020, what Mixtral/DeepSeek/Qwen use), geglu, gelu or relu (non-gated).
     activation: str = "swiglu"
     # Token slots an expert may take from one micro-batch, as a multiple of its fair share:
@@ -153,6 +156,24 @@ class ModelConfig:
     q_lora_rank: Optional[int] = None
     # Width of one value head, latent attention only; null = head_size. DeepSeek-V3: 128 against 192 for q and k.
     v_head_size: Optional[int] = None
+    # A bias on the attention's output projection (gpt-oss, with qkv_bias); none elsewhere.
+    out_bias: bool = False
+    # A learned logit per head that joins every query's softmax and takes attention mass without giving a value
+    # (gpt-oss; learned attention sinks, after Xiao et al. 2024), so that a head can attend to nothing.
+    attention_sinks: bool = False
+    # Sliding-window attention: a query sees the last sliding_window positions (itself included), in the layers of
+    # sliding_layers (null: every layer), e.g. [0, 2] for gpt-oss's alternation over 4 layers; null = full attention.
+    sliding_window: Optional[int] = None
+    sliding_layers: Optional[list[int]] = None
+    # YaRN context extension of RoPE (Peng et al. 2023): frequencies interpolated by this factor where their
+    # wavelength exceeds the pre-training context (rope_original_max_seq_len), kept where it is short (the ramp
+    # between beta_fast and beta_slow rotations), cos and sin scaled by 0.1 ln(factor) + 1. null = plain RoPE.
+    # gpt-oss: factor 32 over 4096 positions, betas 32 and 1, no truncation of the ramp's ends.
+    rope_scaling_factor: Optional[float] = None
+    rope_original_max_seq_len: Optional[int] = None
+    rope_beta_fast: float = 32.0
+    rope_beta_slow: float = 1.0
+    rope_truncate: bool = True
     # Hidden width of the dense SwiGLU FFN (dense layers and the dense baseline): 3 x d_model, a multiple of 64.
     ffn_hidden: int = 384
     # Longest sequence the model accepts; sets the RoPE table size.
@@ -188,6 +209,12 @@ class ModelConfig:
     def rotary_dims(self) -> int:
         return self.rope_dims or self.head_dim
 
+    def is_sliding_layer(self, layer: int) -> bool:
+        """Whether block `layer` (0-based) attends over a sliding window."""
+        if self.sliding_window is None:
+            return False
+        return self.sliding_layers is None or layer in self.sliding_layers
+
     def attention_params(self) -> int:
         """Parameters of one block's attention and its input norm."""
         d, heads, head_dim, kv = self.d_model, self.n_heads, self.head_dim, self.kv_heads
@@ -197,6 +224,7 @@ class ModelConfig:
             kv_part = d * (rank + rope) + rank + rank * heads * (head_dim - rope + self.v_head_dim)
             return q + kv_part + heads * self.v_head_dim * d + d
         attention = d * heads * head_dim + d * 2 * kv * head_dim + heads * head_dim * d + d
+        attention += (d if self.out_bias else 0) + (heads if self.attention_sinks else 0)
         if self.qkv_bias:
             attention += heads * head_dim + 2 * kv * head_dim
         if self.qk_norm == "head":
@@ -233,6 +261,8 @@ class ModelConfig:
         gated = 3 if GATED_ACTIVATIONS.get(moe.activation) else 2
         dense_ffn = 3 * d * self.ffn_hidden
         moe_ffn = moe.num_experts * (gated * d * moe.expert_hidden + d)  # experts and the gate's rows
+        if moe.expert_bias:
+            moe_ffn += moe.num_experts * ((gated - 1) * moe.expert_hidden + d)  # (gated - 1) F in, d out
         if moe.num_shared:
             moe_ffn += gated * d * moe.shared_width + (d if moe.shared_gate else 0)
         moe_layers = len(self.moe_layers)
@@ -292,7 +322,19 @@ class ModelConfig:
         self._check_moe(need)
 
     def _check_attention(self, need: Callable[[bool, str], None]) -> None:
-        """Partial rotary and latent attention."""
+        """Partial rotary, YaRN, sliding windows and latent attention."""
+        window, layers = self.sliding_window, self.sliding_layers
+        need(window is None or window >= 1, f"model.sliding_window={window} must be at least 1 (or null)")
+        need(
+            layers is None or (window is not None and all(0 <= i < self.n_layers for i in layers)),
+            f"model.sliding_layers={layers} must be layers 0..{self.n_layers - 1} of a model with a sliding_window",
+        )
+        factor, original = self.rope_scaling_factor, self.rope_original_max_seq_len
+        need(
+            factor is None or (factor >= 1 and original is not None and original >= 1),
+            f"model.rope_scaling_factor={factor} (YaRN) must be at least 1, with model.rope_original_max_seq_len "
+            f"(the pre-training context; got {original})",
+        )
         rope = self.rope_dims
         need(
             rope is None or (2 <= rope <= self.head_dim and rope % 2 == 0),
@@ -308,6 +350,10 @@ class ModelConfig:
         for key in ("kv_lora_rank", "q_lora_rank", "v_head_size"):
             value = getattr(self, key)
             need(value is None or value >= 1, f"model.{key}={value} must be at least 1")
+        need(
+            not (self.out_bias or self.attention_sinks or self.sliding_window),
+            "latent attention (model.kv_lora_rank) has no output bias, attention sinks or sliding window here",
+        )
         need(
             self.kv_heads == self.n_heads,
             f"model.n_kv_heads={self.n_kv_heads}: latent attention gives every head its own keys and values; "

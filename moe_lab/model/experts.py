@@ -40,8 +40,19 @@ _FUNCTIONS = {
     "geglu": lambda x: F.gelu(x, approximate="tanh"),
     "gelu": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
+    "swiglu_clamped": F.silu,  # the gate's function; clamped_swiglu below is the whole activation
 }
 ACTIVATIONS = {name: (_FUNCTIONS[name], gated) for name, gated in GATED_ACTIVATIONS.items()}
+
+# gpt-oss's SwiGLU (OpenAI 2025): gate * sigmoid(alpha * gate) with the gate clamped above at `limit` and the up
+# projection clamped to [-limit, limit] and shifted by 1, which keeps an expert's output bounded.
+CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT = 1.702, 7.0
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    gate = gate.clamp(max=CLAMPED_SWIGLU_LIMIT)
+    up = up.clamp(min=-CLAMPED_SWIGLU_LIMIT, max=CLAMPED_SWIGLU_LIMIT)
+    return gate * torch.sigmoid(CLAMPED_SWIGLU_ALPHA * gate) * (up + 1)
 
 
 def apply_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
@@ -49,7 +60,7 @@ def apply_activation(h: torch.Tensor, activation: str) -> torch.Tensor:
     act, gated = ACTIVATIONS[activation]
     if gated:
         gate, up = h.chunk(2, dim=-1)
-        return act(gate) * up
+        return clamped_swiglu(gate, up) if activation == "swiglu_clamped" else act(gate) * up
     return act(h)
 
 
@@ -82,6 +93,7 @@ class GroupedExperts(nn.Module):
         activation: str = "swiglu",
         init_std: float = 0.02,
         out_std: float = 0.02,
+        bias: bool = False,
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -100,12 +112,24 @@ class GroupedExperts(nn.Module):
         self.w_out_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
         nn.init.normal_(self.w_in_EGFD, std=init_std)
         nn.init.normal_(self.w_out_EDF, std=out_std)
+        # Per-expert biases of both projections (gpt-oss), zero at init; None = none (every other family).
+        self.b_in_EGF: Optional[nn.Parameter] = None
+        self.b_out_ED: Optional[nn.Parameter] = None
+        if bias:
+            self.b_in_EGF = nn.Parameter(torch.zeros(num_experts, self.w_in_EGFD.shape[1]))
+            self.b_out_ED = nn.Parameter(torch.zeros(num_experts, d_model))
+
+    @property
+    def expert_weights(self) -> list[str]:
+        """The names of the parameters with one slice per expert (what expert parallelism splits)."""
+        names = ["w_in_EGFD", "w_out_EDF"]
+        return names + (["b_in_EGF", "b_out_ED"] if self.b_in_EGF is not None else [])
 
     def keep_experts(self, first: int, count: int) -> None:
         """Expert parallelism: keep experts [first, first + count) of the bank; the others live on other ranks.
         `first_expert` and `total_experts` say which slice this is (checkpoints always hold every expert)."""
-        self.w_in_EGFD = nn.Parameter(self.w_in_EGFD.data[first : first + count].clone())
-        self.w_out_EDF = nn.Parameter(self.w_out_EDF.data[first : first + count].clone())
+        for name in self.expert_weights:
+            setattr(self, name, nn.Parameter(getattr(self, name).data[first : first + count].clone()))
         self.first_expert, self.num_experts = first, count
 
     @property
@@ -132,7 +156,7 @@ class GroupedExperts(nn.Module):
         With index_R, x_RD is the source (Q, D) of the rows and row r is x_RD[index_R[r]]: gathered inside the
         first GEMM, so the R gathered rows are not kept for backward."""
         align = group_alignment(x_RD.device, self._compute_dtype(x_RD))
-        if align == 1 or x_RD.shape[0] == 0:
+        if align == 1 or x_RD.shape[0] == 0 or self.b_in_EGF is not None:  # biases: rows in plain groups
             return self.on_groups(x_RD, offs_E, scale_R, index_R)
         return on_aligned_groups(
             self.on_groups, x_RD, offs_E, scale_R, index_R, align, self.macs_per_row, self.cpu_layout
@@ -159,8 +183,15 @@ class GroupedExperts(nn.Module):
             h_RGF = grouped_mm(x_RD.to(dtype), self.w_in_EGFD.to(dtype), offs_E)
         else:
             h_RGF = gather_grouped_mm(x_RD.to(dtype), index_R, self.w_in_EGFD.to(dtype), offs_E, block)
+        expert_R = grouped_R = None
+        if self.b_in_EGF is not None:  # each row's expert, from the cumulative row counts (block is 0 here)
+            rows_R = torch.arange(h_RGF.shape[0], device=offs_E.device, dtype=offs_E.dtype)
+            expert_R = torch.searchsorted(offs_E, rows_R, right=True).clamp(max=self.num_experts - 1)
+            grouped_R = (rows_R < offs_E[-1]).to(dtype)[:, None]  # rows past the groups (dropped) get no bias
+            h_RGF = h_RGF + self.b_in_EGF.to(dtype)[expert_R] * grouped_R
         scale_R = scale_R.to(dtype) if scale_R is not None else None
-        scale_hidden = scale_R is not None and self.hidden <= x_RD.shape[1]
+        # Scaling the hidden activations is the same as scaling the output only without an output bias.
+        scale_hidden = scale_R is not None and self.hidden <= x_RD.shape[1] and expert_R is None
         if self.activation == "swiglu":
             a_RF = scaled_swiglu(h_RGF, scale_R if scale_hidden else None)
         else:
@@ -168,13 +199,18 @@ class GroupedExperts(nn.Module):
             if scale_hidden and scale_R is not None:
                 a_RF = a_RF * scale_R[:, None]
         y_RD = split_grouped_mm(a_RF, self.w_out_EDF.to(dtype), offs_E, block)
+        if self.b_out_ED is not None and expert_R is not None and grouped_R is not None:
+            y_RD = y_RD + self.b_out_ED.to(dtype)[expert_R] * grouped_R
         return y_RD * scale_R[:, None] if scale_R is not None and not scale_hidden else y_RD
 
     def expert_forward(self, expert: int, x_RD: torch.Tensor) -> torch.Tensor:
         """One expert on its own rows, with plain matmuls: the building block of the reference loop."""
         dtype = self._compute_dtype(x_RD)
         h = x_RD.to(dtype) @ self.w_in_EGFD[expert].to(dtype).t()
-        return apply_activation(h, self.activation) @ self.w_out_EDF[expert].to(dtype).t()
+        if self.b_in_EGF is not None:
+            h = h + self.b_in_EGF[expert].to(dtype)
+        y = apply_activation(h, self.activation) @ self.w_out_EDF[expert].to(dtype).t()
+        return y + self.b_out_ED[expert].to(dtype) if self.b_out_ED is not None else y
 
 
 def residual_out_std(init_std: float, n_layers: int) -> float:

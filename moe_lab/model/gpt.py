@@ -34,7 +34,7 @@ class Block(nn.Module):
         self.layer = layer
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         with seeded_part("attn"):
-            self.attn = build_attention(cfg, rope)
+            self.attn = build_attention(cfg, rope, layer)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         out_std = residual_out_std(cfg.init_std, cfg.n_layers)
         self.is_moe = cfg.is_moe_layer(layer)
@@ -180,7 +180,7 @@ class MoETransformer(nn.Module):
         routed = routed_active = 0
         for layer in self.moe_modules():
             experts = layer.experts  # under expert parallelism a rank holds a slice; count every expert
-            per_expert = (experts.w_in_EGFD.numel() + experts.w_out_EDF.numel()) // experts.num_experts
+            per_expert = sum(getattr(experts, w).numel() for w in experts.expert_weights) // experts.num_experts
             total += per_expert * (experts.total_experts - experts.num_experts)
             routed += per_expert * experts.total_experts
             routed_active += per_expert * layer.top_k

@@ -142,7 +142,13 @@ class MoELayer(nn.Module):
         self.top_k = self.router.top_k
         with seeded_part("experts"):
             self.experts = GroupedExperts(
-                cfg.num_experts, d_model, cfg.expert_hidden, cfg.activation, init_std=init_std, out_std=out_std
+                cfg.num_experts,
+                d_model,
+                cfg.expert_hidden,
+                cfg.activation,
+                init_std=init_std,
+                out_std=out_std,
+                bias=cfg.expert_bias,
             )
         with seeded_part("shared"):
             self.shared = None

@@ -82,6 +82,12 @@ class RouterConfig:
         this router does not route that way: what Mixtral-style MoE blocks (Hugging Face export) can express."""
         return None
 
+    def topk_softmax(self, num_experts: int) -> Optional[dict[str, Any]]:
+        """Eval-mode routing as gpt-oss's: the top-k of the logits (with the gate's bias, zero if it has none), then a
+        softmax over those k (= the softmax top-k renormalised). {"top_k": k} or None."""
+        routing = self.softmax_topk(num_experts)
+        return {"top_k": routing[0]} if routing is not None and routing[1] else None
+
     def sigmoid_topk(self, num_experts: int) -> Optional[dict[str, Any]]:
         """Eval-mode routing as DeepSeek-V3's: sigmoid scores, a top-k of score + a bias (zero if the router has
         none) within the topk_groups best groups, the k scores renormalised or not, then scaled. Its settings under
@@ -126,6 +132,8 @@ class TopKRouterConfig(RouterConfig):
     topk_groups: int = 1
     # Multiplies the combine weights (DeepSeek-V3's routed_scaling_factor, 2.5 for 256 experts).
     scaling_factor: float = 1.0
+    # A learned bias on the gate's logits (gpt-oss), which both chooses and weights the experts.
+    gate_bias: bool = False
     summary = "scores over all experts, then the top-k (GShard; Mixtral; DeepSeek-V3 with score=sigmoid)"
 
     def check(self, num_experts: int) -> None:
@@ -135,12 +143,16 @@ class TopKRouterConfig(RouterConfig):
         check_groups(self, num_experts)
 
     def softmax_topk(self, num_experts: int) -> Optional[tuple[int, bool]]:
-        if self.score != "softmax" or self.num_groups > 1 or self.scaling_factor != 1.0:
-            return None  # sigmoid, group-limited or scaled routing: DeepSeek-V3's (sigmoid_topk)
+        if self.score != "softmax" or self.num_groups > 1 or self.scaling_factor != 1.0 or self.gate_bias:
+            return None  # sigmoid, group-limited or scaled routing: DeepSeek-V3's (sigmoid_topk); a bias: gpt-oss's
         return self.top_k, self.normalize
 
+    def topk_softmax(self, num_experts: int) -> Optional[dict[str, Any]]:
+        plain = self.score == "softmax" and self.num_groups == 1 and self.scaling_factor == 1.0 and self.normalize
+        return {"top_k": self.top_k} if plain else None
+
     def sigmoid_topk(self, num_experts: int) -> Optional[dict[str, Any]]:
-        return deepseek_routing(self) if self.score == "sigmoid" else None
+        return deepseek_routing(self) if self.score == "sigmoid" and not self.gate_bias else None
 
 
 @dataclass

@@ -252,11 +252,19 @@ class TopKRouter(Router):
 
     Softmax scores are taken over all E experts before the top-k, so the load-balance loss sees a distribution over
     every expert; `normalize` rescales the k chosen weights to sum to one. `score=sigmoid`, `num_groups` and
-    `topk_groups` give DeepSeek-V3's routing (without its bias: that is `router=aux_free`).
+    `topk_groups` give DeepSeek-V3's routing (without its bias: that is `router=aux_free`); `gate_bias` gpt-oss's.
     """
 
     Config = TopKRouterConfig
     cfg: TopKRouterConfig  # this router's own settings
+
+    def __init__(self, d_model, num_experts, cfg, init_std=0.02, vocab_size=None):
+        super().__init__(d_model, num_experts, cfg, init_std, vocab_size)
+        self.gate_bias_E = nn.Parameter(torch.zeros(num_experts)) if cfg.gate_bias else None
+
+    def gate_logits(self, x_TD: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        logits_TE = super().gate_logits(x_TD, weight)
+        return logits_TE if self.gate_bias_E is None else logits_TE + self.gate_bias_E.float()
 
     def select(self, choice_TE: torch.Tensor) -> torch.Tensor:
         """The top-k experts of each token under `choice_TE`, within its best groups when routing is grouped."""

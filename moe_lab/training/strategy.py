@@ -43,8 +43,6 @@ from moe_lab.training.rendezvous import end_process, watched_rendezvous
 from moe_lab.training.run_dir import launched_worker
 from moe_lab.training.sharded_checkpoint import ExpertSharding, ShardedWriter, is_sharded_checkpoint, read_sharded
 
-EXPERT_WEIGHTS = ("w_in_EGFD", "w_out_EDF")
-
 
 @dataclass(frozen=True)
 class ExpertParallelGroups:
@@ -119,7 +117,7 @@ def clip_grad_norm_(
             seen.add(id(param))
             grads.append(param.grad)
             g = param.grad.float()
-            if isinstance(sub, GroupedExperts) and name in EXPERT_WEIGHTS:
+            if isinstance(sub, GroupedExperts) and name in sub.expert_weights:
                 per_expert = g.flatten(1).square().sum(1)
                 if sub.is_sharded:
                     per_expert = all_gather(per_expert, ep_group).flatten()
@@ -209,7 +207,7 @@ class MoEDDPStrategy(DDPStrategy):
         """(state-dict name, parameter, its expert bank) of every expert weight held as a slice."""
         for prefix, module in self._moe_module().named_modules():
             if isinstance(module, GroupedExperts) and module.is_sharded:
-                for weight in EXPERT_WEIGHTS:
+                for weight in module.expert_weights:
                     yield f"{prefix}.{weight}", getattr(module, weight), module
 
     # -- gradients ----------------------------------------------------------------------------------------------

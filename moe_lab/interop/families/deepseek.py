@@ -56,6 +56,11 @@ class DeepSeekV3(Family):
         return bool(setting(hf, "rope_interleave", True))
 
     def refusals(self, hf: Any) -> Refusals:
+        rope = setting(hf, "rope_parameters") or {}
+        yield (
+            isinstance(rope, dict) and rope.get("rope_type", "default") != "default",
+            f"scaled RoPE in latent attention (rope_type={rope.get('rope_type')}, which also rescales its softmax)",
+        )
         heads, kv_heads = setting(hf, "num_attention_heads"), setting(hf, "num_key_value_heads")
         yield (
             kv_heads not in (None, heads),

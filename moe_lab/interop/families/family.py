@@ -28,9 +28,9 @@ class Family:
     moe: ClassVar[bool] = True  # an MoE (imported and exported) or a dense model (read for upcycling)
     config_class: ClassVar[str] = ""  # the transformers config class export writes
     qk_norm: ClassVar[Optional[str]] = None  # its attention's q/k norm, as model.qk_norm says it
-    # Its config's attention_bias puts biases on q, k and v (GLM-4.5); elsewhere it is an output-projection bias, which
-    # moe-lab refuses.
-    attention_bias_is_qkv: ClassVar[bool] = False
+    # Its settings() read the config's attention_bias (biases on q, k and v: GLM-4.5; and on the output: gpt-oss);
+    # elsewhere it is an output-projection bias beside q/k/v ones of its own, which moe-lab refuses.
+    reads_attention_bias: ClassVar[bool] = False
     # How its router scores experts: "softmax" (top-k of a softmax: RouterConfig.softmax_topk) or "sigmoid" (DeepSeek-
     # V3's biased, group-limited sigmoid top-k: RouterConfig.sigmoid_topk).
     routing: ClassVar[str] = "softmax"
@@ -40,8 +40,15 @@ class Family:
     # dense layer's FFN (gate_proj, up_proj, down_proj under the prefix).
     router_gate: ClassVar[str] = "mlp.gate.weight"
     router_bias: ClassVar[Optional[str]] = None  # the sigmoid router's expert-choosing bias
+    router_gate_bias: ClassVar[Optional[str]] = None  # a bias on the gate's logits (gpt-oss)
     experts_gate_up: ClassVar[str] = "mlp.experts.gate_up_proj"
     experts_down: ClassVar[str] = "mlp.experts.down_proj"
+    experts_gate_up_bias: ClassVar[str] = "mlp.experts.gate_up_proj_bias"  # where experts have biases
+    experts_down_bias: ClassVar[str] = "mlp.experts.down_proj_bias"
+    attention_sinks: ClassVar[str] = "self_attn.sinks"  # where attention has sinks
+    # The experts' activations it has (model.moe.activation) and whether its experts have biases.
+    activations: ClassVar[tuple[str, ...]] = ("swiglu", "geglu")
+    expert_bias: ClassVar[bool] = False
     shared_expert: ClassVar[str] = "mlp.shared_expert."
     shared_expert_gate: ClassVar[Optional[str]] = "mlp.shared_expert_gate.weight"  # None: ungated (DeepSeekMoE)
     dense_ffn: ClassVar[str] = "mlp."
@@ -73,6 +80,21 @@ class Family:
         dense = set(setting(hf, "mlp_only_layers", None) or [])
         return [i for i in range(setting(hf, "num_hidden_layers")) if i not in dense and (i + 1) % step == 0]
 
+    def experts_in(self, gate_up: Any, down: Any) -> tuple[Any, Any]:
+        """The experts' packed weights as moe-lab holds them, (E, 2F, D) gate rows then up rows, and (E, D, F)."""
+        return gate_up, down
+
+    def experts_out(self, w_in: Any, w_out: Any) -> tuple[Any, Any]:
+        """The inverse of experts_in."""
+        return w_in, w_out
+
+    def gate_up_bias_in(self, bias: Any) -> Any:
+        """The experts' first bias as moe-lab holds it, (E, 2F): gate, then up."""
+        return bias
+
+    def gate_up_bias_out(self, bias: Any) -> Any:
+        return bias
+
     def interleaved_rope(self, hf: Any) -> bool:
         """Whether the rotary dims of its q and k weights come in interleaved pairs (x0, x1), (x2, x3), ... rather than
         moe-lab's rotate-half halves; import reorders those rows (export orders them back)."""
@@ -83,7 +105,7 @@ class Family:
     def holds_attention(self, cfg: Any) -> bool:
         """Whether a moe-lab model's attention is this family's: grouped-query with its q/k norm, every dim rotated
         (export tries the families whose attention the model has)."""
-        return cfg.kv_lora_rank is None and cfg.qk_norm == self.qk_norm and cfg.rope_dims in (None, cfg.head_dim)
+        return plain_attention(cfg) and cfg.qk_norm == self.qk_norm and cfg.rope_dims in (None, cfg.head_dim)
 
     def cannot_express(self, cfg: Any, routing: dict) -> Optional[str]:
         """Why this family cannot hold a moe-lab model whose attention it shares (one clause), or None if it can."""
@@ -172,4 +194,24 @@ def sigmoid_moe_layout(cfg: Any, routing: dict) -> dict[str, Any]:
         "first_k_dense_replace": cfg.moe_layers[0],
         "num_mtp_layers": 0,
         **{k: v for k, v in routing.items() if k != "top_k"},
+    }
+
+
+def plain_attention(cfg: Any) -> bool:
+    """Grouped-query attention without gpt-oss's parts (attention sinks, sliding windows, an output bias)."""
+    return cfg.kv_lora_rank is None and not (cfg.attention_sinks or cfg.sliding_window is not None or cfg.out_bias)
+
+
+def rope_parameters(cfg: Any) -> dict[str, Any]:
+    """transformers' rope_parameters for a moe-lab model: plain RoPE, or YaRN."""
+    if cfg.rope_scaling_factor is None:
+        return {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    return {
+        "rope_type": "yarn",
+        "rope_theta": cfg.rope_theta,
+        "factor": cfg.rope_scaling_factor,
+        "original_max_position_embeddings": cfg.rope_original_max_seq_len,
+        "beta_fast": cfg.rope_beta_fast,
+        "beta_slow": cfg.rope_beta_slow,
+        "truncate": cfg.rope_truncate,
     }

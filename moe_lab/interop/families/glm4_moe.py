@@ -11,6 +11,8 @@ from typing import Any, Optional
 from moe_lab.interop.families.family import (
     Family,
     first_dense_then_moe,
+    plain_attention,
+    rope_parameters,
     setting,
     sigmoid_moe_lacks,
     sigmoid_moe_layout,
@@ -32,7 +34,7 @@ class GLM45(Family):
     router_bias = "mlp.gate.e_score_correction_bias"
     shared_expert = "mlp.shared_experts."
     shared_expert_gate = None
-    attention_bias_is_qkv = True
+    reads_attention_bias = True
 
     def settings(self, hf: Any) -> dict[str, Any]:
         d_model, heads = setting(hf, "hidden_size"), setting(hf, "num_attention_heads")
@@ -51,7 +53,7 @@ class GLM45(Family):
         return first_dense_then_moe(hf)
 
     def holds_attention(self, cfg: Any) -> bool:
-        return cfg.kv_lora_rank is None and cfg.qk_norm in (None, "head")
+        return plain_attention(cfg) and cfg.qk_norm in (None, "head")
 
     def cannot_express(self, cfg: Any, routing: dict) -> Optional[str]:
         lacks = sigmoid_moe_lacks(cfg)
@@ -60,7 +62,7 @@ class GLM45(Family):
         return None if lacks is None else f"GLM-4.5 has no {lacks}"
 
     def hf_settings(self, cfg: Any, routing: dict) -> dict[str, Any]:
-        rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+        rope = rope_parameters(cfg)
         return {
             **sigmoid_moe_layout(cfg, routing),
             "attention_bias": cfg.qkv_bias,
