@@ -222,7 +222,7 @@ def test_validate_rejects_bad_input(make_cfg, overrides, expected):
         (
             ["experts=e99"],
             "experts=e99 is not an option; the options of experts are: dense, e16, e16_fine, e16_fine_shared, "
-            "e16_grouped_shared, e4, e64_fine, e64_fine_shared, e8",
+            "e16_grouped_shared, e16_latent, e4, e64_fine, e64_fine_shared, e8",
         ),
         (
             ["router=nope"],
@@ -383,6 +383,26 @@ def test_a_gate_less_router_brings_its_aux_loss_without_a_yaml(make_cfg):
         assert all(float(weight) == 0 for weight in weights.values()), name
     with pytest.raises(ConfigError, match="has no learned gate"):
         validate(make_cfg("router=hash", "aux_loss=switch_z"))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["model=deepseek_v3_tiny"],
+        ["model=glm45_tiny"],
+        ["model=gpt_oss_tiny", "model.n_layers=3"],
+        ["model.mtp_depth=2"],
+        ["model=deepseek_v3_tiny", "model.mtp_depth=1"],
+        ["experts=e16_latent"],
+        ["experts=e16_latent", "model.moe.expert_bias=true", "model.moe.num_shared=1"],
+    ],
+)
+def test_every_architecture_option_is_counted_before_it_is_built(make_cfg, overrides):
+    """The size a command checks before it builds a model (ModelConfig.size_estimate) is the model's parameter count:
+    latent attention, sinks, biases, latent experts and multi-token prediction included."""
+    run = validate(make_cfg(*overrides, "model.vocab_size=256"))
+    model = MoETransformer(run.model)
+    assert run.model.size_estimate()[0] == sum(p.numel() for p in model.parameters())
 
 
 def test_the_moe_layers_may_be_any_list(make_cfg):

@@ -81,6 +81,8 @@ PER_MICRO_BATCH = {
     # sinks, a window of 16 on layers 0 and 2, expert and gate biases, the clamped SwiGLU
     "gpt_oss": ["model=gpt_oss_tiny", "model.n_layers=3", "model.sliding_window=16"],
     "gpt_oss_aux_free": ["model=gpt_oss_tiny", "model.n_layers=3", "model.sliding_window=16", "router=aux_free"],
+    "latent_experts": ["experts=e16_latent"],  # the all-to-all carries latent rows
+    "multi_token_prediction": ["model.mtp_depth=2"],  # two more MoE blocks, their loss in the gradient
 }
 # The default setting also runs the routing analyses at every validation: their counts are summed over ranks.
 PER_MICRO_BATCH["topk-cf1_25"] = [*PER_MICRO_BATCH["topk-cf1_25"], "metrics.analysis_every_n_steps=2"]

@@ -147,3 +147,81 @@ def test_a_seed_gives_every_model_the_same_shared_parts():
     assert not torch.equal(a["blocks.0.ffn.experts.w_in_EGFD"], a["blocks.1.ffn.experts.w_in_EGFD"])
     b = build(moe, seed=4)
     assert not any(torch.equal(a[k], b[k]) for k in a if k.endswith("weight") and "norm" not in k)
+
+
+def _mtp_model(depth: int = 2) -> MoETransformer:
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=2,
+        ffn_hidden=64,
+        max_seq_len=64,
+        mtp_depth=depth,
+        mtp_loss_weight=0.5,
+        moe=MoEConfig(num_experts=4, expert_hidden=32, capacity_factor=None, eval_capacity_factor=None),
+    )
+    return MoETransformer(cfg).eval()
+
+
+def test_multi_token_prediction_follows_its_definition_position_by_position():
+    """DeepSeek-V3 eq. 21-25, written out per position i and depth k: h^k_i = TRM_k(M_k [RMSNorm(h^{k-1}_i);
+    RMSNorm(Emb(t_{i+k}))]), P^k_{i+k+1} = OutHead(h^k_i), L^k = CE over every i with a token i + k + 1; the loss the
+    model adds is weight * mean_k L^k."""
+    model = _mtp_model(depth=2)
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    S = inputs.shape[1]
+    with torch.no_grad():
+        out = model(inputs, targets)
+        h = model.embed(inputs)
+        for block in model.blocks:
+            h = block(h)[0]
+        expected = []
+        for module in model.mtp:
+            k = module.depth
+            rows = []  # position i of depth k, built from position i of depth k - 1 and the embedding of token i + k
+            for i in range(S - k):
+                joined = torch.cat([module.hidden_norm(h[:, i]), module.embed_norm(model.embed(inputs[:, i + k]))], -1)
+                rows.append(module.proj(joined))
+            h = module.block(torch.stack(rows, dim=1))[0]  # causal: position i reads rows 0..i only
+            logits = model.lm_head(module.norm(h))
+            predicted = torch.stack([targets[:, i + k] for i in range(S - k)], dim=1)  # token i + k + 1
+            expected.append(torch.nn.functional.cross_entropy(logits.flatten(0, 1), predicted.flatten()))
+    assert len(out.mtp_losses) == 2
+    for got, want in zip(out.mtp_losses, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.mtp_loss, 0.5 * (expected[0] + expected[1]) / 2)
+
+
+def test_multi_token_prediction_leaves_the_model_and_its_generation_alone():
+    """The main logits of a model with MTP modules are those of the same weights without them, and the prediction
+    modules see no token beyond the one they are given (depth k at position i: tokens up to i + k)."""
+    model = _mtp_model(depth=1)
+    plain = MoETransformer(ModelConfig(**{**model.cfg.__dict__, "mtp_depth": 0})).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("mtp.")})
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, plain(ids).logits, rtol=0, atol=0)
+        base = model(ids[:, :-1], ids[:, 1:])
+        changed = ids.clone()
+        changed[:, 10:] = (changed[:, 10:] + 1) % 64  # tokens 10.. differ: depth-1 inputs from position 9 on
+        other = model(changed[:, :-1], changed[:, 1:])
+    assert model.moe_layers == [0, 1, 2]  # the module's MoE block is numbered after the model's
+    assert sorted(base.moe) == [0, 1, 2]
+    logits = [_mtp_logits(model, x) for x in (ids, changed)]
+    # (other tokens change the experts' row counts, so the GEMMs may round differently: float noise, nothing more)
+    torch.testing.assert_close(logits[0][:, :9], logits[1][:, :9], rtol=0, atol=1e-6)
+    assert (logits[0][:, 9] - logits[1][:, 9]).abs().max() > 1e-3
+    assert other.loss is not None and base.mtp_loss is not None
+
+
+def _mtp_logits(model: MoETransformer, ids: torch.Tensor) -> torch.Tensor:
+    """Depth-1 logits at every position (predicting token i + 2), through the model's own forward."""
+    captured = {}
+    handle = model.mtp[0].norm.register_forward_hook(lambda mod, args, result: captured.update(h=result))
+    with torch.no_grad():
+        model(ids[:, :-1], ids[:, 1:])
+    handle.remove()
+    return model.lm_head(captured["h"])

@@ -88,6 +88,31 @@ def test_grouped_equals_loop_oracle(top_k, capacity_factor, activation, num_shar
         assert out_g.dropped_slots.item() > 0  # the case really drops
 
 
+@pytest.mark.parametrize("capacity_factor", [None, 0.75])
+def test_latent_experts_grouped_equal_loop_and_identity_projections_give_the_plain_layer(capacity_factor):
+    """Latent experts (model.moe.latent_dim): the fast path equals the loop oracle, and with the down- and
+    up-projections the identity (latent_dim = d_model) the layer is the plain one with the same router and experts."""
+    latent = make_layer(capacity_factor=capacity_factor, latent_dim=16)
+    x, grad = torch.randn(3, 40, D), torch.randn(3, 40, D)
+    y_g, gx_g, gw_g, out_g = run(latent, x, grad, "grouped")
+    y_l, gx_l, gw_l, _ = run(latent, x, grad, "loop")
+    torch.testing.assert_close(y_g, y_l, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx_g, gx_l, rtol=1e-5, atol=1e-6)
+    for name in gw_l:
+        torch.testing.assert_close(gw_g[name], gw_l[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert latent.experts.w_in_EGFD.shape[-1] == 16 and latent.experts.w_out_EDF.shape[1] == 16
+
+    identity = make_layer(capacity_factor=capacity_factor, latent_dim=D)
+    plain = make_layer(capacity_factor=capacity_factor)
+    with torch.no_grad():
+        identity.latent_down.weight.copy_(torch.eye(D))
+        identity.latent_up.weight.copy_(torch.eye(D))
+        plain.load_state_dict({k: v for k, v in identity.state_dict().items() if not k.startswith("latent_")})
+    y_i, *_ = run(identity, x, grad, "grouped")
+    y_p, *_ = run(plain, x, grad, "grouped")
+    torch.testing.assert_close(y_i, y_p, rtol=1e-5, atol=1e-6)
+
+
 def test_gradients_reach_router_and_every_used_expert():
     layer = make_layer(top_k=2, capacity_factor=None)
     y, out = layer(torch.randn(2, 64, D))

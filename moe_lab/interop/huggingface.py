@@ -459,6 +459,11 @@ def hf_architecture(cfg: ModelConfig) -> tuple[Family, dict]:
     moe = cfg.moe
     if not moe.enabled:
         raise ExportError(f"a dense model (experts=dense) is not an MoE; export supports MoE models ({titles()})")
+    if cfg.mtp_depth:
+        raise ExportError(
+            f"model.mtp_depth={cfg.mtp_depth}: transformers' models of the families moe-lab writes have no multi-token "
+            "prediction modules, so an export would drop them; export a model trained with model.mtp_depth=0"
+        )
     router = router_config(moe.router)
     if all(hf_routing(router, moe.num_experts, f.routing) is None for f in supported()):
         raise ExportError(

@@ -72,6 +72,11 @@ class MoEConfig:
     num_shared: int = 0
     # A bias per expert on both of its projections (gpt-oss); none in the other families.
     expert_bias: bool = False
+    # Latent experts (LatentMoE; Megatron-LM PR 2296): the routed experts work in a latent of this many dims, one
+    # down-projection of the tokens before dispatch and one up-projection of the combined output after it (shared by
+    # all experts), so that fine-grained experts and the all-to-all carry latent_dim numbers per row instead of
+    # d_model. The router and the shared experts read the full width. null = experts on d_model.
+    latent_dim: Optional[int] = None
     # Expert FFN: swiglu (Shazeer 2020, what Mixtral/DeepSeek/Qwen use), geglu, gelu or relu (non-gated).
     activation: str = "swiglu"
     # Token slots an expert may take from one micro-batch, as a multiple of its fair share:
@@ -187,6 +192,11 @@ class ModelConfig:
     init_std: float = 0.02
     # Share the token embedding with the output head (GPT-2 does; Mixtral and Qwen-MoE do not).
     tie_embeddings: bool = False
+    # Multi-token prediction (DeepSeek-V3 section 2.2): D sequential modules, the k-th predicting the token k + 1
+    # ahead through one more block; their mean cross-entropy, times mtp_loss_weight, joins the training loss
+    # (DeepSeek-V3: D = 1, weight 0.3 for its first 10T tokens, then 0.1). Generation ignores them. 0 = none.
+    mtp_depth: int = 0
+    mtp_loss_weight: float = 0.3
     moe: MoEConfig = field(default_factory=MoEConfig)
     # A model to start from (a moe-lab checkpoint, or a Hugging Face directory or hub id): alone, a warm start with
     # its settings and weights; with `upcycle=copy|granular|drop` a dense model whose backbone replaces the backbone
@@ -260,13 +270,18 @@ class ModelConfig:
         moe = self.moe
         gated = 3 if GATED_ACTIVATIONS.get(moe.activation) else 2
         dense_ffn = 3 * d * self.ffn_hidden
-        moe_ffn = moe.num_experts * (gated * d * moe.expert_hidden + d)  # experts and the gate's rows
+        width = moe.latent_dim or d  # the experts' input and output width
+        moe_ffn = moe.num_experts * (gated * width * moe.expert_hidden + d)  # experts and the gate's rows
+        moe_ffn += 2 * d * width if moe.latent_dim else 0  # the latent down- and up-projections
+        moe_ffn += moe.num_experts if getattr(moe.router, "gate_bias", False) else 0  # a bias on the gate's logits
         if moe.expert_bias:
-            moe_ffn += moe.num_experts * ((gated - 1) * moe.expert_hidden + d)  # (gated - 1) F in, d out
+            moe_ffn += moe.num_experts * ((gated - 1) * moe.expert_hidden + width)  # (gated - 1) F in, width out
         if moe.num_shared:
             moe_ffn += gated * d * moe.shared_width + (d if moe.shared_gate else 0)
         moe_layers = len(self.moe_layers)
-        params = (
+        last = moe_ffn if self.is_moe_layer(self.n_layers - 1) else dense_ffn
+        mtp = self.mtp_depth * (attention + last + 2 * d * d + 3 * d)  # block, projection and three norms
+        params = mtp + (
             vocab * d * (1 if self.tie_embeddings else 2)
             + d
             + self.n_layers * attention
@@ -319,6 +334,8 @@ class ModelConfig:
             f"model.vocab_size={self.vocab_size} must be at least 1 (or null for the tokenizer's)",
         )
         self._check_attention(need)
+        need(self.mtp_depth >= 0, f"model.mtp_depth={self.mtp_depth} must be >= 0 (0: no multi-token prediction)")
+        need(self.mtp_loss_weight >= 0, f"model.mtp_loss_weight={self.mtp_loss_weight} must be >= 0")
         self._check_moe(need)
 
     def _check_attention(self, need: Callable[[bool, str], None]) -> None:
@@ -396,7 +413,12 @@ class ModelConfig:
         moe = self.moe
         need(moe.expert_hidden >= 1, f"model.moe.expert_hidden={moe.expert_hidden} must be at least 1")
         # torch._grouped_mm needs 16-byte-aligned row strides: multiples of 8 elements cover bf16 and float32.
-        for key, value in (("model.d_model", self.d_model), ("model.moe.expert_hidden", moe.expert_hidden)):
+        need(moe.latent_dim is None or moe.latent_dim >= 1, f"model.moe.latent_dim={moe.latent_dim} must be >= 1")
+        for key, value in (
+            ("model.d_model", self.d_model),
+            ("model.moe.expert_hidden", moe.expert_hidden),
+            ("model.moe.latent_dim", moe.latent_dim or 8),
+        ):
             need(
                 not moe.enabled or value % 8 == 0,
                 f"{key}={value} must be a multiple of 8 (the grouped GEMM needs 16-byte-aligned rows)",

@@ -29,7 +29,9 @@ from moe_lab.model.seeding import seeded_part
 class Block(nn.Module):
     """Pre-norm transformer block whose FFN is dense or MoE."""
 
-    def __init__(self, cfg: ModelConfig, layer: int, rope: Optional[RotaryEmbedding] = None):
+    def __init__(
+        self, cfg: ModelConfig, layer: int, rope: Optional[RotaryEmbedding] = None, moe: Optional[bool] = None
+    ):
         super().__init__()
         self.layer = layer
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -37,7 +39,7 @@ class Block(nn.Module):
             self.attn = build_attention(cfg, rope, layer)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         out_std = residual_out_std(cfg.init_std, cfg.n_layers)
-        self.is_moe = cfg.is_moe_layer(layer)
+        self.is_moe = cfg.is_moe_layer(layer) if moe is None else moe
         self.ffn: MoELayer | FeedForward
         with seeded_part("ffn"):  # an MoE layer and a dense FFN leave the attention's weights alone (seeding.py)
             if self.is_moe:
@@ -64,6 +66,37 @@ class Block(nn.Module):
         return x_BSD + f_BSD, moe_out
 
 
+class MultiTokenPrediction(nn.Module):
+    """One of DeepSeek-V3's sequential multi-token prediction modules (DeepSeek-AI 2024, section 2.2), depth k: the
+    previous depth's hidden state at position i (RMS-normed) and the embedding of token i + k (RMS-normed, the
+    model's embedding) are joined by a projection, pass one transformer block (MoE if the model's last block is),
+    and the model's output head (behind this module's own norm) predicts token i + k + 1. The chain keeps the causal
+    order of predictions that parallel heads (Gloeckle et al. 2024) drop."""
+
+    def __init__(self, cfg: ModelConfig, depth: int, rope: Optional[RotaryEmbedding] = None):
+        super().__init__()
+        D = cfg.d_model
+        self.depth = depth
+        self.hidden_norm = RMSNorm(D, cfg.norm_eps)
+        self.embed_norm = RMSNorm(D, cfg.norm_eps)
+        self.proj = nn.Linear(2 * D, D, bias=False)
+        nn.init.normal_(self.proj.weight, std=cfg.init_std)
+        # Numbered after the model's blocks: its routing statistics are those of layer n_layers + depth - 1.
+        self.block = Block(cfg, cfg.n_layers + depth - 1, rope, moe=cfg.is_moe_layer(cfg.n_layers - 1))
+        self.norm = RMSNorm(D, cfg.norm_eps)
+
+    def forward(
+        self,
+        h_BSD: torch.Tensor,
+        embedded_BSD: torch.Tensor,
+        token_ids_BS: torch.Tensor,
+        domain_B: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, Optional[MoELayerOutput]]:
+        """h^{k-1} at positions 0..S-1 and the embeddings of tokens k..k+S-1 -> h^k (B, S, D)."""
+        x_BSD = self.proj(torch.cat([self.hidden_norm(h_BSD), self.embed_norm(embedded_BSD)], dim=-1))
+        return self.block(x_BSD, token_ids_BS, domain_B=domain_B)
+
+
 @dataclass
 class LMOutput:
     logits: torch.Tensor  # (B, S, V)
@@ -71,6 +104,10 @@ class LMOutput:
     aux_loss: Optional[torch.Tensor] = None  # sum of weight * (aux loss averaged over MoE layers)
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted, each averaged over MoE layers
     moe: dict[int, MoELayerOutput] = field(default_factory=dict)  # block index -> that layer's statistics
+    # Multi-token prediction (model.mtp_depth): each depth's cross-entropy, and their weighted mean (the term the
+    # training loss adds), when targets are given.
+    mtp_losses: list[torch.Tensor] = field(default_factory=list)
+    mtp_loss: Optional[torch.Tensor] = None
 
 
 class MoETransformer(nn.Module):
@@ -94,6 +131,11 @@ class MoETransformer(nn.Module):
             with seeded_part(f"blocks.{layer}"):
                 blocks.append(Block(cfg, layer, rope))
         self.blocks = cast("list[Block]", nn.ModuleList(blocks))
+        mtp = []
+        for depth in range(1, cfg.mtp_depth + 1):
+            with seeded_part(f"mtp.{depth}"):
+                mtp.append(MultiTokenPrediction(cfg, depth, rope))
+        self.mtp = cast("list[MultiTokenPrediction]", nn.ModuleList(mtp))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         with seeded_part("lm_head"):
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -101,12 +143,16 @@ class MoETransformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
+    def all_blocks(self) -> list[Block]:
+        """The model's blocks, then the multi-token prediction modules' (numbered on after them)."""
+        return [*self.blocks, *(module.block for module in self.mtp)]
+
     @property
     def moe_layers(self) -> list[int]:
-        return [block.layer for block in self.blocks if block.is_moe]
+        return [block.layer for block in self.all_blocks() if block.is_moe]
 
     def moe_modules(self) -> list[MoELayer]:
-        return [block.ffn for block in self.blocks if isinstance(block.ffn, MoELayer)]
+        return [block.ffn for block in self.all_blocks() if isinstance(block.ffn, MoELayer)]
 
     @property
     def stochastic_routing(self) -> bool:
@@ -158,6 +204,8 @@ class MoETransformer(nn.Module):
         out = LMOutput(logits=logits_BSV, moe=moe)
         if targets_BS is not None:
             out.loss = F.cross_entropy(logits_BSV.float().view(B * S, -1), targets_BS.reshape(B * S))
+        if cache is None and self.mtp:  # generation predicts one token at a time: it leaves them out
+            self._predict_further(out, x_BSD, token_ids_BS, targets_BS, domain_B)
         if moe:
             names = next(iter(moe.values())).losses.keys()
             out.aux_losses = {n: torch.stack([m.losses[n] for m in moe.values()]).mean() for n in names}
@@ -165,6 +213,29 @@ class MoETransformer(nn.Module):
             weighted = [weights[n] * loss for n, loss in out.aux_losses.items() if weights[n] > 0]
             out.aux_loss = torch.stack(weighted).sum() if weighted else None
         return out
+
+    def _predict_further(
+        self,
+        out: LMOutput,
+        h_BSD: torch.Tensor,
+        token_ids_BS: torch.Tensor,
+        targets_BS: Optional[torch.Tensor],
+        domain_B: Optional[torch.Tensor],
+    ) -> None:
+        """Multi-token prediction: depth k reads h^{k-1} at positions 0..S-k-1 and tokens k..S-1, and predicts tokens
+        k+1..S (targets[:, k:]); its routing statistics join `out.moe`, its cross-entropy `out.mtp_losses`."""
+        for module in self.mtp:
+            k = module.depth
+            if token_ids_BS.shape[1] <= k:
+                break
+            h_BSD, moe_out = module(h_BSD[:, :-1], self.embed(token_ids_BS[:, k:]), token_ids_BS[:, k:], domain_B)
+            if moe_out is not None:
+                out.moe[module.block.layer] = moe_out
+            if targets_BS is not None:
+                logits_BSV = self.lm_head(module.norm(h_BSD))
+                out.mtp_losses.append(F.cross_entropy(logits_BSV.float().flatten(0, 1), targets_BS[:, k:].flatten()))
+        if out.mtp_losses:
+            out.mtp_loss = self.cfg.mtp_loss_weight * torch.stack(out.mtp_losses).mean()
 
     # ----------------------------------------------------------------------------------------------------
     # Accounting
@@ -194,5 +265,7 @@ class MoETransformer(nn.Module):
         """Training FLOPs per token: 6 * active parameters + attention, as PaLM Appendix B (12 * L * H * Dh * S;
         6 * L * H * (Dh + Dv) * S where values are narrower than queries and keys, as in latent attention)."""
         cfg = self.cfg
-        attention = 6 * cfg.n_layers * cfg.n_heads * (cfg.head_dim + cfg.v_head_dim) * seq_len
-        return 6 * self.num_params()["active"] + attention
+        blocks = cfg.n_layers + cfg.mtp_depth  # multi-token prediction: one more block and head use per depth
+        attention = 6 * blocks * cfg.n_heads * (cfg.head_dim + cfg.v_head_dim) * seq_len
+        heads = 6 * cfg.mtp_depth * self.lm_head.weight.numel()
+        return 6 * self.num_params()["active"] + attention + heads

@@ -140,10 +140,18 @@ class MoELayer(nn.Module):
         with seeded_part("router"):
             self.router = build_router(d_model, cfg.num_experts, cfg.router, init_std=init_std, vocab_size=vocab_size)
         self.top_k = self.router.top_k
+        with seeded_part("latent"):  # latent experts: one projection into their latent and one out of it
+            self.latent_down: Optional[nn.Linear] = None
+            self.latent_up: Optional[nn.Linear] = None
+            if cfg.latent_dim is not None:
+                self.latent_down = nn.Linear(d_model, cfg.latent_dim, bias=False)
+                self.latent_up = nn.Linear(cfg.latent_dim, d_model, bias=False)
+                nn.init.normal_(self.latent_down.weight, std=init_std)
+                nn.init.normal_(self.latent_up.weight, std=out_std)
         with seeded_part("experts"):
             self.experts = GroupedExperts(
                 cfg.num_experts,
-                d_model,
+                cfg.latent_dim or d_model,
                 cfg.expert_hidden,
                 cfg.activation,
                 init_std=init_std,
@@ -185,11 +193,13 @@ class MoELayer(nn.Module):
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         routing = self.router(self.router_inputs(x_TD, token_ids_BS, domain_B, batch_size=B))
+        z_TL = x_TD if self.latent_down is None else self.latent_down(x_TD)  # the experts' input (L = D without)
         if self.cfg.implementation == "loop":
-            routed = self.routed_experts_loop(x_TD, routing)
+            routed = self.routed_experts_loop(z_TL, routing)
         else:
-            routed = self.routed_experts(x_TD, routing)
-        y_TD = routed.y_TD if self.shared is None else routed.y_TD + self.shared_experts(x_TD)
+            routed = self.routed_experts(z_TL, routing)
+        y_TD = routed.y_TD if self.latent_up is None else self.latent_up(routed.y_TD)
+        y_TD = y_TD if self.shared is None else y_TD + self.shared_experts(x_TD)
         return y_TD.view(B, S, D), self.layer_output(routing, routed, batch_size=B)
 
     def router_inputs(

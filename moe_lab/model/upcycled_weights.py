@@ -50,6 +50,11 @@ def moe_settings(dense: ModelConfig, moe: ModelConfig, method: str, granularity:
         raise ValueError(f"model.moe.num_experts={moe.moe.num_experts} must be a multiple of upcycle.granularity={G}")
     if moe.moe.num_shared:
         raise ValueError("upcycling into shared experts is not supported yet: set model.moe.num_shared=0")
+    if moe.moe.latent_dim is not None or moe.moe.expert_bias:
+        raise ValueError(
+            "a dense FFN is not a latent or biased expert: upcycle with model.moe.latent_dim=null and "
+            "model.moe.expert_bias=false"
+        )
     if moe.moe.activation != "swiglu":
         raise ValueError(
             f"model.moe.activation={moe.moe.activation}: the dense FFN is SwiGLU; upcycled experts are "

@@ -125,6 +125,8 @@ class RoutingMetrics(L.Callback):
         self._samples += ids.shape[0]
         self._tokens += ids[:, :-1].numel()
         sums = {"ce": stats["ce"], "nonfinite": stats["nonfinite"]}
+        if "mtp_D" in stats:  # each multi-token prediction depth's cross-entropy
+            sums["mtp_D"] = stats["mtp_D"]
         layers = [stats["moe"][layer] for layer in moe_layers]
         if layers:
             sums["counts_LE"] = torch.stack([m.tokens_per_expert_E for m in layers])
@@ -204,6 +206,8 @@ class RoutingMetrics(L.Callback):
         }
         if "device/mfu" in window:
             metrics["train/mfu"] = window["device/mfu"]
+        for depth, loss in enumerate(values.get("mtp_D", []), start=1):
+            metrics[f"train/mtp_loss/depth{depth}"] = float(loss) / micro
         aux = {k: v / micro for k, v in values.items() if k.startswith("aux/")}
         for key, per_layer in aux.items():
             metrics[f"train/{key}"] = float(per_layer.mean())

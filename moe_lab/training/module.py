@@ -88,10 +88,15 @@ class MoELanguageModel(L.LightningModule):
         with self.micro_batch_rng(batch.get("micro_batch")):
             out = self.training_forward(ids[:, :-1], ids[:, 1:], domain_B=batch.get("domain"))
         loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+        if out.mtp_loss is not None:  # multi-token prediction (model.mtp_depth)
+            loss = loss + out.mtp_loss
         bad = (~torch.isfinite(loss.detach())).float()
         self.nonfinite_losses = bad if self.nonfinite_losses is None else self.nonfinite_losses + bad
         # Routing statistics for `RoutingMetrics`, detached and still on the device (no sync here).
-        return {"loss": loss, "stats": {"ce": out.loss.detach(), "nonfinite": bad, "moe": out.moe}}
+        stats = {"ce": out.loss.detach(), "nonfinite": bad, "moe": out.moe}
+        if out.mtp_losses:
+            stats["mtp_D"] = torch.stack(out.mtp_losses).detach()
+        return {"loss": loss, "stats": stats}
 
     @contextlib.contextmanager
     def micro_batch_rng(self, index: Optional[int]) -> Iterator[None]:
