@@ -221,8 +221,8 @@ def test_validate_rejects_bad_input(make_cfg, overrides, expected):
         (["model.moe.foo=1"], "model.moe.foo is not a setting; the settings of model.moe are: ['activation'"),
         (
             ["experts=e99"],
-            "experts=e99 is not an option; the options of experts are: dense, e16, e16_fine, e16_fine_shared, "
-            "e16_grouped_shared, e16_latent, e4, e64_fine, e64_fine_shared, e8",
+            "experts=e99 is not an option; the options of experts are: dense, e16, e16_fine, e16_fine_gated_shared, "
+            "e16_fine_shared, e16_grouped_shared, e16_latent, e4, e64_fine, e64_fine_shared, e8",
         ),
         (
             ["router=nope"],
@@ -391,6 +391,7 @@ def test_a_gate_less_router_brings_its_aux_loss_without_a_yaml(make_cfg):
         ["model=deepseek_v3_tiny"],
         ["model=glm45_tiny"],
         ["model=gpt_oss_tiny", "model.n_layers=3"],
+        ["model=qwen3_next_tiny", "model.n_layers=4"],
         ["model.mtp_depth=2"],
         ["model=deepseek_v3_tiny", "model.mtp_depth=1"],
         ["experts=e16_latent"],

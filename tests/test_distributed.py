@@ -81,6 +81,14 @@ PER_MICRO_BATCH = {
     # sinks, a window of 16 on layers 0 and 2, expert and gate biases, the clamped SwiGLU
     "gpt_oss": ["model=gpt_oss_tiny", "model.n_layers=3", "model.sliding_window=16"],
     "gpt_oss_aux_free": ["model=gpt_oss_tiny", "model.n_layers=3", "model.sliding_window=16", "router=aux_free"],
+    # Gated DeltaNet in layers 0 and 1, gated attention in layer 2; two routers
+    "qwen3_next": ["model=qwen3_next_tiny", "model.n_layers=3", "model.linear_layers=[0,1]"],
+    "qwen3_next_aux_free": [
+        "model=qwen3_next_tiny",
+        "model.n_layers=3",
+        "model.linear_layers=[0,1]",
+        "router=aux_free",
+    ],
     "latent_experts": ["experts=e16_latent"],  # the all-to-all carries latent rows
     "multi_token_prediction": ["model.mtp_depth=2"],  # two more MoE blocks, their loss in the gradient
 }

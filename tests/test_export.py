@@ -54,6 +54,8 @@ def trained(make_cfg, tmp_path, *overrides, name="run"):
         (["router=topk", "model.moe.router.score=sigmoid"], "Glm4MoeForCausalLM"),  # sigmoid routing, plain attention
         # sinks, a window of 16 on layers 0 and 2 (sequences of 48), YaRN, biases everywhere, the clamped SwiGLU
         (["model=gpt_oss_tiny", "model.sliding_window=16"], "GptOssForCausalLM"),
+        # Gated DeltaNet in layers 0 and 1, gated attention in layer 2, zero-centred norms, a gated shared expert
+        (["model=qwen3_next_tiny", "model.linear_layers=[0,1]"], "Qwen3NextForCausalLM"),
     ],
 )
 def test_exported_logits_equal_moe_labs(make_cfg, tmp_path, overrides, architecture):
@@ -89,9 +91,9 @@ def test_routers_without_an_equivalent_are_refused_naming_the_formats(make_cfg, 
     with pytest.raises(
         ExportError,
         match=r"router=hash .* has no Hugging Face equivalent. Export writes Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, "
-        r"DeepSeek-V3, GLM-4.5 or gpt-oss; their routings: softmax top-k .* in Mixtral, Qwen2-MoE, Qwen3-MoE, "
-        r"OLMoE: routers \['noisy_topk', .*\]; biased sigmoid top-k .* in DeepSeek-V3, GLM-4.5: routers "
-        r"\['aux_free'\]; softmax over the top-k logits .* in gpt-oss: routers \[.*'topk'\]",
+        r"DeepSeek-V3, GLM-4.5, gpt-oss or Qwen3-Next; their routings: softmax top-k .* in Mixtral, Qwen2-MoE, "
+        r"Qwen3-MoE, OLMoE, Qwen3-Next: routers \['noisy_topk', .*\]; biased sigmoid top-k .* in DeepSeek-V3, "
+        r"GLM-4.5: routers \['aux_free'\]; softmax over the top-k logits .* in gpt-oss: routers \[.*'topk'\]",
     ):
         export_hf(ckpt, tmp_path / "hf")
     assert not (tmp_path / "hf").exists()

@@ -42,7 +42,7 @@ def test_each_family_is_one_module_and_registers_itself():
         module = sys.modules[type(f).__module__]
         assert module.__file__.startswith(str(records)), f.model_type
         assert f.title and f.model_type and family(f.model_type) is f
-    moe_families = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "gpt_oss"]
+    moe_families = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "gpt_oss", "qwen3_next"]
     assert [f.model_type for f in supported()] == moe_families
     assert [f.model_type for f in supported(moe=False)] == ["llama", "qwen2", "qwen3"]
     assert family("gpt2") is None

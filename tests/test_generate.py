@@ -55,6 +55,14 @@ LATENT = {"n_kv_heads": None, "kv_lora_rank": 16, "q_lora_rank": 24, "head_size"
             "rope_scaling_factor": 4.0,
             "rope_original_max_seq_len": 16,
         },
+        {  # Qwen3-Next's hybrid: Gated DeltaNet in layers 0 and 2 (conv and recurrent state in the cache), gated
+            # attention with zero-centred per-head q/k norms and a quarter of each head rotated
+            "linear_layers": [0, 2],
+            "attention_gate": True,
+            "norm_offset": True,
+            "qk_norm": "head",
+            "rope_dims": 4,
+        },
     ],
 )
 def test_cached_steps_and_left_padding_change_no_logit(extra):
@@ -65,14 +73,17 @@ def test_cached_steps_and_left_padding_change_no_logit(extra):
     steps = [model(ids[:, :8], cache=cache).logits] + [
         model(ids[:, t : t + 1], cache=cache).logits for t in range(8, 20)
     ]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+    # Gated DeltaNet carries a state through every step, in another order of float operations than the full forward's
+    # chunks: its rounding (3e-6 of the largest logit here, the same with the recurrence everywhere) needs more room.
+    atol = 5e-5 if extra.get("linear_layers") else 1e-5
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=atol)
     # Row 1 is 5 tokens shorter and left-padded: its logits are those of its own tokens alone.
     padded = torch.cat([ids[:1], torch.cat([torch.zeros(1, 5, dtype=torch.long), ids[1:, :15]], 1)])
     valid = torch.ones_like(padded, dtype=torch.bool)
     valid[1, :5] = False
     out = model(padded, cache=KVCache(model.cfg, 2, 24, ids.device, torch.float32), valid_BS=valid).logits
-    torch.testing.assert_close(out[1, 5:], model(ids[1:, :15]).logits[0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(out[0], full[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[1, 5:], model(ids[1:, :15]).logits[0], rtol=0, atol=atol)
+    torch.testing.assert_close(out[0], full[0], rtol=0, atol=atol)
 
 
 def test_greedy_generation_is_the_argmax_of_full_forwards():

@@ -43,6 +43,7 @@ def _tiny_configs() -> dict:
         OlmoeConfig,
         Qwen2MoeConfig,
         Qwen3MoeConfig,
+        Qwen3NextConfig,
     )
 
     return {
@@ -118,6 +119,24 @@ def _tiny_configs() -> dict:
             head_dim=8,
             sliding_window=8,
             **{**COMMON, "max_position_embeddings": 131072, **extra},
+        ),
+        # Gated DeltaNet in layers 0 and 2 (2 key heads, 4 value heads), gated attention with per-head q/k norms and
+        # RoPE on a quarter of each head in layer 1, zero-centred norms, a gated shared expert, 8 experts, top-2
+        "qwen3_next": lambda **extra: Qwen3NextConfig(
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=8,
+            num_experts_per_tok=2,
+            head_dim=16,
+            layer_types=["linear_attention", "full_attention", "linear_attention"],
+            linear_num_key_heads=2,
+            linear_key_head_dim=8,
+            linear_num_value_heads=4,
+            linear_value_head_dim=8,
+            linear_conv_kernel_dim=4,
+            **COMMON,
+            **extra,
         ),
     }
 

@@ -19,9 +19,11 @@ def small(**moe) -> ModelConfig:
 
 
 @pytest.mark.parametrize("expert_parallel", [1, 2, 4, 8])
-@pytest.mark.parametrize("shared", [0, 1])
-def test_the_parameters_of_an_expert_parallel_rank(expert_parallel, shared):
-    cfg = small(num_shared=shared)
+@pytest.mark.parametrize(
+    "moe", [{}, {"num_shared": 1}, {"latent_dim": 16}, {"expert_bias": True, "activation": "swiglu_clamped"}]
+)
+def test_the_parameters_of_an_expert_parallel_rank(expert_parallel, moe):
+    cfg = small(**moe)
     model = MoETransformer(cfg)
     assert model.num_params()["total"] == cfg.size_estimate()[0]
     model.use_expert_parallel(None, rank=expert_parallel - 1, size=expert_parallel)  # the last rank's experts
@@ -59,3 +61,10 @@ def test_all_to_all_bytes_follow_the_slots_that_leave_the_rank():
     assert scaling.all_to_all_bytes_per_step(cfg, scaling.Layout(8, 1)) == 0
     one_layer = 4 * 8192 * 8 * 2048 * 2 * 7 // 8  # dispatch and combine, forward and backward, bf16
     assert scaling.all_to_all_bytes_per_step(cfg, scaling.Layout(8, 8)) == 16 * one_layer
+
+
+def test_latent_experts_send_latent_rows():
+    """The all-to-all carries rows of the experts' width: latent_dim numbers a slot instead of d_model."""
+    layout = scaling.Layout(gpus=16, expert_parallel=8)
+    full, latent = small(), small(latent_dim=8)
+    assert scaling.all_to_all_bytes_per_step(latent, layout) * 4 == scaling.all_to_all_bytes_per_step(full, layout)

@@ -315,7 +315,10 @@ def state_dict(
         p, q = f"model.layers.{i}.", f"blocks.{i}."
         out[q + "attn_norm.weight"] = take(p + "input_layernorm.weight")
         out[q + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
-        if cfg.kv_lora_rank is None:
+        if cfg.is_linear_layer(i):  # Gated DeltaNet: the same names on both sides
+            for name in _DELTANET_WEIGHTS:
+                out[f"{q}attn.{name}"] = take(f"{p}{names.linear_attention}{name}")
+        elif cfg.kv_lora_rank is None:
             _attention_in(out, take, p + "self_attn.", q + "attn.", cfg)
             if cfg.attention_sinks:
                 out[q + "attn.sinks_H"] = take(p + names.attention_sinks)
@@ -345,6 +348,18 @@ def state_dict(
             f"{', ...' if len(left) > 3 else ''}): it is not loaded approximately"
         )
     return out
+
+
+# A Gated DeltaNet block's weights (moe_lab/model/deltanet.py keeps transformers' names and layouts).
+_DELTANET_WEIGHTS = (
+    "in_proj_qkvz.weight",
+    "in_proj_ba.weight",
+    "conv1d.weight",
+    "dt_bias",
+    "A_log",
+    "norm.weight",
+    "out_proj.weight",
+)
 
 
 def _attention_in(out: dict, take, hf_prefix: str, prefix: str, cfg: ModelConfig) -> None:
@@ -567,7 +582,10 @@ def hf_state_dict(model: MoETransformer, names: Family) -> dict[str, torch.Tenso
         p = f"model.layers.{i}."
         out[p + "input_layernorm.weight"] = block.attn_norm.weight
         out[p + "post_attention_layernorm.weight"] = block.ffn_norm.weight
-        if cfg.kv_lora_rank is None:
+        if cfg.is_linear_layer(i):
+            for name in _DELTANET_WEIGHTS:
+                out[f"{p}{names.linear_attention}{name}"] = block.attn.get_parameter(name)
+        elif cfg.kv_lora_rank is None:
             _attention_out(out, p + "self_attn.", block.attn, cfg)
             if block.attn.sinks_H is not None:
                 out[p + names.attention_sinks] = block.attn.sinks_H

@@ -20,21 +20,24 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_lab.model.config import ModelConfig
+from moe_lab.model.deltanet import GatedDeltaNet
 from moe_lab.model.experts import residual_out_std
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square layer norm, computed in float32 (Zhang & Sennrich 2019)."""
+    """Root-mean-square layer norm, computed in float32 (Zhang & Sennrich 2019). With `offset` the weight is stored
+    as its difference from 1 and starts at 0 (Qwen3-Next's zero-centred norm: weight decay pulls it to 1)."""
 
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, offset: bool = False):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.offset = offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight * x32).to(x.dtype)
+        return ((1.0 + self.weight.float() if self.offset else self.weight) * x32).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -84,6 +87,9 @@ class KVCache:
         self.k = [torch.zeros(k_shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(v_shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.valid_BC = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        # Gated DeltaNet blocks (deltanet.py): each one's last conv inputs and recurrent state, by layer.
+        self.conv: dict[int, torch.Tensor] = {}
+        self.recurrent: dict[int, torch.Tensor] = {}
         self.seen_B = torch.zeros(batch, dtype=torch.long, device=device)  # real tokens so far, per sequence
         self.length = 0  # positions filled
 
@@ -158,7 +164,10 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.rope_dims = cfg.rotary_dims
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        # With attention_gate, each head's rows are [query | gate] (Qwen3-Next's layout).
+        self.gated = cfg.attention_gate
+        q_width = cfg.n_heads * cfg.head_dim * (2 if cfg.attention_gate else 1)
+        self.q_proj = nn.Linear(cfg.d_model, q_width, bias=cfg.qkv_bias)
         self.kv_proj = nn.Linear(cfg.d_model, 2 * cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)  # k and v fused
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=cfg.out_bias)
         # One table for the whole model (an imported model's 128k positions take 134 MB; not once per layer).
@@ -170,8 +179,8 @@ class CausalSelfAttention(nn.Module):
             if cfg.qk_norm == "head"
             else (cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim)
         )
-        self.q_norm = RMSNorm(q_width, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(k_width, cfg.norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(q_width, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(k_width, cfg.norm_eps, cfg.norm_offset) if cfg.qk_norm else None
         for lin in (self.q_proj, self.kv_proj):
             nn.init.normal_(lin.weight, std=cfg.init_std)
             if lin.bias is not None:
@@ -193,6 +202,10 @@ class CausalSelfAttention(nn.Module):
         `positions_BS`, skipping the cache's padding."""
         B, S, _ = x_BSD.shape
         q_BSX = self.q_proj(x_BSD)
+        gate_BSX = None
+        if self.gated:
+            q_BSHX, gate_BSHX = q_BSX.view(B, S, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)
+            q_BSX, gate_BSX = q_BSHX.reshape(B, S, -1), gate_BSHX.reshape(B, S, -1)
         k_BSX, v_BSX = self.kv_proj(x_BSD).chunk(2, dim=-1)
         if self.qk_norm == "full" and self.q_norm is not None and self.k_norm is not None:
             q_BSX, k_BSX = self.q_norm(q_BSX), self.k_norm(k_BSX)
@@ -204,7 +217,8 @@ class CausalSelfAttention(nn.Module):
         v_BHSDh = v_BSX.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q_BHSDh, k_BHSDh = self.rotate(q_BHSDh, k_BHSDh, positions_BS)
         y_BHSDh = attend(q_BHSDh, k_BHSDh, v_BHSDh, cache, layer, self.window, self.sinks_H)
-        return self.o_proj(y_BHSDh.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))
+        y_BSX = y_BHSDh.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim)
+        return self.o_proj(y_BSX if gate_BSX is None else y_BSX * torch.sigmoid(gate_BSX))
 
     def rotate(
         self, q_BHSDh: torch.Tensor, k_BHSDh: torch.Tensor, positions_BS: Optional[torch.Tensor]
@@ -307,8 +321,10 @@ def yarn_frequencies(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
 
 
 def build_attention(cfg: ModelConfig, rope: Optional[RotaryEmbedding] = None, layer: int = 0) -> nn.Module:
-    """The attention of block `layer`: latent (MLA) when model.kv_lora_rank is set, else grouped-query (over a sliding
-    window in the model's sliding layers)."""
+    """The token mixer of block `layer`: latent attention (MLA) when model.kv_lora_rank is set, Gated DeltaNet in the
+    model's linear layers, else grouped-query attention (over a sliding window in the model's sliding layers)."""
     if cfg.kv_lora_rank is not None:
         return LatentAttention(cfg, rope)
+    if cfg.is_linear_layer(layer):
+        return GatedDeltaNet(cfg)
     return CausalSelfAttention(cfg, rope, cfg.sliding_window if cfg.is_sliding_layer(layer) else None)

@@ -179,6 +179,21 @@ class ModelConfig:
     rope_beta_fast: float = 32.0
     rope_beta_slow: float = 1.0
     rope_truncate: bool = True
+    # A sigmoid gate on each attention head's output, from a second half of the query projection (Qwen3-Next's gated
+    # attention: each head [query | gate]).
+    attention_gate: bool = False
+    # Gated DeltaNet (Yang et al. 2025) instead of attention in these blocks (Qwen3-Next: three of every four, e.g.
+    # [0, 1, 2] of 4); null = attention in every block. Its heads: key heads and their width, value heads (a multiple
+    # of the key heads) and their width, and the causal convolution's kernel.
+    linear_layers: Optional[list[int]] = None
+    deltanet_key_heads: int = 2
+    deltanet_key_dim: int = 32
+    deltanet_value_heads: int = 4
+    deltanet_value_dim: int = 32
+    deltanet_conv: int = 4
+    # RMSNorm weights stored as an offset from 1 and initialised at 0 (Qwen3-Next), so that weight decay pulls them
+    # to 1 rather than 0; the function is the same.
+    norm_offset: bool = False
     # Hidden width of the dense SwiGLU FFN (dense layers and the dense baseline): 3 x d_model, a multiple of 64.
     ffn_hidden: int = 384
     # Longest sequence the model accepts; sets the RoPE table size.
@@ -219,6 +234,17 @@ class ModelConfig:
     def rotary_dims(self) -> int:
         return self.rope_dims or self.head_dim
 
+    def is_linear_layer(self, layer: int) -> bool:
+        """Whether block `layer` (0-based) mixes tokens by Gated DeltaNet rather than attention."""
+        return self.linear_layers is not None and layer in self.linear_layers
+
+    def deltanet_params(self) -> int:
+        """Parameters of one Gated DeltaNet block's token mixer and its input norm."""
+        d, Kd = self.d_model, self.deltanet_key_heads * self.deltanet_key_dim
+        Hv, Vd = self.deltanet_value_heads, self.deltanet_value_heads * self.deltanet_value_dim
+        conv = (2 * Kd + Vd) * self.deltanet_conv
+        return d * (2 * Kd + 2 * Vd) + d * 2 * Hv + conv + 2 * Hv + self.deltanet_value_dim + Vd * d + d
+
     def is_sliding_layer(self, layer: int) -> bool:
         """Whether block `layer` (0-based) attends over a sliding window."""
         if self.sliding_window is None:
@@ -233,10 +259,11 @@ class ModelConfig:
             q = d * heads * head_dim if self.q_lora_rank is None else self.q_lora_rank * (d + 1 + heads * head_dim)
             kv_part = d * (rank + rope) + rank + rank * heads * (head_dim - rope + self.v_head_dim)
             return q + kv_part + heads * self.v_head_dim * d + d
-        attention = d * heads * head_dim + d * 2 * kv * head_dim + heads * head_dim * d + d
+        q = heads * head_dim * (2 if self.attention_gate else 1)
+        attention = d * q + d * 2 * kv * head_dim + heads * head_dim * d + d
         attention += (d if self.out_bias else 0) + (heads if self.attention_sinks else 0)
         if self.qkv_bias:
-            attention += heads * head_dim + 2 * kv * head_dim
+            attention += q + 2 * kv * head_dim
         if self.qk_norm == "head":
             attention += 2 * head_dim
         elif self.qk_norm == "full":
@@ -267,6 +294,7 @@ class ModelConfig:
         d = self.d_model
         vocab = self.vocab_size or 0
         attention = self.attention_params() + d  # + the FFN's norm
+        linear = len([i for i in range(self.n_layers) if self.is_linear_layer(i)])
         moe = self.moe
         gated = 3 if GATED_ACTIVATIONS.get(moe.activation) else 2
         dense_ffn = 3 * d * self.ffn_hidden
@@ -284,7 +312,8 @@ class ModelConfig:
         params = mtp + (
             vocab * d * (1 if self.tie_embeddings else 2)
             + d
-            + self.n_layers * attention
+            + (self.n_layers - linear) * attention
+            + linear * (self.deltanet_params() + d)
             + moe_layers * moe_ffn
             + (self.n_layers - moe_layers) * dense_ffn
         )
@@ -340,6 +369,16 @@ class ModelConfig:
 
     def _check_attention(self, need: Callable[[bool, str], None]) -> None:
         """Partial rotary, YaRN, sliding windows and latent attention."""
+        linear = self.linear_layers
+        need(
+            linear is None or (self.kv_lora_rank is None and all(0 <= i < self.n_layers for i in linear)),
+            f"model.linear_layers={linear} must be layers 0..{self.n_layers - 1} of a grouped-query attention model",
+        )
+        need(
+            self.deltanet_value_heads % max(self.deltanet_key_heads, 1) == 0 and self.deltanet_key_heads >= 1,
+            f"model.deltanet_value_heads={self.deltanet_value_heads} must be a multiple of "
+            f"model.deltanet_key_heads={self.deltanet_key_heads}",
+        )
         window, layers = self.sliding_window, self.sliding_layers
         need(window is None or window >= 1, f"model.sliding_window={window} must be at least 1 (or null)")
         need(

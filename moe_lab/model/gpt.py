@@ -34,10 +34,10 @@ class Block(nn.Module):
     ):
         super().__init__()
         self.layer = layer
-        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         with seeded_part("attn"):
             self.attn = build_attention(cfg, rope, layer)
-        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         out_std = residual_out_std(cfg.init_std, cfg.n_layers)
         self.is_moe = cfg.is_moe_layer(layer) if moe is None else moe
         self.ffn: MoELayer | FeedForward
@@ -77,13 +77,13 @@ class MultiTokenPrediction(nn.Module):
         super().__init__()
         D = cfg.d_model
         self.depth = depth
-        self.hidden_norm = RMSNorm(D, cfg.norm_eps)
-        self.embed_norm = RMSNorm(D, cfg.norm_eps)
+        self.hidden_norm = RMSNorm(D, cfg.norm_eps, cfg.norm_offset)
+        self.embed_norm = RMSNorm(D, cfg.norm_eps, cfg.norm_offset)
         self.proj = nn.Linear(2 * D, D, bias=False)
         nn.init.normal_(self.proj.weight, std=cfg.init_std)
         # Numbered after the model's blocks: its routing statistics are those of layer n_layers + depth - 1.
         self.block = Block(cfg, cfg.n_layers + depth - 1, rope, moe=cfg.is_moe_layer(cfg.n_layers - 1))
-        self.norm = RMSNorm(D, cfg.norm_eps)
+        self.norm = RMSNorm(D, cfg.norm_eps, cfg.norm_offset)
 
     def forward(
         self,
@@ -136,7 +136,7 @@ class MoETransformer(nn.Module):
             with seeded_part(f"mtp.{depth}"):
                 mtp.append(MultiTokenPrediction(cfg, depth, rope))
         self.mtp = cast("list[MultiTokenPrediction]", nn.ModuleList(mtp))
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         with seeded_part("lm_head"):
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             nn.init.normal_(self.lm_head.weight, std=cfg.init_std)

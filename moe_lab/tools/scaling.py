@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moe_lab.model.config import ModelConfig, MoEConfig
+from moe_lab.model.config import GATED_ACTIVATIONS, ModelConfig, MoEConfig
 from moe_lab.model.routers import TopKRouterConfig
 
 BYTES_PER_TRAINED_PARAM = 16  # float32 weight, gradient and AdamW's two moments
@@ -64,8 +64,11 @@ class Layout:
 
 def routed_expert_params(cfg: ModelConfig) -> int:
     """Parameters of the routed experts of every MoE layer (the part expert parallelism divides)."""
-    gated = 3 if cfg.moe.activation in ("swiglu", "geglu") else 2
-    return len(cfg.moe_layers) * cfg.moe.num_experts * gated * cfg.d_model * cfg.moe.expert_hidden
+    moe = cfg.moe
+    gated = 3 if GATED_ACTIVATIONS[moe.activation] else 2
+    width = moe.latent_dim or cfg.d_model  # latent experts work in their latent
+    per_expert = gated * width * moe.expert_hidden + ((gated - 1) * moe.expert_hidden + width if moe.expert_bias else 0)
+    return len(cfg.moe_layers) * moe.num_experts * per_expert
 
 
 def active_params(cfg: ModelConfig) -> int:
@@ -94,7 +97,8 @@ def all_to_all_bytes_per_step(cfg: ModelConfig, layout: Layout, bytes_per_value:
     forward and backward, in every MoE layer; zero without expert parallelism."""
     P = layout.expert_parallel
     slots = layout.tokens * cfg.moe.router.top_k
-    per_layer = 4 * slots * cfg.d_model * bytes_per_value * (P - 1) // P
+    width = cfg.moe.latent_dim or cfg.d_model  # latent experts: the rows travel in the latent
+    per_layer = 4 * slots * width * bytes_per_value * (P - 1) // P
     return len(cfg.moe_layers) * per_layer
 
 

@@ -46,6 +46,7 @@ class Family:
     experts_gate_up_bias: ClassVar[str] = "mlp.experts.gate_up_proj_bias"  # where experts have biases
     experts_down_bias: ClassVar[str] = "mlp.experts.down_proj_bias"
     attention_sinks: ClassVar[str] = "self_attn.sinks"  # where attention has sinks
+    linear_attention: ClassVar[str] = "linear_attn."  # a Gated DeltaNet block's mixer (Qwen3-Next)
     # The experts' activations it has (model.moe.activation) and whether its experts have biases.
     activations: ClassVar[tuple[str, ...]] = ("swiglu", "geglu")
     expert_bias: ClassVar[bool] = False
@@ -198,8 +199,11 @@ def sigmoid_moe_layout(cfg: Any, routing: dict) -> dict[str, Any]:
 
 
 def plain_attention(cfg: Any) -> bool:
-    """Grouped-query attention without gpt-oss's parts (attention sinks, sliding windows, an output bias)."""
-    return cfg.kv_lora_rank is None and not (cfg.attention_sinks or cfg.sliding_window is not None or cfg.out_bias)
+    """Grouped-query attention in every block, without gpt-oss's parts (attention sinks, sliding windows, an output
+    bias) or Qwen3-Next's (output gates, zero-centred norms, Gated DeltaNet blocks)."""
+    others = cfg.attention_gate or cfg.norm_offset or cfg.linear_layers is not None
+    gpt_oss = cfg.attention_sinks or cfg.sliding_window is not None or cfg.out_bias
+    return cfg.kv_lora_rank is None and not others and not gpt_oss
 
 
 def rope_parameters(cfg: Any) -> dict[str, Any]:

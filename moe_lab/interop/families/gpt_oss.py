@@ -93,7 +93,8 @@ class GptOss(Family):
 
     def holds_attention(self, cfg: Any) -> bool:
         full = cfg.rope_dims in (None, cfg.head_dim)
-        return cfg.kv_lora_rank is None and cfg.attention_sinks and cfg.qk_norm is None and full
+        others = cfg.attention_gate or cfg.norm_offset or cfg.linear_layers is not None  # Qwen3-Next's
+        return cfg.kv_lora_rank is None and cfg.attention_sinks and cfg.qk_norm is None and full and not others
 
     def cannot_express(self, cfg: Any, routing: dict) -> Optional[str]:
         for present, what in (
