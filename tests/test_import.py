@@ -367,3 +367,34 @@ def test_a_hub_id_without_network_is_one_line_at_once(tmp_path, monkeypatch, cap
     env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hub-cache"), "HF_HUB_OFFLINE": ""}
     result = run_cli(["import", "someorg/some-moe", str(tmp_path / "out")], tmp_path, env_extra=env, timeout=120)
     assert result.returncode == 2 and "HF_HUB_OFFLINE=1" in result.stderr and "cache holds a copy" in result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe", "gpt_oss", "qwen3_next"])
+def test_an_imported_model_of_the_2025_families_works_like_any_checkpoint(family, tmp_path, cache_dir, capsys):
+    """Generate (with its routing shown), evaluate, analyse and fine-tune an imported model of each 2025 family."""
+    from moe_lab.cli.main import main
+
+    save_hf_model(family, tmp_path / "hf")
+    assert main(["import", str(tmp_path / "hf"), str(tmp_path / "imported")]) == 0
+    ckpt = str(tmp_path / "imported" / "model.ckpt")
+    data = [
+        "data.seq_len=32",
+        "++data.max_chars_per_domain=10000",
+        "data.max_val_blocks=4",
+        f"paths.cache_dir={cache_dir}",
+    ]
+    html = tmp_path / "experts.html"
+    shown = ["--show-experts", "2", "--html", str(html)]
+    assert main(["generate", ckpt, "--prompt", "def ", "--max-new-tokens", "4", *shown]) == 0
+    assert html.is_file()
+    assert main(["eval", ckpt, *data, "data.batch_size=2", "--json", str(tmp_path / "eval.json")]) == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["overall"]["loss"] > 0
+    assert main(["analyze", ckpt, *data, "-o", str(tmp_path / "analysis.html")]) == 0
+    assert json.loads((tmp_path / "analysis.json").read_text())
+    run = tmp_path / "tuned"
+    tune = ["trainer.max_steps=1", "trainer.val_check_interval=1", "optim.warmup_steps=0", f"hydra.run.dir={run}"]
+    assert main(["train", f"ckpt_path={ckpt}", *data, "data.batch_size=2", *tune]) == 0
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    capsys.readouterr()
