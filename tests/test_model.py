@@ -260,3 +260,15 @@ def test_a_hybrid_model_is_causal():
     torch.manual_seed(0)
     with torch.no_grad():
         assert_causal(MoETransformer(cfg).eval(), batch=2, seq=40, t=23, vocab=64)
+
+
+def test_the_multi_token_prediction_modules_are_one_part_for_freezing_and_learning_rates():
+    """optim.freeze=[mtp] / optim.lr_mult.mtp: every parameter under mtp. is the part `mtp`, none of the model's."""
+    from moe_lab.training.module import part_of
+    from moe_lab.training.schemas import PARTS
+
+    model = _mtp_model(depth=1)
+    parts = {name: part_of(name) for name, _ in model.named_parameters()}
+    assert "mtp" in PARTS
+    assert {part for name, part in parts.items() if name.startswith("mtp.")} == {"mtp"}
+    assert "mtp" not in {part for name, part in parts.items() if not name.startswith("mtp.")}

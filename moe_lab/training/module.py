@@ -261,6 +261,8 @@ def part_of(name: str) -> str:
         return "embeddings"
     if name.startswith("lm_head."):
         return "head"
+    if name.startswith("mtp."):
+        return "mtp"  # the multi-token prediction modules, whole (model.mtp_depth)
     if ".attn." in name:
         return "attention"  # the q/k norms included
     if name.endswith("norm.weight"):

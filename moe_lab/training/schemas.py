@@ -37,7 +37,7 @@ from moe_lab.training import auto
 from moe_lab.training.rendezvous import check_launch
 
 # The parts of the model that optim.freeze and optim.lr_mult name (training/module.py: part_of).
-PARTS = ("embeddings", "head", "attention", "norms", "router", "experts", "shared_experts", "dense_ffn")
+PARTS = ("embeddings", "head", "attention", "norms", "router", "experts", "shared_experts", "dense_ffn", "mtp")
 
 
 @dataclass
@@ -52,7 +52,7 @@ class OptimConfig:
     # The cosine decays to lr * min_lr_ratio at trainer.max_steps.
     min_lr_ratio: float = 0.1
     # Parts of the model that do not train (fine-tuning): any of embeddings, head, attention, norms, router, experts,
-    # shared_experts, dense_ffn (PARTS below). E.g. optim.freeze=[router].
+    # shared_experts, dense_ffn, mtp (PARTS below). E.g. optim.freeze=[router].
     freeze: list[str] = field(default_factory=list)
     # Learning-rate multipliers per part, e.g. optim.lr_mult.router=0.1 (parts not named keep 1).
     lr_mult: dict[str, float] = field(default_factory=dict)
