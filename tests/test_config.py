@@ -63,6 +63,7 @@ def test_defaults(make_cfg):
         "num_groups": 1,
         "topk_groups": 1,
         "scaling_factor": 1.0,
+        "gate_bias": False,
     }
     assert run.model.moe.capacity_factor == 1.25 and run.model.moe.eval_capacity_factor == 2.0
     assert (run.model.moe.aux_loss.load_balance, run.model.moe.aux_loss.z_loss) == (1e-2, 1e-3)
@@ -183,7 +184,7 @@ def test_lightning_module_checkpoint_hparams_are_plain(make_cfg):
         (
             ["+model.moe.router.normalise=true"],
             "model.moe.router.normalise is not a setting; the settings of "
-            "model.moe.router are: ['name', 'normalize', 'num_groups'",
+            "model.moe.router are: ['gate_bias', 'name', 'normalize', 'num_groups'",
         ),
         (["router=switch", "model.moe.router.top_k=2"], "router=switch sends each token to one expert"),
         (["router=hash", "aux_loss=switch_z"], "router=hash has no learned gate, so no router loss applies"),
