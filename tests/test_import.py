@@ -190,7 +190,9 @@ def test_imported_logits_equal_transformers(family, extra, tmp_path):
     with torch.no_grad():
         ours, theirs = module(ids), hf(ids).logits
     error = float((ours - theirs).abs().max() / theirs.abs().max())
-    assert error < 1e-5, (family, error)  # float32 rounding, nothing more
+    # float32 rounding, nothing more; Gated DeltaNet's chunkwise recurrence rounds differently from transformers'
+    # (1.5e-5 here; 3.6e-6 step by step): within the 1e-4 the families are held to.
+    assert error < (5e-5 if family == "qwen3_next" else 1e-5), (family, error)
     assert (tmp_path / "imported" / "tokenizer" / "tokenizer.json").is_file()
 
     # import -> export -> import is the identity: same settings, same weights bit for bit.
@@ -398,3 +400,65 @@ def test_an_imported_model_of_the_2025_families_works_like_any_checkpoint(family
     assert main(["train", f"ckpt_path={ckpt}", *data, "data.batch_size=2", *tune]) == 0
     assert (run / "checkpoints" / "last.ckpt").is_file()
     capsys.readouterr()
+
+
+def test_deepseek_v3_multi_token_prediction_weights_import_with_parity_and_export_back(tmp_path):
+    """A DeepSeek-V3 checkpoint keeps its multi-token prediction module as layer n_layers (enorm, hnorm, eh_proj,
+    shared_head, a decoder layer), which transformers' model drops. moe-lab reads it (model.mtp_depth=1), predicts
+    token i + 2 as the module defines it, with transformers' own decoder layer as the reference block, and writes it
+    back beside the exported model, bit for bit."""
+    from safetensors.torch import load_file, save_file
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3DecoderLayer, DeepseekV3RMSNorm
+
+    from moe_lab.tools.export import MTP_FILE, export_hf
+    from moe_lab.tools.hf_import import import_hf
+
+    hf = save_hf_model("deepseek_v3", tmp_path / "hf")
+    config, n = hf.config, hf.config.num_hidden_layers
+    torch.manual_seed(3)
+    layer = DeepseekV3DecoderLayer(config, layer_idx=n).eval()  # MoE: n >= first_k_dense_replace
+    enorm, hnorm, head_norm = (DeepseekV3RMSNorm(config.hidden_size, config.rms_norm_eps) for _ in range(3))
+    eh_proj = torch.nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+    with torch.no_grad():
+        for module in (layer, enorm, hnorm, head_norm, eh_proj):
+            for tensor in module.state_dict().values():
+                tensor.normal_(0.0, 0.3)
+    p = f"model.layers.{n}."
+    extra = {p + k: v for k, v in layer.state_dict().items()}
+    extra |= {p + "enorm.weight": enorm.weight, p + "hnorm.weight": hnorm.weight, p + "eh_proj.weight": eh_proj.weight}
+    extra |= {p + "shared_head.norm.weight": head_norm.weight, p + "shared_head.head.weight": hf.lm_head.weight}
+    extra[p + "embed_tokens.weight"] = hf.model.embed_tokens.weight
+    save_file({k: v.detach().contiguous().clone() for k, v in extra.items()}, str(tmp_path / "hf" / "mtp.safetensors"))
+
+    result = import_hf(str(tmp_path / "hf"), tmp_path / "imported")
+    module = load_model(result["checkpoint"])
+    assert module.model_cfg.mtp_depth == 1
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    captured = {}
+    handle = module.model.mtp[0].norm.register_forward_hook(lambda m, a, out: captured.update(h=out))
+    with torch.no_grad():
+        module.model(ids[:, :-1], ids[:, 1:])
+        ours = module.model.lm_head(captured["h"])  # position i predicts token i + 2
+        h = hf.model.embed_tokens(ids[:, :-1])  # the last layer's output, before the final norm
+        positions = torch.arange(ids.shape[1] - 1)[None]
+        rope = hf.model.rotary_emb(h, positions)
+        for block in hf.model.layers:
+            h = block(h, position_embeddings=rope, attention_mask=None, position_ids=positions)
+        S = ids.shape[1] - 2
+        x = eh_proj(torch.cat([enorm(hf.model.embed_tokens(ids[:, 1:-1])), hnorm(h[:, :S])], dim=-1))
+        y = layer(x, position_embeddings=hf.model.rotary_emb(x, positions[:, :S]), attention_mask=None)
+        theirs = hf.lm_head(head_norm(y))
+    handle.remove()
+    error = float((ours - theirs).abs().max() / theirs.abs().max())
+    assert error < 1e-5, error
+
+    export_hf(result["checkpoint"], tmp_path / "exported")
+    assert json.loads((tmp_path / "exported" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    written = load_file(str(tmp_path / "exported" / MTP_FILE))
+    assert written.keys() == extra.keys()
+    for name, tensor in extra.items():
+        assert torch.equal(written[name], tensor.detach()), name
+    again = import_hf(str(tmp_path / "exported"), tmp_path / "again")
+    first = torch.load(result["checkpoint"], weights_only=True)["state_dict"]
+    second = torch.load(again["checkpoint"], weights_only=True)["state_dict"]
+    assert first.keys() == second.keys() and all(torch.equal(v, second[k]) for k, v in first.items())

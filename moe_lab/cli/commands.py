@@ -204,6 +204,7 @@ COMMANDS: tuple[Command, ...] = (
         "transformers config), model.safetensors (every weight: the experts packed as transformers 5 loads them, "
         "gate_up_proj [E, 2I, H] and down_proj [E, H, I], or gpt-oss's [E, H, 2I] with gate and up interleaved and "
         "[E, I, H] with their biases; a router's bias; latent attention's projections; attention sinks), "
+        "mtp.safetensors (a model with multi-token prediction modules: DeepSeek-V3's layout, layers n_layers..), "
         "generation_config.json, tokenizer.json and tokenizer_config.json; nothing where it refuses.",
         (
             arg("checkpoint", help="a moe-lab checkpoint, e.g. outputs/DATE/TIME/checkpoints/last.ckpt"),

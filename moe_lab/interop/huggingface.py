@@ -312,35 +312,9 @@ def state_dict(
     if cfg.tie_embeddings:
         taken.add("lm_head.weight")
     for i in range(cfg.n_layers):
-        p, q = f"model.layers.{i}.", f"blocks.{i}."
-        out[q + "attn_norm.weight"] = take(p + "input_layernorm.weight")
-        out[q + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
-        if cfg.is_linear_layer(i):  # Gated DeltaNet: the same names on both sides
-            for name in _DELTANET_WEIGHTS:
-                out[f"{q}attn.{name}"] = take(f"{p}{names.linear_attention}{name}")
-        elif cfg.kv_lora_rank is None:
-            _attention_in(out, take, p + "self_attn.", q + "attn.", cfg)
-            if cfg.attention_sinks:
-                out[q + "attn.sinks_H"] = take(p + names.attention_sinks)
-        else:
-            _latent_attention_in(out, take, p + "self_attn.", q + "attn.", cfg, interleaved_rope)
-        if cfg.is_moe_layer(i):
-            out[q + "ffn.router.gate_ED"] = take(p + names.router_gate)
-            if names.router_bias:
-                out[q + "ffn.router.bias_E"] = take(p + names.router_bias)
-            if names.router_gate_bias:
-                out[q + "ffn.router.gate_bias_E"] = take(p + names.router_gate_bias)
-            w_in, w_out = names.experts_in(take(p + names.experts_gate_up), take(p + names.experts_down))
-            out[q + "ffn.experts.w_in_EGFD"], out[q + "ffn.experts.w_out_EDF"] = w_in, w_out  # (E, 2F, D): gate, up
-            if cfg.moe.expert_bias:
-                out[q + "ffn.experts.b_in_EGF"] = names.gate_up_bias_in(take(p + names.experts_gate_up_bias))
-                out[q + "ffn.experts.b_out_ED"] = take(p + names.experts_down_bias)
-            if cfg.moe.num_shared:
-                _dense_in(out, take, p + names.shared_expert, q + "ffn.shared.")
-            if cfg.moe.shared_gate and names.shared_expert_gate:
-                out[q + "ffn.shared_gate.weight"] = take(p + names.shared_expert_gate)
-        else:
-            _dense_in(out, take, p + names.dense_ffn, q + "ffn.")
+        _layer_in(out, take, names, cfg, i, interleaved_rope, cfg.is_moe_layer(i))
+    for depth in range(1, cfg.mtp_depth + 1):
+        _mtp_in(out, take, hf_state, names, cfg, depth, interleaved_rope)
     left = sorted(k for k in hf_state if k not in taken and hf_state[k].numel())
     if left:
         raise ModelImportError(
@@ -348,6 +322,81 @@ def state_dict(
             f"{', ...' if len(left) > 3 else ''}): it is not loaded approximately"
         )
     return out
+
+
+def _layer_in(out: dict, take, names: Family, cfg: ModelConfig, i: int, interleaved_rope: bool, moe: bool) -> None:
+    """Layer i of a transformers model as moe-lab's block i (or, past the model's layers, as a multi-token
+    prediction module's block)."""
+    p = f"model.layers.{i}."
+    q = f"blocks.{i}." if i < cfg.n_layers else f"mtp.{i - cfg.n_layers}.block."
+    out[q + "attn_norm.weight"] = take(p + "input_layernorm.weight")
+    out[q + "ffn_norm.weight"] = take(p + "post_attention_layernorm.weight")
+    if cfg.is_linear_layer(i):  # Gated DeltaNet: the same names on both sides
+        for name in _DELTANET_WEIGHTS:
+            out[f"{q}attn.{name}"] = take(f"{p}{names.linear_attention}{name}")
+    elif cfg.kv_lora_rank is None:
+        _attention_in(out, take, p + "self_attn.", q + "attn.", cfg)
+        if cfg.attention_sinks:
+            out[q + "attn.sinks_H"] = take(p + names.attention_sinks)
+    else:
+        _latent_attention_in(out, take, p + "self_attn.", q + "attn.", cfg, interleaved_rope)
+    if not moe:
+        _dense_in(out, take, p + names.dense_ffn, q + "ffn.")
+        return
+    out[q + "ffn.router.gate_ED"] = take(p + names.router_gate)
+    if names.router_bias:
+        out[q + "ffn.router.bias_E"] = take(p + names.router_bias)
+    if names.router_gate_bias:
+        out[q + "ffn.router.gate_bias_E"] = take(p + names.router_gate_bias)
+    w_in, w_out = names.experts_in(take(p + names.experts_gate_up), take(p + names.experts_down))
+    out[q + "ffn.experts.w_in_EGFD"], out[q + "ffn.experts.w_out_EDF"] = w_in, w_out  # (E, 2F, D): gate, up
+    if cfg.moe.expert_bias:
+        out[q + "ffn.experts.b_in_EGF"] = names.gate_up_bias_in(take(p + names.experts_gate_up_bias))
+        out[q + "ffn.experts.b_out_ED"] = take(p + names.experts_down_bias)
+    if cfg.moe.num_shared:
+        _dense_in(out, take, p + names.shared_expert, q + "ffn.shared.")
+    if cfg.moe.shared_gate and names.shared_expert_gate:
+        out[q + "ffn.shared_gate.weight"] = take(p + names.shared_expert_gate)
+
+
+# A multi-token prediction module in DeepSeek-V3's checkpoint layout (GLM-4.5 keeps the same): layer n_layers + k - 1
+# holds a decoder layer and enorm, hnorm, eh_proj (joining [embedding | hidden]: moe-lab joins [hidden | embedding]),
+# shared_head.norm, and copies of the embedding and output head that moe-lab shares with the model.
+_MTP_SHARED = (("embed_tokens.weight", "embed.weight"), ("shared_head.head.weight", "lm_head.weight"))
+
+
+def _mtp_in(out: dict, take, hf_state: dict, names: Family, cfg: ModelConfig, depth: int, interleaved: bool) -> None:
+    i = cfg.n_layers + depth - 1
+    p, q = f"model.layers.{i}.", f"mtp.{depth - 1}."
+    out[q + "hidden_norm.weight"] = take(p + "hnorm.weight")
+    out[q + "embed_norm.weight"] = take(p + "enorm.weight")
+    embedded, hidden = take(p + "eh_proj.weight").chunk(2, dim=1)
+    out[q + "proj.weight"] = torch.cat([hidden, embedded], dim=1)
+    out[q + "norm.weight"] = take(p + "shared_head.norm.weight")
+    for theirs, ours in _MTP_SHARED:
+        if p + theirs in hf_state and not torch.equal(take(p + theirs), out[ours]):
+            raise ModelImportError(
+                f"the multi-token prediction module's {theirs} differs from the model's {ours}; moe-lab's modules "
+                "share the model's (as DeepSeek-V3 trains them): it is not loaded approximately"
+            )
+    _layer_in(out, take, names, cfg, i, interleaved, cfg.is_moe_layer(cfg.n_layers - 1))
+
+
+def mtp_hf_state(model: MoETransformer, names: Family) -> dict[str, torch.Tensor]:
+    """The multi-token prediction modules' weights in DeepSeek-V3's checkpoint layout (for a file beside the model's:
+    transformers' models have no place for them)."""
+    cfg, out = model.cfg, {}
+    for module in model.mtp:
+        i = cfg.n_layers + module.depth - 1
+        p = f"model.layers.{i}."
+        full = hf_state_dict_of_block(module.block, i, cfg, names)
+        out.update(full)
+        hidden, embedded = module.proj.weight.chunk(2, dim=1)
+        out[p + "eh_proj.weight"] = torch.cat([embedded, hidden], dim=1)
+        out[p + "enorm.weight"], out[p + "hnorm.weight"] = module.embed_norm.weight, module.hidden_norm.weight
+        out[p + "shared_head.norm.weight"] = module.norm.weight
+        out[p + "embed_tokens.weight"], out[p + "shared_head.head.weight"] = model.embed.weight, model.lm_head.weight
+    return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
 
 
 # A Gated DeltaNet block's weights (moe_lab/model/deltanet.py keeps transformers' names and layouts).
@@ -422,16 +471,38 @@ def _dense_in(out: dict, take, hf_prefix: str, prefix: str) -> None:
     out[prefix + "w_out.weight"] = take(hf_prefix + "down_proj.weight")
 
 
-def build_model(hf_model: Any) -> MoETransformer:
-    """The moe-lab model equal to a loaded transformers model (float32, eval mode)."""
+def build_model(hf_model: Any, beyond: Optional[dict[str, torch.Tensor]] = None) -> MoETransformer:
+    """The moe-lab model equal to a loaded transformers model (float32, eval mode); `beyond` holds the checkpoint's
+    layers past the model's (`layers_beyond`): its multi-token prediction modules, for a family that keeps them."""
     cfg = model_config(hf_model.config)
-    model = MoETransformer(cfg)
     found = check_family(cfg.name)
-    weights = state_dict(hf_model.state_dict(), cfg, found.interleaved_rope(hf_model.config))
+    depth = len({int(k.split(".")[2]) for k in beyond or {}})
+    if depth and found.mtp_modules:
+        cfg = dataclasses.replace(cfg, mtp_depth=depth)
+    model = MoETransformer(cfg)
+    weights = state_dict({**hf_model.state_dict(), **(beyond or {})}, cfg, found.interleaved_rope(hf_model.config))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ModelImportError(f"weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model.eval()
+
+
+def layers_beyond(folder: Any, n_layers: int) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint folder's safetensors files that belong to layers past the model's n_layers
+    (DeepSeek-V3's multi-token prediction module is layer 61 of 61): transformers' model drops them on load. Only
+    those tensors are read."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                parts = key.split(".")
+                if key.startswith("model.layers.") and parts[2].isdigit() and int(parts[2]) >= n_layers:
+                    out[key] = f.get_tensor(key)
+    return out
 
 
 def load_hf(read, source: str, what: str):
@@ -474,11 +545,6 @@ def hf_architecture(cfg: ModelConfig) -> tuple[Family, dict]:
     moe = cfg.moe
     if not moe.enabled:
         raise ExportError(f"a dense model (experts=dense) is not an MoE; export supports MoE models ({titles()})")
-    if cfg.mtp_depth:
-        raise ExportError(
-            f"model.mtp_depth={cfg.mtp_depth}: transformers' models of the families moe-lab writes have no multi-token "
-            "prediction modules, so an export would drop them; export a model trained with model.mtp_depth=0"
-        )
     router = router_config(moe.router)
     if all(hf_routing(router, moe.num_experts, f.routing) is None for f in supported()):
         raise ExportError(
@@ -487,6 +553,13 @@ def hf_architecture(cfg: ModelConfig) -> tuple[Family, dict]:
         )
     reason: Optional[str] = f"no family moe-lab exports has its attention ({_describe_attention(cfg)})"
     for candidate in (f for f in supported() if f.holds_attention(cfg)):
+        if cfg.mtp_depth and not candidate.mtp_modules:
+            keeps = " and ".join(f.title for f in supported() if f.mtp_modules)
+            reason = (
+                f"model.mtp_depth={cfg.mtp_depth}: {candidate.title}, whose attention the model has, keeps no "
+                f"multi-token prediction modules ({keeps} do), and an export would drop them"
+            )
+            continue
         if moe.activation not in candidate.activations or (moe.expert_bias and not candidate.expert_bias):
             bias = ", with biases" if moe.expert_bias else ""
             reason = f"{candidate.title}'s experts are {' or '.join(candidate.activations)}, not {moe.activation}{bias}"
@@ -579,44 +652,51 @@ def hf_state_dict(model: MoETransformer, names: Family) -> dict[str, torch.Tenso
         "lm_head.weight": model.lm_head.weight,
     }
     for i, block in enumerate(model.blocks):
-        p = f"model.layers.{i}."
-        out[p + "input_layernorm.weight"] = block.attn_norm.weight
-        out[p + "post_attention_layernorm.weight"] = block.ffn_norm.weight
-        if cfg.is_linear_layer(i):
-            for name in _DELTANET_WEIGHTS:
-                out[f"{p}{names.linear_attention}{name}"] = block.attn.get_parameter(name)
-        elif cfg.kv_lora_rank is None:
-            _attention_out(out, p + "self_attn.", block.attn, cfg)
-            if block.attn.sinks_H is not None:
-                out[p + names.attention_sinks] = block.attn.sinks_H
-        else:
-            for part in _latent_parts(cfg):
-                weight = getattr(block.attn, part).weight
-                out[f"{p}self_attn.{_LATENT_NAMES[part]}.weight"] = _rope_rows(weight, part, cfg, True, back=True)
-        ffn = block.ffn
-        if isinstance(ffn, MoELayer):
-            out[p + names.router_gate] = ffn.router.gate_ED
-            zeros = torch.zeros(cfg.moe.num_experts)  # a router without a family's bias routes as a zero one does
-            if names.router_bias:
-                out[p + names.router_bias] = getattr(ffn.router, "bias_E", zeros)
-            if names.router_gate_bias:
-                gate_bias = getattr(ffn.router, "gate_bias_E", None)
-                out[p + names.router_gate_bias] = zeros if gate_bias is None else gate_bias
-            experts = ffn.experts
-            gate_up, down = names.experts_out(experts.w_in_EGFD, experts.w_out_EDF)
-            out[p + names.experts_gate_up], out[p + names.experts_down] = gate_up, down
-            if names.expert_bias:  # experts without biases are experts with zero ones
-                b_in = experts.b_in_EGF if experts.b_in_EGF is not None else torch.zeros(experts.w_in_EGFD.shape[:2])
-                b_out = experts.b_out_ED if experts.b_out_ED is not None else torch.zeros(experts.w_out_EDF.shape[:2])
-                out[p + names.experts_gate_up_bias] = names.gate_up_bias_out(b_in)
-                out[p + names.experts_down_bias] = b_out
-            if ffn.shared is not None:
-                _dense(out, p + names.shared_expert, ffn.shared)
-            if ffn.shared_gate is not None and names.shared_expert_gate:
-                out[p + names.shared_expert_gate] = ffn.shared_gate.weight
-        else:
-            _dense(out, p + names.dense_ffn, ffn)
+        out.update(hf_state_dict_of_block(block, i, cfg, names))
     return {k: v.detach().float().contiguous() for k, v in out.items()}
+
+
+def hf_state_dict_of_block(block, i: int, cfg: ModelConfig, names: Family) -> dict[str, torch.Tensor]:
+    """Block i's weights under transformers' names (layer i)."""
+    out: dict[str, torch.Tensor] = {}
+    p = f"model.layers.{i}."
+    out[p + "input_layernorm.weight"] = block.attn_norm.weight
+    out[p + "post_attention_layernorm.weight"] = block.ffn_norm.weight
+    if cfg.is_linear_layer(i):
+        for name in _DELTANET_WEIGHTS:
+            out[f"{p}{names.linear_attention}{name}"] = block.attn.get_parameter(name)
+    elif cfg.kv_lora_rank is None:
+        _attention_out(out, p + "self_attn.", block.attn, cfg)
+        if block.attn.sinks_H is not None:
+            out[p + names.attention_sinks] = block.attn.sinks_H
+    else:
+        for part in _latent_parts(cfg):
+            weight = getattr(block.attn, part).weight
+            out[f"{p}self_attn.{_LATENT_NAMES[part]}.weight"] = _rope_rows(weight, part, cfg, True, back=True)
+    ffn = block.ffn
+    if isinstance(ffn, MoELayer):
+        out[p + names.router_gate] = ffn.router.gate_ED
+        zeros = torch.zeros(cfg.moe.num_experts)  # a router without a family's bias routes as a zero one does
+        if names.router_bias:
+            out[p + names.router_bias] = getattr(ffn.router, "bias_E", zeros)
+        if names.router_gate_bias:
+            gate_bias = getattr(ffn.router, "gate_bias_E", None)
+            out[p + names.router_gate_bias] = zeros if gate_bias is None else gate_bias
+        experts = ffn.experts
+        gate_up, down = names.experts_out(experts.w_in_EGFD, experts.w_out_EDF)
+        out[p + names.experts_gate_up], out[p + names.experts_down] = gate_up, down
+        if names.expert_bias:  # experts without biases are experts with zero ones
+            b_in = experts.b_in_EGF if experts.b_in_EGF is not None else torch.zeros(experts.w_in_EGFD.shape[:2])
+            b_out = experts.b_out_ED if experts.b_out_ED is not None else torch.zeros(experts.w_out_EDF.shape[:2])
+            out[p + names.experts_gate_up_bias] = names.gate_up_bias_out(b_in)
+            out[p + names.experts_down_bias] = b_out
+        if ffn.shared is not None:
+            _dense(out, p + names.shared_expert, ffn.shared)
+        if ffn.shared_gate is not None and names.shared_expert_gate:
+            out[p + names.shared_expert_gate] = ffn.shared_gate.weight
+    else:
+        _dense(out, p + names.dense_ffn, ffn)
+    return out
 
 
 def _attention_out(out: dict, prefix: str, attn, cfg: ModelConfig) -> None:

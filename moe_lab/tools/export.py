@@ -13,10 +13,12 @@ from typing import Any
 
 from moe_lab.data.config import TokenizerConfig
 from moe_lab.errors import ExportError
-from moe_lab.interop.huggingface import to_hf
+from moe_lab.interop.huggingface import hf_architecture, mtp_hf_state, to_hf
 from moe_lab.training.checkpoint import load_model, refuse_non_finite
 
 FORMATS = ("hf",)
+# The multi-token prediction modules' weights, in DeepSeek-V3's layout (layers n_layers..), beside the model's files.
+MTP_FILE = "mtp.safetensors"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -73,6 +75,13 @@ def export_hf(ckpt_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    if module.model.cfg.mtp_depth:  # transformers' model has no place for them: a file of their own beside it
+        from safetensors.torch import save
+
+        from moe_lab.files import write_atomically
+
+        tensors = mtp_hf_state(module.model, hf_architecture(module.model.cfg)[0])
+        write_atomically(out / MTP_FILE, lambda f: f.write(save(tensors)))
     return {"architecture": type(model).__name__, "out_dir": str(out)}
 
 

@@ -19,7 +19,7 @@ import torch
 
 from moe_lab.data.tokenizer import HFTokenizer
 from moe_lab.errors import ModelImportError
-from moe_lab.interop.huggingface import build_model, load_hf, model_overrides, read_hf_config
+from moe_lab.interop.huggingface import build_model, layers_beyond, load_hf, model_overrides, read_hf_config
 from moe_lab.training.checkpoint import tokenizer_identity, with_checksum
 
 CHECKPOINT = "model.ckpt"
@@ -48,7 +48,8 @@ def import_hf(source: str, out_dir: str | Path) -> dict[str, Any]:
         source,
         "weights",
     )
-    model = build_model(hf_model)
+    model = build_model(hf_model, _layers_beyond(source, cfg.n_layers))
+    cfg = model.cfg  # with its multi-token prediction modules, where the checkpoint keeps them
     tokenizer = load_hf(
         lambda: __import__("transformers").AutoTokenizer.from_pretrained(source, trust_remote_code=False),
         source,
@@ -74,6 +75,23 @@ def import_hf(source: str, out_dir: str | Path) -> dict[str, Any]:
         "experts": cfg.moe.num_experts,
         "top_k": cfg.moe.router.top_k,
     }
+
+
+def _layers_beyond(source: str, n_layers: int) -> dict[str, torch.Tensor]:
+    """The checkpoint's layers past the model's (multi-token prediction modules), from its safetensors files: the
+    local folder, or the hub snapshot from_pretrained has just cached."""
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        folder = Path(
+            load_hf(
+                lambda: __import__("huggingface_hub").snapshot_download(
+                    source, allow_patterns=["*.safetensors"], local_files_only=True
+                ),
+                source,
+                "weights",
+            )
+        )
+    return load_hf(lambda: layers_beyond(folder, n_layers), source, "weights")
 
 
 def imported_checkpoint(

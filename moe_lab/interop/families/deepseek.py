@@ -32,6 +32,7 @@ class DeepSeekV3(Family):
     router_bias = "mlp.gate.e_score_correction_bias"
     shared_expert = "mlp.shared_experts."
     shared_expert_gate = None
+    mtp_modules = True
 
     def settings(self, hf: Any) -> dict[str, Any]:
         rope, nope = setting(hf, "qk_rope_head_dim"), setting(hf, "qk_nope_head_dim")

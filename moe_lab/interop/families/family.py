@@ -49,6 +49,9 @@ class Family:
     linear_attention: ClassVar[str] = "linear_attn."  # a Gated DeltaNet block's mixer (Qwen3-Next)
     # The experts' activations it has (model.moe.activation) and whether its experts have biases.
     activations: ClassVar[tuple[str, ...]] = ("swiglu", "geglu")
+    # Its checkpoints keep multi-token prediction modules after the last layer, in DeepSeek-V3's layout (transformers'
+    # model drops them; moe-lab reads them from the safetensors files and writes them into one of its own).
+    mtp_modules: ClassVar[bool] = False
     expert_bias: ClassVar[bool] = False
     shared_expert: ClassVar[str] = "mlp.shared_expert."
     shared_expert_gate: ClassVar[Optional[str]] = "mlp.shared_expert_gate.weight"  # None: ungated (DeepSeekMoE)
@@ -193,7 +196,7 @@ def sigmoid_moe_layout(cfg: Any, routing: dict) -> dict[str, Any]:
         "n_routed_experts": moe.num_experts,
         "n_shared_experts": moe.shared_width // moe.expert_hidden,
         "first_k_dense_replace": cfg.moe_layers[0],
-        "num_mtp_layers": 0,
+        "num_mtp_layers": cfg.mtp_depth,
         **{k: v for k, v in routing.items() if k != "top_k"},
     }
 

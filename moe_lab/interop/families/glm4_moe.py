@@ -35,6 +35,7 @@ class GLM45(Family):
     shared_expert = "mlp.shared_experts."
     shared_expert_gate = None
     reads_attention_bias = True
+    mtp_modules = True
 
     def settings(self, hf: Any) -> dict[str, Any]:
         d_model, heads = setting(hf, "hidden_size"), setting(hf, "num_attention_heads")
