@@ -129,6 +129,24 @@ def experts_wide(hf: Any, name: str) -> dict[str, Any]:
     return {"expert_hidden": setting(hf, name)}
 
 
+def gated_shared_expert(hf: Any) -> dict[str, Any]:
+    """Qwen's MoE block settings: experts of moe_intermediate_size, and one shared expert of its own width behind a
+    sigmoid gate (Qwen2-MoE, Qwen3-Next), or none where its width is 0."""
+    shared = setting(hf, "shared_expert_intermediate_size", 0) or 0
+    return {
+        **experts_wide(hf, "moe_intermediate_size"),
+        "num_shared": 1 if shared else 0,
+        "shared_hidden": shared or None,
+        "shared_gate": bool(shared),
+    }
+
+
+def partial_rotary_factor(hf: Any) -> float:
+    """The fraction of each head that RoPE rotates, from rope_parameters (1 where the config says nothing)."""
+    rope = setting(hf, "rope_parameters") or {}
+    return float(rope.get("partial_rotary_factor", 1.0)) if isinstance(rope, dict) else 1.0
+
+
 def qwen_moe_layout(cfg: Any, routing: dict) -> dict[str, Any]:
     """The transformers values Qwen2-MoE and Qwen3-MoE spell alike: the dense FFN's and an expert's widths, the experts,
     the routing's renormalisation and the dense layers (mlp_only_layers, with every other layer MoE)."""

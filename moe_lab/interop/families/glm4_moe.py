@@ -11,6 +11,7 @@ from typing import Any, Optional
 from moe_lab.interop.families.family import (
     Family,
     first_dense_then_moe,
+    partial_rotary_factor,
     plain_attention,
     rope_parameters,
     setting,
@@ -18,11 +19,6 @@ from moe_lab.interop.families.family import (
     sigmoid_moe_layout,
     sigmoid_moe_settings,
 )
-
-
-def _partial_rotary_factor(hf: Any) -> float:
-    rope = setting(hf, "rope_parameters") or {}
-    return float(rope.get("partial_rotary_factor", 1.0)) if isinstance(rope, dict) else 1.0
 
 
 class GLM45(Family):
@@ -40,7 +36,7 @@ class GLM45(Family):
     def settings(self, hf: Any) -> dict[str, Any]:
         d_model, heads = setting(hf, "hidden_size"), setting(hf, "num_attention_heads")
         head_dim = setting(hf, "head_dim") or d_model // heads
-        rope_dims = int(head_dim * _partial_rotary_factor(hf))  # as transformers sizes GLM's RoPE table
+        rope_dims = int(head_dim * partial_rotary_factor(hf))  # as transformers sizes GLM's RoPE table
         return {
             "qkv_bias": bool(setting(hf, "attention_bias", False)),
             "qk_norm": "head" if setting(hf, "use_qk_norm", False) else None,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from moe_lab.interop.families.family import Family, experts_wide, qwen_moe_layout, setting
+from moe_lab.interop.families.family import Family, gated_shared_expert, qwen_moe_layout, setting
 
 
 class Qwen2MoE(Family):
@@ -19,13 +19,7 @@ class Qwen2MoE(Family):
         return {"qkv_bias": bool(setting(hf, "qkv_bias", True)), "qk_norm": None}
 
     def moe_settings(self, hf: Any) -> dict[str, Any]:
-        shared = setting(hf, "shared_expert_intermediate_size", 0) or 0
-        return {
-            **experts_wide(hf, "moe_intermediate_size"),
-            "num_shared": 1 if shared else 0,
-            "shared_hidden": shared or None,
-            "shared_gate": bool(shared),
-        }
+        return gated_shared_expert(hf)
 
     def cannot_express(self, cfg: Any, routing: dict) -> Optional[str]:
         if cfg.moe.num_shared and not cfg.moe.shared_gate:

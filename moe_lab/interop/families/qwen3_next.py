@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-from moe_lab.interop.families.family import Family, experts_wide, qwen_moe_layout, rope_parameters, setting
-
-
-def _partial_rotary_factor(hf: Any) -> float:
-    rope = setting(hf, "rope_parameters") or {}
-    return float(rope.get("partial_rotary_factor", 1.0)) if isinstance(rope, dict) else 1.0
+from moe_lab.interop.families.family import (
+    Family,
+    gated_shared_expert,
+    partial_rotary_factor,
+    qwen_moe_layout,
+    rope_parameters,
+    setting,
+)
 
 
 class Qwen3Next(Family):
@@ -27,7 +29,7 @@ class Qwen3Next(Family):
 
     def settings(self, hf: Any) -> dict[str, Any]:
         head_dim = setting(hf, "head_dim") or setting(hf, "hidden_size") // setting(hf, "num_attention_heads")
-        rope_dims = int(head_dim * _partial_rotary_factor(hf))
+        rope_dims = int(head_dim * partial_rotary_factor(hf))
         types = list(setting(hf, "layer_types", None) or [])
         bias = bool(setting(hf, "attention_bias", False))
         return {
@@ -46,13 +48,7 @@ class Qwen3Next(Family):
         }
 
     def moe_settings(self, hf: Any) -> dict[str, Any]:
-        shared = setting(hf, "shared_expert_intermediate_size", 0) or 0
-        return {
-            **experts_wide(hf, "moe_intermediate_size"),
-            "num_shared": 1 if shared else 0,
-            "shared_hidden": shared or None,
-            "shared_gate": bool(shared),
-        }
+        return gated_shared_expert(hf)
 
     def refusals(self, hf: Any) -> Any:
         types = set(setting(hf, "layer_types", None) or [])
