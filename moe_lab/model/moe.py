@@ -3,13 +3,16 @@
     1. route     the router turns each token into routing slots: (token, expert, weight) decisions (routers.py)
     2. experts   dispatch -> experts -> combine: capacity and the rows of each expert (dispatch.py), one grouped
                  GEMM per projection over all local experts (experts.py), outputs summed back into their tokens;
-                 or, with `implementation="loop"`, the plain per-expert reference the tests hold the fast path to
+                 or, with `implementation="loop"`, the plain per-expert reference the tests hold the fast path to;
+                 latent experts (`latent_dim`) take a down-projection of the tokens, and their combined output is
+                 projected back up (LatentMoE): the rows they and the all-to-all carry are L wide instead of D
     3. shared    the shared experts every token passes through (DeepSeekMoE), optionally gated
     4. outputs   the aux losses (with gradients) and the routing statistics (detached, still on device)
 
 Shape legend:
     B  batch                 S  positions per sequence     T  tokens = B * S         D  d_model
     E  routed experts        K  experts per token          N  routing slots (see routers.py)
+    L  the experts' width: latent_dim, or D
     R  rows of the experts' input: kept slots sorted by expert (see dispatch.py)
 
 Capacity, drops, the router losses and every statistic are computed from this rank's micro-batch alone, so the layer

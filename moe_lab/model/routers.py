@@ -533,7 +533,8 @@ class AuxFreeRouter(Router):
     """Auxiliary-loss-free load balancing (DeepSeek-V3 technical report 2024, section 2.1.2; Wang et al. 2024).
 
     Sigmoid affinities; a per-expert bias is added only to choose experts (top-k of score + bias), never to weight
-    them. After each optimizer step, `update_bias` moves the bias by rate * sign(mean load - load), with the counts
+    them (within the topk_groups best groups, when routing is group-limited, as DeepSeek-V3's). After each optimizer
+    step, `update_bias` moves the bias by rate * sign(mean load - load), with the counts
     summed over the whole global batch: every data-parallel rank and every gradient-accumulation step since the last
     update. Balance without an aux-loss gradient interfering with the language-modelling one.
     """
