@@ -12,8 +12,9 @@ Shape legend: B batch, S sequence, D d_model, V vocab, T = B * S.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Optional, cast
+from typing import Iterator, Optional, cast
 
 import torch
 import torch.nn as nn
@@ -23,6 +24,7 @@ from moe_lab.model.attention import KVCache, RMSNorm, RotaryEmbedding, build_att
 from moe_lab.model.config import ModelConfig
 from moe_lab.model.experts import FeedForward, residual_out_std
 from moe_lab.model.moe import MoELayer, MoELayerOutput
+from moe_lab.model.replay import RoutingTape
 from moe_lab.model.seeding import seeded_part
 
 
@@ -44,7 +46,12 @@ class Block(nn.Module):
         with seeded_part("ffn"):  # an MoE layer and a dense FFN leave the attention's weights alone (seeding.py)
             if self.is_moe:
                 self.ffn = MoELayer(
-                    cfg.d_model, cfg.moe, init_std=cfg.init_std, out_std=out_std, vocab_size=cfg.vocab_size
+                    cfg.d_model,
+                    cfg.moe,
+                    init_std=cfg.init_std,
+                    out_std=out_std,
+                    vocab_size=cfg.vocab_size,
+                    layer=layer,
                 )
             else:
                 self.ffn = FeedForward(cfg.d_model, cfg.ffn_hidden, "swiglu", cfg.init_std, out_std)
@@ -164,6 +171,34 @@ class MoETransformer(nn.Module):
         experts and reaches the others by all-to-all. The model computes the same function as before."""
         for layer in self.moe_modules():
             layer.use_expert_parallel(group, rank, size)
+
+    @contextlib.contextmanager
+    def record_routing(self, tape: Optional[RoutingTape] = None) -> Iterator[RoutingTape]:
+        """Inside the block, every MoE layer's selection of every forward goes on `tape` (a new one by default),
+        under the tape's current `micro_batch` key (replay.py)."""
+        with self._tape(tape if tape is not None else RoutingTape(), "record") as used:
+            yield used
+
+    @contextlib.contextmanager
+    def replay_routing(self, tape: RoutingTape) -> Iterator[RoutingTape]:
+        """Inside the block, every MoE layer takes the selection `tape` holds for its current `micro_batch` instead
+        of its router's, weighted by its router's own scores (the contract in replay.py); a missing or mismatched
+        selection raises `ReplayMismatch`."""
+        with self._tape(tape, "replay") as used:
+            yield used
+
+    @contextlib.contextmanager
+    def _tape(self, tape: RoutingTape, mode: str) -> Iterator[RoutingTape]:
+        layers = self.moe_modules()
+        if any(layer.tape is not None for layer in layers):
+            raise RuntimeError("the model already records or replays its routing")
+        try:
+            for layer in layers:
+                layer.tape, layer.tape_mode = tape, mode
+            yield tape
+        finally:
+            for layer in layers:
+                layer.tape, layer.tape_mode = None, None
 
     def after_optimizer_step(self, all_reduce=None) -> None:
         """Once per optimizer step: routers that learn outside the gradient (aux-loss-free bias) take their step."""

@@ -24,6 +24,7 @@ tokens or experts and, on one device, no host-device synchronisation, so it runs
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -43,6 +44,7 @@ from moe_lab.model.losses import (
     router_z_loss,
     sequence_load_balance_loss,
 )
+from moe_lab.model.replay import RoutingTape
 from moe_lab.model.routers import RouterInputs, Routing, build_router
 from moe_lab.model.seeding import seeded_part
 
@@ -63,6 +65,8 @@ class MoELayerOutput:
     # The dispatch plan's rows (grouped path), for `slot_kept_N`: computed only when asked (analyses).
     row_slot_R: Optional[torch.Tensor] = None
     row_kept_R: Optional[torch.Tensor] = None
+    # Routing replay: replayed slots this layer's own router would not have chosen (float32 scalar; None: live).
+    overridden_slots: Optional[torch.Tensor] = None
 
     def slot_kept_N(self) -> Optional[torch.Tensor]:
         """Which routing slots were kept under capacity (None: nothing could be dropped)."""
@@ -134,9 +138,11 @@ class MoELayer(nn.Module):
         init_std: float = 0.02,
         out_std: float = 0.02,
         vocab_size: Optional[int] = None,
+        layer: int = 0,
     ):
         super().__init__()
         self.cfg = cfg
+        self.layer = layer  # the block index: the key of this layer's routing in a replay tape
         self.num_experts = cfg.num_experts
         # Router, experts and shared experts each from a random stream of their own (seeding.py): two layers that
         # differ in the router alone start with the same experts.
@@ -170,6 +176,9 @@ class MoELayer(nn.Module):
             if self.shared_gate is not None:
                 nn.init.normal_(self.shared_gate.weight, std=init_std)
         self.dispatcher: LocalDispatcher | AllToAllDispatcher = LocalDispatcher()
+        # Routing replay (replay.py): set by MoETransformer.record_routing / replay_routing, never saved.
+        self.tape: Optional[RoutingTape] = None
+        self.tape_mode: Optional[str] = None  # "record" or "replay"
 
     def use_expert_parallel(self, group: Optional[dist.ProcessGroup], rank: int, size: int) -> None:
         """Keep this rank's E / size experts; token rows reach them by all-to-all over `group`."""
@@ -195,7 +204,7 @@ class MoELayer(nn.Module):
         domain oracle."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        routing = self.router(self.router_inputs(x_TD, token_ids_BS, domain_B, batch_size=B))
+        routing = self.route(self.router_inputs(x_TD, token_ids_BS, domain_B, batch_size=B))
         z_TL = x_TD if self.latent_down is None else self.latent_down(x_TD)  # the experts' input (L = D without)
         if self.cfg.implementation == "loop":
             routed = self.routed_experts_loop(z_TL, routing)
@@ -219,6 +228,26 @@ class MoELayer(nn.Module):
             domain_T = domain_B.repeat_interleave(x_TD.shape[0] // batch_size)
         token_ids_T = token_ids_BS.reshape(-1) if token_ids_BS is not None else None
         return RouterInputs(x_TD, token_ids_T, batch_size, self.capacity_factor, domain_T)
+
+    def route(self, inputs: RouterInputs) -> Routing:
+        """Step 1: the router's routing; under replay, of the recorded selection (checked against this layer and
+        batch first); when recording, its selection goes on the tape."""
+        if self.tape is None:
+            return self.router(inputs)
+        if self.tape_mode == "replay":
+            selection = self.tape.selection(self.layer).to(inputs.x_TD.device)
+            selection.check(
+                self.layer,
+                inputs.x_TD.shape[0],
+                self.num_experts,
+                self.top_k,
+                self.router.token_choice,
+                inputs.token_ids_T,
+            )
+            return self.router(dataclasses.replace(inputs, replay=selection))
+        routing = self.router(inputs)
+        self.tape.record(self.layer, routing, inputs.token_ids_T)
+        return routing
 
     def routed_experts(self, x_TD: torch.Tensor, routing: Routing) -> RoutedOutput:
         """Dispatch -> experts -> combine (torchtitan's RoutedExperts): the fast path."""
@@ -251,6 +280,8 @@ class MoELayer(nn.Module):
             row_slot_R=routed.row_slot_R,
             row_kept_R=routed.row_kept_R,
         )
+        if routing.overridden_slots is not None:
+            out.overridden_slots = routing.overridden_slots.detach().float()
         out.router_entropy, out.topk_mass = routing_confidence(routing)
         return out
 

@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe_lab.model.replay import Selection, overridden_pairs, overridden_slots
 from moe_lab.model.router_configs import (
     AuxFreeRouterConfig,
     DomainOracleConfig,
@@ -76,6 +77,7 @@ class Routing:
     z_loss: Optional[torch.Tensor] = None  # set by routers whose z-loss is not logsumexp(logits_TE)^2
     load_estimate_E: Optional[torch.Tensor] = None  # Shazeer's smooth, differentiable load (noisy_topk)
     unrouted_slots: Optional[torch.Tensor] = None  # expert choice: slots a token-choice top-k would have had
+    overridden_slots: Optional[torch.Tensor] = None  # replay: replayed slots the live router would not have chosen
 
     @classmethod
     def from_token_choice(
@@ -135,6 +137,9 @@ class RouterInputs:
     batch_size: int = 1  # B: T = B * S, for routers that split the tokens into sequences (causal expert choice)
     capacity_factor: Optional[float] = None  # the layer's current one (training or eval), for routers that are one
     domain_T: Optional[torch.Tensor] = None  # int64, each token's data domain, for routers with needs_domain
+    # A recorded selection to take instead of the router's own (replay.py): the router still computes its scores
+    # and weights the replayed experts by them.
+    replay: Optional[Selection] = None
 
 
 # Every router's module by registered name: filled by subclassing Router (with its own Config).
@@ -218,6 +223,15 @@ class Router(nn.Module):
         """Route the T tokens of `inputs.x_TD`."""
         raise NotImplementedError
 
+    def choose(self, inputs: RouterInputs, live_TK: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The experts a token-choice router goes on with: its own top-k `live_TK`, or under replay the recorded
+        ones, with the count of decisions replay overrode (a Routing extra). The caller weights them from its own
+        full scores, so the gate keeps its gradient at replayed experts outside its own top-k (replay.py)."""
+        if inputs.replay is None:
+            return live_TK, {}
+        replayed_TK = inputs.replay.expert_ids_TK
+        return replayed_TK, {"overridden_slots": overridden_slots(live_TK, replayed_TK)}
+
     def after_optimizer_step(self, all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> None:
         """Called once per optimizer step; `all_reduce` sums a tensor over data-parallel ranks. Most routers learn
         by gradient only and do nothing here."""
@@ -282,13 +296,14 @@ class TopKRouter(Router):
         x_TD = inputs.x_TD
         logits_TE = self.gate_logits(x_TD)
         scores_TE = scores_of(logits_TE, self.cfg.score)
-        expert_ids_TK = self.select(scores_TE)
+        expert_ids_TK, replayed = self.choose(inputs, self.select(scores_TE))
         return Routing.from_token_choice(
             expert_ids_TK,
             self.combine_weights(scores_TE, expert_ids_TK),
             self.num_experts,
             probs_TE=probs_of(logits_TE, self.cfg.score),
             logits_TE=logits_TE,
+            **replayed,
         )
 
 
@@ -327,14 +342,15 @@ class NoisyTopKRouter(Router):
             probs_TE = noisy_TE.softmax(-1)
         else:
             noisy_TE = logits_TE
-        top_TK = noisy_TE.topk(self.top_k, dim=-1)
+        expert_ids_TK, replayed = self.choose(inputs, noisy_TE.topk(self.top_k, dim=-1).indices)
         return Routing.from_token_choice(
-            top_TK.indices,
-            top_TK.values.softmax(dim=-1),
+            expert_ids_TK,
+            noisy_TE.gather(1, expert_ids_TK).softmax(dim=-1),  # softmax over the chosen (noisy) logits
             self.num_experts,
             probs_TE=probs_TE,
             logits_TE=logits_TE,
             load_estimate_E=load_estimate_E,
+            **replayed,
         )
 
     def _load_estimate(self, clean_TE, noisy_TE, noise_std_TE) -> torch.Tensor:
@@ -373,9 +389,14 @@ class SwitchRouter(Router):
             x_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - eps, 1.0 + eps)
         logits_TE = self.gate_logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
-        weights_TK, expert_ids_TK = probs_TE.max(dim=-1, keepdim=True)
+        expert_ids_TK, replayed = self.choose(inputs, probs_TE.argmax(dim=-1, keepdim=True))
         return Routing.from_token_choice(
-            expert_ids_TK, weights_TK, self.num_experts, probs_TE=probs_TE, logits_TE=logits_TE
+            expert_ids_TK,
+            probs_TE.gather(1, expert_ids_TK),
+            self.num_experts,
+            probs_TE=probs_TE,
+            logits_TE=logits_TE,
+            **replayed,
         )
 
 
@@ -421,6 +442,15 @@ class ExpertChoiceRouter(Router):
             capacity = min(T, math.ceil(capacity_factor * T * self.top_k / E))
             top = probs_TE.t().topk(capacity, dim=-1)
             token_ids_EC, weights_EC = top.indices, top.values
+        replayed = {}
+        if inputs.replay is not None:  # the recorded tokens of each expert, weighted by the live affinities
+            live_EC, token_ids_EC = token_ids_EC, inputs.replay.token_N.view(E, -1)
+            expert_EC = torch.arange(E, device=x_TD.device)[:, None].expand_as(token_ids_EC)
+            weights_EC = probs_TE[token_ids_EC, expert_EC]
+            live_expert_EC = torch.arange(E, device=x_TD.device)[:, None].expand_as(live_EC)
+            replayed["overridden_slots"] = overridden_pairs(
+                live_EC.reshape(-1), live_expert_EC.reshape(-1), token_ids_EC.reshape(-1), expert_EC.reshape(-1), E
+            )
         # Slots a token-choice top-k would have used, left unrouted: tokens no expert chose, times top_k.
         chosen_T = torch.zeros(T, dtype=torch.bool, device=x_TD.device).index_fill(0, token_ids_EC.reshape(-1), True)
         return Routing.from_expert_choice(
@@ -430,6 +460,7 @@ class ExpertChoiceRouter(Router):
             probs_TE=probs_TE,
             logits_TE=logits_TE,
             unrouted_slots=(~chosen_T).sum() * self.top_k,
+            **replayed,
         )
 
 
@@ -458,9 +489,9 @@ class HashRouter(Router):
         x_TD = inputs.x_TD
         if inputs.token_ids_T is None:
             raise ValueError("router=hash routes by token id; call the layer with token ids")
-        expert_ids_TK = self.table_VK[inputs.token_ids_T]
+        expert_ids_TK, replayed = self.choose(inputs, self.table_VK[inputs.token_ids_T])
         weights_TK = torch.full(expert_ids_TK.shape, 1.0 / self.top_k, device=x_TD.device)
-        return Routing.from_token_choice(expert_ids_TK, weights_TK, self.num_experts)
+        return Routing.from_token_choice(expert_ids_TK, weights_TK, self.num_experts, **replayed)
 
 
 class DomainOracleRouter(Router):
@@ -478,9 +509,10 @@ class DomainOracleRouter(Router):
         if inputs.domain_T is None:
             raise ValueError("router=domain_oracle routes by the data's domain label; call the model with domain_B")
         k = torch.arange(self.top_k, device=x_TD.device)
-        expert_ids_TK = (inputs.domain_T.to(x_TD.device)[:, None] * self.top_k + k[None, :]) % self.num_experts
+        live_TK = (inputs.domain_T.to(x_TD.device)[:, None] * self.top_k + k[None, :]) % self.num_experts
+        expert_ids_TK, replayed = self.choose(inputs, live_TK)
         weights_TK = torch.full(expert_ids_TK.shape, 1.0 / self.top_k, device=x_TD.device)
-        return Routing.from_token_choice(expert_ids_TK, weights_TK, self.num_experts)
+        return Routing.from_token_choice(expert_ids_TK, weights_TK, self.num_experts, **replayed)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -520,8 +552,14 @@ class SinkhornRouter(Router):
                 expert_ids_TK = balanced_TE.topk(self.top_k, dim=-1).indices
         else:
             expert_ids_TK = probs_TE.topk(self.top_k, dim=-1).indices
+        expert_ids_TK, replayed = self.choose(inputs, expert_ids_TK)
         return Routing.from_token_choice(
-            expert_ids_TK, probs_TE.gather(1, expert_ids_TK), self.num_experts, probs_TE=probs_TE, logits_TE=logits_TE
+            expert_ids_TK,
+            probs_TE.gather(1, expert_ids_TK),
+            self.num_experts,
+            probs_TE=probs_TE,
+            logits_TE=logits_TE,
+            **replayed,
         )
 
 
@@ -557,7 +595,7 @@ class AuxFreeRouter(Router):
         choice_TE = scores_TE + self.bias_E
         if self.cfg.num_groups > 1:
             choice_TE = limit_to_groups(choice_TE, self.cfg.num_groups, self.cfg.topk_groups)
-        expert_ids_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        expert_ids_TK, replayed = self.choose(inputs, choice_TE.topk(self.top_k, dim=-1).indices)
         weights_TK = scores_TE.gather(1, expert_ids_TK)
         if self.cfg.normalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
@@ -572,6 +610,7 @@ class AuxFreeRouter(Router):
             self.num_experts,
             probs_TE=normalized_sigmoid(logits_TE),
             logits_TE=logits_TE,
+            **replayed,
         )
 
     def after_optimizer_step(self, all_reduce=None) -> None:
@@ -604,9 +643,15 @@ class SoftMixtureRouter(Router):
         x_TD = inputs.x_TD
         logits_TE = self.gate_logits(x_TD)
         probs_TE = logits_TE.softmax(dim=-1)
-        expert_ids_TK = torch.arange(self.num_experts, device=x_TD.device).expand(x_TD.shape[0], -1)
+        every_TK = torch.arange(self.num_experts, device=x_TD.device).expand(x_TD.shape[0], -1)
+        expert_ids_TK, replayed = self.choose(inputs, every_TK)  # a replayed order of the E experts
         return Routing.from_token_choice(
-            expert_ids_TK, probs_TE, self.num_experts, probs_TE=probs_TE, logits_TE=logits_TE
+            expert_ids_TK,
+            probs_TE.gather(1, expert_ids_TK),
+            self.num_experts,
+            probs_TE=probs_TE,
+            logits_TE=logits_TE,
+            **replayed,
         )
 
 
@@ -637,7 +682,7 @@ class HierarchicalRouter(Router):
         joint_TE = (p_group_TG[:, :, None] * p_within_TGe).flatten(1)  # a distribution over all E experts
         groups_Tg = p_group_TG.topk(self.cfg.group_top_k, dim=-1).indices
         within_Tgk = p_within_TGe.gather(1, groups_Tg[:, :, None].expand(-1, -1, Eg)).topk(self.cfg.top_k, -1).indices
-        expert_ids_TK = (groups_Tg[:, :, None] * Eg + within_Tgk).flatten(1)
+        expert_ids_TK, replayed = self.choose(inputs, (groups_Tg[:, :, None] * Eg + within_Tgk).flatten(1))
         weights_TK = joint_TE.gather(1, expert_ids_TK)
         if self.cfg.normalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
@@ -646,7 +691,13 @@ class HierarchicalRouter(Router):
             + torch.logsumexp(expert_logits_TGe, -1).square().mean()
         ) / 2
         return Routing.from_token_choice(
-            expert_ids_TK, weights_TK, self.num_experts, probs_TE=joint_TE, logits_TE=joint_TE.log(), z_loss=z_loss
+            expert_ids_TK,
+            weights_TK,
+            self.num_experts,
+            probs_TE=joint_TE,
+            logits_TE=joint_TE.log(),
+            z_loss=z_loss,
+            **replayed,
         )
 
 

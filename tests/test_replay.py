@@ -1,0 +1,197 @@
+"""Routing replay (moe_lab/model/replay.py): a recording replays exactly, and each clause of the RL trainers'
+contract holds for every router."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_lab.model import ModelConfig, MoEConfig, MoETransformer, ReplayMismatch, RoutingTape, Selection
+from moe_lab.model.losses import load_balance_loss
+from moe_lab.model.routers import ROUTERS
+
+ALL = sorted(ROUTERS)
+B, S, V = 3, 10, 64
+
+
+def model_with(router: dict, seed: int = 0, num_experts: int = 4, capacity_factor=None, **moe) -> MoETransformer:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(
+        vocab_size=V,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        ffn_hidden=64,
+        max_seq_len=64,
+        moe=MoEConfig(
+            num_experts=num_experts,
+            expert_hidden=32,
+            router=router,
+            capacity_factor=capacity_factor,
+            eval_capacity_factor=capacity_factor,
+            **moe,
+        ),
+    )
+    return MoETransformer(cfg).eval()
+
+
+def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (B, S + 1), generator=g)
+    return ids[:, :-1], ids[:, 1:], torch.tensor([0, 1, 0])
+
+
+def router_node(name: str) -> dict:
+    return {"name": name, "causal": True} if name == "expert_choice" else {"name": name}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_replaying_a_models_own_recording_gives_exactly_its_logits_and_loss(name):
+    model = model_with(router_node(name), capacity_factor=1.0 if ROUTERS[name].Config.uses_capacity else None)
+    inputs, targets, domain_B = batch()
+    with torch.no_grad(), model.record_routing() as tape:
+        live = model(inputs, targets, domain_B=domain_B)
+    assert sorted(l for _, l in tape.selections) == model.moe_layers
+    with torch.no_grad(), model.replay_routing(tape):
+        replayed = model(inputs, targets, domain_B=domain_B)
+    assert torch.equal(replayed.logits, live.logits)
+    assert torch.equal(replayed.loss, live.loss)
+    for layer in model.moe_layers:
+        assert float(replayed.moe[layer].overridden_slots) == 0
+        assert live.moe[layer].overridden_slots is None
+        assert torch.equal(replayed.moe[layer].tokens_per_expert_E, live.moe[layer].tokens_per_expert_E)
+
+
+def test_replaying_model_a_in_model_b_routes_b_as_a_and_counts_what_it_overrode():
+    a, b = model_with({"name": "topk", "top_k": 2}, seed=0), model_with({"name": "topk", "top_k": 2}, seed=7)
+    inputs, targets, _ = batch()
+    with torch.no_grad(), a.record_routing() as tape:
+        a(inputs)
+    with torch.no_grad(), b.record_routing() as own:
+        b_live = b(inputs, targets)
+    with torch.no_grad(), b.replay_routing(tape):
+        b_as_a = b(inputs, targets)
+    for layer in b.moe_layers:
+        assert torch.equal(b_as_a.moe[layer].expert_N, tape.selections[(0, layer)].expert_N)
+        # The overridden count is the number of A's (token, expert) pairs that B's own top-k lacks.
+        mine = own.selections[(0, layer)].expert_ids_TK
+        theirs = tape.selections[(0, layer)].expert_ids_TK
+        expected = sum(len(set(t.tolist()) - set(m.tolist())) for t, m in zip(theirs, mine))
+        assert float(b_as_a.moe[layer].overridden_slots) == expected > 0
+    assert not torch.equal(b_as_a.logits, b_live.logits)
+
+
+@pytest.mark.parametrize("name", ["topk", "aux_free", "switch", "noisy_topk", "hierarchical"])
+def test_replayed_weights_come_from_the_live_scores_so_the_gate_learns_at_experts_it_did_not_choose(name):
+    """The contract's first clause: a replayed expert outside the live top-k still gets gate gradient."""
+    model = model_with({"name": name}, num_experts=8)
+    model.train()
+    inputs, targets, _ = batch()
+    with torch.no_grad(), model.record_routing() as live:
+        model(inputs)
+    flipped = RoutingTape()  # every token sent to the experts its router ranked lowest
+    for (mb, layer), selection in live.selections.items():
+        router = next(m.router for m in model.moe_modules() if m.layer == layer)
+        others_TK = (selection.expert_ids_TK + 4) % 8  # disjoint from the live choice (E = 8, K <= 2)
+        flipped.selections[(mb, layer)] = Selection.from_token_choice(others_TK, selection.token_ids_T)
+        assert router.top_k <= 4
+    torch.manual_seed(0)
+    with model.replay_routing(flipped):
+        out = model(inputs, targets)
+    out.loss.backward()
+    for moe in model.moe_modules():
+        selection = flipped.selections[(0, moe.layer)]
+        grad_ED = moe.router.gate_ED.grad
+        assert grad_ED is not None
+        for e in selection.expert_N.unique().tolist():
+            assert grad_ED[e].abs().sum() > 0, (name, moe.layer, e)
+        # The combine weights are the live router's at the replayed experts.
+        assert torch.equal(out.moe[moe.layer].expert_N, selection.expert_N)
+
+
+def test_the_aux_losses_and_load_statistics_see_the_replayed_selection():
+    model = model_with({"name": "topk", "top_k": 2}, num_experts=4, capacity_factor=1.0)
+    inputs, _, _ = batch()
+    tape = RoutingTape()
+    T = B * S
+    everyone_on_0_and_1 = torch.tensor([[0, 1]]).expand(T, 2)
+    for layer in model.moe_layers:
+        tape.selections[(0, layer)] = Selection.from_token_choice(everyone_on_0_and_1)
+    with torch.no_grad(), model.replay_routing(tape):
+        out = model(inputs)
+    capacity = 15  # ceil(1.0 * 30 * 2 / 4)
+    for layer in model.moe_layers:
+        stats = out.moe[layer]
+        assert stats.tokens_per_expert_E.tolist() == [T, T, 0, 0]
+        assert float(stats.dropped_slots) == 2 * (T - capacity)  # capacity acts on the replayed selection
+    with torch.no_grad():
+        h = model.embed(inputs)  # layer 0's input, to recompute its load-balance loss by hand
+        h = h + model.blocks[0].attn(model.blocks[0].attn_norm(h), None, None, 0)
+        probs_TE = model.blocks[0].ffn.router.gate_logits(model.blocks[0].ffn_norm(h).flatten(0, 1)).softmax(-1)
+    expected = load_balance_loss(probs_TE, torch.tensor([T, T, 0, 0]))
+    assert torch.allclose(out.moe[0].losses["load_balance"], expected)
+
+
+def test_a_recording_is_keyed_per_micro_batch_and_layer_for_accumulation_and_recompute():
+    model = model_with({"name": "topk", "top_k": 2})
+    first, _, _ = batch(1)
+    second, _, _ = batch(2)
+    tape = RoutingTape()
+    with torch.no_grad(), model.record_routing(tape):
+        for key, ids in (("step0/mb0", first), ("step0/mb1", second)):
+            tape.micro_batch = key
+            model(ids)
+    assert set(tape.selections) == {(k, l) for k in ("step0/mb0", "step0/mb1") for l in model.moe_layers}
+    # Gradient accumulation: each micro-batch replays its own choice.
+    tape.micro_batch = "step0/mb1"
+    with torch.no_grad(), model.replay_routing(tape):
+        assert float(model(second).moe[0].overridden_slots) == 0
+        with pytest.raises(ReplayMismatch, match="other tokens"):
+            model(first)  # micro-batch 1's recording on micro-batch 0's tokens
+    # Activation recompute: the recomputed forward finds the same selection, so the gradients are those of one pass.
+    model.train()
+    targets = torch.randint(0, V, second.shape)
+
+    def loss_of(ids):
+        return F.cross_entropy(model(ids).logits.flatten(0, 1), targets.flatten())
+
+    with model.replay_routing(tape):
+        plain = torch.autograd.grad(loss_of(second), list(model.parameters()), allow_unused=True)
+        recomputed_loss = torch.utils.checkpoint.checkpoint(loss_of, second, use_reentrant=False)
+        recomputed = torch.autograd.grad(recomputed_loss, list(model.parameters()), allow_unused=True)
+    for p, q in zip(plain, recomputed):
+        assert (p is None and q is None) or torch.allclose(p, q, atol=1e-7)
+
+
+def test_a_recording_that_does_not_fit_the_model_is_an_error_never_live_routing():
+    model = model_with({"name": "topk", "top_k": 2}, num_experts=4)
+    inputs, _, _ = batch()
+    with torch.no_grad(), model.record_routing() as tape:
+        model(inputs)
+
+    def replay(t: RoutingTape, ids=inputs, on=model):
+        with torch.no_grad(), on.replay_routing(t):
+            on(ids)
+
+    with pytest.raises(ReplayMismatch, match="other tokens"):  # tokens
+        replay(tape, ids=(inputs + 1) % V)
+    with pytest.raises(ReplayMismatch, match="30 tokens, the batch 20"):  # token count
+        replay(tape, ids=inputs[:2])
+    missing = RoutingTape({k: v for k, v in tape.selections.items() if k[1] != model.moe_layers[-1]})
+    with pytest.raises(ReplayMismatch, match=f"nothing recorded for layer {model.moe_layers[-1]}"):  # layers
+        replay(missing)
+    with pytest.raises(ReplayMismatch, match="experts up to 5; the layer has 4"):  # experts
+        bad = RoutingTape({k: Selection.from_token_choice(v.expert_ids_TK + 2) for k, v in tape.selections.items()})
+        replay(bad)
+    with pytest.raises(ReplayMismatch, match="experts up to 7; the layer has 4"):  # another model's experts
+        big = model_with({"name": "topk", "top_k": 2}, num_experts=8)
+        with torch.no_grad(), big.record_routing() as theirs:
+            big(inputs)
+        replay(theirs)
+    one = model_with({"name": "topk", "top_k": 1}, num_experts=4)
+    with pytest.raises(ReplayMismatch, match="2 experts per token; the router takes k=1"):  # k
+        replay(tape, on=one)
+    choice = model_with({"name": "expert_choice", "causal": True}, num_experts=4)
+    with pytest.raises(ReplayMismatch, match="chosen by token, this router chooses by expert"):
+        replay(tape, on=choice)
