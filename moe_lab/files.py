@@ -90,6 +90,25 @@ def temp_folder_beside(path: Path) -> Path:
     return Path(folder)
 
 
+def temp_file_beside(path: Path) -> Path:
+    """A new, empty temporary file beside `path`, named as write_atomically names its own, for a writer that streams
+    into it; `replace_with` then puts it in place."""
+    path = Path(path)
+    remove_stale_temp_files(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_umask())
+    os.close(fd)
+    return Path(tmp)
+
+
+def replace_with(tmp: Path, path: Path) -> None:
+    """Put the finished temporary file `tmp` in place of `path` durably: fsync, rename, fsync the folder."""
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_directory(Path(path).parent)
+
+
 def _temp_prefix(path: Path) -> str:
     return f".{path.name}.moe-lab-{_HOST}-{os.getpid()}-"
 

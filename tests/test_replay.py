@@ -195,3 +195,94 @@ def test_a_recording_that_does_not_fit_the_model_is_an_error_never_live_routing(
     choice = model_with({"name": "expert_choice", "causal": True}, num_experts=4)
     with pytest.raises(ReplayMismatch, match="chosen by token, this router chooses by expert"):
         replay(tape, on=choice)
+
+
+# -- the command line: traces, eval --replay, routing.record / routing.replay ------------------------------------
+
+DATA_FLAGS = ["data.seq_len=64", "data.batch_size=8", "++data.max_chars_per_domain=30000", "data.max_val_blocks=16"]
+
+
+def test_eval_replaying_a_checkpoints_own_trace_gives_its_own_numbers(real_checkpoint, tmp_path, cache_dir, capsys):
+    import json
+
+    from moe_lab.cli.main import main
+
+    data = [*DATA_FLAGS, f"paths.cache_dir={cache_dir}"]
+    trace = tmp_path / "trace.parquet"
+    ckpt = str(real_checkpoint)
+    assert main(["analyze", ckpt, *data, "-o", str(tmp_path / "a.html"), "--trace", str(trace)]) == 0
+    assert main(["eval", ckpt, *data, "--json", str(tmp_path / "live.json")]) == 0
+    assert main(["eval", ckpt, *data, "--replay", str(trace), "--json", str(tmp_path / "replayed.json")]) == 0
+    live = json.loads((tmp_path / "live.json").read_text())
+    replayed = json.loads((tmp_path / "replayed.json").read_text())
+    assert replayed["overall"] == live["overall"]  # the same loss, bit for bit
+    assert replayed["replay"]["overridden_slots"] == 0
+    assert all(e["overridden_frac"] == 0 for e in replayed["layers"].values())
+    assert "0 of the model's own decisions overridden" in capsys.readouterr().out
+
+    # A trace of other tokens, a damaged file, a trace of another model's shape: one line each, before any work.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(trace)
+    shifted = table.set_column(2, "token", pa.compute.add(table["token"], 1))
+    pq.write_table(shifted, tmp_path / "other_tokens.parquet")
+    assert main(["eval", ckpt, *data, "--replay", str(tmp_path / "other_tokens.parquet")]) == 2
+    assert "sequences of this batch are not in" in capsys.readouterr().err
+    (tmp_path / "damaged.parquet").write_bytes(trace.read_bytes()[:200])
+    assert main(["eval", ckpt, *data, "--replay", str(tmp_path / "damaged.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be read as a Parquet routing trace" in err and "Traceback" not in err
+    experts = table["layer1_experts"].combine_chunks()
+    wider = pa.ListArray.from_arrays(experts.offsets, pa.compute.add(experts.flatten(), 8).cast(pa.int16()))
+    pq.write_table(
+        table.set_column(table.column_names.index("layer1_experts"), "layer1_experts", wider), tmp_path / "w.parquet"
+    )
+    assert main(["eval", ckpt, *data, "--replay", str(tmp_path / "w.parquet")]) == 2
+    assert "--replay=" in (err := capsys.readouterr().err) and "the model has 8 experts" in err
+    assert main(["eval", ckpt, *data, "--replay", str(tmp_path / "none.parquet")]) == 2
+    assert "no such file" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_training_replays_a_recorded_run_exactly_and_another_model_under_it(make_cfg, tmp_path):
+    """Run A records its routing; run B, the same config under routing.replay=A's trace, is A exactly (the same
+    selection, the same live weights); run C, another router, trains under A's routing and logs what it overrode."""
+    from moe_lab.training.train import train
+
+    trace = tmp_path / "a.parquet"
+    common = ("trainer.max_steps=4", "trainer.val_check_interval=2", "metrics.dashboard=false")
+    a = train(make_cfg(*common, f"routing.record={trace}", name="a"))
+    assert trace.exists() and not list(tmp_path.glob(".a.parquet*"))
+    b = train(make_cfg(*common, f"routing.replay={trace}", name="b"))
+    assert b["val/loss"] == a["val/loss"] and b["train/loss"] == a["train/loss"]
+    assert overridden_of(tmp_path / "b") == [0.0, 0.0]  # replayed (logged every 3 steps and at the end), not live
+    c = train(make_cfg(*common, "router=aux_free", "aux_loss=none", f"routing.replay={trace}", name="c"))
+    assert c["val/loss"] != a["val/loss"]
+    overridden = overridden_of(tmp_path / "c")
+    assert overridden and all(0 < f <= 1 for f in overridden)
+
+
+def overridden_of(run_dir) -> list[float]:
+    import csv
+
+    with open(next(run_dir.rglob("metrics.csv"))) as f:
+        return [float(r["moe/overridden_frac"]) for r in csv.DictReader(f) if r.get("moe/overridden_frac")]
+
+
+def test_routing_settings_are_checked_before_a_run_starts(tmp_path, capsys):
+    from moe_lab.cli.main import main
+
+    existing = tmp_path / "there.parquet"
+    existing.write_bytes(b"x")
+    for args, message in (
+        ([f"routing.replay={tmp_path / 'none.parquet'}"], "no such file"),
+        ([f"routing.record={existing}"], "never writes over a file"),
+        ([f"routing.record={tmp_path / 'no' / 'x.parquet'}"], "does not exist"),
+        (["router=expert_choice", f"routing.replay={existing}"], "chooses tokens per expert"),
+        ([f"routing.replay={existing}"], "cannot be read as a Parquet routing trace"),
+    ):
+        assert main(["train", f"hydra.run.dir={tmp_path / 'run'}", *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (args, err)
+    assert not (tmp_path / "run").exists()

@@ -46,6 +46,14 @@ def output_file(path: Optional[str], flag: str, new: bool = False) -> Optional[P
     return out
 
 
+def input_file(path: str, flag: str) -> Path:
+    """A file to read, which exists."""
+    found = Path(path).expanduser()
+    if not found.is_file():
+        raise UserError(f"{flag} {found}: no such file")
+    return found
+
+
 def beside_the_run(source: str, kind: str, elsewhere: str, flag: str) -> str:
     """Where a command's report on `source` goes by default: RUN/analysis/CKPT.KIND.html for a checkpoint of a run
     (RUN/checkpoints/CKPT.ckpt), FOLDER/analysis/CKPT.KIND.html for another moe-lab checkpoint, and `elsewhere` in the

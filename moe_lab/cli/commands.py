@@ -106,6 +106,8 @@ def eval_checks(parsed: argparse.Namespace) -> tuple:
         "data=OPTION, data.KEY=VALUE and paths.cache_dir=DIR",
     )
     parsed.json = checks.output_file(parsed.json, "--json")
+    if parsed.replay is not None:
+        parsed.replay = checks.input_file(parsed.replay, "--replay")
     checks.at_least(parsed.max_batches, "--max-batches")
     checks.device(parsed.device)
     return (cfg,)
@@ -300,6 +302,13 @@ COMMANDS: tuple[Command, ...] = (
                 "checkpoint's eval capacity factor (as its validation ran)",
             ),
             arg("--json", help="also write the report as JSON to this file"),
+            arg(
+                "--replay",
+                metavar="TRACE",
+                help="route every sequence as this Parquet trace recorded it (moe-lab analyze --trace, or "
+                "training's routing.record): the recorded experts, weighted by this model's own router; the report "
+                "says how many of the model's own decisions were overridden",
+            ),
             DEVICE,
         ),
     ),

@@ -380,6 +380,16 @@ def _check_inputs(run) -> None:
     finally:
         if bars:
             datasets.enable_progress_bars()
+    if run.routing.replay is not None:  # the whole trace is read: a damaged or foreign one is found now
+        from moe_lab.analysis.trace import RoutingTrace
+
+        router = run.model.moe.router
+        RoutingTrace(Path(run.routing.replay).expanduser()).check_model(
+            run.model.routed_layers,
+            run.model.moe.num_experts,
+            {layer: router.experts_per_token(run.model.moe.num_experts) for layer in run.model.routed_layers},
+            setting="routing.replay",
+        )
     if run.model.vocab_size is not None and run.model.vocab_size < data.vocab_size:
         raise UserError(
             f"model.vocab_size={run.model.vocab_size} is smaller than the tokenizer's {data.vocab_size}; "

@@ -284,6 +284,13 @@ class ModelConfig:
     def moe_layers(self) -> list[int]:
         return [layer for layer in range(self.n_layers) if self.is_moe_layer(layer)]
 
+    @property
+    def routed_layers(self) -> list[int]:
+        """The numbers of every MoE block the model builds: `moe_layers`, then the multi-token prediction modules'
+        (numbered n_layers + depth - 1; MoE when the last block is), as MoETransformer.moe_layers gives them."""
+        mtp = range(self.n_layers, self.n_layers + self.mtp_depth) if self.is_moe_layer(self.n_layers - 1) else []
+        return self.moe_layers + list(mtp)
+
     def size_estimate(self) -> tuple[int, int]:
         """(parameters, buffer elements) of the model these settings build, from the settings alone: what lets a
         command refuse a model that cannot fit in memory before it builds one (an absurd `num_hidden_layers` would

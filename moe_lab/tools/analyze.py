@@ -28,70 +28,11 @@ from moe_lab.analysis.routing import (
     vocab_specialisation,
 )
 from moe_lab.analysis.stats import mutual_information
+from moe_lab.analysis.trace import TraceWriter
 from moe_lab.errors import UserError
 from moe_lab.model import MoETransformer
 from moe_lab.model.router_configs import routers_where
-from moe_lab.training.routing_analysis import layer_choices
-
-
-class TraceWriter:
-    """`--trace FILE.parquet`: one row per token (sequence, position, token id, next token id, domain) and, per MoE
-    layer, its experts (first choice first), their weights and which were dropped; written batch by batch (row
-    groups), so memory stays bounded. pandas, polars and duckdb read it as is."""
-
-    def __init__(self, path, layers: list[int], domain_names: list[str]):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        self.pa, self.layers, self.domain_names = pa, layers, domain_names
-        fields = [
-            pa.field("sequence", pa.int64()),
-            pa.field("position", pa.int32()),
-            pa.field("token", pa.int32()),
-            pa.field("next_token", pa.int32()),
-            pa.field("domain", pa.string()),
-        ]
-        for layer in layers:
-            fields += [
-                pa.field(f"layer{layer}_experts", pa.list_(pa.int16())),
-                pa.field(f"layer{layer}_weights", pa.list_(pa.float32())),
-                pa.field(f"layer{layer}_dropped", pa.list_(pa.bool_())),
-            ]
-        self.schema = pa.schema(fields)
-        self.writer = pq.ParquetWriter(str(path), self.schema)
-        self.sequences = 0
-
-    def write(
-        self,
-        inputs_BS: np.ndarray,
-        targets_BS: np.ndarray,
-        domain_B: np.ndarray,
-        experts_LBSK: np.ndarray,
-        dropped_LBSK: np.ndarray,
-        weights_LBSK: np.ndarray,
-    ) -> None:
-        pa = self.pa
-        B, S = inputs_BS.shape
-        K = experts_LBSK.shape[-1]
-        columns = [
-            pa.array(np.repeat(np.arange(self.sequences, self.sequences + B), S)),
-            pa.array(np.tile(np.arange(S, dtype=np.int32), B)),
-            pa.array(inputs_BS.reshape(-1).astype(np.int32)),
-            pa.array(targets_BS.reshape(-1).astype(np.int32)),
-            pa.array([self.domain_names[d] for d in np.repeat(domain_B, S)]),
-        ]
-        offsets = pa.array(np.arange(0, B * S * K + 1, K, dtype=np.int32))
-        for l in range(len(self.layers)):
-            columns += [
-                pa.ListArray.from_arrays(offsets, pa.array(experts_LBSK[l].reshape(-1).astype(np.int16))),
-                pa.ListArray.from_arrays(offsets, pa.array(weights_LBSK[l].reshape(-1).astype(np.float32))),
-                pa.ListArray.from_arrays(offsets, pa.array(dropped_LBSK[l].reshape(-1))),
-            ]
-        self.writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
-        self.sequences += B
-
-    def close(self) -> None:
-        self.writer.close()
+from moe_lab.training.routing_replay import layer_choices
 
 
 def check_analysable(model: MoETransformer) -> None:
@@ -508,7 +449,7 @@ def analyze_with_progress(
 
     trace = TraceWriter(args.trace, final.moe_layers, domain_names) if args.trace is not None else None
     try:
-        return analyze(
+        result = analyze(
             models,
             loader,
             final.cfg.vocab_size,
@@ -518,9 +459,13 @@ def analyze_with_progress(
             trace=trace,
             capacity_factors=args.capacity_factor,
         )
-    finally:
+    except BaseException:
         if trace is not None:
-            trace.close()
+            trace.abandon()
+        raise
+    if trace is not None:
+        trace.close()
+    return result
 
 
 def check_outputs(page: Path) -> Path:

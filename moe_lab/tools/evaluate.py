@@ -19,13 +19,18 @@ import torch
 import torch.nn.functional as F
 
 from moe_lab.analysis.stats import load_statistics, mutual_information
+from moe_lab.analysis.trace import RoutingTrace
 from moe_lab.model import MoETransformer
+from moe_lab.training.routing_replay import check_trace_fits, tape_from_trace
 
 
 @torch.no_grad()
-def evaluate(model: MoETransformer, batches, tokenizer: Any, domain_names: list[str]) -> dict[str, Any]:
+def evaluate(
+    model: MoETransformer, batches, tokenizer: Any, domain_names: list[str], replay: Optional[RoutingTrace] = None
+) -> dict[str, Any]:
     """Loss, perplexity and bits per byte per domain, and routing statistics per MoE layer, over `batches` (dicts of
-    input_ids (B, S + 1), domain (B,), valid (B,), as the validation loader gives them)."""
+    input_ids (B, S + 1), domain (B,), valid (B,), as the validation loader gives them); with `replay`, under the
+    routing that trace recorded for each sequence, and how many of the model's own decisions it overrode."""
     model.eval()
     device = next(model.parameters()).device
     D = len(domain_names)
@@ -35,13 +40,14 @@ def evaluate(model: MoETransformer, batches, tokenizer: Any, domain_names: list[
     slots_LE = np.zeros((len(layers), E))
     dropped_L = np.zeros(len(layers))
     domain_LED = np.zeros((len(layers), E, D))
+    overridden_L = np.zeros(len(layers))
     for batch in batches:
         keep = batch["valid"].bool()
         ids_BS1 = batch["input_ids"][keep].to(device)
         domain_B = batch["domain"][keep]
         if len(ids_BS1) == 0:
             continue
-        out = model(ids_BS1[:, :-1], domain_B=domain_B.to(device))
+        out = forward(model, ids_BS1[:, :-1], domain_B.to(device), replay)
         targets_BS = ids_BS1[:, 1:]
         B, S = targets_BS.shape
         loss_B = (
@@ -65,7 +71,26 @@ def evaluate(model: MoETransformer, batches, tokenizer: Any, domain_names: list[
             experts = stats.expert_N.cpu().numpy()
             domains = token_domain_T[stats.token_N.cpu().numpy()]
             np.add.at(domain_LED[i], (experts, domains), 1)
-    return _report(domain_names, nats_D, tokens_D, bytes_D, layers, slots_LE, dropped_L, domain_LED)
+            if stats.overridden_slots is not None:
+                overridden_L[i] += float(stats.overridden_slots)
+    report = _report(domain_names, nats_D, tokens_D, bytes_D, layers, slots_LE, dropped_L, domain_LED)
+    if replay is not None:
+        for i, entry in enumerate(report["layers"].values()):
+            entry["overridden_frac"] = float(overridden_L[i] / max(slots_LE[i].sum(), 1))
+        report["replay"] = {
+            "trace": str(replay.path),
+            "overridden_frac": float(overridden_L.sum() / max(slots_LE.sum(), 1)),
+            "overridden_slots": int(overridden_L.sum()),
+        }
+    return report
+
+
+def forward(model: MoETransformer, inputs_BS: torch.Tensor, domain_B: torch.Tensor, replay: Optional[RoutingTrace]):
+    """The model's forward, routed live or, with a trace, as the trace recorded these sequences."""
+    if replay is None:
+        return model(inputs_BS, domain_B=domain_B)
+    with model.replay_routing(tape_from_trace(replay, inputs_BS, model.moe_layers)):
+        return model(inputs_BS, domain_B=domain_B)
 
 
 def _report(domain_names, nats_D, tokens_D, bytes_D, layers, slots_LE, dropped_L, domain_LED) -> dict[str, Any]:
@@ -119,9 +144,11 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {name:<10} {q['loss']:>7.4f} {q['ppl']:>7.2f} {q['bits_per_byte']:>10.4f} {q['tokens']:>9,}")
     if report["layers"]:
         special = all("specialization" in e for e in report["layers"].values())
+        replayed = "replay" in report
         lines.append(
             "  layer  imbalance  min load  dropped  dead  starved"
             + ("  specialization" if special else "")
+            + ("  overridden" if replayed else "")
             + "  busiest expert"
         )
         for layer, e in report["layers"].items():
@@ -130,8 +157,15 @@ def format_report(report: dict[str, Any]) -> str:
                 f"  {layer:>5}  {e['imbalance']:>9.2f}  {e['min_load']:>8.2f}  {e['dropped_frac']:>7.1%}  "
                 f"{e['dead_experts']:>4.0f}  {e['starved_experts']:>7.0f}"
                 + (f"  {e['specialization']:>14.3f}" if special else "")
+                + (f"  {e['overridden_frac']:>10.1%}" if replayed else "")
                 + f"  #{top} ({e['load'][top]:.1%})"
             )
+    if "replay" in report:
+        r = report["replay"]
+        lines.append(
+            f"  routed as {r['trace']} recorded: {r['overridden_slots']:,} of the model's own decisions overridden "
+            f"({r['overridden_frac']:.1%})"
+        )
     return "\n".join(lines)
 
 
@@ -149,6 +183,10 @@ def run(args: Any, cfg: Any) -> int:
 
     model, tokenizer, described = load_for_inference(args.source, capacity=args.capacity)
     model = model.to(args.device)
+    replay = None
+    if args.replay is not None:  # read and checked against the model before any data
+        replay = RoutingTrace(args.replay)
+        check_trace_fits(replay, model, "--replay")
     run_cfg, data, loader = held_out_data(cfg, tokenizer, model.cfg, args.max_batches)
     print(
         f"moe-lab: evaluating {described} on {data.describe()}: {len(data.val_blocks)} held-out blocks of "
@@ -156,7 +194,7 @@ def run(args: Any, cfg: Any) -> int:
         file=sys.stderr,
         flush=True,
     )
-    report = evaluate(model, loader, tokenizer, data.domain_names)
+    report = evaluate(model, loader, tokenizer, data.domain_names, replay)
     report = {"source": args.source, "data": data.describe(), "capacity": args.capacity, **report}
     print(format_report(report))
     if args.json is not None:

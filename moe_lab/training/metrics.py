@@ -19,6 +19,8 @@ Logged every `trainer.log_every_n_steps` optimizer steps (L = block index, E = e
     moe/layer{L}/domain_mi        mutual information between expert and data domain (nats), labelled data only
     moe/layer{L}/specialization   domain_mi / H(domain): 0 = experts ignore the domain, 1 = an expert per domain
     moe/layer{L}/aux/{name}       each aux loss of the layer
+    moe/layer{L}/overridden_frac  routing.replay: share of replayed decisions the layer's own router would not have
+                                  made (moe/overridden_frac: over all layers)
     moe/max_imbalance, moe/mean_imbalance, moe/dropped_frac, moe/dead_experts, moe/starved_experts (sums),
     moe/min_load (minimum), moe/specialization                                                    over layers
 """
@@ -134,6 +136,8 @@ class RoutingMetrics(L.Callback):
             sums["entropy_L"] = torch.stack([m.router_entropy for m in layers])
             if layers[0].topk_mass is not None:
                 sums["topk_mass_L"] = torch.stack([m.topk_mass for m in layers])
+            if layers[0].overridden_slots is not None:  # routing.replay
+                sums["overridden_L"] = torch.stack([m.overridden_slots for m in layers])
             for name in layers[0].losses:
                 sums[f"aux/{name}"] = torch.stack([m.losses[name].detach() for m in layers])
             if "domain" in batch and len(self.domain_names) > 1:
@@ -265,6 +269,8 @@ class RoutingMetrics(L.Callback):
             stats["entropy_norm"] = stats["entropy"] / math.log(num_experts) if num_experts > 1 else 0.0
             if "topk_mass_L" in values:
                 stats["topk_mass"] = float(values["topk_mass_L"][i] / micro)
+            if "overridden_L" in values:  # replayed decisions the layer's own router would not have made
+                stats["overridden_frac"] = float(values["overridden_L"][i] / slots)
             layer_record = {"layer": layer, "load": load_E.round(6).tolist()}
             if "domain_LED" in values:
                 stats["domain_mi"], stats["specialization"] = mutual_information(values["domain_LED"][i])
@@ -278,6 +284,8 @@ class RoutingMetrics(L.Callback):
             record["layers"].append(layer_record)
             self.load_rows.extend([record["step"], layer, e, float(load_E[e])] for e in range(num_experts))
         metrics.update(model_summary(per_layer))
+        if "overridden_L" in values:
+            metrics["moe/overridden_frac"] = float(values["overridden_L"].sum() / max(counts_LE.sum(), 1))
         self.history.append(
             {
                 "step": record["step"],

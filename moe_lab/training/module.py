@@ -18,8 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moe_lab.analysis.trace import RoutingTrace
 from moe_lab.errors import Diverged
 from moe_lab.model import ModelConfig, MoETransformer
+from moe_lab.training.routing_replay import tape_from_trace
 from moe_lab.training.schemas import OptimConfig
 from moe_lab.training.strategy import MoEDDPStrategy, clip_grad_norm_
 
@@ -71,6 +73,8 @@ class MoELanguageModel(L.LightningModule):
         # Micro-batches whose loss was NaN or infinite, counted on the device (no sync per step); read where a sync
         # happens anyway: every log step (RoutingMetrics) and every checkpoint save (on_save_checkpoint).
         self.nonfinite_losses: Optional[torch.Tensor] = None
+        # routing.replay: the trace training micro-batches take their experts from (set by training/train.py).
+        self.routing_trace: Optional[RoutingTrace] = None
 
     def forward(self, token_ids_BS: torch.Tensor) -> torch.Tensor:
         return self.model(token_ids_BS).logits
@@ -85,8 +89,9 @@ class MoELanguageModel(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> dict:
         ids = batch["input_ids"]
-        with self.micro_batch_rng(batch.get("micro_batch")):
-            out = self.training_forward(ids[:, :-1], ids[:, 1:], domain_B=batch.get("domain"))
+        key = batch.get("micro_batch", batch_idx)
+        with self.micro_batch_rng(batch.get("micro_batch")), self.replayed_routing(ids[:, :-1], key) as forward:
+            out = forward(ids[:, :-1], ids[:, 1:], domain_B=batch.get("domain"))
         loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
         if out.mtp_loss is not None:  # multi-token prediction (model.mtp_depth)
             loss = loss + out.mtp_loss
@@ -97,6 +102,17 @@ class MoELanguageModel(L.LightningModule):
         if out.mtp_losses:
             stats["mtp_D"] = torch.stack(out.mtp_losses).detach()
         return {"loss": loss, "stats": stats}
+
+    @contextlib.contextmanager
+    def replayed_routing(self, inputs_BS: torch.Tensor, key: Any) -> Iterator[Callable[..., Any]]:
+        """The training forward; under routing.replay the eager model routing as the trace recorded these
+        sequences (routing_replay.py), keyed by this micro-batch."""
+        if self.routing_trace is None:
+            yield self.training_forward
+            return
+        tape = tape_from_trace(self.routing_trace, inputs_BS, self.moe_layers, key)
+        with self.model.replay_routing(tape):
+            yield self.model
 
     @contextlib.contextmanager
     def micro_batch_rng(self, index: Optional[int]) -> Iterator[None]:

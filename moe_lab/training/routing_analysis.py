@@ -25,24 +25,7 @@ import torch
 from moe_lab.analysis.routing import RoutingCounts, coactivation, repeat_rates, vocab_specialisation
 from moe_lab.errors import UserError
 from moe_lab.training.module import MoELanguageModel
-
-
-def layer_choices(model, out: Any, B: int, S: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(experts, dropped, weights), each (L, B, S, K), of one forward of a token-choice model: each token's top-k,
-    first choice first."""
-    experts, dropped, weights = [], [], []
-    for layer, moe in zip(model.moe_layers, model.moe_modules()):
-        stats = out.moe[layer]
-        K = moe.top_k
-        experts.append(stats.per_token(stats.expert_N, K).reshape(B, S, K).cpu().numpy())
-        weights.append(stats.per_token(stats.weight_N.float(), K).reshape(B, S, K).cpu().numpy())
-        kept = stats.slot_kept_N()
-        dropped.append(
-            np.zeros((B, S, K), dtype=bool)
-            if kept is None
-            else stats.per_token(~kept, K).reshape(B, S, K).cpu().numpy()
-        )
-    return np.stack(experts), np.stack(dropped), np.stack(weights)
+from moe_lab.training.routing_replay import layer_choices
 
 
 def check_analysable(model) -> None:

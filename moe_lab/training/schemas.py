@@ -104,6 +104,18 @@ class MetricsConfig:
 
 
 @dataclass
+class RoutingConfig:
+    """Routing replay (moe_lab/training/routing_replay.py, moe_lab/model/replay.py)."""
+
+    # A routing trace (Parquet, as `moe-lab analyze --trace` or routing.record writes): every training micro-batch
+    # takes the experts it recorded for its sequences (found by their token ids), weighted by the live router's own
+    # scores; validation routes live. The training forward runs eager (compile leaves it).
+    replay: Optional[str] = None
+    # Write every training micro-batch's routing to this new Parquet file (one process).
+    record: Optional[str] = None
+
+
+@dataclass
 class PathsConfig:
     # The run directory Hydra makes (outputs/DATE/TIME, or a sweep's job directory; hydra.run.dir=... names one).
     output_dir: str = "${hydra:runtime.output_dir}"
@@ -122,6 +134,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     # Lightning Trainer arguments (conf/trainer/), passed as they are.
@@ -347,6 +360,35 @@ def _check_expert_parallel(run: TrainConfig) -> None:
         )
 
 
+def _check_routing(run: TrainConfig) -> None:
+    """routing.replay names a file; routing.record a new one, in a folder that exists, of a one-process run; both
+    need a router that lists experts per token (a trace's shape)."""
+    r = run.routing
+    token_choice = run.model.moe.router.token_choice if isinstance(run.model.moe.router, RouterConfig) else True
+    for key, path in (("routing.replay", r.replay), ("routing.record", r.record)):
+        if path is None:
+            continue
+        if not run.model.moe.enabled:
+            raise ConfigError(f"{key}: the model is dense (experts=dense), it has no routing")
+        if not token_choice:
+            raise ConfigError(
+                f"{key}: router={run.model.moe.router.name} chooses tokens per expert; a routing trace lists "
+                "experts per token (replay in memory with MoETransformer.record_routing / replay_routing)"
+            )
+    if r.replay is not None and not Path(r.replay).expanduser().is_file():
+        raise ConfigError(
+            f"routing.replay={r.replay}: no such file (moe-lab analyze --trace and routing.record write one)"
+        )
+    if r.record is not None:
+        record = Path(r.record).expanduser()
+        if record.exists():
+            raise ConfigError(f"routing.record={r.record} exists; moe-lab never writes over a file: give a new name")
+        if not record.parent.is_dir():
+            raise ConfigError(f"routing.record={r.record}: the folder {record.parent} does not exist")
+        if str(run.trainer.get("strategy", "")).startswith("ddp"):
+            raise ConfigError("routing.record writes one trace from one process; record a single-process run")
+
+
 def _check_training(run: TrainConfig) -> None:
     def need(ok: bool, message: str) -> None:
         if not ok:
@@ -405,6 +447,7 @@ def _check_training(run: TrainConfig) -> None:
     _check_trainer(run.trainer)
     _check_loggers(run.logger)
     _check_compile(run)
+    _check_routing(run)
 
 
 def _check_compile(run: TrainConfig) -> None:

@@ -182,6 +182,12 @@ def build_module(
                 f"moe-lab: starting from the weights of {run.model.init_from} (a new run: step 0, fresh optimizer)",
                 flush=True,
             )
+    if run.routing.replay is not None:
+        from moe_lab.analysis.trace import RoutingTrace
+        from moe_lab.training.routing_replay import check_trace_fits
+
+        module.routing_trace = RoutingTrace(Path(run.routing.replay).expanduser())
+        check_trace_fits(module.routing_trace, module.model, "routing.replay")
     if run.compile:
         module.compile_training_forward()
     module.provenance = {
@@ -243,6 +249,11 @@ class RunCallbacks:
 
             check_analysable(module.model)
             callbacks.insert(2, RoutingAnalysis(run.metrics.analysis_every_n_steps, run.trainer.get("max_steps", -1)))
+        if run.routing.record is not None:
+            from moe_lab.training.routing_replay import RoutingRecorder, check_recordable
+
+            check_recordable(module.model)
+            callbacks.append(RoutingRecorder(run.routing.record, data.domain_names))
         sharded = writes_sharded(run.checkpoint.format, 1, run.checkpoint.async_save)  # one process: no experts split
         io = AtomicCheckpointIO(sharded=sharded, async_save=run.checkpoint.async_save)
         return cls(periodic, routing, io, callbacks)
