@@ -286,3 +286,86 @@ def test_routing_settings_are_checked_before_a_run_starts(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (args, err)
     assert not (tmp_path / "run").exists()
+
+
+# -- routing stability ---------------------------------------------------------------------------------------------
+
+
+def stability_batches(n: int = 3, batch_size: int = 4, seq: int = 16) -> list[dict]:
+    g = torch.Generator().manual_seed(5)
+    return [
+        {
+            "input_ids": torch.randint(0, V, (batch_size, seq + 1), generator=g),
+            "domain": torch.randint(0, 2, (batch_size,), generator=g),
+            "valid": torch.ones(batch_size, dtype=torch.bool),
+        }
+        for _ in range(n)
+    ]
+
+
+def test_stability_known_answers_identical_settings_and_the_hash_router_give_zero():
+    from moe_lab.tools.stability import stability
+
+    hashed = stability([model_with({"name": "hash", "top_k": 2})], stability_batches(), V, ["hash"])
+    for name, c in hashed["comparisons"].items():
+        assert c["any_layer"] == 0 and all(v == 0 for v in c["layers"].values()), name
+        assert c["top_tokens"] == []
+    learned = stability([model_with({"name": "topk", "top_k": 2})], stability_batches(), V, ["topk"])
+    assert learned["tokens"] == 3 * 4 * 16
+    assert learned["comparisons"]["rerun"]["any_layer"] == 0
+    assert learned["comparisons"]["alone"]["any_layer"] == 0  # top-k routes each token on its own
+    # Training mode changes a noisy router's choices, and the set of any layer changes at least as often as one's.
+    noisy = stability([model_with({"name": "noisy_topk", "top_k": 2})], stability_batches(), V, ["noisy"])
+    flips = noisy["comparisons"]["train_mode"]
+    assert flips["any_layer"] >= max(flips["layers"].values()) > 0
+    assert flips["top_tokens"] and all(0 < t["flip_rate"] <= 1 and t["count"] >= 5 for t in flips["top_tokens"])
+    # Expert choice couples the tokens of a batch: alone, a sequence gets other experts.
+    choice = stability([model_with({"name": "expert_choice", "top_k": 2})], stability_batches(), V, ["ec"])
+    assert choice["comparisons"]["alone"]["any_layer"] > 0
+
+
+def test_stability_counts_a_flip_by_hand():
+    """Two models whose layer 0 differs: the checkpoint comparison counts exactly the tokens whose top-k set differs."""
+    from moe_lab.tools.stability import expert_sets, stability
+
+    a, b = model_with({"name": "topk", "top_k": 2}, seed=0), model_with({"name": "topk", "top_k": 2}, seed=3)
+    batches = stability_batches(n=1)
+    result = stability([a, b], batches, V, ["a", "b"], settings=())
+    inputs = batches[0]["input_ids"][:, :-1]
+    sets_a, sets_b = expert_sets(a, inputs, None), expert_sets(b, inputs, None)
+    expected = [(sets_a[l] != sets_b[l]).any(-1).float().mean().item() for l in range(len(b.moe_layers))]
+    assert list(result["comparisons"]) == ["checkpoint a"]
+    assert list(result["comparisons"]["checkpoint a"]["layers"].values()) == pytest.approx(expected)
+
+
+def test_analyze_stability_end_to_end(real_checkpoint, tmp_path, cache_dir, capsys):
+    import json
+
+    from moe_lab.cli.main import main
+
+    page = tmp_path / "a.html"
+    assert (
+        main(
+            [
+                "analyze",
+                str(real_checkpoint),
+                *DATA_FLAGS,
+                f"paths.cache_dir={cache_dir}",
+                "-o",
+                str(page),
+                "--stability",
+                "--max-batches",
+                "1",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(page.with_suffix(".json").read_text())
+    comparisons = report["stability"]["comparisons"]
+    assert set(comparisons) == {"rerun", "bfloat16", "train_mode", "alone"}
+    assert comparisons["rerun"]["any_layer"] == 0 and comparisons["alone"]["any_layer"] == 0
+    assert all(0 <= c["any_layer"] <= 1 for c in comparisons.values())
+    assert "routing stability over" in capsys.readouterr().out
+    assert "Routing stability" in page.read_text()
+    rows = (tmp_path / "a.stability.csv").read_text().splitlines()
+    assert rows[0] == "layer,comparison,label,changed_share" and len(rows) == 1 + 2 * 4

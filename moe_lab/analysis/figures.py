@@ -739,3 +739,23 @@ def analysis_position_figure(report: dict):
         )
     fig.update_yaxes(tickformat=".0%")
     return fig
+
+
+def analysis_stability_figure(report: dict):
+    """`--stability`: per layer and in any layer, the share of tokens whose expert set changes under each comparison
+    (another precision, mode, batch, checkpoint)."""
+    import plotly.graph_objects as go
+
+    result = report["stability"]
+    x = [f"layer {l}" for l in result["layers"]] + ["any layer"]
+    fig = go.Figure()
+    for i, c in enumerate(result["comparisons"].values()):
+        y = [c["layers"][l] for l in result["layers"]] + [c["any_layer"]]
+        fig.add_trace(go.Bar(x=x, y=y, name=c["label"], marker_color=PALETTE[i % len(PALETTE)]))
+    fig.update_layout(
+        barmode="group",
+        height=380,
+        title="tokens whose experts change (0: the routing does not depend on it)",
+        yaxis=dict(tickformat=".0%", rangemode="tozero"),
+    )
+    return fig

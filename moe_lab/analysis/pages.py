@@ -404,6 +404,8 @@ def analysis_page(report: dict) -> str:
         ),
         "position": _html(figures.analysis_position_figure(report)),
     }
+    if "stability" in report:
+        drawn["stability"] = _html(figures.analysis_stability_figure(report))
     return _render(
         "analysis.html.j2",
         title="moe-lab analyze: routing",

@@ -316,7 +316,7 @@ COMMANDS: tuple[Command, ...] = (
         "analyze",
         "analyze",
         analyze_checks,
-        "routing analyses (specialisation, co-activation, repeats, drops, saturation): moe-lab analyze CKPT",
+        "routing analyses (specialisation, co-activation, repeats, drops, saturation, stability): moe-lab analyze CKPT",
         "The routing analyses MoE papers publish, on a checkpoint and data: domain "
         "and vocabulary specialisation (with the random-routing baseline), expert co-activation within a layer and "
         "transitions between layers, the repeat rate of consecutive tokens against chance, drops by position, and, "
@@ -351,7 +351,14 @@ COMMANDS: tuple[Command, ...] = (
                 "moe-lab-analysis.html here for a Hugging Face model); the same data goes to the .json beside it, "
                 "and as tables to "
                 "PAGE.TABLE.csv files (layers, domain_shares, expert_tokens, coactivation, transitions, "
-                "drops_by_position, saturation)",
+                "drops_by_position, saturation, stability)",
+            ),
+            arg(
+                "--stability",
+                action="store_true",
+                help="also measure how often a token's expert set changes between float32 and bfloat16, evaluation "
+                "and training mode, its batch and alone, the same settings twice, and each earlier checkpoint given: "
+                "per layer, in any layer, and the tokens that flip most",
             ),
             arg(
                 "--trace",

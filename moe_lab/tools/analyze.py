@@ -32,6 +32,7 @@ from moe_lab.analysis.trace import TraceWriter
 from moe_lab.errors import UserError
 from moe_lab.model import MoETransformer
 from moe_lab.model.router_configs import routers_where
+from moe_lab.tools.stability import format_stability, stability
 from moe_lab.training.routing_replay import layer_choices
 
 
@@ -262,6 +263,10 @@ def analysis_tables(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
                 tables["drops_by_position"].append(
                     {"layer": int(layer), "capacity_factor": factor, "position": position, "dropped_share": share}
                 )
+        for name, c in report.get("stability", {}).get("comparisons", {}).items():
+            tables["stability"].append(
+                {"layer": int(layer), "comparison": name, "label": c["label"], "changed_share": c["layers"][layer]}
+            )
         for source, step, s in zip(report["sources"], steps, e["saturation"]):
             tables["saturation"].append(
                 {"layer": int(layer), "checkpoint": str(source), "step": step, "top1": s["top1"], "topk": s["topk"]}
@@ -289,6 +294,7 @@ ANALYSIS_TABLES = {
     "transitions": ["layer", "expert_i", "expert_j", "probability"],
     "drops_by_position": ["layer", "capacity_factor", "position", "dropped_share"],
     "saturation": ["layer", "checkpoint", "step", "top1", "topk"],
+    "stability": ["layer", "comparison", "label", "changed_share"],
 }
 
 
@@ -416,6 +422,9 @@ def run(args: Any, cfg: Any, sources: list[str]) -> int:
         **summary(result, data.domain_names, final.moe_layers, decode=tokenizer.decode),
     }
     print(format_summary(report))
+    if args.stability:
+        report["stability"] = stability_with_progress(models, loader, sources, tokenizer.decode)
+        print(format_stability(report["stability"]))
     write_atomically(json_out, json.dumps(report, indent=2) + "\n")
     write_csv_tables(report, page_out)
     print(
@@ -465,6 +474,23 @@ def analyze_with_progress(
         raise
     if trace is not None:
         trace.close()
+    return result
+
+
+def stability_with_progress(models: list[MoETransformer], loader: Any, sources: list[str], decode) -> dict[str, Any]:
+    """`--stability` (moe_lab/tools/stability.py) over the same batches, with a progress line on stderr."""
+    import sys
+
+    def progress(done: int, tokens: int) -> None:
+        print(
+            f"\rmoe-lab: stability, {done}/{len(loader.batch_sampler)} batches, {tokens:,} tokens",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    result = stability(models, loader, models[-1].cfg.vocab_size, sources, decode=decode, progress=progress)
+    print(file=sys.stderr)
     return result
 
 
