@@ -16,6 +16,7 @@ from moe_lab.analysis.routing import (
     vocab_specialisation,
 )
 from moe_lab.analysis.stats import mutual_information
+from moe_lab.tools.analyze import ANALYSIS_TABLES
 
 rng = np.random.default_rng(0)
 L, B, S, E, V, D = 2, 6, 16, 4, 32, 2
@@ -341,4 +342,4 @@ def test_reports_go_into_the_checkpoints_run_not_the_current_folder(real_checkpo
     assert list(here.iterdir()) == []
     written = sorted(p.name for p in (run / "analysis").iterdir())
     assert "last.analysis.html" in written and "last.analysis.json" in written and "last.experts-layer0.html" in written
-    assert len([n for n in written if n.endswith(".csv")]) == 7
+    assert len([n for n in written if n.endswith(".csv")]) == len(ANALYSIS_TABLES)
