@@ -135,6 +135,29 @@ def analyze_checks(parsed: argparse.Namespace) -> tuple:
     return cfg, sources
 
 
+def prune_checks(parsed: argparse.Namespace) -> tuple:
+    """(the composed data settings,)"""
+    from pathlib import Path
+
+    from moe_lab.cli.preflight import compose_checked
+
+    cfg = compose_checked(
+        list(parsed.overrides),
+        ("data", "paths.cache_dir"),
+        "moe-lab prune",
+        "data=OPTION, data.KEY=VALUE and paths.cache_dir=DIR",
+    )
+    out = Path(parsed.out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out} exists and is not an empty directory; moe-lab never writes over files: give a new one")
+    if not out.parent.is_dir():
+        raise UserError(f"{out.parent} does not exist; create it or choose another OUT_DIR")
+    checks.at_least(parsed.keep, "--keep")
+    checks.at_least(parsed.max_batches, "--max-batches")
+    checks.device(parsed.device)
+    return (cfg,)
+
+
 def bench_checks(parsed: argparse.Namespace) -> tuple:
     checks.device(parsed.device)
     if (parsed.threads is not None and parsed.threads < 1) or parsed.repeats < 1 or parsed.warmup < 0:
@@ -365,6 +388,29 @@ COMMANDS: tuple[Command, ...] = (
                 help="also write every token's routing (id, domain, position; experts, weights "
                 "and drops per layer) to this Parquet file, for pandas, polars or duckdb",
             ),
+            DEVICE,
+        ),
+    ),
+    Command(
+        "prune",
+        "prune",
+        prune_checks,
+        "remove routed experts by a criterion (REAP, EAN, frequency, loss): moe-lab prune CKPT OUT_DIR --keep N",
+        "Keep the N best routed experts of every MoE layer (and the router's rows with them), scored on the "
+        "held-out blocks of some data (data=..., as moe-lab eval; default: the embedded corpus): frequency (share "
+        "of routing slots), reap (mean gate weight x output norm over the tokens routed to the expert), ean (sum of "
+        "output norms), loss (held-out loss without the expert, measured per expert: L x E passes) or random. "
+        "Routers with expert groups keep as many experts of every group. Writes OUT_DIR/model.ckpt, a checkpoint like "
+        "any other (eval, generate, analyze, export, moe-lab train ckpt_path=...), and OUT_DIR/pruning.json (every "
+        "score, the experts kept, the held-out loss before and after).",
+        (
+            MODEL,
+            OUT_DIR,
+            arg("overrides", nargs="*", help="data=..., data.KEY=VALUE, paths.cache_dir=..."),
+            arg("--keep", type=int, required=True, help="routed experts to keep in every MoE layer"),
+            arg("--criterion", choices=["frequency", "reap", "ean", "loss", "random"], default="reap"),
+            arg("--seed", type=int, default=0, help="the random criterion's seed"),
+            max_batches("score the experts on"),
             DEVICE,
         ),
     ),

@@ -77,6 +77,10 @@ class RouterConfig:
         """K: routing slots per token (expert choice: on average)."""
         return self.top_k
 
+    def expert_groups(self) -> int:
+        """Groups of consecutive experts the routing chooses among (1: none); pruning keeps as many of each."""
+        return int(getattr(self, "num_groups", 1))
+
     def softmax_topk(self, num_experts: int) -> Optional[tuple[int, bool]]:
         """Eval-mode routing as a softmax top-k over the gate logits, (k, renormalise the k weights), or None when
         this router does not route that way: what Mixtral-style MoE blocks (Hugging Face export) can express."""

@@ -317,7 +317,8 @@ def checkpoint_origin(ckpt_path: str | Path) -> CheckpointOrigin:
     overrides = [o for o in overrides or [] if _key(o) not in WHERE_KEYS]
     imported = dict_at(ckpt, "moe_lab_imported")
     beside = Path(ckpt_path).expanduser().absolute().parent / "tokenizer"
-    if imported and (beside / "tokenizer.json").is_file():  # an import that was moved finds its own tokenizer
+    weights_only = "optimizer_states" not in ckpt  # an import, or a pruned model (moe-lab prune), with its own
+    if weights_only and (beside / "tokenizer.json").is_file():  # tokenizer: moved, it still finds it
         overrides = [o for o in overrides if not o.startswith("tokenizer.name=")] + [f"tokenizer.name='{beside}'"]
     return CheckpointOrigin(
         step=int(ckpt.get("global_step", 0)),
