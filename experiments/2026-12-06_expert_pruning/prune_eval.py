@@ -1,0 +1,98 @@
+"""Score each checkpoint's experts by every pruning criterion on the even held-out batches (the embedded corpus, the
+model's tokenizer, dropless), prune to each --keep, and measure the held-out loss on the odd batches: one CSV row per
+(checkpoint, criterion, keep). `--summarise CSV...` prints the table of the README (means over seeds with 95% t
+intervals, and each criterion against random, paired by checkpoint).
+
+    python prune_eval.py --keep 6 4 2 --out results/tiny.csv CKPT [CKPT ...]
+    python prune_eval.py --summarise results/tiny.csv [...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from moe_lab.analysis.stats import mean_interval, paired_difference_interval
+from moe_lab.cli.preflight import compose_checked
+from moe_lab.model.pruning import prune_experts
+from moe_lab.tools.evaluate import held_out_data
+from moe_lab.tools.generate import load_for_inference
+from moe_lab.tools.prune import CRITERIA, experts_to_keep, held_out_loss, scores
+
+COLUMNS = ["checkpoint", "model", "criterion", "kept", "experts", "loss", "loss_unpruned", "seconds"]
+
+
+def evaluate(checkpoints: list[str], keeps: list[int], out: Path) -> None:
+    cfg = compose_checked([], ("data",), "prune_eval", "data=...")
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        for n, ckpt in enumerate(checkpoints):
+            model, tokenizer, _ = load_for_inference(ckpt)
+            _, _, loader = held_out_data(cfg, tokenizer, model.cfg, None)
+            blocks = [b["input_ids"][b["valid"].bool()] for b in loader]
+            blocks = [b for b in blocks if len(b)]
+            calibration, held_out = blocks[0::2], blocks[1::2]
+            unpruned = held_out_loss(model, held_out)
+            groups = model.moe_modules()[0].router.cfg.expert_groups()
+            for criterion in CRITERIA:
+                started = time.perf_counter()
+                scores_LE = scores(criterion, model, calibration, seed=n)
+                seconds = time.perf_counter() - started
+                for keep in keeps:
+                    kept = experts_to_keep(scores_LE, keep, groups)
+                    pruned = prune_experts(model, dict(zip(model.moe_layers, kept)))
+                    row = {
+                        "checkpoint": ckpt,
+                        "model": model.cfg.name,
+                        "criterion": criterion,
+                        "kept": keep,
+                        "experts": model.cfg.moe.num_experts,
+                        "loss": held_out_loss(pruned, held_out),
+                        "loss_unpruned": unpruned,
+                        "seconds": round(seconds, 2),
+                    }
+                    writer.writerow(row)
+                    f.flush()
+                    print(f"{ckpt} {criterion} keep {keep}: {row['loss']:.4f} (unpruned {unpruned:.4f})", flush=True)
+
+
+def summarise(paths: list[str]) -> None:
+    for path in paths:
+        rows = list(csv.DictReader(open(path)))
+        by = defaultdict(dict)  # (kept, criterion) -> checkpoint -> loss increase
+        for r in rows:
+            by[(int(r["kept"]), r["criterion"])][r["checkpoint"]] = float(r["loss"]) - float(r["loss_unpruned"])
+        experts = rows[0]["experts"]
+        print(f"\n{path}: held-out loss increase over the unpruned model (mean [95% CI] over seeds)")
+        print(f"  {'kept':>9}  {'criterion':<10} {'increase':>28}  {'minus random (paired)':>30}")
+        for kept in sorted({k for k, _ in by}, reverse=True):
+            random = by[(kept, "random")]
+            for criterion in CRITERIA:
+                d = by[(kept, criterion)]
+                m = mean_interval(list(d.values()))
+                line = (
+                    f"  {kept:>3} of {experts:<3}  {criterion:<10} {m['mean']:+.4f} [{m['low']:+.4f}, {m['high']:+.4f}]"
+                )
+                if criterion != "random":
+                    keys = sorted(d)
+                    p = paired_difference_interval([d[k] for k in keys], [random[k] for k in keys])
+                    line += f"  {p['diff']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}]"
+                print(line)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("checkpoints", nargs="*")
+    parser.add_argument("--keep", type=int, nargs="+", default=[])
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--summarise", nargs="+")
+    args = parser.parse_args()
+    if args.summarise:
+        summarise(args.summarise)
+        sys.exit(0)
+    evaluate(args.checkpoints, args.keep, args.out)
