@@ -227,7 +227,7 @@ def test_validate_rejects_bad_input(make_cfg, overrides, expected):
         ),
         (
             ["router=nope"],
-            "router=nope is not an option; the options of router are: aux_free, domain_oracle, expert_choice",
+            "router=nope is not an option; the options of router are: aux_free, domain_oracle, dtop_p, expert_choice",
         ),
         (["model.moe.router.top_k=9"], "model.moe.router.top_k=9 must be in 1..num_experts (8)"),
         (["-m", "experts=e4,e99"], "experts=e99 is not an option"),

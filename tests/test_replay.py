@@ -279,7 +279,7 @@ def test_routing_settings_are_checked_before_a_run_starts(tmp_path, capsys):
         ([f"routing.replay={tmp_path / 'none.parquet'}"], "no such file"),
         ([f"routing.record={existing}"], "never writes over a file"),
         ([f"routing.record={tmp_path / 'no' / 'x.parquet'}"], "does not exist"),
-        (["router=expert_choice", f"routing.replay={existing}"], "chooses tokens per expert"),
+        (["router=expert_choice", f"routing.replay={existing}"], "gives no fixed top-k per token"),
         ([f"routing.replay={existing}"], "cannot be read as a Parquet routing trace"),
     ):
         assert main(["train", f"hydra.run.dir={tmp_path / 'run'}", *args]) == 2

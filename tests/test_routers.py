@@ -325,3 +325,64 @@ def test_the_domain_oracle_routes_by_domain_and_needs_it():
     assert torch.allclose(stats.weight_N, torch.full((60,), 0.5))
     with pytest.raises(ValueError, match="needs the data's domain labels"):
         layer(x)
+
+
+# -- top-p: a variable number of experts per token ---------------------------------------------------------------
+
+
+def test_top_p_takes_the_fewest_most_probable_experts_whose_mass_reaches_p_up_to_the_cap():
+    router = make_router({"name": "top_p", "threshold": 0.5, "top_k": 3}).eval()
+    x = torch.randn(64, D) * 40  # a peaked router: some tokens are sure of one expert, some are not
+    out = route(router, x)
+    probs = out.probs_TE
+    taken = out.experts_per_token_T()
+    for t in range(64):  # by hand: sorted probabilities, take until the mass reaches p, at most 3
+        p_sorted, order = probs[t].sort(descending=True)
+        want, mass = [], 0.0
+        for p, e in zip(p_sorted.tolist(), order.tolist()):
+            if mass >= 0.5 or len(want) == 3:
+                break
+            want.append(e)
+            mass += p
+        row = out.expert_N.view(3, 64)[:, t]
+        assert row[: len(want)].tolist() == want and (row[len(want) :] == E).all()
+        assert taken[t] == len(want)
+        assert torch.allclose(out.weight_N.view(3, 64)[: len(want), t], probs[t, want])
+    assert out.skips and 1 <= taken.min() and taken.max() <= 3 and taken.float().std() > 0  # it varies
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_top_p_slots_of_no_expert_never_reach_the_experts_and_the_loop_oracle_agrees(capacity_factor):
+    layer = make_layer({"name": "top_p", "threshold": 0.6, "top_k": 4}, capacity_factor=capacity_factor)
+    x = torch.randn(2, 48, D) * 40
+    grouped, stats = layer(x)
+    routing = layer.router(RouterInputs(x.reshape(-1, D)))
+    from moe_lab.model.dispatch import plan_dispatch
+
+    plan = plan_dispatch(routing.expert_N, E, layer.capacity(96), skips=True)
+    active = int((routing.expert_N < E).sum())
+    assert plan.tokens_per_expert_E.sum() == active < routing.expert_N.numel()  # slots of no expert are not counted
+    assert int(plan.offs_E[-1]) == active - int(plan.dropped_slots)  # the experts see the kept active rows only
+    assert stats.experts_per_token_T.sum() == active
+    layer.cfg.implementation = "loop"
+    looped, loop_stats = layer(x)
+    torch.testing.assert_close(grouped, looped, rtol=1e-5, atol=1e-6)
+    assert torch.equal(stats.tokens_per_expert_E, loop_stats.tokens_per_expert_E)
+    assert stats.dropped_slots == loop_stats.dropped_slots
+    assert (capacity_factor is None) == (stats.dropped_slots == 0)
+
+
+def test_dtop_p_controller_holds_the_experts_per_token_at_its_target():
+    router = make_router({"name": "top_p", "top_k": 4, "threshold": 0.2, "target_experts_per_token": 2.0}).train()
+    torch.manual_seed(0)
+    means = []
+    for _ in range(300):
+        out = route(router, torch.randn(256, D) * 40)
+        means.append(float(out.experts_per_token_T().mean()))
+        router.after_optimizer_step()
+    assert means[0] < 1.5  # p = 0.2 takes about one expert
+    assert abs(sum(means[-50:]) / 50 - 2.0) < 0.05
+    fixed = make_router({"name": "top_p", "top_k": 4, "threshold": 0.2}).train()
+    route(fixed, torch.randn(256, D))
+    fixed.after_optimizer_step()
+    assert float(fixed.threshold) == pytest.approx(0.2)  # no target: the threshold stays

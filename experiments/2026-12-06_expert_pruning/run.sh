@@ -10,11 +10,13 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-outputs/expert_pruning}
 steps=${STEPS:-400}
+steps_imported=${STEPS_IMPORTED:-200}  # the DeepSeek-V3-style model is slower per step on a CPU
 for seed in 1 2 3; do
   [ -f $out/tiny-$seed/summary.json ] || moe-lab train seed=$seed trainer.max_steps=$steps \
     trainer.val_check_interval=$steps hydra.run.dir=$out/tiny-$seed metrics.dashboard=false > /dev/null
-  [ -f $out/dsv3-$seed/summary.json ] || moe-lab train model=deepseek_v3_tiny seed=$seed trainer.max_steps=$steps \
-    trainer.val_check_interval=$steps hydra.run.dir=$out/dsv3-$seed metrics.dashboard=false > /dev/null
+  [ -f $out/dsv3-$seed/summary.json ] || moe-lab train model=deepseek_v3_tiny seed=$seed \
+    trainer.max_steps=$steps_imported trainer.val_check_interval=$steps_imported hydra.run.dir=$out/dsv3-$seed \
+    metrics.dashboard=false > /dev/null
   [ -d $out/dsv3-$seed-hf ] || moe-lab export $out/dsv3-$seed/checkpoints/last.ckpt --format hf $out/dsv3-$seed-hf > /dev/null
   [ -d $out/dsv3-$seed-imported ] || moe-lab import $out/dsv3-$seed-hf $out/dsv3-$seed-imported > /dev/null
 done

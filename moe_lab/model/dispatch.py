@@ -49,19 +49,27 @@ class DispatchPlan:
 
 
 def plan_dispatch(
-    expert_N: torch.Tensor, num_experts: int, capacity: Optional[int], priority_N: Optional[torch.Tensor] = None
+    expert_N: torch.Tensor,
+    num_experts: int,
+    capacity: Optional[int],
+    priority_N: Optional[torch.Tensor] = None,
+    skips: bool = False,
 ) -> DispatchPlan:
     """Sort slots by expert and apply the capacity limit (None = dropless).
 
     Within an expert, slots keep their order (the router's: k-major for token choice, GShard's "position" policy),
     or, given `priority_N`, the highest priority first (the "probability" policy); over capacity, the last are
-    dropped.
+    dropped. With `skips`, slots of expert id E go to no expert: they sort last and are set aside like dropped
+    slots, uncounted (a token that takes fewer experts costs fewer rows, without a host synchronisation).
     """
     device = expert_N.device
     num_slots = expert_N.numel()
     # Histogram by scatter-add: torch.bincount would synchronise with the host to learn max(input).
-    tokens_per_expert_E = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    bins = num_experts + 1 if skips else num_experts
+    tokens_per_expert_E = torch.zeros(bins, dtype=torch.int64, device=device)
     tokens_per_expert_E.scatter_add_(0, expert_N, torch.ones_like(expert_N))
+    if skips:
+        return _plan_with_skips(expert_N, tokens_per_expert_E, capacity, priority_N)
     if priority_N is None:
         order_N = torch.argsort(expert_N, stable=True)
     else:
@@ -97,6 +105,43 @@ def plan_dispatch(
         tokens_per_expert_E,
         arange_N < num_kept,
         num_slots - num_kept,
+    )
+
+
+def _plan_with_skips(
+    expert_N: torch.Tensor,
+    counts_E1: torch.Tensor,
+    capacity: Optional[int],
+    priority_N: Optional[torch.Tensor],
+) -> DispatchPlan:
+    """`plan_dispatch` for slots of which some go to no expert (id E = the last bin of `counts_E1`)."""
+    num_slots = expert_N.numel()
+    E = counts_E1.numel() - 1
+    if priority_N is None:
+        order_N = torch.argsort(expert_N, stable=True)  # the skipped slots (id E) last
+    else:
+        by_priority_N = torch.argsort(-priority_N, stable=True)
+        order_N = by_priority_N[torch.argsort(expert_N[by_priority_N], stable=True)]
+    arange_N = torch.arange(num_slots, device=expert_N.device)
+    sorted_expert_N = expert_N[order_N]
+    starts_E1 = torch.cumsum(counts_E1, 0) - counts_E1
+    position_N = arange_N - starts_E1[sorted_expert_N]
+    active_N = sorted_expert_N < E
+    keep_N = active_N if capacity is None else active_N & (position_N < capacity)
+    counts_E = counts_E1[:E]
+    kept_E = counts_E if capacity is None else counts_E.clamp(max=capacity)
+    kept_starts_E1 = torch.cat([torch.cumsum(kept_E, 0) - kept_E, kept_E.sum().view(1)])
+    num_kept = kept_E.sum()
+    set_aside_rank_N = torch.cumsum(~keep_N, 0) - 1
+    dest_N = torch.where(keep_N, kept_starts_E1[sorted_expert_N] + position_N, num_kept + set_aside_rank_N)
+    row_slot_R = torch.empty_like(order_N).scatter_(0, dest_N, order_N)
+    return DispatchPlan(
+        row_slot_R,
+        kept_E,
+        torch.cumsum(kept_E, 0).to(torch.int32),
+        counts_E,
+        arange_N < num_kept,
+        counts_E.sum() - num_kept,
     )
 
 

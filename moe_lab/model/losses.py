@@ -6,6 +6,8 @@ Shape legend: T tokens, B sequences, S positions, E experts, K experts per token
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -24,17 +26,23 @@ def load_balance_loss(probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor)
 
 
 def sequence_load_balance_loss(
-    probs_TE: torch.Tensor, expert_N: torch.Tensor, token_N: torch.Tensor, batch_size: int
+    probs_TE: torch.Tensor,
+    expert_N: torch.Tensor,
+    token_N: torch.Tensor,
+    batch_size: int,
+    active_N: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Sequence-wise balance loss (DeepSeek-V2 eq. 21; DeepSeek-V3 eq. 17-20): the Switch loss within each sequence,
     averaged over sequences, so no single sequence can pile onto few experts. 1 when uniform, like the Switch loss.
-    `expert_N`, `token_N` are the routing slots (token n's expert); tokens are batch-major, S per sequence."""
+    `expert_N`, `token_N` are the routing slots (token n's expert); tokens are batch-major, S per sequence;
+    `active_N` marks the slots that go to an expert, where some go to none (variable experts per token)."""
     T, E = probs_TE.shape
     S = T // batch_size
-    slots_per_sequence = expert_N.numel() / batch_size  # K * S
+    ones_N = torch.ones(expert_N.numel(), device=probs_TE.device) if active_N is None else active_N.float()
     counts_BE = torch.zeros(batch_size * E, device=probs_TE.device)
-    counts_BE.scatter_add_(0, (token_N // S) * E + expert_N, torch.ones(expert_N.numel(), device=probs_TE.device))
-    f_BE = counts_BE.view(batch_size, E) * E / slots_per_sequence
+    counts_BE.scatter_add_(0, (token_N // S) * E + expert_N.clamp(max=E - 1), ones_N)
+    slots_B1 = counts_BE.view(batch_size, E).sum(1, keepdim=True).clamp(min=1)  # K * S with a fixed k
+    f_BE = counts_BE.view(batch_size, E) * E / slots_B1
     p_BE = probs_TE.float().view(batch_size, S, E).mean(dim=1)
     return (f_BE.detach() * p_BE).sum(-1).mean()
 
@@ -62,9 +70,9 @@ def cv_squared(x_E: torch.Tensor) -> torch.Tensor:
 
 def importance_loss(weight_N: torch.Tensor, expert_N: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Shazeer et al. 2017 eq. 6-7: CV(Importance)^2, Importance_i = sum of gate weights expert i gets over the batch
-    (`weight_N`, `expert_N`: the routing slots)."""
-    importance_E = torch.zeros(num_experts, device=weight_N.device, dtype=torch.float32)
-    importance_E = importance_E.scatter_add(0, expert_N, weight_N.float())
+    (`weight_N`, `expert_N`: the routing slots; a slot of no expert, id E, weighs nothing)."""
+    importance_E = torch.zeros(num_experts + 1, device=weight_N.device, dtype=torch.float32)
+    importance_E = importance_E.scatter_add(0, expert_N, weight_N.float())[:num_experts]
     return cv_squared(importance_E)
 
 

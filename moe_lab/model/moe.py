@@ -67,6 +67,9 @@ class MoELayerOutput:
     row_kept_R: Optional[torch.Tensor] = None
     # Routing replay: replayed slots this layer's own router would not have chosen (float32 scalar; None: live).
     overridden_slots: Optional[torch.Tensor] = None
+    # How many experts each token went to, before capacity (float32 (T,)): K for a fixed top-k, anything from 0 up
+    # for expert choice and the variable-k routers (dynamic compute).
+    experts_per_token_T: Optional[torch.Tensor] = None
 
     def slot_kept_N(self) -> Optional[torch.Tensor]:
         """Which routing slots were kept under capacity (None: nothing could be dropped)."""
@@ -113,7 +116,9 @@ def routing_confidence(routing: Routing) -> tuple[torch.Tensor, Optional[torch.T
         return torch.zeros((), device=device), None
     probs_TE = routing.probs_TE.detach()
     entropy = torch.special.entr(probs_TE).sum(-1).mean()
-    chosen_N = probs_TE[routing.token_N, routing.expert_N]
+    chosen_N = probs_TE[routing.token_N, routing.expert_N.clamp(max=routing.num_experts - 1)]
+    if routing.skips:  # slots of no expert hold no mass
+        chosen_N = chosen_N * (routing.expert_N < routing.num_experts)
     mass = torch.zeros(routing.num_tokens, device=device).index_add_(0, routing.token_N, chosen_N).mean()
     return entropy, mass
 
@@ -243,6 +248,7 @@ class MoELayer(nn.Module):
                 self.top_k,
                 self.router.token_choice,
                 inputs.token_ids_T,
+                skips=self.router.Config.variable_k,
             )
             return self.router(dataclasses.replace(inputs, replay=selection))
         routing = self.router(inputs)
@@ -252,7 +258,9 @@ class MoELayer(nn.Module):
     def routed_experts(self, x_TD: torch.Tensor, routing: Routing) -> RoutedOutput:
         """Dispatch -> experts -> combine (torchtitan's RoutedExperts): the fast path."""
         priority_N = routing.weight_N if self.cfg.drop_policy == "probability" else None
-        plan = plan_dispatch(routing.expert_N, self.num_experts, self.capacity(x_TD.shape[0]), priority_N)
+        plan = plan_dispatch(
+            routing.expert_N, self.num_experts, self.capacity(x_TD.shape[0]), priority_N, skips=routing.skips
+        )
         rows = self.dispatcher.dispatch(x_TD, routing, plan)
         y_RD = self._experts(rows)
         y_TD = self.dispatcher.combine(y_RD, rows).to(x_TD.dtype)
@@ -282,6 +290,7 @@ class MoELayer(nn.Module):
         )
         if routing.overridden_slots is not None:
             out.overridden_slots = routing.overridden_slots.detach().float()
+        out.experts_per_token_T = routing.experts_per_token_T().detach()
         out.router_entropy, out.topk_mass = routing_confidence(routing)
         return out
 
@@ -313,7 +322,7 @@ class MoELayer(nn.Module):
         losses = {"load_balance": load_balance_loss(routing.probs_TE, tokens_per_expert_E), "z_loss": z_loss}
         if weights.seq_load_balance > 0:
             losses["seq_load_balance"] = sequence_load_balance_loss(
-                routing.probs_TE, routing.expert_N, routing.token_N, batch_size
+                routing.probs_TE, routing.expert_N, routing.token_N, batch_size, routing.active_N
             )
         if weights.global_load_balance > 0:
             losses["global_load_balance"] = global_load_balance_loss(routing.probs_TE, tokens_per_expert_E)

@@ -77,16 +77,19 @@ class Selection:
         top_k: int,
         token_choice: bool,
         token_ids_T: Optional[torch.Tensor],
+        skips: bool = False,
     ) -> None:
-        """ReplayMismatch unless this selection fits a layer of E experts choosing K per token, routing these tokens
-        (the check synchronises with the device: replay is for studies and RL, not for speed)."""
+        """ReplayMismatch unless this selection fits a layer of E experts choosing K per token (`skips`: up to K,
+        the slots it leaves going to no expert, id E), routing these tokens (the check synchronises with the device:
+        replay is for studies and RL, not for speed)."""
         where = f"routing replay, layer {layer}"
         if self.num_tokens != num_tokens:
             raise ReplayMismatch(f"{where}: the recording has {self.num_tokens} tokens, the batch {num_tokens}")
         if token_ids_T is not None and self.token_ids_T is not None:
             if not torch.equal(self.token_ids_T.to(token_ids_T.device), token_ids_T):
                 raise ReplayMismatch(f"{where}: the recording was made on other tokens than this batch's")
-        if self.expert_N.numel() and (int(self.expert_N.min()) < 0 or int(self.expert_N.max()) >= num_experts):
+        highest = num_experts if skips else num_experts - 1
+        if self.expert_N.numel() and (int(self.expert_N.min()) < 0 or int(self.expert_N.max()) > highest):
             raise ReplayMismatch(
                 f"{where}: the recording names experts up to {int(self.expert_N.max())}; the layer has {num_experts}"
             )

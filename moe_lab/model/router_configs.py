@@ -48,6 +48,9 @@ class RouterConfig:
     smooth_load: ClassVar[bool] = False
     # routes by the data's domain label (trains and evaluates on labelled data only; cannot generate).
     needs_domain: ClassVar[bool] = False
+    # a token takes a variable number of experts, up to top_k: its unused slots go to no expert (expert id E), which
+    # dispatch sets aside before the experts run (dynamic compute: top-p routing).
+    variable_k: ClassVar[bool] = False
     # The aux_loss option that `router=NAME` brings with it (a gate-less router: "none", since no router loss applies
     # to it), unless the command line names one; None keeps the configured aux_loss.
     brings_aux_loss: ClassVar[Optional[str]] = None
@@ -275,6 +278,39 @@ class AuxFreeRouterConfig(RouterConfig):
 
     def sigmoid_topk(self, num_experts: int) -> Optional[dict[str, Any]]:
         return deepseek_routing(self)
+
+
+@dataclass
+class TopPRouterConfig(RouterConfig):
+    name: str = "top_p"
+    # The cap: at most this many experts per token (Huang et al. take experts until the mass reaches p, uncapped;
+    # a cap bounds the worst-case compute and the capacity arithmetic).
+    top_k: int = 4
+    # Experts are taken, most probable first, until their softmax mass reaches this threshold (Huang et al. 2024
+    # set p = 0.4). With target_experts_per_token, the threshold's starting value.
+    threshold: float = 0.4
+    # DTop-p (Jin et al. 2025): a proportional-integral controller moves the threshold after every optimizer step
+    # so that the average number of experts per token of the global batch holds at this target (2.0: top-2's
+    # compute). null: a fixed threshold.
+    target_experts_per_token: Optional[float] = None
+    # The controller's gains: p = p0 + kp * e + ki * sum(e), e = target - experts per token (ours: the paper's were
+    # not re-checked).
+    controller_kp: float = 0.05
+    controller_ki: float = 0.01
+    # Renormalise the chosen probabilities to sum to one (Huang et al. weight by the probabilities as they are).
+    normalize: bool = False
+    variable_k = True
+    summary = "experts taken until their probability mass reaches p, optionally held at a target (Huang et al. 2024)"
+
+    def check(self, num_experts: int) -> None:
+        super().check(num_experts)
+        if not 0 < self.threshold <= 1:
+            raise ValueError(f"model.moe.router.threshold={self.threshold} must be in (0, 1]")
+        target = self.target_experts_per_token
+        if target is not None and not 1 <= target <= self.top_k:
+            raise ValueError(
+                f"model.moe.router.target_experts_per_token={target} must be in 1..top_k ({self.top_k}), the cap"
+            )
 
 
 @dataclass

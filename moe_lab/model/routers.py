@@ -52,6 +52,7 @@ from moe_lab.model.router_configs import (
     SoftRouterConfig,
     SwitchRouterConfig,
     TopKRouterConfig,
+    TopPRouterConfig,
     router_config,
 )
 
@@ -78,6 +79,20 @@ class Routing:
     load_estimate_E: Optional[torch.Tensor] = None  # Shazeer's smooth, differentiable load (noisy_topk)
     unrouted_slots: Optional[torch.Tensor] = None  # expert choice: slots a token-choice top-k would have had
     overridden_slots: Optional[torch.Tensor] = None  # replay: replayed slots the live router would not have chosen
+    # Variable experts per token (Config.variable_k): some slots go to no expert, expert id E (weight 0).
+    skips: bool = False
+
+    @property
+    def active_N(self) -> Optional[torch.Tensor]:
+        """Which slots go to an expert (None: all of them)."""
+        return self.expert_N < self.num_experts if self.skips else None
+
+    def experts_per_token_T(self) -> torch.Tensor:
+        """(T,) float32: how many experts each token went to (before capacity), on the device."""
+        ones_N = torch.ones_like(self.weight_N, dtype=torch.float32)
+        if self.skips:
+            ones_N = (self.expert_N < self.num_experts).float()
+        return torch.zeros(self.num_tokens, device=ones_N.device).index_add_(0, self.token_N, ones_N)
 
     @classmethod
     def from_token_choice(
@@ -625,6 +640,72 @@ class AuxFreeRouter(Router):
         if counts_E.sum() > 0:  # only after a training step routed tokens
             self.bias_E += self.cfg.bias_update_rate * torch.sign(counts_E.mean() - counts_E)
         self.pending_counts_E.zero_()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Top-p: a variable number of experts per token (Huang et al. 2024; DTop-p, Jin et al. 2025)
+
+
+class TopPRouter(Router):
+    """Dynamic routing (Huang et al. 2024, "Harder Tasks Need More Experts: Dynamic Routing in MoE Models"): a token
+    takes experts in order of softmax probability until their mass reaches the threshold p, at most top_k (the cap),
+    weighted by their probabilities; a confident token takes one expert, an uncertain one several. Slots it does not
+    take go to no expert (id E) and never reach the experts (dispatch sets them aside).
+
+    With `target_experts_per_token`, p follows DTop-p's proportional-integral controller (Jin et al. 2025, arXiv
+    2512.13996): after every optimizer step, p = p0 + kp e + ki sum(e) with e = target - the global batch's experts
+    per token (summed over accumulation steps and data-parallel ranks, as aux_free's counts), so a comparison with
+    top-k is at equal compute. The threshold and the controller's sum are buffers: saved with the model.
+    """
+
+    Config = TopPRouterConfig
+    cfg: TopPRouterConfig  # this router's own settings
+    threshold: torch.Tensor
+    error_sum: torch.Tensor
+    pending_TK: torch.Tensor
+
+    def __init__(self, d_model, num_experts, cfg, init_std=0.02, vocab_size=None):
+        super().__init__(d_model, num_experts, cfg, init_std, vocab_size)
+        self.register_buffer("threshold", torch.tensor(float(cfg.threshold)))
+        self.register_buffer("error_sum", torch.zeros(()))
+        # Experts taken and tokens routed since the last controller step (training only; not saved).
+        self.register_buffer("pending_TK", torch.zeros(2), persistent=False)
+
+    def forward(self, inputs: RouterInputs) -> Routing:
+        x_TD, E = inputs.x_TD, self.num_experts
+        logits_TE = self.gate_logits(x_TD)
+        probs_TE = logits_TE.softmax(dim=-1)
+        top = probs_TE.topk(self.top_k, dim=-1)
+        mass_before_TK = top.values.cumsum(-1) - top.values  # the first expert is always taken
+        taken_TK = mass_before_TK < self.threshold
+        expert_ids_TK, replayed = self.choose(inputs, torch.where(taken_TK, top.indices, E))
+        real_TK = expert_ids_TK < E
+        weights_TK = probs_TE.gather(1, expert_ids_TK.clamp(max=E - 1)) * real_TK
+        if self.cfg.normalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp(min=1e-9)
+        if self.training:
+            with torch.no_grad():
+                counted = torch.stack([real_TK.sum().float(), torch.tensor(float(x_TD.shape[0]), device=x_TD.device)])
+                self.pending_TK += counted
+        return Routing.from_token_choice(
+            expert_ids_TK, weights_TK, E, probs_TE=probs_TE, logits_TE=logits_TE, skips=True, **replayed
+        )
+
+    @torch.no_grad()
+    def after_optimizer_step(self, all_reduce=None) -> None:
+        target = self.cfg.target_experts_per_token
+        pending = self.pending_TK.clone()
+        self.pending_TK.zero_()
+        if target is None:
+            return
+        if all_reduce is not None:
+            pending = all_reduce(pending)
+        if pending[1] <= 0:
+            return
+        error = target - pending[0] / pending[1]
+        self.error_sum += error
+        p = self.cfg.threshold + self.cfg.controller_kp * error + self.cfg.controller_ki * self.error_sum
+        self.threshold.copy_(p.clamp(1e-3, 1.0))
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -40,6 +40,11 @@ def check_analysable(model: MoETransformer) -> None:
     if not model.moe_layers:
         raise UserError("the model is dense: there is no routing to analyse")
     for moe in model.moe_modules():
+        if moe.router.Config.variable_k:
+            raise UserError(
+                f"router={moe.router.registered_name} gives each token a variable number of experts; moe-lab analyze "
+                "reads a fixed top-k list per token (variable sets are not read yet)"
+            )
         if not moe.router.token_choice:
             raise UserError(
                 f"router={moe.router.registered_name} gives no top-k list per token; moe-lab analyze "

@@ -70,7 +70,8 @@ def evaluate(
             dropped_L[i] += float(stats.dropped_slots)
             experts = stats.expert_N.cpu().numpy()
             domains = token_domain_T[stats.token_N.cpu().numpy()]
-            np.add.at(domain_LED[i], (experts, domains), 1)
+            real = experts < E  # not the slots of no expert (top-p)
+            np.add.at(domain_LED[i], (experts[real], domains[real]), 1)
             if stats.overridden_slots is not None:
                 overridden_L[i] += float(stats.overridden_slots)
     report = _report(domain_names, nats_D, tokens_D, bytes_D, layers, slots_LE, dropped_L, domain_LED)

@@ -40,11 +40,11 @@ def expert_sets(model: MoETransformer, inputs_BS: torch.Tensor, domain_B: Option
     """(L, T, E) bool: which experts took each token in every MoE layer, before capacity."""
     out = model(inputs_BS, domain_B=domain_B)
     T, E = inputs_BS.numel(), model.cfg.moe.num_experts
-    chosen_LTE = torch.zeros(len(model.moe_layers), T, E, dtype=torch.bool, device=inputs_BS.device)
+    chosen_LTE = torch.zeros(len(model.moe_layers), T, E + 1, dtype=torch.bool, device=inputs_BS.device)
     for l, layer in enumerate(model.moe_layers):
         stats = out.moe[layer]
         chosen_LTE[l, stats.token_N, stats.expert_N] = True
-    return chosen_LTE
+    return chosen_LTE[..., :E]  # a slot of no expert (top-p's, id E) chooses nothing
 
 
 @contextlib.contextmanager

@@ -21,6 +21,9 @@ Logged every `trainer.log_every_n_steps` optimizer steps (L = block index, E = e
     moe/layer{L}/aux/{name}       each aux loss of the layer
     moe/layer{L}/overridden_frac  routing.replay: share of replayed decisions the layer's own router would not have
                                   made (moe/overridden_frac: over all layers)
+    moe/layer{L}/experts_per_token  experts a token went to, before capacity (top-k: k; expert choice and top-p vary);
+                                  moe/experts_per_token over layers, and where it varies moe/experts_per_token/{domain}
+                                  and each layer's distribution (0..E) in routing.jsonl (experts_per_token_hist)
     moe/max_imbalance, moe/mean_imbalance, moe/dropped_frac, moe/dead_experts, moe/starved_experts (sums),
     moe/min_load (minimum), moe/specialization                                                    over layers
 """
@@ -90,6 +93,7 @@ class RoutingMetrics(L.Callback):
         self.history: list[dict] = []  # per log step: {"step", "load": (L, E)} for heatmaps over time
         self.load_rows: list[list] = []  # (step, layer, expert, load) for a W&B table
         self._peak: Optional[float] = None
+        self.varies = False  # whether the experts per token vary (set at the start of training from the routers)
         self._window_start = 0  # the step the current window follows
         self._run_tokens, self._run_seconds = 0, 0.0  # over the whole run (validation excluded), all devices
         self._reset()
@@ -105,6 +109,8 @@ class RoutingMetrics(L.Callback):
         self._paused = 0.0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        routers = [layer.router for layer in lm(pl_module).model.moe_modules()]
+        self.varies = any(not r.token_choice or r.Config.variable_k for r in routers)  # experts per token varies
         self._last_step = self._window_start = trainer.global_step
         self._peak = peak_flops(pl_module.device, trainer.precision)
         self._reset()
@@ -138,6 +144,7 @@ class RoutingMetrics(L.Callback):
                 sums["topk_mass_L"] = torch.stack([m.topk_mass for m in layers])
             if layers[0].overridden_slots is not None:  # routing.replay
                 sums["overridden_L"] = torch.stack([m.overridden_slots for m in layers])
+            sums.update(self._experts_per_token(layers, batch))
             for name in layers[0].losses:
                 sums[f"aux/{name}"] = torch.stack([m.losses[name].detach() for m in layers])
             if "domain" in batch and len(self.domain_names) > 1:
@@ -148,6 +155,23 @@ class RoutingMetrics(L.Callback):
             for key, value in sums.items():
                 self._sums[key] = self._sums[key] + value
 
+    def _experts_per_token(self, layers: list, batch: dict) -> dict[str, torch.Tensor]:
+        """Experts per token: the sum over tokens per layer, and where the number varies (expert choice, top-p) its
+        distribution (0..E experts) per layer and its sums per data domain (on the device)."""
+        k_LT = torch.stack([m.experts_per_token_T for m in layers])
+        out = {"experts_L": k_LT.sum(1), "tokens_L": torch.full_like(k_LT[:, 0], k_LT.shape[1])}
+        if self.varies:
+            bins = layers[0].tokens_per_expert_E.numel() + 1
+            hist = torch.zeros(len(layers), bins, device=k_LT.device)
+            out["k_hist_LK"] = hist.scatter_add_(1, k_LT.long().clamp(max=bins - 1), torch.ones_like(k_LT))
+            if "domain" in batch and len(self.domain_names) > 1:
+                D = len(self.domain_names)
+                domain_T = batch["domain"].repeat_interleave(k_LT.shape[1] // batch["domain"].numel())
+                per_domain = torch.zeros(len(layers), D, device=k_LT.device).index_add_(1, domain_T, k_LT)
+                tokens = torch.zeros(D, device=k_LT.device).index_add_(0, domain_T, torch.ones_like(k_LT[0]))
+                out["experts_LD"], out["tokens_D"] = per_domain, tokens
+        return out
+
     def _domain_counts(self, layers: list, domain_B: torch.Tensor, seq_len: int) -> torch.Tensor:
         """(L, E, domains) routing decisions per expert and data domain, counted on the device."""
         num_domains = len(self.domain_names)
@@ -156,8 +180,9 @@ class RoutingMetrics(L.Callback):
         for m in layers:
             num_experts = m.tokens_per_expert_E.numel()
             flat_N = m.expert_N * num_domains + domain_T[m.token_N]
-            counts = torch.zeros(num_experts * num_domains, device=flat_N.device)
-            out.append(counts.scatter_add_(0, flat_N, torch.ones_like(flat_N, dtype=counts.dtype)))
+            counts = torch.zeros((num_experts + 1) * num_domains, device=flat_N.device)  # + slots of no expert
+            counts.scatter_add_(0, flat_N, torch.ones_like(flat_N, dtype=counts.dtype))
+            out.append(counts[: num_experts * num_domains])
         return torch.stack(out).view(len(layers), -1, num_domains)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -271,7 +296,10 @@ class RoutingMetrics(L.Callback):
                 stats["topk_mass"] = float(values["topk_mass_L"][i] / micro)
             if "overridden_L" in values:  # replayed decisions the layer's own router would not have made
                 stats["overridden_frac"] = float(values["overridden_L"][i] / slots)
+            stats["experts_per_token"] = float(values["experts_L"][i] / max(values["tokens_L"][i], 1))
             layer_record = {"layer": layer, "load": load_E.round(6).tolist()}
+            if "k_hist_LK" in values:
+                layer_record["experts_per_token_hist"] = values["k_hist_LK"][i].astype(int).tolist()
             if "domain_LED" in values:
                 stats["domain_mi"], stats["specialization"] = mutual_information(values["domain_LED"][i])
                 layer_record["domain_counts"] = values["domain_LED"][i].astype(int).tolist()
@@ -284,6 +312,12 @@ class RoutingMetrics(L.Callback):
             record["layers"].append(layer_record)
             self.load_rows.extend([record["step"], layer, e, float(load_E[e])] for e in range(num_experts))
         metrics.update(model_summary(per_layer))
+        metrics["moe/experts_per_token"] = float(values["experts_L"].sum() / max(values["tokens_L"].sum(), 1))
+        if "experts_LD" in values:
+            for d, name in enumerate(self.domain_names):
+                tokens = values["tokens_D"][d] * len(layers)
+                if tokens > 0:
+                    metrics[f"moe/experts_per_token/{name}"] = float(values["experts_LD"][:, d].sum() / tokens)
         if "overridden_L" in values:
             metrics["moe/overridden_frac"] = float(values["overridden_L"].sum() / max(counts_LE.sum(), 1))
         self.history.append(

@@ -49,10 +49,10 @@ def check_trace_fits(trace: RoutingTrace, model: MoETransformer, setting: str) -
     if not model.moe_layers:
         raise UserError(f"{setting}: the model is dense, it has no routing to replay")
     for moe in model.moe_modules():
-        if not moe.router.token_choice:
+        if not moe.router.token_choice or moe.router.Config.variable_k:
             raise UserError(
-                f"{setting}: router={moe.router.registered_name} chooses tokens per expert; a Parquet trace lists "
-                "experts per token (replay it in memory with MoETransformer.record_routing / replay_routing)"
+                f"{setting}: router={moe.router.registered_name} gives no fixed top-k per token, which a Parquet "
+                "trace lists (replay it in memory with MoETransformer.record_routing / replay_routing)"
             )
     top_k = {moe.layer: moe.top_k for moe in model.moe_modules()}
     trace.check_model(model.moe_layers, model.cfg.moe.num_experts, top_k, setting)
@@ -61,8 +61,8 @@ def check_trace_fits(trace: RoutingTrace, model: MoETransformer, setting: str) -
 def check_recordable(model: MoETransformer) -> None:
     """UserError unless every MoE layer lists experts per token, as a trace does."""
     for moe in model.moe_modules():
-        if not moe.router.token_choice:
-            raise UserError(f"routing.record: router={moe.router.registered_name} gives no experts per token")
+        if not moe.router.token_choice or moe.router.Config.variable_k:
+            raise UserError(f"routing.record: router={moe.router.registered_name} gives no fixed top-k per token")
 
 
 def tape_from_trace(

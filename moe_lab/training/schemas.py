@@ -364,7 +364,8 @@ def _check_routing(run: TrainConfig) -> None:
     """routing.replay names a file; routing.record a new one, in a folder that exists, of a one-process run; both
     need a router that lists experts per token (a trace's shape)."""
     r = run.routing
-    token_choice = run.model.moe.router.token_choice if isinstance(run.model.moe.router, RouterConfig) else True
+    router = run.model.moe.router
+    token_choice = router.token_choice and not router.variable_k if isinstance(router, RouterConfig) else True
     for key, path in (("routing.replay", r.replay), ("routing.record", r.record)):
         if path is None:
             continue
@@ -372,8 +373,8 @@ def _check_routing(run: TrainConfig) -> None:
             raise ConfigError(f"{key}: the model is dense (experts=dense), it has no routing")
         if not token_choice:
             raise ConfigError(
-                f"{key}: router={run.model.moe.router.name} chooses tokens per expert; a routing trace lists "
-                "experts per token (replay in memory with MoETransformer.record_routing / replay_routing)"
+                f"{key}: router={run.model.moe.router.name} gives no fixed top-k per token, which a routing trace "
+                "lists (replay in memory with MoETransformer.record_routing / replay_routing)"
             )
     if r.replay is not None and not Path(r.replay).expanduser().is_file():
         raise ConfigError(
