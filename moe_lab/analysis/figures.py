@@ -220,6 +220,27 @@ def balance_figure(run: RunRecord):
     return fig
 
 
+def experts_per_token_figure(run: RunRecord):
+    """Where the number of experts per token varies (top-p, expert choice): each layer's mean over training, and per
+    data domain over layers (dotted); None where every token always takes the same number."""
+    import plotly.graph_objects as go
+
+    layers = moe_layers(run)
+    series = {layer: run.series(f"moe/layer{layer}/experts_per_token") for layer in layers}
+    values = [v for _, vs in series.values() for v in vs if v is not None]
+    if not values or max(values) - min(values) < 1e-9:
+        return None
+    fig = _figure(title="experts per token, before capacity", xaxis_title="step")
+    for i, (layer, (steps, vs)) in enumerate(series.items()):
+        fig.add_trace(go.Scatter(x=steps, y=vs, name=f"layer {layer}", line=dict(color=PALETTE[i % len(PALETTE)])))
+    for j, domain in enumerate(domains_of(run)):
+        steps, vs = run.series(f"moe/experts_per_token/{domain}")
+        if steps:
+            color = PALETTE[(len(series) + j) % len(PALETTE)]
+            fig.add_trace(go.Scatter(x=steps, y=vs, name=f"{domain} (all layers)", line=dict(dash="dot", color=color)))
+    return fig
+
+
 def analysis_over_time_figure(run: RunRecord):
     """`metrics.analysis_every_n_steps`: per layer, vocabulary specialisation (dotted: random routing's k/E), the
     top-1 repeat rate of consecutive tokens (dotted: chance) and the largest co-activation, over training."""

@@ -57,6 +57,7 @@ SWEEP_COLUMNS = [
     ("moe/dead_experts", "dead", ".0f"),
     ("moe/starved_experts", "starved", ".0f"),
     ("moe/specialization", "special&shy;isation", ".3f"),
+    ("moe/experts_per_token", "experts per token", ".2f"),
     ("tokens_per_sec_run", "tokens/s (run average)", ",.0f"),
 ]
 
@@ -127,6 +128,11 @@ def run_page(run: RunRecord, refresh: Optional[int] = None) -> str:
         ),
         ("specialisation", _fmt(run.final("moe/specialization"), ".3f"), "I(expert; domain) / H(domain)"),
         (
+            "experts per token",
+            _fmt(run.final("moe/experts_per_token"), ".2f"),
+            "mean over layers, before capacity (top-k: k; top-p and expert choice vary)",
+        ),
+        (
             "parameters",
             f"{params.get('total', 0) / 1e6:.1f}M" if params else "n/a",
             f"{params.get('active', 0) / 1e6:.1f}M active per token" if params else "",
@@ -136,6 +142,7 @@ def run_page(run: RunRecord, refresh: Optional[int] = None) -> str:
         "loss": _html(figures.loss_figure(run)),
         "load": _html(figures.load_heatmaps(run)),
         "balance": _html(figures.balance_figure(run)),
+        "experts": _html(figures.experts_per_token_figure(run)),
         "domains": _html(figures.domain_figure(run)),
         "throughput": _html(figures.throughput_figure(run)),
         "analysis": _html(figures.analysis_over_time_figure(run)),

@@ -36,6 +36,7 @@ SUMMARY_COLUMNS = [
     "moe/dead_experts",
     "moe/starved_experts",
     "moe/specialization",
+    "moe/experts_per_token",
     "tokens_per_sec_run",  # the run's average: training tokens over training seconds (validation excluded)
     "train/tokens_per_sec",  # the last logging window's
     "train/mfu",
@@ -331,6 +332,7 @@ TABLE_COLUMNS = [
     ("moe/dead_experts", "dead", ".0f"),
     ("moe/starved_experts", "starved", ".0f"),
     ("moe/specialization", "special.", ".3f"),
+    ("moe/experts_per_token", "experts/tok", ".2f"),
     ("tokens_per_sec_run", "tokens/s avg", ",.0f"),  # the run's average, as its own summary says
 ]
 

@@ -41,6 +41,7 @@ def evaluate(
     dropped_L = np.zeros(len(layers))
     domain_LED = np.zeros((len(layers), E, D))
     overridden_L = np.zeros(len(layers))
+    experts_L, tokens_L = np.zeros(len(layers)), np.zeros(len(layers))
     for batch in batches:
         keep = batch["valid"].bool()
         ids_BS1 = batch["input_ids"][keep].to(device)
@@ -74,7 +75,11 @@ def evaluate(
             np.add.at(domain_LED[i], (experts[real], domains[real]), 1)
             if stats.overridden_slots is not None:
                 overridden_L[i] += float(stats.overridden_slots)
+            experts_L[i] += float(stats.experts_per_token_T.sum())
+            tokens_L[i] += stats.experts_per_token_T.numel()
     report = _report(domain_names, nats_D, tokens_D, bytes_D, layers, slots_LE, dropped_L, domain_LED)
+    for i, entry in enumerate(report["layers"].values()):
+        entry["experts_per_token"] = float(experts_L[i] / max(tokens_L[i], 1))
     if replay is not None:
         for i, entry in enumerate(report["layers"].values()):
             entry["overridden_frac"] = float(overridden_L[i] / max(slots_LE[i].sum(), 1))
@@ -147,7 +152,7 @@ def format_report(report: dict[str, Any]) -> str:
         special = all("specialization" in e for e in report["layers"].values())
         replayed = "replay" in report
         lines.append(
-            "  layer  imbalance  min load  dropped  dead  starved"
+            "  layer  imbalance  min load  dropped  dead  starved  experts/token"
             + ("  specialization" if special else "")
             + ("  overridden" if replayed else "")
             + "  busiest expert"
@@ -156,7 +161,7 @@ def format_report(report: dict[str, Any]) -> str:
             top = int(np.argmax(e["load"]))
             lines.append(
                 f"  {layer:>5}  {e['imbalance']:>9.2f}  {e['min_load']:>8.2f}  {e['dropped_frac']:>7.1%}  "
-                f"{e['dead_experts']:>4.0f}  {e['starved_experts']:>7.0f}"
+                f"{e['dead_experts']:>4.0f}  {e['starved_experts']:>7.0f}  {e['experts_per_token']:>13.2f}"
                 + (f"  {e['specialization']:>14.3f}" if special else "")
                 + (f"  {e['overridden_frac']:>10.1%}" if replayed else "")
                 + f"  #{top} ({e['load'][top]:.1%})"

@@ -156,7 +156,7 @@ def print_summary(summary: dict, module: MoELanguageModel) -> None:
     if module.moe_layers and f"moe/layer{module.moe_layers[0]}/imbalance" in m:
         special = f"moe/layer{module.moe_layers[0]}/specialization" in m
         lines.append(
-            "  layer  imbalance  min load  dropped  dead  starved  entropy/logE"
+            "  layer  imbalance  min load  dropped  dead  starved  entropy/logE  experts/token"
             + ("  specialization" if special else "")
             + "  busiest expert"
         )
@@ -167,7 +167,7 @@ def print_summary(summary: dict, module: MoELanguageModel) -> None:
             lines.append(
                 f"  {layer:>5}  {m[p + 'imbalance']:>9.2f}  {m[p + 'min_load']:>8.2f}  "
                 f"{m[p + 'dropped_frac']:>7.1%}  {m[p + 'dead_experts']:>4.0f}  {m[p + 'starved_experts']:>7.0f}  "
-                f"{m[p + 'entropy_norm']:>12.3f}"
+                f"{m[p + 'entropy_norm']:>12.3f}  {m.get(p + 'experts_per_token', float('nan')):>13.2f}"
                 + (f"  {m[p + 'specialization']:>14.3f}" if special else "")
                 + f"  #{top} ({loads[top]:.1%})"
             )
