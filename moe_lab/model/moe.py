@@ -1,6 +1,7 @@
 """The MoE layer (Shazeer et al. 2017), in four steps:
 
-    1. route     the router turns each token into routing slots: (token, expert, weight) decisions (routers.py)
+    1. route     the router turns each token into routing slots: (token, expert, weight) decisions (routers.py);
+                 under routing replay the experts are a recorded selection, weighted by the router (replay.py)
     2. experts   dispatch -> experts -> combine: capacity and the rows of each expert (dispatch.py), one grouped
                  GEMM per projection over all local experts (experts.py), outputs summed back into their tokens;
                  or, with `implementation="loop"`, the plain per-expert reference the tests hold the fast path to;

@@ -13,17 +13,18 @@ Shape legend (suffixes on tensor names):
 A router turns the layer's input into a `Routing`: a list of slots, each sending one token to one expert with one
 weight. Token-choice routers make K slots per token, ordered k-major (slot n is token n % T's (n // T)-th choice, so
 every token's first choice comes before any token's second choice: GShard's priority when capacity runs out);
-expert-choice routers make C slots per expert, expert-major. The MoE layer never asks which kind of router it has:
-capacity, dispatch, combine and the statistics all read slots.
+expert-choice routers make C slots per expert, expert-major; a router with a variable number of experts per token
+(Config.variable_k: top-p) makes K slots per token and sends the ones a token does not take to no expert, id E. The
+MoE layer never asks which kind of router it has: capacity, dispatch, combine and the statistics all read slots.
 
 A router is a module and its settings: a subclass of `Router` here whose `Config` is a subclass of `RouterConfig`
 (`router_configs.py`, which needs no torch). Subclassing registers both under the Config's `name`; nothing else
 keeps a list of routers. What a router can do is declared by the Config's class-level capability flags (has_gate,
-uses_capacity, token_choice, smooth_load, needs_domain; see router_configs.py), which every check reads (never the
-router's name), and by the instance properties `causal` and `stochastic` (draws random numbers in training). A
-router reads what it needs from one `RouterInputs` (hidden states, token ids, batch size, capacity factor, domain
-labels). Routers compute in float32 whatever the autocast dtype, as every production MoE does (Megatron-Core,
-DeepSpeed, HF): bf16 logits make top-k choices noisy.
+uses_capacity, token_choice, smooth_load, needs_domain, variable_k; see router_configs.py), which every check reads
+(never the router's name), and by the instance properties `causal` and `stochastic` (draws random numbers in
+training). A router reads what it needs from one `RouterInputs` (hidden states, token ids, batch size, capacity
+factor, domain labels, a selection to replay). Routers compute in float32 whatever the autocast dtype, as every
+production MoE does (Megatron-Core, DeepSpeed, HF): bf16 logits make top-k choices noisy.
 
 Each router's class docstring cites its paper; `moe-lab train --help` lists the registered ones with a line each
 (the Config's `summary`).
