@@ -279,7 +279,8 @@ class MoETransformer(nn.Module):
         """Parameter counts: total, embedding, routed experts, and active per token (what a token multiplies by).
 
         active = every matmul weight a token passes through: attention, router, dense and shared FFNs, the top_k
-        routed experts it chooses, and the output head; the embedding lookup is not a matmul and is left out.
+        routed experts it chooses (a variable number: the target it is held at, or its cap), and the output head;
+        the embedding lookup is not a matmul and is left out.
         """
         total = sum(p.numel() for p in self.parameters())
         embedding = self.embed.weight.numel()
@@ -289,7 +290,7 @@ class MoETransformer(nn.Module):
             per_expert = sum(getattr(experts, w).numel() for w in experts.expert_weights) // experts.num_experts
             total += per_expert * (experts.total_experts - experts.num_experts)
             routed += per_expert * experts.total_experts
-            routed_active += per_expert * layer.top_k
+            routed_active += round(per_expert * layer.router.cfg.experts_computed_per_token(layer.num_experts))
         norms = sum(p.numel() for n, p in self.named_parameters() if n.endswith("norm.weight"))
         tied = embedding if self.cfg.tie_embeddings else 0
         # Tied embeddings are counted once in `total` (parameters() deduplicates) but still used by the head.

@@ -80,6 +80,11 @@ class RouterConfig:
         """K: routing slots per token (expert choice: on average)."""
         return self.top_k
 
+    def experts_computed_per_token(self, num_experts: int) -> float:
+        """The experts a token is counted as computing in the active parameters and FLOPs: K, or for a variable
+        number the target it is held at (its cap, an upper bound, where there is none)."""
+        return float(self.experts_per_token(num_experts))
+
     def expert_groups(self) -> int:
         """Groups of consecutive experts the routing chooses among (1: none); pruning keeps as many of each."""
         return int(getattr(self, "num_groups", 1))
@@ -301,6 +306,10 @@ class TopPRouterConfig(RouterConfig):
     normalize: bool = False
     variable_k = True
     summary = "experts taken until their probability mass reaches p, optionally held at a target (Huang et al. 2024)"
+
+    def experts_computed_per_token(self, num_experts: int) -> float:
+        target = self.target_experts_per_token
+        return float(self.top_k if target is None else target)
 
     def check(self, num_experts: int) -> None:
         super().check(num_experts)
