@@ -238,3 +238,17 @@ def test_an_imported_model_prunes_and_exports_with_its_tokenizer(tmp_path, cache
     assert main(["export", str(tmp_path / "p1" / "model.ckpt"), "--format", "hf", str(tmp_path / "back")]) == 0
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "back")
     assert hf.config.num_experts == 2
+
+
+def test_the_loss_criterion_is_refused_for_group_limited_routing():
+    from moe_lab.errors import UserError
+    from moe_lab.tools.prune import check_keep
+
+    model = model_with({"name": "aux_free", "num_groups": 2, "topk_groups": 1, "top_k": 2})
+    with pytest.raises(ValueError, match="groups of experts unequal"):
+        removal_losses(model, [ids()])
+    with pytest.raises(UserError, match="use reap, ean, frequency or random"):
+        check_keep(model, 4, "loss")
+    check_keep(model, 4, "reap")
+    with pytest.raises(UserError, match="keep a multiple of 2"):
+        check_keep(model, 3, "reap")

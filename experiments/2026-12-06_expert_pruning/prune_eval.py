@@ -40,6 +40,8 @@ def evaluate(checkpoints: list[str], keeps: list[int], out: Path) -> None:
             unpruned = held_out_loss(model, held_out)
             groups = model.moe_modules()[0].router.cfg.expert_groups()
             for criterion in CRITERIA:
+                if criterion == "loss" and groups > 1:
+                    continue  # removing one expert leaves the groups unequal: moe-lab refuses it
                 started = time.perf_counter()
                 scores_LE = scores(criterion, model, calibration, seed=n)
                 seconds = time.perf_counter() - started
@@ -69,20 +71,27 @@ def summarise(paths: list[str]) -> None:
             by[(int(r["kept"]), r["criterion"])][r["checkpoint"]] = float(r["loss"]) - float(r["loss_unpruned"])
         experts = rows[0]["experts"]
         print(f"\n{path}: held-out loss increase over the unpruned model (mean [95% CI] over seeds)")
-        print(f"  {'kept':>9}  {'criterion':<10} {'increase':>28}  {'minus random (paired)':>30}")
+        print(f"  {'kept':>9}  {'criterion':<10} {'increase':>28}  {'minus random':>30}  {'minus frequency':>30}")
         for kept in sorted({k for k, _ in by}, reverse=True):
-            random = by[(kept, "random")]
             for criterion in CRITERIA:
-                d = by[(kept, criterion)]
-                m = mean_interval(list(d.values()))
-                line = (
-                    f"  {kept:>3} of {experts:<3}  {criterion:<10} {m['mean']:+.4f} [{m['low']:+.4f}, {m['high']:+.4f}]"
-                )
-                if criterion != "random":
-                    keys = sorted(d)
-                    p = paired_difference_interval([d[k] for k in keys], [random[k] for k in keys])
-                    line += f"  {p['diff']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}]"
-                print(line)
+                if (kept, criterion) in by:
+                    print(f"  {kept:>3} of {experts:<3}  {criterion:<10} " + row(by, kept, criterion))
+        print()
+
+
+def row(by: dict, kept: int, criterion: str) -> str:
+    """The criterion's mean increase, and its paired differences with random and with frequency (per checkpoint)."""
+    d = by[(kept, criterion)]
+    m = mean_interval(list(d.values()))
+    cells = [f"{m['mean']:+.4f} [{m['low']:+.4f}, {m['high']:+.4f}]"]
+    for baseline in ("random", "frequency"):
+        if criterion == baseline:
+            cells.append(" " * 28)
+            continue
+        other, keys = by[(kept, baseline)], sorted(d)
+        p = paired_difference_interval([d[k] for k in keys], [other[k] for k in keys])
+        cells.append(f"{p['diff']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}]")
+    return "  ".join(cells)
 
 
 if __name__ == "__main__":

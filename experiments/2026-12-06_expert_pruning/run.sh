@@ -22,6 +22,6 @@ for seed in 1 2 3; do
 done
 mkdir -p "$here/results"
 python "$here/prune_eval.py" --keep 6 4 2 --out "$here/results/tiny.csv" $out/tiny-{1,2,3}/checkpoints/last.ckpt
-python "$here/prune_eval.py" --keep 12 8 4 --out "$here/results/dsv3_imported.csv" \
+python "$here/prune_eval.py" --keep 12 8 --out "$here/results/dsv3_imported.csv" \
   $out/dsv3-{1,2,3}-imported/model.ckpt
 python "$here/prune_eval.py" --summarise "$here/results/tiny.csv" "$here/results/dsv3_imported.csv"

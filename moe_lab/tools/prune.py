@@ -39,6 +39,10 @@ from moe_lab.model import MoELayer, MoETransformer
 from moe_lab.model.pruning import check_prunable, prune_experts, pruned_layer
 
 CRITERIA = ("frequency", "reap", "ean", "loss", "random")
+LOSS_WITH_GROUPS = (
+    "--criterion loss removes one expert at a time, which leaves router={router}'s groups of experts unequal; use "
+    "reap, ean, frequency or random with group-limited routing"
+)
 
 
 @dataclasses.dataclass
@@ -101,6 +105,8 @@ def removal_losses(
     """(L, E): the held-out loss with each expert of each layer removed alone (the others as they are)."""
     layers = model.moe_modules()
     E = model.cfg.moe.num_experts
+    if layers and layers[0].router.cfg.expert_groups() > 1:
+        raise ValueError(LOSS_WITH_GROUPS.format(router=layers[0].router.registered_name))
     losses = np.zeros((len(layers), E))
     holders = [block for block in model.all_blocks() if isinstance(block.ffn, MoELayer)]
     for l, block in enumerate(holders):
@@ -160,8 +166,8 @@ def experts_to_keep(scores_LE: np.ndarray, keep: int, groups: int = 1) -> list[l
     return kept
 
 
-def check_keep(model: MoETransformer, keep: int) -> None:
-    """UserError, before any work, unless every MoE layer can keep `keep` experts."""
+def check_keep(model: MoETransformer, keep: int, criterion: str = "reap") -> None:
+    """UserError, before any work, unless every MoE layer can keep `keep` experts scored by `criterion`."""
     if not model.moe_layers:
         raise UserError("the model is dense: there are no experts to prune")
     E = model.cfg.moe.num_experts
@@ -169,6 +175,8 @@ def check_keep(model: MoETransformer, keep: int) -> None:
         raise UserError(f"--keep {keep}: keep 1 to {E - 1} of the model's {E} experts per layer")
     layer = model.moe_modules()[0]
     groups = layer.router.cfg.expert_groups()
+    if criterion == "loss" and groups > 1:
+        raise UserError(LOSS_WITH_GROUPS.format(router=layer.router.registered_name))
     if keep % groups:
         raise UserError(
             f"--keep {keep}: router={layer.router.registered_name} chooses among {groups} groups of {E // groups} "
@@ -193,7 +201,7 @@ def run(args: Any, cfg: Any) -> int:
 
     out = Path(args.out_dir).expanduser()
     model, tokenizer, described = load_for_inference(args.source)
-    check_keep(model, args.keep)
+    check_keep(model, args.keep, args.criterion)
     model = model.to(args.device)
     run_cfg, data, loader = held_out_data(cfg, tokenizer, model.cfg, args.max_batches)
     batches = [batch["input_ids"][batch["valid"].bool()].to(args.device) for batch in loader]
