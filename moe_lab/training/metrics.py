@@ -157,19 +157,31 @@ class RoutingMetrics(L.Callback):
 
     def _experts_per_token(self, layers: list, batch: dict) -> dict[str, torch.Tensor]:
         """Experts per token: the sum over tokens per layer, and where the number varies (expert choice, top-p) its
-        distribution (0..E experts) per layer and its sums per data domain (on the device)."""
-        k_LT = torch.stack([m.experts_per_token_T for m in layers])
-        out = {"experts_L": k_LT.sum(1), "tokens_L": torch.full_like(k_LT[:, 0], k_LT.shape[1])}
-        if self.varies:
-            bins = layers[0].tokens_per_expert_E.numel() + 1
-            hist = torch.zeros(len(layers), bins, device=k_LT.device)
-            out["k_hist_LK"] = hist.scatter_add_(1, k_LT.long().clamp(max=bins - 1), torch.ones_like(k_LT))
-            if "domain" in batch and len(self.domain_names) > 1:
-                D = len(self.domain_names)
-                domain_T = batch["domain"].repeat_interleave(k_LT.shape[1] // batch["domain"].numel())
-                per_domain = torch.zeros(len(layers), D, device=k_LT.device).index_add_(1, domain_T, k_LT)
-                tokens = torch.zeros(D, device=k_LT.device).index_add_(0, domain_T, torch.ones_like(k_LT[0]))
-                out["experts_LD"], out["tokens_D"] = per_domain, tokens
+        distribution (0..E experts) per layer and its sums per data domain (on the device). Layers may see different
+        numbers of tokens (the multi-token prediction modules see fewer positions)."""
+        k_per_layer = [m.experts_per_token_T for m in layers]
+        device = k_per_layer[0].device
+        out = {
+            "experts_L": torch.stack([k_T.sum() for k_T in k_per_layer]),
+            "tokens_L": torch.tensor([float(k_T.numel()) for k_T in k_per_layer], device=device),
+        }
+        if not self.varies:
+            return out
+        bins = layers[0].tokens_per_expert_E.numel() + 1
+        out["k_hist_LK"] = torch.stack(
+            [
+                torch.zeros(bins, device=device).index_add_(0, k_T.long().clamp(max=bins - 1), torch.ones_like(k_T))
+                for k_T in k_per_layer
+            ]
+        )
+        if "domain" in batch and len(self.domain_names) > 1:
+            D, domain_B = len(self.domain_names), batch["domain"]
+            experts, tokens = [], []
+            for k_T in k_per_layer:
+                domain_T = domain_B.repeat_interleave(k_T.numel() // domain_B.numel())
+                experts.append(torch.zeros(D, device=device).index_add_(0, domain_T, k_T))
+                tokens.append(torch.zeros(D, device=device).index_add_(0, domain_T, torch.ones_like(k_T)))
+            out["experts_LD"], out["tokens_LD"] = torch.stack(experts), torch.stack(tokens)
         return out
 
     def _domain_counts(self, layers: list, domain_B: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -315,7 +327,7 @@ class RoutingMetrics(L.Callback):
         metrics["moe/experts_per_token"] = float(values["experts_L"].sum() / max(values["tokens_L"].sum(), 1))
         if "experts_LD" in values:
             for d, name in enumerate(self.domain_names):
-                tokens = values["tokens_D"][d] * len(layers)
+                tokens = values["tokens_LD"][:, d].sum()
                 if tokens > 0:
                     metrics[f"moe/experts_per_token/{name}"] = float(values["experts_LD"][:, d].sum() / tokens)
         if "overridden_L" in values:
