@@ -23,12 +23,18 @@ Shape legend: T tokens of the layer's input, K experts per token, E routed exper
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Hashable, Optional
+from typing import Hashable, Optional, Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from moe_lab.model.routers import Routing
+
+class Slots(Protocol):
+    """What a selection is taken from: a router's `Routing` (routers.py, which imports this module)."""
+
+    expert_N: torch.Tensor
+    token_N: torch.Tensor
+    num_tokens: int
+    slots_by: str
 
 
 class ReplayMismatch(ValueError):
@@ -48,7 +54,7 @@ class Selection:
     token_ids_T: Optional[torch.Tensor] = None
 
     @classmethod
-    def of(cls, routing: "Routing", token_ids_T: Optional[torch.Tensor] = None) -> "Selection":
+    def of(cls, routing: Slots, token_ids_T: Optional[torch.Tensor] = None) -> "Selection":
         """The selection of a live routing (detached)."""
         ids = None if token_ids_T is None else token_ids_T.detach()
         return cls(routing.expert_N.detach(), routing.token_N.detach(), routing.num_tokens, routing.slots_by, ids)
@@ -128,7 +134,7 @@ class RoutingTape:
     selections: dict[tuple[Hashable, int], Selection] = field(default_factory=dict)
     micro_batch: Hashable = 0
 
-    def record(self, layer: int, routing: "Routing", token_ids_T: Optional[torch.Tensor] = None) -> None:
+    def record(self, layer: int, routing: Slots, token_ids_T: Optional[torch.Tensor] = None) -> None:
         self.selections[(self.micro_batch, layer)] = Selection.of(routing, token_ids_T)
 
     def selection(self, layer: int) -> Selection:
