@@ -85,6 +85,11 @@ class RouterConfig:
         number the target it is held at (its cap, an upper bound, where there is none)."""
         return float(self.experts_per_token(num_experts))
 
+    @classmethod
+    def fixed_top_k(cls) -> bool:
+        """K experts for every token, first choice first: what the top-k analyses and routing traces read."""
+        return cls.token_choice and not cls.variable_k
+
     def expert_groups(self) -> int:
         """Groups of consecutive experts the routing chooses among (1: none); pruning keeps as many of each."""
         return int(getattr(self, "num_groups", 1))

@@ -35,7 +35,7 @@ def check_analysable(model) -> None:
             "metrics.analysis_every_n_steps: the model is dense, there is no routing to analyse; leave it at 0"
         )
     for moe in model.moe_modules():
-        if not moe.router.token_choice or moe.router.Config.variable_k:
+        if not moe.router.Config.fixed_top_k():
             raise UserError(
                 f"metrics.analysis_every_n_steps: router={moe.router.registered_name} gives no top-k list "
                 "per token to analyse; leave it at 0 with this router"

@@ -49,7 +49,7 @@ def check_trace_fits(trace: RoutingTrace, model: MoETransformer, setting: str) -
     if not model.moe_layers:
         raise UserError(f"{setting}: the model is dense, it has no routing to replay")
     for moe in model.moe_modules():
-        if not moe.router.token_choice or moe.router.Config.variable_k:
+        if not moe.router.Config.fixed_top_k():
             raise UserError(
                 f"{setting}: router={moe.router.registered_name} gives no fixed top-k per token, which a Parquet "
                 "trace lists (replay it in memory with MoETransformer.record_routing / replay_routing)"
@@ -61,7 +61,7 @@ def check_trace_fits(trace: RoutingTrace, model: MoETransformer, setting: str) -
 def check_recordable(model: MoETransformer) -> None:
     """UserError unless every MoE layer lists experts per token, as a trace does."""
     for moe in model.moe_modules():
-        if not moe.router.token_choice or moe.router.Config.variable_k:
+        if not moe.router.Config.fixed_top_k():
             raise UserError(f"routing.record: router={moe.router.registered_name} gives no fixed top-k per token")
 
 

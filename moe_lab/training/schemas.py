@@ -365,7 +365,7 @@ def _check_routing(run: TrainConfig) -> None:
     need a router that lists experts per token (a trace's shape)."""
     r = run.routing
     router = run.model.moe.router
-    token_choice = router.token_choice and not router.variable_k if isinstance(router, RouterConfig) else True
+    token_choice = router.fixed_top_k() if isinstance(router, RouterConfig) else True
     for key, path in (("routing.replay", r.replay), ("routing.record", r.record)):
         if path is None:
             continue
