@@ -64,19 +64,18 @@ def plan_dispatch(
     """
     device = expert_N.device
     num_slots = expert_N.numel()
-    # Histogram by scatter-add: torch.bincount would synchronise with the host to learn max(input).
-    bins = num_experts + 1 if skips else num_experts
-    tokens_per_expert_E = torch.zeros(bins, dtype=torch.int64, device=device)
-    tokens_per_expert_E.scatter_add_(0, expert_N, torch.ones_like(expert_N))
-    if skips:
-        return _plan_with_skips(expert_N, tokens_per_expert_E, capacity, priority_N)
+    # Histogram by scatter-add: torch.bincount would synchronise with the host to learn max(input). With skips, the
+    # last bin counts the slots of no expert.
+    counts_B = torch.zeros(num_experts + int(skips), dtype=torch.int64, device=device)
+    counts_B.scatter_add_(0, expert_N, torch.ones_like(expert_N))
+    tokens_per_expert_E = counts_B[:num_experts]
     if priority_N is None:
         order_N = torch.argsort(expert_N, stable=True)
     else:
         by_priority_N = torch.argsort(-priority_N, stable=True)
         order_N = by_priority_N[torch.argsort(expert_N[by_priority_N], stable=True)]
 
-    if capacity is None or capacity >= num_slots:
+    if not skips and (capacity is None or capacity >= num_slots):
         return DispatchPlan(
             order_N,
             tokens_per_expert_E,
@@ -87,16 +86,18 @@ def plan_dispatch(
         )
     arange_N = torch.arange(num_slots, device=device)
     sorted_expert_N = expert_N[order_N]
-    starts_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
-    position_N = arange_N - starts_E[sorted_expert_N]  # place in the expert's queue
-    keep_N = position_N < capacity
-    kept_E = tokens_per_expert_E.clamp(max=capacity)
-    kept_starts_E = torch.cumsum(kept_E, 0) - kept_E
+    starts_B = torch.cumsum(counts_B, 0) - counts_B
+    position_N = arange_N - starts_B[sorted_expert_N]  # place in the expert's queue
+    keep_N = sorted_expert_N < num_experts  # not a slot of no expert
+    if capacity is not None:
+        keep_N = keep_N & (position_N < capacity)
+    kept_E = tokens_per_expert_E if capacity is None else tokens_per_expert_E.clamp(max=capacity)
     num_kept = kept_E.sum()
-    # Kept slots go to their expert's block of rows; dropped slots are parked after all kept rows, where the grouped
-    # GEMM (which stops at offs[-1]) never reads them.
-    dropped_rank_N = torch.cumsum(~keep_N, 0) - 1
-    dest_N = torch.where(keep_N, kept_starts_E[sorted_expert_N] + position_N, num_kept + dropped_rank_N)
+    kept_starts_B = torch.cat([torch.cumsum(kept_E, 0) - kept_E, num_kept.view(1)])
+    # Kept slots go to their expert's block of rows; dropped slots (and slots of no expert) are parked after all kept
+    # rows, where the grouped GEMM (which stops at offs[-1]) never reads them.
+    parked_rank_N = torch.cumsum(~keep_N, 0) - 1
+    dest_N = torch.where(keep_N, kept_starts_B[sorted_expert_N] + position_N, num_kept + parked_rank_N)
     row_slot_R = torch.empty_like(order_N).scatter_(0, dest_N, order_N)
     return DispatchPlan(
         row_slot_R,
@@ -104,44 +105,7 @@ def plan_dispatch(
         torch.cumsum(kept_E, 0).to(torch.int32),
         tokens_per_expert_E,
         arange_N < num_kept,
-        num_slots - num_kept,
-    )
-
-
-def _plan_with_skips(
-    expert_N: torch.Tensor,
-    counts_E1: torch.Tensor,
-    capacity: Optional[int],
-    priority_N: Optional[torch.Tensor],
-) -> DispatchPlan:
-    """`plan_dispatch` for slots of which some go to no expert (id E = the last bin of `counts_E1`)."""
-    num_slots = expert_N.numel()
-    E = counts_E1.numel() - 1
-    if priority_N is None:
-        order_N = torch.argsort(expert_N, stable=True)  # the skipped slots (id E) last
-    else:
-        by_priority_N = torch.argsort(-priority_N, stable=True)
-        order_N = by_priority_N[torch.argsort(expert_N[by_priority_N], stable=True)]
-    arange_N = torch.arange(num_slots, device=expert_N.device)
-    sorted_expert_N = expert_N[order_N]
-    starts_E1 = torch.cumsum(counts_E1, 0) - counts_E1
-    position_N = arange_N - starts_E1[sorted_expert_N]
-    active_N = sorted_expert_N < E
-    keep_N = active_N if capacity is None else active_N & (position_N < capacity)
-    counts_E = counts_E1[:E]
-    kept_E = counts_E if capacity is None else counts_E.clamp(max=capacity)
-    kept_starts_E1 = torch.cat([torch.cumsum(kept_E, 0) - kept_E, kept_E.sum().view(1)])
-    num_kept = kept_E.sum()
-    set_aside_rank_N = torch.cumsum(~keep_N, 0) - 1
-    dest_N = torch.where(keep_N, kept_starts_E1[sorted_expert_N] + position_N, num_kept + set_aside_rank_N)
-    row_slot_R = torch.empty_like(order_N).scatter_(0, dest_N, order_N)
-    return DispatchPlan(
-        row_slot_R,
-        kept_E,
-        torch.cumsum(kept_E, 0).to(torch.int32),
-        counts_E,
-        arange_N < num_kept,
-        counts_E.sum() - num_kept,
+        tokens_per_expert_E.sum() - num_kept,
     )
 
 
