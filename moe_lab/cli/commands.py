@@ -95,16 +95,17 @@ def generate_checks(parsed: argparse.Namespace) -> tuple:
     return ()
 
 
-def eval_checks(parsed: argparse.Namespace) -> tuple:
-    """(the composed data settings,)"""
+def data_settings(overrides: list[str], command: str) -> Any:
+    """The composed data settings of a command that reads held-out data (eval, prune), checked as train checks them."""
     from moe_lab.cli.preflight import compose_checked
 
-    cfg = compose_checked(
-        list(parsed.overrides),
-        ("data", "paths.cache_dir"),
-        "moe-lab eval",
-        "data=OPTION, data.KEY=VALUE and paths.cache_dir=DIR",
-    )
+    takes = "data=OPTION, data.KEY=VALUE and paths.cache_dir=DIR"
+    return compose_checked(list(overrides), ("data", "paths.cache_dir"), command, takes)
+
+
+def eval_checks(parsed: argparse.Namespace) -> tuple:
+    """(the composed data settings,)"""
+    cfg = data_settings(parsed.overrides, "moe-lab eval")
     parsed.json = checks.output_file(parsed.json, "--json")
     if parsed.replay is not None:
         parsed.replay = checks.input_file(parsed.replay, "--replay")
@@ -139,14 +140,7 @@ def prune_checks(parsed: argparse.Namespace) -> tuple:
     """(the composed data settings,)"""
     from pathlib import Path
 
-    from moe_lab.cli.preflight import compose_checked
-
-    cfg = compose_checked(
-        list(parsed.overrides),
-        ("data", "paths.cache_dir"),
-        "moe-lab prune",
-        "data=OPTION, data.KEY=VALUE and paths.cache_dir=DIR",
-    )
+    cfg = data_settings(parsed.overrides, "moe-lab prune")
     out = Path(parsed.out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out} exists and is not an empty directory; moe-lab never writes over files: give a new one")

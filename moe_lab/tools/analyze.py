@@ -449,18 +449,8 @@ def analyze_with_progress(
     models: list[MoETransformer], loader: Any, seq_len: int, domain_names: list[str], args: Any
 ) -> dict[str, Any]:
     """`analyze` with a progress line on stderr, and every token's routing to --trace if given."""
-    import sys
-
     final = models[-1]
-
-    def progress(done: int, tokens: int) -> None:
-        print(
-            f"\rmoe-lab: {done}/{len(loader.batch_sampler)} batches, {tokens:,} tokens",
-            end="",
-            file=sys.stderr,
-            flush=True,
-        )
-
+    progress = progress_line("", len(loader.batch_sampler))
     trace = TraceWriter(args.trace, final.moe_layers, domain_names) if args.trace is not None else None
     try:
         result = analyze(
@@ -486,17 +476,20 @@ def stability_with_progress(models: list[MoETransformer], loader: Any, sources: 
     """`--stability` (moe_lab/tools/stability.py) over the same batches, with a progress line on stderr."""
     import sys
 
-    def progress(done: int, tokens: int) -> None:
-        print(
-            f"\rmoe-lab: stability, {done}/{len(loader.batch_sampler)} batches, {tokens:,} tokens",
-            end="",
-            file=sys.stderr,
-            flush=True,
-        )
-
+    progress = progress_line("stability, ", len(loader.batch_sampler))
     result = stability(models, loader, models[-1].cfg.vocab_size, sources, decode=decode, progress=progress)
     print(file=sys.stderr)
     return result
+
+
+def progress_line(what: str, batches: int):
+    """A progress(done, tokens) that rewrites one line on stderr: "moe-lab: WHATdone/batches batches, N tokens"."""
+    import sys
+
+    def progress(done: int, tokens: int) -> None:
+        print(f"\rmoe-lab: {what}{done}/{batches} batches, {tokens:,} tokens", end="", file=sys.stderr, flush=True)
+
+    return progress
 
 
 def check_outputs(page: Path) -> Path:
