@@ -270,8 +270,10 @@ def overridden_of(run_dir) -> list[float]:
         return [float(r["moe/overridden_frac"]) for r in csv.DictReader(f) if r.get("moe/overridden_frac")]
 
 
-def test_routing_settings_are_checked_before_a_run_starts(tmp_path, capsys):
+def test_routing_settings_are_checked_before_a_run_starts(tmp_path, cache_dir, capsys):
     from moe_lab.cli.main import main
+
+    from conftest import run_cli
 
     existing = tmp_path / "there.parquet"
     existing.write_bytes(b"x")
@@ -280,11 +282,15 @@ def test_routing_settings_are_checked_before_a_run_starts(tmp_path, capsys):
         ([f"routing.record={existing}"], "never writes over a file"),
         ([f"routing.record={tmp_path / 'no' / 'x.parquet'}"], "does not exist"),
         (["router=expert_choice", f"routing.replay={existing}"], "gives no fixed top-k per token"),
-        ([f"routing.replay={existing}"], "cannot be read as a Parquet routing trace"),
     ):
         assert main(["train", f"hydra.run.dir={tmp_path / 'run'}", *args]) == 2
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (args, err)
+    # A damaged trace is found when the data are read, before the run: in a process of its own, as a user runs it.
+    data = [*DATA_FLAGS, f"paths.cache_dir={cache_dir}"]
+    damaged = run_cli(["train", f"hydra.run.dir={tmp_path / 'run'}", *data, f"routing.replay={existing}"], tmp_path)
+    assert damaged.returncode == 2 and "cannot be read as a Parquet routing trace" in damaged.stderr
+    assert "Traceback" not in damaged.stderr
     assert not (tmp_path / "run").exists()
 
 
