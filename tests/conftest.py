@@ -169,3 +169,16 @@ def assert_causal(model, batch: int, seq: int, t: int, vocab: int = 64) -> None:
     a, b = model(ids).logits, model(changed).logits
     torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=1e-6)
     assert (a[:, t:] - b[:, t:]).abs().max() > 1e-5
+
+
+def tiny_moe_model(router: dict, num_experts: int = 4, seed: int = 0, **moe):
+    """A 2-layer MoE transformer of width 32 over a vocabulary of 64, in eval mode, its weights from `seed`: the model
+    the routing-replay and pruning tests build with each router."""
+    import torch
+
+    from moe_lab.model import ModelConfig, MoEConfig, MoETransformer
+
+    torch.manual_seed(seed)
+    experts = MoEConfig(num_experts=num_experts, expert_hidden=32, router=router, **moe)
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, ffn_hidden=64, max_seq_len=64, moe=experts)
+    return MoETransformer(cfg).eval()

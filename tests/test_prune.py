@@ -9,32 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from moe_lab.model import ModelConfig, MoEConfig, MoETransformer
+from moe_lab.model import MoETransformer
 from moe_lab.model.pruning import per_expert, prune_experts
 from moe_lab.model.routers import ROUTERS
 from moe_lab.tools.prune import ExpertStats, expert_outputs_recorded, experts_to_keep, removal_losses, scores
+
+from conftest import tiny_moe_model
 
 V = 64
 PRUNABLE = sorted(n for n, cls in ROUTERS.items() if cls.Config.has_gate)
 
 
 def model_with(router: dict, num_experts: int = 8, seed: int = 0, **moe) -> MoETransformer:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(
-        vocab_size=V,
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        ffn_hidden=64,
-        max_seq_len=64,
-        moe=MoEConfig(
-            num_experts=num_experts,
-            expert_hidden=32,
-            router=router,
-            **{"capacity_factor": None, "eval_capacity_factor": None, **moe},
-        ),
-    )
-    return MoETransformer(cfg).eval()
+    """Dropless: pruning changes the number of experts, and with it a capacity limit."""
+    return tiny_moe_model(router, num_experts, seed, **{"capacity_factor": None, "eval_capacity_factor": None, **moe})
 
 
 def ids(batch: int = 3, seq: int = 12, seed: int = 1) -> torch.Tensor:

@@ -7,33 +7,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moe_lab.model import ModelConfig, MoEConfig, MoETransformer, ReplayMismatch, RoutingTape, Selection
+from moe_lab.model import MoETransformer, ReplayMismatch, RoutingTape, Selection
 from moe_lab.model.losses import load_balance_loss
 from moe_lab.model.routers import ROUTERS
+
+from conftest import tiny_moe_model
 
 ALL = sorted(ROUTERS)
 B, S, V = 3, 10, 64
 
 
 def model_with(router: dict, seed: int = 0, num_experts: int = 4, capacity_factor=None, **moe) -> MoETransformer:
-    torch.manual_seed(seed)
-    cfg = ModelConfig(
-        vocab_size=V,
-        d_model=32,
-        n_layers=2,
-        n_heads=4,
-        ffn_hidden=64,
-        max_seq_len=64,
-        moe=MoEConfig(
-            num_experts=num_experts,
-            expert_hidden=32,
-            router=router,
-            capacity_factor=capacity_factor,
-            eval_capacity_factor=capacity_factor,
-            **moe,
-        ),
+    return tiny_moe_model(
+        router, num_experts, seed, capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor, **moe
     )
-    return MoETransformer(cfg).eval()
 
 
 def batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
