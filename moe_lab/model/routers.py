@@ -686,8 +686,8 @@ class TopPRouter(Router):
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp(min=1e-9)
         if self.training:
             with torch.no_grad():
-                counted = torch.stack([real_TK.sum().float(), torch.tensor(float(x_TD.shape[0]), device=x_TD.device)])
-                self.pending_TK += counted
+                self.pending_TK[0] += real_TK.sum()  # experts taken
+                self.pending_TK[1] += x_TD.shape[0]  # tokens: a Python number, no copy to the device
         return Routing.from_token_choice(
             expert_ids_TK, weights_TK, E, probs_TE=probs_TE, logits_TE=logits_TE, skips=True, **replayed
         )

@@ -163,7 +163,7 @@ class RoutingMetrics(L.Callback):
         device = k_per_layer[0].device
         out = {
             "experts_L": torch.stack([k_T.sum() for k_T in k_per_layer]),
-            "tokens_L": torch.tensor([float(k_T.numel()) for k_T in k_per_layer], device=device),
+            "tokens_L": torch.stack([k_T.new_full((), k_T.numel()) for k_T in k_per_layer]),  # filled on the device
         }
         if not self.varies:
             return out
