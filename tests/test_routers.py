@@ -386,3 +386,141 @@ def test_dtop_p_controller_holds_the_experts_per_token_at_its_target():
     route(fixed, torch.randn(256, D))
     fixed.after_optimizer_step()
     assert float(fixed.threshold) == pytest.approx(0.2)  # no target: the threshold stays
+
+
+# -- null and identity experts (AdaMoE, LongCat-Flash) -------------------------------------------------------------
+
+
+def test_null_experts_choose_among_all_choices_and_their_slots_go_to_no_expert():
+    router = make_router({"name": "null_experts", "top_k": 3, "num_null_experts": 4}).eval()
+    x = torch.randn(64, D) * 20
+    out = route(router, x)
+    logits = torch.cat([x @ router.gate_ED.T, x @ router.null_gate_ZD.T], -1)
+    scores = logits.softmax(-1)
+    top = scores.topk(3, -1)
+    for t in range(64):  # by hand: the top-3 of 12; null choices (>= 8) become slots of no expert, weighing 0
+        chosen = top.indices[t].tolist()
+        row = out.expert_N.view(3, 64)[:, t].tolist()
+        assert row == [c if c < E else E for c in chosen]
+        w = top.values[t] / top.values[t].sum()
+        want = torch.where(top.indices[t] < E, w, torch.zeros(()))
+        torch.testing.assert_close(out.weight_N.view(3, 64)[:, t], want)
+    taken = out.experts_per_token_T()
+    assert out.skips and taken.min() >= 0 and taken.max() <= 3 and taken.float().std() > 0
+    # AdaMoE's Switch loss over all 12 choices, by hand
+    counts = torch.bincount(top.indices.reshape(-1), minlength=12).float()
+    torch.testing.assert_close(out.balance_loss, 12 * (counts / counts.sum() * scores.mean(0)).sum())
+    assert out.identity_weight_T is None  # zero experts return nothing
+
+
+@pytest.mark.parametrize("kind", ["zero", "identity"])
+def test_null_slots_never_reach_the_experts_and_identity_experts_add_the_token(kind):
+    node = {"name": "null_experts", "top_k": 3, "num_null_experts": 4, "null_kind": kind, "normalize": False}
+    layer = make_layer(node).eval()
+    x = torch.randn(2, 48, D) * 20
+    y, stats = layer(x)
+    x_TD = x.reshape(-1, D)
+    routing = layer.router(RouterInputs(x_TD))
+    real = routing.expert_N < E
+    assert stats.tokens_per_expert_E.sum() == real.sum() < routing.expert_N.numel()  # null slots are not rows
+    want = torch.zeros_like(x_TD)
+    for n in real.nonzero().squeeze(-1).tolist():  # by hand: the real slots' experts...
+        t, e = routing.token_N[n], routing.expert_N[n]
+        want[t] += routing.weight_N[n] * layer.experts.expert_forward(int(e), x_TD[t : t + 1])[0]
+    if kind == "identity":  # ... and each identity slot's score times the token itself
+        logits = torch.cat([x_TD @ layer.router.gate_ED.T, x_TD @ layer.router.null_gate_ZD.T], -1)
+        top = logits.softmax(-1).topk(3, -1)
+        identity_T = (top.values * (top.indices >= E)).sum(-1)
+        want += identity_T[:, None] * x_TD
+    torch.testing.assert_close(y.reshape(-1, D), want, rtol=1e-5, atol=1e-5)
+    layer.cfg.implementation = "loop"
+    torch.testing.assert_close(layer(x)[0], y, rtol=1e-5, atol=1e-6)
+
+
+def test_the_longcat_bias_controller_holds_the_real_experts_per_token_at_its_target():
+    node = {"name": "null_experts", "top_k": 3, "num_null_experts": 4, "target_experts_per_token": 1.5}
+    router = make_router(node).train()
+    with torch.no_grad():
+        router.null_gate_ZD.mul_(0.1)  # the null experts start unattractive: about 3 real experts per token
+    torch.manual_seed(0)
+    means, loads = [], []
+    for _ in range(400):
+        out = route(router, torch.randn(256, D) * 10)
+        means.append(float(out.experts_per_token_T().mean()))
+        loads.append(torch.bincount(out.expert_N, minlength=E + 1)[:E].float())
+        router.after_optimizer_step()
+    assert means[0] > 2.2
+    assert abs(sum(means[-50:]) / 50 - 1.5) < 0.05
+    load = torch.stack(loads[-50:]).mean(0)
+    assert load.max() / load.mean() < 1.3  # and the real experts balanced
+    free = make_router({"name": "null_experts"}).train()
+    route(free, torch.randn(64, D))
+    free.after_optimizer_step()
+    assert torch.equal(free.bias_E, torch.zeros(E))  # no target: no bias
+
+
+def test_null_experts_count_their_real_experts_in_the_active_parameters():
+    from moe_lab.model.router_configs import NullExpertRouterConfig
+
+    assert NullExpertRouterConfig(top_k=3, num_null_experts=4).experts_computed_per_token(8) == 2.0  # 3 x 8/12
+    assert NullExpertRouterConfig(target_experts_per_token=1.5).experts_computed_per_token(8) == 1.5
+    with pytest.raises(ValueError, match="null_kind"):
+        NullExpertRouterConfig(null_kind="one").check(8)
+
+
+# -- ReLU routing (ReMoE) -------------------------------------------------------------------------------------
+
+
+def test_relu_routing_takes_every_expert_whose_gate_is_positive_weighted_by_it():
+    router = make_router({"name": "relu", "top_k": 2}).train()
+    x = torch.randn(64, D)
+    out = route(router, x)
+    gates = torch.relu(x @ router.gate_ED.T)
+    expert_TE = out.expert_N.view(E, 64).T
+    assert torch.equal(expert_TE, torch.where(gates > 0, torch.arange(E), E))
+    torch.testing.assert_close(out.weight_N.view(E, 64).T, gates)
+    assert torch.equal(out.experts_per_token_T(), (gates > 0).sum(-1).float())
+    # the load-balanced L1 penalty, by hand: lambda * E * sum_i (slots_i / (T k)) * mean_t g_ti
+    counts = (gates > 0).sum(0).float()
+    want = router.l1_coefficient * E * (counts / (64 * 2) * gates.mean(0)).sum()
+    torch.testing.assert_close(out.own_losses["relu_l1"], want)
+
+
+def test_relu_l1_coefficient_rises_while_too_dense_and_falls_while_too_sparse():
+    router = make_router({"name": "relu", "top_k": 2, "l1_coefficient": 1e-3}).train()
+    route(router, torch.randn(64, D))  # random gates: about half positive, sparsity 0.5 < 1 - 2/8
+    router.after_optimizer_step()
+    assert float(router.l1_coefficient) == pytest.approx(1.2e-3)
+    with torch.no_grad():
+        router.gate_ED.mul_(-1).clamp_(max=-1e-3)  # ... every gate negative: sparsity 1 > 0.75
+    route(router, torch.randn(64, D).abs())
+    router.after_optimizer_step()
+    assert float(router.l1_coefficient) == pytest.approx(1e-3)
+    router.after_optimizer_step()  # nothing routed since: the coefficient stays
+    assert float(router.l1_coefficient) == pytest.approx(1e-3)
+
+
+def test_relu_routing_sparsifies_to_its_target_on_average_in_training():
+    """ReMoE's controller is bang-bang (times or over 1.2 each step): the experts per token swing around the target
+    (here between about 0.3 and 2.5 on random tokens); the average over training holds at it."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=16,
+        moe=MoEConfig(num_experts=8, expert_hidden=32, router={"name": "relu", "top_k": 2, "l1_coefficient": 1e-4},
+                      aux_loss=AuxLossConfig(load_balance=0.0, z_loss=0.0)),
+    )  # fmt: skip
+    model = MoETransformer(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    means = []
+    for _ in range(400):
+        ids = torch.randint(0, 64, (8, 17))
+        out = model(ids[:, :-1], ids[:, 1:])
+        assert out.aux_losses["relu_l1"] is not None and out.aux_loss is not None
+        (out.loss + out.aux_loss).backward()
+        opt.step()
+        opt.zero_grad()
+        model.after_optimizer_step()
+        means.append(float(next(iter(out.moe.values())).experts_per_token_T.mean()))
+    assert means[0] > 3  # dense at the start
+    assert abs(sum(means[150:]) / 250 - 2.0) < 0.4
+    assert min(means[150:]) < 1.5 and max(means[150:]) > 2.0  # it crosses the target both ways

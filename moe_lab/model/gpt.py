@@ -25,6 +25,7 @@ from moe_lab.model.config import ModelConfig
 from moe_lab.model.experts import FeedForward, residual_out_std
 from moe_lab.model.moe import MoELayer, MoELayerOutput
 from moe_lab.model.replay import RoutingTape
+from moe_lab.model.router_configs import router_config
 from moe_lab.model.seeding import seeded_part
 
 
@@ -125,6 +126,8 @@ class MoETransformer(nn.Module):
         if cfg.vocab_size is None:
             raise ValueError("ModelConfig.vocab_size must be set (the trainer fills it from the tokenizer)")
         self.cfg = cfg
+        # A router's own losses (ReLU routing's L1 penalty) come weighted by the router: weight 1 in the sum.
+        self.own_loss_weights = dict.fromkeys(type(router_config(cfg.moe.router)).own_losses, 1.0)
         # Optimizer steps of the checkpoint the weights came from, when loaded from one (analyses plot by it).
         self.checkpoint_step: Optional[int] = None
         # Each part draws its initial weights from a stream of its own, seeded by (seed, its name): models that
@@ -244,7 +247,7 @@ class MoETransformer(nn.Module):
         if moe:
             names = next(iter(moe.values())).losses.keys()
             out.aux_losses = {n: torch.stack([m.losses[n] for m in moe.values()]).mean() for n in names}
-            weights = self.cfg.moe.aux_loss.weights()
+            weights = {**self.cfg.moe.aux_loss.weights(), **self.own_loss_weights}
             weighted = [weights[n] * loss for n, loss in out.aux_losses.items() if weights[n] > 0]
             out.aux_loss = torch.stack(weighted).sum() if weighted else None
         return out

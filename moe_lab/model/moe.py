@@ -7,6 +7,7 @@
                  or, with `implementation="loop"`, the plain per-expert reference the tests hold the fast path to;
                  latent experts (`latent_dim`) take a down-projection of the tokens, and their combined output is
                  projected back up (LatentMoE): the rows they and the all-to-all carry are L wide instead of D
+                 identity experts (LongCat-Flash) add their weight times the token, without a GEMM
     3. shared    the shared experts every token passes through (DeepSeekMoE), optionally gated
     4. outputs   the aux losses (with gradients) and the routing statistics (detached, still on device)
 
@@ -217,6 +218,8 @@ class MoELayer(nn.Module):
         else:
             routed = self.routed_experts(z_TL, routing)
         y_TD = routed.y_TD if self.latent_up is None else self.latent_up(routed.y_TD)
+        if routing.identity_weight_T is not None:  # identity experts, E(x) = x: no GEMM, no dispatch
+            y_TD = y_TD + routing.identity_weight_T[:, None].to(x_TD.dtype) * x_TD
         y_TD = y_TD if self.shared is None else y_TD + self.shared_experts(x_TD)
         return y_TD.view(B, S, D), self.layer_output(routing, routed, batch_size=B)
 
@@ -320,7 +323,10 @@ class MoELayer(nn.Module):
         if z_loss is None:
             assert routing.logits_TE is not None, "a router with probabilities has logits"
             z_loss = router_z_loss(routing.logits_TE)
-        losses = {"load_balance": load_balance_loss(routing.probs_TE, tokens_per_expert_E), "z_loss": z_loss}
+        balance = routing.balance_loss
+        if balance is None:
+            balance = load_balance_loss(routing.probs_TE, tokens_per_expert_E)
+        losses = {"load_balance": balance, "z_loss": z_loss, **routing.own_losses}
         if weights.seq_load_balance > 0:
             losses["seq_load_balance"] = sequence_load_balance_loss(
                 routing.probs_TE, routing.expert_N, routing.token_N, batch_size, routing.active_N

@@ -51,6 +51,9 @@ class RouterConfig:
     # a token takes a variable number of experts, up to top_k: its unused slots go to no expert (expert id E), which
     # dispatch sets aside before the experts run (dynamic compute: top-p routing).
     variable_k: ClassVar[bool] = False
+    # Losses the router adds to the training loss itself, already weighted (ReLU routing's adaptive L1 penalty):
+    # their names, as the metrics log them under aux/NAME.
+    own_losses: ClassVar[tuple[str, ...]] = ()
     # The aux_loss option that `router=NAME` brings with it (a gate-less router: "none", since no router loss applies
     # to it), unless the command line names one; None keeps the configured aux_loss.
     brings_aux_loss: ClassVar[Optional[str]] = None
@@ -324,6 +327,87 @@ class TopPRouterConfig(RouterConfig):
         if target is not None and not 1 <= target <= self.top_k:
             raise ValueError(
                 f"model.moe.router.target_experts_per_token={target} must be in 1..top_k ({self.top_k}), the cap"
+            )
+
+
+@dataclass
+class NullExpertRouterConfig(RouterConfig):
+    name: str = "null_experts"
+    # Choices per token among the E experts and the Z null experts: a token takes 0..top_k real experts. AdaMoE
+    # raises Mixtral's top-2 to top-3 or top-4 beside its null experts; LongCat-Flash takes top-12 of 512 + 256.
+    top_k: int = 3
+    # Z: null experts beside the E real ones (AdaMoE: 4 beside Mixtral's 8; LongCat-Flash: 256 beside 512).
+    num_null_experts: int = 4
+    # What a null expert returns: "zero" (AdaMoE: nothing; the slot only lowers the token's compute) or "identity"
+    # (LongCat-Flash: the token itself, E(x) = x, added with its gate weight).
+    null_kind: str = "zero"
+    # Renormalise the k chosen softmax weights (null ones included) to sum to one, as Mixtral, which AdaMoE extends;
+    # LongCat-Flash does not (it scales the weights instead).
+    normalize: bool = True
+    # LongCat-Flash's bias controller: a bias on the real experts, used only to choose them, moves after every
+    # optimizer step by rate * (target / (k E) - T_i / (k T_all)) (T_i: the global batch's slots of expert i, T_all
+    # its tokens), so that a token takes this many real experts on average and the real experts are balanced.
+    # null: no controller (AdaMoE: the Switch loss over all E + Z choices sets the null share).
+    target_experts_per_token: Optional[float] = None
+    # The controller's rate mu (ours: the shares it multiplies are of order 1 / (k E), and 0.1 moves the bias about
+    # as fast as DeepSeek-V3's 1e-3 sign step; LongCat-Flash's value was not re-checked).
+    bias_update_rate: float = 0.1
+    variable_k = True
+    summary = "top-k among the experts and null ones that compute nothing or pass the token on (AdaMoE; LongCat-Flash)"
+
+    def experts_computed_per_token(self, num_experts: int) -> float:
+        """The target, or without one the share of real experts under balance over all E + Z choices."""
+        target = self.target_experts_per_token
+        if target is not None:
+            return float(target)
+        return self.top_k * num_experts / (num_experts + self.num_null_experts)
+
+    def check(self, num_experts: int) -> None:
+        if self.num_null_experts < 1:
+            raise ValueError(f"model.moe.router.num_null_experts={self.num_null_experts} must be at least 1")
+        if not 1 <= self.top_k <= num_experts + self.num_null_experts:
+            raise ValueError(
+                f"model.moe.router.top_k={self.top_k} must be in 1..num_experts + num_null_experts "
+                f"({num_experts + self.num_null_experts})"
+            )
+        if self.null_kind not in ("zero", "identity"):
+            raise ValueError(f"model.moe.router.null_kind={self.null_kind!r}; choose zero or identity")
+        target = self.target_experts_per_token
+        if target is not None and not 0 < target <= min(self.top_k, num_experts):
+            raise ValueError(
+                f"model.moe.router.target_experts_per_token={target} must be in (0, top_k] ({self.top_k}) and at "
+                f"most num_experts ({num_experts})"
+            )
+
+
+@dataclass
+class ReLURouterConfig(RouterConfig):
+    name: str = "relu"
+    # The average number of experts per token the L1 penalty steers to: target sparsity 1 - top_k / E (ReMoE).
+    top_k: int = 2
+    # The L1 penalty's starting coefficient and the factor it is multiplied by (too few gates at zero) or divided
+    # by (too many) after every optimizer step (ReMoE: 1e-8 and 1.2). ReMoE shares one coefficient over the
+    # layers; here each layer has its own, steered by its own sparsity.
+    l1_coefficient: float = 1e-8
+    l1_multiplier: float = 1.2
+    variable_k = True
+    uses_capacity = False  # dropless: the penalty, not a capacity, bounds the compute
+    own_losses = ("relu_l1",)
+    brings_aux_loss = "none"  # its own load-balanced L1 penalty balances the experts
+    summary = "ReLU gates, as many experts as are positive, an adaptive L1 penalty holds the average (ReMoE 2025)"
+
+    def experts_per_token(self, num_experts: int) -> int:
+        return num_experts  # a slot per expert: those whose gate is zero go to no expert
+
+    def experts_computed_per_token(self, num_experts: int) -> float:
+        return float(self.top_k)
+
+    def check(self, num_experts: int) -> None:
+        super().check(num_experts)
+        if self.l1_coefficient <= 0 or self.l1_multiplier <= 1:
+            raise ValueError(
+                f"router=relu needs l1_coefficient > 0 and l1_multiplier > 1 (got {self.l1_coefficient}, "
+                f"{self.l1_multiplier})"
             )
 
 

@@ -32,6 +32,7 @@ Each router's class docstring cites its paper; `moe-lab train --help` lists the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping, Optional
@@ -40,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe_lab.model.losses import load_balance_loss, router_z_loss
 from moe_lab.model.replay import Selection, overridden_pairs, overridden_slots
 from moe_lab.model.router_configs import (
     AuxFreeRouterConfig,
@@ -48,6 +50,8 @@ from moe_lab.model.router_configs import (
     HashRouterConfig,
     HierarchicalRouterConfig,
     NoisyTopKRouterConfig,
+    NullExpertRouterConfig,
+    ReLURouterConfig,
     RouterConfig,
     SinkhornRouterConfig,
     SoftRouterConfig,
@@ -77,6 +81,14 @@ class Routing:
     probs_TE: Optional[torch.Tensor] = None  # float32
     logits_TE: Optional[torch.Tensor] = None  # float32
     z_loss: Optional[torch.Tensor] = None  # set by routers whose z-loss is not logsumexp(logits_TE)^2
+    # Set by routers whose Switch loss counts more choices than the E experts (null experts: all E + Z, AdaMoE).
+    balance_loss: Optional[torch.Tensor] = None
+    # Losses the router owns and weights itself (ReLU routing's L1 penalty, whose coefficient it adapts): added to
+    # the training loss as they are, under their names (the Config's `own_losses`).
+    own_losses: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    # Identity experts (LongCat-Flash): each token's summed weight on them; the layer adds identity_weight_T * x to
+    # its output, without a GEMM (their slots go to no expert, id E).
+    identity_weight_T: Optional[torch.Tensor] = None
     load_estimate_E: Optional[torch.Tensor] = None  # Shazeer's smooth, differentiable load (noisy_topk)
     unrouted_slots: Optional[torch.Tensor] = None  # expert choice: slots a token-choice top-k would have had
     overridden_slots: Optional[torch.Tensor] = None  # replay: replayed slots the live router would not have chosen
@@ -707,6 +719,160 @@ class TopPRouter(Router):
         self.error_sum += error
         p = self.cfg.threshold + self.cfg.controller_kp * error + self.cfg.controller_ki * self.error_sum
         self.threshold.copy_(p.clamp(1e-3, 1.0))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Null and identity experts (AdaMoE, Zeng et al. 2024; LongCat-Flash 2025)
+
+
+class NullExpertRouter(Router):
+    """Top-k among E experts and Z null experts (AdaMoE, Zeng et al. 2024, "AdaMoE: Token-Adaptive Routing with Null
+    Experts"; LongCat-Flash, Meituan 2025, "zero-computation experts"): one softmax over all E + Z gate logits, the
+    top-k of it; a token whose choices include null experts computes fewer real ones. Null slots go to no expert (id
+    E): dispatch sets them aside before the grouped GEMM, so they cost no FLOPs. A "zero" null expert returns
+    nothing; an "identity" one returns the token, added by the layer as w * x (`Routing.identity_weight_T`).
+
+    AdaMoE balances with the Switch loss over all E + Z choices (`Routing.balance_loss`), which sets the null share
+    to Z / (E + Z) of the slots. LongCat-Flash's controller (`target_experts_per_token`) adds a bias to the real
+    experts' scores, used only to choose them, moved after each optimizer step towards the target's share: the
+    average number of real experts per token holds at the target whatever the gradient prefers.
+    """
+
+    Config = NullExpertRouterConfig
+    cfg: NullExpertRouterConfig  # this router's own settings
+    bias_E: torch.Tensor
+    pending_counts_E: torch.Tensor
+    pending_tokens: torch.Tensor
+
+    def __init__(self, d_model, num_experts, cfg, init_std=0.02, vocab_size=None):
+        super().__init__(d_model, num_experts, cfg, init_std, vocab_size)
+        # The null experts' gate rows apart from the real ones' (`gate_ED`): pruning keeps them all.
+        self.null_gate_ZD = nn.Parameter(torch.empty(cfg.num_null_experts, d_model))
+        nn.init.normal_(self.null_gate_ZD, std=init_std)
+        self.register_buffer("bias_E", torch.zeros(num_experts))  # the controller's; zero without a target
+        # Real slots per expert and tokens since the last controller step (training only; not saved).
+        self.register_buffer("pending_counts_E", torch.zeros(num_experts), persistent=False)
+        self.register_buffer("pending_tokens", torch.zeros(()), persistent=False)
+
+    def forward(self, inputs: RouterInputs) -> Routing:
+        x_TD, E = inputs.x_TD, self.num_experts
+        logits_TX = torch.cat([self.gate_logits(x_TD), self.gate_logits(x_TD, self.null_gate_ZD)], -1)  # X = E + Z
+        scores_TX = logits_TX.softmax(dim=-1)
+        choice_TX = scores_TX + F.pad(self.bias_E, (0, self.cfg.num_null_experts))
+        live_TK = choice_TX.topk(self.top_k, dim=-1).indices  # null experts, unbiased, come best first
+        expert_ids_TK, replayed = self.choose(inputs, live_TK.clamp(max=E))
+        real_TK = expert_ids_TK < E
+        # A token's null slots take its null experts best first (what its own top-k chose, and how a replayed null
+        # slot, recorded only as "no expert", is weighted).
+        null_order_TZ = scores_TX[:, E:].argsort(dim=-1, descending=True)
+        null_rank_TK = ((~real_TK).cumsum(-1) - 1).clamp(0, self.cfg.num_null_experts - 1)
+        choice_ids_TK = torch.where(real_TK, expert_ids_TK, E + null_order_TZ.gather(1, null_rank_TK))
+        weights_TK = scores_TX.gather(1, choice_ids_TK)
+        if self.cfg.normalize:
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+        counts_X = torch.zeros(logits_TX.shape[1], device=x_TD.device).index_add_(
+            0, choice_ids_TK.reshape(-1), torch.ones(choice_ids_TK.numel(), device=x_TD.device)
+        )
+        if self.training:
+            with torch.no_grad():
+                self.pending_counts_E += counts_X[:E]
+                self.pending_tokens += x_TD.shape[0]
+        identity_T = (weights_TK * ~real_TK).sum(-1) if self.cfg.null_kind == "identity" else None
+        real_scores_TE = scores_TX[:, :E]
+        return Routing.from_token_choice(
+            expert_ids_TK,
+            weights_TK * real_TK,
+            E,
+            probs_TE=real_scores_TE / real_scores_TE.sum(-1, keepdim=True),  # over the real experts
+            logits_TE=logits_TX[:, :E],
+            z_loss=router_z_loss(logits_TX),
+            balance_loss=load_balance_loss(scores_TX, counts_X),  # over all E + Z choices, as AdaMoE
+            identity_weight_T=identity_T,
+            skips=True,
+            **replayed,
+        )
+
+    @torch.no_grad()
+    def after_optimizer_step(self, all_reduce=None) -> None:
+        """LongCat-Flash's bias step: mu * (target / (k E) - T_i / (k T_all)) for each real expert i."""
+        counts_E, tokens = self.pending_counts_E.clone(), self.pending_tokens.clone()
+        self.pending_counts_E.zero_()
+        self.pending_tokens.zero_()
+        target = self.cfg.target_experts_per_token
+        if target is None:
+            return
+        if all_reduce is not None:
+            counts_E, tokens = all_reduce(counts_E), all_reduce(tokens)
+        if tokens <= 0:
+            return
+        k, E = self.top_k, self.num_experts
+        self.bias_E += self.cfg.bias_update_rate * (target / (k * E) - counts_E / (k * tokens))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# ReLU routing (ReMoE, Wang et al. 2025)
+
+
+class ReLURouter(Router):
+    """ReLU routing (Wang, Zhu & Chen 2025, "ReMoE: Fully Differentiable Mixture-of-Experts with ReLU Routing"):
+    gates g = ReLU(x W), and a token goes to every expert whose gate is positive, weighted by it; no top-k, no
+    softmax, so routing is continuous in the gate and a token takes any number of experts, none included (then only
+    the residual carries it). Sparsity comes from an L1 penalty on the gates, load-balanced as the Switch loss is
+    (lambda * E * sum_i f_i * mean_t g_ti, f_i = expert i's slots / (T k)), whose coefficient lambda is multiplied
+    by 1.2 after every optimizer step when fewer than 1 - k/E of the gates are zero and divided by it otherwise:
+    the average number of experts per token settles at k. Training starts dense (lambda_0 = 1e-8) and sparsifies.
+    Under replay, a replayed expert whose live gate is zero weighs zero, as in its own forward.
+    """
+
+    Config = ReLURouterConfig
+    cfg: ReLURouterConfig  # this router's own settings
+    l1_coefficient: torch.Tensor
+    pending_active: torch.Tensor
+
+    def __init__(self, d_model, num_experts, cfg, init_std=0.02, vocab_size=None):
+        super().__init__(d_model, num_experts, cfg, init_std, vocab_size)
+        self.register_buffer("l1_coefficient", torch.tensor(float(cfg.l1_coefficient)))  # saved with the model
+        # Positive gates and gates in all since the last coefficient step (training only; not saved).
+        self.register_buffer("pending_active", torch.zeros(2), persistent=False)
+
+    def forward(self, inputs: RouterInputs) -> Routing:
+        x_TD, E = inputs.x_TD, self.num_experts
+        logits_TE = self.gate_logits(x_TD)
+        gates_TE = F.relu(logits_TE)
+        every_TE = torch.arange(E, device=x_TD.device).expand(x_TD.shape[0], E)
+        expert_ids_TK, replayed = self.choose(inputs, torch.where(gates_TE > 0, every_TE, E))
+        real_TK = expert_ids_TK < E
+        weights_TK = gates_TE.gather(1, expert_ids_TK.clamp(max=E - 1)) * real_TK
+        counts_E = torch.zeros(E + 1, device=x_TD.device).index_add_(
+            0, expert_ids_TK.reshape(-1), torch.ones(expert_ids_TK.numel(), device=x_TD.device)
+        )[:E]
+        l1 = E * (counts_E / (x_TD.shape[0] * self.cfg.top_k) * gates_TE.mean(0)).sum()
+        if self.training:
+            with torch.no_grad():
+                self.pending_active[0] += counts_E.sum()
+                self.pending_active[1] += gates_TE.numel()
+        return Routing.from_token_choice(
+            expert_ids_TK,
+            weights_TK,
+            E,
+            probs_TE=gates_TE / gates_TE.sum(-1, keepdim=True).clamp(min=1e-9),  # a token with no expert: zeros
+            logits_TE=logits_TE,
+            own_losses={"relu_l1": self.l1_coefficient * l1},
+            skips=True,
+            **replayed,
+        )
+
+    @torch.no_grad()
+    def after_optimizer_step(self, all_reduce=None) -> None:
+        pending = self.pending_active.clone()
+        self.pending_active.zero_()
+        if all_reduce is not None:
+            pending = all_reduce(pending)
+        if pending[1] <= 0:
+            return
+        sparsity = 1 - pending[0] / pending[1]
+        target = 1 - self.cfg.top_k / self.num_experts
+        self.l1_coefficient *= self.cfg.l1_multiplier ** torch.sign(target - sparsity)
 
 
 # ------------------------------------------------------------------------------------------------------------
