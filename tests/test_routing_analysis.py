@@ -10,7 +10,9 @@ from moe_lab.analysis.routing import (
     coactivation,
     domain_shares,
     drops_by_position,
+    experts_per_token,
     layer_transitions,
+    random_share,
     repeat_rates,
     saturation,
     vocab_specialisation,
@@ -33,7 +35,7 @@ def test_a_router_that_hashes_token_ids_is_fully_vocabulary_specialised():
     tokens = rng.integers(0, V, (B, S))
     experts = np.broadcast_to((tokens * 7 % E)[None, :, :, None], (L, B, S, 1)).copy()  # expert = f(token id)
     counts = counts_of(experts, tokens, rng.integers(0, D, B))
-    share, mean, favourite = vocab_specialisation(counts.input_LVE, top_k=1)
+    share, mean, favourite = vocab_specialisation(counts.input_LVE, counts.input_V)
     seen = ~np.isnan(share[0])
     assert np.all(share[:, seen] == 1.0) and np.all(mean == 1.0)
     assert np.array_equal(favourite[0][seen], (np.arange(V) * 7 % E)[seen])
@@ -42,7 +44,7 @@ def test_a_router_that_hashes_token_ids_is_fully_vocabulary_specialised():
     random = rng.integers(0, E, (L, B * 50, S, 1))
     c = RoutingCounts(L, E, 1, V, D, S)
     c.add(random, many, many, rng.integers(0, D, B * 50))
-    assert abs(vocab_specialisation(c.input_LVE, 1)[1][0] - 1 / E) < 0.06
+    assert abs(vocab_specialisation(c.input_LVE, c.input_V)[1][0] - 1 / E) < 0.06
 
 
 def test_a_router_that_follows_the_domain_is_fully_domain_specialised():
@@ -96,9 +98,9 @@ def test_drops_by_position_of_a_hand_made_drop_pattern():
 
 def test_saturation_of_identical_and_of_unrelated_routers():
     chosen = np.stack([rng.permutation(8)[:2] for _ in range(2000)])
-    assert saturation(chosen, chosen) == (1.0, 1.0)
+    assert saturation(chosen, chosen, 8) == (1.0, 1.0)
     other = np.stack([rng.permutation(8)[:2] for _ in range(2000)])
-    top1, topk = saturation(chosen, other)
+    top1, topk = saturation(chosen, other, 8)
     assert abs(top1 - 1 / 8) < 0.03 and abs(topk - 2 / 8) < 0.03  # chance: k/E
 
 
@@ -273,13 +275,113 @@ def test_analyses_during_training_are_logged_and_agree_with_the_command(make_cfg
         )
 
 
-@pytest.mark.parametrize("setting", ["model=dense_tiny", "router=expert_choice"])
-def test_analyses_during_training_refuse_routers_without_a_top_k_list(make_cfg, setting):
+def test_analyses_during_training_refuse_a_dense_model(make_cfg):
     from moe_lab.errors import UserError
     from moe_lab.training.train import train
 
     with pytest.raises(UserError, match="analysis_every_n_steps"):
-        train(make_cfg(setting, "metrics.analysis_every_n_steps=5"))
+        train(make_cfg("model=dense_tiny", "metrics.analysis_every_n_steps=5"))
+
+
+def test_expert_sets_of_any_size_are_counted_as_they_are():
+    """Tokens with no expert, one, or three (padded with E), by hand: the experts per token, the domain shares (a
+    domain's column sums to its experts per token), the vocabulary specialisation per occurrence, the slots, and
+    first choices (a token with none has no first choice to repeat or follow)."""
+    sets = [[E, E, E], [2, E, E], [0, 1, 3]]  # token t of every sequence takes sets[t % 3]
+    experts = np.array([sets[t % 3] for t in range(S)])
+    experts_LBSK = np.broadcast_to(experts[None, None], (L, B, S, 3)).copy()
+    tokens = np.broadcast_to(np.arange(S) % 3, (B, S)).copy()  # token id t % 3: the id decides the set
+    domain = np.array([0, 0, 0, 1, 1, 1])
+    counts = counts_of(experts_LBSK, tokens, domain)
+    n = np.bincount([len([e for e in x if e < E]) for x in experts], minlength=E + 1) * B
+    assert np.array_equal(counts.size_LN[0], n) and np.array_equal(counts.size_LN[1], n)
+    assert experts_per_token(counts)[0] == pytest.approx(n @ np.arange(E + 1) / (B * S))
+    assert random_share(counts)[0] == pytest.approx(experts_per_token(counts)[0] / E)
+    shares = domain_shares(counts)
+    assert shares[0].sum(0) == pytest.approx([experts_per_token(counts)[0]] * 2)
+    share, _, favourite = vocab_specialisation(counts.input_LVE, counts.input_V)
+    assert share[0, 1] == 1.0 and favourite[0, 1] == 2  # id 1 always at expert 2
+    assert share[0, 2] == 1.0 and share[0, 0] == 0.0  # id 2 always at 0, 1 and 3; id 0 never at an expert
+    assert counts.slots_LS[0, :3].tolist() == [0, B, 3 * B]
+    assert np.array_equal(counts.size_LV[0, :3], np.array([0, 1, 3]) * counts.input_V[:3])
+    assert counts.follow_LEE[0].sum() == B * ((S + 1) // 3 + S // 3)  # every token with a first choice, no other
+    assert counts.repeat_L[0, 0] == 0  # no two consecutive tokens share a first choice; two "none"s do not count
+
+
+def test_token_sets_of_expert_choice_list_each_tokens_experts_by_weight():
+    import torch
+
+    from moe_lab.model import MoEConfig, MoELayer
+    from moe_lab.training.routing_replay import token_sets
+
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=4, expert_hidden=16, eval_capacity_factor=1.0, router={"name": "expert_choice"})
+    _, stats = MoELayer(16, cfg).eval()(torch.randn(2, 12, 16) * 10)
+    experts, dropped, weights = token_sets(stats, 24, 4, None)
+    for t in range(24):  # by hand from the slots
+        mine = [(float(w), int(e)) for e, tok, w in zip(stats.expert_N, stats.token_N, stats.weight_N) if tok == t]
+        want = [e for _, e in sorted(mine, key=lambda x: -x[0])]
+        assert experts[t].tolist() == want + [4] * (experts.shape[1] - len(want))
+        assert weights[t, : len(want)].tolist() == pytest.approx(sorted(w for w, _ in mine)[::-1])
+    assert not dropped.any() and experts.shape[1] == int(stats.experts_per_token_T.max())
+    assert len(set((experts < 4).sum(1).tolist())) > 1  # the sets' sizes vary
+
+
+@pytest.mark.parametrize("router", ["relu", "expert_choice"])
+def test_analyze_reads_routers_whose_tokens_take_any_number_of_experts(router, make_cfg, tmp_path, cache_dir, capsys):
+    """`moe-lab analyze` on ReLU routing and expert choice: the distribution of experts per token covers every token
+    and agrees with the run's own count (`moe-lab eval`), the tokens that take the most experts are listed, a
+    checkpoint is saturated against itself, and --trace (fixed top-k lists) is refused before any work."""
+    import csv
+    import json
+
+    from moe_lab.cli.main import main
+    from moe_lab.training.train import train
+
+    from conftest import FAST
+
+    ckpt = train(make_cfg(f"router={router}", "trainer.max_steps=3", "metrics.dashboard=false", name=router))[
+        "checkpoint"
+    ]
+    data = [o for o in FAST if o.startswith(("data.", "++data."))]
+    page = tmp_path / "a.html"
+    assert main(["analyze", ckpt, ckpt, *data, f"paths.cache_dir={cache_dir}", "-o", str(page)]) == 0
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert report["experts_vary"]
+    assert main(["eval", ckpt, *data, f"paths.cache_dir={cache_dir}", "--json", str(tmp_path / "e.json")]) == 0
+    evaluated = json.loads((tmp_path / "e.json").read_text())["layers"]
+    for layer, e in report["layers"].items():
+        hist = e["experts_per_token_hist"]
+        assert sum(hist) == report["tokens"] and len(hist) == report["num_experts"] + 1
+        assert e["experts_per_token"] == pytest.approx(np.arange(len(hist)) @ hist / sum(hist))
+        assert e["experts_per_token"] == pytest.approx(evaluated[layer]["experts_per_token"], abs=1e-6)
+        most, fewest = e["most_experts_tokens"], e["fewest_experts_tokens"]
+        assert most and most[0]["experts"] >= most[-1]["experts"] >= fewest[0]["experts"]
+        assert e["saturation"] == [{"top1": 1.0, "topk": 1.0}]
+        shares = np.asarray(e["domain_shares"])
+        by_domain = e["experts_per_token_by_domain"]
+        assert shares.sum(0) == pytest.approx([by_domain[d] for d in report["domains"]])
+    out = capsys.readouterr().out
+    assert "experts/token" in out and "most experts" in out
+    rows = list(csv.DictReader(open(tmp_path / "a.token_experts.csv")))
+    assert {r["list"] for r in rows} == {"most", "fewest"}
+    hist_rows = list(csv.DictReader(open(tmp_path / "a.experts_per_token.csv")))
+    assert sum(int(r["tokens"]) for r in hist_rows) == report["tokens"] * len(report["layers"])
+    trace = tmp_path / "t.parquet"
+    assert main(["analyze", ckpt, *data, "-o", str(tmp_path / "b.html"), "--trace", str(trace)]) == 2
+    assert "--trace" in capsys.readouterr().err and not trace.exists() and not (tmp_path / "b.json").exists()
+
+
+def test_analyses_during_training_read_expert_choice(make_cfg, tmp_path):
+    from moe_lab.analysis.runs import read_run
+    from moe_lab.training.train import train
+
+    train(make_cfg("router=expert_choice", "metrics.analysis_every_n_steps=5", "metrics.dashboard=false", name="ec"))
+    run = read_run(tmp_path / "ec")
+    steps, values = run.series("analysis/layer0/vocab_specialisation")
+    assert steps == [0, 6, 12] and all(0 < v <= 1 for v in values)
+    baseline = run.series("analysis/random_baseline")[1]
+    assert all(0 < b <= 1 for b in baseline)  # the mean experts per token / E, which expert choice varies
 
 
 def test_analyze_a_hugging_face_model_directory(tmp_path, cache_dir):

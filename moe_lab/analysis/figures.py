@@ -780,3 +780,52 @@ def analysis_stability_figure(report: dict):
         yaxis=dict(tickformat=".0%", rangemode="tozero"),
     )
     return fig
+
+
+def analysis_experts_per_token_figure(report: dict):
+    """Routers whose tokens take a varying number of experts: per layer, the share of tokens that took 0, 1, ... E
+    experts; and, in the last layer, the token ids that take the most and the fewest on average."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    layers = report["layers"]
+    last = layers[list(layers)[-1]]
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        column_widths=[0.55, 0.45],
+        subplot_titles=("tokens by number of experts", f"experts per token id, layer {list(layers)[-1]}"),
+    )
+    for i, (layer, e) in enumerate(layers.items()):
+        hist = e["experts_per_token_hist"]
+        total = max(sum(hist), 1)
+        fig.add_trace(
+            go.Bar(
+                x=list(range(len(hist))),
+                y=[c / total for c in hist],
+                name=f"layer {layer} (mean {e['experts_per_token']:.2f})",
+                marker_color=PALETTE[i % len(PALETTE)],
+            ),
+            row=1,
+            col=1,
+        )
+    listed = last["most_experts_tokens"] + last["fewest_experts_tokens"][::-1]
+    labels = [repr(t["text"]) if t["text"] is not None else str(t["token"]) for t in listed]
+    fig.add_trace(
+        go.Bar(
+            x=[t["experts"] for t in listed],
+            y=[f"{label} ({t['occurrences']}x)" for label, t in zip(labels, listed)],
+            orientation="h",
+            marker_color=[PALETTE[3]] * len(last["most_experts_tokens"])
+            + [PALETTE[0]] * len(last["fewest_experts_tokens"]),
+            showlegend=False,
+        ),
+        row=1,
+        col=2,
+    )
+    fig.update_layout(barmode="group", height=380)
+    fig.update_xaxes(title_text="experts", dtick=1, row=1, col=1)
+    fig.update_yaxes(tickformat=".0%", row=1, col=1)
+    fig.update_yaxes(autorange="reversed", row=1, col=2)
+    fig.update_xaxes(title_text="mean experts per occurrence", row=1, col=2)
+    return fig

@@ -413,6 +413,13 @@ def analysis_page(report: dict) -> str:
     }
     if "stability" in report:
         drawn["stability"] = _html(figures.analysis_stability_figure(report))
+    if report.get("experts_vary"):
+        drawn["experts_per_token"] = _html(figures.analysis_experts_per_token_figure(report))
+        cards[0] = (
+            "tokens analysed",
+            f"{report['tokens']:,}",
+            f"{mean('experts_per_token'):.2f} of {report['num_experts']} experts per token on average",
+        )
     return _render(
         "analysis.html.j2",
         title="moe-lab analyze: routing",

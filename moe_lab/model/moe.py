@@ -81,18 +81,16 @@ class MoELayerOutput:
         kept_N[self.row_slot_R] = self.row_kept_R
         return kept_N
 
-    def per_token(self, values_N: torch.Tensor, top_k: int) -> torch.Tensor:
-        """(T, K) of a per-slot tensor of a token-choice router, whose slots are choice-major (slot n = k * T + t):
-        each token's values, first choice first."""
-        return values_N.view(top_k, -1).T
-
     def top_expert_T(self, num_tokens: int) -> torch.Tensor:
         """Each token's expert of highest weight (-1: no expert took it), e.g. to colour text by routing."""
         weight_N, token_N, expert_N = self.weight_N, self.token_N, self.expert_N
         assert weight_N is not None and token_N is not None and expert_N is not None, "a routing without its slots"
+        weight_N = weight_N.float()
+        if self.tokens_per_expert_E is not None:  # slots of no expert (id E) are no one's
+            weight_N = weight_N.masked_fill(expert_N >= self.tokens_per_expert_E.numel(), float("-inf"))
         best_T = torch.full((num_tokens,), float("-inf"), device=weight_N.device)
-        best_T.scatter_reduce_(0, token_N, weight_N.float(), reduce="amax")
-        top = weight_N.float() == best_T[token_N]
+        best_T.scatter_reduce_(0, token_N, weight_N, reduce="amax")
+        top = (weight_N == best_T[token_N]) & (weight_N > float("-inf"))
         expert_T = torch.full((num_tokens,), -1, dtype=torch.long, device=expert_N.device)
         expert_T[token_N[top]] = expert_N[top]
         return expert_T

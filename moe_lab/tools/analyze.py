@@ -3,8 +3,9 @@
 The model runs over the held-out blocks of the data (packed as training packs them, with the model's tokenizer), in
 batches, without gradients; each batch's routing decisions are added to count tables whose size does not depend on
 the amount of data (`RoutingCounts`). With several checkpoints of one run, the last is analysed and each earlier one
-is compared with it token by token (router saturation, OLMoE). Token-choice routers only: the analyses read each
-token's top-k list, which expert-choice and soft routers do not have.
+is compared with it token by token (router saturation, OLMoE). Every router: a token's expert set may have any size
+(expert choice, top-p, null experts, ReLU routing), and where it varies the report says which tokens take the most
+experts.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from moe_lab.analysis.routing import (
     coactivation,
     domain_shares,
     drops_by_position,
+    experts_per_token,
     layer_transitions,
+    random_share,
     repeat_rates,
     saturation,
     vocab_specialisation,
@@ -31,7 +34,7 @@ from moe_lab.analysis.stats import mutual_information
 from moe_lab.analysis.trace import TraceWriter
 from moe_lab.errors import UserError
 from moe_lab.model import MoETransformer
-from moe_lab.model.router_configs import routers_where
+from moe_lab.model.router_configs import registered_routers
 from moe_lab.tools.stability import format_stability, stability
 from moe_lab.training.routing_replay import layer_choices
 
@@ -39,17 +42,20 @@ from moe_lab.training.routing_replay import layer_choices
 def check_analysable(model: MoETransformer) -> None:
     if not model.moe_layers:
         raise UserError("the model is dense: there is no routing to analyse")
+
+
+def check_traceable(model: MoETransformer) -> None:
+    """--trace: a Parquet trace lists a fixed top-k per token (what replay reads)."""
     for moe in model.moe_modules():
-        if moe.router.Config.variable_k:
+        if not moe.router.Config.fixed_top_k():
             raise UserError(
-                f"router={moe.router.registered_name} gives each token a variable number of experts; moe-lab analyze "
-                "reads a fixed top-k list per token (variable sets are not read yet)"
+                f"--trace: router={moe.router.registered_name} gives no fixed top-k per token, which a trace lists; "
+                f"analyze it without --trace (routers with a fixed top-k: {', '.join(fixed_top_k_routers())})"
             )
-        if not moe.router.token_choice:
-            raise UserError(
-                f"router={moe.router.registered_name} gives no top-k list per token; moe-lab analyze "
-                f"reads token-choice routers ({', '.join(routers_where('token_choice'))})"
-            )
+
+
+def fixed_top_k_routers() -> list[str]:
+    return sorted(name for name, cls in registered_routers().items() if cls.fixed_top_k())
 
 
 @contextlib.contextmanager
@@ -95,6 +101,8 @@ def analyze(
     final = models[-1]
     check_analysable(final)
     check_capacity_factors(final, capacity_factors)
+    if trace is not None:
+        check_traceable(final)
     dropped_FLS = np.zeros((len(capacity_factors), len(final.moe_layers), seq_len), dtype=np.int64)
     counts = RoutingCounts(
         len(final.moe_layers), final.cfg.moe.num_experts, final.moe_modules()[0].top_k, vocab_size, num_domains, seq_len
@@ -120,7 +128,8 @@ def analyze(
         for i, earlier in enumerate(models[:-1]):
             mine = layer_choices(earlier, earlier(inputs, domain_B=domain_B), B, S)[0]
             for l in range(len(final.moe_layers)):
-                top1, topk = saturation(mine[l].reshape(B * S, -1), experts[l].reshape(B * S, -1))
+                E = final.cfg.moe.num_experts
+                top1, topk = saturation(mine[l].reshape(B * S, -1), experts[l].reshape(B * S, -1), E)
                 agree[i, l] += np.array([top1, topk]) * B * S
         tokens += B * S
         if progress is not None:
@@ -146,17 +155,19 @@ def summary(
     counts: RoutingCounts = result["counts"]
     k, E = counts.top_k, counts.num_experts
     shares = domain_shares(counts)
-    vocab_in, mean_in, favourite_in = vocab_specialisation(counts.input_LVE, k, min_count=5)
-    vocab_next, mean_next, _ = vocab_specialisation(counts.next_LVE, k, min_count=5)
+    vocab_in, mean_in, favourite_in = vocab_specialisation(counts.input_LVE, counts.input_V, min_count=5)
+    vocab_next, mean_next, _ = vocab_specialisation(counts.next_LVE, counts.next_V, min_count=5)
     co = coactivation(counts)
     follow = layer_transitions(counts)
     repeats = repeat_rates(counts)
     drops = drops_by_position(counts)
+    uniform = random_share(counts)
     out: dict[str, Any] = {
         "tokens": result["tokens"],
         "top_k": k,
         "num_experts": E,
-        "uniform_share": k / E,
+        "uniform_share": float(uniform.mean()),
+        "experts_vary": bool((counts.size_LN > 0).sum(-1).max() > 1),
         "domains": domain_names,
         "steps": result.get("steps"),
         "layers": {},
@@ -175,7 +186,8 @@ def summary(
             "domain_specialisation": mutual_information(counts.domain_LED[l])[1],
             "vocab_specialisation_input": float(mean_in[l]),
             "vocab_specialisation_next": float(mean_next[l]),
-            "vocab_random_baseline": k / E,
+            "vocab_random_baseline": float(uniform[l]),
+            **experts_per_token_report(counts, l, domain_names, decode, top_tokens),
             "expert_tokens": experts_tokens,
             "coactivation": co[l].tolist(),
             "next_layer_transitions": follow[l].tolist() if l < len(follow) else None,
@@ -190,9 +202,46 @@ def summary(
     return out
 
 
+def experts_per_token_report(
+    counts: RoutingCounts, l: int, domain_names: list[str], decode=None, top: int = 5, min_count: int = 5
+) -> dict[str, Any]:
+    """Layer l's experts per token: the mean, the distribution (tokens with 0..E experts), the mean per domain, and
+    the token ids (seen min_count times or more) that take the most and the fewest experts on average."""
+    mean = experts_per_token(counts)[l]
+    seen = np.flatnonzero(counts.input_V >= min_count)
+    per_id = counts.size_LV[l][seen] / counts.input_V[seen]
+    order = seen[np.argsort(-per_id, kind="stable")]
+    by_id = dict(zip(seen.tolist(), per_id.tolist()))
+
+    def listed(ids: np.ndarray) -> list[dict[str, Any]]:
+        return [
+            {
+                "token": int(t),
+                "text": decode([int(t)]) if decode else None,
+                "experts": by_id[int(t)],
+                "occurrences": int(counts.input_V[t]),
+            }
+            for t in ids
+        ]
+
+    return {
+        "experts_per_token": float(mean),
+        "experts_per_token_hist": counts.size_LN[l].tolist(),
+        "experts_per_token_by_domain": {
+            d: float(counts.size_LD[l, i] / max(counts.tokens_D[i], 1)) for i, d in enumerate(domain_names)
+        },
+        "most_experts_tokens": listed(order[:top]),
+        "fewest_experts_tokens": listed(order[::-1][:top]),
+    }
+
+
 def format_summary(report: dict[str, Any]) -> str:
+    vary = report.get("experts_vary", False)
+    routing = f"top-{report['top_k']} of {report['num_experts']} experts"
+    if vary:
+        routing = f"a varying number of the {report['num_experts']} experts per token"
     lines = [
-        f"  {report['tokens']:,} tokens; top-{report['top_k']} of {report['num_experts']} experts "
+        f"  {report['tokens']:,} tokens; {routing} "
         f"(random routing: vocabulary specialisation {report['uniform_share']:.3f})",
         "  layer  domain spec.  vocab spec. (in / next)  repeat top-1 (chance)  repeat top-k (chance)  "
         "drops first/last half"
@@ -210,7 +259,27 @@ def format_summary(report: dict[str, Any]) -> str:
         if e["saturation"]:
             line += "  " + ", ".join(f"{s['top1']:.2f} / {s['topk']:.2f}" for s in e["saturation"])
         lines.append(line)
+    if vary:
+        lines += format_experts_per_token(report)
     return "\n".join(lines)
+
+
+def format_experts_per_token(report: dict[str, Any]) -> list[str]:
+    """Per layer: experts per token (mean, share of tokens with none, the most any took) and the tokens that take
+    the most and the fewest."""
+
+    def tokens(listed: list[dict[str, Any]]) -> str:
+        return ", ".join(f"{(t['text'] if t['text'] is not None else t['token'])!r} {t['experts']:.2f}" for t in listed)
+
+    lines = ["  layer  experts/token  none   max  most experts (mean)  /  fewest"]
+    for layer, e in report["layers"].items():
+        hist = e["experts_per_token_hist"]
+        most = max(n for n, c in enumerate(hist) if c) if any(hist) else 0
+        lines.append(
+            f"  {layer:>5}  {e['experts_per_token']:>13.2f}  {hist[0] / max(sum(hist), 1):>5.1%}  {most:>3}  "
+            f"{tokens(e['most_experts_tokens'][:3])}  /  {tokens(e['fewest_experts_tokens'][:3])}"
+        )
+    return lines
 
 
 def analysis_tables(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
@@ -268,6 +337,21 @@ def analysis_tables(report: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
                 tables["drops_by_position"].append(
                     {"layer": int(layer), "capacity_factor": factor, "position": position, "dropped_share": share}
                 )
+        for n, tokens in enumerate(e.get("experts_per_token_hist", [])):
+            tables["experts_per_token"].append({"layer": int(layer), "experts": n, "tokens": tokens})
+        for which in ("most", "fewest"):
+            for rank, t in enumerate(e.get(f"{which}_experts_tokens", [])):
+                tables["token_experts"].append(
+                    {
+                        "layer": int(layer),
+                        "list": which,
+                        "rank": rank + 1,
+                        "token": t["token"],
+                        "text": t["text"],
+                        "occurrences": t["occurrences"],
+                        "experts": t["experts"],
+                    }
+                )
         for name, c in report.get("stability", {}).get("comparisons", {}).items():
             tables["stability"].append(
                 {"layer": int(layer), "comparison": name, "label": c["label"], "changed_share": c["layers"][layer]}
@@ -300,6 +384,8 @@ ANALYSIS_TABLES = {
     "drops_by_position": ["layer", "capacity_factor", "position", "dropped_share"],
     "saturation": ["layer", "checkpoint", "step", "top1", "topk"],
     "stability": ["layer", "comparison", "label", "changed_share"],
+    "experts_per_token": ["layer", "experts", "tokens"],
+    "token_experts": ["layer", "list", "rank", "token", "text", "occurrences", "experts"],
 }
 
 
@@ -410,6 +496,8 @@ def run(args: Any, cfg: Any, sources: list[str]) -> int:
     models, tokenizer, described = load_models(sources, args.capacity, args.device)
     final = models[-1]
     check_capacity_factors(final, args.capacity_factor)
+    if args.trace is not None:
+        check_traceable(final)
     run_cfg, data, loader = held_out_data(cfg, tokenizer, final.cfg, args.max_batches)
     print(
         f"moe-lab: analysing {described} on {data.describe()}: {len(loader.batch_sampler)} batches of "

@@ -11,7 +11,8 @@ are summed over data-parallel ranks and read. Logged (L = block index):
     analysis/layer{L}/max_coactivation      the largest P(expert j chosen | expert i chosen), i != j (OLMoE)
     analysis/vocab_specialisation, analysis/repeat_top1, analysis/repeat_top1_chance, analysis/max_coactivation
                                             their means over layers
-    analysis/random_baseline                k/E, vocabulary specialisation under random routing
+    analysis/random_baseline                k/E (k: the mean experts per token), vocabulary specialisation under
+                                            random routing
 """
 
 from __future__ import annotations
@@ -22,24 +23,18 @@ import lightning as L
 import numpy as np
 import torch
 
-from moe_lab.analysis.routing import RoutingCounts, coactivation, repeat_rates, vocab_specialisation
+from moe_lab.analysis.routing import RoutingCounts, coactivation, random_share, repeat_rates, vocab_specialisation
 from moe_lab.errors import UserError
 from moe_lab.training.module import MoELanguageModel
 from moe_lab.training.routing_replay import layer_choices
 
 
 def check_analysable(model) -> None:
-    """UserError unless every MoE layer of the model gives a top-k list per token (before a run starts)."""
+    """UserError unless the model has MoE layers to analyse (before a run starts)."""
     if not model.moe_layers:
         raise UserError(
             "metrics.analysis_every_n_steps: the model is dense, there is no routing to analyse; leave it at 0"
         )
-    for moe in model.moe_modules():
-        if not moe.router.Config.fixed_top_k():
-            raise UserError(
-                f"metrics.analysis_every_n_steps: router={moe.router.registered_name} gives no top-k list "
-                "per token to analyse; leave it at 0 with this router"
-            )
 
 
 class RoutingAnalysis(L.Callback):
@@ -117,7 +112,7 @@ class RoutingAnalysis(L.Callback):
                     len(lm(pl_module).domain_names),
                     1,
                 )
-            for name in ("input_LVE", "pairs_LEE", "repeat_L"):
+            for name in ("input_LVE", "input_V", "size_LN", "pairs_LEE", "repeat_L"):
                 table = torch.from_numpy(getattr(counts, name).astype(np.int64)).to(pl_module.device)
                 setattr(counts, name, trainer.strategy.reduce(table, reduce_op="sum").cpu().numpy())
             seen = torch.tensor([counts.pairs_seen], device=pl_module.device)
@@ -131,7 +126,7 @@ class RoutingAnalysis(L.Callback):
 
 
 def analysis_metrics(counts: RoutingCounts, layers: list[int]) -> dict[str, float]:
-    _, vocab_L, _ = vocab_specialisation(counts.input_LVE, counts.top_k, min_count=5)
+    _, vocab_L, _ = vocab_specialisation(counts.input_LVE, counts.input_V, min_count=5)
     repeats = repeat_rates(counts)
     co_LEE = coactivation(counts).copy()
     for co in co_LEE:
@@ -142,7 +137,7 @@ def analysis_metrics(counts: RoutingCounts, layers: list[int]) -> dict[str, floa
         "repeat_top1_chance": repeats["top1_chance"],
         "max_coactivation": co_LEE.max(axis=(1, 2)),
     }
-    metrics: dict[str, float] = {"analysis/random_baseline": counts.top_k / counts.num_experts}
+    metrics: dict[str, float] = {"analysis/random_baseline": float(random_share(counts).mean())}
     for key, values in per_layer.items():
         for layer, value in zip(layers, values):
             metrics[f"analysis/layer{layer}/{key}"] = float(value)

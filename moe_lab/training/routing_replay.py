@@ -27,21 +27,51 @@ from moe_lab.model import MoETransformer, RoutingTape, Selection
 
 
 def layer_choices(model, out: Any, B: int, S: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(experts, dropped, weights), each (L, B, S, K), of one forward of a token-choice model: each token's top-k,
-    first choice first."""
-    experts, dropped, weights = [], [], []
-    for layer, moe in zip(model.moe_layers, model.moe_modules()):
-        stats = out.moe[layer]
-        K = moe.top_k
-        experts.append(stats.per_token(stats.expert_N, K).reshape(B, S, K).cpu().numpy())
-        weights.append(stats.per_token(stats.weight_N.float(), K).reshape(B, S, K).cpu().numpy())
-        kept = stats.slot_kept_N()
-        dropped.append(
-            np.zeros((B, S, K), dtype=bool)
-            if kept is None
-            else stats.per_token(~kept, K).reshape(B, S, K).cpu().numpy()
+    """(experts, dropped, weights), each (L, B, S, K), of one forward: each token's experts, first choice first.
+
+    A fixed top-k router lists its K choices in its own order. Any other router (expert choice, a variable number
+    per token) lists each token's experts by weight, highest first, K being the most any token of the batch took
+    (at least 1), padded with expert E, not dropped, weight 0: a token's expert set of any size."""
+    sets = [
+        token_sets(out.moe[layer], B * S, moe.num_experts, moe.top_k if moe.router.Config.fixed_top_k() else None)
+        for layer, moe in zip(model.moe_layers, model.moe_modules())
+    ]
+    K = max(experts.shape[1] for experts, _, _ in sets)
+    E = model.cfg.moe.num_experts
+
+    def stacked(i: int, fill: int) -> np.ndarray:
+        """Part i of every layer's sets, padded to K with `fill`, as (L, B, S, K)."""
+        return np.stack([np.pad(s[i], ((0, 0), (0, K - s[i].shape[1])), constant_values=fill) for s in sets]).reshape(
+            len(sets), B, S, K
         )
-    return np.stack(experts), np.stack(dropped), np.stack(weights)
+
+    return stacked(0, E), stacked(1, 0).astype(bool), stacked(2, 0)
+
+
+def token_sets(
+    stats: Any, num_tokens: int, num_experts: int, fixed_k: Optional[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(experts (T, K), dropped (T, K), weights (T, K)) of one layer's routing slots; see `layer_choices`."""
+    kept = stats.slot_kept_N()
+    expert_N = stats.expert_N.cpu().numpy()
+    weight_N = stats.weight_N.float().cpu().numpy()
+    dropped_N = np.zeros(len(expert_N), dtype=bool) if kept is None else ~kept.cpu().numpy()
+    if fixed_k is not None:  # K slots per token, k-major: the view is the list
+        T, K = num_tokens, fixed_k
+        return tuple(a.reshape(K, T).T for a in (expert_N, dropped_N, weight_N))
+    token_N = stats.token_N.cpu().numpy()
+    real = expert_N < num_experts
+    expert_N, weight_N, dropped_N, token_N = expert_N[real], weight_N[real], dropped_N[real], token_N[real]
+    order = np.lexsort((-weight_N, token_N))  # by token, then by weight, highest first
+    expert_N, weight_N, dropped_N, token_N = expert_N[order], weight_N[order], dropped_N[order], token_N[order]
+    size_T = np.bincount(token_N, minlength=num_tokens)
+    K = max(int(size_T.max(initial=0)), 1)
+    rank_N = np.arange(len(token_N)) - np.repeat(np.cumsum(size_T) - size_T, size_T)
+    experts = np.full((num_tokens, K), num_experts, dtype=np.int64)
+    dropped = np.zeros((num_tokens, K), dtype=bool)
+    weights = np.zeros((num_tokens, K), dtype=np.float32)
+    experts[token_N, rank_N], dropped[token_N, rank_N], weights[token_N, rank_N] = expert_N, dropped_N, weight_N
+    return experts, dropped, weights
 
 
 def check_trace_fits(trace: RoutingTrace, model: MoETransformer, setting: str) -> None:
