@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+
 from moe_lab.analysis.runs import TABLE_COLUMNS
 from moe_lab.cli.main import main
 from moe_lab.training.train import train
@@ -43,6 +45,28 @@ def test_a_fixed_top_k_run_logs_k_experts_per_token_and_no_distribution(make_cfg
     train(make_cfg("trainer.max_steps=3", "metrics.dashboard=false", name="topk"))
     rows = [r for r in csv.DictReader(open(tmp_path / "topk" / "metrics.csv")) if r.get("moe/experts_per_token")]
     assert rows and all(float(r["moe/experts_per_token"]) == 2.0 for r in rows)
+    assert len({r["moe/flops_per_token"] for r in rows}) == 1  # top-k's compute is a constant
     assert "moe/experts_per_token/code" not in rows[0] or not rows[0]["moe/experts_per_token/code"]
     record = json.loads((tmp_path / "topk" / "routing.jsonl").read_text().splitlines()[-1])
     assert "experts_per_token_hist" not in record["layers"][0]
+
+
+def test_the_flops_per_token_price_the_experts_tokens_took(make_cfg, tmp_path):
+    """moe/flops_per_token: top-2's constant, and for a router held at 2 experts per token (DTop-p) that constant
+    plus one expert's FLOPs for every expert taken above 2 (below: minus), summed over the layers."""
+    from moe_lab.training.checkpoint import load_model
+
+    cfg = make_cfg("trainer.max_steps=6", "metrics.dashboard=false", name="topk")
+    model = load_model(train(cfg)["checkpoint"]).model
+    train(make_cfg("router=dtop_p", "trainer.max_steps=6", "metrics.dashboard=false", name="dtop"))
+
+    def read(run: str) -> list[dict]:
+        return [r for r in csv.DictReader(open(tmp_path / run / "metrics.csv")) if r.get("moe/flops_per_token")]
+
+    top2 = float(read("topk")[0]["moe/flops_per_token"])
+    assert top2 == model.flops_per_token(cfg.data.seq_len)
+    per_expert = {layer: flops for layer, (flops, _) in model.routed_expert_flops().items()}
+    for r in read("dtop"):
+        taken = {layer: float(r[f"moe/layer{layer}/experts_per_token"]) for layer in per_expert}
+        extra = sum(flops * (taken[layer] - 2) for layer, flops in per_expert.items())
+        assert float(r["moe/flops_per_token"]) == pytest.approx(top2 + extra, rel=1e-9)

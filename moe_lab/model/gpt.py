@@ -290,7 +290,7 @@ class MoETransformer(nn.Module):
         routed = routed_active = 0
         for layer in self.moe_modules():
             experts = layer.experts  # under expert parallelism a rank holds a slice; count every expert
-            per_expert = sum(getattr(experts, w).numel() for w in experts.expert_weights) // experts.num_experts
+            per_expert = weights_per_expert(layer)
             total += per_expert * (experts.total_experts - experts.num_experts)
             routed += per_expert * experts.total_experts
             routed_active += round(per_expert * layer.router.cfg.experts_computed_per_token(layer.num_experts))
@@ -300,6 +300,15 @@ class MoETransformer(nn.Module):
         active = total - embedding - routed + routed_active - norms + tied
         return {"total": total, "embedding": embedding, "routed_experts": routed, "active": active}
 
+    def routed_expert_flops(self) -> dict[int, tuple[int, float]]:
+        """Per MoE layer: (training FLOPs of one routed expert on one token, 6 x its weights; the experts per token
+        that `flops_per_token` counts), to price the experts tokens actually took where their number varies."""
+        out = {}
+        for layer in self.moe_modules():
+            experts_counted = layer.router.cfg.experts_computed_per_token(layer.num_experts)
+            out[layer.layer] = (6 * weights_per_expert(layer), experts_counted)
+        return out
+
     def flops_per_token(self, seq_len: int) -> int:
         """Training FLOPs per token: 6 * active parameters + attention, as PaLM Appendix B (12 * L * H * Dh * S;
         6 * L * H * (Dh + Dv) * S where values are narrower than queries and keys, as in latent attention)."""
@@ -308,3 +317,9 @@ class MoETransformer(nn.Module):
         attention = 6 * blocks * cfg.n_heads * (cfg.head_dim + cfg.v_head_dim) * seq_len
         heads = 6 * cfg.mtp_depth * self.lm_head.weight.numel()
         return 6 * self.num_params()["active"] + attention + heads
+
+
+def weights_per_expert(layer: MoELayer) -> int:
+    """The weights of one routed expert of `layer` (biases included)."""
+    experts = layer.experts
+    return sum(getattr(experts, w).numel() for w in experts.expert_weights) // experts.num_experts

@@ -21,6 +21,8 @@ Logged every `trainer.log_every_n_steps` optimizer steps (L = block index, E = e
     moe/layer{L}/aux/{name}       each aux loss of the layer
     moe/layer{L}/overridden_frac  routing.replay: share of replayed decisions the layer's own router would not have
                                   made (moe/overridden_frac: over all layers)
+    moe/flops_per_token           training FLOPs per token (6 x active weights + attention, PaLM) at the experts
+                                  tokens took: top-k's constant, a dynamic router's realised compute
     moe/layer{L}/experts_per_token  experts a token went to, before capacity (top-k: k; expert choice and top-p vary);
                                   moe/experts_per_token over layers, and where it varies moe/experts_per_token/{domain}
                                   and each layer's distribution (0..E) in routing.jsonl (experts_per_token_hist)
@@ -85,9 +87,13 @@ class RoutingMetrics(L.Callback):
         flops_per_token: int,
         output_dir: Optional[Path] = None,
         image_every_n_steps: int = 100,
+        routed_expert_flops: Optional[dict[int, tuple[int, float]]] = None,
     ):
         self.domain_names = list(domain_names)
         self.flops_per_token = flops_per_token
+        # Per MoE layer (MoETransformer.routed_expert_flops): one expert's FLOPs per token and the experts per token
+        # flops_per_token counts; where the number varies, the FLOPs of the experts taken replace them.
+        self.routed_expert_flops = routed_expert_flops or {}
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.image_every_n_steps = image_every_n_steps
         self.history: list[dict] = []  # per log step: {"step", "load": (L, E)} for heatmaps over time
@@ -325,6 +331,10 @@ class RoutingMetrics(L.Callback):
             self.load_rows.extend([record["step"], layer, e, float(load_E[e])] for e in range(num_experts))
         metrics.update(model_summary(per_layer))
         metrics["moe/experts_per_token"] = float(values["experts_L"].sum() / max(values["tokens_L"].sum(), 1))
+        metrics["moe/flops_per_token"] = float(self.flops_per_token) + sum(
+            flops * (float(values["experts_L"][i] / max(values["tokens_L"][i], 1)) - counted)
+            for i, (flops, counted) in enumerate(self.routed_expert_flops.get(layer, (0, 0.0)) for layer in layers)
+        )
         if "experts_LD" in values:
             for d, name in enumerate(self.domain_names):
                 tokens = values["tokens_LD"][:, d].sum()

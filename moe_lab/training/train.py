@@ -239,6 +239,7 @@ class RunCallbacks:
             module.model.flops_per_token(run.data.seq_len),
             output_dir,
             image_every_n_steps=run.metrics.image_every_n_steps,
+            routed_expert_flops=module.model.routed_expert_flops(),
         )
         stop.before_save = routing.flush
         # RoutingMetrics before GracefulStop (a stop logs the steps since the last log step first) and before the
