@@ -524,3 +524,20 @@ def test_relu_routing_sparsifies_to_its_target_on_average_in_training():
     assert means[0] > 3  # dense at the start
     assert abs(sum(means[150:]) / 250 - 2.0) < 0.4
     assert min(means[150:]) < 1.5 and max(means[150:]) > 2.0  # it crosses the target both ways
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_every_router_on_the_fast_path_equals_the_loop_oracle(name):
+    """Dispatch, capacity, combine (and identity experts) against one expert at a time, for every router."""
+    cfg = router_config({"name": name})
+    capacity = 1.0 if cfg.uses_capacity else None
+    layer = make_layer({"name": name}, capacity_factor=capacity).eval()
+    x = torch.randn(2, 24, D) * 5
+    domain = torch.tensor([0, 1]) if cfg.needs_domain else None
+    ids = torch.randint(0, 64, (2, 24))
+    fast, stats = layer(x, ids, domain)
+    layer.cfg.implementation = "loop"
+    loop, loop_stats = layer(x, ids, domain)
+    torch.testing.assert_close(fast, loop, rtol=1e-5, atol=1e-6)
+    assert torch.equal(stats.tokens_per_expert_E, loop_stats.tokens_per_expert_E)
+    assert stats.dropped_slots == loop_stats.dropped_slots
