@@ -819,8 +819,10 @@ class ReLURouter(Router):
     softmax, so routing is continuous in the gate and a token takes any number of experts, none included (then only
     the residual carries it). Sparsity comes from an L1 penalty on the gates, load-balanced as the Switch loss is
     (lambda * E * sum_i f_i * mean_t g_ti, f_i = expert i's slots / (T k)), whose coefficient lambda is multiplied
-    by 1.2 after every optimizer step when fewer than 1 - k/E of the gates are zero and divided by it otherwise:
-    the average number of experts per token settles at k. Training starts dense (lambda_0 = 1e-8) and sparsifies.
+    by 1.2 after every optimizer step when fewer than 1 - k/E of the gates are zero and divided by it otherwise,
+    steering the average number of experts per token towards k. Training starts dense (lambda_0 = 1e-8) and
+    sparsifies; a gate ReLU has closed gets no gradient to reopen, so a layer that overshoots below k can stay there
+    (experiments/2026-12-06_null_and_relu_routing: 0.7-1.35 in three of the default model's four layers).
     Under replay, a replayed expert whose live gate is zero weighs zero, as in its own forward.
     """
 
