@@ -200,6 +200,42 @@ def test_aux_free_bias_moves_once_per_optimizer_step_under_accumulation(make_cfg
     assert torch.allclose(steps, steps.round(), atol=1e-4) and steps.abs().max() <= 5 and steps.abs().sum() > 0
 
 
+def test_moe_lab_shortens_openmp_spinning_unless_the_user_chose(tmp_path):
+    """GOMP_SPINCOUNT=1000 for moe-lab and the processes it starts (set before torch loads libgomp, which reads it
+    once); a GOMP_SPINCOUNT or OMP_WAIT_POLICY of the user's stays, and it is never set after torch is loaded."""
+    import os
+    import subprocess
+    import sys
+
+    probe = (
+        "import os, sys; from moe_lab.cli.main import main; main(['--version']); "
+        "print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+
+    def run(code: str, **extra: str) -> str:
+        out = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True)
+        return out.stdout.strip().splitlines()[-1]
+
+    assert run(probe) == "1000 False"
+    assert run(probe, GOMP_SPINCOUNT="7") == "7 False"
+    assert run(probe, OMP_WAIT_POLICY="PASSIVE") == "None False"
+    late = (
+        "import os, torch; from moe_lab.training.runtime import short_openmp_spin as s; "
+        "print(s(), os.environ.get('GOMP_SPINCOUNT'))"
+    )
+    assert run(late) == "False None"
+
+
+def test_a_machine_busier_than_its_cpus_is_said_once():
+    from moe_lab.training.runtime import shared_cores
+
+    assert shared_cores(cpus=2, load=2.4) is None  # a run alone on its 2 cores
+    warning = shared_cores(cpus=2, load=4.1)  # beside a busy twin
+    assert warning is not None and "load is 4.1 on 2 CPUs" in warning and "threads=1" in warning
+    assert shared_cores(cpus=16, load=19.5) is None and shared_cores(cpus=16, load=20.5) is not None
+
+
 def test_threads_follow_the_cpus_this_process_may_use(make_cfg, tmp_path):
     import os
 

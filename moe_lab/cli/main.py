@@ -15,6 +15,7 @@ from typing import Optional
 from moe_lab.cli.checks import fail, one_line_errors
 from moe_lab.cli.commands import COMMANDS
 from moe_lab.training.run_dir import launched_worker
+from moe_lab.training.runtime import short_openmp_spin
 
 BY_NAME = {command.name: command for command in COMMANDS}
 
@@ -42,6 +43,7 @@ Tab completion (bash): eval "$(moe-lab train -sc install=bash)"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    short_openmp_spin()  # before anything loads torch: cores shared with other jobs (runtime.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("-sc", "--shell-completion"):
         return complete(argv)

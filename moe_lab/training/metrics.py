@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional, cast
@@ -46,6 +47,7 @@ from lightning.fabric.utilities.throughput import Throughput, get_available_flop
 from moe_lab.analysis.stats import load_statistics, mutual_information
 from moe_lab.errors import Diverged
 from moe_lab.training.module import MoELanguageModel
+from moe_lab.training.runtime import shared_cores
 
 # The compute dtype of a Lightning precision setting, for the device's peak FLOP/s.
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.float32, "64": torch.float64}
@@ -99,6 +101,7 @@ class RoutingMetrics(L.Callback):
         self.history: list[dict] = []  # per log step: {"step", "load": (L, E)} for heatmaps over time
         self.load_rows: list[list] = []  # (step, layer, expert, load) for a W&B table
         self._peak: Optional[float] = None
+        self._said_shared = False  # the warning that the machine's cores are shared (runtime.shared_cores)
         self.varies = False  # whether the experts per token vary (set at the start of training from the routers)
         self._window_start = 0  # the step the current window follows
         self._run_tokens, self._run_seconds = 0, 0.0  # over the whole run (validation excluded), all devices
@@ -228,6 +231,11 @@ class RoutingMetrics(L.Callback):
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         values = self._reduce(trainer)
+        if not self._said_shared and pl_module.device.type == "cpu" and trainer.is_global_zero:
+            crowded = shared_cores()  # said once, at the first window the machine is busier than its CPUs
+            if crowded:
+                print(crowded, file=sys.stderr, flush=True)
+                self._said_shared = True
         step, world = trainer.global_step, trainer.world_size
         micro = self._micro_batches * world  # every rank runs the same number of micro-batches
         seconds = max(time.perf_counter() - self._started - self._paused, 1e-9)

@@ -73,6 +73,44 @@ def quiet_worker() -> None:
                 handler.setLevel(logging.WARNING)
 
 
+# How many times an idle OpenMP thread spins before it sleeps. PyTorch's CPU builds run their intra-op threads on GNU
+# libgomp, whose default is 300,000 spins (about a millisecond): on cores another job shares, a thread spinning at a
+# barrier holds the core its own partner thread (descheduled) needs to reach it. Measured (the default run, 80 steps,
+# 2 threads, 2-core AMD EPYC; benchmarks/2026-12-06_cpu-shared-cores/): beside a busy twin, 0.23-0.26x of its speed
+# alone at the default, 0.22x at 20,000 spins, 0.49-0.52x at 1,000; alone, 1,000 spins is within the machine's
+# spread of the default, where OMP_WAIT_POLICY=PASSIVE (0 spins) costs 10-15%.
+OPENMP_SPIN_COUNT = 1000
+
+
+def short_openmp_spin() -> bool:
+    """Set GOMP_SPINCOUNT to OPENMP_SPIN_COUNT for this process and the ones it starts, unless the user set it or
+    OMP_WAIT_POLICY; libgomp reads it once, when torch loads it, so this must run first (`moe-lab`'s entry point
+    does). Returns whether it was set."""
+    if "torch" in sys.modules or "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+        return False
+    os.environ["GOMP_SPINCOUNT"] = str(OPENMP_SPIN_COUNT)
+    return True
+
+
+def shared_cores(cpus: Optional[int] = None, load: Optional[float] = None) -> Optional[str]:
+    """The warning for a CPU run whose machine is loaded beyond its CPUs (the 1-minute load average, this run
+    included, above the CPUs by more than a quarter of them or one), None otherwise: its tokens/s then fall with the
+    share of the cores it gets."""
+    cpus = available_cpus() if cpus is None else cpus
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:  # no load average on this system
+            return None
+    if load <= cpus + max(1.0, cpus / 4):
+        return None
+    return (
+        f"moe-lab: warning: the machine's load is {load:.1f} on {cpus} CPUs: this run shares its cores with other "
+        f"work, and its tokens/s fall with its share of them; give each job threads= so that all of them together "
+        f"use at most {cpus} (this run: threads={max(1, cpus // 2)} beside one other job of its kind)"
+    )
+
+
 def cpu_threads(setting: Optional[int] = None, processes: int = 1) -> int:
     """Intra-op threads for a training process: `setting`, or the CPUs this process may run on (its affinity, which
     a scheduler or container may set below the machine's count) divided among the `processes` on this machine."""
