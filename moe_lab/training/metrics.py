@@ -23,7 +23,8 @@ Logged every `trainer.log_every_n_steps` optimizer steps (L = block index, E = e
                                   made (moe/overridden_frac: over all layers)
     moe/flops_per_token           training FLOPs per token (6 x active weights + attention, PaLM) at the experts
                                   tokens took: top-k's constant, a dynamic router's realised compute
-    moe/layer{L}/experts_per_token  experts a token went to, before capacity (top-k: k; expert choice and top-p vary);
+    moe/layer{L}/experts_per_token  experts a token went to, before capacity (top-k: k; expert choice and the
+                                  dynamic routers vary: top-p, null experts, ReLU routing);
                                   moe/experts_per_token over layers, and where it varies moe/experts_per_token/{domain}
                                   and each layer's distribution (0..E) in routing.jsonl (experts_per_token_hist)
     moe/max_imbalance, moe/mean_imbalance, moe/dropped_frac, moe/dead_experts, moe/starved_experts (sums),
@@ -165,9 +166,9 @@ class RoutingMetrics(L.Callback):
                 self._sums[key] = self._sums[key] + value
 
     def _experts_per_token(self, layers: list, batch: dict) -> dict[str, torch.Tensor]:
-        """Experts per token: the sum over tokens per layer, and where the number varies (expert choice, top-p) its
-        distribution (0..E experts) per layer and its sums per data domain (on the device). Layers may see different
-        numbers of tokens (the multi-token prediction modules see fewer positions)."""
+        """Experts per token: the sum over tokens per layer, and where the number varies (expert choice, top-p, null
+        experts, ReLU routing) its distribution (0..E experts) per layer and its sums per data domain (on the device).
+        Layers may see different numbers of tokens (the multi-token prediction modules see fewer positions)."""
         k_per_layer = [m.experts_per_token_T for m in layers]
         device = k_per_layer[0].device
         out = {
