@@ -151,7 +151,9 @@ def test_no_rank_holds_every_expert_during_a_sharded_save(runs):
             rises[fmt, rank] = max(s["peak_kib"] - s["before_kib"] for s in saves)
     for rank in (0, 1):
         assert rises["sharded", rank] < 0.15 * whole, (rises, whole)  # measured: a few MB
-        assert rises["file", rank] > 0.9 * whole, (rises, whole)  # the gather: every expert and moment
+        # The control: a gathering save raises each rank's memory by most of the whole (measured 0.89-1.33x of it:
+        # pages an earlier save freed but the allocator kept are reused without a rise), far above the sharded one.
+        assert rises["file", rank] > 0.5 * whole, (rises, whole)
 
 
 # -- one process ------------------------------------------------------------------------------------------------
