@@ -283,7 +283,7 @@ def test_trainer_deterministic_has_one_spelling_under_every_trainer(make_cfg):
 def test_the_default_trainer_is_the_cpu_here_and_the_gpu_where_there_is_one(make_cfg, monkeypatch):
     from moe_lab.training import auto
 
-    monkeypatch.setattr(auto, "cpu_has_fast_bfloat16", lambda: False)
+    monkeypatch.setattr(auto, "cpu_bfloat16_isa", lambda: None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # "here" is a machine without a GPU
     cpu = validate(make_cfg(fast=False)).trainer
     assert (cpu["accelerator"], cpu["precision"], cpu["deterministic"]) == ("cpu", "32-true", True)
@@ -304,7 +304,7 @@ def test_a_cpu_with_amx_defaults_to_compiled_bf16_and_one_setting_gives_float32_
     32-true is the float32 eager run of before, and compile stays off wherever it is not asked for or not measured."""
     from moe_lab.training import auto
 
-    monkeypatch.setattr(auto, "cpu_has_fast_bfloat16", lambda: True)
+    monkeypatch.setattr(auto, "cpu_bfloat16_isa", lambda: "AMX")
     monkeypatch.setattr(auto, "can_build_cpu_kernels", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the default trainer picks a GPU where there is one
     fast = validate(make_cfg(fast=False))
@@ -318,9 +318,50 @@ def test_a_cpu_with_amx_defaults_to_compiled_bf16_and_one_setting_gives_float32_
     assert validate(make_cfg(fast=False)).compile is False  # no compiler: eager bf16, no error
     with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler"):
         validate(make_cfg("compile=true", fast=False))
-    monkeypatch.setattr(auto, "cpu_has_fast_bfloat16", lambda: False)
+    monkeypatch.setattr(auto, "cpu_bfloat16_isa", lambda: None)
     plain = validate(make_cfg(fast=False))
     assert (plain.trainer["precision"], plain.compile) == ("32-true", False)
+
+
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "held_to", "expected"),
+    [
+        (True, True, None, "AMX"),
+        (False, True, None, "AVX512-BF16"),  # AMD EPYC (Zen 4 and later)
+        (False, False, None, None),  # AVX2 only
+        (True, True, "AVX512_CORE_BF16", "AVX512-BF16"),  # an AMX CPU held to what an EPYC has
+        (True, True, "avx512_core_amx", "AMX"),  # oneDNN's older name, any case
+        (True, True, "AVX2", None),
+        (False, True, "AVX512_CORE", None),
+        (False, True, "ALL", "AVX512-BF16"),
+        (False, True, "NOT_AN_ISA", "AVX512-BF16"),  # oneDNN ignores a name it does not know; so does auto
+    ],
+)
+def test_auto_precision_picks_bfloat16_on_cpus_with_amx_or_avx512_bf16_as_onednn_may_use_them(
+    monkeypatch, make_cfg, amx, avx512_bf16, held_to, expected
+):
+    from moe_lab.training import auto
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    if held_to is not None:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", held_to)
+    assert auto.cpu_bfloat16_isa() == expected
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(auto, "can_build_cpu_kernels", lambda: True)
+    cfg = make_cfg(fast=False)
+    run = validate(cfg)
+    assert run.trainer["precision"] == ("32-true" if expected is None else "bf16-mixed")
+    assert run.compile is (expected is not None)
+    said = auto.auto_choices(cfg.trainer, cfg.compile, run)[0]
+    if expected is None and (amx or avx512_bf16):
+        assert "ONEDNN_MAX_CPU_ISA holds oneDNN below them" in said, said
+    else:
+        assert said.startswith(
+            "32-true, as this CPU has neither" if expected is None else f"bf16-mixed, as this CPU has {expected}"
+        )
 
 
 def test_preflight_refuses_a_used_run_directory(tmp_path):
@@ -358,13 +399,17 @@ def test_the_header_says_what_auto_chose_and_why(monkeypatch):
 
     from conftest import compose_cfg
 
-    for amx, precision, compiled in ((False, "32-true", "eager"), (True, "bf16-mixed", "compiled")):
-        monkeypatch.setattr(auto, "cpu_has_fast_bfloat16", lambda amx=amx: amx)
+    for isa, precision, compiled, why in (
+        (None, "32-true", "eager", "has neither AMX nor AVX512-BF16"),
+        ("AMX", "bf16-mixed", "compiled", "has AMX"),
+        ("AVX512-BF16", "bf16-mixed", "compiled", "has AVX512-BF16"),
+    ):
+        monkeypatch.setattr(auto, "cpu_bfloat16_isa", lambda isa=isa: isa)
         monkeypatch.setattr(auto, "can_build_cpu_kernels", lambda: True)
         cfg = compose_cfg(["trainer=auto", "trainer.accelerator=cpu"], output_dir=Path("/nonexistent"), fast=False)
         run = validate(cfg)
         said = auto.auto_choices(cfg.trainer, cfg.compile, run)
-        assert said[0].startswith(f"{precision}, as this CPU has {'AMX' if amx else 'no AMX'}"), said
+        assert said[0].startswith(f"{precision}, as this CPU {why}"), said
         assert said[1].startswith(f"{compiled}, as"), said
     fixed = ["trainer=auto", "trainer.accelerator=cpu", "trainer.precision=32-true", "compile=false"]
     cfg = compose_cfg(fixed, output_dir=Path("/nonexistent"))

@@ -6,7 +6,7 @@ depends on them."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 # A run's settings: schemas.TrainConfig (not imported: the schemas import this module).
 TrainConfig = Any
@@ -22,8 +22,9 @@ def resolve_auto(run: TrainConfig) -> None:
 def resolved_trainer(trainer: dict[str, Any]) -> dict[str, Any]:
     """The trainer arguments with moe-lab's `auto` values chosen for this machine (conf/trainer/auto.yaml):
     accelerator auto -> gpu where CUDA has a device, else cpu; precision auto -> bf16-mixed on a GPU with bfloat16
-    and on a CPU with AMX (cpu_has_fast_bfloat16), else 32-true; deterministic auto -> true on the CPU (the same seed
-    gives the same losses), Lightning's default (off) on a GPU, where several kernels have no deterministic version."""
+    and on a CPU with AMX or AVX512-BF16 (cpu_bfloat16_isa), else 32-true; deterministic auto -> true on the CPU (the
+    same seed gives the same losses), Lightning's default (off) on a GPU, where several kernels have no deterministic
+    version."""
     if "auto" not in (trainer.get("accelerator"), trainer.get("precision"), trainer.get("deterministic")):
         return trainer
     import torch
@@ -33,20 +34,59 @@ def resolved_trainer(trainer: dict[str, Any]) -> dict[str, Any]:
         out["accelerator"] = "gpu" if torch.cuda.is_available() else "cpu"
     on_gpu = out.get("accelerator") in ("gpu", "cuda")
     if out.get("precision") == "auto":
-        fast_bf16 = torch.cuda.is_bf16_supported() if on_gpu else cpu_has_fast_bfloat16()
+        fast_bf16 = torch.cuda.is_bf16_supported() if on_gpu else cpu_bfloat16_isa() is not None
         out["precision"] = "bf16-mixed" if fast_bf16 else "32-true"
     if out.get("deterministic") == "auto":
         out["deterministic"] = None if on_gpu else True
     return out
 
 
-def cpu_has_fast_bfloat16() -> bool:
-    """This CPU has Intel AMX, whose bfloat16 GEMMs run at 4-7x float32's (1.0-2.6 against 0.27-0.39 TFLOP/s on 2
-    cores): bf16-mixed trains the default model at 1.6x float32's tokens/s there (with compile). CPUs with AVX512-BF16
-    alone (bfloat16 GEMMs about 3x float32's) stay in float32 until the same lever is measured on one."""
+# oneDNN's instruction sets in order (its ONEDNN_MAX_CPU_ISA values; AVX10_1_512_AMX is AVX512_CORE_AMX): a CPU held
+# below AVX512_CORE_BF16 computes bfloat16 GEMMs without bfloat16 instructions, and below AVX10_1_512_AMX without AMX.
+ONEDNN_ISAS = (
+    "SSE41",
+    "AVX",
+    "AVX2",
+    "AVX2_VNNI",
+    "AVX2_VNNI_2",
+    "AVX512_CORE",
+    "AVX512_CORE_VNNI",
+    "AVX512_CORE_BF16",
+    "AVX10_1_512",
+    "AVX10_1_512_AMX",
+    "AVX10_1_512_AMX_FP16",
+    "AVX10_2_512",
+    "AVX10_2_512_AMX_2",
+)
+ONEDNN_ISA_ALIASES = {"AVX512_CORE_FP16": "AVX10_1_512", "AVX512_CORE_AMX": "AVX10_1_512_AMX"}
+ONEDNN_ISA_ALIASES["AVX512_CORE_AMX_FP16"] = "AVX10_1_512_AMX_FP16"
+
+
+def onednn_isa_cap() -> Optional[int]:
+    """The rank in ONEDNN_ISAS of the instruction set oneDNN is held to (ONEDNN_MAX_CPU_ISA, or its old name
+    DNNL_MAX_CPU_ISA); None where it is not held (unset, ALL, DEFAULT, or a name oneDNN would ignore as well)."""
+    import os
+
+    value = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    value = ONEDNN_ISA_ALIASES.get(value, value)
+    return ONEDNN_ISAS.index(value) if value in ONEDNN_ISAS else None
+
+
+def cpu_bfloat16_isa() -> Optional[str]:
+    """The instructions that make this CPU's bfloat16 GEMMs fast, as oneDNN may use them: "AMX" (4-7x float32's GEMM
+    rate on 2 cores; bf16-mixed + compile trains the default model at 1.6-1.9x float32 eager's tokens/s), "AVX512-BF16"
+    (bfloat16 dot products without AMX, as on AMD EPYC: about 3x float32's GEMM rate; 1.87x float32 eager's tokens/s,
+    measured on such a CPU, issue 42), or None: bfloat16 GEMMs are converted to float32 ones (on an AVX2 CPU measured
+    at 0.55 GFLOP/s against float32's 104: 190x slower), so the run stays in float32."""
     import torch
 
-    return torch.cpu._is_amx_tile_supported()
+    cap = onednn_isa_cap()
+    allowed = lambda isa: cap is None or cap >= ONEDNN_ISAS.index(isa)  # noqa: E731
+    if torch.cpu._is_amx_tile_supported() and allowed("AVX10_1_512_AMX"):
+        return "AMX"
+    if torch.cpu._is_avx512_bf16_supported() and allowed("AVX512_CORE_BF16"):
+        return "AVX512-BF16"
+    return None
 
 
 def resolved_compile(run: TrainConfig) -> bool:
@@ -91,12 +131,21 @@ def auto_choices(asked_trainer: Any, asked_compile: Any, run: TrainConfig) -> li
             has = "has" if precision == "bf16-mixed" else "lacks"
             said.append(f"{precision}, as the GPU {has} bfloat16")
         elif precision == "bf16-mixed":
-            said.append("bf16-mixed, as this CPU has AMX (fast bfloat16)")
+            said.append(f"bf16-mixed, as this CPU has {cpu_bfloat16_isa()} (fast bfloat16 GEMMs)")
         else:
-            said.append("32-true, as this CPU has no AMX, with which alone bf16-mixed was measured to pay")
+            said.append(f"32-true, as this CPU {cpu_without_bfloat16()}")
     if asked_compile is None:
         said.append(compile_reason(run))
     return said
+
+
+def cpu_without_bfloat16() -> str:
+    """Why a CPU run stays in float32, for the header: no bfloat16 instructions, or oneDNN held below them."""
+    import torch
+
+    if onednn_isa_cap() is not None and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return "has bfloat16 instructions but ONEDNN_MAX_CPU_ISA holds oneDNN below them"
+    return "has neither AMX nor AVX512-BF16, without which bfloat16 GEMMs are slower than float32's"
 
 
 def resolved_fused(run: TrainConfig) -> bool:
