@@ -45,7 +45,7 @@ class DispatchPlan:
     offs_E: torch.Tensor  # int32 (E,), cumulative kept rows per expert (the grouped GEMM's group ends)
     tokens_per_expert_E: torch.Tensor  # int64 (E,), routed slots per expert before capacity
     row_kept_R: Optional[torch.Tensor]  # bool (N,), rows under capacity; None when nothing can be dropped
-    dropped_slots: torch.Tensor  # int64 scalar
+    dropped_slots: Optional[torch.Tensor]  # int64 scalar (None: dropless, nothing dropped)
 
 
 def plan_dispatch(
@@ -68,7 +68,7 @@ def plan_dispatch(
     # last bin counts the slots of no expert.
     counts_B = torch.zeros(num_experts + int(skips), dtype=torch.int64, device=device)
     counts_B.scatter_add_(0, expert_N, torch.ones_like(expert_N))
-    tokens_per_expert_E = counts_B[:num_experts]
+    tokens_per_expert_E = counts_B[:num_experts] if skips else counts_B
     if priority_N is None:
         order_N = torch.argsort(expert_N, stable=True)
     else:
@@ -82,7 +82,7 @@ def plan_dispatch(
             torch.cumsum(tokens_per_expert_E, 0).to(torch.int32),
             tokens_per_expert_E,
             None,
-            torch.zeros((), dtype=torch.int64, device=device),
+            None,
         )
     arange_N = torch.arange(num_slots, device=device)
     sorted_expert_N = expert_N[order_N]

@@ -110,7 +110,9 @@ class LMOutput:
     logits: torch.Tensor  # (B, S, V)
     loss: Optional[torch.Tensor] = None  # cross-entropy, when targets are given
     aux_loss: Optional[torch.Tensor] = None  # sum of weight * (aux loss averaged over MoE layers)
-    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted, each averaged over MoE layers
+    # The aux losses training weights, unweighted, each averaged over MoE layers (every logged one: each layer's
+    # MoELayerOutput.losses).
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     moe: dict[int, MoELayerOutput] = field(default_factory=dict)  # block index -> that layer's statistics
     # Multi-token prediction (model.mtp_depth): each depth's cross-entropy, and their weighted mean (the term the
     # training loss adds), when targets are given.
@@ -245,8 +247,8 @@ class MoETransformer(nn.Module):
         if cache is None and self.mtp:  # generation predicts one token at a time: it leaves them out
             self._predict_further(out, x_BSD, token_ids_BS, targets_BS, domain_B)
         if moe:
-            names = next(iter(moe.values())).losses.keys()
-            out.aux_losses = {n: torch.stack([m.losses[n] for m in moe.values()]).mean() for n in names}
+            names = next(iter(moe.values())).training_losses.keys()
+            out.aux_losses = {n: torch.stack([m.training_losses[n] for m in moe.values()]).mean() for n in names}
             weights = {**self.cfg.moe.aux_loss.weights(), **self.own_loss_weights}
             weighted = [weights[n] * loss for n, loss in out.aux_losses.items() if weights[n] > 0]
             out.aux_loss = torch.stack(weighted).sum() if weighted else None

@@ -11,18 +11,23 @@ from typing import Optional
 import torch
 
 
-def load_balance_loss(probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+def load_balance_loss(
+    probs_TE: torch.Tensor, tokens_per_expert_E: torch.Tensor, num_slots: Optional[int] = None
+) -> torch.Tensor:
     """Switch/GShard load-balancing loss `E * sum_i f_i * P_i` (Fedus et al. 2021, eq. 4; Lepikhin et al. 2020).
 
     f_i is the fraction of the routed token slots that chose expert i (counted before capacity drops; not
     differentiable), P_i the mean router probability of expert i. It equals 1 when routing is uniform and grows to E
     when one expert takes everything. `probs_TE` must already be probabilities: a softmax applied to them again is
-    the double-softmax bug of transformers issue 45120 (it flattens P and weakens the loss).
+    the double-softmax bug of transformers issue 45120 (it flattens P and weakens the loss). `num_slots`, the slots
+    the counts sum to where that is known without counting (T x K for a fixed top-k), saves two operations a call.
     """
     num_experts = probs_TE.shape[-1]
-    f_E = tokens_per_expert_E.float() / tokens_per_expert_E.sum().clamp(min=1)
     p_E = probs_TE.float().mean(dim=0)
-    return num_experts * (f_E.detach() * p_E).sum()
+    counts_E = tokens_per_expert_E.detach().to(p_E.dtype)
+    if num_slots is None:
+        return num_experts * torch.dot(counts_E, p_E) / counts_E.sum().clamp(min=1)
+    return torch.dot(counts_E, p_E) * (num_experts / max(num_slots, 1))
 
 
 def sequence_load_balance_loss(

@@ -27,6 +27,7 @@ tokens or experts and, on one device, no host-device synchronisation, so it runs
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -53,25 +54,78 @@ from moe_lab.model.seeding import seeded_part
 
 @dataclass
 class MoELayerOutput:
-    """Per-layer losses (with gradients) and routing statistics (detached, still on device: no sync)."""
+    """What one call gives beside its output: the aux losses training weights (with gradients), and the routing and
+    dispatch counts every statistic is read from. The statistics are properties, computed when first read (detached,
+    on the device: no sync): a training step that does not log reads none of them and pays for none (on a GPU, a
+    kernel launch or more each, per layer)."""
 
-    losses: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted aux losses, by name
-    tokens_per_expert_E: Optional[torch.Tensor] = None  # float32, routed token slots per expert, before drops
-    dropped_slots: Optional[torch.Tensor] = None  # float32 scalar, slots that overflowed capacity / went unrouted
-    router_entropy: Optional[torch.Tensor] = None  # float32 scalar, mean per-token entropy of router probs (nats)
-    topk_mass: Optional[torch.Tensor] = None  # float32 scalar, mean router probability mass of a token's experts
-    # Every routing decision (slot n: expert_N[n] took token_N[n]), before capacity: for expert x domain tables.
-    expert_N: Optional[torch.Tensor] = None
-    token_N: Optional[torch.Tensor] = None
-    weight_N: Optional[torch.Tensor] = None  # each slot's combine weight
+    routing: Routing
+    routed_counts_E: torch.Tensor  # int64, routed slots per expert before capacity (the dispatch plan's histogram)
+    capacity_dropped: Optional[torch.Tensor]  # int64 scalar, slots over capacity (None: dropless, none)
+    batch_size: int
+    # The unweighted aux losses training weights (weight > 0), and the router's own, by name, with gradients.
+    training_losses: dict[str, torch.Tensor] = field(default_factory=dict)
     # The dispatch plan's rows (grouped path), for `slot_kept_N`: computed only when asked (analyses).
     row_slot_R: Optional[torch.Tensor] = None
     row_kept_R: Optional[torch.Tensor] = None
-    # Routing replay: replayed slots this layer's own router would not have chosen (float32 scalar; None: live).
-    overridden_slots: Optional[torch.Tensor] = None
-    # How many experts each token went to, before capacity (float32 (T,)): K for a fixed top-k, anything from 0 up
-    # for expert choice and the variable-k routers (dynamic compute).
-    experts_per_token_T: Optional[torch.Tensor] = None
+
+    @functools.cached_property
+    def losses(self) -> dict[str, torch.Tensor]:
+        """Every aux loss the router supports, unweighted: the weighted ones, and the Switch loss and z-loss, which
+        are logged whatever their weight (computed here when unweighted)."""
+        return {**logged_losses(self.routing, self.routed_counts_E), **self.training_losses}
+
+    @functools.cached_property
+    def tokens_per_expert_E(self) -> torch.Tensor:
+        """float32, routed token slots per expert, before drops."""
+        return self.routed_counts_E.detach().float()
+
+    @functools.cached_property
+    def dropped_slots(self) -> torch.Tensor:
+        """float32 scalar, slots that overflowed capacity or went unrouted (expert choice)."""
+        dropped = self.routed_counts_E.new_zeros(()) if self.capacity_dropped is None else self.capacity_dropped
+        if self.routing.unrouted_slots is not None:
+            dropped = dropped + self.routing.unrouted_slots
+        return dropped.detach().float()
+
+    @functools.cached_property
+    def confidence(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return routing_confidence(self.routing)
+
+    @property
+    def router_entropy(self) -> torch.Tensor:
+        """float32 scalar, mean per-token entropy of the router's probabilities (nats)."""
+        return self.confidence[0]
+
+    @property
+    def topk_mass(self) -> Optional[torch.Tensor]:
+        """float32 scalar, mean router probability mass of a token's experts (None: no distribution)."""
+        return self.confidence[1]
+
+    # Every routing decision (slot n: expert_N[n] took token_N[n] with weight weight_N[n]), before capacity.
+    @property
+    def expert_N(self) -> torch.Tensor:
+        return self.routing.expert_N.detach()
+
+    @property
+    def token_N(self) -> torch.Tensor:
+        return self.routing.token_N.detach()
+
+    @property
+    def weight_N(self) -> torch.Tensor:
+        return self.routing.weight_N.detach()
+
+    @functools.cached_property
+    def overridden_slots(self) -> Optional[torch.Tensor]:
+        """Routing replay: replayed slots this layer's own router would not have chosen (float32; None: live)."""
+        overridden = self.routing.overridden_slots
+        return None if overridden is None else overridden.detach().float()
+
+    @functools.cached_property
+    def experts_per_token_T(self) -> torch.Tensor:
+        """How many experts each token went to, before capacity (float32 (T,)): K for a fixed top-k, anything from 0
+        up for expert choice and the variable-k routers (dynamic compute)."""
+        return self.routing.experts_per_token_T().detach()
 
     def slot_kept_N(self) -> Optional[torch.Tensor]:
         """Which routing slots were kept under capacity (None: nothing could be dropped)."""
@@ -83,11 +137,8 @@ class MoELayerOutput:
 
     def top_expert_T(self, num_tokens: int) -> torch.Tensor:
         """Each token's expert of highest weight (-1: no expert took it), e.g. to colour text by routing."""
-        weight_N, token_N, expert_N = self.weight_N, self.token_N, self.expert_N
-        assert weight_N is not None and token_N is not None and expert_N is not None, "a routing without its slots"
-        weight_N = weight_N.float()
-        if self.tokens_per_expert_E is not None:  # slots of no expert (id E) are no one's
-            weight_N = weight_N.masked_fill(expert_N >= self.tokens_per_expert_E.numel(), float("-inf"))
+        weight_N, token_N, expert_N = self.weight_N.float(), self.token_N, self.expert_N
+        weight_N = weight_N.masked_fill(expert_N >= self.routing.num_experts, float("-inf"))  # no one's slots
         best_T = torch.full((num_tokens,), float("-inf"), device=weight_N.device)
         best_T.scatter_reduce_(0, token_N, weight_N, reduce="amax")
         top = (weight_N == best_T[token_N]) & (weight_N > float("-inf"))
@@ -96,13 +147,38 @@ class MoELayerOutput:
         return expert_T
 
 
+LOGGED_LOSSES = ("load_balance", "z_loss")  # logged whatever their weight
+
+
+def logged_losses(
+    routing: Routing, routed_counts_E: torch.Tensor, names: tuple[str, ...] = LOGGED_LOSSES
+) -> dict[str, torch.Tensor]:
+    """The Switch load-balancing loss and the z-loss of a routing (those of `names`; none without a learned gate)."""
+    if routing.probs_TE is None:  # no learned gate (hash routing): nothing to balance by gradient
+        return {}
+    losses = {}
+    if "z_loss" in names:
+        if routing.z_loss is not None:
+            losses["z_loss"] = routing.z_loss
+        else:
+            assert routing.logits_TE is not None, "a router with probabilities has logits"
+            losses["z_loss"] = router_z_loss(routing.logits_TE)
+    if "load_balance" in names:
+        balance = routing.balance_loss
+        if balance is None:  # the counts sum to the slots unless some slots go to no expert
+            num_slots = None if routing.skips else routing.expert_N.numel()
+            balance = load_balance_loss(routing.probs_TE, routed_counts_E, num_slots)
+        losses["load_balance"] = balance
+    return losses
+
+
 @dataclass(frozen=True)
 class RoutedOutput:
     """What the routed experts give back: the combined outputs and what capacity did."""
 
     y_TD: torch.Tensor  # every token's weighted sum of its experts' outputs
     tokens_per_expert_E: torch.Tensor  # int64, routed slots per expert before capacity
-    dropped_slots: torch.Tensor  # int64 scalar, slots over capacity
+    dropped_slots: Optional[torch.Tensor]  # int64 scalar, slots over capacity (None: dropless)
     row_slot_R: Optional[torch.Tensor] = None  # the dispatch plan's rows (grouped path), see MoELayerOutput
     row_kept_R: Optional[torch.Tensor] = None
 
@@ -276,25 +352,17 @@ class MoELayer(nn.Module):
         return shared_TD
 
     def layer_output(self, routing: Routing, routed: RoutedOutput, batch_size: int) -> MoELayerOutput:
-        """The aux losses and the routing statistics of one call (detached, on device: no sync)."""
-        dropped = routed.dropped_slots
-        if routing.unrouted_slots is not None:
-            dropped = dropped + routing.unrouted_slots
-        out = MoELayerOutput(
-            losses=self._losses(routing, routed.tokens_per_expert_E, batch_size),
-            tokens_per_expert_E=routed.tokens_per_expert_E.detach().float(),
-            dropped_slots=dropped.detach().float(),
-            expert_N=routing.expert_N.detach(),
-            token_N=routing.token_N.detach(),
-            weight_N=routing.weight_N.detach(),
-            row_slot_R=routed.row_slot_R,
-            row_kept_R=routed.row_kept_R,
+        """The aux losses training weights; the statistics are the output's to compute when read."""
+        losses = self._losses(routing, routed.tokens_per_expert_E, batch_size)
+        return MoELayerOutput(
+            routing,
+            routed.tokens_per_expert_E,
+            routed.dropped_slots,
+            batch_size,
+            losses,
+            routed.row_slot_R,
+            routed.row_kept_R,
         )
-        if routing.overridden_slots is not None:
-            out.overridden_slots = routing.overridden_slots.detach().float()
-        out.experts_per_token_T = routing.experts_per_token_T().detach()
-        out.router_entropy, out.topk_mass = routing_confidence(routing)
-        return out
 
     def _experts(self, rows: ExpertRows) -> torch.Tensor:
         if rows.parts is None:
@@ -312,19 +380,13 @@ class MoELayer(nn.Module):
         )
 
     def _losses(self, routing: Routing, tokens_per_expert_E: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
-        """The unweighted aux losses this router supports: the Switch loss and z-loss always (they are logged),
-        the others only when weighted (the configuration check rejects a weight on a loss the router cannot have)."""
+        """The unweighted aux losses training weights (the configuration check rejects a weight on a loss the router
+        cannot have), and the router's own; the logged but unweighted ones are MoELayerOutput.losses' to compute."""
         if routing.probs_TE is None:  # no learned gate (hash routing): nothing to balance by gradient
             return {}
         weights = self.cfg.aux_loss
-        z_loss = routing.z_loss
-        if z_loss is None:
-            assert routing.logits_TE is not None, "a router with probabilities has logits"
-            z_loss = router_z_loss(routing.logits_TE)
-        balance = routing.balance_loss
-        if balance is None:
-            balance = load_balance_loss(routing.probs_TE, tokens_per_expert_E)
-        losses = {"load_balance": balance, "z_loss": z_loss, **routing.own_losses}
+        weighted = tuple(name for name in LOGGED_LOSSES if getattr(weights, name) > 0)
+        losses = {**logged_losses(routing, tokens_per_expert_E, weighted), **routing.own_losses}
         if weights.seq_load_balance > 0:
             losses["seq_load_balance"] = sequence_load_balance_loss(
                 routing.probs_TE, routing.expert_N, routing.token_N, batch_size, routing.active_N

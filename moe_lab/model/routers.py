@@ -318,7 +318,7 @@ class TopKRouter(Router):
         weights_TK = scores_TE.gather(1, expert_ids_TK)
         if self.cfg.normalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        return weights_TK * self.cfg.scaling_factor
+        return weights_TK if self.cfg.scaling_factor == 1.0 else weights_TK * self.cfg.scaling_factor
 
     def forward(self, inputs: RouterInputs) -> Routing:
         x_TD = inputs.x_TD
@@ -329,7 +329,7 @@ class TopKRouter(Router):
             expert_ids_TK,
             self.combine_weights(scores_TE, expert_ids_TK),
             self.num_experts,
-            probs_TE=probs_of(logits_TE, self.cfg.score),
+            probs_TE=scores_TE if self.cfg.score == "softmax" else probs_of(logits_TE, self.cfg.score),  # one softmax
             logits_TE=logits_TE,
             **replayed,
         )

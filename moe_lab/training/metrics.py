@@ -82,7 +82,10 @@ def model_summary(per_layer: dict[str, list[float]]) -> dict[str, float]:
 
 
 class RoutingMetrics(L.Callback):
-    """Aggregates the per-micro-batch statistics that `training_step` returns, and logs them once per window."""
+    """Aggregates the per-micro-batch statistics that `training_step` returns, and logs them once per window
+    (`trainer.log_every_n_steps`): the loss is the mean over every micro-batch of the window, the routing statistics
+    (moe/*, the aux losses) are those of the logging step's micro-batches, computed then only, since on a GPU each
+    costs kernel launches in every layer at every step it is computed."""
 
     def __init__(
         self,
@@ -113,6 +116,7 @@ class RoutingMetrics(L.Callback):
     def _reset(self) -> None:
         self._sums: Optional[dict[str, torch.Tensor]] = None
         self._micro_batches = 0
+        self._routed_micro_batches = 0  # those whose routing statistics are in the sums (a logging step's)
         self._samples = 0
         self._tokens = 0
         self._started = time.perf_counter()
@@ -128,16 +132,22 @@ class RoutingMetrics(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        every = cast(int, getattr(trainer, "log_every_n_steps"))  # noqa: B009 (a Trainer attribute its stubs lack)
+        accumulating = trainer.global_step == self._last_step
+        step = trainer.global_step + int(accumulating)  # the optimizer step this micro-batch is part of
+        logs = step % every == 0 or step == trainer.max_steps
         if isinstance(outputs, dict) and "stats" in outputs:
-            self._accumulate(outputs["stats"], batch, lm(pl_module).moe_layers)
-        if trainer.global_step == self._last_step:
+            self._accumulate(outputs["stats"], batch, lm(pl_module).moe_layers, routing=logs)
+        if accumulating:
             return  # still accumulating gradients
         self._last_step = trainer.global_step
-        every = cast(int, getattr(trainer, "log_every_n_steps"))  # noqa: B009 (a Trainer attribute its stubs lack)
         if trainer.global_step % every == 0 and self._sums is not None:
             self._log(trainer, pl_module)
 
-    def _accumulate(self, stats: dict, batch: dict, moe_layers: list[int]) -> None:
+    def _accumulate(self, stats: dict, batch: dict, moe_layers: list[int], routing: bool) -> None:
+        """Add a micro-batch's losses to the window's sums, and with `routing` (the micro-batches of a logging step)
+        its routing statistics, which only then are computed (MoELayerOutput's properties): a step that does not log
+        pays for none of them."""
         ids = batch["input_ids"]
         self._micro_batches += 1
         self._samples += ids.shape[0]
@@ -145,8 +155,9 @@ class RoutingMetrics(L.Callback):
         sums = {"ce": stats["ce"], "nonfinite": stats["nonfinite"]}
         if "mtp_D" in stats:  # each multi-token prediction depth's cross-entropy
             sums["mtp_D"] = stats["mtp_D"]
-        layers = [stats["moe"][layer] for layer in moe_layers]
+        layers = [stats["moe"][layer] for layer in moe_layers] if routing else []
         if layers:
+            self._routed_micro_batches += 1
             sums["counts_LE"] = torch.stack([m.tokens_per_expert_E for m in layers])
             sums["dropped_L"] = torch.stack([m.dropped_slots for m in layers])
             sums["entropy_L"] = torch.stack([m.router_entropy for m in layers])
@@ -264,12 +275,13 @@ class RoutingMetrics(L.Callback):
             metrics["train/mfu"] = window["device/mfu"]
         for depth, loss in enumerate(values.get("mtp_D", []), start=1):
             metrics[f"train/mtp_loss/depth{depth}"] = float(loss) / micro
-        aux = {k: v / micro for k, v in values.items() if k.startswith("aux/")}
+        routed = max(self._routed_micro_batches * world, 1)  # the logging step's micro-batches, on every rank
+        aux = {k: v / routed for k, v in values.items() if k.startswith("aux/")}
         for key, per_layer in aux.items():
             metrics[f"train/{key}"] = float(per_layer.mean())
         record = {"step": step, "domains": self.domain_names, "layers": []}
         if "counts_LE" in values:
-            self._layer_metrics(lm(pl_module).moe_layers, values, aux, micro, metrics, record)
+            self._layer_metrics(lm(pl_module).moe_layers, values, aux, routed, metrics, record)
         if values["nonfinite"] > 0 or not math.isfinite(metrics["train/loss"]):
             raise Diverged(
                 f"training diverged: the loss became NaN or infinite between steps {self._window_start + 1} and {step}"
