@@ -41,11 +41,22 @@ class DispatchPlan:
     """Where every routing slot goes; built once per layer call by `plan_dispatch`."""
 
     row_slot_R: torch.Tensor  # int64 (N,), the slot of each row: grouped by expert, kept rows first, dropped after
-    kept_E: torch.Tensor  # int64 (E,), kept slots per expert
+    kept_E: Optional[torch.Tensor]  # int64 (E,), kept slots per expert (None: dropless, read from offs_E)
     offs_E: torch.Tensor  # int32 (E,), cumulative kept rows per expert (the grouped GEMM's group ends)
-    tokens_per_expert_E: torch.Tensor  # int64 (E,), routed slots per expert before capacity
+    # int64 (E,), routed slots per expert before capacity (None: dropless, every slot kept: read from offs_E).
+    tokens_per_expert_E: Optional[torch.Tensor]
     row_kept_R: Optional[torch.Tensor]  # bool (N,), rows under capacity; None when nothing can be dropped
     dropped_slots: Optional[torch.Tensor]  # int64 scalar (None: dropless, nothing dropped)
+
+    def kept_counts_E(self) -> torch.Tensor:
+        """int64 (E,), kept slots per expert."""
+        return counts_from_offsets(self.offs_E) if self.kept_E is None else self.kept_E
+
+
+def counts_from_offsets(offs_E: torch.Tensor) -> torch.Tensor:
+    """int64 (E,) group sizes from the grouped GEMM's group ends."""
+    ends_E = offs_E.long()
+    return torch.diff(ends_E, prepend=ends_E.new_zeros(1))
 
 
 def plan_dispatch(
@@ -64,6 +75,13 @@ def plan_dispatch(
     """
     device = expert_N.device
     num_slots = expert_N.numel()
+    if not skips and priority_N is None and (capacity is None or capacity >= num_slots):
+        # Dropless: one sort, and each expert's group end found in the sorted ids (3 kernels; a histogram, its
+        # cumulative sum and a cast were 5 more). The counts are read from the ends when asked for.
+        sorted_N, order_N = torch.sort(expert_N, stable=True)
+        experts_E = torch.arange(num_experts, device=device, dtype=sorted_N.dtype)
+        offs_E = torch.searchsorted(sorted_N, experts_E, right=True, out_int32=True)
+        return DispatchPlan(order_N, None, offs_E, None, None, None)
     # Histogram by scatter-add: torch.bincount would synchronise with the host to learn max(input). With skips, the
     # last bin counts the slots of no expert.
     counts_B = torch.zeros(num_experts + int(skips), dtype=torch.int64, device=device)
@@ -75,7 +93,7 @@ def plan_dispatch(
         by_priority_N = torch.argsort(-priority_N, stable=True)
         order_N = by_priority_N[torch.argsort(expert_N[by_priority_N], stable=True)]
 
-    if not skips and (capacity is None or capacity >= num_slots):
+    if not skips and (capacity is None or capacity >= num_slots):  # dropless, ordered by priority
         return DispatchPlan(
             order_N,
             tokens_per_expert_E,
@@ -180,7 +198,7 @@ class LocalDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, routing: Routing, plan: DispatchPlan) -> ExpertRows:
         T, D = x_TD.shape
-        token_R = routing.token_N.index_select(0, plan.row_slot_R)
+        token_R = routing.tokens_of(plan.row_slot_R)
         weight_R = routing.weight_N.index_select(0, plan.row_slot_R)
         x_src = x_TD
         if plan.row_kept_R is not None:
@@ -196,7 +214,8 @@ class LocalDispatcher:
         home = rows.combine
         assert isinstance(home, LocalCombine)
         y_TD = scatter_add_rows(y_RD, home.token_R, home.rows_out)  # sum each token's slots
-        return y_TD[: home.num_tokens]
+        # Cut the spare row only where there is one: a slice's backward is a kernel (zeros, then a copy).
+        return y_TD if home.rows_out == home.num_tokens else y_TD[: home.num_tokens]
 
 
 class AllToAllDispatcher:
@@ -211,14 +230,14 @@ class AllToAllDispatcher:
     def dispatch(self, x_TD: torch.Tensor, routing: Routing, plan: DispatchPlan) -> ExpertRows:
         P, El = self.size, self.local_experts
         # Kept rows come first in the plan, grouped by expert, so they are already grouped by destination rank.
-        send_PEl = plan.kept_E.view(P, El).contiguous()
+        send_PEl = plan.kept_counts_E().view(P, El).contiguous()
         recv_PEl = torch.empty_like(send_PEl)  # recv_PEl[s, e]: rows rank s sends to this rank's local expert e
         dist.all_to_all_single(recv_PEl, send_PEl, group=self.group)
         # all_to_all takes its split sizes on the host: the one synchronisation of the layer.
         splits = torch.cat([send_PEl.sum(1), recv_PEl.sum(1)]).tolist()
         send_splits, recv_splits = splits[:P], splits[P:]
         kept_rows = plan.row_slot_R[: sum(send_splits)]
-        token_Rs = routing.token_N.index_select(0, kept_rows)
+        token_Rs = routing.tokens_of(kept_rows)
         x_recv = all_to_all(x_TD.index_select(0, token_Rs), recv_splits, send_splits, self.group)
         w_recv = all_to_all(routing.weight_N.index_select(0, kept_rows), recv_splits, send_splits, self.group)
         home = AllToAllCombine(token_Rs, x_TD.shape[0], send_splits, recv_splits)

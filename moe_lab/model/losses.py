@@ -30,6 +30,19 @@ def load_balance_loss(
     return torch.dot(counts_E, p_E) * (num_experts / max(num_slots, 1))
 
 
+def slot_load_balance_loss(
+    probs_TE: torch.Tensor, expert_N: torch.Tensor, active_N: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """`load_balance_loss` from the routing slots instead of the counts: sum_i f_i P_i = (1/N) sum_n P_{expert_n},
+    without a histogram (the dropless dispatch makes none). `active_N` marks the slots that go to an expert."""
+    num_experts = probs_TE.shape[-1]
+    p_E = probs_TE.float().mean(dim=0)
+    if active_N is None:
+        return p_E.index_select(0, expert_N).sum() * (num_experts / max(expert_N.numel(), 1))
+    p_N = p_E.index_select(0, expert_N.clamp(max=num_experts - 1)) * active_N
+    return num_experts * p_N.sum() / active_N.sum().clamp(min=1)
+
+
 def sequence_load_balance_loss(
     probs_TE: torch.Tensor,
     expert_N: torch.Tensor,

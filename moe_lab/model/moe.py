@@ -37,7 +37,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from moe_lab.model.config import MoEConfig
-from moe_lab.model.dispatch import AllToAllDispatcher, ExpertRows, LocalDispatcher, plan_dispatch
+from moe_lab.model.dispatch import AllToAllDispatcher, ExpertRows, LocalDispatcher, counts_from_offsets, plan_dispatch
 from moe_lab.model.experts import FeedForward, GroupedExperts
 from moe_lab.model.losses import (
     global_load_balance_loss,
@@ -46,6 +46,7 @@ from moe_lab.model.losses import (
     load_loss,
     router_z_loss,
     sequence_load_balance_loss,
+    slot_load_balance_loss,
 )
 from moe_lab.model.replay import RoutingTape
 from moe_lab.model.routers import RouterInputs, Routing, build_router
@@ -60,30 +61,36 @@ class MoELayerOutput:
     kernel launch or more each, per layer)."""
 
     routing: Routing
-    routed_counts_E: torch.Tensor  # int64, routed slots per expert before capacity (the dispatch plan's histogram)
-    capacity_dropped: Optional[torch.Tensor]  # int64 scalar, slots over capacity (None: dropless, none)
+    routed: RoutedOutput  # what dispatch and capacity did: counts, drops, the plan's rows
     batch_size: int
     # The unweighted aux losses training weights (weight > 0), and the router's own, by name, with gradients.
     training_losses: dict[str, torch.Tensor] = field(default_factory=dict)
-    # The dispatch plan's rows (grouped path), for `slot_kept_N`: computed only when asked (analyses).
-    row_slot_R: Optional[torch.Tensor] = None
-    row_kept_R: Optional[torch.Tensor] = None
 
     @functools.cached_property
     def losses(self) -> dict[str, torch.Tensor]:
         """Every aux loss the router supports, unweighted: the weighted ones, and the Switch loss and z-loss, which
         are logged whatever their weight (computed here when unweighted)."""
-        return {**logged_losses(self.routing, self.routed_counts_E), **self.training_losses}
+        return {**logged_losses(self.routing, self.routed.counts_E()), **self.training_losses}
 
     @functools.cached_property
     def tokens_per_expert_E(self) -> torch.Tensor:
         """float32, routed token slots per expert, before drops."""
-        return self.routed_counts_E.detach().float()
+        return self.routed.counts_E().detach().float()
+
+    @property
+    def row_slot_R(self) -> Optional[torch.Tensor]:
+        """The dispatch plan's rows (grouped path), for `slot_kept_N`."""
+        return self.routed.row_slot_R
+
+    @property
+    def row_kept_R(self) -> Optional[torch.Tensor]:
+        return self.routed.row_kept_R
 
     @functools.cached_property
     def dropped_slots(self) -> torch.Tensor:
         """float32 scalar, slots that overflowed capacity or went unrouted (expert choice)."""
-        dropped = self.routed_counts_E.new_zeros(()) if self.capacity_dropped is None else self.capacity_dropped
+        dropped = self.routed.dropped_slots
+        dropped = self.routing.expert_N.new_zeros(()) if dropped is None else dropped
         if self.routing.unrouted_slots is not None:
             dropped = dropped + self.routing.unrouted_slots
         return dropped.detach().float()
@@ -151,9 +158,10 @@ LOGGED_LOSSES = ("load_balance", "z_loss")  # logged whatever their weight
 
 
 def logged_losses(
-    routing: Routing, routed_counts_E: torch.Tensor, names: tuple[str, ...] = LOGGED_LOSSES
+    routing: Routing, routed_counts_E: Optional[torch.Tensor], names: tuple[str, ...] = LOGGED_LOSSES
 ) -> dict[str, torch.Tensor]:
-    """The Switch load-balancing loss and the z-loss of a routing (those of `names`; none without a learned gate)."""
+    """The Switch load-balancing loss and the z-loss of a routing (those of `names`; none without a learned gate).
+    Without the counts (dropless dispatch counts nothing), the Switch loss sums each slot's mean probability."""
     if routing.probs_TE is None:  # no learned gate (hash routing): nothing to balance by gradient
         return {}
     losses = {}
@@ -164,11 +172,13 @@ def logged_losses(
             assert routing.logits_TE is not None, "a router with probabilities has logits"
             losses["z_loss"] = router_z_loss(routing.logits_TE)
     if "load_balance" in names:
-        balance = routing.balance_loss
-        if balance is None:  # the counts sum to the slots unless some slots go to no expert
+        if routing.balance_loss is not None:
+            losses["load_balance"] = routing.balance_loss
+        elif routed_counts_E is None:
+            losses["load_balance"] = slot_load_balance_loss(routing.probs_TE, routing.expert_N, routing.active_N)
+        else:  # the counts sum to the slots unless some slots go to no expert
             num_slots = None if routing.skips else routing.expert_N.numel()
-            balance = load_balance_loss(routing.probs_TE, routed_counts_E, num_slots)
-        losses["load_balance"] = balance
+            losses["load_balance"] = load_balance_loss(routing.probs_TE, routed_counts_E, num_slots)
     return losses
 
 
@@ -177,10 +187,19 @@ class RoutedOutput:
     """What the routed experts give back: the combined outputs and what capacity did."""
 
     y_TD: torch.Tensor  # every token's weighted sum of its experts' outputs
-    tokens_per_expert_E: torch.Tensor  # int64, routed slots per expert before capacity
+    # int64, routed slots per expert before capacity (None: dropless, where they are the sizes of the groups that
+    # end at offs_E, read when asked for)
+    tokens_per_expert_E: Optional[torch.Tensor]
     dropped_slots: Optional[torch.Tensor]  # int64 scalar, slots over capacity (None: dropless)
     row_slot_R: Optional[torch.Tensor] = None  # the dispatch plan's rows (grouped path), see MoELayerOutput
     row_kept_R: Optional[torch.Tensor] = None
+    offs_E: Optional[torch.Tensor] = None  # int32, the grouped GEMM's group ends (grouped path)
+
+    def counts_E(self) -> torch.Tensor:
+        if self.tokens_per_expert_E is not None:
+            return self.tokens_per_expert_E
+        assert self.offs_E is not None, "a routed output without counts has its groups' ends"
+        return counts_from_offsets(self.offs_E)
 
 
 @torch.no_grad()
@@ -342,7 +361,9 @@ class MoELayer(nn.Module):
         rows = self.dispatcher.dispatch(x_TD, routing, plan)
         y_RD = self._experts(rows)
         y_TD = self.dispatcher.combine(y_RD, rows).to(x_TD.dtype)
-        return RoutedOutput(y_TD, plan.tokens_per_expert_E, plan.dropped_slots, plan.row_slot_R, plan.row_kept_R)
+        return RoutedOutput(
+            y_TD, plan.tokens_per_expert_E, plan.dropped_slots, plan.row_slot_R, plan.row_kept_R, plan.offs_E
+        )
 
     def shared_experts(self, x_TD: torch.Tensor) -> torch.Tensor:
         assert self.shared is not None
@@ -353,16 +374,7 @@ class MoELayer(nn.Module):
 
     def layer_output(self, routing: Routing, routed: RoutedOutput, batch_size: int) -> MoELayerOutput:
         """The aux losses training weights; the statistics are the output's to compute when read."""
-        losses = self._losses(routing, routed.tokens_per_expert_E, batch_size)
-        return MoELayerOutput(
-            routing,
-            routed.tokens_per_expert_E,
-            routed.dropped_slots,
-            batch_size,
-            losses,
-            routed.row_slot_R,
-            routed.row_kept_R,
-        )
+        return MoELayerOutput(routing, routed, batch_size, self._losses(routing, routed, batch_size))
 
     def _experts(self, rows: ExpertRows) -> torch.Tensor:
         if rows.parts is None:
@@ -379,20 +391,20 @@ class MoELayer(nn.Module):
             ]
         )
 
-    def _losses(self, routing: Routing, tokens_per_expert_E: torch.Tensor, batch_size: int) -> dict[str, torch.Tensor]:
+    def _losses(self, routing: Routing, routed: RoutedOutput, batch_size: int) -> dict[str, torch.Tensor]:
         """The unweighted aux losses training weights (the configuration check rejects a weight on a loss the router
         cannot have), and the router's own; the logged but unweighted ones are MoELayerOutput.losses' to compute."""
         if routing.probs_TE is None:  # no learned gate (hash routing): nothing to balance by gradient
             return {}
         weights = self.cfg.aux_loss
         weighted = tuple(name for name in LOGGED_LOSSES if getattr(weights, name) > 0)
-        losses = {**logged_losses(routing, tokens_per_expert_E, weighted), **routing.own_losses}
+        losses = {**logged_losses(routing, routed.tokens_per_expert_E, weighted), **routing.own_losses}
         if weights.seq_load_balance > 0:
             losses["seq_load_balance"] = sequence_load_balance_loss(
                 routing.probs_TE, routing.expert_N, routing.token_N, batch_size, routing.active_N
             )
         if weights.global_load_balance > 0:
-            losses["global_load_balance"] = global_load_balance_loss(routing.probs_TE, tokens_per_expert_E)
+            losses["global_load_balance"] = global_load_balance_loss(routing.probs_TE, routed.counts_E())
         if weights.importance > 0:
             losses["importance"] = importance_loss(routing.weight_N, routing.expert_N, self.num_experts)
         if weights.load > 0 and routing.load_estimate_E is not None:

@@ -72,7 +72,9 @@ class Routing:
     """
 
     expert_N: torch.Tensor  # int64
-    token_N: torch.Tensor  # int64
+    # int64, the token of each slot; None for token choice's k-major slots, whose token is n mod T (`token_N` builds
+    # it when read: the training step never needs it whole, see `tokens_of`).
+    slot_tokens_N: Optional[torch.Tensor]
     weight_N: torch.Tensor  # float32, the weight combining this expert's output into the token's
     num_tokens: int  # T
     num_experts: int  # E
@@ -96,6 +98,20 @@ class Routing:
     skips: bool = False
 
     @property
+    def token_N(self) -> torch.Tensor:
+        """int64 (N,): the token of each slot."""
+        if self.slot_tokens_N is None:
+            K = self.expert_N.numel() // max(self.num_tokens, 1)
+            self.slot_tokens_N = torch.arange(self.num_tokens, device=self.expert_N.device).repeat(K)
+        return self.slot_tokens_N
+
+    def tokens_of(self, slots_R: torch.Tensor) -> torch.Tensor:
+        """The token of each of the slots `slots_R` (one operation: k-major slot n is token n mod T)."""
+        if self.slot_tokens_N is None:
+            return torch.remainder(slots_R, self.num_tokens)
+        return self.slot_tokens_N.index_select(0, slots_R)
+
+    @property
     def active_N(self) -> Optional[torch.Tensor]:
         """Which slots go to an expert (None: all of them)."""
         return self.expert_N < self.num_experts if self.skips else None
@@ -111,12 +127,10 @@ class Routing:
     def from_token_choice(
         cls, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, **extras: Any
     ) -> "Routing":
-        """Each token's K choices (T, K) as k-major slots."""
-        T, K = expert_ids_TK.shape
-        token_N = torch.arange(T, device=expert_ids_TK.device).repeat(K)
-        return cls(
-            expert_ids_TK.t().reshape(-1), token_N, weights_TK.t().reshape(-1), T, num_experts, "token", **extras
-        )
+        """Each token's K choices (T, K) as k-major slots (a copy of the expert ids; the weights are read in place
+        where they were computed k-major, as `combine_weights` does)."""
+        T = expert_ids_TK.shape[0]
+        return cls(expert_ids_TK.t().reshape(-1), None, weights_TK.t().reshape(-1), T, num_experts, "token", **extras)
 
     @classmethod
     def from_expert_choice(
@@ -315,7 +329,8 @@ class TopKRouter(Router):
         return choice_TE.topk(self.top_k, dim=-1).indices
 
     def combine_weights(self, scores_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> torch.Tensor:
-        weights_TK = scores_TE.gather(1, expert_ids_TK)
+        # Gathered k-major ((K, T) in memory, seen as (T, K)): the slots' weights are then a view, not a copy.
+        weights_TK = scores_TE.t().gather(0, expert_ids_TK.t()).t()
         if self.cfg.normalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         return weights_TK if self.cfg.scaling_factor == 1.0 else weights_TK * self.cfg.scaling_factor

@@ -173,8 +173,8 @@ class RoutingMetrics(L.Callback):
         if self._sums is None:
             self._sums = sums
         else:
-            for key, value in sums.items():
-                self._sums[key] = self._sums[key] + value
+            for key, value in sums.items():  # a logging step's routing statistics are new to the window's sums
+                self._sums[key] = self._sums[key] + value if key in self._sums else value
 
     def _experts_per_token(self, layers: list, batch: dict) -> dict[str, torch.Tensor]:
         """Experts per token: the sum over tokens per layer, and where the number varies (expert choice, top-p, null
