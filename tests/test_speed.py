@@ -260,3 +260,81 @@ def test_each_training_step_is_set_against_the_bf16_gemm_at_its_own_model_shape(
     assert tiny["of_bf16_model_peak"] == pytest.approx(1e11 / 2e11)
     assert base["of_bf16_model_peak"] == base_again["of_bf16_model_peak"] == pytest.approx(1e11 / 4e11)
     assert base["of_peak"] == pytest.approx(1e11 / 1e12)
+
+
+def counted_layer_step(case_name: str, aux: bool, tokens: int = 256):
+    """(moe-lab's grouped layer, transformers' grouped Mixtral block, the case) on one input, in training mode."""
+    import dataclasses
+
+    from moe_lab.model.config import AuxLossConfig
+    from moe_lab.tools.bench import cases, layer, peers
+
+    case = dataclasses.replace(next(c for c in cases.COMPARE_CASES if c.name == case_name), tokens=tokens)
+    ours = layer.moe_layer(case, "grouped", torch.device("cpu"), torch.float32).train()
+    if not aux:
+        ours.cfg = dataclasses.replace(ours.cfg, aux_loss=AuxLossConfig(load_balance=0.0, z_loss=0.0))
+    theirs = peers.hf_grouped(ours, case, torch.device("cpu"), torch.float32).train()
+    return ours, theirs, case
+
+
+def forward_backward(module, forward, case):
+    torch.manual_seed(1)
+    x = torch.randn(1, case.tokens, case.d_model, requires_grad=True)
+    grad = torch.randn_like(x)
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        forward(x).backward(grad)
+
+    step()  # first calls may initialise state
+    return step
+
+
+@pytest.mark.parametrize("case_name", ["E8-top2", "E64-top8"])
+def test_the_layer_issues_no_more_operations_than_transformers_grouped_layer(case_name):
+    """Forward + backward in training mode, a step that does not log (no statistic is read), counted at dispatch:
+    every aten operation, and those that launch a kernel on a GPU. moe-lab's layer without its aux losses is held at
+    or below transformers' (which computes its aux loss outside the layer, in the model); the two losses add their
+    forward's 7 kernels (z-loss: logsumexp, square, mean; Switch loss: mean, gather, sum, scale). No operation reads
+    a value back to the host (a synchronisation on a GPU)."""
+    pytest.importorskip("transformers")
+    from moe_lab.tools.bench.cases import count_ops
+
+    ours, theirs, case = counted_layer_step(case_name, aux=False)
+    mine = count_ops(forward_backward(ours, lambda t: ours(t)[0], case))
+    transformers = count_ops(forward_backward(theirs, theirs, case))
+    assert mine.kernels <= transformers.kernels, (mine, transformers)
+    assert mine.total <= transformers.total, (mine, transformers)
+    assert mine.host_reads == 0, mine.by_op
+    with_aux, _, _ = counted_layer_step(case_name, aux=True)
+    aux = count_ops(forward_backward(with_aux, lambda t: with_aux(t)[0], case))
+    assert aux.kernels == mine.kernels + 7, (aux.by_op, mine.by_op)
+
+
+def test_routing_statistics_are_computed_when_read_and_the_metrics_read_them_at_logging_steps_only(monkeypatch):
+    """What only logging needs costs nothing at the other steps: each statistic is a property computed when read,
+    and RoutingMetrics reads them for the micro-batches of a logging step (every log_every_n_steps, and the last)."""
+    import moe_lab.training.metrics as metrics_module
+    from moe_lab.tools.bench.cases import count_ops
+
+    torch.manual_seed(0)
+    layer = MoELayer(64, MoEConfig(num_experts=8, expert_hidden=64, capacity_factor=None)).train()
+    x = torch.randn(2, 16, 64)
+    unread = count_ops(lambda: layer(x))
+    read = count_ops(lambda: [layer(x)[1].tokens_per_expert_E, layer(x)[1].router_entropy])
+    assert read.kernels > 2 * unread.kernels  # two calls and their statistics
+
+    metrics = metrics_module.RoutingMetrics(domain_names=["a"], flops_per_token=1)
+    metrics._last_step = 0
+    read_at = []
+    monkeypatch.setattr(metrics, "_accumulate", lambda stats, batch, layers, routing: read_at.append(routing))
+    monkeypatch.setattr(metrics, "_log", lambda trainer, module: None)
+    monkeypatch.setattr(metrics_module, "lm", lambda pl_module: pl_module)
+    module = SimpleNamespace(moe_layers=[0])
+    trainer = SimpleNamespace(log_every_n_steps=3, max_steps=7, global_step=0)
+    for step in range(1, 8):  # two micro-batches per optimizer step (gradient accumulation)
+        metrics.on_train_batch_end(trainer, module, {"stats": {}}, {}, 0)
+        trainer.global_step = step
+        metrics.on_train_batch_end(trainer, module, {"stats": {}}, {}, 1)
+    steps = [step for step in range(1, 8) for _ in range(2)]
+    assert [step for step, routing in zip(steps, read_at) if routing] == [3, 3, 6, 6, 7, 7]

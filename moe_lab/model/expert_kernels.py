@@ -28,8 +28,9 @@ import torch.nn.functional as F
 # ------------------------------------------------------------------------------------------------------------
 # SwiGLU, fused
 
-# Below this width the gate half of an (R, 2F) tensor is copied before silu: on short strided rows aten's vectorised
-# loops run 2-7x slower per element (measured: the blocks benchmark's README).
+# Below this width the gate half of an (R, 2F) tensor is copied before silu, on a CPU: on short strided rows aten's
+# vectorised loops run 2-7x slower per element (measured: the blocks benchmark's README). A GPU's elementwise kernels
+# have neither cost, so there the copies would be launches for nothing.
 NARROW_GATE_WIDTH = 128
 # Buffers of a multiple of this many elements leave no element to the scalar tail of aten's vectorised loops (whose
 # exp rounds differently) on one or two threads, so a row's bits do not depend on how many rows its call has: expert
@@ -51,7 +52,7 @@ class ScaledSwiGLU(torch.autograd.Function):
             # Inductor fuses the out-of-place form into one kernel anyway.
             out = F.silu(gate) * up
             return out if scale_R is None else out * scale_R[:, None]
-        if gate.shape[-1] < NARROW_GATE_WIDTH:
+        if is_narrow_on_cpu(gate):
             out = torch.mul(_narrow_silu(gate)[1], up)
         else:
             out = F.silu(gate).mul_(up)
@@ -65,7 +66,7 @@ class ScaledSwiGLU(torch.autograd.Function):
         if torch.compiler.is_compiling():
             return swiglu_backward_for_inductor(h_RGF, scale_R, grad_RF, ctx.needs_input_grad[1])
         gate, up = h_RGF.chunk(2, dim=-1)
-        narrow = gate.shape[-1] < NARROW_GATE_WIDTH
+        narrow = is_narrow_on_cpu(gate)
         if narrow:
             gate_flat, silu = _narrow_silu(gate)
             grad_flat, grad_up_silu = _tail_free_buffer(gate)
@@ -89,6 +90,11 @@ class ScaledSwiGLU(torch.autograd.Function):
         torch.ops.aten.silu_backward(grad_up_silu, gate, grad_input=grad_RGF[:, :width])
         torch.mul(grad_RF, silu, out=grad_RGF[:, width:])
         return grad_RGF, grad_scale
+
+
+def is_narrow_on_cpu(gate_RF: torch.Tensor) -> bool:
+    """Whether silu goes through a contiguous copy of the gate (NARROW_GATE_WIDTH, TAIL_FREE_ELEMENTS)."""
+    return gate_RF.shape[-1] < NARROW_GATE_WIDTH and gate_RF.device.type == "cpu"
 
 
 def scaled_swiglu(h_RGF: torch.Tensor, scale_R: Optional[torch.Tensor]) -> torch.Tensor:

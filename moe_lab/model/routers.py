@@ -127,8 +127,7 @@ class Routing:
     def from_token_choice(
         cls, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, **extras: Any
     ) -> "Routing":
-        """Each token's K choices (T, K) as k-major slots (a copy of the expert ids; the weights are read in place
-        where they were computed k-major, as `combine_weights` does)."""
+        """Each token's K choices (T, K) as k-major slots; their tokens are built only when read (`token_N`)."""
         T = expert_ids_TK.shape[0]
         return cls(expert_ids_TK.t().reshape(-1), None, weights_TK.t().reshape(-1), T, num_experts, "token", **extras)
 
@@ -329,8 +328,7 @@ class TopKRouter(Router):
         return choice_TE.topk(self.top_k, dim=-1).indices
 
     def combine_weights(self, scores_TE: torch.Tensor, expert_ids_TK: torch.Tensor) -> torch.Tensor:
-        # Gathered k-major ((K, T) in memory, seen as (T, K)): the slots' weights are then a view, not a copy.
-        weights_TK = scores_TE.t().gather(0, expert_ids_TK.t()).t()
+        weights_TK = scores_TE.gather(1, expert_ids_TK)
         if self.cfg.normalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
         return weights_TK if self.cfg.scaling_factor == 1.0 else weights_TK * self.cfg.scaling_factor

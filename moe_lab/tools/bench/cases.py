@@ -3,12 +3,14 @@ forward pass keeps for backward."""
 
 from __future__ import annotations
 
+import collections
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moe_lab.tools.bench.baseline import synchronize
 
@@ -104,3 +106,47 @@ def saved_for_backward_mb(fn: Callable[[], torch.Tensor], module: Optional[torch
         out = fn()
     del out
     return total / 2**20
+
+
+# Operations that launch no kernel on a GPU: allocations without a fill (views are told by their schema).
+ALLOCATIONS = frozenset({"empty", "empty_like", "new_empty", "empty_strided"})
+# Operations after which the host waits for the device: a scalar read (.item(), bool(t)), or an output whose size
+# depends on the data.
+HOST_READS = frozenset(
+    {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive", "unique_dim"}
+)
+
+
+@dataclass
+class OpCount:
+    """The aten operations of one call: `total` as torch dispatches them, `kernels` those that launch a kernel on a
+    GPU (views and unfilled allocations excluded), `host_reads` those a GPU would synchronise on."""
+
+    total: int
+    kernels: int
+    host_reads: int
+    by_op: dict[str, int]
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[Any] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], Any]) -> OpCount:
+    """Count the aten operations of fn() (forward and backward alike: autograd dispatches through the same mode)."""
+    with _CountOps() as counter:
+        fn()
+    names = collections.Counter()
+    kernels = host_reads = 0
+    for func, n in counter.ops.items():
+        name = func.overloadpacket.__name__
+        names[name] += n
+        kernels += n if not (func.is_view or name in ALLOCATIONS) else 0
+        host_reads += n if name in HOST_READS else 0
+    return OpCount(sum(counter.ops.values()), kernels, host_reads, dict(names))

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from moe_lab.tools.bench.cases import Case, Result, median_ms, saved_for_backward_mb
+from moe_lab.tools.bench.cases import Case, Result, count_ops, median_ms, saved_for_backward_mb
 
 
 def moe_layer(case: Case, implementation: str, device: torch.device, dtype: torch.dtype):
@@ -109,6 +111,8 @@ def time_case(
         backward_ms = median_ms(fwd_bwd, device, warmup, repeats)
         peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
         saved = saved_for_backward_mb(lambda: forward(x_req), module)
+        extra = {"same_math": same_math} if same_math else {}
+        extra.update(operation_counts(name, module, fwd_bwd))
         results.append(
             Result(
                 case.name,
@@ -123,7 +127,27 @@ def time_case(
                 backward_ms,
                 saved,
                 peak,
-                {"same_math": same_math} if same_math else {},
+                extra,
             )
         )
     return results
+
+
+def operation_counts(name: str, module: torch.nn.Module, fwd_bwd) -> dict[str, int]:
+    """The aten operations of one forward + backward in training mode (a step that does not log: no routing
+    statistics are read). moe-lab's layer is also counted without its aux losses, which the peers compute outside
+    their layers (transformers in the model, once for all layers, when asked for): that count is the one set
+    against theirs."""
+    counted = count_ops(fwd_bwd)
+    out = {"aten_ops": counted.total, "kernels": counted.kernels, "host_reads": counted.host_reads}
+    if name == "grouped":
+        from moe_lab.model.config import AuxLossConfig
+
+        configured = module.cfg
+        module.cfg = dataclasses.replace(configured, aux_loss=AuxLossConfig(load_balance=0.0, z_loss=0.0))
+        try:
+            bare = count_ops(fwd_bwd)
+        finally:
+            module.cfg = configured
+        out.update({"aten_ops_without_aux": bare.total, "kernels_without_aux": bare.kernels})
+    return out

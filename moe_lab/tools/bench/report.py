@@ -22,6 +22,7 @@ DENSE_TIME_TARGETS = {"E8-top2": 1.25, "E64-top8": 1.5}
 DENSE_MEMORY_TARGET = 1.6  # activation memory of the MoE layer over the dense FFN of equal active parameters
 WHOLE_MODEL_TARGET = 1.3  # whole-model training step, speed-up over transformers on the same weights
 TRAINING_STEP_TARGET = 0.9  # tokens/s of the default MoE over the dense model of equal active parameters
+OPERATIONS_TARGET = 1.0  # aten operations and kernels per layer forward + backward over transformers' grouped layer
 PEAK_FRACTION_TARGET = 0.5  # the default training step's FLOP/s over the machine's bf16 GEMM at the model's shape
 
 
@@ -47,6 +48,7 @@ def ratios(
         if ours is None or case.startswith("scale-"):
             continue
         peer_ratios(out, case, ours, [by[(case, p)] for p in PEER_NAMES if (case, p) in by], dtype)
+        operation_ratios(out, case, ours, by.get((case, "hf_grouped")))
         dense = by.get((case, "dense"))
         if dense is not None:
             if case in DENSE_TIME_TARGETS:
@@ -90,6 +92,18 @@ def peer_ratios(out: Ratios, case: str, ours: Result, peers: list[Result], dtype
         out.add(
             case, f"activation memory / the least peer's ({least.impl})", ours.saved_mb / least.saved_mb, 1.0, False
         )
+
+
+def operation_ratios(out: Ratios, case: str, ours: Result, transformers: Optional[Result]) -> None:
+    """moe-lab's operations per forward + backward against transformers' grouped layer's (on a GPU each kernel is a
+    launch): without moe-lab's aux losses, as transformers computes its own outside the layer, at most its count."""
+    if transformers is None or "kernels_without_aux" not in ours.extra or "kernels" not in transformers.extra:
+        return
+    theirs = transformers.extra
+    for key, what in (("kernels", "kernels"), ("aten_ops", "aten ops")):
+        no_aux = ours.extra[f"{key}_without_aux"] / theirs[key]
+        out.add(case, f"{what} / transformers' (hf_grouped), no aux losses", no_aux, OPERATIONS_TARGET, False)
+        out.note(case, f"{what} with the aux losses / transformers'", ours.extra[key] / theirs[key])
 
 
 def scaling_ratios(out: Ratios, results: list[Result]) -> None:
@@ -148,12 +162,16 @@ def print_table(
     not_timed: list[dict] = (),
     whole_models: list[dict] = (),
 ) -> None:
-    print(f"\n{'case':<22} {'impl':<11} {'fwd ms':>9} {'fwd+bwd ms':>11} {'saved MB':>9} {'peak MB':>9}  same math")
+    print(
+        f"\n{'case':<22} {'impl':<11} {'fwd ms':>9} {'fwd+bwd ms':>11} {'saved MB':>9} {'peak MB':>9} "
+        f"{'ops (kernels)':>13}  same math"
+    )
     for r in results:
         peak = f"{r.peak_mb:9.0f}" if r.peak_mb is not None else f"{'-':>9}"
+        ops = f"{r.extra['aten_ops']} ({r.extra['kernels']})" if "aten_ops" in r.extra else "-"
         print(
-            f"{r.case:<22} {r.impl:<11} {r.forward_ms:9.2f} {r.forward_backward_ms:11.2f} {r.saved_mb:9.1f} {peak}"
-            f"  {r.extra.get('same_math', '')}"
+            f"{r.case:<22} {r.impl:<11} {r.forward_ms:9.2f} {r.forward_backward_ms:11.2f} {r.saved_mb:9.1f} {peak} "
+            f"{ops:>13}  {r.extra.get('same_math', '')}"
         )
     for n in not_timed:
         print(f"{n['case']:<22} {n['impl']:<11} not timed: {n['reason']}")
@@ -215,11 +233,12 @@ def write_report(report: dict, results: list[Result], out_dir: Optional[str]) ->
     if not results:
         return out
     table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=[k for k in asdict(results[0]) if k != "extra"])
+    counts = ("aten_ops", "kernels", "aten_ops_without_aux", "kernels_without_aux")
+    writer = csv.DictWriter(table, fieldnames=[k for k in asdict(results[0]) if k != "extra"] + list(counts))
     writer.writeheader()
     for r in results:
         row = asdict(r)
         row.pop("extra")
-        writer.writerow(row)
+        writer.writerow({**row, **{k: r.extra.get(k, "") for k in counts}})
     write_atomically(out / "bench.csv", table.getvalue())
     return out
