@@ -109,3 +109,19 @@ def test_held_out_standard_error_by_hand():
     blocks = torch.stack([torch.tensor(3.0, dtype=torch.float64), values.sum(), values.square().sum()])
     assert held_out_se(blocks) == pytest.approx(1 / math.sqrt(3))
     assert math.isnan(held_out_se(torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)))
+
+
+@pytest.mark.parametrize(
+    ("name", "precision", "expected"),
+    [
+        ("NVIDIA H200", "bf16-mixed", 989e12),  # Lightning's table has no plain "H200"
+        ("NVIDIA H200 NVL", "bf16-mixed", 835e12),
+        ("NVIDIA H100 80GB HBM3", "bf16-mixed", 989e12),
+        ("NVIDIA H100 NVL", "16-mixed", 835e12),  # Lightning's is the 2:4 sparsity figure, 1979e12
+        ("NVIDIA H100 PCIe", "bf16-mixed", 756e12),
+        ("NVIDIA A100-SXM4-80GB", "bf16-mixed", 312e12),  # Lightning's table
+    ],
+)
+def test_mfu_is_against_the_dense_16_bit_peak_of_hoppers(monkeypatch, name, precision, expected):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda", 0), precision) == pytest.approx(expected)

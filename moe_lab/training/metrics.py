@@ -54,13 +54,31 @@ from moe_lab.training.runtime import shared_cores
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "32": torch.float32, "64": torch.float64}
 
 
+# Dense (not the 2:4 sparsity figure) bfloat16 and float16 tensor-core peaks, FLOP/s, of the GPUs whose names
+# Lightning's table misses or lists with the sparsity figure, from NVIDIA's datasheets (H100: "NVIDIA H100 Tensor Core
+# GPU" datasheet; H200: the H200 datasheet of 2024-11), by the first name fragment that matches a device's name.
+DENSE_16BIT_PEAKS = (
+    ("h200 nvl", 835e12),
+    ("h200", 989e12),
+    ("h100 nvl", 835e12),
+    ("h100 pcie", 756e12),
+    ("h100", 989e12),
+)
+
+
 def peak_flops(device: torch.device, precision: str) -> Optional[float]:
-    """Peak FLOP/s of one device at the trainer's precision, from Lightning's table of GPUs
+    """Peak FLOP/s of one device at the trainer's precision: for 16-bit training on an H100 or H200, the dense
+    tensor-core figure (DENSE_16BIT_PEAKS); otherwise Lightning's table of GPUs
     (`lightning.fabric.utilities.throughput.get_available_flops`), or None where it has no figure (CPUs, unlisted
     GPUs): MFU is never computed from a guessed peak."""
     if device.type not in ("cuda", "xla"):
         return None
     dtype = PRECISION_DTYPES.get(str(precision).split("-")[0], torch.float32)
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        name = torch.cuda.get_device_name(device).lower()
+        for fragment, flops in DENSE_16BIT_PEAKS:
+            if fragment in name:
+                return flops
     return get_available_flops(device, dtype)
 
 
