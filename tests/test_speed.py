@@ -338,3 +338,31 @@ def test_routing_statistics_are_computed_when_read_and_the_metrics_read_them_at_
         metrics.on_train_batch_end(trainer, module, {"stats": {}}, {}, 1)
     steps = [step for step in range(1, 8) for _ in range(2)]
     assert [step for step, routing in zip(steps, read_at) if routing] == [3, 3, 6, 6, 7, 7]
+
+
+def test_the_veomni_layer_case_is_reported_in_expert_gemm_tflops():
+    """The 128-expert top-8 case at 32768 tokens and d_model 2048 (a GPU case) is set beside VeOmni's 242 TFLOP/s:
+    18 x tokens x k x d_model x width FLOPs per forward + backward over its time."""
+    from moe_lab.tools.bench.cases import VEOMNI_CASE, Result
+    from moe_lab.tools.bench.report import ratios
+
+    case = VEOMNI_CASE
+    assert (case.tokens, case.d_model, case.num_experts, case.top_k, case.expert_hidden) == (32768, 2048, 128, 8, 768)
+    ms = 40.0
+    result = Result(
+        case.name,
+        "grouped",
+        case.tokens,
+        case.d_model,
+        case.num_experts,
+        case.top_k,
+        case.expert_hidden,
+        None,
+        10.0,
+        ms,
+        1.0,
+    )
+    (row,) = [r for r in ratios([result]) if r[0] == case.name]
+    assert "VeOmni #460: 242 on an H100" in row[1]
+    assert row[2] == pytest.approx(18 * 32768 * 8 * 2048 * 768 / (ms / 1e3) / 1e12)  # 185.5
+    assert row[4] is None  # beside the figure, not a bar

@@ -50,6 +50,17 @@ CAPACITY_CASES = [
 ]
 
 
+# The shape VeOmni (issue #460) reports 242 TFLOP/s at on an H100: 128 experts top-8 of width 768, d_model 2048,
+# 32768 tokens. 7.4 TFLOP per forward + backward: a GPU case (`moe-lab bench` on CUDA; minutes on a CPU).
+VEOMNI_CASE = Case("E128-top8-S32768-H2048", 32768, 2048, 128, 8, 768)
+
+
+def expert_gemm_flops(case: Case) -> int:
+    """FLOPs of a case's expert GEMMs in forward + backward: three GEMMs of d_model x width per routed token and
+    expert forward (gate, up, down), twice that backward (the router's GEMM, 1% of them, left out)."""
+    return 3 * 2 * case.tokens * case.top_k * 3 * case.d_model * case.expert_hidden
+
+
 @dataclass
 class Result:
     case: str

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from moe_lab.tools.bench import baseline as bench_baseline
-from moe_lab.tools.bench.cases import CAPACITY_CASES, COMPARE_CASES, SCALING_CASES, Case, Result
+from moe_lab.tools.bench.cases import CAPACITY_CASES, COMPARE_CASES, SCALING_CASES, VEOMNI_CASE, Case, Result
 from moe_lab.tools.bench.layer import time_case
 from moe_lab.tools.bench.peaks import PEAK_DTYPES, machine, machine_peaks, with_fractions_of_peak
 from moe_lab.tools.bench.report import print_peaks, print_table, ratios, write_report
@@ -115,6 +115,8 @@ def measure(args) -> dict:
         torch.set_num_threads(args.threads)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     cases = list(COMPARE_CASES) + list(SCALING_CASES) + (list(CAPACITY_CASES) if args.capacity else [])
+    if device.type == "cuda" and not args.quick:
+        cases.append(VEOMNI_CASE)  # reported in TFLOP/s of its expert GEMMs (report.py)
     if args.quick:
         cases = [
             Case(c.name, 512, 128, c.num_experts, c.top_k, c.expert_hidden // 4, c.capacity_factor) for c in cases[:3]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from moe_lab.files import write_atomically
-from moe_lab.tools.bench.cases import Result
+from moe_lab.tools.bench.cases import VEOMNI_CASE, Result, expert_gemm_flops
 
 PEER_NAMES = ("hf_eager", "hf_grouped", "torchtitan", "olmo_core")
 # moe-lab's bars (the README's Speed section). Forward + backward speed-up over the fastest peer that ran, per case:
@@ -63,6 +63,10 @@ def ratios(
                 case, "activation memory / dense SwiGLU", ours.saved_mb / dense.saved_mb, DENSE_MEMORY_TARGET, False
             )
     scaling_ratios(out, results)
+    for r in results:
+        if r.case == VEOMNI_CASE.name and r.impl == "grouped":
+            tflops = expert_gemm_flops(VEOMNI_CASE) / (r.forward_backward_ms / 1e3) / 1e12
+            out.note(r.case, "expert GEMM TFLOP/s, forward + backward (VeOmni #460: 242 on an H100)", tflops)
     model_ratios(out, steps, whole_models)
     return list(out)
 
