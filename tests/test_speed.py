@@ -366,3 +366,34 @@ def test_the_veomni_layer_case_is_reported_in_expert_gemm_tflops():
     assert "VeOmni #460: 242 on an H100" in row[1]
     assert row[2] == pytest.approx(18 * 32768 * 8 * 2048 * 768 / (ms / 1e3) / 1e12)  # 185.5
     assert row[4] is None  # beside the figure, not a bar
+
+
+def test_bench_checkpointing_times_each_setting_and_measures_its_peak_activation_memory(tmp_path):
+    """`moe-lab bench --checkpointing --quick`: none, moe and block, each step timed in the same rounds, and each
+    step's peak activation memory from torch's memory profile (recomputing keeps less: block and moe below none)."""
+    from moe_lab.tools.bench import measure
+
+    args = SimpleNamespace(
+        device="cpu",
+        threads=None,
+        dtype="float32",
+        capacity=False,
+        quick=True,
+        compare=False,
+        loop=False,
+        warmup=1,
+        repeats=1,
+        no_steps=False,
+        baseline=False,
+        checkpointing=True,
+        out=str(tmp_path),
+        argv=["--checkpointing", "--quick"],
+    )
+    report = measure(args)
+    rows = {r["setting"]: r for r in report["activation_checkpointing"]["rows"]}
+    assert list(rows) == ["none", "moe", "block"]
+    assert all(r["step_ms"] > 0 and r["peak_mb"] > 0 for r in rows.values())
+    assert rows["none"]["memory_vs_none"] == 1.0 and rows["none"]["time_vs_none"] == 1.0
+    assert rows["block"]["peak_mb"] < rows["none"]["peak_mb"] and rows["moe"]["peak_mb"] < rows["none"]["peak_mb"]
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["activation_checkpointing"]["rows"][2]["setting"] == "block"

@@ -432,6 +432,12 @@ COMMANDS: tuple[Command, ...] = (
                 help="only the default training step against float32 eager (the settings before the fast path), "
                 "interleaved, at least 5 rounds, with the spread and the fraction of the machine's GEMM peak",
             ),
+            arg(
+                "--checkpointing",
+                action="store_true",
+                help="only model=small's training step under each model.activation_checkpointing (none, moe, "
+                "block): step time, interleaved, and the peak memory of its tensors",
+            ),
             arg("--loop", action="store_true", help="also time moe-lab's per-expert reference loop"),
             arg("--capacity", action="store_true", help="also time capacity-limited cases (cf 1.25)"),
             arg("--no-steps", action="store_true", help="skip the whole-training-step timings"),

@@ -13,6 +13,9 @@ from typing import Any, Callable, Mapping, Optional
 
 from moe_lab.model.router_configs import RouterConfig, router_config
 
+# What backward may recompute (moe_lab/model/checkpointing.py).
+ACTIVATION_CHECKPOINTING = ("none", "moe", "block")
+
 # The experts' activations by name: whether each is gated, act(x W_gate) * (x W_up) with the gate and up projections
 # fused into one matrix (Shazeer 2020, "GLU Variants"). Their torch functions are experts.ACTIVATIONS.
 # swiglu_clamped is gpt-oss's (experts.clamped_swiglu).
@@ -212,6 +215,10 @@ class ModelConfig:
     # (DeepSeek-V3: D = 1, weight 0.3 for its first 10T tokens, then 0.1). Generation ignores them. 0 = none.
     mtp_depth: int = 0
     mtp_loss_weight: float = 0.3
+    # What backward recomputes instead of keeping (moe_lab/model/checkpointing.py): none; moe, each MoE layer (its
+    # k rows per token); block, each whole block. Less activation memory for one more forward of that part; the
+    # routing of a recompute is the forward's (replayed), so the gradients are those without it.
+    activation_checkpointing: str = "none"
     moe: MoEConfig = field(default_factory=MoEConfig)
     # A model to start from (a moe-lab checkpoint, or a Hugging Face directory or hub id): alone, a warm start with
     # its settings and weights; with `upcycle=copy|granular|drop` a dense model whose backbone replaces the backbone
@@ -372,6 +379,11 @@ class ModelConfig:
         self._check_attention(need)
         need(self.mtp_depth >= 0, f"model.mtp_depth={self.mtp_depth} must be >= 0 (0: no multi-token prediction)")
         need(self.mtp_loss_weight >= 0, f"model.mtp_loss_weight={self.mtp_loss_weight} must be >= 0")
+        need(
+            self.activation_checkpointing in ACTIVATION_CHECKPOINTING,
+            f"model.activation_checkpointing={self.activation_checkpointing!r} is not one of "
+            f"{', '.join(ACTIVATION_CHECKPOINTING)} (what backward recomputes: nothing, each MoE layer, each block)",
+        )
         self._check_moe(need)
 
     def _check_attention(self, need: Callable[[bool, str], None]) -> None:

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moe_lab.model.attention import KVCache, RMSNorm, RotaryEmbedding, build_attention, rotary_embedding
+from moe_lab.model.checkpointing import checkpointed, recomputes
 from moe_lab.model.config import ModelConfig
 from moe_lab.model.experts import FeedForward, residual_out_std
 from moe_lab.model.moe import MoELayer, MoELayerOutput
@@ -43,6 +44,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.norm_offset)
         out_std = residual_out_std(cfg.init_std, cfg.n_layers)
         self.is_moe = cfg.is_moe_layer(layer) if moe is None else moe
+        self.checkpointing = cfg.activation_checkpointing  # what backward recomputes (checkpointing.py)
         self.ffn: MoELayer | FeedForward
         with seeded_part("ffn"):  # an MoE layer and a dense FFN leave the attention's weights alone (seeding.py)
             if self.is_moe:
@@ -65,10 +67,28 @@ class Block(nn.Module):
         cache: Optional[KVCache] = None,
         domain_B: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[MoELayerOutput]]:
+        """x + attention, then + FFN; with `activation_checkpointing` block or moe, that part recomputed in backward
+        (checkpointing.py)."""
+        if self.checkpointing == "block" and recomputes(self):
+            moe_layers = [self.ffn] if isinstance(self.ffn, MoELayer) else []
+            return checkpointed(self._forward, moe_layers, x_BSD, token_ids_BS, positions_BS, cache, domain_B)
+        return self._forward(x_BSD, token_ids_BS, positions_BS, cache, domain_B)
+
+    def _forward(
+        self,
+        x_BSD: torch.Tensor,
+        token_ids_BS: Optional[torch.Tensor],
+        positions_BS: Optional[torch.Tensor],
+        cache: Optional[KVCache],
+        domain_B: Optional[torch.Tensor],
+    ) -> tuple[torch.Tensor, Optional[MoELayerOutput]]:
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions_BS, cache, self.layer)
         h_BSD = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoELayer):
-            f_BSD, moe_out = self.ffn(h_BSD, token_ids_BS, domain_B)
+            if self.checkpointing == "moe" and recomputes(self):
+                f_BSD, moe_out = checkpointed(self.ffn, [self.ffn], h_BSD, token_ids_BS, domain_B)
+            else:
+                f_BSD, moe_out = self.ffn(h_BSD, token_ids_BS, domain_B)
         else:
             f_BSD, moe_out = self.ffn(h_BSD), None
         return x_BSD + f_BSD, moe_out

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from moe_lab.model.checkpointing import uncounted
 from moe_lab.model.config import MoEConfig
 from moe_lab.model.dispatch import AllToAllDispatcher, ExpertRows, LocalDispatcher, counts_from_offsets, plan_dispatch
 from moe_lab.model.experts import FeedForward, GroupedExperts
@@ -48,7 +49,7 @@ from moe_lab.model.losses import (
     sequence_load_balance_loss,
     slot_load_balance_loss,
 )
-from moe_lab.model.replay import RoutingTape
+from moe_lab.model.replay import RoutingTape, Selection
 from moe_lab.model.routers import RouterInputs, Routing, build_router
 from moe_lab.model.seeding import seeded_part
 
@@ -333,11 +334,36 @@ class MoELayer(nn.Module):
 
     def route(self, inputs: RouterInputs) -> Routing:
         """Step 1: the router's routing; under replay, of the recorded selection (checked against this layer and
-        batch first); when recording, its selection goes on the tape."""
+        batch first); when recording, its selection goes on the tape. Activation checkpointing (checkpointing.py)
+        pins the routing: its forward takes the live selection and routes as its replay ("pin"), the recompute
+        replays it ("pinned"), so that both run the same operations."""
         if self.tape is None:
             return self.router(inputs)
         if self.tape_mode == "replay":
-            selection = self.tape.selection(self.layer).to(inputs.x_TD.device)
+            return self.replayed(inputs, self.tape.selection(self.layer), checked=True)
+        if self.tape_mode == "pinned":
+            routing = self.replayed(inputs, self.tape.selection(self.layer), checked=False)
+            routing.overridden_slots = None  # its own choice: nothing overridden
+            return routing
+        if self.tape_mode == "pin":
+            self.tape.record(self.layer, self.live_selection(inputs), inputs.token_ids_T)
+            routing = self.replayed(inputs, self.tape.selection(self.layer), checked=False)
+            routing.overridden_slots = None
+            return routing
+        routing = self.router(inputs)
+        self.tape.record(self.layer, routing, inputs.token_ids_T)
+        return routing
+
+    def live_selection(self, inputs: RouterInputs) -> Routing:
+        """The router's own choice, outside the gradient, counting nothing, and leaving the random stream where it
+        was: the replay that follows draws the same noise."""
+        devices = [inputs.x_TD.device.index or 0] if inputs.x_TD.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), uncounted():
+            return self.router(inputs)
+
+    def replayed(self, inputs: RouterInputs, selection: Selection, checked: bool) -> Routing:
+        selection = selection.to(inputs.x_TD.device)
+        if checked:  # a recording from elsewhere (a file, another model): it must fit
             selection.check(
                 self.layer,
                 inputs.x_TD.shape[0],
@@ -347,10 +373,7 @@ class MoELayer(nn.Module):
                 inputs.token_ids_T,
                 skips=self.router.Config.variable_k,
             )
-            return self.router(dataclasses.replace(inputs, replay=selection))
-        routing = self.router(inputs)
-        self.tape.record(self.layer, routing, inputs.token_ids_T)
-        return routing
+        return self.router(dataclasses.replace(inputs, replay=selection))
 
     def routed_experts(self, x_TD: torch.Tensor, routing: Routing) -> RoutedOutput:
         """Dispatch -> experts -> combine (torchtitan's RoutedExperts): the fast path."""

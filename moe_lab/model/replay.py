@@ -32,9 +32,11 @@ class Slots(Protocol):
     """What a selection is taken from: a router's `Routing` (routers.py, which imports this module)."""
 
     expert_N: torch.Tensor
-    token_N: torch.Tensor
     num_tokens: int
     slots_by: str
+
+    @property
+    def token_N(self) -> torch.Tensor: ...
 
 
 class ReplayMismatch(ValueError):

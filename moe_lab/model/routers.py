@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moe_lab.model.checkpointing import counts_load
 from moe_lab.model.losses import load_balance_loss, router_z_loss
 from moe_lab.model.replay import Selection, overridden_pairs, overridden_slots
 from moe_lab.model.router_configs import (
@@ -640,7 +641,7 @@ class AuxFreeRouter(Router):
         weights_TK = scores_TE.gather(1, expert_ids_TK)
         if self.cfg.normalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
-        if self.training:
+        if self.training and counts_load():  # a checkpoint's recompute counts nothing again
             with torch.no_grad():
                 self.pending_counts_E.scatter_add_(
                     0, expert_ids_TK.reshape(-1), torch.ones(expert_ids_TK.numel(), device=x_TD.device)
@@ -709,7 +710,7 @@ class TopPRouter(Router):
         weights_TK = probs_TE.gather(1, expert_ids_TK.clamp(max=E - 1)) * real_TK
         if self.cfg.normalize:
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp(min=1e-9)
-        if self.training:
+        if self.training and counts_load():  # a checkpoint's recompute counts nothing again
             with torch.no_grad():
                 self.pending_TK[0] += real_TK.sum()  # experts taken
                 self.pending_TK[1] += x_TD.shape[0]  # tokens: a Python number, no copy to the device
@@ -786,7 +787,7 @@ class NullExpertRouter(Router):
         counts_X = torch.zeros(logits_TX.shape[1], device=x_TD.device).index_add_(
             0, choice_ids_TK.reshape(-1), torch.ones(choice_ids_TK.numel(), device=x_TD.device)
         )
-        if self.training:
+        if self.training and counts_load():  # a checkpoint's recompute counts nothing again
             with torch.no_grad():
                 self.pending_counts_E += counts_X[:E]
                 self.pending_tokens += x_TD.shape[0]
@@ -862,7 +863,7 @@ class ReLURouter(Router):
             0, expert_ids_TK.reshape(-1), torch.ones(expert_ids_TK.numel(), device=x_TD.device)
         )[:E]
         l1 = E * (counts_E / (x_TD.shape[0] * self.cfg.top_k) * gates_TE.mean(0)).sum()
-        if self.training:
+        if self.training and counts_load():  # a checkpoint's recompute counts nothing again
             with torch.no_grad():
                 self.pending_active[0] += counts_E.sum()
                 self.pending_active[1] += gates_TE.numel()

@@ -462,6 +462,11 @@ def _check_compile(run: TrainConfig) -> None:
             "compile=true is not tested with expert parallelism (model.moe.expert_parallel > 1); "
             "leave compile=false there"
         )
+    if run.model.activation_checkpointing != "none":
+        raise ConfigError(
+            f"compile=true does not go with model.activation_checkpointing={run.model.activation_checkpointing} "
+            "(a recompute replays the forward's routing, which torch.compile cannot trace); leave compile=false"
+        )
     if run.trainer.get("accelerator") == "cpu" and not auto.can_build_cpu_kernels():
         raise ConfigError(
             "compile=true on the CPU needs a C++ compiler (g++ or clang++) on PATH and Python's headers "

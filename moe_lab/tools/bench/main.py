@@ -99,6 +99,29 @@ def measure_baseline(args, device: torch.device) -> dict:
     return report
 
 
+def measure_checkpointing(args, device: torch.device) -> dict:
+    """`moe-lab bench --checkpointing`: model=small's step under each activation-checkpointing setting
+    (checkpointing.py); tiny at a small batch with --quick."""
+    from moe_lab.tools.bench import checkpointing
+
+    started = time.time()
+    preset, batch, seq = (
+        ("tiny", 2, 64) if args.quick else ("small", 4, 512) if device.type == "cpu" else ("small", 16, 1024)
+    )
+    result = checkpointing.compare(preset, device, batch, seq, args.warmup, args.repeats)
+    checkpointing.print_report(result)
+    report = {
+        "machine": machine(),
+        "device": str(device),
+        "seconds": round(time.time() - started, 1),
+        "command": "moe-lab bench " + " ".join(args.argv),
+        "activation_checkpointing": result,
+    }
+    out = write_report(report, [], args.out)
+    print(f"\nmoe-lab bench: {time.time() - started:.0f}s on {device} ({torch.get_num_threads()} threads); wrote {out}")
+    return report
+
+
 def run(args) -> int:
     """`moe-lab bench` with its parsed arguments (moe_lab/cli/commands.py)."""
     measure(args)
@@ -123,6 +146,8 @@ def measure(args) -> dict:
         ]
     if args.baseline:
         return measure_baseline(args, device)
+    if getattr(args, "checkpointing", False):
+        return measure_checkpointing(args, device)
     started = time.time()
     results: list[Result] = []
     not_timed: list[dict] = []
