@@ -187,7 +187,7 @@ def logged_losses(
 class RoutedOutput:
     """What the routed experts give back: the combined outputs and what capacity did."""
 
-    y_TD: torch.Tensor  # every token's weighted sum of its experts' outputs
+    y_TD: Optional[torch.Tensor]  # every token's weighted sum of its experts' outputs (None: not kept)
     # int64, routed slots per expert before capacity (None: dropless, where they are the sizes of the groups that
     # end at offs_E, read when asked for)
     tokens_per_expert_E: Optional[torch.Tensor]
@@ -311,6 +311,7 @@ class MoELayer(nn.Module):
             routed = self.routed_experts_loop(z_TL, routing)
         else:
             routed = self.routed_experts(z_TL, routing)
+        assert routed.y_TD is not None
         y_TD = routed.y_TD if self.latent_up is None else self.latent_up(routed.y_TD)
         if routing.identity_weight_T is not None:  # identity experts, E(x) = x: no GEMM, no dispatch
             y_TD = y_TD + routing.identity_weight_T[:, None].to(x_TD.dtype) * x_TD
@@ -397,7 +398,9 @@ class MoELayer(nn.Module):
 
     def layer_output(self, routing: Routing, routed: RoutedOutput, batch_size: int) -> MoELayerOutput:
         """The aux losses training weights; the statistics are the output's to compute when read."""
-        return MoELayerOutput(routing, routed, batch_size, self._losses(routing, routed, batch_size))
+        # The statistics need the counts, not the output: it is not kept past the step's use of it.
+        counts = dataclasses.replace(routed, y_TD=None)
+        return MoELayerOutput(routing, counts, batch_size, self._losses(routing, routed, batch_size))
 
     def _experts(self, rows: ExpertRows) -> torch.Tensor:
         if rows.parts is None:
