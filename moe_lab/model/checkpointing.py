@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Iterator, Optional
+from typing import Any, Callable, Hashable, Iterator, Optional, Protocol, Sequence
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -33,8 +33,13 @@ from torch.utils.checkpoint import checkpoint
 from moe_lab.model.config import ACTIVATION_CHECKPOINTING
 from moe_lab.model.replay import RoutingTape
 
-if TYPE_CHECKING:
-    from moe_lab.model.moe import MoELayer
+
+class TapedLayer(Protocol):
+    """What pinning needs of an MoE layer (moe.py's MoELayer, which imports this module): its routing tape."""
+
+    tape: Optional[RoutingTape]
+    tape_mode: Optional[str]
+
 
 __all__ = ["ACTIVATION_CHECKPOINTING", "checkpointed", "counts_load", "recomputes", "uncounted"]
 
@@ -61,9 +66,9 @@ class _PinRouting:
     on a tape: its own if routing replay or recording gave it one (a replayed layer keeps replaying), else a new
     one. The recompute replays the same entry."""
 
-    def __init__(self, layers: list["MoELayer"], taken: dict[int, tuple[RoutingTape, Hashable]]):
+    def __init__(self, layers: Sequence[TapedLayer], taken: dict[int, tuple[RoutingTape, Hashable]]):
         self.layers, self.taken = layers, taken
-        self.saved: list[tuple["MoELayer", Optional[RoutingTape], Optional[str]]] = []
+        self.saved: list[tuple[TapedLayer, Optional[RoutingTape], Optional[str]]] = []
 
     def __enter__(self) -> None:
         for layer in self.layers:
@@ -84,10 +89,10 @@ class _ReplayPinned:
     """The recompute's context: every MoE layer replays what the forward took ("pinned"), and routers count
     nothing."""
 
-    def __init__(self, layers: list["MoELayer"], taken: dict[int, tuple[RoutingTape, Hashable]]):
+    def __init__(self, layers: Sequence[TapedLayer], taken: dict[int, tuple[RoutingTape, Hashable]]):
         self.layers, self.taken = layers, taken
         # (layer, its tape and mode before, the replayed tape, that tape's key before)
-        self.saved: list[tuple["MoELayer", Optional[RoutingTape], Optional[str], RoutingTape, Hashable]] = []
+        self.saved: list[tuple[TapedLayer, Optional[RoutingTape], Optional[str], RoutingTape, Hashable]] = []
         self.counting = uncounted()
 
     def __enter__(self) -> None:
@@ -106,7 +111,7 @@ class _ReplayPinned:
         self.counting.__exit__(*exc)
 
 
-def checkpointed(fn: Callable[..., Any], moe_layers: list["MoELayer"], *args: Any) -> Any:
+def checkpointed(fn: Callable[..., Any], moe_layers: Sequence[TapedLayer], *args: Any) -> Any:
     """fn(*args), its activations recomputed in backward, the MoE layers inside it replaying their routing."""
     taken: dict[int, tuple[RoutingTape, Hashable]] = {}
     return checkpoint(
