@@ -309,7 +309,10 @@ def fit(
             if module.last_val_step != trainer.global_step:
                 trainer.validate(module, datamodule=data, verbose=False)  # every run ends with a val/loss
             last = output_dir / "checkpoints" / "last.ckpt"
-            if not saved_at(callbacks.periodic, last, trainer.global_step):
+            # Rank 0 links last.ckpt; deciding from the file on every rank raced that link (one rank saved, in a
+            # collective the others never joined: a hang). Rank 0 decides, every rank follows.
+            already = trainer.strategy.broadcast(saved_at(callbacks.periodic, last, trainer.global_step), src=0)
+            if not already:
                 trainer.save_checkpoint(last, weights_only=False)
         finish_saves(trainer)
     except (AbortRequested, OSError, Diverged) as e:
