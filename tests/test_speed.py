@@ -69,26 +69,18 @@ def test_retain_freed_memory_is_idempotent():
         assert first  # glibc here
 
 
+def bench_args(out, argv: list[str], **asked) -> SimpleNamespace:
+    """`moe-lab bench --quick` on the CPU as its parser would give it, with `asked` set."""
+    defaults = dict(device="cpu", threads=None, dtype="float32", capacity=False, quick=True, compare=False)
+    defaults.update(loop=False, warmup=1, repeats=10, no_steps=False, baseline=False, checkpointing=False)
+    return SimpleNamespace(**{**defaults, **asked, "out": str(out), "argv": argv})
+
+
 def test_bench_quick_compare(tmp_path):
     pytest.importorskip("transformers")
     from moe_lab.tools.bench import measure
 
-    args = SimpleNamespace(
-        device="cpu",
-        threads=None,
-        dtype="float32",
-        capacity=False,
-        quick=True,
-        compare=True,
-        loop=True,
-        warmup=1,
-        repeats=2,
-        no_steps=False,
-        baseline=False,
-        out=str(tmp_path),
-        argv=["--quick"],
-    )
-    report = measure(args)
+    report = measure(bench_args(tmp_path, ["--quick"], compare=True, loop=True, repeats=2))
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["ratios"] == report["ratios"] and (tmp_path / "bench.csv").is_file()
     impls = {(c["case"], c["impl"]) for c in saved["cases"]}
@@ -373,23 +365,7 @@ def test_bench_checkpointing_times_each_setting_and_measures_its_peak_activation
     step's peak activation memory from torch's memory profile (recomputing keeps less: block and moe below none)."""
     from moe_lab.tools.bench import measure
 
-    args = SimpleNamespace(
-        device="cpu",
-        threads=None,
-        dtype="float32",
-        capacity=False,
-        quick=True,
-        compare=False,
-        loop=False,
-        warmup=1,
-        repeats=1,
-        no_steps=False,
-        baseline=False,
-        checkpointing=True,
-        out=str(tmp_path),
-        argv=["--checkpointing", "--quick"],
-    )
-    report = measure(args)
+    report = measure(bench_args(tmp_path, ["--checkpointing", "--quick"], checkpointing=True, repeats=1))
     rows = {r["setting"]: r for r in report["activation_checkpointing"]["rows"]}
     assert list(rows) == ["none", "moe", "block"]
     assert all(r["step_ms"] > 0 and r["peak_mb"] > 0 for r in rows.values())

@@ -86,17 +86,7 @@ def measure_baseline(args, device: torch.device) -> dict:
     baseline = bench_baseline.compare(run, device, args.warmup, args.repeats, peaks)
     print_peaks(peaks)
     bench_baseline.print_report(baseline)
-    report = {
-        "machine": machine(),
-        "gemm_peaks": peaks,
-        "device": str(device),
-        "seconds": round(time.time() - started, 1),
-        "command": "moe-lab bench " + " ".join(args.argv),
-        "baseline": baseline,
-    }
-    out = write_report(report, [], args.out)
-    print(f"\nmoe-lab bench: {time.time() - started:.0f}s on {device} ({torch.get_num_threads()} threads); wrote {out}")
-    return report
+    return written(args, device, started, {"gemm_peaks": peaks, "baseline": baseline})
 
 
 def measure_checkpointing(args, device: torch.device) -> dict:
@@ -110,12 +100,17 @@ def measure_checkpointing(args, device: torch.device) -> dict:
     )
     result = checkpointing.compare(preset, device, batch, seq, args.warmup, args.repeats)
     checkpointing.print_report(result)
+    return written(args, device, started, {"activation_checkpointing": result})
+
+
+def written(args, device: torch.device, started: float, measured: dict) -> dict:
+    """A single-purpose run's bench.json (--baseline, --checkpointing): the machine, the command, what it measured."""
     report = {
         "machine": machine(),
         "device": str(device),
         "seconds": round(time.time() - started, 1),
         "command": "moe-lab bench " + " ".join(args.argv),
-        "activation_checkpointing": result,
+        **measured,
     }
     out = write_report(report, [], args.out)
     print(f"\nmoe-lab bench: {time.time() - started:.0f}s on {device} ({torch.get_num_threads()} threads); wrote {out}")
