@@ -3,6 +3,7 @@ contract holds for every router."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -232,19 +233,22 @@ def test_eval_replaying_a_checkpoints_own_trace_gives_its_own_numbers(real_check
 
 
 @pytest.mark.slow
-def test_training_replays_a_recorded_run_exactly_and_another_model_under_it(make_cfg, tmp_path):
+@pytest.mark.parametrize("router", ["topk", "null_experts"])
+def test_training_replays_a_recorded_run_exactly_and_another_model_under_it(router, make_cfg, tmp_path):
     """Run A records its routing; run B, the same config under routing.replay=A's trace, is A exactly (the same
-    selection, the same live weights); run C, another router, trains under A's routing and logs what it overrode."""
+    selection, the same live weights); run C, another router, trains under A's routing and logs what it overrode.
+    With null experts, a token's real experts vary in number (the trace records their slots)."""
     from moe_lab.training.train import train
 
     trace = tmp_path / "a.parquet"
-    common = ("trainer.max_steps=4", "trainer.val_check_interval=2", "metrics.dashboard=false")
+    common = ("trainer.max_steps=4", "trainer.val_check_interval=2", "metrics.dashboard=false", f"router={router}")
     a = train(make_cfg(*common, f"routing.record={trace}", name="a"))
     assert trace.exists() and not list(tmp_path.glob(".a.parquet*"))
     b = train(make_cfg(*common, f"routing.replay={trace}", name="b"))
     assert b["val/loss"] == a["val/loss"] and b["train/loss"] == a["train/loss"]
     assert overridden_of(tmp_path / "b") == [0.0, 0.0]  # replayed (logged every 3 steps and at the end), not live
-    c = train(make_cfg(*common, "router=aux_free", "aux_loss=none", f"routing.replay={trace}", name="c"))
+    other = "router=aux_free" if router == "topk" else "++model.moe.router.target_experts_per_token=1.5"
+    c = train(make_cfg(*common, other, "aux_loss=none", f"routing.replay={trace}", name="c"))
     assert c["val/loss"] != a["val/loss"]
     overridden = overridden_of(tmp_path / "c")
     assert overridden and all(0 < f <= 1 for f in overridden)
@@ -268,7 +272,7 @@ def test_routing_settings_are_checked_before_a_run_starts(tmp_path, cache_dir, c
         ([f"routing.replay={tmp_path / 'none.parquet'}"], "no such file"),
         ([f"routing.record={existing}"], "never writes over a file"),
         ([f"routing.record={tmp_path / 'no' / 'x.parquet'}"], "does not exist"),
-        (["router=expert_choice", f"routing.replay={existing}"], "gives no fixed top-k per token"),
+        (["experts=dense", f"routing.replay={existing}"], "the model is dense"),
     ):
         assert main(["train", f"hydra.run.dir={tmp_path / 'run'}", *args]) == 2
         err = capsys.readouterr().err
@@ -362,3 +366,110 @@ def test_analyze_stability_end_to_end(real_checkpoint, tmp_path, cache_dir, caps
     assert "Routing stability" in page.read_text()
     rows = (tmp_path / "a.stability.csv").read_text().splitlines()
     assert rows[0] == "layer,comparison,label,changed_share" and len(rows) == 1 + 2 * 4
+
+
+# -- Parquet traces of every router --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", [*ALL, "expert_choice_global"])
+def test_a_parquet_trace_of_any_router_replays_its_forward_exactly(name, tmp_path):
+    """A trace lists each token's experts, as many as it took (none, one, many): written and read back, it replays
+    the model's own forward bit for bit, for fixed top-k routers, those whose tokens take a varying number of their
+    K slots (whose trace records each expert's slot) and expert choice (each expert's tokens, rebuilt)."""
+    import pyarrow.parquet as pq
+
+    from moe_lab.analysis.trace import RoutingTrace
+    from moe_lab.training.routing_replay import (
+        check_trace_fits,
+        layer_choices,
+        tape_from_trace,
+        trace_writer,
+        write_choices,
+    )
+
+    node = {"name": "expert_choice"} if name == "expert_choice_global" else router_node(name)
+    router = ROUTERS[node["name"]]
+    model = model_with(node, capacity_factor=1.0 if router.Config.uses_capacity else None)
+    inputs, targets, domain_B = batch()
+    with torch.no_grad():
+        live = model(inputs, targets, domain_B=domain_B)
+    writer = trace_writer(tmp_path / "t.parquet", model, ["a", "b"])
+    write_choices(writer, inputs.numpy(), targets.numpy(), domain_B.numpy(), layer_choices(model, live, B, S))
+    writer.close()
+    trace = RoutingTrace(tmp_path / "t.parquet")
+    check_trace_fits(trace, model, "--replay")
+    sizes = {trace.experts_per_token(layer) for layer in model.moe_layers}
+    if router.Config.fixed_top_k():
+        assert sizes == {(model.moe_modules()[0].top_k,) * 2}
+    columns = pq.read_schema(tmp_path / "t.parquet").names
+    assert (f"layer{model.moe_layers[0]}_slots" in columns) == router.Config.variable_k
+    with torch.no_grad(), model.replay_routing(tape_from_trace(trace, inputs, model)):
+        replayed = model(inputs, targets, domain_B=domain_B)
+    assert torch.equal(replayed.logits, live.logits)
+    for layer in model.moe_layers:
+        assert float(replayed.moe[layer].overridden_slots) == 0
+        assert torch.equal(replayed.moe[layer].tokens_per_expert_E, live.moe[layer].tokens_per_expert_E)
+        assert torch.equal(replayed.moe[layer].dropped_slots, live.moe[layer].dropped_slots)
+
+
+def test_traces_of_varying_expert_sets_that_do_not_fit_are_refused_naming_the_file(tmp_path):
+    """A top-p trace on a top-k model (tokens with other than k experts), an expert-choice trace whose experts took
+    unequal numbers of tokens, and two experts in one slot: one error naming the file each."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from moe_lab.analysis.trace import RoutingTrace, TraceMismatch
+    from moe_lab.training.routing_replay import (
+        check_trace_fits,
+        layer_choices,
+        tape_from_trace,
+        trace_writer,
+        write_choices,
+    )
+
+    def traced(model: MoETransformer, path) -> RoutingTrace:
+        inputs, targets, domain_B = batch()
+        with torch.no_grad():
+            out = model(inputs, targets, domain_B=domain_B)
+        writer = trace_writer(path, model, ["a", "b"])
+        write_choices(writer, inputs.numpy(), targets.numpy(), domain_B.numpy(), layer_choices(model, out, B, S))
+        writer.close()
+        return RoutingTrace(path)
+
+    confident = model_with({"name": "top_p", "top_k": 3, "threshold": 0.9})
+    with torch.no_grad():
+        for moe in confident.moe_modules():
+            moe.router.gate_ED.mul_(10)  # scores far from uniform: some tokens take one expert, some more
+    top_p = traced(confident, tmp_path / "p.parquet")
+    low, high = top_p.experts_per_token(top_p.layers[0])
+    assert (low, high) == (1, 3)  # the sets' sizes vary, up to the cap
+    with pytest.raises(TraceMismatch, match=f"gives {low} to {high} experts per token .* takes k=2"):
+        check_trace_fits(top_p, model_with({"name": "topk", "top_k": 2}), "--replay")
+    with pytest.raises(TraceMismatch, match="gives 1 to 3 experts per token in layer 0; the model's router takes 0 to"):
+        check_trace_fits(top_p, model_with({"name": "top_p", "top_k": 2, "threshold": 0.9}), "--replay")
+
+    choice = model_with({"name": "expert_choice"})
+    path = tmp_path / "c.parquet"
+    table = traced(choice, path).path and pq.read_table(path)
+    column = f"layer{choice.moe_layers[0]}_experts"
+    lists = table[column].combine_chunks()
+    values = lists.values.to_numpy().copy()
+    values[0] = (values[0] + 1) % 4  # one token moves to another expert: that expert now takes one more
+    moved = pa.ListArray.from_arrays(lists.offsets, pa.array(values.astype("int16")))
+    pq.write_table(table.set_column(table.column_names.index(column), column, moved), tmp_path / "m.parquet")
+    with pytest.raises(TraceMismatch, match="m.parquet: .*same number of tokens per expert"):
+        tape_from_trace(RoutingTrace(tmp_path / "m.parquet"), batch()[0], choice)
+
+    relu = model_with({"name": "relu"})
+    table = traced(relu, tmp_path / "r.parquet").path and pq.read_table(tmp_path / "r.parquet")
+    column = f"layer{relu.moe_layers[0]}_slots"
+    lists = table[column].combine_chunks()
+    sizes = np.diff(lists.offsets.to_numpy())
+    first = int(np.flatnonzero(sizes >= 2)[0])  # a token with two experts: both in its first slot
+    values = lists.values.to_numpy().copy()
+    start = lists.offsets.to_numpy()[first]
+    values[start : start + 2] = 0
+    same = pa.ListArray.from_arrays(lists.offsets, pa.array(values.astype("int16")))
+    pq.write_table(table.set_column(table.column_names.index(column), column, same), tmp_path / "s.parquet")
+    with pytest.raises(TraceMismatch, match="two experts in one routing slot"):
+        tape_from_trace(RoutingTrace(tmp_path / "s.parquet"), batch()[0], relu)

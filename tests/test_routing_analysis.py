@@ -317,13 +317,14 @@ def test_token_sets_of_expert_choice_list_each_tokens_experts_by_weight():
     torch.manual_seed(0)
     cfg = MoEConfig(num_experts=4, expert_hidden=16, eval_capacity_factor=1.0, router={"name": "expert_choice"})
     _, stats = MoELayer(16, cfg).eval()(torch.randn(2, 12, 16) * 10)
-    experts, dropped, weights = token_sets(stats, 24, 4, None)
+    experts, dropped, weights, slots = token_sets(stats, 24, 4, None)
     for t in range(24):  # by hand from the slots
         mine = [(float(w), int(e)) for e, tok, w in zip(stats.expert_N, stats.token_N, stats.weight_N) if tok == t]
         want = [e for _, e in sorted(mine, key=lambda x: -x[0])]
         assert experts[t].tolist() == want + [4] * (experts.shape[1] - len(want))
         assert weights[t, : len(want)].tolist() == pytest.approx(sorted(w for w, _ in mine)[::-1])
     assert not dropped.any() and experts.shape[1] == int(stats.experts_per_token_T.max())
+    assert np.array_equal(slots[experts < 4], np.nonzero(experts < 4)[1])  # expert choice: a token's k-th expert
     assert len(set((experts < 4).sum(1).tolist())) > 1  # the sets' sizes vary
 
 
@@ -331,7 +332,8 @@ def test_token_sets_of_expert_choice_list_each_tokens_experts_by_weight():
 def test_analyze_reads_routers_whose_tokens_take_any_number_of_experts(router, make_cfg, tmp_path, cache_dir, capsys):
     """`moe-lab analyze` on ReLU routing and expert choice: the distribution of experts per token covers every token
     and agrees with the run's own count (`moe-lab eval`), the tokens that take the most experts are listed, a
-    checkpoint is saturated against itself, and --trace (fixed top-k lists) is refused before any work."""
+    checkpoint is saturated against itself, and --trace lists each token's experts, as many as it took, in a trace
+    that `moe-lab eval --replay` replays to the run's own numbers."""
     import csv
     import json
 
@@ -367,9 +369,20 @@ def test_analyze_reads_routers_whose_tokens_take_any_number_of_experts(router, m
     assert {r["list"] for r in rows} == {"most", "fewest"}
     hist_rows = list(csv.DictReader(open(tmp_path / "a.experts_per_token.csv")))
     assert sum(int(r["tokens"]) for r in hist_rows) == report["tokens"] * len(report["layers"])
+    import pyarrow.parquet as pq
+
     trace = tmp_path / "t.parquet"
-    assert main(["analyze", ckpt, *data, "-o", str(tmp_path / "b.html"), "--trace", str(trace)]) == 2
-    assert "--trace" in capsys.readouterr().err and not trace.exists() and not (tmp_path / "b.json").exists()
+    data.append(f"paths.cache_dir={cache_dir}")
+    assert main(["analyze", ckpt, *data, "-o", str(tmp_path / "b.html"), "--trace", str(trace)]) == 0
+    table = pq.read_table(trace)
+    for layer, e in report["layers"].items():
+        sizes = np.bincount([len(x) for x in table[f"layer{layer}_experts"].to_pylist()], minlength=len(hist))
+        assert sizes.tolist() == e["experts_per_token_hist"]
+    assert (f"layer{layer}_slots" in table.column_names) == (router == "relu")
+    assert main(["eval", ckpt, *data, "--replay", str(trace), "--json", str(tmp_path / "r.json")]) == 0
+    replayed = json.loads((tmp_path / "r.json").read_text())
+    assert replayed["overall"] == json.loads((tmp_path / "e.json").read_text())["overall"]
+    assert replayed["replay"]["overridden_slots"] == 0
 
 
 def test_analyses_during_training_read_expert_choice(make_cfg, tmp_path):

@@ -2,8 +2,11 @@
 `routing.record`, read back for routing replay (`moe-lab eval --replay`, training's `routing.replay`).
 
 One row per token: sequence, position, token id, next token id, domain, and per MoE layer L the columns
-layer{L}_experts (first choice first), layer{L}_weights and layer{L}_dropped. pandas, polars and duckdb read it as
-is. A trace is data: reading it runs nothing it names.
+layer{L}_experts, layer{L}_weights and layer{L}_dropped: the token's experts, as many as it took (a fixed top-k
+router: its k, first choice first; a router whose tokens take a varying number, top-p, null experts, ReLU, expert
+choice: none, one or many, highest weight first). A router whose tokens take a varying number of its K routing
+slots adds layer{L}_slots, the slot each expert filled, so that a replay fills the same ones. pandas, polars and
+duckdb read it as is. A trace is data: reading it runs nothing it names.
 
 For replay a trace is looked up by content: a sequence of the batch at hand is found by its token ids, wherever and
 in whatever batch it was recorded, so a replay does not depend on batch sizes, data-parallel layout or the order
@@ -13,8 +16,9 @@ the sequences come in; a sequence the trace lacks is an error, never live routin
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -30,11 +34,16 @@ class TraceWriter:
     """Writes a trace batch by batch (row groups), so memory stays bounded; into a temporary file beside `path` that
     `close` puts in place (a trace cut short never takes the name)."""
 
-    def __init__(self, path: str | Path, layers: list[int], domain_names: list[str]):
+    def __init__(
+        self, path: str | Path, layers: list[int], domain_names: list[str], num_experts: int, slots: bool = False
+    ):
+        """`num_experts` (E) is the expert id that pads a token's list in `write` (no expert); `slots`: write each
+        expert's routing slot (layer{L}_slots)."""
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         self.pa, self.layers, self.domain_names = pa, layers, domain_names
+        self.num_experts, self.slots = num_experts, slots
         fields = [
             pa.field("sequence", pa.int64()),
             pa.field("position", pa.int32()),
@@ -48,6 +57,8 @@ class TraceWriter:
                 pa.field(f"layer{layer}_weights", pa.list_(pa.float32())),
                 pa.field(f"layer{layer}_dropped", pa.list_(pa.bool_())),
             ]
+            if slots:
+                fields.append(pa.field(f"layer{layer}_slots", pa.list_(pa.int16())))
         self.schema = pa.schema(fields)
         self.path = Path(path)
         self.tmp = temp_file_beside(self.path)
@@ -62,10 +73,12 @@ class TraceWriter:
         experts_LBSK: np.ndarray,
         dropped_LBSK: np.ndarray,
         weights_LBSK: np.ndarray,
+        slots_LBSK: Optional[np.ndarray] = None,
     ) -> None:
+        """One batch: each token's experts (L, B, S, K), padded with expert E where a token took fewer than K, and
+        with them their drops, weights and (for `slots`) routing slots."""
         pa = self.pa
         B, S = inputs_BS.shape
-        K = experts_LBSK.shape[-1]
         columns = [
             pa.array(np.repeat(np.arange(self.sequences, self.sequences + B), S)),
             pa.array(np.tile(np.arange(S, dtype=np.int32), B)),
@@ -73,13 +86,18 @@ class TraceWriter:
             pa.array(targets_BS.reshape(-1).astype(np.int32)),
             pa.array([self.domain_names[d] for d in np.repeat(domain_B, S)]),
         ]
-        offsets = pa.array(np.arange(0, B * S * K + 1, K, dtype=np.int32))
         for l in range(len(self.layers)):
-            columns += [
-                pa.ListArray.from_arrays(offsets, pa.array(experts_LBSK[l].reshape(-1).astype(np.int16))),
-                pa.ListArray.from_arrays(offsets, pa.array(weights_LBSK[l].reshape(-1).astype(np.float32))),
-                pa.ListArray.from_arrays(offsets, pa.array(dropped_LBSK[l].reshape(-1))),
-            ]
+            real_TK = experts_LBSK[l].reshape(B * S, -1) < self.num_experts
+            offsets = pa.array(np.r_[0, np.cumsum(real_TK.sum(1))].astype(np.int32))
+
+            parts = [(experts_LBSK, np.int16), (weights_LBSK, np.float32), (dropped_LBSK, bool)]
+            if self.slots:
+                if slots_LBSK is None:
+                    raise ValueError("this trace lists routing slots: write needs slots_LBSK")
+                parts.append((slots_LBSK, np.int16))
+            for values_LBSK, dtype in parts:
+                values = values_LBSK[l].reshape(B * S, -1)[real_TK].astype(dtype)
+                columns.append(pa.ListArray.from_arrays(offsets, pa.array(values)))
         self.writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
         self.sequences += B
 
@@ -96,10 +114,34 @@ class TraceWriter:
 _LAYER = re.compile(r"^layer(\d+)_experts$")
 
 
+@dataclass(frozen=True)
+class TokenLists:
+    """One layer's experts for R tokens: token r took experts[starts[r]:starts[r] + lengths[r]] (int64), each in the
+    routing slot `slots[...]` where the trace records slots (else None)."""
+
+    lengths_R: np.ndarray
+    experts: np.ndarray
+    slots: Optional[np.ndarray]
+
+    def padded(self, width: int, fill: int) -> np.ndarray:
+        """(R, width): each token's experts at their slots (without slots: first to last), `fill` elsewhere."""
+        R = len(self.lengths_R)
+        token = np.repeat(np.arange(R), self.lengths_R)
+        rank = np.arange(len(token)) - np.repeat(np.cumsum(self.lengths_R) - self.lengths_R, self.lengths_R)
+        slot = rank if self.slots is None else self.slots
+        if len(np.unique(token * width + slot)) != len(token):
+            raise TraceMismatch("a token of this trace lists two experts in one routing slot")
+        out = np.full((R, width), fill, dtype=np.int64)
+        out[token, slot] = self.experts
+        return out
+
+
 class RoutingTrace:
     """A trace read for replay: each recorded sequence's experts in every layer, found by its token ids."""
 
     def __init__(self, path: str | Path):
+        import pyarrow as pa
+
         self.path = Path(path)
         table = _read(self.path)
         names = set(table.column_names)
@@ -112,12 +154,19 @@ class RoutingTrace:
         sequence = table["sequence"].to_numpy()
         position = table["position"].to_numpy()
         order = np.lexsort((position, sequence))
+        table = table.take(pa.array(order))  # rows sorted by (sequence, position)
         sequence, position = sequence[order], position[order]
-        tokens = table["token"].to_numpy()[order].astype(np.int32)
-        self.experts: dict[int, np.ndarray] = {}  # layer -> (rows, K), rows sorted by (sequence, position)
+        tokens = table["token"].to_numpy().astype(np.int32)
+        # layer -> (offsets (rows + 1,), experts, slots or None): each row's list is experts[offsets[r]:offsets[r+1]]
+        self.lists: dict[int, tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]] = {}
         for layer in self.layers:
-            self.experts[layer] = _fixed_lists(table[f"layer{layer}_experts"], self.path, layer)[order]
-        self.top_k = {layer: experts.shape[1] for layer, experts in self.experts.items()}
+            offsets, experts = _lists(table, f"layer{layer}_experts", self.path)
+            slots = None
+            if f"layer{layer}_slots" in names:
+                slot_offsets, slots = _lists(table, f"layer{layer}_slots", self.path)
+                if not np.array_equal(slot_offsets, offsets):
+                    raise UserError(f"{self.path}: layer {layer}'s slots do not match its experts, token by token")
+            self.lists[layer] = (offsets, experts, slots)
         starts = np.flatnonzero(np.r_[True, sequence[1:] != sequence[:-1]])
         ends = np.r_[starts[1:], len(sequence)]
         self.index: dict[bytes, int] = {}  # a sequence's token ids -> its first row
@@ -127,29 +176,42 @@ class RoutingTrace:
             self.index.setdefault(tokens[start:end].tobytes(), start)
         self.num_sequences = len(starts)
 
-    def check_model(self, layers: list[int], num_experts: int, top_k: dict[int, int], setting: str) -> None:
-        """TraceMismatch unless the trace routes every MoE layer of a model of `num_experts` experts with its k;
-        `setting` (the option that named the trace) begins the message."""
+    def experts_per_token(self, layer: int) -> tuple[int, int]:
+        """The fewest and the most experts a token of `layer` took in this trace."""
+        lengths = np.diff(self.lists[layer][0])
+        return (int(lengths.min()), int(lengths.max())) if len(lengths) else (0, 0)
+
+    def check_model(self, layers: list[int], num_experts: int, lists: dict[int, tuple[int, int]], setting: str) -> None:
+        """TraceMismatch unless the trace routes every MoE layer of a model of `num_experts` experts whose layer L
+        lists between lists[L] = (fewest, most) experts per token; `setting` (the option that named the trace)
+        begins the message."""
         where = f"{setting}={self.path}"
-        missing = [l for l in layers if l not in self.experts]
+        missing = [l for l in layers if l not in self.lists]
         if missing:
             raise TraceMismatch(
                 f"{where} records the MoE layers {self.layers}; the model's are {layers} (none for {missing})"
             )
         for layer in layers:
-            if self.top_k[layer] != top_k[layer]:
+            (low, high), (fewest, most) = self.experts_per_token(layer), lists[layer]
+            if low < fewest or high > most:
+                wanted = f"k={most}" if fewest == most else f"{fewest} to {most}"
                 raise TraceMismatch(
-                    f"{where} gives {self.top_k[layer]} experts per token in layer {layer}; the model's router "
-                    f"takes k={top_k[layer]}"
+                    f"{where} gives {low if low == high else f'{low} to {high}'} experts per token in layer "
+                    f"{layer}; the model's router takes {wanted}"
                 )
-            largest = int(self.experts[layer].max(initial=-1))
-            if largest >= num_experts:
+            experts = self.lists[layer][1]
+            largest = int(experts.max(initial=-1))
+            if largest >= num_experts or int(experts.min(initial=0)) < 0:
                 raise TraceMismatch(
                     f"{where} names expert {largest} in layer {layer}; the model has {num_experts} experts"
                 )
+            slots = self.lists[layer][2]
+            if slots is not None and len(slots) and (slots.min() < 0 or slots.max() >= most):
+                raise TraceMismatch(f"{where} names routing slot {int(slots.max())} in layer {layer}; it has {most}")
 
-    def experts_of(self, tokens_BS: np.ndarray, layers: list[int]) -> dict[int, np.ndarray]:
-        """Each layer's recorded experts (B, S, K) for these sequences, found by their token ids."""
+    def experts_of(self, tokens_BS: np.ndarray, layers: list[int]) -> dict[int, TokenLists]:
+        """Each layer's recorded experts for the B * S tokens of these sequences (batch-major), found by their
+        token ids."""
         tokens_BS = np.ascontiguousarray(tokens_BS, dtype=np.int32)
         B, S = tokens_BS.shape
         rows = [self.index.get(row.tobytes()) for row in tokens_BS]
@@ -161,7 +223,15 @@ class RoutingTrace:
                 "the same data (moe-lab analyze --trace, or training's routing.record)"
             )
         take = (np.asarray(rows)[:, None] + np.arange(S)[None, :]).reshape(-1)
-        return {layer: self.experts[layer][take].reshape(B, S, -1) for layer in layers}
+        return {layer: _taken(*self.lists[layer], take) for layer in layers}
+
+
+def _taken(offsets: np.ndarray, experts: np.ndarray, slots: Optional[np.ndarray], rows: np.ndarray) -> TokenLists:
+    """The lists of `rows`, in that order."""
+    lengths = offsets[rows + 1] - offsets[rows]
+    within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    at = np.repeat(offsets[rows], lengths) + within
+    return TokenLists(lengths, experts[at], None if slots is None else slots[at])
 
 
 def _read(path: Path) -> Any:
@@ -176,19 +246,18 @@ def _read(path: Path) -> Any:
         raise UserError(f"{path} cannot be read as a Parquet routing trace ({first})") from None
 
 
-def _fixed_lists(column: Any, path: Path, layer: int) -> np.ndarray:
-    """A list column of equal-length lists as a (rows, K) int64 array."""
+def _lists(table: Any, name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A list column of integers as (offsets (rows + 1,), values int64)."""
     import pyarrow as pa
 
+    column = table[name]
+    if not pa.types.is_list(column.type) or not pa.types.is_integer(column.type.value_type) or column.null_count:
+        raise UserError(f"{path}: column {name} is not a list of expert ids per token ({column.type})")
     lists = column.combine_chunks()
     if isinstance(lists, pa.ChunkedArray):  # an empty table
         lists = pa.array([], type=column.type)
-    lengths = np.diff(lists.offsets.to_numpy())
-    if len(lengths) and (lengths.min() != lengths.max() or lengths.min() == 0):
-        raise UserError(
-            f"{path}: layer {layer} gives {lengths.min()} to {lengths.max()} experts per token; replay takes a "
-            "fixed k per token"
-        )
-    k = int(lengths[0]) if len(lengths) else 0
-    values = lists.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
-    return values.reshape(-1, max(k, 1)) if k else values.reshape(0, 1)
+    if lists.values.null_count:
+        raise UserError(f"{path}: column {name} holds missing expert ids")
+    offsets = lists.offsets.to_numpy().astype(np.int64)
+    values = lists.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    return offsets - offsets[0], values[offsets[0] : offsets[-1]]

@@ -34,28 +34,13 @@ from moe_lab.analysis.stats import mutual_information
 from moe_lab.analysis.trace import TraceWriter
 from moe_lab.errors import UserError
 from moe_lab.model import MoETransformer
-from moe_lab.model.router_configs import registered_routers
 from moe_lab.tools.stability import format_stability, stability
-from moe_lab.training.routing_replay import layer_choices
+from moe_lab.training.routing_replay import layer_choices, trace_writer, write_choices
 
 
 def check_analysable(model: MoETransformer) -> None:
     if not model.moe_layers:
         raise UserError("the model is dense: there is no routing to analyse")
-
-
-def check_traceable(model: MoETransformer) -> None:
-    """--trace: a Parquet trace lists a fixed top-k per token (what replay reads)."""
-    for moe in model.moe_modules():
-        if not moe.router.Config.fixed_top_k():
-            raise UserError(
-                f"--trace: router={moe.router.registered_name} gives no fixed top-k per token, which a trace lists; "
-                f"analyze it without --trace (routers with a fixed top-k: {', '.join(fixed_top_k_routers())})"
-            )
-
-
-def fixed_top_k_routers() -> list[str]:
-    return sorted(name for name, cls in registered_routers().items() if cls.fixed_top_k())
 
 
 @contextlib.contextmanager
@@ -101,8 +86,6 @@ def analyze(
     final = models[-1]
     check_analysable(final)
     check_capacity_factors(final, capacity_factors)
-    if trace is not None:
-        check_traceable(final)
     dropped_FLS = np.zeros((len(capacity_factors), len(final.moe_layers), seq_len), dtype=np.int64)
     counts = RoutingCounts(
         len(final.moe_layers), final.cfg.moe.num_experts, final.moe_modules()[0].top_k, vocab_size, num_domains, seq_len
@@ -117,19 +100,19 @@ def analyze(
         inputs, targets = ids[:, :-1], ids[:, 1:]
         B, S = inputs.shape
         domain_B = batch["domain"][keep]
-        experts, dropped, weights = layer_choices(final, final(inputs, domain_B=domain_B), B, S)
-        counts.add(experts, inputs.numpy(), targets.numpy(), batch["domain"][keep].numpy(), dropped)
+        choices = layer_choices(final, final(inputs, domain_B=domain_B), B, S)
+        counts.add(choices.experts, inputs.numpy(), targets.numpy(), domain_B.numpy(), choices.dropped)
         if trace is not None:
-            trace.write(inputs.numpy(), targets.numpy(), batch["domain"][keep].numpy(), experts, dropped, weights)
+            write_choices(trace, inputs.numpy(), targets.numpy(), domain_B.numpy(), choices)
         for f, factor in enumerate(capacity_factors):
             with eval_capacity(final, factor):
-                dropped_LBSK = layer_choices(final, final(inputs, domain_B=domain_B), B, S)[1]
+                dropped_LBSK = layer_choices(final, final(inputs, domain_B=domain_B), B, S).dropped
             dropped_FLS[f, :, :S] += dropped_LBSK.sum(axis=(1, 3))
         for i, earlier in enumerate(models[:-1]):
-            mine = layer_choices(earlier, earlier(inputs, domain_B=domain_B), B, S)[0]
+            mine = layer_choices(earlier, earlier(inputs, domain_B=domain_B), B, S).experts
             for l in range(len(final.moe_layers)):
                 E = final.cfg.moe.num_experts
-                top1, topk = saturation(mine[l].reshape(B * S, -1), experts[l].reshape(B * S, -1), E)
+                top1, topk = saturation(mine[l].reshape(B * S, -1), choices.experts[l].reshape(B * S, -1), E)
                 agree[i, l] += np.array([top1, topk]) * B * S
         tokens += B * S
         if progress is not None:
@@ -496,8 +479,7 @@ def run(args: Any, cfg: Any, sources: list[str]) -> int:
     models, tokenizer, described = load_models(sources, args.capacity, args.device)
     final = models[-1]
     check_capacity_factors(final, args.capacity_factor)
-    if args.trace is not None:
-        check_traceable(final)
+    check_analysable(final)
     run_cfg, data, loader = held_out_data(cfg, tokenizer, final.cfg, args.max_batches)
     print(
         f"moe-lab: analysing {described} on {data.describe()}: {len(loader.batch_sampler)} batches of "
@@ -539,7 +521,7 @@ def analyze_with_progress(
     """`analyze` with a progress line on stderr, and every token's routing to --trace if given."""
     final = models[-1]
     progress = progress_line("", len(loader.batch_sampler))
-    trace = TraceWriter(args.trace, final.moe_layers, domain_names) if args.trace is not None else None
+    trace = trace_writer(args.trace, final, domain_names) if args.trace is not None else None
     try:
         result = analyze(
             models,

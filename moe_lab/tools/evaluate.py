@@ -95,7 +95,7 @@ def forward(model: MoETransformer, inputs_BS: torch.Tensor, domain_B: torch.Tens
     """The model's forward, routed live or, with a trace, as the trace recorded these sequences."""
     if replay is None:
         return model(inputs_BS, domain_B=domain_B)
-    with model.replay_routing(tape_from_trace(replay, inputs_BS, model.moe_layers)):
+    with model.replay_routing(tape_from_trace(replay, inputs_BS, model)):
         return model(inputs_BS, domain_B=domain_B)
 
 

@@ -110,7 +110,7 @@ class MoELanguageModel(L.LightningModule):
         if self.routing_trace is None:
             yield self.training_forward
             return
-        tape = tape_from_trace(self.routing_trace, inputs_BS, self.moe_layers, key)
+        tape = tape_from_trace(self.routing_trace, inputs_BS, self.model, key)
         with self.model.replay_routing(tape):
             yield self.model
 

@@ -84,7 +84,7 @@ class RoutingAnalysis(L.Callback):
                 len(lm(pl_module).domain_names),
                 S,
             )
-        experts, dropped, _ = layer_choices(lm(pl_module).model, outputs, B, S)
+        experts, dropped, _, _ = layer_choices(lm(pl_module).model, outputs, B, S)
         keep_np = keep.cpu().numpy()
         ids_np = ids.cpu().numpy()[keep_np]
         if len(ids_np):

@@ -251,9 +251,8 @@ class RunCallbacks:
             check_analysable(module.model)
             callbacks.insert(2, RoutingAnalysis(run.metrics.analysis_every_n_steps, run.trainer.get("max_steps", -1)))
         if run.routing.record is not None:
-            from moe_lab.training.routing_replay import RoutingRecorder, check_recordable
+            from moe_lab.training.routing_replay import RoutingRecorder
 
-            check_recordable(module.model)
             callbacks.append(RoutingRecorder(run.routing.record, data.domain_names))
         sharded = writes_sharded(run.checkpoint.format, 1, run.checkpoint.async_save)  # one process: no experts split
         io = AtomicCheckpointIO(sharded=sharded, async_save=run.checkpoint.async_save)
