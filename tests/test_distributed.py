@@ -91,6 +91,7 @@ PER_MICRO_BATCH = {
     ],
     "latent_experts": ["experts=e16_latent"],  # the all-to-all carries latent rows
     "multi_token_prediction": ["model.mtp_depth=2"],  # two more MoE blocks, their loss in the gradient
+    "layers_of_8_and_4_experts": ["model.moe.layer_experts=[8,4]", "capacity=cf1_0"],  # a total budget's pruning
 }
 # The default setting also runs the routing analyses at every validation: their counts are summed over ranks.
 PER_MICRO_BATCH["topk-cf1_25"] = [*PER_MICRO_BATCH["topk-cf1_25"], "metrics.analysis_every_n_steps=2"]

@@ -12,7 +12,15 @@ import torch
 from moe_lab.model import MoETransformer
 from moe_lab.model.pruning import per_expert, prune_experts
 from moe_lab.model.routers import ROUTERS
-from moe_lab.tools.prune import ExpertStats, expert_outputs_recorded, experts_to_keep, removal_losses, scores
+from moe_lab.tools.prune import (
+    ExpertStats,
+    comparable,
+    expert_outputs_recorded,
+    experts_to_keep,
+    experts_to_keep_total,
+    removal_losses,
+    scores,
+)
 
 from conftest import tiny_moe_model
 
@@ -65,6 +73,70 @@ def test_a_pruned_model_routes_as_the_model_whose_router_cannot_choose_the_remov
             # Soft routing lists every expert (the removed ones with weight 0), top-p slots of no expert (weight 0).
             mine = pruned(x).moe[layer]
             assert torch.equal(kept[mine.expert_N[mine.weight_N > 0]], chosen.expert_N[chosen.weight_N > 0])
+
+
+@pytest.mark.parametrize("name", ["topk", "top_p", "relu", "soft"])
+def test_layers_may_keep_different_numbers_of_experts(name):
+    """A total budget: layer 0 keeps 6, layer 1 keeps 3. The pruned model's settings say so (layer_experts), build
+    exactly its structure and parameter count, and it routes as the masked oracle; pruning it again per layer or to
+    another total works on its narrower layers."""
+    node = {"name": name, "top_k": 2} if name in ("topk", "top_p") else {"name": name}
+    model = model_with(node)
+    keep = {0: [0, 2, 3, 5, 6, 7], 1: [1, 4, 6]}
+    pruned = prune_experts(model, keep)
+    assert pruned.cfg.moe.num_experts == 6 and pruned.cfg.moe.layer_experts == [6, 3]
+    assert [m.num_experts for m in pruned.moe_modules()] == [6, 3] and pruned.layer_experts() == (6, 3)
+    assert (
+        pruned.num_params()["total"]
+        == pruned.cfg.size_estimate()[0]
+        == MoETransformer(pruned.cfg).num_params()["total"]
+    )
+    removed = {l: [e for e in range(8) if e not in kept] for l, kept in keep.items()}
+    oracle = masked_router(model_with(node), removed)
+    x = ids()[:, :-1]
+    with torch.no_grad():
+        if name in ("topk", "top_p"):  # routing by a normalised score: the pruned model is the masked one
+            assert torch.allclose(pruned(x).logits, oracle(x).logits, atol=1e-5)
+        again = prune_experts(pruned, {0: [0, 1], 1: [0, 2]})
+        assert again.cfg.moe.layer_experts is None and again.cfg.moe.num_experts == 2
+        assert torch.isfinite(again(x).logits).all()
+
+
+def test_a_total_budget_gives_each_layer_its_minimum_then_the_best_of_any_layer():
+    scores_LE = np.array([[0.9, 0.1, 0.5, 0.4], [0.3, 0.2, 0.8, 0.7]])
+    assert experts_to_keep_total(scores_LE, 4, [1, 1]) == [[0, 2], [2, 3]]  # 0.9 | 0.8, then 0.7, 0.5
+    assert experts_to_keep_total(scores_LE, 3, [2, 0]) == [[0, 2], [2]]
+    assert experts_to_keep_total(scores_LE, 2, [1, 1]) == [[0], [2]]
+    narrower = np.array([[0.9, 0.1, 0.5, 0.4], [0.3, 0.2, np.nan, np.nan]])  # layer 1 has two experts
+    assert experts_to_keep_total(narrower, 5, [1, 1]) == [[0, 2, 3], [0, 1]]
+    assert experts_to_keep(narrower, 2) == [[0, 2], [0, 1]]
+    # reap and ean over their layer's mean: a layer of large output norms does not take the whole budget.
+    norms = np.array([[10.0, 30.0, 20.0, 20.0], [1.0, 3.0, 2.0, 2.0]])
+    assert np.allclose(comparable("ean", norms), [[0.5, 1.5, 1.0, 1.0]] * 2)
+    assert np.array_equal(comparable("frequency", norms), norms)
+    assert experts_to_keep_total(comparable("reap", norms), 4, [1, 1]) == [[1, 2, 3], [1]]  # ties: earlier layer
+    norms[1] = [1.0, 3.0, 2.2, 1.8]  # layer 1 over its mean: 0.5, 1.5, 1.1, 0.9
+    assert experts_to_keep_total(comparable("reap", norms), 4, [1, 1]) == [[1, 2], [1, 2]]
+
+
+def test_layer_experts_are_checked_with_the_model():
+    from moe_lab.model import ModelConfig, MoEConfig
+
+    def cfg(**moe):
+        return ModelConfig(
+            vocab_size=64, d_model=32, n_layers=2, n_heads=4, ffn_hidden=64, moe=MoEConfig(expert_hidden=16, **moe)
+        )
+
+    for moe, message in (
+        ({"num_experts": 6, "layer_experts": [6]}, "for each of the 2 MoE blocks"),
+        ({"num_experts": 8, "layer_experts": [6, 4]}, "must be the largest"),
+        ({"num_experts": 6, "layer_experts": [6, 0]}, "for each of the 2 MoE blocks"),
+        ({"num_experts": 6, "layer_experts": [6, 1], "router": {"name": "topk", "top_k": 2}}, "block 1's 1 experts"),
+        ({"num_experts": 6, "layer_experts": [6, 3], "expert_parallel": 2}, "must divide every layer's"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            cfg(**moe).check()
+    cfg(num_experts=6, layer_experts=[6, 2], router={"name": "topk", "top_k": 2}).check()
 
 
 def test_per_expert_tensors_are_found_by_their_shape_suffix():
@@ -185,6 +257,63 @@ def test_prune_command_writes_a_checkpoint_that_works_everywhere(real_checkpoint
     assert main(["prune", str(real_checkpoint), str(tmp_path / "x"), "--keep", "8"]) == 2
     assert "keep 1 to 7 of the model's 8 experts" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_a_total_budget_writes_a_model_whose_layers_differ_and_that_works_everywhere(
+    real_checkpoint, tmp_path, cache_dir, capsys
+):
+    """--keep-total 13 of the test model's 2 x 8 experts: the layers keep different numbers (13 is odd); the model evaluates to the loss the report states, generates, is analysed and traced, replays its trace,
+    fine-tunes, prunes again per layer; export says in one line why Hugging Face's formats cannot hold it."""
+    from moe_lab.cli.main import main
+    from moe_lab.training.checkpoint import load_model
+
+    data = [
+        "data.seq_len=64",
+        "data.max_val_blocks=16",
+        "++data.max_chars_per_domain=30000",
+        f"paths.cache_dir={cache_dir}",
+    ]
+    out, ckpt = tmp_path / "pruned", str(tmp_path / "pruned" / "model.ckpt")
+    args = ["prune", str(real_checkpoint), str(out), *data, "--keep-total", "13", "--criterion", "frequency"]
+    assert main([*args, "--max-batches", "1"]) == 0
+    report = json.loads((out / "pruning.json").read_text())
+    assert sum(report["kept"]) == 13 and len(set(report["kept"])) > 1 and min(report["kept"]) >= 2  # top-2
+    assert "13 of 16 experts (per layer: " in capsys.readouterr().out
+    model = load_model(ckpt).model
+    assert [m.num_experts for m in model.moe_modules()] == report["kept"]
+    assert model.cfg.moe.layer_experts == report["kept"] and model.cfg.moe.num_experts == max(report["kept"])
+    one = ["--max-batches", "1"]
+    assert main(["eval", ckpt, *data, *one, "--json", str(tmp_path / "e.json")]) == 0
+    assert json.loads((tmp_path / "e.json").read_text())["overall"]["loss"] == pytest.approx(report["loss_after"])
+    assert main(["generate", ckpt, "--prompt", "ab", "--max-new-tokens", "3"]) == 0
+    trace = tmp_path / "t.parquet"
+    assert main(["analyze", ckpt, *data, *one, "-o", str(tmp_path / "a.html"), "--trace", str(trace)]) == 0
+    analysed = json.loads((tmp_path / "a.json").read_text())["layers"]
+    for layer, kept in zip(model.moe_layers, report["kept"]):
+        loads = analysed[str(layer)]["expert_tokens"] if "expert_tokens" in analysed[str(layer)] else None
+        assert loads is None or len(loads) >= kept
+    assert main(["eval", ckpt, *data, *one, "--replay", str(trace), "--json", str(tmp_path / "r.json")]) == 0
+    assert (
+        json.loads((tmp_path / "r.json").read_text())["overall"]
+        == json.loads((tmp_path / "e.json").read_text())["overall"]
+    )
+    capsys.readouterr()
+    assert main(["export", ckpt, "--format", "hf", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert "different numbers of experts" in err and "--keep N" in err and "Traceback" not in err
+    assert not (tmp_path / "hf").exists()
+    ft = [f"ckpt_path={ckpt}", "trainer.max_steps=2", "trainer.val_check_interval=2", *data, "data.batch_size=4"]
+    assert main(["train", *ft, f"hydra.run.dir={tmp_path / 'ft'}"]) == 0  # with its dashboard
+    assert main(["prune", ckpt, str(tmp_path / "again"), *data, *one, "--keep", "2"]) == 0
+    assert load_model(tmp_path / "again" / "model.ckpt").model.cfg.moe.layer_experts is None
+    assert main(["prune", ckpt, str(tmp_path / "x"), "--keep", str(min(report["kept"]))]) == 2
+    assert f"keep 1 to {min(report['kept']) - 1} of the model's" in capsys.readouterr().err
+    assert main(["prune", str(real_checkpoint), str(tmp_path / "y"), "--keep-total", "3"]) == 2
+    assert "--keep-total 3: keep 4 (the fewest router=topk routes with" in capsys.readouterr().err
+    assert main(["prune", str(real_checkpoint), str(tmp_path / "z"), "--keep", "2", "--keep-total", "9"]) == 2
+    assert "give --keep N" in capsys.readouterr().err
+    assert not any((tmp_path / n).exists() for n in "xyz")
 
 
 @pytest.mark.slow

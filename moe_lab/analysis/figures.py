@@ -158,7 +158,8 @@ def load_ratio_heatmap(steps: list[int], loads_ES: np.ndarray, showscale: bool =
 
 def load_over_time_figure(layers: list[int], steps: list[int], loads_TLE: np.ndarray, title: str = ""):
     """Every MoE layer's expert load over time (loads_TLE: logged steps x layers x experts, shares of the layer's
-    routed slots), one heatmap per layer with shared step axis and one colour bar."""
+    routed slots; nan for the experts a narrower layer lacks), one heatmap per layer with shared step axis and one
+    colour bar."""
     fig = _subplots(
         len(layers),
         1,
@@ -168,7 +169,9 @@ def load_over_time_figure(layers: list[int], steps: list[int], loads_TLE: np.nda
         vertical_spacing=0.25 / len(layers),
     )
     for i, _layer in enumerate(layers):
-        fig.add_trace(load_ratio_heatmap(steps, loads_TLE[:, i, :].T, showscale=i == 0), row=i + 1, col=1)
+        loads_ES = loads_TLE[:, i, :].T
+        loads_ES = loads_ES[~np.isnan(loads_ES).all(1)]  # a layer narrower than the widest: its own experts
+        fig.add_trace(load_ratio_heatmap(steps, loads_ES, showscale=i == 0), row=i + 1, col=1)
     fig.update_xaxes(title_text="optimizer step", row=len(layers), col=1)
     fig.update_yaxes(title_text="expert")
     if title:
@@ -184,7 +187,12 @@ def load_heatmaps(run: RunRecord):
     steps = series[0][0]
     if any(len(s) != len(steps) for s, _ in series):
         return None
-    return load_over_time_figure(layers, steps, np.stack([loads.T for _, loads in series], axis=1))
+    widest = max(loads.shape[0] for _, loads in series)  # layers may differ in experts (a pruned model)
+    padded = [
+        np.pad(loads.T.astype(float), ((0, 0), (0, widest - loads.shape[0])), constant_values=np.nan)
+        for _, loads in series
+    ]
+    return load_over_time_figure(layers, steps, np.stack(padded, axis=1))
 
 
 def balance_figure(run: RunRecord):

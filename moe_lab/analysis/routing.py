@@ -45,6 +45,9 @@ class RoutingCounts:
     num_domains: int
     seq_len: int
     seed: int = 0
+    # Each layer's own number of experts where they differ (a model pruned to a total budget); the tables are
+    # num_experts wide, a narrower layer's extra columns take no token.
+    layer_experts: Optional[tuple[int, ...]] = None
     domain_LED: np.ndarray = field(init=False)
     input_LVE: np.ndarray = field(init=False)  # occurrences of token v as input with expert e among its top-k
     next_LVE: np.ndarray = field(init=False)  # the same, keyed by the token that follows
@@ -150,7 +153,8 @@ def experts_per_token(counts: RoutingCounts) -> np.ndarray:
 def random_share(counts: RoutingCounts) -> np.ndarray:
     """(L,): an expert's share of tokens under random routing with the same number of experts per token (k/E), the
     baseline of the domain shares and the vocabulary specialisation."""
-    return experts_per_token(counts) / counts.num_experts
+    experts_L = np.asarray(counts.layer_experts or [counts.num_experts] * counts.num_layers)
+    return experts_per_token(counts) / experts_L
 
 
 def vocab_specialisation(

@@ -181,9 +181,11 @@ class RoutingTrace:
         lengths = np.diff(self.lists[layer][0])
         return (int(lengths.min()), int(lengths.max())) if len(lengths) else (0, 0)
 
-    def check_model(self, layers: list[int], num_experts: int, lists: dict[int, tuple[int, int]], setting: str) -> None:
-        """TraceMismatch unless the trace routes every MoE layer of a model of `num_experts` experts whose layer L
-        lists between lists[L] = (fewest, most) experts per token; `setting` (the option that named the trace)
+    def check_model(
+        self, layers: list[int], num_experts: dict[int, int], lists: dict[int, tuple[int, int]], setting: str
+    ) -> None:
+        """TraceMismatch unless the trace routes every MoE layer of a model whose layer L has num_experts[L] experts
+        and lists between lists[L] = (fewest, most) experts per token; `setting` (the option that named the trace)
         begins the message."""
         where = f"{setting}={self.path}"
         missing = [l for l in layers if l not in self.lists]
@@ -201,9 +203,10 @@ class RoutingTrace:
                 )
             experts = self.lists[layer][1]
             largest = int(experts.max(initial=-1))
-            if largest >= num_experts or int(experts.min(initial=0)) < 0:
+            if largest >= num_experts[layer] or int(experts.min(initial=0)) < 0:
                 raise TraceMismatch(
-                    f"{where} names expert {largest} in layer {layer}; the model has {num_experts} experts"
+                    f"{where} names expert {largest} in layer {layer}; the model has {num_experts[layer]} experts"
+                    + ("" if len(set(num_experts.values())) == 1 else " there")
                 )
             slots = self.lists[layer][2]
             if slots is not None and len(slots) and (slots.min() < 0 or slots.max() >= most):

@@ -146,7 +146,10 @@ def prune_checks(parsed: argparse.Namespace) -> tuple:
         raise UserError(f"{out} exists and is not an empty directory; moe-lab never writes over files: give a new one")
     if not out.parent.is_dir():
         raise UserError(f"{out.parent} does not exist; create it or choose another OUT_DIR")
+    if (parsed.keep is None) == (parsed.keep_total is None):
+        raise UserError("moe-lab prune: give --keep N (experts kept in every MoE layer) or --keep-total N (in all)")
     checks.at_least(parsed.keep, "--keep")
+    checks.at_least(parsed.keep_total, "--keep-total")
     checks.at_least(parsed.max_batches, "--max-batches")
     checks.device(parsed.device)
     return (cfg,)
@@ -401,7 +404,12 @@ COMMANDS: tuple[Command, ...] = (
             MODEL,
             OUT_DIR,
             arg("overrides", nargs="*", help="data=..., data.KEY=VALUE, paths.cache_dir=..."),
-            arg("--keep", type=int, required=True, help="routed experts to keep in every MoE layer"),
+            arg("--keep", type=int, help="routed experts to keep in every MoE layer"),
+            arg(
+                "--keep-total",
+                type=int,
+                help="routed experts to keep over all MoE layers, spread by score (the layers then differ)",
+            ),
             arg("--criterion", choices=["frequency", "reap", "ean", "loss", "random"], default="reap"),
             arg("--seed", type=int, default=0, help="the random criterion's seed"),
             max_batches("score the experts on"),

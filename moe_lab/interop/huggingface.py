@@ -545,6 +545,12 @@ def hf_architecture(cfg: ModelConfig) -> tuple[Family, dict]:
     moe = cfg.moe
     if not moe.enabled:
         raise ExportError(f"a dense model (experts=dense) is not an MoE; export supports MoE models ({titles()})")
+    if moe.layer_experts is not None:
+        raise ExportError(
+            f"its MoE layers have different numbers of experts ({moe.layer_experts}, a model pruned to a total "
+            f"budget), and {titles(last='and')} give every layer one num_experts: prune with --keep N (per layer) "
+            "to export"
+        )
     router = router_config(moe.router)
     if all(hf_routing(router, moe.num_experts, f.routing) is None for f in supported()):
         raise ExportError(

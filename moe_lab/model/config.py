@@ -65,8 +65,11 @@ class MoEConfig:
 
     # false makes every FFN dense: the dense baseline (`experts=dense` or `model=dense_tiny`).
     enabled: bool = True
-    # Routed experts per MoE layer.
+    # Routed experts per MoE layer (with layer_experts: the most any layer has).
     num_experts: int = 8
+    # Routed experts of each MoE block, in order (the MoE layers', then the multi-token prediction blocks'), where
+    # they differ: a model pruned to a total budget (`moe-lab prune --keep-total`). null = num_experts in every one.
+    layer_experts: Optional[list[int]] = None
     # Hidden width of one expert's FFN. A top-k MoE with expert_hidden = ffn_hidden / k has the active parameters
     # of the dense model; fine-grained experts (DeepSeekMoE) split one FFN into many narrow ones. The default is
     # the full width of the default model's FFN (experts=e8: eight full-width experts).
@@ -298,6 +301,18 @@ class ModelConfig:
         mtp = range(self.n_layers, self.n_layers + self.mtp_depth) if self.is_moe_layer(self.n_layers - 1) else []
         return self.moe_layers + list(mtp)
 
+    def experts_in(self, layer: int) -> int:
+        """The routed experts of MoE block `layer` (a number from `routed_layers`)."""
+        if self.moe.layer_experts is None:
+            return self.moe.num_experts
+        return self.moe.layer_experts[self.routed_layers.index(layer)]
+
+    def moe_of(self, layer: int) -> MoEConfig:
+        """The MoE settings of block `layer`: the model's, with that block's number of experts."""
+        if self.moe.layer_experts is None:
+            return self.moe
+        return dataclasses.replace(self.moe, num_experts=self.experts_in(layer), layer_experts=None)
+
     def size_estimate(self) -> tuple[int, int]:
         """(parameters, buffer elements) of the model these settings build, from the settings alone: what lets a
         command refuse a model that cannot fit in memory before it builds one (an absurd `num_hidden_layers` would
@@ -313,22 +328,27 @@ class ModelConfig:
         gated = 3 if GATED_ACTIVATIONS.get(moe.activation) else 2
         dense_ffn = 3 * d * self.ffn_hidden
         width = moe.latent_dim or d  # the experts' input and output width
-        moe_ffn = moe.num_experts * (gated * width * moe.expert_hidden + d)  # experts and the gate's rows
-        moe_ffn += 2 * d * width if moe.latent_dim else 0  # the latent down- and up-projections
-        moe_ffn += moe.num_experts if getattr(moe.router, "gate_bias", False) else 0  # a bias on the gate's logits
-        if moe.expert_bias:
-            moe_ffn += moe.num_experts * ((gated - 1) * moe.expert_hidden + width)  # (gated - 1) F in, width out
-        if moe.num_shared:
-            moe_ffn += gated * d * moe.shared_width + (d if moe.shared_gate else 0)
+
+        def moe_ffn(E: int) -> int:
+            """An MoE FFN of E routed experts."""
+            params = E * (gated * width * moe.expert_hidden + d)  # experts and the gate's rows
+            params += 2 * d * width if moe.latent_dim else 0  # the latent down- and up-projections
+            params += E if getattr(moe.router, "gate_bias", False) else 0  # a bias on the gate's logits
+            if moe.expert_bias:
+                params += E * ((gated - 1) * moe.expert_hidden + width)  # (gated - 1) F in, width out
+            if moe.num_shared:
+                params += gated * d * moe.shared_width + (d if moe.shared_gate else 0)
+            return params
+
         moe_layers = len(self.moe_layers)
-        last = moe_ffn if self.is_moe_layer(self.n_layers - 1) else dense_ffn
-        mtp = self.mtp_depth * (attention + last + 2 * d * d + 3 * d)  # block, projection and three norms
+        dense_mtp = 0 if self.is_moe_layer(self.n_layers - 1) else self.mtp_depth * dense_ffn
+        mtp = self.mtp_depth * (attention + 2 * d * d + 3 * d) + dense_mtp  # block, projection and three norms
         params = mtp + (
             vocab * d * (1 if self.tie_embeddings else 2)
             + d
             + (self.n_layers - linear) * attention
             + linear * (self.deltanet_params() + d)
-            + moe_layers * moe_ffn
+            + sum(moe_ffn(self.experts_in(layer)) for layer in self.routed_layers)
             + (self.n_layers - moe_layers) * dense_ffn
         )
         rope_tables = 2 * self.max_seq_len * self.rotary_dims
@@ -440,6 +460,29 @@ class ModelConfig:
             "model.qk_norm=null",
         )
 
+    def _check_layer_experts(self, need: Callable[[bool, str], None]) -> None:
+        """One count per MoE block, the largest num_experts, each one the router (and expert parallelism) takes."""
+        counts, blocks = self.moe.layer_experts or [], self.routed_layers
+        need(
+            len(counts) == len(blocks) and all(isinstance(n, int) and n >= 1 for n in counts),
+            f"model.moe.layer_experts={counts} must give a number of experts (>= 1) for each of the "
+            f"{len(blocks)} MoE blocks {blocks}",
+        )
+        need(
+            max(counts) == self.moe.num_experts,
+            f"model.moe.num_experts={self.moe.num_experts} must be the largest of model.moe.layer_experts={counts}",
+        )
+        for layer, count in zip(blocks, counts):
+            try:
+                router_config(self.moe.router).check(count)
+            except ValueError as e:
+                need(False, f"model.moe.layer_experts: block {layer}'s {count} experts: {e}")
+            need(
+                count % self.moe.expert_parallel == 0,
+                f"model.moe.expert_parallel={self.moe.expert_parallel} must divide every layer's number of experts "
+                f"(model.moe.layer_experts={counts})",
+            )
+
     def _check_moe(self, need: Callable[[bool, str], None]) -> None:
         """Experts, router, capacity and shared experts."""
         moe = self.moe
@@ -449,6 +492,8 @@ class ModelConfig:
             "(for a dense model use experts=dense or model=dense_tiny)",
         )
         router_config(moe.router).check(moe.num_experts)
+        if moe.layer_experts is not None:
+            self._check_layer_experts(need)
         need(
             moe.drop_policy in ("position", "probability"),
             f"model.moe.drop_policy={moe.drop_policy!r}; choose position or probability",

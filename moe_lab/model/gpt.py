@@ -50,7 +50,7 @@ class Block(nn.Module):
             if self.is_moe:
                 self.ffn = MoELayer(
                     cfg.d_model,
-                    cfg.moe,
+                    cfg.moe_of(layer),
                     init_std=cfg.init_std,
                     out_std=out_std,
                     vocab_size=cfg.vocab_size,
@@ -185,6 +185,12 @@ class MoETransformer(nn.Module):
 
     def moe_modules(self) -> list[MoELayer]:
         return [block.ffn for block in self.all_blocks() if isinstance(block.ffn, MoELayer)]
+
+    def layer_experts(self) -> Optional[tuple[int, ...]]:
+        """Each MoE layer's number of routed experts where they differ (a model pruned to a total budget), else
+        None: every layer has cfg.moe.num_experts."""
+        counts = tuple(moe.num_experts for moe in self.moe_modules())
+        return None if len(set(counts)) <= 1 else counts
 
     @property
     def stochastic_routing(self) -> bool:

@@ -9,7 +9,8 @@ and biases. Routers with expert groups (DeepSeek-V3's group-limited routing, hie
 number of experts in every group, so that the groups stay whole and equal (llm-compressor #2828). Routers that
 route by a fixed table (hash, domain oracle) have no gate to re-route the tokens of a removed expert, and are refused.
 
-A pruned model is an ordinary model: the same settings but `num_experts`, and a checkpoint like any other.
+A pruned model is an ordinary model: the same settings but `num_experts` (and `layer_experts` where the layers keep
+different numbers), and a checkpoint like any other.
 """
 
 from __future__ import annotations
@@ -78,19 +79,21 @@ def pruned_layer(layer: MoELayer, keep: Sequence[int]) -> MoELayer:
 
 
 def prune_experts(model: MoETransformer, keep: dict[int, Sequence[int]]) -> MoETransformer:
-    """A new model keeping, in every MoE layer L, the experts `keep[L]` (the same number in every layer: the model
-    has one num_experts); the model itself is left as it was. Its settings differ from the model's in num_experts
-    alone, and it holds exactly what a model built from them holds (checked)."""
+    """A new model keeping, in every MoE layer L, the experts `keep[L]`; the model itself is left as it was. Its
+    settings differ from the model's in num_experts (the most any layer kept) and, where the layers kept different
+    numbers, layer_experts; it holds exactly what a model built from them holds (checked)."""
     layers = {m.layer: m for m in model.moe_modules()}
     if set(keep) != set(layers):
         raise ValueError(f"give the experts to keep for every MoE layer {sorted(layers)}, not {sorted(keep)}")
-    counts = {len(v) for v in keep.values()}
-    if len(counts) != 1:
-        raise ValueError(f"keep the same number of experts in every layer (the model has one num_experts): {counts}")
-    (count,) = counts
+    counts = [len(keep[l]) for l in model.moe_layers]
     new_layers = {l: pruned_layer(layer, keep[l]) for l, layer in layers.items()}
     cfg = copy.deepcopy(model.cfg)
-    cfg.moe = dataclasses.replace(cfg.moe, num_experts=count, router=new_layers[min(new_layers)].cfg.router)
+    cfg.moe = dataclasses.replace(
+        cfg.moe,
+        num_experts=max(counts),
+        layer_experts=None if len(set(counts)) == 1 else counts,
+        router=new_layers[min(new_layers)].cfg.router,
+    )
     pruned = MoETransformer(cfg)  # the structure of a model of these settings, to check the surgery against
     state = {k: v for k, v in model.state_dict().items()}
     for name, module in model.named_modules():

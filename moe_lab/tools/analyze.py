@@ -88,7 +88,13 @@ def analyze(
     check_capacity_factors(final, capacity_factors)
     dropped_FLS = np.zeros((len(capacity_factors), len(final.moe_layers), seq_len), dtype=np.int64)
     counts = RoutingCounts(
-        len(final.moe_layers), final.cfg.moe.num_experts, final.moe_modules()[0].top_k, vocab_size, num_domains, seq_len
+        len(final.moe_layers),
+        final.cfg.moe.num_experts,
+        final.moe_modules()[0].top_k,
+        vocab_size,
+        num_domains,
+        seq_len,
+        layer_experts=final.layer_experts(),
     )
     agree = np.zeros((len(models) - 1, len(final.moe_layers), 2))
     tokens = 0
@@ -595,7 +601,9 @@ def load_models(sources: list[str], capacity: str, device: str) -> tuple[list[Mo
     final = models[-1]
     check_analysable(final)
     for model, source in zip(models[:-1], sources[:-1]):
-        if model.moe_layers != final.moe_layers or model.cfg.moe.num_experts != final.cfg.moe.num_experts:
+        if model.moe_layers != final.moe_layers or [m.num_experts for m in model.moe_modules()] != [
+            m.num_experts for m in final.moe_modules()
+        ]:
             raise UserError(
                 f"{source} has other MoE layers or experts than {sources[-1]}: saturation compares "
                 "checkpoints of one run"

@@ -67,11 +67,12 @@ def evaluate(
         token_domain_T = domain_B.repeat_interleave(S).numpy()
         for i, layer in enumerate(layers):
             stats = out.moe[layer]
-            slots_LE[i] += stats.tokens_per_expert_E.cpu().numpy()
+            E_l = stats.routing.num_experts  # this layer's experts (a pruned model's layers may differ)
+            slots_LE[i, :E_l] += stats.tokens_per_expert_E.cpu().numpy()
             dropped_L[i] += float(stats.dropped_slots)
             experts = stats.expert_N.cpu().numpy()
             domains = token_domain_T[stats.token_N.cpu().numpy()]
-            real = experts < E  # not the slots of no expert (top-p)
+            real = experts < E_l  # not the slots of no expert (top-p)
             np.add.at(domain_LED[i], (experts[real], domains[real]), 1)
             if stats.overridden_slots is not None:
                 overridden_L[i] += float(stats.overridden_slots)

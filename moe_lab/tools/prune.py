@@ -1,4 +1,5 @@
-"""`moe-lab prune CKPT OUT_DIR --keep N --criterion C [data=...]`: keep the N best routed experts of every MoE layer.
+"""`moe-lab prune CKPT OUT_DIR --keep N --criterion C [data=...]`: keep the N best routed experts of every MoE layer;
+`--keep-total N` instead keeps N over all layers, spread by score, so that the layers keep different numbers.
 
 The experts are scored on the held-out blocks of the data (as `moe-lab eval` reads them, with the model's own
 tokenizer), dropless, by one of:
@@ -14,7 +15,15 @@ tokenizer), dropless, by one of:
                every expert of every layer: L x E passes over the data, so it wants a small --max-batches
     random     a uniformly random choice (the baseline every criterion must beat; --seed)
 
-f_j(t) is the expert's output before it is weighted (for latent experts, in the latent width). The pruned model
+f_j(t) is the expert's output before it is weighted (for latent experts, in the latent width).
+
+A total budget (`--keep-total`) first gives every layer the fewest experts its router can route with (top-k: k),
+its best ones, then the rest of the budget to the best remaining experts of any layer, compared by their score
+where it means the same in every layer (frequency: a share of the layer's slots; loss: nats; random) and by their
+score over their layer's mean where its scale is the layer's own (reap and ean grow with a layer's output norms,
+which differ from layer to layer). Group-limited routers keep whole, equal groups, so they prune per layer only.
+
+The pruned model
 (moe_lab/model/pruning.py) is written as OUT_DIR/model.ckpt (with the tokenizer folder of an imported model), a
 checkpoint like any other: it evaluates, generates, is analysed, fine-tunes (`moe-lab train ckpt_path=...`) and
 exports. OUT_DIR/pruning.json holds every expert's score and the experts kept.
@@ -104,21 +113,23 @@ def removal_losses(
 ) -> np.ndarray:
     """(L, E): the held-out loss with each expert of each layer removed alone (the others as they are)."""
     layers = model.moe_modules()
-    E = model.cfg.moe.num_experts
     if layers and layers[0].router.cfg.expert_groups() > 1:
         raise ValueError(LOSS_WITH_GROUPS.format(router=layers[0].router.registered_name))
-    losses = np.zeros((len(layers), E))
+    losses = np.full((len(layers), model.cfg.moe.num_experts), np.nan)  # nan: no such expert in a narrower layer
     holders = [block for block in model.all_blocks() if isinstance(block.ffn, MoELayer)]
+    total, done = sum(m.num_experts for m in layers), 0
     for l, block in enumerate(holders):
         layer = block.ffn
+        E = layer.num_experts
         for e in range(E):
             block.ffn = pruned_layer(layer, [x for x in range(E) if x != e])
             try:
                 losses[l, e] = held_out_loss(model, batches)
             finally:
                 block.ffn = layer
+            done += 1
             if progress is not None:
-                progress(l * E + e + 1, len(layers) * E)
+                progress(done, total)
     return losses
 
 
@@ -129,10 +140,11 @@ def scores(
     seed: int = 0,
     progress: Optional[Callable[[int, int], None]] = None,
 ) -> np.ndarray:
-    """(L, E) scores, higher = keep."""
+    """(L, E) scores, higher = keep (E: the most experts of any layer; a narrower layer's extra columns are nan)."""
     L, E = len(model.moe_layers), model.cfg.moe.num_experts
+    absent_LE = np.arange(E)[None, :] >= np.array([m.num_experts for m in model.moe_modules()])[:, None]
     if criterion == "random":
-        return np.random.default_rng(seed).random((L, E))
+        return np.where(absent_LE, np.nan, np.random.default_rng(seed).random((L, E)))
     if criterion == "loss":
         return removal_losses(model, batches, progress)  # a large loss without it: keep it
     stats = ExpertStats.zeros(L, E)
@@ -142,41 +154,87 @@ def scores(
             if progress is not None:
                 progress(n + 1, len(batches))
     if criterion == "frequency":
-        return stats.slots_LE / np.maximum(stats.slots_LE.sum(1, keepdims=True), 1)
-    if criterion == "reap":
-        return stats.gated_norm_LE / np.maximum(stats.slots_LE, 1)
-    if criterion == "ean":
-        return stats.norm_LE
-    raise ValueError(f"no criterion {criterion!r}; the criteria are {', '.join(CRITERIA)}")
+        found = stats.slots_LE / np.maximum(stats.slots_LE.sum(1, keepdims=True), 1)
+    elif criterion == "reap":
+        found = stats.gated_norm_LE / np.maximum(stats.slots_LE, 1)
+    elif criterion == "ean":
+        found = stats.norm_LE
+    else:
+        raise ValueError(f"no criterion {criterion!r}; the criteria are {', '.join(CRITERIA)}")
+    return np.where(absent_LE, np.nan, found)
 
 
 def experts_to_keep(scores_LE: np.ndarray, keep: int, groups: int = 1) -> list[list[int]]:
     """Per layer, the `keep` experts of highest score (ties: the lower index), as many from each of `groups` groups
-    of consecutive experts; ascending."""
-    L, E = scores_LE.shape
-    size = E // groups
+    of consecutive experts; ascending. A layer's experts are its columns that are not nan."""
     kept = []
-    for l in range(L):
+    for row in scores_LE:
+        size = int((~np.isnan(row)).sum()) // groups
         chosen: list[int] = []
         for g in range(groups):
             members = np.arange(g * size, (g + 1) * size)
-            order = members[np.lexsort((members, -scores_LE[l, members]))]
-            chosen += order[: keep // groups].tolist()
+            chosen += best(row, members)[: keep // groups].tolist()
         kept.append(sorted(chosen))
     return kept
 
 
-def check_keep(model: MoETransformer, keep: int, criterion: str = "reap") -> None:
-    """UserError, before any work, unless every MoE layer can keep `keep` experts scored by `criterion`."""
+def best(row: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """`members` by score, highest first (ties: the lower index)."""
+    return members[np.lexsort((members, -row[members]))]
+
+
+def comparable(criterion: str, scores_LE: np.ndarray) -> np.ndarray:
+    """Scores that mean the same in every layer, for a total budget: reap and ean over their layer's mean (their
+    scale is the layer's output norm), the others as they are."""
+    if criterion not in ("reap", "ean"):
+        return scores_LE
+    return scores_LE / np.maximum(np.nanmean(scores_LE, axis=1, keepdims=True), 1e-12)
+
+
+def experts_to_keep_total(scores_LE: np.ndarray, total: int, minimum_L: list[int]) -> list[list[int]]:
+    """`total` experts over all layers: each layer's `minimum_L[l]` best, then the best of the rest of any layer
+    (ties: the earlier layer, then the lower index); per layer, ascending. Scores are comparable across layers."""
+    L, E = scores_LE.shape
+    kept: list[list[int]] = []
+    rest = []  # (score, layer, expert) of every expert not kept yet
+    for l, row in enumerate(scores_LE):
+        order = best(row, np.flatnonzero(~np.isnan(row)))
+        kept.append(order[: minimum_L[l]].tolist())
+        rest += [(-row[e], l, e) for e in order[minimum_L[l] :].tolist()]
+    for _, l, e in sorted(rest)[: total - sum(minimum_L)]:
+        kept[l].append(e)
+    return [sorted(k) for k in kept]
+
+
+def fewest_experts(layer: MoELayer) -> int:
+    """The fewest experts this layer's router can route with (top-k: k), as pruning would keep them."""
+    for count in range(1, layer.num_experts + 1):
+        try:
+            check_prunable(layer, list(range(count)))
+            return count
+        except ValueError:
+            continue
+    return layer.num_experts
+
+
+def check_keep(
+    model: MoETransformer, keep: Optional[int], criterion: str = "reap", total: Optional[int] = None
+) -> None:
+    """UserError, before any work, unless every MoE layer can keep `keep` experts scored by `criterion`, or the
+    layers `total` experts in all."""
     if not model.moe_layers:
         raise UserError("the model is dense: there are no experts to prune")
-    E = model.cfg.moe.num_experts
-    if not 1 <= keep < E:
-        raise UserError(f"--keep {keep}: keep 1 to {E - 1} of the model's {E} experts per layer")
     layer = model.moe_modules()[0]
     groups = layer.router.cfg.expert_groups()
     if criterion == "loss" and groups > 1:
         raise UserError(LOSS_WITH_GROUPS.format(router=layer.router.registered_name))
+    if total is not None:
+        check_total(model, total, groups)
+        return
+    assert keep is not None
+    E = min(m.num_experts for m in model.moe_modules())
+    if not 1 <= keep < E:
+        raise UserError(f"--keep {keep}: keep 1 to {E - 1} of the model's {E} experts per layer")
     if keep % groups:
         raise UserError(
             f"--keep {keep}: router={layer.router.registered_name} chooses among {groups} groups of {E // groups} "
@@ -190,6 +248,28 @@ def check_keep(model: MoETransformer, keep: int, criterion: str = "reap") -> Non
         raise UserError(f"--keep {keep}: {e}") from None
 
 
+def check_total(model: MoETransformer, total: int, groups: int) -> None:
+    """--keep-total: between the fewest every layer's router can route with and all but one expert."""
+    router = model.moe_modules()[0].router
+    if groups > 1:
+        raise UserError(
+            f"--keep-total: router={router.registered_name} chooses among groups of experts, which stay whole and "
+            "equal, so every layer keeps the same number: use --keep N"
+        )
+    first = model.moe_modules()[0]
+    try:
+        check_prunable(first, list(range(first.num_experts)))  # a router or model that cannot be pruned says why
+    except ValueError as e:
+        raise UserError(f"--keep-total {total}: {e}") from None
+    fewest = sum(fewest_experts(moe) for moe in model.moe_modules())
+    have = sum(m.num_experts for m in model.moe_modules())
+    if not fewest <= total < have:
+        raise UserError(
+            f"--keep-total {total}: keep {fewest} (the fewest router={router.registered_name} routes with, in all "
+            f"{len(model.moe_layers)} MoE layers) to {have - 1} of the model's {have} experts"
+        )
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The command
 
@@ -201,7 +281,7 @@ def run(args: Any, cfg: Any) -> int:
 
     out = Path(args.out_dir).expanduser()
     model, tokenizer, described = load_for_inference(args.source)
-    check_keep(model, args.keep, args.criterion)
+    check_keep(model, args.keep, args.criterion, args.keep_total)
     model = model.to(args.device)
     run_cfg, data, loader = held_out_data(cfg, tokenizer, model.cfg, args.max_batches)
     batches = [batch["input_ids"][batch["valid"].bool()].to(args.device) for batch in loader]
@@ -216,7 +296,11 @@ def run(args: Any, cfg: Any) -> int:
     )
     scores_LE = scores(args.criterion, model, batches, seed=args.seed, progress=_progress)
     print(file=sys.stderr)
-    kept = experts_to_keep(scores_LE, args.keep, model.moe_modules()[0].router.cfg.expert_groups())
+    if args.keep_total is not None:
+        minimum_L = [fewest_experts(moe) for moe in model.moe_modules()]
+        kept = experts_to_keep_total(comparable(args.criterion, scores_LE), args.keep_total, minimum_L)
+    else:
+        kept = experts_to_keep(scores_LE, args.keep, model.moe_modules()[0].router.cfg.expert_groups())
     pruned = prune_experts(model.cpu(), dict(zip(model.moe_layers, kept)))
     before = held_out_loss(model.to(args.device), batches)
     after = held_out_loss(pruned.to(args.device), batches)
@@ -224,24 +308,33 @@ def run(args: Any, cfg: Any) -> int:
         "source": args.source,
         "criterion": args.criterion,
         "data": data.describe(),
-        "num_experts": model.cfg.moe.num_experts,
-        "kept": args.keep,
+        "num_experts": [m.num_experts for m in model.moe_modules()],
+        "kept": [len(k) for k in kept],
         "loss_before": before,
         "loss_after": after,
         "layers": {
-            str(layer): {"scores": scores_LE[l].tolist(), "kept": kept[l]} for l, layer in enumerate(model.moe_layers)
+            str(layer): {"scores": scores_LE[l, : m.num_experts].tolist(), "kept": kept[l]}
+            for l, (layer, m) in enumerate(zip(model.moe_layers, model.moe_modules()))
         },
     }
     write_pruned(pruned.cpu(), args.source, out, report)
     params = pruned.num_params()
     print(
-        f"moe-lab: kept {args.keep} of {model.cfg.moe.num_experts} experts per layer by {args.criterion}: "
+        f"moe-lab: kept {described_kept(report)} by {args.criterion}: "
         f"{params['total'] / 1e6:.2f}M parameters ({params['active'] / 1e6:.2f}M active); held-out loss "
         f"{before:.4f} -> {after:.4f}\n  wrote {out / 'model.ckpt'} and {out / 'pruning.json'}\n"
         f"  evaluate   moe-lab eval {out / 'model.ckpt'}\n"
         f"  fine-tune  moe-lab train ckpt_path={out / 'model.ckpt'} ..."
     )
     return 0
+
+
+def described_kept(report: dict[str, Any]) -> str:
+    """ "4 of 8 experts per layer", or "10 of 16 experts (per layer: 6, 4)"."""
+    kept, had = report["kept"], report["num_experts"]
+    if len(set(kept)) == 1 and len(set(had)) == 1:
+        return f"{kept[0]} of {had[0]} experts per layer"
+    return f"{sum(kept)} of {sum(had)} experts (per layer: {', '.join(map(str, kept))})"
 
 
 def _progress(done: int, total: int) -> None:

@@ -43,7 +43,8 @@ def expert_sets(model: MoETransformer, inputs_BS: torch.Tensor, domain_B: Option
     chosen_LTE = torch.zeros(len(model.moe_layers), T, E + 1, dtype=torch.bool, device=inputs_BS.device)
     for l, layer in enumerate(model.moe_layers):
         stats = out.moe[layer]
-        chosen_LTE[l, stats.token_N, stats.expert_N] = True
+        no_expert = stats.expert_N >= stats.routing.num_experts  # this layer's id of no expert, E wherever it is
+        chosen_LTE[l, stats.token_N, stats.expert_N.masked_fill(no_expert, E)] = True
     return chosen_LTE[..., :E]  # a slot of no expert (top-p's, id E) chooses nothing
 
 

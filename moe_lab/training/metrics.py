@@ -43,6 +43,7 @@ from typing import Any, Optional, cast
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from lightning.fabric.utilities.throughput import Throughput, get_available_flops
 
 from moe_lab.analysis.stats import load_statistics, mutual_information
@@ -124,6 +125,7 @@ class RoutingMetrics(L.Callback):
         self.load_rows: list[list] = []  # (step, layer, expert, load) for a W&B table
         self._peak: Optional[float] = None
         self._said_shared = False  # the warning that the machine's cores are shared (runtime.shared_cores)
+        self.layer_experts: list[int] = []  # each MoE layer's number of experts, as the last logging step found them
         self.varies = False  # whether the experts per token vary (set at the start of training from the routers)
         self._window_start = 0  # the step the current window follows
         self._run_tokens, self._run_seconds = 0, 0.0  # over the whole run (validation excluded), all devices
@@ -176,7 +178,10 @@ class RoutingMetrics(L.Callback):
         layers = [stats["moe"][layer] for layer in moe_layers] if routing else []
         if layers:
             self._routed_micro_batches += 1
-            sums["counts_LE"] = torch.stack([m.tokens_per_expert_E for m in layers])
+            # Layers may differ in their number of experts (a model pruned to a total budget): the tables are as wide
+            # as the widest, and each layer's statistics read its own columns.
+            self.layer_experts = [m.routing.num_experts for m in layers]
+            sums["counts_LE"] = torch.stack([pad_to(m.tokens_per_expert_E, max(self.layer_experts)) for m in layers])
             sums["dropped_L"] = torch.stack([m.dropped_slots for m in layers])
             sums["entropy_L"] = torch.stack([m.router_entropy for m in layers])
             if layers[0].topk_mass is not None:
@@ -206,7 +211,7 @@ class RoutingMetrics(L.Callback):
         }
         if not self.varies:
             return out
-        bins = layers[0].tokens_per_expert_E.numel() + 1
+        bins = max(m.routing.num_experts for m in layers) + 1
         out["k_hist_LK"] = torch.stack(
             [
                 torch.zeros(bins, device=device).index_add_(0, k_T.long().clamp(max=bins - 1), torch.ones_like(k_T))
@@ -228,12 +233,13 @@ class RoutingMetrics(L.Callback):
         num_domains = len(self.domain_names)
         domain_T = domain_B.repeat_interleave(seq_len)
         out = []
+        widest = max(m.routing.num_experts for m in layers)
         for m in layers:
-            num_experts = m.tokens_per_expert_E.numel()
+            num_experts = m.routing.num_experts
             flat_N = m.expert_N * num_domains + domain_T[m.token_N]
             counts = torch.zeros((num_experts + 1) * num_domains, device=flat_N.device)  # + slots of no expert
             counts.scatter_add_(0, flat_N, torch.ones_like(flat_N, dtype=counts.dtype))
-            out.append(counts[: num_experts * num_domains])
+            out.append(pad_to(counts[: num_experts * num_domains], widest * num_domains))
         return torch.stack(out).view(len(layers), -1, num_domains)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -326,8 +332,6 @@ class RoutingMetrics(L.Callback):
     def _layer_metrics(
         self, layers: list[int], values: dict, aux: dict, micro: int, metrics: dict, record: dict
     ) -> None:
-        counts_LE = values["counts_LE"]
-        num_experts = counts_LE.shape[1]
         per_layer: dict[str, list[float]] = {
             "imbalance": [],
             "dropped_frac": [],
@@ -340,12 +344,14 @@ class RoutingMetrics(L.Callback):
         loads = []
         for i, layer in enumerate(layers):
             prefix = f"moe/layer{layer}"
-            slots = max(counts_LE[i].sum(), 1)
-            load_E = counts_LE[i] / slots
+            num_experts = self.layer_experts[i]
+            counts_E = values["counts_LE"][i, :num_experts]
+            slots = max(counts_E.sum(), 1)
+            load_E = counts_E / slots
             loads.append(load_E)
             for e in range(num_experts):
                 metrics[f"{prefix}/expert{e}/load"] = float(load_E[e])
-            stats = load_statistics(counts_LE[i])
+            stats = load_statistics(counts_E)
             stats["dropped_frac"] = float(values["dropped_L"][i] / slots)
             stats["entropy"] = float(values["entropy_L"][i] / micro)
             stats["entropy_norm"] = stats["entropy"] / math.log(num_experts) if num_experts > 1 else 0.0
@@ -358,8 +364,9 @@ class RoutingMetrics(L.Callback):
             if "k_hist_LK" in values:
                 layer_record["experts_per_token_hist"] = values["k_hist_LK"][i].astype(int).tolist()
             if "domain_LED" in values:
-                stats["domain_mi"], stats["specialization"] = mutual_information(values["domain_LED"][i])
-                layer_record["domain_counts"] = values["domain_LED"][i].astype(int).tolist()
+                domain_ED = values["domain_LED"][i, :num_experts]
+                stats["domain_mi"], stats["specialization"] = mutual_information(domain_ED)
+                layer_record["domain_counts"] = domain_ED.astype(int).tolist()
             for key, value in stats.items():
                 metrics[f"{prefix}/{key}"] = value
                 if key in per_layer:
@@ -380,12 +387,14 @@ class RoutingMetrics(L.Callback):
                 if tokens > 0:
                     metrics[f"moe/experts_per_token/{name}"] = float(values["experts_LD"][:, d].sum() / tokens)
         if "overridden_L" in values:
-            metrics["moe/overridden_frac"] = float(values["overridden_L"].sum() / max(counts_LE.sum(), 1))
+            metrics["moe/overridden_frac"] = float(values["overridden_L"].sum() / max(values["counts_LE"].sum(), 1))
+        widest = max(map(len, loads))
         self.history.append(
             {
                 "step": record["step"],
                 "layers": list(layers),
-                "load": np.stack(loads),
+                # (L, E): a layer with fewer experts than the widest has nan (no expert) in the columns it lacks
+                "load": np.stack([np.pad(l_E, (0, widest - len(l_E)), constant_values=np.nan) for l_E in loads]),
                 "domain_counts": {
                     r["layer"]: np.asarray(r["domain_counts"], dtype=float)
                     for r in record["layers"]
@@ -447,6 +456,11 @@ class RoutingMetrics(L.Callback):
         drawn = self.history and self.history[-1]["step"] % self.image_every_n_steps == 0
         if wandb_loggers and self.history and trainer.is_global_zero and not drawn:
             self.log_wandb_media(wandb_loggers, trainer.global_step)
+
+
+def pad_to(values: torch.Tensor, length: int) -> torch.Tensor:
+    """A 1-d tensor, zeros appended up to `length`."""
+    return F.pad(values, (0, length - values.numel())) if values.numel() < length else values
 
 
 def lm(pl_module: L.LightningModule) -> MoELanguageModel:

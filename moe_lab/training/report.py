@@ -162,7 +162,7 @@ def print_summary(summary: dict, module: MoELanguageModel) -> None:
         )
         for layer in module.moe_layers:
             p = f"moe/layer{layer}/"
-            loads = [m[f"{p}expert{e}/load"] for e in range(module.num_experts)]
+            loads = [m[f"{p}expert{e}/load"] for e in range(module.model_cfg.experts_in(layer))]
             top = max(range(len(loads)), key=loads.__getitem__)
             lines.append(
                 f"  {layer:>5}  {m[p + 'imbalance']:>9.2f}  {m[p + 'min_load']:>8.2f}  "

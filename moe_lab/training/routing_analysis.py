@@ -83,6 +83,7 @@ class RoutingAnalysis(L.Callback):
                 model.cfg.vocab_size,
                 len(lm(pl_module).domain_names),
                 S,
+                layer_experts=model.layer_experts(),
             )
         experts, dropped, _, _ = layer_choices(lm(pl_module).model, outputs, B, S)
         keep_np = keep.cpu().numpy()
@@ -111,6 +112,7 @@ class RoutingAnalysis(L.Callback):
                     model.cfg.vocab_size,
                     len(lm(pl_module).domain_names),
                     1,
+                    layer_experts=model.layer_experts(),
                 )
             for name in ("input_LVE", "input_V", "size_LN", "pairs_LEE", "repeat_L"):
                 table = torch.from_numpy(getattr(counts, name).astype(np.int64)).to(pl_module.device)

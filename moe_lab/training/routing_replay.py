@@ -41,12 +41,13 @@ def layer_choices(model, out: Any, B: int, S: int) -> LayerChoices:
     A fixed top-k router lists its K choices in its own order. Any other router (expert choice, a variable number
     per token) lists each token's experts by weight, highest first, K being the most any token of the batch took
     (at least 1), padded with expert E, not dropped, weight 0: a token's expert set of any size."""
-    sets = [
-        token_sets(out.moe[layer], B * S, moe.num_experts, moe.top_k if moe.router.Config.fixed_top_k() else None)
-        for layer, moe in zip(model.moe_layers, model.moe_modules())
-    ]
+    E = model.cfg.moe.num_experts  # the most experts of any layer: the id of no expert in every layer's lists
+    sets = []
+    for layer, moe in zip(model.moe_layers, model.moe_modules()):
+        fixed_k = moe.top_k if moe.router.Config.fixed_top_k() else None
+        experts, *rest = token_sets(out.moe[layer], B * S, moe.num_experts, fixed_k)
+        sets.append((np.where(experts >= moe.num_experts, E, experts), *rest))
     K = max(experts.shape[1] for experts, _, _, _ in sets)
-    E = model.cfg.moe.num_experts
 
     def stacked(i: int, fill: int) -> np.ndarray:
         """Part i of every layer's sets, padded to K with `fill`, as (L, B, S, K)."""
@@ -125,7 +126,8 @@ def check_trace_fits(trace: RoutingTrace, model: MoETransformer, setting: str) -
     if not model.moe_layers:
         raise UserError(f"{setting}: the model is dense, it has no routing to replay")
     lists = {moe.layer: expected_lists(moe) for moe in model.moe_modules()}
-    trace.check_model(model.moe_layers, model.cfg.moe.num_experts, lists, setting)
+    experts = {moe.layer: moe.num_experts for moe in model.moe_modules()}
+    trace.check_model(model.moe_layers, experts, lists, setting)
 
 
 def selection_of(lists: TokenLists, moe: Any, token_ids_T: torch.Tensor) -> Selection:
