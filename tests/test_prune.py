@@ -263,8 +263,9 @@ def test_prune_command_writes_a_checkpoint_that_works_everywhere(real_checkpoint
 def test_a_total_budget_writes_a_model_whose_layers_differ_and_that_works_everywhere(
     real_checkpoint, tmp_path, cache_dir, capsys
 ):
-    """--keep-total 13 of the test model's 2 x 8 experts: the layers keep different numbers (13 is odd); the model evaluates to the loss the report states, generates, is analysed and traced, replays its trace,
-    fine-tunes, prunes again per layer; export says in one line why Hugging Face's formats cannot hold it."""
+    """--keep-total 13 of the test model's 2 x 8 experts: the layers keep different numbers (13 is odd); the model
+    evaluates to the loss the report states, generates, is analysed and traced, replays its trace, fine-tunes (with
+    its dashboard), prunes again per layer; export says in one line why Hugging Face's formats cannot hold it."""
     from moe_lab.cli.main import main
     from moe_lab.training.checkpoint import load_model
 

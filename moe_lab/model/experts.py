@@ -16,8 +16,9 @@ activation are one (E, 2F, D) matrix: one grouped GEMM instead of two.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -32,6 +33,7 @@ from moe_lab.model.expert_kernels import (
     scaled_swiglu,
     split_grouped_mm,
 )
+from moe_lab.model.seeding import part_seed
 
 # name -> (activation, gated), for the names the settings know (config.GATED_ACTIVATIONS). Gated ones compute
 # act(x W_gate) * (x W_up) (Shazeer 2020, "GLU Variants").
@@ -82,8 +84,28 @@ class FeedForward(nn.Module):
         return self.w_out(apply_activation(self.w_in(x), self.activation))
 
 
+_ON_META = False  # set inside `experts_on_meta`
+
+
+@contextlib.contextmanager
+def experts_on_meta() -> Iterator[None]:
+    """Inside, expert banks are built on the meta device: they have shapes but no memory until `keep_experts`
+    materialises a slice, so that a rank under expert parallelism never holds the experts it does not own."""
+    global _ON_META
+    before, _ON_META = _ON_META, True
+    try:
+        yield
+    finally:
+        _ON_META = before
+
+
 class GroupedExperts(nn.Module):
-    """E expert FFNs with weights stacked on a leading expert dimension."""
+    """E expert FFNs with weights stacked on a leading expert dimension.
+
+    Each expert's initial weights come from a random stream of its own, seeded by (the seed of the part that built
+    the bank, the expert's number): a bank materialised in slices (one per expert-parallel rank) holds exactly the
+    weights of the whole bank built in one process, and a bank of 16 experts starts with the same first 8 as one of
+    8 (paired comparisons)."""
 
     def __init__(
         self,
@@ -108,16 +130,37 @@ class GroupedExperts(nn.Module):
         # of rows force one (tests, benches).
         self.cpu_layout = "auto"
         gated = ACTIVATIONS[activation][1]
-        self.w_in_EGFD = nn.Parameter(torch.empty(num_experts, (2 if gated else 1) * hidden, d_model))
-        self.w_out_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden))
-        nn.init.normal_(self.w_in_EGFD, std=init_std)
-        nn.init.normal_(self.w_out_EDF, std=out_std)
+        self.init_seed = torch.initial_seed()  # the seed of the part in force (seeding.py): each expert's derives
+        self.init_std, self.out_std = init_std, out_std
+        meta = torch.device("meta")
+        self.w_in_EGFD = nn.Parameter(torch.empty(num_experts, (2 if gated else 1) * hidden, d_model, device=meta))
+        self.w_out_EDF = nn.Parameter(torch.empty(num_experts, d_model, hidden, device=meta))
         # Per-expert biases of both projections (gpt-oss), zero at init; None = none (every other family).
         self.b_in_EGF: Optional[nn.Parameter] = None
         self.b_out_ED: Optional[nn.Parameter] = None
         if bias:
-            self.b_in_EGF = nn.Parameter(torch.zeros(num_experts, self.w_in_EGFD.shape[1]))
-            self.b_out_ED = nn.Parameter(torch.zeros(num_experts, d_model))
+            self.b_in_EGF = nn.Parameter(torch.empty(num_experts, self.w_in_EGFD.shape[1], device=meta))
+            self.b_out_ED = nn.Parameter(torch.empty(num_experts, d_model, device=meta))
+        if not _ON_META:
+            self.materialise(0, num_experts)
+
+    def materialise(self, first: int, count: int) -> None:
+        """Give experts [first, first + count) their initial weights, each from its own stream; the bank then holds
+        those experts only (the whole bank: first 0, count E)."""
+        device = torch.get_default_device()
+        for name in self.expert_weights:
+            shape = (count, *getattr(self, name).shape[1:])
+            setattr(self, name, nn.Parameter(torch.zeros(shape, device=device)))  # the biases stay zero
+        for i in range(count):
+            g = torch.Generator().manual_seed(part_seed(self.init_seed, f"expert{first + i}"))  # a CPU stream
+            with torch.no_grad():
+                for name, std in (("w_in_EGFD", self.init_std), ("w_out_EDF", self.out_std)):
+                    row = getattr(self, name)[i]
+                    if row.device.type == "cpu":
+                        row.normal_(0.0, std, generator=g)  # in place: no copy of the rank's share
+                    else:
+                        row.copy_(torch.empty(row.shape).normal_(0.0, std, generator=g))
+        self.first_expert, self.num_experts = first, count
 
     @property
     def expert_weights(self) -> list[str]:
@@ -127,7 +170,11 @@ class GroupedExperts(nn.Module):
 
     def keep_experts(self, first: int, count: int) -> None:
         """Expert parallelism: keep experts [first, first + count) of the bank; the others live on other ranks.
-        `first_expert` and `total_experts` say which slice this is (checkpoints always hold every expert)."""
+        `first_expert` and `total_experts` say which slice this is (checkpoints always hold every expert). A bank
+        built on the meta device (`experts_on_meta`) materialises the slice alone."""
+        if self.w_in_EGFD.is_meta:
+            self.materialise(first, count)
+            return
         for name in self.expert_weights:
             setattr(self, name, nn.Parameter(getattr(self, name).data[first : first + count].clone()))
         self.first_expert, self.num_experts = first, count

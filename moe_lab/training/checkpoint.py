@@ -420,7 +420,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(self, path, map_location: Any = None, weights_only: Optional[bool] = None) -> dict[str, Any]:
         if is_sharded_checkpoint(path):
             return read_sharded(path)
-        return super().load_checkpoint(path, weights_only=True)
+        if not Path(path).is_file():
+            return super().load_checkpoint(path, weights_only=True)  # Lightning's own error
+        # Mapped, not read: a rank under expert parallelism copies out its own experts' rows (and the dense part)
+        # and never reads the pages of the experts other ranks hold.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
     def remove_checkpoint(self, path) -> None:
         if Path(path).is_symlink():  # last.ckpt as a link to a periodic checkpoint: the link only

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from moe_lab.analysis.trace import RoutingTrace
 from moe_lab.errors import Diverged
 from moe_lab.model import ModelConfig, MoETransformer
+from moe_lab.model.experts import experts_on_meta as on_meta
 from moe_lab.training.routing_replay import tape_from_trace
 from moe_lab.training.schemas import OptimConfig
 from moe_lab.training.strategy import MoEDDPStrategy, clip_grad_norm_
@@ -37,7 +38,10 @@ class MoELanguageModel(L.LightningModule):
         domain_names: Optional[list[str]] = None,
         tokenizer: Optional[dict] = None,
         seed: int = 0,
+        experts_on_meta: bool = False,
     ):
+        """`experts_on_meta`: build the expert banks without weights, for the expert-parallel strategy to
+        materialise each rank's share (moe_lab/model/experts.py); every other part is built as usual."""
         super().__init__()
         self.seed = seed
         self.model_cfg = model if isinstance(model, ModelConfig) else ModelConfig.from_dict(model)
@@ -53,7 +57,8 @@ class MoELanguageModel(L.LightningModule):
                 "seed": seed,
             }
         )
-        self.model = MoETransformer(self.model_cfg)
+        with on_meta() if experts_on_meta else contextlib.nullcontext():
+            self.model = MoETransformer(self.model_cfg)
         for name, p in self.named_parameters():  # fine-tuning: frozen parts never get a gradient
             if part_of(name) in self.optim_cfg.freeze:
                 p.requires_grad_(False)

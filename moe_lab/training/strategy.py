@@ -302,7 +302,7 @@ class MoEDDPStrategy(DDPStrategy):
         if self.groups is not None:
             state = dict(checkpoint["state_dict"])
             for name, _, experts in self._expert_shards():
-                state[name] = _own_slice(state[name], experts)
+                state[name] = _own_slice(state[name], experts, copy=False)  # copied into the parameter
             checkpoint = {**checkpoint, "state_dict": state}
         super().load_model_state_dict(checkpoint, strict=strict)
 
@@ -353,11 +353,14 @@ def _per_expert(value: Any, num_experts: int) -> bool:
     return torch.is_tensor(value) and value.ndim > 0 and value.shape[0] == num_experts
 
 
-def _own_slice(tensor: torch.Tensor, experts: GroupedExperts) -> torch.Tensor:
-    """This rank's experts of a tensor that holds every expert (a tensor already sliced is returned as it is)."""
+def _own_slice(tensor: torch.Tensor, experts: GroupedExperts, copy: bool = True) -> torch.Tensor:
+    """This rank's experts of a tensor that holds every expert (a tensor already sliced is returned as it is).
+    `copy=False` gives a view: for weights that load_state_dict copies into the parameters, so that of a
+    memory-mapped checkpoint only the rank's rows are ever read."""
     if tensor.shape[0] != experts.total_experts:
         return tensor
-    return tensor[experts.first_expert : experts.first_expert + experts.num_experts].clone()
+    rows = tensor[experts.first_expert : experts.first_expert + experts.num_experts]
+    return rows.clone() if copy else rows
 
 
 def make_strategy(

@@ -166,6 +166,9 @@ def build_module(
         domain_names=data.domain_names,
         tokenizer={"name": run.tokenizer.name, "eos_token": run.tokenizer.eos_token},
         seed=run.seed,
+        # Under expert parallelism a rank builds only its own experts (the strategy materialises them), unless
+        # the run starts from another model's weights, which load into the whole model first.
+        experts_on_meta=model_cfg.moe.expert_parallel > 1 and start.init_from is None and start.weights is None,
     )
     if start.init_from is not None:
         load_weights(module, start.init_from)
