@@ -72,8 +72,11 @@ def test_replaying_model_a_in_model_b_routes_b_as_a_and_counts_what_it_overrode(
 
 @pytest.mark.parametrize("name", ["topk", "aux_free", "switch", "noisy_topk", "hierarchical"])
 def test_replayed_weights_come_from_the_live_scores_so_the_gate_learns_at_experts_it_did_not_choose(name):
-    """The contract's first clause: a replayed expert outside the live top-k still gets gate gradient."""
-    model = model_with({"name": name}, num_experts=8)
+    """The contract's first clause: a replayed expert outside the live top-k still gets gate gradient. Hierarchical
+    gating takes 2 experts in its group here: with one, renormalised, the expert's weight is 1 whatever its gate
+    says, and the expert gate gets no gradient, replayed or live."""
+    node = {"name": name, "top_k": 2} if name == "hierarchical" else {"name": name}
+    model = model_with(node, num_experts=8)
     model.train()
     inputs, targets, _ = batch()
     with torch.no_grad(), model.record_routing() as live:
