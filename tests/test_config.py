@@ -112,10 +112,12 @@ def test_every_trainer_option_instantiates(make_cfg, option):
     run = validate(make_cfg(f"trainer={option}", fast=False))
     if option == "gpu" and not torch.cuda.is_available():
         pytest.skip("no GPU here; trainer=gpu composed and validated")
-    if option == "ddp":
+    if option in ("ddp", "fsdp"):
         run.trainer["accelerator"] = "cpu"
+    from moe_lab.training.train import trainer_arguments
+
     trainer = L.Trainer(
-        **run.trainer,
+        **trainer_arguments(run),  # moe-lab's strategies for ddp and fsdp
         logger=False,
         enable_checkpointing=False,
         max_epochs=-1,
@@ -204,6 +206,10 @@ def test_lightning_module_checkpoint_hparams_are_plain(make_cfg):
             "must divide the world size trainer.devices",
         ),
         (["model.moe.expert_parallel=2"], "model.moe.expert_parallel=2 needs several processes: add trainer=ddp"),
+        (["trainer=fsdp", "compile=true"], "compile=true is not built with trainer=fsdp"),
+        (["trainer=fsdp", "model.moe.implementation=loop"], "trainer=fsdp runs the grouped experts"),
+        (["model.moe.layer_experts=[8,3]"], "must give a number of experts (>= 1) for each of the 4 MoE blocks"),
+        (["model.moe.layer_experts=[8,8,8,1]"], "block 3's 1 experts: model.moe.router.top_k=2 must be in 1..num"),
         (["+fooo=1"], "'fooo' is not a setting; the top-level settings are"),
         (["+trainer.foo=1"], "trainer.foo is not a Lightning Trainer argument"),
         (["model.moe.expert_hidden=30"], "must be a multiple of 8"),

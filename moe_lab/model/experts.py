@@ -209,6 +209,13 @@ class GroupedExperts(nn.Module):
             self.on_groups, x_RD, offs_E, scale_R, index_R, align, self.macs_per_row, self.cpu_layout
         )
 
+    def forward_in_parts(
+        self, x_RD: torch.Tensor, parts: list[tuple[int, int, torch.Tensor]], scale_R: torch.Tensor
+    ) -> torch.Tensor:
+        """`forward` on each part (start, end, offs_E) of the rows in turn, concatenated: one call of the bank
+        whatever the number of parts (a sharded bank, trainer=fsdp, gathers its weights once per call)."""
+        return torch.cat([self.forward(x_RD[start:end], offs_E, scale_R[start:end]) for start, end, offs_E in parts])
+
     @property
     def macs_per_row(self) -> int:
         """Multiply-adds of one row through one expert (both GEMMs)."""

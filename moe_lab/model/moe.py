@@ -410,12 +410,7 @@ class MoELayer(nn.Module):
             # left the other ranks waiting in backward: a deadlock whenever one rank's experts got no token).
             offs_El = torch.zeros(self.experts.num_experts, dtype=torch.int32, device=rows.x_RD.device)
             return self.experts(rows.x_RD, offs_El, rows.weight_R)
-        return torch.cat(
-            [
-                self.experts(rows.source_QD[start:end], offs_El, rows.weight_R[start:end])
-                for start, end, offs_El in rows.parts
-            ]
-        )
+        return self.experts.forward_in_parts(rows.source_QD, rows.parts, rows.weight_R)
 
     def _losses(self, routing: Routing, routed: RoutedOutput, batch_size: int) -> dict[str, torch.Tensor]:
         """The unweighted aux losses training weights (the configuration check rejects a weight on a loss the router

@@ -79,7 +79,8 @@ def active_params(cfg: ModelConfig) -> int:
 
 
 def params_per_gpu(cfg: ModelConfig, layout: Layout, fsdp: bool = False) -> int:
-    """Parameters one GPU holds: every dense one and 1 / P of the routed experts (today), or 1 / W of all (FSDP2)."""
+    """Parameters one GPU holds: every dense one and 1 / P of the routed experts (DDP), or 1 / W of all
+    (trainer=fsdp, FSDP2 beside expert parallelism)."""
     total = cfg.size_estimate()[0]
     if fsdp:
         return -(-total // layout.gpus)
@@ -114,8 +115,8 @@ LAYOUTS = {
 def table() -> str:
     """The docs/scaling.md table: per model and layout, what one GPU holds and sends."""
     head = (
-        "| model (total / active params) | GPUs | expert parallel x data parallel | params per GPU, today | "
-        "training state per GPU, today | with FSDP2 | all-to-all sent per GPU per step |\n|---|---|---|---|---|---|---|"
+        "| model (total / active params) | GPUs | expert parallel x data parallel | params per GPU, DDP | "
+        "training state per GPU, DDP | trainer=fsdp | all-to-all sent per GPU per step |\n|---|---|---|---|---|---|---|"
     )
     rows = [head]
     for name, cfg in REFERENCE_MODELS.items():

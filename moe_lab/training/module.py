@@ -17,6 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from moe_lab.analysis.trace import RoutingTrace
 from moe_lab.errors import Diverged
@@ -234,7 +235,11 @@ class MoELanguageModel(L.LightningModule):
         cfg = self.optim_cfg
         groups = self.parameter_groups()
         fused = cfg.fused if cfg.fused is not None else self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
+        kinds = {isinstance(p, DTensor) for group in groups for p in group["params"]}
+        # trainer=fsdp: FSDP's shards (DTensors) beside plain expert weights in one group, which neither the fused
+        # nor the foreach step takes; groups are kept as they are so that optimizer states load under any layout.
+        mixed = {"fused": False, "foreach": False} if len(kinds) > 1 else {"fused": fused}
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, **mixed)
         total = max(self.trainer.max_steps, 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_multiplier(step, cfg.warmup_steps, total, cfg.min_lr_ratio)
@@ -259,8 +264,10 @@ class MoELanguageModel(L.LightningModule):
         bad = torch.zeros((), device=self.device)
         if self.nonfinite_losses is not None:
             bad = bad + self.nonfinite_losses
-        for p in self.parameters():
-            bad = bad + (~torch.isfinite(p.detach())).any().float()
+        for p in self.parameters():  # a shard (trainer=fsdp) is checked here and the others on their ranks
+            local = p.to_local() if isinstance(p, DTensor) else p
+            local = local.detach()
+            bad = bad + (~torch.isfinite(local)).any().float()
         if self.trainer.world_size > 1:
             bad = self.trainer.strategy.reduce(bad, reduce_op="sum")
         if bad.item() > 0:

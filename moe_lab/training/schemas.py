@@ -344,11 +344,16 @@ def _check_router_losses(run: TrainConfig) -> None:
 
 
 def _check_expert_parallel(run: TrainConfig) -> None:
+    if str(run.trainer.get("strategy", "")) == "fsdp" and run.model.moe.implementation != "grouped":
+        raise ConfigError(
+            "trainer=fsdp runs the grouped experts (model.moe.implementation=loop is the one-device reference); "
+            "set model.moe.implementation=grouped"
+        )
     ep = run.model.moe.expert_parallel
     if ep == 1 or not run.model.moe.enabled:
         return
     strategy = str(run.trainer.get("strategy", ""))
-    if not strategy.startswith("ddp") or "spawn" in strategy or "notebook" in strategy:
+    if not strategy.startswith(("ddp", "fsdp")) or "spawn" in strategy or "notebook" in strategy:
         raise ConfigError(
             f"model.moe.expert_parallel={ep} needs several processes: add trainer=ddp "
             f"(with trainer.devices and trainer.num_nodes making a world size divisible by {ep})"
@@ -378,7 +383,7 @@ def _check_routing(run: TrainConfig) -> None:
             raise ConfigError(f"routing.record={r.record} exists; moe-lab never writes over a file: give a new name")
         if not record.parent.is_dir():
             raise ConfigError(f"routing.record={r.record}: the folder {record.parent} does not exist")
-        if str(run.trainer.get("strategy", "")).startswith("ddp"):
+        if str(run.trainer.get("strategy", "")).startswith(("ddp", "fsdp")):
             raise ConfigError("routing.record writes one trace from one process; record a single-process run")
 
 
@@ -453,6 +458,8 @@ def _check_compile(run: TrainConfig) -> None:
             "compile=true is not tested with expert parallelism (model.moe.expert_parallel > 1); "
             "leave compile=false there"
         )
+    if str(run.trainer.get("strategy", "")) == "fsdp":
+        raise ConfigError("compile=true is not built with trainer=fsdp (FSDP2's hooks untraced); leave compile=false")
     if run.model.activation_checkpointing != "none":
         raise ConfigError(
             f"compile=true does not go with model.activation_checkpointing={run.model.activation_checkpointing} "

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 import torch
 import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy
+from torch.distributed.tensor import DTensor
 
 from moe_lab.model.experts import GroupedExperts
 from moe_lab.training.rendezvous import end_process, watched_rendezvous
@@ -108,13 +109,21 @@ def clip_grad_norm_(
     torch.nn.utils.clip_grad_norm_), with the norm computed the same way, bit for bit, at any expert-parallel size:
     an expert weight's squared norm is the sum of its per-expert squared norms, and under expert parallelism (where
     a rank holds a slice of the experts) those are gathered from the `ep_group` first, so every rank of every layout
-    sums the same numbers in the same order and scales by the same factor. Returns the norm."""
-    terms, grads, seen = [], [], set()
+    sums the same numbers in the same order and scales by the same factor. Under FSDP (trainer=fsdp) a gradient is
+    a shard: the shards' squared sums are summed over their ranks (up to float rounding, the same norm). Returns the
+    norm."""
+    terms, grads, shards, seen = [], [], [], set()
+    mesh = None
     for sub in module.modules():
         for name, param in sub.named_parameters(recurse=False):
             if param.grad is None or id(param) in seen:  # a tied weight counts once
                 continue
             seen.add(id(param))
+            if isinstance(param.grad, DTensor):
+                mesh = param.grad.device_mesh
+                grads.append(param.grad.to_local())
+                shards.append(grads[-1].float().square().sum())
+                continue
             grads.append(param.grad)
             g = param.grad.float()
             if isinstance(sub, GroupedExperts) and name in sub.expert_weights:
@@ -124,6 +133,10 @@ def clip_grad_norm_(
                 terms.append(per_expert.sum())
             else:
                 terms.append(g.square().sum())
+    if shards and mesh is not None:
+        sharded = torch.stack(shards).sum()
+        dist.all_reduce(sharded, group=mesh.get_group())
+        terms.append(sharded)
     if not terms:
         return torch.zeros(())
     total = torch.stack(terms).sum().sqrt()
@@ -289,8 +302,18 @@ class MoEDDPStrategy(DDPStrategy):
 
         return ExpertSharding(self.mesh, bank_of)
 
+    # Hooks of a strategy that holds weights in another form (trainer=fsdp: DTensor shards): what this rank holds,
+    # made plain tensors (of its experts' rows) to save, and plain tensors made its own form to load.
+
+    def _plain(self, values: dict[str, Any]) -> dict[str, Any]:
+        return values
+
+    def _placed(self, values: dict[Any, Any], params: dict[Any, Any]) -> dict[Any, Any]:
+        """`values` (by key, the parameter of each key in `params`) in the form this rank holds them."""
+        return values
+
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        state = super().lightning_module_state_dict()
+        state = self._plain(super().lightning_module_state_dict())
         if self.sharded_checkpoints:
             return state  # this rank's experts only: save_checkpoint writes them as slices of the whole
         for name, _, _ in self._expert_shards():  # a collective: every rank takes part
@@ -299,16 +322,17 @@ class MoEDDPStrategy(DDPStrategy):
         return state
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        state = dict(checkpoint["state_dict"])
         if self.groups is not None:
-            state = dict(checkpoint["state_dict"])
             for name, _, experts in self._expert_shards():
                 state[name] = _own_slice(state[name], experts, copy=False)  # copied into the parameter
-            checkpoint = {**checkpoint, "state_dict": state}
-        super().load_model_state_dict(checkpoint, strict=strict)
+        state = self._placed(state, dict(self._moe_module().named_parameters()))
+        super().load_model_state_dict({**checkpoint, "state_dict": state}, strict=strict)
 
     def optimizer_state(self, optimizer) -> dict[str, Any]:
         """Adam's moments of expert shards, gathered to every expert."""
-        state = super().optimizer_state(optimizer)
+        state: dict[str, Any] = dict(super().optimizer_state(optimizer))
+        state["state"] = {slot: self._plain(values) for slot, values in state["state"].items()}
         if self.groups is None or self.sharded_checkpoints:
             return state
         slots = self._optimizer_slots(optimizer)
@@ -339,7 +363,26 @@ class MoEDDPStrategy(DDPStrategy):
                         }
                 states.append({**saved, "state": per_param})
             checkpoint = {**checkpoint, "optimizer_states": states}
-        super().load_optimizer_state_dict(checkpoint)
+        by_id = {id(p): p for p in self._moe_module().parameters()}
+        placed = []
+        for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"]):
+            params = {slot: by_id.get(p_id) for p_id, slot in self._optimizer_slots(optimizer).items()}
+            placed.append({**saved, "state": self._placed(dict(saved["state"]), params)})
+        checkpoint = {**checkpoint, "optimizer_states": placed}
+        super().load_optimizer_state_dict({**checkpoint, "optimizer_states": self._own_kernels(checkpoint)})
+
+    def _own_kernels(self, checkpoint: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The saved optimizer states with this run's step kernels (fused, foreach) in each group: those are the
+        layout's (trainer=fsdp steps one tensor at a time), not the checkpoint's."""
+        out = []
+        for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"]):
+            current = getattr(optimizer, "_optimizer", optimizer).param_groups
+            groups = [
+                {**g, **{k: now[k] for k in ("fused", "foreach") if k in now}}
+                for g, now in zip(saved["param_groups"], current)
+            ]
+            out.append({**saved, "param_groups": groups})
+        return out
 
     @staticmethod
     def _optimizer_slots(optimizer) -> dict[int, int]:
@@ -371,8 +414,19 @@ def make_strategy(
     rendezvous_timeout_s: float = 600.0,
     run_dir: Optional[Path] = None,
 ) -> MoEDDPStrategy:
-    """moe-lab's strategy for `trainer.strategy: ddp` (or ddp_find_unused_parameters_true). `checkpoint_format`:
-    auto (sharded under expert parallelism or with `async_save`, one file otherwise), sharded or file."""
+    """moe-lab's strategy for `trainer.strategy: ddp` (or ddp_find_unused_parameters_true), or `fsdp` (FSDP2 beside
+    expert parallelism, fsdp.py). `checkpoint_format`: auto (sharded under expert parallelism or with `async_save`,
+    one file otherwise), sharded or file."""
+    if name == "fsdp":
+        from moe_lab.training.fsdp import MoEFSDPStrategy
+
+        return MoEFSDPStrategy(
+            expert_parallel=expert_parallel,
+            sharded_checkpoints=writes_sharded(checkpoint_format, expert_parallel, async_save),
+            async_save=async_save,
+            rendezvous_timeout_s=rendezvous_timeout_s,
+            run_dir=run_dir,
+        )
     return MoEDDPStrategy(
         expert_parallel=expert_parallel,
         sharded_checkpoints=writes_sharded(checkpoint_format, expert_parallel, async_save),

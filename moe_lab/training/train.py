@@ -62,7 +62,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     quiet_lightning()
     retain_freed_memory()  # CPU steps reuse freed memory instead of page-faulting it back (training/runtime.py)
     devices = run.trainer.get("devices")
-    data_parallel = str(run.trainer.get("strategy", "")).startswith("ddp") and isinstance(devices, int)
+    data_parallel = str(run.trainer.get("strategy", "")).startswith(("ddp", "fsdp")) and isinstance(devices, int)
     torch.set_num_threads(cpu_threads(run.threads, devices if data_parallel and isinstance(devices, int) else 1))
     output_dir = Path(run.paths.output_dir).expanduser().resolve()
     done_before = continued_job(run, output_dir)
@@ -345,10 +345,11 @@ def saved_at(periodic: ModelCheckpoint, last: Path, step: int) -> bool:
 
 
 def trainer_arguments(run: TrainConfig) -> dict:
-    """The trainer config, with `strategy: ddp` made moe-lab's DDP (which owns expert parallelism)."""
+    """The trainer config, with `strategy: ddp` made moe-lab's DDP (which owns expert parallelism), and `strategy:
+    fsdp` its FSDP2 beside it."""
     args = dict(run.trainer)
     strategy = args.get("strategy")
-    if isinstance(strategy, str) and strategy in ("ddp", "ddp_find_unused_parameters_true"):
+    if isinstance(strategy, str) and strategy in ("ddp", "ddp_find_unused_parameters_true", "fsdp"):
         expert_parallel = run.model.moe.expert_parallel if run.model.moe.enabled else 1
         args["strategy"] = make_strategy(
             strategy,
