@@ -414,19 +414,9 @@ def make_strategy(
     rendezvous_timeout_s: float = 600.0,
     run_dir: Optional[Path] = None,
 ) -> MoEDDPStrategy:
-    """moe-lab's strategy for `trainer.strategy: ddp` (or ddp_find_unused_parameters_true), or `fsdp` (FSDP2 beside
-    expert parallelism, fsdp.py). `checkpoint_format`: auto (sharded under expert parallelism or with `async_save`,
-    one file otherwise), sharded or file."""
-    if name == "fsdp":
-        from moe_lab.training.fsdp import MoEFSDPStrategy
-
-        return MoEFSDPStrategy(
-            expert_parallel=expert_parallel,
-            sharded_checkpoints=writes_sharded(checkpoint_format, expert_parallel, async_save),
-            async_save=async_save,
-            rendezvous_timeout_s=rendezvous_timeout_s,
-            run_dir=run_dir,
-        )
+    """moe-lab's strategy for `trainer.strategy: ddp` (or ddp_find_unused_parameters_true; `fsdp` is fsdp.py's).
+    `checkpoint_format`: auto (sharded under expert parallelism or with `async_save`, one file otherwise), sharded or
+    file."""
     return MoEDDPStrategy(
         expert_parallel=expert_parallel,
         sharded_checkpoints=writes_sharded(checkpoint_format, expert_parallel, async_save),

@@ -29,6 +29,7 @@ from moe_lab.training.checkpoint import (
     load_weights,
     tokenizer_identity,
 )
+from moe_lab.training.fsdp import make_fsdp_strategy
 from moe_lab.training.loggers import build_loggers, finish_wandb
 from moe_lab.training.metrics import RoutingMetrics
 from moe_lab.training.module import MoELanguageModel
@@ -351,7 +352,8 @@ def trainer_arguments(run: TrainConfig) -> dict:
     strategy = args.get("strategy")
     if isinstance(strategy, str) and strategy in ("ddp", "ddp_find_unused_parameters_true", "fsdp"):
         expert_parallel = run.model.moe.expert_parallel if run.model.moe.enabled else 1
-        args["strategy"] = make_strategy(
+        make = make_fsdp_strategy if strategy == "fsdp" else make_strategy
+        args["strategy"] = make(
             strategy,
             expert_parallel,
             run.checkpoint.format,
