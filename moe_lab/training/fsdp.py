@@ -29,8 +29,7 @@ compiled training (`compile=true` is refused with `trainer=fsdp`).
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,7 +39,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from moe_lab.model import MoETransformer
 from moe_lab.model.experts import GroupedExperts
-from moe_lab.training.strategy import MoEDDPStrategy, expert_parallel_groups, writes_sharded
+from moe_lab.training.strategy import MoEDDPStrategy, expert_parallel_groups
 
 
 def shard_dense(model: MoETransformer, mesh: Any) -> None:
@@ -166,21 +165,3 @@ class MoEFSDPStrategy(MoEDDPStrategy):
             else:
                 out[key] = shard_like(value, param)
         return out
-
-
-def make_fsdp_strategy(
-    name: str,
-    expert_parallel: int,
-    checkpoint_format: str = "auto",
-    async_save: bool = False,
-    rendezvous_timeout_s: float = 600.0,
-    run_dir: Optional[Path] = None,
-) -> MoEFSDPStrategy:
-    """moe-lab's strategy for `trainer.strategy: fsdp` (the arguments of strategy.make_strategy)."""
-    return MoEFSDPStrategy(
-        expert_parallel=expert_parallel,
-        sharded_checkpoints=writes_sharded(checkpoint_format, expert_parallel, async_save),
-        async_save=async_save,
-        rendezvous_timeout_s=rendezvous_timeout_s,
-        run_dir=run_dir,
-    )

@@ -413,11 +413,12 @@ def make_strategy(
     async_save: bool = False,
     rendezvous_timeout_s: float = 600.0,
     run_dir: Optional[Path] = None,
+    kind: type[MoEDDPStrategy] | None = None,
 ) -> MoEDDPStrategy:
-    """moe-lab's strategy for `trainer.strategy: ddp` (or ddp_find_unused_parameters_true; `fsdp` is fsdp.py's).
-    `checkpoint_format`: auto (sharded under expert parallelism or with `async_save`, one file otherwise), sharded or
-    file."""
-    return MoEDDPStrategy(
+    """moe-lab's strategy for `trainer.strategy: ddp` (or ddp_find_unused_parameters_true), or of another `kind`
+    built on it (`fsdp`: fsdp.MoEFSDPStrategy). `checkpoint_format`: auto (sharded under expert parallelism or with
+    `async_save`, one file otherwise), sharded or file."""
+    return (kind or MoEDDPStrategy)(
         expert_parallel=expert_parallel,
         sharded_checkpoints=writes_sharded(checkpoint_format, expert_parallel, async_save),
         async_save=async_save,

@@ -29,7 +29,7 @@ from moe_lab.training.checkpoint import (
     load_weights,
     tokenizer_identity,
 )
-from moe_lab.training.fsdp import make_fsdp_strategy
+from moe_lab.training.fsdp import MoEFSDPStrategy
 from moe_lab.training.loggers import build_loggers, finish_wandb
 from moe_lab.training.metrics import RoutingMetrics
 from moe_lab.training.module import MoELanguageModel
@@ -352,13 +352,13 @@ def trainer_arguments(run: TrainConfig) -> dict:
     strategy = args.get("strategy")
     if isinstance(strategy, str) and strategy in ("ddp", "ddp_find_unused_parameters_true", "fsdp"):
         expert_parallel = run.model.moe.expert_parallel if run.model.moe.enabled else 1
-        make = make_fsdp_strategy if strategy == "fsdp" else make_strategy
-        args["strategy"] = make(
+        args["strategy"] = make_strategy(
             strategy,
             expert_parallel,
             run.checkpoint.format,
             run.checkpoint.async_save,
             run.rendezvous_timeout_s,
             Path(run.paths.output_dir).expanduser().resolve(),
+            kind=MoEFSDPStrategy if strategy == "fsdp" else None,
         )
     return args
