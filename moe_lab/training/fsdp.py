@@ -39,7 +39,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from moe_lab.model import MoETransformer
 from moe_lab.model.experts import GroupedExperts
-from moe_lab.training.strategy import MoEDDPStrategy, expert_parallel_groups
+from moe_lab.training.strategy import MoEDDPStrategy
 
 
 def shard_dense(model: MoETransformer, mesh: Any) -> None:
@@ -88,25 +88,14 @@ def shard_like(value: Any, param: DTensor) -> Any:
 class MoEFSDPStrategy(MoEDDPStrategy):
     """moe-lab's DDP strategy with the dense part sharded by FSDP2 (see the module docstring)."""
 
-    def __init__(self, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.fsdp_mesh: Any = None
-
     @property
     def restore_checkpoint_after_setup(self) -> bool:
         """A checkpoint is read once the weights are sharded, and each rank keeps its shard of it."""
         return True
 
     def setup(self, trainer) -> None:
-        if self.groups is None:  # expert parallel 1: every rank holds every expert, one EDP group of all ranks
-            self.groups = expert_parallel_groups(self.expert_parallel)
-            if self.expert_parallel > 1:
-                groups = self.groups
-                self._moe_module().model.use_expert_parallel(groups.ep_group, groups.ep_rank, groups.ep_size)
-                # Lightning broadcasts rank 0's parameters at the start of fit: never the expert shards.
-                torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                    self._moe_module(), [name for name, _, _ in self._expert_shards()]
-                )
+        if self.groups is None:  # expert parallel 1 too: one EDP group of all ranks, for the experts' shards
+            self.keep_own_experts()
         from torch.distributed.fsdp import FSDPModule
 
         if trainer.state.fn == TrainerFn.FITTING or not isinstance(self._moe_module().model, FSDPModule):
@@ -123,11 +112,11 @@ class MoEFSDPStrategy(MoEDDPStrategy):
 
         groups = self.groups
         assert groups is not None
-        self.fsdp_mesh = init_device_mesh(self.root_device.type, (groups.world_size,), mesh_dim_names=("fsdp",))
+        mesh = init_device_mesh(self.root_device.type, (groups.world_size,), mesh_dim_names=("fsdp",))
         if groups.edp_size > 1:  # the experts sharded over the ranks that hold the same ones (EDP)
             self._expert_sharding()  # builds the (EDP, EP) mesh
             shard_experts(self._expert_banks(), self.mesh["edp"])
-        shard_dense(self._moe_module().model, self.fsdp_mesh)  # the module is trained as it is: no wrapper
+        shard_dense(self._moe_module().model, mesh)  # the module is trained as it is: no wrapper
 
     # -- gradients: the experts FSDP does not hold, summed over their EDP group -------------------------------
 

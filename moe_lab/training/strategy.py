@@ -207,14 +207,20 @@ class MoEDDPStrategy(DDPStrategy):
 
     def setup(self, trainer) -> None:
         if self.expert_parallel > 1 and self.groups is None:
-            self.groups = expert_parallel_groups(self.expert_parallel)
-            module = self._moe_module()
-            module.model.use_expert_parallel(self.groups.ep_group, self.groups.ep_rank, self.groups.ep_size)
-            # DDP (and Lightning's state sync outside fit) broadcasts rank 0's parameters: never the expert shards.
-            torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                module, [name for name, _, _ in self._expert_shards()]
-            )
+            self.keep_own_experts()
         super().setup(trainer)
+
+    def keep_own_experts(self) -> None:
+        """Build the process groups and keep this rank's experts (expert parallel 1: every expert)."""
+        self.groups = expert_parallel_groups(self.expert_parallel)
+        if self.expert_parallel == 1:
+            return
+        module = self._moe_module()
+        module.model.use_expert_parallel(self.groups.ep_group, self.groups.ep_rank, self.groups.ep_size)
+        # DDP (and Lightning's state sync outside fit) broadcasts rank 0's parameters: never the expert shards.
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            module, [name for name, _, _ in self._expert_shards()]
+        )
 
     def _expert_shards(self) -> Iterator[tuple[str, torch.nn.Parameter, GroupedExperts]]:
         """(state-dict name, parameter, its expert bank) of every expert weight held as a slice."""
