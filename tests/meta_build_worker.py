@@ -2,9 +2,9 @@
 (gloo): python meta_build_worker.py OUT_DIR MODE [CHECKPOINT], MODE "meta" (the expert banks built on the meta device,
 each rank materialising its share, as `moe-lab train` under expert parallelism builds them) or "whole" (every expert
 built, then the rank's share kept: the control). With CHECKPOINT (one file holding every expert), the rank then loads
-it as the expert-parallel strategy does. Writes OUT_DIR/MODE.rankN.json: the high-water marks of resident memory
-(KiB) above the memory before the build, after the build and after the load, and the bytes of the rank's experts and
-of everything else."""
+it as the expert-parallel strategy does, for a resume and for a new run from its weights. Writes
+OUT_DIR/MODE.rankN.json: the high-water marks of resident memory (KiB) above the memory before the build, after the
+build and after each load, and the bytes of the rank's experts and of everything else."""
 
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ import torch
 import torch.distributed as dist
 
 from moe_lab.model import ModelConfig, MoEConfig
-from moe_lab.training.checkpoint import AtomicCheckpointIO
+from moe_lab.training.checkpoint import AtomicCheckpointIO, read_checkpoint
 from moe_lab.training.module import MoELanguageModel
-from moe_lab.training.strategy import _own_slice
+from moe_lab.training.start import StartingPoint
+from moe_lab.training.strategy import own_rows
 
 
 def kib(field: str) -> int:
@@ -57,15 +58,19 @@ def main() -> None:
     if checkpoint is not None:
         reset_peak()
         before = kib("VmRSS")
-        state = AtomicCheckpointIO().load_checkpoint(checkpoint)["state_dict"]
-        for name, _ in module.named_parameters():  # as MoEDDPStrategy.load_model_state_dict
-            bank = module.get_submodule(name.rsplit(".", 1)[0])
-            if name.rsplit(".", 1)[1] in getattr(bank, "expert_weights", ()):
-                state[name] = _own_slice(state[name], bank, copy=False)
-        module.load_state_dict(state)
+        state = AtomicCheckpointIO().load_checkpoint(checkpoint)["state_dict"]  # a resume's read
+        module.load_state_dict(own_rows(module, state))  # as MoEDDPStrategy.load_model_state_dict
         del state
         record["loaded_kib"] = kib("VmHWM") - before
         record["first_weights"] = {n: float(p.flatten()[0]) for n, p in module.named_parameters() if "experts" in n}
+        # A new run from the checkpoint's weights (a fine-tune of an imported model): the run checked it against its
+        # checksum before building (check_resume, in this process), then the strategy copies in the rank's rows.
+        read_checkpoint(checkpoint, weights=False)
+        gc.collect()
+        reset_peak()
+        before = kib("VmRSS")
+        module.load_weights(own_rows(module, StartingPoint(init_from=checkpoint).read_weights()), checkpoint)
+        record["init_from_kib"] = kib("VmHWM") - before
     (out / f"{mode}.rank{rank}.json").write_text(json.dumps(record))
     dist.barrier()
     dist.destroy_process_group()

@@ -156,3 +156,27 @@ def test_each_rank_holds_a_quarter_of_the_weights_and_moments_as_docs_scaling_co
         assert 0.9 * expected <= r["weights"] <= 1.1 * expected, (r, expected)
         assert 1.9 * r["weights"] <= r["optimizer"] <= 2.1 * r["weights"] + 4096, r  # exp_avg, exp_avg_sq, steps
     assert 4 * params_per_gpu(cfg, Layout(4, 2)) > 1.5 * expected  # DDP's: the dense part on every rank
+
+
+def test_a_sharded_fsdp_save_writes_each_ranks_shards_and_gathers_none(runs):
+    """DCP's index of the 4-rank checkpoint: every dense weight and moment in 4 pieces (one per rank: FSDP's
+    shards, written as they are), every expert bank's in 4 (2 EP ranks' experts, each cut between its 2 EDP ranks);
+    under DDP the dense part is one piece and the experts two."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from moe_lab.training.sharded_checkpoint import SafeFileSystemReader
+
+    def pieces(run: str) -> dict[str, int]:
+        folder = runs / run / "checkpoints" / "step000004.ckpt"
+        stored = SafeFileSystemReader(folder).read_metadata().state_dict_metadata
+        return {
+            k: len(v.chunks) for k, v in stored.items() if isinstance(v, TensorStorageMetadata) and v.size.numel() > 1
+        }
+
+    fsdp, ddp = pieces("fsdp4"), pieces("ddp4")
+    assert fsdp.keys() == ddp.keys()
+    experts = {k for k in fsdp if ".experts.w_" in k}
+    assert experts and len(experts) < len(fsdp)
+    for key in fsdp:
+        assert fsdp[key] == 4, key
+        assert ddp[key] == (2 if key in experts else 1), key

@@ -36,7 +36,7 @@ from test_distributed import (
 from moe_lab import files
 from moe_lab.errors import CheckpointError
 from moe_lab.training import sharded_checkpoint
-from moe_lab.training.checkpoint import read_checkpoint
+from moe_lab.training.checkpoint import AtomicCheckpointIO, read_checkpoint
 from moe_lab.training.sharded_checkpoint import ShardedWriter, is_sharded_checkpoint, save_sharded
 
 from conftest import FAST
@@ -72,9 +72,18 @@ def runs(tmp_path_factory, cache_dir) -> Path:
     # Large allocations straight from the system (and back to it when freed), so that the resident memory shows them.
     finish(run_plan(plan, root / "two.json", ranks=2, env={"MALLOC_MMAP_THRESHOLD_": "131072"}), root / "two.log")
     four = [*common, *RANKS, "trainer.devices=4", "data.batch_size=2", resume_from(root)]
+    weights = weights_only(root / "writer" / "checkpoints" / "step000002.ckpt", root)
+    started = [
+        {
+            "dir": str(root / f"from-weights-ep{ep}"),
+            "overrides": [*two, f"model.moe.expert_parallel={ep}", f"ckpt_path={path}"],
+        }
+        for ep, path in ((2, weights["sharded"]), (1, weights["file"]))
+    ]
     one = [{"dir": str(root / "one"), "overrides": [*common, *ONE_PROCESS, resume_from(root)]}]
     later = [
         (run_plan(one, root / "one.json", ranks=1), root / "one.log"),
+        (run_plan(started, root / "started.json", ranks=2), root / "started.log"),
         (
             run_plan(
                 [
@@ -90,6 +99,31 @@ def runs(tmp_path_factory, cache_dir) -> Path:
     for proc, log in later:
         finish(proc, log)
     return root
+
+
+def weights_only(checkpoint: Path, root: Path) -> dict[str, Path]:
+    """The weights and settings of `checkpoint` (no optimizer state: what `moe-lab import` writes), saved in both
+    formats: a run from them starts at step 0 with a fresh optimizer."""
+    ckpt = read_checkpoint(checkpoint)
+    weights = {k: ckpt[k] for k in ("hyper_parameters", "state_dict", "moe_lab_run")}
+    paths = {"sharded": root / "weights-sharded.ckpt", "file": root / "weights-file.ckpt"}
+    save_sharded(weights, paths["sharded"], sharding=None)
+    AtomicCheckpointIO().save_checkpoint(weights, paths["file"])
+    return paths
+
+
+@pytest.mark.slow
+def test_a_new_run_from_weights_under_expert_parallelism_trains_as_without_it(runs):
+    """From a checkpoint of weights only: at P = 2 each rank reads its experts' rows of the sharded folder (built on
+    the meta device, then loaded), and trains step for step as P = 1 from the same weights in one file; both start
+    from those weights (step 1's loss is not the writer's, which started from its random initialisation)."""
+    a, b = metrics(runs / "from-weights-ep2"), metrics(runs / "from-weights-ep1")
+    assert sorted(a["train/loss"]) == [1, 2, 3, 4]
+    for key in ("train/loss", "moe/max_imbalance", "val/loss"):
+        for step in b[key]:
+            assert abs(a[key][step] - b[key][step]) <= TOL, (key, step)
+    assert abs(a["train/loss"][1] - metrics(runs / "writer")["train/loss"][1]) > 1e-3
+    assert_same_final_state(runs / "from-weights-ep1", runs / "from-weights-ep2", rel=1e-5)
 
 
 @pytest.mark.slow

@@ -149,8 +149,9 @@ class GroupedExperts(nn.Module):
         those experts only (the whole bank: first 0, count E)."""
         device = torch.get_default_device()
         for name in self.expert_weights:
-            shape = (count, *getattr(self, name).shape[1:])
-            setattr(self, name, nn.Parameter(torch.zeros(shape, device=device)))  # the biases stay zero
+            old = getattr(self, name)  # frozen (fine-tuning) stays frozen
+            shape = (count, *old.shape[1:])
+            setattr(self, name, nn.Parameter(torch.zeros(shape, device=device), old.requires_grad))  # biases stay 0
         for i in range(count):
             g = torch.Generator().manual_seed(part_seed(self.init_seed, f"expert{first + i}"))  # a CPU stream
             with torch.no_grad():
@@ -176,7 +177,8 @@ class GroupedExperts(nn.Module):
             self.materialise(first, count)
             return
         for name in self.expert_weights:
-            setattr(self, name, nn.Parameter(getattr(self, name).data[first : first + count].clone()))
+            old = getattr(self, name)
+            setattr(self, name, nn.Parameter(old.data[first : first + count].clone(), old.requires_grad))
         self.first_expert, self.num_experts = first, count
 
     @property

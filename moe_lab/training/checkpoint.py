@@ -27,6 +27,7 @@ from moe_lab.model import ModelConfig
 from moe_lab.training.module import MoELanguageModel
 from moe_lab.training.sharded_checkpoint import (
     ShardedWriter,
+    ShardLayout,
     is_sharded_checkpoint,
     read_sharded,
     tensor_bytes,
@@ -44,15 +45,17 @@ def is_checkpoint(path: str | Path) -> bool:
     return path.is_file() or is_sharded_checkpoint(path)
 
 
-def read_checkpoint(path: str | Path, setting: Optional[str] = None, weights: bool = True) -> dict[str, Any]:
-    """The contents of a moe-lab checkpoint (a file, or a sharded checkpoint's folder read whole), on the CPU.
-    CheckpointError if it is missing, unreadable or was not written by moe-lab; `setting` (e.g. ckpt_path) names
-    where the path came from in the message. `weights=False` may leave out the weights and optimizer tensors (a
-    sharded checkpoint's settings, step and origin are read without them)."""
+def read_checkpoint(
+    path: str | Path, setting: Optional[str] = None, weights: bool = True, layout: Optional[ShardLayout] = None
+) -> dict[str, Any]:
+    """The contents of a moe-lab checkpoint (a file, memory-mapped; or a sharded checkpoint's folder, read whole or,
+    with `layout`, as this rank's part), on the CPU. CheckpointError if it is missing, unreadable or was not written
+    by moe-lab; `setting` (e.g. ckpt_path) names where the path came from in the message. `weights=False` may leave
+    out the weights and optimizer tensors (a sharded checkpoint's settings, step and origin are read without them)."""
     file = Path(path).expanduser()
     where = f"{setting + '=' if setting else ''}{path}"
     if is_sharded_checkpoint(file):
-        ckpt = read_sharded(file, weights=weights)
+        ckpt = read_sharded(file, layout, weights=weights)
         if not isinstance((ckpt.get("hyper_parameters") or {}).get("model"), dict):
             raise CheckpointError(f"{path} was not written by moe-lab (it has no model settings)")
         return ckpt
@@ -246,16 +249,6 @@ def holds_training_state(ckpt_path: str | Path) -> bool:
     """Whether a checkpoint can resume training (optimizer state, loop counters), as moe-lab's runs write them; an
     imported model (`moe-lab import`) holds weights only, and a run from it starts at step 0 with a fresh optimizer."""
     return "optimizer_states" in read_checkpoint(ckpt_path, setting="ckpt_path", weights=False)
-
-
-def load_weights(module: MoELanguageModel, ckpt_path: str | Path) -> None:
-    """Put a checkpoint's weights into `module` (a fine-tuning run's start)."""
-    try:
-        module.load_state_dict(read_checkpoint(ckpt_path, setting="ckpt_path")["state_dict"])
-    except (KeyError, RuntimeError) as e:
-        raise CheckpointError(
-            f"{ckpt_path}: its weights do not fit its model settings ({str(e).splitlines()[0]})"
-        ) from None
 
 
 # Overrides that say where a run starts or writes, not what it is: a resumed run does not inherit them. A checkpoint

@@ -88,6 +88,8 @@ def shard_like(value: Any, param: DTensor) -> Any:
 class MoEFSDPStrategy(MoEDDPStrategy):
     """moe-lab's DDP strategy with the dense part sharded by FSDP2 (see the module docstring)."""
 
+    expert_mesh: Any = None  # (EP, EDP): the experts' FSDP shards in a sharded checkpoint
+
     @property
     def restore_checkpoint_after_setup(self) -> bool:
         """A checkpoint is read once the weights are sharded, and each rank keeps its shard of it."""
@@ -114,8 +116,13 @@ class MoEFSDPStrategy(MoEDDPStrategy):
         assert groups is not None
         mesh = init_device_mesh(self.root_device.type, (groups.world_size,), mesh_dim_names=("fsdp",))
         if groups.edp_size > 1:  # the experts sharded over the ranks that hold the same ones (EDP)
-            self._expert_sharding()  # builds the (EDP, EP) mesh
+            self._shard_layout()  # builds the (EDP, EP) mesh
             shard_experts(self._expert_banks(), self.mesh["edp"])
+            if groups.ep_size > 1:  # the same ranks as (EP, EDP): how a sharded checkpoint holds those shards
+                from torch.distributed.device_mesh import DeviceMesh
+
+                ranks = torch.arange(groups.world_size).reshape(groups.edp_size, groups.ep_size).T
+                self.expert_mesh = DeviceMesh(self.root_device.type, ranks, mesh_dim_names=("ep", "edp"))
         shard_dense(self._moe_module().model, mesh)  # the module is trained as it is: no wrapper
 
     # -- gradients: the experts FSDP does not hold, summed over their EDP group -------------------------------
@@ -140,8 +147,11 @@ class MoEFSDPStrategy(MoEDDPStrategy):
 
     # -- checkpoints: DDP's, the shards gathered to save and sharded again on load -------------------------------
 
+    def _expert_mesh(self) -> Any:
+        return self.expert_mesh
+
     def _plain(self, values: dict[str, Any]) -> dict[str, Any]:
-        return whole(values)
+        return values if self.sharded_checkpoints else whole(values)  # DCP writes each rank's shards as they are
 
     def _placed(self, values: dict[Any, Any], params: dict[Any, Any]) -> dict[Any, Any]:
         out = {}

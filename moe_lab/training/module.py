@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from moe_lab.analysis.trace import RoutingTrace
-from moe_lab.errors import Diverged
+from moe_lab.errors import CheckpointError, Diverged
 from moe_lab.model import ModelConfig, MoETransformer
 from moe_lab.model.experts import experts_on_meta as on_meta
 from moe_lab.training.routing_replay import tape_from_trace
@@ -60,6 +60,9 @@ class MoELanguageModel(L.LightningModule):
         )
         with on_meta() if experts_on_meta else contextlib.nullcontext():
             self.model = MoETransformer(self.model_cfg)
+        # Under expert parallelism, the weights the run starts from, for the strategy to load once each rank holds
+        # its experts: (read(layout) -> state dict, where they come from).
+        self.starting_weights: Optional[tuple[Callable[[Any], dict], str]] = None
         for name, p in self.named_parameters():  # fine-tuning: frozen parts never get a gradient
             if part_of(name) in self.optim_cfg.freeze:
                 p.requires_grad_(False)
@@ -257,6 +260,14 @@ class MoELanguageModel(L.LightningModule):
         checkpoint["moe_lab_rng"] = rng
         checkpoint["moe_lab_first_val_loss"] = self.first_val_loss
         checkpoint["moe_lab_run"] = dict(self.provenance)
+
+    def load_weights(self, state: dict[str, Any], source: str) -> None:
+        """Put the weights the run starts from (`state`, named as this module's state dict) into it."""
+        try:
+            self.load_state_dict(state)
+        except (KeyError, RuntimeError) as e:
+            reason = str(e).splitlines()[0]
+            raise CheckpointError(f"{source}: its weights do not fit its model settings ({reason})") from None
 
     def refuse_nonfinite_weights(self) -> None:
         """Diverged (on every rank alike) if a training loss since the start was NaN or infinite or a weight is: a

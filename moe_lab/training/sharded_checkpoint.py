@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from moe_lab.errors import CheckpointError
 from moe_lab.files import disk_full, fsync_directory, temp_folder_beside, write_atomically
@@ -62,12 +63,21 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 
 
 @dataclass(frozen=True)
-class ExpertSharding:
-    """How this rank's experts sit in the whole: the (EDP, EP) mesh, and for every tensor of a checkpoint that holds
-    per-expert slices (an expert weight, its optimizer moments) the expert bank it belongs to."""
+class ShardLayout:
+    """How the tensors this rank holds sit in the checkpoint's whole tensors.
+
+    Expert parallelism: an expert weight or Adam moment holds the rank's E / P experts, written as a DTensor on the
+    (EDP, EP) `mesh`, sharded over EP and replicated over EDP. trainer=fsdp: the dense weights and their moments are
+    FSDP2's Shard(0) DTensors and are written as they are (each rank its shard); an expert bank that FSDP shards over
+    its EDP ranks is written on `expert_mesh`, the same ranks as (EP, EDP), sharded over both: an EP rank's experts,
+    cut among the ranks that hold them. In every case no rank gathers anything to save, and a load reads each rank's
+    part only, for the layout it resumes under."""
 
     mesh: Any  # torch.distributed.device_mesh.DeviceMesh, dims ("edp", "ep")
     bank_of: Callable[[TensorPath], Optional[Any]]  # -> the GroupedExperts whose experts the tensor is indexed by
+    # -> the parameter the tensor is, or is an optimizer moment of (trainer=fsdp: a DTensor)
+    param_of: Callable[[TensorPath], Optional[Any]] = lambda _: None
+    expert_mesh: Any = None  # trainer=fsdp under expert parallelism: dims ("ep", "edp")
 
     def local_experts(self, path: TensorPath, shape: tuple) -> Optional[Any]:
         """The bank if the tensor at `path` with global (or local) shape is indexed by its experts along dim 0."""
@@ -76,11 +86,86 @@ class ExpertSharding:
             return bank
         return None
 
+    def _shard(self, path: TensorPath, shape: tuple) -> Optional[Any]:
+        """The FSDP parameter (a DTensor) whose layout the tensor at `path` with this shape has, if any."""
+        param = self.param_of(path)
+        return param if isinstance(param, DTensor) and tuple(param.shape) == tuple(shape) else None
+
+    def saved_form(self, path: TensorPath, held: torch.Tensor) -> torch.Tensor:
+        """What DCP writes for a tensor this rank holds: a DTensor of the whole tensor, or the tensor itself when every
+        rank holds it whole."""
+        bank = self.local_experts(path, tuple(held.shape))
+        if isinstance(held, DTensor):
+            if bank is None or not bank.is_sharded:
+                return held  # FSDP's shard of the whole
+            return self._experts(held.to_local(), bank.total_experts, self.expert_mesh, _EP_THEN_EDP)
+        if bank is None or not bank.is_sharded:
+            return held
+        return self._experts(held, bank.total_experts, self.mesh, _EP_OF_EDP_EP)
+
+    def template(self, path: TensorPath, size: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """What DCP reads a checkpoint tensor of global `size` into: this rank's part of it, in its saved form."""
+        bank = self.local_experts(path, size)
+        sharded = bank is not None and bank.is_sharded and size[0] == bank.total_experts
+        held = self.param_of(path)
+        if sharded and isinstance(held, DTensor):
+            local = held.to_local()
+            return self._experts(torch.empty(local.shape, dtype=dtype), size[0], self.expert_mesh, _EP_THEN_EDP)
+        if sharded:
+            assert bank is not None
+            local = torch.empty((bank.num_experts, *size[1:]), dtype=dtype)
+            return self._experts(local, size[0], self.mesh, _EP_OF_EDP_EP)
+        param = self._shard(path, size) if bank is None or not bank.is_sharded else None
+        if param is not None:
+            return torch.empty_like(param, dtype=dtype)
+        return torch.empty(size, dtype=dtype)
+
+    def held_form(self, path: TensorPath, read: torch.Tensor) -> torch.Tensor:
+        """A tensor read into `template` in the form this rank holds it: its experts' rows, or FSDP's DTensor."""
+        if not isinstance(read, DTensor):
+            return read
+        if read.device_mesh is self.mesh:  # expert parallelism: the rank's experts
+            return read.to_local()
+        if self.expert_mesh is not None and read.device_mesh is self.expert_mesh:  # FSDP's shard of them
+            param = self.param_of(path)
+            assert isinstance(param, DTensor)
+            shape, stride = param.shape, param.stride()
+            return DTensor.from_local(
+                read.to_local(), param.device_mesh, param.placements, run_check=False, shape=shape, stride=stride
+            )
+        return read  # FSDP's shard of a dense weight
+
+    @staticmethod
+    def _experts(local: torch.Tensor, total: int, mesh: Any, placements: tuple) -> torch.Tensor:
+        local = local.contiguous()
+        shape = torch.Size((total, *local.shape[1:]))
+        return DTensor.from_local(
+            local, mesh, list(placements), run_check=False, shape=shape, stride=_contiguous_stride(shape)
+        )
+
+
+_EP_OF_EDP_EP = (Replicate(), Shard(0))  # on ("edp", "ep"): the EP rank's experts, the same on its EDP ranks
+_EP_THEN_EDP = (Shard(0), Shard(0))  # on ("ep", "edp"): the EP rank's experts, cut among its EDP ranks
+
+
+def first_row(tensor: torch.Tensor) -> int:
+    """The row of the whole tensor at which this rank's part starts (0 for a plain tensor): DTensor's placements,
+    each Shard(0) cutting what the mesh dimensions before it left in torch.chunk's pieces."""
+    if not isinstance(tensor, DTensor) or tensor.ndim == 0:
+        return 0
+    start, length = 0, tensor.shape[0]
+    for dim, placement in enumerate(tensor.placements):
+        if isinstance(placement, Shard) and placement.dim == 0:
+            chunk = -(-length // tensor.device_mesh.size(dim))
+            offset = min(tensor.device_mesh.get_local_rank(dim) * chunk, length)
+            start, length = start + offset, min(chunk, length - offset)
+    return start
+
 
 # -- saving --------------------------------------------------------------------------------------------------------
 
 
-def save_sharded(checkpoint: dict[str, Any], path: str | Path, sharding: Optional[ExpertSharding]) -> None:
+def save_sharded(checkpoint: dict[str, Any], path: str | Path, sharding: Optional[ShardLayout]) -> None:
     """Write `checkpoint` (Lightning's dict, holding this rank's expert slices) as a sharded checkpoint folder at
     `path`, replacing what is there only once the new one is whole. Every rank of the run calls it (a collective);
     in one process (no process group) it writes the folder alone."""
@@ -101,14 +186,14 @@ class ShardedWriter:
         self._pending: Optional[Future] = None
         self._group = None  # the background saves' process group
 
-    def save(self, checkpoint: dict[str, Any], path: str | Path, sharding: Optional[ExpertSharding]) -> None:
+    def save(self, checkpoint: dict[str, Any], path: str | Path, sharding: Optional[ShardLayout]) -> None:
         self.wait()
         path = Path(path)
         distributed = dist.is_available() and dist.is_initialized()
         rank = dist.get_rank() if distributed else 0
         tensors, meta = split_checkpoint(checkpoint)
         if sharding is not None:
-            tensors = {key: _as_dtensor(sharding, tuple(meta[INDEX][key]), t) for key, t in tensors.items()}
+            tensors = {key: sharding.saved_form(tuple(meta[INDEX][key]), t) for key, t in tensors.items()}
         # Rank 0's staging folder to every rank, every rank's weight checksums to rank 0 (computed on the live weights,
         # before a background save's copy).
         mine = {"staging": str(temp_folder_beside(path)) if rank == 0 else None, "digests": _weight_digests(tensors)}
@@ -259,36 +344,13 @@ def _tensor_paths(checkpoint: dict[str, Any]) -> Iterator[tuple[TensorPath, torc
                     yield ("optimizer_states", i, "state", slot, key), value
 
 
-def _as_dtensor(sharding: ExpertSharding, tensor_path: TensorPath, local: torch.Tensor) -> torch.Tensor:
-    """A rank's slice of an expert-indexed tensor as a DTensor of the whole (sharded over EP, replicated over EDP);
-    any other tensor as it is (the same on every rank)."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
-    bank = sharding.local_experts(tensor_path, tuple(local.shape))
-    if bank is None or not bank.is_sharded:
-        return local
-    local = local.contiguous()
-    shape = torch.Size((bank.total_experts, *local.shape[1:]))
-    return DTensor.from_local(
-        local, sharding.mesh, [Replicate(), Shard(0)], run_check=False, shape=shape, stride=_contiguous_stride(shape)
-    )
-
-
 def _weight_digests(tensors: dict[str, torch.Tensor]) -> dict[str, list[tuple[int, int, str]]]:
     """SHA-256 of this rank's part of every weight and optimizer-state tensor (a flipped bit in Adam's moments would
-    resume silently otherwise): (first index along dim 0, length, hex); a DTensor's part starts at its EP rank's first
-    expert."""
-    from torch.distributed.tensor import DTensor
-
+    resume silently otherwise): (first index along dim 0 in the whole, length, hex)."""
     out = {}
     for key, tensor in tensors.items():
-        start = 0
-        if isinstance(tensor, DTensor):
-            local = tensor.to_local()
-            start = tensor.device_mesh.get_local_rank("ep") * local.shape[0]
-        else:
-            local = tensor
-        out[key] = [(start, local.shape[0] if local.ndim else 0, _digest(local))]
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        out[key] = [(first_row(tensor), local.shape[0] if local.ndim else 0, _digest(local))]
     return out
 
 
@@ -458,7 +520,7 @@ def _check_storage(folder: Path, metadata: Any) -> None:
             )
 
 
-def read_sharded(path: str | Path, sharding: Optional[ExpertSharding] = None, weights: bool = True) -> dict:
+def read_sharded(path: str | Path, sharding: Optional[ShardLayout] = None, weights: bool = True) -> dict:
     """A sharded checkpoint as Lightning's dict. Without `sharding` (one process, or a layout without expert
     parallelism) every tensor is read whole; with it, each expert-indexed tensor is read as this rank's slice (every
     rank calls: a collective). `weights=False` reads meta.pt (settings, step, origin) and checks the index and the files
@@ -470,9 +532,10 @@ def read_sharded(path: str | Path, sharding: Optional[ExpertSharding] = None, we
             SafeFileSystemReader(path).read_metadata()  # the index and the files it names, without their contents
             return meta
         tensors = _read_tensors(path, index, sharding)
-    _verify(path, checksums, tensors)
+    _verify(path, checksums, _parts(tensors))
     for key, tensor_path in index.items():
-        _put(meta, tensor_path, tensors[key][0])
+        held = sharding.held_form(tuple(tensor_path), tensors[key]) if sharding is not None else tensors[key]
+        _put(meta, tensor_path, held)
     return meta
 
 
@@ -534,43 +597,32 @@ def verify_sharded(path: str | Path) -> None:
     for batch in filter(None, batches):
         with _one_error_line(path):
             tensors = _read_tensors(path, batch, None)
-        _verify(path, {key: checksums[key] for key in batch if key in checksums}, tensors)
+        _verify(path, {key: checksums[key] for key in batch if key in checksums}, _parts(tensors))
 
 
-def _read_tensors(
-    path: Path, index: dict[str, list], sharding: Optional[ExpertSharding]
-) -> dict[str, tuple[torch.Tensor, int]]:
-    """{key: (tensor, index of its first row in the whole)}: whole tensors, or this rank's experts."""
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-
+def _read_tensors(path: Path, index: dict[str, list], sharding: Optional[ShardLayout]) -> dict[str, torch.Tensor]:
+    """{key: tensor}: whole tensors, or (with `sharding`) this rank's part of each, as DTensors of the whole."""
     stored = SafeFileSystemReader(path).read_metadata().state_dict_metadata
     template: dict[str, torch.Tensor] = {}
     for key, tensor_path in index.items():
         entry = stored.get(key)
         if not isinstance(entry, TensorStorageMetadata):
             raise CheckpointError(f"{path}: the tensor {key} is missing from its index; the checkpoint is damaged")
-        bank = sharding.local_experts(tuple(tensor_path), tuple(entry.size)) if sharding is not None else None
-        if bank is not None and bank.is_sharded and sharding is not None:
-            local = torch.empty((bank.num_experts, *entry.size[1:]), dtype=entry.properties.dtype)
-            template[key] = DTensor.from_local(
-                local,
-                sharding.mesh,
-                [Replicate(), Shard(0)],
-                run_check=False,
-                shape=entry.size,
-                stride=_contiguous_stride(tuple(entry.size)),
-            )
-        else:
-            template[key] = torch.empty(entry.size, dtype=entry.properties.dtype)
+        size, dtype = tuple(entry.size), entry.properties.dtype
+        template[key] = (
+            sharding.template(tuple(tensor_path), size, dtype)
+            if sharding is not None
+            else torch.empty(size, dtype=dtype)
+        )
     collective = sharding is not None and dist.is_available() and dist.is_initialized()
     with _quiet_single_process(not collective):
         dcp.load(template, storage_reader=SafeFileSystemReader(path), no_dist=not collective)
-    return {
-        key: (t.to_local(), t.device_mesh.get_local_rank("ep") * t.to_local().shape[0])
-        if isinstance(t, DTensor)
-        else (t, 0)
-        for key, t in template.items()
-    }
+    return template
+
+
+def _parts(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, int]]:
+    """{key: (this rank's part, the row of the whole it starts at)}: what `_verify` checks."""
+    return {key: (t.to_local() if isinstance(t, DTensor) else t, first_row(t)) for key, t in tensors.items()}
 
 
 def _put(tree: dict, tensor_path: list, value: torch.Tensor) -> None:

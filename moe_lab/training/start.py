@@ -9,6 +9,7 @@ from typing import Any, Callable, Optional
 
 from moe_lab.training.checkpoint import check_resume, read_checkpoint
 from moe_lab.training.init_from import apply_upcycling
+from moe_lab.training.sharded_checkpoint import ShardLayout
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,22 @@ class StartingPoint:
     resume: Optional[str] = None  # a checkpoint with training state: the run continues it (its step, its optimizer)
     init_from: Optional[str] = None  # a checkpoint of weights only (an imported model): a new run from them
     weights: Optional[Callable[[], dict]] = None  # model.init_from's weights, made when the model is built
+
+    @property
+    def source(self) -> Optional[str]:
+        """What the run's weights come from, when not from a random initialisation or a resumed run."""
+        return self.init_from if self.init_from is not None else ("model.init_from" if self.weights else None)
+
+    def read_weights(self, layout: Optional[ShardLayout] = None) -> dict[str, Any]:
+        """The weights the run starts from, named as the LightningModule's state dict: `init_from`'s (with `layout`,
+        a sharded checkpoint is read as this rank's part; a checkpoint file is mapped, its pages read when copied),
+        then model.init_from's over them."""
+        state: dict[str, Any] = {}
+        if self.init_from is not None:
+            state.update(read_checkpoint(self.init_from, setting="ckpt_path", layout=layout)["state_dict"])
+        if self.weights is not None:
+            state.update({f"model.{name}": tensor for name, tensor in self.weights().items()})
+        return state
 
 
 def starting_point(run: Any) -> StartingPoint:

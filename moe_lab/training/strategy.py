@@ -42,7 +42,7 @@ from torch.distributed.tensor import DTensor
 from moe_lab.model.experts import GroupedExperts
 from moe_lab.training.rendezvous import end_process, watched_rendezvous
 from moe_lab.training.run_dir import launched_worker
-from moe_lab.training.sharded_checkpoint import ExpertSharding, ShardedWriter, is_sharded_checkpoint, read_sharded
+from moe_lab.training.sharded_checkpoint import ShardedWriter, ShardLayout, is_sharded_checkpoint, read_sharded
 
 
 @dataclass(frozen=True)
@@ -217,17 +217,23 @@ class MoEDDPStrategy(DDPStrategy):
             return
         module = self._moe_module()
         module.model.use_expert_parallel(self.groups.ep_group, self.groups.ep_rank, self.groups.ep_size)
+        self._load_starting_weights()
         # DDP (and Lightning's state sync outside fit) broadcasts rank 0's parameters: never the expert shards.
         torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
             module, [name for name, _, _ in self._expert_shards()]
         )
 
+    def _load_starting_weights(self) -> None:
+        """A run that starts from other weights (a checkpoint, model.init_from): each rank copies in its experts' rows
+        of them and never reads the others' (a sharded checkpoint is read as the rank's part; a file is mapped)."""
+        module = self._moe_module()
+        if module.starting_weights is None:
+            return
+        (read, source), module.starting_weights = module.starting_weights, None
+        module.load_weights(own_rows(module, read(self._shard_layout())), source)
+
     def _expert_shards(self) -> Iterator[tuple[str, torch.nn.Parameter, GroupedExperts]]:
-        """(state-dict name, parameter, its expert bank) of every expert weight held as a slice."""
-        for prefix, module in self._moe_module().named_modules():
-            if isinstance(module, GroupedExperts) and module.is_sharded:
-                for weight in module.expert_weights:
-                    yield f"{prefix}.{weight}", getattr(module, weight), module
+        return expert_shards(self._moe_module())
 
     # -- gradients ----------------------------------------------------------------------------------------------
 
@@ -265,7 +271,7 @@ class MoEDDPStrategy(DDPStrategy):
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Optional[Any] = None) -> None:
         if not self.sharded_checkpoints:
             return super().save_checkpoint(checkpoint, filepath, storage_options)
-        self.sharded_writer.save(checkpoint, filepath, self._expert_sharding())  # every rank writes its own part
+        self.sharded_writer.save(checkpoint, filepath, self._shard_layout())  # every rank writes its own part
 
     def _saved(self, path) -> None:
         if hasattr(self.checkpoint_io, "last_saved"):
@@ -278,9 +284,9 @@ class MoEDDPStrategy(DDPStrategy):
     def load_checkpoint(self, checkpoint_path, weights_only: Optional[bool] = None) -> dict[str, Any]:
         if not is_sharded_checkpoint(checkpoint_path):
             return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        return read_sharded(checkpoint_path, self._expert_sharding())
+        return read_sharded(checkpoint_path, self._shard_layout())
 
-    def _expert_sharding(self) -> Optional[ExpertSharding]:
+    def _shard_layout(self) -> Optional[ShardLayout]:
         """Which tensors of a checkpoint hold this rank's experts (None without expert parallelism)."""
         if self.groups is None:
             return None
@@ -293,20 +299,30 @@ class MoEDDPStrategy(DDPStrategy):
                 mesh_dim_names=("edp", "ep"),  # rows are EP groups of consecutive ranks, as above
             )
         banks = {name: experts for name, _, experts in self._expert_shards()}
-        by_id = {id(param): name for name, param, _ in self._expert_shards()}
+        params = dict(self._moe_module().named_parameters())
+        names = {id(param): name for name, param in params.items()}
         slots = [
-            {slot: by_id.get(param_id) for param_id, slot in self._optimizer_slots(opt).items()}
+            {slot: names.get(param_id) for param_id, slot in self._optimizer_slots(opt).items()}
             for opt in self.optimizers
         ]
 
-        def bank_of(tensor_path: tuple) -> Optional[GroupedExperts]:
+        def name_of(tensor_path: tuple) -> Optional[str]:
             if tensor_path[0] == "state_dict":
-                return banks.get(tensor_path[1])
+                return tensor_path[1]
             if tensor_path[0] == "optimizer_states" and tensor_path[1] < len(slots):
-                return banks.get(slots[tensor_path[1]].get(tensor_path[3]))
+                return slots[tensor_path[1]].get(tensor_path[3])
             return None
 
-        return ExpertSharding(self.mesh, bank_of)
+        return ShardLayout(
+            self.mesh,
+            bank_of=lambda path: banks.get(name_of(path) or ""),
+            param_of=lambda path: params.get(name_of(path) or ""),
+            expert_mesh=self._expert_mesh(),
+        )
+
+    def _expert_mesh(self) -> Any:
+        """The (EP, EDP) mesh a strategy that shards the experts over their EDP ranks saves them on (None here)."""
+        return None
 
     # Hooks of a strategy that holds weights in another form (trainer=fsdp: DTensor shards): what this rank holds,
     # made plain tensors (of its experts' rows) to save, and plain tensors made its own form to load.
@@ -328,10 +344,7 @@ class MoEDDPStrategy(DDPStrategy):
         return state
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        state = dict(checkpoint["state_dict"])
-        if self.groups is not None:
-            for name, _, experts in self._expert_shards():
-                state[name] = _own_slice(state[name], experts, copy=False)  # copied into the parameter
+        state = own_rows(self._moe_module(), dict(checkpoint["state_dict"]))
         state = self._placed(state, dict(self._moe_module().named_parameters()))
         super().load_model_state_dict({**checkpoint, "state_dict": state}, strict=strict)
 
@@ -396,6 +409,23 @@ class MoEDDPStrategy(DDPStrategy):
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
         params = [p for group in optimizer.param_groups for p in group["params"]]
         return {id(p): i for i, p in enumerate(params)}
+
+
+def expert_shards(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Parameter, GroupedExperts]]:
+    """(state-dict name, parameter, its expert bank) of every expert weight of `module` held as a slice."""
+    for prefix, bank in module.named_modules():
+        if isinstance(bank, GroupedExperts) and bank.is_sharded:
+            for weight in bank.expert_weights:
+                yield f"{prefix}.{weight}", getattr(bank, weight), bank
+
+
+def own_rows(module: torch.nn.Module, state: dict[str, Any]) -> dict[str, Any]:
+    """`state` (a state dict of `module`, holding every expert) with each expert weight this rank holds a slice of
+    cut to its rows: views, copied into the parameters by load_state_dict, so that of a memory-mapped checkpoint only
+    the rank's rows are ever read."""
+    for name, _, experts in expert_shards(module):
+        state[name] = _own_slice(state[name], experts, copy=False)
+    return state
 
 
 def _per_expert(value: Any, num_experts: int) -> bool:

@@ -26,7 +26,6 @@ from moe_lab.training.callbacks import AbortRequested, GracefulStop, StepProgres
 from moe_lab.training.checkpoint import (
     AtomicCheckpointIO,
     checkpoint_origin,
-    load_weights,
     tokenizer_identity,
 )
 from moe_lab.training.fsdp import MoEFSDPStrategy
@@ -167,21 +166,22 @@ def build_module(
         domain_names=data.domain_names,
         tokenizer={"name": run.tokenizer.name, "eos_token": run.tokenizer.eos_token},
         seed=run.seed,
-        # Under expert parallelism a rank builds only its own experts (the strategy materialises them), unless
-        # the run starts from another model's weights, which load into the whole model first.
-        experts_on_meta=model_cfg.moe.expert_parallel > 1 and start.init_from is None and start.weights is None,
+        # Under expert parallelism a rank builds only its own experts (the strategy materialises them) and takes only
+        # their rows of the weights the run starts from.
+        experts_on_meta=model_cfg.moe.expert_parallel > 1,
     )
-    if start.init_from is not None:
-        load_weights(module, start.init_from)
-    if start.weights is not None:
-        module.model.load_state_dict(start.weights())
+    if start.source is not None:
+        if model_cfg.moe.expert_parallel > 1:
+            module.starting_weights = (start.read_weights, start.source)  # read by the strategy (keep_own_experts)
+        else:
+            module.load_weights(start.read_weights(), start.source)
         if not launched_worker() and run.upcycle.method is not None:
             print(
                 f"moe-lab: upcycled {run.model.init_from} ({run.upcycle.method}): experts of "
                 f"{run.model.moe.expert_hidden} hidden units from its FFNs of {run.model.ffn_hidden}",
                 flush=True,
             )
-        elif not launched_worker():
+        elif not launched_worker() and start.weights is not None:
             print(
                 f"moe-lab: starting from the weights of {run.model.init_from} (a new run: step 0, fresh optimizer)",
                 flush=True,
