@@ -73,12 +73,13 @@ def runs(tmp_path_factory, cache_dir) -> Path:
     finish(run_plan(plan, root / "two.json", ranks=2, env={"MALLOC_MMAP_THRESHOLD_": "131072"}), root / "two.log")
     four = [*common, *RANKS, "trainer.devices=4", "data.batch_size=2", resume_from(root)]
     weights = weights_only(root / "writer" / "checkpoints" / "step000002.ckpt", root)
-    started = [
-        {
-            "dir": str(root / f"from-weights-ep{ep}"),
-            "overrides": [*two, f"model.moe.expert_parallel={ep}", f"ckpt_path={path}"],
-        }
-        for ep, path in ((2, weights["sharded"]), (1, weights["file"]))
+    started = [  # a new run from those weights: ckpt_path of weights only, or model.init_from
+        {"dir": str(root / f"from-weights-{name}"), "overrides": [*two, f"model.moe.expert_parallel={ep}", start]}
+        for name, ep, start in (
+            ("ep2", 2, f"ckpt_path={weights['sharded']}"),
+            ("ep1", 1, f"ckpt_path={weights['file']}"),
+            ("init-from-ep2", 2, f"model.init_from={weights['sharded']}"),
+        )
     ]
     one = [{"dir": str(root / "one"), "overrides": [*common, *ONE_PROCESS, resume_from(root)]}]
     later = [
@@ -114,16 +115,19 @@ def weights_only(checkpoint: Path, root: Path) -> dict[str, Path]:
 
 @pytest.mark.slow
 def test_a_new_run_from_weights_under_expert_parallelism_trains_as_without_it(runs):
-    """From a checkpoint of weights only: at P = 2 each rank reads its experts' rows of the sharded folder (built on
-    the meta device, then loaded), and trains step for step as P = 1 from the same weights in one file; both start
-    from those weights (step 1's loss is not the writer's, which started from its random initialisation)."""
-    a, b = metrics(runs / "from-weights-ep2"), metrics(runs / "from-weights-ep1")
-    assert sorted(a["train/loss"]) == [1, 2, 3, 4]
-    for key in ("train/loss", "moe/max_imbalance", "val/loss"):
-        for step in b[key]:
-            assert abs(a[key][step] - b[key][step]) <= TOL, (key, step)
-    assert abs(a["train/loss"][1] - metrics(runs / "writer")["train/loss"][1]) > 1e-3
-    assert_same_final_state(runs / "from-weights-ep1", runs / "from-weights-ep2", rel=1e-5)
+    """From a checkpoint of weights only (ckpt_path=, or model.init_from=): at P = 2 each rank reads its experts' rows
+    of the sharded folder (built on the meta device, then loaded), and trains step for step as P = 1 from the same
+    weights in one file; all start from those weights (step 1's loss is not the writer's, which started from its
+    random initialisation)."""
+    b = metrics(runs / "from-weights-ep1")
+    for run in ("from-weights-ep2", "from-weights-init-from-ep2"):  # ckpt_path=, model.init_from=
+        a = metrics(runs / run)
+        assert sorted(a["train/loss"]) == [1, 2, 3, 4]
+        for key in ("train/loss", "moe/max_imbalance", "val/loss"):
+            for step in b[key]:
+                assert abs(a[key][step] - b[key][step]) <= TOL, (run, key, step)
+        assert abs(a["train/loss"][1] - metrics(runs / "writer")["train/loss"][1]) > 1e-3
+        assert_same_final_state(runs / "from-weights-ep1", runs / run, rel=1e-5)
 
 
 @pytest.mark.slow

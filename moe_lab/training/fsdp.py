@@ -15,16 +15,18 @@ A block's weights are gathered for its forward and again for its backward (and d
 gradients reduce-scattered: the mean over ranks that DDP's all-reduce gives. Under `bf16-mixed` the forward runs
 in bfloat16 by autocast while the weights, their gradients and the reduce-scatter stay float32.
 
-Checkpoints are those of DDP, in either format: a save gathers the dense weights and moments whole (every rank
-holds them for the moment of the save), a load keeps this rank's shard. So a checkpoint of `trainer=fsdp` resumes
-under DDP, another FSDP size or one process, and the other way round.
+Checkpoints are those of DDP, in either format. The sharded one (checkpoint.format=sharded; auto under expert
+parallelism) is written from the shards as they are, no rank gathering anything: the dense weights and moments as
+FSDP's DTensors, each rank its shard; an expert bank sharded over its EDP ranks on an (EP, EDP) mesh of the same ranks
+(`ShardLayout`), so that the checkpoint holds every expert once, in order. A load reads each rank's shard only. The
+one-file format gathers the dense part whole on every rank for the moment of the save and rank 0 writes it. Either
+resumes under DDP, another FSDP size or one process, and the other way round.
 
 An expert's gradient holds the sum over its expert-parallel group's tokens (the all-to-all's backward brought it
 home); the reduce-scatter over its EDP ranks averages it there, and dividing by P gives DDP's sum over EDP / W.
 With W = P (no EDP) the experts are not FSDP's and are reduced as under DDP.
 
-Not here yet: a save that never gathers the dense part (the sharded format writes the gathered tensors once), and
-compiled training (`compile=true` is refused with `trainer=fsdp`).
+Not here yet: compiled training (`compile=true` is refused with `trainer=fsdp`).
 """
 
 from __future__ import annotations

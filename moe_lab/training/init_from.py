@@ -24,24 +24,33 @@ from moe_lab.model import ModelConfig
 from moe_lab.model.upcycled_weights import moe_settings, upcycled_state_dict
 from moe_lab.training.checkpoint import checkpoint_model_config, is_checkpoint, read_checkpoint
 from moe_lab.training.schemas import check_training_memory
+from moe_lab.training.sharded_checkpoint import ShardLayout, is_sharded_checkpoint, verify_sharded
 
 
 def model_source(init_from: str, dense: bool) -> tuple[ModelConfig, Optional[dict], Any]:
     """(settings, tokenizer settings, a function giving the weights) of the model `init_from` names (with `dense`,
-    a Hugging Face model is read as one of the dense families)."""
+    a Hugging Face model is read as one of the dense families). The function takes the rank's ShardLayout under
+    expert parallelism (or None): a moe-lab checkpoint is then read as the rank's part (a file is mapped, its pages
+    read when copied; a sharded one reads the rank's experts only); a Hugging Face model is read whole."""
     path = Path(init_from).expanduser()
     if is_checkpoint(path):
-        ckpt = read_checkpoint(path, setting="model.init_from")
+        ckpt = read_checkpoint(path, setting="model.init_from", weights=False)  # a file is checked whole here,
+        if is_sharded_checkpoint(path):  # a folder in batches: a damaged one is refused before the run starts
+            verify_sharded(path)
         cfg = checkpoint_model_config(ckpt, path)
-        state = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-        return cfg, ckpt["hyper_parameters"].get("tokenizer") or {}, lambda: state
+
+        def own_weights(layout: Optional[ShardLayout] = None) -> dict[str, torch.Tensor]:
+            state = read_checkpoint(path, setting="model.init_from", layout=layout)["state_dict"]
+            return {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+
+        return cfg, ckpt["hyper_parameters"].get("tokenizer") or {}, own_weights
     if not path.exists() and (init_from.endswith(".ckpt") or path.is_absolute() or init_from.startswith((".", "~"))):
         raise ConfigError(f"model.init_from={init_from}: no such checkpoint file or model directory")
     from moe_lab.interop.huggingface import load_hf, read_hf_config, state_dict
 
     hf_config, cfg = read_hf_config(init_from, dense=dense)
 
-    def weights() -> dict[str, torch.Tensor]:
+    def weights(layout: Optional[ShardLayout] = None) -> dict[str, torch.Tensor]:
         hf = load_hf(
             lambda: __import__("transformers").AutoModelForCausalLM.from_pretrained(
                 init_from, dtype=torch.float32, trust_remote_code=False
@@ -101,4 +110,4 @@ def apply_upcycling(run: Any, resumed: Optional[dict] = None) -> Optional[Any]:
     run.model = settings
     check_training_memory(run)
     seed, ratio = run.seed, run.upcycle.drop_ratio
-    return lambda: upcycled_state_dict(weights(), source, settings, method, granularity, ratio, seed)
+    return lambda layout=None: upcycled_state_dict(weights(), source, settings, method, granularity, ratio, seed)

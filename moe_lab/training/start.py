@@ -16,7 +16,8 @@ from moe_lab.training.sharded_checkpoint import ShardLayout
 class StartingPoint:
     resume: Optional[str] = None  # a checkpoint with training state: the run continues it (its step, its optimizer)
     init_from: Optional[str] = None  # a checkpoint of weights only (an imported model): a new run from them
-    weights: Optional[Callable[[], dict]] = None  # model.init_from's weights, made when the model is built
+    # model.init_from's weights, made when the model is built (given the rank's ShardLayout, or None)
+    weights: Optional[Callable[[Optional[ShardLayout]], dict]] = None
 
     @property
     def source(self) -> Optional[str]:
@@ -31,7 +32,7 @@ class StartingPoint:
         if self.init_from is not None:
             state.update(read_checkpoint(self.init_from, setting="ckpt_path", layout=layout)["state_dict"])
         if self.weights is not None:
-            state.update({f"model.{name}": tensor for name, tensor in self.weights().items()})
+            state.update({f"model.{name}": tensor for name, tensor in self.weights(layout).items()})
         return state
 
 
