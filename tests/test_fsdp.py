@@ -55,9 +55,9 @@ def runs(tmp_path_factory, cache_dir) -> Path:
     ]
     plan4 = [
         {"dir": str(root / "ddp4"), "overrides": [*four, "trainer=ddp", "model.moe.expert_parallel=2"]},
-        {
+        {  # saved in the background (DCP's async_save of the shards): what the resumes below read
             "dir": str(root / "fsdp4"),
-            "overrides": [*four, "trainer=fsdp", "model.moe.expert_parallel=2"],
+            "overrides": [*four, "trainer=fsdp", "model.moe.expert_parallel=2", "checkpoint.async_save=true"],
             "measure_state": str(root / "fsdp4-state"),
         },
         {  # another FSDP size of the experts: expert parallel 4, no EDP
