@@ -26,6 +26,7 @@ from moe_lab.training.callbacks import AbortRequested, GracefulStop, StepProgres
 from moe_lab.training.checkpoint import (
     AtomicCheckpointIO,
     checkpoint_origin,
+    is_checkpoint,
     tokenizer_identity,
 )
 from moe_lab.training.fsdp import MoEFSDPStrategy
@@ -173,6 +174,16 @@ def build_module(
     if start.source is not None:
         if model_cfg.moe.expert_parallel > 1:
             module.starting_weights = (start.read_weights, start.source)  # read by the strategy (keep_own_experts)
+            hub = (
+                run.upcycle.method is None and start.weights is not None and not is_checkpoint(str(run.model.init_from))
+            )
+            if hub and not launched_worker():
+                print(
+                    f"moe-lab: every rank reads the whole of {run.model.init_from} (transformers loads it whole) "
+                    f"before keeping its experts; to read only each rank's part, import it once (moe-lab import "
+                    f"{run.model.init_from} DIR) and start from ckpt_path=DIR/model.ckpt",
+                    flush=True,
+                )
         else:
             module.load_weights(start.read_weights(), start.source)
         if not launched_worker() and run.upcycle.method is not None:
