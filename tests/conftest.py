@@ -124,6 +124,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def said(text: str) -> list[str]:
+    """moe-lab's own lines in `text` (a command's stderr), without its warning about the machine's load: that says
+    what else the machine runs (another test beside this one), not what the command did."""
+    lines = [line for line in text.splitlines() if line.startswith("moe-lab:")]
+    return [line for line in lines if not line.startswith("moe-lab: warning: the machine's load is")]
+
+
 def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: int = 600):
     env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"}  # never a developer's real key
     env.update({"PYTHONUNBUFFERED": "1", "WANDB_MODE": os.environ.get("WANDB_MODE", ""), **(env_extra or {})})

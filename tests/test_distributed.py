@@ -292,10 +292,11 @@ def test_a_fsdp_equals_ddp(runs, name):
 @pytest.mark.parametrize("name", FSDP_EP2)
 def test_a_fsdp_beside_expert_parallelism_equals_ddp(runs, name):
     """As above, at expert parallel 2. Expert choice's near-ties flipped by FSDP's summation order move some experts'
-    weights by a token's gradient (measured on an AVX2 CPU: 0.5% of their scale after 4 steps; the dense weights
-    within 1e-4, the losses within 3e-6): its final state is held to 1e-2, the others' to 1e-3."""
+    weights and moments by a token's gradient (measured on an AVX2 CPU after 4 steps: weights 0.5% of their scale
+    apart, Adam's first moments 1.5%; the dense weights within 1e-4, the losses within 3e-6): its final state is held
+    to 5e-2, which a wrong gradient scale (a factor in the moments) still fails, the others' to 1e-3."""
     assert_same_curves(runs / f"{name}-ep2", runs / f"{name}-fsdp-ep2", tol=TOL)
-    rel = 1e-2 if name.startswith("expert_choice-") else 1e-3
+    rel = 5e-2 if name.startswith("expert_choice-") else 1e-3
     assert_same_final_state(runs / f"{name}-ep2", runs / f"{name}-fsdp-ep2", rel=rel)
 
 

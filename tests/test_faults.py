@@ -14,7 +14,7 @@ import moe_lab
 from moe_lab.errors import CheckpointError, UserError
 from moe_lab.training.train import train
 
-from conftest import FAST, run_cli
+from conftest import FAST, run_cli, said
 
 
 class WritesAMarker:
@@ -817,7 +817,7 @@ def test_a_full_disk_at_the_final_save_names_the_last_good_checkpoint(layout, sm
     )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("moe-lab:")]
+    lines = said(result.stderr)
     assert len(lines) == 1 and lines[0].startswith("moe-lab: error: the disk is full"), result.stderr[-3000:]
     assert "at step 9; the last checkpoint written whole is" in lines[0] and "step000006.ckpt" in lines[0]
     summary = json.loads((run / "summary.json").read_text())

@@ -10,7 +10,7 @@ from typing import Optional
 import pytest
 import yaml
 
-from conftest import FAST, REPO, run_cli
+from conftest import FAST, REPO, run_cli, said
 
 pytestmark = pytest.mark.slow
 
@@ -134,7 +134,7 @@ def test_a_failed_job_is_one_line_and_the_sweep_goes_on(tmp_path, cache_dir):
     result = run_cli(_sweep_args(cache_dir, sweep, "optim.lr=1e6,3e-3", "trainer.max_steps=6"), cwd=tmp_path)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "Error executing job" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("moe-lab:")]
+    lines = said(result.stderr)
     assert lines[0].startswith("moe-lab: job 0 failed: training diverged")
     assert lines[-1].startswith("moe-lab: error: 1 of 2 jobs did not finish (job 0 failed")
     rows = {r["job"]: r for r in read_summary(sweep)}
@@ -506,7 +506,7 @@ def test_a_damaged_earlier_attempt_is_one_line_and_the_summary_stays_right(sweep
     SweepSummary().on_multirun_end(config)
     err = capsys.readouterr().err
     assert [(r["job"], r["status"]) for r in read_summary(sweep)] == want
-    lines = [line for line in err.splitlines() if line.startswith("moe-lab:")]
+    lines = said(err)
     assert len(lines) == 1 and "overrides.yaml is damaged" in lines[0] and "0 was resumed from" in lines[0], err
     assert main(["dashboard", str(sweep)]) == 0
     assert capsys.readouterr().err.count("overrides.yaml is damaged") == 1
