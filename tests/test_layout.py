@@ -200,7 +200,8 @@ def test_the_checkers_are_pinned_and_run_where_the_tests_run():
     assert set(pins) == {"ruff", "mypy"}, pins
     precommit = (REPO / ".pre-commit-config.yaml").read_text()
     assert re.search(rf"ruff-pre-commit\n\s+rev: v{re.escape(pins['ruff'])}\b", precommit), precommit
-    command = 'pip install -e ".[test]" && ruff check . && ruff format --check . && mypy && python -m pytest -q'
+    checks = 'pip install -e ".[test]" && ruff check . && ruff format --check . && mypy'
+    command = f"{checks} && python -m pytest -q -n 2 --dist loadfile"
     assert command in (REPO / "README.md").read_text()
     assert command in (REPO / ".ci" / "run").read_text()
 
