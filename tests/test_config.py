@@ -206,7 +206,6 @@ def test_lightning_module_checkpoint_hparams_are_plain(make_cfg):
             "must divide the world size trainer.devices",
         ),
         (["model.moe.expert_parallel=2"], "model.moe.expert_parallel=2 needs several processes: add trainer=ddp"),
-        (["trainer=fsdp", "compile=true"], "compile=true is not built with trainer=fsdp"),
         (["trainer=fsdp", "model.moe.implementation=loop"], "trainer=fsdp runs the grouped experts"),
         (["model.moe.layer_experts=[8,3]"], "must give a number of experts (>= 1) for each of the 4 MoE blocks"),
         (["model.moe.layer_experts=[8,8,8,1]"], "block 3's 1 experts: model.moe.router.top_k=2 must be in 1..num"),

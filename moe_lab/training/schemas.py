@@ -458,8 +458,6 @@ def _check_compile(run: TrainConfig) -> None:
             "compile=true is not tested with expert parallelism (model.moe.expert_parallel > 1); "
             "leave compile=false there"
         )
-    if str(run.trainer.get("strategy", "")) == "fsdp":
-        raise ConfigError("compile=true is not built with trainer=fsdp (FSDP2's hooks untraced); leave compile=false")
     if run.model.activation_checkpointing != "none":
         raise ConfigError(
             f"compile=true does not go with model.activation_checkpointing={run.model.activation_checkpointing} "
