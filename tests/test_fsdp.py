@@ -117,7 +117,7 @@ def test_compiled_training_under_fsdp_follows_the_eager_curve(runs):
     around the compiled code), float32, 20 steps on 2 ranks: the eager FSDP curve within 1e-5."""
     assert same_curves(runs / "fsdp2", runs / "fsdp2-compiled") >= LONG + 2
     header = (runs / "plan2.log").read_text()
-    assert "32-true, compiled (torch.compile)" in header
+    assert "32-true, deterministic, compiled (torch.compile)" in header
 
 
 def test_fsdp_beside_expert_parallelism_on_4_ranks_follows_ddp(runs):
