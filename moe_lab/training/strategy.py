@@ -287,7 +287,8 @@ class MoEDDPStrategy(DDPStrategy):
         return read_sharded(checkpoint_path, self._shard_layout())
 
     def _shard_layout(self) -> Optional[ShardLayout]:
-        """Which tensors of a checkpoint hold this rank's experts (None without expert parallelism)."""
+        """How the tensors this rank holds sit in a checkpoint's whole ones: its experts' rows, FSDP's shards (None
+        without the process groups, i.e. outside expert parallelism and trainer=fsdp)."""
         if self.groups is None:
             return None
         if self.mesh is None:  # built at the first save or load, which every rank reaches together (a collective)
