@@ -75,9 +75,10 @@ def onednn_isa_cap() -> Optional[int]:
 def cpu_bfloat16_isa() -> Optional[str]:
     """The instructions that make this CPU's bfloat16 GEMMs fast, as oneDNN may use them: "AMX" (4-7x float32's GEMM
     rate on 2 cores; bf16-mixed + compile trains the default model at 1.6-1.9x float32 eager's tokens/s), "AVX512-BF16"
-    (bfloat16 dot products without AMX, as on AMD EPYC: about 3x float32's GEMM rate; 1.87x float32 eager's tokens/s,
-    measured on such a CPU, issue 42), or None: bfloat16 GEMMs are converted to float32 ones (on an AVX2 CPU measured
-    at 0.55 GFLOP/s against float32's 104: 190x slower), so the run stays in float32."""
+    (bfloat16 dot products without AMX, as on AMD EPYC since Zen 4: 2.2-3x float32's GEMM rate; the default model at
+    1.4-1.9x float32 eager's tokens/s on two such hosts, the same val/loss over three seeds:
+    benchmarks/2026-12-07_cpu-avx512bf16/), or None: bfloat16 GEMMs are converted to float32 ones (on an AVX2 CPU
+    measured at 0.55 GFLOP/s against float32's 104: 190x slower), so the run stays in float32."""
     import torch
 
     cap = onednn_isa_cap()
@@ -122,7 +123,7 @@ def compile_reason(run: TrainConfig) -> str:
         return "eager, as compiling does not go with activation checkpointing"
     if not can_build_cpu_kernels():
         return "eager, as inductor needs a C++ compiler and Python's headers"
-    return "compiled, as one CPU process in bf16-mixed trains 1.6x faster after 10-25 s of compiling"
+    return "compiled, as one CPU process in bf16-mixed trains 1.3-1.5x faster compiled, after 10-25 s of compiling"
 
 
 def auto_choices(asked_trainer: Any, asked_compile: Any, run: TrainConfig) -> list[str]:

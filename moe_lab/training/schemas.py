@@ -152,9 +152,9 @@ class TrainConfig:
     run_name: Optional[str] = None
     # torch.compile the training forward and backward (inductor: fused elementwise kernels); validation stays eager.
     # null = on where it was measured to pay: a single-process CPU run in bf16-mixed (with trainer=auto, the default
-    # on a CPU with AMX or AVX512-BF16), 1.6-1.9x the tokens/s of float32 eager on the default model after 10-25 s
-    # of compiling at the start (benchmarks/README.md). The math is eager's up to float rounding. Not with expert
-    # parallelism.
+    # on a CPU with AMX or AVX512-BF16), 1.4-1.9x the tokens/s of float32 eager on the default model after 10-25 s
+    # of compiling at the start, 1.3-1.5x bf16-mixed eager's (benchmarks/README.md). The math is eager's up to float
+    # rounding. Not with expert parallelism.
     compile: Optional[bool] = None
     # Seconds the processes of a several-process run (trainer=ddp) wait for each other at the start; then the run
     # ends in one line (nothing written). Nodes of one job may start minutes apart (torchrun waits 600 s too).
