@@ -7,6 +7,9 @@ per-round ratio (as-is time / lever time; > 1: the lever is faster) with the sec
     LEVER  fp32_attention: causal attention's flash kernel in float32 (inputs upcast) instead of bfloat16
            eager_experts:  the expert bank run eagerly inside the compiled model (torch.compiler.disable), so that
                            the batched/grouped layout is chosen per call as in eager bf16
+           capacity_blocks: under a capacity factor, each expert's rows in a static block of C rows (C rounded up to
+                           64; C = ceil(cf T K / E) bounds every expert's kept rows) and all experts as one batched
+                           GEMM, host-free, inside the compiled model (instead of the per-expert grouped GEMMs)
 """
 
 import statistics
@@ -17,7 +20,10 @@ import torch
 import torch.nn.functional as F
 
 import moe_lab.model.attention as attention
+import moe_lab.model.expert_kernels as expert_kernels
+from moe_lab.model.expert_kernels import AlignedGroups, round_up
 from moe_lab.model.experts import GroupedExperts
+from moe_lab.model.moe import expert_capacity
 from moe_lab.tools.bench.baseline import StepSettings, training_step
 from moe_lab.tools.bench.steps import compose_run
 
@@ -50,12 +56,32 @@ def eager_experts() -> None:
     GroupedExperts.forward = forward
 
 
+def capacity_blocks(run) -> None:
+    moe = run.model.moe
+    tokens = run.data.batch_size * run.data.seq_len
+    capacity = expert_capacity(moe.capacity_factor, tokens, moe.router.top_k, moe.num_experts, moe.min_capacity)
+    block = round_up(capacity, 64)
+    print(f"capacity {capacity} rows per expert, block {block}")
+    grouped = expert_kernels.aligned_groups
+
+    def aligned_groups(offs_E, num_rows, align, macs_per_row, layout="auto"):
+        if LEVER_ON["on"] and torch.compiler.is_compiling():
+            return AlignedGroups.of(offs_E, num_rows, align, block, offs_E.shape[0] * block + num_rows)
+        return grouped(offs_E, num_rows, align, macs_per_row, layout)
+
+    expert_kernels.aligned_groups = aligned_groups
+
+
 def main() -> None:
     lever = sys.argv[1]
-    {"fp32_attention": fp32_attention, "eager_experts": eager_experts}[lever]()
+    run = compose_run("tiny", sys.argv[2:])
+    if lever == "capacity_blocks":
+        capacity_blocks(run)
+    else:
+        {"fp32_attention": fp32_attention, "eager_experts": eager_experts}[lever]()
     torch.set_num_threads(2)
     settings = StepSettings("default", "bf16-mixed", True, True)
-    step = training_step(compose_run("tiny", sys.argv[2:]), settings, torch.device("cpu"))
+    step = training_step(run, settings, torch.device("cpu"))
     for on in (False, True):
         LEVER_ON["on"] = on
         for _ in range(4):
