@@ -3,6 +3,8 @@ autocast, float32 weights, 2 threads, uncompiled) on one fixed routing at every 
 in per-expert GEMMs) to the largest group (every row in one batched GEMM), and the block the cost model in
 moe_lab/model/expert_kernels.py picks ("auto"). Blocks are timed in rotating order, the median of 3 steps per round,
 the median over rounds printed, and auto's time over the best block's.
+`../2026-12-05_cpu-2threads-blocks/split_curve.py` (the AMX fit's curve) ported to today's API: that folder's scripts
+stay as they ran at their commit (`experts._block_rows` is now `expert_kernels.block_rows`).
 
     python split_curve.py EXPERTS TOP_K D_MODEL HIDDEN TOKENS SKEW ROUNDS
     e.g. python split_curve.py 8 2 128 384 2048 0.0 7     (tiny's 8 experts, balanced)
