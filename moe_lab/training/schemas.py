@@ -184,21 +184,31 @@ REFUSED_TRAINER_KEYS = {
 }
 
 
+# The routers (name, Config class) whose schemas are in the ConfigStore: storing them takes 25-30 ms, which every
+# composition would pay again (a test suite or a sweep composes hundreds of times in one process).
+_stored_routers: Optional[tuple] = None
+
+
 def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore (idempotent): before any composition of conf/."""
-    store = ConfigStore.instance()
-    store.store(name="train_schema", node=TrainConfig)
-    described = {p.stem for p in (_conf_dir() / "router").glob("*.yaml")}
+    """Put the schemas in Hydra's ConfigStore (idempotent): before any composition of conf/. Stored again only when
+    the registered routers changed (a plugin registered one since)."""
+    global _stored_routers
     try:
         routers = registered_routers()
     except RouterPluginError as e:
         raise ConfigError(str(e)) from None
+    if _stored_routers == tuple(routers.items()):
+        return
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    described = {p.stem for p in (_conf_dir() / "router").glob("*.yaml")}
     for name, options in routers.items():
         store.store(group="schema/router", name=name, node=options)
         if name not in described:  # router=NAME needs no conf/router/NAME.yaml (one only adds a description)
             store.store(group="router", name=name, node=router_option(options), package="_global_")
     for source, cls in SOURCES.items():
         store.store(group="schema/data", name=source, node=cls)
+    _stored_routers = tuple(routers.items())
 
 
 def router_option(options: type[RouterConfig]) -> dict:
