@@ -27,6 +27,8 @@ from omegaconf import OmegaConf
 
 from moe_lab.cli.launchers import job_without_result
 
+# Seconds the local executor's jobs are given to show a result file once their process has ended (see launch).
+LOCAL_RESULT_GRACE_S = 2
 # The parts of a submitit folder pattern that submitit fills in per job (its own list, utils.JobPaths).
 _JOB_TAGS = ("%j", "%t", "%A", "%a")
 
@@ -67,6 +69,11 @@ class FreshFolderSubmititLauncher(submitit_launcher.BaseSubmititLauncher):
         )
         returns = []
         for number, overrides, job in zip(numbers, job_overrides, jobs):
+            if self._EXECUTOR == "local":
+                # submitit waits this long for the result file of a job that ended without one, for a cluster's
+                # network filesystem to show it (15 s by default); a local job's own process wrote it to this host's
+                # disk before it exited, so a killed job is reported without the wait.
+                job._results_timeout_s = LOCAL_RESULT_GRACE_S
             try:
                 returns.append(job.results()[0])
             except (submitit.core.utils.UncompletedJobError, submitit.core.utils.FailedJobError) as e:
