@@ -42,7 +42,7 @@ COMMON = [
     *FAST,
     f"trainer.max_steps={STEPS}",
     "trainer.log_every_n_steps=1",
-    "checkpoint.every_n_steps=2",
+    f"checkpoint.every_n_steps={STEPS}",  # the last one only: the compared state (the default setting adds step 2's)
     "checkpoint.keep=-1",
     "metrics.dashboard=false",
     "threads=1",
@@ -93,8 +93,13 @@ PER_MICRO_BATCH = {
     "multi_token_prediction": ["model.mtp_depth=2"],  # two more MoE blocks, their loss in the gradient
     "layers_of_8_and_4_experts": ["model.moe.layer_experts=[8,4]", "capacity=cf1_0"],  # a total budget's pruning
 }
-# The default setting also runs the routing analyses at every validation: their counts are summed over ranks.
-PER_MICRO_BATCH["topk-cf1_25"] = [*PER_MICRO_BATCH["topk-cf1_25"], "metrics.analysis_every_n_steps=2"]
+# The default setting also runs the routing analyses at every validation (their counts are summed over ranks), and
+# saves at step 2 too, where the resumed run below starts.
+PER_MICRO_BATCH["topk-cf1_25"] = [
+    *PER_MICRO_BATCH["topk-cf1_25"],
+    "metrics.analysis_every_n_steps=2",
+    "checkpoint.every_n_steps=2",
+]
 GLOBAL = {"global_balance": ["aux_loss=global", "capacity=cf1_0"]}  # counts over all ranks: (a) only
 # The fast (default) path of expert parallelism, compared up to float rounding. Not the paper's expert choice: each
 # expert takes its top C of all 256 tokens, so a rounding difference flips near-ties (measured: parameters 0.5-3%
