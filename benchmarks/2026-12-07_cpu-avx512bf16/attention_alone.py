@@ -1,7 +1,9 @@
 """Causal attention alone, forward + backward, at the tiny model's shape (batch 16, 4 heads, 256 positions, head
 width 32) on this CPU: the flash kernel in bfloat16 (what bf16-mixed runs), an explicit softmax(QK^T / sqrt(d))V
-compiled by inductor (float32 softmax), and the flash kernel in float32 with the bfloat16 inputs upcast. Interleaved,
-rotating order, 15 rounds of 2 calls; the ratio is per round (flash bfloat16's time / the variant's).
+compiled by inductor (float32 softmax), the flash kernel in float32 with the bfloat16 inputs upcast, the same explicit
+form eager (float32 softmax), eager with the scores and softmax in bfloat16 (scores rounded to bfloat16 before the
+softmax, which the flash kernel keeps in float32), and SDPA's math backend. Interleaved, rotating order, 15 rounds of 2
+calls; the ratio is per round (flash bfloat16's time / the variant's).
 
     python attention_alone.py [B H S Dh]
 """
@@ -12,6 +14,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def main() -> None:
@@ -26,6 +29,15 @@ def main() -> None:
         scores = (q @ k.transpose(-1, -2)) * Dh**-0.5
         return scores.float().masked_fill(~mask, float("-inf")).softmax(-1).to(v.dtype) @ v
 
+    def explicit_bf16_softmax(q, k, v):
+        mask = torch.ones(S, S, dtype=torch.bool).tril()
+        scores = (q @ k.transpose(-1, -2)) * Dh**-0.5
+        return scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v
+
+    def math_backend(q, k, v):
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
     compiled = torch.compile(explicit)
     variants = {
         "flash bfloat16": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(grad),
@@ -33,6 +45,9 @@ def main() -> None:
         "flash float32": lambda: (
             F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).to(bf16).backward(grad)
         ),
+        "eager explicit": lambda: explicit(q, k, v).backward(grad),
+        "eager bf16 softmax": lambda: explicit_bf16_softmax(q, k, v).backward(grad),
+        "math backend": lambda: math_backend(q, k, v).backward(grad),
     }
     for call in variants.values():
         for _ in range(3):
@@ -40,7 +55,7 @@ def main() -> None:
     names = list(variants)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(15):
-        for name in names[r % 3 :] + names[: r % 3]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             start = time.perf_counter()
             variants[name]()
             variants[name]()
