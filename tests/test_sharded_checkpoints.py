@@ -53,7 +53,13 @@ def resume_from(root: Path) -> str:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache_dir) -> Path:
     root = tmp_path_factory.mktemp("sharded")
-    common = [*COMMON, f"paths.cache_dir={cache_dir}", *DETERMINISTIC, "capacity=dropless"]
+    common = [
+        *COMMON,
+        f"paths.cache_dir={cache_dir}",
+        *DETERMINISTIC,
+        "capacity=dropless",
+        "checkpoint.every_n_steps=2",
+    ]
     two = [*common, *RANKS, "trainer.devices=2", "data.batch_size=4"]
     plan = [
         # Saved in the background (checkpoint.async_save): what the resumes below read was written by DCP's thread.
