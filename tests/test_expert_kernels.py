@@ -7,16 +7,21 @@ import pytest
 import torch
 
 import moe_lab.model.experts as experts_module
+from moe_lab.model.dispatch import LocalDispatcher, plan_dispatch, token_rows_of
 from moe_lab.model.expert_kernels import (
     AlignedGroups,
+    TokenRows,
     aligned_groups,
     gather_grouped_mm,
     group_alignment,
     grouped_mm,
     scaled_swiglu,
+    select_distinct_rows,
+    sum_token_rows,
     swiglu_backward_for_inductor,
 )
 from moe_lab.model.experts import GroupedExperts, apply_activation
+from moe_lab.model.routers import Routing
 
 
 @pytest.mark.parametrize("width", [6, 130])  # a narrow gate is copied to be contiguous, a wide one is not
@@ -87,6 +92,78 @@ def test_gather_grouped_mm_matches_autograd_of_gather_then_gemm():
         results.append((y[:11].detach(), src_.grad[:S], w_.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def token_choice_with_drops(T: int = 6, K: int = 3, E: int = 4, capacity: int = 3):
+    """A token-choice routing of T tokens x K slots over E experts whose capacity drops some slots, its plan, and
+    the combine's token index (dropped rows point at the spare row T)."""
+    torch.manual_seed(0)
+    experts_TK = torch.stack([torch.randperm(E)[:K] for _ in range(T)])
+    routing = Routing.from_token_choice(experts_TK, torch.rand(T, K), E)
+    plan = plan_dispatch(routing.expert_N, E, capacity)
+    assert plan.row_kept_R is not None and not bool(plan.row_kept_R.all())  # some slots are dropped
+    token_R = torch.where(plan.row_kept_R, routing.tokens_of(plan.row_slot_R), T)
+    return routing, plan, token_R
+
+
+def test_each_tokens_rows_summed_by_gather_are_the_index_add():
+    """TokenRows inverts the rows' token index: the gather-and-sum gives index_add's sums, dropped rows (undefined:
+    NaN here) add nothing, and the source gradient of the gathering GEMM is index_add's, zero on the spare rows."""
+    routing, plan, token_R = token_choice_with_drops()
+    T, R = routing.num_tokens, plan.row_slot_R.shape[0]
+    rows = TokenRows(torch.empty_like(plan.row_slot_R).scatter_(0, plan.row_slot_R, torch.arange(R)), None, T)
+    rows = TokenRows(rows.row_N, plan.row_kept_R[rows.row_N], T)
+    y_RD = torch.randn(R, 8)
+    y_RD[~plan.row_kept_R] = float("nan")
+    want = torch.zeros(T + 1, 8).index_add_(0, token_R, y_RD.nan_to_num(0.0))[:T]
+    torch.testing.assert_close(sum_token_rows(y_RD, rows), want)
+
+    src = torch.randn(T + 1, 16)
+    src[T] = 0  # the spare row
+    w, offs = torch.randn(4, 12, 16), plan.offs_E
+    grads = []
+    for token_rows in (None, rows):
+        src_ = src.clone().requires_grad_(True)
+        out = gather_grouped_mm(src_, token_R, w, offs, 0, token_rows)
+        kept = int(offs[-1])
+        out[:kept].backward(torch.ones(kept, 12))
+        grads.append(src_.grad)
+    torch.testing.assert_close(grads[1][:T], grads[0][:T])
+    assert bool((grads[1][T:] == 0).all())
+
+
+def test_the_compiled_combine_sums_each_tokens_rows_as_the_eager_one():
+    """Under torch.compile the local dispatcher combines token choice's rows by gather (token_rows_of); eager by
+    index-add. The same sums and gradients, with drops."""
+    routing, plan, token_R = token_choice_with_drops()
+    assert token_rows_of(routing, plan) is None  # eager: the index-add
+    assert torch.compile(lambda: token_rows_of(routing, plan) is not None, fullgraph=True)()  # compiled: the gather
+    x_TD = torch.randn(routing.num_tokens, 8)
+    y_RD = torch.randn(plan.row_slot_R.shape[0], 8)
+
+    def combined(y):
+        dispatcher = LocalDispatcher()
+        return dispatcher.combine(y, dispatcher.dispatch(x_TD, routing, plan))
+
+    results = []
+    for fn in (combined, torch.compile(combined, fullgraph=True)):
+        y = y_RD.clone().requires_grad_(True)
+        out = fn(y)
+        out.backward(torch.arange(out.numel(), dtype=out.dtype).view_as(out))
+        results.append((out.detach(), y.grad))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager)
+
+
+def test_distinct_rows_selected_under_compile_have_index_selects_gradient():
+    torch.manual_seed(0)
+    position = torch.randperm(20)[:13]
+    grads = []
+    for fn in (lambda v: v.index_select(0, position), torch.compile(lambda v: select_distinct_rows(v, position))):
+        v = torch.randn(20, 4, requires_grad=True)
+        fn(v).backward(torch.randn(13, 4, generator=torch.Generator().manual_seed(1)))
+        grads.append(v.grad)
+    torch.testing.assert_close(grads[1], grads[0])
 
 
 @pytest.mark.parametrize("layout", ["groups", "blocks", 64])

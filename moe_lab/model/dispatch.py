@@ -16,7 +16,8 @@ Three steps, each independent of where the experts live:
     2. `dispatcher.dispatch`: the kept rows of this rank's experts, grouped by expert, with their routing weights.
     3. `dispatcher.combine`: expert outputs back to their tokens, summed over each token's slots.
 
-`LocalDispatcher` is one gather and one scatter-add on this device. `AllToAllDispatcher` (expert parallelism) sends
+`LocalDispatcher` is one gather and one scatter-add on this device (under torch.compile, for token choice, a second
+gather and a sum: `expert_kernels.TokenRows`). `AllToAllDispatcher` (expert parallelism) sends
 each kept row to the rank holding its expert and brings the output back, with `all_to_all` over the expert-parallel
 group. Both present the experts with the same rows in the same order, so a layer computes the same function at any
 expert-parallel size. Neither has a Python loop over tokens or experts; the local path has no host-device
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
+from moe_lab.model.expert_kernels import TokenRows, sum_token_rows
 from moe_lab.model.routers import Routing
 
 
@@ -134,6 +136,7 @@ class LocalCombine:
     token_R: torch.Tensor  # int64 (R,), each row's token (T, the spare row, for a dropped row)
     rows_out: int  # T + 1 with drops (the spare row is cut off after the sum), else T
     num_tokens: int  # T
+    token_rows: Optional[TokenRows] = None  # token_R's inverse: each token's rows summed by gather (compiled)
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,7 @@ class ExpertRows:
     combine: Union[LocalCombine, AllToAllCombine]
     parts: Optional[list[tuple[int, int, torch.Tensor]]] = None
     index_R: Optional[torch.Tensor] = None  # int64 (R,); None: the source is the rows, in order
+    token_rows: Optional[TokenRows] = None  # index_R's inverse for the source's first T rows (the tokens)
 
     @property
     def x_RD(self) -> torch.Tensor:
@@ -193,6 +197,44 @@ def scatter_add_rows(y_RD: torch.Tensor, index_R: torch.Tensor, rows_out: int) -
     return _ScatterAddRows.apply(y_RD, index_R, rows_out)
 
 
+class _SumTokenRows(torch.autograd.Function):
+    """_ScatterAddRows' sum as a gather (`sum_token_rows`) -> (T, D), for token choice; the same backward."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        y_RD: torch.Tensor,
+        index_R: torch.Tensor,
+        rows_out: int,
+        row_N: torch.Tensor,
+        kept_N: Optional[torch.Tensor],
+        num_tokens: int,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(index_R)
+        ctx.spare_rows = rows_out - num_tokens
+        return sum_token_rows(y_RD, TokenRows(row_N, kept_N, num_tokens))
+
+    @staticmethod
+    def backward(ctx, grad_TD: torch.Tensor):
+        (index_R,) = ctx.saved_tensors
+        grad_out = (
+            torch.cat([grad_TD, grad_TD.new_zeros(ctx.spare_rows, grad_TD.shape[1])]) if ctx.spare_rows else grad_TD
+        )
+        return grad_out.index_select(0, index_R), None, None, None, None, None
+
+
+def token_rows_of(routing: Routing, plan: DispatchPlan) -> Optional[TokenRows]:
+    """Each token's rows (plan.row_slot_R inverted), for token choice under torch.compile; else None (an eager
+    index-add is the faster sum, and expert choice gives a token any number of slots)."""
+    num_slots, T = plan.row_slot_R.shape[0], routing.num_tokens
+    if not torch.compiler.is_compiling() or routing.slots_by != "token" or T == 0 or num_slots % T:
+        return None
+    rows_R = torch.arange(num_slots, device=plan.row_slot_R.device)
+    row_N = torch.empty_like(plan.row_slot_R).scatter_(0, plan.row_slot_R, rows_R)
+    kept_N = plan.row_kept_R.index_select(0, row_N) if plan.row_kept_R is not None else None
+    return TokenRows(row_N, kept_N, T)
+
+
 class LocalDispatcher:
     """Every expert on this device: one gather of the token rows in expert order, one scatter-add back."""
 
@@ -207,12 +249,17 @@ class LocalDispatcher:
             token_R = torch.where(plan.row_kept_R, token_R, T)
             weight_R = torch.where(plan.row_kept_R, weight_R, 0.0)
             x_src = torch.cat([x_TD, x_TD.new_zeros(1, D)])
-        # The experts gather rows x_src[token_R] inside their first GEMM (backward: index_add).
-        return ExpertRows(x_src, weight_R, plan.offs_E, LocalCombine(token_R, x_src.shape[0], T), index_R=token_R)
+        # The experts gather rows x_src[token_R] inside their first GEMM (backward: index_add, or by token_rows).
+        token_rows = token_rows_of(routing, plan)
+        home = LocalCombine(token_R, x_src.shape[0], T, token_rows)
+        return ExpertRows(x_src, weight_R, plan.offs_E, home, index_R=token_R, token_rows=token_rows)
 
     def combine(self, y_RD: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
         home = rows.combine
         assert isinstance(home, LocalCombine)
+        if home.token_rows is not None:
+            by = home.token_rows
+            return _SumTokenRows.apply(y_RD, home.token_R, home.rows_out, by.row_N, by.kept_N, by.num_tokens)
         y_TD = scatter_add_rows(y_RD, home.token_R, home.rows_out)  # sum each token's slots
         # Cut the spare row only where there is one: a slice's backward is a kernel (zeros, then a copy).
         return y_TD if home.rows_out == home.num_tokens else y_TD[: home.num_tokens]

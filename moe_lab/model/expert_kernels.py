@@ -6,15 +6,18 @@
     split_grouped_mm     the grouped GEMM with each expert's first `block` rows as one batched GEMM
     on_aligned_groups    16-bit expert GEMMs on a CPU: rows padded per expert, with a batched part chosen by a cost
                          model (`block_rows`)
+    sum_token_rows       under torch.compile, each token's rows summed by a gather (TokenRows), not a scatter-add
 
 Why each exists and what it gained, measured: `benchmarks/2026-12-05_cpu-2threads-blocks/README.md` (the batched
 part, the narrow gate, the tail-free buffers and the cost model's constants),
 `benchmarks/2026-12-04_cpu-2threads-peers/README.md` (the SwiGLU backward, eager and compiled) and
-`benchmarks/2026-12-03_cpu-2threads-fast-path/README.md` (the padding to 64 rows).
+`benchmarks/2026-12-03_cpu-2threads-fast-path/README.md` (the padding to 64 rows),
+`benchmarks/2026-12-07_cpu-avx512bf16/README.md` (the sums by gather under torch.compile).
 
 Shape legend (as in experts.py):
     R  rows: token slots sorted by expert;  Q  source rows the R rows are gathered from;  P  padded rows
     E  experts;  F  one expert's hidden width;  G  2 for a gated activation;  I, O  a GEMM's input and output width
+    T  tokens;  K  slots per token;  N = K x T  token choice's slots, k-major (slot k * T + t is token t's k-th)
 """
 
 from __future__ import annotations
@@ -136,6 +139,62 @@ def swiglu_backward_for_inductor(
 
 
 # ------------------------------------------------------------------------------------------------------------
+# Sums over each token's rows, as gathers
+
+
+@dataclass(frozen=True)
+class TokenRows:
+    """Where each token's rows are, for token choice (every token has K slots, k-major): token t's k-th slot is row
+    row_N[k * T + t], or no row where kept_N is False (a dropped slot, or one of no expert, whose row reads a spare
+    zero row). It is the inverse of the rows' token index, and turns a sum over each token's rows (the combine, and
+    the gradient of the gather into the experts) from a scatter-add into a gather and a sum over K, which inductor
+    fuses into one loop: on a CPU aten's scatter-add, where inductor falls back to it, took 3-4x as long (measured:
+    the AVX512-BF16 benchmark's README). Eager keeps the index-add, which is faster than an eager gather and sum."""
+
+    row_N: torch.Tensor  # int64 (N,)
+    kept_N: Optional[torch.Tensor]  # bool (N,); None: every slot has its row
+    num_tokens: int  # T
+
+    def moved(self, position_R: torch.Tensor) -> "TokenRows":
+        """The same slots after row r moved to position_R[r] (AlignedGroups' padded layout)."""
+        return TokenRows(position_R.index_select(0, self.row_N), self.kept_N, self.num_tokens)
+
+
+def sum_token_rows(v_RD: torch.Tensor, token_rows: TokenRows) -> torch.Tensor:
+    """(R, D) rows -> (T, D): each token's rows summed (its slots without a row add nothing). Not differentiable by
+    itself: the autograd functions that use it give its backward (a gather by the rows' token index)."""
+    T = token_rows.num_tokens
+    v_ND = v_RD.index_select(0, token_rows.row_N)
+    if token_rows.kept_N is not None:  # where, not a product: rows past the last group are undefined
+        v_ND = torch.where(token_rows.kept_N[:, None], v_ND, 0)
+    return v_ND.view(-1, T, v_RD.shape[1]).sum(0)
+
+
+class _SelectDistinctRows(torch.autograd.Function):
+    """v_PD.index_select(0, position_R) for distinct positions: the backward writes each row's gradient in place
+    (index_copy) where autograd's adds it (index_add, a scatter-add under inductor)."""
+
+    @staticmethod
+    def forward(ctx, v_PD: torch.Tensor, position_R: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(position_R)
+        ctx.num_rows = v_PD.shape[0]
+        return v_PD.index_select(0, position_R)
+
+    @staticmethod
+    def backward(ctx, grad_RD: torch.Tensor):
+        (position_R,) = ctx.saved_tensors
+        return grad_RD.new_zeros(ctx.num_rows, grad_RD.shape[1]).index_copy(0, position_R, grad_RD), None
+
+
+def select_distinct_rows(v_PD: torch.Tensor, position_R: torch.Tensor) -> torch.Tensor:
+    """Rows position_R of v_PD -> (R, D), the positions distinct; under torch.compile with a backward that writes
+    rather than adds (eager's index_add is the faster of the two in eager)."""
+    if torch.compiler.is_compiling():
+        return _SelectDistinctRows.apply(v_PD, position_R)
+    return v_PD.index_select(0, position_R)
+
+
+# ------------------------------------------------------------------------------------------------------------
 # Grouped GEMMs
 
 
@@ -189,7 +248,7 @@ def split_grouped_mm(x_PI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tens
     counted from row E * block), one GEMM per group. block = 0 is the plain grouped GEMM."""
     if block == 0:
         return grouped_mm(x_PI, w_EOI, offs_E)
-    return _GatherGroupedMM.apply(x_PI, None, w_EOI, offs_E, block)
+    return _GatherGroupedMM.apply(x_PI, None, w_EOI, offs_E, block, None, None, 0)
 
 
 def _split_mm(x_PI: torch.Tensor, b_EIO: torch.Tensor, offs_E: torch.Tensor, block: int) -> torch.Tensor:
@@ -211,7 +270,9 @@ class _GatherGroupedMM(torch.autograd.Function):
 
     Autograd of gather-then-GEMM keeps the gathered (R, I) rows, top_k copies of every token, for the weight
     gradient; this keeps the source (Q rows, usually already kept by the router's GEMM) and the index, and gathers
-    the rows again in backward: one copy of R x I numbers instead of R x I of activation memory."""
+    the rows again in backward: one copy of R x I numbers instead of R x I of activation memory. With token_rows
+    (source rows [0, T) are the tokens, the rows past them spare rows whose gradient is discarded), the source's
+    gradient is summed by gather (`sum_token_rows`) and the spare rows get zero."""
 
     @staticmethod
     def forward(
@@ -221,26 +282,42 @@ class _GatherGroupedMM(torch.autograd.Function):
         w_EOI: torch.Tensor,
         offs_E: torch.Tensor,
         block: int,
+        row_N: Optional[torch.Tensor],  # token_rows' tensors as arguments of their own (dynamo traces these)
+        kept_N: Optional[torch.Tensor],
+        num_tokens: int,
     ) -> torch.Tensor:
-        ctx.save_for_backward(src_QI, index_R, w_EOI, offs_E)
-        ctx.block = block
+        ctx.save_for_backward(src_QI, index_R, w_EOI, offs_E, row_N, kept_N)
+        ctx.block, ctx.num_tokens = block, num_tokens
         x_RI = src_QI if index_R is None else src_QI.index_select(0, index_R)
         return _split_mm(x_RI, w_EOI.transpose(-2, -1), offs_E, block)
 
     @staticmethod
     def backward(ctx, grad_RO: torch.Tensor):
-        src_QI, index_R, w_EOI, offs_E = ctx.saved_tensors
+        src_QI, index_R, w_EOI, offs_E, row_N, kept_N = ctx.saved_tensors
+        token_rows = TokenRows(row_N, kept_N, ctx.num_tokens) if row_N is not None else None
         grad_RO = grad_RO.contiguous()
         grad_src = grad_w = None
         if ctx.needs_input_grad[0]:
             # (R, O) x (E, O, I) per group -> (R, I); rows past offs[-1] are undefined, and belong to dropped slots,
             # which the dispatcher points at a spare zero row of the source whose gradient is discarded.
             grad_RI = _split_mm(grad_RO, w_EOI, offs_E, ctx.block)
-            grad_src = grad_RI if index_R is None else torch.zeros_like(src_QI).index_add_(0, index_R, grad_RI)
+            grad_src = _source_gradient(grad_RI, src_QI, index_R, token_rows)
         if ctx.needs_input_grad[2]:
             x_RI = src_QI if index_R is None else src_QI.index_select(0, index_R)
             grad_w = _split_weight_grad(grad_RO, x_RI, offs_E, ctx.block)
-        return grad_src, None, grad_w, None, None
+        return grad_src, None, grad_w, None, None, None, None, None
+
+
+def _source_gradient(
+    grad_RI: torch.Tensor, src_QI: torch.Tensor, index_R: Optional[torch.Tensor], token_rows: Optional[TokenRows]
+) -> torch.Tensor:
+    """The gradient of src_QI[index_R] -> (Q, I): each source row's rows summed."""
+    if index_R is None:
+        return grad_RI
+    if token_rows is None:
+        return torch.zeros_like(src_QI).index_add_(0, index_R, grad_RI)
+    grad_TI = sum_token_rows(grad_RI, token_rows)
+    return torch.cat([grad_TI, grad_TI.new_zeros(src_QI.shape[0] - token_rows.num_tokens, grad_TI.shape[1])])
 
 
 def _split_weight_grad(grad_RO: torch.Tensor, x_RI: torch.Tensor, offs_E: torch.Tensor, block: int) -> torch.Tensor:
@@ -256,11 +333,20 @@ def _split_weight_grad(grad_RO: torch.Tensor, x_RI: torch.Tensor, offs_E: torch.
 
 
 def gather_grouped_mm(
-    src_QI: torch.Tensor, index_R: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor, block: int = 0
+    src_QI: torch.Tensor,
+    index_R: torch.Tensor,
+    w_EOI: torch.Tensor,
+    offs_E: torch.Tensor,
+    block: int = 0,
+    token_rows: Optional[TokenRows] = None,
 ) -> torch.Tensor:
     """Rows src_QI[index_R], grouped by expert, times w_EOI[e]^T -> (R, O), keeping only src and index for
-    backward (see _GatherGroupedMM); with `block`, the rows are laid out as `split_grouped_mm` reads them."""
-    return _GatherGroupedMM.apply(src_QI, index_R, w_EOI, offs_E, block)
+    backward (see _GatherGroupedMM); with `block`, the rows are laid out as `split_grouped_mm` reads them; with
+    token_rows (index_R's inverse for src's first T rows), the source's gradient is summed by gather."""
+    if token_rows is None:
+        return _GatherGroupedMM.apply(src_QI, index_R, w_EOI, offs_E, block, None, None, 0)
+    rows = token_rows
+    return _GatherGroupedMM.apply(src_QI, index_R, w_EOI, offs_E, block, rows.row_N, rows.kept_N, rows.num_tokens)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -383,9 +469,11 @@ def aligned_groups(
     return AlignedGroups.of(offs_E, num_rows, align, block, padded_rows)
 
 
-# f(source_QD, offs_E, scale_R, index_R, block) -> (R, D): the experts on rows laid out for split_grouped_mm.
+# f(source_QD, offs_E, scale_R, index_R, block, token_rows) -> (R, D): the experts on rows laid out for
+# split_grouped_mm.
 ExpertsOnGroups = Callable[
-    [torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], int], torch.Tensor
+    [torch.Tensor, torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor], int, Optional[TokenRows]],
+    torch.Tensor,
 ]
 
 
@@ -398,14 +486,17 @@ def on_aligned_groups(
     align: int,
     macs_per_row: int,
     layout: str | int = "auto",
+    token_rows: Optional[TokenRows] = None,
 ) -> torch.Tensor:
     """`experts` on the rows padded into AlignedGroups, then the real rows picked back out -> (R, D): the same
-    function as `experts(x_RD, offs_E, scale_R, index_R, 0)`, with GEMM shapes that oneDNN's kernel cache keeps."""
+    function as `experts(x_RD, offs_E, scale_R, index_R, 0, token_rows)`, with GEMM shapes that oneDNN's kernel
+    cache keeps."""
     groups = aligned_groups(
         offs_E, index_R.shape[0] if index_R is not None else x_RD.shape[0], align, macs_per_row, layout
     )
     # Padding rows read an appended zero row, whose gradient (undefined past the last group) is cut off.
     source_QD = torch.cat([x_RD, x_RD.new_zeros(1, x_RD.shape[1])])
     index_P = groups.padded_index(index_R, spare=x_RD.shape[0])
-    y_PD = experts(source_QD, groups.offs_E, groups.padded(scale_R), index_P, groups.block)
-    return y_PD.index_select(0, groups.position_R)
+    padded_token_rows = token_rows.moved(groups.position_R) if token_rows is not None else None
+    y_PD = experts(source_QD, groups.offs_E, groups.padded(scale_R), index_P, groups.block, padded_token_rows)
+    return select_distinct_rows(y_PD, groups.position_R)

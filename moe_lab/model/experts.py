@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from moe_lab.model.config import GATED_ACTIVATIONS
 from moe_lab.model.expert_kernels import (
+    TokenRows,
     gather_grouped_mm,
     group_alignment,
     grouped_mm,
@@ -197,18 +198,20 @@ class GroupedExperts(nn.Module):
         offs_E: torch.Tensor,
         scale_R: Optional[torch.Tensor] = None,
         index_R: Optional[torch.Tensor] = None,
+        token_rows: Optional[TokenRows] = None,
     ) -> torch.Tensor:
         """Sorted rows (R, D) and int32 cumulative row counts per expert (E,) -> expert outputs (R, D), each row
         multiplied by scale_R (the routing weights) if given: applied to the hidden activations when those are
         narrower than the output (fine-grained experts), else to the output, whichever touches fewer numbers.
 
         With index_R, x_RD is the source (Q, D) of the rows and row r is x_RD[index_R[r]]: gathered inside the
-        first GEMM, so the R gathered rows are not kept for backward."""
+        first GEMM, so the R gathered rows are not kept for backward. token_rows, index_R's inverse for the source's
+        first T rows (the tokens), lets the source's gradient be summed by gather (expert_kernels.TokenRows)."""
         align = group_alignment(x_RD.device, self._compute_dtype(x_RD))
         if align == 1 or x_RD.shape[0] == 0 or self.b_in_EGF is not None:  # biases: rows in plain groups
-            return self.on_groups(x_RD, offs_E, scale_R, index_R)
+            return self.on_groups(x_RD, offs_E, scale_R, index_R, 0, token_rows)
         return on_aligned_groups(
-            self.on_groups, x_RD, offs_E, scale_R, index_R, align, self.macs_per_row, self.cpu_layout
+            self.on_groups, x_RD, offs_E, scale_R, index_R, align, self.macs_per_row, self.cpu_layout, token_rows
         )
 
     def forward_in_parts(
@@ -231,6 +234,7 @@ class GroupedExperts(nn.Module):
         scale_R: Optional[torch.Tensor],
         index_R: Optional[torch.Tensor],
         block: int = 0,
+        token_rows: Optional[TokenRows] = None,
     ) -> torch.Tensor:
         """The experts on rows grouped by expert: x W_in, the activation, x W_out, each row scaled by its routing
         weight; the rows laid out as `split_grouped_mm` reads them (block > 0 needs index_R)."""
@@ -238,7 +242,8 @@ class GroupedExperts(nn.Module):
         if index_R is None:
             h_RGF = grouped_mm(x_RD.to(dtype), self.w_in_EGFD.to(dtype), offs_E)
         else:
-            h_RGF = gather_grouped_mm(x_RD.to(dtype), index_R, self.w_in_EGFD.to(dtype), offs_E, block)
+            w_EGFD = self.w_in_EGFD.to(dtype)
+            h_RGF = gather_grouped_mm(x_RD.to(dtype), index_R, w_EGFD, offs_E, block, token_rows)
         expert_R = grouped_R = None
         if self.b_in_EGF is not None:  # each row's expert, from the cumulative row counts (block is 0 here)
             rows_R = torch.arange(h_RGF.shape[0], device=offs_E.device, dtype=offs_E.dtype)

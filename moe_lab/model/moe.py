@@ -404,7 +404,7 @@ class MoELayer(nn.Module):
 
     def _experts(self, rows: ExpertRows) -> torch.Tensor:
         if rows.parts is None:
-            return self.experts(rows.source_QD, rows.offs_El, rows.weight_R, index_R=rows.index_R)
+            return self.experts(rows.source_QD, rows.offs_El, rows.weight_R, rows.index_R, rows.token_rows)
         if not rows.parts:  # no rank sent this rank a row: run the experts on no rows all the same, so that the
             # backward pass reaches this rank's all-to-alls as it reaches the others' (a detached zero tensor here
             # left the other ranks waiting in backward: a deadlock whenever one rank's experts got no token).
