@@ -10,6 +10,9 @@ per-round ratio (as-is time / lever time; > 1: the lever is faster) with the sec
            capacity_blocks: under a capacity factor, each expert's rows in a static block of C rows (C rounded up to
                            64; C = ceil(cf T K / E) bounds every expert's kept rows) and all experts as one batched
                            GEMM, host-free, inside the compiled model (instead of the per-expert grouped GEMMs)
+           index_add_sums: the step as it was before the sums by gather (expert_kernels.TokenRows): each token's rows
+                           summed by index-add in the combine and in the experts' source gradient, and the padded
+                           rows' backward an index-add; as is / lever < 1: the sums by gather are faster
 """
 
 import statistics
@@ -20,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 import moe_lab.model.attention as attention
+import moe_lab.model.dispatch as dispatch
 import moe_lab.model.expert_kernels as expert_kernels
 from moe_lab.model.expert_kernels import AlignedGroups, round_up
 from moe_lab.model.experts import GroupedExperts
@@ -72,13 +76,26 @@ def capacity_blocks(run) -> None:
     expert_kernels.aligned_groups = aligned_groups
 
 
+def index_add_sums() -> None:
+    token_rows_of, select = dispatch.token_rows_of, expert_kernels.select_distinct_rows
+
+    def no_token_rows(routing, plan):
+        return None if LEVER_ON["on"] else token_rows_of(routing, plan)
+
+    def select_rows(v_PD, position_R):
+        return v_PD.index_select(0, position_R) if LEVER_ON["on"] else select(v_PD, position_R)
+
+    dispatch.token_rows_of = no_token_rows
+    expert_kernels.select_distinct_rows = select_rows
+
+
 def main() -> None:
     lever = sys.argv[1]
     run = compose_run("tiny", sys.argv[2:])
     if lever == "capacity_blocks":
         capacity_blocks(run)
     else:
-        {"fp32_attention": fp32_attention, "eager_experts": eager_experts}[lever]()
+        {"fp32_attention": fp32_attention, "eager_experts": eager_experts, "index_add_sums": index_add_sums}[lever]()
     torch.set_num_threads(2)
     settings = StepSettings("default", "bf16-mixed", True, True)
     step = training_step(run, settings, torch.device("cpu"))
