@@ -136,7 +136,6 @@ class LocalCombine:
     token_R: torch.Tensor  # int64 (R,), each row's token (T, the spare row, for a dropped row)
     rows_out: int  # T + 1 with drops (the spare row is cut off after the sum), else T
     num_tokens: int  # T
-    token_rows: Optional[TokenRows] = None  # token_R's inverse: each token's rows summed by gather (compiled)
 
 
 @dataclass(frozen=True)
@@ -250,15 +249,14 @@ class LocalDispatcher:
             weight_R = torch.where(plan.row_kept_R, weight_R, 0.0)
             x_src = torch.cat([x_TD, x_TD.new_zeros(1, D)])
         # The experts gather rows x_src[token_R] inside their first GEMM (backward: index_add, or by token_rows).
-        token_rows = token_rows_of(routing, plan)
-        home = LocalCombine(token_R, x_src.shape[0], T, token_rows)
-        return ExpertRows(x_src, weight_R, plan.offs_E, home, index_R=token_R, token_rows=token_rows)
+        home = LocalCombine(token_R, x_src.shape[0], T)
+        return ExpertRows(x_src, weight_R, plan.offs_E, home, index_R=token_R, token_rows=token_rows_of(routing, plan))
 
     def combine(self, y_RD: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
         home = rows.combine
         assert isinstance(home, LocalCombine)
-        if home.token_rows is not None:
-            by = home.token_rows
+        if rows.token_rows is not None:  # compiled token choice: the sum by gather
+            by = rows.token_rows
             return _SumTokenRows.apply(y_RD, home.token_R, home.rows_out, by.row_N, by.kept_N, by.num_tokens)
         y_TD = scatter_add_rows(y_RD, home.token_R, home.rows_out)  # sum each token's slots
         # Cut the spare row only where there is one: a slice's backward is a kernel (zeros, then a copy).
