@@ -173,11 +173,24 @@ class ExpertRows:
 
 class _ScatterAddRows(torch.autograd.Function):
     """out (rows_out, D) = zeros, out[index_R[r]] += y_RD[r]: `index_add`, whose autograd keeps the whole source y_RD
-    only to know its shape; this keeps the index alone (backward is a gather of the output gradient)."""
+    only to know its shape; this keeps the index alone (backward is a gather of the output gradient). With row_N
+    (token_rows' tensors, for token choice under torch.compile), the same sums by gather (`sum_token_rows`), as
+    (T, D): the spare rows past the tokens are left out, and get a zero gradient."""
 
     @staticmethod
-    def forward(ctx, y_RD: torch.Tensor, index_R: torch.Tensor, rows_out: int) -> torch.Tensor:  # -> (rows_out, D)
+    def forward(
+        ctx,
+        y_RD: torch.Tensor,
+        index_R: torch.Tensor,
+        rows_out: int,
+        row_N: Optional[torch.Tensor] = None,
+        kept_N: Optional[torch.Tensor] = None,
+        num_tokens: int = 0,
+    ) -> torch.Tensor:
         ctx.save_for_backward(index_R)
+        ctx.rows_out = rows_out
+        if row_N is not None:
+            return sum_token_rows(y_RD, TokenRows(row_N, kept_N, num_tokens))
         zeros = y_RD.new_zeros(rows_out, y_RD.shape[1])
         if torch.compiler.is_compiling():
             # Out of place under torch.compile: an in-place operation on the returned tensor makes torch 2.11's
@@ -188,38 +201,21 @@ class _ScatterAddRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (index_R,) = ctx.saved_tensors
-        return grad_out.index_select(0, index_R), None, None
-
-
-def scatter_add_rows(y_RD: torch.Tensor, index_R: torch.Tensor, rows_out: int) -> torch.Tensor:
-    """Sum rows of y_RD into rows_out output rows by index (each token's slots into the token)."""
-    return _ScatterAddRows.apply(y_RD, index_R, rows_out)
-
-
-class _SumTokenRows(torch.autograd.Function):
-    """_ScatterAddRows' sum as a gather (`sum_token_rows`) -> (T, D), for token choice; the same backward."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        y_RD: torch.Tensor,
-        index_R: torch.Tensor,
-        rows_out: int,
-        row_N: torch.Tensor,
-        kept_N: Optional[torch.Tensor],
-        num_tokens: int,
-    ) -> torch.Tensor:
-        ctx.save_for_backward(index_R)
-        ctx.spare_rows = rows_out - num_tokens
-        return sum_token_rows(y_RD, TokenRows(row_N, kept_N, num_tokens))
-
-    @staticmethod
-    def backward(ctx, grad_TD: torch.Tensor):
-        (index_R,) = ctx.saved_tensors
-        grad_out = (
-            torch.cat([grad_TD, grad_TD.new_zeros(ctx.spare_rows, grad_TD.shape[1])]) if ctx.spare_rows else grad_TD
-        )
+        spare = ctx.rows_out - grad_out.shape[0]  # rows the gather left out
+        if spare:
+            grad_out = torch.cat([grad_out, grad_out.new_zeros(spare, grad_out.shape[1])])
         return grad_out.index_select(0, index_R), None, None, None, None, None
+
+
+def scatter_add_rows(
+    y_RD: torch.Tensor, index_R: torch.Tensor, rows_out: int, token_rows: Optional[TokenRows] = None
+) -> torch.Tensor:
+    """Sum rows of y_RD into rows_out output rows by index (each token's slots into the token); given token_rows,
+    by gather, into the T token rows alone."""
+    if token_rows is None:
+        return _ScatterAddRows.apply(y_RD, index_R, rows_out)
+    by = token_rows
+    return _ScatterAddRows.apply(y_RD, index_R, rows_out, by.row_N, by.kept_N, by.num_tokens)
 
 
 def token_rows_of(routing: Routing, plan: DispatchPlan) -> Optional[TokenRows]:
@@ -255,12 +251,9 @@ class LocalDispatcher:
     def combine(self, y_RD: torch.Tensor, rows: ExpertRows) -> torch.Tensor:
         home = rows.combine
         assert isinstance(home, LocalCombine)
-        if rows.token_rows is not None:  # compiled token choice: the sum by gather
-            by = rows.token_rows
-            return _SumTokenRows.apply(y_RD, home.token_R, home.rows_out, by.row_N, by.kept_N, by.num_tokens)
-        y_TD = scatter_add_rows(y_RD, home.token_R, home.rows_out)  # sum each token's slots
+        y_TD = scatter_add_rows(y_RD, home.token_R, home.rows_out, rows.token_rows)  # sum each token's slots
         # Cut the spare row only where there is one: a slice's backward is a kernel (zeros, then a copy).
-        return y_TD if home.rows_out == home.num_tokens else y_TD[: home.num_tokens]
+        return y_TD if y_TD.shape[0] == home.num_tokens else y_TD[: home.num_tokens]
 
 
 class AllToAllDispatcher:

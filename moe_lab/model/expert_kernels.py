@@ -346,8 +346,8 @@ def gather_grouped_mm(
     token_rows (index_R's inverse for src's first T rows), the source's gradient is summed by gather."""
     if token_rows is None:
         return _GatherGroupedMM.apply(src_QI, index_R, w_EOI, offs_E, block, None, None, 0)
-    rows = token_rows
-    return _GatherGroupedMM.apply(src_QI, index_R, w_EOI, offs_E, block, rows.row_N, rows.kept_N, rows.num_tokens)
+    by = token_rows
+    return _GatherGroupedMM.apply(src_QI, index_R, w_EOI, offs_E, block, by.row_N, by.kept_N, by.num_tokens)
 
 
 # ------------------------------------------------------------------------------------------------------------
